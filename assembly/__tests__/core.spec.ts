@@ -1,0 +1,106 @@
+const ZERO_SEED0 = "3ee8dc4f9e7ee49593d76fe148c689ba";
+const PATTERN_SEED0 = "1546867423105cd5d7428746842be37e";
+const PATTERN_SEED42 = "e2b776fcaa1da60d48590469274a04ac";
+import { hashPages, alloc, setSeed, bitsCombine, bitsPopcount, bitsExtract, bitsDiff,
+  copyRecordsMasked, indexCreate, indexSetBlocks, indexLookup, indexCount, zeroHashPtr } from "../index";
+
+// Reference digests from the xxHash reference (via hash-wasm's xxhash128) for
+// a page whose byte i is (i * 7 + 3) & 0xff, and for the zero page.
+function patternPage(p: usize): void {
+  for (let i: usize = 0; i < 4096; i++) store<u8>(p + i, <u8>((i * 7 + 3) & 0xff));
+}
+
+function hex(p: usize, n: usize): string {
+  let s = "";
+  for (let i: usize = 0; i < n; i++) {
+    const b = load<u8>(p + i);
+    s += (b < 16 ? "0" : "") + b.toString(16);
+  }
+  return s;
+}
+
+describe("xxh3-128 of a 4 KiB page", () => {
+  it("matches the reference for the zero page, seed 0", () => {
+    setSeed(0);
+    const p = alloc(4096);
+    memory.fill(p, 0, 4096);
+    const out = alloc(16);
+    expect(hashPages(p, 1, out, 0)).toBe(1, "one zero page");
+    expect(hex(out, 16)).toBe(ZERO_SEED0);
+  });
+  it("matches the reference for a pattern page, seed 0 and seed 42", () => {
+    const p = alloc(4096);
+    patternPage(p);
+    const out = alloc(16);
+    setSeed(0);
+    expect(hashPages(p, 1, out, 0)).toBe(0);
+    expect(hex(out, 16)).toBe(PATTERN_SEED0);
+    setSeed(42);
+    hashPages(p, 1, out, 0);
+    expect(hex(out, 16)).toBe(PATTERN_SEED42);
+    setSeed(0);
+  });
+  it("sets zero bits per page", () => {
+    const p = alloc(4096 * 3);
+    memory.fill(p, 0, 4096 * 3);
+    store<u8>(p + 4096 + 4095, 1);
+    const out = alloc(48);
+    const bits = alloc(8);
+    store<u64>(bits, 0);
+    expect(hashPages(p, 3, out, bits)).toBe(2);
+    expect(load<u8>(bits)).toBe(0b101);
+  });
+});
+
+describe("bit vectors", () => {
+  it("combines, counts and extracts, keeping bits past the end", () => {
+    const a = alloc(16), b = alloc(16), o = alloc(16);
+    store<u64>(a, 0xF0F0); store<u64>(a, 0, 8);
+    store<u64>(b, 0xFF00); store<u64>(b, 0, 8);
+    store<u64>(o, 0xFFFFFFFFFFFFFFFF); store<u64>(o, 0, 8);
+    bitsCombine(1, o, a, b, 12); // and-not on the low 12 bits only
+    expect(load<u64>(o)).toBe(0xFFFFFFFFFFFFF0F0 & ~(<u64>0xF00) | 0x000);
+    expect(bitsPopcount(a, 64)).toBe(8);
+    const list = alloc(64);
+    expect(bitsExtract(a, 16, list, 100)).toBe(8);
+    expect(load<u32>(list)).toBe(104);
+    expect(load<u32>(list, 28)).toBe(115);
+  });
+  it("diffs 16-byte records and copies under a mask", () => {
+    const a = alloc(48), b = alloc(48), bits = alloc(8);
+    memory.fill(a, 1, 48); memory.fill(b, 1, 48);
+    store<u8>(b + 16 + 15, 9);
+    store<u64>(bits, 0);
+    expect(bitsDiff(bits, a, b, 3)).toBe(1);
+    expect(load<u8>(bits)).toBe(0b010);
+    copyRecordsMasked(b, a, bits, 3);
+    expect(bitsDiff(bits, a, b, 3)).toBe(0);
+  });
+});
+
+describe("twin index", () => {
+  it("inserts, grows, finds, updates and forgets", () => {
+    setSeed(0);
+    const idx = indexCreate(4, zeroHashPtr());
+    const n: u32 = 1000;
+    const hs = alloc(16 * n);
+    for (let i: u32 = 0; i < n; i++) {
+      store<u64>(hs + 16 * i, <u64>i * 0x9E3779B97F4A7C15);
+      store<u64>(hs + 16 * i, <u64>i, 8);
+    }
+    indexSetBlocks(idx, hs, 0, n);
+    expect(indexCount(idx)).toBe(n);
+    const blocks = alloc(4 * n);
+    expect(indexLookup(idx, hs, n, 0, blocks, 0)).toBe(n);
+    expect(load<u32>(blocks + 4 * 777)).toBe(777);
+    // block 5 gets new content: its old hash is gone, the new one maps to 5
+    const nh = alloc(16);
+    store<u64>(nh, 0x1234); store<u64>(nh, 0x5678, 8);
+    indexSetBlocks(idx, nh, 5, 1);
+    expect(indexLookup(idx, hs + 16 * 5, 1, 0, blocks, 0)).toBe(0);
+    expect(load<u32>(blocks)).toBe(0xFFFFFFFF);
+    expect(indexLookup(idx, nh, 1, 0, blocks, 0)).toBe(1);
+    expect(load<u32>(blocks)).toBe(5);
+    expect(indexLookup(idx, hs + 16 * 6, 1, 0, blocks, 0)).toBe(1);
+  });
+});
