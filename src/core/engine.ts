@@ -150,6 +150,23 @@ export class Engine {
     return [this.scratch, this.scratchOut!];
   }
 
+  /**
+   * A 16-byte digest of arbitrary bytes (e.g. a whole RAM's page hashes):
+   * hash 4 KiB pages (the last zero-padded), then hash those hashes, until
+   * one hash is left. The length is folded into the first level.
+   */
+  digest(data: Uint8Array): Uint8Array {
+    let level = new Uint8Array(Math.ceil((data.length + 8) / PAGE_SIZE) * PAGE_SIZE);
+    level.set(data);
+    new DataView(level.buffer).setFloat64(data.length, data.length);
+    for (;;) {
+      const h = this.hashPages(level);
+      if (h.length === HASH_SIZE) return h;
+      level = new Uint8Array(Math.ceil(h.length / PAGE_SIZE) * PAGE_SIZE);
+      level.set(h);
+    }
+  }
+
   // ---- bit vectors (one bit per page; pointers, bit counts) -----------------
 
   bitsCombine(op: BitOp, outPtr: number, aPtr: number, bPtr: number, nbits: number): void {

@@ -1,0 +1,184 @@
+// The block index kept beside the image (IMAGE.pagetwin-index), so a second
+// run does not re-hash an unchanged image. It holds the random hash seed:
+// both hosts read it from the NAS, it never crosses the migration link, and
+// the file is created mode 0600.
+//
+// Layout (little-endian): 64-byte header
+//   0  magic "PTWINIX1"      8  version u32 (1)     12 block size u32
+//   16 seed u64             24 image size u64      32 image mtime ns u64
+//   40 image inode u64      48 blocks u32          52 index id (12 random bytes)
+// then 16 bytes (canonical XXH3-128) per block.
+
+import { closeSync, openSync, readSync, renameSync, writeSync, existsSync, fsyncSync, unlinkSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { createEngine, Engine, TwinIndex, HASH_SIZE } from "../../core/engine.js";
+import { DiskImage, BLOCK_SIZE, type ImageIdentity } from "./image.js";
+
+const MAGIC = "PTWINIX1";
+const VERSION = 1;
+const HEADER = 64;
+
+export interface IndexHeader {
+  seed: bigint;
+  blockSize: number;
+  identity: ImageIdentity;
+  blocks: number;
+  /** Random id of this index, hex; the agents compare it instead of sending the seed. */
+  indexId: string;
+}
+
+export function defaultIndexPath(imagePath: string): string {
+  return `${imagePath}.pagetwin-index`;
+}
+
+export function readIndexHeader(path: string): IndexHeader {
+  let fd: number;
+  try {
+    fd = openSync(path, "r");
+  } catch (err) {
+    throw new Error(`pagetwin: no block index at ${path} (${(err as NodeJS.ErrnoException).code}); run \`pagetwin index --image IMAGE\` on the source first`);
+  }
+  try {
+    const h = Buffer.alloc(HEADER);
+    if (readSync(fd, h, 0, HEADER, 0) !== HEADER || h.toString("latin1", 0, 8) !== MAGIC) {
+      throw new Error(`pagetwin: ${path} is not a pagetwin index (bad magic); delete it and re-index`);
+    }
+    const version = h.readUInt32LE(8);
+    if (version !== VERSION) throw new Error(`pagetwin: ${path} is index version ${version}, this pagetwin reads version ${VERSION}; re-index`);
+    return {
+      blockSize: h.readUInt32LE(12),
+      seed: h.readBigUInt64LE(16),
+      identity: { size: Number(h.readBigUInt64LE(24)), mtimeNs: h.readBigUInt64LE(32), ino: h.readBigUInt64LE(40) },
+      blocks: h.readUInt32LE(48),
+      indexId: h.toString("hex", 52, 64),
+    };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function sameIdentity(a: ImageIdentity, b: ImageIdentity): boolean {
+  return a.size === b.size && a.mtimeNs === b.mtimeNs && a.ino === b.ino;
+}
+
+export interface NasIndex {
+  engine: Engine;
+  index: TwinIndex;
+  image: DiskImage;
+  header: IndexHeader;
+  indexPath: string;
+  /** True when this call hashed the image (no index, or the image changed). */
+  built: boolean;
+  ms: number;
+}
+
+export interface OpenIndexOptions {
+  indexPath?: string;
+  /** Called as blocks are hashed: (done, total). */
+  onProgress?: (done: number, total: number) => void;
+  /** Blocks read per batch (default 1024 = 4 MiB). */
+  batchBlocks?: number;
+  /** Re-hash even if the index file looks current. */
+  rebuild?: boolean;
+}
+
+/** Loads the image's index if it is current, or builds (and saves) it. */
+export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {}): Promise<NasIndex> {
+  const t0 = performance.now();
+  const image = DiskImage.open(imagePath);
+  const indexPath = opts.indexPath ?? defaultIndexPath(imagePath);
+  try {
+    const identity = image.identity();
+    let header: IndexHeader | null = null;
+    if (!opts.rebuild && existsSync(indexPath)) {
+      try {
+        const h = readIndexHeader(indexPath);
+        if (sameIdentity(h.identity, identity) && h.blockSize === BLOCK_SIZE && h.blocks === image.blocks) header = h;
+      } catch {
+        header = null; // unreadable or old: rebuild below
+      }
+    }
+    if (header) {
+      const engine = await createEngine({ seed: header.seed });
+      const index = engine.createIndex(header.blocks);
+      loadHashes(engine, index, indexPath, header.blocks);
+      return { engine, index, image, header, indexPath, built: false, ms: performance.now() - t0 };
+    }
+    const seed = randomBytes(8).readBigUInt64LE(0);
+    const engine = await createEngine({ seed });
+    const index = engine.createIndex(image.blocks);
+    const hashes = hashImage(engine, image, index, opts);
+    header = { seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex") };
+    writeIndexFile(indexPath, header, hashes);
+    return { engine, index, image, header, indexPath, built: true, ms: performance.now() - t0 };
+  } catch (err) {
+    image.close();
+    throw err;
+  }
+}
+
+function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: OpenIndexOptions): Uint8Array {
+  const total = image.blocks;
+  const batch = opts.batchBlocks ?? 1024;
+  const buf = engine.alloc(batch * BLOCK_SIZE);
+  const out = engine.alloc(batch * HASH_SIZE);
+  const all = new Uint8Array(total * HASH_SIZE);
+  try {
+    for (let first = 0; first < total; first += batch) {
+      const n = Math.min(batch, total - first);
+      image.readBlocks(first, n, buf.view(0, n * BLOCK_SIZE));
+      engine.hashPagesAt(buf.ptr, n, out.ptr);
+      index.setBlocksAt(out.ptr, first, n);
+      all.set(out.view(0, n * HASH_SIZE), first * HASH_SIZE);
+      opts.onProgress?.(first + n, total);
+    }
+  } finally {
+    buf.free();
+    out.free();
+  }
+  return all;
+}
+
+function loadHashes(engine: Engine, index: TwinIndex, path: string, blocks: number): void {
+  const fd = openSync(path, "r");
+  const batch = 65536;
+  const r = engine.alloc(Math.min(batch, Math.max(blocks, 1)) * HASH_SIZE);
+  try {
+    for (let first = 0; first < blocks; first += batch) {
+      const n = Math.min(batch, blocks - first);
+      const want = n * HASH_SIZE;
+      const got = readSync(fd, r.view(0, want), 0, want, HEADER + first * HASH_SIZE);
+      if (got !== want) throw new Error(`pagetwin: the index ${path} is truncated; delete it and re-index`);
+      index.setBlocksAt(r.ptr, first, n);
+    }
+  } finally {
+    r.free();
+    closeSync(fd);
+  }
+}
+
+function writeIndexFile(path: string, header: IndexHeader, hashes: Uint8Array): void {
+  const h = Buffer.alloc(HEADER);
+  h.write(MAGIC, 0, "latin1");
+  h.writeUInt32LE(VERSION, 8);
+  h.writeUInt32LE(header.blockSize, 12);
+  h.writeBigUInt64LE(header.seed, 16);
+  h.writeBigUInt64LE(BigInt(header.identity.size), 24);
+  h.writeBigUInt64LE(header.identity.mtimeNs, 32);
+  h.writeBigUInt64LE(header.identity.ino, 40);
+  h.writeUInt32LE(header.blocks, 48);
+  Buffer.from(header.indexId, "hex").copy(h, 52);
+  const tmp = `${path}.tmp-${process.pid}`;
+  const fd = openSync(tmp, "w", 0o600);
+  try {
+    writeSync(fd, h);
+    writeSync(fd, hashes);
+    fsyncSync(fd);
+  } catch (err) {
+    closeSync(fd);
+    unlinkSync(tmp);
+    throw err;
+  }
+  closeSync(fd);
+  renameSync(tmp, path);
+}

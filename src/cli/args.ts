@@ -1,0 +1,83 @@
+// Shared command-line plumbing: option parsing with help, sizes and rates.
+
+import { parseArgs, type ParseArgsConfig } from "node:util";
+
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+export interface CommandSpec {
+  name: string;
+  summary: string;
+  usage: string;
+  options: Record<string, { type: "string" | "boolean"; short?: string; default?: string | boolean; help: string; multiple?: boolean }>;
+  details?: string;
+}
+
+export function helpText(spec: CommandSpec): string {
+  const lines = [`pagetwin ${spec.name} — ${spec.summary}`, "", `Usage: ${spec.usage}`, "", "Options:"];
+  const opts = Object.entries(spec.options);
+  const w = Math.max(...opts.map(([k, o]) => k.length + (o.type === "string" ? 6 : 0))) + 4;
+  for (const [k, o] of opts) {
+    const flag = `--${k}${o.type === "string" ? " VALUE" : ""}`;
+    const def = o.default !== undefined && o.default !== false ? ` (default: ${o.default})` : "";
+    lines.push(`  ${flag.padEnd(w + 2)}${o.help}${def}`);
+  }
+  lines.push(`  ${"--help".padEnd(w + 2)}show this help`);
+  if (spec.details) lines.push("", spec.details);
+  return lines.join("\n");
+}
+
+export function parse(spec: CommandSpec, argv: string[]): { values: Record<string, string | boolean | undefined>; help: boolean } {
+  const options: NonNullable<ParseArgsConfig["options"]> = { help: { type: "boolean", short: "h" } };
+  for (const [k, o] of Object.entries(spec.options)) options[k] = { type: o.type, ...(o.short ? { short: o.short } : {}) };
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options, allowPositionals: false, strict: true });
+  } catch (err) {
+    throw new UsageError(`${(err as Error).message}\nRun \`pagetwin ${spec.name} --help\` for the options.`);
+  }
+  const values: Record<string, string | boolean | undefined> = {};
+  for (const [k, o] of Object.entries(spec.options)) values[k] = (parsed.values as Record<string, string | boolean | undefined>)[k] ?? o.default;
+  return { values, help: !!parsed.values.help };
+}
+
+/** "1gbit", "125MB", "100mbit", "0" (unlimited) -> bytes per second. */
+export function parseRate(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(g|m|k)?(bit|b|bps)?(?:\/s)?$/i.exec(s.trim());
+  if (!m) throw new UsageError(`cannot read the rate "${s}": write e.g. 1gbit, 500mbit, 125MB`);
+  const mult = { g: 1e9, m: 1e6, k: 1e3 }[(m[2] ?? "").toLowerCase() as "g" | "m" | "k"] ?? 1;
+  const bits = (m[3] ?? "bit").toLowerCase() !== "b";
+  return (Number(m[1]) * mult) / (bits ? 8 : 1);
+}
+
+export function num(values: Record<string, string | boolean | undefined>, k: string, min = -Infinity, max = Infinity): number {
+  const v = Number(values[k]);
+  if (!Number.isFinite(v) || v < min || v > max) throw new UsageError(`--${k} must be a number between ${min} and ${max} (got "${values[k]}")`);
+  return v;
+}
+
+export function str(values: Record<string, string | boolean | undefined>, k: string): string {
+  const v = values[k];
+  if (typeof v !== "string" || v === "") throw new UsageError(`--${k} is required`);
+  return v;
+}
+
+export function fmtBytes(n: number): string {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB`;
+  return `${n} B`;
+}
+
+/** A progress line on stderr when it is a terminal. */
+export function progress(label: string): (done: number, total: number) => void {
+  if (!process.stderr.isTTY) return () => {};
+  let lastPct = -1;
+  return (done, total) => {
+    const pct = Math.floor((done / Math.max(total, 1)) * 100);
+    if (pct === lastPct) return;
+    lastPct = pct;
+    process.stderr.write(`\r${label} ${pct}% (${done}/${total})${done >= total ? "\n" : ""}`);
+  };
+}

@@ -1,0 +1,115 @@
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir, cpus, totalmem } from "node:os";
+import { join, resolve } from "node:path";
+import { runEmbeddedMigration, removeDir, type EmbeddedRunResult } from "../../migrate/embedded-run.js";
+import { parse, helpText, num, parseRate, fmtBytes, type CommandSpec } from "../args.js";
+
+export const spec: CommandSpec = {
+  name: "demo",
+  summary: "migrate the embedded VM twice over loopback TCP: plain pre-copy, then pagetwin",
+  usage: "pagetwin demo [--ram-mib 256] [--twin-share 0.5] [--dirty-rate 2000] [--bandwidth 1gbit] [--json]",
+  options: {
+    "ram-mib": { type: "string", default: "256", help: "the VM's RAM size, MiB" },
+    "twin-share": { type: "string", default: "0.5", help: "share of RAM pages that are page cache (copies of disk blocks)" },
+    "zero-share": { type: "string", default: "0.2", help: "share of RAM pages that are zero" },
+    "dirty-rate": { type: "string", default: "2000", help: "pages the guest writes per second during the migration" },
+    "rewrite-rate": { type: "string", default: "20", help: "disk blocks the guest rewrites per second behind its page cache" },
+    bandwidth: { type: "string", default: "1gbit", help: "link bandwidth (rate limit on the source), e.g. 1gbit, 500mbit" },
+    downtime: { type: "string", default: "300", help: "downtime target, ms (QEMU's default downtime-limit)" },
+    "max-iterations": { type: "string", default: "30", help: "iteration cap" },
+    trace: { type: "string", default: "pagetwin-trace.json", help: "per-iteration trace file for the visualizer ('' for none)" },
+    dir: { type: "string", help: "work directory for the VM's files (default: a new temp dir, removed after)" },
+    json: { type: "boolean", help: "print one JSON object with a runs array" },
+  },
+  details: "Each run makes the same VM (RAM file + raw disk image on a directory standing for the NAS), starts a\nguest worker that keeps dirtying memory, reading disk blocks into its page cache and rewriting blocks\non disk, starts a destination agent process, and migrates over TCP on loopback at the bandwidth.\nThe destination's RAM is compared byte for byte with the source's at switchover.",
+};
+
+export interface DemoRun {
+  mode: "baseline" | "pagetwin";
+  totalTimeMs: number;
+  downtimeMs: number;
+  transferredBytes: number;
+  iterations: number;
+  pages: { normal: number; zero: number; twin: number; resent: number };
+  verified: boolean;
+  status: string;
+  convergence: string;
+  mbps: number;
+  setupTimeMs: number;
+  indexMs: number;
+  guest: EmbeddedRunResult["guest"];
+  error?: string;
+}
+
+export async function run(argv: string[]): Promise<number> {
+  const { values, help } = parse(spec, argv);
+  if (help) { console.log(helpText(spec)); return 0; }
+  const ramMiB = num(values, "ram-mib", 1, 3072);
+  const bandwidth = parseRate(values.bandwidth as string);
+  const own = !values.dir;
+  const dir = (values.dir as string | undefined) ?? mkdtempSync(join(tmpdir(), "pagetwin-demo-"));
+  const json = !!values.json;
+  const say = (s: string) => { if (!json) console.log(s); };
+  const vm = {
+    dir, ramMiB, twinShare: num(values, "twin-share", 0, 1), zeroShare: num(values, "zero-share", 0, 1),
+    dirtyPagesPerSecond: num(values, "dirty-rate", 0), rewriteBlocksPerSecond: num(values, "rewrite-rate", 0),
+  };
+  const convergence = { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1) };
+  say(`pagetwin demo: ${ramMiB} MiB VM, ${vm.twinShare * 100}% page cache, ${vm.zeroShare * 100}% zero, guest dirtying ${vm.dirtyPagesPerSecond} pages/s, link ${fmtBytes(bandwidth)}/s`);
+  const runs: DemoRun[] = [];
+  const traces: unknown[] = [];
+  try {
+    for (const mode of ["baseline", "pagetwin"] as const) {
+      say(`\n${mode === "baseline" ? "plain pre-copy (zero pages skipped, every other dirty page sent)" : "pagetwin (twin pages sent as NAS references)"}:`);
+      const r = await runEmbeddedMigration({
+        vm, mode, bandwidth, convergence, trace: !!values.trace,
+        onIteration: (it) => say(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
+      });
+      runs.push({
+        mode, status: r.status, totalTimeMs: round(r.totalTimeMs), downtimeMs: round(r.downtimeMs), transferredBytes: r.transferredBytes,
+        iterations: r.iterations, pages: { normal: r.pages.normal, zero: r.pages.zero, twin: r.pages.twin, resent: r.pages.resent },
+        verified: r.verified, convergence: r.convergence, mbps: round(r.mbps), setupTimeMs: round(r.setupTimeMs), indexMs: round(r.indexMs),
+        guest: r.guest, ...(r.error ? { error: r.error } : {}),
+      });
+      traces.push({ mode, result: runs[runs.length - 1], iterations: r.iterationLog });
+      if (r.status !== "completed") say(`  FAILED: ${r.error}`);
+    }
+  } finally {
+    if (own) removeDir(dir);
+  }
+  const [b, p] = runs as [DemoRun, DemoRun];
+  const ratios = {
+    totalTime: +(p.totalTimeMs / b.totalTimeMs).toFixed(3),
+    transferredBytes: +(p.transferredBytes / b.transferredBytes).toFixed(3),
+    downtime: +(p.downtimeMs / Math.max(b.downtimeMs, 1e-9)).toFixed(3),
+  };
+  const machine = { cpus: cpus().length, memoryBytes: totalmem(), node: process.version };
+  const config = { bandwidthBytesPerSecond: bandwidth, ...vm, dir: undefined, ...convergence };
+  let tracePath: string | null = null;
+  if (values.trace) {
+    tracePath = resolve(values.trace as string);
+    writeFileSync(tracePath, JSON.stringify({ format: "pagetwin-trace", version: 1, pages: ramMiB * 256, config, machine, runs: traces }));
+  }
+  if (json) {
+    console.log(JSON.stringify({ config, machine, runs, ratios, trace: tracePath }));
+  } else {
+    const row = (k: string, f: (r: DemoRun) => string, ratio?: number) =>
+      console.log(`${k.padEnd(22)}${f(b).padStart(16)}${f(p).padStart(16)}${ratio !== undefined ? `${ratio.toFixed(2).padStart(10)}x` : ""}`);
+    console.log(`\n${"".padEnd(22)}${"plain pre-copy".padStart(16)}${"pagetwin".padStart(16)}${"ratio".padStart(11)}`);
+    row("total time", (r) => `${r.totalTimeMs.toFixed(0)} ms`, ratios.totalTime);
+    row("downtime", (r) => `${r.downtimeMs.toFixed(0)} ms`, ratios.downtime);
+    row("bytes on the link", (r) => fmtBytes(r.transferredBytes), ratios.transferredBytes);
+    row("iterations", (r) => String(r.iterations));
+    row("pages sent in full", (r) => String(r.pages.normal));
+    row("pages as NAS refs", (r) => String(r.pages.twin));
+    row("zero pages", (r) => String(r.pages.zero));
+    row("pages resent", (r) => String(r.pages.resent));
+    row("RAM identical", (r) => (r.verified ? "yes" : "NO"));
+    if (tracePath) console.log(`\ntrace: ${tracePath} (open it in the visualizer: npm run web)`);
+  }
+  return runs.every((r) => r.status === "completed" && r.verified) ? 0 : 1;
+}
+
+function round(n: number): number {
+  return Math.round(n * 10) / 10;
+}

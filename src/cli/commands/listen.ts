@@ -1,0 +1,40 @@
+import { DestinationAgent } from "../../migrate/destination.js";
+import { parse, helpText, str, num, type CommandSpec } from "../args.js";
+
+export const spec: CommandSpec = {
+  name: "listen",
+  summary: "destination agent: receive a VM's RAM, fetching twin pages from the NAS",
+  usage: "pagetwin listen --ram FILE [--create-ram] [--image IMAGE] [--host ADDR] [--port N] [--once] [--json]",
+  options: {
+    ram: { type: "string", help: "destination RAM file (the destination QEMU's memory-backend-file)" },
+    "create-ram": { type: "boolean", help: "create the RAM file with the source's size (it must not be in use)" },
+    image: { type: "string", help: "the VM's raw disk image on the NAS (needed for twin pages)" },
+    index: { type: "string", help: "index file (default: beside the image); only its seed and id are read" },
+    host: { type: "string", default: "127.0.0.1", help: "address to listen on" },
+    port: { type: "string", default: "7790", help: "TCP port (0: any free port)" },
+    once: { type: "boolean", help: "exit after one migration (exit code 0 if it completed)" },
+    json: { type: "boolean", help: "print events as JSON lines (listening, result)" },
+  },
+};
+
+export async function run(argv: string[]): Promise<number> {
+  const { values, help } = parse(spec, argv);
+  if (help) { console.log(helpText(spec)); return 0; }
+  const agent = new DestinationAgent({
+    ramPath: str(values, "ram"), createRam: !!values["create-ram"], imagePath: values.image as string | undefined,
+    indexPath: values.index as string | undefined, host: values.host as string, port: num(values, "port", 0, 65535),
+    log: (m) => { if (!values.json) console.error(m); },
+  });
+  const port = await agent.listen();
+  if (values.json) console.log(JSON.stringify({ event: "listening", host: values.host, port }));
+  else console.error(`pagetwin listen: waiting for a migration on ${values.host}:${port}`);
+  for (;;) {
+    const r = await agent.nextResult();
+    if (values.json) console.log(JSON.stringify({ event: "result", ...r }));
+    else console.error(`pagetwin listen: migration ${r.status}: ${r.pagesWritten} pages written, ${r.twinsVerified} twins verified from the NAS, ${r.twinsRejected} refetched${r.error ? `; ${r.error}` : ""}`);
+    if (values.once) {
+      agent.close();
+      return r.status === "completed" ? 0 : 1;
+    }
+  }
+}

@@ -1,0 +1,68 @@
+import { writeFileSync } from "node:fs";
+import { openNasIndex } from "../../adapters/nas/index-file.js";
+import { RamFile } from "../../adapters/ram/ram-file.js";
+import { migrateSource, MigrationError } from "../../migrate/source.js";
+import { parse, helpText, str, num, parseRate, fmtBytes, progress, UsageError, type CommandSpec } from "../args.js";
+
+export const spec: CommandSpec = {
+  name: "send",
+  summary: "source agent: migrate a RAM file to a `pagetwin listen` agent",
+  usage: "pagetwin send --ram FILE --image IMAGE --to HOST:PORT [--bandwidth 1gbit] [--no-dedup] [--json]",
+  options: {
+    ram: { type: "string", help: "the source VM's RAM file" },
+    image: { type: "string", help: "the VM's raw disk image on the NAS" },
+    index: { type: "string", help: "index file (default: beside the image)" },
+    to: { type: "string", help: "the destination agent, HOST:PORT" },
+    bandwidth: { type: "string", default: "1gbit", help: "rate limit on the link (0: none)" },
+    "no-dedup": { type: "boolean", help: "plain pre-copy: send every non-zero dirty page in full" },
+    downtime: { type: "string", default: "300", help: "downtime target, ms" },
+    "max-iterations": { type: "string", default: "30", help: "iteration cap" },
+    "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
+    trace: { type: "string", help: "write a per-iteration trace (JSON) here" },
+    json: { type: "boolean", help: "print one JSON object (stats named as query-migrate's)" },
+  },
+  details: "Without a hypervisor to stop, the RAM file is taken as it is at switchover; use `pagetwin migrate`\nfor a QEMU VM.",
+};
+
+export async function run(argv: string[]): Promise<number> {
+  const { values, help } = parse(spec, argv);
+  if (help) { console.log(helpText(spec)); return 0; }
+  const to = str(values, "to");
+  const m = /^(.+):(\d+)$/.exec(to);
+  if (!m) throw new UsageError(`--to must be HOST:PORT (got "${to}")`);
+  const onCap = values["on-cap"];
+  if (onCap !== "switchover" && onCap !== "abort") throw new UsageError("--on-cap is switchover or abort");
+  const nas = await openNasIndex(str(values, "image"), { indexPath: values.index as string | undefined, onProgress: progress("indexing") });
+  const ram = RamFile.open(str(values, "ram"));
+  try {
+    const r = await migrateSource({
+      engine: nas.engine, index: values["no-dedup"] ? null : nas.index, indexId: nas.header.indexId, ram,
+      vm: { pause: async () => {}, resume: async () => {} },
+      host: m[1]!, port: Number(m[2]), bandwidth: parseRate(values.bandwidth as string),
+      convergence: { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap },
+      trace: !!values.trace,
+      onIteration: (it) => { if (!values.json) console.error(`iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`); },
+    });
+    if (values.trace) writeFileSync(values.trace as string, JSON.stringify({ format: "pagetwin-trace", version: 1, pages: ram.pages, runs: [{ mode: r.mode, result: { ...r, iterationLog: undefined }, iterations: r.iterationLog }] }));
+    print(r, !!values.json);
+    return 0;
+  } catch (err) {
+    if (err instanceof MigrationError) {
+      print(err.result, !!values.json);
+      if (!values.json) console.error(err.message);
+      return 1;
+    }
+    throw err;
+  } finally {
+    ram.close();
+    nas.image.close();
+  }
+}
+
+function print(r: import("../../migrate/source.js").MigrationResult, json: boolean): void {
+  if (json) {
+    console.log(JSON.stringify({ ...r, iterationLog: r.iterationLog.map((i) => ({ ...i, pageMap: undefined })) }));
+    return;
+  }
+  console.log(`status ${r.status}; total-time ${r.totalTimeMs.toFixed(0)} ms, downtime ${r.downtimeMs.toFixed(0)} ms, transferred ${fmtBytes(r.transferredBytes)}, ${r.iterations} iterations; pages: ${r.pages.normal} normal, ${r.pages.twin} twin, ${r.pages.zero} zero, ${r.pages.resent} resent; RAM digest ${r.verified ? "verified" : "NOT verified"}`);
+}

@@ -1,0 +1,268 @@
+// Destination agent: accepts one migration, writes pages into the
+// destination RAM file, fetches every twin's block from the NAS image and
+// verifies its hash before writing it (a block that no longer matches is
+// asked for again), and at switchover hashes its whole RAM and answers with
+// the digest. Nothing unverified is ever written into guest RAM.
+
+import { createServer, type Server, type Socket } from "node:net";
+import { createEngine, Engine, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
+import { RamFile } from "../adapters/ram/ram-file.js";
+import { DiskImage } from "../adapters/nas/image.js";
+import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
+import { FrameLink } from "./link.js";
+import {
+  FrameType, PROTOCOL_VERSION, decodeJson, decodePages, decodeRefs, decodePageList, encodeIterAck, encodeJson, ProtocolError, type Frame,
+} from "./protocol.js";
+
+export interface DestinationOptions {
+  /** The destination VM's RAM file (exists with the VM's size, or is created when `createRam`). */
+  ramPath: string;
+  createRam?: boolean;
+  /** The NAS image the twins come from (the only file read for them). */
+  imagePath?: string;
+  indexPath?: string;
+  host?: string;
+  port?: number;
+  /** Called after the RAM digest matched, before answering Done (QEMU: take the device state, `cont`). */
+  onVerified?: () => Promise<void>;
+  log?: (msg: string) => void;
+}
+
+export interface DestinationResult {
+  status: "completed" | "failed";
+  pagesWritten: number;
+  twinsVerified: number;
+  /** Twins whose NAS block did not match their hash (rewritten since indexing, or unreadable). */
+  twinsRejected: number;
+  zeroPages: number;
+  bytesIn: number;
+  digest: string;
+  verified: boolean;
+  error?: string;
+}
+
+interface Session {
+  engine: Engine;
+  ram: RamFile;
+  image: DiskImage | null;
+  pages: number;
+  resend: number[];
+}
+
+export class DestinationAgent {
+  private server: Server | null = null;
+  private busy = false;
+  readonly results: DestinationResult[] = [];
+  private waiters: ((r: DestinationResult) => void)[] = [];
+
+  constructor(readonly opts: DestinationOptions) {}
+
+  /** Starts listening; resolves with the bound port. */
+  listen(): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const server = createServer((s) => this.accept(s));
+      server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${this.opts.host ?? "0.0.0.0"}:${this.opts.port ?? 0}: ${err.message}`)));
+      server.listen(this.opts.port ?? 0, this.opts.host ?? "127.0.0.1", () => {
+        this.server = server;
+        resolve((server.address() as { port: number }).port);
+      });
+    });
+  }
+
+  /** The result of the next migration that ends. */
+  nextResult(): Promise<DestinationResult> {
+    return new Promise((r) => this.waiters.push(r));
+  }
+
+  close(): void {
+    this.server?.close();
+  }
+
+  private finish(r: DestinationResult): void {
+    this.results.push(r);
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f(r);
+  }
+
+  private accept(socket: Socket): void {
+    if (this.busy) {
+      socket.end(encodeJson(FrameType.HelloAck, { ok: false, error: "this destination agent is already receiving a migration" }));
+      return;
+    }
+    this.busy = true;
+    const link = new FrameLink(socket, `source agent ${socket.remoteAddress}:${socket.remotePort}`);
+    this.session(link).then((r) => {
+      this.busy = false;
+      this.finish(r);
+    });
+  }
+
+  private async session(link: FrameLink): Promise<DestinationResult> {
+    const r: DestinationResult = { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, bytesIn: 0, digest: "", verified: false };
+    let s: Session | null = null;
+    try {
+      s = await this.hello(link);
+      const zero = new Uint8Array(PAGE_SIZE);
+      const scratch = s.engine.alloc(4096 * PAGE_SIZE);
+      const hashes = s.engine.alloc(4096 * HASH_SIZE);
+      for (;;) {
+        const f: Frame = await link.next();
+        switch (f.type) {
+          case FrameType.Pages: {
+            const { pages, data } = decodePages(f, s.pages);
+            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), data);
+            r.pagesWritten += pages.length;
+            break;
+          }
+          case FrameType.Zeros: {
+            const pages = decodePageList(f, s.pages, "Zeros");
+            for (const p of pages) s.ram.writePages(p, zero);
+            r.zeroPages += pages.length;
+            break;
+          }
+          case FrameType.Refs: {
+            if (!s.image) throw new ProtocolError("the source sent NAS references, but this destination has no image (start it with --image)");
+            const { pages, blocks, hashes: want } = decodeRefs(f, s.pages, s.image.blocks);
+            if (pages.length > 4096) throw new ProtocolError(`a Refs frame holds ${pages.length} references; at most 4096`);
+            const ok = this.fetchVerify(s, blocks, want, scratch.ptr, hashes.ptr);
+            const v = scratch.view();
+            const good: number[] = [];
+            for (let i = 0; i < pages.length; i++) {
+              if (ok[i]) good.push(i);
+              else s.resend.push(pages[i]!);
+            }
+            writeRuns(s.ram, Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE), null);
+            r.twinsVerified += good.length;
+            r.twinsRejected += pages.length - good.length;
+            break;
+          }
+          case FrameType.IterEnd: {
+            const { iteration } = decodeJson<{ iteration: number }>(f);
+            await link.send(encodeIterAck(iteration, s.resend));
+            s.resend = [];
+            break;
+          }
+          case FrameType.Switchover: {
+            const { digest } = decodeJson<{ digest: string }>(f);
+            r.digest = this.ramDigest(s, scratch.ptr, hashes.ptr);
+            if (r.digest !== digest) {
+              await link.send(encodeJson(FrameType.Done, { ok: false, digest: r.digest, error: `RAM digest ${r.digest} differs from the source's ${digest}` }));
+              throw new ProtocolError(`RAM digest ${r.digest} differs from the source's ${digest}`);
+            }
+            r.verified = true;
+            if (this.opts.onVerified) await this.opts.onVerified();
+            await link.send(encodeJson(FrameType.Done, { ok: true, digest: r.digest }));
+            r.status = "completed";
+            link.close();
+            return r;
+          }
+          default:
+            throw new ProtocolError(`unexpected ${FrameType[f.type]} frame during a migration`);
+        }
+      }
+    } catch (err) {
+      r.error = (err as Error).message;
+      this.opts.log?.(`pagetwin listen: migration failed: ${r.error}`);
+      if (!link.failed) {
+        try { await link.send(encodeJson(FrameType.Abort, { reason: r.error })); } catch { /* gone */ }
+      }
+      link.destroy();
+      return r;
+    } finally {
+      r.bytesIn = link.bytesIn;
+      s?.ram.close();
+      s?.image?.close();
+    }
+  }
+
+  private async hello(link: FrameLink): Promise<Session> {
+    const h = decodeJson<{ version: number; pages: number; pageSize: number; dedup: boolean; indexId: string | null }>(await link.next(FrameType.Hello, 30_000));
+    const refuse = async (error: string): Promise<never> => {
+      await link.send(encodeJson(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
+      throw new ProtocolError(error);
+    };
+    if (h.version !== PROTOCOL_VERSION) return refuse(`protocol version ${h.version} is not supported (this agent speaks ${PROTOCOL_VERSION})`);
+    if (h.pageSize !== PAGE_SIZE) return refuse(`page size ${h.pageSize} is not supported (4096 only)`);
+    if (!Number.isInteger(h.pages) || h.pages <= 0 || h.pages > 2 ** 28) return refuse(`bad page count ${h.pages}`);
+    let seed = 0n;
+    let image: DiskImage | null = null;
+    if (h.indexId) {
+      if (!this.opts.imagePath) return refuse("the source uses a NAS index, but this destination was started without --image");
+      const indexPath = this.opts.indexPath ?? defaultIndexPath(this.opts.imagePath);
+      let header;
+      try {
+        header = readIndexHeader(indexPath);
+      } catch (err) {
+        return refuse((err as Error).message);
+      }
+      if (header.indexId !== h.indexId) return refuse(`the index at ${indexPath} is not the one the source uses (id ${header.indexId} vs ${h.indexId}); point both agents at the same NAS image`);
+      seed = header.seed;
+      image = DiskImage.open(this.opts.imagePath);
+    } else if (h.dedup) {
+      return refuse("dedup without an index id");
+    }
+    let ram: RamFile;
+    try {
+      ram = this.opts.createRam ? RamFile.create(this.opts.ramPath, h.pages) : RamFile.open(this.opts.ramPath, { write: true, expectPages: h.pages });
+    } catch (err) {
+      image?.close();
+      return refuse((err as Error).message);
+    }
+    const engine = await createEngine({ seed });
+    await link.send(encodeJson(FrameType.HelloAck, { ok: true, version: PROTOCOL_VERSION }));
+    return { engine, ram, image, pages: h.pages, resend: [] };
+  }
+
+  /** Reads each referenced block into scratch (slot i), hashes them, and says which match. */
+  private fetchVerify(s: Session, blocks: Uint32Array, want: Uint8Array, scratchPtr: number, hashesPtr: number): boolean[] {
+    const n = blocks.length;
+    const readOk: boolean[] = new Array(n).fill(true);
+    const v = s.engine.u8();
+    for (let i = 0; i < n; ) {
+      // coalesce runs of consecutive blocks into one read
+      let j = i + 1;
+      while (j < n && blocks[j] === blocks[j - 1]! + 1) j++;
+      try {
+        s.image!.readBlocks(blocks[i]!, j - i, v.subarray(scratchPtr + i * PAGE_SIZE, scratchPtr + j * PAGE_SIZE));
+      } catch {
+        for (let k = i; k < j; k++) readOk[k] = false; // unreadable or truncated: ask the source
+      }
+      i = j;
+    }
+    s.engine.hashPagesAt(scratchPtr, n, hashesPtr);
+    const got = s.engine.u8().subarray(hashesPtr, hashesPtr + n * HASH_SIZE);
+    const ok: boolean[] = new Array(n);
+    for (let i = 0; i < n; i++) {
+      let same = readOk[i]!;
+      for (let b = 0; same && b < HASH_SIZE; b++) same = got[i * HASH_SIZE + b] === want[i * HASH_SIZE + b];
+      ok[i] = same;
+    }
+    return ok;
+  }
+
+  private ramDigest(s: Session, scratchPtr: number, hashesPtr: number): string {
+    const all = new Uint8Array(s.pages * HASH_SIZE);
+    for (let first = 0; first < s.pages; first += 4096) {
+      const n = Math.min(4096, s.pages - first);
+      s.ram.readPages(first, n, s.engine.u8().subarray(scratchPtr, scratchPtr + n * PAGE_SIZE));
+      s.engine.hashPagesAt(scratchPtr, n, hashesPtr);
+      all.set(s.engine.u8().subarray(hashesPtr, hashesPtr + n * HASH_SIZE), first * HASH_SIZE);
+    }
+    return Buffer.from(s.engine.digest(all)).toString("hex");
+  }
+}
+
+/**
+ * Writes pages (ascending page numbers) coalescing consecutive ones into one
+ * write when their bytes are contiguous in `contiguous`.
+ */
+function writeRuns(ram: RamFile, pages: Uint32Array, bytesOf: (i: number) => Uint8Array, contiguous: Uint8Array | null): void {
+  for (let i = 0; i < pages.length; ) {
+    let j = i + 1;
+    if (contiguous) while (j < pages.length && pages[j] === pages[j - 1]! + 1) j++;
+    if (j - i > 1 && contiguous) ram.writePages(pages[i]!, contiguous.subarray(i * PAGE_SIZE, j * PAGE_SIZE));
+    else ram.writePages(pages[i]!, bytesOf(i));
+    i = j;
+  }
+}

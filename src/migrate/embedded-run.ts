@@ -1,0 +1,156 @@
+// One migration of the embedded VM from start to verified end: builds the
+// VM, (re)indexes its NAS image, starts a destination agent (a child process
+// by default, as on another host; or in this process), runs the guest and the
+// source agent, and compares the two RAM files byte for byte at the end.
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { createInterface } from "node:readline";
+import { openSync, readSync, closeSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { EmbeddedVm, type EmbeddedVmOptions } from "../adapters/embedded/vm.js";
+import { openNasIndex } from "../adapters/nas/index-file.js";
+import { RamFile } from "../adapters/ram/ram-file.js";
+import { DestinationAgent, type DestinationResult } from "./destination.js";
+import { migrateSource, MigrationError, type MigrationResult } from "./source.js";
+import type { ConvergenceOptions } from "../plan/convergence.js";
+
+export interface EmbeddedRunOptions {
+  vm: EmbeddedVmOptions;
+  mode: "baseline" | "pagetwin";
+  /** Bytes per second on the link (default 1 Gbit/s). */
+  bandwidth?: number;
+  convergence?: ConvergenceOptions;
+  /** Destination agent in a child process (default) or in this process. */
+  destination?: "process" | "inproc";
+  /** Guest runs this long before the migration starts, ms. */
+  warmupMs?: number;
+  trace?: boolean;
+  onIteration?: Parameters<typeof migrateSource>[0]["onIteration"];
+  /** Hook to break things in tests: called with the destination's port before the source connects. */
+  beforeConnect?: (port: number, vm: EmbeddedVm) => Promise<{ host: string; port: number } | void>;
+}
+
+export interface EmbeddedRunResult extends MigrationResult {
+  /** Destination RAM equals source RAM at switchover, compared byte for byte (and by digest). */
+  verified: boolean;
+  bytesCompared: number;
+  destination: DestinationResult | null;
+  guest: { written: number; filled: number; rewritten: number };
+  indexMs: number;
+  /** The source guest was running when the source agent returned (true after a failure: it was resumed or never stopped). */
+  sourceRunningAfter: boolean;
+  ramPath: string;
+}
+
+const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
+
+async function startDestinationProcess(ramPath: string, imagePath: string): Promise<{ port: number; child: ChildProcess; result: Promise<DestinationResult | null> }> {
+  const child = spawn(process.execPath, [CLI, "listen", "--ram", ramPath, "--create-ram", "--image", imagePath, "--port", "0", "--once", "--json"], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const lines = createInterface({ input: child.stdout! });
+  let resolveResult: (r: DestinationResult | null) => void;
+  const result = new Promise<DestinationResult | null>((r) => (resolveResult = r));
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once("exit", (code) => { reject(new Error(`pagetwin: the destination agent exited (code ${code}) before listening`)); resolveResult(null); });
+    lines.on("line", (line) => {
+      let ev: { event?: string; port?: number };
+      try { ev = JSON.parse(line); } catch { return; }
+      if (ev.event === "listening") resolve(ev.port!);
+      if (ev.event === "result") resolveResult(ev as unknown as DestinationResult);
+    });
+  });
+  return { port, child, result };
+}
+
+/** Compares two files byte for byte; returns the bytes compared, or throws at the first difference. */
+export function compareFiles(a: string, b: string): number {
+  const fa = openSync(a, "r"), fb = openSync(b, "r");
+  const ba = Buffer.allocUnsafe(8 << 20), bb = Buffer.allocUnsafe(8 << 20);
+  let pos = 0;
+  try {
+    for (;;) {
+      const na = readSync(fa, ba, 0, ba.length, pos), nb = readSync(fb, bb, 0, bb.length, pos);
+      if (na !== nb) throw new Error(`${a} and ${b} differ in length near byte ${pos + Math.min(na, nb)}`);
+      if (na === 0) return pos;
+      if (ba.compare(bb, 0, nb, 0, na) !== 0) {
+        let i = 0;
+        while (ba[i] === bb[i]) i++;
+        throw new Error(`${a} and ${b} differ at byte ${pos + i} (page ${Math.floor((pos + i) / 4096)})`);
+      }
+      pos += na;
+    }
+  } finally {
+    closeSync(fa);
+    closeSync(fb);
+  }
+}
+
+export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<EmbeddedRunResult> {
+  const vm = EmbeddedVm.create(o.vm);
+  const { ramPath, imagePath } = vm.layout;
+  const dstRam = join(o.vm.dir, "destination-ram");
+  const t0 = performance.now();
+  const nas = await openNasIndex(imagePath, { rebuild: true });
+  const indexMs = performance.now() - t0;
+  let child: ChildProcess | null = null;
+  let inproc: DestinationAgent | null = null;
+  let destResult: Promise<DestinationResult | null>;
+  let port: number;
+  if ((o.destination ?? "process") === "process") {
+    const d = await startDestinationProcess(dstRam, imagePath);
+    child = d.child;
+    port = d.port;
+    destResult = d.result;
+  } else {
+    inproc = new DestinationAgent({ ramPath: dstRam, createRam: true, imagePath });
+    port = await inproc.listen();
+    destResult = inproc.nextResult();
+  }
+  const ram = RamFile.open(ramPath);
+  let result: MigrationResult;
+  let guest = { written: 0, filled: 0, rewritten: 0 };
+  let sourceRunningAfter = false;
+  try {
+    await vm.start();
+    await new Promise((r) => setTimeout(r, o.warmupMs ?? 300));
+    const target = (await o.beforeConnect?.(port, vm)) ?? { host: "127.0.0.1", port };
+    try {
+      result = await migrateSource({
+        engine: nas.engine, index: o.mode === "pagetwin" ? nas.index : null, indexId: nas.header.indexId,
+        ram, vm: { pause: () => vm.pause(), resume: () => vm.resume() },
+        host: target.host, port: target.port, bandwidth: o.bandwidth ?? 125e6, convergence: o.convergence,
+        trace: o.trace, onIteration: o.onIteration,
+      });
+    } catch (err) {
+      if (err instanceof MigrationError) result = err.result;
+      else throw err;
+    }
+    sourceRunningAfter = vm.running;
+    guest = await vm.stop();
+  } finally {
+    await vm.stop().catch(() => {});
+    ram.close();
+    nas.image.close();
+    inproc?.close();
+  }
+  const destination = await Promise.race([destResult, new Promise<null>((r) => setTimeout(() => r(null), 10_000))]);
+  if (child && child.exitCode === null) child.kill();
+  let bytesCompared = 0;
+  let verified = false;
+  if (result.status === "completed") {
+    // the guest is stopped (it moved): its RAM at switchover is what the source file holds now
+    try {
+      bytesCompared = compareFiles(ramPath, dstRam);
+      verified = result.verified && bytesCompared === vm.layout.pages * 4096;
+    } catch (err) {
+      result.error = `RAM check failed: ${(err as Error).message}`;
+    }
+  }
+  return { ...result, verified, bytesCompared, destination, guest, indexMs, sourceRunningAfter, ramPath };
+}
+
+export function removeDir(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+}

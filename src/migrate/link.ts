@@ -1,0 +1,142 @@
+// A framed, rate-limited connection between the agents. Writes wait for the
+// token bucket (the link's bandwidth) and for socket backpressure; reads come
+// out as whole frames in order. A closed or failed socket rejects every
+// waiter with a message that says which side and what happened.
+
+import type { Socket } from "node:net";
+import { FrameReader, FrameType, ProtocolError, type Frame } from "./protocol.js";
+
+export class LinkClosedError extends Error {
+  override name = "LinkClosedError";
+}
+
+export class RateLimiter {
+  private tokens: number;
+  private last = performance.now();
+  private readonly burst: number;
+
+  /** bytesPerSecond <= 0 or Infinity: no limit. */
+  constructor(readonly bytesPerSecond: number) {
+    this.burst = Math.max(256 * 1024, bytesPerSecond / 100);
+    this.tokens = this.burst;
+  }
+
+  async take(bytes: number): Promise<void> {
+    if (!(this.bytesPerSecond > 0) || !Number.isFinite(this.bytesPerSecond)) return;
+    for (;;) {
+      const now = performance.now();
+      this.tokens = Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.bytesPerSecond);
+      this.last = now;
+      if (this.tokens >= Math.min(bytes, this.burst)) {
+        this.tokens -= bytes; // may go negative for frames larger than the burst: repaid before the next
+        return;
+      }
+      const waitMs = ((Math.min(bytes, this.burst) - this.tokens) / this.bytesPerSecond) * 1000;
+      await new Promise((r) => setTimeout(r, Math.max(1, waitMs)));
+    }
+  }
+}
+
+export class FrameLink {
+  private readonly reader = new FrameReader();
+  private readonly queue: Frame[] = [];
+  private waiters: { resolve: (f: Frame) => void; reject: (e: Error) => void }[] = [];
+  private failure: Error | null = null;
+  bytesOut = 0;
+  bytesIn = 0;
+
+  constructor(readonly socket: Socket, readonly peer: string, private readonly limiter = new RateLimiter(0)) {
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => {
+      this.bytesIn += chunk.length;
+      let frames: Frame[];
+      try {
+        frames = this.reader.push(chunk);
+      } catch (err) {
+        this.fail(err as Error);
+        socket.destroy();
+        return;
+      }
+      for (const f of frames) {
+        const w = this.waiters.shift();
+        if (w) w.resolve(f);
+        else this.queue.push(f);
+      }
+    });
+    socket.on("error", (err) => this.fail(new LinkClosedError(`connection to ${peer} failed: ${err.message}`)));
+    socket.on("close", () => this.fail(new LinkClosedError(`connection to ${peer} closed${this.reader.pending ? ` in the middle of a frame (${this.reader.pending} bytes pending)` : ""}`)));
+  }
+
+  private fail(err: Error): void {
+    if (this.failure) return;
+    this.failure = err;
+    for (const w of this.waiters) w.reject(err);
+    this.waiters = [];
+  }
+
+  get failed(): Error | null {
+    return this.failure;
+  }
+
+  async send(buf: Uint8Array): Promise<void> {
+    if (this.failure) throw this.failure;
+    await this.limiter.take(buf.length);
+    if (this.failure) throw this.failure;
+    this.bytesOut += buf.length;
+    if (!this.socket.write(buf)) {
+      await new Promise<void>((resolve, reject) => {
+        const onDrain = () => { cleanup(); resolve(); };
+        const onClose = () => { cleanup(); reject(this.failure ?? new LinkClosedError(`connection to ${this.peer} closed`)); };
+        const cleanup = () => { this.socket.off("drain", onDrain); this.socket.off("close", onClose); };
+        this.socket.on("drain", onDrain);
+        this.socket.on("close", onClose);
+      });
+    }
+  }
+
+  /** The next frame; with `expect`, anything else (but Abort, reported as such) is a protocol error. */
+  async next(expect?: FrameType, timeoutMs = 0): Promise<Frame> {
+    let f: Frame;
+    const q = this.queue.shift();
+    if (q) f = q;
+    else {
+      if (this.failure) throw this.failure;
+      f = await new Promise<Frame>((resolve, reject) => {
+        let timer: NodeJS.Timeout | undefined;
+        const w = {
+          resolve: (x: Frame) => { clearTimeout(timer); resolve(x); },
+          reject: (e: Error) => { clearTimeout(timer); reject(e); },
+        };
+        this.waiters.push(w);
+        if (timeoutMs > 0) {
+          timer = setTimeout(() => {
+            this.waiters = this.waiters.filter((x) => x !== w);
+            reject(new LinkClosedError(`no answer from ${this.peer} within ${timeoutMs} ms`));
+          }, timeoutMs);
+        }
+      });
+    }
+    if (f.type === FrameType.Abort && expect !== FrameType.Abort) {
+      let reason = "no reason given";
+      try { reason = JSON.parse(Buffer.from(f.payload).toString("utf8")).reason; } catch { /* keep default */ }
+      throw new ProtocolError(`${this.peer} aborted the migration: ${reason}`);
+    }
+    if (expect !== undefined && f.type !== expect) {
+      throw new ProtocolError(`expected a ${FrameType[expect]} frame from ${this.peer}, got ${FrameType[f.type] ?? f.type}`);
+    }
+    return f;
+  }
+
+  /** Frames already received and not yet taken (non-blocking). */
+  poll(): Frame | undefined {
+    return this.queue.shift();
+  }
+
+  close(): void {
+    this.socket.end();
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}

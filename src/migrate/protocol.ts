@@ -1,0 +1,221 @@
+// pagetwin wire protocol, version 1 (see docs/PROTOCOL.md).
+// Every frame: u32 BE length of what follows, u8 type, payload.
+// Binary payloads are big-endian; control frames carry a UTF-8 JSON object.
+
+export const PROTOCOL_VERSION = 1;
+export const MAX_FRAME = 8 * 1024 * 1024 + 64;
+export const PAGE_SIZE = 4096;
+export const REF_SIZE = 24; // page u32, block u32, hash 16
+
+export enum FrameType {
+  Hello = 1,      // src -> dst, JSON
+  HelloAck = 2,   // dst -> src, JSON
+  Pages = 3,      // src -> dst: u32 count, count x u32 page, count x 4096 bytes
+  Refs = 4,       // src -> dst: u32 count, count x (u32 page, u32 block, 16-byte hash)
+  Zeros = 5,      // src -> dst: u32 count, count x u32 page
+  IterEnd = 6,    // src -> dst, JSON {iteration, final}
+  IterAck = 7,    // dst -> src: u32 iteration, u32 count, count x u32 page to resend
+  Switchover = 8, // src -> dst, JSON {digest}
+  Done = 9,       // dst -> src, JSON {ok, digest, error?}
+  Abort = 10,     // either way, JSON {reason}
+}
+
+export class ProtocolError extends Error {
+  override name = "ProtocolError";
+}
+
+export interface Frame {
+  type: FrameType;
+  payload: Uint8Array;
+}
+
+export function encodeFrame(type: FrameType, payload: Uint8Array): Buffer {
+  const b = Buffer.allocUnsafe(5 + payload.length);
+  b.writeUInt32BE(payload.length + 1, 0);
+  b[4] = type;
+  b.set(payload, 5);
+  return b;
+}
+
+export function encodeJson(type: FrameType, value: unknown): Buffer {
+  return encodeFrame(type, Buffer.from(JSON.stringify(value), "utf8"));
+}
+
+export function decodeJson<T>(f: Frame): T {
+  try {
+    const v = JSON.parse(Buffer.from(f.payload.buffer, f.payload.byteOffset, f.payload.length).toString("utf8"));
+    if (v === null || typeof v !== "object") throw new Error("not an object");
+    return v as T;
+  } catch (err) {
+    throw new ProtocolError(`frame ${FrameType[f.type]} does not hold a JSON object: ${(err as Error).message}`);
+  }
+}
+
+/** Pages frame: the page list and the page bytes, built in one allocation. */
+export function encodePages(pages: ArrayLike<number>, bytesOf: (i: number) => Uint8Array): Buffer {
+  const n = pages.length;
+  const len = 1 + 4 + 4 * n + PAGE_SIZE * n;
+  const b = Buffer.allocUnsafe(4 + len);
+  b.writeUInt32BE(len, 0);
+  b[4] = FrameType.Pages;
+  b.writeUInt32BE(n, 5);
+  for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
+  const data = 9 + 4 * n;
+  for (let i = 0; i < n; i++) b.set(bytesOf(i), data + i * PAGE_SIZE);
+  return b;
+}
+
+export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, hashOf: (i: number) => Uint8Array): Buffer {
+  const n = pages.length;
+  const len = 1 + 4 + REF_SIZE * n;
+  const b = Buffer.allocUnsafe(4 + len);
+  b.writeUInt32BE(len, 0);
+  b[4] = FrameType.Refs;
+  b.writeUInt32BE(n, 5);
+  for (let i = 0; i < n; i++) {
+    const o = 9 + REF_SIZE * i;
+    b.writeUInt32BE(pages[i]!, o);
+    b.writeUInt32BE(blocks[i]!, o + 4);
+    b.set(hashOf(i), o + 8);
+  }
+  return b;
+}
+
+export function encodePageList(type: FrameType.Zeros, pages: ArrayLike<number>): Buffer {
+  const n = pages.length;
+  const b = Buffer.allocUnsafe(9 + 4 * n);
+  b.writeUInt32BE(5 + 4 * n, 0);
+  b[4] = type;
+  b.writeUInt32BE(n, 5);
+  for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
+  return b;
+}
+
+export function encodeIterAck(iteration: number, resend: ArrayLike<number>): Buffer {
+  const n = resend.length;
+  const b = Buffer.allocUnsafe(13 + 4 * n);
+  b.writeUInt32BE(9 + 4 * n, 0);
+  b[4] = FrameType.IterAck;
+  b.writeUInt32BE(iteration, 5);
+  b.writeUInt32BE(n, 9);
+  for (let i = 0; i < n; i++) b.writeUInt32BE(resend[i]!, 13 + 4 * i);
+  return b;
+}
+
+function view(p: Uint8Array): DataView {
+  return new DataView(p.buffer, p.byteOffset, p.byteLength);
+}
+
+/** Checks a count-prefixed payload's size: count * each + head bytes exactly. */
+function counted(f: Frame, head: number, each: number, what: string): number {
+  if (f.payload.length < head) throw new ProtocolError(`${what} frame of ${f.payload.length} bytes is too short`);
+  const n = view(f.payload).getUint32(head - 4);
+  if (f.payload.length !== head + n * each) {
+    throw new ProtocolError(`${what} frame says ${n} entries but holds ${f.payload.length} bytes (want ${head + n * each})`);
+  }
+  return n;
+}
+
+export function decodePages(f: Frame, maxPage: number): { pages: Uint32Array; data: Uint8Array } {
+  const n = counted(f, 4, 4 + PAGE_SIZE, "Pages");
+  const dv = view(f.payload);
+  const pages = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    const p = dv.getUint32(4 + 4 * i);
+    if (p >= maxPage) throw new ProtocolError(`Pages frame names page ${p}, past the VM's ${maxPage} pages`);
+    pages[i] = p;
+  }
+  return { pages, data: f.payload.subarray(4 + 4 * n) };
+}
+
+export function decodeRefs(f: Frame, maxPage: number, maxBlock: number): { pages: Uint32Array; blocks: Uint32Array; hashes: Uint8Array } {
+  const n = counted(f, 4, REF_SIZE, "Refs");
+  const dv = view(f.payload);
+  const pages = new Uint32Array(n), blocks = new Uint32Array(n), hashes = new Uint8Array(16 * n);
+  for (let i = 0; i < n; i++) {
+    const o = 4 + REF_SIZE * i;
+    const p = dv.getUint32(o), b = dv.getUint32(o + 4);
+    if (p >= maxPage) throw new ProtocolError(`Refs frame names page ${p}, past the VM's ${maxPage} pages`);
+    if (b >= maxBlock) throw new ProtocolError(`Refs frame names block ${b}, past the image's ${maxBlock} blocks`);
+    pages[i] = p;
+    blocks[i] = b;
+    hashes.set(f.payload.subarray(o + 8, o + 24), 16 * i);
+  }
+  return { pages, blocks, hashes };
+}
+
+export function decodePageList(f: Frame, maxPage: number, what: string): Uint32Array {
+  const n = counted(f, 4, 4, what);
+  const dv = view(f.payload);
+  const pages = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    const p = dv.getUint32(4 + 4 * i);
+    if (p >= maxPage) throw new ProtocolError(`${what} frame names page ${p}, past the VM's ${maxPage} pages`);
+    pages[i] = p;
+  }
+  return pages;
+}
+
+export function decodeIterAck(f: Frame, maxPage: number): { iteration: number; resend: Uint32Array } {
+  const n = counted(f, 8, 4, "IterAck");
+  const dv = view(f.payload);
+  const resend = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    const p = dv.getUint32(8 + 4 * i);
+    if (p >= maxPage) throw new ProtocolError(`IterAck asks for page ${p}, past the VM's ${maxPage} pages`);
+    resend[i] = p;
+  }
+  return { iteration: dv.getUint32(0), resend };
+}
+
+/**
+ * Incremental frame parser: feed it chunks as they come off the socket (a
+ * frame may be split anywhere); it hands out whole frames.
+ */
+export class FrameReader {
+  private chunks: Buffer[] = [];
+  private have = 0;
+
+  constructor(private readonly maxFrame = MAX_FRAME) {}
+
+  push(chunk: Buffer): Frame[] {
+    this.chunks.push(chunk);
+    this.have += chunk.length;
+    const out: Frame[] = [];
+    while (this.have >= 4) {
+      const head = this.peek(4);
+      const len = head.readUInt32BE(0);
+      if (len < 1 || len > this.maxFrame) throw new ProtocolError(`frame length ${len} is outside 1..${this.maxFrame}: corrupt stream or not a pagetwin peer`);
+      if (this.have < 4 + len) break;
+      const whole = this.take(4 + len);
+      const type = whole[4]!;
+      if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
+      out.push({ type: type as FrameType, payload: whole.subarray(5) });
+    }
+    return out;
+  }
+
+  /** Bytes held that do not yet make a whole frame. */
+  get pending(): number {
+    return this.have;
+  }
+
+  private peek(n: number): Buffer {
+    if (this.chunks[0]!.length >= n) return this.chunks[0]!;
+    this.chunks = [Buffer.concat(this.chunks)];
+    return this.chunks[0]!;
+  }
+
+  private take(n: number): Buffer {
+    let first = this.chunks[0]!;
+    if (first.length < n) {
+      first = Buffer.concat(this.chunks);
+      this.chunks = [first];
+    }
+    const out = first.subarray(0, n);
+    if (first.length === n) this.chunks.shift();
+    else this.chunks[0] = first.subarray(n);
+    this.have -= n;
+    return out;
+  }
+}

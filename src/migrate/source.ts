@@ -1,0 +1,286 @@
+// Source agent: runs pre-copy iterations over a live VM's RAM, sending each
+// dirty page as a zero marker, a NAS reference (twin) or in full, until the
+// convergence policy says switch over; then stops the VM, sends the last
+// round and checks that the destination's RAM digest equals its own.
+// Any failure resumes the source VM, whose RAM this agent never writes.
+
+import { connect, type Socket } from "node:net";
+import { Engine, HASH_SIZE, PAGE_SIZE, TwinIndex } from "../core/engine.js";
+import { Planner, type WindowPlan } from "../plan/planner.js";
+import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
+import { FrameLink, RateLimiter } from "./link.js";
+import {
+  FrameType, PROTOCOL_VERSION, decodeIterAck, decodeJson, encodeJson, encodePageList, encodePages, encodeRefs, ProtocolError,
+} from "./protocol.js";
+
+/** Reads the source VM's RAM (a file adapter, or anything page-addressable). */
+export interface RamReader {
+  readonly pages: number;
+  readPages(first: number, count: number, into: Uint8Array): void;
+}
+
+/** Controls the source VM around switchover. */
+export interface VmControl {
+  /** Stop the guest's vCPUs (QEMU `stop`). */
+  pause(): Promise<void>;
+  /** Resume it on the source after a failure (QEMU `cont`). */
+  resume(): Promise<void>;
+}
+
+export interface SourceOptions {
+  engine: Engine;
+  /** Block index of the NAS image; null: plain pre-copy (zero pages skipped, every other dirty page sent). */
+  index: TwinIndex | null;
+  /** The index file's id, which the destination checks against its own copy (the seed never travels). */
+  indexId: string | null;
+  ram: RamReader;
+  vm: VmControl;
+  host: string;
+  port: number;
+  /** Link bandwidth cap, bytes per second (0: none). */
+  bandwidth: number;
+  convergence?: ConvergenceOptions;
+  windowPages?: number;
+  /** Pages per Pages frame. */
+  framePages?: number;
+  /** Keep a per-page class map of every iteration (for the visualizer). */
+  trace?: boolean;
+  onIteration?: (it: IterationRecord) => void;
+  /** Called with the VM paused after the destination verified its RAM (QEMU: device state handover). */
+  handover?: () => Promise<void>;
+  connectTimeoutMs?: number;
+}
+
+/** Page classes in a trace map. */
+export const PAGE_CLASS = { clean: 0, zero: 1, twin: 2, sent: 3, resent: 4 } as const;
+
+export interface IterationRecord {
+  iteration: number;
+  final: boolean;
+  startMs: number;
+  durationMs: number;
+  scanMs: number;
+  /** Time from the end of this round's frames to the destination's acknowledgement, ms. */
+  ackWaitMs: number;
+  dirty: number;
+  pages: { normal: number; zero: number; twin: number; resent: number };
+  /** Bytes this iteration put on the link. */
+  transferredBytes: number;
+  /** One byte per page (PAGE_CLASS), base64, when tracing. */
+  pageMap?: string;
+}
+
+export interface MigrationResult {
+  status: "completed" | "failed";
+  mode: "baseline" | "pagetwin";
+  /** As query-migrate's total-time: from start to the destination running, ms. */
+  totalTimeMs: number;
+  /** As query-migrate's downtime: VM stopped to destination verified (and handed over), ms. */
+  downtimeMs: number;
+  setupTimeMs: number;
+  /** Bytes this agent sent on the link (as ram.transferred, plus framing). */
+  transferredBytes: number;
+  /** Bytes received from the destination. */
+  receivedBytes: number;
+  iterations: number;
+  pages: { normal: number; zero: number; twin: number; resent: number; total: number };
+  /** Link throughput over the whole migration, Mbit/s (query-migrate: mbps). */
+  mbps: number;
+  convergence: string;
+  expectedDowntimeMs: number;
+  /** The destination's RAM digest equalled the source's at switchover. */
+  verified: boolean;
+  digest: string;
+  iterationLog: IterationRecord[];
+  error?: string;
+}
+
+export class MigrationError extends Error {
+  override name = "MigrationError";
+  constructor(message: string, readonly result: MigrationResult) {
+    super(message);
+  }
+}
+
+function connectSocket(host: string, port: number, timeoutMs: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = connect({ host, port });
+    const t = setTimeout(() => { s.destroy(); reject(new Error(`pagetwin: no destination agent answered at ${host}:${port} within ${timeoutMs} ms`)); }, timeoutMs);
+    s.once("connect", () => { clearTimeout(t); resolve(s); });
+    s.once("error", (err) => {
+      clearTimeout(t);
+      reject(new Error(`pagetwin: cannot reach the destination agent at ${host}:${port}: ${err.message}. Is \`pagetwin listen\` running there?`));
+    });
+  });
+}
+
+export async function migrateSource(o: SourceOptions): Promise<MigrationResult> {
+  const t0 = performance.now();
+  const policy = new ConvergencePolicy(o.convergence);
+  const planner = new Planner(o.engine, { pages: o.ram.pages, windowPages: o.windowPages, index: o.index });
+  const framePages = o.framePages ?? 256;
+  const ramBytes = o.ram.pages * PAGE_SIZE;
+  const totals = { normal: 0, zero: 0, twin: 0, resent: 0 };
+  const log: IterationRecord[] = [];
+  const result: MigrationResult = {
+    status: "failed", mode: o.index ? "pagetwin" : "baseline", totalTimeMs: 0, downtimeMs: 0, setupTimeMs: 0,
+    transferredBytes: 0, receivedBytes: 0, iterations: 0, pages: { ...totals, total: o.ram.pages }, mbps: 0,
+    convergence: "", expectedDowntimeMs: 0, verified: false, digest: "", iterationLog: log,
+  };
+  let link: FrameLink | null = null;
+  let paused = false;
+  let pausedAt = 0;
+  const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
+  const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
+  try {
+    const socket = await connectSocket(o.host, o.port, o.connectTimeoutMs ?? 10_000);
+    link = new FrameLink(socket, `destination agent ${o.host}:${o.port}`, new RateLimiter(o.bandwidth));
+    await link.send(encodeJson(FrameType.Hello, {
+      version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId,
+    }));
+    const ack = decodeJson<{ ok: boolean; error?: string; version?: number }>(await link.next(FrameType.HelloAck, 30_000));
+    if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
+    result.setupTimeMs = performance.now() - t0;
+
+    const runIteration = async (iteration: number, final: boolean): Promise<IterationRecord> => {
+      const l = link!;
+      const start = performance.now();
+      const bytes0 = l.bytesOut;
+      const rec: IterationRecord = {
+        iteration, final, startMs: start - t0, durationMs: 0, scanMs: 0, ackWaitMs: 0, dirty: 0,
+        pages: { normal: 0, zero: 0, twin: 0, resent: 0 }, transferredBytes: 0,
+      };
+      const map = o.trace ? new Uint8Array(o.ram.pages) : null;
+      let scanMs = 0;
+      for (let first = 0; first < planner.pages; first += planner.windowPages) {
+        const s = performance.now();
+        const count = planner.windowCount(first);
+        o.ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
+        const plan = planner.planWindow(first, count);
+        scanMs += performance.now() - s;
+        await sendWindow(l, plan);
+        rec.dirty += plan.dirty;
+        rec.pages.normal += plan.send.length;
+        rec.pages.zero += plan.zero.length;
+        rec.pages.twin += plan.mapPages.length;
+        if (map) {
+          for (const p of plan.zero) map[p] = PAGE_CLASS.zero;
+          for (const p of plan.mapPages) map[p] = PAGE_CLASS.twin;
+          for (const p of plan.send) map[p] = PAGE_CLASS.sent;
+        }
+      }
+      rec.scanMs = scanMs;
+      const ackFrom = performance.now();
+      // End of the round; the destination answers with the twins it could not verify.
+      for (let round = 0; ; round++) {
+        await l.send(encodeJson(FrameType.IterEnd, { iteration, final, round }));
+        const { iteration: acked, resend } = decodeIterAck(await l.next(FrameType.IterAck), planner.pages);
+        if (acked !== iteration) throw new ProtocolError(`the destination acknowledged iteration ${acked}, expected ${iteration}`);
+        if (resend.length === 0) break;
+        if (round > 3) throw new ProtocolError(`the destination keeps asking for pages sent in full (${resend.length} pages)`);
+        await resendPages(l, resend);
+        rec.pages.resent += resend.length;
+        if (map) for (const p of resend) map[p] = PAGE_CLASS.resent;
+      }
+      rec.ackWaitMs = performance.now() - ackFrom;
+      rec.durationMs = performance.now() - start;
+      rec.transferredBytes = l.bytesOut - bytes0;
+      if (map) rec.pageMap = Buffer.from(map.buffer, map.byteOffset, map.length).toString("base64");
+      totals.normal += rec.pages.normal;
+      totals.zero += rec.pages.zero;
+      totals.twin += rec.pages.twin;
+      totals.resent += rec.pages.resent;
+      log.push(rec);
+      o.onIteration?.(rec);
+      return rec;
+    };
+
+    const sendWindow = async (l: FrameLink, plan: WindowPlan) => {
+      if (plan.zero.length) await l.send(encodePageList(FrameType.Zeros, plan.zero));
+      for (let i = 0; i < plan.mapPages.length; i += 4096) {
+        const pages = plan.mapPages.subarray(i, i + 4096), blocks = plan.mapBlocks.subarray(i, i + 4096);
+        await l.send(encodeRefs(pages, blocks, (k) => planner.windowHash(plan.first, pages[k]!)));
+      }
+      const win = planner.window.view();
+      for (let i = 0; i < plan.send.length; i += framePages) {
+        const pages = plan.send.subarray(i, i + framePages);
+        // encodePages copies the bytes out of core memory before the next window overwrites it
+        await l.send(encodePages(pages, (k) => {
+          const off = planner.pageOffset(plan.first, pages[k]!);
+          return win.subarray(off, off + PAGE_SIZE);
+        }));
+      }
+    };
+
+    const resendPages = async (l: FrameLink, pages: Uint32Array) => {
+      for (let i = 0; i < pages.length; i += framePages) {
+        const batch = pages.subarray(i, i + framePages);
+        const v = resendRegion.view();
+        batch.forEach((p, k) => o.ram.readPages(p, 1, v.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)));
+        o.engine.hashPagesAt(resendRegion.ptr, batch.length, resendHashes.ptr);
+        const hv = resendHashes.view();
+        batch.forEach((p, k) => planner.recordSent(p, hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE)));
+        const data = resendRegion.view();
+        await l.send(encodePages(batch, (k) => data.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)));
+      }
+    };
+
+    let iteration = 0;
+    let decision;
+    for (;;) {
+      iteration++;
+      const rec = await runIteration(iteration, false);
+      const elapsed = (performance.now() - t0 - result.setupTimeMs) / 1000;
+      decision = policy.decide({
+        iteration, wireBytes: rec.transferredBytes, scanMs: rec.scanMs,
+        bytesPerSecond: link.bytesOut / Math.max(elapsed, 1e-3), totalBytes: link.bytesOut, ramBytes,
+      });
+      if (decision.action !== "continue") break;
+    }
+    result.convergence = decision.reason;
+    result.expectedDowntimeMs = decision.expectedDowntimeMs;
+    if (decision.action === "abort") {
+      throw new ProtocolError(`the migration did not converge (${decision.reason}: expected downtime ${decision.expectedDowntimeMs.toFixed(0)} ms > target ${policy.downtimeMs} ms); aborted as configured, the source VM keeps running`);
+    }
+
+    // Switchover: stop the guest, last round, compare digests.
+    pausedAt = performance.now();
+    await o.vm.pause();
+    paused = true;
+    await runIteration(iteration + 1, true);
+    const digest = o.engine.digest(planner.sentHashes());
+    result.digest = Buffer.from(digest).toString("hex");
+    await link.send(encodeJson(FrameType.Switchover, { digest: result.digest }));
+    const done = decodeJson<{ ok: boolean; digest?: string; error?: string }>(await link.next(FrameType.Done, 120_000));
+    if (!done.ok) throw new ProtocolError(`the destination could not finish: ${done.error ?? "no reason given"}`);
+    if (done.digest !== result.digest) throw new ProtocolError(`the destination's RAM digest ${done.digest} differs from the source's ${result.digest}`);
+    result.verified = true;
+    if (o.handover) await o.handover();
+    result.downtimeMs = performance.now() - pausedAt;
+    result.status = "completed";
+    link.close();
+  } catch (err) {
+    result.error = (err as Error).message;
+    if (link && !link.failed) {
+      try { await link.send(encodeJson(FrameType.Abort, { reason: result.error })); } catch { /* the link is gone */ }
+      link.destroy();
+    } else link?.destroy();
+    if (paused) {
+      try { await o.vm.resume(); } catch (e) { result.error += `; and resuming the source VM failed: ${(e as Error).message}`; }
+    }
+  } finally {
+    result.totalTimeMs = performance.now() - t0;
+    result.iterations = log.length;
+    result.pages = { ...totals, total: o.ram.pages };
+    if (link) {
+      result.transferredBytes = link.bytesOut;
+      result.receivedBytes = link.bytesIn;
+    }
+    result.mbps = (result.transferredBytes * 8) / 1e6 / Math.max(result.totalTimeMs / 1000, 1e-3);
+    planner.free();
+    resendRegion.free();
+    resendHashes.free();
+  }
+  if (result.status !== "completed") throw new MigrationError(`pagetwin: migration failed: ${result.error}`, result);
+  return result;
+}

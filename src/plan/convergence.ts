@@ -1,0 +1,65 @@
+// When to stop pre-copy: QEMU's rule (the remaining work fits the downtime
+// target at the measured bandwidth) with Xen's caps (iterations, bytes sent
+// as a multiple of RAM).
+
+export interface ConvergenceOptions {
+  /** Downtime target in ms (QEMU's downtime-limit default: 300). */
+  downtimeMs?: number;
+  /** Most pre-copy iterations before switching over anyway (Xen: 29-30). */
+  maxIterations?: number;
+  /** Most bytes sent, as a multiple of RAM size, before switching over anyway (Xen: 3). */
+  maxSentFactor?: number;
+  /** What to do at a cap: switch over anyway (as Xen) or abort, leaving the source running. */
+  onCap?: "switchover" | "abort";
+}
+
+export type ConvergenceDecision =
+  | { action: "continue" }
+  | { action: "switchover"; reason: "converged" | "max-iterations" | "max-traffic"; expectedDowntimeMs: number }
+  | { action: "abort"; reason: "max-iterations" | "max-traffic"; expectedDowntimeMs: number };
+
+export interface IterationMeasure {
+  iteration: number;
+  /** Bytes the last iteration put on the wire. */
+  wireBytes: number;
+  /** Time the last iteration took to scan (read + hash + plan) all of RAM, ms. */
+  scanMs: number;
+  /** Bandwidth measured so far, bytes per second. */
+  bytesPerSecond: number;
+  /** Bytes sent so far in all. */
+  totalBytes: number;
+  ramBytes: number;
+}
+
+export class ConvergencePolicy {
+  readonly downtimeMs: number;
+  readonly maxIterations: number;
+  readonly maxSentFactor: number;
+  readonly onCap: "switchover" | "abort";
+
+  constructor(o: ConvergenceOptions = {}) {
+    this.downtimeMs = o.downtimeMs ?? 300;
+    this.maxIterations = o.maxIterations ?? 30;
+    this.maxSentFactor = o.maxSentFactor ?? 3;
+    this.onCap = o.onCap ?? "switchover";
+    if (!(this.downtimeMs > 0) || !(this.maxIterations >= 1) || !(this.maxSentFactor > 0)) {
+      throw new RangeError("pagetwin: downtime, iteration cap and traffic cap must be positive");
+    }
+  }
+
+  /**
+   * The final round re-scans all of RAM with the guest stopped and sends what
+   * was dirtied meanwhile, which the last iteration estimates.
+   */
+  expectedDowntimeMs(m: IterationMeasure): number {
+    return m.scanMs + (m.bytesPerSecond > 0 ? (m.wireBytes / m.bytesPerSecond) * 1000 : Infinity);
+  }
+
+  decide(m: IterationMeasure): ConvergenceDecision {
+    const expected = this.expectedDowntimeMs(m);
+    if (m.iteration >= 2 && expected <= this.downtimeMs) return { action: "switchover", reason: "converged", expectedDowntimeMs: expected };
+    const cap = m.iteration >= this.maxIterations ? "max-iterations" : m.totalBytes >= this.maxSentFactor * m.ramBytes ? "max-traffic" : null;
+    if (cap) return this.onCap === "abort" ? { action: "abort", reason: cap, expectedDowntimeMs: expected } : { action: "switchover", reason: cap, expectedDowntimeMs: expected };
+    return { action: "continue" };
+  }
+}

@@ -1,0 +1,196 @@
+// Planner: per pre-copy iteration, joins page hashes against what the
+// destination holds and against the block index, window by window:
+//   dirty = hash != sent;  zero = dirty & zeroPage;  twin = dirty & ~zero & inIndex
+//   send  = dirty & ~zero & ~twin;  map = (page, block) for twin pages.
+// Pure logic over Engine results: the caller reads pages into `pages` (a
+// region of core memory) and sends what the plan says from those same bytes,
+// so what the destination gets is exactly what was hashed.
+
+import { Engine, Region, TwinIndex, bitBytes, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
+
+export interface PlannerOptions {
+  /** Pages of guest RAM. */
+  pages: number;
+  /** Pages hashed per window (a multiple of 64). Default 4096 (16 MiB). */
+  windowPages?: number;
+  /** Block index of the NAS image; without it no page is a twin (plain pre-copy). */
+  index?: TwinIndex | null;
+}
+
+/** What one window of one iteration moves. Page numbers are absolute. */
+export interface WindowPlan {
+  first: number;
+  count: number;
+  dirty: number;
+  /** Pages to send in full (their bytes are at pageOffset(i) in the window region). */
+  send: Uint32Array;
+  /** Twin pages and the NAS block each is a copy of. */
+  mapPages: Uint32Array;
+  mapBlocks: Uint32Array;
+  /** Dirty pages that are now all zero. */
+  zero: Uint32Array;
+}
+
+/** Counters of one iteration, named after QEMU's query-migrate where one exists. */
+export interface IterationStats {
+  iteration: number;
+  /** Pages whose hash differed from the destination's. */
+  dirty: number;
+  /** Pages sent in full (QEMU: ram.normal). */
+  normal: number;
+  /** Dirty pages that are zero (QEMU: ram.duplicate). */
+  zero: number;
+  /** Pages sent as a reference to a NAS block. */
+  twin: number;
+  /** Pages sent again after the destination found their NAS block changed. */
+  resent: number;
+}
+
+export interface IterationPlan extends IterationStats {
+  send: Uint32Array;
+  mapPages: Uint32Array;
+  mapBlocks: Uint32Array;
+  zeroPages: Uint32Array;
+}
+
+export class Planner {
+  readonly pages: number;
+  readonly windowPages: number;
+  readonly window: Region; // page bytes of the current window
+  private readonly sent: Region; // 16 B per page: the hash the destination holds
+  private readonly winHashes: Region;
+  private readonly winBlocks: Region;
+  private readonly bits: { zero: Region; dirty: Region; cand: Region; twin: Region; send: Region; zeroDirty: Region };
+  private readonly list: Region;
+  private index: TwinIndex | null;
+
+  constructor(readonly engine: Engine, options: PlannerOptions) {
+    if (!Number.isInteger(options.pages) || options.pages <= 0) throw new RangeError(`pagetwin: a VM needs a whole, positive number of pages (got ${options.pages})`);
+    const w = options.windowPages ?? 4096;
+    if (w % 64 !== 0 || w <= 0) throw new RangeError("pagetwin: windowPages must be a positive multiple of 64");
+    this.pages = options.pages;
+    this.windowPages = Math.min(w, Math.ceil(options.pages / 64) * 64);
+    this.index = options.index ?? null;
+    const W = this.windowPages;
+    this.sent = engine.alloc(this.pages * HASH_SIZE);
+    this.window = engine.alloc(W * PAGE_SIZE);
+    this.winHashes = engine.alloc(W * HASH_SIZE);
+    this.winBlocks = engine.alloc(W * 4);
+    const b = () => engine.allocZeroed(bitBytes(W));
+    this.bits = { zero: b(), dirty: b(), cand: b(), twin: b(), send: b(), zeroDirty: b() };
+    this.list = engine.alloc(W * 4);
+    this.resetDestination();
+  }
+
+  /** The destination starts from zeroed RAM: every page's known hash is the zero page's. */
+  resetDestination(): void {
+    const z = this.engine.zeroPageHash();
+    const v = this.sent.view();
+    for (let i = 0; i < this.pages; i++) v.set(z, i * HASH_SIZE);
+  }
+
+  get dedup(): boolean {
+    return this.index !== null;
+  }
+
+  /** Page count of the window starting at `first`. */
+  windowCount(first: number): number {
+    return Math.min(this.windowPages, this.pages - first);
+  }
+
+  /** Byte offset of page `page` inside the window region (page in the current window). */
+  pageOffset(first: number, page: number): number {
+    return (page - first) * PAGE_SIZE;
+  }
+
+  /**
+   * Plans the window of pages first..first+count-1, whose bytes the caller
+   * has just put in `window`. Marks every dirty page as held by the
+   * destination with the hash of the bytes in `window` (the caller sends them).
+   */
+  planWindow(first: number, count: number): WindowPlan {
+    if (first % 64 !== 0 || count <= 0 || count > this.windowPages || first + count > this.pages) {
+      throw new RangeError(`pagetwin: bad window ${first}+${count} for a VM of ${this.pages} pages`);
+    }
+    const e = this.engine;
+    const { zero, dirty, cand, twin, send, zeroDirty } = this.bits;
+    const sentPtr = this.sent.ptr + first * HASH_SIZE;
+    e.hashPagesAt(this.window.ptr, count, this.winHashes.ptr, zero.ptr);
+    const nDirty = e.diffBits(dirty.ptr, this.winHashes.ptr, sentPtr, count);
+    e.bitsCombine("and", zeroDirty.ptr, dirty.ptr, zero.ptr, count);
+    e.bitsCombine("andNot", cand.ptr, dirty.ptr, zero.ptr, count);
+    let mapPages = new Uint32Array(0);
+    let mapBlocks = new Uint32Array(0);
+    if (this.index && nDirty > 0) {
+      const found = this.index.lookupAt(this.winHashes.ptr, count, cand.ptr, this.winBlocks.ptr, twin.ptr);
+      e.bitsCombine("andNot", send.ptr, cand.ptr, twin.ptr, count);
+      if (found > 0) {
+        const n = e.extractBits(twin.ptr, count, this.list.ptr, 0);
+        const rel = e.u32(this.list.ptr, n);
+        const blocks = e.u32(this.winBlocks.ptr, count);
+        mapPages = new Uint32Array(n);
+        mapBlocks = new Uint32Array(n);
+        for (let i = 0; i < n; i++) {
+          mapPages[i] = first + rel[i]!;
+          mapBlocks[i] = blocks[rel[i]!]!;
+        }
+      }
+    } else {
+      e.bitsCombine("copy", send.ptr, cand.ptr, cand.ptr, count);
+    }
+    const sendList = this.extract(send, count, first);
+    const zeroList = this.extract(zeroDirty, count, first);
+    e.copyRecordsMasked(sentPtr, this.winHashes.ptr, dirty.ptr, count);
+    return { first, count, dirty: nDirty, send: sendList, mapPages, mapBlocks, zero: zeroList };
+  }
+
+  private extract(bits: Region, count: number, first: number): Uint32Array {
+    const n = this.engine.extractBits(bits.ptr, count, this.list.ptr, first);
+    return this.engine.u32(this.list.ptr, n).slice();
+  }
+
+  /** The 16-byte hash of page `i` of the current window (valid until the next planWindow). */
+  windowHash(first: number, page: number): Uint8Array {
+    return this.winHashes.view((page - first) * HASH_SIZE, HASH_SIZE);
+  }
+
+  /** Records that the destination now holds content with `hash` for `page` (a resend). */
+  recordSent(page: number, hash: Uint8Array): void {
+    this.sent.view(page * HASH_SIZE, HASH_SIZE).set(hash);
+  }
+
+  /** The hashes the destination holds, 16 bytes per page (a fresh view). */
+  sentHashes(): Uint8Array {
+    return this.sent.view();
+  }
+
+  free(): void {
+    for (const r of [this.sent, this.window, this.winHashes, this.winBlocks, this.list, ...Object.values(this.bits)]) r.free();
+  }
+}
+
+/** Runs a whole iteration through a page reader, collecting one IterationPlan (for analysis and tests). */
+export function planIteration(planner: Planner, iteration: number, readWindow: (first: number, count: number, into: Uint8Array) => void): IterationPlan {
+  const parts: WindowPlan[] = [];
+  for (let first = 0; first < planner.pages; first += planner.windowPages) {
+    const count = planner.windowCount(first);
+    readWindow(first, count, planner.window.view(0, count * PAGE_SIZE));
+    parts.push(planner.planWindow(first, count));
+  }
+  const cat = (f: (p: WindowPlan) => Uint32Array) => {
+    const out = new Uint32Array(parts.reduce((n, p) => n + f(p).length, 0));
+    let o = 0;
+    for (const p of parts) { out.set(f(p), o); o += f(p).length; }
+    return out;
+  };
+  const send = cat((p) => p.send), mapPages = cat((p) => p.mapPages), mapBlocks = cat((p) => p.mapBlocks), zeroPages = cat((p) => p.zero);
+  return {
+    iteration,
+    dirty: parts.reduce((n, p) => n + p.dirty, 0),
+    normal: send.length,
+    zero: zeroPages.length,
+    twin: mapPages.length,
+    resent: 0,
+    send, mapPages, mapBlocks, zeroPages,
+  };
+}
