@@ -35,6 +35,9 @@ const K_SECRET = memory.data<u8>([
 
 // The secret derived from the seed (XXH3_initCustomSecret); seed 0 gives kSecret.
 const SECRET = memory.data(<i32>SECRET_SIZE, 16);
+// The scramble secret (last 64 bytes of SECRET) with each pair of u64 swapped,
+// for the SIMD path's swapped accumulator layout.
+const SECRET_SW = memory.data(64, 16);
 // Canonical hash of the all-zero page under the current seed.
 const ZERO_HASH = memory.data(16, 16);
 let seedValue: u64 = 0;
@@ -52,6 +55,10 @@ export function initSeed(seed: u64): void {
   for (let i: usize = 0; i < SECRET_SIZE; i += 16) {
     store<u64>(SECRET + i, load<u64>(K_SECRET + i) + seed);
     store<u64>(SECRET + i + 8, load<u64>(K_SECRET + i + 8) - seed);
+  }
+  for (let i: usize = 0; i < 64; i += 16) {
+    store<u64>(SECRET_SW + i, load<u64>(SECRET + SECRET_SIZE - 64 + i + 8));
+    store<u64>(SECRET_SW + i + 8, load<u64>(SECRET + SECRET_SIZE - 64 + i));
   }
   const page = heap.alloc(PAGE_SIZE);
   memory.fill(page, 0, PAGE_SIZE);
@@ -94,82 +101,86 @@ export function initSeed(seed: u64): void {
   store<u64>(out + 8, bswap<u64>(low));
 }
 
-// One page, SIMD: each v128 holds two accumulator lanes. The `acc[i^1] += data`
-// term is summed unswapped in d0..d3 and folded in (lanes swapped) before each
-// scramble and before the merge: addition mod 2^64 commutes, so this is exact
-// and saves a shuffle per 16 bytes.
+// One page, SIMD. The four accumulator vectors hold the eight lanes pairwise
+// swapped, a0 = (acc1, acc0), a1 = (acc3, acc2), ...: the `acc[i^1] += data` term then adds the loaded data
+// unswapped, and the lo32 * hi32 products come out swapped for free by
+// picking the shuffle order. So a stripe costs no lane swap and no extra
+// registers (V8 kept spilling when the data sums had accumulators of their own).
 // Returns true when the page is all zero.
 @inline function hashPageSimd(p: usize, out: usize): bool {
-  let acc0 = i64x2(<i64>PRIME32_3, <i64>PRIME64_1);
-  let acc1 = i64x2(<i64>PRIME64_2, <i64>PRIME64_3);
-  let acc2 = i64x2(<i64>PRIME64_4, <i64>PRIME32_2);
-  let acc3 = i64x2(<i64>PRIME64_5, <i64>PRIME32_1);
-  let d0 = i64x2.splat(0), d1 = i64x2.splat(0), d2 = i64x2.splat(0), d3 = i64x2.splat(0);
+  let a0 = i64x2(<i64>PRIME64_1, <i64>PRIME32_3);
+  let a1 = i64x2(<i64>PRIME64_3, <i64>PRIME64_2);
+  let a2 = i64x2(<i64>PRIME32_2, <i64>PRIME64_4);
+  let a3 = i64x2(<i64>PRIME32_1, <i64>PRIME64_5);
   let any = i64x2.splat(0);
   const prime = i64x2.splat(<i64>PRIME32_1);
+  let ip: usize, sp: usize;
   // 4 blocks of 16 stripes; the 4th block has 15 stripes (the 16th is the last
-  // stripe below, read with a different secret offset).
+  // stripe below, read with a different secret offset). The loop takes the
+  // 4th block's first 14; its 15th follows the loop. (One stripe per iteration:
+  // unrolling two made V8 hoist all 16 loads and spill.)
   for (let block: usize = 0; block < 4; block++) {
     const base = p + block * 1024;
-    const stripes: usize = block < 3 ? 16 : 15;
+    const stripes: usize = block < 3 ? 16 : 14;
     for (let s: usize = 0; s < stripes; s++) {
-      const ip = base + s * 64;
-      const sp = SECRET + s * 8;
-      const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
-      const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
-      const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
-      // lo32 lanes of k0,k1 and hi32 lanes of k0,k1 side by side
-      const lo01 = v128.shuffle<i32>(k0, k1, 0, 2, 4, 6);
-      const hi01 = v128.shuffle<i32>(k0, k1, 1, 3, 5, 7);
-      const lo23 = v128.shuffle<i32>(k2, k3, 0, 2, 4, 6);
-      const hi23 = v128.shuffle<i32>(k2, k3, 1, 3, 5, 7);
-      acc0 = i64x2.add(acc0, i64x2.extmul_low_i32x4_u(lo01, hi01));
-      acc1 = i64x2.add(acc1, i64x2.extmul_high_i32x4_u(lo01, hi01));
-      acc2 = i64x2.add(acc2, i64x2.extmul_low_i32x4_u(lo23, hi23));
-      acc3 = i64x2.add(acc3, i64x2.extmul_high_i32x4_u(lo23, hi23));
-      d0 = i64x2.add(d0, x0); d1 = i64x2.add(d1, x1); d2 = i64x2.add(d2, x2); d3 = i64x2.add(d3, x3);
-      any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
+      ip = base + s * 64;
+      sp = SECRET + s * 8;
+      {
+        const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
+        const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
+        const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
+        const l01 = v128.shuffle<i32>(k0, k1, 2, 0, 6, 4), h01 = v128.shuffle<i32>(k0, k1, 3, 1, 7, 5);
+        const l23 = v128.shuffle<i32>(k2, k3, 2, 0, 6, 4), h23 = v128.shuffle<i32>(k2, k3, 3, 1, 7, 5);
+        a0 = i64x2.add(a0, i64x2.add(x0, i64x2.extmul_low_i32x4_u(l01, h01)));
+        a1 = i64x2.add(a1, i64x2.add(x1, i64x2.extmul_high_i32x4_u(l01, h01)));
+        a2 = i64x2.add(a2, i64x2.add(x2, i64x2.extmul_low_i32x4_u(l23, h23)));
+        a3 = i64x2.add(a3, i64x2.add(x3, i64x2.extmul_high_i32x4_u(l23, h23)));
+        any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
+      }
     }
+    // the scramble works lane by lane; only its secret needs the swapped order
     if (block < 3) {
-      acc0 = i64x2.add(acc0, v128.shuffle<i64>(d0, d0, 1, 0));
-      acc1 = i64x2.add(acc1, v128.shuffle<i64>(d1, d1, 1, 0));
-      acc2 = i64x2.add(acc2, v128.shuffle<i64>(d2, d2, 1, 0));
-      acc3 = i64x2.add(acc3, v128.shuffle<i64>(d3, d3, 1, 0));
-      d0 = i64x2.splat(0); d1 = i64x2.splat(0); d2 = i64x2.splat(0); d3 = i64x2.splat(0);
-      const kp = SECRET + SECRET_SIZE - 64;
-      acc0 = i64x2.mul(v128.xor(v128.xor(acc0, i64x2.shr_u(acc0, 47)), v128.load(kp)), prime);
-      acc1 = i64x2.mul(v128.xor(v128.xor(acc1, i64x2.shr_u(acc1, 47)), v128.load(kp, 16)), prime);
-      acc2 = i64x2.mul(v128.xor(v128.xor(acc2, i64x2.shr_u(acc2, 47)), v128.load(kp, 32)), prime);
-      acc3 = i64x2.mul(v128.xor(v128.xor(acc3, i64x2.shr_u(acc3, 47)), v128.load(kp, 48)), prime);
+      a0 = i64x2.mul(v128.xor(v128.xor(a0, i64x2.shr_u(a0, 47)), v128.load(SECRET_SW)), prime);
+      a1 = i64x2.mul(v128.xor(v128.xor(a1, i64x2.shr_u(a1, 47)), v128.load(SECRET_SW, 16)), prime);
+      a2 = i64x2.mul(v128.xor(v128.xor(a2, i64x2.shr_u(a2, 47)), v128.load(SECRET_SW, 32)), prime);
+      a3 = i64x2.mul(v128.xor(v128.xor(a3, i64x2.shr_u(a3, 47)), v128.load(SECRET_SW, 48)), prime);
     }
   }
+  // stripe 14 of block 3, then the last stripe: the page's final 64 bytes at
+  // secret offset 192 - 64 - 7.
+  ip = p + PAGE_SIZE - 128;
+  sp = SECRET + 14 * 8;
   {
-    // last stripe: the page's final 64 bytes, secret offset 192 - 64 - 7
-    const ip = p + PAGE_SIZE - 64;
-    const sp = SECRET + SECRET_SIZE - 64 - 7;
     const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
     const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
     const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
-    const lo01 = v128.shuffle<i32>(k0, k1, 0, 2, 4, 6);
-    const hi01 = v128.shuffle<i32>(k0, k1, 1, 3, 5, 7);
-    const lo23 = v128.shuffle<i32>(k2, k3, 0, 2, 4, 6);
-    const hi23 = v128.shuffle<i32>(k2, k3, 1, 3, 5, 7);
-    acc0 = i64x2.add(acc0, i64x2.extmul_low_i32x4_u(lo01, hi01));
-    acc1 = i64x2.add(acc1, i64x2.extmul_high_i32x4_u(lo01, hi01));
-    acc2 = i64x2.add(acc2, i64x2.extmul_low_i32x4_u(lo23, hi23));
-    acc3 = i64x2.add(acc3, i64x2.extmul_high_i32x4_u(lo23, hi23));
-    d0 = i64x2.add(d0, x0); d1 = i64x2.add(d1, x1); d2 = i64x2.add(d2, x2); d3 = i64x2.add(d3, x3);
+    const l01 = v128.shuffle<i32>(k0, k1, 2, 0, 6, 4), h01 = v128.shuffle<i32>(k0, k1, 3, 1, 7, 5);
+    const l23 = v128.shuffle<i32>(k2, k3, 2, 0, 6, 4), h23 = v128.shuffle<i32>(k2, k3, 3, 1, 7, 5);
+    a0 = i64x2.add(a0, i64x2.add(x0, i64x2.extmul_low_i32x4_u(l01, h01)));
+    a1 = i64x2.add(a1, i64x2.add(x1, i64x2.extmul_high_i32x4_u(l01, h01)));
+    a2 = i64x2.add(a2, i64x2.add(x2, i64x2.extmul_low_i32x4_u(l23, h23)));
+    a3 = i64x2.add(a3, i64x2.add(x3, i64x2.extmul_high_i32x4_u(l23, h23)));
     any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
-    acc0 = i64x2.add(acc0, v128.shuffle<i64>(d0, d0, 1, 0));
-    acc1 = i64x2.add(acc1, v128.shuffle<i64>(d1, d1, 1, 0));
-    acc2 = i64x2.add(acc2, v128.shuffle<i64>(d2, d2, 1, 0));
-    acc3 = i64x2.add(acc3, v128.shuffle<i64>(d3, d3, 1, 0));
+  }
+  ip = p + PAGE_SIZE - 64;
+  sp = SECRET + SECRET_SIZE - 64 - 7;
+  {
+    const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
+    const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
+    const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
+    const l01 = v128.shuffle<i32>(k0, k1, 2, 0, 6, 4), h01 = v128.shuffle<i32>(k0, k1, 3, 1, 7, 5);
+    const l23 = v128.shuffle<i32>(k2, k3, 2, 0, 6, 4), h23 = v128.shuffle<i32>(k2, k3, 3, 1, 7, 5);
+    a0 = i64x2.add(a0, i64x2.add(x0, i64x2.extmul_low_i32x4_u(l01, h01)));
+    a1 = i64x2.add(a1, i64x2.add(x1, i64x2.extmul_high_i32x4_u(l01, h01)));
+    a2 = i64x2.add(a2, i64x2.add(x2, i64x2.extmul_low_i32x4_u(l23, h23)));
+    a3 = i64x2.add(a3, i64x2.add(x3, i64x2.extmul_high_i32x4_u(l23, h23)));
+    any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
   }
   finish(
-    <u64>i64x2.extract_lane(acc0, 0), <u64>i64x2.extract_lane(acc0, 1),
-    <u64>i64x2.extract_lane(acc1, 0), <u64>i64x2.extract_lane(acc1, 1),
-    <u64>i64x2.extract_lane(acc2, 0), <u64>i64x2.extract_lane(acc2, 1),
-    <u64>i64x2.extract_lane(acc3, 0), <u64>i64x2.extract_lane(acc3, 1),
+    <u64>i64x2.extract_lane(a0, 1), <u64>i64x2.extract_lane(a0, 0),
+    <u64>i64x2.extract_lane(a1, 1), <u64>i64x2.extract_lane(a1, 0),
+    <u64>i64x2.extract_lane(a2, 1), <u64>i64x2.extract_lane(a2, 0),
+    <u64>i64x2.extract_lane(a3, 1), <u64>i64x2.extract_lane(a3, 0),
     out);
   return !v128.any_true(any);
 }
