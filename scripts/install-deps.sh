@@ -1,6 +1,28 @@
 #!/usr/bin/env bash
-# System packages the tests and demos use. Safe to run again: installs only what is missing.
+# System packages the tests and the QEMU comparisons use, from Debian: QEMU,
+# what the guest builder needs, iproute2 (network namespaces) and Chromium
+# (the visualizer's browser test). Installs only what is missing; then builds
+# the guest (kernel + initrd + NAS disk image) into .cache/, reused after.
 set -euo pipefail
-need=()
+cd "$(dirname "$0")/.."
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
 command -v node >/dev/null || { echo "install-deps: Node.js 20+ is required" >&2; exit 1; }
-[ ${#need[@]} -eq 0 ] && exit 0
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need+=(busybox-static)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v cpio >/dev/null || need+=(cpio)
+command -v depmod >/dev/null || need+=(kmod)
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
+command -v chromium >/dev/null || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! $SUDO apt-get install -y --no-install-recommends "${need[@]}"; then
+    $SUDO apt-get update
+    $SUDO apt-get install -y --no-install-recommends "${need[@]}"
+  fi
+fi
+bash scripts/build-guest.sh
