@@ -1,0 +1,62 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { randomBytes, randomInt } from "node:crypto";
+import { createEngine, PAGE_SIZE } from "../src/index.js";
+import { Planner, planIteration } from "../src/plan/planner.js";
+import { ConvergencePolicy } from "../src/plan/convergence.js";
+
+test("each iteration's send / map / zero lists equal a naive model of dirty, zero and twin pages", async () => {
+  const engine = await createEngine({ seed: 5n });
+  const pages = 1000, blocks = 600;
+  const disk = new Uint8Array(randomBytes(blocks * PAGE_SIZE));
+  disk.fill(0, 0, PAGE_SIZE); // a zero block is never a twin
+  const index = engine.createIndex(blocks);
+  index.setBlocks(engine.hashPages(disk), 0);
+  const ram = new Uint8Array(pages * PAGE_SIZE);
+  const planner = new Planner(engine, { pages, windowPages: 256, index });
+  const block = (b: number) => disk.subarray(b * PAGE_SIZE, (b + 1) * PAGE_SIZE);
+  const held = ram.slice(); // what the destination holds (starts zero)
+  for (let it = 1; it <= 4; it++) {
+    // mutate RAM: some twins, some random, some zero
+    for (let k = 0; k < 300; k++) {
+      const p = randomInt(pages), r = randomInt(3);
+      const dst = ram.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+      if (r === 0) dst.set(block(1 + randomInt(blocks - 1)));
+      else if (r === 1) dst.set(randomBytes(PAGE_SIZE));
+      else dst.fill(0);
+    }
+    const plan = planIteration(planner, it, (first, count, into) => into.set(ram.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE)));
+    const want = { send: [] as number[], map: [] as number[], zero: [] as number[] };
+    for (let p = 0; p < pages; p++) {
+      const cur = ram.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+      if (Buffer.compare(cur, held.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)) === 0) continue;
+      if (cur.every((x) => x === 0)) want.zero.push(p);
+      else {
+        let twin = -1;
+        for (let b = 1; b < blocks && twin < 0; b++) if (Buffer.compare(cur, block(b)) === 0) twin = b;
+        if (twin >= 0) {
+          want.map.push(p);
+          assert.equal(plan.mapBlocks[plan.mapPages.indexOf(p)], twin, `page ${p} maps to its block`);
+        } else want.send.push(p);
+      }
+      held.set(cur, p * PAGE_SIZE);
+    }
+    assert.deepEqual(Array.from(plan.send), want.send, `iteration ${it} send`);
+    assert.deepEqual(Array.from(plan.mapPages), want.map, `iteration ${it} map`);
+    assert.deepEqual(Array.from(plan.zeroPages), want.zero, `iteration ${it} zero`);
+  }
+  // an unchanged RAM plans nothing
+  const idle = planIteration(planner, 5, (first, count, into) => into.set(ram.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE)));
+  assert.equal(idle.dirty, 0);
+});
+
+test("convergence: QEMU's rule with Xen's caps", () => {
+  const p = new ConvergencePolicy({ downtimeMs: 300, maxIterations: 5, maxSentFactor: 3 });
+  const m = { iteration: 2, wireBytes: 10e6, scanMs: 20, bytesPerSecond: 125e6, totalBytes: 1e8, ramBytes: 1e9 };
+  assert.deepEqual(p.decide(m).action, "switchover"); // 80 ms + 20 ms <= 300 ms
+  assert.deepEqual(p.decide({ ...m, wireBytes: 100e6 }).action, "continue"); // 800 ms
+  assert.deepEqual(p.decide({ ...m, wireBytes: 100e6, iteration: 5 }), { action: "switchover", reason: "max-iterations", expectedDowntimeMs: 820 });
+  assert.equal(p.decide({ ...m, wireBytes: 100e6, totalBytes: 3e9 }).action, "switchover");
+  const strict = new ConvergencePolicy({ maxIterations: 3, onCap: "abort" });
+  assert.equal(strict.decide({ ...m, wireBytes: 1e9, iteration: 3 }).action, "abort");
+});

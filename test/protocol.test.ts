@@ -1,0 +1,86 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { randomBytes, randomInt } from "node:crypto";
+import {
+  FrameReader, FrameType, ProtocolError, encodePages, encodeRefs, encodePageList, encodeIterAck, encodeJson,
+  decodePages, decodeRefs, decodePageList, decodeIterAck, decodeJson, MAX_FRAME,
+} from "../src/migrate/protocol.js";
+
+function sampleStream(): { bytes: Buffer; frames: Buffer[] } {
+  const pages = [3, 7, 8];
+  const data = pages.map(() => new Uint8Array(randomBytes(4096)));
+  const frames = [
+    encodeJson(FrameType.Hello, { version: 1, pages: 100 }),
+    encodePages(pages, (i) => data[i]!),
+    encodeRefs([1, 2], [10, 20], (i) => new Uint8Array(16).fill(i + 1)),
+    encodePageList(FrameType.Zeros, [5, 6, 99]),
+    encodeIterAck(4, [1]),
+  ];
+  return { bytes: Buffer.concat(frames), frames };
+}
+
+test("frames split at every possible point come out whole and in order", () => {
+  const { bytes, frames } = sampleStream();
+  for (let cut = 1; cut < bytes.length; cut += 97) {
+    const r = new FrameReader();
+    const out = [...r.push(bytes.subarray(0, cut)), ...r.push(bytes.subarray(cut))];
+    assert.equal(out.length, frames.length);
+    out.forEach((f, i) => assert.deepEqual(Buffer.from(f.payload), frames[i]!.subarray(5)));
+    assert.equal(r.pending, 0);
+  }
+  // and byte by byte, in random chunk sizes
+  const r = new FrameReader();
+  const out = [];
+  for (let o = 0; o < bytes.length; ) {
+    const n = randomInt(1, 300);
+    out.push(...r.push(bytes.subarray(o, o + n)));
+    o += n;
+  }
+  assert.equal(out.length, frames.length);
+});
+
+test("payloads decode to what was encoded, and bounds are enforced", () => {
+  const { frames } = sampleStream();
+  const r = new FrameReader();
+  const [hello, pages, refs, zeros, ack] = r.push(Buffer.concat(frames));
+  assert.deepEqual(decodeJson(hello!), { version: 1, pages: 100 });
+  assert.deepEqual(Array.from(decodePages(pages!, 100).pages), [3, 7, 8]);
+  assert.throws(() => decodePages(pages!, 8), /page 8, past the VM's 8 pages/);
+  const d = decodeRefs(refs!, 100, 21);
+  assert.deepEqual(Array.from(d.blocks), [10, 20]);
+  assert.throws(() => decodeRefs(refs!, 100, 20), /block 20, past the image's 20 blocks/);
+  assert.deepEqual(Array.from(decodePageList(zeros!, 100, "Zeros")), [5, 6, 99]);
+  assert.deepEqual(decodeIterAck(ack!, 100), { iteration: 4, resend: Uint32Array.from([1]) });
+});
+
+test("corrupt frames get clear errors: bad length, unknown type, count that lies, truncated JSON", () => {
+  const big = Buffer.alloc(5);
+  big.writeUInt32BE(MAX_FRAME + 1, 0);
+  assert.throws(() => new FrameReader().push(big), /frame length .* outside/);
+  const zero = Buffer.alloc(5);
+  assert.throws(() => new FrameReader().push(zero), /frame length 0/);
+  const unknown = Buffer.from([0, 0, 0, 1, 77]);
+  assert.throws(() => new FrameReader().push(unknown), /unknown frame type 77/);
+  const pages = encodePages([1], () => new Uint8Array(4096));
+  pages.writeUInt32BE(2, 5); // says two pages, holds one
+  const [f] = new FrameReader().push(pages);
+  assert.throws(() => decodePages(f!, 10), (e: Error) => e instanceof ProtocolError && /says 2 entries/.test(e.message));
+  const json = encodeJson(FrameType.Hello, { a: 1 });
+  const cut = Buffer.concat([Buffer.from([0, 0, 0, json.length - 6]), json.subarray(4, json.length - 2)]);
+  const [j] = new FrameReader().push(cut);
+  assert.throws(() => decodeJson(j!), /does not hold a JSON object/);
+});
+
+test("a flipped length bit never yields a frame past the bound", () => {
+  const { bytes } = sampleStream();
+  for (let bit = 0; bit < 32; bit++) {
+    const b = Buffer.from(bytes);
+    b.writeUInt32BE((b.readUInt32BE(0) ^ (1 << bit)) >>> 0, 0);
+    const r = new FrameReader();
+    try {
+      for (const f of r.push(b)) assert.ok(f.payload.length <= MAX_FRAME);
+    } catch (err) {
+      assert.ok(err instanceof ProtocolError);
+    }
+  }
+});
