@@ -1,0 +1,29 @@
+// `npm run bench`: every benchmark in one run, each printing ratios measured
+// side by side. `--json` prints one object; `--quick` uses smaller sizes.
+
+import os from "node:os";
+import { execFileSync } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { benchHash } from "./hash.js";
+import { benchIndexLookup } from "./index-lookup.js";
+import { benchPlanner } from "./planner.js";
+
+const args = process.argv.slice(2);
+const json = args.includes("--json");
+const quick = args.includes("--quick");
+const machine = { cores: os.cpus().length, cpu: os.cpus()[0]?.model, memoryBytes: os.totalmem(), node: process.version, loadavg: os.loadavg() };
+if (!json) console.log(`machine: ${machine.cores} cores (${machine.cpu}), ${(machine.memoryBytes / 2 ** 30).toFixed(1)} GiB, node ${machine.node}, load ${machine.loadavg.map((x) => x.toFixed(2)).join(" ")}\n`);
+
+const hash = await benchHash({ json: false, quiet: json, mib: quick ? 64 : 256 });
+if (!json) console.log("");
+const lookup = await benchIndexLookup({ quiet: json, blocks: quick ? 1 << 20 : undefined });
+if (!json) console.log("");
+const planner = await benchPlanner({ quiet: json, gib: quick ? [1] : [1, 4, 8] });
+if (!json) console.log("\nend to end: the demo (plain pre-copy vs pagetwin, one run each, same VM, same link)");
+const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
+const demo = JSON.parse(execFileSync(process.execPath, [cli, "demo", "--json", "--trace", "", ...(quick ? ["--ram-mib", "64"] : [])], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }));
+if (!json) {
+  for (const r of demo.runs) console.log(`  ${r.mode.padEnd(9)} total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, ${(r.transferredBytes / 1e6).toFixed(1)} MB, verified ${r.verified}`);
+  console.log(`  pagetwin / baseline: total time ${demo.ratios.totalTime}x, bytes ${demo.ratios.transferredBytes}x, downtime ${demo.ratios.downtime}x`);
+}
+if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, demo }));
