@@ -1,0 +1,764 @@
+// Stream mode: a pair of proxies inside QEMU's own migration stream.
+//
+//   source QEMU --migrate tcp:--> streamOut ==link==> streamIn --> destination QEMU (-incoming tcp:)
+//
+// streamOut parses QEMU's stream (qemu-stream.ts), hashes every RAM page
+// record in batches in the core's memory, and replaces each page that has a
+// twin block on the NAS by a reference (the record's header, the block, the
+// page's hash). Every other byte travels raw. streamIn reads each referenced
+// block from the NAS image, checks its hash, and writes the record header and
+// the block's bytes to QEMU: the exact original stream. A block that does not
+// match (rewritten since indexing) is never used: streamIn asks for the page
+// (NEED) and streamOut answers from its replay window, where it keeps every
+// referenced page until streamIn acknowledges it. Bytes from the destination
+// QEMU back to the source (return path) travel as RETURN frames, unchanged.
+
+import * as net from "node:net";
+import { once } from "node:events";
+import { createEngine, NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type Region, type TwinIndex } from "../core/engine.js";
+import { openNasIndex, readIndexHeader, defaultIndexPath, type NasIndex } from "../adapters/nas/index-file.js";
+import { DiskImage } from "../adapters/nas/image.js";
+import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
+import {
+  SFrame, StreamFrameReader, StreamProtocolError, RefsBuilder, decodeRefs, jsonFrame, parseJson, rawFrame, readU32, u32Frame,
+  STREAM_PROTOCOL_VERSION, frame, type StreamFrame,
+} from "./frames.js";
+
+export interface StreamStats {
+  role: "stream-out" | "stream-in";
+  /** Migration connections handled (QEMU opens one, more with multifd). */
+  sessions: number;
+  /** RAM PAGE records seen in QEMU's stream (QEMU's "normal" pages). */
+  pagesSeen: number;
+  /** RAM ZERO records seen (QEMU's "duplicate" pages). */
+  zeroPages: number;
+  /** Pages sent (stream-out) or rebuilt (stream-in) from a NAS block reference. */
+  twinsReplaced: number;
+  /** Pages whose NAS block no longer matched and were sent again from the source. */
+  resends: number;
+  /** Bytes read from the source QEMU (stream-out) / written to the destination QEMU (stream-in). */
+  bytesFromQemu: number;
+  bytesToQemu: number;
+  /** Bytes written to / read from the link between the proxies (frames included). */
+  bytesOutLink: number;
+  bytesInLink: number;
+  /** Return-path bytes (destination QEMU -> source QEMU). */
+  returnBytes: number;
+  /** Why dedup was off for (part of) a stream, if it was. */
+  passthrough: string[];
+  warnings: string[];
+  error?: string;
+  /** Wall time from the first connection to the end of the last. */
+  ms: number;
+}
+
+function newStats(role: StreamStats["role"]): StreamStats {
+  return {
+    role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
+    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], ms: 0,
+  };
+}
+
+export interface StreamProxy {
+  /** The port it listens on (useful with listenPort 0). */
+  port: number;
+  stats: StreamStats;
+  /** Resolves when the first migration is over (or, with keep, when closed); rejects never: see stats.error. */
+  done: Promise<StreamStats>;
+  close(): Promise<void>;
+}
+
+export type Logger = (msg: string) => void;
+
+function parseHostPort(s: string, what: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(s) ?? /^()()(\d+)$/.exec(s);
+  if (!m) throw new Error(`pagetwin: ${what} must be HOST:PORT (got "${s}")`);
+  const port = Number(m[3]);
+  if (!(port >= 0 && port < 65536)) throw new Error(`pagetwin: ${what} has an invalid port ${m[3]}`);
+  return { host: m[1] || m[2] || "127.0.0.1", port };
+}
+
+async function writeAll(sock: net.Socket, buf: Uint8Array): Promise<void> {
+  if (sock.destroyed) throw new Error("socket closed");
+  if (!sock.write(buf)) {
+    await new Promise<void>((resolve, reject) => {
+      const ok = () => { off(); resolve(); };
+      const bad = () => { off(); reject(new Error("socket closed while writing")); };
+      const off = () => { sock.off("drain", ok); sock.off("close", bad); };
+      sock.on("drain", ok);
+      sock.on("close", bad);
+    });
+  }
+}
+
+/** Resolves on 'drain' or when the socket closes. */
+function drained(sock: net.Socket): Promise<void> {
+  if (sock.destroyed || !sock.writableNeedDrain) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { sock.off("drain", done); sock.off("close", done); resolve(); };
+    sock.on("drain", done);
+    sock.on("close", done);
+  });
+}
+
+function connect(host: string, port: number, timeoutMs = 10_000): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect({ host, port, allowHalfOpen: true });
+    const t = setTimeout(() => { s.destroy(); reject(new Error(`pagetwin: no connection to ${host}:${port} within ${timeoutMs} ms`)); }, timeoutMs);
+    s.once("connect", () => { clearTimeout(t); s.off("error", onErr); s.setNoDelay(true); resolve(s); });
+    const onErr = (e: Error) => { clearTimeout(t); reject(new Error(`pagetwin: cannot connect to ${host}:${port}: ${e.message}`)); };
+    s.once("error", onErr);
+  });
+}
+
+/** Waits for `n` frames-worth of link input with a timeout. */
+class FrameInbox {
+  private queue: StreamFrame[] = [];
+  private waiter: ((f: StreamFrame | null) => void) | null = null;
+  closed = false;
+  push(f: StreamFrame): void {
+    if (this.waiter) { const w = this.waiter; this.waiter = null; w(f); } else this.queue.push(f);
+  }
+  close(): void {
+    this.closed = true;
+    if (this.waiter) { const w = this.waiter; this.waiter = null; w(null); }
+  }
+  next(timeoutMs: number, what: string): Promise<StreamFrame> {
+    const q = this.queue.shift();
+    if (q) return Promise.resolve(q);
+    if (this.closed) return Promise.reject(new StreamProtocolError(`the link closed while waiting for ${what}`));
+    return new Promise((resolve, reject) => {
+      const t = setTimeout(() => { this.waiter = null; reject(new StreamProtocolError(`no ${what} within ${timeoutMs} ms`)); }, timeoutMs);
+      this.waiter = (f) => { clearTimeout(t); f ? resolve(f) : reject(new StreamProtocolError(`the link closed while waiting for ${what}`)); };
+    });
+  }
+}
+
+// ---------------------------------------------------------------- stream-out
+
+export interface StreamOutOptions {
+  /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
+  listenPort: number;
+  /** Address to listen on (default 127.0.0.1). */
+  listenHost?: string;
+  /** The destination proxy (stream-in), HOST:PORT. */
+  to: string;
+  /** Raw disk image on the NAS (its index is built or loaded beside it). */
+  image?: string;
+  /** Index file (default IMAGE.pagetwin-index). */
+  indexPath?: string;
+  /** An index already opened (instead of image/indexPath). */
+  nas?: NasIndex;
+  /** Referenced pages kept until acknowledged (default 16384 = 64 MiB); QEMU is paused when full. */
+  windowPages?: number;
+  /** Keep serving migrations after the first (default false). */
+  keep?: boolean;
+  /** Turn dedup off (forward everything raw): a baseline through the same proxies. */
+  noDedup?: boolean;
+  log?: Logger;
+}
+
+export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
+  const log = opts.log ?? (() => {});
+  const to = parseHostPort(opts.to, "--to");
+  let nas = opts.nas;
+  if (!nas) {
+    if (!opts.image) throw new Error("pagetwin stream-out: give the NAS image (--image)");
+    const t0 = performance.now();
+    nas = await openNasIndex(opts.image, { ...(opts.indexPath ? { indexPath: opts.indexPath } : {}) });
+    log(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms`);
+  }
+  const stats = newStats("stream-out");
+  const ctx: OutContext = {
+    engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
+    windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false, hashRegion: null, capacity: 0,
+  };
+  return serve(opts.listenHost ?? "127.0.0.1", opts.listenPort, stats, opts.keep ?? false, log, (sock, channel) => outSession(ctx, sock, channel), () => {
+    if (!opts.nas) { nas!.image.close(); }
+  });
+}
+
+interface OutContext {
+  engine: Engine;
+  index: TwinIndex;
+  indexId: string;
+  stats: StreamStats;
+  log: Logger;
+  windowPages: number;
+  to: { host: string; port: number };
+  noDedup: boolean;
+  hashRegion: { pages: Region; hashes: Region; blocks: Region } | null;
+  capacity: number;
+}
+
+function hashRegions(ctx: OutContext, n: number): { pages: Region; hashes: Region; blocks: Region } {
+  if (!ctx.hashRegion || ctx.capacity < n) {
+    if (ctx.hashRegion) { ctx.hashRegion.pages.free(); ctx.hashRegion.hashes.free(); ctx.hashRegion.blocks.free(); }
+    const cap = Math.max(n, 64);
+    ctx.hashRegion = { pages: ctx.engine.alloc(cap * PAGE_SIZE), hashes: ctx.engine.alloc(cap * HASH_SIZE), blocks: ctx.engine.alloc(cap * 4) };
+    ctx.capacity = cap;
+  }
+  return ctx.hashRegion;
+}
+
+function serve(host: string, port: number, stats: StreamStats, keep: boolean, log: Logger,
+  session: (sock: net.Socket, channel: number) => Promise<void>, onClose: () => void): Promise<StreamProxy> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true });
+    let active = 0;
+    let channels = 0;
+    let t0 = 0;
+    let finished = false;
+    let resolveDone!: (s: StreamStats) => void;
+    const done = new Promise<StreamStats>((r) => { resolveDone = r; });
+    const sockets = new Set<net.Socket>();
+    const finish = () => {
+      if (finished) return;
+      finished = true;
+      server.close();
+      for (const s of sockets) s.destroy();
+      onClose();
+      resolveDone(stats);
+    };
+    server.on("connection", (sock) => {
+      if (t0 === 0) t0 = performance.now();
+      sockets.add(sock);
+      sock.on("close", () => sockets.delete(sock));
+      active++;
+      stats.sessions++;
+      const channel = channels++;
+      session(sock, channel).catch((err: Error) => {
+        stats.error ??= err.message;
+        log(`error: ${err.message}`);
+      }).finally(() => {
+        active--;
+        sock.destroy();
+        stats.ms = performance.now() - t0;
+        // Multifd channels of the same migration connect soon after the first; give them a moment.
+        if (!keep && active === 0) setTimeout(() => { if (active === 0) finish(); }, 200);
+      });
+    });
+    server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${host}:${port}: ${err.message}`)));
+    server.listen(port, host, () => {
+      const addr = server.address() as net.AddressInfo;
+      log(`listening on ${host}:${addr.port}`);
+      resolve({
+        port: addr.port, stats, done,
+        close: async () => { finish(); await done; },
+      });
+    });
+  });
+}
+
+async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): Promise<void> {
+  const { stats, log, engine, index } = ctx;
+  qemu.pause();
+  qemu.setNoDelay(true);
+  const link = await connect(ctx.to.host, ctx.to.port);
+  const reader = new StreamFrameReader();
+  const inbox = new FrameInbox();
+  const window = new Map<number, Buffer>();
+  let acked = 0;
+  let seq = 0;
+  let failure: Error | null = null;
+  let qemuEnded = false;
+  let windowWaiter: (() => void) | null = null;
+  let finished!: () => void;
+  const over = new Promise<void>((r) => { finished = r; });
+
+  const sendLink = (buf: Buffer): boolean => {
+    stats.bytesOutLink += buf.length;
+    return link.write(buf);
+  };
+  const fail = (err: Error, tellPeer: boolean) => {
+    if (failure) return;
+    failure = err;
+    log(`channel ${channel}: ${err.message}`);
+    if (tellPeer && !link.destroyed) {
+      try { link.end(jsonFrame(SFrame.Abort, { reason: err.message })); } catch { /* closed */ }
+    }
+    // The source QEMU sees its migration fail and keeps the VM running.
+    qemu.destroy();
+    setTimeout(() => link.destroy(), 1000).unref();
+    if (windowWaiter) { const w = windowWaiter; windowWaiter = null; w(); }
+    finished();
+  };
+
+  link.on("data", (chunk: Buffer) => {
+    stats.bytesInLink += chunk.length;
+    let frames: StreamFrame[];
+    try {
+      frames = reader.push(chunk);
+    } catch (err) {
+      fail(err as Error, true);
+      return;
+    }
+    for (const f of frames) {
+      switch (f.type) {
+        case SFrame.HelloAck:
+          inbox.push(f);
+          break;
+        case SFrame.Need: {
+          const s = readU32(f, "NEED");
+          const page = window.get(s);
+          if (!page) {
+            fail(new StreamProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${acked}, next ${seq})`), true);
+            return;
+          }
+          stats.resends++;
+          const b = Buffer.allocUnsafe(4 + PAGE_SIZE);
+          b.writeUInt32BE(s, 0);
+          b.set(page, 4);
+          sendLink(frame(SFrame.Resend, b));
+          break;
+        }
+        case SFrame.Ack: {
+          const upTo = readU32(f, "ACK");
+          for (; acked < upTo; acked++) window.delete(acked);
+          if (windowWaiter && window.size < ctx.windowPages) { const w = windowWaiter; windowWaiter = null; w(); }
+          break;
+        }
+        case SFrame.Return:
+          stats.returnBytes += f.payload.length;
+          if (!qemu.destroyed) qemu.write(f.payload);
+          break;
+        case SFrame.ReturnEnd:
+          if (!qemu.destroyed) qemu.end();
+          break;
+        case SFrame.Abort: {
+          let reason = "no reason given";
+          try { reason = parseJson<{ reason: string }>(f).reason; } catch { /* default */ }
+          fail(new Error(`stream-in aborted the migration: ${reason}`), false);
+          return;
+        }
+        default:
+          fail(new StreamProtocolError(`unexpected ${SFrame[f.type]} frame from stream-in`), true);
+          return;
+      }
+    }
+  });
+  link.on("error", (e) => fail(new Error(`link to stream-in failed: ${e.message}`), false));
+  link.on("close", () => {
+    inbox.close();
+    if (!failure && !qemuEnded) fail(new Error("the link to stream-in closed before the migration ended"), false);
+    finished();
+  });
+  link.on("end", () => { link.end(); });
+
+  sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel }));
+  const ack = parseJson<{ dedup: boolean; reason?: string }>(await inbox.next(15_000, "HELLO_ACK from stream-in"));
+  let dedup = ack.dedup && !ctx.noDedup;
+  if (!ack.dedup) {
+    const why = `stream-in cannot dedup: ${ack.reason ?? "no reason"}`;
+    stats.passthrough.push(why);
+    log(why);
+  }
+  const parser = new QemuStreamParser();
+  let reported = false;
+
+  const handleChunk = (chunk: Buffer): boolean => {
+    if (!dedup) return sendLink(rawFrame([chunk], chunk.length));
+    const pieces: Piece[] = parser.push(chunk);
+    for (const w of parser.takeWarnings()) { log(`channel ${channel}: ${w}`); stats.warnings.push(w); }
+    if (!reported && parser.mode === "passthrough") {
+      reported = true;
+      stats.passthrough.push(parser.passthroughReason ?? "unknown");
+    }
+    let pages = 0;
+    for (const p of pieces) if (p.kind === "page") pages++;
+    let blocks: Uint32Array | null = null;
+    let hashes: Uint8Array | null = null;
+    if (pages) {
+      const r = hashRegions(ctx, pages);
+      const mem = engine.u8();
+      let i = 0;
+      for (const p of pieces) if (p.kind === "page") mem.set(p.data, r.pages.ptr + PAGE_SIZE * i++);
+      engine.hashPagesAt(r.pages.ptr, pages, r.hashes.ptr, 0);
+      index.lookupAt(r.hashes.ptr, pages, 0, r.blocks.ptr, 0);
+      blocks = engine.u32(r.blocks.ptr, pages);
+      hashes = r.hashes.view(0, pages * HASH_SIZE);
+      stats.pagesSeen += pages;
+    }
+    let ok = true;
+    let raw: Uint8Array[] = [];
+    let rawBytes = 0;
+    const refs = new RefsBuilder();
+    const flushRaw = () => {
+      if (rawBytes) ok = sendLink(rawFrame(raw, rawBytes)) && ok;
+      raw = [];
+      rawBytes = 0;
+    };
+    const flushRefs = () => {
+      if (refs.count) ok = sendLink(refs.take()) && ok;
+    };
+    let i = 0;
+    for (const p of pieces) {
+      if (p.kind === "raw") {
+        flushRefs();
+        raw.push(p.data);
+        rawBytes += p.data.length;
+        continue;
+      }
+      const blk = blocks![i]!;
+      const h = hashes!.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
+      i++;
+      if (blk === NO_BLOCK) {
+        flushRefs();
+        raw.push(p.header, p.data);
+        rawBytes += p.header.length + p.data.length;
+        continue;
+      }
+      flushRaw();
+      window.set(seq, Buffer.from(p.data)); // copy: the parser's buffer is reused
+      refs.add(seq++, p.header, blk, h);
+      stats.twinsReplaced++;
+    }
+    flushRaw();
+    flushRefs();
+    return ok;
+  };
+
+  // Pump QEMU's stream: one chunk at a time, pausing for link backpressure
+  // and for a full replay window.
+  let pumping = Promise.resolve();
+  const pump = async (chunk: Buffer) => {
+    stats.bytesFromQemu += chunk.length;
+    if (failure) return;
+    let ok: boolean;
+    try {
+      ok = handleChunk(chunk);
+    } catch (err) {
+      fail(err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`), true);
+      return;
+    }
+    if (!ok || window.size >= ctx.windowPages) {
+      qemu.pause();
+      if (!ok) await drained(link);
+      if (window.size >= ctx.windowPages && !failure) await new Promise<void>((r) => { windowWaiter = r; });
+      if (!failure) qemu.resume();
+    }
+  };
+  qemu.on("data", (chunk: Buffer) => {
+    pumping = pumping.then(() => pump(chunk));
+  });
+  qemu.on("end", () => {
+    pumping = pumping.then(() => {
+      qemuEnded = true;
+      if (failure) return;
+      if (dedup) {
+        try {
+          parser.finish();
+        } catch (err) {
+          fail(err as Error, true);
+          return;
+        }
+      }
+      stats.zeroPages += parser.stats.zeroPages;
+      sendLink(jsonFrame(SFrame.End, { bytes: stats.bytesFromQemu, pages: parser.stats.pages, zeroPages: parser.stats.zeroPages }));
+    });
+  });
+  qemu.on("error", (e) => { if (!qemuEnded) fail(new Error(`source QEMU connection failed: ${e.message}`), true); });
+  qemu.on("close", () => {
+    if (!qemuEnded && !failure) fail(new Error("source QEMU closed the connection in the middle of the stream"), true);
+  });
+  qemu.resume();
+  await over;
+  await pumping;
+  if (failure) throw failure;
+}
+
+// ---------------------------------------------------------------- stream-in
+
+export interface StreamInOptions {
+  /** Port stream-out connects to; 0 picks one. */
+  listenPort: number;
+  /** Address to listen on (default 0.0.0.0). */
+  listenHost?: string;
+  /** The destination QEMU's -incoming tcp address, HOST:PORT. */
+  qemu: string;
+  /** The NAS image (same file as the source sees). */
+  image: string;
+  indexPath?: string;
+  keep?: boolean;
+  log?: Logger;
+}
+
+interface InContext {
+  engine: Engine;
+  image: DiskImage;
+  indexId: string | null;
+  indexError: string | null;
+  qemu: { host: string; port: number };
+  stats: StreamStats;
+  log: Logger;
+  region: { pages: Region; hashes: Region } | null;
+  capacity: number;
+}
+
+export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
+  const log = opts.log ?? (() => {});
+  const qemu = parseHostPort(opts.qemu, "--qemu");
+  const indexPath = opts.indexPath ?? defaultIndexPath(opts.image);
+  // Only the seed and the index id are needed here: every block is verified
+  // by hashing it, so the image may have changed since indexing.
+  let seed = 0n;
+  let indexId: string | null = null;
+  let indexError: string | null = null;
+  try {
+    const h = readIndexHeader(indexPath);
+    seed = h.seed;
+    indexId = h.indexId;
+  } catch (err) {
+    indexError = (err as Error).message;
+    log(`no usable index (${indexError}); migrations will pass through without dedup`);
+  }
+  const engine = await createEngine({ seed });
+  const image = DiskImage.open(opts.image);
+  const stats = newStats("stream-in");
+  const ctx: InContext = { engine, image, indexId, indexError, qemu, stats, log, region: null, capacity: 0 };
+  return serve(opts.listenHost ?? "0.0.0.0", opts.listenPort, stats, opts.keep ?? false, log, (sock, ch) => inSession(ctx, sock, ch, indexPath), () => image.close());
+}
+
+function inRegions(ctx: InContext, n: number): { pages: Region; hashes: Region } {
+  if (!ctx.region || ctx.capacity < n) {
+    if (ctx.region) { ctx.region.pages.free(); ctx.region.hashes.free(); }
+    const cap = Math.max(n, 256);
+    ctx.region = { pages: ctx.engine.alloc(cap * PAGE_SIZE), hashes: ctx.engine.alloc(cap * HASH_SIZE) };
+    ctx.capacity = cap;
+  }
+  return ctx.region;
+}
+
+async function inSession(ctx: InContext, link: net.Socket, channel: number, indexPath: string): Promise<void> {
+  const { stats, log, engine, image } = ctx;
+  link.setNoDelay(true);
+  const reader = new StreamFrameReader();
+  const queue: StreamFrame[] = [];
+  let queuedBytes = 0;
+  const QUEUE_LIMIT = 64 * 1024 * 1024;
+  const resends = new Map<number, Buffer>();
+  let resendWaiter: { seq: number; resolve: (b: Buffer) => void } | null = null;
+  let kick: (() => void) | null = null;
+  let failure: Error | null = null;
+  let hello: StreamFrame | null = null;
+  let helloWaiter: (() => void) | null = null;
+  let linkClosed = false;
+  let qemu: net.Socket | null = null;
+  let streamEnded = false;
+
+  const sendLink = (buf: Buffer) => {
+    if (link.destroyed) return;
+    stats.bytesOutLink += buf.length;
+    link.write(buf);
+  };
+  const wake = () => { if (kick) { const k = kick; kick = null; k(); } };
+  const fail = (err: Error, tellPeer: boolean) => {
+    if (failure) return;
+    failure = err;
+    log(`channel ${channel}: ${err.message}`);
+    if (tellPeer && !link.destroyed) link.end(jsonFrame(SFrame.Abort, { reason: err.message }));
+    qemu?.destroy();
+    setTimeout(() => link.destroy(), 1000).unref();
+    wake();
+    if (helloWaiter) helloWaiter();
+  };
+
+  link.on("data", (chunk: Buffer) => {
+    stats.bytesInLink += chunk.length;
+    let frames: StreamFrame[];
+    try {
+      frames = reader.push(chunk);
+    } catch (err) {
+      fail(err as Error, true);
+      return;
+    }
+    for (const f of frames) {
+      switch (f.type) {
+        case SFrame.Hello:
+          hello = f;
+          helloWaiter?.();
+          break;
+        case SFrame.Raw:
+        case SFrame.Refs:
+        case SFrame.End:
+          queue.push(f);
+          queuedBytes += f.payload.length;
+          if (queuedBytes > QUEUE_LIMIT && !resendWaiter) link.pause();
+          wake();
+          break;
+        case SFrame.Resend: {
+          if (f.payload.length !== 4 + PAGE_SIZE) { fail(new StreamProtocolError(`RESEND frame of ${f.payload.length} bytes`), true); return; }
+          const s = f.payload.readUInt32BE(0);
+          const page = f.payload.subarray(4);
+          if (resendWaiter && resendWaiter.seq === s) { const w = resendWaiter; resendWaiter = null; w.resolve(page); } else resends.set(s, page);
+          break;
+        }
+        case SFrame.Abort: {
+          let reason = "no reason given";
+          try { reason = parseJson<{ reason: string }>(f).reason; } catch { /* default */ }
+          fail(new Error(`stream-out aborted the migration: ${reason}`), false);
+          return;
+        }
+        default:
+          fail(new StreamProtocolError(`unexpected ${SFrame[f.type]} frame from stream-out`), true);
+          return;
+      }
+    }
+  });
+  link.on("error", (e) => fail(new Error(`link from stream-out failed: ${e.message}`), false));
+  link.on("close", () => {
+    linkClosed = true;
+    if (!streamEnded) fail(new Error("the link from stream-out closed before the end of the stream"), false);
+    wake();
+    if (resendWaiter) fail(new Error("the link closed while waiting for a resent page"), false);
+  });
+
+  // Handshake.
+  if (!hello) await new Promise<void>((r) => { helloWaiter = r; setTimeout(r, 15_000).unref(); });
+  helloWaiter = null;
+  if (failure) throw failure;
+  if (!hello) throw new StreamProtocolError("no HELLO from stream-out within 15 s");
+  const h = parseJson<{ v: number; indexId: string }>(hello);
+  if (h.v !== STREAM_PROTOCOL_VERSION) {
+    fail(new StreamProtocolError(`stream-out speaks stream protocol ${h.v}, this stream-in speaks ${STREAM_PROTOCOL_VERSION}`), true);
+    throw failure!;
+  }
+  // The source may have (re)built the index after this proxy started.
+  if (ctx.indexId !== h.indexId) {
+    try {
+      const hdr = readIndexHeader(indexPath);
+      if (hdr.indexId === h.indexId) {
+        ctx.engine = await createEngine({ seed: hdr.seed });
+        ctx.region = null;
+        ctx.indexId = hdr.indexId;
+        ctx.indexError = null;
+      }
+    } catch { /* keep the earlier answer */ }
+  }
+  const dedup = ctx.indexId === h.indexId;
+  const reason = dedup ? undefined : ctx.indexError ?? `the source uses index ${h.indexId}, this side has ${ctx.indexId} (${indexPath}): not the same image index`;
+  try {
+    qemu = await connect(ctx.qemu.host, ctx.qemu.port);
+  } catch (err) {
+    fail(err as Error, true);
+    throw failure!;
+  }
+  sendLink(jsonFrame(SFrame.HelloAck, dedup ? { dedup } : { dedup, reason }));
+  if (!dedup) { stats.passthrough.push(reason!); log(reason!); }
+  const q = qemu;
+  let qemuClosed = false;
+  q.on("data", (chunk: Buffer) => {
+    stats.returnBytes += chunk.length;
+    sendLink(frame(SFrame.Return, chunk));
+  });
+  q.on("end", () => { sendLink(jsonFrame(SFrame.ReturnEnd, {})); });
+  q.on("error", (e) => { if (!streamEnded) fail(new Error(`destination QEMU connection failed: ${e.message}`), true); });
+  q.on("close", () => {
+    qemuClosed = true;
+    if (!streamEnded) fail(new Error("the destination QEMU closed the connection before the end of the stream (see its log)"), true);
+    else if (!link.destroyed) link.end();
+  });
+
+  const toQemu = async (buf: Uint8Array) => {
+    stats.bytesToQemu += buf.length;
+    await writeAll(q, buf);
+  };
+  const eng = () => ctx.engine;
+
+  const refsToQemu = async (f: StreamFrame) => {
+    const { firstSeq, refs } = decodeRefs(f);
+    const n = refs.length;
+    const r = inRegions(ctx, n);
+    // Read the blocks (runs of consecutive blocks in one read), hash, compare.
+    const bad: number[] = [];
+    for (let i = 0; i < n;) {
+      let j = i + 1;
+      while (j < n && refs[j]!.block === refs[j - 1]!.block + 1 && j - i < 256) j++;
+      const first = refs[i]!.block;
+      if (first + (j - i) <= image.blocks) {
+        image.readBlocks(first, j - i, r.pages.view(i * PAGE_SIZE, (j - i) * PAGE_SIZE));
+      } else {
+        for (let k = i; k < j; k++) {
+          const b = refs[k]!.block;
+          if (b < image.blocks) image.readBlocks(b, 1, r.pages.view(k * PAGE_SIZE, PAGE_SIZE));
+          else r.pages.view(k * PAGE_SIZE, PAGE_SIZE).fill(0xff); // past the end: will not match
+        }
+      }
+      i = j;
+    }
+    eng().hashPagesAt(r.pages.ptr, n, r.hashes.ptr, 0);
+    const got = r.hashes.view(0, n * HASH_SIZE);
+    for (let i = 0; i < n; i++) {
+      if (Buffer.compare(got.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE), refs[i]!.hash) !== 0) bad.push(i);
+    }
+    // Output: header + page per reference, in order.
+    let size = 0;
+    for (const ref of refs) size += ref.header.length + PAGE_SIZE;
+    const out = Buffer.allocUnsafe(size);
+    const pages = r.pages.view(0, n * PAGE_SIZE);
+    let o = 0;
+    let b = 0;
+    for (let i = 0; i < n; i++) {
+      const ref = refs[i]!;
+      out.set(ref.header, o);
+      o += ref.header.length;
+      if (b < bad.length && bad[b] === i) {
+        b++;
+        const s = firstSeq + i;
+        let page = resends.get(s);
+        if (!page) {
+          sendLink(u32Frame(SFrame.Need, s));
+          if (link.isPaused()) link.resume();
+          page = await new Promise<Buffer>((resolve) => { resendWaiter = { seq: s, resolve }; });
+          if (failure) throw failure;
+        }
+        resends.delete(s);
+        out.set(page, o);
+        stats.resends++;
+      } else {
+        out.set(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), o);
+        stats.twinsReplaced++;
+      }
+      o += PAGE_SIZE;
+    }
+    await toQemu(out);
+    sendLink(u32Frame(SFrame.Ack, firstSeq + n));
+  };
+
+  // Drain the queue in order.
+  for (;;) {
+    if (failure) break;
+    const f = queue.shift();
+    if (!f) {
+      if (linkClosed) break;
+      await new Promise<void>((r) => { kick = r; });
+      continue;
+    }
+    queuedBytes -= f.payload.length;
+    if (link.isPaused() && queuedBytes < QUEUE_LIMIT / 2) link.resume();
+    try {
+      if (f.type === SFrame.Raw) await toQemu(f.payload);
+      else if (f.type === SFrame.Refs) await refsToQemu(f);
+      else if (f.type === SFrame.End) {
+        streamEnded = true;
+        const e = parseJson<{ pages?: number; zeroPages?: number }>(f);
+        stats.zeroPages += e.zeroPages ?? 0;
+        stats.pagesSeen += e.pages ?? 0;
+        q.end();
+        break;
+      }
+    } catch (err) {
+      fail(err instanceof StreamProtocolError ? err : new Error(`stream-in: ${(err as Error).message}`), true);
+      break;
+    }
+  }
+  if (failure) throw failure;
+  // Wait for the destination QEMU to finish with the connection and the link to close.
+  if (!qemuClosed) await once(q, "close").catch(() => undefined);
+  if (!linkClosed) {
+    link.end();
+    await Promise.race([once(link, "close"), new Promise((r) => setTimeout(r, 5000).unref())]);
+  }
+}
+
+export { parseHostPort };

@@ -1,0 +1,446 @@
+// Incremental parser of QEMU 7.2's migration stream (savevm format version 3),
+// as far as the RAM section goes. It is fed the bytes as they come off the
+// socket (a record may be split anywhere) and hands out, in order:
+//   - raw pieces: bytes to forward unchanged;
+//   - page records: a RAM PAGE record's header (be64 offset|flags, plus the
+//     block idstr when CONTINUE is absent) and its 4096 bytes of content.
+// Concatenating every piece in order gives back the input byte for byte.
+//
+// Format (QEMU migration/savevm.c, migration/ram.c):
+//   be32 magic "QEVM", be32 version 3
+//   0x07 configuration: be32 len, machine name; subsections (0x05 ...)
+//   0x01 START / 0x04 FULL: be32 section id, u8 len + idstr, be32 instance, be32 version
+//   0x02 PART / 0x03 END: be32 section id
+//   0x7e footer: be32 section id         0x05 EOF        0x08 COMMAND: be16 cmd, be16 len, data
+//   RAM section content: records be64 (offset | flags):
+//     MEM_SIZE 0x04 (START only): block list (u8 len + idstr, be64 length) until the sizes sum up
+//     ZERO 0x02 (+1 fill byte), PAGE 0x08 (+4096 bytes); without CONTINUE 0x20: u8 len + idstr first
+//     EOS 0x10 ends the section's records.
+// After the RAM END section (device state, FULL sections without a length
+// field), and for anything this parser does not know how to rewrite safely,
+// the rest of the stream is handed out raw.
+
+export const QEVM_MAGIC = 0x5145564d;
+export const QEVM_VERSION = 3;
+export const TARGET_PAGE = 4096;
+
+export const SEC = {
+  START: 0x01, PART: 0x02, END: 0x03, FULL: 0x04, EOF: 0x05, SUBSECTION: 0x05,
+  VMDESCRIPTION: 0x06, CONFIGURATION: 0x07, COMMAND: 0x08, FOOTER: 0x7e,
+} as const;
+
+export const RAM_FLAG = {
+  FULL: 0x01, ZERO: 0x02, MEM_SIZE: 0x04, PAGE: 0x08, EOS: 0x10, CONTINUE: 0x20,
+  XBZRLE: 0x40, HOOK: 0x80, COMPRESS_PAGE: 0x100, MULTIFD_FLUSH: 0x200,
+} as const;
+
+/** QEMU's MIG_CMD_* (migration/savevm.c); the ones that are safe to forward mid-RAM. */
+const CMD_OPEN_RETURN_PATH = 1;
+const CMD_PING = 2;
+const CMD_NAMES: Record<number, string> = {
+  1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN", 5: "POSTCOPY_RUN",
+  6: "POSTCOPY_RAM_DISCARD", 7: "POSTCOPY_RESUME", 8: "PACKAGED", 9: "RECV_BITMAP", 10: "ENABLE_COLO",
+};
+
+export class StreamFormatError extends Error {
+  override name = "StreamFormatError";
+}
+
+export interface RawPiece {
+  kind: "raw";
+  data: Buffer;
+}
+
+export interface PagePiece {
+  kind: "page";
+  /** The record header exactly as sent: be64 offset|flags [+ u8 len + idstr]. */
+  header: Buffer;
+  /** The page's 4096 bytes. */
+  data: Buffer;
+  /** RAM block the page belongs to and its offset in the block. */
+  block: string;
+  offset: number;
+}
+
+export type Piece = RawPiece | PagePiece;
+
+export type ParserMode =
+  /** Still parsing: RAM records are recognized. */
+  | "parsing"
+  /** The RAM END section is over: device state and the rest go through raw. */
+  | "done"
+  /** Something this parser cannot rewrite safely: the rest goes through raw. */
+  | "passthrough";
+
+export interface ParserStats {
+  bytes: number;
+  sections: number;
+  ramSections: number;
+  pages: number;
+  zeroPages: number;
+  pageBytes: number;
+}
+
+type State =
+  | "header" | "top" | "configName" | "configSub" | "sectionHead" | "ramRecord"
+  | "footerOrTop" | "passthrough";
+
+/**
+ * Push chunks, get pieces. Throws StreamFormatError on input that cannot be a
+ * QEMU stream of the kind it started as (the caller should end the migration).
+ */
+export class QemuStreamParser {
+  private buf: Buffer = Buffer.alloc(0);
+  private pos = 0;
+  private state: State = "header";
+  private pieces: Piece[] = [];
+  private rawFrom = 0;
+  private ramSectionId = -1;
+  /** Id of the section whose records are being read. */
+  private curSection = -1;
+  private curIsEnd = false;
+  private blocks = new Map<string, number>();
+  private curBlock: string | null = null;
+  private warnings: string[] = [];
+  /** Footer expected after this section's records (0x7e + be32 id), if any. */
+  private footerFor = -1;
+  readonly stats: ParserStats = { bytes: 0, sections: 0, ramSections: 0, pages: 0, zeroPages: 0, pageBytes: 0 };
+  mode: ParserMode = "parsing";
+  /** Why the parser went to pass-through (undefined otherwise). */
+  passthroughReason: string | undefined;
+  /** Machine type from the configuration section. */
+  machine: string | undefined;
+
+  /** Feed one chunk; returns the pieces it completes (raw pieces may be coalesced). */
+  push(chunk: Buffer): Piece[] {
+    this.stats.bytes += chunk.length;
+    if (this.state === "passthrough") {
+      return chunk.length ? [{ kind: "raw", data: chunk }] : [];
+    }
+    const rest = this.buf.subarray(this.pos);
+    this.buf = rest.length ? Buffer.concat([rest, chunk]) : chunk;
+    this.pos = 0;
+    this.rawFrom = 0;
+    this.pieces = [];
+    this.run();
+    // Everything before `pos` is decided: flush it as raw (pages already out).
+    this.flushRaw(this.pos);
+    const out = this.pieces;
+    this.pieces = [];
+    if ((this.state as State) === "passthrough" && this.pos < this.buf.length) {
+      out.push({ kind: "raw", data: this.buf.subarray(this.pos) });
+      this.pos = this.buf.length;
+    }
+    return out;
+  }
+
+  /** Bytes held back because they do not yet make a whole record. */
+  get pending(): number {
+    return this.buf.length - this.pos;
+  }
+
+  /** Warnings collected so far (pass-through reasons). */
+  takeWarnings(): string[] {
+    const w = this.warnings;
+    this.warnings = [];
+    return w;
+  }
+
+  /** Call at the end of the input: throws if it stopped inside a record. */
+  finish(): void {
+    if (this.state !== "passthrough" && this.pending > 0) {
+      throw new StreamFormatError(`the migration stream ended inside a record (${this.pending} bytes of an incomplete ${this.state} record, at stream byte ${this.stats.bytes - this.pending})`);
+    }
+  }
+
+  private flushRaw(upTo: number): void {
+    if (upTo > this.rawFrom) this.pieces.push({ kind: "raw", data: this.buf.subarray(this.rawFrom, upTo) });
+    this.rawFrom = upTo;
+  }
+
+  private toPassthrough(reason: string, mode: ParserMode = "passthrough"): void {
+    this.state = "passthrough";
+    this.mode = mode;
+    if (mode === "passthrough") {
+      this.passthroughReason = reason;
+      this.warnings.push(`pagetwin stream: ${reason}; the rest of this migration passes through unchanged (no dedup)`);
+    }
+  }
+
+  private malformed(what: string, at = this.pos): never {
+    throw new StreamFormatError(`malformed QEMU migration stream at byte ${this.stats.bytes - (this.buf.length - at)}: ${what}`);
+  }
+
+  private avail(n: number, from = this.pos): boolean {
+    return this.buf.length - from >= n;
+  }
+
+  private run(): void {
+    const b = this.buf;
+    for (;;) {
+      if (this.state === "passthrough") return;
+      switch (this.state) {
+        case "header": {
+          if (!this.avail(8)) return;
+          const magic = b.readUInt32BE(this.pos);
+          const version = b.readUInt32BE(this.pos + 4);
+          if (magic !== QEVM_MAGIC) {
+            const hex = b.toString("hex", this.pos, this.pos + 4);
+            this.toPassthrough(magic === 0x11223344 ? "a multifd channel (its pages are not rewritten)" : `not a QEMU savevm stream (starts with 0x${hex})`);
+            return;
+          }
+          if (version !== QEVM_VERSION) {
+            this.toPassthrough(`savevm stream version ${version} (this parser knows version ${QEVM_VERSION})`);
+            return;
+          }
+          this.pos += 8;
+          this.state = "top";
+          break;
+        }
+        case "top":
+        case "footerOrTop": {
+          if (!this.avail(1)) return;
+          const t = b[this.pos]!;
+          if (this.state === "footerOrTop" && t === SEC.FOOTER) {
+            if (!this.avail(5)) return;
+            const id = b.readUInt32BE(this.pos + 1);
+            if (id !== this.footerFor) this.malformed(`section footer names section ${id}, expected ${this.footerFor}`);
+            this.pos += 5;
+            this.afterSection();
+            break;
+          }
+          if (this.state === "footerOrTop") {
+            this.afterSection(); // stream without section footers
+            if ((this.state as State) !== "top") break;
+          }
+          if (!this.top(t)) return;
+          break;
+        }
+        case "configName": {
+          if (!this.avail(5)) return;
+          const len = b.readUInt32BE(this.pos + 1);
+          if (len > 256) this.malformed(`configuration machine name of ${len} bytes`);
+          if (!this.avail(5 + len)) return;
+          this.machine = b.toString("latin1", this.pos + 5, this.pos + 5 + len);
+          this.pos += 5 + len;
+          this.state = "configSub";
+          break;
+        }
+        case "configSub": {
+          if (!this.avail(1)) return;
+          if (b[this.pos] !== SEC.SUBSECTION) {
+            this.state = "top";
+            break;
+          }
+          if (!this.avail(2)) return;
+          const nlen = b[this.pos + 1]!;
+          if (!this.avail(2 + nlen + 4)) return;
+          const name = b.toString("latin1", this.pos + 2, this.pos + 2 + nlen);
+          let p = this.pos + 2 + nlen + 4;
+          if (name === "configuration/target-page-bits") {
+            if (!this.avail(4, p)) return;
+            const bits = b.readUInt32BE(p);
+            if (bits !== 12) {
+              this.toPassthrough(`target page size 2^${bits} (not 4096)`);
+              return;
+            }
+            p += 4;
+          } else if (name === "configuration/capabilities") {
+            if (!this.avail(4, p)) return;
+            const count = b.readUInt32BE(p);
+            p += 4;
+            const caps: string[] = [];
+            for (let i = 0; i < count; i++) {
+              if (!this.avail(1, p)) return;
+              const l = b[p]!;
+              if (!this.avail(1 + l, p)) return;
+              caps.push(b.toString("latin1", p + 1, p + 1 + l));
+              p += 1 + l;
+            }
+            if (caps.length) {
+              this.pos = p;
+              this.toPassthrough(`migration capabilities ${caps.join(", ")} in use`);
+              return;
+            }
+          } else if (name === "configuration/uuid") {
+            if (!this.avail(16, p)) return;
+            p += 16;
+          } else {
+            this.toPassthrough(`unknown configuration subsection "${name}"`);
+            return;
+          }
+          this.pos = p;
+          break;
+        }
+        case "sectionHead":
+          // unreachable: section heads are read whole in top()
+          return;
+        case "ramRecord":
+          if (!this.ramRecord()) return;
+          break;
+      }
+    }
+  }
+
+  /** One top-level item starting with type byte `t`; false if more bytes are needed. */
+  private top(t: number): boolean {
+    const b = this.buf;
+    const p = this.pos;
+    switch (t) {
+      case SEC.CONFIGURATION:
+        this.state = "configName";
+        return true;
+      case SEC.START:
+      case SEC.FULL: {
+        if (!this.avail(6)) return false;
+        const id = b.readUInt32BE(p + 1);
+        const len = b[p + 5]!;
+        if (!this.avail(6 + len + 8)) return false;
+        const idstr = b.toString("latin1", p + 6, p + 6 + len);
+        const version = b.readUInt32BE(p + 6 + len + 4);
+        this.stats.sections++;
+        if (t === SEC.FULL) {
+          this.toPassthrough(`device section "${idstr}" before the RAM section ended`);
+          return false;
+        }
+        if (idstr !== "ram") {
+          this.toPassthrough(`iterative section "${idstr}" (only "ram" is understood)`);
+          return false;
+        }
+        if (version !== 4) {
+          this.toPassthrough(`RAM section version ${version} (this parser knows version 4)`);
+          return false;
+        }
+        if (this.ramSectionId >= 0) this.malformed(`a second RAM START section (id ${id})`);
+        this.ramSectionId = id;
+        this.pos = p + 6 + len + 8;
+        this.enterRam(id, false);
+        return true;
+      }
+      case SEC.PART:
+      case SEC.END: {
+        if (!this.avail(5)) return false;
+        const id = b.readUInt32BE(p + 1);
+        this.stats.sections++;
+        if (id !== this.ramSectionId) {
+          if (this.ramSectionId < 0) this.malformed(`section ${t === SEC.PART ? "PART" : "END"} ${id} before any START`);
+          this.toPassthrough(`section ${id} is not the RAM section ${this.ramSectionId}`);
+          return false;
+        }
+        this.pos = p + 5;
+        this.enterRam(id, t === SEC.END);
+        return true;
+      }
+      case SEC.COMMAND: {
+        if (!this.avail(5)) return false;
+        const cmd = b.readUInt16BE(p + 1);
+        const len = b.readUInt16BE(p + 3);
+        if (cmd !== CMD_OPEN_RETURN_PATH && cmd !== CMD_PING) {
+          this.toPassthrough(`migration command ${CMD_NAMES[cmd] ?? cmd} (postcopy, COLO and packaged streams are not rewritten)`);
+          return false;
+        }
+        if (!this.avail(5 + len)) return false;
+        this.pos = p + 5 + len;
+        return true;
+      }
+      case SEC.EOF:
+        this.toPassthrough("end of stream", "done");
+        return false;
+      default:
+        this.toPassthrough(`unknown section type 0x${t.toString(16)}`);
+        return false;
+    }
+  }
+
+  private enterRam(id: number, isEnd: boolean): void {
+    this.curSection = id;
+    this.curIsEnd = isEnd;
+    this.stats.ramSections++;
+    this.state = "ramRecord";
+  }
+
+  private afterSection(): void {
+    this.state = "top";
+    if (this.curIsEnd) {
+      // RAM is complete; device state follows (no length fields).
+      this.toPassthrough("RAM END section complete", "done");
+    }
+  }
+
+  /** One RAM record; false if more bytes are needed. */
+  private ramRecord(): boolean {
+    const b = this.buf;
+    const p = this.pos;
+    if (!this.avail(8)) return false;
+    const hi = b.readUInt32BE(p);
+    const lo = b.readUInt32BE(p + 4);
+    const flags = lo & 0xfff;
+    const offset = hi * 0x100000000 + (lo - flags);
+    if (flags & ~(RAM_FLAG.ZERO | RAM_FLAG.MEM_SIZE | RAM_FLAG.PAGE | RAM_FLAG.EOS | RAM_FLAG.CONTINUE)) {
+      const names = Object.entries(RAM_FLAG).filter(([, v]) => flags & v).map(([k]) => k).join("|");
+      this.toPassthrough(`RAM record with flags 0x${flags.toString(16)} (${names}): xbzrle, compression, RDMA and multifd streams are not rewritten`);
+      return false;
+    }
+    if (flags === RAM_FLAG.EOS) {
+      this.pos = p + 8;
+      this.footerFor = this.curSection;
+      this.state = "footerOrTop";
+      return true;
+    }
+    if (flags === RAM_FLAG.MEM_SIZE) {
+      // Block list: (u8 len, idstr, be64 used_length) until the lengths add up.
+      let q = p + 8;
+      let total = offset;
+      const found = new Map<string, number>();
+      while (total > 0) {
+        if (!this.avail(1, q)) return false;
+        const l = b[q]!;
+        if (!this.avail(1 + l + 8, q)) return false;
+        const id = b.toString("latin1", q + 1, q + 1 + l);
+        const len = b.readUInt32BE(q + 1 + l) * 0x100000000 + b.readUInt32BE(q + 1 + l + 4);
+        if (len > total || len === 0) this.malformed(`RAM block "${id}" of ${len} bytes does not fit the ${offset} bytes announced`, q);
+        found.set(id, len);
+        total -= len;
+        q += 1 + l + 8;
+      }
+      for (const [k, v] of found) this.blocks.set(k, v);
+      this.pos = q;
+      return true;
+    }
+    const isPage = flags & RAM_FLAG.PAGE;
+    const isZero = flags & RAM_FLAG.ZERO;
+    if ((isPage ? 1 : 0) + (isZero ? 1 : 0) !== 1 || flags & (RAM_FLAG.EOS | RAM_FLAG.MEM_SIZE)) {
+      this.malformed(`RAM record with an invalid flag combination 0x${flags.toString(16)}`);
+    }
+    let q = p + 8;
+    let block = this.curBlock;
+    if (!(flags & RAM_FLAG.CONTINUE)) {
+      if (!this.avail(9)) return false;
+      const l = b[q]!;
+      if (!this.avail(9 + l)) return false;
+      block = b.toString("latin1", q + 1, q + 1 + l);
+      q += 1 + l;
+    } else if (block === null) {
+      this.malformed("RAM record with CONTINUE before any block was named");
+    }
+    const blockLen = this.blocks.get(block!);
+    if (blockLen === undefined) this.malformed(`RAM record for unknown block "${block}"`);
+    if (offset + TARGET_PAGE > blockLen) this.malformed(`RAM record at offset 0x${offset.toString(16)} past the end of block "${block}" (${blockLen} bytes)`);
+    const bodyLen = isPage ? TARGET_PAGE : 1;
+    if (!this.avail(q - p + bodyLen)) return false;
+    this.curBlock = block;
+    if (isZero) {
+      this.stats.zeroPages++;
+      this.pos = q + 1;
+      return true;
+    }
+    // A page: flush raw bytes up to it, then hand it out.
+    this.flushRaw(p);
+    this.pieces.push({ kind: "page", header: b.subarray(p, q), data: b.subarray(q, q + TARGET_PAGE), block: block!, offset });
+    this.stats.pages++;
+    this.stats.pageBytes += q - p + TARGET_PAGE;
+    this.pos = q + TARGET_PAGE;
+    this.rawFrom = this.pos;
+    return true;
+  }
+}
