@@ -109,13 +109,35 @@ export class Planner {
    * destination with the hash of the bytes in `window` (the caller sends them).
    */
   planWindow(first: number, count: number): WindowPlan {
+    this.checkWindow(first, count);
+    this.engine.hashPagesAt(this.window.ptr, count, this.winHashes.ptr, this.bits.zero.ptr);
+    return this.join(first, count);
+  }
+
+  /**
+   * Same, for a window hashed elsewhere (a worker of the pool, which keeps the
+   * page bytes): `hashes` 16 bytes a page, `zeroBits` one bit a page.
+   */
+  planWindowHashed(first: number, count: number, hashes: Uint8Array, zeroBits: Uint8Array): WindowPlan {
+    this.checkWindow(first, count);
+    if (hashes.length !== count * HASH_SIZE || zeroBits.length < Math.ceil(count / 8)) {
+      throw new RangeError(`pagetwin: ${hashes.length} bytes of hashes / ${zeroBits.length} of zero bits for a window of ${count} pages`);
+    }
+    this.winHashes.view(0, hashes.length).set(hashes);
+    this.bits.zero.view(0, Math.ceil(count / 8)).set(zeroBits.subarray(0, Math.ceil(count / 8)));
+    return this.join(first, count);
+  }
+
+  private checkWindow(first: number, count: number): void {
     if (first % 64 !== 0 || count <= 0 || count > this.windowPages || first + count > this.pages) {
       throw new RangeError(`pagetwin: bad window ${first}+${count} for a VM of ${this.pages} pages`);
     }
+  }
+
+  private join(first: number, count: number): WindowPlan {
     const e = this.engine;
     const { zero, dirty, cand, twin, send, zeroDirty } = this.bits;
     const sentPtr = this.sent.ptr + first * HASH_SIZE;
-    e.hashPagesAt(this.window.ptr, count, this.winHashes.ptr, zero.ptr);
     const nDirty = e.diffBits(dirty.ptr, this.winHashes.ptr, sentPtr, count);
     e.bitsCombine("and", zeroDirty.ptr, dirty.ptr, zero.ptr, count);
     e.bitsCombine("andNot", cand.ptr, dirty.ptr, zero.ptr, count);
