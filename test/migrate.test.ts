@@ -119,3 +119,18 @@ test("a connection torn mid-iteration fails with a clear message; the source VM 
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("with a pool of worker threads hashing the RAM, the migration is the same: identical RAM, twins found", async () => {
+  const dir = tmp();
+  try {
+    const r = await runEmbeddedMigration({
+      mode: "pagetwin", bandwidth: 0, destination: "inproc", workers: 2,
+      vm: { dir, ramMiB: 16, twinShare: 0.5, zeroShare: 0.2, dirtyPagesPerSecond: 2000, rewriteBlocksPerSecond: 0 },
+    });
+    assert.equal(r.status, "completed", r.error);
+    assert.equal(r.verified, true);
+    assert.ok(r.iterationLog[0]!.pages.twin >= 0.95 * 16 * 256 * 0.5);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

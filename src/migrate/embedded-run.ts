@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import { EmbeddedVm, type EmbeddedVmOptions } from "../adapters/embedded/vm.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
+import { EnginePool } from "../pool/pool.js";
 import { DestinationAgent, type DestinationResult } from "./destination.js";
 import { migrateSource, MigrationError, type MigrationResult } from "./source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
@@ -26,6 +27,8 @@ export interface EmbeddedRunOptions {
   /** Guest runs this long before the migration starts, ms. */
   warmupMs?: number;
   trace?: boolean;
+  /** Hash with a pool of this many worker threads (0: on the main thread). */
+  workers?: number;
   onIteration?: Parameters<typeof migrateSource>[0]["onIteration"];
   /** Hook to break things in tests: called with the destination's port before the source connects. */
   beforeConnect?: (port: number, vm: EmbeddedVm) => Promise<{ host: string; port: number } | void>;
@@ -109,6 +112,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     destResult = inproc.nextResult();
   }
   const ram = RamFile.open(ramPath);
+  const pool = o.workers ? await EnginePool.create({ size: o.workers, seed: nas.header.seed }) : null;
   let result: MigrationResult;
   let guest = { written: 0, filled: 0, rewritten: 0 };
   let sourceRunningAfter = false;
@@ -119,7 +123,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     try {
       result = await migrateSource({
         engine: nas.engine, index: o.mode === "pagetwin" ? nas.index : null, indexId: nas.header.indexId,
-        ram, vm: { pause: () => vm.pause(), resume: () => vm.resume() },
+        ram, pool, ramPath, vm: { pause: () => vm.pause(), resume: () => vm.resume() },
         host: target.host, port: target.port, bandwidth: o.bandwidth ?? 125e6, convergence: o.convergence,
         trace: o.trace, onIteration: o.onIteration,
       });
@@ -133,6 +137,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     await vm.stop().catch(() => {});
     ram.close();
     nas.image.close();
+    await pool?.close();
     inproc?.close();
   }
   const destination = await Promise.race([destResult, new Promise<null>((r) => setTimeout(() => r(null), 10_000))]);

@@ -9,6 +9,7 @@ import { Engine, HASH_SIZE, PAGE_SIZE, TwinIndex } from "../core/engine.js";
 import { Planner, type WindowPlan } from "../plan/planner.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
 import { FrameLink, RateLimiter } from "./link.js";
+import type { EnginePool } from "../pool/pool.js";
 import {
   FrameType, PROTOCOL_VERSION, decodeIterAck, decodeJson, encodeJson, encodePageList, encodePages, encodeRefs, ProtocolError,
 } from "./protocol.js";
@@ -34,6 +35,9 @@ export interface SourceOptions {
   /** The index file's id, which the destination checks against its own copy (the seed never travels). */
   indexId: string | null;
   ram: RamReader;
+  /** Hash with these workers (same seed as `engine`), which read `ramPath` themselves. */
+  pool?: EnginePool | null;
+  ramPath?: string;
   vm: VmControl;
   host: string;
   port: number;
@@ -116,6 +120,9 @@ function connectSocket(host: string, port: number, timeoutMs: number): Promise<S
 
 export async function migrateSource(o: SourceOptions): Promise<MigrationResult> {
   const t0 = performance.now();
+  if (o.pool && (!o.ramPath || o.pool.seed !== o.engine.seed)) {
+    throw new RangeError("pagetwin: a pool needs ramPath and the engine's seed");
+  }
   const policy = new ConvergencePolicy(o.convergence);
   const planner = new Planner(o.engine, { pages: o.ram.pages, windowPages: o.windowPages, index: o.index });
   const framePages = o.framePages ?? 256;
@@ -152,13 +159,34 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       };
       const map = o.trace ? new Uint8Array(o.ram.pages) : null;
       let scanMs = 0;
+      // With a pool, workers hash the next window while this one is on the link.
+      let pending = o.pool ? o.pool.scanFile(o.ramPath!, 0, planner.windowCount(0)) : null;
       for (let first = 0; first < planner.pages; first += planner.windowPages) {
         const s = performance.now();
         const count = planner.windowCount(first);
-        o.ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
-        const plan = planner.planWindow(first, count);
+        let plan: WindowPlan;
+        let bytesOf: (i: number) => Uint8Array;
+        if (o.pool) {
+          const scan = await pending!;
+          plan = planner.planWindowHashed(first, count, scan.hashes, scan.zeroBits);
+          const bytes = await o.pool.pagesOf(plan.send);
+          bytesOf = (i) => bytes.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
+          const next = first + planner.windowPages;
+          if (next < planner.pages) {
+            pending = o.pool.scanFile(o.ramPath!, next, planner.windowCount(next));
+            pending.catch(() => {}); // awaited above on the next turn; a failure before that must not go unhandled
+          }
+        } else {
+          o.ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
+          plan = planner.planWindow(first, count);
+          const win = planner.window.view();
+          bytesOf = (i) => {
+            const off = planner.pageOffset(first, plan.send[i]!);
+            return win.subarray(off, off + PAGE_SIZE);
+          };
+        }
         scanMs += performance.now() - s;
-        await sendWindow(l, plan);
+        await sendWindow(l, plan, bytesOf);
         rec.dirty += plan.dirty;
         rec.pages.normal += plan.send.length;
         rec.pages.zero += plan.zero.length;
@@ -195,20 +223,16 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       return rec;
     };
 
-    const sendWindow = async (l: FrameLink, plan: WindowPlan) => {
+    const sendWindow = async (l: FrameLink, plan: WindowPlan, bytesOf: (i: number) => Uint8Array) => {
       if (plan.zero.length) await l.send(encodePageList(FrameType.Zeros, plan.zero));
       for (let i = 0; i < plan.mapPages.length; i += 4096) {
         const pages = plan.mapPages.subarray(i, i + 4096), blocks = plan.mapBlocks.subarray(i, i + 4096);
         await l.send(encodeRefs(pages, blocks, (k) => planner.windowHash(plan.first, pages[k]!)));
       }
-      const win = planner.window.view();
       for (let i = 0; i < plan.send.length; i += framePages) {
         const pages = plan.send.subarray(i, i + framePages);
-        // encodePages copies the bytes out of core memory before the next window overwrites it
-        await l.send(encodePages(pages, (k) => {
-          const off = planner.pageOffset(plan.first, pages[k]!);
-          return win.subarray(off, off + PAGE_SIZE);
-        }));
+        // encodePages copies the bytes out before the next window overwrites them
+        await l.send(encodePages(pages, (k) => bytesOf(i + k)));
       }
     };
 

@@ -17,6 +17,7 @@ export const spec: CommandSpec = {
     bandwidth: { type: "string", default: "1gbit", help: "link bandwidth (rate limit on the source), e.g. 1gbit, 500mbit" },
     downtime: { type: "string", default: "300", help: "downtime target, ms (QEMU's default downtime-limit)" },
     "max-iterations": { type: "string", default: "30", help: "iteration cap" },
+    workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
     trace: { type: "string", default: "pagetwin-trace.json", help: "per-iteration trace file for the visualizer ('' for none)" },
     dir: { type: "string", help: "work directory for the VM's files (default: a new temp dir, removed after)" },
     json: { type: "boolean", help: "print one JSON object with a runs array" },
@@ -62,7 +63,7 @@ export async function run(argv: string[]): Promise<number> {
     for (const mode of ["baseline", "pagetwin"] as const) {
       say(`\n${mode === "baseline" ? "plain pre-copy (zero pages skipped, every other dirty page sent)" : "pagetwin (twin pages sent as NAS references)"}:`);
       const r = await runEmbeddedMigration({
-        vm, mode, bandwidth, convergence, trace: !!values.trace,
+        vm, mode, bandwidth, convergence, trace: !!values.trace, workers: num(values, "workers", 0, 64),
         onIteration: (it) => say(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
       });
       runs.push({
