@@ -97,41 +97,44 @@ export interface Ref {
   hash: Buffer;
 }
 
-/** Builds a REFS frame incrementally. */
+/** Builds a REFS frame incrementally (one buffer, grown as needed). */
 export class RefsBuilder {
-  private parts: Buffer[] = [];
-  private bytes = 0;
+  private buf = Buffer.allocUnsafe(64 * 1024);
+  private o = 13;
   count = 0;
   firstSeq = 0;
 
   add(seq: number, header: Uint8Array, block: number, hash: Uint8Array): void {
     if (this.count === 0) this.firstSeq = seq;
     if (header.length > 255) throw new RangeError("record header too long");
-    const e = Buffer.allocUnsafe(1 + header.length + 4 + HASH_BYTES);
-    e[0] = header.length;
-    e.set(header, 1);
-    e.writeUInt32BE(block, 1 + header.length);
-    e.set(hash, 5 + header.length);
-    this.parts.push(e);
-    this.bytes += e.length;
+    const need = 1 + header.length + 4 + HASH_BYTES;
+    if (this.o + need > this.buf.length) {
+      const b = Buffer.allocUnsafe(this.buf.length * 2);
+      this.buf.copy(b, 0, 0, this.o);
+      this.buf = b;
+    }
+    const b = this.buf;
+    let o = this.o;
+    b[o] = header.length;
+    b.set(header, o + 1);
+    o += 1 + header.length;
+    b.writeUInt32BE(block, o);
+    b.set(hash, o + 4);
+    this.o = o + 4 + HASH_BYTES;
     this.count++;
   }
 
+  /** The finished frame (a copy); the builder is empty again. */
   take(): Buffer {
-    const b = Buffer.allocUnsafe(13 + this.bytes);
-    b.writeUInt32BE(9 + this.bytes, 0);
+    const b = this.buf;
+    b.writeUInt32BE(this.o - 4, 0);
     b[4] = SFrame.Refs;
     b.writeUInt32BE(this.firstSeq, 5);
     b.writeUInt32BE(this.count, 9);
-    let o = 13;
-    for (const p of this.parts) {
-      b.set(p, o);
-      o += p.length;
-    }
-    this.parts = [];
-    this.bytes = 0;
+    const out = Buffer.from(b.subarray(0, this.o));
+    this.o = 13;
     this.count = 0;
-    return b;
+    return out;
   }
 }
 

@@ -149,7 +149,7 @@ export interface StreamOutOptions {
   indexPath?: string;
   /** An index already opened (instead of image/indexPath). */
   nas?: NasIndex;
-  /** Referenced pages kept until acknowledged (default 16384 = 64 MiB); QEMU is paused when full. */
+  /** Referenced pages kept until acknowledged (default 16384 = 64 MiB); QEMU is paused when it is nearly full. */
   windowPages?: number;
   /** Keep serving migrations after the first (default false). */
   keep?: boolean;
@@ -257,7 +257,12 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   const link = await connect(ctx.to.host, ctx.to.port);
   const reader = new StreamFrameReader();
   const inbox = new FrameInbox();
-  const window = new Map<number, Buffer>();
+  // Replay window: a ring of windowPages pages; reference #seq sits in slot
+  // seq % windowPages until stream-in acknowledges it.
+  const W = ctx.windowPages;
+  const ring = Buffer.allocUnsafe(W * PAGE_SIZE);
+  const inWindow = () => seq - acked;
+  const full = () => inWindow() > 0 && inWindow() >= W - Math.min(256, Math.floor(W / 4));
   let acked = 0;
   let seq = 0;
   let failure: Error | null = null;
@@ -300,22 +305,22 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
           break;
         case SFrame.Need: {
           const s = readU32(f, "NEED");
-          const page = window.get(s);
-          if (!page) {
+          if (!(s >= acked && s < seq)) {
             fail(new StreamProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${acked}, next ${seq})`), true);
             return;
           }
           stats.resends++;
           const b = Buffer.allocUnsafe(4 + PAGE_SIZE);
           b.writeUInt32BE(s, 0);
-          b.set(page, 4);
+          ring.copy(b, 4, (s % W) * PAGE_SIZE, (s % W + 1) * PAGE_SIZE);
           sendLink(frame(SFrame.Resend, b));
           break;
         }
         case SFrame.Ack: {
           const upTo = readU32(f, "ACK");
-          for (; acked < upTo; acked++) window.delete(acked);
-          if (windowWaiter && window.size < ctx.windowPages) { const w = windowWaiter; windowWaiter = null; w(); }
+          if (upTo > seq || upTo < acked) { fail(new StreamProtocolError(`stream-in acknowledged up to #${upTo}, outside ${acked}..${seq}`), true); return; }
+          acked = upTo;
+          if (windowWaiter && !full()) { const w = windowWaiter; windowWaiter = null; w(); }
           break;
         }
         case SFrame.Return:
@@ -402,14 +407,15 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
       const blk = blocks![i]!;
       const h = hashes!.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
       i++;
-      if (blk === NO_BLOCK) {
+      if (blk === NO_BLOCK || inWindow() >= W) {
+        // No twin, or the replay window is full: the page travels as it is.
         flushRefs();
         raw.push(p.header, p.data);
         rawBytes += p.header.length + p.data.length;
         continue;
       }
       flushRaw();
-      window.set(seq, Buffer.from(p.data)); // copy: the parser's buffer is reused
+      p.data.copy(ring, (seq % W) * PAGE_SIZE);
       refs.add(seq++, p.header, blk, h);
       stats.twinsReplaced++;
     }
@@ -425,16 +431,19 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     stats.bytesFromQemu += chunk.length;
     if (failure) return;
     let ok: boolean;
+    //link.cork();
     try {
       ok = handleChunk(chunk);
     } catch (err) {
       fail(err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`), true);
       return;
+    } finally {
+      //link.uncork();
     }
-    if (!ok || window.size >= ctx.windowPages) {
+    if (!ok || full()) {
       qemu.pause();
       if (!ok) await drained(link);
-      if (window.size >= ctx.windowPages && !failure) await new Promise<void>((r) => { windowWaiter = r; });
+      if (full() && !failure) await new Promise<void>((r) => { windowWaiter = r; });
       if (!failure) qemu.resume();
     }
   };

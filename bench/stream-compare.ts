@@ -1,0 +1,20 @@
+// QEMU's own migration vs stream mode across a 1 Gbit/s namespace link, on
+// the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--json]
+import { parseArgs } from "node:util";
+import { compareStreamMode, type CompareMode } from "../src/stream/compare.js";
+
+const { values } = parseArgs({
+  options: {
+    runs: { type: "string", default: "1" }, rate: { type: "string", default: "1gbit" }, json: { type: "boolean" },
+    mode: { type: "string", multiple: true }, mem: { type: "string", default: "512" },
+  },
+});
+const r = await compareStreamMode({
+  runs: Number(values.runs), rate: values.rate!, memoryMiB: Number(values.mem),
+  ...(values.mode ? { modes: values.mode as CompareMode[] } : {}),
+  log: (m) => process.stderr.write(`[compare] ${m}\n`),
+});
+if (values.json) console.log(JSON.stringify(r, null, 2));
+else {
+  console.log(JSON.stringify({ median: r.median, ratio: r.ratio }, null, 2));
+}

@@ -1,0 +1,238 @@
+// Stream mode vs QEMU's own migration, on the real guest, across a real
+// constrained link (two network namespaces, veth, tc tbf at 1 Gbit/s):
+//   qemu:     source QEMU (src ns) --tcp--> destination QEMU -incoming (dst ns)
+//   pagetwin: source QEMU --> stream-out (src ns) ==link==> stream-in (dst ns) --> destination QEMU
+// Each run boots a fresh guest, waits until it has read its files, migrates,
+// and checks that the guest's counter goes on at the destination.
+
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { fileURLToPath } from "node:url";
+import type { ChildProcess } from "node:child_process";
+import { QemuVm, findGuest, type GuestImage } from "../adapters/qemu/vm.js";
+import type { QmpEvent } from "../adapters/qemu/qmp.js";
+import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
+import { openNasIndex } from "../adapters/nas/index-file.js";
+import type { StreamStats } from "./proxy.js";
+
+export type CompareMode = "qemu" | "pagetwin";
+
+export interface CompareOptions {
+  /** Runs per mode (median reported; default 1). */
+  runs?: number;
+  modes?: CompareMode[];
+  guest?: GuestImage;
+  memoryMiB?: number;
+  /** Link rate (default "1gbit"). */
+  rate?: string;
+  /** QEMU max-bandwidth in bytes/s (default 10 GB/s: the link is the limit). */
+  maxBandwidth?: number;
+  /** Guest kernel command line (default: the guest's own defaults, 1 MiB/s dirtying). */
+  append?: string;
+  /** Counters to wait for after pagetwin-ready before migrating (default 2). */
+  settleCounters?: number;
+  log?: (msg: string) => void;
+  workDir?: string;
+  /** Index file both proxies use (default: a private file in the temp dir, removed afterwards). */
+  indexPath?: string;
+}
+
+export interface RunResult {
+  mode: CompareMode;
+  ok: boolean;
+  error?: string;
+  /** From the source's query-migrate. */
+  totalTimeMs: number;
+  downtimeMs: number;
+  ramTransferred: number;
+  normalPages: number;
+  /** From the migrate command to the destination's RESUME event. */
+  endToEndMs: number;
+  /** Source STOP event to destination RESUME event (what the guest sees). */
+  observedDowntimeMs: number;
+  /** Bytes the veth ends sent during the migration (forward, return). */
+  linkBytes: number;
+  linkBytesReturn: number;
+  lastSourceCounter: number;
+  firstDestCounter: number;
+  proxies?: { out: StreamStats | null; in: StreamStats | null };
+}
+
+export interface CompareResult {
+  rate: string;
+  memoryMiB: number;
+  runs: Record<CompareMode, RunResult[]>;
+  median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "mode" | "ok" | "error"> & { okRuns: number }>>;
+  ratio?: { linkBytes: number; totalTime: number; endToEnd: number; downtime: number; observedDowntime: number };
+}
+
+const MAIN_JS = path.join(path.dirname(fileURLToPath(import.meta.url)), "main.js");
+
+function median(xs: number[]): number {
+  if (!xs.length) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+function evMs(ev: QmpEvent): number {
+  return ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now();
+}
+
+function lastCounter(text: string): number {
+  const all = [...text.matchAll(/pagetwin-counter (\d+)/g)];
+  return all.length ? Number(all[all.length - 1]![1]) : -1;
+}
+
+interface Proxy {
+  child: ChildProcess;
+  out: string;
+  err: string;
+  exited: Promise<number | null>;
+}
+
+function startProxy(link: NetnsLink, ns: string, args: string[]): Promise<Proxy> {
+  const child = link.spawn(ns, process.execPath, [MAIN_JS, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
+  const p: Proxy = { child, out: "", err: "", exited: new Promise((r) => child.once("exit", (c) => r(c))) };
+  child.stdout!.on("data", (d: Buffer) => { p.out += d.toString(); });
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`proxy ${args[0]} did not start listening: ${p.err}`)), 30_000);
+    child.stderr!.on("data", (d: Buffer) => {
+      p.err += d.toString();
+      if (/listening on/.test(p.err)) { clearTimeout(t); resolve(p); }
+    });
+    void p.exited.then((c) => { clearTimeout(t); reject(new Error(`proxy ${args[0]} exited (${c}) before listening: ${p.err}`)); });
+  });
+}
+
+async function stopProxy(p: Proxy | null, timeoutMs = 10_000): Promise<StreamStats | null> {
+  if (!p) return null;
+  const t = setTimeout(() => p.child.kill("SIGTERM"), timeoutMs);
+  await p.exited;
+  clearTimeout(t);
+  try {
+    return JSON.parse(p.out.trim().split("\n").pop()!) as StreamStats;
+  } catch {
+    return null;
+  }
+}
+
+export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestImage, opts: CompareOptions & { indexPath: string }, runNo: number): Promise<RunResult> {
+  const log = opts.log ?? (() => {});
+  const mem = opts.memoryMiB ?? 512;
+  const dir = fs.mkdtempSync(path.join(opts.workDir ?? os.tmpdir(), "pt-cmp-"));
+  const tag = `${process.pid}-${runNo}-${mode}`;
+  const QEMU_PORT = 4444, IN_PORT = 4447, OUT_PORT = 4446;
+  let src: QemuVm | null = null, dst: QemuVm | null = null;
+  let pin: Proxy | null = null, pout: Proxy | null = null;
+  const res: RunResult = {
+    mode, ok: false, totalTimeMs: NaN, downtimeMs: NaN, ramTransferred: NaN, normalPages: NaN, endToEndMs: NaN,
+    observedDowntimeMs: NaN, linkBytes: NaN, linkBytesReturn: NaN, lastSourceCounter: -1, firstDestCounter: -1,
+  };
+  try {
+    const common = { ...guest, memoryMiB: mem, ...(opts.append ? { append: opts.append } : {}) };
+    src = await QemuVm.start({
+      ...common, memPath: `/dev/shm/pt-cmp-src-${tag}`, qmpSocket: path.join(dir, "src.qmp"), serialLog: path.join(dir, "src.log"),
+      netns: link.srcNs, name: "pt-cmp-src",
+    });
+    dst = await QemuVm.start({
+      ...common, memPath: `/dev/shm/pt-cmp-dst-${tag}`, qmpSocket: path.join(dir, "dst.qmp"), serialLog: path.join(dir, "dst.log"),
+      netns: link.dstNs, name: "pt-cmp-dst",
+      incoming: mode === "qemu" ? `tcp:${link.dstIp}:${QEMU_PORT}` : `tcp:127.0.0.1:${QEMU_PORT}`,
+    });
+    await src.waitForSerial(/pagetwin-ready/, 240_000);
+    const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
+    const settle = Number(m[1]) + (opts.settleCounters ?? 2);
+    await src.waitForSerial(new RegExp(`pagetwin-counter ${settle}\\b`), 60_000);
+    await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": opts.maxBandwidth ?? 10_000_000_000 });
+    let uri = `tcp:${link.dstIp}:${QEMU_PORT}`;
+    if (mode === "pagetwin") {
+      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath]);
+      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath]);
+      uri = `tcp:127.0.0.1:${OUT_PORT}`;
+    }
+    const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);
+    const stopEv = src.qmp.waitForEvent("STOP", 300_000);
+    const resumeEv = dst.qmp.waitForEvent("RESUME", 300_000);
+    stopEv.catch(() => undefined);
+    resumeEv.catch(() => undefined);
+    log(`run ${runNo} ${mode}: migrating (${uri})`);
+    const t0 = Date.now();
+    await src.qmp.execute("migrate", { uri });
+    let info: any;
+    for (;;) {
+      info = await src.qmp.execute("query-migrate");
+      if (info.status === "completed" || info.status === "failed" || info.status === "cancelled") break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    if (info.status !== "completed") throw new Error(`migration ${info.status}: ${info["error-desc"] ?? ""}`);
+    const resume = await resumeEv;
+    const stop = await stopEv;
+    res.endToEndMs = evMs(resume) - t0;
+    res.observedDowntimeMs = evMs(resume) - evMs(stop);
+    res.totalTimeMs = info["total-time"];
+    res.downtimeMs = info.downtime;
+    res.ramTransferred = info.ram.transferred;
+    res.normalPages = info.ram.normal;
+    res.lastSourceCounter = lastCounter(src.serialLog());
+    const d = await dst.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
+    res.firstDestCounter = Number(d[1]);
+    // Give the proxies time to finish and the counters time to settle.
+    const stats = { out: await stopProxy(pout), in: await stopProxy(pin) };
+    pout = pin = null;
+    res.linkBytes = link.txBytes(link.srcNs) - tx0;
+    res.linkBytesReturn = link.txBytes(link.dstNs) - rx0;
+    if (mode === "pagetwin") res.proxies = stats;
+    res.ok = res.firstDestCounter > res.lastSourceCounter - 1 && res.lastSourceCounter >= 0;
+    if (!res.ok) res.error = `destination counter ${res.firstDestCounter} does not continue source counter ${res.lastSourceCounter}`;
+    log(`run ${runNo} ${mode}: total ${res.totalTimeMs} ms, end-to-end ${res.endToEndMs.toFixed(0)} ms, downtime ${res.downtimeMs} ms (observed ${res.observedDowntimeMs.toFixed(0)}), link ${(res.linkBytes / 1e6).toFixed(1)} MB, counter ${res.lastSourceCounter} -> ${res.firstDestCounter}`);
+  } catch (err) {
+    res.error = (err as Error).message;
+    log(`run ${runNo} ${mode}: FAILED: ${res.error}`);
+  } finally {
+    for (const p of [pout, pin]) if (p) { p.child.kill("SIGKILL"); await p.exited; }
+    await src?.cleanup();
+    await dst?.cleanup();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return res;
+}
+
+export async function compareStreamMode(opts: CompareOptions = {}): Promise<CompareResult> {
+  const guest = opts.guest ?? findGuest();
+  if (!guest) throw new Error("the guest is not built: run scripts/build-guest.sh");
+  const modes = opts.modes ?? ["qemu", "pagetwin"];
+  const runs = opts.runs ?? 1;
+  // Index the image first (both proxies then load it; not part of the timing).
+  const indexPath = opts.indexPath ?? path.join(os.tmpdir(), `pt-cmp-index-${process.pid}`);
+  const nas = await openNasIndex(guest.disk, { indexPath });
+  nas.image.close();
+  const link = createNetnsLink({ rate: opts.rate ?? "1gbit" });
+  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, runs: { qemu: [], pagetwin: [] }, median: {} };
+  try {
+    for (let i = 0; i < runs; i++) {
+      for (const mode of modes) out.runs[mode].push(await runOnce(mode, link, guest, { ...opts, indexPath }, i));
+    }
+  } finally {
+    link.destroy();
+    if (!opts.indexPath) fs.rmSync(indexPath, { force: true });
+  }
+  for (const mode of modes) {
+    const ok = out.runs[mode].filter((r) => r.ok);
+    const med = (k: keyof RunResult) => median(ok.map((r) => r[k] as number));
+    out.median[mode] = {
+      okRuns: ok.length, totalTimeMs: med("totalTimeMs"), downtimeMs: med("downtimeMs"), ramTransferred: med("ramTransferred"),
+      normalPages: med("normalPages"), endToEndMs: med("endToEndMs"), observedDowntimeMs: med("observedDowntimeMs"),
+      linkBytes: med("linkBytes"), linkBytesReturn: med("linkBytesReturn"), lastSourceCounter: med("lastSourceCounter"), firstDestCounter: med("firstDestCounter"),
+    };
+  }
+  const q = out.median.qemu, p = out.median.pagetwin;
+  if (q && p) {
+    out.ratio = {
+      linkBytes: p.linkBytes / q.linkBytes, totalTime: p.totalTimeMs / q.totalTimeMs, endToEnd: p.endToEndMs / q.endToEndMs,
+      downtime: p.downtimeMs / q.downtimeMs, observedDowntime: p.observedDowntimeMs / q.observedDowntimeMs,
+    };
+  }
+  return out;
+}
