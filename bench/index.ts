@@ -7,6 +7,7 @@ import { fileURLToPath } from "node:url";
 import { benchHash } from "./hash.js";
 import { benchIndexLookup } from "./index-lookup.js";
 import { benchPlanner } from "./planner.js";
+import { benchPool } from "./pool.js";
 
 const args = process.argv.slice(2);
 const json = args.includes("--json");
@@ -19,6 +20,8 @@ if (!json) console.log("");
 const lookup = await benchIndexLookup({ quiet: json, blocks: quick ? 1 << 20 : undefined });
 if (!json) console.log("");
 const planner = await benchPlanner({ quiet: json, gib: quick ? [1] : [1, 4, 8] });
+if (!json) console.log("");
+const pool = await benchPool({ quiet: json, gib: quick ? 1 : 4, memGib: quick ? 2 : 8 });
 if (!json) console.log("\nend to end: the demo (plain pre-copy vs pagetwin, one run each, same VM, same link)");
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 const demo = JSON.parse(execFileSync(process.execPath, [cli, "demo", "--json", "--trace", "", ...(quick ? ["--ram-mib", "64"] : [])], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }));
@@ -26,4 +29,4 @@ if (!json) {
   for (const r of demo.runs) console.log(`  ${r.mode.padEnd(9)} total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, ${(r.transferredBytes / 1e6).toFixed(1)} MB, verified ${r.verified}`);
   console.log(`  pagetwin / baseline: total time ${demo.ratios.totalTime}x, bytes ${demo.ratios.transferredBytes}x, downtime ${demo.ratios.downtime}x`);
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, demo }));
+if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, pool, demo }));

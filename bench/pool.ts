@@ -1,0 +1,113 @@
+// The pool: one planner iteration over a RAM file of 4 GiB with 1 and 2
+// workers (and on the main thread alone), measured in one run; and the
+// process's resident memory for an 8 GiB VM beyond the windows it reads.
+//
+//   node dist/bench/pool.js [--json] [--gib 4] [--mem-gib 8]
+
+import os from "node:os";
+import crypto from "node:crypto";
+import { mkdtempSync, openSync, writeSync, closeSync, rmSync, ftruncateSync } from "node:fs";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { createEngine, PAGE_SIZE } from "../src/core/index.js";
+import { Planner } from "../src/plan/planner.js";
+import { EnginePool } from "../src/pool/pool.js";
+import { RamFile } from "../src/adapters/ram/ram-file.js";
+
+const WINDOW = 8192; // pages per window: 32 MiB
+
+async function iterationMs(path: string, pages: number, workers: number): Promise<number> {
+  const engine = await createEngine({ seed: 3n });
+  const index = engine.createIndex(262144);
+  index.setBlocks(new Uint8Array(crypto.randomBytes(262144 * 16)), 0);
+  const planner = new Planner(engine, { pages, windowPages: WINDOW, index });
+  const pool = workers > 0 ? await EnginePool.create({ size: workers, seed: 3n }) : null;
+  const ram = RamFile.open(path);
+  try {
+    const t = performance.now();
+    for (let first = 0; first < pages; first += WINDOW) {
+      const count = Math.min(WINDOW, pages - first);
+      if (pool) {
+        const scan = await pool.scanFile(path, first, count);
+        planner.planWindowHashed(first, count, scan.hashes, scan.zeroBits);
+      } else {
+        ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
+        planner.planWindow(first, count);
+      }
+    }
+    return performance.now() - t;
+  } finally {
+    ram.close();
+    planner.free();
+    await pool?.close();
+  }
+}
+
+export async function benchPool(opts: { json?: boolean; gib?: number; memGib?: number; quiet?: boolean } = {}) {
+  const gib = opts.gib ?? 4, memGib = opts.memGib ?? 8;
+  const log = (s: string) => { if (!opts.json && !opts.quiet) process.stderr.write(s + "\n"); };
+  const dir = mkdtempSync(join(os.tmpdir(), "pagetwin-bench-pool-"));
+  try {
+    const path = join(dir, "ram");
+    log(`writing a ${gib} GiB RAM file...`);
+    const chunk = crypto.randomBytes(64 << 20);
+    const fd = openSync(path, "w");
+    for (let o = 0; o < gib * 1024; o += 64) writeSync(fd, chunk, 0, chunk.length, o << 20);
+    closeSync(fd);
+    const pages = gib * 262144;
+    const ms: Record<string, number[]> = { main: [], w1: [], w2: [] };
+    await iterationMs(path, pages, 1); // warm the page cache
+    for (let r = 0; r < 3; r++) {
+      ms.main!.push(await iterationMs(path, pages, 0));
+      ms.w1!.push(await iterationMs(path, pages, 1));
+      ms.w2!.push(await iterationMs(path, pages, 2));
+    }
+    const best = (k: string) => Math.min(...ms[k]!);
+    rmSync(path);
+    // resident memory for an 8 GiB VM (a sparse RAM file: the content does not change the memory held)
+    const memPath = join(dir, "ram8");
+    const mfd = openSync(memPath, "w");
+    ftruncateSync(mfd, memGib * 2 ** 30);
+    closeSync(mfd);
+    const rssStart = process.memoryUsage().rss;
+    const engine = await createEngine({ seed: 3n });
+    const planner = new Planner(engine, { pages: memGib * 262144, windowPages: WINDOW, index: engine.createIndex(1024) });
+    // the planner's own state (16 B per page: the hashes the destination holds) is not the pool's
+    const rss0 = process.memoryUsage().rss;
+    const pool = await EnginePool.create({ size: 2, seed: 3n });
+    for (let first = 0; first < memGib * 262144; first += WINDOW) {
+      const scan = await pool.scanFile(memPath, first, WINDOW);
+      planner.planWindowHashed(first, WINDOW, scan.hashes, scan.zeroBits);
+    }
+    const rss1 = process.memoryUsage().rss;
+    await pool.close();
+    planner.free();
+    const windowBytes = WINDOW * PAGE_SIZE; // the two workers' shares of one window
+    const result = {
+      bench: "pool", cores: os.cpus().length, gib, windowPages: WINDOW,
+      iterationMs: { mainThread: +best("main").toFixed(1), workers1: +best("w1").toFixed(1), workers2: +best("w2").toFixed(1) },
+      speedup2vs1: +(best("w1") / best("w2")).toFixed(2),
+      memory: { vmGib: memGib, plannerBytes: rss0 - rssStart, rssGrowthBytes: rss1 - rss0, windowBytes, beyondWindowsBytes: rss1 - rss0 - windowBytes },
+      goals: { speedup2vs1AtLeast1_8: best("w1") / best("w2") >= 1.8, beyondWindowsAtMost64MiB: rss1 - rss0 - windowBytes <= 64 * 2 ** 20 },
+    };
+    if (opts.json) console.log(JSON.stringify(result));
+    else if (!opts.quiet) {
+      console.log(`pool: one planner iteration over a ${gib} GiB RAM file (read + hash + plan), best of 3`);
+      console.log(`  main thread only ${result.iterationMs.mainThread} ms; 1 worker ${result.iterationMs.workers1} ms; 2 workers ${result.iterationMs.workers2} ms`);
+      console.log(`  2 workers / 1 worker: ${result.speedup2vs1}x (goal >= 1.8: ${result.goals.speedup2vs1AtLeast1_8 ? "ok" : "MISSED"}; this machine has ${result.cores} cores)`);
+      console.log(`  resident memory for a ${memGib} GiB VM: planner ${(result.memory.plannerBytes / 2 ** 20).toFixed(1)} MiB; pool of 2 +${(result.memory.rssGrowthBytes / 2 ** 20).toFixed(1)} MiB, ${(result.memory.beyondWindowsBytes / 2 ** 20).toFixed(1)} MiB beyond the ${(windowBytes / 2 ** 20).toFixed(0)} MiB window (goal <= 64: ${result.goals.beyondWindowsAtMost64MiB ? "ok" : "MISSED"})`);
+    }
+    return result;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  const args = process.argv.slice(2);
+  const val = (n: string) => { const i = args.indexOf(n); return i >= 0 ? Number(args[i + 1]) : undefined; };
+  benchPool({ json: args.includes("--json"), gib: val("--gib"), memGib: val("--mem-gib") }).catch((err) => {
+    console.error(err instanceof Error ? err.message : err);
+    process.exitCode = 1;
+  });
+}
