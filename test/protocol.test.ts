@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes, randomInt } from "node:crypto";
 import {
-  FrameReader, FrameType, ProtocolError, encodePages, encodeRefs, encodePageList, encodeIterAck, encodeJson,
+  FrameReader, FrameType, ProtocolError, encodeFrame, encodePages, encodeRefs, encodePageList, encodeIterAck, encodeJson,
   decodePages, decodeRefs, decodePageList, decodeIterAck, decodeJson, MAX_FRAME,
 } from "../src/migrate/protocol.js";
 
@@ -25,7 +25,7 @@ test("frames split at every possible point come out whole and in order", () => {
     const r = new FrameReader();
     const out = [...r.push(bytes.subarray(0, cut)), ...r.push(bytes.subarray(cut))];
     assert.equal(out.length, frames.length);
-    out.forEach((f, i) => assert.deepEqual(Buffer.from(f.payload), frames[i]!.subarray(5)));
+    out.forEach((f, i) => assert.deepEqual(Buffer.from(f.payload), frames[i]!.subarray(5, frames[i]!.length - 4)));
     assert.equal(r.pending, 0);
   }
   // and byte by byte, in random chunk sizes
@@ -53,22 +53,26 @@ test("payloads decode to what was encoded, and bounds are enforced", () => {
   assert.deepEqual(decodeIterAck(ack!, 100), { iteration: 4, resend: Uint32Array.from([1]) });
 });
 
-test("corrupt frames get clear errors: bad length, unknown type, count that lies, truncated JSON", () => {
-  const big = Buffer.alloc(5);
+test("corrupt frames get clear errors: bad length, unknown type, count that lies, truncated JSON, flipped bits", () => {
+  const big = Buffer.alloc(9);
   big.writeUInt32BE(MAX_FRAME + 1, 0);
   assert.throws(() => new FrameReader().push(big), /frame length .* outside/);
-  const zero = Buffer.alloc(5);
+  const zero = Buffer.alloc(9);
   assert.throws(() => new FrameReader().push(zero), /frame length 0/);
-  const unknown = Buffer.from([0, 0, 0, 1, 77]);
-  assert.throws(() => new FrameReader().push(unknown), /unknown frame type 77/);
-  const pages = encodePages([1], () => new Uint8Array(4096));
-  pages.writeUInt32BE(2, 5); // says two pages, holds one
-  const [f] = new FrameReader().push(pages);
+  assert.throws(() => new FrameReader().push(encodeFrame(77 as FrameType, new Uint8Array(3))), /unknown frame type 77/);
+  const payload = Buffer.alloc(4 + 4 + 4096);
+  payload.writeUInt32BE(2, 0); // says two pages, holds one
+  const [f] = new FrameReader().push(encodeFrame(FrameType.Pages, payload));
   assert.throws(() => decodePages(f!, 10), (e: Error) => e instanceof ProtocolError && /says 2 entries/.test(e.message));
-  const json = encodeJson(FrameType.Hello, { a: 1 });
-  const cut = Buffer.concat([Buffer.from([0, 0, 0, json.length - 6]), json.subarray(4, json.length - 2)]);
-  const [j] = new FrameReader().push(cut);
+  const [j] = new FrameReader().push(encodeFrame(FrameType.Hello, Buffer.from('{"a":')));
   assert.throws(() => decodeJson(j!), /does not hold a JSON object/);
+  // any flipped bit in type, payload or trailer is caught by the CRC
+  const pages = encodePages([1], () => new Uint8Array(randomBytes(4096)));
+  for (const at of [4, 5, 9, 100, 4000, pages.length - 1]) {
+    const b = Buffer.from(pages);
+    b[at] ^= 1 << randomInt(8);
+    assert.throws(() => new FrameReader().push(b), /fails its CRC-32|unknown frame type/);
+  }
 });
 
 test("a flipped length bit never yields a frame past the bound", () => {

@@ -1,8 +1,11 @@
-// pagetwin wire protocol, version 1 (see docs/PROTOCOL.md).
-// Every frame: u32 BE length of what follows, u8 type, payload.
+// pagetwin wire protocol, version 2 (see docs/PROTOCOL.md).
+// Every frame: u32 BE length of what follows, u8 type, payload, u32 BE CRC-32
+// of type and payload (a flipped bit or a torn frame is caught, not written).
 // Binary payloads are big-endian; control frames carry a UTF-8 JSON object.
 
-export const PROTOCOL_VERSION = 1;
+import { crc32 } from "node:zlib";
+
+export const PROTOCOL_VERSION = 2;
 export const MAX_FRAME = 8 * 1024 * 1024 + 64;
 export const PAGE_SIZE = 4096;
 export const REF_SIZE = 24; // page u32, block u32, hash 16
@@ -18,6 +21,16 @@ export enum FrameType {
   Switchover = 8, // src -> dst, JSON {digest}
   Done = 9,       // dst -> src, JSON {ok, digest, error?}
   Abort = 10,     // either way, JSON {reason}
+  Auth = 11,      // src -> dst, JSON {proof}: the source's answer to the destination's challenge
+}
+
+const TRAILER = 4;
+
+/** Writes the length and the CRC of a frame built in `b` (type at 4, payload after, 4 spare bytes at the end). */
+function seal(b: Buffer): Buffer {
+  b.writeUInt32BE(b.length - 4, 0);
+  b.writeUInt32BE(crc32(b.subarray(4, b.length - TRAILER)), b.length - TRAILER);
+  return b;
 }
 
 export class ProtocolError extends Error {
@@ -30,11 +43,10 @@ export interface Frame {
 }
 
 export function encodeFrame(type: FrameType, payload: Uint8Array): Buffer {
-  const b = Buffer.allocUnsafe(5 + payload.length);
-  b.writeUInt32BE(payload.length + 1, 0);
+  const b = Buffer.allocUnsafe(5 + payload.length + TRAILER);
   b[4] = type;
   b.set(payload, 5);
-  return b;
+  return seal(b);
 }
 
 export function encodeJson(type: FrameType, value: unknown): Buffer {
@@ -54,22 +66,18 @@ export function decodeJson<T>(f: Frame): T {
 /** Pages frame: the page list and the page bytes, built in one allocation. */
 export function encodePages(pages: ArrayLike<number>, bytesOf: (i: number) => Uint8Array): Buffer {
   const n = pages.length;
-  const len = 1 + 4 + 4 * n + PAGE_SIZE * n;
-  const b = Buffer.allocUnsafe(4 + len);
-  b.writeUInt32BE(len, 0);
+  const b = Buffer.allocUnsafe(4 + 1 + 4 + 4 * n + PAGE_SIZE * n + TRAILER);
   b[4] = FrameType.Pages;
   b.writeUInt32BE(n, 5);
   for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
   const data = 9 + 4 * n;
   for (let i = 0; i < n; i++) b.set(bytesOf(i), data + i * PAGE_SIZE);
-  return b;
+  return seal(b);
 }
 
 export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, hashOf: (i: number) => Uint8Array): Buffer {
   const n = pages.length;
-  const len = 1 + 4 + REF_SIZE * n;
-  const b = Buffer.allocUnsafe(4 + len);
-  b.writeUInt32BE(len, 0);
+  const b = Buffer.allocUnsafe(4 + 1 + 4 + REF_SIZE * n + TRAILER);
   b[4] = FrameType.Refs;
   b.writeUInt32BE(n, 5);
   for (let i = 0; i < n; i++) {
@@ -78,28 +86,26 @@ export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, 
     b.writeUInt32BE(blocks[i]!, o + 4);
     b.set(hashOf(i), o + 8);
   }
-  return b;
+  return seal(b);
 }
 
 export function encodePageList(type: FrameType.Zeros, pages: ArrayLike<number>): Buffer {
   const n = pages.length;
-  const b = Buffer.allocUnsafe(9 + 4 * n);
-  b.writeUInt32BE(5 + 4 * n, 0);
+  const b = Buffer.allocUnsafe(9 + 4 * n + TRAILER);
   b[4] = type;
   b.writeUInt32BE(n, 5);
   for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
-  return b;
+  return seal(b);
 }
 
 export function encodeIterAck(iteration: number, resend: ArrayLike<number>): Buffer {
   const n = resend.length;
-  const b = Buffer.allocUnsafe(13 + 4 * n);
-  b.writeUInt32BE(9 + 4 * n, 0);
+  const b = Buffer.allocUnsafe(13 + 4 * n + TRAILER);
   b[4] = FrameType.IterAck;
   b.writeUInt32BE(iteration, 5);
   b.writeUInt32BE(n, 9);
   for (let i = 0; i < n; i++) b.writeUInt32BE(resend[i]!, 13 + 4 * i);
-  return b;
+  return seal(b);
 }
 
 function view(p: Uint8Array): DataView {
@@ -175,6 +181,8 @@ export function decodeIterAck(f: Frame, maxPage: number): { iteration: number; r
 export class FrameReader {
   private chunks: Buffer[] = [];
   private have = 0;
+  /** Whole frames read so far. */
+  frames = 0;
 
   constructor(private readonly maxFrame = MAX_FRAME) {}
 
@@ -185,12 +193,17 @@ export class FrameReader {
     while (this.have >= 4) {
       const head = this.peek(4);
       const len = head.readUInt32BE(0);
-      if (len < 1 || len > this.maxFrame) throw new ProtocolError(`frame length ${len} is outside 1..${this.maxFrame}: corrupt stream or not a pagetwin peer`);
+      if (len < 1 + TRAILER || len > this.maxFrame) throw new ProtocolError(`frame length ${len} is outside ${1 + TRAILER}..${this.maxFrame}: corrupt stream or not a pagetwin peer`);
       if (this.have < 4 + len) break;
       const whole = this.take(4 + len);
+      const body = whole.subarray(4, whole.length - TRAILER);
+      if (crc32(body) !== whole.readUInt32BE(whole.length - TRAILER)) {
+        throw new ProtocolError(`frame ${this.frames} (${len} bytes) fails its CRC-32: the link corrupted it`);
+      }
       const type = whole[4]!;
       if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
-      out.push({ type: type as FrameType, payload: whole.subarray(5) });
+      this.frames++;
+      out.push({ type: type as FrameType, payload: whole.subarray(5, whole.length - TRAILER) });
     }
     return out;
   }
