@@ -1,0 +1,334 @@
+// Agent mode with a real QEMU guest: pagetwin moves the guest's RAM (the
+// memory-backend-file, share=on, on both sides) while the guest runs; at
+// switchover the source is stopped (QMP `stop`), the last round is sent, the
+// destination's RAM digest is checked against the source's, and only then
+// does QEMU migrate the device state with capability x-ignore-shared (the
+// shared RAM is skipped); the destination is resumed with `cont`.
+//
+// Any failure leaves the source running: the destination QEMU is stopped
+// first (its RAM is incomplete), then the source gets `cont` if it was paused.
+
+import { createServer } from "node:net";
+import { openNasIndex } from "../adapters/nas/index-file.js";
+import { RamFile } from "../adapters/ram/ram-file.js";
+import type { QmpClient } from "../adapters/qemu/qmp.js";
+import { DestinationAgent, type DestinationResult } from "../migrate/destination.js";
+import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader } from "../migrate/source.js";
+import type { ConvergenceOptions } from "../plan/convergence.js";
+
+/** One side of the migration: its QMP connection and how to get rid of it after a failure. */
+export interface QemuSide {
+  qmp: QmpClient;
+  /** Stop this QEMU for good (default: QMP `quit`). Used on the destination after a failure. */
+  kill?: () => Promise<void>;
+}
+
+export interface AgentMigrationOptions {
+  source: QemuSide;
+  destination: QemuSide;
+  /** The source guest's RAM file (its memory-backend-file mem-path). Read only. */
+  srcRam: string;
+  /** The destination guest's RAM file; needed when this process runs the destination agent. */
+  dstRam?: string;
+  /** The guest's raw disk image on the NAS (its block index sits beside it, or at indexPath). */
+  image: string;
+  indexPath?: string;
+  /** Send twin pages as NAS references (default true); false: plain pre-copy by pagetwin. */
+  dedup?: boolean;
+  /** A destination agent already listening (`pagetwin listen`); default: one in this process on 127.0.0.1. */
+  agent?: { host: string; port: number };
+  /**
+   * Where the destination QEMU takes the device state (`migrate-incoming`) and the source sends it
+   * (`migrate`), e.g. tcp:10.0.0.2:4444. Default: tcp:127.0.0.1:<free port>.
+   */
+  incomingUri?: string;
+  /** Rate limit of the pagetwin link, bytes/s (0: none, the link decides). */
+  bandwidth?: number;
+  convergence?: ConvergenceOptions;
+  /** Time allowed for QEMU's device-state migration (default 60 s). */
+  handoverTimeoutMs?: number;
+  onIteration?: (it: IterationRecord) => void;
+  /**
+   * Called at switchover with both guests stopped, after the device state arrived and before the
+   * destination's `cont` (the destination must have been started with -S for it to still be paused).
+   */
+  beforeResume?: () => Promise<void>;
+  log?: (msg: string) => void;
+}
+
+/** query-migrate's members for a QEMU migration (the ones this module reads). */
+export interface QueryMigrate {
+  status?: string;
+  "total-time"?: number;
+  downtime?: number;
+  "expected-downtime"?: number;
+  "setup-time"?: number;
+  "error-desc"?: string;
+  ram?: {
+    transferred?: number;
+    total?: number;
+    duplicate?: number;
+    skipped?: number;
+    normal?: number;
+    "normal-bytes"?: number;
+    "dirty-sync-count"?: number;
+    mbps?: number;
+    [k: string]: unknown;
+  };
+  "socket-address"?: { type: string; host?: string; port?: string }[];
+  [k: string]: unknown;
+}
+
+/** The outcome, named as query-migrate names things where there is a counterpart. */
+export interface AgentMigrationResult {
+  status: "completed" | "failed";
+  dedup: boolean;
+  /** ms from the first pagetwin connection to the destination running (query-migrate: total-time). */
+  "total-time": number;
+  /** ms with the guest stopped: source `stop` to destination `cont` (query-migrate: downtime). */
+  downtime: number;
+  "setup-time": number;
+  "expected-downtime": number;
+  ram: {
+    /** Bytes pagetwin sent for RAM, framing included. */
+    transferred: number;
+    total: number;
+    /** Zero pages (query-migrate: duplicate). */
+    duplicate: number;
+    normal: number;
+    "normal-bytes": number;
+    /** Pages sent as NAS references (24 bytes each instead of 4096). */
+    twin: number;
+    /** Twins the destination could not verify and got in full. */
+    resent: number;
+    mbps: number;
+    /** Pre-copy iterations including the final one (query-migrate: dirty-sync-count). */
+    "dirty-sync-count": number;
+  };
+  /** QEMU's device-state migration (x-ignore-shared): its own query-migrate at the end. */
+  device: { "total-time": number; downtime: number; transferred: number; status: string } | null;
+  /** Bytes pagetwin received back from the destination (acks). */
+  "received-bytes": number;
+  /** The destination's RAM digest equalled the source's at switchover. */
+  verified: boolean;
+  digest: string;
+  convergence: string;
+  /** State of the source QEMU when this returned (completed: postmigrate; failed: running). */
+  "source-status": string;
+  destinationAgent: DestinationResult | null;
+  iterations: Omit<IterationRecord, "pageMap">[];
+  error?: string;
+}
+
+export class AgentMigrationError extends Error {
+  override name = "AgentMigrationError";
+  constructor(message: string, readonly result: AgentMigrationResult) {
+    super(message);
+  }
+}
+
+async function status(qmp: QmpClient): Promise<string> {
+  return (await qmp.execute<{ status: string }>("query-status", undefined, { timeoutMs: 10_000 })).status;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A free TCP port on `host` (closed again at once). */
+export function freePort(host = "127.0.0.1"): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, host, () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function setIgnoreShared(qmp: QmpClient, side: string): Promise<void> {
+  const caps = await qmp.execute<{ capability: string; state: boolean }[]>("query-migrate-capabilities");
+  if (!caps.some((c) => c.capability === "x-ignore-shared")) {
+    throw new Error(`the ${side} QEMU has no migration capability x-ignore-shared (QEMU 4.0 or later is needed)`);
+  }
+  await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: true }] });
+}
+
+/** Polls query-migrate on `qmp` until the migration leaves its active states. */
+export async function waitMigration(qmp: QmpClient, timeoutMs: number, pollMs = 10): Promise<QueryMigrate> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const q = await qmp.execute<QueryMigrate>("query-migrate", undefined, { timeoutMs: 10_000 });
+    const s = q.status ?? "none";
+    if (s === "completed" || s === "failed" || s === "cancelled") return q;
+    if (Date.now() > deadline) throw new Error(`QEMU's migration is still '${s}' after ${timeoutMs} ms`);
+    await sleep(pollMs);
+  }
+}
+
+/**
+ * Migrates a running QEMU guest in agent mode. The destination QEMU must run with
+ * `-incoming defer` (and -S to be checked before `cont`), the same RAM size, and its RAM in a
+ * memory-backend-file with share=on; so must the source.
+ */
+export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<AgentMigrationResult> {
+  const log = o.log ?? (() => {});
+  const dedup = o.dedup ?? true;
+  const src = o.source.qmp, dst = o.destination.qmp;
+  const result: AgentMigrationResult = {
+    status: "failed", dedup, "total-time": 0, downtime: 0, "setup-time": 0, "expected-downtime": 0,
+    ram: { transferred: 0, total: 0, duplicate: 0, normal: 0, "normal-bytes": 0, twin: 0, resent: 0, mbps: 0, "dirty-sync-count": 0 },
+    device: null, "received-bytes": 0, verified: false, digest: "", convergence: "", "source-status": "unknown",
+    destinationAgent: null, iterations: [],
+  };
+  let destinationGone: string | null = null;
+  const onDstClose = (err: Error | undefined) => { destinationGone = `the destination QEMU's QMP connection closed${err ? ` (${err.message})` : ""}`; };
+  dst.on("close", onDstClose);
+  if (dst.closed) destinationGone = "the destination QEMU's QMP connection is closed";
+
+  let sourcePaused = false;
+  let qemuMigrating = false;
+  let destinationKilled = false;
+  const killDestination = async () => {
+    if (destinationKilled) return;
+    destinationKilled = true;
+    try {
+      if (o.destination.kill) await o.destination.kill();
+      else if (!dst.closed) await dst.execute("quit", undefined, { timeoutMs: 5000 }).catch(() => undefined);
+    } catch (err) {
+      log(`stopping the destination QEMU failed: ${(err as Error).message}`);
+    }
+  };
+  /** Leave the source running: cancel QEMU's migration, stop the destination, `cont` the source. */
+  const restoreSource = async () => {
+    if (qemuMigrating) {
+      await src.execute("migrate_cancel").catch(() => undefined);
+      try { await waitMigration(src, 10_000); } catch { /* reported by the status check below */ }
+      qemuMigrating = false;
+    }
+    await killDestination();
+    const s = await status(src);
+    if (s !== "running") await src.execute("cont");
+    sourcePaused = false;
+  };
+
+  let ram: RamFile | null = null;
+  let nas: Awaited<ReturnType<typeof openNasIndex>> | null = null;
+  let local: DestinationAgent | null = null;
+  let localResult: Promise<DestinationResult> | null = null;
+  try {
+    // Checks before anything moves.
+    const [ss, ds] = [await status(src), await status(dst)];
+    if (ss !== "running" && ss !== "paused") throw new Error(`the source QEMU is '${ss}', not running`);
+    if (ds !== "inmigrate") throw new Error(`the destination QEMU is '${ds}'; start it with -incoming defer (and -S)`);
+    await setIgnoreShared(src, "source");
+    await setIgnoreShared(dst, "destination");
+    const uri = o.incomingUri ?? `tcp:127.0.0.1:${await freePort()}`;
+
+    nas = await openNasIndex(o.image, { indexPath: o.indexPath });
+    ram = RamFile.open(o.srcRam);
+    let target = o.agent;
+    if (!target) {
+      if (!o.dstRam) throw new Error("no destination agent given (--dst-agent) and no destination RAM file (--dst-ram) for a local one");
+      local = new DestinationAgent({ ramPath: o.dstRam, imagePath: o.image, indexPath: o.indexPath, host: "127.0.0.1", port: 0, log });
+      target = { host: "127.0.0.1", port: await local.listen() };
+      localResult = local.nextResult();
+    }
+    // Reads through this wrapper stop the pre-copy as soon as the destination QEMU is gone.
+    const srcRam = ram;
+    const reader: RamReader = {
+      pages: srcRam.pages,
+      readPages(first, count, into) {
+        if (destinationGone) throw new Error(destinationGone);
+        srcRam.readPages(first, count, into);
+      },
+    };
+
+    const handover = async () => {
+      if (destinationGone) throw new Error(destinationGone);
+      await dst.execute("migrate-incoming", { uri });
+      qemuMigrating = true;
+      await src.execute("migrate", { uri });
+      const q = await waitMigration(src, o.handoverTimeoutMs ?? 60_000, 5);
+      qemuMigrating = false;
+      result.device = { "total-time": q["total-time"] ?? 0, downtime: q.downtime ?? 0, transferred: q.ram?.transferred ?? 0, status: q.status ?? "" };
+      if (q.status !== "completed") throw new Error(`QEMU's device-state migration ended '${q.status}'${q["error-desc"] ? `: ${q["error-desc"]}` : ""}`);
+      // The source's side is done when the last byte left; wait for the destination to load it.
+      const deadline = Date.now() + 30_000;
+      let d = await status(dst);
+      while (d === "inmigrate") {
+        if (Date.now() > deadline) throw new Error("the destination QEMU is still loading the device state after 30 s");
+        await sleep(5);
+        d = await status(dst);
+      }
+      if (d !== "paused" && d !== "prelaunch" && d !== "running") throw new Error(`the destination QEMU is '${d}' after the device state arrived`);
+      if (d !== "running") {
+        if (o.beforeResume) await o.beforeResume();
+        await dst.execute("cont");
+      } else {
+        log("the destination QEMU resumed by itself (started without -S): its RAM could not be checked before cont");
+      }
+    };
+
+    let mr: MigrationResult;
+    try {
+      mr = await migrateSource({
+        engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader,
+        vm: {
+          pause: async () => { await src.execute("stop"); sourcePaused = true; },
+          resume: async () => { await restoreSource(); },
+        },
+        host: target.host, port: target.port, bandwidth: o.bandwidth ?? 0, convergence: o.convergence,
+        onIteration: o.onIteration, handover,
+      });
+    } catch (err) {
+      if (err instanceof MigrationError) mr = err.result;
+      else throw err;
+    }
+    fill(result, mr);
+    if (mr.status !== "completed") throw new Error(mr.error ?? "the migration failed");
+    result.status = "completed";
+  } catch (err) {
+    result.error = (err as Error).message;
+    try {
+      await restoreSource();
+    } catch (e) {
+      result.error += `; and leaving the source running failed: ${(e as Error).message} — check it with query-status and \`cont\` it by hand`;
+    }
+  } finally {
+    dst.off("close", onDstClose);
+    ram?.close();
+    nas?.image.close();
+    if (localResult) {
+      result.destinationAgent = await Promise.race([localResult, sleep(5000).then(() => null)]);
+      if (result.destinationAgent && result.status === "completed" && !result.destinationAgent.verified) {
+        result.status = "failed";
+        result.error = "the local destination agent did not verify the RAM";
+      }
+    }
+    local?.close();
+    result["source-status"] = await status(src).catch((e: Error) => `unknown (${e.message})`);
+  }
+  if (result.status !== "completed") {
+    throw new AgentMigrationError(
+      `pagetwin migrate: failed: ${result.error}. The source VM is ${result["source-status"]}; ` +
+      `the destination QEMU was stopped (its RAM is incomplete): start a new one with -incoming defer -S and retry.`, result);
+  }
+  return result;
+}
+
+function fill(r: AgentMigrationResult, m: MigrationResult): void {
+  r["total-time"] = Math.round(m.totalTimeMs);
+  r.downtime = Math.round(m.downtimeMs);
+  r["setup-time"] = Math.round(m.setupTimeMs);
+  r["expected-downtime"] = Math.round(m.expectedDowntimeMs);
+  r.ram = {
+    transferred: m.transferredBytes, total: m.pages.total * 4096, duplicate: m.pages.zero, normal: m.pages.normal,
+    "normal-bytes": m.pages.normal * 4096, twin: m.pages.twin, resent: m.pages.resent, mbps: m.mbps, "dirty-sync-count": m.iterations,
+  };
+  r["received-bytes"] = m.receivedBytes;
+  r.verified = m.verified;
+  r.digest = m.digest;
+  r.convergence = m.convergence;
+  r.iterations = m.iterationLog.map(({ pageMap: _omit, ...rest }) => rest);
+  if (m.error) r.error = m.error;
+}

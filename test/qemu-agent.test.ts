@@ -1,0 +1,118 @@
+// Agent mode with a real QEMU guest (scripts/build-guest.sh) under TCG, over loopback:
+// the guest's RAM moves through pagetwin, the device state through QEMU (x-ignore-shared).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { compareFiles } from "../src/migrate/embedded-run.js";
+import { migrateQemuAgentMode, AgentMigrationError } from "../src/qemu-agent/agent-migration.js";
+import { lastCounter } from "../src/qemu-agent/guest.js";
+
+const guest = findGuest();
+const skip = !qemuAvailable()
+  ? "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+  : !guest
+    ? "guest not built: run scripts/build-guest.sh (outputs in $PAGETWIN_CACHE or ./.cache)"
+    : false;
+
+const MIB = 1024 * 1024;
+
+/** Open file descriptors of this process on `file`, with their access mode (0 read-only, 1 write-only, 2 read-write). */
+function fdModes(file: string): number[] {
+  const modes: number[] = [];
+  for (const fd of fs.readdirSync("/proc/self/fd")) {
+    let target: string;
+    try { target = fs.readlinkSync(`/proc/self/fd/${fd}`); } catch { continue; }
+    if (target !== file) continue;
+    const m = /^flags:\s+([0-7]+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, "utf8"));
+    if (m) modes.push(parseInt(m[1]!, 8) & 3);
+  }
+  return modes;
+}
+
+test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps counting; a destination killed mid-migration leaves the source running", { skip, timeout: 600_000 }, async (t) => {
+  const g = guest!;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-agent-"));
+  const vms: QemuVm[] = [];
+  const boot = async (name: string, incoming?: string): Promise<QemuVm> => {
+    const vm = await QemuVm.start({
+      ...g, memoryMiB: 512, memPath: `/dev/shm/pagetwin-agent-test-${process.pid}-${name}`,
+      qmpSocket: path.join(dir, `${name}.qmp`), serialLog: path.join(dir, `${name}.log`), name: `pt-agent-${name}`,
+      ...(incoming ? { incoming, extraArgs: ["-S"] } : {}),
+    });
+    vms.push(vm);
+    return vm;
+  };
+  try {
+    const t0 = Date.now();
+    const a = await boot("a");
+    await a.waitForSerial(/pagetwin-ready/, 300_000);
+    await a.waitForSerial(/pagetwin-counter 1\b/, 30_000);
+    t.diagnostic(`guest ready after ${Date.now() - t0} ms`);
+    const b = await boot("b", "defer");
+
+    // 1. A full agent-mode migration a -> b.
+    let compared = 0;
+    let stoppedAt = -1;
+    const r = await migrateQemuAgentMode({
+      source: { qmp: a.qmp }, destination: { qmp: b.qmp, kill: async () => { await b.kill(); } },
+      srcRam: a.options.memPath, dstRam: b.options.memPath, image: g.disk,
+      beforeResume: async () => {
+        // Both guests are stopped here: the destination's RAM must equal the source's, byte for byte.
+        assert.equal((await a.qmp.execute<{ status: string }>("query-status")).status, "postmigrate");
+        assert.equal((await b.qmp.execute<{ status: string }>("query-status")).status, "paused");
+        compared = compareFiles(a.options.memPath, b.options.memPath);
+        stoppedAt = lastCounter(a.serialLog());
+      },
+    });
+    t.diagnostic(`agent mode: total-time ${r["total-time"]} ms, downtime ${r.downtime} ms (includes the 512 MiB file comparison), ` +
+      `${r.ram.transferred} bytes, pages normal ${r.ram.normal} twin ${r.ram.twin} zero ${r.ram.duplicate}, ${r.ram["dirty-sync-count"]} iterations; ` +
+      `device state ${r.device?.transferred} bytes in ${r.device?.["total-time"]} ms`);
+    assert.equal(r.status, "completed");
+    assert.equal(r.verified, true);
+    assert.equal(r.destinationAgent?.verified, true);
+    assert.equal(compared, 512 * MIB, "destination RAM equals source RAM at switchover");
+    assert.ok(r.ram.twin > 0, "some pages travelled as NAS references");
+    assert.equal(r["source-status"], "postmigrate");
+    assert.ok(stoppedAt >= 1);
+    const m = await b.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
+    assert.equal(Number(m[1]), stoppedAt + 1, "the destination goes on counting from where the source stopped");
+    await b.waitForSerial(new RegExp(`pagetwin-counter ${stoppedAt + 2}\\b`), 30_000);
+    assert.equal((await b.qmp.execute<{ status: string }>("query-status")).status, "running");
+    await a.cleanup();
+
+    // 2. b is the source now; its destination c dies during the pre-copy.
+    const c = await boot("c", "defer");
+    let modes: number[] = [];
+    let killed = false;
+    const before = lastCounter(b.serialLog());
+    await assert.rejects(migrateQemuAgentMode({
+      source: { qmp: b.qmp }, destination: { qmp: c.qmp, kill: async () => { await c.kill(); } },
+      srcRam: b.options.memPath, dstRam: c.options.memPath, image: g.disk, bandwidth: 40e6,
+      onIteration: (it) => {
+        if (it.iteration !== 1 || killed) return;
+        modes = fdModes(b.options.memPath);
+        killed = true;
+        void c.kill();
+      },
+    }), (e: unknown) => {
+      assert.ok(e instanceof AgentMigrationError, String(e));
+      t.diagnostic(`failure reported: ${e.message}`);
+      assert.match(e.message, /destination QEMU/);
+      assert.equal(e.result.status, "failed");
+      assert.equal(e.result["source-status"], "running");
+      return true;
+    });
+    assert.ok(killed, "the destination was killed during the pre-copy");
+    assert.deepEqual(modes, [0], "pagetwin holds the source RAM file read-only, once");
+    assert.equal(c.running, false);
+    assert.equal((await b.qmp.execute<{ status: string }>("query-status")).status, "running");
+    await b.waitForSerial(new RegExp(`pagetwin-counter ${before + 2}\\b`), 30_000);
+  } finally {
+    for (const vm of vms) await vm.cleanup();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  for (const vm of vms) assert.equal(fs.existsSync(vm.options.memPath), false);
+});
