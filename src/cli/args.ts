@@ -81,3 +81,13 @@ export function progress(label: string): (done: number, total: number) => void {
     process.stderr.write(`\r${label} ${pct}% (${done}/${total})${done >= total ? "\n" : ""}`);
   };
 }
+
+/** --tls-cert/--tls-key/--tls-ca: all three or none. */
+export function tlsFiles(values: Record<string, string | boolean | undefined>): { cert: string; key: string; ca: string } | null {
+  const [cert, key, ca] = [values["tls-cert"], values["tls-key"], values["tls-ca"]];
+  if (!cert && !key && !ca) return null;
+  if (typeof cert !== "string" || typeof key !== "string" || typeof ca !== "string") {
+    throw new UsageError("TLS needs all of --tls-cert, --tls-key and --tls-ca (see docs/SECURITY.md to make them)");
+  }
+  return { cert, key, ca };
+}

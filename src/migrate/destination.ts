@@ -5,6 +5,10 @@
 // the digest. Nothing unverified is ever written into guest RAM.
 
 import { createServer, type Server, type Socket } from "node:net";
+import { createServer as createTlsServer } from "node:tls";
+import { readFileSync } from "node:fs";
+import { newNonce, proof, proofMatches, validNonce } from "./auth.js";
+import type { TlsFiles } from "./source.js";
 import { createEngine, Engine, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { DiskImage } from "../adapters/nas/image.js";
@@ -26,6 +30,12 @@ export interface DestinationOptions {
   /** Called after the RAM digest matched, before answering Done (QEMU: take the device state, `cont`). */
   onVerified?: () => Promise<void>;
   log?: (msg: string) => void;
+  /** Pre-shared key: a source must prove it holds it (and this agent proves it back) before anything is opened. */
+  psk?: Uint8Array | null;
+  /** TLS with certificate files (PEM); sources must present a certificate signed by `ca`. */
+  tls?: TlsFiles | null;
+  /** A source silent for this long is dropped, ms (default 120000). */
+  idleTimeoutMs?: number;
 }
 
 export interface DestinationResult {
@@ -60,7 +70,11 @@ export class DestinationAgent {
   /** Starts listening; resolves with the bound port. */
   listen(): Promise<number> {
     return new Promise((resolve, reject) => {
-      const server = createServer((s) => this.accept(s));
+      const t = this.opts.tls;
+      const server = t
+        ? createTlsServer({ cert: readFileSync(t.cert), key: readFileSync(t.key), ca: readFileSync(t.ca), requestCert: true, rejectUnauthorized: true }, (s) => this.accept(s))
+        : createServer((s) => this.accept(s));
+      if (t) server.on("tlsClientError", (err) => this.opts.log?.(`pagetwin listen: refused a TLS client: ${err.message}`));
       server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${this.opts.host ?? "0.0.0.0"}:${this.opts.port ?? 0}: ${err.message}`)));
       server.listen(this.opts.port ?? 0, this.opts.host ?? "127.0.0.1", () => {
         this.server = server;
@@ -91,6 +105,8 @@ export class DestinationAgent {
       return;
     }
     this.busy = true;
+    const idle = this.opts.idleTimeoutMs ?? 120_000;
+    socket.setTimeout(idle, () => socket.destroy(new Error(`the source sent nothing for ${idle} ms`)));
     const link = new FrameLink(socket, `source agent ${socket.remoteAddress}:${socket.remotePort}`);
     this.session(link).then((r) => {
       this.busy = false;
@@ -177,12 +193,22 @@ export class DestinationAgent {
   }
 
   private async hello(link: FrameLink): Promise<Session> {
-    const h = decodeJson<{ version: number; pages: number; pageSize: number; dedup: boolean; indexId: string | null }>(await link.next(FrameType.Hello, 30_000));
+    const h = decodeJson<{ version: number; pages: number; pageSize: number; dedup: boolean; indexId: string | null; auth?: string | null; nonce?: string }>(await link.next(FrameType.Hello, 30_000));
     const refuse = async (error: string): Promise<never> => {
       await link.send(encodeJson(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
       throw new ProtocolError(error);
     };
     if (h.version !== PROTOCOL_VERSION) return refuse(`protocol version ${h.version} is not supported (this agent speaks ${PROTOCOL_VERSION})`);
+    const psk = this.opts.psk;
+    if (psk) {
+      if (h.auth !== "psk" || !validNonce(h.nonce)) return refuse("this destination requires a pre-shared key: start the source with the same --psk-file");
+      const mine = newNonce();
+      await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: false, version: PROTOCOL_VERSION, nonce: mine, proof: proof(psk, "destination", mine, h.nonce) }));
+      const a = decodeJson<{ proof?: string }>(await link.next(FrameType.Auth, 30_000));
+      if (!proofMatches(psk, "source", h.nonce, mine, a.proof)) return refuse("authentication failed: the source does not hold this destination's pre-shared key");
+    } else if (h.auth) {
+      return refuse("the source wants a pre-shared key, but this destination has none: start it with the same --psk-file");
+    }
     if (h.pageSize !== PAGE_SIZE) return refuse(`page size ${h.pageSize} is not supported (4096 only)`);
     if (!Number.isInteger(h.pages) || h.pages <= 0 || h.pages > 2 ** 28) return refuse(`bad page count ${h.pages}`);
     let seed = 0n;
@@ -210,7 +236,7 @@ export class DestinationAgent {
       return refuse((err as Error).message);
     }
     const engine = await createEngine({ seed });
-    await link.send(encodeJson(FrameType.HelloAck, { ok: true, version: PROTOCOL_VERSION }));
+    await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION }));
     return { engine, ram, image, pages: h.pages, resend: [] };
   }
 

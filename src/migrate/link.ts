@@ -58,6 +58,13 @@ export class FrameLink {
         return;
       }
       for (const f of frames) {
+        if (f.type === FrameType.Abort && this.waiters.length === 0) {
+          // the peer gave up while we were sending: keep its reason for the next send or wait
+          let reason = "no reason given";
+          try { reason = JSON.parse(Buffer.from(f.payload).toString("utf8")).reason; } catch { /* keep default */ }
+          this.fail(new ProtocolError(`${this.peer} aborted the migration: ${reason}`));
+          continue;
+        }
         const w = this.waiters.shift();
         if (w) w.resolve(f);
         else this.queue.push(f);

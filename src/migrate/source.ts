@@ -5,6 +5,9 @@
 // Any failure resumes the source VM, whose RAM this agent never writes.
 
 import { connect, type Socket } from "node:net";
+import { connect as tlsConnect } from "node:tls";
+import { readFileSync } from "node:fs";
+import { newNonce, proof, proofMatches, validNonce } from "./auth.js";
 import { Engine, HASH_SIZE, PAGE_SIZE, TwinIndex } from "../core/engine.js";
 import { Planner, type WindowPlan } from "../plan/planner.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
@@ -53,6 +56,18 @@ export interface SourceOptions {
   /** Called with the VM paused after the destination verified its RAM (QEMU: device state handover). */
   handover?: () => Promise<void>;
   connectTimeoutMs?: number;
+  /** Pre-shared key: both agents prove they hold it (mutual challenge-response) before any page moves. */
+  psk?: Uint8Array | null;
+  /** TLS with certificate files (PEM): the destination's certificate is checked against `ca`, and ours is sent. */
+  tls?: TlsFiles | null;
+  /** Longest wait for an answer from the destination, ms (default 120000). */
+  answerTimeoutMs?: number;
+}
+
+export interface TlsFiles {
+  cert: string;
+  key: string;
+  ca: string;
 }
 
 /** Page classes in a trace map. */
@@ -106,11 +121,13 @@ export class MigrationError extends Error {
   }
 }
 
-function connectSocket(host: string, port: number, timeoutMs: number): Promise<Socket> {
+function connectSocket(host: string, port: number, timeoutMs: number, tlsFiles?: TlsFiles | null): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const s = connect({ host, port });
+    const s = tlsFiles
+      ? tlsConnect({ host, port, cert: readFileSync(tlsFiles.cert), key: readFileSync(tlsFiles.key), ca: readFileSync(tlsFiles.ca) })
+      : connect({ host, port });
     const t = setTimeout(() => { s.destroy(); reject(new Error(`pagetwin: no destination agent answered at ${host}:${port} within ${timeoutMs} ms`)); }, timeoutMs);
-    s.once("connect", () => { clearTimeout(t); resolve(s); });
+    s.once(tlsFiles ? "secureConnect" : "connect", () => { clearTimeout(t); resolve(s); });
     s.once("error", (err) => {
       clearTimeout(t);
       reject(new Error(`pagetwin: cannot reach the destination agent at ${host}:${port}: ${err.message}. Is \`pagetwin listen\` running there?`));
@@ -126,6 +143,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   const policy = new ConvergencePolicy(o.convergence);
   const planner = new Planner(o.engine, { pages: o.ram.pages, windowPages: o.windowPages, index: o.index });
   const framePages = o.framePages ?? 256;
+  const answerTimeout = o.answerTimeoutMs ?? 120_000;
   const ramBytes = o.ram.pages * PAGE_SIZE;
   const totals = { normal: 0, zero: 0, twin: 0, resent: 0 };
   const log: IterationRecord[] = [];
@@ -140,13 +158,25 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
   const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
   try {
-    const socket = await connectSocket(o.host, o.port, o.connectTimeoutMs ?? 10_000);
+    const socket = await connectSocket(o.host, o.port, o.connectTimeoutMs ?? 10_000, o.tls);
     link = new FrameLink(socket, `destination agent ${o.host}:${o.port}`, new RateLimiter(o.bandwidth));
+    const nonce = o.psk ? newNonce() : null;
     await link.send(encodeJson(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId,
+      auth: o.psk ? "psk" : null, nonce,
     }));
-    const ack = decodeJson<{ ok: boolean; error?: string; version?: number }>(await link.next(FrameType.HelloAck, 30_000));
+    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; nonce?: string; proof?: string };
+    let ack = decodeJson<Ack>(await link.next(FrameType.HelloAck, 30_000));
     if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
+    if (o.psk) {
+      if (!validNonce(ack.nonce) || !proofMatches(o.psk, "destination", ack.nonce, nonce!, ack.proof)) {
+        throw new ProtocolError("the destination did not prove it holds the pre-shared key: refusing to send it any memory");
+      }
+      await link.send(encodeJson(FrameType.Auth, { proof: proof(o.psk, "source", nonce!, ack.nonce) }));
+      ack = decodeJson<Ack>(await link.next(FrameType.HelloAck, 30_000));
+      if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
+    }
+    if (!ack.ready) throw new ProtocolError("the destination did not say it is ready (a destination without a key answering a source with one?)");
     result.setupTimeMs = performance.now() - t0;
 
     const runIteration = async (iteration: number, final: boolean): Promise<IterationRecord> => {
@@ -202,7 +232,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       // End of the round; the destination answers with the twins it could not verify.
       for (let round = 0; ; round++) {
         await l.send(encodeJson(FrameType.IterEnd, { iteration, final, round }));
-        const { iteration: acked, resend } = decodeIterAck(await l.next(FrameType.IterAck), planner.pages);
+        const { iteration: acked, resend } = decodeIterAck(await l.next(FrameType.IterAck, answerTimeout), planner.pages);
         if (acked !== iteration) throw new ProtocolError(`the destination acknowledged iteration ${acked}, expected ${iteration}`);
         if (resend.length === 0) break;
         if (round > 3) throw new ProtocolError(`the destination keeps asking for pages sent in full (${resend.length} pages)`);
@@ -275,7 +305,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     const digest = o.engine.digest(planner.sentHashes());
     result.digest = Buffer.from(digest).toString("hex");
     await link.send(encodeJson(FrameType.Switchover, { digest: result.digest }));
-    const done = decodeJson<{ ok: boolean; digest?: string; error?: string }>(await link.next(FrameType.Done, 120_000));
+    const done = decodeJson<{ ok: boolean; digest?: string; error?: string }>(await link.next(FrameType.Done, answerTimeout));
     if (!done.ok) throw new ProtocolError(`the destination could not finish: ${done.error ?? "no reason given"}`);
     if (done.digest !== result.digest) throw new ProtocolError(`the destination's RAM digest ${done.digest} differs from the source's ${result.digest}`);
     result.verified = true;

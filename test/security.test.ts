@@ -1,0 +1,87 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync, readFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createEngine } from "../src/index.js";
+import { RamFile } from "../src/adapters/ram/ram-file.js";
+import { DestinationAgent, type DestinationOptions } from "../src/migrate/destination.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/migrate/source.js";
+
+const PAGES = 256;
+
+async function migrate(dir: string, src: Partial<SourceOptions>, dst: Partial<DestinationOptions>): Promise<{ r: MigrationResult; dstRam: string; srcRam: string; agent: DestinationAgent }> {
+  const srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
+  writeFileSync(srcRam, randomBytes(PAGES * 4096));
+  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, ...dst });
+  const port = await agent.listen();
+  const ram = RamFile.open(srcRam);
+  try {
+    const r = await migrateSource({
+      engine: await createEngine(), index: null, indexId: null, ram, vm: { pause: async () => {}, resume: async () => {} },
+      host: "127.0.0.1", port, bandwidth: 0, ...src,
+    }).catch((e) => { if (e instanceof MigrationError) return e.result; throw e; });
+    return { r, dstRam, srcRam, agent };
+  } finally {
+    ram.close();
+    agent.close();
+  }
+}
+
+test("pre-shared key: both prove it and the migration completes; a wrong or missing key is refused before any page moves", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-sec-"));
+  try {
+    const key = randomBytes(32), other = randomBytes(32);
+    const ok = await migrate(dir, { psk: key }, { psk: key });
+    assert.equal(ok.r.status, "completed", ok.r.error);
+    assert.deepEqual(readFileSync(ok.dstRam), readFileSync(ok.srcRam));
+
+    const wrong = await migrate(dir, { psk: other }, { psk: key });
+    assert.equal(wrong.r.status, "failed");
+    assert.match(wrong.r.error!, /did not prove it holds the pre-shared key/); // the source refuses the impostor first
+    assert.equal(wrong.r.iterations, 0);
+
+    const none = await migrate(dir, {}, { psk: key });
+    assert.match(none.r.error!, /requires a pre-shared key/);
+    const dstNone = await migrate(dir, { psk: key }, {});
+    assert.match(dstNone.r.error!, /destination has none/);
+    // nothing was sent beyond the handshake
+    for (const x of [wrong, none, dstNone]) assert.ok(x.r.transferredBytes < 1024, `${x.r.transferredBytes} bytes sent`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+function makeCerts(dir: string): Record<string, string> {
+  const run = (...args: string[]) => execFileSync("openssl", args, { cwd: dir, stdio: "ignore" });
+  run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=pagetwin test CA");
+  for (const who of ["dst", "src", "rogue"]) {
+    writeFileSync(join(dir, `${who}.ext`), "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", `${who}.key`, "-out", `${who}.csr`, "-subj", `/CN=${who}`);
+    if (who === "rogue") run("req", "-x509", "-key", "rogue.key", "-in", "rogue.csr", "-out", "rogue.pem", "-days", "1");
+    else run("x509", "-req", "-in", `${who}.csr`, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", `${who}.pem`, "-days", "1", "-extfile", `${who}.ext`);
+  }
+  const p = (f: string) => join(dir, f);
+  return { ca: p("ca.pem"), dstCert: p("dst.pem"), dstKey: p("dst.key"), srcCert: p("src.pem"), srcKey: p("src.key"), rogueCert: p("rogue.pem"), rogueKey: p("rogue.key") };
+}
+
+test("TLS: a migration over mutual TLS completes; a source with a certificate from elsewhere is refused", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-tls-"));
+  try {
+    const c = makeCerts(dir);
+    const dstTls = { cert: c.dstCert!, key: c.dstKey!, ca: c.ca! };
+    const ok = await migrate(dir, { tls: { cert: c.srcCert!, key: c.srcKey!, ca: c.ca! } }, { tls: dstTls });
+    assert.equal(ok.r.status, "completed", ok.r.error);
+    assert.deepEqual(readFileSync(ok.dstRam), readFileSync(ok.srcRam));
+    const rogue = await migrate(dir, { tls: { cert: c.rogueCert!, key: c.rogueKey!, ca: c.ca! } }, { tls: dstTls });
+    assert.equal(rogue.r.status, "failed");
+    assert.match(rogue.r.error!, /connection|certificate|alert|socket/i);
+    assert.equal(rogue.r.iterations, 0);
+    const plain = await migrate(dir, {}, { tls: dstTls });
+    assert.equal(plain.r.status, "failed");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
