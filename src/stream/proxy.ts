@@ -50,12 +50,17 @@ export interface StreamStats {
   error?: string;
   /** Wall time from the first connection to the end of the last. */
   ms: number;
+  /** Where the time went (ms): rewriting/rebuilding, waiting for the link (out) or QEMU (in) to drain, waiting for acks. */
+  busyMs: number;
+  drainWaitMs: number;
+  windowWaitMs: number;
 }
 
 function newStats(role: StreamStats["role"]): StreamStats {
   return {
     role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
     bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], ms: 0,
+    busyMs: 0, drainWaitMs: 0, windowWaitMs: 0,
   };
 }
 
@@ -431,19 +436,22 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     stats.bytesFromQemu += chunk.length;
     if (failure) return;
     let ok: boolean;
-    //link.cork();
+    const t0 = performance.now();
     try {
       ok = handleChunk(chunk);
     } catch (err) {
       fail(err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`), true);
       return;
-    } finally {
-      //link.uncork();
     }
+    const t1 = performance.now();
+    stats.busyMs += t1 - t0;
     if (!ok || full()) {
       qemu.pause();
       if (!ok) await drained(link);
+      const t2 = performance.now();
+      stats.drainWaitMs += t2 - t1;
       if (full() && !failure) await new Promise<void>((r) => { windowWaiter = r; });
+      stats.windowWaitMs += performance.now() - t2;
       if (!failure) qemu.resume();
     }
   };
@@ -670,7 +678,9 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
 
   const toQemu = async (buf: Uint8Array) => {
     stats.bytesToQemu += buf.length;
+    const t0 = performance.now();
     await writeAll(q, buf);
+    stats.drainWaitMs += performance.now() - t0;
   };
   const eng = () => ctx.engine;
 
@@ -746,9 +756,12 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     queuedBytes -= f.payload.length;
     if (link.isPaused() && queuedBytes < QUEUE_LIMIT / 2) link.resume();
     try {
+      const t0 = performance.now();
+      const w0 = stats.drainWaitMs;
       if (f.type === SFrame.Raw) await toQemu(f.payload);
       else if (f.type === SFrame.Refs) await refsToQemu(f);
-      else if (f.type === SFrame.End) {
+      stats.busyMs += performance.now() - t0 - (stats.drainWaitMs - w0);
+      if (f.type === SFrame.End) {
         streamEnded = true;
         const e = parseJson<{ pages?: number; zeroPages?: number }>(f);
         stats.zeroPages += e.zeroPages ?? 0;

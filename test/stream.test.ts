@@ -1,0 +1,304 @@
+// Stream mode: the QEMU stream parser and the stream-out/stream-in proxies.
+// Synthetic streams always; a real guest's stream (captured at test time with
+// `migrate "exec:cat > FILE"`) and a real proxied migration when QEMU and the
+// guest (scripts/build-guest.sh) are present.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as net from "node:net";
+import * as os from "node:os";
+import * as path from "node:path";
+import { QemuStreamParser, StreamFormatError, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
+import { streamIn, streamOut, type StreamStats } from "../src/stream/proxy.js";
+import { StreamFrameReader, RefsBuilder, decodeRefs, SFrame } from "../src/stream/frames.js";
+import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { openNasIndex } from "../src/adapters/nas/index-file.js";
+import { NO_BLOCK, PAGE_SIZE } from "../src/core/engine.js";
+
+// ------------------------------------------------------------ synthetic streams
+
+function be32(n: number): Buffer { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; }
+function be64(n: number): Buffer { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; }
+function str8(s: string): Buffer { return Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]); }
+
+/** A small but complete QEMU 7.2-shaped stream with two RAM blocks. */
+function synthStream(opts: { xbzrle?: boolean; badBlock?: boolean } = {}): { bytes: Buffer; pages: number } {
+  const parts: Buffer[] = [Buffer.from("QEVM"), be32(3), Buffer.from([0x07]), be32(13), Buffer.from("pc-i440fx-7.2")];
+  parts.push(Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4));
+  parts.push(be64((1 << 20) + 65536 + RAM_FLAG.MEM_SIZE), str8("mem"), be64(1 << 20), str8("pc.rom"), be64(65536));
+  parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
+  let pages = 0;
+  const page = (i: number) => Buffer.alloc(PAGE_SIZE, i & 0xff);
+  parts.push(Buffer.from([0x02]), be32(2));
+  parts.push(be64(0 + RAM_FLAG.PAGE), str8(opts.badBlock ? "nope" : "mem"), page(1)); pages++;
+  parts.push(be64(4096 + RAM_FLAG.ZERO + RAM_FLAG.CONTINUE), Buffer.from([0]));
+  parts.push(be64(8192 + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE), page(2)); pages++;
+  parts.push(be64(0 + RAM_FLAG.PAGE), str8("pc.rom"), page(3)); pages++;
+  if (opts.xbzrle) parts.push(be64(12288 + RAM_FLAG.XBZRLE + RAM_FLAG.CONTINUE), Buffer.from([1, 0, 2, 9, 9]));
+  parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
+  parts.push(Buffer.from([0x03]), be32(2), be64(16384 + RAM_FLAG.PAGE), str8("mem"), page(4), be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
+  if (!opts.xbzrle) pages++;
+  // device state (opaque to the parser), EOF
+  parts.push(Buffer.from([0x04]), be32(3), str8("timer"), be32(0), be32(2), Buffer.alloc(24, 7), Buffer.from([0x7e]), be32(3), Buffer.from([0x05]));
+  return { bytes: Buffer.concat(parts), pages };
+}
+
+function reassemble(pieces: Piece[]): Buffer {
+  return Buffer.concat(pieces.flatMap((p) => (p.kind === "raw" ? [p.data] : [p.header, p.data])));
+}
+
+function feed(parser: QemuStreamParser, data: Buffer, cut: (i: number) => number): Piece[] {
+  const out: Piece[] = [];
+  for (let i = 0; i < data.length;) {
+    const n = Math.max(1, cut(i));
+    out.push(...parser.push(data.subarray(i, i + n)));
+    i += n;
+  }
+  parser.finish();
+  return out;
+}
+
+test("parser: a synthetic stream split at every byte position re-serializes identically", () => {
+  const { bytes, pages } = synthStream();
+  for (let cutAt = 1; cutAt < bytes.length; cutAt += 7) {
+    const p = new QemuStreamParser();
+    const pieces = feed(p, bytes, (i) => (i === 0 ? cutAt : bytes.length));
+    assert.ok(reassemble(pieces).equals(bytes), `cut at ${cutAt}`);
+    assert.equal(pieces.filter((x) => x.kind === "page").length, pages);
+    assert.equal(p.mode, "done");
+    assert.equal(p.stats.zeroPages, 1);
+  }
+  const p = new QemuStreamParser();
+  const pieces = feed(p, bytes, () => 1); // one byte at a time
+  assert.ok(reassemble(pieces).equals(bytes));
+  const pg = pieces.filter((x) => x.kind === "page");
+  assert.deepEqual(pg.map((x) => [x.block, x.offset, x.header.length]), [["mem", 0, 12], ["mem", 8192, 8], ["pc.rom", 0, 15], ["mem", 16384, 12]]);
+  assert.equal(p.machine, "pc-i440fx-7.2");
+});
+
+test("parser: xbzrle records switch to pass-through with a warning, bytes unchanged", () => {
+  const { bytes } = synthStream({ xbzrle: true });
+  const p = new QemuStreamParser();
+  const pieces = feed(p, bytes, () => 100);
+  assert.ok(reassemble(pieces).equals(bytes));
+  assert.equal(p.mode, "passthrough");
+  assert.match(p.passthroughReason ?? "", /XBZRLE/);
+  assert.equal(p.takeWarnings().length, 1);
+});
+
+test("parser: not a QEMU stream, or another version, passes through", () => {
+  for (const head of [Buffer.from([0x11, 0x22, 0x33, 0x44, 0, 0, 0, 1]), Buffer.concat([Buffer.from("QEVM"), be32(2)])]) {
+    const data = Buffer.concat([head, Buffer.alloc(5000, 1)]);
+    const p = new QemuStreamParser();
+    assert.ok(reassemble(feed(p, data, () => 3)).equals(data));
+    assert.equal(p.mode, "passthrough");
+  }
+});
+
+test("parser: malformed streams fail with a clear error", () => {
+  assert.throws(() => feed(new QemuStreamParser(), synthStream({ badBlock: true }).bytes, () => 64), (e: unknown) => e instanceof StreamFormatError && /unknown block "nope"/.test(e.message));
+  const { bytes } = synthStream();
+  assert.throws(() => feed(new QemuStreamParser(), bytes.subarray(0, 200), () => 64), /ended inside a record/);
+  const bad = Buffer.from(bytes);
+  bad.writeUInt32BE(9, bytes.indexOf(Buffer.from([0x7e, 0, 0, 0, 2])) + 1); // footer of another section
+  assert.throws(() => feed(new QemuStreamParser(), bad, () => 64), /footer names section 9/);
+});
+
+test("frames: REFS round trip and a reader fed one byte at a time", () => {
+  const rb = new RefsBuilder();
+  rb.add(7, Buffer.alloc(8, 1), 42, Buffer.alloc(16, 2));
+  rb.add(8, Buffer.alloc(12, 3), 43, Buffer.alloc(16, 4));
+  const f = rb.take();
+  const r = new StreamFrameReader();
+  const got = [];
+  for (const b of f) got.push(...r.push(Buffer.from([b])));
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.type, SFrame.Refs);
+  const d = decodeRefs(got[0]!);
+  assert.equal(d.firstSeq, 7);
+  assert.deepEqual(d.refs.map((x) => [x.header.length, x.block, x.hash[0]]), [[8, 42, 2], [12, 43, 4]]);
+});
+
+// ------------------------------------------------------------ real guest
+
+const guest = findGuest();
+const skipReal = !qemuAvailable()
+  ? "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+  : !guest
+    ? "guest not built: run scripts/build-guest.sh (outputs in $PAGETWIN_CACHE or ./.cache)"
+    : false;
+
+let work = "";
+let capture = "";
+let nasImage = "";
+let vm: QemuVm | null = null;
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
+  const p = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return p;
+}
+
+/** Feeds `data` to stream-out as a QEMU would; collects what stream-in sends its QEMU. */
+async function proxyCapture(data: Buffer, image: string, nas?: Awaited<ReturnType<typeof openNasIndex>>): Promise<{ out: Buffer; so: StreamStats; si: StreamStats }> {
+  const got: Buffer[] = [];
+  let resolveSink!: () => void;
+  const sinkDone = new Promise<void>((r) => { resolveSink = r; });
+  const sink = net.createServer((s) => {
+    s.on("data", (d: Buffer) => got.push(d));
+    s.on("end", () => { s.end(); resolveSink(); });
+  });
+  await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
+  const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image });
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, ...(nas ? { nas } : { image }) });
+  const c = net.connect(so.port, "127.0.0.1");
+  c.on("data", () => {});
+  await new Promise<void>((r) => c.once("connect", r));
+  let rnd = 12345;
+  for (let i = 0; i < data.length;) {
+    rnd = (rnd * 1103515245 + 12345) & 0x7fffffff;
+    const n = 1 + (rnd % 100_000); // split anywhere
+    if (!c.write(data.subarray(i, i + n))) await new Promise((r) => c.once("drain", r));
+    i += n;
+  }
+  c.end();
+  await sinkDone;
+  const [a, b] = await Promise.all([so.done, si.done]);
+  sink.close();
+  return { out: Buffer.concat(got), so: a, si: b };
+}
+
+before(async () => {
+  if (skipReal) return;
+  work = fs.mkdtempSync(path.join(os.tmpdir(), "pt-stream-"));
+  nasImage = path.join(work, "nas", "disk.img");
+  fs.mkdirSync(path.dirname(nasImage));
+  fs.copyFileSync(guest!.disk, nasImage);
+  capture = path.join(work, "capture.bin");
+  vm = await QemuVm.start({
+    ...guest!, memoryMiB: 256, memPath: `/dev/shm/pt-stream-test-${process.pid}`,
+    qmpSocket: path.join(work, "src.qmp"), serialLog: path.join(work, "src.log"), name: "pt-stream-src",
+  });
+  await vm.waitForSerial(/pagetwin-ready/, 240_000);
+  await vm.waitForSerial(/pagetwin-counter 2\b/, 30_000);
+  await vm.qmp.execute("migrate-set-parameters", { "max-bandwidth": 10_000_000_000 });
+  await vm.qmp.execute("migrate", { uri: `exec:cat > ${capture}` });
+  for (;;) {
+    const s = await vm.qmp.execute<{ status: string }>("query-migrate");
+    if (s.status === "completed") break;
+    if (s.status === "failed") throw new Error("capture migration failed");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await vm.qmp.execute("cont"); // the same guest is migrated for real below
+});
+
+after(async () => {
+  await vm?.cleanup();
+  if (work) fs.rmSync(work, { recursive: true, force: true });
+});
+
+test("parser: a real guest's stream, split at random points, re-serializes byte-identical", { skip: skipReal, timeout: 120_000 }, () => {
+  const data = fs.readFileSync(capture);
+  const p = new QemuStreamParser();
+  let rnd = 99;
+  const out: Buffer[] = [];
+  let pages = 0;
+  for (let i = 0; i < data.length;) {
+    rnd = (rnd * 1103515245 + 12345) & 0x7fffffff;
+    const n = 1 + (rnd % 20_000);
+    for (const pc of p.push(data.subarray(i, i + n))) {
+      if (pc.kind === "raw") out.push(pc.data);
+      else { out.push(pc.header, pc.data); pages++; }
+    }
+    i += n;
+  }
+  p.finish();
+  assert.ok(Buffer.concat(out).equals(data));
+  assert.equal(p.mode, "done", p.passthroughReason);
+  assert.ok(pages > 1000, `${pages} pages`);
+  assert.equal(p.stats.pages, pages);
+  assert.equal(p.machine, "pc-i440fx-7.2");
+});
+
+test("proxies: stream-out -> stream-in rebuilds the captured stream byte-identical, most pages as references", { skip: skipReal, timeout: 180_000 }, async (t) => {
+  const data = fs.readFileSync(capture);
+  const { out, so, si } = await proxyCapture(data, nasImage);
+  assert.equal(so.error, undefined);
+  assert.equal(si.error, undefined);
+  assert.ok(out.equals(data), "rebuilt stream differs");
+  assert.ok(so.twinsReplaced > 0.3 * so.pagesSeen, `${so.twinsReplaced} of ${so.pagesSeen}`);
+  assert.equal(si.twinsReplaced, so.twinsReplaced);
+  assert.equal(so.resends, 0);
+  assert.ok(so.bytesOutLink < 0.6 * data.length);
+  t.diagnostic(`${so.pagesSeen} pages, ${so.twinsReplaced} twins; link ${so.bytesOutLink} B for ${data.length} B of stream (${(so.bytesOutLink / data.length).toFixed(3)}x)`);
+});
+
+test("proxies: a NAS block rewritten after indexing takes the resend path, stream still byte-identical", { skip: skipReal, timeout: 180_000 }, async () => {
+  const data = fs.readFileSync(capture);
+  const img = path.join(work, "nas2", "disk.img");
+  fs.mkdirSync(path.dirname(img));
+  fs.copyFileSync(nasImage, img);
+  const nas = await openNasIndex(img);
+  try {
+    // Find a block that some captured page twins.
+    const p = new QemuStreamParser();
+    let block = NO_BLOCK;
+    for (let i = 0; i < data.length && block === NO_BLOCK; i += 1 << 20) {
+      for (const pc of p.push(data.subarray(i, i + (1 << 20)))) {
+        if (pc.kind !== "page" || block !== NO_BLOCK) continue;
+        const b = nas.index.lookup(nas.engine.hashPages(pc.data))[0]!;
+        if (b !== NO_BLOCK) block = b;
+      }
+    }
+    assert.notEqual(block, NO_BLOCK, "no twin page in the capture");
+    const fd = fs.openSync(img, "r+");
+    fs.writeSync(fd, Buffer.alloc(PAGE_SIZE, 0xa5), 0, PAGE_SIZE, block * PAGE_SIZE);
+    fs.closeSync(fd);
+    const { out, so, si } = await proxyCapture(data, img, nas); // nas: the index from before the rewrite
+    assert.equal(so.error, undefined);
+    assert.ok(si.resends >= 1, `resends ${si.resends}`);
+    assert.equal(so.resends, si.resends);
+    assert.ok(out.equals(data), "rebuilt stream differs");
+  } finally {
+    nas.image.close();
+  }
+});
+
+test("proxies: a real guest migrates through stream-out/stream-in and its counter goes on", { skip: skipReal, timeout: 240_000 }, async (t) => {
+  const qport = await freePort();
+  const dst = await QemuVm.start({
+    ...guest!, memoryMiB: 256, memPath: `/dev/shm/pt-stream-test-dst-${process.pid}`,
+    qmpSocket: path.join(work, "dst.qmp"), serialLog: path.join(work, "dst.log"), name: "pt-stream-dst", incoming: `tcp:127.0.0.1:${qport}`,
+  });
+  try {
+    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nasImage });
+    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nasImage });
+    const src = vm!;
+    const before = src.serialLog().length;
+    await src.waitForSerial(/pagetwin-counter \d+/, 10_000, before); // running again after the capture
+    const resumed = dst.qmp.waitForEvent("RESUME", 180_000);
+    await src.qmp.execute("migrate", { uri: `tcp:127.0.0.1:${so.port}` });
+    let info: { status: string; "total-time"?: number; downtime?: number; ram?: { transferred: number; normal: number } };
+    for (;;) {
+      info = await src.qmp.execute("query-migrate");
+      if (info.status === "completed" || info.status === "failed") break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(info.status, "completed");
+    await resumed;
+    const [o, i] = await Promise.all([so.done, si.done]);
+    assert.equal(o.error, undefined);
+    assert.equal(i.error, undefined);
+    const last = Math.max(...[...src.serialLog().matchAll(/pagetwin-counter (\d+)/g)].map((m) => Number(m[1])));
+    const m = await dst.waitForSerial(new RegExp(`pagetwin-counter (${last + 1}|${last + 2})\\b`), 30_000);
+    assert.ok(Number(m[1]) > last);
+    assert.ok(o.twinsReplaced > 0);
+    assert.equal(o.bytesFromQemu, i.bytesToQemu);
+    t.diagnostic(`QEMU: total ${info["total-time"]} ms, downtime ${info.downtime} ms, ${info.ram!.transferred} B, ${info.ram!.normal} pages; ` +
+      `proxies: ${o.pagesSeen} pages, ${o.twinsReplaced} twins, link ${o.bytesOutLink} B; counter ${last} -> ${m[1]}`);
+  } finally {
+    await dst.cleanup();
+  }
+});
