@@ -9,6 +9,8 @@ const { values } = parseArgs({
     mode: { type: "string", multiple: true }, mem: { type: "string", default: "512" },
   },
 });
+// Ctrl-C: exit through process.exit so the VMs, RAM files and namespaces are removed.
+for (const sig of ["SIGINT", "SIGTERM"] as const) process.once(sig, () => process.exit(130));
 const r = await compareStreamMode({
   runs: Number(values.runs), rate: values.rate!, memoryMiB: Number(values.mem),
   ...(values.mode ? { modes: values.mode as CompareMode[] } : {}),

@@ -23,6 +23,8 @@
 export const QEVM_MAGIC = 0x5145564d;
 export const QEVM_VERSION = 3;
 export const TARGET_PAGE = 4096;
+/** Bytes of a new chunk joined to a split record's held-back bytes. */
+const BRIDGE = 8192;
 
 export const SEC = {
   START: 0x01, PART: 0x02, END: 0x03, FULL: 0x04, EOF: 0x05, SUBSECTION: 0x05,
@@ -95,6 +97,8 @@ export class QemuStreamParser {
   private state: State = "header";
   private pieces: Piece[] = [];
   private rawFrom = 0;
+  /** run() stops at the first record boundary at or past this position. */
+  private limit = Infinity;
   private ramSectionId = -1;
   /** Id of the section whose records are being read. */
   private curSection = -1;
@@ -117,12 +121,48 @@ export class QemuStreamParser {
     if (this.state === "passthrough") {
       return chunk.length ? [{ kind: "raw", data: chunk }] : [];
     }
-    const rest = this.buf.subarray(this.pos);
-    this.buf = rest.length ? Buffer.concat([rest, chunk]) : chunk;
-    this.pos = 0;
-    this.rawFrom = 0;
     this.pieces = [];
+    const restLen = this.buf.length - this.pos;
+    if (restLen > 0) {
+      // A record is split across reads: finish it in a small bridge buffer
+      // (the held-back bytes + the head of this chunk), then go on in the
+      // chunk itself, so that big chunks are never copied.
+      const head = Math.min(chunk.length, BRIDGE);
+      this.buf = Buffer.concat([this.buf.subarray(this.pos), chunk.subarray(0, head)]);
+      this.pos = 0;
+      this.rawFrom = 0;
+      this.limit = restLen;
+      this.run();
+      this.limit = Infinity;
+      this.flushRaw(this.pos);
+      if ((this.state as State) === "passthrough") {
+        const out = this.takePieces(); // with the rest of the bridge
+        if (head < chunk.length) out.push({ kind: "raw", data: chunk.subarray(head) });
+        return out;
+      }
+      if (this.pos >= restLen) {
+        const off = this.pos - restLen;
+        this.buf = chunk;
+        this.pos = off;
+        this.rawFrom = off;
+      } else if (head < chunk.length) {
+        // The record is longer than the bridge (e.g. a long block list): join it all.
+        this.buf = Buffer.concat([this.buf.subarray(this.pos), chunk.subarray(head)]);
+        this.pos = 0;
+        this.rawFrom = 0;
+      } else {
+        return this.takePieces(); // the whole chunk was in the bridge
+      }
+    } else {
+      this.buf = chunk;
+      this.pos = 0;
+      this.rawFrom = 0;
+    }
     this.run();
+    return this.takePieces();
+  }
+
+  private takePieces(): Piece[] {
     // Everything before `pos` is decided: flush it as raw (pages already out).
     this.flushRaw(this.pos);
     const out = this.pieces;
@@ -178,7 +218,7 @@ export class QemuStreamParser {
   private run(): void {
     const b = this.buf;
     for (;;) {
-      if (this.state === "passthrough") return;
+      if (this.state === "passthrough" || this.pos >= this.limit) return;
       switch (this.state) {
         case "header": {
           if (!this.avail(8)) return;
