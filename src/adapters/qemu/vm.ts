@@ -37,6 +37,11 @@ export interface QemuVmOptions {
   ownsMemFile?: boolean;
   /** Path of the QMP unix socket to create (keep it short: 107 bytes max). */
   qmpSocket: string;
+  /**
+   * More QMP unix sockets, each its own monitor, for other programs (e.g. `pagetwin migrate`)
+   * while this object keeps `qmpSocket`. A QMP socket serves one client at a time.
+   */
+  extraQmpSockets?: string[];
   /** File that receives the serial console (ttyS0). Truncated at start. */
   serialLog: string;
   /** -incoming value, e.g. 'defer' or 'tcp:0.0.0.0:4444'. */
@@ -161,6 +166,7 @@ export function qemuArgs(opts: QemuVmOptions): string[] {
     '-serial', `file:${opts.serialLog}`,
     '-qmp', `unix:${commaSafe(opts.qmpSocket)},server=on,wait=off`,
   ];
+  for (const sock of opts.extraQmpSockets ?? []) args.push('-qmp', `unix:${commaSafe(sock)},server=on,wait=off`);
   if (opts.incoming !== undefined) args.push('-incoming', opts.incoming);
   if (opts.extraArgs) args.push(...opts.extraArgs);
   return args;
@@ -199,14 +205,15 @@ export class QemuVm {
     for (const [what, p] of [['kernel', opts.kernel], ['initrd', opts.initrd], ['disk', opts.disk]] as const) {
       if (!fs.existsSync(p)) throw new Error(`QemuVm: ${what} not found: ${p}`);
     }
-    if (Buffer.byteLength(opts.qmpSocket) > 107) {
-      throw new Error(`QemuVm: QMP socket path too long for a unix socket: ${opts.qmpSocket}`);
+    for (const sock of [opts.qmpSocket, ...(opts.extraQmpSockets ?? [])]) {
+      if (Buffer.byteLength(sock) > 107) throw new Error(`QemuVm: QMP socket path too long for a unix socket: ${sock}`);
     }
     const args = qemuArgs(opts);
     fs.mkdirSync(path.dirname(opts.serialLog), { recursive: true });
     fs.mkdirSync(path.dirname(opts.qmpSocket), { recursive: true });
     fs.writeFileSync(opts.serialLog, '');
     rmQuiet(opts.qmpSocket);
+    for (const sock of opts.extraQmpSockets ?? []) rmQuiet(sock);
 
     const [cmd, cmdArgs] = opts.netns !== undefined
       ? ['ip', ['netns', 'exec', opts.netns, bin, ...args]]
@@ -236,6 +243,7 @@ export class QemuVm {
         await exited;
       }
       rmQuiet(opts.qmpSocket);
+      for (const sock of opts.extraQmpSockets ?? []) rmQuiet(sock);
       if (ownsMem) rmQuiet(opts.memPath);
       const text = stderr.text.trim();
       throw new Error(`QemuVm: ${why}${text ? `\nqemu stderr:\n${text}` : ' (qemu printed nothing on stderr)'}` +
@@ -363,6 +371,7 @@ export class QemuVm {
     if (this.cleaned) return;
     this.cleaned = true;
     rmQuiet(this.options.qmpSocket);
+    for (const sock of this.options.extraQmpSockets ?? []) rmQuiet(sock);
     if (this.options.ownsMemFile ?? true) rmQuiet(this.options.memPath);
   }
 }
