@@ -13,6 +13,7 @@ import { openNasIndex } from "../adapters/nas/index-file.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import type { QmpClient } from "../adapters/qemu/qmp.js";
 import { DestinationAgent, type DestinationResult } from "../migrate/destination.js";
+import { EnginePool } from "../pool/pool.js";
 import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader } from "../migrate/source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
 
@@ -45,6 +46,12 @@ export interface AgentMigrationOptions {
   /** Rate limit of the pagetwin link, bytes/s (0: none, the link decides). */
   bandwidth?: number;
   convergence?: ConvergenceOptions;
+  /** Hash on this many worker threads (0: on this thread); they scan the next window while one is on the link. */
+  workers?: number;
+  /** Pre-shared key both agents prove they hold (the destination agent's --psk-file). */
+  psk?: Uint8Array | null;
+  /** Mutual TLS to the destination agent. */
+  tls?: { cert: string; key: string; ca: string } | null;
   /** Time allowed for QEMU's device-state migration (default 60 s). */
   handoverTimeoutMs?: number;
   onIteration?: (it: IterationRecord) => void;
@@ -215,6 +222,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
   let nas: Awaited<ReturnType<typeof openNasIndex>> | null = null;
   let local: DestinationAgent | null = null;
   let localResult: Promise<DestinationResult> | null = null;
+  let pool: EnginePool | null = null;
   try {
     // Checks before anything moves.
     const [ss, ds] = [await status(src), await status(dst)];
@@ -229,7 +237,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     let target = o.agent;
     if (!target) {
       if (!o.dstRam) throw new Error("no destination agent given (--dst-agent) and no destination RAM file (--dst-ram) for a local one");
-      local = new DestinationAgent({ ramPath: o.dstRam, imagePath: o.image, indexPath: o.indexPath, host: "127.0.0.1", port: 0, log });
+      local = new DestinationAgent({ ramPath: o.dstRam, imagePath: o.image, indexPath: o.indexPath, host: "127.0.0.1", port: 0, log, psk: o.psk ?? null, tls: o.tls ?? null });
       target = { host: "127.0.0.1", port: await local.listen() };
       localResult = local.nextResult();
     }
@@ -269,16 +277,24 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
       }
     };
 
+    if (o.workers) pool = await EnginePool.create({ size: o.workers, seed: nas.header.seed });
+
     let mr: MigrationResult;
     try {
       mr = await migrateSource({
-        engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader,
+        engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool, ramPath: o.srcRam,
+        psk: o.psk ?? null, tls: o.tls ?? null,
         vm: {
           pause: async () => { await src.execute("stop"); sourcePaused = true; },
           resume: async () => { await restoreSource(); },
         },
         host: target.host, port: target.port, bandwidth: o.bandwidth ?? 0, convergence: o.convergence,
-        onIteration: o.onIteration, handover,
+        onIteration: (it) => {
+          // Workers read RAM themselves: stop here too once the destination QEMU is gone.
+          if (destinationGone) throw new Error(destinationGone);
+          o.onIteration?.(it);
+        },
+        handover,
       });
     } catch (err) {
       if (err instanceof MigrationError) mr = err.result;
@@ -298,6 +314,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     dst.off("close", onDstClose);
     ram?.close();
     nas?.image.close();
+    await pool?.close().catch(() => undefined);
     if (localResult) {
       result.destinationAgent = await Promise.race([localResult, sleep(5000).then(() => null)]);
       if (result.destinationAgent && result.status === "completed" && !result.destinationAgent.verified) {

@@ -1,0 +1,105 @@
+import { QmpClient } from "../../adapters/qemu/qmp.js";
+import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../qemu-agent/agent-migration.js";
+import type { ConvergenceOptions } from "../../plan/convergence.js";
+import { loadKey } from "../../migrate/auth.js";
+import { parse, helpText, str, num, parseRate, fmtBytes, tlsFiles, UsageError, type CommandSpec } from "../args.js";
+
+export const spec: CommandSpec = {
+  name: "migrate",
+  summary: "migrate a running QEMU VM in agent mode (RAM by pagetwin, device state by QEMU)",
+  usage: "pagetwin migrate --src-qmp SOCK --dst-qmp SOCK --src-ram FILE (--dst-ram FILE | --dst-agent HOST:PORT) --image IMAGE [--incoming tcp:HOST:PORT] [--bandwidth 0] [--json]",
+  options: {
+    "src-qmp": { type: "string", help: "QMP unix socket of the source QEMU (running)" },
+    "dst-qmp": { type: "string", help: "QMP unix socket of the destination QEMU (started with -incoming defer -S)" },
+    "src-ram": { type: "string", help: "the source VM's RAM file (memory-backend-file mem-path, share=on)" },
+    "dst-ram": { type: "string", help: "the destination VM's RAM file; a destination agent runs in this process" },
+    "dst-agent": { type: "string", help: "a `pagetwin listen` agent on the destination host, HOST:PORT (instead of --dst-ram)" },
+    image: { type: "string", help: "the VM's raw disk image on the NAS" },
+    index: { type: "string", help: "index file (default: beside the image; built if missing)" },
+    incoming: { type: "string", help: "URI for QEMU's device state, e.g. tcp:10.0.0.2:4444 (default: tcp:127.0.0.1:<free port>)" },
+    bandwidth: { type: "string", default: "0", help: "rate limit of pagetwin's link, e.g. 1gbit (0: none)" },
+    "no-dedup": { type: "boolean", help: "plain pre-copy by pagetwin: every non-zero dirty page in full" },
+    downtime: { type: "string", default: "300", help: "downtime target, ms (QEMU's downtime-limit default)" },
+    "max-iterations": { type: "string", default: "30", help: "iteration cap" },
+    "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
+    workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
+    "psk-file": { type: "string", help: "pre-shared key file (the destination agent's): both agents prove they hold it" },
+    "tls-cert": { type: "string", help: "TLS to the destination agent: this agent's certificate (PEM); with --tls-key and --tls-ca" },
+    "tls-key": { type: "string", help: "TLS: this agent's private key (PEM)" },
+    "tls-ca": { type: "string", help: "TLS: CA that signed the destination agent's certificate" },
+    json: { type: "boolean", help: "print one JSON object (stats named as query-migrate's)" },
+  },
+  details: [
+    "Both QEMUs need their RAM in a shared file: -machine memory-backend=mem -object",
+    "memory-backend-file,id=mem,size=SIZE,mem-path=/dev/shm/NAME,share=on (same SIZE on both).",
+    "The destination starts with -incoming defer -S. Pre-copy runs while the guest runs; at switchover",
+    "the source is stopped, the last pages are sent, the destination's RAM digest is checked against the",
+    "source's, QEMU moves only the device state (capability x-ignore-shared), and the destination gets",
+    "`cont`. On any failure the destination QEMU is stopped and the source keeps (or goes back to) running.",
+  ].join("\n"),
+};
+
+function hostPort(s: string, what: string): { host: string; port: number } {
+  const m = /^(.+):(\d+)$/.exec(s);
+  if (!m) throw new UsageError(`${what} must be HOST:PORT (got "${s}")`);
+  return { host: m[1]!.replace(/^\[(.*)\]$/, "$1"), port: Number(m[2]) };
+}
+
+export async function run(argv: string[]): Promise<number> {
+  const { values, help } = parse(spec, argv);
+  if (help) { console.log(helpText(spec)); return 0; }
+  const json = !!values.json;
+  const agent = values["dst-agent"] ? hostPort(values["dst-agent"] as string, "--dst-agent") : undefined;
+  if (!agent && !values["dst-ram"]) throw new UsageError("give --dst-ram (local destination agent) or --dst-agent HOST:PORT");
+  const onCap = values["on-cap"];
+  if (onCap !== "switchover" && onCap !== "abort") throw new UsageError("--on-cap is switchover or abort");
+  const incoming = values.incoming as string | undefined;
+  if (incoming !== undefined && !/^(tcp|unix|rdma|exec|fd):/.test(incoming)) throw new UsageError(`--incoming must be a QEMU migration URI such as tcp:HOST:PORT (got "${incoming}")`);
+  const convergence: ConvergenceOptions = { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap };
+  const bandwidth = parseRate(values.bandwidth as string);
+  const image = str(values, "image");
+  const srcRam = str(values, "src-ram");
+  const src = await QmpClient.connect(str(values, "src-qmp"));
+  let dst: QmpClient;
+  try {
+    dst = await QmpClient.connect(str(values, "dst-qmp"));
+  } catch (err) {
+    src.close();
+    throw err;
+  }
+  try {
+    const r = await migrateQemuAgentMode({
+      source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
+      image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
+      bandwidth, convergence, workers: num(values, "workers", 0, 64),
+      psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null, tls: tlsFiles(values),
+      onIteration: (it) => {
+        if (!json) console.error(`iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`);
+      },
+      log: (m) => { if (!json) console.error(`pagetwin migrate: ${m}`); },
+    });
+    print(r, json);
+    return 0;
+  } catch (err) {
+    if (err instanceof AgentMigrationError) {
+      print(err.result, json);
+      if (!json) console.error(err.message);
+      return 1;
+    }
+    throw err;
+  } finally {
+    src.close();
+    dst.close();
+  }
+}
+
+function print(r: AgentMigrationResult, json: boolean): void {
+  if (json) {
+    console.log(JSON.stringify(r));
+    return;
+  }
+  const dev = r.device ? `; device state ${fmtBytes(r.device.transferred)} by QEMU in ${r.device["total-time"]} ms` : "";
+  console.log(`status ${r.status}; total-time ${r["total-time"]} ms, downtime ${r.downtime} ms, transferred ${fmtBytes(r.ram.transferred)}, ` +
+    `${r.ram["dirty-sync-count"]} iterations; pages: ${r.ram.normal} normal, ${r.ram.twin} twin, ${r.ram.duplicate} zero, ${r.ram.resent} resent${dev}; ` +
+    `RAM digest ${r.verified ? "verified" : "NOT verified"}; source ${r["source-status"]}`);
+}
