@@ -83,18 +83,8 @@ function parseHostPort(s: string, what: string): { host: string; port: number } 
   return { host: m[1] || m[2] || "127.0.0.1", port };
 }
 
-async function writeAll(sock: net.Socket, buf: Uint8Array): Promise<void> {
-  if (sock.destroyed) throw new Error("socket closed");
-  if (!sock.write(buf)) {
-    await new Promise<void>((resolve, reject) => {
-      const ok = () => { off(); resolve(); };
-      const bad = () => { off(); reject(new Error("socket closed while writing")); };
-      const off = () => { sock.off("drain", ok); sock.off("close", bad); };
-      sock.on("drain", ok);
-      sock.on("close", bad);
-    });
-  }
-}
+/** Bytes queued on a socket before the producer waits for it to drain. */
+const BUFFER_HIGH = 4 * 1024 * 1024;
 
 /** Resolves on 'drain' or when the socket closes. */
 function drained(sock: net.Socket): Promise<void> {
@@ -276,9 +266,12 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   let finished!: () => void;
   const over = new Promise<void>((r) => { finished = r; });
 
+  // Keep up to BUFFER_HIGH bytes queued on the link so that this process and
+  // the network work at the same time; pause QEMU's socket beyond that.
   const sendLink = (buf: Buffer): boolean => {
     stats.bytesOutLink += buf.length;
-    return link.write(buf);
+    link.write(buf);
+    return link.writableLength < BUFFER_HIGH;
   };
   const fail = (err: Error, tellPeer: boolean) => {
     if (failure) return;
@@ -678,9 +671,15 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
 
   const toQemu = async (buf: Uint8Array) => {
     stats.bytesToQemu += buf.length;
-    const t0 = performance.now();
-    await writeAll(q, buf);
-    stats.drainWaitMs += performance.now() - t0;
+    if (q.destroyed) throw new Error("the destination QEMU connection is closed");
+    q.write(buf);
+    // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
+    if (q.writableLength >= BUFFER_HIGH) {
+      const t0 = performance.now();
+      await drained(q);
+      stats.drainWaitMs += performance.now() - t0;
+      if (q.destroyed) throw new Error("the destination QEMU connection closed");
+    }
   };
   const eng = () => ctx.engine;
 
