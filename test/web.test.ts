@@ -43,7 +43,7 @@ async function simulate(config: SimConfig, mode: SimMode): Promise<Run> {
   return { result, iterations: [...sim.iterations] };
 }
 
-test("the visualizer's simulation: deterministic, converges, verified, pagetwin sends less", async () => {
+test("the visualizer's simulation: deterministic, converges, verified, pagetwin sends less", { timeout: 120_000 }, async () => {
   const small: SimConfig = { ...CONFIG, ramMiB: 16 };
   const [pt, pt2, bl] = await Promise.all([simulate(small, "pagetwin"), simulate(small, "pagetwin"), simulate(small, "baseline")]);
   assert.deepEqual(pt.result, pt2.result);
