@@ -139,7 +139,8 @@ export class DestinationAgent {
           }
           case FrameType.Refs: {
             if (!s.image) throw new ProtocolError("the source sent NAS references, but this destination has no image (start it with --image)");
-            const { pages, blocks, hashes: want } = decodeRefs(f, s.pages, s.image.blocks);
+            // a block past the image's end now (it shrank since indexing) reads as unreadable: asked for again
+            const { pages, blocks, hashes: want } = decodeRefs(f, s.pages, 0xffffffff);
             if (pages.length > 4096) throw new ProtocolError(`a Refs frame holds ${pages.length} references; at most 4096`);
             const ok = this.fetchVerify(s, blocks, want, scratch.ptr, hashes.ptr);
             const v = scratch.view();
@@ -180,10 +181,7 @@ export class DestinationAgent {
     } catch (err) {
       r.error = (err as Error).message;
       this.opts.log?.(`pagetwin listen: migration failed: ${r.error}`);
-      if (!link.failed) {
-        try { await link.send(encodeJson(FrameType.Abort, { reason: r.error })); } catch { /* gone */ }
-      }
-      link.destroy();
+      link.abort(r.error);
       return r;
     } finally {
       r.bytesIn = link.bytesIn;

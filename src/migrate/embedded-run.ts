@@ -31,7 +31,7 @@ export interface EmbeddedRunOptions {
   workers?: number;
   onIteration?: Parameters<typeof migrateSource>[0]["onIteration"];
   /** Hook to break things in tests: called with the destination's port before the source connects. */
-  beforeConnect?: (port: number, vm: EmbeddedVm) => Promise<{ host: string; port: number } | void>;
+  beforeConnect?: (port: number, vm: EmbeddedVm, destinationPid: number | null) => Promise<{ host: string; port: number } | void>;
 }
 
 export interface EmbeddedRunResult extends MigrationResult {
@@ -119,7 +119,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
   try {
     await vm.start();
     await new Promise((r) => setTimeout(r, o.warmupMs ?? 300));
-    const target = (await o.beforeConnect?.(port, vm)) ?? { host: "127.0.0.1", port };
+    const target = (await o.beforeConnect?.(port, vm, child?.pid ?? null)) ?? { host: "127.0.0.1", port };
     try {
       result = await migrateSource({
         engine: nas.engine, index: o.mode === "pagetwin" ? nas.index : null, indexId: nas.header.indexId,

@@ -4,7 +4,7 @@
 // waiter with a message that says which side and what happened.
 
 import type { Socket } from "node:net";
-import { FrameReader, FrameType, ProtocolError, type Frame } from "./protocol.js";
+import { FrameReader, FrameType, ProtocolError, encodeJson, type Frame } from "./protocol.js";
 
 export class LinkClosedError extends Error {
   override name = "LinkClosedError";
@@ -42,6 +42,8 @@ export class FrameLink {
   private readonly queue: Frame[] = [];
   private waiters: { resolve: (f: Frame) => void; reject: (e: Error) => void }[] = [];
   private failure: Error | null = null;
+  private corrupt = false;
+  private aborting = false;
   bytesOut = 0;
   bytesIn = 0;
 
@@ -49,12 +51,14 @@ export class FrameLink {
     socket.setNoDelay(true);
     socket.on("data", (chunk: Buffer) => {
       this.bytesIn += chunk.length;
+      if (this.corrupt || this.aborting) return;
       let frames: Frame[];
       try {
         frames = this.reader.push(chunk);
       } catch (err) {
+        // a corrupt stream: stop reading frames; the owner tells the peer why (abort) and closes
+        this.corrupt = true;
         this.fail(err as Error);
-        socket.destroy();
         return;
       }
       for (const f of frames) {
@@ -141,6 +145,25 @@ export class FrameLink {
 
   close(): void {
     this.socket.end();
+  }
+
+  /**
+   * Ends the migration from this side: tells the peer why (an Abort frame,
+   * when the socket can still write), then half-closes and keeps draining
+   * what the peer still sends for a moment, so that the peer reads the reason
+   * instead of a reset; the socket is destroyed after `lingerMs`.
+   */
+  abort(reason: string, lingerMs = 2000): void {
+    if (this.aborting) return;
+    this.aborting = true;
+    this.fail(new ProtocolError(`migration aborted here: ${reason}`));
+    const s = this.socket;
+    if (!s.destroyed && s.writable) {
+      s.write(encodeJson(FrameType.Abort, { reason }));
+      s.end();
+      s.resume();
+      setTimeout(() => s.destroy(), lingerMs).unref();
+    } else s.destroy();
   }
 
   destroy(): void {

@@ -315,10 +315,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     link.close();
   } catch (err) {
     result.error = (err as Error).message;
-    if (link && !link.failed) {
-      try { await link.send(encodeJson(FrameType.Abort, { reason: result.error })); } catch { /* the link is gone */ }
-      link.destroy();
-    } else link?.destroy();
+    link?.abort(result.error);
     if (paused) {
       try { await o.vm.resume(); } catch (e) { result.error += `; and resuming the source VM failed: ${(e as Error).message}`; }
     }
