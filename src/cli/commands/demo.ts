@@ -22,7 +22,7 @@ export const spec: CommandSpec = {
     dir: { type: "string", help: "work directory for the VM's files (default: a new temp dir, removed after)" },
     json: { type: "boolean", help: "print one JSON object with a runs array" },
   },
-  details: "Each run makes the same VM (RAM file + raw disk image on a directory standing for the NAS), starts a\nguest worker that keeps dirtying memory, reading disk blocks into its page cache and rewriting blocks\non disk, starts a destination agent process, and migrates over TCP on loopback at the bandwidth.\nThe destination's RAM is compared byte for byte with the source's at switchover.",
+  details: "With --qemu, runs `pagetwin compare-qemu` instead (a real QEMU guest; see its --help).\n\nEach run makes the same VM (RAM file + raw disk image on a directory standing for the NAS), starts a\nguest worker that keeps dirtying memory, reading disk blocks into its page cache and rewriting blocks\non disk, starts a destination agent process, and migrates over TCP on loopback at the bandwidth.\nThe destination's RAM is compared byte for byte with the source's at switchover.",
 };
 
 export interface DemoRun {
@@ -43,6 +43,7 @@ export interface DemoRun {
 }
 
 export async function run(argv: string[]): Promise<number> {
+  if (argv.includes("--qemu")) return (await import("./compare-qemu.js")).run(argv.filter((a) => a !== "--qemu"));
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
   const ramMiB = num(values, "ram-mib", 1, 3072);
