@@ -59,4 +59,13 @@ test("convergence: QEMU's rule with Xen's caps", () => {
   assert.equal(p.decide({ ...m, wireBytes: 100e6, totalBytes: 3e9 }).action, "switchover");
   const strict = new ConvergencePolicy({ maxIterations: 3, onCap: "abort" });
   assert.equal(strict.decide({ ...m, wireBytes: 1e9, iteration: 3 }).action, "abort");
+  // no progress: the expected downtime stays put (a scan of RAM alone over the target)
+  const stuck = new ConvergencePolicy({ downtimeMs: 100 });
+  const slow = { ...m, wireBytes: 1e6, scanMs: 400 };
+  const reasons = [1, 2, 3, 4].map((iteration) => stuck.decide({ ...slow, iteration }));
+  assert.deepEqual(reasons.map((d) => d.action), ["continue", "continue", "continue", "switchover"]);
+  assert.equal((reasons[3] as { reason: string }).reason, "no-progress");
+  // progress resets it
+  const shrinking = new ConvergencePolicy({ downtimeMs: 10 });
+  for (let it = 1; it <= 8; it++) assert.equal(shrinking.decide({ ...slow, scanMs: 0, wireBytes: 1e9 / 2 ** it, iteration: it }).action, "continue");
 });

@@ -9,7 +9,7 @@ import { createServer as createTlsServer } from "node:tls";
 import { readFileSync } from "node:fs";
 import { newNonce, proof, proofMatches, validNonce } from "./auth.js";
 import type { TlsFiles } from "./source.js";
-import { createEngine, Engine, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
+import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { DiskImage } from "../adapters/nas/image.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
@@ -34,6 +34,13 @@ export interface DestinationOptions {
   psk?: Uint8Array | null;
   /** TLS with certificate files (PEM); sources must present a certificate signed by `ca`. */
   tls?: TlsFiles | null;
+  /**
+   * How to check the RAM at switchover: "held" (default) digests the hash of
+   * every page as it was written, so the guest's downtime does not pay for
+   * re-reading its RAM; "reread" reads and hashes the whole RAM file again
+   * (catches writes by anything else, at the cost of a full pass).
+   */
+  verify?: "held" | "reread";
   /** A source silent for this long is dropped, ms (default 120000). */
   idleTimeoutMs?: number;
 }
@@ -57,6 +64,8 @@ interface Session {
   image: DiskImage | null;
   pages: number;
   resend: number[];
+  /** 16 B per page: the hash of what this agent holds in RAM (taken before the migration, kept up to date on every write). */
+  held: Region;
 }
 
 export class DestinationAgent {
@@ -128,12 +137,18 @@ export class DestinationAgent {
           case FrameType.Pages: {
             const { pages, data } = decodePages(f, s.pages);
             writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), data);
+            this.holdHashesOf(s, pages, data, scratch, hashes);
             r.pagesWritten += pages.length;
             break;
           }
           case FrameType.Zeros: {
             const pages = decodePageList(f, s.pages, "Zeros");
-            for (const p of pages) s.ram.writePages(p, zero);
+            const z = s.engine.zeroPageHash();
+            const held = s.held.view();
+            for (const p of pages) {
+              s.ram.writePages(p, zero);
+              held.set(z, p * HASH_SIZE);
+            }
             r.zeroPages += pages.length;
             break;
           }
@@ -150,6 +165,8 @@ export class DestinationAgent {
               else s.resend.push(pages[i]!);
             }
             writeRuns(s.ram, Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE), null);
+            const held = s.held.view();
+            for (const i of good) held.set(want.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE), pages[i]! * HASH_SIZE);
             r.twinsVerified += good.length;
             r.twinsRejected += pages.length - good.length;
             break;
@@ -162,7 +179,9 @@ export class DestinationAgent {
           }
           case FrameType.Switchover: {
             const { digest } = decodeJson<{ digest: string }>(f);
-            r.digest = this.ramDigest(s, scratch.ptr, hashes.ptr);
+            r.digest = this.opts.verify === "reread"
+              ? this.ramDigest(s, scratch.ptr)
+              : Buffer.from(s.engine.digest(s.held.view())).toString("hex");
             if (r.digest !== digest) {
               await link.send(encodeJson(FrameType.Done, { ok: false, digest: r.digest, error: `RAM digest ${r.digest} differs from the source's ${digest}` }));
               throw new ProtocolError(`RAM digest ${r.digest} differs from the source's ${digest}`);
@@ -185,6 +204,7 @@ export class DestinationAgent {
       return r;
     } finally {
       r.bytesIn = link.bytesIn;
+      s?.held.free();
       s?.ram.close();
       s?.image?.close();
     }
@@ -235,7 +255,21 @@ export class DestinationAgent {
     }
     const engine = await createEngine({ seed });
     await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION }));
-    return { engine, ram, image, pages: h.pages, resend: [] };
+    const held = engine.alloc(h.pages * HASH_SIZE);
+    const session: Session = { engine, ram, image, pages: h.pages, resend: [], held };
+    if (this.opts.createRam) {
+      const z = engine.zeroPageHash(), v = held.view();
+      for (let i = 0; i < h.pages; i++) v.set(z, i * HASH_SIZE);
+    } else {
+      // an existing RAM file may hold anything: hash it now, before the guest stops
+      const scratch = engine.alloc(4096 * PAGE_SIZE);
+      try {
+        this.hashRam(session, scratch.ptr, held.ptr);
+      } finally {
+        scratch.free();
+      }
+    }
+    return session;
   }
 
   /** Reads each referenced block into scratch (slot i), hashes them, and says which match. */
@@ -265,15 +299,34 @@ export class DestinationAgent {
     return ok;
   }
 
-  private ramDigest(s: Session, scratchPtr: number, hashesPtr: number): string {
-    const all = new Uint8Array(s.pages * HASH_SIZE);
+  /** Reads and hashes the whole RAM file into `outPtr` (16 B per page). */
+  private hashRam(s: Session, scratchPtr: number, outPtr: number): void {
     for (let first = 0; first < s.pages; first += 4096) {
       const n = Math.min(4096, s.pages - first);
       s.ram.readPages(first, n, s.engine.u8().subarray(scratchPtr, scratchPtr + n * PAGE_SIZE));
-      s.engine.hashPagesAt(scratchPtr, n, hashesPtr);
-      all.set(s.engine.u8().subarray(hashesPtr, hashesPtr + n * HASH_SIZE), first * HASH_SIZE);
+      s.engine.hashPagesAt(scratchPtr, n, outPtr + first * HASH_SIZE);
     }
-    return Buffer.from(s.engine.digest(all)).toString("hex");
+  }
+
+  private ramDigest(s: Session, scratchPtr: number): string {
+    const all = s.engine.alloc(s.pages * HASH_SIZE);
+    try {
+      this.hashRam(s, scratchPtr, all.ptr);
+      return Buffer.from(s.engine.digest(all.view())).toString("hex");
+    } finally {
+      all.free();
+    }
+  }
+
+  /** Records the hashes of pages just written from `data` (in 4096-page batches through scratch). */
+  private holdHashesOf(s: Session, pages: Uint32Array, data: Uint8Array, scratch: Region, hashes: Region): void {
+    for (let i = 0; i < pages.length; i += 4096) {
+      const n = Math.min(4096, pages.length - i);
+      scratch.view(0, n * PAGE_SIZE).set(data.subarray(i * PAGE_SIZE, (i + n) * PAGE_SIZE));
+      s.engine.hashPagesAt(scratch.ptr, n, hashes.ptr);
+      const hv = hashes.view(), held = s.held.view();
+      for (let k = 0; k < n; k++) held.set(hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE), pages[i + k]! * HASH_SIZE);
+    }
   }
 }
 

@@ -15,8 +15,11 @@ export interface ConvergenceOptions {
 
 export type ConvergenceDecision =
   | { action: "continue" }
-  | { action: "switchover"; reason: "converged" | "max-iterations" | "max-traffic"; expectedDowntimeMs: number }
-  | { action: "abort"; reason: "max-iterations" | "max-traffic"; expectedDowntimeMs: number };
+  | { action: "switchover"; reason: "converged" | CapReason; expectedDowntimeMs: number }
+  | { action: "abort"; reason: CapReason; expectedDowntimeMs: number };
+
+/** Why pre-copy stopped without converging: the caps, or no progress (another round would not shorten the downtime). */
+export type CapReason = "max-iterations" | "max-traffic" | "no-progress";
 
 export interface IterationMeasure {
   iteration: number;
@@ -55,10 +58,26 @@ export class ConvergencePolicy {
     return m.scanMs + (m.bytesPerSecond > 0 ? (m.wireBytes / m.bytesPerSecond) * 1000 : Infinity);
   }
 
+  private best = Infinity;
+  private stale = 0;
+
+  /**
+   * Call once per finished iteration, in order. Besides the target and the
+   * caps, it stops when three rounds in a row did not bring the expected
+   * downtime below 90% of the best so far: the scan of RAM alone, or a guest
+   * dirtying as fast as the link, keeps it there, and more rounds only cost.
+   */
   decide(m: IterationMeasure): ConvergenceDecision {
     const expected = this.expectedDowntimeMs(m);
     if (m.iteration >= 2 && expected <= this.downtimeMs) return { action: "switchover", reason: "converged", expectedDowntimeMs: expected };
-    const cap = m.iteration >= this.maxIterations ? "max-iterations" : m.totalBytes >= this.maxSentFactor * m.ramBytes ? "max-traffic" : null;
+    if (m.iteration >= 2) {
+      if (expected < 0.9 * this.best) this.stale = 0;
+      else this.stale++;
+    }
+    this.best = Math.min(this.best, expected);
+    const cap: CapReason | null = m.iteration >= this.maxIterations ? "max-iterations"
+      : m.totalBytes >= this.maxSentFactor * m.ramBytes ? "max-traffic"
+      : this.stale >= 3 ? "no-progress" : null;
     if (cap) return this.onCap === "abort" ? { action: "abort", reason: cap, expectedDowntimeMs: expected } : { action: "switchover", reason: cap, expectedDowntimeMs: expected };
     return { action: "continue" };
   }

@@ -16,7 +16,7 @@
 
 import { Engine, HASH_SIZE, PAGE_SIZE, type Region, type TwinIndex } from "../../src/core/engine.js";
 import { Planner } from "../../src/plan/planner.js";
-import { ConvergencePolicy, type ConvergenceDecision } from "../../src/plan/convergence.js";
+import { ConvergencePolicy, type CapReason, type ConvergenceDecision } from "../../src/plan/convergence.js";
 
 export type SimMode = "pagetwin" | "baseline";
 
@@ -85,7 +85,7 @@ export interface SimResult {
   transferredBytes: number;
   iterations: number;
   pages: PageCounts;
-  convergence: "converged" | "max-iterations" | "max-traffic";
+  convergence: "converged" | CapReason;
   expectedDowntimeMs: number;
   /** The destination's page hashes equal the source RAM's at the end (by digest). */
   verified: boolean;

@@ -1,6 +1,6 @@
 import { DestinationAgent } from "../../migrate/destination.js";
 import { loadKey } from "../../migrate/auth.js";
-import { parse, helpText, str, num, tlsFiles, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, tlsFiles, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "listen",
@@ -17,6 +17,7 @@ export const spec: CommandSpec = {
     "tls-cert": { type: "string", help: "TLS: this agent's certificate (PEM); with --tls-key and --tls-ca" },
     "tls-key": { type: "string", help: "TLS: this agent's private key (PEM)" },
     "tls-ca": { type: "string", help: "TLS: CA that signed the sources' certificates (they must present one)" },
+    verify: { type: "string", default: "held", help: "RAM check at switchover: held (hashes of what was written) or reread (read the RAM file again)" },
     once: { type: "boolean", help: "exit after one migration (exit code 0 if it completed)" },
     json: { type: "boolean", help: "print events as JSON lines (listening, result)" },
   },
@@ -31,6 +32,7 @@ export async function run(argv: string[]): Promise<number> {
     log: (m) => { if (!values.json) console.error(m); },
     psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null,
     tls: tlsFiles(values),
+    verify: values.verify === "reread" ? "reread" : values.verify === "held" ? "held" : (() => { throw new UsageError("--verify is held or reread"); })(),
   });
   const port = await agent.listen();
   if (values.json) console.log(JSON.stringify({ event: "listening", host: values.host, port }));
