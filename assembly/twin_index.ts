@@ -1,27 +1,43 @@
-// TwinIndex: 128-bit block hash -> block number, open addressing (linear
-// probing) in linear memory.
+// TwinIndex: 128-bit block hash -> block number, a bucketized open-addressing
+// table in linear memory.
+//
+// The table is an array of 64-byte buckets, one cache line each (aligned to
+// 64): 8 u32 tags (bits 32..63 of the hash, 0 meaning an empty slot, so a tag
+// of 0 is stored as 1), then the 8 u32 block numbers of those slots. A hash's
+// home bucket comes from its first 32 bits by multiply-shift range reduction
+// (the bucket count need not be a power of two); a full bucket overflows into
+// the next one (linear probing over buckets). Invariant: every entry sits in
+// its home bucket or after a run of full buckets starting there, so a lookup
+// stops at the first bucket that has a free slot. A bucket is searched with two
+// SIMD compares of its tags (i32x4.eq, narrowed to one 8-bit mask; a scalar
+// loop in the scalar build), and only a slot whose 32-bit tag matches costs a
+// read of the block's 16-byte hash record, which decides on all 128 bits. A
+// miss thus usually reads one cache line, a hit one line plus one record.
+// Deletion shifts entries back over buckets (no tombstones).
 //
 // Memory per indexed block: 16 B for the block's hash (kept per block so an
 // update can find and remove the old entry, and so a probe can check the full
-// 128 bits) + 8 B per slot (u32 tag, u32 block+1) / load factor + 1 bit of
-// presence. Load is kept in [0.5, 0.8] (growth re-sizes to load 0.5; a reserve
-// from the known block count sizes to load 0.75), so an index costs 26-32 B per
-// block. Slot positions use multiply-shift range reduction, so the table size
-// need not be a power of two.
+// 128 bits) + 1 bit of presence + 8 B per slot / load factor. Load stays below
+// MAX_LOAD (0.8); growth re-sizes to GROW_LOAD (0.52), a reserve from the known
+// block count sizes to RESERVE_LOAD (0.55), so an index costs 26.1-31.5 B per
+// block (30.7 B when reserved). The low reserve load is for speed: at 0.55
+// about 9% of misses meet a full home bucket (and read the next one too), at
+// 0.75 about 33%; lookups in a 4M-block index ran 19-20 vs 14 M/s here.
 // When several blocks share one content, the first one indexed stands for all.
 
 import { getBit, writeBit } from "./bits";
 
-const EMPTY: u32 = 0;
+const SLOTS: u32 = 8;            // slots per bucket
 const MAX_LOAD: f64 = 0.8;
-const GROW_LOAD: f64 = 0.5;
-const RESERVE_LOAD: f64 = 0.75;
+const GROW_LOAD: f64 = 0.52;
+const RESERVE_LOAD: f64 = 0.55;
 const NO_BLOCK: u32 = 0xFFFFFFFF;
 
 @unmanaged
 export class TwinIndex {
-  slots: usize = 0;     // cap * 8 bytes: u32 tag, u32 block + 1 (0 = empty)
-  cap: u32 = 0;
+  table: usize = 0;     // nb * 64 bytes, 64-aligned
+  tableRaw: usize = 0;  // the allocation holding it
+  nb: u32 = 0;          // buckets
   count: u32 = 0;       // slots in use
   hashes: usize = 0;    // blockCap * 16 bytes
   present: usize = 0;   // blockCap bits
@@ -30,22 +46,61 @@ export class TwinIndex {
   zeroHash: usize = 0;  // hash that is never indexed (the zero page)
 }
 
-@inline function probeStart(h: usize, cap: u32): u32 {
-  return <u32>((<u64>load<u32>(h) * <u64>cap) >> 32);
+@inline function homeOf(h: usize, nb: u32): u32 {
+  return <u32>((<u64>load<u32>(h) * <u64>nb) >> 32);
 }
 
 @inline function tagOf(h: usize): u32 {
-  return load<u32>(h, 4);
+  const t = load<u32>(h, 4);
+  return select<u32>(t, 1, t != 0);
 }
 
 @inline function sameHash(a: usize, b: usize): bool {
   return load<u64>(a) == load<u64>(b) && load<u64>(a, 8) == load<u64>(b, 8);
 }
 
+/** Bit s set when tag slot s of the bucket at `b` equals `tag`. */
+@inline function matchMask(b: usize, tag: u32): u32 {
+  if (ASC_FEATURE_SIMD) {
+    const q = i32x4.splat(tag);
+    return i16x8.bitmask(i16x8.narrow_i32x4_s(i32x4.eq(v128.load(b), q), i32x4.eq(v128.load(b, 16), q)));
+  } else {
+    let m: u32 = 0;
+    for (let s: u32 = 0; s < SLOTS; s++) m |= <u32>(load<u32>(b + (<usize>s << 2)) == tag) << s;
+    return m;
+  }
+}
+
+@inline function isFull(b: usize): bool {
+  if (ASC_FEATURE_SIMD) {
+    return i32x4.all_true(v128.load(b)) & i32x4.all_true(v128.load(b, 16));
+  } else {
+    return (load<u32>(b) != 0) & (load<u32>(b, 4) != 0) & (load<u32>(b, 8) != 0) & (load<u32>(b, 12) != 0)
+      & (load<u32>(b, 16) != 0) & (load<u32>(b, 20) != 0) & (load<u32>(b, 24) != 0) & (load<u32>(b, 28) != 0);
+  }
+}
+
+@inline function firstFree(b: usize): u32 {
+  return ctz(matchMask(b, 0));
+}
+
 function allocZeroed(bytes: usize): usize {
   const p = heap.alloc(bytes);
   memory.fill(p, 0, bytes);
   return p;
+}
+
+function bucketsFor(entries: f64, load: f64): u32 {
+  return max<u32>(<u32>Math.ceil(entries / (load * <f64>SLOTS)), 2);
+}
+
+function setTable(idx: TwinIndex, nb: u32): void {
+  const raw = heap.alloc((<usize>nb << 6) + 64);
+  const t = (raw + 63) & ~<usize>63;
+  memory.fill(t, 0, <usize>nb << 6);
+  idx.tableRaw = raw;
+  idx.table = t;
+  idx.nb = nb;
 }
 
 export function indexCreate(blockCapacity: u32, zeroHash: usize): TwinIndex {
@@ -57,13 +112,12 @@ export function indexCreate(blockCapacity: u32, zeroHash: usize): TwinIndex {
   idx.blockCap = bc;
   idx.hashes = allocZeroed(<usize>bc << 4);
   idx.present = allocZeroed(((<usize>bc + 63) >> 6) << 3);
-  idx.cap = max<u32>(<u32>Math.ceil(<f64>bc / RESERVE_LOAD), 16);
-  idx.slots = allocZeroed(<usize>idx.cap << 3);
+  setTable(idx, bucketsFor(<f64>bc, RESERVE_LOAD));
   return idx;
 }
 
 export function indexFree(idx: TwinIndex): void {
-  heap.free(idx.slots);
+  heap.free(idx.tableRaw);
   heap.free(idx.hashes);
   heap.free(idx.present);
   heap.free(changetype<usize>(idx));
@@ -83,69 +137,110 @@ function growBlocks(idx: TwinIndex, need: u32): void {
   idx.blockCap = bc;
 }
 
-function placeSlot(slots: usize, cap: u32, h: usize, block: u32): void {
-  let i = probeStart(h, cap);
-  while (load<u32>(slots + (<usize>i << 3), 4) != EMPTY) {
-    i = i + 1 == cap ? 0 : i + 1;
+/** Puts (tag, block) into the first bucket from `home` with a free slot. */
+@inline function place(table: usize, nb: u32, home: u32, tag: u32, block: u32): void {
+  let i = home;
+  let b = table + (<usize>i << 6);
+  while (isFull(b)) {
+    i = i + 1 == nb ? 0 : i + 1;
+    b = table + (<usize>i << 6);
   }
-  store<u32>(slots + (<usize>i << 3), tagOf(h));
-  store<u32>(slots + (<usize>i << 3), block + 1, 4);
+  const s = <usize>firstFree(b) << 2;
+  store<u32>(b + s, tag);
+  store<u32>(b + s, block, 32);
 }
 
-function rehash(idx: TwinIndex, newCap: u32): void {
-  const slots = allocZeroed(<usize>newCap << 3);
-  for (let i: u32 = 0; i < idx.cap; i++) {
-    const b = load<u32>(idx.slots + (<usize>i << 3), 4);
-    if (b != EMPTY) placeSlot(slots, newCap, idx.hashes + (<usize>(b - 1) << 4), b - 1);
+function rehash(idx: TwinIndex, newNb: u32): void {
+  const oldTable = idx.table, oldRaw = idx.tableRaw, oldNb = idx.nb, recs = idx.hashes;
+  setTable(idx, newNb);
+  const table = idx.table;
+  for (let i: u32 = 0; i < oldNb; i++) {
+    const b = oldTable + (<usize>i << 6);
+    for (let s: usize = 0; s < <usize>SLOTS; s++) {
+      const tag = load<u32>(b + (s << 2));
+      if (tag == 0) continue;
+      const blk = load<u32>(b + (s << 2), 32);
+      place(table, newNb, homeOf(recs + (<usize>blk << 4), newNb), tag, blk);
+    }
   }
-  heap.free(idx.slots);
-  idx.slots = slots;
-  idx.cap = newCap;
+  heap.free(oldRaw);
 }
 
-/** Slot index holding `h`, or -1. */
-function findSlot(idx: TwinIndex, h: usize): i64 {
-  const slots = idx.slots, cap = idx.cap, tag = tagOf(h);
-  let i = probeStart(h, cap);
+/** Address of the tag of the slot holding `h` (its block at +32), or 0. */
+@inline function findIn(table: usize, nb: u32, recs: usize, b: usize, h: usize): usize {
+  const tag = tagOf(h);
   while (true) {
-    const s = slots + (<usize>i << 3);
-    const b = load<u32>(s, 4);
-    if (b == EMPTY) return -1;
-    if (load<u32>(s) == tag && sameHash(idx.hashes + (<usize>(b - 1) << 4), h)) return i;
-    i = i + 1 == cap ? 0 : i + 1;
+    let m = matchMask(b, tag);
+    while (m) {
+      const s = <usize>ctz(m) << 2;
+      if (sameHash(recs + (<usize>load<u32>(b + s, 32) << 4), h)) return b + s;
+      m &= m - 1;
+    }
+    if (!isFull(b)) return 0;
+    b += 64;
+    if (b == table + (<usize>nb << 6)) b = table;
   }
+}
+
+function findSlot(idx: TwinIndex, h: usize): usize {
+  const table = idx.table, nb = idx.nb;
+  return findIn(table, nb, idx.hashes, table + (<usize>homeOf(h, nb) << 6), h);
 }
 
 function insert(idx: TwinIndex, h: usize, block: u32): void {
-  if (findSlot(idx, h) >= 0) return; // an earlier block with this content stands for it
-  if (<f64>(idx.count + 1) > <f64>idx.cap * MAX_LOAD) {
-    rehash(idx, <u32>Math.ceil(<f64>(idx.count + 1) / GROW_LOAD));
+  if (findSlot(idx, h)) return; // an earlier block with this content stands for it
+  if (<f64>(idx.count + 1) > <f64>idx.nb * <f64>SLOTS * MAX_LOAD) {
+    rehash(idx, bucketsFor(<f64>(idx.count + 1), GROW_LOAD));
   }
-  placeSlot(idx.slots, idx.cap, h, block);
+  place(idx.table, idx.nb, homeOf(h, idx.nb), tagOf(h), block);
   idx.count++;
 }
 
-// Backward-shift deletion keeps probe chains intact without tombstones.
-function removeSlot(idx: TwinIndex, slot: u32): void {
-  const slots = idx.slots, cap = idx.cap;
-  let i = slot;
-  let j = slot;
-  while (true) {
-    j = j + 1 == cap ? 0 : j + 1;
-    const sj = slots + (<usize>j << 3);
-    const b = load<u32>(sj, 4);
-    if (b == EMPTY) break;
-    const k = probeStart(idx.hashes + (<usize>(b - 1) << 4), cap);
-    // move j back to i unless its home k lies cyclically in (i, j]
-    const inRange = i <= j ? (k > i && k <= j) : (k > i || k <= j);
-    if (!inRange) {
-      store<u64>(slots + (<usize>i << 3), load<u64>(sj));
-      i = j;
-    }
-  }
-  store<u64>(slots + (<usize>i << 3), 0);
+// Backward shift over buckets: after a slot of bucket i is freed, an entry of a
+// later bucket j (reached through full buckets only) whose home is not in
+// (i, j] would no longer be found; the first such entry moves into the hole,
+// and the hole moves to j. A bucket that was not full ends the scan, since no
+// entry past it probed through it.
+function removeSlot(idx: TwinIndex, slot: usize): void {
+  const table = idx.table, nb = idx.nb, recs = idx.hashes;
+  let hole = slot;
+  let i = <u32>((slot - table) >> 6);
+  const wasFull = isFull(table + (<usize>i << 6));
+  store<u32>(hole, 0);
+  store<u32>(hole, 0, 32);
   idx.count--;
+  if (!wasFull) return;
+  let j = i;
+  while (true) {
+    j = j + 1 == nb ? 0 : j + 1;
+    const bj = table + (<usize>j << 6);
+    const full = isFull(bj);
+    for (let s: usize = 0; s < <usize>SLOTS; s++) {
+      const tag = load<u32>(bj + (s << 2));
+      if (tag == 0) continue;
+      const blk = load<u32>(bj + (s << 2), 32);
+      const k = homeOf(recs + (<usize>blk << 4), nb);
+      const inRange = i <= j ? (k > i && k <= j) : (k > i || k <= j);
+      if (!inRange) {
+        store<u32>(hole, tag);
+        store<u32>(hole, blk, 32);
+        hole = bj + (s << 2);
+        store<u32>(hole, 0);
+        store<u32>(hole, 0, 32);
+        i = j;
+        break;
+      }
+    }
+    if (!full) break;
+  }
 }
+
+// Build and lookup go in groups: the home buckets of a group are read first
+// with no branches between the loads, so their cache misses overlap (wasm has
+// no prefetch instruction; a load whose value feeds SINK does the same job).
+const GROUP: u32 = 32;
+const SINK = memory.data(8, 8);
+const HOMES = memory.data(GROUP << 2, 64); // bucket addresses of a lookup group
 
 /**
  * Records the hashes of blocks first..first+count-1 (16 bytes each at `hashes`).
@@ -157,71 +252,78 @@ export function indexSetBlocks(idx: TwinIndex, hashes: usize, first: u32, count:
   const end = first + count;
   if (end > idx.blockCap) growBlocks(idx, end);
   if (end > idx.blocks) idx.blocks = end;
-  for (let n: u32 = 0; n < count; n++) {
-    const b = first + n;
-    const h = hashes + (<usize>n << 4);
-    const rec = idx.hashes + (<usize>b << 4);
-    if (getBit(idx.present, b)) {
-      if (sameHash(rec, h)) continue;
-      const s = findSlot(idx, rec);
-      if (s >= 0 && load<u32>(idx.slots + (<usize>s << 3), 4) == b + 1) removeSlot(idx, <u32>s);
+  let sink: u32 = 0;
+  for (let g: u32 = 0; g < count; g += GROUP) {
+    const gend = min<u32>(g + GROUP, count);
+    const table = idx.table, nb = idx.nb;
+    for (let n = g; n < gend; n++) {
+      sink += load<u32>(table + (<usize>homeOf(hashes + (<usize>n << 4), nb) << 6));
     }
-    store<u64>(rec, load<u64>(h));
-    store<u64>(rec, load<u64>(h, 8), 8);
-    writeBit(idx.present, b, true);
-    if (!sameHash(h, idx.zeroHash)) insert(idx, rec, b);
+    for (let n = g; n < gend; n++) {
+      const b = first + n;
+      const h = hashes + (<usize>n << 4);
+      const rec = idx.hashes + (<usize>b << 4);
+      if (getBit(idx.present, b)) {
+        if (sameHash(rec, h)) continue;
+        const s = findSlot(idx, rec);
+        if (s != 0 && load<u32>(s, 32) == b) removeSlot(idx, s);
+      }
+      store<u64>(rec, load<u64>(h));
+      store<u64>(rec, load<u64>(h, 8), 8);
+      writeBit(idx.present, b, true);
+      if (!sameHash(h, idx.zeroHash)) insert(idx, rec, b);
+    }
   }
+  store<u32>(SINK, sink);
 }
-
-// Lookups go in groups of LOOKUP_GROUP: the group's home slots, then the hash
-// records those slots point at (when the tag matches), are loaded first with no
-// branches between the loads, so their cache misses overlap; the probes that
-// follow find them in cache. A miss scans ~8.5 slots at load 0.75, so the
-// cache line after the home slot is touched too. (Wasm has no prefetch instruction; a load whose
-// value feeds LOOKUP_SINK does the same job.)
-const LOOKUP_GROUP: u32 = 32;
-const LOOKUP_SINK = memory.data(8, 8);
 
 /**
  * For each of `count` hashes whose bit is set in `candidates` (or all, when
  * candidates is 0): the block holding that content into outBlocks[i] (u32,
  * 0xFFFFFFFF when none) and bit i of outBits. Returns the number found.
+ *
+ * Per group of GROUP hashes: 1. each home bucket is read; 2. its tags are
+ * compared and the hash record of the first matching slot is read (a hit's
+ * second cache miss, overlapped the same way); 3. the lookups proper, which
+ * find both in cache.
  */
 export function indexLookup(idx: TwinIndex, hashes: usize, count: u32, candidates: usize,
                             outBlocks: usize, outBits: usize): u32 {
-  const slots = idx.slots, cap = idx.cap, recs = idx.hashes;
-  const lastSlot = slots + (<usize>(cap - 1) << 3);
+  const table = idx.table, nb = idx.nb, recs = idx.hashes;
+  const last = table + (<usize>(nb - 1) << 6);
   let found: u32 = 0;
   let sink: u32 = 0;
-  for (let g: u32 = 0; g < count; g += LOOKUP_GROUP) {
-    const end = min<u32>(g + LOOKUP_GROUP, count);
-    // 1. touch each home slot
+  for (let g: u32 = 0; g < count; g += GROUP) {
+    const end = min<u32>(g + GROUP, count);
+    // 1. home buckets (bucket 0 for hashes that are not candidates)
+    for (let i = g; i < end; i++) {
+      let b = table + (<usize>homeOf(hashes + (<usize>i << 4), nb) << 6);
+      if (candidates != 0) b = select<usize>(b, table, getBit(candidates, i));
+      store<usize>(HOMES + (<usize>(i - g) << 2), b);
+      sink += load<u32>(b);
+    }
+    // 2. the record of the first slot whose tag matches
     for (let i = g; i < end; i++) {
       const h = hashes + (<usize>i << 4);
-      const s = slots + (<usize>probeStart(h, cap) << 3);
-      sink += load<u32>(s, 4) + load<u32>(min<usize>(s + 64, lastSlot), 4);
+      const b = load<usize>(HOMES + (<usize>(i - g) << 2));
+      const m = matchMask(b, tagOf(h));
+      const blk = load<u32>(b + (<usize>(ctz(m) & 7) << 2), 32);
+      sink += load<u32>(select<usize>(recs + (<usize>blk << 4), h, m != 0));
+      // a full bucket: a miss goes on to the next one
+      if (isFull(b)) sink += load<u32>(min<usize>(b + 64, last));
     }
-    // 2. touch the record a home slot points at when its tag matches
+    // 3. the lookups
     for (let i = g; i < end; i++) {
-      const h = hashes + (<usize>i << 4);
-      const s = slots + (<usize>probeStart(h, cap) << 3);
-      const b = load<u32>(s, 4);
-      const hit = (load<u32>(s) == tagOf(h)) & (b != EMPTY);
-      sink += load<u32>(select<usize>(recs + (<usize>(b - 1) << 4), h, hit));
-    }
-    // 3. the lookups themselves
-    for (let i = g; i < end; i++) {
-      let block = NO_BLOCK;
+      let s: usize = 0;
       if (candidates == 0 || getBit(candidates, i)) {
-        const s = findSlot(idx, hashes + (<usize>i << 4));
-        if (s >= 0) block = load<u32>(slots + (<usize>s << 3), 4) - 1;
+        s = findIn(table, nb, recs, load<usize>(HOMES + (<usize>(i - g) << 2)), hashes + (<usize>i << 4));
       }
-      if (outBlocks) store<u32>(outBlocks + (<usize>i << 2), block);
-      if (outBits) writeBit(outBits, i, block != NO_BLOCK);
-      if (block != NO_BLOCK) found++;
+      if (outBlocks) store<u32>(outBlocks + (<usize>i << 2), s != 0 ? load<u32>(s, 32) : NO_BLOCK);
+      if (outBits) writeBit(outBits, i, s != 0);
+      found += <u32>(s != 0);
     }
   }
-  store<u32>(LOOKUP_SINK, sink);
+  store<u32>(SINK, sink);
   return found;
 }
 
@@ -230,5 +332,5 @@ export function indexBlocks(idx: TwinIndex): u32 { return idx.blocks; }
 export function indexHashesPtr(idx: TwinIndex): usize { return idx.hashes; }
 export function indexPresentPtr(idx: TwinIndex): usize { return idx.present; }
 export function indexBytes(idx: TwinIndex): usize {
-  return (<usize>idx.cap << 3) + (<usize>idx.blockCap << 4) + (((<usize>idx.blockCap + 63) >> 6) << 3);
+  return (<usize>idx.nb << 6) + 64 + (<usize>idx.blockCap << 4) + (((<usize>idx.blockCap + 63) >> 6) << 3);
 }
