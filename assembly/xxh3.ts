@@ -114,29 +114,25 @@ export function initSeed(seed: u64): void {
   let a3 = i64x2(<i64>PRIME32_1, <i64>PRIME64_5);
   let any = i64x2.splat(0);
   const prime = i64x2.splat(<i64>PRIME32_1);
-  let ip: usize, sp: usize;
-  // 4 blocks of 16 stripes; the 4th block has 15 stripes (the 16th is the last
-  // stripe below, read with a different secret offset). The loop takes the
-  // 4th block's first 14; its 15th follows the loop. (One stripe per iteration:
-  // unrolling two made V8 hoist all 16 loads and spill.)
+  // 4 blocks of 16 stripes. The 4th block's 16th stripe is XXH3's "last
+  // stripe": the page's final 64 bytes (the same address here), read with the
+  // secret at 192 - 64 - 7 instead of 15 * 8. One stripe per iteration:
+  // unrolling two made V8 hoist all 16 loads and spill.
   for (let block: usize = 0; block < 4; block++) {
     const base = p + block * 1024;
-    const stripes: usize = block < 3 ? 16 : 14;
-    for (let s: usize = 0; s < stripes; s++) {
-      ip = base + s * 64;
-      sp = SECRET + s * 8;
-      {
-        const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
-        const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
-        const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
-        const l01 = v128.shuffle<i32>(k0, k1, 2, 0, 6, 4), h01 = v128.shuffle<i32>(k0, k1, 3, 1, 7, 5);
-        const l23 = v128.shuffle<i32>(k2, k3, 2, 0, 6, 4), h23 = v128.shuffle<i32>(k2, k3, 3, 1, 7, 5);
-        a0 = i64x2.add(a0, i64x2.add(x0, i64x2.extmul_low_i32x4_u(l01, h01)));
-        a1 = i64x2.add(a1, i64x2.add(x1, i64x2.extmul_high_i32x4_u(l01, h01)));
-        a2 = i64x2.add(a2, i64x2.add(x2, i64x2.extmul_low_i32x4_u(l23, h23)));
-        a3 = i64x2.add(a3, i64x2.add(x3, i64x2.extmul_high_i32x4_u(l23, h23)));
-        any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
-      }
+    for (let s: usize = 0; s < 16; s++) {
+      const ip = base + s * 64;
+      const sp = block == 3 && s == 15 ? SECRET + SECRET_SIZE - 64 - 7 : SECRET + s * 8;
+      const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
+      const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
+      const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
+      const l01 = v128.shuffle<i32>(k0, k1, 2, 0, 6, 4), h01 = v128.shuffle<i32>(k0, k1, 3, 1, 7, 5);
+      const l23 = v128.shuffle<i32>(k2, k3, 2, 0, 6, 4), h23 = v128.shuffle<i32>(k2, k3, 3, 1, 7, 5);
+      a0 = i64x2.add(a0, i64x2.add(x0, i64x2.extmul_low_i32x4_u(l01, h01)));
+      a1 = i64x2.add(a1, i64x2.add(x1, i64x2.extmul_high_i32x4_u(l01, h01)));
+      a2 = i64x2.add(a2, i64x2.add(x2, i64x2.extmul_low_i32x4_u(l23, h23)));
+      a3 = i64x2.add(a3, i64x2.add(x3, i64x2.extmul_high_i32x4_u(l23, h23)));
+      any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
     }
     // the scramble works lane by lane; only its secret needs the swapped order
     if (block < 3) {
@@ -145,36 +141,6 @@ export function initSeed(seed: u64): void {
       a2 = i64x2.mul(v128.xor(v128.xor(a2, i64x2.shr_u(a2, 47)), v128.load(SECRET_SW, 32)), prime);
       a3 = i64x2.mul(v128.xor(v128.xor(a3, i64x2.shr_u(a3, 47)), v128.load(SECRET_SW, 48)), prime);
     }
-  }
-  // stripe 14 of block 3, then the last stripe: the page's final 64 bytes at
-  // secret offset 192 - 64 - 7.
-  ip = p + PAGE_SIZE - 128;
-  sp = SECRET + 14 * 8;
-  {
-    const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
-    const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
-    const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
-    const l01 = v128.shuffle<i32>(k0, k1, 2, 0, 6, 4), h01 = v128.shuffle<i32>(k0, k1, 3, 1, 7, 5);
-    const l23 = v128.shuffle<i32>(k2, k3, 2, 0, 6, 4), h23 = v128.shuffle<i32>(k2, k3, 3, 1, 7, 5);
-    a0 = i64x2.add(a0, i64x2.add(x0, i64x2.extmul_low_i32x4_u(l01, h01)));
-    a1 = i64x2.add(a1, i64x2.add(x1, i64x2.extmul_high_i32x4_u(l01, h01)));
-    a2 = i64x2.add(a2, i64x2.add(x2, i64x2.extmul_low_i32x4_u(l23, h23)));
-    a3 = i64x2.add(a3, i64x2.add(x3, i64x2.extmul_high_i32x4_u(l23, h23)));
-    any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
-  }
-  ip = p + PAGE_SIZE - 64;
-  sp = SECRET + SECRET_SIZE - 64 - 7;
-  {
-    const x0 = v128.load(ip), x1 = v128.load(ip, 16), x2 = v128.load(ip, 32), x3 = v128.load(ip, 48);
-    const k0 = v128.xor(x0, v128.load(sp)), k1 = v128.xor(x1, v128.load(sp, 16));
-    const k2 = v128.xor(x2, v128.load(sp, 32)), k3 = v128.xor(x3, v128.load(sp, 48));
-    const l01 = v128.shuffle<i32>(k0, k1, 2, 0, 6, 4), h01 = v128.shuffle<i32>(k0, k1, 3, 1, 7, 5);
-    const l23 = v128.shuffle<i32>(k2, k3, 2, 0, 6, 4), h23 = v128.shuffle<i32>(k2, k3, 3, 1, 7, 5);
-    a0 = i64x2.add(a0, i64x2.add(x0, i64x2.extmul_low_i32x4_u(l01, h01)));
-    a1 = i64x2.add(a1, i64x2.add(x1, i64x2.extmul_high_i32x4_u(l01, h01)));
-    a2 = i64x2.add(a2, i64x2.add(x2, i64x2.extmul_low_i32x4_u(l23, h23)));
-    a3 = i64x2.add(a3, i64x2.add(x3, i64x2.extmul_high_i32x4_u(l23, h23)));
-    any = v128.or(any, v128.or(v128.or(x0, x1), v128.or(x2, x3)));
   }
   finish(
     <u64>i64x2.extract_lane(a0, 1), <u64>i64x2.extract_lane(a0, 0),
