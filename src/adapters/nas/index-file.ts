@@ -80,6 +80,8 @@ export interface OpenIndexOptions {
   batchBlocks?: number;
   /** Re-hash even if the index file looks current. */
   rebuild?: boolean;
+  /** Hash with this many worker threads (each reads its share of the image); 0: this thread. */
+  workers?: number;
 }
 
 /** Loads the image's index if it is current, or builds (and saves) it. */
@@ -107,7 +109,9 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     const seed = randomBytes(8).readBigUInt64LE(0);
     const engine = await createEngine({ seed });
     const index = engine.createIndex(image.blocks);
-    const hashes = hashImage(engine, image, index, opts);
+    const hashes = opts.workers && image.size % BLOCK_SIZE === 0
+      ? await hashImageWithPool(engine, image, index, seed, opts)
+      : hashImage(engine, image, index, opts);
     header = { seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex") };
     writeIndexFile(indexPath, header, hashes);
     return { engine, index, image, header, indexPath, built: true, ms: performance.now() - t0 };
@@ -135,6 +139,26 @@ function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: Ope
   } finally {
     buf.free();
     out.free();
+  }
+  return all;
+}
+
+async function hashImageWithPool(engine: Engine, image: DiskImage, index: TwinIndex, seed: bigint, opts: OpenIndexOptions): Promise<Uint8Array> {
+  const { EnginePool } = await import("../../pool/pool.js");
+  const pool = await EnginePool.create({ size: opts.workers, seed, flavor: engine.flavor });
+  const total = image.blocks;
+  const batch = (opts.batchBlocks ?? 1024) * pool.size;
+  const all = new Uint8Array(total * HASH_SIZE);
+  try {
+    for (let first = 0; first < total; first += batch) {
+      const n = Math.min(batch, total - first);
+      const { hashes } = await pool.scanFile(image.path, first, n);
+      all.set(hashes, first * HASH_SIZE);
+      index.setBlocks(hashes, first);
+      opts.onProgress?.(first + n, total);
+    }
+  } finally {
+    await pool.close();
   }
   return all;
 }

@@ -1,5 +1,5 @@
 import { openNasIndex } from "../../adapters/nas/index-file.js";
-import { parse, helpText, str, progress, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, progress, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "index",
@@ -9,6 +9,7 @@ export const spec: CommandSpec = {
     image: { type: "string", help: "raw disk image on the NAS mount" },
     index: { type: "string", help: "index file (default: IMAGE.pagetwin-index, beside the image)" },
     rebuild: { type: "boolean", help: "hash again even if the index is current" },
+    workers: { type: "string", default: "0", help: "hash on this many worker threads (0: this thread)" },
     json: { type: "boolean", help: "print one JSON object" },
   },
   details: "The index is reused while the image's size, mtime and inode are unchanged. It holds the random\nhash seed, so it is created mode 0600; both hosts read it from the NAS.",
@@ -19,6 +20,7 @@ export async function run(argv: string[]): Promise<number> {
   if (help) { console.log(helpText(spec)); return 0; }
   const nas = await openNasIndex(str(values, "image"), {
     indexPath: values.index as string | undefined, rebuild: !!values.rebuild, onProgress: progress("indexing"),
+    workers: num(values, "workers", 0, 256),
   });
   const out = {
     image: nas.image.path, index: nas.indexPath, blocks: nas.header.blocks, distinct: nas.index.size,
