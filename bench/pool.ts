@@ -25,10 +25,13 @@ async function iterationMs(path: string, pages: number, workers: number): Promis
   const ram = RamFile.open(path);
   try {
     const t = performance.now();
+    // as the source agent does: the workers scan the next window while this thread joins this one
+    let pending = pool?.scanFile(path, 0, Math.min(WINDOW, pages));
     for (let first = 0; first < pages; first += WINDOW) {
       const count = Math.min(WINDOW, pages - first);
       if (pool) {
-        const scan = await pool.scanFile(path, first, count);
+        const scan = await pending!;
+        if (first + WINDOW < pages) pending = pool.scanFile(path, first + WINDOW, Math.min(WINDOW, pages - first - WINDOW));
         planner.planWindowHashed(first, count, scan.hashes, scan.zeroBits);
       } else {
         ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
@@ -52,7 +55,7 @@ export async function benchPool(opts: { json?: boolean; gib?: number; memGib?: n
     log(`writing a ${gib} GiB RAM file...`);
     const chunk = crypto.randomBytes(64 << 20);
     const fd = openSync(path, "w");
-    for (let o = 0; o < gib * 1024; o += 64) writeSync(fd, chunk, 0, chunk.length, o << 20);
+    for (let o = 0; o < gib * 1024; o += 64) writeSync(fd, chunk, 0, chunk.length, o * 2 ** 20);
     closeSync(fd);
     const pages = gib * 262144;
     const ms: Record<string, number[]> = { main: [], w1: [], w2: [] };
