@@ -15,8 +15,9 @@ import { DiskImage } from "../adapters/nas/image.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import { FrameLink } from "./link.js";
 import {
-  FrameType, PROTOCOL_VERSION, decodeJson, decodePages, decodeRefs, decodePageList, encodeIterAck, encodeJson, ProtocolError, type Frame,
+  FrameType, PROTOCOL_VERSION, decodeJson, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck, encodeJson, ProtocolError, type Frame,
 } from "./protocol.js";
+import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "./compress.js";
 
 export interface DestinationOptions {
   /** The destination VM's RAM file (exists with the VM's size, or is created when `createRam`). */
@@ -52,6 +53,8 @@ export interface DestinationResult {
   /** Twins whose NAS block did not match their hash (rewritten since indexing, or unreadable). */
   twinsRejected: number;
   zeroPages: number;
+  /** Pages that came in CompressedPages frames (included in pagesWritten). */
+  pagesDecompressed: number;
   bytesIn: number;
   digest: string;
   verified: boolean;
@@ -66,6 +69,9 @@ interface Session {
   resend: number[];
   /** 16 B per page: the hash of what this agent holds in RAM (taken before the migration, kept up to date on every write). */
   held: Region;
+  /** Algorithms agreed in Hello (what the source offered and this agent decompresses). */
+  compression: CompressionAlgorithm[];
+  decompressors: Map<CompressionAlgorithm, PageCompressor>;
 }
 
 export class DestinationAgent {
@@ -124,7 +130,7 @@ export class DestinationAgent {
   }
 
   private async session(link: FrameLink): Promise<DestinationResult> {
-    const r: DestinationResult = { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, bytesIn: 0, digest: "", verified: false };
+    const r: DestinationResult = { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, pagesDecompressed: 0, bytesIn: 0, digest: "", verified: false };
     let s: Session | null = null;
     try {
       s = await this.hello(link);
@@ -139,6 +145,26 @@ export class DestinationAgent {
             writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), data);
             this.holdHashesOf(s, pages, data, scratch, hashes);
             r.pagesWritten += pages.length;
+            break;
+          }
+          case FrameType.CompressedPages: {
+            const { algorithmId, pages, packed } = decodeCompressedPages(f, s.pages);
+            const algo = algorithmOfId(algorithmId);
+            if (!algo || !s.compression.includes(algo)) {
+              throw new ProtocolError(`CompressedPages frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${s.compression.join(", ") || "none"})`);
+            }
+            let d = s.decompressors.get(algo);
+            if (!d) s.decompressors.set(algo, (d = createCompressor(algo)));
+            // straight into the hashing scratch: exactly n pages, never more (a bomb or corrupt data throws)
+            const n = pages.length;
+            const data = scratch.view(0, n * PAGE_SIZE);
+            d.decompressInto(packed, data);
+            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), data);
+            s.engine.hashPagesAt(scratch.ptr, n, hashes.ptr);
+            const hv = hashes.view(), held = s.held.view();
+            for (let k = 0; k < n; k++) held.set(hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE), pages[k]! * HASH_SIZE);
+            r.pagesWritten += n;
+            r.pagesDecompressed += n;
             break;
           }
           case FrameType.Zeros: {
@@ -211,7 +237,7 @@ export class DestinationAgent {
   }
 
   private async hello(link: FrameLink): Promise<Session> {
-    const h = decodeJson<{ version: number; pages: number; pageSize: number; dedup: boolean; indexId: string | null; auth?: string | null; nonce?: string }>(await link.next(FrameType.Hello, 30_000));
+    const h = decodeJson<{ version: number; pages: number; pageSize: number; dedup: boolean; indexId: string | null; auth?: string | null; nonce?: string; compression?: unknown }>(await link.next(FrameType.Hello, 30_000));
     const refuse = async (error: string): Promise<never> => {
       await link.send(encodeJson(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
       throw new ProtocolError(error);
@@ -254,9 +280,11 @@ export class DestinationAgent {
       return refuse((err as Error).message);
     }
     const engine = await createEngine({ seed });
-    await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION }));
+    const offered = Array.isArray(h.compression) ? h.compression : [];
+    const compression = availableAlgorithms().filter((a) => offered.includes(a));
+    await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression }));
     const held = engine.alloc(h.pages * HASH_SIZE);
-    const session: Session = { engine, ram, image, pages: h.pages, resend: [], held };
+    const session: Session = { engine, ram, image, pages: h.pages, resend: [], held, compression, decompressors: new Map() };
     if (this.opts.createRam) {
       const z = engine.zeroPageHash(), v = held.view();
       for (let i = 0; i < h.pages; i++) v.set(z, i * HASH_SIZE);

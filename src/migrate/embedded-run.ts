@@ -15,6 +15,7 @@ import { EnginePool } from "../pool/pool.js";
 import { DestinationAgent, type DestinationResult } from "./destination.js";
 import { migrateSource, MigrationError, type MigrationResult } from "./source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
+import type { CompressionMode } from "./compress.js";
 
 export interface EmbeddedRunOptions {
   vm: EmbeddedVmOptions;
@@ -27,6 +28,8 @@ export interface EmbeddedRunOptions {
   /** Guest runs this long before the migration starts, ms. */
   warmupMs?: number;
   trace?: boolean;
+  /** Compression of the pages sent in full (default "auto"). */
+  compress?: CompressionMode;
   /** Hash with a pool of this many worker threads (0: on the main thread). */
   workers?: number;
   onIteration?: Parameters<typeof migrateSource>[0]["onIteration"];
@@ -125,7 +128,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
         engine: nas.engine, index: o.mode === "pagetwin" ? nas.index : null, indexId: nas.header.indexId,
         ram, pool, ramPath, vm: { pause: () => vm.pause(), resume: () => vm.resume() },
         host: target.host, port: target.port, bandwidth: o.bandwidth ?? 125e6, convergence: o.convergence,
-        trace: o.trace, onIteration: o.onIteration,
+        trace: o.trace, onIteration: o.onIteration, compress: o.compress,
       });
     } catch (err) {
       if (err instanceof MigrationError) result = err.result;

@@ -22,7 +22,11 @@ export enum FrameType {
   Done = 9,       // dst -> src, JSON {ok, digest, error?}
   Abort = 10,     // either way, JSON {reason}
   Auth = 11,      // src -> dst, JSON {proof}: the source's answer to the destination's challenge
+  CompressedPages = 12, // src -> dst: u8 algorithm, u32 count, count x u32 page, compressed count x 4096 bytes
 }
+
+/** Most pages one CompressedPages frame may hold (its data decompresses to at most 8 MiB). */
+export const MAX_COMPRESSED_PAGES = 2048;
 
 const TRAILER = 4;
 
@@ -73,6 +77,36 @@ export function encodePages(pages: ArrayLike<number>, bytesOf: (i: number) => Ui
   const data = 9 + 4 * n;
   for (let i = 0; i < n; i++) b.set(bytesOf(i), data + i * PAGE_SIZE);
   return seal(b);
+}
+
+/**
+ * Builds a frame of `n` full pages in one allocation, sized for the raw Pages
+ * frame: `compress(dst)` may write compressed page data straight into the
+ * frame (at most 90% of the raw size by default, returns its length, or -1);
+ * if it does not, the raw Pages frame is built in the same buffer.
+ */
+export function encodePagesMaybeCompressed(
+  pages: ArrayLike<number>, bytesOf: (i: number) => Uint8Array, algorithmId: number,
+  compress: ((dst: Uint8Array) => number) | null, maxRatio = 0.9,
+): { frame: Buffer; compressed: number } {
+  const n = pages.length;
+  const b = Buffer.allocUnsafe(4 + 1 + 4 + 4 * n + PAGE_SIZE * n + TRAILER);
+  if (compress && n > 0 && n <= MAX_COMPRESSED_PAGES) {
+    b[4] = FrameType.CompressedPages;
+    b[5] = algorithmId;
+    b.writeUInt32BE(n, 6);
+    for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 10 + 4 * i);
+    const data = 10 + 4 * n;
+    const room = Math.floor(PAGE_SIZE * n * maxRatio);
+    const got = compress(b.subarray(data, data + room));
+    if (got >= 0 && got <= room) return { frame: seal(b.subarray(0, data + got + TRAILER)), compressed: got };
+  }
+  b[4] = FrameType.Pages;
+  b.writeUInt32BE(n, 5);
+  for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
+  const data = 9 + 4 * n;
+  for (let i = 0; i < n; i++) b.set(bytesOf(i), data + i * PAGE_SIZE);
+  return { frame: seal(b), compressed: -1 };
 }
 
 export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, hashOf: (i: number) => Uint8Array): Buffer {
@@ -132,6 +166,23 @@ export function decodePages(f: Frame, maxPage: number): { pages: Uint32Array; da
     pages[i] = p;
   }
   return { pages, data: f.payload.subarray(4 + 4 * n) };
+}
+
+/** CompressedPages frame: the algorithm's wire id, the page list, and the compressed data (not yet checked). */
+export function decodeCompressedPages(f: Frame, maxPage: number): { algorithmId: number; pages: Uint32Array; packed: Uint8Array } {
+  const p = f.payload;
+  if (p.length < 5) throw new ProtocolError(`CompressedPages frame of ${p.length} bytes is too short`);
+  const dv = view(p);
+  const n = dv.getUint32(1);
+  if (n === 0 || n > MAX_COMPRESSED_PAGES) throw new ProtocolError(`CompressedPages frame says ${n} pages; 1..${MAX_COMPRESSED_PAGES} allowed`);
+  if (p.length < 5 + 4 * n) throw new ProtocolError(`CompressedPages frame says ${n} pages but holds ${p.length} bytes`);
+  const pages = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    const pg = dv.getUint32(5 + 4 * i);
+    if (pg >= maxPage) throw new ProtocolError(`CompressedPages frame names page ${pg}, past the VM's ${maxPage} pages`);
+    pages[i] = pg;
+  }
+  return { algorithmId: p[0]!, pages, packed: p.subarray(5 + 4 * n) };
 }
 
 export function decodeRefs(f: Frame, maxPage: number, maxBlock: number): { pages: Uint32Array; blocks: Uint32Array; hashes: Uint8Array } {

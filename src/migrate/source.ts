@@ -14,8 +14,12 @@ import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.
 import { FrameLink, RateLimiter } from "./link.js";
 import type { EnginePool } from "../pool/pool.js";
 import {
-  FrameType, PROTOCOL_VERSION, decodeIterAck, decodeJson, encodeJson, encodePageList, encodePages, encodeRefs, ProtocolError,
+  FrameType, PROTOCOL_VERSION, decodeIterAck, decodeJson, encodeJson, encodePageList, encodePagesMaybeCompressed, encodeRefs, ProtocolError,
 } from "./protocol.js";
+import {
+  ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, emptyCompressionStats, zstdUnavailableReason,
+  type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
+} from "./compress.js";
 
 /** Reads the source VM's RAM (a file adapter, or anything page-addressable). */
 export interface RamReader {
@@ -62,6 +66,12 @@ export interface SourceOptions {
   tls?: TlsFiles | null;
   /** Longest wait for an answer from the destination, ms (default 120000). */
   answerTimeoutMs?: number;
+  /**
+   * Compression of the pages sent in full: "auto" (default) compresses a
+   * batch only when the compressor outruns the link and the batch compresses;
+   * an algorithm compresses every batch that compresses; "off" never.
+   */
+  compress?: CompressionMode;
 }
 
 export interface TlsFiles {
@@ -111,6 +121,8 @@ export interface MigrationResult {
   verified: boolean;
   digest: string;
   iterationLog: IterationRecord[];
+  /** How the pages sent in full travelled: compressed or raw, and why. */
+  compression: CompressionStats;
   error?: string;
 }
 
@@ -151,7 +163,19 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     status: "failed", mode: o.index ? "pagetwin" : "baseline", totalTimeMs: 0, downtimeMs: 0, setupTimeMs: 0,
     transferredBytes: 0, receivedBytes: 0, iterations: 0, pages: { ...totals, total: o.ram.pages }, mbps: 0,
     convergence: "", expectedDowntimeMs: 0, verified: false, digest: "", iterationLog: log,
+    compression: emptyCompressionStats(o.compress ?? "auto"),
   };
+  const cstats = result.compression;
+  const cmode = o.compress ?? "auto";
+  // what this source offers: auto, every algorithm available here (preferred first); an algorithm, that one
+  let offer: CompressionAlgorithm[] = [];
+  if (cmode === "auto") offer = availableAlgorithms();
+  else if (cmode !== "off") {
+    if (!availableAlgorithms().includes(cmode)) throw new RangeError(`pagetwin: --compress ${cmode}: not available here (${zstdUnavailableReason()})`);
+    offer = [cmode];
+  }
+  let compressor: PageCompressor | null = null;
+  const cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth });
   let link: FrameLink | null = null;
   let paused = false;
   let pausedAt = 0;
@@ -163,9 +187,9 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     const nonce = o.psk ? newNonce() : null;
     await link.send(encodeJson(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId,
-      auth: o.psk ? "psk" : null, nonce,
+      auth: o.psk ? "psk" : null, nonce, compression: offer,
     }));
-    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; nonce?: string; proof?: string };
+    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; nonce?: string; proof?: string; compression?: unknown };
     let ack = decodeJson<Ack>(await link.next(FrameType.HelloAck, 30_000));
     if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
     if (o.psk) {
@@ -177,6 +201,14 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
     }
     if (!ack.ready) throw new ProtocolError("the destination did not say it is ready (a destination without a key answering a source with one?)");
+    if (offer.length) {
+      const accepted = Array.isArray(ack.compression) ? ack.compression : [];
+      const algo = offer.find((a) => accepted.includes(a)) ?? null;
+      if (algo) {
+        compressor = createCompressor(algo);
+        cstats.algorithm = algo;
+      } else cstats.note = `the destination decompresses none of ${offer.join(", ")}: pages travel raw`;
+    } else cstats.note = "compression off";
     result.setupTimeMs = performance.now() - t0;
 
     const runIteration = async (iteration: number, final: boolean): Promise<IterationRecord> => {
@@ -261,9 +293,40 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       }
       for (let i = 0; i < plan.send.length; i += framePages) {
         const pages = plan.send.subarray(i, i + framePages);
-        // encodePages copies the bytes out before the next window overwrites them
-        await l.send(encodePages(pages, (k) => bytesOf(i + k)));
+        // the frame holds the bytes (compressed or copied) before the next window overwrites them
+        await sendPages(l, pages, (k) => bytesOf(i + k));
       }
+    };
+
+    /** One batch of full pages: compressed straight from `bytesOf` into the frame when that pays, else raw. */
+    const sendPages = async (l: FrameLink, pages: Uint32Array, bytesOf: (i: number) => Uint8Array) => {
+      const raw = pages.length * PAGE_SIZE;
+      let compress: ((dst: Uint8Array) => number) | null = null;
+      let compressMs = 0;
+      const verdict = compressor ? cpolicy.decide() : "off";
+      if (compressor && verdict === "compress") {
+        const c = compressor;
+        compress = (dst) => {
+          const t = performance.now();
+          const got = c.compressChunks(contiguousRuns(pages.length, bytesOf), dst);
+          compressMs = performance.now() - t;
+          return got;
+        };
+      }
+      const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, compressor ? ALGORITHM_ID[compressor.algorithm] : 0, compress, cpolicy.maxRatio);
+      if (compress) cpolicy.recordCompress(raw, compressed >= 0 ? compressed : raw, compressMs);
+      if (compressed >= 0) {
+        cstats.framesCompressed++;
+        cstats.bytesBefore += raw;
+        cstats.bytesAfter += compressed;
+      } else {
+        cstats.framesRaw++;
+        if (verdict === "slow") cstats.rawSlow++;
+        else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
+      }
+      const t = performance.now();
+      await l.send(frame);
+      cpolicy.recordSend(frame.length, performance.now() - t);
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -275,7 +338,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         const hv = resendHashes.view();
         batch.forEach((p, k) => planner.recordSent(p, hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE)));
         const data = resendRegion.view();
-        await l.send(encodePages(batch, (k) => data.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)));
+        await sendPages(l, batch, (k) => data.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE));
       }
     };
 
@@ -328,6 +391,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       result.receivedBytes = link.bytesIn;
     }
     result.mbps = (result.transferredBytes * 8) / 1e6 / Math.max(result.totalTimeMs / 1000, 1e-3);
+    cstats.compressMBs = cpolicy.compressRate / 1e6;
+    cstats.linkMBs = Number.isFinite(cpolicy.linkRate) ? cpolicy.linkRate / 1e6 : 0;
     planner.free();
     resendRegion.free();
     resendHashes.free();

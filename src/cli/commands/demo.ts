@@ -2,12 +2,13 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir, cpus, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { runEmbeddedMigration, removeDir, type EmbeddedRunResult } from "../../migrate/embedded-run.js";
-import { parse, helpText, num, parseRate, fmtBytes, type CommandSpec } from "../args.js";
+import { parse, helpText, num, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
+import { parseCompressionMode, type CompressionStats } from "../../migrate/compress.js";
 
 export const spec: CommandSpec = {
   name: "demo",
   summary: "migrate the embedded VM twice over loopback TCP: plain pre-copy, then pagetwin",
-  usage: "pagetwin demo [--ram-mib 256] [--twin-share 0.5] [--dirty-rate 2000] [--bandwidth 1gbit] [--json]",
+  usage: "pagetwin demo [--ram-mib 256] [--twin-share 0.5] [--dirty-rate 2000] [--bandwidth 1gbit] [--compress auto|off|zstd|brotli] [--json]",
   options: {
     "ram-mib": { type: "string", default: "256", help: "the VM's RAM size, MiB" },
     "twin-share": { type: "string", default: "0.5", help: "share of RAM pages that are page cache (copies of disk blocks)" },
@@ -15,6 +16,7 @@ export const spec: CommandSpec = {
     "dirty-rate": { type: "string", default: "2000", help: "pages the guest writes per second during the migration" },
     "rewrite-rate": { type: "string", default: "20", help: "disk blocks the guest rewrites per second behind its page cache" },
     bandwidth: { type: "string", default: "1gbit", help: "link bandwidth (rate limit on the source), e.g. 1gbit, 500mbit" },
+    compress: { type: "string", default: "auto", help: "pagetwin run: compress pages sent in full (auto, off, zstd, brotli); the plain pre-copy run never does" },
     downtime: { type: "string", default: "300", help: "downtime target, ms (QEMU's default downtime-limit)" },
     "max-iterations": { type: "string", default: "30", help: "iteration cap" },
     workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
@@ -39,6 +41,7 @@ export interface DemoRun {
   setupTimeMs: number;
   indexMs: number;
   guest: EmbeddedRunResult["guest"];
+  compression: CompressionStats;
   error?: string;
 }
 
@@ -47,6 +50,8 @@ export async function run(argv: string[]): Promise<number> {
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
   const ramMiB = num(values, "ram-mib", 1, 3072);
+  let compress;
+  try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
   const bandwidth = parseRate(values.bandwidth as string);
   const own = !values.dir;
   const dir = (values.dir as string | undefined) ?? mkdtempSync(join(tmpdir(), "pagetwin-demo-"));
@@ -64,14 +69,14 @@ export async function run(argv: string[]): Promise<number> {
     for (const mode of ["baseline", "pagetwin"] as const) {
       say(`\n${mode === "baseline" ? "plain pre-copy (zero pages skipped, every other dirty page sent)" : "pagetwin (twin pages sent as NAS references)"}:`);
       const r = await runEmbeddedMigration({
-        vm, mode, bandwidth, convergence, trace: !!values.trace, workers: num(values, "workers", 0, 64),
+        vm, mode, bandwidth, convergence, trace: !!values.trace, compress: mode === "pagetwin" ? compress : "off", workers: num(values, "workers", 0, 64),
         onIteration: (it) => say(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
       });
       runs.push({
         mode, status: r.status, totalTimeMs: round(r.totalTimeMs), downtimeMs: round(r.downtimeMs), transferredBytes: r.transferredBytes,
         iterations: r.iterations, pages: { normal: r.pages.normal, zero: r.pages.zero, twin: r.pages.twin, resent: r.pages.resent },
         verified: r.verified, convergence: r.convergence, mbps: round(r.mbps), setupTimeMs: round(r.setupTimeMs), indexMs: round(r.indexMs),
-        guest: r.guest, ...(r.error ? { error: r.error } : {}),
+        guest: r.guest, compression: r.compression, ...(r.error ? { error: r.error } : {}),
       });
       traces.push({ mode, result: runs[runs.length - 1], iterations: r.iterationLog });
       if (r.status !== "completed") say(`  FAILED: ${r.error}`);
@@ -106,6 +111,7 @@ export async function run(argv: string[]): Promise<number> {
     row("pages as NAS refs", (r) => String(r.pages.twin));
     row("zero pages", (r) => String(r.pages.zero));
     row("pages resent", (r) => String(r.pages.resent));
+    row("compressed frames", (r) => (r.compression.algorithm ? `${r.compression.framesCompressed}/${r.compression.framesCompressed + r.compression.framesRaw} ${r.compression.algorithm}` : "off"));
     row("RAM identical", (r) => (r.verified ? "yes" : "NO"));
     if (tracePath) console.log(`\ntrace: ${tracePath} (open it in the visualizer: npm run web)`);
   }

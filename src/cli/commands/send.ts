@@ -2,19 +2,21 @@ import { writeFileSync } from "node:fs";
 import { openNasIndex } from "../../adapters/nas/index-file.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
 import { migrateSource, MigrationError } from "../../migrate/source.js";
+import { parseCompressionMode } from "../../migrate/compress.js";
 import { loadKey } from "../../migrate/auth.js";
 import { parse, helpText, str, num, parseRate, fmtBytes, progress, tlsFiles, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "send",
   summary: "source agent: migrate a RAM file to a `pagetwin listen` agent",
-  usage: "pagetwin send --ram FILE --image IMAGE --to HOST:PORT [--bandwidth 1gbit] [--no-dedup] [--json]",
+  usage: "pagetwin send --ram FILE --image IMAGE --to HOST:PORT [--bandwidth 1gbit] [--compress auto|off|zstd|brotli] [--no-dedup] [--json]",
   options: {
     ram: { type: "string", help: "the source VM's RAM file" },
     image: { type: "string", help: "the VM's raw disk image on the NAS" },
     index: { type: "string", help: "index file (default: beside the image)" },
     to: { type: "string", help: "the destination agent, HOST:PORT" },
     bandwidth: { type: "string", default: "1gbit", help: "rate limit on the link (0: none)" },
+    compress: { type: "string", default: "auto", help: "pages sent in full: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     "no-dedup": { type: "boolean", help: "plain pre-copy: send every non-zero dirty page in full" },
     downtime: { type: "string", default: "300", help: "downtime target, ms" },
     "max-iterations": { type: "string", default: "30", help: "iteration cap" },
@@ -37,6 +39,8 @@ export async function run(argv: string[]): Promise<number> {
   if (!m) throw new UsageError(`--to must be HOST:PORT (got "${to}")`);
   const onCap = values["on-cap"];
   if (onCap !== "switchover" && onCap !== "abort") throw new UsageError("--on-cap is switchover or abort");
+  let compress;
+  try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
   const nas = await openNasIndex(str(values, "image"), { indexPath: values.index as string | undefined, onProgress: progress("indexing") });
   const ram = RamFile.open(str(values, "ram"));
   try {
@@ -45,7 +49,7 @@ export async function run(argv: string[]): Promise<number> {
       vm: { pause: async () => {}, resume: async () => {} },
       host: m[1]!, port: Number(m[2]), bandwidth: parseRate(values.bandwidth as string),
       convergence: { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap },
-      trace: !!values.trace,
+      trace: !!values.trace, compress,
       psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null,
       tls: tlsFiles(values),
       onIteration: (it) => { if (!values.json) console.error(`iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`); },
@@ -72,4 +76,8 @@ function print(r: import("../../migrate/source.js").MigrationResult, json: boole
     return;
   }
   console.log(`status ${r.status}; total-time ${r.totalTimeMs.toFixed(0)} ms, downtime ${r.downtimeMs.toFixed(0)} ms, transferred ${fmtBytes(r.transferredBytes)}, ${r.iterations} iterations; pages: ${r.pages.normal} normal, ${r.pages.twin} twin, ${r.pages.zero} zero, ${r.pages.resent} resent; RAM digest ${r.verified ? "verified" : "NOT verified"}`);
+  const c = r.compression;
+  console.log(c.algorithm
+    ? `compression ${c.algorithm} (${c.mode}): ${c.framesCompressed} frames compressed (${fmtBytes(c.bytesBefore)} -> ${fmtBytes(c.bytesAfter)}), ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress)`
+    : `compression off${c.note && c.note !== "compression off" ? `: ${c.note}` : ""}`);
 }

@@ -1,0 +1,312 @@
+// Compression of the pages that still travel in full (CompressedPages frames).
+//
+// zstd level 1 through zstd-napi (libzstd built from its bundled sources by
+// node-gyp) is the one pagetwin uses; brotli quality 1 (node:zlib, built in)
+// is the fallback when the native binding cannot load. bench/compress.ts
+// measured both (and deflate, lz4, zstd-wasm) on real page data.
+//
+// The source compresses straight from the RAM window into the frame buffer
+// (zstd streaming over runs of contiguous pages, no copy of the page bytes);
+// the destination decompresses straight into its hashing scratch (bounded to
+// exactly n x 4096 bytes: a bomb or corrupt data is a ProtocolError, never a
+// large allocation). CompressionPolicy decides per frame whether compressing
+// can make the transfer faster: only when the compressor outruns the link and
+// the data compresses.
+
+import { createRequire } from "node:module";
+import zlib from "node:zlib";
+import { PAGE_SIZE, ProtocolError } from "./protocol.js";
+
+export type CompressionAlgorithm = "zstd" | "brotli";
+export type CompressionMode = "auto" | "off" | CompressionAlgorithm;
+export const ALGORITHMS: readonly CompressionAlgorithm[] = ["zstd", "brotli"];
+/** Wire ids of the algorithms (first payload byte of a CompressedPages frame). */
+export const ALGORITHM_ID: Record<CompressionAlgorithm, number> = { zstd: 1, brotli: 2 };
+export function algorithmOfId(id: number): CompressionAlgorithm | null {
+  return id === 1 ? "zstd" : id === 2 ? "brotli" : null;
+}
+
+export function parseCompressionMode(s: string | undefined): CompressionMode {
+  const v = (s ?? "auto").toLowerCase();
+  if (v === "auto" || v === "off" || v === "zstd" || v === "brotli") return v;
+  throw new RangeError(`pagetwin: --compress ${s}: expected auto, off, zstd or brotli`);
+}
+
+interface ZstdBinding {
+  CCtx: new () => {
+    setParameter(param: number, value: number): void;
+    setPledgedSrcSize(size: number): void;
+    reset(reset: number): void;
+    compressStream2(dst: Uint8Array, src: Uint8Array, endOp: number): [number, number, number];
+  };
+  DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number; reset(reset: number): void };
+  versionString(): string;
+  CParameter: { compressionLevel: number };
+  ResetDirective: { sessionOnly: number };
+  EndDirective: { continue: number; end: number };
+}
+
+let zstdBinding: ZstdBinding | null | undefined;
+let zstdError = "";
+function zstd(): ZstdBinding | null {
+  if (zstdBinding === undefined) {
+    try {
+      zstdBinding = createRequire(import.meta.url)("zstd-napi/binding.js") as ZstdBinding;
+    } catch (err) {
+      zstdBinding = null;
+      zstdError = (err as Error).message.split("\n")[0]!;
+    }
+  }
+  return zstdBinding;
+}
+
+/** Algorithms this process can compress and decompress, preferred first. */
+export function availableAlgorithms(): CompressionAlgorithm[] {
+  return zstd() ? ["zstd", "brotli"] : ["brotli"];
+}
+
+/** Why zstd is not available here ("" when it is). */
+export function zstdUnavailableReason(): string {
+  zstd();
+  return zstdError;
+}
+
+export interface PageCompressor {
+  readonly algorithm: CompressionAlgorithm;
+  /**
+   * Compresses the concatenation of `chunks` into `dst`; returns the bytes
+   * written, or -1 when they do not fit in `dst` (the caller sends raw).
+   */
+  compressChunks(chunks: readonly Uint8Array[], dst: Uint8Array): number;
+  /** Decompresses `src` into `dst`, which it must fill exactly; throws ProtocolError otherwise. */
+  decompressInto(src: Uint8Array, dst: Uint8Array): void;
+  /** Convenience for benchmarks: compress one buffer into dst (-1: does not fit). */
+  compressInto(src: Uint8Array, dst: Uint8Array): number;
+  bound(n: number): number;
+}
+
+const ZSTD_LEVEL = 1;
+
+class ZstdPages implements PageCompressor {
+  readonly algorithm = "zstd" as const;
+  private readonly c;
+  private readonly d;
+  private readonly reset: number;
+  private readonly cont: number;
+  private readonly end: number;
+  constructor(z: ZstdBinding) {
+    this.c = new z.CCtx();
+    this.c.setParameter(z.CParameter.compressionLevel, ZSTD_LEVEL);
+    this.d = new z.DCtx();
+    this.reset = z.ResetDirective.sessionOnly;
+    this.cont = z.EndDirective.continue;
+    this.end = z.EndDirective.end;
+  }
+  bound(n: number): number {
+    return n + (n >> 8) + 64 + (n < 128 << 10 ? ((128 << 10) - n) >> 11 : 0);
+  }
+  compressChunks(chunks: readonly Uint8Array[], dst: Uint8Array): number {
+    const c = this.c;
+    c.reset(this.reset);
+    let total = 0;
+    for (const ch of chunks) total += ch.length;
+    c.setPledgedSrcSize(total);
+    let pos = 0;
+    try {
+      for (const ch of chunks) {
+        let used = 0;
+        while (used < ch.length) {
+          const [, produced, consumed] = c.compressStream2(dst.subarray(pos), ch.subarray(used), this.cont);
+          pos += produced;
+          used += consumed;
+          if (produced === 0 && consumed === 0) return -1; // out of room
+        }
+      }
+      for (;;) {
+        const [left, produced] = c.compressStream2(dst.subarray(pos), EMPTY, this.end);
+        pos += produced;
+        if (left === 0) return pos;
+        if (pos >= dst.length || produced === 0) return -1;
+      }
+    } catch {
+      return -1; // e.g. dstSize too small: send raw
+    }
+  }
+  compressInto(src: Uint8Array, dst: Uint8Array): number {
+    return this.compressChunks([src], dst);
+  }
+  decompressInto(src: Uint8Array, dst: Uint8Array): void {
+    let n: number;
+    try {
+      this.d.reset(this.reset);
+      n = this.d.decompress(dst, src);
+    } catch (err) {
+      throw new ProtocolError(`CompressedPages frame: zstd data does not decompress into ${dst.length} bytes: ${(err as Error).message}`);
+    }
+    if (n !== dst.length) throw new ProtocolError(`CompressedPages frame: zstd data decompresses to ${n} bytes, want exactly ${dst.length}`);
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+class BrotliPages implements PageCompressor {
+  readonly algorithm = "brotli" as const;
+  bound(n: number): number {
+    return n + (n >> 8) + 64;
+  }
+  compressChunks(chunks: readonly Uint8Array[], dst: Uint8Array): number {
+    // node:zlib has no streaming sync API into a caller's buffer: one copy here (fallback only)
+    const src = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
+    const out = zlib.brotliCompressSync(src, {
+      params: { [zlib.constants.BROTLI_PARAM_QUALITY]: 1, [zlib.constants.BROTLI_PARAM_SIZE_HINT]: src.length },
+    });
+    if (out.length > dst.length) return -1;
+    dst.set(out);
+    return out.length;
+  }
+  compressInto(src: Uint8Array, dst: Uint8Array): number {
+    return this.compressChunks([src], dst);
+  }
+  decompressInto(src: Uint8Array, dst: Uint8Array): void {
+    let out: Buffer;
+    try {
+      out = zlib.brotliDecompressSync(src, { maxOutputLength: dst.length });
+    } catch (err) {
+      throw new ProtocolError(`CompressedPages frame: brotli data does not decompress into ${dst.length} bytes: ${(err as Error).message}`);
+    }
+    if (out.length !== dst.length) throw new ProtocolError(`CompressedPages frame: brotli data decompresses to ${out.length} bytes, want exactly ${dst.length}`);
+    dst.set(out);
+  }
+}
+
+export function createCompressor(algo: CompressionAlgorithm): PageCompressor {
+  if (algo === "zstd") {
+    const z = zstd();
+    if (!z) throw new Error(`pagetwin: zstd is not available here (zstd-napi did not load: ${zstdError}); use --compress brotli or auto`);
+    return new ZstdPages(z);
+  }
+  return new BrotliPages();
+}
+
+export interface CompressionStats {
+  /** What was asked for (--compress). */
+  mode: CompressionMode;
+  /** The algorithm both agents agreed on; null: every page travelled raw. */
+  algorithm: CompressionAlgorithm | null;
+  /** Frames of full pages sent compressed / raw. */
+  framesCompressed: number;
+  framesRaw: number;
+  /** Raw frames because the compressor could not keep up with the link / because the batch did not compress (ratio > maxRatio). */
+  rawSlow: number;
+  rawPoorRatio: number;
+  /** Page bytes that went into compressed frames, and what they became. */
+  bytesBefore: number;
+  bytesAfter: number;
+  /** Last measured compressor and link rates, MB/s (1e6 B/s). */
+  compressMBs: number;
+  linkMBs: number;
+  /** Why compression is off, when it is. */
+  note?: string;
+}
+
+export function emptyCompressionStats(mode: CompressionMode): CompressionStats {
+  return { mode, algorithm: null, framesCompressed: 0, framesRaw: 0, rawSlow: 0, rawPoorRatio: 0, bytesBefore: 0, bytesAfter: 0, compressMBs: 0, linkMBs: 0 };
+}
+
+export interface PolicyOptions {
+  /** "auto": compress only when it makes the transfer faster; "always": whenever the batch compresses. */
+  mode: "auto" | "always";
+  /** Configured link bandwidth, bytes/s (0: unknown, measured). */
+  bandwidth: number;
+  /** A batch whose compressed size exceeds this fraction of its raw size travels raw. */
+  maxRatio?: number;
+  /** Compress only when the compressor is this many times faster than the link. */
+  margin?: number;
+  /** While skipping, still try one frame in this many (to notice that things changed). */
+  probeEvery?: number;
+}
+
+/**
+ * Decides, frame by frame, whether to compress. Compressing pays when the
+ * compressor produces page bytes faster than the link carries raw ones
+ * (with compression overlapping the link's sending of the previous frame,
+ * the transfer runs at min(compressor rate, link rate / ratio)): so compress
+ * when compressorRate > margin x linkRate and the data compresses (ratio <
+ * maxRatio). The compressor's rate and the ratio are measured on the frames
+ * compressed; the link's rate is the configured bandwidth, or the bytes per
+ * second of time spent waiting for the link (rate limit and socket drain),
+ * whichever is lower; a link we never wait for is not the bottleneck.
+ */
+export class CompressionPolicy {
+  readonly maxRatio: number;
+  private readonly margin: number;
+  private readonly probeEvery: number;
+  /** Compressor input bytes per second (EWMA), 0: not measured yet. */
+  compressRate = 0;
+  /** Compressed/raw (EWMA over frames), 0: not measured yet. */
+  ratio = 0;
+  private sendBytes = 0;
+  private sendMs = 0;
+  private skipped = 0;
+
+  constructor(readonly o: PolicyOptions) {
+    this.maxRatio = o.maxRatio ?? 0.9;
+    this.margin = o.margin ?? 1.25;
+    this.probeEvery = o.probeEvery ?? 16;
+  }
+
+  /** Bytes per second the link carries (Infinity: never waited for, and no bandwidth configured). */
+  get linkRate(): number {
+    const measured = this.sendBytes >= 4 << 20 ? this.sendBytes / Math.max(this.sendMs / 1000, 1e-6) : Infinity;
+    const configured = this.o.bandwidth > 0 ? this.o.bandwidth : Infinity;
+    return Math.min(measured, configured);
+  }
+
+  /** Try this frame? ("slow" or "poor" when not, and why.) */
+  decide(): "compress" | "slow" | "poor" {
+    if (this.compressRate === 0) return "compress"; // first frame measures the compressor
+    let why: "compress" | "slow" | "poor" = "compress";
+    if (this.ratio > this.maxRatio) why = "poor";
+    else if (this.o.mode === "auto" && this.compressRate < this.margin * this.linkRate) why = "slow";
+    if (why === "compress") return why;
+    if (++this.skipped % this.probeEvery === 0) return "compress";
+    return why;
+  }
+
+  recordCompress(bytesIn: number, bytesOut: number, ms: number): void {
+    const rate = bytesIn / Math.max(ms / 1000, 1e-6);
+    const r = bytesOut / bytesIn;
+    this.compressRate = this.compressRate === 0 ? rate : 0.7 * this.compressRate + 0.3 * rate;
+    this.ratio = this.ratio === 0 ? r : 0.7 * this.ratio + 0.3 * r;
+  }
+
+  /** A frame of `bytes` took `ms` from send() to the link accepting it. */
+  recordSend(bytes: number, ms: number): void {
+    // a sliding estimate: halve the history now and then so that it follows changes
+    if (this.sendBytes > 64 << 20) {
+      this.sendBytes /= 2;
+      this.sendMs /= 2;
+    }
+    this.sendBytes += bytes;
+    this.sendMs += ms;
+  }
+}
+
+/** Splits the pages of a batch into runs that are contiguous in memory (fewer compressor calls). */
+export function contiguousRuns(n: number, bytesOf: (i: number) => Uint8Array): Uint8Array[] {
+  const runs: Uint8Array[] = [];
+  let cur: Uint8Array | null = null;
+  for (let i = 0; i < n; i++) {
+    const b = bytesOf(i);
+    if (cur && b.buffer === cur.buffer && b.byteOffset === cur.byteOffset + cur.byteLength) {
+      cur = new Uint8Array(cur.buffer, cur.byteOffset, cur.byteLength + b.byteLength);
+      runs[runs.length - 1] = cur;
+    } else {
+      cur = b;
+      runs.push(b);
+    }
+  }
+  return runs;
+}
+
+export { PAGE_SIZE };

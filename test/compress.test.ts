@@ -1,0 +1,241 @@
+// Compression of the pages that travel in full (CompressedPages frames).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync, readFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { createServer, connect, type Server, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import zlib from "node:zlib";
+import { createEngine } from "../src/index.js";
+import { RamFile } from "../src/adapters/ram/ram-file.js";
+import { DestinationAgent } from "../src/migrate/destination.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/migrate/source.js";
+import {
+  FrameReader, FrameType, ProtocolError, encodeFrame, encodePagesMaybeCompressed, decodeCompressedPages, MAX_COMPRESSED_PAGES,
+} from "../src/migrate/protocol.js";
+import {
+  ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, algorithmOfId,
+} from "../src/migrate/compress.js";
+
+const PAGE = 4096;
+
+/** Pages that look like text/heap: words from a small vocabulary, a seeded PRNG. */
+function textPages(n: number, seed = 1): Buffer {
+  const words = ["page", "twin", "kernel", "struct", "0x7ffd", "migration", "cache", "inode", "dentry", "NULL", "return", "\n", "{", "}", "int", "static"];
+  let x = seed >>> 0 || 1;
+  const rnd = () => ((x = (x * 1103515245 + 12345) >>> 0) >>> 16) % words.length;
+  const b = Buffer.alloc(n * PAGE);
+  let at = 0;
+  while (at < b.length) at += b.write(words[rnd()]! + " ", at);
+  return b;
+}
+
+test("zstd and brotli round-trip a batch straight from scattered page views into the frame", () => {
+  assert.ok(availableAlgorithms().includes("brotli"));
+  assert.ok(availableAlgorithms().includes("zstd"), "zstd-napi loads here");
+  const win = textPages(300);
+  const pages = [3, 4, 5, 9, 10, 200, 201, 202, 299];
+  const bytesOf = (i: number) => win.subarray(pages[i]! * PAGE, (pages[i]! + 1) * PAGE);
+  assert.equal(contiguousRuns(pages.length, bytesOf).length, 4);
+  for (const algo of availableAlgorithms()) {
+    const c = createCompressor(algo);
+    const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, ALGORITHM_ID[algo], (dst) => c.compressChunks(contiguousRuns(pages.length, bytesOf), dst));
+    assert.ok(compressed > 0 && compressed < pages.length * PAGE * 0.5, `${algo}: ${compressed} bytes`);
+    const [f] = new FrameReader().push(frame);
+    assert.equal(f!.type, FrameType.CompressedPages);
+    const d = decodeCompressedPages(f!, 300);
+    assert.equal(algorithmOfId(d.algorithmId), algo);
+    assert.deepEqual(Array.from(d.pages), pages);
+    const out = new Uint8Array(pages.length * PAGE);
+    createCompressor(algo).decompressInto(d.packed, out);
+    for (let i = 0; i < pages.length; i++) assert.deepEqual(out.subarray(i * PAGE, (i + 1) * PAGE), new Uint8Array(bytesOf(i)));
+  }
+});
+
+test("incompressible batches come out as plain Pages frames", () => {
+  const win = randomBytes(16 * PAGE);
+  const bytesOf = (i: number) => win.subarray(i * PAGE, (i + 1) * PAGE);
+  const pages = Array.from({ length: 16 }, (_, i) => i);
+  const c = createCompressor("zstd");
+  const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, ALGORITHM_ID.zstd, (dst) => c.compressChunks([win], dst));
+  assert.equal(compressed, -1);
+  assert.equal(new FrameReader().push(frame)[0]!.type, FrameType.Pages);
+  assert.equal(frame.length, 4 + 1 + 4 + 16 * 4 + 16 * PAGE + 4);
+});
+
+test("a decompression bomb, corrupt data, a short result or a huge page count give a clear ProtocolError", () => {
+  const bomb = { zstd: null as Uint8Array | null, brotli: zlib.brotliCompressSync(Buffer.alloc(64 << 20)) };
+  // 64 MiB of zeros in a few KiB of zstd
+  const z = createCompressor("zstd");
+  const big = Buffer.alloc(64 << 20);
+  const dst = Buffer.alloc(1 << 20);
+  const n = z.compressInto(big, dst);
+  assert.ok(n > 0 && n < 1 << 20);
+  bomb.zstd = dst.subarray(0, n);
+  for (const algo of ["zstd", "brotli"] as const) {
+    const d = createCompressor(algo);
+    const out = new Uint8Array(2 * PAGE);
+    assert.throws(() => d.decompressInto(bomb[algo]!, out), (e: Error) => e instanceof ProtocolError && /does not decompress into 8192 bytes/.test(e.message), algo);
+    const good = Buffer.alloc(2 * PAGE + 100);
+    const packed = Buffer.from(good.subarray(0, d.compressInto(textPages(2), good)));
+    packed[Math.floor(packed.length / 2)] ^= 0xff;
+    packed[packed.length - 3] ^= 0x55;
+    assert.throws(() => d.decompressInto(packed, out), ProtocolError, algo);
+    const one = Buffer.alloc(2 * PAGE);
+    const short = one.subarray(0, d.compressInto(textPages(1), one));
+    assert.throws(() => d.decompressInto(short, out), /want exactly 8192|does not decompress/, algo);
+  }
+  const payload = Buffer.alloc(5 + 8);
+  payload[0] = 1;
+  payload.writeUInt32BE(MAX_COMPRESSED_PAGES + 1, 1);
+  assert.throws(() => decodeCompressedPages({ type: FrameType.CompressedPages, payload }, 10), /1\.\.2048 allowed/);
+});
+
+test("the policy compresses only when the compressor outruns the link and the data compresses", () => {
+  const fast = new CompressionPolicy({ mode: "auto", bandwidth: 125e6 });
+  assert.equal(fast.decide(), "compress"); // the first frame measures the compressor
+  fast.recordCompress(1 << 20, 300_000, 2.5); // 420 MB/s, ratio 0.29
+  assert.equal(fast.decide(), "compress");
+  const slowHost = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000 });
+  slowHost.recordCompress(1 << 20, 300_000, 2.5);
+  for (let i = 0; i < 10; i++) slowHost.recordSend(1 << 20, 0.2); // the link takes 5 GB/s
+  assert.equal(slowHost.decide(), "slow");
+  const always = new CompressionPolicy({ mode: "always", bandwidth: 0, probeEvery: 1000 });
+  always.recordCompress(1 << 20, 300_000, 2.5);
+  for (let i = 0; i < 10; i++) always.recordSend(1 << 20, 0.2);
+  assert.equal(always.decide(), "compress");
+  const random = new CompressionPolicy({ mode: "auto", bandwidth: 125e6, probeEvery: 4 });
+  random.recordCompress(1 << 20, 1 << 20, 1);
+  const seen = Array.from({ length: 8 }, () => random.decide());
+  assert.equal(seen.filter((v) => v === "poor").length, 6);
+  assert.equal(seen.filter((v) => v === "compress").length, 2, "it still probes now and then");
+});
+
+/** A proxy that re-frames what the source sends; `rewrite` may replace a frame. */
+async function reframingProxy(port: number, rewrite: (type: FrameType, payload: Uint8Array) => Uint8Array | null): Promise<{ server: Server; port: number; sockets: Socket[] }> {
+  const sockets: Socket[] = [];
+  const server = createServer((c) => {
+    const up = connect(port, "127.0.0.1");
+    sockets.push(c, up);
+    const reader = new FrameReader();
+    const cut = () => { c.destroy(); up.destroy(); };
+    c.on("data", (d) => {
+      for (const f of reader.push(d)) {
+        const p = rewrite(f.type, f.payload);
+        if (!up.destroyed) up.write(encodeFrame(f.type, p ?? f.payload));
+      }
+    });
+    up.on("data", (d) => { if (!c.destroyed) c.write(d); });
+    c.on("error", cut);
+    up.on("error", cut);
+    c.on("close", () => up.end());
+    up.on("close", () => c.end());
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return { server, port: (server.address() as { port: number }).port, sockets };
+}
+
+async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>, via?: typeof reframingProxy extends (p: number, r: infer R) => unknown ? R : never) {
+  const srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
+  writeFileSync(srcRam, content);
+  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true });
+  const port = await agent.listen();
+  const proxy = via ? await reframingProxy(port, via) : null;
+  const ram = RamFile.open(srcRam);
+  const vm = { running: true, pauses: 0 };
+  const dstResult = agent.nextResult();
+  try {
+    const r: MigrationResult = await migrateSource({
+      engine: await createEngine(), index: null, indexId: null, ram,
+      vm: { pause: async () => { vm.running = false; vm.pauses++; }, resume: async () => { vm.running = true; } },
+      host: "127.0.0.1", port: proxy?.port ?? port, bandwidth: 0, ...src,
+    }).catch((e) => { if (e instanceof MigrationError) return e.result; throw e; });
+    return { r, dst: await dstResult, vm, srcRam, dstRam };
+  } finally {
+    ram.close();
+    agent.close();
+    proxy?.sockets.forEach((s) => s.destroy());
+    proxy?.server.close();
+  }
+}
+
+test("a compressed migration ends byte-identical and shows what it compressed", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-"));
+  try {
+    const content = Buffer.concat([textPages(600), Buffer.alloc(100 * PAGE), randomBytes(100 * PAGE), textPages(224, 7)]);
+    for (const compress of ["zstd", "brotli"] as const) {
+      const { r, dst, srcRam, dstRam } = await migrate(dir, content, { compress });
+      assert.equal(r.status, "completed", r.error);
+      assert.deepEqual(readFileSync(dstRam), readFileSync(srcRam));
+      const c = r.compression;
+      assert.equal(c.algorithm, compress);
+      assert.ok(c.framesCompressed >= 3, JSON.stringify(c));
+      assert.ok(c.bytesAfter < c.bytesBefore * 0.5, JSON.stringify(c));
+      assert.equal(dst.pagesDecompressed, c.bytesBefore / PAGE);
+      assert.ok(r.transferredBytes < (924 * PAGE) * 0.5, `${r.transferredBytes} bytes on the link`);
+    }
+    // auto on a slow link (20 MB/s): the compressor outruns it, so it compresses
+    const auto = await migrate(dir, content, { compress: "auto", bandwidth: 20e6 });
+    assert.equal(auto.r.status, "completed", auto.r.error);
+    assert.deepEqual(readFileSync(auto.dstRam), readFileSync(auto.srcRam));
+    assert.equal(auto.r.compression.algorithm, "zstd");
+    assert.ok(auto.r.compression.framesCompressed >= 3, JSON.stringify(auto.r.compression));
+    // off: nothing compressed, the same bytes arrive
+    const off = await migrate(dir, content, { compress: "off" });
+    assert.equal(off.r.status, "completed", off.r.error);
+    assert.deepEqual(readFileSync(off.dstRam), readFileSync(off.srcRam));
+    assert.equal(off.r.compression.algorithm, null);
+    assert.equal(off.r.compression.framesCompressed, 0);
+    assert.ok(off.r.compression.framesRaw >= 3);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("incompressible pages travel raw, and the stats say why", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-"));
+  try {
+    const { r, dstRam, srcRam } = await migrate(dir, randomBytes(1024 * PAGE), { compress: "auto", bandwidth: 50e6 });
+    assert.equal(r.status, "completed", r.error);
+    assert.deepEqual(readFileSync(dstRam), readFileSync(srcRam));
+    const c = r.compression;
+    assert.equal(c.framesCompressed, 0, JSON.stringify(c));
+    assert.ok(c.framesRaw >= 4);
+    assert.ok(c.rawPoorRatio >= 1 && c.rawPoorRatio + c.rawSlow <= c.framesRaw, JSON.stringify(c));
+    assert.ok(r.transferredBytes >= 1024 * PAGE);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a bomb or corrupt CompressedPages frame (with a valid CRC) stops the migration with a clear error; the source runs on", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-"));
+  try {
+    const z = createCompressor("zstd");
+    const dst = Buffer.alloc(1 << 20);
+    const bomb = dst.subarray(0, z.compressInto(Buffer.alloc(256 << 20), dst));
+    for (const kind of ["bomb", "corrupt"] as const) {
+      let done = false;
+      const { r, dst: d, vm } = await migrate(dir, textPages(512), { compress: "zstd" }, (type, payload) => {
+        if (type !== FrameType.CompressedPages || done) return null;
+        done = true;
+        const n = Buffer.from(payload.buffer, payload.byteOffset, payload.length).readUInt32BE(1);
+        const head = payload.subarray(0, 5 + 4 * n);
+        if (kind === "bomb") return Buffer.concat([head, bomb]);
+        const p = Buffer.from(payload);
+        for (let i = 5 + 4 * n + 20; i < p.length; i += 97) p[i] ^= 0x5a;
+        return p;
+      });
+      assert.ok(done, "a CompressedPages frame went through the proxy");
+      assert.equal(r.status, "failed");
+      assert.match(r.error!, /aborted the migration: CompressedPages frame: zstd data (does not decompress|decompresses to)/, kind);
+      assert.equal(d.status, "failed");
+      assert.match(d.error!, /CompressedPages frame/);
+      assert.equal(vm.running, true, "the source VM runs on");
+      assert.equal(vm.pauses, 0);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
