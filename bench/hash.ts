@@ -22,9 +22,9 @@
 
 import os from "node:os";
 import crypto from "node:crypto";
-import { pathToFileURL } from "node:url";
 import { createXXHash128, xxhash128 } from "hash-wasm";
 import { createEngine, bitBytes, PAGE_SIZE, HASH_SIZE, type Engine } from "../src/core/index.js";
+import { argValue, isMain } from "./cli.js";
 
 export interface HashBenchOptions {
   /** Print one JSON object instead of the table. */
@@ -256,15 +256,8 @@ export function formatHashResult(r: HashBenchResult): string {
   return lines.join("\n");
 }
 
-function argValue(args: string[], name: string): number | undefined {
-  const i = args.indexOf(name);
-  if (i < 0) return undefined;
-  const v = Number(args[i + 1]);
-  if (!Number.isFinite(v)) throw new RangeError(`bench: ${name} needs a number`);
-  return v;
-}
 
-if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+if (isMain(import.meta.url)) {
   const args = process.argv.slice(2);
   benchHash({ json: args.includes("--json"), mib: argValue(args, "--mib"), reps: argValue(args, "--reps") }).catch((err) => {
     console.error(err instanceof Error ? err.message : err);

@@ -10,8 +10,8 @@
 
 import os from "node:os";
 import crypto from "node:crypto";
-import { pathToFileURL } from "node:url";
 import { createEngine, bitBytes, HASH_SIZE, NO_BLOCK, type CoreFlavor } from "../src/core/index.js";
+import { argValue, isMain } from "./cli.js";
 
 export interface IndexLookupBenchOptions {
   json?: boolean;
@@ -166,15 +166,8 @@ export function formatIndexLookupResult(r: IndexLookupBenchResult): string {
   ].join("\n");
 }
 
-function argValue(args: string[], name: string): number | undefined {
-  const i = args.indexOf(name);
-  if (i < 0) return undefined;
-  const v = Number(args[i + 1]);
-  if (!Number.isFinite(v)) throw new RangeError(`bench: ${name} needs a number`);
-  return v;
-}
 
-if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+if (isMain(import.meta.url)) {
   const args = process.argv.slice(2);
   benchIndexLookup({
     json: args.includes("--json"),

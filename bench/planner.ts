@@ -8,9 +8,9 @@
 
 import os from "node:os";
 import crypto from "node:crypto";
-import { pathToFileURL } from "node:url";
 import { createEngine, PAGE_SIZE } from "../src/core/index.js";
 import { Planner } from "../src/plan/planner.js";
+import { isMain } from "./cli.js";
 
 export interface PlannerBenchRow {
   gib: number;
@@ -84,7 +84,7 @@ export function formatPlannerResult(r: PlannerBenchResult): string {
   return lines.join("\n");
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+if (isMain(import.meta.url)) {
   const args = process.argv.slice(2);
   const i = args.indexOf("--gib");
   benchPlanner({ json: args.includes("--json"), gib: i >= 0 ? args[i + 1]!.split(",").map(Number) : undefined }).catch((err) => {

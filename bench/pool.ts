@@ -8,11 +8,11 @@ import os from "node:os";
 import crypto from "node:crypto";
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync, ftruncateSync } from "node:fs";
 import { join } from "node:path";
-import { pathToFileURL } from "node:url";
 import { createEngine, PAGE_SIZE } from "../src/core/index.js";
 import { Planner } from "../src/plan/planner.js";
 import { EnginePool } from "../src/pool/pool.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
+import { argValue, isMain } from "./cli.js";
 
 const WINDOW = 8192; // pages per window: 32 MiB
 
@@ -106,10 +106,9 @@ export async function benchPool(opts: { json?: boolean; gib?: number; memGib?: n
   }
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+if (isMain(import.meta.url)) {
   const args = process.argv.slice(2);
-  const val = (n: string) => { const i = args.indexOf(n); return i >= 0 ? Number(args[i + 1]) : undefined; };
-  benchPool({ json: args.includes("--json"), gib: val("--gib"), memGib: val("--mem-gib") }).catch((err) => {
+  benchPool({ json: args.includes("--json"), gib: argValue(args, "--gib"), memGib: argValue(args, "--mem-gib") }).catch((err) => {
     console.error(err instanceof Error ? err.message : err);
     process.exitCode = 1;
   });

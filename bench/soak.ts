@@ -12,11 +12,11 @@ import { mkdtempSync, rmSync, writeFileSync, readFileSync, readSync, openSync, w
 import { createHash, randomBytes, randomInt } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { pathToFileURL } from "node:url";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent } from "../src/migrate/destination.js";
 import { migrateSource, MigrationError, type MigrationResult } from "../src/migrate/source.js";
+import { argValue, isMain } from "./cli.js";
 
 type Fault = "none" | "cut" | "flip" | "stall" | "rewrite";
 
@@ -153,10 +153,9 @@ function readBlock(image: string, b: number): Buffer {
   }
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+if (isMain(import.meta.url)) {
   const args = process.argv.slice(2);
-  const i = args.indexOf("--migrations");
-  soak({ migrations: i >= 0 ? Number(args[i + 1]) : undefined, json: args.includes("--json") }).catch((err) => {
+  soak({ migrations: argValue(args, "--migrations"), json: args.includes("--json") }).catch((err) => {
     console.error(err instanceof Error ? err.message : err);
     process.exitCode = 1;
   });
