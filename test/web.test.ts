@@ -3,7 +3,8 @@
 // 127.0.0.1 and driven in Debian's headless Chromium through playwright-core:
 // a live simulation's numbers on the page must equal what the same engine and
 // planner compute here in Node for the same inputs, and a replayed trace must
-// show the trace's numbers. Saves web/screenshot.png.
+// show the trace's numbers. Saves a screenshot to dist/web-screenshot.png
+// (to web/screenshot.png, the README's, with PAGETWIN_UPDATE_SCREENSHOT=1).
 // Skips the browser part, saying why, without /usr/bin/chromium (or
 // PAGETWIN_CHROMIUM), vite or playwright-core.
 
@@ -180,7 +181,8 @@ test("the visualizer in headless Chromium shows what the engine computes in Node
       return new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
     });
     mkdirSync(WEB, { recursive: true });
-    await page.screenshot({ path: join(WEB, "screenshot.png"), fullPage: true });
+    const shot = process.env.PAGETWIN_UPDATE_SCREENSHOT === "1" ? join(WEB, "screenshot.png") : fileURLToPath(new URL("../web-screenshot.png", import.meta.url));
+    await page.screenshot({ path: shot, fullPage: true });
 
     // Replay: the same runs as a trace file, loaded by ?trace=URL.
     await page.goto(`${base}/?trace=/test-trace.json`);
