@@ -1,6 +1,7 @@
 // Compressors for the pages that still travel in full, on realistic page data.
 //
 //   node dist/bench/compress.js [--json] [--mib N] [--reps N] [--ram FILE]
+//   node dist/bench/compress.js --migrate [--mib N]   (end to end, agent mode: off / auto / zstd at 125 MB/s and unlimited)
 //
 // Data sets (4 KiB pages, all-zero pages dropped: those never travel in full):
 //   libs     shared objects and executables from /usr/lib (code + rodata, as a
@@ -208,7 +209,57 @@ export async function benchCompress(o: { mib?: number; reps?: number; ram?: stri
   return rows;
 }
 
-if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+/**
+ * End to end, agent mode over loopback TCP: the same RAM file (the mixed
+ * set, `mib` MiB, no index: every non-zero page travels in full) migrated
+ * with --compress off / auto / zstd, at each bandwidth (0: no limit).
+ */
+export async function benchMigrate(o: { mib?: number; bandwidths?: number[]; quiet?: boolean } = {}): Promise<Record<string, unknown>[]> {
+  const { mkdtempSync, writeFileSync, rmSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { createEngine } = await import("../src/core/index.js");
+  const { RamFile } = await import("../src/adapters/ram/ram-file.js");
+  const { DestinationAgent } = await import("../src/migrate/destination.js");
+  const { migrateSource } = await import("../src/migrate/source.js");
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-bench-"));
+  const rows: Record<string, unknown>[] = [];
+  try {
+    const ramPath = join(dir, "src-ram");
+    writeFileSync(ramPath, dataSets(o.mib ?? 64).mixed);
+    for (const bandwidth of o.bandwidths ?? [125e6, 0]) {
+      for (const compress of ["off", "auto", "zstd"] as const) {
+        const agent = new DestinationAgent({ ramPath: join(dir, "dst-ram"), createRam: true });
+        const port = await agent.listen();
+        const ram = RamFile.open(ramPath);
+        try {
+          const r = await migrateSource({
+            engine: await createEngine(), index: null, indexId: null, ram, vm: { pause: async () => {}, resume: async () => {} },
+            host: "127.0.0.1", port, bandwidth, compress,
+          });
+          const c = r.compression;
+          const row = {
+            bandwidth, compress, totalTimeMs: Math.round(r.totalTimeMs), transferredBytes: r.transferredBytes,
+            framesCompressed: c.framesCompressed, framesRaw: c.framesRaw, rawSlow: c.rawSlow, rawPoorRatio: c.rawPoorRatio,
+            compressMBs: Math.round(c.compressMBs), linkMBs: Math.round(c.linkMBs),
+          };
+          rows.push(row);
+          if (!o.quiet) console.log(`link ${bandwidth ? `${(bandwidth / 1e6).toFixed(0)} MB/s` : "unlimited"} --compress ${compress.padEnd(4)}: total ${String(row.totalTimeMs).padStart(5)} ms, ${(r.transferredBytes / 1e6).toFixed(1).padStart(6)} MB on the link; frames ${c.framesCompressed} compressed, ${c.framesRaw} raw (${c.rawSlow} slow, ${c.rawPoorRatio} poor); compressor ${row.compressMBs} MB/s, link ${row.linkMBs || "never waited for"} MB/s`);
+        } finally {
+          ram.close();
+          agent.close();
+        }
+      }
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return rows;
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href && process.argv.includes("--migrate")) {
+  const i = process.argv.indexOf("--mib");
+  await benchMigrate({ mib: i > 0 ? Number(process.argv[i + 1]) : 64 });
+} else if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
   const args = process.argv.slice(2);
   const val = (k: string) => { const i = args.indexOf(k); return i >= 0 ? args[i + 1] : undefined; };
   const json = args.includes("--json");

@@ -1,6 +1,7 @@
 // `pagetwin stream-out` / `pagetwin stream-in`: argument parsing, help, and
 // the final stats (human-readable, or one JSON object with --json).
 
+import { parseCompressionMode, type CompressionMode } from "../migrate/compress.js";
 import { parseArgs } from "node:util";
 import { streamIn, streamOut, type StreamStats } from "./proxy.js";
 
@@ -19,6 +20,8 @@ Options:
   --index PATH           index file (default IMAGE.pagetwin-index)
   --window PAGES         referenced pages kept for resends until acknowledged (default 16384 = 64 MiB)
   --no-dedup             forward everything raw (a baseline through the same proxies)
+  --compress MODE        what still travels raw: auto (compress when the compressor outruns the link
+                         and the data compresses; default), off, zstd or brotli
   --keep                 serve further migrations instead of exiting after the first
   --json                 print the stats as JSON on stdout
   --quiet                no progress lines on stderr
@@ -62,6 +65,8 @@ function report(stats: StreamStats, json: boolean): void {
     `  QEMU bytes in ${mb(stats.bytesFromQemu)}, out ${mb(stats.bytesToQemu)}; link out ${mb(stats.bytesOutLink)}, in ${mb(stats.bytesInLink)}; return path ${stats.returnBytes} B`,
     `  ${(stats.ms / 1000).toFixed(2)} s`,
   ];
+  const c = stats.compression;
+  if (c.algorithm) lines.push(`  compression ${c.algorithm}: ${c.framesCompressed} RAW frames compressed (${mb(c.bytesBefore)} -> ${mb(c.bytesAfter)})` + (stats.role === "stream-out" ? `, ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress)` : ""));
   for (const p of stats.passthrough) lines.push(`  pass-through: ${p}`);
   process.stdout.write(lines.join("\n") + "\n");
 }
@@ -114,14 +119,16 @@ function need(v: Values, k: string): string {
 const common = { listen: { type: "string" }, image: { type: "string" }, index: { type: "string" }, keep: { type: "boolean" }, json: { type: "boolean" }, quiet: { type: "boolean" } } as const;
 
 export function runStreamOutCli(argv: string[]): Promise<number> {
-  return run(argv, OUT_HELP, { ...common, to: { type: "string" }, window: { type: "string" }, "no-dedup": { type: "boolean" } }, async (v, log) => {
+  return run(argv, OUT_HELP, { ...common, to: { type: "string" }, window: { type: "string" }, "no-dedup": { type: "boolean" }, compress: { type: "string" } }, async (v, log) => {
     const l = listenAddr(v["listen"] as string | undefined, "127.0.0.1", 4446);
     const to = need(v, "to");
     const image = need(v, "image");
     const window = v["window"] ? Number(v["window"]) : undefined;
     if (window !== undefined && !(Number.isInteger(window) && window > 0)) throw new UsageErr("--window must be a positive number of pages");
+    let compress: CompressionMode;
+    try { compress = parseCompressionMode(v["compress"] as string | undefined); } catch (err) { throw new UsageErr((err as Error).message); }
     return streamOut({
-      listenPort: l.port, listenHost: l.host, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]),
+      listenPort: l.port, listenHost: l.host, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress,
       ...(v["index"] ? { indexPath: v["index"] as string } : {}), ...(window ? { windowPages: window } : {}),
     });
   });

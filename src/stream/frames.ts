@@ -15,6 +15,9 @@
 //   END        9 out->in  JSON {stats}: the source QEMU closed its stream
 //   ABORT     10 either   JSON {reason}
 //   RETURN_END 11 in->out JSON {}: the destination QEMU closed its side
+//   RAW_Z     12 out->in  u8 algorithm (1 zstd, 2 brotli), u32 raw length
+//                         (1..4 MiB), compressed bytes: a RAW frame compressed
+//                         (only with an algorithm agreed in HELLO/HELLO_ACK)
 
 export const STREAM_PROTOCOL_VERSION = 1;
 export const MAX_STREAM_FRAME = 4 * 1024 * 1024;
@@ -32,6 +35,32 @@ export enum SFrame {
   End = 9,
   Abort = 10,
   ReturnEnd = 11,
+  RawZ = 12,
+}
+
+/**
+ * A RAW_Z frame around `pieces` (`bytes` in all): `compress(dst)` writes the
+ * compressed bytes straight into the frame (returns their length, or -1 when
+ * they do not fit in maxRatio x bytes); null when it did not pay.
+ */
+export function compressedRawFrame(bytes: number, algorithmId: number, compress: (dst: Uint8Array) => number, maxRatio = 0.9): Buffer | null {
+  const room = Math.floor(bytes * maxRatio);
+  if (room <= 0 || bytes > MAX_STREAM_FRAME) return null;
+  const b = Buffer.allocUnsafe(10 + room);
+  b[4] = SFrame.RawZ;
+  b[5] = algorithmId;
+  b.writeUInt32BE(bytes, 6);
+  const got = compress(b.subarray(10));
+  if (got < 0 || got > room) return null;
+  b.writeUInt32BE(6 + got, 0);
+  return b.subarray(0, 10 + got);
+}
+
+export function decodeRawZ(f: StreamFrame): { algorithmId: number; rawLength: number; packed: Buffer } {
+  if (f.payload.length < 5) throw new StreamProtocolError(`RAW_Z frame of ${f.payload.length} bytes is too short`);
+  const rawLength = f.payload.readUInt32BE(1);
+  if (rawLength < 1 || rawLength > MAX_STREAM_FRAME) throw new StreamProtocolError(`RAW_Z frame says ${rawLength} bytes; 1..${MAX_STREAM_FRAME} allowed`);
+  return { algorithmId: f.payload[0]!, rawLength, packed: f.payload.subarray(5) };
 }
 
 export class StreamProtocolError extends Error {

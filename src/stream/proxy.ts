@@ -22,7 +22,12 @@ import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.j
 import {
   SFrame, StreamFrameReader, StreamProtocolError, RefsBuilder, decodeRefs, jsonFrame, parseJson, rawFrame, readU32, u32Frame,
   STREAM_PROTOCOL_VERSION, frame, type StreamFrame,
+  compressedRawFrame, decodeRawZ,
 } from "./frames.js";
+import {
+  ALGORITHM_ID, CompressionPolicy, algorithmOfId, availableAlgorithms, createCompressor, emptyCompressionStats, zstdUnavailableReason,
+  type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
+} from "../migrate/compress.js";
 
 export interface StreamStats {
   role: "stream-out" | "stream-in";
@@ -54,13 +59,15 @@ export interface StreamStats {
   busyMs: number;
   drainWaitMs: number;
   windowWaitMs: number;
+  /** RAW data compressed on the link (stream-out: what it compressed and why not; stream-in: frames decompressed). */
+  compression: CompressionStats;
 }
 
 function newStats(role: StreamStats["role"]): StreamStats {
   return {
     role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
     bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], ms: 0,
-    busyMs: 0, drainWaitMs: 0, windowWaitMs: 0,
+    busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, compression: emptyCompressionStats("auto"),
   };
 }
 
@@ -150,6 +157,14 @@ export interface StreamOutOptions {
   keep?: boolean;
   /** Turn dedup off (forward everything raw): a baseline through the same proxies. */
   noDedup?: boolean;
+  /**
+   * Compression of what still travels raw (unique pages, device state):
+   * "auto" (default) compresses a RAW frame only when the compressor outruns
+   * the link and the data compresses; an algorithm whenever it compresses; "off".
+   */
+  compress?: CompressionMode;
+  /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
+  bandwidth?: number;
   log?: Logger;
 }
 
@@ -164,9 +179,15 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
     log(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms`);
   }
   const stats = newStats("stream-out");
+  const compress = opts.compress ?? "auto";
+  stats.compression.mode = compress;
+  if (compress !== "auto" && compress !== "off" && !availableAlgorithms().includes(compress)) {
+    throw new Error(`pagetwin stream-out: --compress ${compress} is not available here (${zstdUnavailableReason()})`);
+  }
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false, hashRegion: null, capacity: 0,
+    compress, bandwidth: opts.bandwidth ?? 0,
   };
   return serve(opts.listenHost ?? "127.0.0.1", opts.listenPort, stats, opts.keep ?? false, log, (sock, channel) => outSession(ctx, sock, channel), () => {
     if (!opts.nas) { nas!.image.close(); }
@@ -182,6 +203,8 @@ interface OutContext {
   windowPages: number;
   to: { host: string; port: number };
   noDedup: boolean;
+  compress: CompressionMode;
+  bandwidth: number;
   hashRegion: { pages: Region; hashes: Region; blocks: Region } | null;
   capacity: number;
 }
@@ -222,12 +245,19 @@ function serve(host: string, port: number, stats: StreamStats, keep: boolean, lo
       active++;
       stats.sessions++;
       const channel = channels++;
+      let failed = false;
       session(sock, channel).catch((err: Error) => {
+        failed = true;
         stats.error ??= err.message;
         log(`error: ${err.message}`);
       }).finally(() => {
         active--;
-        sock.destroy();
+        // after a failure, let the peer read the ABORT before the socket goes (a destroy with unread data resets it)
+        if (failed && !sock.destroyed) {
+          sock.end();
+          sock.resume();
+          setTimeout(() => sock.destroy(), 150).unref();
+        } else sock.destroy();
         stats.ms = performance.now() - t0;
         // Multifd channels of the same migration connect soon after the first; give them a moment.
         if (!keep && active === 0) setTimeout(() => { if (active === 0) finish(); }, 200);
@@ -348,9 +378,42 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   });
   link.on("end", () => { link.end(); });
 
-  sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel }));
-  const ack = parseJson<{ dedup: boolean; reason?: string }>(await inbox.next(15_000, "HELLO_ACK from stream-in"));
+  const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
+  sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel, compression: offer }));
+  const ack = parseJson<{ dedup: boolean; reason?: string; compression?: unknown }>(await inbox.next(15_000, "HELLO_ACK from stream-in"));
   let dedup = ack.dedup && !ctx.noDedup;
+  const cstats = stats.compression;
+  const accepted = Array.isArray(ack.compression) ? ack.compression : [];
+  const algo = offer.find((a) => accepted.includes(a)) ?? null;
+  const compressor: PageCompressor | null = algo ? createCompressor(algo) : null;
+  if (algo) cstats.algorithm = algo;
+  else cstats.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
+  const cpolicy = new CompressionPolicy({ mode: ctx.compress === "auto" ? "auto" : "always", bandwidth: ctx.bandwidth });
+  /** A RAW frame around `pieces`, compressed straight from them into the frame when that pays. */
+  const rawOut = (pieces: Uint8Array[], bytes: number): Buffer => {
+    const verdict = compressor && bytes >= 4096 ? cpolicy.decide() : null;
+    if (compressor && verdict === "compress") {
+      let ms = 0;
+      const f = compressedRawFrame(bytes, ALGORITHM_ID[compressor.algorithm], (dst) => {
+        const t = performance.now();
+        const n = compressor.compressChunks(pieces, dst);
+        ms = performance.now() - t;
+        return n;
+      }, cpolicy.maxRatio);
+      cpolicy.recordCompress(bytes, f ? f.length - 10 : bytes, ms);
+      cstats.compressMBs = cpolicy.compressRate / 1e6;
+      if (f) {
+        cstats.framesCompressed++;
+        cstats.bytesBefore += bytes;
+        cstats.bytesAfter += f.length - 10;
+        return f;
+      }
+      cstats.rawPoorRatio++;
+    } else if (verdict === "slow") cstats.rawSlow++;
+    else if (verdict === "poor") cstats.rawPoorRatio++;
+    cstats.framesRaw++;
+    return rawFrame(pieces, bytes);
+  };
   if (!ack.dedup) {
     const why = `stream-in cannot dedup: ${ack.reason ?? "no reason"}`;
     stats.passthrough.push(why);
@@ -360,7 +423,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   let reported = false;
 
   const handleChunk = (chunk: Buffer): boolean => {
-    if (!dedup) return sendLink(rawFrame([chunk], chunk.length));
+    if (!dedup) return sendLink(rawOut([chunk], chunk.length));
     const pieces: Piece[] = parser.push(chunk);
     for (const w of parser.takeWarnings()) { log(`channel ${channel}: ${w}`); stats.warnings.push(w); }
     if (!reported && parser.mode === "passthrough") {
@@ -387,7 +450,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     let rawBytes = 0;
     const refs = new RefsBuilder();
     const flushRaw = () => {
-      if (rawBytes) ok = sendLink(rawFrame(raw, rawBytes)) && ok;
+      if (rawBytes) ok = sendLink(rawOut(raw, rawBytes)) && ok;
       raw = [];
       rawBytes = 0;
     };
@@ -440,9 +503,15 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     stats.busyMs += t1 - t0;
     if (!ok || full()) {
       qemu.pause();
+      const backlog = link.writableLength;
       if (!ok) await drained(link);
       const t2 = performance.now();
       stats.drainWaitMs += t2 - t1;
+      // the link moved `backlog` bytes in that time, busy all along: its rate
+      if (!ok && backlog > 0) {
+        cpolicy.recordSend(backlog, t2 - t1);
+        if (Number.isFinite(cpolicy.linkRate)) stats.compression.linkMBs = cpolicy.linkRate / 1e6;
+      }
       if (full() && !failure) await new Promise<void>((r) => { windowWaiter = r; });
       stats.windowWaitMs += performance.now() - t2;
       if (!failure) qemu.resume();
@@ -589,6 +658,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
           helloWaiter?.();
           break;
         case SFrame.Raw:
+        case SFrame.RawZ:
         case SFrame.Refs:
         case SFrame.End:
           queue.push(f);
@@ -628,7 +698,29 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
   helloWaiter = null;
   if (failure) throw failure;
   if (!hello) throw new StreamProtocolError("no HELLO from stream-out within 15 s");
-  const h = parseJson<{ v: number; indexId: string }>(hello);
+  const h = parseJson<{ v: number; indexId: string; compression?: unknown }>(hello);
+  const offered = Array.isArray(h.compression) ? h.compression : [];
+  const agreed = availableAlgorithms().filter((a) => offered.includes(a));
+  const decompressors = new Map<CompressionAlgorithm, PageCompressor>();
+  /** A RAW_Z frame's bytes, decompressed into exactly the length it names (4 MiB at most). */
+  const unpack = (f: StreamFrame): Buffer => {
+    const { algorithmId, rawLength, packed } = decodeRawZ(f);
+    const algo = algorithmOfId(algorithmId);
+    if (!algo || !agreed.includes(algo)) throw new StreamProtocolError(`RAW_Z frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${agreed.join(", ") || "none"})`);
+    let d = decompressors.get(algo);
+    if (!d) decompressors.set(algo, (d = createCompressor(algo)));
+    const out = Buffer.allocUnsafe(rawLength);
+    try {
+      d.decompressInto(packed, out);
+    } catch (err) {
+      throw new StreamProtocolError(`RAW_Z frame: ${(err as Error).message.replace(/^CompressedPages frame: /, "")}`);
+    }
+    stats.compression.framesCompressed++;
+    stats.compression.bytesBefore += rawLength;
+    stats.compression.bytesAfter += packed.length;
+    stats.compression.algorithm = algo;
+    return out;
+  };
   if (h.v !== STREAM_PROTOCOL_VERSION) {
     fail(new StreamProtocolError(`stream-out speaks stream protocol ${h.v}, this stream-in speaks ${STREAM_PROTOCOL_VERSION}`), true);
     throw failure!;
@@ -653,7 +745,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     fail(err as Error, true);
     throw failure!;
   }
-  sendLink(jsonFrame(SFrame.HelloAck, dedup ? { dedup } : { dedup, reason }));
+  sendLink(jsonFrame(SFrame.HelloAck, dedup ? { dedup, compression: agreed } : { dedup, reason, compression: agreed }));
   if (!dedup) { stats.passthrough.push(reason!); log(reason!); }
   const q = qemu;
   let qemuClosed = false;
@@ -758,6 +850,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       const t0 = performance.now();
       const w0 = stats.drainWaitMs;
       if (f.type === SFrame.Raw) await toQemu(f.payload);
+      else if (f.type === SFrame.RawZ) await toQemu(unpack(f));
       else if (f.type === SFrame.Refs) await refsToQemu(f);
       stats.busyMs += performance.now() - t0 - (stats.drainWaitMs - w0);
       if (f.type === SFrame.End) {
