@@ -214,7 +214,7 @@ export async function benchCompress(o: { mib?: number; reps?: number; ram?: stri
  * set, `mib` MiB, no index: every non-zero page travels in full) migrated
  * with --compress off / auto / zstd, at each bandwidth (0: no limit).
  */
-export async function benchMigrate(o: { mib?: number; bandwidths?: number[]; quiet?: boolean } = {}): Promise<Record<string, unknown>[]> {
+export async function benchMigrate(o: { mib?: number; bandwidths?: number[]; modes?: readonly ("off" | "auto" | "zstd" | "brotli")[]; quiet?: boolean } = {}): Promise<Record<string, unknown>[]> {
   const { mkdtempSync, writeFileSync, rmSync } = await import("node:fs");
   const { tmpdir } = await import("node:os");
   const { createEngine } = await import("../src/core/index.js");
@@ -227,7 +227,7 @@ export async function benchMigrate(o: { mib?: number; bandwidths?: number[]; qui
     const ramPath = join(dir, "src-ram");
     writeFileSync(ramPath, dataSets(o.mib ?? 64).mixed);
     for (const bandwidth of o.bandwidths ?? [125e6, 0]) {
-      for (const compress of ["off", "auto", "zstd"] as const) {
+      for (const compress of o.modes ?? (["off", "auto", "zstd"] as const)) {
         const agent = new DestinationAgent({ ramPath: join(dir, "dst-ram"), createRam: true });
         const port = await agent.listen();
         const ram = RamFile.open(ramPath);
