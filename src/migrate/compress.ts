@@ -222,8 +222,20 @@ export interface PolicyOptions {
   maxRatio?: number;
   /** Compress only when the compressor is this many times faster than the link. */
   margin?: number;
-  /** While skipping, still try one frame in this many (to notice that things changed). */
+  /** While skipping for a poor ratio, still try one frame in this many (the data may change; default 16). */
   probeEvery?: number;
+  /** While skipping because the compressor is slower than the link, one frame in this many (default 64). */
+  probeSlowEvery?: number;
+  /**
+   * Compare the two ways on what they cost (agent mode): each frame's
+   * compression time plus the time the link took it, per page byte; use the
+   * cheaper, and try the other one frame in `exploreEvery` (default 32).
+   * With a configured bandwidth, that is the link's rate (waits on a link
+   * shared with other work are no measure of the link alone) and the rate
+   * rule decides; without one, the comparison does.
+   */
+  compare?: boolean;
+  exploreEvery?: number;
 }
 
 /**
@@ -241,6 +253,7 @@ export class CompressionPolicy {
   readonly maxRatio: number;
   private readonly margin: number;
   private readonly probeEvery: number;
+  private readonly probeSlowEvery: number;
   /** Compressor input bytes per second (EWMA), 0: not measured yet. */
   compressRate = 0;
   /** Compressed/raw (EWMA over frames), 0: not measured yet. */
@@ -248,18 +261,29 @@ export class CompressionPolicy {
   private sendBytes = 0;
   private sendMs = 0;
   private skipped = 0;
+  /** ms per MB of page data, raw and compressed (EWMA; 0: not measured yet), when comparing. */
+  costRaw = 0;
+  costCompressed = 0;
+  private compared = 0;
 
   constructor(readonly o: PolicyOptions) {
     this.maxRatio = o.maxRatio ?? 0.9;
     this.margin = o.margin ?? 1.25;
     this.probeEvery = o.probeEvery ?? 16;
+    this.probeSlowEvery = o.probeSlowEvery ?? 64;
   }
 
   /** Bytes per second the link carries (Infinity: never waited for, and no bandwidth configured). */
   get linkRate(): number {
+    if (this.o.compare) return this.o.bandwidth > 0 ? this.o.bandwidth : 0;
     const measured = this.sendBytes >= 4 << 20 ? this.sendBytes / Math.max(this.sendMs / 1000, 1e-6) : Infinity;
     const configured = this.o.bandwidth > 0 ? this.o.bandwidth : Infinity;
     return Math.min(measured, configured);
+  }
+
+  /** Bytes per second of raw frames over the time the link took them (0: not measured); for the stats. */
+  get measuredLinkRate(): number {
+    return this.sendBytes > 0 ? this.sendBytes / Math.max(this.sendMs / 1000, 1e-6) : 0;
   }
 
   /** Try this frame? ("slow" or "poor" when not, and why.) */
@@ -268,8 +292,15 @@ export class CompressionPolicy {
     let why: "compress" | "slow" | "poor" = "compress";
     if (this.ratio > this.maxRatio) why = "poor";
     else if (this.o.mode === "auto" && this.compressRate < this.margin * this.linkRate) why = "slow";
+    else if (this.o.mode === "auto" && this.o.compare && !(this.o.bandwidth > 0)) {
+      // no configured bandwidth: the cheaper way wins (a rate limiter would bill one frame's bytes to the next: not compared there)
+      if (this.costRaw === 0) return "slow"; // measure the raw way once
+      const best = this.costCompressed > 0 && this.costCompressed < 0.95 * this.costRaw ? "compress" : "slow";
+      if (++this.compared % (this.o.exploreEvery ?? 32) === 0) return best === "compress" ? "slow" : "compress";
+      return best;
+    }
     if (why === "compress") return why;
-    if (++this.skipped % this.probeEvery === 0) return "compress";
+    if (++this.skipped % (why === "slow" ? this.probeSlowEvery : this.probeEvery) === 0) return "compress";
     return why;
   }
 
@@ -280,8 +311,23 @@ export class CompressionPolicy {
     this.ratio = this.ratio === 0 ? r : 0.7 * this.ratio + 0.3 * r;
   }
 
-  /** A frame of `bytes` took `ms` from send() to the link accepting it. */
-  recordSend(bytes: number, ms: number): void {
+  /** Comparing: a frame of `pageBytes` cost `compressMs` (0: sent raw) plus `sendMs` on the link. */
+  recordFrame(pageBytes: number, compressMs: number, sendMs: number, compressed: boolean): void {
+    if (pageBytes <= 0) return;
+    const cost = ((compressMs + sendMs) / pageBytes) * 1e6;
+    if (compressed) this.costCompressed = this.costCompressed === 0 ? cost : 0.8 * this.costCompressed + 0.2 * cost;
+    else if (compressMs === 0) this.costRaw = this.costRaw === 0 ? cost : 0.8 * this.costRaw + 0.2 * cost;
+  }
+
+  /**
+   * A frame of `bytes` took `ms` from send() to the link accepting it;
+   * `compressMs`: what compressing it took (0: sent raw). A compressed frame
+   * the link took in less than half its compression time says only that the
+   * link keeps up with the compressor, not how fast it is: not counted (else
+   * an unsaturated link would look fast and flip the policy back to raw).
+   */
+  recordSend(bytes: number, ms: number, compressMs = 0): void {
+    if (compressMs > 0 && ms < 0.5 * compressMs) return;
     // a sliding estimate: halve the history now and then so that it follows changes
     if (this.sendBytes > 64 << 20) {
       this.sendBytes /= 2;

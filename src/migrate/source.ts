@@ -175,7 +175,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     offer = [cmode];
   }
   let compressor: PageCompressor | null = null;
-  const cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth });
+  const cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, compare: true });
   let link: FrameLink | null = null;
   let paused = false;
   let pausedAt = 0;
@@ -326,7 +326,9 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       }
       const t = performance.now();
       await l.send(frame);
-      cpolicy.recordSend(frame.length, performance.now() - t);
+      const sendMs = performance.now() - t;
+      cpolicy.recordFrame(raw, compressMs, sendMs, compressed >= 0);
+      if (compressed < 0) cpolicy.recordSend(frame.length, sendMs); // for the stats only
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -392,7 +394,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     }
     result.mbps = (result.transferredBytes * 8) / 1e6 / Math.max(result.totalTimeMs / 1000, 1e-3);
     cstats.compressMBs = cpolicy.compressRate / 1e6;
-    cstats.linkMBs = Number.isFinite(cpolicy.linkRate) ? cpolicy.linkRate / 1e6 : 0;
+    cstats.linkMBs = cpolicy.measuredLinkRate / 1e6;
     planner.free();
     resendRegion.free();
     resendHashes.free();
