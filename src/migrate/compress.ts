@@ -261,9 +261,16 @@ export class CompressionPolicy {
   private sendBytes = 0;
   private sendMs = 0;
   private skipped = 0;
-  /** ms per MB of page data, raw and compressed (EWMA; 0: not measured yet), when comparing. */
-  costRaw = 0;
-  costCompressed = 0;
+  /** Page bytes and ms (compression + link) of the frames sent each way, when comparing: sums over a sliding window. */
+  private raw = { bytes: 0, ms: 0 };
+  private packed = { bytes: 0, ms: 0 };
+  /** ms per MB of page data sent raw / compressed (0: not measured yet). */
+  get costRaw(): number {
+    return this.raw.bytes ? (this.raw.ms / this.raw.bytes) * 1e6 : 0;
+  }
+  get costCompressed(): number {
+    return this.packed.bytes ? (this.packed.ms / this.packed.bytes) * 1e6 : 0;
+  }
   private compared = 0;
 
   constructor(readonly o: PolicyOptions) {
@@ -295,7 +302,7 @@ export class CompressionPolicy {
     else if (this.o.mode === "auto" && this.o.compare && !(this.o.bandwidth > 0)) {
       // no configured bandwidth: the cheaper way wins (a rate limiter would bill one frame's bytes to the next: not compared there)
       if (this.costRaw === 0) return "slow"; // measure the raw way once
-      const best = this.costCompressed > 0 && this.costCompressed < 0.95 * this.costRaw ? "compress" : "slow";
+      const best = this.costCompressed > 0 && this.costCompressed < 0.8 * this.costRaw ? "compress" : "slow";
       if (++this.compared % (this.o.exploreEvery ?? 32) === 0) return best === "compress" ? "slow" : "compress";
       return best;
     }
@@ -314,9 +321,15 @@ export class CompressionPolicy {
   /** Comparing: a frame of `pageBytes` cost `compressMs` (0: sent raw) plus `sendMs` on the link. */
   recordFrame(pageBytes: number, compressMs: number, sendMs: number, compressed: boolean): void {
     if (pageBytes <= 0) return;
-    const cost = ((compressMs + sendMs) / pageBytes) * 1e6;
-    if (compressed) this.costCompressed = this.costCompressed === 0 ? cost : 0.8 * this.costCompressed + 0.2 * cost;
-    else if (compressMs === 0) this.costRaw = this.costRaw === 0 ? cost : 0.8 * this.costRaw + 0.2 * cost;
+    // sums, not averages of ratios: a link's occasional long wait (a full socket buffer) weighs what it costs
+    const w = compressed ? this.packed : compressMs === 0 ? this.raw : null;
+    if (!w) return;
+    if (w.bytes > 32 << 20) {
+      w.bytes /= 2;
+      w.ms /= 2;
+    }
+    w.bytes += pageBytes;
+    w.ms += compressMs + sendMs;
   }
 
   /**
