@@ -243,7 +243,7 @@ export async function benchMigrate(o: { mib?: number; bandwidths?: number[]; mod
             compressMBs: Math.round(c.compressMBs), linkMBs: Math.round(c.linkMBs),
           };
           rows.push(row);
-          if (!o.quiet) console.log(`link ${bandwidth ? `${(bandwidth / 1e6).toFixed(0)} MB/s` : "unlimited"} --compress ${compress.padEnd(4)}: total ${String(row.totalTimeMs).padStart(5)} ms, ${(r.transferredBytes / 1e6).toFixed(1).padStart(6)} MB on the link; frames ${c.framesCompressed} compressed, ${c.framesRaw} raw (${c.rawSlow} slow, ${c.rawPoorRatio} poor); compressor ${row.compressMBs} MB/s, link ${row.linkMBs || "never waited for"} MB/s`);
+          if (!o.quiet) console.log(`link ${bandwidth ? `${(bandwidth / 1e6).toFixed(0)} MB/s` : "unlimited"} --compress ${compress.padEnd(4)}: total ${String(row.totalTimeMs).padStart(5)} ms, ${(r.transferredBytes / 1e6).toFixed(1).padStart(6)} MB on the link; frames ${c.framesCompressed} compressed, ${c.framesRaw} raw (${c.rawSlow} slow, ${c.rawPoorRatio} poor); compressor ${row.compressMBs} MB/s, link ${row.linkMBs ? `${row.linkMBs} MB/s` : "not measured (no raw frames)"}`);
         } finally {
           ram.close();
           agent.close();

@@ -196,13 +196,13 @@ export interface CompressionStats {
   /** Frames of full pages sent compressed / raw. */
   framesCompressed: number;
   framesRaw: number;
-  /** Raw frames because the compressor could not keep up with the link / because the batch did not compress (ratio > maxRatio). */
+  /** Raw frames because compressing would not have made them faster (compressor slower than the link, or costlier per byte) / because the batch did not compress (ratio > maxRatio). */
   rawSlow: number;
   rawPoorRatio: number;
   /** Page bytes that went into compressed frames, and what they became. */
   bytesBefore: number;
   bytesAfter: number;
-  /** Last measured compressor and link rates, MB/s (1e6 B/s). */
+  /** Last measured compressor rate, and the link's rate over raw frames (0: not measured), MB/s (1e6 B/s). */
   compressMBs: number;
   linkMBs: number;
   /** Why compression is off, when it is. */
