@@ -19,8 +19,8 @@ import { createNetnsLink, netnsAvailable, type NetnsLink } from "../adapters/net
 import { waitMigration, type AgentMigrationResult, type QueryMigrate } from "./agent-migration.js";
 import { firstCounter, lastCounter, readBytes } from "./guest.js";
 
-export type CompareMode = "qemu" | "pagetwin-nodedup" | "pagetwin";
-export const COMPARE_MODES: CompareMode[] = ["qemu", "pagetwin-nodedup", "pagetwin"];
+export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin-nodedup" | "pagetwin";
+export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin-nodedup", "pagetwin"];
 
 export interface CompareOptions {
   modes?: CompareMode[];
@@ -188,7 +188,9 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
         result.runs.push(run);
         try {
           const t0 = Date.now();
-          const agent = mode !== "qemu";
+          const agent = mode !== "qemu" && mode !== "qemu-multifd-zstd";
+          // QEMU's best configuration: multifd, 2 channels, zstd; both sides set before the stream starts
+          const multifd = mode === "qemu-multifd-zstd";
           const src = await QemuVm.start({
             ...guest, append, memoryMiB, memPath: `/dev/shm/pt-agentcmp-${tag}-src`, qmpSocket: join(dir, `${n}-src.qmp`),
             extraQmpSockets: [join(dir, `${n}-src-tool.qmp`)], serialLog: join(dir, `${n}-src.log`), netns: link.srcNs, name: "pt-agentcmp-src",
@@ -203,13 +205,20 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
           const dst = await QemuVm.start({
             ...guest, append, memoryMiB, memPath: `/dev/shm/pt-agentcmp-${tag}-dst`, qmpSocket: join(dir, `${n}-dst.qmp`),
             extraQmpSockets: [join(dir, `${n}-dst-tool.qmp`)], serialLog: join(dir, `${n}-dst.log`), netns: link.dstNs, name: "pt-agentcmp-dst",
-            incoming: agent ? "defer" : `tcp:${link.dstIp}:${INCOMING_PORT}`, extraArgs: agent ? ["-S"] : [],
+            incoming: agent || multifd ? "defer" : `tcp:${link.dstIp}:${INCOMING_PORT}`, extraArgs: agent ? ["-S"] : [],
           });
           vms.push(dst);
           log(`[${mode} #${rep}] guest ready after ${(run.guestReadyMs / 1000).toFixed(1)} s; migrating`);
           run.loadAvg = Math.round(loadavg()[0]! * 100) / 100;
           const tx0 = [link.txBytes(link.srcNs), link.txBytes(link.dstNs)] as const;
           if (!agent) {
+            if (multifd) {
+              for (const vm of [src, dst]) {
+                await vm.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "multifd", state: true }] });
+                await vm.qmp.execute("migrate-set-parameters", { "multifd-channels": 2, "multifd-compression": "zstd" });
+              }
+              await dst.qmp.execute("migrate-incoming", { uri: `tcp:${link.dstIp}:${INCOMING_PORT}` });
+            }
             await src.qmp.execute("migrate-set-parameters", {
               "downtime-limit": downtimeMs, ...(o.qemuMaxBandwidth ? { "max-bandwidth": Math.round(o.qemuMaxBandwidth) } : {}),
             });
@@ -291,12 +300,15 @@ export function formatComparison(r: CompareResult): string {
   const mb = (b: number) => (Number.isFinite(b) ? `${(b / 1e6).toFixed(1)} MB` : "-");
   const ms = (x: number) => (Number.isFinite(x) ? `${Math.round(x)} ms` : "-");
   const base = r.summary.find((s) => s.mode === "qemu");
-  const rows = [["migration", "runs", "total time", "downtime", "bytes on the link", "vs QEMU (time / bytes)", "guest counts on"]];
+  const best = r.summary.find((s) => s.mode === "qemu-multifd-zstd");
+  const rows = [["migration", "runs", "total time", "downtime", "bytes on the link", "vs QEMU (time / bytes)", "vs multifd+zstd", "guest counts on"]];
+  const vs = (b: typeof base, s: NonNullable<typeof base>) => b && s.mode !== b.mode && b.runs > 0 && s.runs > 0
+    ? `${(s.totalTimeMs / b.totalTimeMs).toFixed(2)}x / ${(s.linkBytes / b.linkBytes).toFixed(2)}x` : "";
   for (const s of r.summary) {
-    const rel = base && s.mode !== "qemu" && base.runs > 0 && s.runs > 0
-      ? `${(s.totalTimeMs / base.totalTimeMs).toFixed(2)}x / ${(s.linkBytes / base.linkBytes).toFixed(2)}x` : "";
-    const name = s.mode === "qemu" ? "QEMU pre-copy" : s.mode === "pagetwin-nodedup" ? "pagetwin, dedup off" : "pagetwin";
-    rows.push([name, String(s.runs), ms(s.totalTimeMs), ms(s.downtimeMs), mb(s.linkBytes), rel, s.runs ? (s.continued ? "yes" : "NO") : "-"]);
+    const rel = vs(base, s);
+    const relBest = s.mode.startsWith("pagetwin") ? vs(best, s) : "";
+    const name = s.mode === "qemu" ? "QEMU pre-copy" : s.mode === "qemu-multifd-zstd" ? "QEMU multifd+zstd" : s.mode === "pagetwin-nodedup" ? "pagetwin, dedup off" : "pagetwin";
+    rows.push([name, String(s.runs), ms(s.totalTimeMs), ms(s.downtimeMs), mb(s.linkBytes), rel, relBest, s.runs ? (s.continued ? "yes" : "NO") : "-"]);
   }
   const w = rows[0]!.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
   const lines = rows.map((row) => row.map((c, i) => c.padEnd(w[i]!)).join("  ").trimEnd());

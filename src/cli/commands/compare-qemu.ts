@@ -5,7 +5,7 @@ import { parse, helpText, num, parseRate, UsageError, type CommandSpec } from ".
 export const spec: CommandSpec = {
   name: "compare-qemu",
   summary: "migrate a real QEMU guest across a 1 Gbit/s link three ways: QEMU, pagetwin without dedup, pagetwin",
-  usage: "pagetwin compare-qemu [--modes qemu,pagetwin-nodedup,pagetwin] [--repeat 1] [--rate 1gbit] [--json] [--out FILE]",
+  usage: "pagetwin compare-qemu [--modes qemu,qemu-multifd-zstd,pagetwin-nodedup,pagetwin] [--repeat 1] [--rate 1gbit] [--json] [--out FILE]",
   options: {
     modes: { type: "string", default: COMPARE_MODES.join(","), help: "which migrations to run, in order" },
     repeat: { type: "string", default: "1", help: "runs of each (the table shows medians)" },
