@@ -254,8 +254,9 @@ export class CompressionPolicy {
   private readonly margin: number;
   private readonly probeEvery: number;
   private readonly probeSlowEvery: number;
-  /** Compressor input bytes per second (EWMA), 0: not measured yet. */
+  /** Compressor input bytes per second (best of the last 8 frames), 0: not measured yet. */
   compressRate = 0;
+  private recentRates: number[] = [];
   /** Compressed/raw (EWMA over frames), 0: not measured yet. */
   ratio = 0;
   private sendBytes = 0;
@@ -314,7 +315,11 @@ export class CompressionPolicy {
   recordCompress(bytesIn: number, bytesOut: number, ms: number): void {
     const rate = bytesIn / Math.max(ms / 1000, 1e-6);
     const r = bytesOut / bytesIn;
-    this.compressRate = this.compressRate === 0 ? rate : 0.7 * this.compressRate + 0.3 * rate;
+    // what the compressor can do: the best of its recent frames (a frame preempted by
+    // another process or a GC only ever measures slower, and must not switch it off)
+    this.recentRates.push(rate);
+    if (this.recentRates.length > 8) this.recentRates.shift();
+    this.compressRate = Math.max(...this.recentRates);
     this.ratio = this.ratio === 0 ? r : 0.7 * this.ratio + 0.3 * r;
   }
 

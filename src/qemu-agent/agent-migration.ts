@@ -16,6 +16,7 @@ import { DestinationAgent, type DestinationResult } from "../migrate/destination
 import { EnginePool } from "../pool/pool.js";
 import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader } from "../migrate/source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
+import type { CompressionMode, CompressionStats } from "../migrate/compress.js";
 
 /** One side of the migration: its QMP connection and how to get rid of it after a failure. */
 export interface QemuSide {
@@ -45,6 +46,8 @@ export interface AgentMigrationOptions {
   incomingUri?: string;
   /** Rate limit of the pagetwin link, bytes/s (0: none, the link decides). */
   bandwidth?: number;
+  /** Compression of the pages sent in full (default "auto"). */
+  compress?: CompressionMode;
   convergence?: ConvergenceOptions;
   /** Hash on this many worker threads (0: on this thread); they scan the next window while one is on the link. */
   workers?: number;
@@ -116,6 +119,8 @@ export interface AgentMigrationResult {
   device: { "total-time": number; downtime: number; transferred: number; status: string } | null;
   /** Bytes pagetwin received back from the destination (acks). */
   "received-bytes": number;
+  /** How the pages sent in full travelled (compressed or raw, and why). */
+  compression: CompressionStats | null;
   /** The destination's RAM digest equalled the source's at switchover. */
   verified: boolean;
   digest: string;
@@ -184,6 +189,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
   const result: AgentMigrationResult = {
     status: "failed", dedup, "total-time": 0, downtime: 0, "setup-time": 0, "expected-downtime": 0,
     ram: { transferred: 0, total: 0, duplicate: 0, normal: 0, "normal-bytes": 0, twin: 0, resent: 0, mbps: 0, "dirty-sync-count": 0 },
+    compression: null,
     device: null, "received-bytes": 0, verified: false, digest: "", convergence: "", "source-status": "unknown",
     destinationAgent: null, iterations: [],
   };
@@ -288,7 +294,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
           pause: async () => { await src.execute("stop"); sourcePaused = true; },
           resume: async () => { await restoreSource(); },
         },
-        host: target.host, port: target.port, bandwidth: o.bandwidth ?? 0, convergence: o.convergence,
+        host: target.host, port: target.port, bandwidth: o.bandwidth ?? 0, convergence: o.convergence, compress: o.compress,
         onIteration: (it) => {
           // Workers read RAM themselves: stop here too once the destination QEMU is gone.
           if (destinationGone) throw new Error(destinationGone);
@@ -343,6 +349,7 @@ function fill(r: AgentMigrationResult, m: MigrationResult): void {
     "normal-bytes": m.pages.normal * 4096, twin: m.pages.twin, resent: m.pages.resent, mbps: m.mbps, "dirty-sync-count": m.iterations,
   };
   r["received-bytes"] = m.receivedBytes;
+  r.compression = m.compression;
   r.verified = m.verified;
   r.digest = m.digest;
   r.convergence = m.convergence;

@@ -3,6 +3,7 @@ import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } 
 import type { ConvergenceOptions } from "../../plan/convergence.js";
 import { loadKey } from "../../migrate/auth.js";
 import { parse, helpText, str, num, parseRate, fmtBytes, tlsFiles, UsageError, type CommandSpec } from "../args.js";
+import { parseCompressionMode } from "../../migrate/compress.js";
 
 export const spec: CommandSpec = {
   name: "migrate",
@@ -22,6 +23,7 @@ export const spec: CommandSpec = {
     downtime: { type: "string", default: "300", help: "downtime target, ms (QEMU's downtime-limit default)" },
     "max-iterations": { type: "string", default: "30", help: "iteration cap" },
     "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
+    compress: { type: "string", default: "auto", help: "compress the pages sent in full: auto, off, zstd or brotli" },
     workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
     "psk-file": { type: "string", help: "pre-shared key file (the destination agent's): both agents prove they hold it" },
     "tls-cert": { type: "string", help: "TLS to the destination agent: this agent's certificate (PEM); with --tls-key and --tls-ca" },
@@ -57,6 +59,8 @@ export async function run(argv: string[]): Promise<number> {
   if (incoming !== undefined && !/^(tcp|unix|rdma|exec|fd):/.test(incoming)) throw new UsageError(`--incoming must be a QEMU migration URI such as tcp:HOST:PORT (got "${incoming}")`);
   const convergence: ConvergenceOptions = { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap };
   const bandwidth = parseRate(values.bandwidth as string);
+  let compress;
+  try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
   const image = str(values, "image");
   const srcRam = str(values, "src-ram");
   const src = await QmpClient.connect(str(values, "src-qmp"));
@@ -71,7 +75,7 @@ export async function run(argv: string[]): Promise<number> {
     const r = await migrateQemuAgentMode({
       source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
       image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
-      bandwidth, convergence, workers: num(values, "workers", 0, 64),
+      bandwidth, convergence, workers: num(values, "workers", 0, 64), compress,
       psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null, tls: tlsFiles(values),
       onIteration: (it) => {
         if (!json) console.error(`iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`);
