@@ -6,6 +6,16 @@
 import type { Socket } from "node:net";
 import { FrameReader, FrameType, ProtocolError, encodeJson, type Frame } from "./protocol.js";
 
+/** The reason an Abort frame gives (it may be garbled: the link is failing). */
+function abortReason(f: Frame): string {
+  try {
+    const r = JSON.parse(Buffer.from(f.payload).toString("utf8")).reason;
+    return typeof r === "string" ? r : "no reason given";
+  } catch {
+    return "no reason given";
+  }
+}
+
 export class LinkClosedError extends Error {
   override name = "LinkClosedError";
 }
@@ -64,9 +74,7 @@ export class FrameLink {
       for (const f of frames) {
         if (f.type === FrameType.Abort && this.waiters.length === 0) {
           // the peer gave up while we were sending: keep its reason for the next send or wait
-          let reason = "no reason given";
-          try { reason = JSON.parse(Buffer.from(f.payload).toString("utf8")).reason; } catch { /* keep default */ }
-          this.fail(new ProtocolError(`${this.peer} aborted the migration: ${reason}`));
+          this.fail(new ProtocolError(`${this.peer} aborted the migration: ${abortReason(f)}`));
           continue;
         }
         const w = this.waiters.shift();
@@ -128,9 +136,7 @@ export class FrameLink {
       });
     }
     if (f.type === FrameType.Abort && expect !== FrameType.Abort) {
-      let reason = "no reason given";
-      try { reason = JSON.parse(Buffer.from(f.payload).toString("utf8")).reason; } catch { /* keep default */ }
-      throw new ProtocolError(`${this.peer} aborted the migration: ${reason}`);
+      throw new ProtocolError(`${this.peer} aborted the migration: ${abortReason(f)}`);
     }
     if (expect !== undefined && f.type !== expect) {
       throw new ProtocolError(`expected a ${FrameType[expect]} frame from ${this.peer}, got ${FrameType[f.type] ?? f.type}`);
