@@ -57,7 +57,7 @@ export async function benchPlanner(opts: { json?: boolean; gib?: number[]; quiet
     const firstMs = iterate();
     // later iterations: change ~1% of the window's pages between passes
     let laterMs = Infinity;
-    for (let r = 0; r < 3; r++) {
+    for (let r = 0; r < 7; r++) {
       for (let k = 0; k < 41; k++) planner.window.view(k * 100 * PAGE_SIZE, 8).set(crypto.randomBytes(8));
       laterMs = Math.min(laterMs, iterate());
     }
