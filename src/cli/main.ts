@@ -36,8 +36,8 @@ async function main(argv: string[]): Promise<number> {
 main(process.argv.slice(2)).then(
   (code) => { process.exitCode = code; },
   (err) => {
-    if (err instanceof UsageError) console.error(`pagetwin: ${err.message}`);
-    else console.error(`pagetwin: ${(err as Error).message}`);
+    const msg = (err as Error).message;
+    console.error(msg.startsWith("pagetwin") ? msg : `pagetwin: ${msg}`);
     process.exitCode = err instanceof UsageError ? 2 : 1;
   },
 );

@@ -1,0 +1,47 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync, spawnSync } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { EmbeddedVm } from "../src/adapters/embedded/vm.js";
+
+const CLI = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
+
+test("analyze counts the zero, twin and unique pages of a RAM file against its image, before migrating", () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-cli-"));
+  try {
+    const vm = EmbeddedVm.create({ dir, ramMiB: 8, twinShare: 0.4, zeroShare: 0.25 });
+    const out = JSON.parse(execFileSync(process.execPath, [CLI, "analyze", "--ram", vm.layout.ramPath, "--image", vm.layout.imagePath, "--bandwidth", "100MB", "--json"], { encoding: "utf8" }));
+    assert.equal(out.pages, vm.layout.pages);
+    assert.equal(out.zero, vm.layout.zeroPages);
+    assert.equal(out.twin, vm.layout.cachePages);
+    assert.equal(out.unique, vm.layout.anonPages);
+    assert.equal(out.baseline.bytes, (out.twin + out.unique) * 4096);
+    assert.equal(out.pagetwin.bytes, out.unique * 4096 + out.twin * 24);
+    assert.equal(out.baseline.seconds, +(out.baseline.bytes / 100e6).toFixed(3));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("every command answers --help, and a bad invocation says what to do", () => {
+  const top = spawnSync(process.execPath, [CLI, "--help"], { encoding: "utf8" });
+  assert.equal(top.status, 0);
+  for (const cmd of ["demo", "analyze", "index", "listen", "send", "migrate", "compare-qemu", "stream-out", "stream-in"]) {
+    assert.match(top.stdout, new RegExp(`\\n  ${cmd} `));
+    const h = spawnSync(process.execPath, [CLI, cmd, "--help"], { encoding: "utf8" });
+    assert.equal(h.status, 0, `${cmd} --help`);
+    assert.match(h.stdout, /Usage: pagetwin /);
+  }
+  const bad = spawnSync(process.execPath, [CLI, "analyze", "--bogus"], { encoding: "utf8" });
+  assert.equal(bad.status, 2);
+  assert.match(bad.stderr, /pagetwin analyze --help/);
+  const missing = spawnSync(process.execPath, [CLI, "analyze", "--ram", "/nonexistent", "--image", "/nonexistent"], { encoding: "utf8" });
+  assert.equal(missing.status, 1);
+  assert.match(missing.stderr, /^pagetwin: cannot open the disk image \/nonexistent: ENOENT/);
+  const unknown = spawnSync(process.execPath, [CLI, "frobnicate"], { encoding: "utf8" });
+  assert.equal(unknown.status, 2);
+  assert.match(unknown.stderr, /unknown command "frobnicate"/);
+});
