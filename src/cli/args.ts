@@ -1,6 +1,7 @@
 // Shared command-line plumbing: option parsing with help, sizes and rates.
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { loadKey } from "../migrate/auth.js";
 
 export class UsageError extends Error {
   override name = "UsageError";
@@ -80,6 +81,21 @@ export function progress(label: string): (done: number, total: number) => void {
     lastPct = pct;
     process.stderr.write(`\r${label} ${pct}% (${done}/${total})${done >= total ? "\n" : ""}`);
   };
+}
+
+/** The link's security options (--psk-file, --tls-*), worded for the agent at the other end. */
+export function securityOptions(peer: string, peerPresents: boolean): CommandSpec["options"] {
+  return {
+    "psk-file": { type: "string", help: `pre-shared key file (the same as the ${peer}'s): both agents prove they hold it (head -c 32 /dev/urandom > key)` },
+    "tls-cert": { type: "string", help: "TLS: this agent's certificate (PEM); with --tls-key and --tls-ca" },
+    "tls-key": { type: "string", help: "TLS: this agent's private key (PEM)" },
+    "tls-ca": { type: "string", help: `TLS: CA that signed the ${peer}'s certificate${peerPresents ? " (it must present one)" : ""}` },
+  };
+}
+
+/** The pre-shared key and TLS files the options name (null when not given). */
+export function security(values: Record<string, string | boolean | undefined>): { psk: Uint8Array | null; tls: ReturnType<typeof tlsFiles> } {
+  return { psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null, tls: tlsFiles(values) };
 }
 
 /** --tls-cert/--tls-key/--tls-ca: all three or none. */

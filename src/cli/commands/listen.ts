@@ -1,6 +1,5 @@
 import { DestinationAgent } from "../../migrate/destination.js";
-import { loadKey } from "../../migrate/auth.js";
-import { parse, helpText, str, num, tlsFiles, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "listen",
@@ -13,10 +12,7 @@ export const spec: CommandSpec = {
     index: { type: "string", help: "index file (default: beside the image); only its seed and id are read" },
     host: { type: "string", default: "127.0.0.1", help: "address to listen on" },
     port: { type: "string", default: "7790", help: "TCP port (0: any free port)" },
-    "psk-file": { type: "string", help: "pre-shared key file: sources must prove they hold it (head -c 32 /dev/urandom > key)" },
-    "tls-cert": { type: "string", help: "TLS: this agent's certificate (PEM); with --tls-key and --tls-ca" },
-    "tls-key": { type: "string", help: "TLS: this agent's private key (PEM)" },
-    "tls-ca": { type: "string", help: "TLS: CA that signed the sources' certificates (they must present one)" },
+    ...securityOptions("source agent", true),
     verify: { type: "string", default: "held", help: "RAM check at switchover: held (hashes of what was written) or reread (read the RAM file again)" },
     once: { type: "boolean", help: "exit after one migration (exit code 0 if it completed)" },
     json: { type: "boolean", help: "print events as JSON lines (listening, result)" },
@@ -30,8 +26,7 @@ export async function run(argv: string[]): Promise<number> {
     ramPath: str(values, "ram"), createRam: !!values["create-ram"], imagePath: values.image as string | undefined,
     indexPath: values.index as string | undefined, host: values.host as string, port: num(values, "port", 0, 65535),
     log: (m) => { if (!values.json) console.error(m); },
-    psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null,
-    tls: tlsFiles(values),
+    ...security(values),
     verify: values.verify === "reread" ? "reread" : values.verify === "held" ? "held" : (() => { throw new UsageError("--verify is held or reread"); })(),
   });
   const port = await agent.listen();

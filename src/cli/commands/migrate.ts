@@ -1,8 +1,7 @@
 import { QmpClient } from "../../adapters/qemu/qmp.js";
 import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../qemu-agent/agent-migration.js";
 import type { ConvergenceOptions } from "../../plan/convergence.js";
-import { loadKey } from "../../migrate/auth.js";
-import { parse, helpText, str, num, parseRate, fmtBytes, tlsFiles, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode } from "../../migrate/compress.js";
 
 export const spec: CommandSpec = {
@@ -25,10 +24,7 @@ export const spec: CommandSpec = {
     "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
     compress: { type: "string", default: "auto", help: "compress the pages sent in full: auto, off, zstd or brotli" },
     workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
-    "psk-file": { type: "string", help: "pre-shared key file (the destination agent's): both agents prove they hold it" },
-    "tls-cert": { type: "string", help: "TLS to the destination agent: this agent's certificate (PEM); with --tls-key and --tls-ca" },
-    "tls-key": { type: "string", help: "TLS: this agent's private key (PEM)" },
-    "tls-ca": { type: "string", help: "TLS: CA that signed the destination agent's certificate" },
+    ...securityOptions("destination agent", false),
     json: { type: "boolean", help: "print one JSON object (stats named as query-migrate's)" },
   },
   details: [
@@ -76,7 +72,7 @@ export async function run(argv: string[]): Promise<number> {
       source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
       image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
       bandwidth, convergence, workers: num(values, "workers", 0, 64), compress,
-      psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null, tls: tlsFiles(values),
+      ...security(values),
       onIteration: (it) => {
         if (!json) console.error(`iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`);
       },

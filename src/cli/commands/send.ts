@@ -3,8 +3,7 @@ import { openNasIndex } from "../../adapters/nas/index-file.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
 import { migrateSource, MigrationError } from "../../migrate/source.js";
 import { parseCompressionMode } from "../../migrate/compress.js";
-import { loadKey } from "../../migrate/auth.js";
-import { parse, helpText, str, num, parseRate, fmtBytes, progress, tlsFiles, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, parseRate, fmtBytes, progress, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "send",
@@ -22,10 +21,7 @@ export const spec: CommandSpec = {
     "max-iterations": { type: "string", default: "30", help: "iteration cap" },
     "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
     trace: { type: "string", help: "write a per-iteration trace (JSON) here" },
-    "psk-file": { type: "string", help: "pre-shared key file (the destination's): both agents prove they hold it" },
-    "tls-cert": { type: "string", help: "TLS: this agent's certificate (PEM); with --tls-key and --tls-ca" },
-    "tls-key": { type: "string", help: "TLS: this agent's private key (PEM)" },
-    "tls-ca": { type: "string", help: "TLS: CA that signed the destination's certificate" },
+    ...securityOptions("destination agent", false),
     json: { type: "boolean", help: "print one JSON object (stats named as query-migrate's)" },
   },
   details: "Without a hypervisor to stop, the RAM file is taken as it is at switchover; use `pagetwin migrate`\nfor a QEMU VM.",
@@ -50,8 +46,7 @@ export async function run(argv: string[]): Promise<number> {
       host: m[1]!, port: Number(m[2]), bandwidth: parseRate(values.bandwidth as string),
       convergence: { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap },
       trace: !!values.trace, compress,
-      psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null,
-      tls: tlsFiles(values),
+      ...security(values),
       onIteration: (it) => { if (!values.json) console.error(`iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`); },
     });
     if (values.trace) writeFileSync(values.trace as string, JSON.stringify({ format: "pagetwin-trace", version: 1, pages: ram.pages, runs: [{ mode: r.mode, result: { ...r, iterationLog: undefined }, iterations: r.iterationLog }] }));
