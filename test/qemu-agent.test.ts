@@ -99,7 +99,7 @@ test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps coun
       },
     }), (e: unknown) => {
       assert.ok(e instanceof AgentMigrationError, String(e));
-      t.diagnostic(`failure reported: ${e.message}`);
+      t.diagnostic(`the expected failure, as reported to the user: ${e.message}`);
       assert.match(e.message, /destination QEMU/);
       assert.equal(e.result.status, "failed");
       assert.equal(e.result["source-status"], "running");
