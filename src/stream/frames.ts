@@ -63,6 +63,16 @@ export function decodeRawZ(f: StreamFrame): { algorithmId: number; rawLength: nu
   return { algorithmId: f.payload[0]!, rawLength, packed: f.payload.subarray(5) };
 }
 
+/** The reason an ABORT frame gives (it may be garbled: the link is failing). */
+export function abortReason(f: StreamFrame): string {
+  try {
+    const r = parseJson<{ reason?: unknown }>(f).reason;
+    return typeof r === "string" ? r : "no reason given";
+  } catch {
+    return "no reason given";
+  }
+}
+
 export class StreamProtocolError extends Error {
   override name = "StreamProtocolError";
 }

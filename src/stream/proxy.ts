@@ -20,7 +20,7 @@ import { openNasIndex, readIndexHeader, defaultIndexPath, type NasIndex } from "
 import { DiskImage } from "../adapters/nas/image.js";
 import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
 import {
-  SFrame, StreamFrameReader, StreamProtocolError, RefsBuilder, decodeRefs, jsonFrame, parseJson, rawFrame, readU32, u32Frame,
+  SFrame, StreamFrameReader, abortReason, StreamProtocolError, RefsBuilder, decodeRefs, jsonFrame, parseJson, rawFrame, readU32, u32Frame,
   STREAM_PROTOCOL_VERSION, frame, type StreamFrame,
   compressedRawFrame, decodeRawZ,
 } from "./frames.js";
@@ -358,12 +358,9 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
         case SFrame.ReturnEnd:
           if (!qemu.destroyed) qemu.end();
           break;
-        case SFrame.Abort: {
-          let reason = "no reason given";
-          try { reason = parseJson<{ reason: string }>(f).reason; } catch { /* default */ }
-          fail(new Error(`stream-in aborted the migration: ${reason}`), false);
+        case SFrame.Abort:
+          fail(new Error(`stream-in aborted the migration: ${abortReason(f)}`), false);
           return;
-        }
         default:
           fail(new StreamProtocolError(`unexpected ${SFrame[f.type]} frame from stream-in`), true);
           return;
@@ -673,12 +670,9 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
           if (resendWaiter && resendWaiter.seq === s) { const w = resendWaiter; resendWaiter = null; w.resolve(page); } else resends.set(s, page);
           break;
         }
-        case SFrame.Abort: {
-          let reason = "no reason given";
-          try { reason = parseJson<{ reason: string }>(f).reason; } catch { /* default */ }
-          fail(new Error(`stream-out aborted the migration: ${reason}`), false);
+        case SFrame.Abort:
+          fail(new Error(`stream-out aborted the migration: ${abortReason(f)}`), false);
           return;
-        }
         default:
           fail(new StreamProtocolError(`unexpected ${SFrame[f.type]} frame from stream-out`), true);
           return;

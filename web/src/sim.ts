@@ -60,10 +60,11 @@ export interface PageCounts {
   resent: number;
 }
 
-export interface SimIteration {
+/** What one round moved: the fields a simulated round and a trace's round share. */
+export interface RoundStats {
   iteration: number;
   final: boolean;
-  /** Simulated time since the migration started, ms. */
+  /** Time since the migration started (simulated, in the simulation), ms. */
   startMs: number;
   durationMs: number;
   scanMs: number;
@@ -71,6 +72,9 @@ export interface SimIteration {
   pages: PageCounts;
   /** Bytes on the wire (frames as in docs/PROTOCOL.md). */
   transferredBytes: number;
+}
+
+export interface SimIteration extends RoundStats {
   /** Pages the guest wrote while this round was on the link (dirty for the next one). */
   guestWrites: number;
   /** One byte a page: PAGE_CLASS | MAP_DIRTIED | role << ROLE_SHIFT. */
@@ -446,15 +450,7 @@ function buildIndex(engine: Engine, c: Required<SimConfig>): TwinIndex {
 
 // ---- traces (the format `pagetwin demo` writes) ----------------------------------
 
-export interface TraceIteration {
-  iteration: number;
-  final: boolean;
-  startMs: number;
-  durationMs: number;
-  scanMs: number;
-  dirty: number;
-  pages: PageCounts;
-  transferredBytes: number;
+export interface TraceIteration extends RoundStats {
   /** base64, one byte a page (PAGE_CLASS). */
   pageMap?: string;
 }
