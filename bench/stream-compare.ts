@@ -1,7 +1,7 @@
 // QEMU's own migration vs stream mode across a 1 Gbit/s namespace link, on
 // the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--json]
 import { parseArgs } from "node:util";
-import { compareStreamMode, type CompareMode } from "../src/stream/compare.js";
+import { compareStreamMode, formatCompare, type CompareMode } from "../src/stream/compare.js";
 
 const { values } = parseArgs({
   options: {
@@ -17,6 +17,4 @@ const r = await compareStreamMode({
   log: (m) => process.stderr.write(`[compare] ${m}\n`),
 });
 if (values.json) console.log(JSON.stringify(r, null, 2));
-else {
-  console.log(JSON.stringify({ median: r.median, ratio: r.ratio }, null, 2));
-}
+else console.log(formatCompare(r));

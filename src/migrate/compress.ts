@@ -298,8 +298,10 @@ export class CompressionPolicy {
   decide(): "compress" | "slow" | "poor" {
     if (this.compressRate === 0) return "compress"; // first frame measures the compressor
     let why: "compress" | "slow" | "poor" = "compress";
+    const link = this.linkRate;
     if (this.ratio > this.maxRatio) why = "poor";
-    else if (this.o.mode === "auto" && this.compressRate < this.margin * this.linkRate) why = "slow";
+    // a link not measured yet (Infinity) is not yet known to outrun the compressor: compress until it is
+    else if (this.o.mode === "auto" && Number.isFinite(link) && this.compressRate < this.margin * link) why = "slow";
     else if (this.o.mode === "auto" && this.o.compare && !(this.o.bandwidth > 0)) {
       // no configured bandwidth: the cheaper way wins (a rate limiter would bill one frame's bytes to the next: not compared there)
       if (this.costRaw === 0) return "slow"; // measure the raw way once

@@ -213,10 +213,7 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
           const tx0 = [link.txBytes(link.srcNs), link.txBytes(link.dstNs)] as const;
           if (!agent) {
             if (multifd) {
-              for (const vm of [src, dst]) {
-                await vm.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "multifd", state: true }] });
-                await vm.qmp.execute("migrate-set-parameters", { "multifd-channels": 2, "multifd-compression": "zstd" });
-              }
+              for (const vm of [src, dst]) await vm.useMultifdZstd();
               await dst.qmp.execute("migrate-incoming", { uri: `tcp:${link.dstIp}:${INCOMING_PORT}` });
             }
             await src.qmp.execute("migrate-set-parameters", {

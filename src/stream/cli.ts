@@ -2,6 +2,7 @@
 // the final stats (human-readable, or one JSON object with --json).
 
 import { parseCompressionMode, type CompressionMode } from "../migrate/compress.js";
+import { parseRate } from "../cli/args.js";
 import { parseArgs } from "node:util";
 import { streamIn, streamOut, type StreamStats } from "./proxy.js";
 
@@ -22,6 +23,8 @@ Options:
   --no-dedup             forward everything raw (a baseline through the same proxies)
   --compress MODE        what still travels raw: auto (compress when the compressor outruns the link
                          and the data compresses; default), off, zstd or brotli
+  --bandwidth RATE       the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor
+                         with it; without it, the rate is measured from the link's backlog
   --keep                 serve further migrations instead of exiting after the first
   --json                 print the stats as JSON on stdout
   --quiet                no progress lines on stderr
@@ -119,7 +122,7 @@ function need(v: Values, k: string): string {
 const common = { listen: { type: "string" }, image: { type: "string" }, index: { type: "string" }, keep: { type: "boolean" }, json: { type: "boolean" }, quiet: { type: "boolean" } } as const;
 
 export function runStreamOutCli(argv: string[]): Promise<number> {
-  return run(argv, OUT_HELP, { ...common, to: { type: "string" }, window: { type: "string" }, "no-dedup": { type: "boolean" }, compress: { type: "string" } }, async (v, log) => {
+  return run(argv, OUT_HELP, { ...common, to: { type: "string" }, window: { type: "string" }, "no-dedup": { type: "boolean" }, compress: { type: "string" }, bandwidth: { type: "string" } }, async (v, log) => {
     const l = listenAddr(v["listen"] as string | undefined, "127.0.0.1", 4446);
     const to = need(v, "to");
     const image = need(v, "image");
@@ -127,8 +130,10 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     if (window !== undefined && !(Number.isInteger(window) && window > 0)) throw new UsageErr("--window must be a positive number of pages");
     let compress: CompressionMode;
     try { compress = parseCompressionMode(v["compress"] as string | undefined); } catch (err) { throw new UsageErr((err as Error).message); }
+    let bandwidth = 0;
+    try { if (v["bandwidth"]) bandwidth = parseRate(v["bandwidth"] as string); } catch (err) { throw new UsageErr((err as Error).message); }
     return streamOut({
-      listenPort: l.port, listenHost: l.host, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress,
+      listenPort: l.port, listenHost: l.host, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth,
       ...(v["index"] ? { indexPath: v["index"] as string } : {}), ...(window ? { windowPages: window } : {}),
     });
   });

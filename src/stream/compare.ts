@@ -16,7 +16,8 @@ import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import type { StreamStats } from "./proxy.js";
 
-export type CompareMode = "qemu" | "pagetwin";
+export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin";
+export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin"];
 
 export interface CompareOptions {
   /** Runs per mode (median reported; default 1). */
@@ -64,8 +65,12 @@ export interface CompareResult {
   memoryMiB: number;
   runs: Record<CompareMode, RunResult[]>;
   median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "mode" | "ok" | "error"> & { okRuns: number }>>;
-  ratio?: { linkBytes: number; totalTime: number; endToEnd: number; downtime: number; observedDowntime: number };
+  /** pagetwin's medians over QEMU's own (plain pre-copy), and over QEMU multifd+zstd. */
+  ratio?: Ratio;
+  ratioVsMultifdZstd?: Ratio;
 }
+
+export interface Ratio { linkBytes: number; totalTime: number; endToEnd: number; downtime: number; observedDowntime: number }
 
 const MAIN_JS = path.join(path.dirname(fileURLToPath(import.meta.url)), "main.js");
 
@@ -136,10 +141,11 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
       ...common, memPath: `/dev/shm/pt-cmp-src-${tag}`, qmpSocket: path.join(dir, "src.qmp"), serialLog: path.join(dir, "src.log"),
       netns: link.srcNs, name: "pt-cmp-src",
     });
+    const multifd = mode === "qemu-multifd-zstd";
     dst = await QemuVm.start({
       ...common, memPath: `/dev/shm/pt-cmp-dst-${tag}`, qmpSocket: path.join(dir, "dst.qmp"), serialLog: path.join(dir, "dst.log"),
       netns: link.dstNs, name: "pt-cmp-dst",
-      incoming: mode === "qemu" ? `tcp:${link.dstIp}:${QEMU_PORT}` : `tcp:127.0.0.1:${QEMU_PORT}`,
+      incoming: multifd ? "defer" : mode === "qemu" ? `tcp:${link.dstIp}:${QEMU_PORT}` : `tcp:127.0.0.1:${QEMU_PORT}`,
     });
     await src.waitForSerial(/pagetwin-ready/, 240_000);
     const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
@@ -147,9 +153,13 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     await src.waitForSerial(new RegExp(`pagetwin-counter ${settle}\\b`), 60_000);
     await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": opts.maxBandwidth ?? 10_000_000_000 });
     let uri = `tcp:${link.dstIp}:${QEMU_PORT}`;
+    if (multifd) {
+      for (const vm of [src, dst]) await vm.useMultifdZstd();
+      await dst.qmp.execute("migrate-incoming", { uri });
+    }
     if (mode === "pagetwin") {
       pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath]);
-      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath]);
+      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--bandwidth", link.rate]);
       uri = `tcp:127.0.0.1:${OUT_PORT}`;
     }
     const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);
@@ -202,14 +212,14 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
 export async function compareStreamMode(opts: CompareOptions = {}): Promise<CompareResult> {
   const guest = opts.guest ?? findGuest();
   if (!guest) throw new Error("the guest is not built: run scripts/build-guest.sh");
-  const modes = opts.modes ?? ["qemu", "pagetwin"];
+  const modes = opts.modes ?? COMPARE_MODES;
   const runs = opts.runs ?? 1;
   // Index the image first (both proxies then load it; not part of the timing).
   const indexPath = opts.indexPath ?? path.join(os.tmpdir(), `pt-cmp-index-${process.pid}`);
   const nas = await openNasIndex(guest.disk, { indexPath });
   nas.image.close();
   const link = createNetnsLink({ rate: opts.rate ?? "1gbit" });
-  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, runs: { qemu: [], pagetwin: [] }, median: {} };
+  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [] }, median: {} };
   try {
     for (let i = 0; i < runs; i++) {
       for (const mode of modes) out.runs[mode].push(await runOnce(mode, link, guest, { ...opts, indexPath }, i));
@@ -227,12 +237,31 @@ export async function compareStreamMode(opts: CompareOptions = {}): Promise<Comp
       linkBytes: med("linkBytes"), linkBytesReturn: med("linkBytesReturn"), lastSourceCounter: med("lastSourceCounter"), firstDestCounter: med("firstDestCounter"),
     };
   }
-  const q = out.median.qemu, p = out.median.pagetwin;
-  if (q && p) {
-    out.ratio = {
-      linkBytes: p.linkBytes / q.linkBytes, totalTime: p.totalTimeMs / q.totalTimeMs, endToEnd: p.endToEndMs / q.endToEndMs,
-      downtime: p.downtimeMs / q.downtimeMs, observedDowntime: p.observedDowntimeMs / q.observedDowntimeMs,
-    };
-  }
+  const p = out.median.pagetwin;
+  const over = (q: NonNullable<typeof p>): Ratio => ({
+    linkBytes: p!.linkBytes / q.linkBytes, totalTime: p!.totalTimeMs / q.totalTimeMs, endToEnd: p!.endToEndMs / q.endToEndMs,
+    downtime: p!.downtimeMs / q.downtimeMs, observedDowntime: p!.observedDowntimeMs / q.observedDowntimeMs,
+  });
+  if (p && out.median.qemu) out.ratio = over(out.median.qemu);
+  if (p && out.median["qemu-multifd-zstd"]) out.ratioVsMultifdZstd = over(out.median["qemu-multifd-zstd"]);
   return out;
+}
+
+/** The medians side by side, one row per mode, with pagetwin's ratios. */
+export function formatCompare(r: CompareResult): string {
+  const names: Record<CompareMode, string> = { qemu: "QEMU pre-copy", "qemu-multifd-zstd": "QEMU multifd+zstd", pagetwin: "QEMU via pagetwin stream-out/in" };
+  const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "-");
+  const rows = [["migration", "runs ok", "total-time", "downtime", "observed downtime", "bytes on the link"]];
+  for (const mode of COMPARE_MODES) {
+    const m = r.median[mode];
+    if (!m) continue;
+    rows.push([names[mode], `${m.okRuns}/${r.runs[mode].length}`, `${f(m.totalTimeMs)} ms`, `${f(m.downtimeMs)} ms`, `${f(m.observedDowntimeMs)} ms`, `${f(m.linkBytes / 1e6, 1)} MB`]);
+  }
+  const w = rows[0]!.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
+  const lines = rows.map((row) => row.map((c, i) => c.padEnd(w[i]!)).join("  ").trimEnd());
+  lines.splice(1, 0, w.map((x) => "-".repeat(x)).join("  "));
+  const ratio = (what: string, x: Ratio | undefined) => x &&
+    `pagetwin vs ${what}: total-time ${f(x.totalTime, 2)}x, downtime ${f(x.downtime, 2)}x (observed ${f(x.observedDowntime, 2)}x), bytes on the link ${f(x.linkBytes, 2)}x`;
+  return [`stream mode, ${r.memoryMiB} MiB guest, link ${r.rate} (medians; total-time and downtime from the source's query-migrate)`, ...lines,
+    ratio("QEMU pre-copy", r.ratio), ratio("QEMU multifd+zstd", r.ratioVsMultifdZstd)].filter(Boolean).join("\n");
 }
