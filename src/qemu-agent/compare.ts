@@ -13,7 +13,7 @@ import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { QemuVm, findGuest, qemuAvailable, type GuestImage } from "../adapters/qemu/vm.js";
+import { QemuVm, QEMU_UNTHROTTLED, findGuest, qemuAvailable, type GuestImage } from "../adapters/qemu/vm.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { createNetnsLink, netnsAvailable, type NetnsLink } from "../adapters/netns/link.js";
 import { waitMigration, type AgentMigrationResult, type QueryMigrate } from "./agent-migration.js";
@@ -31,7 +31,7 @@ export interface CompareOptions {
   rate?: string;
   /** Downtime target for both tools, ms (QEMU's downtime-limit; default 300). */
   downtimeMs?: number;
-  /** QEMU's max-bandwidth, bytes/s (default: QEMU's own, 128 MiB/s in 7.2, above a 1 Gbit/s link). */
+  /** QEMU's max-bandwidth, bytes/s (default QEMU_UNTHROTTLED: the link is the limit; 0 keeps QEMU's own, 128 MiB/s in 7.2). */
   qemuMaxBandwidth?: number;
   /** pagetwin hashes on this many worker threads (default 0). */
   workers?: number;
@@ -172,6 +172,7 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
     guest: { memoryMiB, readBytes: -1, append }, downtimeTargetMs: downtimeMs, qemuMaxBandwidth: 0, workers, runs: [], summary: [],
   };
   const uri = `tcp:${link.dstIp}:${INCOMING_PORT}`;
+  const maxBandwidth = o.qemuMaxBandwidth ?? QEMU_UNTHROTTLED;
   try {
     let n = 0;
     for (let rep = 1; rep <= repeat; rep++) {
@@ -217,7 +218,7 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
               await dst.qmp.execute("migrate-incoming", { uri: `tcp:${link.dstIp}:${INCOMING_PORT}` });
             }
             await src.qmp.execute("migrate-set-parameters", {
-              "downtime-limit": downtimeMs, ...(o.qemuMaxBandwidth ? { "max-bandwidth": Math.round(o.qemuMaxBandwidth) } : {}),
+              "downtime-limit": downtimeMs, ...(maxBandwidth ? { "max-bandwidth": Math.round(maxBandwidth) } : {}),
             });
             const params = await src.qmp.execute<Record<string, number>>("query-migrate-parameters");
             result.qemuMaxBandwidth = params["max-bandwidth"] ?? 0;

@@ -10,7 +10,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 import type { ChildProcess } from "node:child_process";
-import { QemuVm, findGuest, type GuestImage } from "../adapters/qemu/vm.js";
+import { QemuVm, QEMU_UNTHROTTLED, findGuest, type GuestImage } from "../adapters/qemu/vm.js";
 import type { QmpEvent } from "../adapters/qemu/qmp.js";
 import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
@@ -27,7 +27,7 @@ export interface CompareOptions {
   memoryMiB?: number;
   /** Link rate (default "1gbit"). */
   rate?: string;
-  /** QEMU max-bandwidth in bytes/s (default 10 GB/s: the link is the limit). */
+  /** QEMU max-bandwidth in bytes/s (default QEMU_UNTHROTTLED: the link is the limit). */
   maxBandwidth?: number;
   /** Guest kernel command line (default: the guest's own defaults, 1 MiB/s dirtying). */
   append?: string;
@@ -151,7 +151,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
     const settle = Number(m[1]) + (opts.settleCounters ?? 2);
     await src.waitForSerial(new RegExp(`pagetwin-counter ${settle}\\b`), 60_000);
-    await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": opts.maxBandwidth ?? 10_000_000_000 });
+    await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": opts.maxBandwidth ?? QEMU_UNTHROTTLED });
     let uri = `tcp:${link.dstIp}:${QEMU_PORT}`;
     if (multifd) {
       for (const vm of [src, dst]) await vm.useMultifdZstd();

@@ -10,7 +10,7 @@ export const spec: CommandSpec = {
     modes: { type: "string", default: COMPARE_MODES.join(","), help: "which migrations to run, in order" },
     repeat: { type: "string", default: "1", help: "runs of each (the table shows medians)" },
     rate: { type: "string", default: "1gbit", help: "link rate (tc tbf on the veth pair)" },
-    "qemu-max-bandwidth": { type: "string", help: "QEMU's max-bandwidth, e.g. 1gbit (default: QEMU's own, 128 MiB/s in 7.2)" },
+    "qemu-max-bandwidth": { type: "string", help: "QEMU's max-bandwidth, e.g. 1gbit; 0 keeps QEMU's own default (128 MiB/s in 7.2) (default: 10 GB/s, the link is the limit)" },
     workers: { type: "string", default: "0", help: "pagetwin hashes on this many worker threads" },
     "memory-mib": { type: "string", default: "512", help: "guest RAM, MiB" },
     downtime: { type: "string", default: "300", help: "downtime target for both, ms (QEMU's downtime-limit)" },
