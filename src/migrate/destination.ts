@@ -142,7 +142,7 @@ export class DestinationAgent {
         switch (f.type) {
           case FrameType.Pages: {
             const { pages, data } = decodePages(f, s.pages);
-            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), data);
+            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
             this.holdHashesOf(s, pages, data, scratch, hashes);
             r.pagesWritten += pages.length;
             break;
@@ -159,7 +159,7 @@ export class DestinationAgent {
             const n = pages.length;
             const data = scratch.view(0, n * PAGE_SIZE);
             d.decompressInto(packed, data);
-            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), data);
+            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
             s.engine.hashPagesAt(scratch.ptr, n, hashes.ptr);
             const hv = hashes.view(), held = s.held.view();
             for (let k = 0; k < n; k++) held.set(hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE), pages[k]! * HASH_SIZE);
@@ -190,7 +190,7 @@ export class DestinationAgent {
               if (ok[i]) good.push(i);
               else s.resend.push(pages[i]!);
             }
-            writeRuns(s.ram, Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE), null);
+            writeRuns(s.ram, Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
             const held = s.held.view();
             for (const i of good) held.set(want.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE), pages[i]! * HASH_SIZE);
             r.twinsVerified += good.length;
@@ -359,15 +359,22 @@ export class DestinationAgent {
 }
 
 /**
- * Writes pages (ascending page numbers) coalescing consecutive ones into one
- * write when their bytes are contiguous in `contiguous`.
+ * Writes pages, one write per run of pages that are consecutive in the RAM
+ * file and whose bytes lie back to back in the same buffer (a twin run read
+ * from consecutive NAS blocks, a Pages frame): a syscall per page costs more
+ * than the copy it does.
  */
-function writeRuns(ram: RamFile, pages: Uint32Array, bytesOf: (i: number) => Uint8Array, contiguous: Uint8Array | null): void {
+function writeRuns(ram: RamFile, pages: Uint32Array, bytesOf: (i: number) => Uint8Array): void {
   for (let i = 0; i < pages.length; ) {
+    const first = bytesOf(i);
+    let end = first.byteOffset + first.byteLength;
     let j = i + 1;
-    if (contiguous) while (j < pages.length && pages[j] === pages[j - 1]! + 1) j++;
-    if (j - i > 1 && contiguous) ram.writePages(pages[i]!, contiguous.subarray(i * PAGE_SIZE, j * PAGE_SIZE));
-    else ram.writePages(pages[i]!, bytesOf(i));
+    for (; j < pages.length && pages[j] === pages[j - 1]! + 1; j++) {
+      const b = bytesOf(j);
+      if (b.buffer !== first.buffer || b.byteOffset !== end) break;
+      end += b.byteLength;
+    }
+    ram.writePages(pages[i]!, j - i > 1 ? new Uint8Array(first.buffer, first.byteOffset, end - first.byteOffset) : first);
     i = j;
   }
 }
