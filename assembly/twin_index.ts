@@ -240,7 +240,6 @@ function removeSlot(idx: TwinIndex, slot: usize): void {
 // no prefetch instruction; a load whose value feeds SINK does the same job).
 const GROUP: u32 = 32;
 const SINK = memory.data(8, 8);
-const HOMES = memory.data(GROUP << 2, 64); // bucket addresses of a lookup group
 
 /**
  * Records the hashes of blocks first..first+count-1 (16 bytes each at `hashes`).
@@ -277,15 +276,45 @@ export function indexSetBlocks(idx: TwinIndex, hashes: usize, first: u32, count:
   store<u32>(SINK, sink);
 }
 
+// Lookups go in groups of LOOKUP_GROUP hashes, in passes. A pass that waits on
+// memory does little else, so many of its loads are in flight at once (how
+// many is bounded by the core's reorder window, not by the work between them):
+//   1. the home bucket of each hash is read (one line each, all independent);
+//   2a. its tags are compared (buckets now in cache); the hashes with a tag
+//       match go on a list with the record of their first match, the misses
+//       whose home bucket is full on another;
+//   2b. those records, and the buckets after the full ones, are read: a tight
+//       loop of independent loads;
+//   3. every answer is set to "none", then the first list is verified against
+//      the full 128 bits, and the rare hashes whose probe goes on (a tag match
+//      that is not the hash, with more matches or a full bucket; a miss in a
+//      full bucket) take the general findIn. Only about half the hashes come
+//      here and the branches go the usual way, so few are mispredicted.
+// Scratch per group: LOOKUP_GROUP * 4 bytes per list.
+const LOOKUP_GROUP: u32 = 128;
+const L_HOME = memory.data(LOOKUP_GROUP << 2, 64);  // home bucket of each hash of the group
+const L_REC = memory.data(LOOKUP_GROUP << 2, 64);   // record of the first tag match, per listed hash
+const L_MATCH = memory.data(LOOKUP_GROUP << 2, 64); // listed hash: index in group | (probe may go on) << 31
+const L_FULL = memory.data(LOOKUP_GROUP << 2, 64);  // misses whose home bucket is full: index in group
+const L_BITS = memory.data(LOOKUP_GROUP >> 3, 64);  // hits of the group, one bit each
+
+@inline function differs(a: usize, b: usize): bool {
+  if (ASC_FEATURE_SIMD) {
+    return v128.any_true(v128.xor(v128.load(a), v128.load(b)));
+  } else {
+    return ((load<u64>(a) ^ load<u64>(b)) | (load<u64>(a, 8) ^ load<u64>(b, 8))) != 0;
+  }
+}
+
+@inline function setHit(i: u32): void {
+  const w = L_BITS + (<usize>(i >> 6) << 3);
+  store<u64>(w, load<u64>(w) | (<u64>1 << <u64>(i & 63)));
+}
+
 /**
  * For each of `count` hashes whose bit is set in `candidates` (or all, when
  * candidates is 0): the block holding that content into outBlocks[i] (u32,
  * 0xFFFFFFFF when none) and bit i of outBits. Returns the number found.
- *
- * Per group of GROUP hashes: 1. each home bucket is read; 2. its tags are
- * compared and the hash record of the first matching slot is read (a hit's
- * second cache miss, overlapped the same way); 3. the lookups proper, which
- * find both in cache.
  */
 export function indexLookup(idx: TwinIndex, hashes: usize, count: u32, candidates: usize,
                             outBlocks: usize, outBits: usize): u32 {
@@ -293,34 +322,117 @@ export function indexLookup(idx: TwinIndex, hashes: usize, count: u32, candidate
   const last = table + (<usize>(nb - 1) << 6);
   let found: u32 = 0;
   let sink: u32 = 0;
-  for (let g: u32 = 0; g < count; g += GROUP) {
-    const end = min<u32>(g + GROUP, count);
+  for (let g: u32 = 0; g < count; g += LOOKUP_GROUP) {
+    const n = min<u32>(LOOKUP_GROUP, count - g);
+    const hg = hashes + (<usize>g << 4);
     // 1. home buckets (bucket 0 for hashes that are not candidates)
-    for (let i = g; i < end; i++) {
-      let b = table + (<usize>homeOf(hashes + (<usize>i << 4), nb) << 6);
-      if (candidates != 0) b = select<usize>(b, table, getBit(candidates, i));
-      store<usize>(HOMES + (<usize>(i - g) << 2), b);
-      sink += load<u32>(b);
-    }
-    // 2. the record of the first slot whose tag matches
-    for (let i = g; i < end; i++) {
-      const h = hashes + (<usize>i << 4);
-      const b = load<usize>(HOMES + (<usize>(i - g) << 2));
-      const m = matchMask(b, tagOf(h));
-      const blk = load<u32>(b + (<usize>(ctz(m) & 7) << 2), 32);
-      sink += load<u32>(select<usize>(recs + (<usize>blk << 4), h, m != 0));
-      // a full bucket: a miss goes on to the next one
-      if (isFull(b)) sink += load<u32>(min<usize>(b + 64, last));
-    }
-    // 3. the lookups
-    for (let i = g; i < end; i++) {
-      let s: usize = 0;
-      if (candidates == 0 || getBit(candidates, i)) {
-        s = findIn(table, nb, recs, load<usize>(HOMES + (<usize>(i - g) << 2)), hashes + (<usize>i << 4));
+    if (candidates == 0) {
+      // unrolled: fewer instructions per load, so more loads fit the reorder window
+      let i: u32 = 0;
+      for (; i + 4 <= n; i += 4) {
+        const h = hg + (<usize>i << 4), o = L_HOME + (<usize>i << 2);
+        const b0 = table + (<usize>homeOf(h + 0, nb) << 6);
+        store<usize>(o, b0, 0);
+        const b1 = table + (<usize>homeOf(h + 16, nb) << 6);
+        store<usize>(o, b1, 4);
+        const b2 = table + (<usize>homeOf(h + 32, nb) << 6);
+        store<usize>(o, b2, 8);
+        const b3 = table + (<usize>homeOf(h + 48, nb) << 6);
+        store<usize>(o, b3, 12);
+        sink += load<u32>(b0) + load<u32>(b1) + load<u32>(b2) + load<u32>(b3);
       }
-      if (outBlocks) store<u32>(outBlocks + (<usize>i << 2), s != 0 ? load<u32>(s, 32) : NO_BLOCK);
-      if (outBits) writeBit(outBits, i, s != 0);
-      found += <u32>(s != 0);
+      for (; i < n; i++) {
+        const b = table + (<usize>homeOf(hg + (<usize>i << 4), nb) << 6);
+        store<usize>(L_HOME + (<usize>i << 2), b);
+        sink += load<u32>(b);
+      }
+    } else {
+      let i: u32 = 0;
+      for (; i + 4 <= n; i += 4) {
+        const h = hg + (<usize>i << 4), o = L_HOME + (<usize>i << 2), c = g + i;
+        const b0 = select<usize>(table + (<usize>homeOf(h + 0, nb) << 6), table, getBit(candidates, c));
+        store<usize>(o, b0, 0);
+        const b1 = select<usize>(table + (<usize>homeOf(h + 16, nb) << 6), table, getBit(candidates, c + 1));
+        store<usize>(o, b1, 4);
+        const b2 = select<usize>(table + (<usize>homeOf(h + 32, nb) << 6), table, getBit(candidates, c + 2));
+        store<usize>(o, b2, 8);
+        const b3 = select<usize>(table + (<usize>homeOf(h + 48, nb) << 6), table, getBit(candidates, c + 3));
+        store<usize>(o, b3, 12);
+        sink += load<u32>(b0) + load<u32>(b1) + load<u32>(b2) + load<u32>(b3);
+      }
+      for (; i < n; i++) {
+        const b = select<usize>(table + (<usize>homeOf(hg + (<usize>i << 4), nb) << 6), table, getBit(candidates, g + i));
+        store<usize>(L_HOME + (<usize>i << 2), b);
+        sink += load<u32>(b);
+      }
+    }
+    // 2a. tags, no branches: both lists are written every time, their lengths
+    // grow only when the entry belongs
+    let nm: usize = 0, nf: usize = 0;
+    for (let i: u32 = 0; i < n; i++) {
+      const h = hg + (<usize>i << 4);
+      const b = load<usize>(L_HOME + (<usize>i << 2));
+      let m = matchMask(b, tagOf(h));
+      let full = <u32>isFull(b);
+      if (candidates != 0) {
+        const c = <u32>getBit(candidates, g + i);
+        m &= -c;
+        full &= c;
+      }
+      const blk = load<u32>(b + (<usize>(ctz(m) & 7) << 2), 32);
+      const more = <u32>(((m & (m - 1)) | full) != 0);
+      store<u32>(L_MATCH + (nm << 2), i | (more << 31));
+      store<usize>(L_REC + (nm << 2), recs + (<usize>blk << 4));
+      nm += <usize>(m != 0);
+      store<u32>(L_FULL + (nf << 2), i);
+      nf += <usize>((m == 0) & (full != 0));
+    }
+    // 2b. the records of the matches, the buckets after the full ones
+    for (let j: usize = 0; j < nm; j++) sink += load<u32>(load<usize>(L_REC + (j << 2)));
+    for (let j: usize = 0; j < nf; j++) {
+      const b = load<usize>(L_HOME + (<usize>load<u32>(L_FULL + (j << 2)) << 2));
+      sink += load<u32>(min<usize>(b + 64, last));
+    }
+    // 3. answers
+    const words = (n + 63) >> 6;
+    for (let w: u32 = 0; w < words; w++) store<u64>(L_BITS + (<usize>w << 3), 0);
+    const ob = outBlocks + (<usize>g << 2);
+    if (outBlocks) {
+      for (let i: u32 = 0; i < n; i++) store<u32>(ob + (<usize>i << 2), NO_BLOCK);
+    }
+    for (let j: usize = 0; j < nm; j++) {
+      const x = load<u32>(L_MATCH + (j << 2));
+      const i = x & 0x7FFFFFFF;
+      const h = hg + (<usize>i << 4);
+      const r = load<usize>(L_REC + (j << 2));
+      let blk: u32;
+      if (!differs(r, h)) {
+        blk = <u32>((r - recs) >> 4); // r = recs + blk * 16, no wrap: the records fit in memory
+      } else {
+        if ((x >> 31) == 0) continue;
+        const s = findIn(table, nb, recs, load<usize>(L_HOME + (<usize>i << 2)), h);
+        if (s == 0) continue;
+        blk = load<u32>(s, 32);
+      }
+      if (outBlocks) store<u32>(ob + (<usize>i << 2), blk);
+      setHit(i);
+      found++;
+    }
+    for (let j: usize = 0; j < nf; j++) {
+      const i = load<u32>(L_FULL + (j << 2));
+      const s = findIn(table, nb, recs, load<usize>(L_HOME + (<usize>i << 2)), hg + (<usize>i << 4));
+      if (s == 0) continue;
+      if (outBlocks) store<u32>(ob + (<usize>i << 2), load<u32>(s, 32));
+      setHit(i);
+      found++;
+    }
+    if (outBits) {
+      if ((n & 63) == 0) {
+        // whole words: g is a multiple of 64, so these are whole bytes of outBits
+        for (let w: u32 = 0; w < words; w++) store<u64>(outBits + (<usize>g >> 3) + (<usize>w << 3), load<u64>(L_BITS + (<usize>w << 3)));
+      } else {
+        for (let i: u32 = 0; i < n; i++) writeBit(outBits, g + i, getBit(L_BITS, i));
+      }
     }
   }
   store<u32>(SINK, sink);

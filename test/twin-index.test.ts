@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { createEngine, NO_BLOCK, HASH_SIZE } from "../src/index.js";
+import { createEngine, NO_BLOCK, HASH_SIZE, type CoreFlavor } from "../src/index.js";
 
 const key = (h: Uint8Array, i: number) => Buffer.from(h.subarray(i * 16, i * 16 + 16)).toString("hex");
 
@@ -76,4 +76,88 @@ test("the zero page's hash is never indexed", async () => {
   idx.setBlocks(engine.zeroPageHash(), 0);
   assert.equal(idx.size, 0);
   assert.equal(idx.lookup(engine.zeroPageHash())[0], NO_BLOCK);
+});
+
+// lookupAt with a candidate mask and a hit-bit vector, in batches that are not
+// a multiple of the lookup group (128), against a Map model; the bits past the
+// batch in the last byte of the hit vector are kept.
+async function checkBatch(indexed: Uint8Array, queries: Uint8Array, candBits: Uint8Array | null, flavor: CoreFlavor) {
+  const engine = await createEngine({ flavor });
+  const idx = engine.createIndex(64);
+  idx.setBlocks(indexed, 0);
+  const model = new Map<string, number>();
+  for (let i = 0; i < indexed.length / 16; i++) if (!model.has(key(indexed, i))) model.set(key(indexed, i), i);
+  const n = queries.length / 16;
+  const nbytes = Math.ceil(n / 8) + 8;
+  const q = engine.alloc(queries.length), ob = engine.alloc(n * 4), bits = engine.alloc(nbytes);
+  const cand = candBits ? engine.alloc(candBits.length) : null;
+  engine.u8().set(queries, q.ptr);
+  if (cand) engine.u8().set(candBits!, cand.ptr);
+  engine.u8().fill(0xa5, bits.ptr, bits.ptr + nbytes);
+  const found = idx.lookupAt(q.ptr, n, cand ? cand.ptr : 0, ob.ptr, bits.ptr);
+  const blocks = engine.u32(ob.ptr, n), b = engine.u8().subarray(bits.ptr, bits.ptr + nbytes);
+  let want = 0;
+  for (let i = 0; i < n; i++) {
+    const isCand = !candBits || ((candBits[i >> 3]! >> (i & 7)) & 1) === 1;
+    const w = isCand ? model.get(key(queries, i)) ?? NO_BLOCK : NO_BLOCK;
+    if (w !== NO_BLOCK) want++;
+    if (blocks[i] !== w) assert.fail(`query ${i} of ${n}: index says ${blocks[i]}, model ${w}`);
+    assert.equal((b[i >> 3]! >> (i & 7)) & 1, w === NO_BLOCK ? 0 : 1, `hit bit ${i}`);
+  }
+  assert.equal(found, want);
+  for (let i = n; i < nbytes * 8; i++) assert.equal((b[i >> 3]! >> (i & 7)) & 1, (0xa5 >> (i & 7)) & 1, `bit ${i} past the batch`);
+  return want;
+}
+
+function shuffled(records: Uint8Array): Uint8Array {
+  const n = records.length / 16, out = new Uint8Array(records.length);
+  const order = Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) { const j = Math.floor(Math.random() * (i + 1)); [order[i], order[j]] = [order[j]!, order[i]!]; }
+  order.forEach((from, to) => out.set(records.subarray(from * 16, from * 16 + 16), to * 16));
+  return out;
+}
+
+test("batch lookups: hits, misses and non-candidates, batch sizes off the group size, hit bits past the batch kept", async () => {
+  const indexed = new Uint8Array(randomBytes(20_000 * 16));
+  for (const n of [1, 7, 127, 128, 129, 1000, 4133]) {
+    // half copies of indexed hashes, half fresh ones
+    const qs = new Uint8Array(randomBytes(n * 16));
+    for (let i = 0; i < n; i += 2) { const b = Math.floor(Math.random() * 20_000); qs.set(indexed.subarray(b * 16, b * 16 + 16), i * 16); }
+    const cand = new Uint8Array(randomBytes(Math.ceil(n / 8)));
+    for (const flavor of ["simd", "scalar"] as const) {
+      const hits = await checkBatch(indexed, qs, null, flavor);
+      assert.ok(n < 2 || hits > 0);
+      await checkBatch(indexed, qs, cand, flavor);
+    }
+  }
+});
+
+test("batch lookups far along a probe: one home bucket, shared tags, misses that match a tag or meet full buckets", async () => {
+  const n = 3000;
+  const indexed = new Uint8Array(n * 16);
+  const dv = new DataView(indexed.buffer);
+  for (let i = 0; i < n; i++) {
+    dv.setUint32(i * 16, 7, true); // one home bucket, bucket 0 (where non-candidates are sent): a run of full buckets hundreds long
+    dv.setUint32(i * 16 + 4, i % 5); // five tags
+    dv.setUint32(i * 16 + 8, i * 2654435761);
+    dv.setUint32(i * 16 + 12, i);
+  }
+  const misses = new Uint8Array(n * 16);
+  const mv = new DataView(misses.buffer);
+  for (let i = 0; i < n; i++) {
+    mv.setUint32(i * 16, 7, true);
+    mv.setUint32(i * 16 + 4, i % 2 ? i % 5 : 1000 + i); // a tag in use, or a tag never used
+    mv.setUint32(i * 16 + 8, i * 2654435761);
+    mv.setUint32(i * 16 + 12, n + i);
+  }
+  const qs = new Uint8Array(2 * n * 16 + 3 * 16);
+  qs.set(indexed, 0);
+  qs.set(misses, n * 16);
+  qs.set(new Uint8Array(randomBytes(3 * 16)), 2 * n * 16); // and three elsewhere
+  const all = shuffled(qs);
+  const cand = new Uint8Array(randomBytes(Math.ceil(all.length / 16 / 8)));
+  for (const flavor of ["simd", "scalar"] as const) {
+    assert.equal(await checkBatch(indexed, all, null, flavor), n);
+    await checkBatch(indexed, all, cand, flavor);
+  }
 });
