@@ -1,0 +1,35 @@
+// Mutual TLS for the migration link, the same in agent mode and stream mode:
+// the listening side (destination agent, stream-in) demands a client
+// certificate signed by its CA; the connecting side (source agent,
+// stream-out) checks the listener's certificate and host name against its CA.
+
+import { readFileSync } from "node:fs";
+import type { TlsOptions, ConnectionOptions } from "node:tls";
+
+export interface TlsFiles {
+  cert: string;
+  key: string;
+  ca: string;
+}
+
+function pem(path: string, what: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw new Error(`pagetwin: cannot read the TLS ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+}
+
+function material(t: TlsFiles): { cert: Buffer; key: Buffer; ca: Buffer } {
+  return { cert: pem(t.cert, "certificate"), key: pem(t.key, "private key"), ca: pem(t.ca, "CA certificate") };
+}
+
+/** Options for tls.createServer: a client without a certificate from `ca` is refused during the handshake. */
+export function tlsServerOptions(t: TlsFiles): TlsOptions {
+  return { ...material(t), requestCert: true, rejectUnauthorized: true };
+}
+
+/** Options for tls.connect: the server's certificate must come from `ca` and name `host`. */
+export function tlsClientOptions(t: TlsFiles, host: string, port: number): ConnectionOptions {
+  return { ...material(t), host, port };
+}
