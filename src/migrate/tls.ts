@@ -4,7 +4,7 @@
 // stream-out) checks the listener's certificate and host name against its CA.
 
 import { readFileSync } from "node:fs";
-import type { TlsOptions, ConnectionOptions } from "node:tls";
+import type { TlsOptions, ConnectionOptions, TLSSocket } from "node:tls";
 
 export interface TlsFiles {
   cert: string;
@@ -32,4 +32,19 @@ export function tlsServerOptions(t: TlsFiles): TlsOptions {
 /** Options for tls.connect: the server's certificate must come from `ca` and name `host`. */
 export function tlsClientOptions(t: TlsFiles, host: string, port: number): ConnectionOptions {
   return { ...material(t), host, port };
+}
+
+/**
+ * For a server that lets the handshake finish (rejectUnauthorized: false) so
+ * that it can say why it refuses a client: the reason, or null when the
+ * client's certificate is signed by the CA. Such a server must call this
+ * before it reads a byte from the client.
+ */
+export function unverifiedPeer(sock: TLSSocket): string | null {
+  if (sock.authorized) return null;
+  const err = sock.authorizationError;
+  const why = err instanceof Error ? err.message : String(err ?? "no certificate");
+  return sock.getPeerCertificate() && Object.keys(sock.getPeerCertificate()).length
+    ? `its certificate is not signed by the CA this side trusts (${why})`
+    : `it presented no certificate (${why})`;
 }

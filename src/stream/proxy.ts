@@ -26,7 +26,7 @@ import {
   compressedRawFrame, decodeRawZ, RAW_Z_OVERHEAD,
 } from "./frames.js";
 import { PskInitiator, PskResponder, type AuthNames } from "../migrate/auth.js";
-import { tlsClientOptions, tlsServerOptions, type TlsFiles } from "../migrate/tls.js";
+import { tlsClientOptions, tlsServerOptions, unverifiedPeer, type TlsFiles } from "../migrate/tls.js";
 import {
   ALGORITHM_ID, CompressionPolicy, algorithmOfId, availableAlgorithms, createCompressor, emptyCompressionStats, zstdUnavailableReason,
   type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
@@ -209,7 +209,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   };
   if (ctx.tls) tlsClientOptions(ctx.tls, to.host, to.port); // unreadable files: say so now, not when QEMU connects
   // QEMU's side is a plain local socket; the link to stream-in is what security covers
-  return serve({ host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort, tls: null }, stats, opts.keep ?? false, log,
+  return serve({ host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort, tls: null, peer: "qemu" }, stats, opts.keep ?? false, log,
     (sock, channel) => outSession(ctx, sock, channel), () => {
       if (!opts.nas) { nas!.image.close(); }
     });
@@ -256,6 +256,12 @@ interface Listen {
   port: number;
   /** Mutual TLS: only peers with a certificate from this CA get a session at all. */
   tls: TlsFiles | null;
+  /**
+   * Who connects: the other proxy (after a failure it gets a moment to read
+   * the ABORT), or the source QEMU (its socket is closed at once: QEMU must
+   * see its migration fail, never a stream that was read to the end).
+   */
+  peer: "proxy" | "qemu";
 }
 
 function serve(l: Listen, stats: StreamStats, keep: boolean, log: Logger,
@@ -263,8 +269,9 @@ function serve(l: Listen, stats: StreamStats, keep: boolean, log: Logger,
   return new Promise((resolve, reject) => {
     let server: net.Server;
     try {
+      // the handshake may finish with a foreign certificate so that the peer can be told why it is refused (below)
       server = l.tls
-        ? tls.createServer({ ...tlsServerOptions(l.tls), allowHalfOpen: true, noDelay: true })
+        ? tls.createServer({ ...tlsServerOptions(l.tls), rejectUnauthorized: false, allowHalfOpen: true, noDelay: true })
         : net.createServer({ allowHalfOpen: true, noDelay: true });
     } catch (err) {
       reject(err);
@@ -295,6 +302,14 @@ function serve(l: Listen, stats: StreamStats, keep: boolean, log: Logger,
       server.on("tlsClientError", (err, sock) => refuse(`a peer at ${sock.remoteAddress ?? "?"}:${sock.remotePort ?? "?"} failed the TLS handshake: ${err.message}`));
     }
     server.on(l.tls ? "secureConnection" : "connection", (sock: net.Socket) => {
+      const unverified = l.tls ? unverifiedPeer(sock as tls.TLSSocket) : null;
+      if (unverified) {
+        // not a byte of it is read: it gets the reason and the door
+        refuse(`a peer at ${sock.remoteAddress ?? "?"}:${sock.remotePort ?? "?"}: ${unverified}`);
+        sock.end(jsonFrame(SFrame.Abort, { reason: `stream-in refused this stream-out: ${unverified}` }));
+        setTimeout(() => sock.destroy(), 150).unref();
+        return;
+      }
       if (t0 === 0) t0 = performance.now();
       sockets.add(sock);
       sock.on("close", () => sockets.delete(sock));
@@ -318,8 +333,8 @@ function serve(l: Listen, stats: StreamStats, keep: boolean, log: Logger,
           stats.sessions--;
           if (stats.sessions === 0) t0 = 0;
         } else ended++;
-        // after a failure, let the peer read the ABORT before the socket goes (a destroy with unread data resets it)
-        if (failed && !sock.destroyed) {
+        // after a failure, let the other proxy read the ABORT before the socket goes (a destroy with unread data resets it)
+        if (failed && l.peer === "proxy" && !sock.destroyed) {
           sock.end();
           sock.resume();
           setTimeout(() => sock.destroy(), 150).unref();
@@ -445,6 +460,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   link.on("error", (e) => fail(new Error(`link to stream-in failed: ${e.message}`), false));
   link.on("close", () => {
     inbox.close();
+    if (!failure && !ready) fail(new Error("the link to stream-in closed during the handshake (does stream-in want TLS or a key that this stream-out lacks? see its log)"), false);
     if (!failure && !qemuEnded) fail(new Error("the link to stream-in closed before the migration ended"), false);
     finished();
   });
@@ -699,7 +715,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const stats = newStats("stream-in");
   const ctx: InContext = { engine, image, indexId, indexError, qemu, stats, log, region: null, capacity: 0, psk: opts.psk ?? null };
   try {
-    return await serve({ host: opts.listenHost ?? "0.0.0.0", port: opts.listenPort, tls: opts.tls ?? null }, stats, opts.keep ?? false, log,
+    return await serve({ host: opts.listenHost ?? "0.0.0.0", port: opts.listenPort, tls: opts.tls ?? null, peer: "proxy" }, stats, opts.keep ?? false, log,
       (sock, ch) => inSession(ctx, sock, ch, indexPath), () => image.close());
   } catch (err) {
     image.close();

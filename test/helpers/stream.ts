@@ -160,8 +160,16 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
     }
     if (!q.destroyed) { ended = true; q.end(); }
     const a = await so.done;
-    const inDone = o.streamIn ? null : await Promise.race([si.done, new Promise<null>((r) => setTimeout(() => r(null), 3000))]);
-    if (!inDone && !o.streamIn) await si.close();
+    if (!o.streamIn) {
+      // stream-in ends on its own after a session; after refused peers only, it waits on: then close it
+      let over = false;
+      void si.done.then(() => { over = true; });
+      for (const t = Date.now(); !over && Date.now() - t < 3000;) {
+        if (si.stats.sessions === 0 && si.stats.refused.length > 0) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await si.close();
+    }
     return { out: Buffer.concat(got), so: a, si: si.stats, qemuConnections, sourceCut, linkBytes };
   } finally {
     await so?.close();
