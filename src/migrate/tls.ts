@@ -44,7 +44,8 @@ export function unverifiedPeer(sock: TLSSocket): string | null {
   if (sock.authorized) return null;
   const err = sock.authorizationError;
   const why = err instanceof Error ? err.message : String(err ?? "no certificate");
-  return sock.getPeerCertificate() && Object.keys(sock.getPeerCertificate()).length
+  const cert = sock.getPeerCertificate();
+  return cert && Object.keys(cert).length
     ? `its certificate is not signed by the CA this side trusts (${why})`
     : `it presented no certificate (${why})`;
 }

@@ -489,8 +489,8 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   let ack = await nextAck("HELLO_ACK from stream-in");
   if (auth.required) {
     const answer = auth.answer(ack);
-    if (!answer.ok) refuse(answer.error);
-    sendLink(jsonFrame(SFrame.Auth, { proof: answer.ok ? answer.proof : "" }));
+    if (!answer.ok) return refuse(answer.error);
+    sendLink(jsonFrame(SFrame.Auth, { proof: answer.proof }));
     ack = await nextAck("stream-in's HELLO_ACK after authentication");
   }
   if (ack.ready !== true) refuse("stream-in did not say it is ready (does it run the same pagetwin version?)");
