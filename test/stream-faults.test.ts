@@ -56,6 +56,7 @@ test("stream fault: the link torn mid-stream: both proxies say so, the source QE
     const r = await throughProxies({ data, image, out: { compress: "off" }, via: onFrameAfter(1 << 20, null, () => "cut") });
     assert.match(r.so.error ?? "", /link to stream-in (closed|failed)/);
     assert.match(r.si.error ?? "", /link from stream-out (closed|failed)/);
+    assert.ok(r.inEnded, "stream-in saw the end of its link by itself");
     assertCleanPrefix(r, data);
   } finally {
     rmSync(dir, { recursive: true, force: true });

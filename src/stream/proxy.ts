@@ -748,6 +748,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
   const inbox = new FrameInbox();
   let authenticated = false;
   let linkClosed = false;
+  let endReceived = false;
   let qemu: net.Socket | null = null;
   let streamEnded = false;
 
@@ -766,6 +767,8 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     setTimeout(() => link.destroy(), 1000).unref();
     wake();
     inbox.close();
+    // a rebuild waiting for a resent page must wake up to see the failure
+    if (resendWaiter) { const w = resendWaiter; resendWaiter = null; w.resolve(Buffer.alloc(0)); }
   };
 
   link.on("data", (chunk: Buffer) => {
@@ -792,6 +795,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
         case SFrame.RawZ:
         case SFrame.Refs:
         case SFrame.End:
+          if (f.type === SFrame.End) endReceived = true;
           queue.push(f);
           queuedBytes += f.payload.length;
           if (queuedBytes > QUEUE_LIMIT && !resendWaiter) link.pause();
@@ -816,9 +820,14 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
   link.on("error", (e) => fail(new Error(`link from stream-out failed: ${e.message}`), false));
   link.on("close", () => {
     linkClosed = true;
+    if (resendWaiter) fail(new Error("the link closed while waiting for a resent page"), false);
     if (!streamEnded) fail(new Error("the link from stream-out closed before the end of the stream"), false);
     wake();
-    if (resendWaiter) fail(new Error("the link closed while waiting for a resent page"), false);
+  });
+  // The link is half-open capable: a FIN from stream-out without END is the
+  // end of the link too (waiting for 'close' would wait for our own write to fail).
+  link.on("end", () => {
+    if (!endReceived) fail(new Error("the link from stream-out closed before the end of the stream"), false);
   });
 
   // Handshake. Until stream-out has proved the key, this side opens nothing

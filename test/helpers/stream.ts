@@ -97,6 +97,8 @@ export interface ProxyRun {
   qemuConnections: number;
   /** The fake source QEMU's connection was closed by stream-out before it had sent everything (its migration fails). */
   sourceCut: boolean;
+  /** stream-in ended on its own (it was not closed by this helper). */
+  inEnded: boolean;
   /** Bytes that crossed the link, both ways (with `record`). */
   linkBytes: Buffer[];
 }
@@ -160,17 +162,17 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
     }
     if (!q.destroyed) { ended = true; q.end(); }
     const a = await so.done;
+    let over = false;
     if (!o.streamIn) {
-      // stream-in ends on its own after a session; after refused peers only, it waits on: then close it
-      let over = false;
+      // stream-in ends on its own after a session; after refused peers only (or none in 3 s), it waits on: then close it
       void si.done.then(() => { over = true; });
-      for (const t = Date.now(); !over && Date.now() - t < 3000;) {
-        if (si.stats.sessions === 0 && si.stats.refused.length > 0) break;
+      for (const t = Date.now(); !over && Date.now() - t < 30_000;) {
+        if (si.stats.sessions === 0 && (si.stats.refused.length > 0 || Date.now() - t > 3000)) break;
         await new Promise((r) => setTimeout(r, 20));
       }
       await si.close();
     }
-    return { out: Buffer.concat(got), so: a, si: si.stats, qemuConnections, sourceCut, linkBytes };
+    return { out: Buffer.concat(got), so: a, si: si.stats, qemuConnections, sourceCut, linkBytes, inEnded: over };
   } finally {
     await so?.close();
     if (!o.streamIn) await si.close();
