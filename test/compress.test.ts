@@ -266,77 +266,16 @@ test("a bomb or corrupt CompressedPages frame (with a valid CRC) stops the migra
 
 // ---------------------------------------------------------------- stream mode
 
-import * as streamProxy from "../src/stream/proxy.js";
-import { StreamFrameReader, SFrame, frame as sframe } from "../src/stream/frames.js";
-import { RAM_FLAG } from "../src/stream/qemu-stream.js";
+import { SFrame, frame as sframe } from "../src/stream/frames.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
+import { qemuStream, throughProxies as proxyRun, frameTamper } from "./helpers/stream.js";
 
-const be32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
-const be64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
-const str8 = (s: string) => Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]);
-
-/** A QEMU 7.2-shaped stream: one RAM block "mem" of these pages (in PART sections of 64), device state, EOF. */
-function qemuStream(pages: Buffer): Buffer {
-  const n = pages.length / PAGE;
-  const parts: Buffer[] = [Buffer.from("QEVM"), be32(3), Buffer.from([0x07]), be32(13), Buffer.from("pc-i440fx-7.2")];
-  parts.push(Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4));
-  parts.push(be64(n * PAGE + RAM_FLAG.MEM_SIZE), str8("mem"), be64(n * PAGE));
-  parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
-  for (let i = 0; i < n; i += 64) {
-    parts.push(Buffer.from([0x02]), be32(2));
-    for (let k = i; k < Math.min(n, i + 64); k++) {
-      parts.push(k === i ? Buffer.concat([be64(k * PAGE + RAM_FLAG.PAGE), str8("mem")]) : be64(k * PAGE + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE));
-      parts.push(pages.subarray(k * PAGE, (k + 1) * PAGE));
-    }
-    parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
-  }
-  parts.push(Buffer.from([0x03]), be32(2), be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
-  parts.push(Buffer.from([0x04]), be32(3), str8("timer"), be32(0), be32(2), Buffer.alloc(24, 7), Buffer.from([0x7e]), be32(3), Buffer.from([0x05]));
-  return Buffer.concat(parts);
-}
-
-/** Feeds `data` to stream-out as QEMU would (through an optional frame rewriter on the link); collects what stream-in gives its QEMU. */
-async function throughProxies(dir: string, data: Buffer, image: string, compress: "auto" | "off" | "zstd" | "brotli", rewrite?: (type: SFrame, payload: Buffer) => Buffer | null) {
-  const got: Buffer[] = [];
-  const sink = createServer((s) => { s.on("data", (d: Buffer) => got.push(d)); s.on("end", () => s.end()); s.on("error", () => {}); });
-  await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
-  const si = await streamProxy.streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${(sink.address() as { port: number }).port}`, image });
-  let target = si.port;
-  let mitm: Server | null = null;
-  const sockets: Socket[] = [];
-  if (rewrite) {
-    mitm = createServer((c) => {
-      const up = connect(si.port, "127.0.0.1");
-      sockets.push(c, up);
-      const reader = new StreamFrameReader();
-      c.on("data", (d) => { for (const f of reader.push(d)) if (up.writable) up.write(sframe(f.type, rewrite(f.type, f.payload) ?? f.payload)); });
-      up.on("data", (d) => { if (c.writable) c.write(d); });
-      c.on("error", () => up.destroy());
-      up.on("error", () => c.end());
-      c.on("close", () => up.end());
-      up.on("close", () => c.end());
-    });
-    await new Promise<void>((r) => mitm!.listen(0, "127.0.0.1", r));
-    target = (mitm.address() as { port: number }).port;
-  }
-  const so = await streamProxy.streamOut({ listenPort: 0, to: `127.0.0.1:${target}`, image, compress });
-  const q = connect(so.port, "127.0.0.1");
-  let qemuSawError = false;
-  q.on("data", () => {});
-  q.on("error", () => { qemuSawError = true; });
-  q.on("close", () => { /* the source QEMU's connection ends */ });
-  await new Promise<void>((r) => q.once("connect", r));
-  for (let i = 0; i < data.length; i += 65536) {
-    if (q.destroyed) break;
-    if (!q.write(data.subarray(i, i + 65536))) await new Promise((r) => { q.once("drain", r); q.once("close", r); });
-  }
-  q.end();
-  const [a, b] = await Promise.all([so.done, si.done]);
-  sockets.forEach((s) => s.destroy());
-  mitm?.close();
-  sink.close();
-  await Promise.all([so.close(), si.close()]);
-  return { out: Buffer.concat(got), so: a, si: b, qemuSawError };
+/** Through both proxies, with an optional rewrite of stream-out's frames on the link (re-sealed, so their CRC holds). */
+function throughProxies(data: Buffer, image: string, compress: "auto" | "off" | "zstd" | "brotli", rewrite?: (type: SFrame, payload: Buffer) => Buffer | null) {
+  return proxyRun({
+    data, image, out: { compress },
+    ...(rewrite ? { via: frameTamper((type, sealed, payload) => { const p = rewrite(type, payload); return p ? sframe(type, p) : sealed; }) } : {}),
+  });
 }
 
 test("stream mode: RAW data travels compressed, the destination QEMU gets the stream byte-identical; bombs and corrupt frames stop it clearly", { timeout: 90_000 }, async () => {
@@ -349,7 +288,7 @@ test("stream mode: RAW data travels compressed, the destination QEMU gets the st
     // 512 text pages (no twin), 64 twins of image blocks, 64 random pages
     const pages = Buffer.concat([textPages(256, 3), blocks.subarray(0, 64 * PAGE), randomBytes(64 * PAGE), textPages(256, 9)]);
     const stream = qemuStream(pages);
-    const z = await throughProxies(dir, stream, image, "zstd");
+    const z = await throughProxies(stream, image, "zstd");
     assert.equal(z.so.error, undefined);
     assert.ok(z.out.equals(stream), "stream rebuilt byte-identical");
     assert.equal(z.so.twinsReplaced, 64);
@@ -357,7 +296,7 @@ test("stream mode: RAW data travels compressed, the destination QEMU gets the st
     assert.ok(z.so.compression.framesCompressed > 0, JSON.stringify(z.so.compression));
     assert.ok(z.so.compression.rawPoorRatio > 0, "the random pages went raw");
     assert.equal(z.si.compression.framesCompressed, z.so.compression.framesCompressed);
-    const off = await throughProxies(dir, stream, image, "off");
+    const off = await throughProxies(stream, image, "off");
     assert.ok(off.out.equals(stream));
     assert.equal(off.so.compression.framesCompressed, 0);
     assert.ok(z.so.bytesOutLink < off.so.bytesOutLink * 0.5, `${z.so.bytesOutLink} vs ${off.so.bytesOutLink} bytes on the link`);
@@ -367,7 +306,7 @@ test("stream mode: RAW data travels compressed, the destination QEMU gets the st
     const bomb = tmp.subarray(0, zc.compressInto(Buffer.alloc(512 << 20), tmp));
     for (const kind of ["bomb", "corrupt"] as const) {
       let done = false;
-      const r = await throughProxies(dir, stream, image, "zstd", (type, payload) => {
+      const r = await throughProxies(stream, image, "zstd", (type, payload) => {
         if (type !== SFrame.RawZ || done) return null;
         done = true;
         if (kind === "bomb") return Buffer.concat([payload.subarray(0, 5), bomb]);

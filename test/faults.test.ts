@@ -5,7 +5,6 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, readFileSync, truncateSync, writeFileSync } from "node:fs";
 import { createHash, randomBytes } from "node:crypto";
-import { createServer, connect, type Server, type Socket } from "node:net";
 import { spawn } from "node:child_process";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,26 +12,13 @@ import { fileURLToPath } from "node:url";
 import { runEmbeddedMigration, type EmbeddedRunResult } from "../src/migrate/embedded-run.js";
 import { FrameReader, FrameType } from "../src/migrate/protocol.js";
 import { DestinationAgent } from "../src/migrate/destination.js";
+import { tamperProxy } from "./helpers/stream.js";
 
 const tmp = () => mkdtempSync(join(tmpdir(), "pagetwin-fault-"));
 const sha = (path: string) => createHash("sha256").update(readFileSync(path)).digest("hex");
 const quietVm = (dir: string, ramMiB = 16) => ({ dir, ramMiB, twinShare: 0.5, zeroShare: 0.1, dirtyPagesPerSecond: 0, rewriteBlocksPerSecond: 0 });
 
-/** A TCP proxy to `port` whose `tamper` sees each chunk each way and may change or cut it. */
-async function proxy(port: number, tamper: (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null): Promise<{ server: Server; port: number; sockets: Socket[] }> {
-  const sockets: Socket[] = [];
-  const server = createServer((c) => {
-    const up = connect(port, "127.0.0.1");
-    sockets.push(c, up);
-    const cut = () => { c.destroy(); up.destroy(); };
-    c.on("data", (d) => { const x = tamper("up", d, cut); if (x && !up.destroyed) up.write(x); });
-    up.on("data", (d) => { const x = tamper("down", d, cut); if (x && !c.destroyed) c.write(x); });
-    c.on("error", cut);
-    up.on("error", cut);
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  return { server, port: (server.address() as { port: number }).port, sockets };
-}
+const proxy = tamperProxy;
 
 function assertNothingLost(r: EmbeddedRunResult, ramBefore: string, pattern: RegExp): void {
   assert.equal(r.status, "failed");

@@ -1,6 +1,5 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync, readFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
@@ -9,6 +8,7 @@ import { createEngine } from "../src/index.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent, type DestinationOptions } from "../src/migrate/destination.js";
 import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/migrate/source.js";
+import { makeCerts } from "./helpers/stream.js";
 
 const PAGES = 256;
 
@@ -53,19 +53,6 @@ test("pre-shared key: both prove it and the migration completes; a wrong or miss
     rmSync(dir, { recursive: true, force: true });
   }
 });
-
-function makeCerts(dir: string): Record<string, string> {
-  const run = (...args: string[]) => execFileSync("openssl", args, { cwd: dir, stdio: "ignore" });
-  run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=pagetwin test CA");
-  for (const who of ["dst", "src", "rogue"]) {
-    writeFileSync(join(dir, `${who}.ext`), "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", `${who}.key`, "-out", `${who}.csr`, "-subj", `/CN=${who}`);
-    if (who === "rogue") run("req", "-x509", "-key", "rogue.key", "-in", "rogue.csr", "-out", "rogue.pem", "-days", "1");
-    else run("x509", "-req", "-in", `${who}.csr`, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", `${who}.pem`, "-days", "1", "-extfile", `${who}.ext`);
-  }
-  const p = (f: string) => join(dir, f);
-  return { ca: p("ca.pem"), dstCert: p("dst.pem"), dstKey: p("dst.key"), srcCert: p("src.pem"), srcKey: p("src.key"), rogueCert: p("rogue.pem"), rogueKey: p("rogue.key") };
-}
 
 test("TLS: a migration over mutual TLS completes; a source with a certificate from elsewhere is refused", async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-tls-"));

@@ -5,11 +5,11 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
-import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 import { QemuStreamParser, StreamFormatError, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
-import { streamIn, streamOut, type StreamStats } from "../src/stream/proxy.js";
+import { streamIn, streamOut } from "../src/stream/proxy.js";
+import { throughProxies, freePort } from "./helpers/stream.js";
 import { StreamFrameReader, RefsBuilder, decodeRefs, SFrame } from "../src/stream/frames.js";
 import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
@@ -133,41 +133,9 @@ let capture = "";
 let nasImage = "";
 let vm: QemuVm | null = null;
 
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
-  const p = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return p;
-}
-
-/** Feeds `data` to stream-out as a QEMU would; collects what stream-in sends its QEMU. */
-async function proxyCapture(data: Buffer, image: string, nas?: Awaited<ReturnType<typeof openNasIndex>>): Promise<{ out: Buffer; so: StreamStats; si: StreamStats }> {
-  const got: Buffer[] = [];
-  let resolveSink!: () => void;
-  const sinkDone = new Promise<void>((r) => { resolveSink = r; });
-  const sink = net.createServer((s) => {
-    s.on("data", (d: Buffer) => got.push(d));
-    s.on("end", () => { s.end(); resolveSink(); });
-  });
-  await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
-  const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image });
-  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, ...(nas ? { nas } : { image }) });
-  const c = net.connect(so.port, "127.0.0.1");
-  c.on("data", () => {});
-  await new Promise<void>((r) => c.once("connect", r));
-  let rnd = 12345;
-  for (let i = 0; i < data.length;) {
-    rnd = (rnd * 1103515245 + 12345) & 0x7fffffff;
-    const n = 1 + (rnd % 100_000); // split anywhere
-    if (!c.write(data.subarray(i, i + n))) await new Promise((r) => c.once("drain", r));
-    i += n;
-  }
-  c.end();
-  await sinkDone;
-  const [a, b] = await Promise.all([so.done, si.done]);
-  sink.close();
-  return { out: Buffer.concat(got), so: a, si: b };
+/** Feeds `data` to stream-out as a QEMU would (split anywhere); collects what stream-in sends its QEMU. */
+function proxyCapture(data: Buffer, image: string, nas?: Awaited<ReturnType<typeof openNasIndex>>) {
+  return throughProxies({ data, image, ...(nas ? { nas } : {}), split: "random" });
 }
 
 before(async () => {

@@ -83,12 +83,12 @@ export function progress(label: string): (done: number, total: number) => void {
   };
 }
 
-/** The link's security options (--psk-file, --tls-*), worded for the agent at the other end. */
+/** The link's security options (--psk-file, --tls-*), worded for the agent or proxy at the other end. */
 export function securityOptions(peer: string, peerPresents: boolean): CommandSpec["options"] {
   return {
-    "psk-file": { type: "string", help: `pre-shared key file (the same as the ${peer}'s): both agents prove they hold it (head -c 32 /dev/urandom > key)` },
-    "tls-cert": { type: "string", help: "TLS: this agent's certificate (PEM); with --tls-key and --tls-ca" },
-    "tls-key": { type: "string", help: "TLS: this agent's private key (PEM)" },
+    "psk-file": { type: "string", help: `pre-shared key file (the same as the ${peer}'s): both ends prove they hold it (head -c 32 /dev/urandom > key)` },
+    "tls-cert": { type: "string", help: "TLS: this end's certificate (PEM); with --tls-key and --tls-ca" },
+    "tls-key": { type: "string", help: "TLS: this end's private key (PEM)" },
     "tls-ca": { type: "string", help: `TLS: CA that signed the ${peer}'s certificate${peerPresents ? " (it must present one)" : ""}` },
   };
 }

@@ -6,9 +6,8 @@
 
 import { createServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer } from "node:tls";
-import { readFileSync } from "node:fs";
-import { newNonce, proof, proofMatches, validNonce } from "./auth.js";
-import type { TlsFiles } from "./source.js";
+import { PskResponder } from "./auth.js";
+import { tlsServerOptions, type TlsFiles } from "./tls.js";
 import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { DiskImage } from "../adapters/nas/image.js";
@@ -87,7 +86,7 @@ export class DestinationAgent {
     return new Promise((resolve, reject) => {
       const t = this.opts.tls;
       const server = t
-        ? createTlsServer({ cert: readFileSync(t.cert), key: readFileSync(t.key), ca: readFileSync(t.ca), requestCert: true, rejectUnauthorized: true }, (s) => this.accept(s))
+        ? createTlsServer(tlsServerOptions(t), (s) => this.accept(s))
         : createServer((s) => this.accept(s));
       if (t) server.on("tlsClientError", (err) => this.opts.log?.(`pagetwin listen: refused a TLS client: ${err.message}`));
       server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${this.opts.host ?? "0.0.0.0"}:${this.opts.port ?? 0}: ${err.message}`)));
@@ -243,15 +242,13 @@ export class DestinationAgent {
       throw new ProtocolError(error);
     };
     if (h.version !== PROTOCOL_VERSION) return refuse(`protocol version ${h.version} is not supported (this agent speaks ${PROTOCOL_VERSION})`);
-    const psk = this.opts.psk;
-    if (psk) {
-      if (h.auth !== "psk" || !validNonce(h.nonce)) return refuse("this destination requires a pre-shared key: start the source with the same --psk-file");
-      const mine = newNonce();
-      await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: false, version: PROTOCOL_VERSION, nonce: mine, proof: proof(psk, "destination", mine, h.nonce) }));
-      const a = decodeJson<{ proof?: string }>(await link.next(FrameType.Auth, 30_000));
-      if (!proofMatches(psk, "source", h.nonce, mine, a.proof)) return refuse("authentication failed: the source does not hold this destination's pre-shared key");
-    } else if (h.auth) {
-      return refuse("the source wants a pre-shared key, but this destination has none: start it with the same --psk-file");
+    const auth = new PskResponder(this.opts.psk ?? null, { initiator: "source", responder: "destination" });
+    const refused = auth.refusal(h);
+    if (refused) return refuse(refused);
+    if (auth.required) {
+      await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: false, version: PROTOCOL_VERSION, ...auth.challenge() }));
+      const bad = auth.check(decodeJson<{ proof?: string }>(await link.next(FrameType.Auth, 30_000)));
+      if (bad) return refuse(bad);
     }
     if (h.pageSize !== PAGE_SIZE) return refuse(`page size ${h.pageSize} is not supported (4096 only)`);
     if (!Number.isInteger(h.pages) || h.pages <= 0 || h.pages > 2 ** 28) return refuse(`bad page count ${h.pages}`);

@@ -6,8 +6,8 @@
 
 import { connect, type Socket } from "node:net";
 import { connect as tlsConnect } from "node:tls";
-import { readFileSync } from "node:fs";
-import { newNonce, proof, proofMatches, validNonce } from "./auth.js";
+import { PskInitiator } from "./auth.js";
+import { tlsClientOptions, type TlsFiles } from "./tls.js";
 import { Engine, HASH_SIZE, PAGE_SIZE, TwinIndex } from "../core/engine.js";
 import { Planner, type WindowPlan } from "../plan/planner.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
@@ -74,11 +74,7 @@ export interface SourceOptions {
   compress?: CompressionMode;
 }
 
-export interface TlsFiles {
-  cert: string;
-  key: string;
-  ca: string;
-}
+export type { TlsFiles } from "./tls.js";
 
 /** Page classes in a trace map. */
 export const PAGE_CLASS = { clean: 0, zero: 1, twin: 2, sent: 3, resent: 4 } as const;
@@ -136,7 +132,7 @@ export class MigrationError extends Error {
 function connectSocket(host: string, port: number, timeoutMs: number, tlsFiles?: TlsFiles | null): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const s = tlsFiles
-      ? tlsConnect({ host, port, cert: readFileSync(tlsFiles.cert), key: readFileSync(tlsFiles.key), ca: readFileSync(tlsFiles.ca) })
+      ? tlsConnect(tlsClientOptions(tlsFiles, host, port))
       : connect({ host, port });
     const t = setTimeout(() => { s.destroy(); reject(new Error(`pagetwin: no destination agent answered at ${host}:${port} within ${timeoutMs} ms`)); }, timeoutMs);
     s.once(tlsFiles ? "secureConnect" : "connect", () => { clearTimeout(t); resolve(s); });
@@ -184,19 +180,18 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   try {
     const socket = await connectSocket(o.host, o.port, o.connectTimeoutMs ?? 10_000, o.tls);
     link = new FrameLink(socket, `destination agent ${o.host}:${o.port}`, new RateLimiter(o.bandwidth));
-    const nonce = o.psk ? newNonce() : null;
+    const auth = new PskInitiator(o.psk ?? null, { initiator: "source", responder: "destination" });
     await link.send(encodeJson(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId,
-      auth: o.psk ? "psk" : null, nonce, compression: offer,
+      ...auth.hello(), compression: offer,
     }));
     type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; nonce?: string; proof?: string; compression?: unknown };
     let ack = decodeJson<Ack>(await link.next(FrameType.HelloAck, 30_000));
     if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
-    if (o.psk) {
-      if (!validNonce(ack.nonce) || !proofMatches(o.psk, "destination", ack.nonce, nonce!, ack.proof)) {
-        throw new ProtocolError("the destination did not prove it holds the pre-shared key: refusing to send it any memory");
-      }
-      await link.send(encodeJson(FrameType.Auth, { proof: proof(o.psk, "source", nonce!, ack.nonce) }));
+    if (auth.required) {
+      const answer = auth.answer(ack);
+      if (!answer.ok) throw new ProtocolError(answer.error);
+      await link.send(encodeJson(FrameType.Auth, { proof: answer.proof }));
       ack = decodeJson<Ack>(await link.next(FrameType.HelloAck, 30_000));
       if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
     }

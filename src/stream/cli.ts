@@ -2,56 +2,68 @@
 // the final stats (human-readable, or one JSON object with --json).
 
 import { parseCompressionMode, type CompressionMode } from "../migrate/compress.js";
-import { parseRate } from "../cli/args.js";
-import { parseArgs } from "node:util";
+import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../cli/args.js";
 import { streamIn, streamOut, type StreamStats } from "./proxy.js";
 
-const OUT_HELP = `pagetwin stream-out — source-side proxy in QEMU's own migration stream
+const common: CommandSpec["options"] = {
+  keep: { type: "boolean", help: "serve further migrations instead of exiting after the first" },
+  json: { type: "boolean", help: "print the stats as JSON on stdout" },
+  quiet: { type: "boolean", help: "no progress lines on stderr" },
+};
 
-Usage: pagetwin stream-out --to HOST:PORT --image IMAGE [--listen [HOST:]PORT] [--json]
+const SECURITY_NOTE = `Security of the link (docs/SECURITY.md): give both proxies the same --psk-file, and/or
+--tls-cert/--tls-key/--tls-ca with certificates from one CA. stream-in refuses a peer that
+cannot prove the key or has no certificate from its CA before it connects to QEMU;
+stream-out refuses a stream-in that cannot prove the key before any byte of QEMU's stream goes out.`;
 
-Point the source QEMU at it:  migrate tcp:127.0.0.1:PORT
+export const outSpec: CommandSpec = {
+  name: "stream-out",
+  summary: "source-side proxy in QEMU's own migration stream",
+  usage: "pagetwin stream-out --to HOST:PORT --image IMAGE [--listen [HOST:]PORT] [--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA] [--json]",
+  options: {
+    listen: { type: "string", default: "127.0.0.1:4446", help: "[HOST:]PORT where QEMU connects" },
+    to: { type: "string", help: "HOST:PORT of the destination's pagetwin stream-in" },
+    image: { type: "string", help: "raw disk image on the NAS (its block index is built or loaded beside it)" },
+    index: { type: "string", help: "index file (default IMAGE.pagetwin-index)" },
+    window: { type: "string", default: "16384", help: "referenced pages kept for resends until acknowledged (16384 pages = 64 MiB)" },
+    "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
+    compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
+    bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
+    ...securityOptions("stream-in", false),
+    ...common,
+  },
+  details: `Point the source QEMU at it:  migrate tcp:127.0.0.1:PORT
 RAM pages that are copies of blocks of IMAGE (on the NAS both hosts mount)
 travel as references; everything else passes through unchanged.
 
-Options:
-  --listen [HOST:]PORT   where QEMU connects (default 127.0.0.1:4446)
-  --to HOST:PORT         the destination's pagetwin stream-in
-  --image PATH           raw disk image on the NAS (its block index is built or loaded beside it)
-  --index PATH           index file (default IMAGE.pagetwin-index)
-  --window PAGES         referenced pages kept for resends until acknowledged (default 16384 = 64 MiB)
-  --no-dedup             forward everything raw (a baseline through the same proxies)
-  --compress MODE        what still travels raw: auto (compress when the compressor outruns the link
-                         and the data compresses; default), off, zstd or brotli
-  --bandwidth RATE       the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor
-                         with it; without it, the rate is measured from the link's backlog
-  --keep                 serve further migrations instead of exiting after the first
-  --json                 print the stats as JSON on stdout
-  --quiet                no progress lines on stderr
-  --help                 this help`;
+${SECURITY_NOTE}`,
+};
 
-const IN_HELP = `pagetwin stream-in — destination-side proxy: rebuilds QEMU's migration stream
+export const inSpec: CommandSpec = {
+  name: "stream-in",
+  summary: "destination-side proxy: rebuilds QEMU's migration stream",
+  usage: "pagetwin stream-in --qemu HOST:PORT --image IMAGE [--listen [HOST:]PORT] [--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA] [--json]",
+  options: {
+    listen: { type: "string", default: "0.0.0.0:4447", help: "[HOST:]PORT where stream-out connects" },
+    qemu: { type: "string", help: "HOST:PORT, the destination QEMU's -incoming tcp address" },
+    image: { type: "string", help: "the same raw disk image, as mounted on this host" },
+    index: { type: "string", help: "index file (default IMAGE.pagetwin-index; only its seed and id are read)" },
+    ...securityOptions("stream-out", true),
+    ...common,
+  },
+  details: `Start the destination QEMU with -incoming tcp:HOST:PORT first. Every referenced
+NAS block is read and its hash checked; a block that no longer matches (or cannot
+be read) is asked for from stream-out. QEMU receives the exact byte stream the
+source QEMU sent. A peer refused before it authenticated does not end stream-in:
+it is reported (stats "refused") and stream-in waits for the real stream-out.
 
-Usage: pagetwin stream-in --qemu HOST:PORT --image IMAGE [--listen [HOST:]PORT] [--json]
-
-Start the destination QEMU with -incoming tcp:HOST:PORT first. Every referenced
-NAS block is read and its hash checked; a block that no longer matches is asked
-for from stream-out. QEMU receives the exact byte stream the source QEMU sent.
-
-Options:
-  --listen [HOST:]PORT   where stream-out connects (default 0.0.0.0:4447)
-  --qemu HOST:PORT       the destination QEMU's -incoming tcp address
-  --image PATH           the same raw disk image, as mounted on this host
-  --index PATH           index file (default IMAGE.pagetwin-index; only its seed and id are read)
-  --keep                 serve further migrations instead of exiting after the first
-  --json                 print the stats as JSON on stdout
-  --quiet                no progress lines on stderr
-  --help                 this help`;
+${SECURITY_NOTE}`,
+};
 
 function listenAddr(v: string | undefined, defHost: string, defPort: number): { host: string; port: number } {
   if (!v) return { host: defHost, port: defPort };
   const m = /^(?:(.*):)?(\d+)$/.exec(v);
-  if (!m) throw new Error(`--listen must be PORT or HOST:PORT (got "${v}")`);
+  if (!m) throw new UsageError(`--listen must be PORT or HOST:PORT (got "${v}")`);
   return { host: m[1] || defHost, port: Number(m[2]) };
 }
 
@@ -71,35 +83,35 @@ function report(stats: StreamStats, json: boolean): void {
   const c = stats.compression;
   if (c.algorithm) lines.push(`  compression ${c.algorithm}: ${c.framesCompressed} RAW frames compressed (${mb(c.bytesBefore)} -> ${mb(c.bytesAfter)})` + (stats.role === "stream-out" ? `, ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress)` : ""));
   for (const p of stats.passthrough) lines.push(`  pass-through: ${p}`);
+  for (const r of stats.refused) lines.push(`  refused: ${r}`);
   process.stdout.write(lines.join("\n") + "\n");
 }
 
 type Values = Record<string, string | boolean | undefined>;
 
-function parse(argv: string[], options: Record<string, { type: "string" | "boolean" }>): Values {
-  return parseArgs({ args: argv, options: { ...options, help: { type: "boolean", short: "h" } }, strict: true, allowPositionals: false }).values as Values;
-}
+const prefixed = (msg: string) => (msg.startsWith("pagetwin") ? msg : `pagetwin: ${msg}`);
 
-async function run(argv: string[], help: string, options: Record<string, { type: "string" | "boolean" }>,
+async function run(argv: string[], spec: CommandSpec,
   start: (v: Values, log: (m: string) => void) => Promise<{ done: Promise<StreamStats>; close(): Promise<void> }>): Promise<number> {
   let v: Values;
   try {
-    v = parse(argv, options);
+    const p = parse(spec, argv);
+    if (p.help) {
+      process.stdout.write(helpText(spec) + "\n");
+      return 0;
+    }
+    v = p.values;
   } catch (err) {
-    process.stderr.write(`${(err as Error).message}\n\n${help}\n`);
+    process.stderr.write(`${prefixed((err as Error).message)}\n`);
     return 2;
-  }
-  if (v["help"]) {
-    process.stdout.write(help + "\n");
-    return 0;
   }
   const log = v["quiet"] ? () => {} : (m: string) => process.stderr.write(`[pagetwin] ${m}\n`);
   let proxy;
   try {
     proxy = await start(v, log);
   } catch (err) {
-    process.stderr.write(`pagetwin: ${(err as Error).message}\n`);
-    return err instanceof UsageErr ? 2 : 1;
+    process.stderr.write(`${prefixed((err as Error).message)}\n`);
+    return err instanceof UsageError ? 2 : 1;
   }
   const onSig = () => { void proxy.close(); };
   process.once("SIGINT", onSig);
@@ -111,39 +123,36 @@ async function run(argv: string[], help: string, options: Record<string, { type:
   return stats.error ? 1 : 0;
 }
 
-class UsageErr extends Error {}
-
 function need(v: Values, k: string): string {
   const x = v[k];
-  if (typeof x !== "string" || !x) throw new UsageErr(`--${k} is required (see --help)`);
+  if (typeof x !== "string" || !x) throw new UsageError(`--${k} is required (see --help)`);
   return x;
 }
 
-const common = { listen: { type: "string" }, image: { type: "string" }, index: { type: "string" }, keep: { type: "boolean" }, json: { type: "boolean" }, quiet: { type: "boolean" } } as const;
-
 export function runStreamOutCli(argv: string[]): Promise<number> {
-  return run(argv, OUT_HELP, { ...common, to: { type: "string" }, window: { type: "string" }, "no-dedup": { type: "boolean" }, compress: { type: "string" }, bandwidth: { type: "string" } }, async (v, log) => {
+  return run(argv, outSpec, async (v, log) => {
     const l = listenAddr(v["listen"] as string | undefined, "127.0.0.1", 4446);
     const to = need(v, "to");
     const image = need(v, "image");
-    const window = v["window"] ? Number(v["window"]) : undefined;
-    if (window !== undefined && !(Number.isInteger(window) && window > 0)) throw new UsageErr("--window must be a positive number of pages");
+    const window = Number(v["window"]);
+    if (!(Number.isInteger(window) && window > 0)) throw new UsageError("--window must be a positive number of pages");
     let compress: CompressionMode;
-    try { compress = parseCompressionMode(v["compress"] as string | undefined); } catch (err) { throw new UsageErr((err as Error).message); }
-    let bandwidth = 0;
-    try { if (v["bandwidth"]) bandwidth = parseRate(v["bandwidth"] as string); } catch (err) { throw new UsageErr((err as Error).message); }
+    try { compress = parseCompressionMode(v["compress"] as string | undefined); } catch (err) { throw new UsageError((err as Error).message); }
+    const bandwidth = v["bandwidth"] ? parseRate(v["bandwidth"] as string) : 0;
     return streamOut({
       listenPort: l.port, listenHost: l.host, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth,
-      ...(v["index"] ? { indexPath: v["index"] as string } : {}), ...(window ? { windowPages: window } : {}),
+      windowPages: window, ...security(v),
+      ...(v["index"] ? { indexPath: v["index"] as string } : {}),
     });
   });
 }
 
 export function runStreamInCli(argv: string[]): Promise<number> {
-  return run(argv, IN_HELP, { ...common, qemu: { type: "string" } }, async (v, log) => {
+  return run(argv, inSpec, async (v, log) => {
     const l = listenAddr(v["listen"] as string | undefined, "0.0.0.0", 4447);
     return streamIn({
       listenPort: l.port, listenHost: l.host, qemu: need(v, "qemu"), image: need(v, "image"), log, keep: Boolean(v["keep"]),
+      ...security(v),
       ...(v["index"] ? { indexPath: v["index"] as string } : {}),
     });
   });

@@ -1,9 +1,12 @@
 // Stream-mode link protocol between `stream-out` (source host) and
-// `stream-in` (destination host). Every frame: u32 BE length of what follows
-// (type byte + payload), u8 type, payload. Binary fields are big-endian.
+// `stream-in` (destination host), version 2. Every frame: u32 BE length of
+// what follows (type byte + payload + CRC), u8 type, payload, u32 BE CRC-32 of
+// type and payload (a flipped bit is caught before anything reaches QEMU).
+// Binary fields are big-endian.
 //
-//   HELLO      1 out->in  JSON {v, indexId, channel}
-//   HELLO_ACK  2 in->out  JSON {dedup, reason?}
+//   HELLO      1 out->in  JSON {v, indexId, channel, compression, auth, nonce}
+//   HELLO_ACK  2 in->out  JSON {ready, dedup, reason?, compression}, or with a
+//                         pre-shared key first {ready: false, nonce, proof}
 //   RAW        3 out->in  bytes of QEMU's stream, to forward unchanged
 //   REFS       4 out->in  u32 first seq, u32 count, then per page:
 //                         u8 header length, header (QEMU's record header: be64
@@ -18,9 +21,19 @@
 //   RAW_Z     12 out->in  u8 algorithm (1 zstd, 2 brotli), u32 raw length
 //                         (1..4 MiB), compressed bytes: a RAW frame compressed
 //                         (only with an algorithm agreed in HELLO/HELLO_ACK)
+//   AUTH      13 out->in  JSON {proof}: stream-out's answer to the challenge
 
-export const STREAM_PROTOCOL_VERSION = 1;
-export const MAX_STREAM_FRAME = 4 * 1024 * 1024;
+import { crc32 } from "node:zlib";
+
+export const STREAM_PROTOCOL_VERSION = 2;
+/** Largest frame body (type + payload + CRC). */
+export const MAX_STREAM_FRAME = 4 * 1024 * 1024 + 64;
+/** Largest RAW or RAW_Z data (decompressed). */
+export const MAX_RAW = 4 * 1024 * 1024;
+/** The CRC-32 after each frame's payload. */
+const TRAILER = 4;
+/** Bytes of a RAW_Z frame besides the compressed data: length, type, algorithm, raw length, CRC. */
+export const RAW_Z_OVERHEAD = 10 + TRAILER;
 export const HASH_BYTES = 16;
 
 export enum SFrame {
@@ -36,6 +49,14 @@ export enum SFrame {
   Abort = 10,
   ReturnEnd = 11,
   RawZ = 12,
+  Auth = 13,
+}
+
+/** Writes the length and the CRC of a frame built in `b` (type at 4, payload after, 4 spare bytes at the end). */
+function seal(b: Buffer): Buffer {
+  b.writeUInt32BE(b.length - 4, 0);
+  b.writeUInt32BE(crc32(b.subarray(4, b.length - TRAILER)), b.length - TRAILER);
+  return b;
 }
 
 /**
@@ -45,21 +66,20 @@ export enum SFrame {
  */
 export function compressedRawFrame(bytes: number, algorithmId: number, compress: (dst: Uint8Array) => number, maxRatio = 0.9): Buffer | null {
   const room = Math.floor(bytes * maxRatio);
-  if (room <= 0 || bytes > MAX_STREAM_FRAME) return null;
-  const b = Buffer.allocUnsafe(10 + room);
+  if (room <= 0 || bytes > MAX_RAW) return null;
+  const b = Buffer.allocUnsafe(10 + room + TRAILER);
   b[4] = SFrame.RawZ;
   b[5] = algorithmId;
   b.writeUInt32BE(bytes, 6);
-  const got = compress(b.subarray(10));
+  const got = compress(b.subarray(10, 10 + room));
   if (got < 0 || got > room) return null;
-  b.writeUInt32BE(6 + got, 0);
-  return b.subarray(0, 10 + got);
+  return seal(b.subarray(0, 10 + got + TRAILER));
 }
 
 export function decodeRawZ(f: StreamFrame): { algorithmId: number; rawLength: number; packed: Buffer } {
   if (f.payload.length < 5) throw new StreamProtocolError(`RAW_Z frame of ${f.payload.length} bytes is too short`);
   const rawLength = f.payload.readUInt32BE(1);
-  if (rawLength < 1 || rawLength > MAX_STREAM_FRAME) throw new StreamProtocolError(`RAW_Z frame says ${rawLength} bytes; 1..${MAX_STREAM_FRAME} allowed`);
+  if (rawLength < 1 || rawLength > MAX_RAW) throw new StreamProtocolError(`RAW_Z frame says ${rawLength} bytes; 1..${MAX_RAW} allowed`);
   return { algorithmId: f.payload[0]!, rawLength, packed: f.payload.subarray(5) };
 }
 
@@ -83,24 +103,22 @@ export interface StreamFrame {
 }
 
 export function frame(type: SFrame, payload: Uint8Array): Buffer {
-  const b = Buffer.allocUnsafe(5 + payload.length);
-  b.writeUInt32BE(payload.length + 1, 0);
+  const b = Buffer.allocUnsafe(5 + payload.length + TRAILER);
   b[4] = type;
   b.set(payload, 5);
-  return b;
+  return seal(b);
 }
 
 /** A RAW frame around several pieces, copied once. */
 export function rawFrame(pieces: Uint8Array[], bytes: number): Buffer {
-  const b = Buffer.allocUnsafe(5 + bytes);
-  b.writeUInt32BE(bytes + 1, 0);
+  const b = Buffer.allocUnsafe(5 + bytes + TRAILER);
   b[4] = SFrame.Raw;
   let o = 5;
   for (const p of pieces) {
     b.set(p, o);
     o += p.length;
   }
-  return b;
+  return seal(b);
 }
 
 export function jsonFrame(type: SFrame, value: unknown): Buffer {
@@ -108,11 +126,10 @@ export function jsonFrame(type: SFrame, value: unknown): Buffer {
 }
 
 export function u32Frame(type: SFrame, v: number): Buffer {
-  const b = Buffer.allocUnsafe(9);
-  b.writeUInt32BE(5, 0);
+  const b = Buffer.allocUnsafe(9 + TRAILER);
   b[4] = type;
   b.writeUInt32BE(v >>> 0, 5);
-  return b;
+  return seal(b);
 }
 
 export function parseJson<T>(f: StreamFrame): T {
@@ -166,14 +183,14 @@ export class RefsBuilder {
   /** The finished frame (a copy); the builder is empty again. */
   take(): Buffer {
     const b = this.buf;
-    b.writeUInt32BE(this.o - 4, 0);
     b[4] = SFrame.Refs;
     b.writeUInt32BE(this.firstSeq, 5);
     b.writeUInt32BE(this.count, 9);
-    const out = Buffer.from(b.subarray(0, this.o));
+    const out = Buffer.allocUnsafe(this.o + TRAILER);
+    b.copy(out, 0, 0, this.o);
     this.o = 13;
     this.count = 0;
-    return out;
+    return seal(out);
   }
 }
 
@@ -199,10 +216,22 @@ export function decodeRefs(f: StreamFrame): { firstSeq: number; refs: Ref[] } {
   return { firstSeq, refs };
 }
 
+/** A first frame whose whole payload is JSON: version 1 (no CRC) sent it. */
+function olderPeer(payload: Buffer): boolean {
+  try {
+    const v = JSON.parse(payload.toString("utf8"));
+    return v !== null && typeof v === "object";
+  } catch {
+    return false;
+  }
+}
+
 /** Incremental frame parser (a frame may be split anywhere across reads). */
 export class StreamFrameReader {
   private chunks: Buffer[] = [];
   private have = 0;
+  /** Frames read so far (to say which one was corrupt). */
+  frames = 0;
 
   push(chunk: Buffer): StreamFrame[] {
     this.chunks.push(chunk);
@@ -215,17 +244,27 @@ export class StreamFrameReader {
         this.chunks = [first];
       }
       const len = first.readUInt32BE(0);
-      if (len < 1 || len > MAX_STREAM_FRAME) {
-        throw new StreamProtocolError(`frame length ${len} is outside 1..${MAX_STREAM_FRAME}: corrupt link or not a pagetwin stream peer`);
+      if (len < 1 + TRAILER || len > MAX_STREAM_FRAME) {
+        throw new StreamProtocolError(`frame length ${len} is outside ${1 + TRAILER}..${MAX_STREAM_FRAME}: corrupt link or not a pagetwin stream peer`);
       }
       if (this.have < 4 + len) break;
       if (first.length < 4 + len) {
         first = Buffer.concat(this.chunks);
         this.chunks = [first];
       }
+      // the CRC first: a corrupt frame is refused whatever its type says
+      const body = first.subarray(4, 4 + len - TRAILER);
+      const want = first.readUInt32BE(4 + len - TRAILER);
+      if (crc32(body) !== want) {
+        if (this.frames === 0 && olderPeer(first.subarray(5, 4 + len))) {
+          throw new StreamProtocolError("the peer speaks stream protocol 1 (frames without a CRC): run the same pagetwin version on both hosts");
+        }
+        throw new StreamProtocolError(`frame ${this.frames} (${len} bytes) fails its CRC-32: the link corrupted it; nothing of it was passed on`);
+      }
       const type = first[4]!;
       if (!(type in SFrame)) throw new StreamProtocolError(`unknown stream frame type ${type}`);
-      out.push({ type: type as SFrame, payload: first.subarray(5, 4 + len) });
+      out.push({ type: type as SFrame, payload: first.subarray(5, 4 + len - TRAILER) });
+      this.frames++;
       if (first.length === 4 + len) this.chunks.shift();
       else this.chunks[0] = first.subarray(4 + len);
       this.have -= 4 + len;

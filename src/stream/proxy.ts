@@ -14,6 +14,7 @@
 // QEMU back to the source (return path) travel as RETURN frames, unchanged.
 
 import * as net from "node:net";
+import * as tls from "node:tls";
 import { once } from "node:events";
 import { createEngine, NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type Region, type TwinIndex } from "../core/engine.js";
 import { openNasIndex, readIndexHeader, defaultIndexPath, type NasIndex } from "../adapters/nas/index-file.js";
@@ -22,8 +23,10 @@ import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.j
 import {
   SFrame, StreamFrameReader, abortReason, StreamProtocolError, RefsBuilder, decodeRefs, jsonFrame, parseJson, rawFrame, readU32, u32Frame,
   STREAM_PROTOCOL_VERSION, frame, type StreamFrame,
-  compressedRawFrame, decodeRawZ,
+  compressedRawFrame, decodeRawZ, RAW_Z_OVERHEAD,
 } from "./frames.js";
+import { PskInitiator, PskResponder, type AuthNames } from "../migrate/auth.js";
+import { tlsClientOptions, tlsServerOptions, unverifiedPeer, type TlsFiles } from "../migrate/tls.js";
 import {
   ALGORITHM_ID, CompressionPolicy, algorithmOfId, availableAlgorithms, createCompressor, emptyCompressionStats, zstdUnavailableReason,
   type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
@@ -52,6 +55,12 @@ export interface StreamStats {
   /** Why dedup was off for (part of) a stream, if it was. */
   passthrough: string[];
   warnings: string[];
+  /**
+   * stream-in: peers refused before they authenticated (wrong or no key, a
+   * certificate from another CA). They are not migrations: a one-shot
+   * stream-in keeps waiting for the real stream-out.
+   */
+  refused: string[];
   error?: string;
   /** Wall time from the first connection to the end of the last. */
   ms: number;
@@ -66,7 +75,7 @@ export interface StreamStats {
 function newStats(role: StreamStats["role"]): StreamStats {
   return {
     role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
-    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], ms: 0,
+    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], refused: [], ms: 0,
     busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, compression: emptyCompressionStats("auto"),
   };
 }
@@ -103,11 +112,16 @@ function drained(sock: net.Socket): Promise<void> {
   });
 }
 
-function connect(host: string, port: number, timeoutMs = 10_000): Promise<net.Socket> {
+/** The names and HMAC label of stream mode's key exchange (see auth.ts). */
+const STREAM_AUTH: AuthNames = { initiator: "stream-out", responder: "stream-in", context: "pagetwin-stream-v2" };
+
+/** A TCP connection, or with `tlsFiles` a mutual-TLS one whose peer certificate checked out. */
+function connect(host: string, port: number, timeoutMs = 10_000, tlsFiles: TlsFiles | null = null): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
-    const s = net.connect({ host, port, allowHalfOpen: true });
+    // (tls.connect passes allowHalfOpen on to its socket; its types do not list it)
+    const s = tlsFiles ? tls.connect({ ...tlsClientOptions(tlsFiles, host, port), allowHalfOpen: true } as tls.ConnectionOptions) : net.connect({ host, port, allowHalfOpen: true });
     const t = setTimeout(() => { s.destroy(); reject(new Error(`pagetwin: no connection to ${host}:${port} within ${timeoutMs} ms`)); }, timeoutMs);
-    s.once("connect", () => { clearTimeout(t); s.off("error", onErr); s.setNoDelay(true); resolve(s); });
+    s.once(tlsFiles ? "secureConnect" : "connect", () => { clearTimeout(t); s.off("error", onErr); s.setNoDelay(true); resolve(s); });
     const onErr = (e: Error) => { clearTimeout(t); reject(new Error(`pagetwin: cannot connect to ${host}:${port}: ${e.message}`)); };
     s.once("error", onErr);
   });
@@ -165,6 +179,10 @@ export interface StreamOutOptions {
   compress?: CompressionMode;
   /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
   bandwidth?: number;
+  /** Pre-shared key: stream-in must prove it holds it before any byte of QEMU's stream goes out (and this side proves it back). */
+  psk?: Uint8Array | null;
+  /** Mutual TLS on the link (PEM files): stream-in's certificate is checked against `ca`, and ours is sent. */
+  tls?: TlsFiles | null;
   log?: Logger;
 }
 
@@ -187,11 +205,14 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false, hashRegion: null, capacity: 0,
-    compress, bandwidth: opts.bandwidth ?? 0,
+    compress, bandwidth: opts.bandwidth ?? 0, psk: opts.psk ?? null, tls: opts.tls ?? null,
   };
-  return serve(opts.listenHost ?? "127.0.0.1", opts.listenPort, stats, opts.keep ?? false, log, (sock, channel) => outSession(ctx, sock, channel), () => {
-    if (!opts.nas) { nas!.image.close(); }
-  });
+  if (ctx.tls) tlsClientOptions(ctx.tls, to.host, to.port); // unreadable files: say so now, not when QEMU connects
+  // QEMU's side is a plain local socket; the link to stream-in is what security covers
+  return serve({ host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort, tls: null, peer: "qemu" }, stats, opts.keep ?? false, log,
+    (sock, channel) => outSession(ctx, sock, channel), () => {
+      if (!opts.nas) { nas!.image.close(); }
+    });
 }
 
 interface OutContext {
@@ -205,6 +226,8 @@ interface OutContext {
   noDedup: boolean;
   compress: CompressionMode;
   bandwidth: number;
+  psk: Uint8Array | null;
+  tls: TlsFiles | null;
   hashRegion: { pages: Region; hashes: Region; blocks: Region } | null;
   capacity: number;
 }
@@ -219,12 +242,44 @@ function hashRegions(ctx: OutContext, n: number): { pages: Region; hashes: Regio
   return ctx.hashRegion;
 }
 
-function serve(host: string, port: number, stats: StreamStats, keep: boolean, log: Logger,
+/**
+ * A peer turned away before it authenticated (stream-in with a key). It is
+ * logged and counted in stats.refused but is no migration: whoever can reach
+ * the port must not be able to end a one-shot stream-in.
+ */
+class PeerRefused extends Error {
+  override name = "PeerRefused";
+}
+
+interface Listen {
+  host: string;
+  port: number;
+  /** Mutual TLS: only peers with a certificate from this CA get a session at all. */
+  tls: TlsFiles | null;
+  /**
+   * Who connects: the other proxy (after a failure it gets a moment to read
+   * the ABORT), or the source QEMU (its socket is closed at once: QEMU must
+   * see its migration fail, never a stream that was read to the end).
+   */
+  peer: "proxy" | "qemu";
+}
+
+function serve(l: Listen, stats: StreamStats, keep: boolean, log: Logger,
   session: (sock: net.Socket, channel: number) => Promise<void>, onClose: () => void): Promise<StreamProxy> {
   return new Promise((resolve, reject) => {
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true });
+    let server: net.Server;
+    try {
+      // the handshake may finish with a foreign certificate so that the peer can be told why it is refused (below)
+      server = l.tls
+        ? tls.createServer({ ...tlsServerOptions(l.tls), rejectUnauthorized: false, allowHalfOpen: true, noDelay: true })
+        : net.createServer({ allowHalfOpen: true, noDelay: true });
+    } catch (err) {
+      reject(err);
+      return;
+    }
     let active = 0;
     let channels = 0;
+    let ended = 0; // sessions over, refused peers not counted
     let t0 = 0;
     let finished = false;
     let resolveDone!: (s: StreamStats) => void;
@@ -238,7 +293,23 @@ function serve(host: string, port: number, stats: StreamStats, keep: boolean, lo
       onClose();
       resolveDone(stats);
     };
-    server.on("connection", (sock) => {
+    const refuse = (msg: string) => {
+      stats.refused.push(msg);
+      log(`refused: ${msg}`);
+    };
+    if (l.tls) {
+      // the TLS handshake failed (no certificate, one from another CA): no session was started
+      server.on("tlsClientError", (err, sock) => refuse(`a peer at ${sock.remoteAddress ?? "?"}:${sock.remotePort ?? "?"} failed the TLS handshake: ${err.message}`));
+    }
+    server.on(l.tls ? "secureConnection" : "connection", (sock: net.Socket) => {
+      const unverified = l.tls ? unverifiedPeer(sock as tls.TLSSocket) : null;
+      if (unverified) {
+        // not a byte of it is read: it gets the reason and the door
+        refuse(`a peer at ${sock.remoteAddress ?? "?"}:${sock.remotePort ?? "?"}: ${unverified}`);
+        sock.end(jsonFrame(SFrame.Abort, { reason: `stream-in refused this stream-out: ${unverified}` }));
+        setTimeout(() => sock.destroy(), 150).unref();
+        return;
+      }
       if (t0 === 0) t0 = performance.now();
       sockets.add(sock);
       sock.on("close", () => sockets.delete(sock));
@@ -246,27 +317,37 @@ function serve(host: string, port: number, stats: StreamStats, keep: boolean, lo
       stats.sessions++;
       const channel = channels++;
       let failed = false;
+      let refused = false;
       session(sock, channel).catch((err: Error) => {
         failed = true;
+        if (err instanceof PeerRefused) {
+          refused = true;
+          refuse(err.message);
+          return;
+        }
         stats.error ??= err.message;
         log(`error: ${err.message}`);
       }).finally(() => {
         active--;
-        // after a failure, let the peer read the ABORT before the socket goes (a destroy with unread data resets it)
-        if (failed && !sock.destroyed) {
+        if (refused) {
+          stats.sessions--;
+          if (stats.sessions === 0) t0 = 0;
+        } else ended++;
+        // after a failure, let the other proxy read the ABORT before the socket goes (a destroy with unread data resets it)
+        if (failed && l.peer === "proxy" && !sock.destroyed) {
           sock.end();
           sock.resume();
           setTimeout(() => sock.destroy(), 150).unref();
         } else sock.destroy();
-        stats.ms = performance.now() - t0;
+        if (t0) stats.ms = performance.now() - t0;
         // Multifd channels of the same migration connect soon after the first; give them a moment.
-        if (!keep && active === 0) setTimeout(() => { if (active === 0) finish(); }, 200);
+        if (!keep && active === 0 && ended > 0) setTimeout(() => { if (active === 0) finish(); }, 200);
       });
     });
-    server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${host}:${port}: ${err.message}`)));
-    server.listen(port, host, () => {
+    server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${l.host}:${l.port}: ${err.message}`)));
+    server.listen(l.port, l.host, () => {
       const addr = server.address() as net.AddressInfo;
-      log(`listening on ${host}:${addr.port}`);
+      log(`listening on ${l.host}:${addr.port}${l.tls ? " (mutual TLS)" : ""}`);
       resolve({
         port: addr.port, stats, done,
         close: async () => { finish(); await done; },
@@ -279,9 +360,12 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   const { stats, log, engine, index } = ctx;
   qemu.pause();
   qemu.setNoDelay(true);
-  const link = await connect(ctx.to.host, ctx.to.port);
+  const link = await connect(ctx.to.host, ctx.to.port, 10_000, ctx.tls);
   const reader = new StreamFrameReader();
   const inbox = new FrameInbox();
+  // Until stream-in has answered the handshake (and proved the key), nothing
+  // from it may reach the source QEMU and nothing of QEMU's goes out.
+  let ready = false;
   // Replay window: a ring of windowPages pages; reference #seq sits in slot
   // seq % windowPages until stream-in acknowledges it.
   const W = ctx.windowPages;
@@ -314,6 +398,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     qemu.destroy();
     setTimeout(() => link.destroy(), 1000).unref();
     if (windowWaiter) { const w = windowWaiter; windowWaiter = null; w(); }
+    inbox.close();
     finished();
   };
 
@@ -327,8 +412,13 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
       return;
     }
     for (const f of frames) {
+      if (!ready && f.type !== SFrame.HelloAck && f.type !== SFrame.Abort) {
+        fail(new StreamProtocolError(`${SFrame[f.type]} frame from stream-in before the handshake ended`), true);
+        return;
+      }
       switch (f.type) {
         case SFrame.HelloAck:
+          if (ready) { fail(new StreamProtocolError("a second HELLO_ACK from stream-in"), true); return; }
           inbox.push(f);
           break;
         case SFrame.Need: {
@@ -370,15 +460,42 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   link.on("error", (e) => fail(new Error(`link to stream-in failed: ${e.message}`), false));
   link.on("close", () => {
     inbox.close();
+    if (!failure && !ready) fail(new Error("the link to stream-in closed during the handshake (does stream-in want TLS or a key that this stream-out lacks? see its log)"), false);
     if (!failure && !qemuEnded) fail(new Error("the link to stream-in closed before the migration ended"), false);
     finished();
   });
   link.on("end", () => { link.end(); });
 
   const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
-  sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel, compression: offer }));
-  const ack = parseJson<{ dedup: boolean; reason?: string; compression?: unknown }>(await inbox.next(15_000, "HELLO_ACK from stream-in"));
-  let dedup = ack.dedup && !ctx.noDedup;
+  const auth = new PskInitiator(ctx.psk, STREAM_AUTH);
+  sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel, compression: offer, ...auth.hello() }));
+  type Ack = { ready?: unknown; dedup?: unknown; reason?: string; compression?: unknown; nonce?: unknown; proof?: unknown };
+  const refuse = (msg: string): never => {
+    const err = new StreamProtocolError(msg);
+    fail(err, true);
+    throw failure ?? err;
+  };
+  // A failure while waiting (stream-in's ABORT, a corrupt frame) says more than "the link closed".
+  const nextAck = async (what: string): Promise<Ack> => {
+    let f: StreamFrame;
+    try {
+      f = await inbox.next(15_000, what);
+    } catch (err) {
+      if (!failure) fail(err as Error, true);
+      throw failure ?? err;
+    }
+    return parseJson<Ack>(f);
+  };
+  let ack = await nextAck("HELLO_ACK from stream-in");
+  if (auth.required) {
+    const answer = auth.answer(ack);
+    if (!answer.ok) return refuse(answer.error);
+    sendLink(jsonFrame(SFrame.Auth, { proof: answer.proof }));
+    ack = await nextAck("stream-in's HELLO_ACK after authentication");
+  }
+  if (ack.ready !== true) refuse("stream-in did not say it is ready (does it run the same pagetwin version?)");
+  ready = true;
+  let dedup = ack.dedup === true && !ctx.noDedup;
   const cstats = stats.compression;
   const accepted = Array.isArray(ack.compression) ? ack.compression : [];
   const algo = offer.find((a) => accepted.includes(a)) ?? null;
@@ -397,12 +514,12 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
         ms = performance.now() - t;
         return n;
       }, cpolicy.maxRatio);
-      cpolicy.recordCompress(bytes, f ? f.length - 10 : bytes, ms);
+      cpolicy.recordCompress(bytes, f ? f.length - RAW_Z_OVERHEAD : bytes, ms);
       cstats.compressMBs = cpolicy.compressRate / 1e6;
       if (f) {
         cstats.framesCompressed++;
         cstats.bytesBefore += bytes;
-        cstats.bytesAfter += f.length - 10;
+        cstats.bytesAfter += f.length - RAW_Z_OVERHEAD;
         return f;
       }
       cstats.rawPoorRatio++;
@@ -556,6 +673,10 @@ export interface StreamInOptions {
   image: string;
   indexPath?: string;
   keep?: boolean;
+  /** Pre-shared key: stream-out must prove it holds it before this side connects to QEMU (and this side proves it back). */
+  psk?: Uint8Array | null;
+  /** Mutual TLS on the link (PEM files): stream-out must present a certificate signed by `ca`. */
+  tls?: TlsFiles | null;
   log?: Logger;
 }
 
@@ -569,6 +690,7 @@ interface InContext {
   log: Logger;
   region: { pages: Region; hashes: Region } | null;
   capacity: number;
+  psk: Uint8Array | null;
 }
 
 export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
@@ -591,8 +713,14 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const engine = await createEngine({ seed });
   const image = DiskImage.open(opts.image);
   const stats = newStats("stream-in");
-  const ctx: InContext = { engine, image, indexId, indexError, qemu, stats, log, region: null, capacity: 0 };
-  return serve(opts.listenHost ?? "0.0.0.0", opts.listenPort, stats, opts.keep ?? false, log, (sock, ch) => inSession(ctx, sock, ch, indexPath), () => image.close());
+  const ctx: InContext = { engine, image, indexId, indexError, qemu, stats, log, region: null, capacity: 0, psk: opts.psk ?? null };
+  try {
+    return await serve({ host: opts.listenHost ?? "0.0.0.0", port: opts.listenPort, tls: opts.tls ?? null, peer: "proxy" }, stats, opts.keep ?? false, log,
+      (sock, ch) => inSession(ctx, sock, ch, indexPath), () => image.close());
+  } catch (err) {
+    image.close();
+    throw err;
+  }
 }
 
 function inRegions(ctx: InContext, n: number): { pages: Region; hashes: Region } {
@@ -616,9 +744,11 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
   let resendWaiter: { seq: number; resolve: (b: Buffer) => void } | null = null;
   let kick: (() => void) | null = null;
   let failure: Error | null = null;
-  let hello: StreamFrame | null = null;
-  let helloWaiter: (() => void) | null = null;
+  // HELLO and AUTH wait here; no other frame is taken before the handshake has ended
+  const inbox = new FrameInbox();
+  let authenticated = false;
   let linkClosed = false;
+  let endReceived = false;
   let qemu: net.Socket | null = null;
   let streamEnded = false;
 
@@ -636,7 +766,9 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     qemu?.destroy();
     setTimeout(() => link.destroy(), 1000).unref();
     wake();
-    if (helloWaiter) helloWaiter();
+    inbox.close();
+    // a rebuild waiting for a resent page must wake up to see the failure
+    if (resendWaiter) { const w = resendWaiter; resendWaiter = null; w.resolve(Buffer.alloc(0)); }
   };
 
   link.on("data", (chunk: Buffer) => {
@@ -649,15 +781,21 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       return;
     }
     for (const f of frames) {
+      if (!authenticated && f.type !== SFrame.Hello && f.type !== SFrame.Auth && f.type !== SFrame.Abort) {
+        fail(new StreamProtocolError(`${SFrame[f.type]} frame from stream-out before the handshake ended`), true);
+        return;
+      }
       switch (f.type) {
         case SFrame.Hello:
-          hello = f;
-          helloWaiter?.();
+        case SFrame.Auth:
+          if (authenticated) { fail(new StreamProtocolError(`${SFrame[f.type]} frame from stream-out after the handshake`), true); return; }
+          inbox.push(f);
           break;
         case SFrame.Raw:
         case SFrame.RawZ:
         case SFrame.Refs:
         case SFrame.End:
+          if (f.type === SFrame.End) endReceived = true;
           queue.push(f);
           queuedBytes += f.payload.length;
           if (queuedBytes > QUEUE_LIMIT && !resendWaiter) link.pause();
@@ -682,17 +820,43 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
   link.on("error", (e) => fail(new Error(`link from stream-out failed: ${e.message}`), false));
   link.on("close", () => {
     linkClosed = true;
+    if (resendWaiter) fail(new Error("the link closed while waiting for a resent page"), false);
     if (!streamEnded) fail(new Error("the link from stream-out closed before the end of the stream"), false);
     wake();
-    if (resendWaiter) fail(new Error("the link closed while waiting for a resent page"), false);
+  });
+  // The link is half-open capable: a FIN from stream-out without END is the
+  // end of the link too (waiting for 'close' would wait for our own write to fail).
+  link.on("end", () => {
+    if (!endReceived) fail(new Error("the link from stream-out closed before the end of the stream"), false);
   });
 
-  // Handshake.
-  if (!hello) await new Promise<void>((r) => { helloWaiter = r; setTimeout(r, 15_000).unref(); });
-  helloWaiter = null;
-  if (failure) throw failure;
-  if (!hello) throw new StreamProtocolError("no HELLO from stream-out within 15 s");
-  const h = parseJson<{ v: number; indexId: string; compression?: unknown }>(hello);
+  // Handshake. Until stream-out has proved the key, this side opens nothing
+  // (no QEMU connection) and passes nothing on.
+  const auth = new PskResponder(ctx.psk, STREAM_AUTH);
+  type Hello = { v?: unknown; indexId?: string; compression?: unknown; auth?: unknown; nonce?: unknown };
+  let h: Hello;
+  try {
+    const next = async (want: SFrame): Promise<StreamFrame> => {
+      const f = await inbox.next(15_000, `${SFrame[want]} from stream-out`);
+      if (f.type !== want) throw new StreamProtocolError(`${SFrame[f.type]} frame from stream-out where ${SFrame[want]} belongs`);
+      return f;
+    };
+    h = parseJson<Hello>(await next(SFrame.Hello));
+    if (h.v !== STREAM_PROTOCOL_VERSION) throw new StreamProtocolError(`stream-out speaks stream protocol ${String(h.v)}, this stream-in speaks ${STREAM_PROTOCOL_VERSION}: run the same pagetwin version on both hosts`);
+    const refused = auth.refusal(h);
+    if (refused) throw new StreamProtocolError(refused);
+    if (auth.required) {
+      sendLink(jsonFrame(SFrame.HelloAck, { ready: false, ...auth.challenge() }));
+      const bad = auth.check(parseJson<{ proof?: unknown }>(await next(SFrame.Auth)));
+      if (bad) throw new StreamProtocolError(bad);
+    }
+  } catch (err) {
+    const e = failure ?? (err as Error);
+    fail(e, true);
+    // a peer that never proved the key is refused, and does not end this proxy
+    throw auth.required ? new PeerRefused(`${link.remoteAddress ?? "?"}:${link.remotePort ?? "?"}: ${e.message}`) : e;
+  }
+  authenticated = true;
   const offered = Array.isArray(h.compression) ? h.compression : [];
   const agreed = availableAlgorithms().filter((a) => offered.includes(a));
   const decompressors = new Map<CompressionAlgorithm, PageCompressor>();
@@ -715,10 +879,6 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     stats.compression.algorithm = algo;
     return out;
   };
-  if (h.v !== STREAM_PROTOCOL_VERSION) {
-    fail(new StreamProtocolError(`stream-out speaks stream protocol ${h.v}, this stream-in speaks ${STREAM_PROTOCOL_VERSION}`), true);
-    throw failure!;
-  }
   // The source may have (re)built the index after this proxy started.
   if (ctx.indexId !== h.indexId) {
     try {
@@ -739,7 +899,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     fail(err as Error, true);
     throw failure!;
   }
-  sendLink(jsonFrame(SFrame.HelloAck, dedup ? { dedup, compression: agreed } : { dedup, reason, compression: agreed }));
+  sendLink(jsonFrame(SFrame.HelloAck, dedup ? { ready: true, dedup, compression: agreed } : { ready: true, dedup, reason, compression: agreed }));
   if (!dedup) { stats.passthrough.push(reason!); log(reason!); }
   const q = qemu;
   let qemuClosed = false;
@@ -774,26 +934,38 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     const n = refs.length;
     const r = inRegions(ctx, n);
     // Read the blocks (runs of consecutive blocks in one read), hash, compare.
-    const bad: number[] = [];
+    // A block that cannot be read (past the end, the image truncated or
+    // failing since) counts as a mismatch: the page is asked for again.
+    const readOk = new Array<boolean>(n).fill(true);
+    const readOne = (k: number) => {
+      const b = refs[k]!.block;
+      try {
+        if (b >= image.blocks) throw new RangeError("past the end");
+        image.readBlocks(b, 1, r.pages.view(k * PAGE_SIZE, PAGE_SIZE));
+      } catch {
+        readOk[k] = false;
+      }
+    };
     for (let i = 0; i < n;) {
       let j = i + 1;
       while (j < n && refs[j]!.block === refs[j - 1]!.block + 1 && j - i < 256) j++;
       const first = refs[i]!.block;
-      if (first + (j - i) <= image.blocks) {
-        image.readBlocks(first, j - i, r.pages.view(i * PAGE_SIZE, (j - i) * PAGE_SIZE));
-      } else {
-        for (let k = i; k < j; k++) {
-          const b = refs[k]!.block;
-          if (b < image.blocks) image.readBlocks(b, 1, r.pages.view(k * PAGE_SIZE, PAGE_SIZE));
-          else r.pages.view(k * PAGE_SIZE, PAGE_SIZE).fill(0xff); // past the end: will not match
+      let whole = first + (j - i) <= image.blocks;
+      if (whole) {
+        try {
+          image.readBlocks(first, j - i, r.pages.view(i * PAGE_SIZE, (j - i) * PAGE_SIZE));
+        } catch {
+          whole = false;
         }
       }
+      if (!whole) for (let k = i; k < j; k++) readOne(k); // block by block: the readable ones still count
       i = j;
     }
     eng().hashPagesAt(r.pages.ptr, n, r.hashes.ptr, 0);
     const got = r.hashes.view(0, n * HASH_SIZE);
+    const bad: number[] = [];
     for (let i = 0; i < n; i++) {
-      if (Buffer.compare(got.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE), refs[i]!.hash) !== 0) bad.push(i);
+      if (!readOk[i] || Buffer.compare(got.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE), refs[i]!.hash) !== 0) bad.push(i);
     }
     // Output: header + page per reference, in order.
     let size = 0;

@@ -1,0 +1,196 @@
+// Shared fixtures of the stream-mode tests: a QEMU-shaped stream, the two
+// proxies driven by a fake source QEMU and a fake destination QEMU, a man in
+// the middle on the link between them, and test certificates.
+// (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
+
+import { execFileSync } from "node:child_process";
+import { writeFileSync } from "node:fs";
+import * as net from "node:net";
+import { join } from "node:path";
+import { RAM_FLAG } from "../../src/stream/qemu-stream.js";
+import { streamIn, streamOut, type StreamInOptions, type StreamOutOptions, type StreamProxy, type StreamStats } from "../../src/stream/proxy.js";
+import { StreamFrameReader, SFrame, frame } from "../../src/stream/frames.js";
+import type { NasIndex } from "../../src/adapters/nas/index-file.js";
+
+const PAGE = 4096;
+const be32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
+const be64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
+const str8 = (s: string) => Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]);
+
+/** A QEMU 7.2-shaped stream: one RAM block "mem" of these pages (in PART sections of 64), device state, EOF. */
+export function qemuStream(pages: Buffer): Buffer {
+  const n = pages.length / PAGE;
+  const parts: Buffer[] = [Buffer.from("QEVM"), be32(3), Buffer.from([0x07]), be32(13), Buffer.from("pc-i440fx-7.2")];
+  parts.push(Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4));
+  parts.push(be64(n * PAGE + RAM_FLAG.MEM_SIZE), str8("mem"), be64(n * PAGE));
+  parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
+  for (let i = 0; i < n; i += 64) {
+    parts.push(Buffer.from([0x02]), be32(2));
+    for (let k = i; k < Math.min(n, i + 64); k++) {
+      parts.push(k === i ? Buffer.concat([be64(k * PAGE + RAM_FLAG.PAGE), str8("mem")]) : be64(k * PAGE + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE));
+      parts.push(pages.subarray(k * PAGE, (k + 1) * PAGE));
+    }
+    parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
+  }
+  parts.push(Buffer.from([0x03]), be32(2), be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
+  parts.push(Buffer.from([0x04]), be32(3), str8("timer"), be32(0), be32(2), Buffer.alloc(24, 7), Buffer.from([0x7e]), be32(3), Buffer.from([0x05]));
+  return Buffer.concat(parts);
+}
+
+export async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
+  const p = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return p;
+}
+
+/** A TCP proxy to `port` whose `tamper` sees each chunk each way and may change or cut it. */
+export async function tamperProxy(port: number, tamper: (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null): Promise<{ server: net.Server; port: number; sockets: net.Socket[]; close(): void }> {
+  const sockets: net.Socket[] = [];
+  const server = net.createServer((c) => {
+    const up = net.connect(port, "127.0.0.1");
+    sockets.push(c, up);
+    const cut = () => { c.destroy(); up.destroy(); };
+    c.on("data", (d) => { const x = tamper("up", d, cut); if (x && !up.destroyed) up.write(x); });
+    up.on("data", (d) => { const x = tamper("down", d, cut); if (x && !c.destroyed) c.write(x); });
+    c.on("error", cut);
+    up.on("error", cut);
+    c.on("close", () => up.end());
+    up.on("close", () => c.end());
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return { server, port: (server.address() as net.AddressInfo).port, sockets, close: () => { sockets.forEach((s) => s.destroy()); server.close(); } };
+}
+
+/**
+ * What a man in the middle does with each stream-out -> stream-in frame: the
+ * frame as sealed (length, type, payload, CRC) -> the bytes to forward
+ * (changed or not), null to drop it, "cut" to tear the link there.
+ */
+export type FrameTamper = (type: SFrame, sealed: Buffer, payload: Buffer) => Buffer | null | "cut";
+
+/** A man in the middle that cuts the stream-out -> stream-in bytes into frames for `tamper`; the other way passes as it is. */
+export function frameTamper(tamper: FrameTamper): (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null {
+  const reader = new StreamFrameReader();
+  return (dir, chunk, cut) => {
+    if (dir === "down") return chunk;
+    const out: Buffer[] = [];
+    for (const f of reader.push(chunk)) {
+      const x = tamper(f.type, frame(f.type, f.payload), f.payload);
+      if (x === "cut") {
+        cut();
+        return null;
+      }
+      if (x) out.push(x);
+    }
+    return out.length ? Buffer.concat(out) : null;
+  };
+}
+
+export interface ProxyRun {
+  /** What the fake destination QEMU received, in order. */
+  out: Buffer;
+  so: StreamStats;
+  si: StreamStats;
+  /** Connections the fake destination QEMU accepted. */
+  qemuConnections: number;
+  /** The fake source QEMU's connection was closed by stream-out before it had sent everything (its migration fails). */
+  sourceCut: boolean;
+  /** stream-in ended on its own (it was not closed by this helper). */
+  inEnded: boolean;
+  /** Bytes that crossed the link, both ways (with `record`). */
+  linkBytes: Buffer[];
+}
+
+export interface ProxyRunOptions {
+  data: Buffer;
+  image: string;
+  nas?: NasIndex;
+  out?: Partial<StreamOutOptions>;
+  in?: Partial<StreamInOptions>;
+  /** A stream-in already running (its done is then not awaited). */
+  streamIn?: StreamProxy;
+  /** Man in the middle on the link. */
+  via?: (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null;
+  /** Keep a copy of every byte on the link (linkBytes). */
+  record?: boolean;
+  /** Write sizes of the fake source QEMU: fixed, or random up to 100 kB (split anywhere). */
+  split?: number | "random";
+}
+
+/**
+ * Feeds `data` to stream-out as a source QEMU would; collects what stream-in
+ * gives its (fake) destination QEMU. stream-in is closed when stream-out is
+ * done and stream-in has not ended on its own within 3 s (a refused peer does
+ * not end it).
+ */
+export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
+  const got: Buffer[] = [];
+  let qemuConnections = 0;
+  const sink = net.createServer({ allowHalfOpen: true }, (s) => {
+    qemuConnections++;
+    s.on("data", (d: Buffer) => got.push(d));
+    s.on("end", () => s.end());
+    s.on("error", () => {});
+  });
+  await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
+  const si = o.streamIn ?? await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image: o.image, ...o.in });
+  const linkBytes: Buffer[] = [];
+  const mitm = o.via || o.record
+    ? await tamperProxy(si.port, (dir, chunk, cut) => {
+      if (o.record) linkBytes.push(Buffer.from(chunk));
+      return o.via ? o.via(dir, chunk, cut) : chunk;
+    })
+    : null;
+  let so: StreamProxy | null = null;
+  try {
+    so = await streamOut({ listenPort: 0, to: `127.0.0.1:${mitm?.port ?? si.port}`, ...(o.nas ? { nas: o.nas } : { image: o.image }), ...o.out });
+    const q = net.connect(so.port, "127.0.0.1");
+    let ended = false;
+    let sourceCut = false;
+    q.on("data", () => {});
+    q.on("error", () => { sourceCut = true; });
+    q.on("close", () => { if (!ended) sourceCut = true; });
+    await new Promise<void>((r) => q.once("connect", r));
+    let rnd = 12345;
+    for (let i = 0; i < o.data.length && !q.destroyed;) {
+      rnd = (rnd * 1103515245 + 12345) & 0x7fffffff;
+      const n = o.split === "random" ? 1 + (rnd % 100_000) : o.split ?? 65536;
+      if (!q.write(o.data.subarray(i, i + n))) await new Promise((r) => { q.once("drain", r); q.once("close", r); });
+      i += n;
+    }
+    if (!q.destroyed) { ended = true; q.end(); }
+    const a = await so.done;
+    let over = false;
+    if (!o.streamIn) {
+      // stream-in ends on its own after a session; after refused peers only (or none in 3 s), it waits on: then close it
+      void si.done.then(() => { over = true; });
+      for (const t = Date.now(); !over && Date.now() - t < 30_000;) {
+        if (si.stats.sessions === 0 && (si.stats.refused.length > 0 || Date.now() - t > 3000)) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await si.close();
+    }
+    return { out: Buffer.concat(got), so: a, si: si.stats, qemuConnections, sourceCut, linkBytes, inEnded: over };
+  } finally {
+    await so?.close();
+    if (!o.streamIn) await si.close();
+    mitm?.close();
+    sink.close();
+  }
+}
+
+/** A CA, certificates it signed for "dst" and "src" (127.0.0.1, localhost), and a self-signed "rogue" one. */
+export function makeCerts(dir: string): Record<"ca" | "dstCert" | "dstKey" | "srcCert" | "srcKey" | "rogueCert" | "rogueKey", string> {
+  const run = (...args: string[]) => execFileSync("openssl", args, { cwd: dir, stdio: "ignore" });
+  run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=pagetwin test CA");
+  for (const who of ["dst", "src", "rogue"]) {
+    writeFileSync(join(dir, `${who}.ext`), "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", `${who}.key`, "-out", `${who}.csr`, "-subj", `/CN=${who}`);
+    if (who === "rogue") run("x509", "-req", "-in", "rogue.csr", "-signkey", "rogue.key", "-out", "rogue.pem", "-days", "1", "-extfile", "rogue.ext");
+    else run("x509", "-req", "-in", `${who}.csr`, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", `${who}.pem`, "-days", "1", "-extfile", `${who}.ext`);
+  }
+  const p = (f: string) => join(dir, f);
+  return { ca: p("ca.pem"), dstCert: p("dst.pem"), dstKey: p("dst.key"), srcCert: p("src.pem"), srcKey: p("src.key"), rogueCert: p("rogue.pem"), rogueKey: p("rogue.key") };
+}

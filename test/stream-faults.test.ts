@@ -1,0 +1,218 @@
+// The fault matrix for stream mode: the link between the proxies torn, bits
+// flipped on it, stream-in killed, the NAS image truncated mid-stream. Every
+// case ends with nothing lost: the destination QEMU got a clean prefix of the
+// stream (never a corrupt byte) or all of it, and a real source VM runs on.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, truncateSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import * as net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { SFrame } from "../src/stream/frames.js";
+import { streamIn, streamOut, type StreamStats } from "../src/stream/proxy.js";
+import { openNasIndex } from "../src/adapters/nas/index-file.js";
+import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { freePort, frameTamper, qemuStream, tamperProxy, throughProxies, type ProxyRun } from "./helpers/stream.js";
+
+const PAGE = 4096;
+
+/** An image of `blocks` random blocks, indexed, and a stream of pages alternating random (no twin) and block i (a twin). */
+async function fixture(dir: string, blocks: number): Promise<{ image: string; data: Buffer }> {
+  const image = join(dir, "disk.img");
+  const img = randomBytes(blocks * PAGE);
+  writeFileSync(image, img);
+  (await openNasIndex(image, { rebuild: true })).image.close();
+  const pages: Buffer[] = [];
+  for (let i = 0; i < blocks; i++) pages.push(randomBytes(PAGE), img.subarray(i * PAGE, (i + 1) * PAGE));
+  return { image, data: qemuStream(Buffer.concat(pages)) };
+}
+
+/** The destination QEMU got a strict prefix of the stream: nothing corrupt, nothing invented, not all of it. */
+function assertCleanPrefix(r: ProxyRun, data: Buffer): void {
+  assert.ok(r.out.length < data.length, `the destination QEMU got all ${r.out.length} bytes`);
+  assert.ok(data.subarray(0, r.out.length).equals(r.out), "the destination QEMU got bytes that are not the source's");
+  assert.ok(r.sourceCut, "the source QEMU's connection was closed (its migration fails, the VM runs on)");
+}
+
+/** Calls `act` once, on the first stream-out -> stream-in frame of `type` after `after` bytes of frames. */
+function onFrameAfter(after: number, type: SFrame | null, act: (sealed: Buffer) => Buffer | "cut") {
+  let seen = 0;
+  let done = false;
+  return frameTamper((t, sealed) => {
+    seen += sealed.length;
+    if (done || seen < after || (type !== null && t !== type)) return sealed;
+    done = true;
+    return act(sealed);
+  });
+}
+
+test("stream fault: the link torn mid-stream: both proxies say so, the source QEMU's connection is closed, its destination got a clean prefix", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    const { image, data } = await fixture(dir, 1024);
+    const r = await throughProxies({ data, image, out: { compress: "off" }, via: onFrameAfter(1 << 20, null, () => "cut") });
+    assert.match(r.so.error ?? "", /link to stream-in (closed|failed)/);
+    assert.match(r.si.error ?? "", /link from stream-out (closed|failed)/);
+    assert.ok(r.inEnded, "stream-in saw the end of its link by itself");
+    assertCleanPrefix(r, data);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stream fault: a flipped bit in a RAW or REFS frame: stream-in refuses the frame by its CRC and never writes it", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    const { image, data } = await fixture(dir, 1024);
+    for (const type of [SFrame.Raw, SFrame.Refs]) {
+      const r = await throughProxies({
+        data, image, out: { compress: "off" },
+        via: onFrameAfter(1 << 20, type, (sealed) => { sealed[sealed.length >> 1]! ^= 0x10; return sealed; }),
+      });
+      assert.match(r.si.error ?? "", /frame \d+ \(\d+ bytes\) fails its CRC-32: the link corrupted it/, SFrame[type]);
+      assert.match(r.so.error ?? "", /stream-in aborted the migration: frame \d+ .* fails its CRC-32/, SFrame[type]);
+      assertCleanPrefix(r, data);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stream fault: the NAS image truncated mid-stream: the twins it lost are resent, the stream arrives byte-identical", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    const blocks = 2048;
+    const { image, data } = await fixture(dir, blocks);
+    // Twins of blocks 0..511 come in the first ~2 MB of frames; cut the image to those once 1 MB went by.
+    let truncatedAt = 0;
+    const r = await throughProxies({
+      data, image, out: { compress: "off" },
+      via: onFrameAfter(1 << 20, null, (sealed) => { truncateSync(image, 512 * PAGE); truncatedAt = Date.now(); return sealed; }),
+    });
+    assert.ok(truncatedAt > 0, "the image was truncated during the stream");
+    assert.equal(r.so.error, undefined);
+    assert.equal(r.si.error, undefined);
+    assert.ok(r.out.equals(data), "stream rebuilt byte-identical");
+    assert.equal(r.so.twinsReplaced, blocks);
+    assert.equal(r.si.resends, blocks - 512, "every twin past the new end was resent, no other");
+    assert.equal(r.so.resends, r.si.resends);
+    assert.equal(r.si.twinsReplaced, 512);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// ------------------------------------------------------------ real guest
+
+const guest = findGuest();
+const skipReal = !qemuAvailable()
+  ? "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+  : !guest
+    ? "guest not built: run scripts/build-guest.sh (outputs in $PAGETWIN_CACHE or ./.cache)"
+    : false;
+
+let work = "";
+let indexPath = "";
+let vm: QemuVm | null = null;
+
+before(async () => {
+  if (skipReal) return;
+  work = mkdtempSync(join(tmpdir(), "pt-stream-faults-"));
+  indexPath = join(work, "disk.img.pagetwin-index"); // the guest's disk is used in place, read-only; its index lives here
+  (await openNasIndex(guest!.disk, { indexPath })).image.close();
+  vm = await QemuVm.start({
+    ...guest!, memoryMiB: 256, memPath: `/dev/shm/pt-stream-faults-${process.pid}`,
+    qmpSocket: join(work, "src.qmp"), serialLog: join(work, "src.log"), name: "pt-stream-faults",
+  });
+  await vm.waitForSerial(/pagetwin-ready/, 240_000);
+  await vm.waitForSerial(/pagetwin-counter 2\b/, 30_000);
+  // slow enough that the faults below strike mid-stream
+  await vm.qmp.execute("migrate-set-parameters", { "max-bandwidth": 40_000_000 });
+});
+
+after(async () => {
+  await vm?.cleanup();
+  if (work) rmSync(work, { recursive: true, force: true });
+});
+
+/** A destination QEMU stand-in that takes the stream and counts its bytes. */
+async function drain(onBytes: (total: number) => void = () => {}): Promise<{ port: number; close(): void }> {
+  let total = 0;
+  const s = net.createServer((c) => { c.on("data", (d: Buffer) => onBytes((total += d.length))); c.on("error", () => {}); });
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
+  return { port: (s.address() as net.AddressInfo).port, close: () => s.close() };
+}
+
+const lastCounter = (v: QemuVm) => Math.max(-1, ...[...v.serialLog().matchAll(/pagetwin-counter (\d+)/g)].map((m) => Number(m[1])));
+
+/** Migrates the guest to stream-out; after the fault, its migration must fail and the guest run on, counting. */
+async function migrateAndSurvive(soPort: number): Promise<{ counterBefore: number; counterAfter: number; status: string }> {
+  const src = vm!;
+  const counterBefore = lastCounter(src);
+  await src.qmp.execute("migrate", { uri: `tcp:127.0.0.1:${soPort}` });
+  let status = "";
+  for (const t = Date.now(); Date.now() - t < 30_000;) {
+    status = (await src.qmp.execute<{ status: string }>("query-migrate")).status;
+    if (status === "completed" || status === "failed" || status === "cancelled") break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal(status, "failed", "the source QEMU's migration failed");
+  const s = await src.qmp.execute<{ status: string; running: boolean }>("query-status");
+  assert.equal(s.status, "running");
+  assert.equal(s.running, true);
+  const since = src.serialLog().length;
+  const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 15_000, since);
+  const counterAfter = Number(m[1]);
+  assert.ok(counterAfter > counterBefore, `the counter goes on: ${counterBefore} -> ${counterAfter}`);
+  return { counterBefore, counterAfter, status };
+}
+
+test("stream fault, real guest: the link torn mid-migration: stream-out says so, QEMU's migration fails, the guest runs on", { skip: skipReal, timeout: 60_000 }, async (t) => {
+  const sink = await drain();
+  const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${sink.port}`, image: guest!.disk, indexPath });
+  const link = await tamperProxy(si.port, onFrameAfter(2 << 20, null, () => "cut"));
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${link.port}`, image: guest!.disk, indexPath });
+  try {
+    const r = await migrateAndSurvive(so.port);
+    const [o, i]: StreamStats[] = await Promise.all([so.done, si.done]);
+    assert.match(o.error ?? "", /link to stream-in (closed|failed)/);
+    assert.match(i.error ?? "", /link from stream-out (closed|failed)/);
+    assert.ok(o.bytesFromQemu > 2 << 20, "the fault struck mid-stream");
+    t.diagnostic(`torn after ${o.bytesOutLink} link bytes (${o.bytesFromQemu} from QEMU); counter ${r.counterBefore} -> ${r.counterAfter}`);
+  } finally {
+    link.close();
+    await Promise.all([so.close(), si.close()]);
+    sink.close();
+  }
+});
+
+test("stream fault, real guest: the stream-in process killed mid-migration: QEMU's migration fails, the guest runs on", { skip: skipReal, timeout: 60_000 }, async (t) => {
+  let child: ChildProcess | null = null;
+  let killedAt = 0;
+  const sink = await drain((total) => {
+    if (!killedAt && total > 4 << 20 && child) { killedAt = total; child.kill("SIGKILL"); }
+  });
+  const port = await freePort();
+  const main = fileURLToPath(new URL("../src/stream/main.js", import.meta.url));
+  child = spawn(process.execPath, [main, "stream-in", "--listen", `127.0.0.1:${port}`, "--qemu", `127.0.0.1:${sink.port}`, "--image", guest!.disk, "--index", indexPath], { stdio: ["ignore", "ignore", "pipe"] });
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${port}`, image: guest!.disk, indexPath });
+  try {
+    let err = "";
+    await new Promise<void>((resolve, reject) => {
+      child!.stderr!.on("data", (d: Buffer) => { err += d.toString(); if (/listening on/.test(err)) resolve(); });
+      child!.once("exit", (code) => reject(new Error(`stream-in exited (${code}) before listening: ${err}`)));
+    });
+    const r = await migrateAndSurvive(so.port);
+    assert.ok(killedAt > 0, "stream-in was killed mid-stream");
+    const o = await so.done;
+    assert.match(o.error ?? "", /link to stream-in (closed|failed)/);
+    t.diagnostic(`stream-in killed after ${killedAt} bytes to its QEMU; stream-out: ${o.error}; counter ${r.counterBefore} -> ${r.counterAfter}`);
+  } finally {
+    child.kill("SIGKILL");
+    await so.close();
+    sink.close();
+  }
+});
