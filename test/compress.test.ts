@@ -97,13 +97,17 @@ test("the policy compresses only when the compressor outruns the link and the da
   assert.equal(fast.decide(), "compress"); // the first frame measures the compressor
   fast.recordCompress(1 << 20, 300_000, 2.5); // 420 MB/s, ratio 0.29
   assert.equal(fast.decide(), "compress");
-  const slowHost = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000 });
-  slowHost.recordCompress(1 << 20, 300_000, 2.5);
   // the link not measured yet (stream mode's first frames): nothing says it outruns the compressor
-  assert.equal(slowHost.decide(), "compress");
-  for (let i = 0; i < 3; i++) slowHost.recordSend(1 << 20, 0.2);
-  assert.equal(slowHost.decide(), "compress", "3 MiB of backlog is not a measurement yet");
+  const unmeasured = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000 });
+  for (let i = 0; i < 8; i++) unmeasured.recordCompress(1 << 20, 300_000, 2.5);
+  for (let i = 0; i < 3; i++) unmeasured.recordSend(1 << 20, 0.2);
+  assert.equal(unmeasured.decide(), "compress", "3 MiB of backlog is not a measurement yet");
+  // a fast link, timed: the compressor (420 MB/s) is slower, once it has been timed on 4 frames (the first runs cold)
+  const slowHost = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000 });
   for (let i = 0; i < 10; i++) slowHost.recordSend(1 << 20, 0.2); // the link takes 5 GB/s
+  for (let i = 0; i < 3; i++) slowHost.recordCompress(1 << 20, 300_000, 2.5);
+  assert.equal(slowHost.decide(), "compress", "3 frames do not time the compressor yet");
+  slowHost.recordCompress(1 << 20, 300_000, 2.5);
   assert.equal(slowHost.decide(), "slow");
   // a compressed frame the link took at once says nothing about the link's ceiling
   const saturated = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000 });

@@ -300,8 +300,9 @@ export class CompressionPolicy {
     let why: "compress" | "slow" | "poor" = "compress";
     const link = this.linkRate;
     if (this.ratio > this.maxRatio) why = "poor";
-    // a link not measured yet (Infinity) is not yet known to outrun the compressor: compress until it is
-    else if (this.o.mode === "auto" && Number.isFinite(link) && this.compressRate < this.margin * link) why = "slow";
+    // a link not measured yet (Infinity) is not yet known to outrun the compressor: compress until it is;
+    // nor is a compressor timed on fewer than 4 frames (the first runs cold) known to be slower than the link
+    else if (this.o.mode === "auto" && Number.isFinite(link) && this.recentRates.length >= 4 && this.compressRate < this.margin * link) why = "slow";
     else if (this.o.mode === "auto" && this.o.compare && !(this.o.bandwidth > 0)) {
       // no configured bandwidth: the cheaper way wins (a rate limiter would bill one frame's bytes to the next: not compared there)
       if (this.costRaw === 0) return "slow"; // measure the raw way once
