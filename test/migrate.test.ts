@@ -130,6 +130,23 @@ test("with a pool of worker threads hashing the RAM, the migration is the same: 
     assert.equal(r.status, "completed", r.error);
     assert.equal(r.verified, true);
     assert.ok(r.iterationLog[0]!.pages.twin >= 0.95 * 16 * 256 * 0.5);
+    for (const it of r.iterationLog) assert.equal(it.hashWorkers, 2);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("workers only at switchover: the live passes hash on the agent's thread, the final pass (guest stopped) on the pool; RAM identical", async () => {
+  const dir = tmp();
+  try {
+    const r = await runEmbeddedMigration({
+      mode: "pagetwin", bandwidth: 0, destination: "inproc", workers: 2, workersWhen: "switchover",
+      vm: { dir, ramMiB: 16, twinShare: 0.5, zeroShare: 0.2, dirtyPagesPerSecond: 2000, rewriteBlocksPerSecond: 0 },
+    });
+    assert.equal(r.status, "completed", r.error);
+    assert.equal(r.verified, true);
+    assert.ok(r.iterationLog.length >= 2);
+    for (const it of r.iterationLog) assert.equal(it.hashWorkers, it.final ? 2 : 0, `iteration ${it.iteration}${it.final ? " (final)" : ""}`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

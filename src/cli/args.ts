@@ -2,6 +2,7 @@
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { loadKey } from "../migrate/auth.js";
+import type { WorkersWhen } from "../migrate/source.js";
 
 export class UsageError extends Error {
   override name = "UsageError";
@@ -106,4 +107,11 @@ export function tlsFiles(values: Record<string, string | boolean | undefined>): 
     throw new UsageError("TLS needs all of --tls-cert, --tls-key and --tls-ca (see docs/SECURITY.md to make them)");
   }
   return { cert, key, ca };
+}
+
+/** --workers-when: always, or switchover (the workers hash only the final pass, with the guest stopped). */
+export function workersWhen(values: Record<string, string | boolean | undefined>): WorkersWhen {
+  const v = values["workers-when"] ?? "always";
+  if (v === "always" || v === "switchover") return v;
+  throw new UsageError(`--workers-when is always or switchover (got "${String(v)}")`);
 }

@@ -13,7 +13,7 @@ import { openNasIndex } from "../adapters/nas/index-file.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { EnginePool } from "../pool/pool.js";
 import { DestinationAgent, type DestinationResult } from "./destination.js";
-import { migrateSource, MigrationError, type MigrationResult } from "./source.js";
+import { migrateSource, MigrationError, type MigrationResult, type WorkersWhen } from "./source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
 import type { CompressionMode } from "./compress.js";
 
@@ -32,6 +32,8 @@ export interface EmbeddedRunOptions {
   compress?: CompressionMode;
   /** Hash with a pool of this many worker threads (0: on the main thread). */
   workers?: number;
+  /** Whether the workers hash every pass or only the final one (see SourceOptions). */
+  workersWhen?: WorkersWhen;
   onIteration?: Parameters<typeof migrateSource>[0]["onIteration"];
   /** Hook to break things in tests: called with the destination's port before the source connects. */
   beforeConnect?: (port: number, vm: EmbeddedVm, destinationPid: number | null) => Promise<{ host: string; port: number } | void>;
@@ -126,7 +128,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     try {
       result = await migrateSource({
         engine: nas.engine, index: o.mode === "pagetwin" ? nas.index : null, indexId: nas.header.indexId,
-        ram, pool, ramPath, vm: { pause: () => vm.pause(), resume: () => vm.resume() },
+        ram, pool, ramPath, workersWhen: o.workersWhen ?? "always", vm: { pause: () => vm.pause(), resume: () => vm.resume() },
         host: target.host, port: target.port, bandwidth: o.bandwidth ?? 125e6, convergence: o.convergence,
         trace: o.trace, onIteration: o.onIteration, compress: o.compress,
       });

@@ -22,6 +22,8 @@ import {
 } from "./compress.js";
 
 /** Reads the source VM's RAM (a file adapter, or anything page-addressable). */
+export type WorkersWhen = "always" | "switchover";
+
 export interface RamReader {
   readonly pages: number;
   readPages(first: number, count: number, into: Uint8Array): void;
@@ -44,6 +46,13 @@ export interface SourceOptions {
   ram: RamReader;
   /** Hash with these workers (same seed as `engine`), which read `ramPath` themselves. */
   pool?: EnginePool | null;
+  /**
+   * When the pool hashes: every pass ("always", default), or only the final
+   * pass, with the guest stopped ("switchover"): where the guest's vCPUs share
+   * the host's few cores with the agents, workers slow the live passes down
+   * but shorten the downtime.
+   */
+  workersWhen?: WorkersWhen;
   ramPath?: string;
   vm: VmControl;
   host: string;
@@ -85,6 +94,8 @@ export interface IterationRecord {
   startMs: number;
   durationMs: number;
   scanMs: number;
+  /** Worker threads that hashed this pass (0: the agent's own thread). */
+  hashWorkers: number;
   /** Time from the end of this round's frames to the destination's acknowledgement, ms. */
   ackWaitMs: number;
   dirty: number;
@@ -211,26 +222,28 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const start = performance.now();
       const bytes0 = l.bytesOut;
       const rec: IterationRecord = {
-        iteration, final, startMs: start - t0, durationMs: 0, scanMs: 0, ackWaitMs: 0, dirty: 0,
+        iteration, final, startMs: start - t0, durationMs: 0, scanMs: 0, hashWorkers: 0, ackWaitMs: 0, dirty: 0,
         pages: { normal: 0, zero: 0, twin: 0, resent: 0 }, transferredBytes: 0,
       };
       const map = o.trace ? new Uint8Array(o.ram.pages) : null;
       let scanMs = 0;
       // With a pool, workers hash the next window while this one is on the link.
-      let pending = o.pool ? o.pool.scanFile(o.ramPath!, 0, planner.windowCount(0)) : null;
+      const pool = o.pool && (final || o.workersWhen !== "switchover") ? o.pool : null;
+      let pending = pool ? pool.scanFile(o.ramPath!, 0, planner.windowCount(0)) : null;
+      rec.hashWorkers = pool ? pool.size : 0;
       for (let first = 0; first < planner.pages; first += planner.windowPages) {
         const s = performance.now();
         const count = planner.windowCount(first);
         let plan: WindowPlan;
         let bytesOf: (i: number) => Uint8Array;
-        if (o.pool) {
+        if (pool) {
           const scan = await pending!;
           plan = planner.planWindowHashed(first, count, scan.hashes, scan.zeroBits);
-          const bytes = await o.pool.pagesOf(plan.send);
+          const bytes = await pool.pagesOf(plan.send);
           bytesOf = (i) => bytes.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
           const next = first + planner.windowPages;
           if (next < planner.pages) {
-            pending = o.pool.scanFile(o.ramPath!, next, planner.windowCount(next));
+            pending = pool.scanFile(o.ramPath!, next, planner.windowCount(next));
             pending.catch(() => {}); // awaited above on the next turn; a failure before that must not go unhandled
           }
         } else {

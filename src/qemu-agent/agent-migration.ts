@@ -14,7 +14,7 @@ import { RamFile } from "../adapters/ram/ram-file.js";
 import type { QmpClient } from "../adapters/qemu/qmp.js";
 import { DestinationAgent, type DestinationResult } from "../migrate/destination.js";
 import { EnginePool } from "../pool/pool.js";
-import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader } from "../migrate/source.js";
+import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader, type WorkersWhen } from "../migrate/source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
 import type { CompressionMode, CompressionStats } from "../migrate/compress.js";
 
@@ -51,6 +51,8 @@ export interface AgentMigrationOptions {
   convergence?: ConvergenceOptions;
   /** Hash on this many worker threads (0: on this thread); they scan the next window while one is on the link. */
   workers?: number;
+  /** Whether the workers hash every pass or only the final one, with the guest stopped (see SourceOptions). */
+  workersWhen?: WorkersWhen;
   /** Pre-shared key both agents prove they hold (the destination agent's --psk-file). */
   psk?: Uint8Array | null;
   /** Mutual TLS to the destination agent. */
@@ -288,7 +290,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     let mr: MigrationResult;
     try {
       mr = await migrateSource({
-        engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool, ramPath: o.srcRam,
+        engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
         psk: o.psk ?? null, tls: o.tls ?? null,
         vm: {
           pause: async () => { await src.execute("stop"); sourcePaused = true; },

@@ -18,6 +18,7 @@ import { openNasIndex } from "../adapters/nas/index-file.js";
 import { createNetnsLink, netnsAvailable, type NetnsLink } from "../adapters/netns/link.js";
 import { waitMigration, type AgentMigrationResult, type QueryMigrate } from "./agent-migration.js";
 import { firstCounter, lastCounter, readBytes } from "./guest.js";
+import type { WorkersWhen } from "../migrate/source.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin-nodedup" | "pagetwin";
 export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin-nodedup", "pagetwin"];
@@ -35,6 +36,7 @@ export interface CompareOptions {
   qemuMaxBandwidth?: number;
   /** pagetwin hashes on this many worker threads (default 0). */
   workers?: number;
+  workersWhen?: WorkersWhen;
   /** Guest kernel command line (default: quiet, 1 MiB/s of memory writes over 16 MiB). */
   append?: string;
   /** Where scripts/build-guest.sh keeps the guest (default $PAGETWIN_CACHE or <repo>/.cache). */
@@ -80,6 +82,7 @@ export interface CompareResult {
   /** QEMU's max-bandwidth during its run, bytes/s (query-migrate-parameters). */
   qemuMaxBandwidth: number;
   workers: number;
+  workersWhen: WorkersWhen;
   runs: CompareRun[];
   /** Median of each mode's completed runs. */
   summary: { mode: CompareMode; runs: number; totalTimeMs: number; downtimeMs: number; linkBytes: number; continued: boolean }[];
@@ -169,7 +172,7 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
   log(`link: ${link.srcNs} (${link.srcIp}) <-> ${link.dstNs} (${link.dstIp}), veth shaped with tc tbf ${link.rate}`);
   const result: CompareResult = {
     qemuVersion: "", link: { rate: link.rate, srcIp: link.srcIp, dstIp: link.dstIp },
-    guest: { memoryMiB, readBytes: -1, append }, downtimeTargetMs: downtimeMs, qemuMaxBandwidth: 0, workers, runs: [], summary: [],
+    guest: { memoryMiB, readBytes: -1, append }, downtimeTargetMs: downtimeMs, qemuMaxBandwidth: 0, workers, workersWhen: o.workersWhen ?? "always", runs: [], summary: [],
   };
   const uri = `tcp:${link.dstIp}:${INCOMING_PORT}`;
   const maxBandwidth = o.qemuMaxBandwidth ?? QEMU_UNTHROTTLED;
@@ -237,7 +240,7 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
             const args = [AGENT_MAIN, "migrate", "--src-qmp", src.options.extraQmpSockets![0]!, "--dst-qmp", dst.options.extraQmpSockets![0]!,
               "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--image", guest.disk, "--incoming", uri,
               // pagetwin is told the link's rate, as an operator would (its compression policy weighs it)
-              "--bandwidth", o.rate ?? "1gbit", "--downtime", String(downtimeMs), "--workers", String(workers), "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
+              "--bandwidth", o.rate ?? "1gbit", "--downtime", String(downtimeMs), "--workers", String(workers), "--workers-when", o.workersWhen ?? "always", "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
             const w0 = Date.now();
             const child = link.spawn(link.srcNs, process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
             children.push(child);
@@ -316,7 +319,7 @@ export function formatComparison(r: CompareResult): string {
   return [
     `QEMU ${r.qemuVersion} (TCG), ${r.guest.memoryMiB} MiB guest that read ${(r.guest.readBytes / 1e6).toFixed(0)} MB of files from its NAS disk;`,
     `link ${r.link.rate} (veth between two network namespaces, tc tbf); downtime target ${r.downtimeTargetMs} ms;`,
-    `QEMU max-bandwidth ${(r.qemuMaxBandwidth / 1e6).toFixed(0)} MB/s; pagetwin: told the link rate (--bandwidth ${r.link.rate}), ${r.workers} hash workers; medians.`,
+    `QEMU max-bandwidth ${(r.qemuMaxBandwidth / 1e6).toFixed(0)} MB/s; pagetwin: told the link rate (--bandwidth ${r.link.rate}), ${r.workers} hash workers${r.workers ? ` (${r.workersWhen === "switchover" ? "final pass only" : "every pass"})` : ""}; medians.`,
     "",
     ...lines,
     ...failed.map((f) => `failed: ${f.mode} run ${f.run}: ${f.error}`),

@@ -1,6 +1,6 @@
 import { writeFileSync } from "node:fs";
 import { runComparison, formatComparison, COMPARE_MODES, DEFAULT_APPEND, type CompareMode } from "../../qemu-agent/compare.js";
-import { parse, helpText, num, parseRate, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, num, parseRate, workersWhen, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "compare-qemu",
@@ -12,6 +12,7 @@ export const spec: CommandSpec = {
     rate: { type: "string", default: "1gbit", help: "link rate (tc tbf on the veth pair)" },
     "qemu-max-bandwidth": { type: "string", help: "QEMU's max-bandwidth, e.g. 1gbit; 0 keeps QEMU's own default (128 MiB/s in 7.2) (default: 10 GB/s, the link is the limit)" },
     workers: { type: "string", default: "0", help: "pagetwin hashes on this many worker threads" },
+    "workers-when": { type: "string", default: "always", help: "always, or switchover: the workers hash only the final pass, with the guest stopped" },
     "memory-mib": { type: "string", default: "512", help: "guest RAM, MiB" },
     downtime: { type: "string", default: "300", help: "downtime target for both, ms (QEMU's downtime-limit)" },
     append: { type: "string", default: DEFAULT_APPEND, help: "guest kernel command line (pt_dirty=MiB/s, pt_dirty_ws=MiB, pt_read=0|1)" },
@@ -41,7 +42,7 @@ export async function run(argv: string[]): Promise<number> {
   const r = await runComparison({
     modes: modes as CompareMode[], repeat: num(values, "repeat", 1, 20), rate: values.rate as string,
     memoryMiB: num(values, "memory-mib", 64, 8192), downtimeMs: num(values, "downtime", 1), append: values.append as string,
-    build: !values["no-build"], workers: num(values, "workers", 0, 16),
+    build: !values["no-build"], workers: num(values, "workers", 0, 16), workersWhen: workersWhen(values),
     ...(values["qemu-max-bandwidth"] ? { qemuMaxBandwidth: parseRate(values["qemu-max-bandwidth"] as string) } : {}), log: (m) => console.error(`compare-qemu: ${m}`),
   });
   if (values.out) writeFileSync(values.out as string, JSON.stringify(r, null, 2));

@@ -1,7 +1,7 @@
 import { QmpClient } from "../../adapters/qemu/qmp.js";
 import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../qemu-agent/agent-migration.js";
 import type { ConvergenceOptions } from "../../plan/convergence.js";
-import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, workersWhen, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode } from "../../migrate/compress.js";
 
 export const spec: CommandSpec = {
@@ -24,6 +24,7 @@ export const spec: CommandSpec = {
     "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
     compress: { type: "string", default: "auto", help: "compress the pages sent in full: auto, off, zstd or brotli" },
     workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
+    "workers-when": { type: "string", default: "always", help: "always, or switchover: workers hash only the final pass, with the guest stopped (few cores shared with the guest's vCPUs)" },
     ...securityOptions("destination agent", false),
     json: { type: "boolean", help: "print one JSON object (stats named as query-migrate's)" },
   },
@@ -71,7 +72,7 @@ export async function run(argv: string[]): Promise<number> {
     const r = await migrateQemuAgentMode({
       source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
       image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
-      bandwidth, convergence, workers: num(values, "workers", 0, 64), compress,
+      bandwidth, convergence, workers: num(values, "workers", 0, 64), workersWhen: workersWhen(values), compress,
       ...security(values),
       onIteration: (it) => {
         if (!json) console.error(`iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`);
