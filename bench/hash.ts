@@ -73,7 +73,13 @@ export interface HashBenchResult {
     /** SIMD copy-in / hash-wasm's one-shot xxhash128() per page. */
     simdCopyInVsHashWasmOneShot: number;
   };
-  goals: { simdZeroCopyVsBufferCopy: boolean; simdCopyInVsHashWasm: boolean };
+  /**
+   * The goals (zero-copy >= 1.2x Buffer.copy of the same bytes; copy-in >= 4x
+   * hash-wasm's xxhash128 per page), as written (a copy of the same bytes to
+   * memory, hash-wasm's xxhash128() function) and against the stricter
+   * yardsticks (a copy into a cache-resident buffer, hash-wasm's fastest API).
+   */
+  goals: { simdZeroCopyVsBufferCopy: boolean; simdCopyInVsHashWasm: boolean; simdZeroCopyVsBufferCopyFull: boolean; simdCopyInVsHashWasmOneShot: boolean };
 }
 
 const BATCH_PAGES = 4096;
@@ -224,7 +230,10 @@ export async function benchHash(opts: HashBenchOptions = {}): Promise<HashBenchR
     hashWasmApi: "createXXHash128(seedLow, seedHigh) once; init().update(page).digest('binary') per page",
     contenders: results,
     ratios,
-    goals: { simdZeroCopyVsBufferCopy: ratios.simdZeroCopyVsBufferCopy >= 1.2, simdCopyInVsHashWasm: ratios.simdCopyInVsHashWasm >= 4 },
+    goals: {
+      simdZeroCopyVsBufferCopy: ratios.simdZeroCopyVsBufferCopy >= 1.2, simdCopyInVsHashWasm: ratios.simdCopyInVsHashWasm >= 4,
+      simdZeroCopyVsBufferCopyFull: ratios.simdZeroCopyVsBufferCopyFull >= 1.2, simdCopyInVsHashWasmOneShot: ratios.simdCopyInVsHashWasmOneShot >= 4,
+    },
   };
 
   if (opts.json) {
@@ -247,10 +256,10 @@ export function formatHashResult(r: HashBenchResult): string {
   }
   lines.push("");
   const ok = (b: boolean) => (b ? "ok" : "MISSED");
-  lines.push(`SIMD zero-copy / Buffer.copy (cache-resident 4 MiB dest)  ${r.ratios.simdZeroCopyVsBufferCopy.toFixed(2)}x  (goal >= 1.2: ${ok(r.goals.simdZeroCopyVsBufferCopy)})`);
-  lines.push(`SIMD zero-copy / Buffer.copy (same bytes to new memory)   ${r.ratios.simdZeroCopyVsBufferCopyFull.toFixed(2)}x`);
-  lines.push(`SIMD copy-in / hash-wasm per page (fastest hasher API)    ${r.ratios.simdCopyInVsHashWasm.toFixed(2)}x  (goal >= 4: ${ok(r.goals.simdCopyInVsHashWasm)})`);
-  lines.push(`SIMD copy-in / hash-wasm xxhash128() one-shot per page    ${r.ratios.simdCopyInVsHashWasmOneShot.toFixed(2)}x`);
+  lines.push(`SIMD zero-copy / Buffer.copy of the same bytes (to new memory)   ${r.ratios.simdZeroCopyVsBufferCopyFull.toFixed(2)}x  (goal >= 1.2 as written: ${ok(r.goals.simdZeroCopyVsBufferCopyFull)})`);
+  lines.push(`SIMD zero-copy / Buffer.copy into a cache-resident 4 MiB buffer  ${r.ratios.simdZeroCopyVsBufferCopy.toFixed(2)}x  (against the fastest copy: ${ok(r.goals.simdZeroCopyVsBufferCopy)})`);
+  lines.push(`SIMD copy-in / hash-wasm xxhash128() per page (one-shot API)     ${r.ratios.simdCopyInVsHashWasmOneShot.toFixed(2)}x  (goal >= 4 as written: ${ok(r.goals.simdCopyInVsHashWasmOneShot)})`);
+  lines.push(`SIMD copy-in / hash-wasm per page, its fastest (sync hasher) API ${r.ratios.simdCopyInVsHashWasm.toFixed(2)}x  (against its fastest API: ${ok(r.goals.simdCopyInVsHashWasm)})`);
   lines.push(`SIMD / scalar (zero-copy)           ${r.ratios.simdVsScalar.toFixed(2)}x`);
   lines.push(`hash-wasm: ${r.hashWasmApi}; sha1: ${r.sha1Api}`);
   return lines.join("\n");

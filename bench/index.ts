@@ -1,5 +1,7 @@
 // `npm run bench`: every benchmark in one run, each printing ratios measured
-// side by side. `--json` prints one object; `--quick` uses smaller sizes.
+// side by side. `--json` prints one object; `--quick` uses smaller sizes;
+// `--no-qemu` skips the real-guest comparisons (they need root, QEMU and the
+// guest of scripts/build-guest.sh, and take about 5 minutes).
 
 import os from "node:os";
 import { execFileSync } from "node:child_process";
@@ -8,6 +10,10 @@ import { benchHash } from "./hash.js";
 import { benchIndexLookup } from "./index-lookup.js";
 import { benchPlanner } from "./planner.js";
 import { benchPool } from "./pool.js";
+import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { netnsAvailable } from "../src/adapters/netns/link.js";
+import { runComparison, formatComparison } from "../src/qemu-agent/compare.js";
+import { compareStreamMode, formatCompare } from "../src/stream/compare.js";
 
 const args = process.argv.slice(2);
 const json = args.includes("--json");
@@ -29,4 +35,23 @@ if (!json) {
   for (const r of demo.runs) console.log(`  ${r.mode.padEnd(9)} total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, ${(r.transferredBytes / 1e6).toFixed(1)} MB, verified ${r.verified}`);
   console.log(`  pagetwin / baseline: total time ${demo.ratios.totalTime}x, bytes ${demo.ratios.transferredBytes}x, downtime ${demo.ratios.downtime}x`);
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, pool, demo }));
+// The real guest: agent mode and stream mode against QEMU's own migration (plain and multifd+zstd), one run each.
+let qemu: { agentMode: unknown; streamMode: unknown } | { skipped: string } = { skipped: "--no-qemu" };
+if (!args.includes("--no-qemu")) {
+  const missing = !qemuAvailable() ? "qemu-system-x86_64 is not installed" : !netnsAvailable() ? "needs root (ip netns, tc)"
+    : !findGuest() ? "the guest is not built (scripts/build-guest.sh)" : null;
+  if (missing) {
+    qemu = { skipped: missing };
+    if (!json) console.log(`\nreal guest: skipped (${missing})`);
+  } else {
+    const log = (m: string) => { if (!json) process.stderr.write(`  ${m}\n`); };
+    if (!json) console.log("\nreal guest, agent mode (compare-qemu --workers 2 --workers-when switchover, one run of each):");
+    const agentMode = await runComparison({ repeat: 1, workers: 2, workersWhen: "switchover", log });
+    if (!json) console.log(formatComparison(agentMode));
+    if (!json) console.log("\nreal guest, stream mode (bench/stream-compare, one run of each):");
+    const streamMode = await compareStreamMode({ runs: 1, log });
+    if (!json) console.log(formatCompare(streamMode));
+    qemu = { agentMode, streamMode };
+  }
+}
+if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, pool, demo, qemu }));
