@@ -5,17 +5,13 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { compareFiles } from "../src/migrate/embedded-run.js";
 import { migrateQemuAgentMode, AgentMigrationError } from "../src/qemu-agent/agent-migration.js";
 import { lastCounter } from "../src/qemu-agent/guest.js";
+import { guest, skipRealGuest } from "./helpers/guest.js";
 
-const guest = findGuest();
-const skip = !qemuAvailable()
-  ? "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
-  : !guest
-    ? "guest not built: run scripts/build-guest.sh (outputs in $PAGETWIN_CACHE or ./.cache)"
-    : false;
+const skip = skipRealGuest;
 
 const MIB = 1024 * 1024;
 

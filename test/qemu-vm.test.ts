@@ -4,7 +4,8 @@ import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { QemuVm, detectKvm, findGuest, qemuAvailable, qemuArgs } from '../src/adapters/qemu/vm.js';
+import { QemuVm, detectKvm, qemuAvailable, qemuArgs } from '../src/adapters/qemu/vm.js';
+import { guest, skipRealGuest } from './helpers/guest.js';
 
 function processAlive(pid: number): boolean {
   try {
@@ -59,12 +60,7 @@ test('QemuVm.start rejects with qemu stderr when qemu exits early', { skip: qemu
   }
 });
 
-const guest = findGuest();
-const skipBoot = !qemuAvailable()
-  ? 'qemu-system-x86_64 not installed (apt-get install qemu-system-x86)'
-  : !guest
-    ? 'guest not built: run scripts/build-guest.sh (outputs in $PAGETWIN_CACHE or ./.cache)'
-    : false;
+const skipBoot = skipRealGuest;
 
 test('boots the real guest under TCG, counts on serial, answers QMP, cleans up', { skip: skipBoot, timeout: 240_000 }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pt-vm-'));

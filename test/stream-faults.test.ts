@@ -14,8 +14,9 @@ import { fileURLToPath } from "node:url";
 import { SFrame } from "../src/stream/frames.js";
 import { streamIn, streamOut, type StreamStats } from "../src/stream/proxy.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
-import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { freePort, frameTamper, qemuStream, tamperProxy, throughProxies, type ProxyRun } from "./helpers/stream.js";
+import { guest, skipRealGuest } from "./helpers/guest.js";
 
 const PAGE = 4096;
 
@@ -107,12 +108,7 @@ test("stream fault: the NAS image truncated mid-stream: the twins it lost are re
 
 // ------------------------------------------------------------ real guest
 
-const guest = findGuest();
-const skipReal = !qemuAvailable()
-  ? "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
-  : !guest
-    ? "guest not built: run scripts/build-guest.sh (outputs in $PAGETWIN_CACHE or ./.cache)"
-    : false;
+const skipReal = skipRealGuest;
 
 let work = "";
 let indexPath = "";

@@ -11,9 +11,10 @@ import { QemuStreamParser, StreamFormatError, RAM_FLAG, type Piece } from "../sr
 import { streamIn, streamOut } from "../src/stream/proxy.js";
 import { throughProxies, freePort } from "./helpers/stream.js";
 import { StreamFrameReader, RefsBuilder, decodeRefs, SFrame } from "../src/stream/frames.js";
-import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { NO_BLOCK, PAGE_SIZE } from "../src/core/engine.js";
+import { guest, skipRealGuest } from "./helpers/guest.js";
 
 // ------------------------------------------------------------ synthetic streams
 
@@ -121,12 +122,7 @@ test("frames: REFS round trip and a reader fed one byte at a time", () => {
 
 // ------------------------------------------------------------ real guest
 
-const guest = findGuest();
-const skipReal = !qemuAvailable()
-  ? "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
-  : !guest
-    ? "guest not built: run scripts/build-guest.sh (outputs in $PAGETWIN_CACHE or ./.cache)"
-    : false;
+const skipReal = skipRealGuest;
 
 let work = "";
 let capture = "";
