@@ -7,7 +7,7 @@
 import { createServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer } from "node:tls";
 import { PskResponder } from "./auth.js";
-import { tlsServerOptions, type TlsFiles } from "./tls.js";
+import { tlsServerOptions, unverifiedPeer, type TlsFiles } from "./tls.js";
 import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { DiskImage } from "../adapters/nas/image.js";
@@ -85,8 +85,16 @@ export class DestinationAgent {
   listen(): Promise<number> {
     return new Promise((resolve, reject) => {
       const t = this.opts.tls;
+      // TLS: the handshake finishes even for a certificate from elsewhere, so that
+      // the source is told why it is refused; not a byte of it is read
       const server = t
-        ? createTlsServer(tlsServerOptions(t), (s) => this.accept(s))
+        ? createTlsServer({ ...tlsServerOptions(t), rejectUnauthorized: false }, (s) => {
+          const why = unverifiedPeer(s);
+          if (!why) return this.accept(s);
+          this.opts.log?.(`pagetwin listen: refused the source at ${s.remoteAddress}:${s.remotePort}: ${why}`);
+          s.end(encodeJson(FrameType.HelloAck, { ok: false, error: `TLS: this destination refuses the source: ${why}` }));
+          setTimeout(() => s.destroy(), 150).unref();
+        })
         : createServer((s) => this.accept(s));
       if (t) server.on("tlsClientError", (err) => this.opts.log?.(`pagetwin listen: refused a TLS client: ${err.message}`));
       server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${this.opts.host ?? "0.0.0.0"}:${this.opts.port ?? 0}: ${err.message}`)));
