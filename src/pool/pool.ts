@@ -68,22 +68,30 @@ export class EnginePool {
 
   private lastScan: { first: number; count: number }[] = [];
 
+  /** Two result buffers shared with the workers, used in turn (see scanFile). */
+  private outputs: SharedArrayBuffer[] = [];
+  private nextOutput = 0;
+
   /**
    * Each worker reads and hashes its share of pages first..first+count-1 of
    * the file; returns all hashes and zero bits in page order. The workers
-   * keep the bytes for pagesOf until the next scan.
+   * keep the bytes for pagesOf until the next scan. The result is a view of
+   * a buffer the pool reuses: valid until the scan after the next one (so a
+   * caller may start the next scan before it is done with this one).
    */
   async scanFile(path: string, first: number, count: number): Promise<ScanResult> {
     const parts = shards(first, count, this.size);
-    const results = await Promise.all(parts.map((s, i) => this.call(this.members[i]!, (api) => api.scanFile(path, s.first, s.count))));
+    const hashBytes = count * HASH_SIZE, bitBytes = Math.ceil(count / 8) + 8;
+    if (!this.outputs[0] || this.outputs[0].byteLength < hashBytes + bitBytes) {
+      this.outputs = [new SharedArrayBuffer(hashBytes + bitBytes), new SharedArrayBuffer(hashBytes + bitBytes)];
+    }
+    const buffer = this.outputs[this.nextOutput]!;
+    this.nextOutput ^= 1;
+    new Uint8Array(buffer, hashBytes, bitBytes).fill(0);
+    await Promise.all(parts.map((s, i) => this.call(this.members[i]!, (api) =>
+      api.scanFile(path, s.first, s.count, { buffer, hashesAt: (s.first - first) * HASH_SIZE, zeroBitsAt: hashBytes + (s.first - first) / 8 }))));
     this.lastScan = parts;
-    const hashes = new Uint8Array(count * HASH_SIZE);
-    const zeroBits = new Uint8Array(Math.ceil(count / 8) + 8);
-    parts.forEach((s, i) => {
-      hashes.set(results[i]!.hashes, (s.first - first) * HASH_SIZE);
-      zeroBits.set(results[i]!.zeroBits, (s.first - first) / 8);
-    });
-    return { hashes, zeroBits };
+    return { hashes: new Uint8Array(buffer, 0, hashBytes), zeroBits: new Uint8Array(buffer, hashBytes, bitBytes) };
   }
 
   /** Bytes of the given pages (ascending, from the last scan), concatenated in that order. */
@@ -124,7 +132,9 @@ export class EnginePool {
 }
 
 async function startMember(i: number, seed: bigint, flavor?: "simd" | "scalar"): Promise<Member> {
-  const worker = new Worker(new URL("./node-worker.js", import.meta.url), { workerData: { seed, flavor } });
+  // a small young generation: a worker's pages live in its wasm memory and it
+  // allocates little else, which a default-sized one would still let grow resident
+  const worker = new Worker(new URL("./node-worker.js", import.meta.url), { workerData: { seed, flavor }, resourceLimits: { maxYoungGenerationSizeMb: 4 } });
   let fail: (e: Error) => void = () => {};
   const dead = new Promise<never>((_, reject) => { fail = reject; });
   dead.catch(() => {}); // observed by calls; not an unhandled rejection on its own

@@ -12,6 +12,13 @@ export interface ScanResult {
   zeroBits: Uint8Array;
 }
 
+/** Where a worker writes a scan's results: its part of a buffer the pool shares with it. */
+export interface ScanOutput {
+  buffer: SharedArrayBuffer;
+  hashesAt: number;
+  zeroBitsAt: number;
+}
+
 export class PoolWorkerApi {
   private files = new Map<string, RamFile>();
   private buf: Region | null = null;
@@ -43,9 +50,11 @@ export class PoolWorkerApi {
   /**
    * Reads pages first..first+count-1 of a page-addressed file (RAM file or
    * disk image) into this worker's memory and hashes them; the bytes stay
-   * until the next scan (see pagesOf).
+   * until the next scan (see pagesOf). The hashes and zero bits go into `to`,
+   * shared with the pool: no buffer is made per call, so none piles up in
+   * either thread waiting for a garbage collection.
    */
-  scanFile(path: string, first: number, count: number): ScanResult {
+  scanFile(path: string, first: number, count: number, to: ScanOutput): void {
     let f = this.files.get(path);
     if (!f) {
       f = RamFile.open(path);
@@ -55,7 +64,8 @@ export class PoolWorkerApi {
     f.readPages(first, count, buf.view(0, count * PAGE_SIZE));
     this.engine.hashPagesAt(buf.ptr, count, out.ptr, bits.ptr);
     this.kept = { first, count };
-    return { hashes: out.view(0, count * HASH_SIZE).slice(), zeroBits: bits.view(0, Math.ceil(count / 8)).slice() };
+    new Uint8Array(to.buffer, to.hashesAt, count * HASH_SIZE).set(out.view(0, count * HASH_SIZE));
+    new Uint8Array(to.buffer, to.zeroBitsAt, Math.ceil(count / 8)).set(bits.view(0, Math.ceil(count / 8)));
   }
 
   /** The bytes of the given pages (absolute numbers, within the last scan), concatenated. */
