@@ -1,6 +1,8 @@
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir, cpus, totalmem } from "node:os";
 import { join, resolve } from "node:path";
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
 import { runEmbeddedMigration, removeDir, type EmbeddedRunResult } from "../../migrate/embedded-run.js";
 import { parse, helpText, num, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode, type CompressionStats } from "../../migrate/compress.js";
@@ -23,6 +25,7 @@ export const spec: CommandSpec = {
     trace: { type: "string", default: "pagetwin-trace.json", help: "per-iteration trace file for the visualizer ('' for none)" },
     dir: { type: "string", help: "work directory for the VM's files (default: a new temp dir, removed after)" },
     json: { type: "boolean", help: "print one JSON object with a runs array" },
+    "run-only": { type: "string", help: "baseline or pagetwin: make that one run and print its result as JSON (the demo runs each mode so, in a process of its own, so that neither pays for what the other left behind)" },
   },
   details: "With --qemu, runs `pagetwin compare-qemu` instead (a real QEMU guest; see its --help).\n\nEach run makes the same VM (RAM file + raw disk image on a directory standing for the NAS), starts a\nguest worker that keeps dirtying memory, reading disk blocks into its page cache and rewriting blocks\non disk, starts a destination agent process, and migrates over TCP on loopback at the bandwidth.\nThe destination's RAM is compared byte for byte with the source's at switchover.",
 };
@@ -62,24 +65,38 @@ export async function run(argv: string[]): Promise<number> {
     dirtyPagesPerSecond: num(values, "dirty-rate", 0), rewriteBlocksPerSecond: num(values, "rewrite-rate", 0),
   };
   const convergence = { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1) };
+  const runOnly = values["run-only"] as string | undefined;
+  if (runOnly !== undefined) {
+    if (runOnly !== "baseline" && runOnly !== "pagetwin") throw new UsageError(`--run-only is baseline or pagetwin (got "${runOnly}")`);
+    // one run, progress on stderr, its result on stdout for the demo that started this process
+    const progress = (s: string) => { if (!json) process.stderr.write(s + "\n"); };
+    const r = await runEmbeddedMigration({
+      vm, mode: runOnly, bandwidth, convergence, trace: !!values.trace, compress: runOnly === "pagetwin" ? compress : "off", workers: num(values, "workers", 0, 64),
+      onIteration: (it) => progress(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
+    });
+    const one: DemoRun = {
+      mode: runOnly, status: r.status, totalTimeMs: round(r.totalTimeMs), downtimeMs: round(r.downtimeMs), transferredBytes: r.transferredBytes,
+      iterations: r.iterations, pages: { normal: r.pages.normal, zero: r.pages.zero, twin: r.pages.twin, resent: r.pages.resent },
+      verified: r.verified, convergence: r.convergence, mbps: round(r.mbps), setupTimeMs: round(r.setupTimeMs), indexMs: round(r.indexMs),
+      guest: r.guest, compression: r.compression, ...(r.error ? { error: r.error } : {}),
+    };
+    process.stdout.write(JSON.stringify({ run: one, iterations: r.iterationLog }) + "\n");
+    if (own) removeDir(dir);
+    return one.status === "completed" && one.verified ? 0 : 1;
+  }
   say(`pagetwin demo: ${ramMiB} MiB VM, ${vm.twinShare * 100}% page cache, ${vm.zeroShare * 100}% zero, guest dirtying ${vm.dirtyPagesPerSecond} pages/s, link ${fmtBytes(bandwidth)}/s`);
   const runs: DemoRun[] = [];
   const traces: unknown[] = [];
+  // the same options for each run, but the work directory, which this process owns
+  const childArgs = Object.entries(values).flatMap(([k, v]) =>
+    k === "dir" || v === undefined || v === false ? [] : v === true ? [`--${k}`] : [`--${k}`, String(v)]);
   try {
     for (const mode of ["baseline", "pagetwin"] as const) {
       say(`\n${mode === "baseline" ? "plain pre-copy (zero pages skipped, every other dirty page sent)" : "pagetwin (twin pages sent as NAS references)"}:`);
-      const r = await runEmbeddedMigration({
-        vm, mode, bandwidth, convergence, trace: !!values.trace, compress: mode === "pagetwin" ? compress : "off", workers: num(values, "workers", 0, 64),
-        onIteration: (it) => say(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
-      });
-      runs.push({
-        mode, status: r.status, totalTimeMs: round(r.totalTimeMs), downtimeMs: round(r.downtimeMs), transferredBytes: r.transferredBytes,
-        iterations: r.iterations, pages: { normal: r.pages.normal, zero: r.pages.zero, twin: r.pages.twin, resent: r.pages.resent },
-        verified: r.verified, convergence: r.convergence, mbps: round(r.mbps), setupTimeMs: round(r.setupTimeMs), indexMs: round(r.indexMs),
-        guest: r.guest, compression: r.compression, ...(r.error ? { error: r.error } : {}),
-      });
-      traces.push({ mode, result: runs[runs.length - 1], iterations: r.iterationLog });
-      if (r.status !== "completed") say(`  FAILED: ${r.error}`);
+      const { run: one, iterations } = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", dir]);
+      runs.push(one);
+      traces.push({ mode, result: one, iterations });
+      if (one.status !== "completed") say(`  FAILED: ${one.error}`);
     }
   } finally {
     if (own) removeDir(dir);
@@ -120,4 +137,23 @@ export async function run(argv: string[]): Promise<number> {
 
 function round(n: number): number {
   return Math.round(n * 10) / 10;
+}
+
+const CLI = fileURLToPath(new URL("../main.js", import.meta.url));
+
+/** `pagetwin demo ... --run-only MODE` in a child process: its progress on our stderr, its result from its stdout. */
+function runInOwnProcess(args: string[]): Promise<{ run: DemoRun; iterations: unknown[] }> {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(process.execPath, [CLI, "demo", ...args], { stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    child.stdout!.on("data", (d: Buffer) => { out += d.toString(); });
+    child.once("error", (err) => reject(new Error(`cannot start the demo run: ${err.message}`)));
+    child.once("close", (code) => {
+      try {
+        resolvePromise(JSON.parse(out.trim().split("\n").pop()!));
+      } catch {
+        reject(new Error(`the demo run (${args.join(" ")}) exited with code ${code} without a result`));
+      }
+    });
+  });
 }
