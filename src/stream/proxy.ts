@@ -20,6 +20,7 @@ import { createEngine, NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type Region,
 import { openNasIndex, readIndexHeader, defaultIndexPath, type NasIndex } from "../adapters/nas/index-file.js";
 import { DiskImage } from "../adapters/nas/image.js";
 import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
+import { ReplayWindow } from "./replay-window.js";
 import {
   SFrame, StreamFrameReader, abortReason, StreamProtocolError, RefsBuilder, decodeRefs, jsonFrame, parseJson, rawFrame, readU32, u32Frame,
   STREAM_PROTOCOL_VERSION, frame, type StreamFrame,
@@ -366,10 +367,9 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   // Until stream-in has answered the handshake (and proved the key), nothing
   // from it may reach the source QEMU and nothing of QEMU's goes out.
   let ready = false;
-  // Replay window: a ring of windowPages pages; reference #seq sits in slot
-  // seq % windowPages until stream-in acknowledges it.
+  // Replay window: reference #seq's page until stream-in acknowledges it.
   const W = ctx.windowPages;
-  const ring = Buffer.allocUnsafe(W * PAGE_SIZE);
+  const ring = new ReplayWindow(W);
   const inWindow = () => seq - acked;
   const full = () => inWindow() > 0 && inWindow() >= W - Math.min(256, Math.floor(W / 4));
   let acked = 0;
@@ -430,13 +430,14 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
           stats.resends++;
           const b = Buffer.allocUnsafe(4 + PAGE_SIZE);
           b.writeUInt32BE(s, 0);
-          ring.copy(b, 4, (s % W) * PAGE_SIZE, (s % W + 1) * PAGE_SIZE);
+          b.set(ring.get(s), 4);
           sendLink(frame(SFrame.Resend, b));
           break;
         }
         case SFrame.Ack: {
           const upTo = readU32(f, "ACK");
           if (upTo > seq || upTo < acked) { fail(new StreamProtocolError(`stream-in acknowledged up to #${upTo}, outside ${acked}..${seq}`), true); return; }
+          ring.release(acked, upTo);
           acked = upTo;
           if (windowWaiter && !full()) { const w = windowWaiter; windowWaiter = null; w(); }
           break;
@@ -590,7 +591,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
         continue;
       }
       flushRaw();
-      p.data.copy(ring, (seq % W) * PAGE_SIZE);
+      ring.hold(seq, p.data);
       refs.add(seq++, p.header, blk, h);
       stats.twinsReplaced++;
     }

@@ -1,0 +1,55 @@
+// stream-out's replay window: the pages it sent as references, kept until
+// stream-in acknowledges them, so that a page whose NAS block no longer
+// matches can be sent again. A page is kept as a view of the chunk of QEMU's
+// stream it arrived in (each socket read is a buffer of its own), not copied:
+// copying every twin page cost stream-out about a sixth of its time. Views
+// keep whole chunks alive, so the bytes of distinct chunks held are counted,
+// and past a budget a page is copied instead.
+
+import { PAGE_SIZE } from "../core/engine.js";
+
+export class ReplayWindow {
+  private readonly pages: (Uint8Array | undefined)[];
+  /** Pages held per underlying buffer. */
+  private readonly holders = new Map<ArrayBufferLike, number>();
+  /** Bytes of the distinct buffers held. */
+  retainedBytes = 0;
+
+  /** `size` pages at most; `budget` bytes of buffers held at most (default: twice the pages' own bytes). */
+  constructor(readonly size: number, readonly budget = 2 * size * PAGE_SIZE) {
+    this.pages = new Array<Uint8Array | undefined>(size);
+  }
+
+  /** Keeps `page` (4096 bytes, not changed afterwards by its owner) as reference #seq. */
+  hold(seq: number, page: Uint8Array): void {
+    let p = page;
+    // a copy of its own (not Buffer#slice, which is a view)
+    if (!this.holders.has(p.buffer) && this.retainedBytes + p.buffer.byteLength > this.budget) p = new Uint8Array(p);
+    const n = this.holders.get(p.buffer) ?? 0;
+    if (n === 0) this.retainedBytes += p.buffer.byteLength;
+    this.holders.set(p.buffer, n + 1);
+    this.pages[seq % this.size] = p;
+  }
+
+  /** Reference #seq's page (it must be held). */
+  get(seq: number): Uint8Array {
+    const p = this.pages[seq % this.size];
+    if (!p) throw new RangeError(`pagetwin stream-out: page #${seq} is not in the replay window`);
+    return p;
+  }
+
+  /** Lets go of references from..to-1 (acknowledged by stream-in). */
+  release(from: number, to: number): void {
+    for (let s = from; s < to; s++) {
+      const i = s % this.size;
+      const p = this.pages[i];
+      if (!p) continue;
+      this.pages[i] = undefined;
+      const n = this.holders.get(p.buffer)! - 1;
+      if (n === 0) {
+        this.holders.delete(p.buffer);
+        this.retainedBytes -= p.buffer.byteLength;
+      } else this.holders.set(p.buffer, n);
+    }
+  }
+}

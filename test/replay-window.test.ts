@@ -1,0 +1,36 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { ReplayWindow } from "../src/stream/replay-window.js";
+
+const PAGE = 4096;
+const same = (a: Uint8Array, b: Uint8Array) => assert.equal(Buffer.compare(a, b), 0);
+
+test("replay window: pages held as views of their chunk, counted once per chunk, copied past the budget, let go on ack", () => {
+  const w = new ReplayWindow(8, 3 * 16 * PAGE);
+  const chunks = Array.from({ length: 4 }, (_, c) => Buffer.alloc(16 * PAGE, c + 1));
+  // two pages of chunk 0: one buffer held, no copy
+  w.hold(0, chunks[0]!.subarray(0, PAGE));
+  w.hold(1, chunks[0]!.subarray(PAGE, 2 * PAGE));
+  assert.equal(w.retainedBytes, 16 * PAGE);
+  assert.equal(w.get(1).buffer, chunks[0]!.buffer, "a view, not a copy");
+  w.hold(2, chunks[1]!.subarray(0, PAGE));
+  w.hold(3, chunks[2]!.subarray(0, PAGE));
+  assert.equal(w.retainedBytes, 3 * 16 * PAGE);
+  // a fourth chunk would pass the budget: that page is copied, and only its 4 KiB count
+  w.hold(4, chunks[3]!.subarray(0, PAGE));
+  assert.notEqual(w.get(4).buffer, chunks[3]!.buffer);
+  same(w.get(4), chunks[3]!.subarray(0, PAGE));
+  assert.equal(w.retainedBytes, 3 * 16 * PAGE + PAGE);
+  // acks let go: chunk 0 only when both its pages are acknowledged
+  w.release(0, 1);
+  assert.equal(w.retainedBytes, 3 * 16 * PAGE + PAGE);
+  w.release(1, 3);
+  assert.equal(w.retainedBytes, 16 * PAGE + PAGE);
+  assert.throws(() => w.get(0), /not in the replay window/);
+  same(w.get(3), chunks[2]!.subarray(0, PAGE));
+  w.release(3, 5);
+  assert.equal(w.retainedBytes, 0);
+  // slots are reused modulo the size
+  w.hold(9, chunks[1]!.subarray(PAGE, 2 * PAGE));
+  same(w.get(9), chunks[1]!.subarray(PAGE, 2 * PAGE));
+});
