@@ -21,9 +21,10 @@ import {
   type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
 } from "./compress.js";
 
-/** Reads the source VM's RAM (a file adapter, or anything page-addressable). */
+/** When the pool hashes: every pass, or only the final one (see SourceOptions.workersWhen). */
 export type WorkersWhen = "always" | "switchover";
 
+/** Reads the source VM's RAM (a file adapter, or anything page-addressable). */
 export interface RamReader {
   readonly pages: number;
   readPages(first: number, count: number, into: Uint8Array): void;

@@ -70,10 +70,15 @@ export async function run(argv: string[]): Promise<number> {
     if (runOnly !== "baseline" && runOnly !== "pagetwin") throw new UsageError(`--run-only is baseline or pagetwin (got "${runOnly}")`);
     // one run, progress on stderr, its result on stdout for the demo that started this process
     const progress = (s: string) => { if (!json) process.stderr.write(s + "\n"); };
-    const r = await runEmbeddedMigration({
-      vm, mode: runOnly, bandwidth, convergence, trace: !!values.trace, compress: runOnly === "pagetwin" ? compress : "off", workers: num(values, "workers", 0, 64),
-      onIteration: (it) => progress(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
-    });
+    let r: EmbeddedRunResult;
+    try {
+      r = await runEmbeddedMigration({
+        vm, mode: runOnly, bandwidth, convergence, trace: !!values.trace, compress: runOnly === "pagetwin" ? compress : "off", workers: num(values, "workers", 0, 64),
+        onIteration: (it) => progress(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
+      });
+    } finally {
+      if (own) removeDir(dir);
+    }
     const one: DemoRun = {
       mode: runOnly, status: r.status, totalTimeMs: round(r.totalTimeMs), downtimeMs: round(r.downtimeMs), transferredBytes: r.transferredBytes,
       iterations: r.iterations, pages: { normal: r.pages.normal, zero: r.pages.zero, twin: r.pages.twin, resent: r.pages.resent },
@@ -81,7 +86,6 @@ export async function run(argv: string[]): Promise<number> {
       guest: r.guest, compression: r.compression, ...(r.error ? { error: r.error } : {}),
     };
     process.stdout.write(JSON.stringify({ run: one, iterations: r.iterationLog }) + "\n");
-    if (own) removeDir(dir);
     return one.status === "completed" && one.verified ? 0 : 1;
   }
   say(`pagetwin demo: ${ramMiB} MiB VM, ${vm.twinShare * 100}% page cache, ${vm.zeroShare * 100}% zero, guest dirtying ${vm.dirtyPagesPerSecond} pages/s, link ${fmtBytes(bandwidth)}/s`);
