@@ -4,6 +4,7 @@
 // asked for again), and at switchover hashes its whole RAM and answers with
 // the digest. Nothing unverified is ever written into guest RAM.
 
+import { setImmediate as yieldToIo } from "node:timers/promises";
 import { createServer, type Server, type Socket } from "node:net";
 import { createServer as createTlsServer } from "node:tls";
 import { PskResponder } from "./auth.js";
@@ -145,6 +146,9 @@ export class DestinationAgent {
       const scratch = s.engine.alloc(4096 * PAGE_SIZE);
       const hashes = s.engine.alloc(4096 * HASH_SIZE);
       for (;;) {
+        // Queued frames come back as microtasks: let the socket be read between
+        // them, or the link idles while a run of Refs frames is verified here.
+        await yieldToIo();
         const f: Frame = await link.next();
         switch (f.type) {
           case FrameType.Pages: {

@@ -1,7 +1,10 @@
-// A framed, rate-limited connection between the agents. Writes wait for the
-// token bucket (the link's bandwidth) and for socket backpressure; reads come
-// out as whole frames in order. A closed or failed socket rejects every
-// waiter with a message that says which side and what happened.
+// A framed, rate-limited connection between the agents. Frames to send wait
+// in a queue that a pump feeds to the socket as the token bucket (the link's
+// bandwidth) and socket backpressure allow, so that the sender reads, hashes
+// and compresses the next frames while the link carries these; send() waits
+// only when the queue is full. Reads come out as whole frames in order. A
+// closed or failed socket rejects every waiter with a message that says which
+// side and what happened.
 
 import type { Socket } from "node:net";
 import { FrameReader, FrameType, ProtocolError, encodeJson, type Frame } from "./protocol.js";
@@ -27,7 +30,10 @@ export class RateLimiter {
 
   /** bytesPerSecond <= 0 or Infinity: no limit. */
   constructor(readonly bytesPerSecond: number) {
-    this.burst = Math.max(256 * 1024, bytesPerSecond / 100);
+    // 50 ms of tokens: the pump shares its thread with reading, hashing and
+    // compressing, and a shorter bucket lost the link's time whenever that
+    // work held the thread for longer (the average rate is the same)
+    this.burst = Math.max(256 * 1024, bytesPerSecond / 20);
     this.tokens = this.burst;
   }
 
@@ -47,6 +53,9 @@ export class RateLimiter {
   }
 }
 
+/** Bytes of frames queued for the link before send() waits (about 30 ms of a 1 Gbit/s link). */
+export const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
+
 export class FrameLink {
   private readonly reader = new FrameReader();
   private readonly queue: Frame[] = [];
@@ -54,10 +63,18 @@ export class FrameLink {
   private failure: Error | null = null;
   private corrupt = false;
   private aborting = false;
+  /** Frames accepted by send() and not yet written to the socket. */
+  private readonly outbox: Uint8Array[] = [];
+  private outboxBytes = 0;
+  private pumping = false;
+  private ending = false;
+  /** Woken when the outbox has room again, empties, or the link fails. */
+  private roomWaiters: (() => void)[] = [];
   bytesOut = 0;
   bytesIn = 0;
 
-  constructor(readonly socket: Socket, readonly peer: string, private readonly limiter = new RateLimiter(0)) {
+  constructor(readonly socket: Socket, readonly peer: string, private readonly limiter = new RateLimiter(0),
+    private readonly queueBytes = SEND_QUEUE_BYTES) {
     socket.setNoDelay(true);
     socket.on("data", (chunk: Buffer) => {
       this.bytesIn += chunk.length;
@@ -91,26 +108,66 @@ export class FrameLink {
     this.failure = err;
     for (const w of this.waiters) w.reject(err);
     this.waiters = [];
+    this.outbox.length = 0;
+    this.outboxBytes = 0;
+    this.wakeRoom();
+  }
+
+  private wakeRoom(): void {
+    const ws = this.roomWaiters;
+    this.roomWaiters = [];
+    for (const w of ws) w();
   }
 
   get failed(): Error | null {
     return this.failure;
   }
 
+  /**
+   * Queues a frame for the link; waits only while the queue holds more than
+   * its limit (the frame must not change afterwards: it is written later).
+   */
   async send(buf: Uint8Array): Promise<void> {
     if (this.failure) throw this.failure;
-    await this.limiter.take(buf.length);
-    if (this.failure) throw this.failure;
     this.bytesOut += buf.length;
-    if (!this.socket.write(buf)) {
-      await new Promise<void>((resolve, reject) => {
-        const onDrain = () => { cleanup(); resolve(); };
-        const onClose = () => { cleanup(); reject(this.failure ?? new LinkClosedError(`connection to ${this.peer} closed`)); };
-        const cleanup = () => { this.socket.off("drain", onDrain); this.socket.off("close", onClose); };
-        this.socket.on("drain", onDrain);
-        this.socket.on("close", onClose);
-      });
+    this.outbox.push(buf);
+    this.outboxBytes += buf.length;
+    if (!this.pumping) void this.pump();
+    while (this.outboxBytes > this.queueBytes && !this.failure) await new Promise<void>((r) => this.roomWaiters.push(r));
+    if (this.failure) throw this.failure;
+  }
+
+  /** Resolves when every queued frame is on the socket (rejects if the link failed first). */
+  async flush(): Promise<void> {
+    while ((this.pumping || this.outbox.length) && !this.failure) await new Promise<void>((r) => this.roomWaiters.push(r));
+    if (this.failure) throw this.failure;
+  }
+
+  private async pump(): Promise<void> {
+    this.pumping = true;
+    try {
+      while (this.outbox.length && !this.failure) {
+        const buf = this.outbox[0]!;
+        await this.limiter.take(buf.length);
+        if (this.failure) break;
+        this.outbox.shift();
+        this.outboxBytes -= buf.length;
+        if (this.outboxBytes <= this.queueBytes) this.wakeRoom();
+        if (!this.socket.write(buf)) await this.drained();
+      }
+    } finally {
+      this.pumping = false;
+      this.wakeRoom();
+      if (this.ending && !this.failure) this.socket.end();
     }
+  }
+
+  private drained(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = () => { this.socket.off("drain", done); this.socket.off("close", done); resolve(); };
+      this.socket.on("drain", done);
+      this.socket.on("close", done);
+    });
   }
 
   /** The next frame; with `expect`, anything else (but Abort, reported as such) is a protocol error. */
@@ -149,8 +206,10 @@ export class FrameLink {
     return this.queue.shift();
   }
 
+  /** Half-closes the socket once the queued frames are written. */
   close(): void {
-    this.socket.end();
+    if (this.pumping) this.ending = true;
+    else this.socket.end();
   }
 
   /**

@@ -97,7 +97,7 @@ export interface IterationRecord {
   scanMs: number;
   /** Worker threads that hashed this pass (0: the agent's own thread). */
   hashWorkers: number;
-  /** Time from the end of this round's frames to the destination's acknowledgement, ms. */
+  /** Time from the end of this round's frames to the end of its closing: the previous live round's acknowledgement and resends, and in the final round its own acknowledgement, ms. */
   ackWaitMs: number;
   dirty: number;
   pages: { normal: number; zero: number; twin: number; resent: number };
@@ -270,11 +270,25 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       }
       rec.scanMs = scanMs;
       const ackFrom = performance.now();
-      // End of the round; the destination answers with the twins it could not verify.
+      // The previous round's answer (the twins it could not verify) has come
+      // back while this round was read and sent: resend those pages now.
+      if (unacked !== null) {
+        const resend = await takeIterAck(l, unacked);
+        unacked = null;
+        await resendPages(l, resend);
+        rec.pages.resent += resend.length;
+        if (map) for (const p of resend) map[p] = PAGE_CLASS.resent;
+      }
+      // End of the round. A live round's answer is taken at the end of the
+      // next one, so that the next scan overlaps the link's tail; the final
+      // round waits for it (and for answers to its resends).
       for (let round = 0; ; round++) {
         await l.send(encodeJson(FrameType.IterEnd, { iteration, final, round }));
-        const { iteration: acked, resend } = decodeIterAck(await l.next(FrameType.IterAck, answerTimeout), planner.pages);
-        if (acked !== iteration) throw new ProtocolError(`the destination acknowledged iteration ${acked}, expected ${iteration}`);
+        if (!final) {
+          unacked = iteration;
+          break;
+        }
+        const resend = await takeIterAck(l, iteration);
         if (resend.length === 0) break;
         if (round > 3) throw new ProtocolError(`the destination keeps asking for pages sent in full (${resend.length} pages)`);
         await resendPages(l, resend);
@@ -292,6 +306,14 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       log.push(rec);
       o.onIteration?.(rec);
       return rec;
+    };
+
+    /** The round whose IterAck has not been taken yet (null: none). */
+    let unacked: number | null = null;
+    const takeIterAck = async (l: FrameLink, iteration: number): Promise<Uint32Array> => {
+      const { iteration: acked, resend } = decodeIterAck(await l.next(FrameType.IterAck, answerTimeout), planner.pages);
+      if (acked !== iteration) throw new ProtocolError(`the destination acknowledged iteration ${acked}, expected ${iteration}`);
+      return resend;
     };
 
     const sendWindow = async (l: FrameLink, plan: WindowPlan, bytesOf: (i: number) => Uint8Array) => {

@@ -1,0 +1,77 @@
+// FrameLink's send queue over a real loopback TCP connection: send() returns
+// while the rate limiter still holds frames back, close() delivers every
+// queued frame before the end, and a peer that goes away fails a waiting send.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createServer, connect, type Socket } from "node:net";
+import { once } from "node:events";
+import { FrameLink, RateLimiter, LinkClosedError } from "../src/migrate/link.js";
+import { FrameReader, FrameType, encodeFrame } from "../src/migrate/protocol.js";
+
+async function socketPair(): Promise<{ a: Socket; b: Socket; close: () => void }> {
+  const server = createServer();
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const port = (server.address() as { port: number }).port;
+  const accepted = once(server, "connection");
+  const a = connect(port, "127.0.0.1");
+  await once(a, "connect");
+  const [b] = (await accepted) as [Socket];
+  return { a, b, close: () => { a.destroy(); b.destroy(); server.close(); } };
+}
+
+/** Frame i: an opaque frame of `size` payload bytes, each byte i. */
+const frameOf = (i: number, size: number) => encodeFrame(FrameType.Pages, Buffer.alloc(size, i));
+
+test("send() queues: it returns while the rate limiter still holds most of the bytes back", async () => {
+  const { a, b, close } = await socketPair();
+  try {
+    let received = 0;
+    b.on("data", (d: Buffer) => { received += d.length; });
+    // 1 MB/s, bucket 256 KiB: 3 MiB takes about 3 s to leave; the queue (4 MiB) takes it at once
+    const link = new FrameLink(a, "peer", new RateLimiter(1e6), 4 << 20);
+    for (let i = 0; i < 3; i++) await link.send(frameOf(i, 1 << 20));
+    assert.ok(received < 1 << 20, `the peer has ${received} bytes already: send() waited for the link`);
+    link.destroy();
+  } finally {
+    close();
+  }
+});
+
+test("close() ends the socket only after every queued frame went out, in order", async () => {
+  const { a, b, close } = await socketPair();
+  try {
+    const reader = new FrameReader();
+    const frames: Buffer[] = [];
+    b.on("data", (d: Buffer) => { for (const f of reader.push(d)) frames.push(Buffer.from(f.payload)); });
+    const ended = once(b, "end");
+    const link = new FrameLink(a, "peer", new RateLimiter(20e6), 1 << 20);
+    const sizes = [300_000, 700_000, 5, 1 << 20, 123_456];
+    for (let i = 0; i < sizes.length; i++) await link.send(frameOf(i, sizes[i]!));
+    link.close();
+    await ended;
+    assert.equal(frames.length, sizes.length);
+    frames.forEach((f, i) => {
+      assert.equal(f.length, sizes[i]);
+      assert.ok(f.every((x) => x === i), `frame ${i} arrived altered`);
+    });
+    await link.flush();
+  } finally {
+    close();
+  }
+});
+
+test("a peer that goes away fails the send waiting for room, and every later one", async () => {
+  const { a, b, close } = await socketPair();
+  try {
+    const link = new FrameLink(a, "peer at the far end", new RateLimiter(1e6), 100_000);
+    await link.send(frameOf(0, 200_000));
+    const waiting = link.send(frameOf(1, 200_000)); // over the queue's limit: waits for room
+    b.destroy();
+    await assert.rejects(waiting, (e: Error) => e instanceof LinkClosedError && /peer at the far end/.test(e.message));
+    await assert.rejects(link.send(frameOf(2, 10)), LinkClosedError);
+    await assert.rejects(link.flush(), LinkClosedError);
+  } finally {
+    close();
+  }
+});
