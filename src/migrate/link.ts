@@ -70,7 +70,10 @@ export class FrameLink {
   private ending = false;
   /** Woken when the outbox has room again, empties, or the link fails. */
   private roomWaiters: (() => void)[] = [];
+  /** Bytes accepted by send(), queued ones included. */
   bytesOut = 0;
+  /** Bytes handed to the socket (what the link has carried, or holds in its buffers). */
+  bytesWritten = 0;
   bytesIn = 0;
 
   constructor(readonly socket: Socket, readonly peer: string, private readonly limiter = new RateLimiter(0),
@@ -152,6 +155,7 @@ export class FrameLink {
         if (this.failure) break;
         this.outbox.shift();
         this.outboxBytes -= buf.length;
+        this.bytesWritten += buf.length;
         if (this.outboxBytes <= this.queueBytes) this.wakeRoom();
         if (!this.socket.write(buf)) await this.drained();
       }

@@ -62,6 +62,12 @@ export interface SourceOptions {
   bandwidth: number;
   convergence?: ConvergenceOptions;
   windowPages?: number;
+  /**
+   * After the first round, estimate from a sample of RAM what the next round
+   * would send, and switch over at once when that fits the downtime target
+   * (default true); false: always at least two live rounds.
+   */
+  sampleFirstRound?: boolean;
   /** Pages per Pages frame. */
   framePages?: number;
   /** Keep a per-page class map of every iteration (for the visualizer). */
@@ -272,13 +278,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const ackFrom = performance.now();
       // The previous round's answer (the twins it could not verify) has come
       // back while this round was read and sent: resend those pages now.
-      if (unacked !== null) {
-        const resend = await takeIterAck(l, unacked);
-        unacked = null;
-        await resendPages(l, resend);
-        rec.pages.resent += resend.length;
-        if (map) for (const p of resend) map[p] = PAGE_CLASS.resent;
-      }
+      await settlePrevious(l, rec, map);
       // End of the round. A live round's answer is taken at the end of the
       // next one, so that the next scan overlaps the link's tail; the final
       // round waits for it (and for answers to its resends).
@@ -310,6 +310,16 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
 
     /** The round whose IterAck has not been taken yet (null: none). */
     let unacked: number | null = null;
+    /** Takes that round's IterAck and resends the pages it lists (counted in `rec`). */
+    const settlePrevious = async (l: FrameLink, rec: IterationRecord, map: Uint8Array | null): Promise<number> => {
+      if (unacked === null) return 0;
+      const resend = await takeIterAck(l, unacked);
+      unacked = null;
+      await resendPages(l, resend);
+      rec.pages.resent += resend.length;
+      if (map) for (const p of resend) map[p] = PAGE_CLASS.resent;
+      return resend.length;
+    };
     const takeIterAck = async (l: FrameLink, iteration: number): Promise<Uint32Array> => {
       const { iteration: acked, resend } = decodeIterAck(await l.next(FrameType.IterAck, answerTimeout), planner.pages);
       if (acked !== iteration) throw new ProtocolError(`the destination acknowledged iteration ${acked}, expected ${iteration}`);
@@ -375,15 +385,39 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       }
     };
 
+    /**
+     * Pages dirtied since they were sent, estimated from evenly spaced runs of
+     * 64 pages (1/32 of RAM, 4096..16384 pages): read, hashed and compared,
+     * nothing recorded. Lets the first round's decision see the dirty rate.
+     */
+    const estimateDirtyPages = (): number => {
+      const pages = o.ram.pages;
+      const target = Math.min(pages, Math.max(4096, Math.min(16384, Math.floor(pages / 32))));
+      const runs = Math.ceil(target / 64);
+      const stride = Math.max(64, Math.floor(pages / runs / 64) * 64);
+      let sampled = 0, dirty = 0;
+      for (let first = 0; first < pages && sampled < target; first += stride) {
+        const count = Math.min(64, pages - first);
+        o.ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
+        dirty += planner.countDirty(first, count);
+        sampled += count;
+      }
+      return Math.ceil((dirty / sampled) * pages);
+    };
+
     let iteration = 0;
     let decision;
     for (;;) {
       iteration++;
       const rec = await runIteration(iteration, false);
+      const nextRoundBytes = iteration === 1 && o.sampleFirstRound !== false ? estimateDirtyPages() * PAGE_SIZE : undefined;
       const elapsed = (performance.now() - t0 - result.setupTimeMs) / 1000;
       decision = policy.decide({
         iteration, wireBytes: rec.transferredBytes, scanMs: rec.scanMs,
-        bytesPerSecond: link.bytesOut / Math.max(elapsed, 1e-3), totalBytes: link.bytesOut, ramBytes,
+        // what the link carried, not what waits in its queue; at most the rate it was given
+        bytesPerSecond: Math.min(link.bytesWritten / Math.max(elapsed, 1e-3), o.bandwidth > 0 ? o.bandwidth : Infinity),
+        totalBytes: link.bytesOut, ramBytes,
+        ...(nextRoundBytes !== undefined ? { nextRoundBytes } : {}),
       });
       if (decision.action !== "continue") break;
     }
@@ -393,7 +427,10 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       throw new ProtocolError(`the migration did not converge (${decision.reason}: expected downtime ${decision.expectedDowntimeMs.toFixed(0)} ms > target ${policy.downtimeMs} ms); aborted as configured, the source VM keeps running`);
     }
 
-    // Switchover: stop the guest, last round, compare digests.
+    // Switchover: stop the guest, last round, compare digests. The last live
+    // round's answer is taken first, with the guest still running, so that the
+    // final round does not wait for the destination's backlog.
+    totals.resent += await settlePrevious(link, log[log.length - 1]!, null);
     pausedAt = performance.now();
     await o.vm.pause();
     paused = true;

@@ -29,6 +29,13 @@ export interface IterationMeasure {
   scanMs: number;
   /** Bandwidth measured so far, bytes per second. */
   bytesPerSecond: number;
+  /**
+   * Bytes the next round is expected to send, from a sample of RAM: after the
+   * first round, whose wireBytes are all of RAM and say nothing about the
+   * dirty rate. Given, it stands in for wireBytes and allows switching over
+   * after the first round.
+   */
+  nextRoundBytes?: number;
   /** Bytes sent so far in all. */
   totalBytes: number;
   ramBytes: number;
@@ -55,7 +62,8 @@ export class ConvergencePolicy {
    * was dirtied meanwhile, which the last iteration estimates.
    */
   expectedDowntimeMs(m: IterationMeasure): number {
-    return m.scanMs + (m.bytesPerSecond > 0 ? (m.wireBytes / m.bytesPerSecond) * 1000 : Infinity);
+    const bytes = m.nextRoundBytes ?? m.wireBytes;
+    return m.scanMs + (m.bytesPerSecond > 0 ? (bytes / m.bytesPerSecond) * 1000 : Infinity);
   }
 
   private best = Infinity;
@@ -69,7 +77,7 @@ export class ConvergencePolicy {
    */
   decide(m: IterationMeasure): ConvergenceDecision {
     const expected = this.expectedDowntimeMs(m);
-    if (m.iteration >= 2 && expected <= this.downtimeMs) return { action: "switchover", reason: "converged", expectedDowntimeMs: expected };
+    if ((m.iteration >= 2 || m.nextRoundBytes !== undefined) && expected <= this.downtimeMs) return { action: "switchover", reason: "converged", expectedDowntimeMs: expected };
     if (m.iteration >= 2) {
       if (expected < 0.9 * this.best) this.stale = 0;
       else this.stale++;

@@ -128,6 +128,17 @@ export class Planner {
     return this.join(first, count);
   }
 
+  /**
+   * Counts the pages of `window` (bytes the caller put there for pages
+   * first..first+count-1) whose hash differs from what the destination
+   * holds, and changes nothing: a sample of how much a round would send.
+   */
+  countDirty(first: number, count: number): number {
+    this.checkWindow(first, count);
+    this.engine.hashPagesAt(this.window.ptr, count, this.winHashes.ptr);
+    return this.engine.diffBits(this.bits.dirty.ptr, this.winHashes.ptr, this.sent.ptr + first * HASH_SIZE, count);
+  }
+
   private checkWindow(first: number, count: number): void {
     if (first % 64 !== 0 || count <= 0 || count > this.windowPages || first + count > this.pages) {
       throw new RangeError(`pagetwin: bad window ${first}+${count} for a VM of ${this.pages} pages`);
