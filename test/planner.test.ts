@@ -69,3 +69,37 @@ test("convergence: QEMU's rule with Xen's caps", () => {
   const shrinking = new ConvergencePolicy({ downtimeMs: 10 });
   for (let it = 1; it <= 8; it++) assert.equal(shrinking.decide({ ...slow, scanMs: 0, wireBytes: 1e9 / 2 ** it, iteration: it }).action, "continue");
 });
+
+test("convergence: a sampled estimate of the next round lets the first round switch over, only when it fits", () => {
+  const p = new ConvergencePolicy({ downtimeMs: 300 });
+  // the first round sent all of RAM: on its own bytes it never switches over
+  const first = { iteration: 1, wireBytes: 500e6, scanMs: 120, bytesPerSecond: 125e6, totalBytes: 500e6, ramBytes: 512e6 };
+  assert.equal(p.decide(first).action, "continue");
+  // a sample says 3 MB are dirty: 120 + 24 ms
+  assert.deepEqual(p.decide({ ...first, nextRoundBytes: 3e6 }), { action: "switchover", reason: "converged", expectedDowntimeMs: 144 });
+  // a sample says 40 MB are dirty: 120 + 320 ms, over the target
+  assert.equal(p.decide({ ...first, nextRoundBytes: 40e6 }).action, "continue");
+});
+
+test("countDirty counts the pages changed since they were planned, and changes nothing", async () => {
+  const engine = await createEngine({ seed: 9n });
+  const pages = 512;
+  const ram = new Uint8Array(randomBytes(pages * PAGE_SIZE));
+  const planner = new Planner(engine, { pages, windowPages: 128 });
+  const read = (first: number, count: number, into: Uint8Array) => into.set(ram.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE));
+  planIteration(planner, 1, read);
+  const changed = new Set<number>();
+  while (changed.size < 37) changed.add(randomInt(pages));
+  for (const p of changed) { const i = p * PAGE_SIZE + randomInt(PAGE_SIZE); ram[i] = ram[i]! ^ 0xff; }
+  let counted = 0;
+  for (let first = 0; first < pages; first += 64) {
+    read(first, 64, planner.window.view(0, 64 * PAGE_SIZE));
+    const n = planner.countDirty(first, 64);
+    assert.equal(n, [...changed].filter((p) => p >= first && p < first + 64).length, `pages ${first}..${first + 63}`);
+    counted += n;
+  }
+  assert.equal(counted, changed.size);
+  // nothing was recorded: the next round still sends every changed page
+  const plan = planIteration(planner, 2, read);
+  assert.deepEqual(Array.from(plan.send), [...changed].sort((a, b) => a - b));
+});

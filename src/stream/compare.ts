@@ -15,6 +15,7 @@ import type { QmpEvent } from "../adapters/qemu/qmp.js";
 import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import type { StreamStats } from "./proxy.js";
+import { CpuMeter } from "../adapters/proc/cpu.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin";
 export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin"];
@@ -57,6 +58,8 @@ export interface RunResult {
   linkBytesReturn: number;
   lastSourceCounter: number;
   firstDestCounter: number;
+  /** CPU each process used from the migrate command to the destination's RESUME, ms. */
+  cpuMs: Record<string, number>;
   proxies?: { out: StreamStats | null; in: StreamStats | null };
 }
 
@@ -71,6 +74,8 @@ export interface CompareResult {
 }
 
 export interface Ratio { linkBytes: number; totalTime: number; endToEnd: number; downtime: number; observedDowntime: number }
+
+const cpuCount = os.availableParallelism();
 
 const MAIN_JS = path.join(path.dirname(fileURLToPath(import.meta.url)), "main.js");
 
@@ -133,7 +138,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
   let pin: Proxy | null = null, pout: Proxy | null = null;
   const res: RunResult = {
     mode, ok: false, totalTimeMs: NaN, downtimeMs: NaN, ramTransferred: NaN, normalPages: NaN, endToEndMs: NaN,
-    observedDowntimeMs: NaN, linkBytes: NaN, linkBytesReturn: NaN, lastSourceCounter: -1, firstDestCounter: -1,
+    observedDowntimeMs: NaN, linkBytes: NaN, linkBytesReturn: NaN, lastSourceCounter: -1, firstDestCounter: -1, cpuMs: {},
   };
   try {
     const common = { ...guest, memoryMiB: mem, ...(opts.append ? { append: opts.append } : {}) };
@@ -168,6 +173,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     stopEv.catch(() => undefined);
     resumeEv.catch(() => undefined);
     log(`run ${runNo} ${mode}: migrating (${uri})`);
+    const cpu = new CpuMeter();
+    cpu.start({ "source QEMU": src.pid, "destination QEMU": dst.pid, "stream-out": pout?.child.pid, "stream-in": pin?.child.pid });
     const t0 = Date.now();
     await src.qmp.execute("migrate", { uri });
     let info: any;
@@ -178,6 +185,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     }
     if (info.status !== "completed") throw new Error(`migration ${info.status}: ${info["error-desc"] ?? ""}`);
     const resume = await resumeEv;
+    res.cpuMs = cpu.stop();
     const stop = await stopEv;
     res.endToEndMs = evMs(resume) - t0;
     res.observedDowntimeMs = evMs(resume) - evMs(stop);
@@ -235,6 +243,7 @@ export async function compareStreamMode(opts: CompareOptions = {}): Promise<Comp
       okRuns: ok.length, totalTimeMs: med("totalTimeMs"), downtimeMs: med("downtimeMs"), ramTransferred: med("ramTransferred"),
       normalPages: med("normalPages"), endToEndMs: med("endToEndMs"), observedDowntimeMs: med("observedDowntimeMs"),
       linkBytes: med("linkBytes"), linkBytesReturn: med("linkBytesReturn"), lastSourceCounter: med("lastSourceCounter"), firstDestCounter: med("firstDestCounter"),
+      cpuMs: Object.fromEntries(Object.keys(ok[0]?.cpuMs ?? {}).map((k) => [k, median(ok.map((r) => r.cpuMs[k] ?? NaN))])),
     };
   }
   const p = out.median.pagetwin;
@@ -262,7 +271,15 @@ export function formatCompare(r: CompareResult): string {
   lines.splice(1, 0, w.map((x) => "-".repeat(x)).join("  "));
   const ratio = (what: string, x: Ratio | undefined) => x &&
     `pagetwin vs ${what}: total-time ${f(x.totalTime, 2)}x (end-to-end ${f(x.endToEnd, 2)}x), downtime ${f(x.downtime, 2)}x (observed ${f(x.observedDowntime, 2)}x), bytes on the link ${f(x.linkBytes, 2)}x`;
+  // what the cores did meanwhile: on a small host, the processes' CPU bounds the end-to-end time
+  const cpu = COMPARE_MODES.map((mode) => {
+    const m = r.median[mode];
+    if (!m || !Object.keys(m.cpuMs).length) return null;
+    const total = Object.values(m.cpuMs).reduce((a, b) => a + b, 0);
+    return `  ${names[mode]}: ${Object.entries(m.cpuMs).map(([k, v]) => `${k} ${f(v)}`).join(", ")}; together ${f(total)} ms of CPU in ${f(m.endToEndMs)} ms end-to-end`;
+  }).filter((x): x is string => x !== null);
   return [`stream mode, ${r.memoryMiB} MiB guest, link ${r.rate} (medians; total-time and downtime from the source's query-migrate, which`,
     "through the proxies end at the local stream-out; end-to-end: migrate to the destination's RESUME; observed downtime: source STOP to it)", ...lines,
-    ratio("QEMU pre-copy", r.ratio), ratio("QEMU multifd+zstd", r.ratioVsMultifdZstd)].filter(Boolean).join("\n");
+    ratio("QEMU pre-copy", r.ratio), ratio("QEMU multifd+zstd", r.ratioVsMultifdZstd),
+    ...(cpu.length ? [`CPU used from migrate to RESUME, ms (medians; ${cpuCount} cores here):`, ...cpu] : [])].filter(Boolean).join("\n");
 }
