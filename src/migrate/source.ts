@@ -49,9 +49,9 @@ export interface SourceOptions {
   pool?: EnginePool | null;
   /**
    * When the pool hashes: every pass ("always", default), or only the final
-   * pass, with the guest stopped ("switchover"): where the guest's vCPUs share
-   * the host's few cores with the agents, workers slow the live passes down
-   * but shorten the downtime.
+   * pass, with the guest stopped ("switchover"): on a host with few cores the
+   * workers compete with the agent's own thread (and a local destination
+   * agent) during the live passes, and help most when the guest is stopped.
    */
   workersWhen?: WorkersWhen;
   ramPath?: string;
