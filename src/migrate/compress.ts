@@ -94,6 +94,7 @@ class ZstdPages implements PageCompressor {
   private readonly reset: number;
   private readonly cont: number;
   private readonly end: number;
+  private gather: Buffer = Buffer.alloc(0);
   constructor(z: ZstdBinding) {
     this.c = new z.CCtx();
     this.c.setParameter(z.CParameter.compressionLevel, ZSTD_LEVEL);
@@ -111,6 +112,15 @@ class ZstdPages implements PageCompressor {
     let total = 0;
     for (const ch of chunks) total += ch.length;
     c.setPledgedSrcSize(total);
+    if (chunks.length > 2) {
+      // many small pieces (a QEMU page header, then its page): one copy into a
+      // contiguous buffer costs less than a native call per piece, and lets
+      // zstd compress in one go instead of buffering the pieces itself
+      if (this.gather.length < total) this.gather = Buffer.allocUnsafe(Math.max(total, this.gather.length * 2));
+      let o = 0;
+      for (const ch of chunks) { this.gather.set(ch, o); o += ch.length; }
+      chunks = [this.gather.subarray(0, total)];
+    }
     let pos = 0;
     try {
       for (const ch of chunks) {
