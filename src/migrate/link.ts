@@ -53,6 +53,16 @@ export class RateLimiter {
   }
 }
 
+/** Resolves on the socket's 'drain', or at once when it needs none or is closed (also on 'close'). */
+export function drained(sock: Socket): Promise<void> {
+  if (sock.destroyed || !sock.writableNeedDrain) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { sock.off("drain", done); sock.off("close", done); resolve(); };
+    sock.on("drain", done);
+    sock.on("close", done);
+  });
+}
+
 /** Bytes of frames queued for the link before send() waits (about 30 ms of a 1 Gbit/s link). */
 export const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
 
@@ -157,21 +167,13 @@ export class FrameLink {
         this.outboxBytes -= buf.length;
         this.bytesWritten += buf.length;
         if (this.outboxBytes <= this.queueBytes) this.wakeRoom();
-        if (!this.socket.write(buf)) await this.drained();
+        if (!this.socket.write(buf)) await drained(this.socket);
       }
     } finally {
       this.pumping = false;
       this.wakeRoom();
       if (this.ending && !this.failure) this.socket.end();
     }
-  }
-
-  private drained(): Promise<void> {
-    return new Promise<void>((resolve) => {
-      const done = () => { this.socket.off("drain", done); this.socket.off("close", done); resolve(); };
-      this.socket.on("drain", done);
-      this.socket.on("close", done);
-    });
   }
 
   /** The next frame; with `expect`, anything else (but Abort, reported as such) is a protocol error. */

@@ -27,6 +27,7 @@ import {
   compressedRawFrame, decodeRawZ, RAW_Z_OVERHEAD,
 } from "./frames.js";
 import { PskInitiator, PskResponder, type AuthNames } from "../migrate/auth.js";
+import { drained } from "../migrate/link.js";
 import { tlsClientOptions, tlsServerOptions, unverifiedPeer, type TlsFiles } from "../migrate/tls.js";
 import {
   ALGORITHM_ID, CompressionPolicy, algorithmOfId, availableAlgorithms, createCompressor, emptyCompressionStats, zstdUnavailableReason,
@@ -102,16 +103,6 @@ function parseHostPort(s: string, what: string): { host: string; port: number } 
 
 /** Bytes queued on a socket before the producer waits for it to drain. */
 const BUFFER_HIGH = 4 * 1024 * 1024;
-
-/** Resolves on 'drain' or when the socket closes. */
-function drained(sock: net.Socket): Promise<void> {
-  if (sock.destroyed || !sock.writableNeedDrain) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { sock.off("drain", done); sock.off("close", done); resolve(); };
-    sock.on("drain", done);
-    sock.on("close", done);
-  });
-}
 
 /** The names and HMAC label of stream mode's key exchange (see auth.ts). */
 const STREAM_AUTH: AuthNames = { initiator: "stream-out", responder: "stream-in", context: "pagetwin-stream-v2" };

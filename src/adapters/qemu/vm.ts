@@ -13,7 +13,6 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpClient, QmpClosedError } from './qmp.js';
 
 export const QEMU_BINARY = 'qemu-system-x86_64';
-/** Kernel command line used when none is given (the guest of scripts/build-guest.sh). */
 /**
  * A max-bandwidth (bytes/s) far above the links compared here: QEMU's own
  * default, 128 MiB/s in 7.2, would throttle it below a 1 Gbit/s link once
@@ -21,6 +20,7 @@ export const QEMU_BINARY = 'qemu-system-x86_64';
  */
 export const QEMU_UNTHROTTLED = 10_000_000_000;
 
+/** Kernel command line used when none is given (the guest of scripts/build-guest.sh). */
 export const DEFAULT_APPEND = 'console=ttyS0 quiet panic=1';
 
 export type DiskCacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
