@@ -10,7 +10,7 @@ import * as path from "node:path";
 import { QemuStreamParser, StreamFormatError, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
 import { streamIn, streamOut } from "../src/stream/proxy.js";
 import { throughProxies, freePort } from "./helpers/stream.js";
-import { StreamFrameReader, RefsBuilder, decodeRefs, SFrame } from "../src/stream/frames.js";
+import { StreamFrameReader, RefsBuilder, decodeRefs, SFrame, frame } from "../src/stream/frames.js";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { NO_BLOCK, PAGE_SIZE } from "../src/core/engine.js";
@@ -118,6 +118,42 @@ test("frames: REFS round trip and a reader fed one byte at a time", () => {
   const d = decodeRefs(got[0]!);
   assert.equal(d.firstSeq, 7);
   assert.deepEqual(d.refs.map((x) => [x.header.length, x.block, x.hash[0]]), [[8, 42, 2], [12, 43, 4]]);
+});
+
+test("frames: a reader fed frames of many sizes cut anywhere gives them back whole; a builder is reused after take()", () => {
+  const rb = new RefsBuilder();
+  const frames: Buffer[] = [];
+  let seed = 12345;
+  const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) >>> 0) % n);
+  for (let i = 0; i < 40; i++) {
+    if (i % 3 === 0) {
+      for (let k = 0; k <= i % 5; k++) rb.add(i * 10 + k, Buffer.alloc(8, i), 1000 + i + k, Buffer.alloc(16, k));
+      frames.push(rb.take());
+    } else {
+      const payload = Buffer.alloc(1 + rand(200_000));
+      for (let j = 0; j < payload.length; j += 997) payload[j] = (i + j) & 0xff;
+      frames.push(frame(SFrame.Raw, payload));
+    }
+  }
+  const all = Buffer.concat(frames);
+  const r = new StreamFrameReader();
+  const got: { type: SFrame; payload: Buffer }[] = [];
+  for (let o = 0; o < all.length;) {
+    const n = 1 + rand(rand(4) === 0 ? 7 : 150_000); // tiny cuts too, inside length fields
+    got.push(...r.push(all.subarray(o, o + n)));
+    o += n;
+  }
+  assert.equal(got.length, frames.length);
+  assert.equal(r.pending, 0);
+  for (let i = 0; i < frames.length; i++) {
+    assert.equal(got[i]!.type, frames[i]![4], `frame ${i}'s type`);
+    assert.ok(got[i]!.payload.equals(frames[i]!.subarray(5, frames[i]!.length - 4)), `frame ${i}'s payload`);
+    if (got[i]!.type === SFrame.Refs) {
+      const d = decodeRefs(got[i]!);
+      assert.equal(d.firstSeq, i * 10);
+      assert.deepEqual(d.refs.map((x) => x.block), Array.from({ length: (i % 5) + 1 }, (_, k) => 1000 + i + k));
+    }
+  }
 });
 
 // ------------------------------------------------------------ real guest

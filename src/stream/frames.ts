@@ -239,19 +239,13 @@ export class StreamFrameReader {
     const out: StreamFrame[] = [];
     while (this.have >= 5) {
       let first = this.chunks[0]!;
-      if (first.length < 5) {
-        first = Buffer.concat(this.chunks);
-        this.chunks = [first];
-      }
+      if (first.length < 5) first = this.gather(5);
       const len = first.readUInt32BE(0);
       if (len < 1 + TRAILER || len > MAX_STREAM_FRAME) {
         throw new StreamProtocolError(`frame length ${len} is outside ${1 + TRAILER}..${MAX_STREAM_FRAME}: corrupt link or not a pagetwin stream peer`);
       }
       if (this.have < 4 + len) break;
-      if (first.length < 4 + len) {
-        first = Buffer.concat(this.chunks);
-        this.chunks = [first];
-      }
+      if (first.length < 4 + len) first = this.gather(4 + len);
       // the CRC first: a corrupt frame is refused whatever its type says
       const body = first.subarray(4, 4 + len - TRAILER);
       const want = first.readUInt32BE(4 + len - TRAILER);
@@ -270,6 +264,26 @@ export class StreamFrameReader {
       this.have -= 4 + len;
     }
     return out;
+  }
+
+  /**
+   * Joins the first `n` pending bytes into one buffer at the head of the
+   * queue; the rest stays where it arrived (joining everything pending would
+   * copy a frame's tail again with the next frame).
+   */
+  private gather(n: number): Buffer {
+    const whole = Buffer.allocUnsafe(n);
+    let o = 0;
+    while (o < n) {
+      const c = this.chunks[0]!;
+      const take = Math.min(c.length, n - o);
+      whole.set(take === c.length ? c : c.subarray(0, take), o);
+      o += take;
+      if (take === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(take);
+    }
+    this.chunks.unshift(whole);
+    return whole;
   }
 
   get pending(): number {

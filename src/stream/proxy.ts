@@ -528,6 +528,8 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   const parser = new QemuStreamParser();
   let reported = false;
 
+  // one builder for the session: take() empties it, and every chunk ends with its references flushed
+  const refs = new RefsBuilder();
   const handleChunk = (chunk: Buffer): boolean => {
     if (!dedup) return sendLink(rawOut([chunk], chunk.length));
     const pieces: Piece[] = parser.push(chunk);
@@ -554,7 +556,6 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     let ok = true;
     let raw: Uint8Array[] = [];
     let rawBytes = 0;
-    const refs = new RefsBuilder();
     const flushRaw = () => {
       if (rawBytes) ok = sendLink(rawOut(raw, rawBytes)) && ok;
       raw = [];
