@@ -16,6 +16,8 @@ import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import type { StreamStats } from "./proxy.js";
 import { CpuMeter } from "../adapters/proc/cpu.js";
+import { median } from "../qemu-agent/compare.js";
+import { lastCounter } from "../qemu-agent/guest.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin";
 export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin"];
@@ -79,20 +81,8 @@ const cpuCount = os.availableParallelism();
 
 const MAIN_JS = path.join(path.dirname(fileURLToPath(import.meta.url)), "main.js");
 
-function median(xs: number[]): number {
-  if (!xs.length) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
 function evMs(ev: QmpEvent): number {
   return ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now();
-}
-
-function lastCounter(text: string): number {
-  const all = [...text.matchAll(/pagetwin-counter (\d+)/g)];
-  return all.length ? Number(all[all.length - 1]![1]) : -1;
 }
 
 interface Proxy {
