@@ -11,7 +11,7 @@ import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { SFrame } from "../src/stream/frames.js";
+import { SFrame, frame } from "../src/stream/frames.js";
 import { streamIn, streamOut, type StreamStats } from "../src/stream/proxy.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
@@ -77,6 +77,33 @@ test("stream fault: a flipped bit in a RAW or REFS frame: stream-in refuses the 
       assert.match(r.so.error ?? "", /stream-in aborted the migration: frame \d+ .* fails its CRC-32/, SFrame[type]);
       assertCleanPrefix(r, data);
     }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stream check end to end (--verify-stream): a clean stream is confirmed; a RAW frame rewritten with a valid frame CRC (what a proxy bug would do) fails the session, which it passes without the check", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    const { image, data } = await fixture(dir, 1024);
+    const clean = await throughProxies({ data, image, out: { verifyStream: true }, split: "random" });
+    assert.equal(clean.si.error, undefined);
+    assert.ok(clean.out.equals(data));
+    assert.equal(clean.si.streamsVerified, 1);
+    // one byte of QEMU's stream changed inside a RAW frame, the frame resealed: its CRC holds, the stream does not
+    const rewrite = () => onFrameAfter(1 << 20, SFrame.Raw, (sealed) => {
+      const payload = Buffer.from(sealed.subarray(5, sealed.length - 4));
+      payload[payload.length >> 1] ^= 0x40;
+      return frame(SFrame.Raw, payload);
+    });
+    const unchecked = await throughProxies({ data, image, out: { compress: "off" }, via: rewrite() });
+    assert.equal(unchecked.si.error, undefined, "without the check the change goes through unnoticed");
+    assert.equal(unchecked.out.length, data.length);
+    assert.ok(!unchecked.out.equals(data));
+    const checked = await throughProxies({ data, image, out: { compress: "off", verifyStream: true }, via: rewrite() });
+    assert.match(checked.si.error ?? "", /not the one the source QEMU sent \(here \d+ bytes, CRC-32 [0-9a-f]{8}; at the source \d+ bytes, CRC-32 [0-9a-f]{8}\)/);
+    assert.match(checked.so.error ?? "", /stream-in aborted the migration/);
+    assert.equal(checked.si.streamsVerified, 0);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

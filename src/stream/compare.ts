@@ -40,6 +40,8 @@ export interface CompareOptions {
   workDir?: string;
   /** Index file both proxies use (default: a private file in the temp dir, removed afterwards). */
   indexPath?: string;
+  /** stream-out --verify-stream: stream-in checks the rebuilt stream against the source's, end to end. */
+  verifyStream?: boolean;
 }
 
 export interface RunResult {
@@ -130,6 +132,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     mode, ok: false, totalTimeMs: NaN, downtimeMs: NaN, ramTransferred: NaN, normalPages: NaN, endToEndMs: NaN,
     observedDowntimeMs: NaN, linkBytes: NaN, linkBytesReturn: NaN, lastSourceCounter: -1, firstDestCounter: -1, cpuMs: {},
   };
+  const logVerified = (si: StreamStats | null) =>
+    log(`run ${runNo} ${mode}: stream ${si?.streamsVerified ? "checked end to end: identical at both ends" : `NOT checked: ${si?.error ?? "no stream-in stats"}`}`);
   try {
     const common = { ...guest, memoryMiB: mem, ...(opts.append ? { append: opts.append } : {}) };
     src = await QemuVm.start({
@@ -154,7 +158,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     }
     if (mode === "pagetwin") {
       pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath]);
-      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--bandwidth", link.rate]);
+      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--bandwidth", link.rate, ...(opts.verifyStream ? ["--verify-stream"] : [])]);
       uri = `tcp:127.0.0.1:${OUT_PORT}`;
     }
     const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);
@@ -192,12 +196,18 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     res.linkBytes = link.txBytes(link.srcNs) - tx0;
     res.linkBytesReturn = link.txBytes(link.dstNs) - rx0;
     if (mode === "pagetwin") res.proxies = stats;
+    if (opts.verifyStream && mode === "pagetwin") logVerified(stats.in);
     res.ok = res.firstDestCounter > res.lastSourceCounter - 1 && res.lastSourceCounter >= 0;
     if (!res.ok) res.error = `destination counter ${res.firstDestCounter} does not continue source counter ${res.lastSourceCounter}`;
     log(`run ${runNo} ${mode}: total ${res.totalTimeMs} ms, end-to-end ${res.endToEndMs.toFixed(0)} ms, downtime ${res.downtimeMs} ms (observed ${res.observedDowntimeMs.toFixed(0)}), link ${(res.linkBytes / 1e6).toFixed(1)} MB, counter ${res.lastSourceCounter} -> ${res.firstDestCounter}`);
   } catch (err) {
     res.error = (err as Error).message;
     log(`run ${runNo} ${mode}: FAILED: ${res.error}`);
+    // a destination guest that fails after a complete stream: say whether the proxies changed a byte
+    if (opts.verifyStream && pin) {
+      logVerified(await stopProxy(pin, 3000));
+      pin = null;
+    }
   } finally {
     for (const p of [pout, pin]) if (p) { p.child.kill("SIGKILL"); await p.exited; }
     await src?.cleanup();

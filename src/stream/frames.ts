@@ -4,7 +4,7 @@
 // type and payload (a flipped bit is caught before anything reaches QEMU).
 // Binary fields are big-endian.
 //
-//   HELLO      1 out->in  JSON {v, indexId, channel, compression, auth, nonce}
+//   HELLO      1 out->in  JSON {v, indexId, channel, compression, verify?, auth, nonce}
 //   HELLO_ACK  2 in->out  JSON {ready, dedup, reason?, compression}, or with a
 //                         pre-shared key first {ready: false, nonce, proof}
 //   RAW        3 out->in  bytes of QEMU's stream, to forward unchanged
@@ -15,7 +15,8 @@
 //   NEED       6 in->out  u32 seq: the block did not match, send the page
 //   ACK        7 in->out  u32 seq: every reference below seq is in QEMU's stream
 //   RETURN     8 in->out  bytes of the destination QEMU's return path
-//   END        9 out->in  JSON {stats}: the source QEMU closed its stream
+//   END        9 out->in  JSON {stats, and with verify: streamBytes, crc32 of the
+//                         whole stream}: the source QEMU closed its stream
 //   ABORT     10 either   JSON {reason}
 //   RETURN_END 11 in->out JSON {}: the destination QEMU closed its side
 //   RAW_Z     12 out->in  u8 algorithm (1 zstd, 2 brotli), u32 raw length
