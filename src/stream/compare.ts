@@ -32,6 +32,8 @@ export interface CompareOptions {
   rate?: string;
   /** QEMU max-bandwidth in bytes/s (default QEMU_UNTHROTTLED: the link is the limit). */
   maxBandwidth?: number;
+  /** QEMU downtime-limit in ms for every mode (default: QEMU's own, 300). */
+  downtimeLimitMs?: number;
   /** Guest kernel command line (default: the guest's own defaults, 1 MiB/s dirtying). */
   append?: string;
   /** Counters to wait for after pagetwin-ready before migrating (default 2). */
@@ -70,6 +72,8 @@ export interface RunResult {
 export interface CompareResult {
   rate: string;
   memoryMiB: number;
+  /** QEMU's downtime-limit for every mode, ms (300: QEMU's default). */
+  downtimeLimitMs: number;
   runs: Record<CompareMode, RunResult[]>;
   median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "mode" | "ok" | "error"> & { okRuns: number }>>;
   /** pagetwin's medians over QEMU's own (plain pre-copy), and over QEMU multifd+zstd. */
@@ -150,7 +154,10 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
     const settle = Number(m[1]) + (opts.settleCounters ?? 2);
     await src.waitForSerial(new RegExp(`pagetwin-counter ${settle}\\b`), 60_000);
-    await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": opts.maxBandwidth ?? QEMU_UNTHROTTLED });
+    await src.qmp.execute("migrate-set-parameters", {
+      "max-bandwidth": opts.maxBandwidth ?? QEMU_UNTHROTTLED,
+      ...(opts.downtimeLimitMs !== undefined ? { "downtime-limit": opts.downtimeLimitMs } : {}),
+    });
     let uri = `tcp:${link.dstIp}:${QEMU_PORT}`;
     if (multifd) {
       for (const vm of [src, dst]) await vm.useMultifdZstd();
@@ -227,7 +234,7 @@ export async function compareStreamMode(opts: CompareOptions = {}): Promise<Comp
   const nas = await openNasIndex(guest.disk, { indexPath });
   nas.image.close();
   const link = createNetnsLink({ rate: opts.rate ?? "1gbit" });
-  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [] }, median: {} };
+  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, downtimeLimitMs: opts.downtimeLimitMs ?? 300, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [] }, median: {} };
   try {
     for (let i = 0; i < runs; i++) {
       for (const mode of modes) out.runs[mode].push(await runOnce(mode, link, guest, { ...opts, indexPath }, i));
@@ -278,7 +285,7 @@ export function formatCompare(r: CompareResult): string {
     const total = Object.values(m.cpuMs).reduce((a, b) => a + b, 0);
     return `  ${names[mode]}: ${Object.entries(m.cpuMs).map(([k, v]) => `${k} ${f(v)}`).join(", ")}; together ${f(total)} ms of CPU in ${f(m.endToEndMs)} ms end-to-end`;
   }).filter((x): x is string => x !== null);
-  return [`stream mode, ${r.memoryMiB} MiB guest, link ${r.rate} (medians; total-time and downtime from the source's query-migrate, which`,
+  return [`stream mode, ${r.memoryMiB} MiB guest, link ${r.rate}, QEMU downtime-limit ${r.downtimeLimitMs} ms (medians; total-time and downtime from the source's query-migrate, which`,
     "through the proxies end at the local stream-out; end-to-end: migrate to the destination's RESUME; observed downtime: source STOP to it)", ...lines,
     ratio("QEMU pre-copy", r.ratio), ratio("QEMU multifd+zstd", r.ratioVsMultifdZstd),
     ...(cpu.length ? [`CPU used from migrate to RESUME, ms (medians; ${cpuCount} cores here):`, ...cpu] : [])].filter(Boolean).join("\n");
