@@ -1,6 +1,6 @@
 // QEMU's own migration vs stream mode across a 1 Gbit/s namespace link, on
 // the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--mode M ...]
-//   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--verify-stream] [--json]
+//   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--json]
 import { parseArgs } from "node:util";
 import { compareStreamMode, formatCompare, type CompareMode } from "../src/stream/compare.js";
 
@@ -8,13 +8,13 @@ const { values } = parseArgs({
   options: {
     runs: { type: "string", default: "1" }, rate: { type: "string", default: "1gbit" }, json: { type: "boolean" },
     mode: { type: "string", multiple: true }, mem: { type: "string", default: "512" },
-    "verify-stream": { type: "boolean" }, "downtime-limit": { type: "string" },
+    "downtime-limit": { type: "string" },
   },
 });
 // Ctrl-C: exit through process.exit so the VMs, RAM files and namespaces are removed.
 for (const sig of ["SIGINT", "SIGTERM"] as const) process.once(sig, () => process.exit(130));
 const r = await compareStreamMode({
-  runs: Number(values.runs), rate: values.rate!, memoryMiB: Number(values.mem), verifyStream: values["verify-stream"] ?? false,
+  runs: Number(values.runs), rate: values.rate!, memoryMiB: Number(values.mem),
   ...(values["downtime-limit"] ? { downtimeLimitMs: Number(values["downtime-limit"]) } : {}),
   ...(values.mode ? { modes: values.mode as CompareMode[] } : {}),
   log: (m) => process.stderr.write(`[compare] ${m}\n`),

@@ -11,9 +11,8 @@ import { createEngine } from "../src/index.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent } from "../src/migrate/destination.js";
 import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/migrate/source.js";
-import {
-  FrameReader, FrameType, ProtocolError, encodeFrame, encodePagesMaybeCompressed, decodeCompressedPages, MAX_COMPRESSED_PAGES,
-} from "../src/migrate/protocol.js";
+import { FrameType, encodePagesMaybeCompressed, decodeCompressedPages, MAX_COMPRESSED_PAGES, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameReader, ProtocolError, frame } from "../src/wire/envelope.js";
 import {
   ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, algorithmOfId,
 } from "../src/migrate/compress.js";
@@ -42,7 +41,7 @@ test("zstd and brotli round-trip a batch straight from scattered page views into
     const c = createCompressor(algo);
     const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, ALGORITHM_ID[algo], (dst) => c.compressChunks(contiguousRuns(pages.length, bytesOf), dst));
     assert.ok(compressed > 0 && compressed < pages.length * PAGE * 0.5, `${algo}: ${compressed} bytes`);
-    const [f] = new FrameReader().push(frame);
+    const [f] = new FrameReader(AGENT_FRAMES).push(frame);
     assert.equal(f!.type, FrameType.CompressedPages);
     const d = decodeCompressedPages(f!, 300);
     assert.equal(algorithmOfId(d.algorithmId), algo);
@@ -60,7 +59,7 @@ test("incompressible batches come out as plain Pages frames", () => {
   const c = createCompressor("zstd");
   const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, ALGORITHM_ID.zstd, (dst) => c.compressChunks([win], dst));
   assert.equal(compressed, -1);
-  assert.equal(new FrameReader().push(frame)[0]!.type, FrameType.Pages);
+  assert.equal(new FrameReader(AGENT_FRAMES).push(frame)[0]!.type, FrameType.Pages);
   assert.equal(frame.length, 4 + 1 + 4 + 16 * 4 + 16 * PAGE + 4);
 });
 
@@ -146,12 +145,12 @@ async function reframingProxy(port: number, rewrite: (type: FrameType, payload: 
   const server = createServer((c) => {
     const up = connect(port, "127.0.0.1");
     sockets.push(c, up);
-    const reader = new FrameReader();
+    const reader = new FrameReader(AGENT_FRAMES);
     const cut = () => { c.destroy(); up.destroy(); };
     c.on("data", (d) => {
       for (const f of reader.push(d)) {
         const p = rewrite(f.type, f.payload);
-        if (!up.destroyed) up.write(encodeFrame(f.type, p ?? f.payload));
+        if (!up.destroyed) up.write(frame(f.type, p ?? f.payload));
       }
     });
     up.on("data", (d) => { if (!c.destroyed) c.write(d); });
@@ -167,7 +166,9 @@ async function reframingProxy(port: number, rewrite: (type: FrameType, payload: 
 async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>, via?: typeof reframingProxy extends (p: number, r: infer R) => unknown ? R : never) {
   const srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
   writeFileSync(srcRam, content);
-  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true });
+  // a link a test reframes runs in the clear; otherwise TLS-PSK
+  const link = via ? { insecure: true } : { psk: TEST_KEY };
+  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, ...link });
   const port = await agent.listen();
   const proxy = via ? await reframingProxy(port, via) : null;
   const ram = RamFile.open(srcRam);
@@ -177,7 +178,7 @@ async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>
     const r: MigrationResult = await migrateSource({
       engine: await createEngine(), index: null, indexId: null, ram,
       vm: { pause: async () => { vm.running = false; vm.pauses++; }, resume: async () => { vm.running = true; } },
-      host: "127.0.0.1", port: proxy?.port ?? port, bandwidth: 0, ...src,
+      host: "127.0.0.1", port: proxy?.port ?? port, bandwidth: 0, ...link, ...src,
     }).catch((e) => { if (e instanceof MigrationError) return e.result; throw e; });
     return { r, dst: await dstResult, vm, srcRam, dstRam };
   } finally {
@@ -270,9 +271,10 @@ test("a bomb or corrupt CompressedPages frame (with a valid CRC) stops the migra
 
 // ---------------------------------------------------------------- stream mode
 
-import { SFrame, frame as sframe } from "../src/stream/frames.js";
+import { SFrame, STREAM_FRAMES } from "../src/stream/frames.js";
+import { frame as sframe } from "../src/wire/envelope.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
-import { qemuStream, throughProxies as proxyRun, frameTamper } from "./helpers/stream.js";
+import { qemuStream, throughProxies as proxyRun, frameTamper, TEST_KEY } from "./helpers/stream.js";
 
 /** Through both proxies, with an optional rewrite of stream-out's frames on the link (re-sealed, so their CRC holds). */
 function throughProxies(data: Buffer, image: string, compress: "auto" | "off" | "zstd" | "brotli", rewrite?: (type: SFrame, payload: Buffer) => Buffer | null) {

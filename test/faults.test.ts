@@ -10,9 +10,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { runEmbeddedMigration, type EmbeddedRunResult } from "../src/migrate/embedded-run.js";
-import { FrameReader, FrameType } from "../src/migrate/protocol.js";
+import { FrameType, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameReader } from "../src/wire/envelope.js";
 import { DestinationAgent } from "../src/migrate/destination.js";
-import { tamperProxy } from "./helpers/stream.js";
+import { tamperProxy, TEST_KEY, testKeyFile } from "./helpers/stream.js";
 
 const tmp = () => mkdtempSync(join(tmpdir(), "pagetwin-fault-"));
 const sha = (path: string) => createHash("sha256").update(readFileSync(path)).digest("hex");
@@ -34,10 +35,10 @@ test("torn during switchover (the destination's Done never arrives): the source 
   let p = null as Awaited<ReturnType<typeof proxy>> | null;
   try {
     const r = await runEmbeddedMigration({
-      mode: "pagetwin", bandwidth: 0, destination: "inproc", vm: quietVm(dir),
+      mode: "pagetwin", bandwidth: 0, destination: "inproc", vm: quietVm(dir), link: { insecure: true },
       beforeConnect: async (port, vm) => {
         before = sha(vm.layout.ramPath);
-        const down = new FrameReader();
+        const down = new FrameReader(AGENT_FRAMES);
         p = await proxy(port, (dir, chunk, cut) => {
           if (dir === "down" && down.push(chunk).some((f) => f.type === FrameType.Done)) { cut(); return null; }
           return chunk;
@@ -61,7 +62,7 @@ test("flipped bits on the wire: the destination refuses the frame, the source st
   try {
     let seen = 0;
     const r = await runEmbeddedMigration({
-      mode: "pagetwin", bandwidth: 50e6, destination: "inproc", vm: quietVm(dir),
+      mode: "pagetwin", bandwidth: 50e6, destination: "inproc", vm: quietVm(dir), link: { insecure: true },
       beforeConnect: async (port, vm) => {
         before = sha(vm.layout.ramPath);
         p = await proxy(port, (dir, chunk) => {
@@ -105,13 +106,13 @@ test("the source agent process is killed: the destination reports it, stays up, 
   const dir = tmp();
   const image = join(dir, "disk.img");
   writeFileSync(image, randomBytes(256 * 4096));
-  const agent = new DestinationAgent({ ramPath: join(dir, "dst-ram"), createRam: true, imagePath: image });
+  const agent = new DestinationAgent({ ramPath: join(dir, "dst-ram"), createRam: true, imagePath: image, psk: TEST_KEY });
   try {
     const port = await agent.listen();
     const ram = join(dir, "src-ram");
     writeFileSync(ram, randomBytes(8192 * 4096));
     const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
-    const args = [cli, "send", "--ram", ram, "--image", image, "--to", `127.0.0.1:${port}`, "--bandwidth", "20mbit", "--no-dedup"];
+    const args = [cli, "send", "--ram", ram, "--image", image, "--to", `127.0.0.1:${port}`, "--bandwidth", "20mbit", "--no-dedup", "--psk-file", testKeyFile(dir)];
     const child = spawn(process.execPath, args, { stdio: "ignore" });
     const first = agent.nextResult();
     setTimeout(() => child.kill("SIGKILL"), 1500);

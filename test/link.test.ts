@@ -5,8 +5,11 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer, connect, type Socket } from "node:net";
 import { once } from "node:events";
-import { FrameLink, RateLimiter, LinkClosedError } from "../src/migrate/link.js";
-import { FrameReader, FrameType, encodeFrame } from "../src/migrate/protocol.js";
+import { FrameLink } from "../src/link/channel.js";
+import { RateLimiter } from "../src/link/rate.js";
+import { LinkClosedError } from "../src/link/dial.js";
+import { FrameType, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameReader, frame } from "../src/wire/envelope.js";
 
 async function socketPair(): Promise<{ a: Socket; b: Socket; close: () => void }> {
   const server = createServer();
@@ -21,7 +24,7 @@ async function socketPair(): Promise<{ a: Socket; b: Socket; close: () => void }
 }
 
 /** Frame i: an opaque frame of `size` payload bytes, each byte i. */
-const frameOf = (i: number, size: number) => encodeFrame(FrameType.Pages, Buffer.alloc(size, i));
+const frameOf = (i: number, size: number) => frame(FrameType.Pages, Buffer.alloc(size, i));
 
 test("send() queues: it returns while the rate limiter still holds most of the bytes back", async () => {
   const { a, b, close } = await socketPair();
@@ -29,7 +32,7 @@ test("send() queues: it returns while the rate limiter still holds most of the b
     let received = 0;
     b.on("data", (d: Buffer) => { received += d.length; });
     // 1 MB/s, bucket 256 KiB: 3 MiB takes about 3 s to leave; the queue (4 MiB) takes it at once
-    const link = new FrameLink(a, "peer", new RateLimiter(1e6), 4 << 20);
+    const link = new FrameLink(a, "peer", AGENT_FRAMES, new RateLimiter(1e6), 4 << 20);
     for (let i = 0; i < 3; i++) await link.send(frameOf(i, 1 << 20));
     assert.ok(received < 1 << 20, `the peer has ${received} bytes already: send() waited for the link`);
     link.destroy();
@@ -41,11 +44,11 @@ test("send() queues: it returns while the rate limiter still holds most of the b
 test("close() ends the socket only after every queued frame went out, in order", async () => {
   const { a, b, close } = await socketPair();
   try {
-    const reader = new FrameReader();
+    const reader = new FrameReader(AGENT_FRAMES);
     const frames: Buffer[] = [];
     b.on("data", (d: Buffer) => { for (const f of reader.push(d)) frames.push(Buffer.from(f.payload)); });
     const ended = once(b, "end");
-    const link = new FrameLink(a, "peer", new RateLimiter(20e6), 1 << 20);
+    const link = new FrameLink(a, "peer", AGENT_FRAMES, new RateLimiter(20e6), 1 << 20);
     const sizes = [300_000, 700_000, 5, 1 << 20, 123_456];
     for (let i = 0; i < sizes.length; i++) await link.send(frameOf(i, sizes[i]!));
     link.close();
@@ -64,7 +67,7 @@ test("close() ends the socket only after every queued frame went out, in order",
 test("a peer that goes away fails the send waiting for room, and every later one", async () => {
   const { a, b, close } = await socketPair();
   try {
-    const link = new FrameLink(a, "peer at the far end", new RateLimiter(1e6), 100_000);
+    const link = new FrameLink(a, "peer at the far end", AGENT_FRAMES, new RateLimiter(1e6), 100_000);
     await link.send(frameOf(0, 200_000));
     const waiting = link.send(frameOf(1, 200_000)); // over the queue's limit: waits for room
     b.destroy();

@@ -4,9 +4,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import {
-  FrameReader, FrameType, ProtocolError, encodeFrame, decodePages, decodeRefs, decodePageList, decodeIterAck,
-} from "../src/migrate/protocol.js";
+import { FrameType, decodePages, decodeRefs, decodePageList, decodeIterAck, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameReader, ProtocolError, frame } from "../src/wire/envelope.js";
 import { createEngine, NO_BLOCK } from "../src/index.js";
 
 const frameArb = fc.record({
@@ -16,9 +15,9 @@ const frameArb = fc.record({
 
 test("any frames, split anywhere, come out whole, equal and in order", () => {
   fc.assert(fc.property(fc.array(frameArb, { maxLength: 8 }), fc.array(fc.nat(), { maxLength: 10 }), (frames, cuts) => {
-    const bytes = Buffer.concat(frames.map((f) => encodeFrame(f.type, f.payload)));
+    const bytes = Buffer.concat(frames.map((f) => frame(f.type, f.payload)));
     const points = [...new Set(cuts.map((c) => c % (bytes.length + 1)))].sort((a, b) => a - b);
-    const r = new FrameReader();
+    const r = new FrameReader(AGENT_FRAMES);
     const out = [];
     let prev = 0;
     for (const p of [...points, bytes.length]) { out.push(...r.push(bytes.subarray(prev, p))); prev = p; }
@@ -29,10 +28,10 @@ test("any frames, split anywhere, come out whole, equal and in order", () => {
 
 test("a flipped bit anywhere never yields a frame that differs from what was sent", () => {
   fc.assert(fc.property(fc.array(frameArb, { minLength: 1, maxLength: 5 }), fc.nat(), fc.nat(7), (frames, at, bit) => {
-    const enc = frames.map((f) => encodeFrame(f.type, f.payload));
+    const enc = frames.map((f) => frame(f.type, f.payload));
     const bytes = Buffer.concat(enc);
     bytes[at % bytes.length]! ^= 1 << bit;
-    const r = new FrameReader();
+    const r = new FrameReader(AGENT_FRAMES);
     let out;
     try {
       out = r.push(bytes);
@@ -49,13 +48,13 @@ test("a flipped bit anywhere never yields a frame that differs from what was sen
 test("decoders given arbitrary payloads return in-bounds entries or a ProtocolError, nothing else", () => {
   fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), fc.integer({ min: 1, max: 1 << 20 }), (payload, max) => {
     for (const [type, decode] of [
-      [FrameType.Pages, (f: { type: FrameType; payload: Uint8Array }) => decodePages(f, max).pages],
-      [FrameType.Refs, (f: { type: FrameType; payload: Uint8Array }) => decodeRefs(f, max, max).pages],
-      [FrameType.Zeros, (f: { type: FrameType; payload: Uint8Array }) => decodePageList(f, max, "Zeros")],
-      [FrameType.IterAck, (f: { type: FrameType; payload: Uint8Array }) => decodeIterAck(f, max).resend],
+      [FrameType.Pages, (f: { type: FrameType; payload: Buffer }) => decodePages(f, max).pages],
+      [FrameType.Refs, (f: { type: FrameType; payload: Buffer }) => decodeRefs(f, max, max).pages],
+      [FrameType.Zeros, (f: { type: FrameType; payload: Buffer }) => decodePageList(f, max, "Zeros")],
+      [FrameType.IterAck, (f: { type: FrameType; payload: Buffer }) => decodeIterAck(f, max).resend],
     ] as const) {
       try {
-        const pages = decode({ type, payload });
+        const pages = decode({ type, payload: Buffer.from(payload) });
         for (const p of pages) assert.ok(p < max);
       } catch (err) {
         assert.ok(err instanceof ProtocolError, `${FrameType[type]}: ${(err as Error).message}`);

@@ -1,16 +1,14 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes, randomInt } from "node:crypto";
-import {
-  FrameReader, FrameType, ProtocolError, encodeFrame, encodePages, encodeRefs, encodePageList, encodeIterAck, encodeJson,
-  decodePages, decodeRefs, decodePageList, decodeIterAck, decodeJson, MAX_FRAME,
-} from "../src/migrate/protocol.js";
+import { FrameType, encodePages, encodeRefs, encodePageList, encodeIterAck, decodePages, decodeRefs, decodePageList, decodeIterAck, MAX_FRAME, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameReader, ProtocolError, frame, jsonFrame, parseJson } from "../src/wire/envelope.js";
 
 function sampleStream(): { bytes: Buffer; frames: Buffer[] } {
   const pages = [3, 7, 8];
   const data = pages.map(() => new Uint8Array(randomBytes(4096)));
   const frames = [
-    encodeJson(FrameType.Hello, { version: 1, pages: 100 }),
+    jsonFrame(FrameType.Hello, { version: 1, pages: 100 }),
     encodePages(pages, (i) => data[i]!),
     encodeRefs([1, 2], [10, 20], (i) => new Uint8Array(16).fill(i + 1)),
     encodePageList(FrameType.Zeros, [5, 6, 99]),
@@ -22,14 +20,14 @@ function sampleStream(): { bytes: Buffer; frames: Buffer[] } {
 test("frames split at every possible point come out whole and in order", () => {
   const { bytes, frames } = sampleStream();
   for (let cut = 1; cut < bytes.length; cut += 97) {
-    const r = new FrameReader();
+    const r = new FrameReader(AGENT_FRAMES);
     const out = [...r.push(bytes.subarray(0, cut)), ...r.push(bytes.subarray(cut))];
     assert.equal(out.length, frames.length);
     out.forEach((f, i) => assert.deepEqual(Buffer.from(f.payload), frames[i]!.subarray(5, frames[i]!.length - 4)));
     assert.equal(r.pending, 0);
   }
   // and byte by byte, in random chunk sizes
-  const r = new FrameReader();
+  const r = new FrameReader(AGENT_FRAMES);
   const out = [];
   for (let o = 0; o < bytes.length; ) {
     const n = randomInt(1, 300);
@@ -41,9 +39,9 @@ test("frames split at every possible point come out whole and in order", () => {
 
 test("payloads decode to what was encoded, and bounds are enforced", () => {
   const { frames } = sampleStream();
-  const r = new FrameReader();
+  const r = new FrameReader(AGENT_FRAMES);
   const [hello, pages, refs, zeros, ack] = r.push(Buffer.concat(frames));
-  assert.deepEqual(decodeJson(hello!), { version: 1, pages: 100 });
+  assert.deepEqual(parseJson(hello!), { version: 1, pages: 100 });
   assert.deepEqual(Array.from(decodePages(pages!, 100).pages), [3, 7, 8]);
   assert.throws(() => decodePages(pages!, 8), /page 8, past the VM's 8 pages/);
   const d = decodeRefs(refs!, 100, 21);
@@ -56,22 +54,22 @@ test("payloads decode to what was encoded, and bounds are enforced", () => {
 test("corrupt frames get clear errors: bad length, unknown type, count that lies, truncated JSON, flipped bits", () => {
   const big = Buffer.alloc(9);
   big.writeUInt32BE(MAX_FRAME + 1, 0);
-  assert.throws(() => new FrameReader().push(big), /frame length .* outside/);
+  assert.throws(() => new FrameReader(AGENT_FRAMES).push(big), /frame length .* outside/);
   const zero = Buffer.alloc(9);
-  assert.throws(() => new FrameReader().push(zero), /frame length 0/);
-  assert.throws(() => new FrameReader().push(encodeFrame(77 as FrameType, new Uint8Array(3))), /unknown frame type 77/);
+  assert.throws(() => new FrameReader(AGENT_FRAMES).push(zero), /frame length 0/);
+  assert.throws(() => new FrameReader(AGENT_FRAMES).push(frame(77 as FrameType, new Uint8Array(3))), /unknown frame type 77/);
   const payload = Buffer.alloc(4 + 4 + 4096);
   payload.writeUInt32BE(2, 0); // says two pages, holds one
-  const [f] = new FrameReader().push(encodeFrame(FrameType.Pages, payload));
+  const [f] = new FrameReader(AGENT_FRAMES).push(frame(FrameType.Pages, payload));
   assert.throws(() => decodePages(f!, 10), (e: Error) => e instanceof ProtocolError && /says 2 entries/.test(e.message));
-  const [j] = new FrameReader().push(encodeFrame(FrameType.Hello, Buffer.from('{"a":')));
-  assert.throws(() => decodeJson(j!), /does not hold a JSON object/);
+  const [j] = new FrameReader(AGENT_FRAMES).push(frame(FrameType.Hello, Buffer.from('{"a":')));
+  assert.throws(() => parseJson(j!), /does not hold a JSON object/);
   // any flipped bit in type, payload or trailer is caught by the CRC
   const pages = encodePages([1], () => new Uint8Array(randomBytes(4096)));
   for (const at of [4, 5, 9, 100, 4000, pages.length - 1]) {
     const b = Buffer.from(pages);
     b[at] ^= 1 << randomInt(8);
-    assert.throws(() => new FrameReader().push(b), /fails its CRC-32|unknown frame type/);
+    assert.throws(() => new FrameReader(AGENT_FRAMES).push(b), /fails its CRC-32|unknown frame type/);
   }
 });
 
@@ -80,7 +78,7 @@ test("a flipped length bit never yields a frame past the bound", () => {
   for (let bit = 0; bit < 32; bit++) {
     const b = Buffer.from(bytes);
     b.writeUInt32BE((b.readUInt32BE(0) ^ (1 << bit)) >>> 0, 0);
-    const r = new FrameReader();
+    const r = new FrameReader(AGENT_FRAMES);
     try {
       for (const f of r.push(b)) assert.ok(f.payload.length <= MAX_FRAME);
     } catch (err) {

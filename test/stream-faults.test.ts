@@ -9,13 +9,14 @@ import { mkdtempSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { SFrame, frame } from "../src/stream/frames.js";
+import { SFrame } from "../src/stream/frames.js";
+import { frame } from "../src/wire/envelope.js";
 import { streamIn, streamOut, type StreamStats } from "../src/stream/proxy.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
-import { freePort, frameTamper, qemuStream, tamperProxy, throughProxies, type ProxyRun } from "./helpers/stream.js";
+import { freePort, frameTamper, qemuStream, tamperProxy, throughProxies, TEST_KEY, testKeyFile, type ProxyRun } from "./helpers/stream.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";
 
 const PAGE = 4096;
@@ -48,6 +49,15 @@ function onFrameAfter(after: number, type: SFrame | null, act: (sealed: Buffer) 
     done = true;
     return act(sealed);
   });
+}
+
+/** A man in the middle that tears the link once `after` bytes went up (it reads no frames: the link may be TLS). */
+function cutAfter(after: number) {
+  let seen = 0;
+  return (dir: "up" | "down", chunk: Buffer, cut: () => void): Buffer | null => {
+    if (dir === "up" && (seen += chunk.length) >= after) { cut(); return null; }
+    return chunk;
+  };
 }
 
 test("stream fault: the link torn mid-stream: both proxies say so, the source QEMU's connection is closed, its destination got a clean prefix", { timeout: 60_000 }, async () => {
@@ -86,7 +96,7 @@ test("stream check end to end (--verify-stream): a clean stream is confirmed; a 
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {
     const { image, data } = await fixture(dir, 1024);
-    const clean = await throughProxies({ data, image, out: { verifyStream: true }, split: "random" });
+    const clean = await throughProxies({ data, image, split: "random" });
     assert.equal(clean.si.error, undefined);
     assert.ok(clean.out.equals(data));
     assert.equal(clean.si.streamsVerified, 1);
@@ -100,7 +110,7 @@ test("stream check end to end (--verify-stream): a clean stream is confirmed; a 
     assert.equal(unchecked.si.error, undefined, "without the check the change goes through unnoticed");
     assert.equal(unchecked.out.length, data.length);
     assert.ok(!unchecked.out.equals(data));
-    const checked = await throughProxies({ data, image, out: { compress: "off", verifyStream: true }, via: rewrite() });
+    const checked = await throughProxies({ data, image, out: { compress: "off" }, via: rewrite() });
     assert.match(checked.si.error ?? "", /not the one the source QEMU sent \(here \d+ bytes, CRC-32 [0-9a-f]{8}; at the source \d+ bytes, CRC-32 [0-9a-f]{8}\)/);
     assert.match(checked.so.error ?? "", /stream-in aborted the migration/);
     assert.equal(checked.si.streamsVerified, 0);
@@ -195,9 +205,9 @@ async function migrateAndSurvive(soPort: number): Promise<{ counterBefore: numbe
 
 test("stream fault, real guest: the link torn mid-migration: stream-out says so, QEMU's migration fails, the guest runs on", { skip: skipReal, timeout: 60_000 }, async (t) => {
   const sink = await drain();
-  const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${sink.port}`, image: guest!.disk, indexPath });
-  const link = await tamperProxy(si.port, onFrameAfter(2 << 20, null, () => "cut"));
-  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${link.port}`, image: guest!.disk, indexPath });
+  const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${sink.port}`, image: guest!.disk, indexPath, psk: TEST_KEY });
+  const link = await tamperProxy(si.port, cutAfter(2 << 20));
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${link.port}`, image: guest!.disk, indexPath, psk: TEST_KEY });
   try {
     const r = await migrateAndSurvive(so.port);
     const [o, i]: StreamStats[] = await Promise.all([so.done, si.done]);
@@ -220,8 +230,8 @@ test("stream fault, real guest: the stream-in process killed mid-migration: QEMU
   });
   const port = await freePort();
   const main = fileURLToPath(new URL("../src/stream/main.js", import.meta.url));
-  child = spawn(process.execPath, [main, "stream-in", "--listen", `127.0.0.1:${port}`, "--qemu", `127.0.0.1:${sink.port}`, "--image", guest!.disk, "--index", indexPath], { stdio: ["ignore", "ignore", "pipe"] });
-  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${port}`, image: guest!.disk, indexPath });
+  child = spawn(process.execPath, [main, "stream-in", "--listen", `127.0.0.1:${port}`, "--qemu", `127.0.0.1:${sink.port}`, "--image", guest!.disk, "--index", indexPath, "--psk-file", testKeyFile(dirname(indexPath))], { stdio: ["ignore", "ignore", "pipe"] });
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${port}`, image: guest!.disk, indexPath, psk: TEST_KEY });
   try {
     let err = "";
     await new Promise<void>((resolve, reject) => {

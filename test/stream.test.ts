@@ -9,8 +9,9 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { QemuStreamParser, StreamFormatError, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
 import { streamIn, streamOut } from "../src/stream/proxy.js";
-import { throughProxies, freePort } from "./helpers/stream.js";
-import { StreamFrameReader, RefsBuilder, decodeRefs, SFrame, frame } from "../src/stream/frames.js";
+import { throughProxies, freePort, TEST_KEY } from "./helpers/stream.js";
+import { RefsBuilder, decodeRefs, SFrame, STREAM_FRAMES } from "../src/stream/frames.js";
+import { FrameReader, frame } from "../src/wire/envelope.js";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { NO_BLOCK, PAGE_SIZE } from "../src/core/engine.js";
@@ -110,7 +111,7 @@ test("frames: REFS round trip and a reader fed one byte at a time", () => {
   rb.add(7, Buffer.alloc(8, 1), 42, Buffer.alloc(16, 2));
   rb.add(8, Buffer.alloc(12, 3), 43, Buffer.alloc(16, 4));
   const f = rb.take();
-  const r = new StreamFrameReader();
+  const r = new FrameReader(STREAM_FRAMES);
   const got = [];
   for (const b of f) got.push(...r.push(Buffer.from([b])));
   assert.equal(got.length, 1);
@@ -136,7 +137,7 @@ test("frames: a reader fed frames of many sizes cut anywhere gives them back who
     }
   }
   const all = Buffer.concat(frames);
-  const r = new StreamFrameReader();
+  const r = new FrameReader(STREAM_FRAMES);
   const got: { type: SFrame; payload: Buffer }[] = [];
   for (let o = 0; o < all.length;) {
     const n = 1 + rand(rand(4) === 0 ? 7 : 150_000); // tiny cuts too, inside length fields
@@ -273,8 +274,8 @@ test("proxies: a real guest migrates through stream-out/stream-in and its counte
     qmpSocket: path.join(work, "dst.qmp"), serialLog: path.join(work, "dst.log"), name: "pt-stream-dst", incoming: `tcp:127.0.0.1:${qport}`,
   });
   try {
-    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nasImage });
-    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nasImage });
+    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nasImage, psk: TEST_KEY });
+    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nasImage, psk: TEST_KEY });
     const src = vm!;
     const before = src.serialLog().length;
     await src.waitForSerial(/pagetwin-counter \d+/, 10_000, before); // running again after the capture

@@ -1,12 +1,11 @@
 // Shared command-line plumbing: option parsing with help, sizes and rates.
 
+import { UsageError } from "../errors.js";
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { loadKey } from "../migrate/auth.js";
+import { loadKey, type TlsFiles } from "../link/security.js";
 import type { WorkersWhen } from "../migrate/source.js";
 
-export class UsageError extends Error {
-  override name = "UsageError";
-}
+export { UsageError };
 
 export interface CommandSpec {
   name: string;
@@ -53,6 +52,14 @@ export function parseRate(s: string): number {
   return (Number(m[1]) * mult) / (bits ? 8 : 1);
 }
 
+/** "64GiB", "512MiB", "4096" (bytes) -> bytes. */
+export function parseSize(s: string, what: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(k|m|g|t)?(i?b)?$/i.exec(s.trim());
+  if (!m) throw new UsageError(`${what}: cannot read the size "${s}": write e.g. 16GiB, 512MiB`);
+  const exp = { k: 1, m: 2, g: 3, t: 4 }[(m[2] ?? "").toLowerCase() as "k" | "m" | "g" | "t"] ?? 0;
+  return Math.round(Number(m[1]) * 1024 ** exp);
+}
+
 export function num(values: Record<string, string | boolean | undefined>, k: string, min = -Infinity, max = Infinity): number {
   const v = Number(values[k]);
   if (!Number.isFinite(v) || v < min || v > max) throw new UsageError(`--${k} must be a number between ${min} and ${max} (got "${values[k]}")`);
@@ -84,23 +91,24 @@ export function progress(label: string): (done: number, total: number) => void {
   };
 }
 
-/** The link's security options (--psk-file, --tls-*), worded for the agent or proxy at the other end. */
+/** The link's security options (--psk-file, --tls-*, --insecure), worded for the agent or proxy at the other end. */
 export function securityOptions(peer: string, peerPresents: boolean): CommandSpec["options"] {
   return {
-    "psk-file": { type: "string", help: `pre-shared key file (the same as the ${peer}'s): both ends prove they hold it (head -c 32 /dev/urandom > key)` },
-    "tls-cert": { type: "string", help: "TLS: this end's certificate (PEM); with --tls-key and --tls-ca" },
-    "tls-key": { type: "string", help: "TLS: this end's private key (PEM)" },
+    "psk-file": { type: "string", help: `pre-shared key file, the same 32 random bytes as the ${peer}'s, mode 0600 (head -c 32 /dev/urandom > key; chmod 600 key): the link runs in TLS-PSK` },
+    "tls-cert": { type: "string", help: "TLS 1.3 with certificates: this end's certificate (PEM); with --tls-key and --tls-ca" },
+    "tls-key": { type: "string", help: "TLS: this end's private key (PEM, mode 0600)" },
     "tls-ca": { type: "string", help: `TLS: CA that signed the ${peer}'s certificate${peerPresents ? " (it must present one)" : ""}` },
+    insecure: { type: "boolean", help: "no key and no certificates: nothing authenticated or encrypted (only on a link nobody else can reach)" },
   };
 }
 
-/** The pre-shared key and TLS files the options name (null when not given). */
-export function security(values: Record<string, string | boolean | undefined>): { psk: Uint8Array | null; tls: ReturnType<typeof tlsFiles> } {
-  return { psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null, tls: tlsFiles(values) };
+/** The key, certificates or --insecure the options name: exactly one must be given (checked where the link is made). */
+export function security(values: Record<string, string | boolean | undefined>): { psk: Uint8Array | null; tls: TlsFiles | null; insecure: boolean } {
+  return { psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null, tls: tlsFiles(values), insecure: values["insecure"] === true };
 }
 
 /** --tls-cert/--tls-key/--tls-ca: all three or none. */
-export function tlsFiles(values: Record<string, string | boolean | undefined>): { cert: string; key: string; ca: string } | null {
+export function tlsFiles(values: Record<string, string | boolean | undefined>): TlsFiles | null {
   const [cert, key, ca] = [values["tls-cert"], values["tls-key"], values["tls-ca"]];
   if (!cert && !key && !ca) return null;
   if (typeof cert !== "string" || typeof key !== "string" || typeof ca !== "string") {

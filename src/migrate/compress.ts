@@ -15,7 +15,8 @@
 
 import { createRequire } from "node:module";
 import zlib from "node:zlib";
-import { PAGE_SIZE, ProtocolError } from "./protocol.js";
+import { PAGE_SIZE } from "../core/engine.js";
+import { ProtocolError } from "../wire/envelope.js";
 
 export type CompressionAlgorithm = "zstd" | "brotli";
 export type CompressionMode = "auto" | "off" | CompressionAlgorithm;

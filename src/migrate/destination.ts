@@ -5,36 +5,40 @@
 // the digest. Nothing unverified is ever written into guest RAM.
 
 import { setImmediate as yieldToIo } from "node:timers/promises";
-import { createServer, type Server, type Socket } from "node:net";
-import { createServer as createTlsServer } from "node:tls";
-import { PskResponder } from "./auth.js";
-import { tlsServerOptions, unverifiedPeer, type TlsFiles } from "./tls.js";
+import type { Socket } from "node:net";
+import { Listener } from "../link/listen.js";
+import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
+import { TIMEOUTS } from "../link/timeouts.js";
+import { FrameLink } from "../link/channel.js";
+import { ProtocolError, jsonFrame, parseJson, printable, type Frame } from "../wire/envelope.js";
 import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { DiskImage } from "../adapters/nas/image.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
-import { FrameLink } from "./link.js";
 import {
-  FrameType, PROTOCOL_VERSION, decodeJson, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck, encodeJson, ProtocolError, type Frame,
+  AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
 } from "./protocol.js";
 import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "./compress.js";
 
-export interface DestinationOptions {
+export interface DestinationOptions extends SecurityOptions {
   /** The destination VM's RAM file (exists with the VM's size, or is created when `createRam`). */
   ramPath: string;
   createRam?: boolean;
   /** The NAS image the twins come from (the only file read for them). */
   imagePath?: string;
   indexPath?: string;
+  /** Where to listen: host (default 127.0.0.1) and port, or a unix socket path. */
   host?: string;
   port?: number;
+  socketPath?: string;
+  /**
+   * Largest RAM a source may migrate here, bytes, when this agent creates
+   * the RAM file (createRam); an existing RAM file bounds it by its own size.
+   */
+  maxRamBytes?: number;
   /** Called after the RAM digest matched, before answering Done (QEMU: take the device state, `cont`). */
   onVerified?: () => Promise<void>;
   log?: (msg: string) => void;
-  /** Pre-shared key: a source must prove it holds it (and this agent proves it back) before anything is opened. */
-  psk?: Uint8Array | null;
-  /** TLS with certificate files (PEM); sources must present a certificate signed by `ca`. */
-  tls?: TlsFiles | null;
   /**
    * How to check the RAM at switchover: "held" (default) digests the hash of
    * every page as it was written, so the guest's downtime does not pay for
@@ -45,6 +49,14 @@ export interface DestinationOptions {
   /** A source silent for this long is dropped, ms (default 120000). */
   idleTimeoutMs?: number;
 }
+
+/**
+ * Most pages a migration may have: 16 B of held hashes per page must fit the
+ * core's 32-bit memory beside its other buffers (2^26 pages = 256 GiB of RAM).
+ */
+export const MAX_PAGES = 2 ** 26;
+/** Largest RAM file this agent creates unless told otherwise (maxRamBytes, --max-ram). */
+export const DEFAULT_MAX_RAM = 64 * 2 ** 30;
 
 export interface DestinationResult {
   status: "completed" | "failed";
@@ -75,35 +87,31 @@ interface Session {
 }
 
 export class DestinationAgent {
-  private server: Server | null = null;
+  private listener: Listener | null = null;
   private busy = false;
   readonly results: DestinationResult[] = [];
+  /** Peers refused before they authenticated (they are not migrations). */
+  readonly refused: string[] = [];
   private waiters: ((r: DestinationResult) => void)[] = [];
+  private readonly security: Security;
 
-  constructor(readonly opts: DestinationOptions) {}
+  constructor(readonly opts: DestinationOptions) {
+    this.security = resolveSecurity(opts, "pagetwin listen");
+    checkSecurity(this.security);
+  }
 
-  /** Starts listening; resolves with the bound port. */
-  listen(): Promise<number> {
-    return new Promise((resolve, reject) => {
-      const t = this.opts.tls;
-      // TLS: the handshake finishes even for a certificate from elsewhere, so that
-      // the source is told why it is refused; not a byte of it is read
-      const server = t
-        ? createTlsServer({ ...tlsServerOptions(t), rejectUnauthorized: false }, (s) => {
-          const why = unverifiedPeer(s);
-          if (!why) return this.accept(s);
-          this.opts.log?.(`pagetwin listen: refused the source at ${s.remoteAddress}:${s.remotePort}: ${why}`);
-          s.end(encodeJson(FrameType.HelloAck, { ok: false, error: `TLS: this destination refuses the source: ${why}` }));
-          setTimeout(() => s.destroy(), 150).unref();
-        })
-        : createServer((s) => this.accept(s));
-      if (t) server.on("tlsClientError", (err) => this.opts.log?.(`pagetwin listen: refused a TLS client: ${err.message}`));
-      server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${this.opts.host ?? "0.0.0.0"}:${this.opts.port ?? 0}: ${err.message}`)));
-      server.listen(this.opts.port ?? 0, this.opts.host ?? "127.0.0.1", () => {
-        this.server = server;
-        resolve((server.address() as { port: number }).port);
-      });
+  /** Starts listening; resolves with the bound port (0 on a unix socket). */
+  async listen(): Promise<number> {
+    const o = this.opts;
+    this.listener = await Listener.open({
+      at: o.socketPath ? { kind: "unix", path: o.socketPath } : { kind: "tcp", host: o.host ?? "127.0.0.1", port: o.port ?? 0 },
+      security: this.security, peer: "source agent",
+      onSession: (s) => this.accept(s),
+      onRefused: (why) => this.refused.push(why),
+      refusalFrame: (why) => jsonFrame(FrameType.HelloAck, { ok: false, error: `TLS: this destination refuses the source: ${why}` }),
+      log: (m) => o.log?.(`pagetwin listen: ${m}`),
     });
+    return this.listener.port;
   }
 
   /** The result of the next migration that ends. */
@@ -112,7 +120,7 @@ export class DestinationAgent {
   }
 
   close(): void {
-    this.server?.close();
+    void this.listener?.close();
   }
 
   private finish(r: DestinationResult): void {
@@ -122,15 +130,17 @@ export class DestinationAgent {
     for (const f of w) f(r);
   }
 
+  /** An authenticated source (TLS is over): it takes the one migration slot, or is told it is busy. */
   private accept(socket: Socket): void {
     if (this.busy) {
-      socket.end(encodeJson(FrameType.HelloAck, { ok: false, error: "this destination agent is already receiving a migration" }));
+      socket.end(jsonFrame(FrameType.HelloAck, { ok: false, error: "this destination agent is already receiving a migration" }));
+      setTimeout(() => socket.destroy(), TIMEOUTS.refuseLingerMs).unref();
       return;
     }
     this.busy = true;
-    const idle = this.opts.idleTimeoutMs ?? 120_000;
+    const idle = this.opts.idleTimeoutMs ?? TIMEOUTS.idleMs;
     socket.setTimeout(idle, () => socket.destroy(new Error(`the source sent nothing for ${idle} ms`)));
-    const link = new FrameLink(socket, `source agent ${socket.remoteAddress}:${socket.remotePort}`);
+    const link = new FrameLink(socket, `source agent ${socket.remoteAddress ?? "on the unix socket"}${socket.remotePort ? `:${socket.remotePort}` : ""}`, AGENT_FRAMES);
     this.session(link).then((r) => {
       this.busy = false;
       this.finish(r);
@@ -209,23 +219,24 @@ export class DestinationAgent {
             break;
           }
           case FrameType.IterEnd: {
-            const { iteration } = decodeJson<{ iteration: number }>(f);
+            const { iteration } = parseJson<{ iteration: number }>(f, "IterEnd");
             await link.send(encodeIterAck(iteration, s.resend));
             s.resend = [];
             break;
           }
           case FrameType.Switchover: {
-            const { digest } = decodeJson<{ digest: string }>(f);
+            const { digest } = parseJson<{ digest: unknown }>(f, "Switchover");
             r.digest = this.opts.verify === "reread"
               ? this.ramDigest(s, scratch.ptr)
               : Buffer.from(s.engine.digest(s.held.view())).toString("hex");
             if (r.digest !== digest) {
-              await link.send(encodeJson(FrameType.Done, { ok: false, digest: r.digest, error: `RAM digest ${r.digest} differs from the source's ${digest}` }));
-              throw new ProtocolError(`RAM digest ${r.digest} differs from the source's ${digest}`);
+              const why = `RAM digest ${r.digest} differs from the source's ${printable(String(digest))}`;
+              await link.send(jsonFrame(FrameType.Done, { ok: false, digest: r.digest, error: why }));
+              throw new ProtocolError(why);
             }
             r.verified = true;
             if (this.opts.onVerified) await this.opts.onVerified();
-            await link.send(encodeJson(FrameType.Done, { ok: true, digest: r.digest }));
+            await link.send(jsonFrame(FrameType.Done, { ok: true, digest: r.digest }));
             r.status = "completed";
             link.close();
             return r;
@@ -248,22 +259,18 @@ export class DestinationAgent {
   }
 
   private async hello(link: FrameLink): Promise<Session> {
-    const h = decodeJson<{ version: number; pages: number; pageSize: number; dedup: boolean; indexId: string | null; auth?: string | null; nonce?: string; compression?: unknown }>(await link.next(FrameType.Hello, 30_000));
+    const h = parseJson<{ version: unknown; pages: number; pageSize: unknown; dedup: boolean; indexId: string | null; compression?: unknown }>(await link.next(FrameType.Hello, TIMEOUTS.helloMs), "Hello");
     const refuse = async (error: string): Promise<never> => {
-      await link.send(encodeJson(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
+      await link.send(jsonFrame(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
       throw new ProtocolError(error);
     };
-    if (h.version !== PROTOCOL_VERSION) return refuse(`protocol version ${h.version} is not supported (this agent speaks ${PROTOCOL_VERSION})`);
-    const auth = new PskResponder(this.opts.psk ?? null, { initiator: "source", responder: "destination" });
-    const refused = auth.refusal(h);
-    if (refused) return refuse(refused);
-    if (auth.required) {
-      await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: false, version: PROTOCOL_VERSION, ...auth.challenge() }));
-      const bad = auth.check(decodeJson<{ proof?: string }>(await link.next(FrameType.Auth, 30_000)));
-      if (bad) return refuse(bad);
+    if (h.version !== PROTOCOL_VERSION) return refuse(`protocol version ${printable(String(h.version))} is not supported (this agent speaks ${PROTOCOL_VERSION}): run the same pagetwin version on both hosts`);
+    if (h.pageSize !== PAGE_SIZE) return refuse(`page size ${printable(String(h.pageSize))} is not supported (4096 only)`);
+    if (!Number.isInteger(h.pages) || h.pages <= 0 || h.pages > MAX_PAGES) return refuse(`bad page count ${printable(String(h.pages))} (1..${MAX_PAGES})`);
+    const maxRam = this.opts.maxRamBytes ?? DEFAULT_MAX_RAM;
+    if (this.opts.createRam && h.pages * PAGE_SIZE > maxRam) {
+      return refuse(`the source's RAM is ${h.pages * PAGE_SIZE} bytes, more than this destination allows (${maxRam}; raise it with --max-ram)`);
     }
-    if (h.pageSize !== PAGE_SIZE) return refuse(`page size ${h.pageSize} is not supported (4096 only)`);
-    if (!Number.isInteger(h.pages) || h.pages <= 0 || h.pages > 2 ** 28) return refuse(`bad page count ${h.pages}`);
     let seed = 0n;
     let image: DiskImage | null = null;
     if (h.indexId) {
@@ -291,7 +298,8 @@ export class DestinationAgent {
     const engine = await createEngine({ seed });
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const compression = availableAlgorithms().filter((a) => offered.includes(a));
-    await link.send(encodeJson(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression }));
+    await link.send(jsonFrame(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression }));
+    link.handshakeDone();
     const held = engine.alloc(h.pages * HASH_SIZE);
     const session: Session = { engine, ram, image, pages: h.pages, resend: [], held, compression, decompressors: new Map() };
     if (this.opts.createRam) {

@@ -5,7 +5,8 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { createInterface } from "node:readline";
-import { openSync, readSync, closeSync, rmSync } from "node:fs";
+import { openSync, readSync, closeSync, rmSync, existsSync } from "node:fs";
+import { createKeyFile, loadKey, type SecurityOptions } from "../link/security.js";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { EmbeddedVm, type EmbeddedVmOptions } from "../adapters/embedded/vm.js";
@@ -37,6 +38,8 @@ export interface EmbeddedRunOptions {
   onIteration?: Parameters<typeof migrateSource>[0]["onIteration"];
   /** Hook to break things in tests: called with the destination's port before the source connects. */
   beforeConnect?: (port: number, vm: EmbeddedVm, destinationPid: number | null) => Promise<{ host: string; port: number } | void>;
+  /** The agents' link (default: TLS-PSK with a key file made in the VM's directory); `{ insecure: true }` to see the frames on the wire. */
+  link?: SecurityOptions;
 }
 
 export interface EmbeddedRunResult extends MigrationResult {
@@ -53,8 +56,8 @@ export interface EmbeddedRunResult extends MigrationResult {
 
 const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 
-async function startDestinationProcess(ramPath: string, imagePath: string): Promise<{ port: number; child: ChildProcess; result: Promise<DestinationResult | null> }> {
-  const child = spawn(process.execPath, [CLI, "listen", "--ram", ramPath, "--create-ram", "--image", imagePath, "--port", "0", "--once", "--json"], {
+async function startDestinationProcess(ramPath: string, imagePath: string, security: string[]): Promise<{ port: number; child: ChildProcess; result: Promise<DestinationResult | null> }> {
+  const child = spawn(process.execPath, [CLI, "listen", "--ram", ramPath, "--create-ram", "--image", imagePath, "--port", "0", "--once", "--json", ...security], {
     stdio: ["ignore", "pipe", "inherit"],
   });
   const lines = createInterface({ input: child.stdout! });
@@ -99,6 +102,12 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
   const vm = EmbeddedVm.create(o.vm);
   const { ramPath, imagePath } = vm.layout;
   const dstRam = join(o.vm.dir, "destination-ram");
+  // the agents' link runs in TLS-PSK with a key of this directory's own, unless told otherwise
+  const keyPath = join(o.vm.dir, "link.key");
+  if (!o.link && !existsSync(keyPath)) createKeyFile(keyPath);
+  const link: SecurityOptions = o.link ?? { psk: loadKey(keyPath) };
+  const cliSecurity = link.insecure ? ["--insecure"] : ["--psk-file", keyPath];
+  if (o.link && !o.link.insecure && (o.destination ?? "process") === "process") throw new RangeError("runEmbeddedMigration: a destination process takes the default key or insecure");
   const t0 = performance.now();
   const nas = await openNasIndex(imagePath, { rebuild: true });
   const indexMs = performance.now() - t0;
@@ -107,12 +116,12 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
   let destResult: Promise<DestinationResult | null>;
   let port: number;
   if ((o.destination ?? "process") === "process") {
-    const d = await startDestinationProcess(dstRam, imagePath);
+    const d = await startDestinationProcess(dstRam, imagePath, cliSecurity);
     child = d.child;
     port = d.port;
     destResult = d.result;
   } else {
-    inproc = new DestinationAgent({ ramPath: dstRam, createRam: true, imagePath });
+    inproc = new DestinationAgent({ ramPath: dstRam, createRam: true, imagePath, ...link });
     port = await inproc.listen();
     destResult = inproc.nextResult();
   }
@@ -130,7 +139,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
         engine: nas.engine, index: o.mode === "pagetwin" ? nas.index : null, indexId: nas.header.indexId,
         ram, pool, ramPath, workersWhen: o.workersWhen ?? "always", vm: { pause: () => vm.pause(), resume: () => vm.resume() },
         host: target.host, port: target.port, bandwidth: o.bandwidth ?? 125e6, convergence: o.convergence,
-        trace: o.trace, onIteration: o.onIteration, compress: o.compress,
+        trace: o.trace, onIteration: o.onIteration, compress: o.compress, ...link,
       });
     } catch (err) {
       if (err instanceof MigrationError) result = err.result;

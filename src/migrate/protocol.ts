@@ -1,14 +1,16 @@
-// pagetwin wire protocol, version 2 (see docs/PROTOCOL.md).
-// Every frame: u32 BE length of what follows, u8 type, payload, u32 BE CRC-32
-// of type and payload (a flipped bit or a torn frame is caught, not written).
-// Binary payloads are big-endian; control frames carry a UTF-8 JSON object.
+// Agent mode's frames, protocol version 3 (see docs/PROTOCOL.md), in the
+// envelope of wire/envelope.ts. Binary payloads are big-endian; control
+// frames carry a UTF-8 JSON object. Authentication is the channel's (TLS).
 
-import { crc32 } from "node:zlib";
+import { PAGE_SIZE } from "../core/engine.js";
+import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
+import type { FrameSet } from "../link/channel.js";
 
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 export const MAX_FRAME = 8 * 1024 * 1024 + 64;
-export const PAGE_SIZE = 4096;
 export const REF_SIZE = 24; // page u32, block u32, hash 16
+/** Most references one Refs frame may hold. */
+export const MAX_REFS = 4096;
 
 export enum FrameType {
   Hello = 1,      // src -> dst, JSON
@@ -19,58 +21,25 @@ export enum FrameType {
   IterEnd = 6,    // src -> dst, JSON {iteration, final}
   IterAck = 7,    // dst -> src: u32 iteration, u32 count, count x u32 page to resend
   Switchover = 8, // src -> dst, JSON {digest}
-  Done = 9,       // dst -> src, JSON {ok, digest, error?}
+  Done = 9,       // dst -> src, JSON {ok, digest, error?}: the destination's own verdict
   Abort = 10,     // either way, JSON {reason}
-  Auth = 11,      // src -> dst, JSON {proof}: the source's answer to the destination's challenge
+  // 11 was Auth (protocol 2's challenge answer): TLS authenticates now
   CompressedPages = 12, // src -> dst: u8 algorithm, u32 count, count x u32 page, compressed count x 4096 bytes
 }
+
+export const AGENT_FRAMES: FrameSet = {
+  maxFrame: MAX_FRAME,
+  known: (t) => t in FrameType,
+  name: (t) => FrameType[t] ?? `#${t}`,
+};
 
 /** Most pages one CompressedPages frame may hold (its data decompresses to at most 8 MiB). */
 export const MAX_COMPRESSED_PAGES = 2048;
 
-const TRAILER = 4;
-
-/** Writes the length and the CRC of a frame built in `b` (type at 4, payload after, 4 spare bytes at the end). */
-function seal(b: Buffer): Buffer {
-  b.writeUInt32BE(b.length - 4, 0);
-  b.writeUInt32BE(crc32(b.subarray(4, b.length - TRAILER)), b.length - TRAILER);
-  return b;
-}
-
-export class ProtocolError extends Error {
-  override name = "ProtocolError";
-}
-
-export interface Frame {
-  type: FrameType;
-  payload: Uint8Array;
-}
-
-export function encodeFrame(type: FrameType, payload: Uint8Array): Buffer {
-  const b = Buffer.allocUnsafe(5 + payload.length + TRAILER);
-  b[4] = type;
-  b.set(payload, 5);
-  return seal(b);
-}
-
-export function encodeJson(type: FrameType, value: unknown): Buffer {
-  return encodeFrame(type, Buffer.from(JSON.stringify(value), "utf8"));
-}
-
-export function decodeJson<T>(f: Frame): T {
-  try {
-    const v = JSON.parse(Buffer.from(f.payload.buffer, f.payload.byteOffset, f.payload.length).toString("utf8"));
-    if (v === null || typeof v !== "object") throw new Error("not an object");
-    return v as T;
-  } catch (err) {
-    throw new ProtocolError(`frame ${FrameType[f.type]} does not hold a JSON object: ${(err as Error).message}`);
-  }
-}
-
 /** Pages frame: the page list and the page bytes, built in one allocation. */
 export function encodePages(pages: ArrayLike<number>, bytesOf: (i: number) => Uint8Array): Buffer {
   const n = pages.length;
-  const b = Buffer.allocUnsafe(4 + 1 + 4 + 4 * n + PAGE_SIZE * n + TRAILER);
+  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 4 + 4 * n + PAGE_SIZE * n);
   b[4] = FrameType.Pages;
   b.writeUInt32BE(n, 5);
   for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
@@ -90,7 +59,7 @@ export function encodePagesMaybeCompressed(
   compress: ((dst: Uint8Array) => number) | null, maxRatio = 0.9,
 ): { frame: Buffer; compressed: number } {
   const n = pages.length;
-  const b = Buffer.allocUnsafe(4 + 1 + 4 + 4 * n + PAGE_SIZE * n + TRAILER);
+  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 4 + 4 * n + PAGE_SIZE * n);
   if (compress && n > 0 && n <= MAX_COMPRESSED_PAGES) {
     b[4] = FrameType.CompressedPages;
     b[5] = algorithmId;
@@ -187,6 +156,7 @@ export function decodeCompressedPages(f: Frame, maxPage: number): { algorithmId:
 
 export function decodeRefs(f: Frame, maxPage: number, maxBlock: number): { pages: Uint32Array; blocks: Uint32Array; hashes: Uint8Array } {
   const n = counted(f, 4, REF_SIZE, "Refs");
+  if (n > MAX_REFS) throw new ProtocolError(`a Refs frame holds ${n} references; at most ${MAX_REFS}`);
   const dv = view(f.payload);
   const pages = new Uint32Array(n), blocks = new Uint32Array(n), hashes = new Uint8Array(16 * n);
   for (let i = 0; i < n; i++) {
@@ -223,63 +193,4 @@ export function decodeIterAck(f: Frame, maxPage: number): { iteration: number; r
     resend[i] = p;
   }
   return { iteration: dv.getUint32(0), resend };
-}
-
-/**
- * Incremental frame parser: feed it chunks as they come off the socket (a
- * frame may be split anywhere); it hands out whole frames.
- */
-export class FrameReader {
-  private chunks: Buffer[] = [];
-  private have = 0;
-  /** Whole frames read so far. */
-  frames = 0;
-
-  constructor(private readonly maxFrame = MAX_FRAME) {}
-
-  push(chunk: Buffer): Frame[] {
-    this.chunks.push(chunk);
-    this.have += chunk.length;
-    const out: Frame[] = [];
-    while (this.have >= 4) {
-      const head = this.peek(4);
-      const len = head.readUInt32BE(0);
-      if (len < 1 + TRAILER || len > this.maxFrame) throw new ProtocolError(`frame length ${len} is outside ${1 + TRAILER}..${this.maxFrame}: corrupt stream or not a pagetwin peer`);
-      if (this.have < 4 + len) break;
-      const whole = this.take(4 + len);
-      const body = whole.subarray(4, whole.length - TRAILER);
-      if (crc32(body) !== whole.readUInt32BE(whole.length - TRAILER)) {
-        throw new ProtocolError(`frame ${this.frames} (${len} bytes) fails its CRC-32: the link corrupted it`);
-      }
-      const type = whole[4]!;
-      if (!(type in FrameType)) throw new ProtocolError(`unknown frame type ${type}`);
-      this.frames++;
-      out.push({ type: type as FrameType, payload: whole.subarray(5, whole.length - TRAILER) });
-    }
-    return out;
-  }
-
-  /** Bytes held that do not yet make a whole frame. */
-  get pending(): number {
-    return this.have;
-  }
-
-  private peek(n: number): Buffer {
-    if (this.chunks[0]!.length >= n) return this.chunks[0]!;
-    this.chunks = [Buffer.concat(this.chunks)];
-    return this.chunks[0]!;
-  }
-
-  private take(n: number): Buffer {
-    let first = this.chunks[0]!;
-    if (first.length < n) {
-      first = Buffer.concat(this.chunks);
-      this.chunks = [first];
-    }
-    const out = first.subarray(0, n);
-    if (first.length === n) this.chunks.shift();
-    else this.chunks[0] = first.subarray(n);
-    this.have -= n;
-    return out;
-  }
 }

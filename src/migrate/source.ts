@@ -4,17 +4,18 @@
 // round and checks that the destination's RAM digest equals its own.
 // Any failure resumes the source VM, whose RAM this agent never writes.
 
-import { connect, type Socket } from "node:net";
-import { connect as tlsConnect } from "node:tls";
-import { PskInitiator } from "./auth.js";
-import { tlsClientOptions, type TlsFiles } from "./tls.js";
 import { Engine, HASH_SIZE, PAGE_SIZE, TwinIndex } from "../core/engine.js";
 import { Planner, type WindowPlan } from "../plan/planner.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
-import { FrameLink, RateLimiter } from "./link.js";
+import { FrameLink } from "../link/channel.js";
+import { RateLimiter } from "../link/rate.js";
+import { dial } from "../link/dial.js";
+import { resolveSecurity, type SecurityOptions } from "../link/security.js";
+import { TIMEOUTS } from "../link/timeouts.js";
+import { ProtocolError, jsonFrame, parseJson, printable } from "../wire/envelope.js";
 import type { EnginePool } from "../pool/pool.js";
 import {
-  FrameType, PROTOCOL_VERSION, decodeIterAck, decodeJson, encodeJson, encodePageList, encodePagesMaybeCompressed, encodeRefs, ProtocolError,
+  AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodeIterAck, encodePageList, encodePagesMaybeCompressed, encodeRefs,
 } from "./protocol.js";
 import {
   ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, emptyCompressionStats, zstdUnavailableReason,
@@ -38,7 +39,7 @@ export interface VmControl {
   resume(): Promise<void>;
 }
 
-export interface SourceOptions {
+export interface SourceOptions extends SecurityOptions {
   engine: Engine;
   /** Block index of the NAS image; null: plain pre-copy (zero pages skipped, every other dirty page sent). */
   index: TwinIndex | null;
@@ -56,8 +57,10 @@ export interface SourceOptions {
   workersWhen?: WorkersWhen;
   ramPath?: string;
   vm: VmControl;
+  /** The destination agent: a host with `port`, or a unix socket path with `socketPath`. */
   host: string;
   port: number;
+  socketPath?: string;
   /** Link bandwidth cap, bytes per second (0: none). */
   bandwidth: number;
   convergence?: ConvergenceOptions;
@@ -76,10 +79,6 @@ export interface SourceOptions {
   /** Called with the VM paused after the destination verified its RAM (QEMU: device state handover). */
   handover?: () => Promise<void>;
   connectTimeoutMs?: number;
-  /** Pre-shared key: both agents prove they hold it (mutual challenge-response) before any page moves. */
-  psk?: Uint8Array | null;
-  /** TLS with certificate files (PEM): the destination's certificate is checked against `ca`, and ours is sent. */
-  tls?: TlsFiles | null;
   /** Longest wait for an answer from the destination, ms (default 120000). */
   answerTimeoutMs?: number;
   /**
@@ -89,8 +88,6 @@ export interface SourceOptions {
    */
   compress?: CompressionMode;
 }
-
-export type { TlsFiles } from "./tls.js";
 
 /** Page classes in a trace map. */
 export const PAGE_CLASS = { clean: 0, zero: 1, twin: 2, sent: 3, resent: 4 } as const;
@@ -147,29 +144,16 @@ export class MigrationError extends Error {
   }
 }
 
-function connectSocket(host: string, port: number, timeoutMs: number, tlsFiles?: TlsFiles | null): Promise<Socket> {
-  return new Promise((resolve, reject) => {
-    const s = tlsFiles
-      ? tlsConnect(tlsClientOptions(tlsFiles, host, port))
-      : connect({ host, port });
-    const t = setTimeout(() => { s.destroy(); reject(new Error(`pagetwin: no destination agent answered at ${host}:${port} within ${timeoutMs} ms`)); }, timeoutMs);
-    s.once(tlsFiles ? "secureConnect" : "connect", () => { clearTimeout(t); resolve(s); });
-    s.once("error", (err) => {
-      clearTimeout(t);
-      reject(new Error(`pagetwin: cannot reach the destination agent at ${host}:${port}: ${err.message}. Is \`pagetwin listen\` running there?`));
-    });
-  });
-}
-
 export async function migrateSource(o: SourceOptions): Promise<MigrationResult> {
   const t0 = performance.now();
+  const security = resolveSecurity(o, "pagetwin source agent");
   if (o.pool && (!o.ramPath || o.pool.seed !== o.engine.seed)) {
     throw new RangeError("pagetwin: a pool needs ramPath and the engine's seed");
   }
   const policy = new ConvergencePolicy(o.convergence);
   const planner = new Planner(o.engine, { pages: o.ram.pages, windowPages: o.windowPages, index: o.index });
   const framePages = o.framePages ?? 256;
-  const answerTimeout = o.answerTimeoutMs ?? 120_000;
+  const answerTimeout = o.answerTimeoutMs ?? TIMEOUTS.answerMs;
   const ramBytes = o.ram.pages * PAGE_SIZE;
   const totals = { normal: 0, zero: 0, twin: 0, resent: 0 };
   const log: IterationRecord[] = [];
@@ -196,24 +180,17 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
   const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
   try {
-    const socket = await connectSocket(o.host, o.port, o.connectTimeoutMs ?? 10_000, o.tls);
-    link = new FrameLink(socket, `destination agent ${o.host}:${o.port}`, new RateLimiter(o.bandwidth));
-    const auth = new PskInitiator(o.psk ?? null, { initiator: "source", responder: "destination" });
-    await link.send(encodeJson(FrameType.Hello, {
-      version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId,
-      ...auth.hello(), compression: offer,
+    const to = o.socketPath ? { kind: "unix" as const, path: o.socketPath } : { kind: "tcp" as const, host: o.host, port: o.port };
+    const socket = await dial(to, security, { peer: "destination agent", timeoutMs: o.connectTimeoutMs ?? TIMEOUTS.connectMs, hint: "Is `pagetwin listen` running there?" });
+    link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
+    await link.send(jsonFrame(FrameType.Hello, {
+      version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
     }));
-    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; nonce?: string; proof?: string; compression?: unknown };
-    let ack = decodeJson<Ack>(await link.next(FrameType.HelloAck, 30_000));
-    if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
-    if (auth.required) {
-      const answer = auth.answer(ack);
-      if (!answer.ok) throw new ProtocolError(answer.error);
-      await link.send(encodeJson(FrameType.Auth, { proof: answer.proof }));
-      ack = decodeJson<Ack>(await link.next(FrameType.HelloAck, 30_000));
-      if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${ack.error ?? "no reason given"}`);
-    }
-    if (!ack.ready) throw new ProtocolError("the destination did not say it is ready (a destination without a key answering a source with one?)");
+    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; compression?: unknown };
+    const ack = parseJson<Ack>(await link.next(FrameType.HelloAck, TIMEOUTS.helloMs), "HelloAck");
+    if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${printable(String(ack.error ?? "no reason given"))}`);
+    if (!ack.ready) throw new ProtocolError("the destination did not say it is ready (does it run the same pagetwin version?)");
+    link.handshakeDone();
     if (offer.length) {
       const accepted = Array.isArray(ack.compression) ? ack.compression : [];
       const algo = offer.find((a) => accepted.includes(a)) ?? null;
@@ -283,7 +260,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       // next one, so that the next scan overlaps the link's tail; the final
       // round waits for it (and for answers to its resends).
       for (let round = 0; ; round++) {
-        await l.send(encodeJson(FrameType.IterEnd, { iteration, final, round }));
+        await l.send(jsonFrame(FrameType.IterEnd, { iteration, final, round }));
         if (!final) {
           unacked = iteration;
           break;
@@ -437,10 +414,11 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     await runIteration(iteration + 1, true);
     const digest = o.engine.digest(planner.sentHashes());
     result.digest = Buffer.from(digest).toString("hex");
-    await link.send(encodeJson(FrameType.Switchover, { digest: result.digest }));
-    const done = decodeJson<{ ok: boolean; digest?: string; error?: string }>(await link.next(FrameType.Done, answerTimeout));
-    if (!done.ok) throw new ProtocolError(`the destination could not finish: ${done.error ?? "no reason given"}`);
-    if (done.digest !== result.digest) throw new ProtocolError(`the destination's RAM digest ${done.digest} differs from the source's ${result.digest}`);
+    await link.send(jsonFrame(FrameType.Switchover, { digest: result.digest }));
+    // The destination's own verdict, inside the authenticated channel: only ok:true with our digest lets the destination run.
+    const done = parseJson<{ ok: unknown; digest?: unknown; error?: unknown }>(await link.next(FrameType.Done, answerTimeout), "Done");
+    if (done.ok !== true) throw new ProtocolError(`the destination could not finish: ${printable(String(done.error ?? "no reason given"))}`);
+    if (done.digest !== result.digest) throw new ProtocolError(`the destination's RAM digest ${printable(String(done.digest))} differs from the source's ${result.digest}`);
     result.verified = true;
     if (o.handover) await o.handover();
     result.downtimeMs = performance.now() - pausedAt;

@@ -9,6 +9,8 @@
 // first (its RAM is incomplete), then the source gets `cont` if it was paused.
 
 import { createServer } from "node:net";
+import { randomBytes } from "node:crypto";
+import { PSK_BYTES, type SecurityOptions, type TlsFiles } from "../link/security.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import type { QmpClient } from "../adapters/qemu/qmp.js";
@@ -53,10 +55,14 @@ export interface AgentMigrationOptions {
   workers?: number;
   /** Whether the workers hash every pass or only the final one, with the guest stopped (see SourceOptions). */
   workersWhen?: WorkersWhen;
-  /** Pre-shared key both agents prove they hold (the destination agent's --psk-file). */
+  /**
+   * The link to a remote destination agent (`agent`): its pre-shared key, TLS
+   * certificates, or an explicit insecure. A local agent (in this process)
+   * uses these when given, else a fresh random key of this migration's own.
+   */
   psk?: Uint8Array | null;
-  /** Mutual TLS to the destination agent. */
-  tls?: { cert: string; key: string; ca: string } | null;
+  tls?: TlsFiles | null;
+  insecure?: boolean;
   /** Time allowed for QEMU's device-state migration (default 60 s). */
   handoverTimeoutMs?: number;
   onIteration?: (it: IterationRecord) => void;
@@ -230,6 +236,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
   let nas: Awaited<ReturnType<typeof openNasIndex>> | null = null;
   let local: DestinationAgent | null = null;
   let localResult: Promise<DestinationResult> | null = null;
+  let link: SecurityOptions = { psk: o.psk ?? null, tls: o.tls ?? null, insecure: o.insecure ?? false };
   let pool: EnginePool | null = null;
   try {
     // Checks before anything moves.
@@ -245,7 +252,8 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     let target = o.agent;
     if (!target) {
       if (!o.dstRam) throw new Error("no destination agent given (--dst-agent) and no destination RAM file (--dst-ram) for a local one");
-      local = new DestinationAgent({ ramPath: o.dstRam, imagePath: o.image, indexPath: o.indexPath, host: "127.0.0.1", port: 0, log, psk: o.psk ?? null, tls: o.tls ?? null });
+      if (!o.psk && !o.tls && !o.insecure) link = { psk: randomBytes(PSK_BYTES) };
+      local = new DestinationAgent({ ramPath: o.dstRam, imagePath: o.image, indexPath: o.indexPath, host: "127.0.0.1", port: 0, log, ...link });
       target = { host: "127.0.0.1", port: await local.listen() };
       localResult = local.nextResult();
     }
@@ -291,7 +299,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     try {
       mr = await migrateSource({
         engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
-        psk: o.psk ?? null, tls: o.tls ?? null,
+        ...link,
         vm: {
           pause: async () => { await src.execute("stop"); sourcePaused = true; },
           resume: async () => { await restoreSource(); },

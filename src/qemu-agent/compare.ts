@@ -9,6 +9,7 @@
 
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
+import { createKeyFile } from "../link/security.js";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -132,8 +133,8 @@ function collect(child: ChildProcess, timeoutMs: number, what: string): Promise<
 }
 
 /** Starts `pagetwin listen` in the destination namespace; resolves with its port once it listens. */
-function startDestinationAgent(link: NetnsLink, ramPath: string, image: string): Promise<{ child: ChildProcess; port: number }> {
-  const child = link.spawn(link.dstNs, process.execPath, [CLI_MAIN, "listen", "--ram", ramPath, "--image", image, "--host", link.dstIp, "--port", "0", "--once", "--json"], {
+function startDestinationAgent(link: NetnsLink, ramPath: string, image: string, keyPath: string): Promise<{ child: ChildProcess; port: number }> {
+  const child = link.spawn(link.dstNs, process.execPath, [CLI_MAIN, "listen", "--ram", ramPath, "--image", image, "--host", link.dstIp, "--port", "0", "--once", "--json", "--psk-file", keyPath], {
     stdio: ["ignore", "pipe", "pipe"],
   });
   let err = "";
@@ -169,6 +170,8 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
   if (nas.built) log(`indexed the NAS image ${guest.disk} in ${nas.ms.toFixed(0)} ms`);
 
   const dir = mkdtempSync(join(tmpdir(), "pt-agentcmp-"));
+  // the agents' link in TLS-PSK, as an operator would run it
+  const keyPath = createKeyFile(join(dir, "link.key"));
   const link = createNetnsLink({ rate });
   log(`link: ${link.srcNs} (${link.srcIp}) <-> ${link.dstNs} (${link.dstIp}), veth shaped with tc tbf ${link.rate}`);
   const result: CompareResult = {
@@ -236,10 +239,10 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
             run.pages = { normal: q.ram?.normal ?? 0, zero: q.ram?.duplicate ?? 0, twin: 0 };
             run.iterations = q.ram?.["dirty-sync-count"] ?? 0;
           } else {
-            const d = await startDestinationAgent(link, dst.options.memPath, guest.disk);
+            const d = await startDestinationAgent(link, dst.options.memPath, guest.disk, keyPath);
             children.push(d.child);
             const args = [AGENT_MAIN, "migrate", "--src-qmp", src.options.extraQmpSockets![0]!, "--dst-qmp", dst.options.extraQmpSockets![0]!,
-              "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--image", guest.disk, "--incoming", uri,
+              "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--psk-file", keyPath, "--image", guest.disk, "--incoming", uri,
               // pagetwin is told the link's rate, as an operator would (its compression policy weighs it)
               "--bandwidth", o.rate ?? "1gbit", "--downtime", String(downtimeMs), "--workers", String(workers), "--workers-when", o.workersWhen ?? "always", "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
             const w0 = Date.now();

@@ -3,6 +3,7 @@
 
 import { parseCompressionMode, type CompressionMode } from "../migrate/compress.js";
 import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../cli/args.js";
+import { parseEndpoint } from "../link/endpoint.js";
 import { streamIn, streamOut, type StreamStats } from "./proxy.js";
 
 const common: CommandSpec["options"] = {
@@ -11,31 +12,33 @@ const common: CommandSpec["options"] = {
   quiet: { type: "boolean", help: "no progress lines on stderr" },
 };
 
-const SECURITY_NOTE = `Security of the link (docs/SECURITY.md): give both proxies the same --psk-file, and/or
---tls-cert/--tls-key/--tls-ca with certificates from one CA. stream-in refuses a peer that
-cannot prove the key or has no certificate from its CA before it connects to QEMU;
-stream-out refuses a stream-in that cannot prove the key before any byte of QEMU's stream goes out.`;
+const SECURITY_NOTE = `Security of the link (docs/SECURITY.md): give both proxies the same --psk-file (TLS-PSK),
+or --tls-cert/--tls-key/--tls-ca with certificates from one CA (TLS 1.3, mutual). Every byte
+between the proxies is then encrypted and authenticated. stream-in refuses a peer that fails
+the TLS handshake before it connects to QEMU; stream-out sends nothing of QEMU's stream to a
+stream-in that failed it. Without either, both refuse to start unless given --insecure.`;
 
 export const outSpec: CommandSpec = {
   name: "stream-out",
   summary: "source-side proxy in QEMU's own migration stream",
-  usage: "pagetwin stream-out --to HOST:PORT --image IMAGE [--listen [HOST:]PORT] [--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA] [--json]",
+  usage: "pagetwin stream-out --to HOST:PORT --image IMAGE [--listen [HOST:]PORT | unix:PATH] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--json]",
   options: {
-    listen: { type: "string", default: "127.0.0.1:4446", help: "[HOST:]PORT where QEMU connects" },
-    to: { type: "string", help: "HOST:PORT of the destination's pagetwin stream-in" },
+    listen: { type: "string", default: "127.0.0.1:4446", help: "where the source QEMU connects: a loopback [HOST:]PORT, or unix:PATH (a 0600 socket: only this user's processes can connect)" },
+    to: { type: "string", help: "HOST:PORT (or unix:PATH) of the destination's pagetwin stream-in" },
     image: { type: "string", help: "raw disk image on the NAS (its block index is built or loaded beside it)" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index)" },
     window: { type: "string", default: "16384", help: "referenced pages kept for resends until acknowledged (16384 pages = 64 MiB)" },
     "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
-    "verify-stream": { type: "boolean", help: "check end to end that stream-in hands the destination QEMU exactly the bytes the source QEMU sent (length and CRC-32 of the whole stream on both sides, ~45 ms of CPU per 300 MB on each); a mismatch fails the migration at stream-in and says so" },
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
     ...securityOptions("stream-in", false),
     ...common,
   },
-  details: `Point the source QEMU at it:  migrate tcp:127.0.0.1:PORT
+  details: `Point the source QEMU at it:  migrate tcp:127.0.0.1:PORT  (or migrate unix:PATH)
 RAM pages that are copies of blocks of IMAGE (on the NAS both hosts mount)
-travel as references; everything else passes through unchanged.
+travel as references; everything else passes through unchanged. stream-in
+always checks that it handed its QEMU exactly the stream the source QEMU sent
+(length and CRC-32 of the whole stream) and fails the migration otherwise.
 
 ${SECURITY_NOTE}`,
 };
@@ -43,10 +46,10 @@ ${SECURITY_NOTE}`,
 export const inSpec: CommandSpec = {
   name: "stream-in",
   summary: "destination-side proxy: rebuilds QEMU's migration stream",
-  usage: "pagetwin stream-in --qemu HOST:PORT --image IMAGE [--listen [HOST:]PORT] [--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA] [--json]",
+  usage: "pagetwin stream-in --qemu HOST:PORT --image IMAGE [--listen [HOST:]PORT] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--json]",
   options: {
-    listen: { type: "string", default: "0.0.0.0:4447", help: "[HOST:]PORT where stream-out connects" },
-    qemu: { type: "string", help: "HOST:PORT, the destination QEMU's -incoming tcp address" },
+    listen: { type: "string", default: "127.0.0.1:4447", help: "[HOST:]PORT where stream-out connects (give the address stream-out reaches: the default is loopback only), or unix:PATH" },
+    qemu: { type: "string", help: "HOST:PORT or unix:PATH, the destination QEMU's -incoming address" },
     image: { type: "string", help: "the same raw disk image, as mounted on this host" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index; only its seed and id are read)" },
     ...securityOptions("stream-out", true),
@@ -61,11 +64,10 @@ it is reported (stats "refused") and stream-in waits for the real stream-out.
 ${SECURITY_NOTE}`,
 };
 
-function listenAddr(v: string | undefined, defHost: string, defPort: number): { host: string; port: number } {
-  if (!v) return { host: defHost, port: defPort };
-  const m = /^(?:(.*):)?(\d+)$/.exec(v);
-  if (!m) throw new UsageError(`--listen must be PORT or HOST:PORT (got "${v}")`);
-  return { host: m[1] || defHost, port: Number(m[2]) };
+/** --listen as stream options: a unix socket, or a host and port. */
+function listenAt(v: string | undefined, defHost: string, defPort: number): { listenSocket: string } | { listenHost: string; listenPort: number } {
+  const e = parseEndpoint(v ?? String(defPort), "--listen", defHost);
+  return e.kind === "unix" ? { listenSocket: e.path } : { listenHost: e.host, listenPort: e.port };
 }
 
 function report(stats: StreamStats, json: boolean): void {
@@ -133,7 +135,7 @@ function need(v: Values, k: string): string {
 
 export function runStreamOutCli(argv: string[]): Promise<number> {
   return run(argv, outSpec, async (v, log) => {
-    const l = listenAddr(v["listen"] as string | undefined, "127.0.0.1", 4446);
+    const l = listenAt(v["listen"] as string | undefined, "127.0.0.1", 4446);
     const to = need(v, "to");
     const image = need(v, "image");
     const window = Number(v["window"]);
@@ -142,8 +144,7 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     try { compress = parseCompressionMode(v["compress"] as string | undefined); } catch (err) { throw new UsageError((err as Error).message); }
     const bandwidth = v["bandwidth"] ? parseRate(v["bandwidth"] as string) : 0;
     return streamOut({
-      listenPort: l.port, listenHost: l.host, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth,
-      verifyStream: Boolean(v["verify-stream"]),
+      ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth,
       windowPages: window, ...security(v),
       ...(v["index"] ? { indexPath: v["index"] as string } : {}),
     });
@@ -152,9 +153,9 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
 
 export function runStreamInCli(argv: string[]): Promise<number> {
   return run(argv, inSpec, async (v, log) => {
-    const l = listenAddr(v["listen"] as string | undefined, "0.0.0.0", 4447);
+    const l = listenAt(v["listen"] as string | undefined, "127.0.0.1", 4447);
     return streamIn({
-      listenPort: l.port, listenHost: l.host, qemu: need(v, "qemu"), image: need(v, "image"), log, keep: Boolean(v["keep"]),
+      ...l, qemu: need(v, "qemu"), image: need(v, "image"), log, keep: Boolean(v["keep"]),
       ...security(v),
       ...(v["index"] ? { indexPath: v["index"] as string } : {}),
     });

@@ -8,6 +8,7 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
+import { createKeyFile } from "../link/security.js";
 import { fileURLToPath } from "node:url";
 import type { ChildProcess } from "node:child_process";
 import { QemuVm, QEMU_UNTHROTTLED, findGuest, type GuestImage } from "../adapters/qemu/vm.js";
@@ -42,8 +43,6 @@ export interface CompareOptions {
   workDir?: string;
   /** Index file both proxies use (default: a private file in the temp dir, removed afterwards). */
   indexPath?: string;
-  /** stream-out --verify-stream: stream-in checks the rebuilt stream against the source's, end to end. */
-  verifyStream?: boolean;
 }
 
 export interface RunResult {
@@ -128,6 +127,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
   const log = opts.log ?? (() => {});
   const mem = opts.memoryMiB ?? 512;
   const dir = fs.mkdtempSync(path.join(opts.workDir ?? os.tmpdir(), "pt-cmp-"));
+  // the proxies' link in TLS-PSK, as an operator would run it
+  const keyPath = createKeyFile(path.join(dir, "link.key"));
   const tag = `${process.pid}-${runNo}-${mode}`;
   const QEMU_PORT = 4444, IN_PORT = 4447, OUT_PORT = 4446;
   let src: QemuVm | null = null, dst: QemuVm | null = null;
@@ -164,8 +165,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
       await dst.qmp.execute("migrate-incoming", { uri });
     }
     if (mode === "pagetwin") {
-      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath]);
-      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--bandwidth", link.rate, ...(opts.verifyStream ? ["--verify-stream"] : [])]);
+      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath]);
+      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--bandwidth", link.rate, "--psk-file", keyPath]);
       uri = `tcp:127.0.0.1:${OUT_PORT}`;
     }
     const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);
@@ -203,7 +204,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     res.linkBytes = link.txBytes(link.srcNs) - tx0;
     res.linkBytesReturn = link.txBytes(link.dstNs) - rx0;
     if (mode === "pagetwin") res.proxies = stats;
-    if (opts.verifyStream && mode === "pagetwin") logVerified(stats.in);
+    if (mode === "pagetwin") logVerified(stats.in);
     res.ok = res.firstDestCounter > res.lastSourceCounter - 1 && res.lastSourceCounter >= 0;
     if (!res.ok) res.error = `destination counter ${res.firstDestCounter} does not continue source counter ${res.lastSourceCounter}`;
     log(`run ${runNo} ${mode}: total ${res.totalTimeMs} ms, end-to-end ${res.endToEndMs.toFixed(0)} ms, downtime ${res.downtimeMs} ms (observed ${res.observedDowntimeMs.toFixed(0)}), link ${(res.linkBytes / 1e6).toFixed(1)} MB, counter ${res.lastSourceCounter} -> ${res.firstDestCounter}`);
@@ -211,7 +212,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     res.error = (err as Error).message;
     log(`run ${runNo} ${mode}: FAILED: ${res.error}`);
     // a destination guest that fails after a complete stream: say whether the proxies changed a byte
-    if (opts.verifyStream && pin) {
+    if (pin) {
       logVerified(await stopProxy(pin, 3000));
       pin = null;
     }

@@ -13,8 +13,7 @@
 // referenced page until streamIn acknowledges it. Bytes from the destination
 // QEMU back to the source (return path) travel as RETURN frames, unchanged.
 
-import * as net from "node:net";
-import * as tls from "node:tls";
+import type * as net from "node:net";
 import { once } from "node:events";
 import { crc32 } from "node:zlib";
 import { createEngine, NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type Region, type TwinIndex } from "../core/engine.js";
@@ -23,13 +22,15 @@ import { DiskImage } from "../adapters/nas/image.js";
 import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
 import { ReplayWindow } from "./replay-window.js";
 import {
-  SFrame, StreamFrameReader, abortReason, StreamProtocolError, RefsBuilder, decodeRefs, jsonFrame, parseJson, rawFrame, readU32, u32Frame,
-  STREAM_PROTOCOL_VERSION, frame, type StreamFrame,
-  compressedRawFrame, decodeRawZ, RAW_Z_OVERHEAD,
+  SFrame, STREAM_FRAMES, RefsBuilder, decodeRefs, rawFrame, MAX_REFS, STREAM_PROTOCOL_VERSION, compressedRawFrame, decodeRawZ, RAW_Z_OVERHEAD,
 } from "./frames.js";
-import { PskInitiator, PskResponder, type AuthNames } from "../migrate/auth.js";
-import { drained } from "../migrate/link.js";
-import { tlsClientOptions, tlsServerOptions, unverifiedPeer, type TlsFiles } from "../migrate/tls.js";
+import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, u32Frame, type Frame } from "../wire/envelope.js";
+import { drained } from "../link/rate.js";
+import { dial } from "../link/dial.js";
+import { Listener, type ListenSecurity } from "../link/listen.js";
+import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
+import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
+import { TIMEOUTS } from "../link/timeouts.js";
 import {
   ALGORITHM_ID, CompressionPolicy, algorithmOfId, availableAlgorithms, createCompressor, emptyCompressionStats, zstdUnavailableReason,
   type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
@@ -59,9 +60,10 @@ export interface StreamStats {
   passthrough: string[];
   warnings: string[];
   /**
-   * stream-in: peers refused before they authenticated (wrong or no key, a
-   * certificate from another CA). They are not migrations: a one-shot
-   * stream-in keeps waiting for the real stream-out.
+   * stream-in: peers refused before they authenticated (a failed TLS
+   * handshake: wrong or no key, a certificate from another CA, too many
+   * handshakes at once). They are not migrations: a one-shot stream-in keeps
+   * waiting for the real stream-out.
    */
   refused: string[];
   error?: string;
@@ -73,10 +75,7 @@ export interface StreamStats {
   windowWaitMs: number;
   /** RAW data compressed on the link (stream-out: what it compressed and why not; stream-in: frames decompressed). */
   compression: CompressionStats;
-  /**
-   * stream-in: sessions whose rebuilt stream was checked against the source's
-   * (length and CRC-32 of the whole stream, with stream-out's verifyStream) and matched.
-   */
+  /** stream-in: sessions whose rebuilt stream was checked against the source's (length and CRC-32 of the whole stream) and matched. */
   streamsVerified: number;
 }
 
@@ -89,7 +88,7 @@ function newStats(role: StreamStats["role"]): StreamStats {
 }
 
 export interface StreamProxy {
-  /** The port it listens on (useful with listenPort 0). */
+  /** The port it listens on (useful with listenPort 0; 0 on a unix socket). */
   port: number;
   stats: StreamStats;
   /** Resolves when the first migration is over (or, with keep, when closed); rejects never: see stats.error. */
@@ -99,63 +98,42 @@ export interface StreamProxy {
 
 export type Logger = (msg: string) => void;
 
-function parseHostPort(s: string, what: string): { host: string; port: number } {
-  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(s) ?? /^()()(\d+)$/.exec(s);
-  if (!m) throw new Error(`pagetwin: ${what} must be HOST:PORT (got "${s}")`);
-  const port = Number(m[3]);
-  if (!(port >= 0 && port < 65536)) throw new Error(`pagetwin: ${what} has an invalid port ${m[3]}`);
-  return { host: m[1] || m[2] || "127.0.0.1", port };
-}
-
 /** Bytes queued on a socket before the producer waits for it to drain. */
 const BUFFER_HIGH = 4 * 1024 * 1024;
 
-/** The names and HMAC label of stream mode's key exchange (see auth.ts). */
-const STREAM_AUTH: AuthNames = { initiator: "stream-out", responder: "stream-in", context: "pagetwin-stream-v2" };
-
-/** A TCP connection, or with `tlsFiles` a mutual-TLS one whose peer certificate checked out. */
-function connect(host: string, port: number, timeoutMs = 10_000, tlsFiles: TlsFiles | null = null): Promise<net.Socket> {
-  return new Promise((resolve, reject) => {
-    // (tls.connect passes allowHalfOpen on to its socket; its types do not list it)
-    const s = tlsFiles ? tls.connect({ ...tlsClientOptions(tlsFiles, host, port), allowHalfOpen: true } as tls.ConnectionOptions) : net.connect({ host, port, allowHalfOpen: true });
-    const t = setTimeout(() => { s.destroy(); reject(new Error(`pagetwin: no connection to ${host}:${port} within ${timeoutMs} ms`)); }, timeoutMs);
-    s.once(tlsFiles ? "secureConnect" : "connect", () => { clearTimeout(t); s.off("error", onErr); s.setNoDelay(true); resolve(s); });
-    const onErr = (e: Error) => { clearTimeout(t); reject(new Error(`pagetwin: cannot connect to ${host}:${port}: ${e.message}`)); };
-    s.once("error", onErr);
-  });
-}
-
 /** Waits for `n` frames-worth of link input with a timeout. */
 class FrameInbox {
-  private queue: StreamFrame[] = [];
-  private waiter: ((f: StreamFrame | null) => void) | null = null;
+  private queue: Frame[] = [];
+  private waiter: ((f: Frame | null) => void) | null = null;
   closed = false;
-  push(f: StreamFrame): void {
+  push(f: Frame): void {
     if (this.waiter) { const w = this.waiter; this.waiter = null; w(f); } else this.queue.push(f);
   }
   close(): void {
     this.closed = true;
     if (this.waiter) { const w = this.waiter; this.waiter = null; w(null); }
   }
-  next(timeoutMs: number, what: string): Promise<StreamFrame> {
+  next(timeoutMs: number, what: string): Promise<Frame> {
     const q = this.queue.shift();
     if (q) return Promise.resolve(q);
-    if (this.closed) return Promise.reject(new StreamProtocolError(`the link closed while waiting for ${what}`));
+    if (this.closed) return Promise.reject(new ProtocolError(`the link closed while waiting for ${what}`));
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => { this.waiter = null; reject(new StreamProtocolError(`no ${what} within ${timeoutMs} ms`)); }, timeoutMs);
-      this.waiter = (f) => { clearTimeout(t); f ? resolve(f) : reject(new StreamProtocolError(`the link closed while waiting for ${what}`)); };
+      const t = setTimeout(() => { this.waiter = null; reject(new ProtocolError(`no ${what} within ${timeoutMs} ms`)); }, timeoutMs);
+      this.waiter = (f) => { clearTimeout(t); f ? resolve(f) : reject(new ProtocolError(`the link closed while waiting for ${what}`)); };
     });
   }
 }
 
 // ---------------------------------------------------------------- stream-out
 
-export interface StreamOutOptions {
+export interface StreamOutOptions extends SecurityOptions {
   /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
-  listenPort: number;
-  /** Address to listen on (default 127.0.0.1). */
+  listenPort?: number;
+  /** Loopback address to listen on (default 127.0.0.1). */
   listenHost?: string;
-  /** The destination proxy (stream-in), HOST:PORT. */
+  /** A unix socket QEMU migrates to (`migrate unix:PATH`), 0600, instead of a port. */
+  listenSocket?: string;
+  /** The destination proxy (stream-in): HOST:PORT or unix:/PATH. */
   to: string;
   /** Raw disk image on the NAS (its index is built or loaded beside it). */
   image?: string;
@@ -177,23 +155,14 @@ export interface StreamOutOptions {
   compress?: CompressionMode;
   /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
   bandwidth?: number;
-  /** Pre-shared key: stream-in must prove it holds it before any byte of QEMU's stream goes out (and this side proves it back). */
-  psk?: Uint8Array | null;
-  /** Mutual TLS on the link (PEM files): stream-in's certificate is checked against `ca`, and ours is sent. */
-  tls?: TlsFiles | null;
-  /**
-   * Check end to end that stream-in hands its QEMU exactly the bytes the
-   * source QEMU sent: both sides take the length and CRC-32 of the whole
-   * stream, and stream-in fails the session on a mismatch (default false:
-   * it costs each side ~45 ms of CPU per 300 MB).
-   */
-  verifyStream?: boolean;
   log?: Logger;
 }
 
 export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const log = opts.log ?? (() => {});
-  const to = parseHostPort(opts.to, "--to");
+  const to = parseEndpoint(opts.to, "--to");
+  const security = resolveSecurity(opts, "pagetwin stream-out");
+  checkSecurity(security); // unreadable files: say so now, not when QEMU connects
   let nas = opts.nas;
   if (!nas) {
     if (!opts.image) throw new Error("pagetwin stream-out: give the NAS image (--image)");
@@ -210,11 +179,11 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false, hashRegion: null, capacity: 0,
-    compress, bandwidth: opts.bandwidth ?? 0, psk: opts.psk ?? null, tls: opts.tls ?? null, verifyStream: opts.verifyStream ?? false,
+    compress, bandwidth: opts.bandwidth ?? 0, security,
   };
-  if (ctx.tls) tlsClientOptions(ctx.tls, to.host, to.port); // unreadable files: say so now, not when QEMU connects
-  // QEMU's side is a plain local socket; the link to stream-in is what security covers
-  return serve({ host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort, tls: null, peer: "qemu" }, stats, opts.keep ?? false, log,
+  // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
+  const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
+  return serve({ at, security: { kind: "local" }, peer: "qemu" }, stats, opts.keep ?? false, log,
     (sock, channel) => outSession(ctx, sock, channel), () => {
       if (!opts.nas) { nas!.image.close(); }
     });
@@ -227,13 +196,11 @@ interface OutContext {
   stats: StreamStats;
   log: Logger;
   windowPages: number;
-  to: { host: string; port: number };
+  to: Endpoint;
   noDedup: boolean;
   compress: CompressionMode;
   bandwidth: number;
-  psk: Uint8Array | null;
-  tls: TlsFiles | null;
-  verifyStream: boolean;
+  security: Security;
   hashRegion: { pages: Region; hashes: Region; blocks: Region } | null;
   capacity: number;
 }
@@ -248,20 +215,9 @@ function hashRegions(ctx: OutContext, n: number): { pages: Region; hashes: Regio
   return ctx.hashRegion;
 }
 
-/**
- * A peer turned away before it authenticated (stream-in with a key). It is
- * logged and counted in stats.refused but is no migration: whoever can reach
- * the port must not be able to end a one-shot stream-in.
- */
-class PeerRefused extends Error {
-  override name = "PeerRefused";
-}
-
 interface Listen {
-  host: string;
-  port: number;
-  /** Mutual TLS: only peers with a certificate from this CA get a session at all. */
-  tls: TlsFiles | null;
+  at: Endpoint;
+  security: ListenSecurity;
   /**
    * Who connects: the other proxy (after a failure it gets a moment to read
    * the ABORT), or the source QEMU (its socket is closed at once: QEMU must
@@ -270,107 +226,68 @@ interface Listen {
   peer: "proxy" | "qemu";
 }
 
-function serve(l: Listen, stats: StreamStats, keep: boolean, log: Logger,
+async function serve(l: Listen, stats: StreamStats, keep: boolean, log: Logger,
   session: (sock: net.Socket, channel: number) => Promise<void>, onClose: () => void): Promise<StreamProxy> {
-  return new Promise((resolve, reject) => {
-    let server: net.Server;
-    try {
-      // the handshake may finish with a foreign certificate so that the peer can be told why it is refused (below)
-      server = l.tls
-        ? tls.createServer({ ...tlsServerOptions(l.tls), rejectUnauthorized: false, allowHalfOpen: true, noDelay: true })
-        : net.createServer({ allowHalfOpen: true, noDelay: true });
-    } catch (err) {
-      reject(err);
-      return;
-    }
-    let active = 0;
-    let channels = 0;
-    let ended = 0; // sessions over, refused peers not counted
-    let t0 = 0;
-    let finished = false;
-    let resolveDone!: (s: StreamStats) => void;
-    const done = new Promise<StreamStats>((r) => { resolveDone = r; });
-    const sockets = new Set<net.Socket>();
-    const finish = () => {
-      if (finished) return;
-      finished = true;
-      server.close();
-      for (const s of sockets) s.destroy();
-      onClose();
-      resolveDone(stats);
-    };
-    const refuse = (msg: string) => {
-      stats.refused.push(msg);
-      log(`refused: ${msg}`);
-    };
-    if (l.tls) {
-      // the TLS handshake failed (no certificate, one from another CA): no session was started
-      server.on("tlsClientError", (err, sock) => refuse(`a peer at ${sock.remoteAddress ?? "?"}:${sock.remotePort ?? "?"} failed the TLS handshake: ${err.message}`));
-    }
-    server.on(l.tls ? "secureConnection" : "connection", (sock: net.Socket) => {
-      const unverified = l.tls ? unverifiedPeer(sock as tls.TLSSocket) : null;
-      if (unverified) {
-        // not a byte of it is read: it gets the reason and the door
-        refuse(`a peer at ${sock.remoteAddress ?? "?"}:${sock.remotePort ?? "?"}: ${unverified}`);
-        sock.end(jsonFrame(SFrame.Abort, { reason: `stream-in refused this stream-out: ${unverified}` }));
-        setTimeout(() => sock.destroy(), 150).unref();
-        return;
-      }
-      if (t0 === 0) t0 = performance.now();
-      sockets.add(sock);
-      sock.on("close", () => sockets.delete(sock));
-      active++;
-      stats.sessions++;
-      const channel = channels++;
-      let failed = false;
-      let refused = false;
-      session(sock, channel).catch((err: Error) => {
-        failed = true;
-        if (err instanceof PeerRefused) {
-          refused = true;
-          refuse(err.message);
-          return;
-        }
-        stats.error ??= err.message;
-        log(`error: ${err.message}`);
-      }).finally(() => {
-        active--;
-        if (refused) {
-          stats.sessions--;
-          if (stats.sessions === 0) t0 = 0;
-        } else ended++;
-        // after a failure, let the other proxy read the ABORT before the socket goes (a destroy with unread data resets it)
-        if (failed && l.peer === "proxy" && !sock.destroyed) {
-          sock.end();
-          sock.resume();
-          setTimeout(() => sock.destroy(), 150).unref();
-        } else sock.destroy();
-        if (t0) stats.ms = performance.now() - t0;
-        // Multifd channels of the same migration connect soon after the first; give them a moment.
-        if (!keep && active === 0 && ended > 0) setTimeout(() => { if (active === 0) finish(); }, 200);
-      });
+  let active = 0;
+  let channels = 0;
+  let ended = 0;
+  let t0 = 0;
+  let finished = false;
+  let resolveDone!: (s: StreamStats) => void;
+  const done = new Promise<StreamStats>((r) => { resolveDone = r; });
+  const sockets = new Set<net.Socket>();
+  let listener: Listener | null = null;
+  const finish = () => {
+    if (finished) return;
+    finished = true;
+    void listener?.close();
+    for (const s of sockets) s.destroy();
+    onClose();
+    resolveDone(stats);
+  };
+  const onSession = (sock: net.Socket) => {
+    if (t0 === 0) t0 = performance.now();
+    sockets.add(sock);
+    sock.on("close", () => sockets.delete(sock));
+    active++;
+    stats.sessions++;
+    const channel = channels++;
+    let failed = false;
+    session(sock, channel).catch((err: Error) => {
+      failed = true;
+      stats.error ??= err.message;
+      log(`error: ${err.message}`);
+    }).finally(() => {
+      active--;
+      ended++;
+      // after a failure, let the other proxy read the ABORT before the socket goes (a destroy with unread data resets it)
+      if (failed && l.peer === "proxy" && !sock.destroyed) {
+        sock.end();
+        sock.resume();
+        setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();
+      } else sock.destroy();
+      if (t0) stats.ms = performance.now() - t0;
+      // Multifd channels of the same migration connect soon after the first; give them a moment.
+      if (!keep && active === 0 && ended > 0) setTimeout(() => { if (active === 0) finish(); }, 200);
     });
-    server.once("error", (err) => reject(new Error(`pagetwin: cannot listen on ${l.host}:${l.port}: ${err.message}`)));
-    server.listen(l.port, l.host, () => {
-      const addr = server.address() as net.AddressInfo;
-      log(`listening on ${l.host}:${addr.port}${l.tls ? " (mutual TLS)" : ""}`);
-      resolve({
-        port: addr.port, stats, done,
-        close: async () => { finish(); await done; },
-      });
-    });
+  };
+  listener = await Listener.open({
+    at: l.at, security: l.security, peer: l.peer === "qemu" ? "source QEMU" : "stream-out", allowHalfOpen: true, log,
+    onSession, onRefused: (reason) => stats.refused.push(reason),
+    refusalFrame: (why) => jsonFrame(SFrame.Abort, { reason: `stream-in refused this stream-out: ${why}` }),
   });
+  return { port: listener.port, stats, done, close: async () => { finish(); await done; } };
 }
 
 async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): Promise<void> {
   const { stats, log, engine, index } = ctx;
   qemu.pause();
   qemu.setNoDelay(true);
-  const link = await connect(ctx.to.host, ctx.to.port, 10_000, ctx.tls);
-  const reader = new StreamFrameReader();
+  const link = await dial(ctx.to, ctx.security, { peer: "stream-in", allowHalfOpen: true });
+  const reader = new FrameReader({ ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX });
   const inbox = new FrameInbox();
-  // Until stream-in has answered the handshake (and proved the key), nothing
-  // from it may reach the source QEMU and nothing of QEMU's goes out.
+  // Until stream-in has answered the handshake, nothing from it may reach
+  // the source QEMU and nothing of QEMU's goes out.
   let ready = false;
   // Replay window: reference #seq's page until stream-in acknowledges it.
   const W = ctx.windowPages;
@@ -401,7 +318,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     }
     // The source QEMU sees its migration fail and keeps the VM running.
     qemu.destroy();
-    setTimeout(() => link.destroy(), 1000).unref();
+    setTimeout(() => link.destroy(), TIMEOUTS.abortLingerMs).unref();
     if (windowWaiter) { const w = windowWaiter; windowWaiter = null; w(); }
     inbox.close();
     finished();
@@ -409,7 +326,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
 
   link.on("data", (chunk: Buffer) => {
     stats.bytesInLink += chunk.length;
-    let frames: StreamFrame[];
+    let frames: Frame[];
     try {
       frames = reader.push(chunk);
     } catch (err) {
@@ -418,18 +335,18 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     }
     for (const f of frames) {
       if (!ready && f.type !== SFrame.HelloAck && f.type !== SFrame.Abort) {
-        fail(new StreamProtocolError(`${SFrame[f.type]} frame from stream-in before the handshake ended`), true);
+        fail(new ProtocolError(`${SFrame[f.type]} frame from stream-in before the handshake ended`), true);
         return;
       }
       switch (f.type) {
         case SFrame.HelloAck:
-          if (ready) { fail(new StreamProtocolError("a second HELLO_ACK from stream-in"), true); return; }
+          if (ready) { fail(new ProtocolError("a second HELLO_ACK from stream-in"), true); return; }
           inbox.push(f);
           break;
         case SFrame.Need: {
           const s = readU32(f, "NEED");
           if (!(s >= acked && s < seq)) {
-            fail(new StreamProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${acked}, next ${seq})`), true);
+            fail(new ProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${acked}, next ${seq})`), true);
             return;
           }
           stats.resends++;
@@ -441,7 +358,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
         }
         case SFrame.Ack: {
           const upTo = readU32(f, "ACK");
-          if (upTo > seq || upTo < acked) { fail(new StreamProtocolError(`stream-in acknowledged up to #${upTo}, outside ${acked}..${seq}`), true); return; }
+          if (upTo > seq || upTo < acked) { fail(new ProtocolError(`stream-in acknowledged up to #${upTo}, outside ${acked}..${seq}`), true); return; }
           ring.release(acked, upTo);
           acked = upTo;
           if (windowWaiter && !full()) { const w = windowWaiter; windowWaiter = null; w(); }
@@ -458,7 +375,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
           fail(new Error(`stream-in aborted the migration: ${abortReason(f)}`), false);
           return;
         default:
-          fail(new StreamProtocolError(`unexpected ${SFrame[f.type]} frame from stream-in`), true);
+          fail(new ProtocolError(`unexpected ${SFrame[f.type]} frame from stream-in`), true);
           return;
       }
     }
@@ -466,41 +383,36 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   link.on("error", (e) => fail(new Error(`link to stream-in failed: ${e.message}`), false));
   link.on("close", () => {
     inbox.close();
-    if (!failure && !ready) fail(new Error("the link to stream-in closed during the handshake (does stream-in want TLS or a key that this stream-out lacks? see its log)"), false);
+    if (!failure && !ready) fail(new Error("the link to stream-in closed during the handshake (see stream-in's log)"), false);
     if (!failure && !qemuEnded) fail(new Error("the link to stream-in closed before the migration ended"), false);
     finished();
   });
   link.on("end", () => { link.end(); });
+  link.setTimeout(TIMEOUTS.idleMs, () => fail(new Error(`stream-in sent nothing for ${TIMEOUTS.idleMs} ms`), true));
 
   const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
-  const auth = new PskInitiator(ctx.psk, STREAM_AUTH);
-  sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel, compression: offer, ...(ctx.verifyStream ? { verify: true } : {}), ...auth.hello() }));
-  type Ack = { ready?: unknown; dedup?: unknown; reason?: string; compression?: unknown; nonce?: unknown; proof?: unknown };
+  sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel, compression: offer }));
+  type Ack = { ready?: unknown; dedup?: unknown; reason?: string; compression?: unknown };
   const refuse = (msg: string): never => {
-    const err = new StreamProtocolError(msg);
+    const err = new ProtocolError(msg);
     fail(err, true);
     throw failure ?? err;
   };
   // A failure while waiting (stream-in's ABORT, a corrupt frame) says more than "the link closed".
   const nextAck = async (what: string): Promise<Ack> => {
-    let f: StreamFrame;
+    let f: Frame;
     try {
-      f = await inbox.next(15_000, what);
+      f = await inbox.next(TIMEOUTS.helloMs, what);
     } catch (err) {
       if (!failure) fail(err as Error, true);
       throw failure ?? err;
     }
-    return parseJson<Ack>(f);
+    return parseJson<Ack>(f, "HELLO_ACK");
   };
-  let ack = await nextAck("HELLO_ACK from stream-in");
-  if (auth.required) {
-    const answer = auth.answer(ack);
-    if (!answer.ok) return refuse(answer.error);
-    sendLink(jsonFrame(SFrame.Auth, { proof: answer.proof }));
-    ack = await nextAck("stream-in's HELLO_ACK after authentication");
-  }
+  const ack = await nextAck("HELLO_ACK from stream-in");
   if (ack.ready !== true) refuse("stream-in did not say it is ready (does it run the same pagetwin version?)");
   ready = true;
+  reader.handshakeDone();
   let dedup = ack.dedup === true && !ctx.noDedup;
   const cstats = stats.compression;
   const accepted = Array.isArray(ack.compression) ? ack.compression : [];
@@ -535,7 +447,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
     return rawFrame(pieces, bytes);
   };
   if (!ack.dedup) {
-    const why = `stream-in cannot dedup: ${ack.reason ?? "no reason"}`;
+    const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
     stats.passthrough.push(why);
     log(why);
   }
@@ -589,8 +501,8 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
       const blk = blocks![i]!;
       const h = hashes!.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
       i++;
-      if (blk === NO_BLOCK || inWindow() >= W) {
-        // No twin, or the replay window is full: the page travels as it is.
+      if (blk === NO_BLOCK || inWindow() >= W || p.header.length > 255) {
+        // No twin, the replay window is full, or a header a REFS entry cannot hold: the page travels as it is.
         flushRefs();
         raw.push(p.header, p.data);
         rawBytes += p.header.length + p.data.length;
@@ -599,6 +511,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
       flushRaw();
       ring.hold(seq, p.data);
       refs.add(seq++, p.header, blk, h);
+      if (refs.count >= MAX_REFS) flushRefs();
       stats.twinsReplaced++;
     }
     flushRaw();
@@ -615,7 +528,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
   const pump = async (chunk: Buffer) => {
     stats.bytesFromQemu += chunk.length;
     streamBytes += chunk.length;
-    if (ctx.verifyStream) streamCrc = crc32(chunk, streamCrc);
+    streamCrc = crc32(chunk, streamCrc);
     if (failure) return;
     let ok: boolean;
     const t0 = performance.now();
@@ -661,7 +574,7 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
       stats.zeroPages += parser.stats.zeroPages;
       sendLink(jsonFrame(SFrame.End, {
         bytes: stats.bytesFromQemu, pages: parser.stats.pages, zeroPages: parser.stats.zeroPages,
-        ...(ctx.verifyStream ? { streamBytes, crc32: streamCrc } : {}),
+        streamBytes, crc32: streamCrc,
       }));
     });
   });
@@ -677,21 +590,19 @@ async function outSession(ctx: OutContext, qemu: net.Socket, channel: number): P
 
 // ---------------------------------------------------------------- stream-in
 
-export interface StreamInOptions {
+export interface StreamInOptions extends SecurityOptions {
   /** Port stream-out connects to; 0 picks one. */
-  listenPort: number;
-  /** Address to listen on (default 0.0.0.0). */
+  listenPort?: number;
+  /** Address to listen on (default 127.0.0.1: give the address stream-out reaches this host at). */
   listenHost?: string;
-  /** The destination QEMU's -incoming tcp address, HOST:PORT. */
+  /** A unix socket to listen on instead of a port. */
+  listenSocket?: string;
+  /** The destination QEMU's -incoming address: HOST:PORT or unix:/PATH. */
   qemu: string;
   /** The NAS image (same file as the source sees). */
   image: string;
   indexPath?: string;
   keep?: boolean;
-  /** Pre-shared key: stream-out must prove it holds it before this side connects to QEMU (and this side proves it back). */
-  psk?: Uint8Array | null;
-  /** Mutual TLS on the link (PEM files): stream-out must present a certificate signed by `ca`. */
-  tls?: TlsFiles | null;
   log?: Logger;
 }
 
@@ -700,17 +611,16 @@ interface InContext {
   image: DiskImage;
   indexId: string | null;
   indexError: string | null;
-  qemu: { host: string; port: number };
+  qemu: Endpoint;
   stats: StreamStats;
   log: Logger;
-  region: { pages: Region; hashes: Region } | null;
-  capacity: number;
-  psk: Uint8Array | null;
 }
 
 export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const log = opts.log ?? (() => {});
-  const qemu = parseHostPort(opts.qemu, "--qemu");
+  const qemu = parseEndpoint(opts.qemu, "--qemu");
+  const security = resolveSecurity(opts, "pagetwin stream-in");
+  checkSecurity(security);
   const indexPath = opts.indexPath ?? defaultIndexPath(opts.image);
   // Only the seed and the index id are needed here: every block is verified
   // by hashing it, so the image may have changed since indexing.
@@ -728,9 +638,10 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const engine = await createEngine({ seed });
   const image = DiskImage.open(opts.image);
   const stats = newStats("stream-in");
-  const ctx: InContext = { engine, image, indexId, indexError, qemu, stats, log, region: null, capacity: 0, psk: opts.psk ?? null };
+  const ctx: InContext = { engine, image, indexId, indexError, qemu, stats, log };
+  const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   try {
-    return await serve({ host: opts.listenHost ?? "0.0.0.0", port: opts.listenPort, tls: opts.tls ?? null, peer: "proxy" }, stats, opts.keep ?? false, log,
+    return await serve({ at, security, peer: "proxy" }, stats, opts.keep ?? false, log,
       (sock, ch) => inSession(ctx, sock, ch, indexPath), () => image.close());
   } catch (err) {
     image.close();
@@ -738,30 +649,44 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   }
 }
 
-function inRegions(ctx: InContext, n: number): { pages: Region; hashes: Region } {
-  if (!ctx.region || ctx.capacity < n) {
-    if (ctx.region) { ctx.region.pages.free(); ctx.region.hashes.free(); }
-    const cap = Math.max(n, 256);
-    ctx.region = { pages: ctx.engine.alloc(cap * PAGE_SIZE), hashes: ctx.engine.alloc(cap * HASH_SIZE) };
-    ctx.capacity = cap;
+/** One session's block buffers in the core's memory: no other session ever writes them. */
+class SessionRegions {
+  private pages: Region | null = null;
+  private hashes: Region | null = null;
+  private capacity = 0;
+
+  constructor(private readonly engine: Engine) {}
+
+  get(n: number): { pages: Region; hashes: Region } {
+    if (!this.pages || this.capacity < n) {
+      this.free();
+      this.capacity = Math.max(n, 256);
+      this.pages = this.engine.alloc(this.capacity * PAGE_SIZE);
+      this.hashes = this.engine.alloc(this.capacity * HASH_SIZE);
+    }
+    return { pages: this.pages, hashes: this.hashes! };
   }
-  return ctx.region;
+
+  free(): void {
+    this.pages?.free();
+    this.hashes?.free();
+    this.pages = this.hashes = null;
+    this.capacity = 0;
+  }
 }
 
 async function inSession(ctx: InContext, link: net.Socket, channel: number, indexPath: string): Promise<void> {
-  const { stats, log, engine, image } = ctx;
-  link.setNoDelay(true);
-  const reader = new StreamFrameReader();
-  const queue: StreamFrame[] = [];
+  const { stats, log, image } = ctx;
+  const reader = new FrameReader({ ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX });
+  const queue: Frame[] = [];
   let queuedBytes = 0;
   const QUEUE_LIMIT = 64 * 1024 * 1024;
-  const resends = new Map<number, Buffer>();
   let resendWaiter: { seq: number; resolve: (b: Buffer) => void } | null = null;
   let kick: (() => void) | null = null;
   let failure: Error | null = null;
-  // HELLO and AUTH wait here; no other frame is taken before the handshake has ended
+  // HELLO waits here; no other frame is taken before the handshake has ended
   const inbox = new FrameInbox();
-  let authenticated = false;
+  let helloDone = false;
   let linkClosed = false;
   let endReceived = false;
   let qemu: net.Socket | null = null;
@@ -779,7 +704,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     log(`channel ${channel}: ${err.message}`);
     if (tellPeer && !link.destroyed) link.end(jsonFrame(SFrame.Abort, { reason: err.message }));
     qemu?.destroy();
-    setTimeout(() => link.destroy(), 1000).unref();
+    setTimeout(() => link.destroy(), TIMEOUTS.abortLingerMs).unref();
     wake();
     inbox.close();
     // a rebuild waiting for a resent page must wake up to see the failure
@@ -788,7 +713,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
 
   link.on("data", (chunk: Buffer) => {
     stats.bytesInLink += chunk.length;
-    let frames: StreamFrame[];
+    let frames: Frame[];
     try {
       frames = reader.push(chunk);
     } catch (err) {
@@ -796,14 +721,14 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       return;
     }
     for (const f of frames) {
-      if (!authenticated && f.type !== SFrame.Hello && f.type !== SFrame.Auth && f.type !== SFrame.Abort) {
-        fail(new StreamProtocolError(`${SFrame[f.type]} frame from stream-out before the handshake ended`), true);
+      if (!helloDone && f.type !== SFrame.Hello && f.type !== SFrame.Abort) {
+        fail(new ProtocolError(`${SFrame[f.type]} frame from stream-out before the handshake ended`), true);
         return;
       }
       switch (f.type) {
         case SFrame.Hello:
-        case SFrame.Auth:
-          if (authenticated) { fail(new StreamProtocolError(`${SFrame[f.type]} frame from stream-out after the handshake`), true); return; }
+          if (helloDone) { fail(new ProtocolError("a second HELLO from stream-out"), true); return; }
+          helloDone = true;
           inbox.push(f);
           break;
         case SFrame.Raw:
@@ -817,17 +742,20 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
           wake();
           break;
         case SFrame.Resend: {
-          if (f.payload.length !== 4 + PAGE_SIZE) { fail(new StreamProtocolError(`RESEND frame of ${f.payload.length} bytes`), true); return; }
+          if (f.payload.length !== 4 + PAGE_SIZE) { fail(new ProtocolError(`RESEND frame of ${f.payload.length} bytes`), true); return; }
           const s = f.payload.readUInt32BE(0);
-          const page = f.payload.subarray(4);
-          if (resendWaiter && resendWaiter.seq === s) { const w = resendWaiter; resendWaiter = null; w.resolve(page); } else resends.set(s, page);
+          // only the page this side asked for: nothing unsolicited is kept
+          if (!resendWaiter || resendWaiter.seq !== s) { fail(new ProtocolError(`RESEND of page #${s}, which this stream-in did not ask for`), true); return; }
+          const w = resendWaiter;
+          resendWaiter = null;
+          w.resolve(f.payload.subarray(4));
           break;
         }
         case SFrame.Abort:
           fail(new Error(`stream-out aborted the migration: ${abortReason(f)}`), false);
           return;
         default:
-          fail(new StreamProtocolError(`unexpected ${SFrame[f.type]} frame from stream-out`), true);
+          fail(new ProtocolError(`unexpected ${SFrame[f.type]} frame from stream-out`), true);
           return;
       }
     }
@@ -844,49 +772,35 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
   link.on("end", () => {
     if (!endReceived) fail(new Error("the link from stream-out closed before the end of the stream"), false);
   });
+  link.setTimeout(TIMEOUTS.idleMs, () => fail(new Error(`stream-out sent nothing for ${TIMEOUTS.idleMs} ms`), true));
 
-  // Handshake. Until stream-out has proved the key, this side opens nothing
-  // (no QEMU connection) and passes nothing on.
-  const auth = new PskResponder(ctx.psk, STREAM_AUTH);
-  type Hello = { v?: unknown; indexId?: string; compression?: unknown; auth?: unknown; nonce?: unknown; verify?: unknown };
+  // Handshake: the peer is authenticated already (TLS); this side opens
+  // nothing (no QEMU connection) before a HELLO it can serve.
+  type Hello = { v?: unknown; indexId?: string; compression?: unknown };
   let h: Hello;
   try {
-    const next = async (want: SFrame): Promise<StreamFrame> => {
-      const f = await inbox.next(15_000, `${SFrame[want]} from stream-out`);
-      if (f.type !== want) throw new StreamProtocolError(`${SFrame[f.type]} frame from stream-out where ${SFrame[want]} belongs`);
-      return f;
-    };
-    h = parseJson<Hello>(await next(SFrame.Hello));
-    if (h.v !== STREAM_PROTOCOL_VERSION) throw new StreamProtocolError(`stream-out speaks stream protocol ${String(h.v)}, this stream-in speaks ${STREAM_PROTOCOL_VERSION}: run the same pagetwin version on both hosts`);
-    const refused = auth.refusal(h);
-    if (refused) throw new StreamProtocolError(refused);
-    if (auth.required) {
-      sendLink(jsonFrame(SFrame.HelloAck, { ready: false, ...auth.challenge() }));
-      const bad = auth.check(parseJson<{ proof?: unknown }>(await next(SFrame.Auth)));
-      if (bad) throw new StreamProtocolError(bad);
-    }
+    h = parseJson<Hello>(await inbox.next(TIMEOUTS.helloMs, "HELLO from stream-out"), "HELLO");
+    if (h.v !== STREAM_PROTOCOL_VERSION) throw new ProtocolError(`stream-out speaks stream protocol ${printable(String(h.v))}, this stream-in speaks ${STREAM_PROTOCOL_VERSION}: run the same pagetwin version on both hosts`);
   } catch (err) {
-    const e = failure ?? (err as Error);
-    fail(e, true);
-    // a peer that never proved the key is refused, and does not end this proxy
-    throw auth.required ? new PeerRefused(`${link.remoteAddress ?? "?"}:${link.remotePort ?? "?"}: ${e.message}`) : e;
+    fail(failure ?? (err as Error), true);
+    throw failure!;
   }
-  authenticated = true;
+  reader.handshakeDone();
   const offered = Array.isArray(h.compression) ? h.compression : [];
   const agreed = availableAlgorithms().filter((a) => offered.includes(a));
   const decompressors = new Map<CompressionAlgorithm, PageCompressor>();
   /** A RAW_Z frame's bytes, decompressed into exactly the length it names (4 MiB at most). */
-  const unpack = (f: StreamFrame): Buffer => {
+  const unpack = (f: Frame): Buffer => {
     const { algorithmId, rawLength, packed } = decodeRawZ(f);
     const algo = algorithmOfId(algorithmId);
-    if (!algo || !agreed.includes(algo)) throw new StreamProtocolError(`RAW_Z frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${agreed.join(", ") || "none"})`);
+    if (!algo || !agreed.includes(algo)) throw new ProtocolError(`RAW_Z frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${agreed.join(", ") || "none"})`);
     let d = decompressors.get(algo);
     if (!d) decompressors.set(algo, (d = createCompressor(algo)));
     const out = Buffer.allocUnsafe(rawLength);
     try {
       d.decompressInto(packed, out);
     } catch (err) {
-      throw new StreamProtocolError(`RAW_Z frame: ${(err as Error).message.replace(/^CompressedPages frame: /, "")}`);
+      throw new ProtocolError(`RAW_Z frame: ${(err as Error).message.replace(/^CompressedPages frame: /, "")}`);
     }
     stats.compression.framesCompressed++;
     stats.compression.bytesBefore += rawLength;
@@ -900,16 +814,15 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       const hdr = readIndexHeader(indexPath);
       if (hdr.indexId === h.indexId) {
         ctx.engine = await createEngine({ seed: hdr.seed });
-        ctx.region = null;
         ctx.indexId = hdr.indexId;
         ctx.indexError = null;
       }
     } catch { /* keep the earlier answer */ }
   }
   const dedup = ctx.indexId === h.indexId;
-  const reason = dedup ? undefined : ctx.indexError ?? `the source uses index ${h.indexId}, this side has ${ctx.indexId} (${indexPath}): not the same image index`;
+  const reason = dedup ? undefined : ctx.indexError ?? `the source uses index ${printable(String(h.indexId))}, this side has ${ctx.indexId} (${indexPath}): not the same image index`;
   try {
-    qemu = await connect(ctx.qemu.host, ctx.qemu.port);
+    qemu = await dial(ctx.qemu, { kind: "insecure" }, { peer: "destination QEMU" });
   } catch (err) {
     fail(err as Error, true);
     throw failure!;
@@ -930,14 +843,13 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
     else if (!link.destroyed) link.end();
   });
 
-  // what this session hands QEMU, checked at END against the source's stream when stream-out asked for it
-  const verify = h.verify === true;
+  // what this session hands QEMU, checked at END against the source's stream
   let streamBytes = 0;
   let streamCrc = 0;
   const toQemu = async (buf: Uint8Array) => {
     stats.bytesToQemu += buf.length;
     streamBytes += buf.length;
-    if (verify) streamCrc = crc32(buf, streamCrc);
+    streamCrc = crc32(buf, streamCrc);
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
     q.write(buf);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
@@ -948,12 +860,14 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       if (q.destroyed) throw new Error("the destination QEMU connection closed");
     }
   };
-  const eng = () => ctx.engine;
+  const engine = ctx.engine;
+  const regions = new SessionRegions(engine);
 
-  const refsToQemu = async (f: StreamFrame) => {
+  const refsToQemu = async (f: Frame) => {
     const { firstSeq, refs } = decodeRefs(f);
     const n = refs.length;
-    const r = inRegions(ctx, n);
+    if (n > MAX_REFS) throw new ProtocolError(`a REFS frame holds ${n} references; at most ${MAX_REFS}`);
+    const r = regions.get(n);
     // Read the blocks (runs of consecutive blocks in one read), hash, compare.
     // A block that cannot be read (past the end, the image truncated or
     // failing since) counts as a mismatch: the page is asked for again.
@@ -982,7 +896,7 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       if (!whole) for (let k = i; k < j; k++) readOne(k); // block by block: the readable ones still count
       i = j;
     }
-    eng().hashPagesAt(r.pages.ptr, n, r.hashes.ptr, 0);
+    engine.hashPagesAt(r.pages.ptr, n, r.hashes.ptr, 0);
     const got = r.hashes.view(0, n * HASH_SIZE);
     const bad: number[] = [];
     for (let i = 0; i < n; i++) {
@@ -1002,14 +916,10 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       if (b < bad.length && bad[b] === i) {
         b++;
         const s = firstSeq + i;
-        let page = resends.get(s);
-        if (!page) {
-          sendLink(u32Frame(SFrame.Need, s));
-          if (link.isPaused()) link.resume();
-          page = await new Promise<Buffer>((resolve) => { resendWaiter = { seq: s, resolve }; });
-          if (failure) throw failure;
-        }
-        resends.delete(s);
+        sendLink(u32Frame(SFrame.Need, s));
+        if (link.isPaused()) link.resume();
+        const page = await new Promise<Buffer>((resolve) => { resendWaiter = { seq: s, resolve }; });
+        if (failure) throw failure;
         out.set(page, o);
         stats.resends++;
       } else {
@@ -1042,12 +952,12 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
       stats.busyMs += performance.now() - t0 - (stats.drainWaitMs - w0);
       if (f.type === SFrame.End) {
         streamEnded = true;
-        const e = parseJson<{ pages?: number; zeroPages?: number; streamBytes?: unknown; crc32?: unknown }>(f);
-        stats.zeroPages += e.zeroPages ?? 0;
-        stats.pagesSeen += e.pages ?? 0;
-        if (verify) {
+        const e = parseJson<{ pages?: number; zeroPages?: number; streamBytes?: unknown; crc32?: unknown }>(f, "END");
+        stats.zeroPages += Number(e.zeroPages) || 0;
+        stats.pagesSeen += Number(e.pages) || 0;
+        {
           if (typeof e.streamBytes !== "number" || typeof e.crc32 !== "number") {
-            throw new StreamProtocolError("stream-out asked for an end-to-end check, but its END frame has no stream length and CRC-32");
+            throw new ProtocolError("stream-out's END frame has no stream length and CRC-32: the stream cannot be checked end to end");
           }
           if (e.streamBytes !== streamBytes || e.crc32 !== streamCrc) {
             const hex = (n: number) => (n >>> 0).toString(16).padStart(8, "0");
@@ -1061,10 +971,11 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
         break;
       }
     } catch (err) {
-      fail(err instanceof StreamProtocolError ? err : new Error(`stream-in: ${(err as Error).message}`), true);
+      fail(err instanceof ProtocolError ? err : new Error(`stream-in: ${(err as Error).message}`), true);
       break;
     }
   }
+  regions.free();
   if (failure) throw failure;
   // Wait for the destination QEMU to finish with the connection and the link to close.
   if (!qemuClosed) await once(q, "close").catch(() => undefined);
@@ -1074,4 +985,3 @@ async function inSession(ctx: InContext, link: net.Socket, channel: number, inde
   }
 }
 
-export { parseHostPort };

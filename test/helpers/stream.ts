@@ -4,15 +4,20 @@
 // (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
 
 import { execFileSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import * as net from "node:net";
 import { join } from "node:path";
 import { RAM_FLAG } from "../../src/stream/qemu-stream.js";
 import { streamIn, streamOut, type StreamInOptions, type StreamOutOptions, type StreamProxy, type StreamStats } from "../../src/stream/proxy.js";
-import { StreamFrameReader, SFrame, frame } from "../../src/stream/frames.js";
+import { SFrame, STREAM_FRAMES } from "../../src/stream/frames.js";
+import { FrameReader, frame } from "../../src/wire/envelope.js";
 import type { NasIndex } from "../../src/adapters/nas/index-file.js";
 
 const PAGE = 4096;
+
+/** The pre-shared key of the tests' links (32 random bytes, like a key file's). */
+export const TEST_KEY = randomBytes(32);
 const be32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
 const be64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
 const str8 = (s: string) => Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]);
@@ -72,7 +77,7 @@ export type FrameTamper = (type: SFrame, sealed: Buffer, payload: Buffer) => Buf
 
 /** A man in the middle that cuts the stream-out -> stream-in bytes into frames for `tamper`; the other way passes as it is. */
 export function frameTamper(tamper: FrameTamper): (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null {
-  const reader = new StreamFrameReader();
+  const reader = new FrameReader(STREAM_FRAMES);
   return (dir, chunk, cut) => {
     if (dir === "down") return chunk;
     const out: Buffer[] = [];
@@ -126,6 +131,9 @@ export interface ProxyRunOptions {
  * not end it).
  */
 export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
+  // a link a test tampers with runs in the clear (what --insecure allows); otherwise TLS-PSK
+  const link = o.via ? { insecure: true } : { psk: TEST_KEY };
+  const secured = (x?: Partial<StreamOutOptions | StreamInOptions>) => (x && ("psk" in x || "tls" in x || "insecure" in x) ? {} : link);
   const got: Buffer[] = [];
   let qemuConnections = 0;
   const sink = net.createServer({ allowHalfOpen: true }, (s) => {
@@ -135,7 +143,7 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
     s.on("error", () => {});
   });
   await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
-  const si = o.streamIn ?? await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image: o.image, ...o.in });
+  const si = o.streamIn ?? await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image: o.image, ...secured(o.in), ...o.in });
   const linkBytes: Buffer[] = [];
   const mitm = o.via || o.record
     ? await tamperProxy(si.port, (dir, chunk, cut) => {
@@ -145,7 +153,7 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
     : null;
   let so: StreamProxy | null = null;
   try {
-    so = await streamOut({ listenPort: 0, to: `127.0.0.1:${mitm?.port ?? si.port}`, ...(o.nas ? { nas: o.nas } : { image: o.image }), ...o.out });
+    so = await streamOut({ listenPort: 0, to: `127.0.0.1:${mitm?.port ?? si.port}`, ...(o.nas ? { nas: o.nas } : { image: o.image }), ...secured(o.out), ...o.out });
     const q = net.connect(so.port, "127.0.0.1");
     let ended = false;
     let sourceCut = false;
@@ -193,4 +201,11 @@ export function makeCerts(dir: string): Record<"ca" | "dstCert" | "dstKey" | "sr
   }
   const p = (f: string) => join(dir, f);
   return { ca: p("ca.pem"), dstCert: p("dst.pem"), dstKey: p("dst.key"), srcCert: p("src.pem"), srcKey: p("src.key"), rogueCert: p("rogue.pem"), rogueKey: p("rogue.key") };
+}
+
+/** Writes TEST_KEY to a 0600 key file in `dir` for a command's --psk-file. */
+export function testKeyFile(dir: string): string {
+  const path = join(dir, "test.key");
+  writeFileSync(path, TEST_KEY, { mode: 0o600 });
+  return path;
 }

@@ -1,20 +1,21 @@
 import { DestinationAgent } from "../../migrate/destination.js";
-import { parse, helpText, str, num, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, parseSize, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "listen",
   summary: "destination agent: receive a VM's RAM, fetching twin pages from the NAS",
-  usage: "pagetwin listen --ram FILE [--create-ram] [--image IMAGE] [--host ADDR] [--port N] [--once] [--json]",
+  usage: "pagetwin listen --ram FILE [--create-ram [--max-ram SIZE]] [--image IMAGE] [--host ADDR] [--port N] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--once] [--json]",
   options: {
     ram: { type: "string", help: "destination RAM file (the destination QEMU's memory-backend-file)" },
     "create-ram": { type: "boolean", help: "create the RAM file with the source's size (it must not be in use)" },
+    "max-ram": { type: "string", default: "64GiB", help: "with --create-ram: the largest RAM a source may create here (e.g. 16GiB); without it the existing RAM file's size is the bound" },
     image: { type: "string", help: "the VM's raw disk image on the NAS (needed for twin pages)" },
     index: { type: "string", help: "index file (default: beside the image); only its seed and id are read" },
     host: { type: "string", default: "127.0.0.1", help: "address to listen on" },
     port: { type: "string", default: "7790", help: "TCP port (0: any free port)" },
     ...securityOptions("source agent", true),
     verify: { type: "string", default: "held", help: "RAM check at switchover: held (hashes of what was written) or reread (read the RAM file again)" },
-    once: { type: "boolean", help: "exit after one migration (exit code 0 if it completed)" },
+    once: { type: "boolean", help: "exit after one migration by an authenticated source (exit code 0 if it completed); peers refused in the TLS handshake do not count" },
     json: { type: "boolean", help: "print events as JSON lines (listening, result)" },
   },
 };
@@ -25,6 +26,7 @@ export async function run(argv: string[]): Promise<number> {
   const agent = new DestinationAgent({
     ramPath: str(values, "ram"), createRam: !!values["create-ram"], imagePath: values.image as string | undefined,
     indexPath: values.index as string | undefined, host: values.host as string, port: num(values, "port", 0, 65535),
+    maxRamBytes: parseSize(values["max-ram"] as string, "--max-ram"),
     log: (m) => { if (!values.json) console.error(m); },
     ...security(values),
     verify: values.verify === "reread" ? "reread" : values.verify === "held" ? "held" : (() => { throw new UsageError("--verify is held or reread"); })(),

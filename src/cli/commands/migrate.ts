@@ -1,6 +1,7 @@
 import { QmpClient } from "../../adapters/qemu/qmp.js";
 import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../qemu-agent/agent-migration.js";
 import type { ConvergenceOptions } from "../../plan/convergence.js";
+import { parseEndpoint } from "../../link/endpoint.js";
 import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, workersWhen, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode } from "../../migrate/compress.js";
 
@@ -39,9 +40,9 @@ export const spec: CommandSpec = {
 };
 
 function hostPort(s: string, what: string): { host: string; port: number } {
-  const m = /^(.+):(\d+)$/.exec(s);
-  if (!m) throw new UsageError(`${what} must be HOST:PORT (got "${s}")`);
-  return { host: m[1]!.replace(/^\[(.*)\]$/, "$1"), port: Number(m[2]) };
+  const e = parseEndpoint(s, what);
+  if (e.kind !== "tcp") throw new UsageError(`${what} must be HOST:PORT (got "${s}")`);
+  return { host: e.host, port: e.port };
 }
 
 export async function run(argv: string[]): Promise<number> {

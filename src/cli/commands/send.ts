@@ -3,6 +3,7 @@ import { openNasIndex } from "../../adapters/nas/index-file.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
 import { migrateSource, MigrationError } from "../../migrate/source.js";
 import { parseCompressionMode } from "../../migrate/compress.js";
+import { parseEndpoint } from "../../link/endpoint.js";
 import { parse, helpText, str, num, parseRate, fmtBytes, progress, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
@@ -13,7 +14,7 @@ export const spec: CommandSpec = {
     ram: { type: "string", help: "the source VM's RAM file" },
     image: { type: "string", help: "the VM's raw disk image on the NAS" },
     index: { type: "string", help: "index file (default: beside the image)" },
-    to: { type: "string", help: "the destination agent, HOST:PORT" },
+    to: { type: "string", help: "the destination agent, HOST:PORT or unix:PATH" },
     bandwidth: { type: "string", default: "1gbit", help: "rate limit on the link (0: none)" },
     compress: { type: "string", default: "auto", help: "pages sent in full: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     "no-dedup": { type: "boolean", help: "plain pre-copy: send every non-zero dirty page in full" },
@@ -30,9 +31,7 @@ export const spec: CommandSpec = {
 export async function run(argv: string[]): Promise<number> {
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
-  const to = str(values, "to");
-  const m = /^(.+):(\d+)$/.exec(to);
-  if (!m) throw new UsageError(`--to must be HOST:PORT (got "${to}")`);
+  const to = parseEndpoint(str(values, "to"), "--to");
   const onCap = values["on-cap"];
   if (onCap !== "switchover" && onCap !== "abort") throw new UsageError("--on-cap is switchover or abort");
   let compress;
@@ -43,7 +42,7 @@ export async function run(argv: string[]): Promise<number> {
     const r = await migrateSource({
       engine: nas.engine, index: values["no-dedup"] ? null : nas.index, indexId: nas.header.indexId, ram,
       vm: { pause: async () => {}, resume: async () => {} },
-      host: m[1]!, port: Number(m[2]), bandwidth: parseRate(values.bandwidth as string),
+      ...(to.kind === "unix" ? { host: "", port: 0, socketPath: to.path } : { host: to.host, port: to.port }), bandwidth: parseRate(values.bandwidth as string),
       convergence: { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap },
       trace: !!values.trace, compress,
       ...security(values),

@@ -1,4 +1,4 @@
-// A framed, rate-limited connection between the agents. Frames to send wait
+// A framed, rate-limited connection between two pagetwin peers. Frames to send wait
 // in a queue that a pump feeds to the socket as the token bucket (the link's
 // bandwidth) and socket backpressure allow, so that the sender reads, hashes
 // and compresses the next frames while the link carries these; send() waits
@@ -7,67 +7,23 @@
 // side and what happened.
 
 import type { Socket } from "node:net";
-import { FrameReader, FrameType, ProtocolError, encodeJson, type Frame } from "./protocol.js";
+import { Control, FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, jsonFrame, type Frame, type ReaderOptions } from "../wire/envelope.js";
+import { LinkClosedError } from "./dial.js";
+import { RateLimiter, drained } from "./rate.js";
+import { TIMEOUTS } from "./timeouts.js";
 
-/** The reason an Abort frame gives (it may be garbled: the link is failing). */
-function abortReason(f: Frame): string {
-  try {
-    const r = JSON.parse(Buffer.from(f.payload).toString("utf8")).reason;
-    return typeof r === "string" ? r : "no reason given";
-  } catch {
-    return "no reason given";
-  }
-}
-
-export class LinkClosedError extends Error {
-  override name = "LinkClosedError";
-}
-
-export class RateLimiter {
-  private tokens: number;
-  private last = performance.now();
-  private readonly burst: number;
-
-  /** bytesPerSecond <= 0 or Infinity: no limit. */
-  constructor(readonly bytesPerSecond: number) {
-    // 50 ms of tokens: the pump shares its thread with reading, hashing and
-    // compressing, and a shorter bucket lost the link's time whenever that
-    // work held the thread for longer (the average rate is the same)
-    this.burst = Math.max(256 * 1024, bytesPerSecond / 20);
-    this.tokens = this.burst;
-  }
-
-  async take(bytes: number): Promise<void> {
-    if (!(this.bytesPerSecond > 0) || !Number.isFinite(this.bytesPerSecond)) return;
-    for (;;) {
-      const now = performance.now();
-      this.tokens = Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.bytesPerSecond);
-      this.last = now;
-      if (this.tokens >= Math.min(bytes, this.burst)) {
-        this.tokens -= bytes; // may go negative for frames larger than the burst: repaid before the next
-        return;
-      }
-      const waitMs = ((Math.min(bytes, this.burst) - this.tokens) / this.bytesPerSecond) * 1000;
-      await new Promise((r) => setTimeout(r, Math.max(1, waitMs)));
-    }
-  }
-}
-
-/** Resolves on the socket's 'drain', or at once when it needs none or is closed (also on 'close'). */
-export function drained(sock: Socket): Promise<void> {
-  if (sock.destroyed || !sock.writableNeedDrain) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { sock.off("drain", done); sock.off("close", done); resolve(); };
-    sock.on("drain", done);
-    sock.on("close", done);
-  });
-}
+export { LinkClosedError, RateLimiter, drained };
 
 /** Bytes of frames queued for the link before send() waits (about 30 ms of a 1 Gbit/s link). */
 export const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
 
+/** A mode's frames: how the reader checks them and what they are called in messages. */
+export interface FrameSet extends ReaderOptions {
+  name: (type: number) => string;
+}
+
 export class FrameLink {
-  private readonly reader = new FrameReader();
+  private readonly reader: FrameReader;
   private readonly queue: Frame[] = [];
   private waiters: { resolve: (f: Frame) => void; reject: (e: Error) => void }[] = [];
   private failure: Error | null = null;
@@ -86,9 +42,10 @@ export class FrameLink {
   bytesWritten = 0;
   bytesIn = 0;
 
-  constructor(readonly socket: Socket, readonly peer: string, private readonly limiter = new RateLimiter(0),
+  constructor(readonly socket: Socket, readonly peer: string, private readonly frames: FrameSet, private readonly limiter = new RateLimiter(0),
     private readonly queueBytes = SEND_QUEUE_BYTES) {
-    socket.setNoDelay(true);
+    // until the handshake is over the peer may send only small frames
+    this.reader = new FrameReader({ ...frames, handshakeMax: HANDSHAKE_FRAME_MAX });
     socket.on("data", (chunk: Buffer) => {
       this.bytesIn += chunk.length;
       if (this.corrupt || this.aborting) return;
@@ -102,7 +59,7 @@ export class FrameLink {
         return;
       }
       for (const f of frames) {
-        if (f.type === FrameType.Abort && this.waiters.length === 0) {
+        if (f.type === Control.Abort && this.waiters.length === 0) {
           // the peer gave up while we were sending: keep its reason for the next send or wait
           this.fail(new ProtocolError(`${this.peer} aborted the migration: ${abortReason(f)}`));
           continue;
@@ -176,8 +133,13 @@ export class FrameLink {
     }
   }
 
+  /** Lifts the reader's small pre-handshake frame limit. */
+  handshakeDone(): void {
+    this.reader.handshakeDone();
+  }
+
   /** The next frame; with `expect`, anything else (but Abort, reported as such) is a protocol error. */
-  async next(expect?: FrameType, timeoutMs = 0): Promise<Frame> {
+  async next(expect?: number, timeoutMs = 0): Promise<Frame> {
     let f: Frame;
     const q = this.queue.shift();
     if (q) f = q;
@@ -198,18 +160,13 @@ export class FrameLink {
         }
       });
     }
-    if (f.type === FrameType.Abort && expect !== FrameType.Abort) {
+    if (f.type === Control.Abort && expect !== Control.Abort) {
       throw new ProtocolError(`${this.peer} aborted the migration: ${abortReason(f)}`);
     }
     if (expect !== undefined && f.type !== expect) {
-      throw new ProtocolError(`expected a ${FrameType[expect]} frame from ${this.peer}, got ${FrameType[f.type] ?? f.type}`);
+      throw new ProtocolError(`expected a ${this.frames.name(expect)} frame from ${this.peer}, got ${this.frames.name(f.type)}`);
     }
     return f;
-  }
-
-  /** Frames already received and not yet taken (non-blocking). */
-  poll(): Frame | undefined {
-    return this.queue.shift();
   }
 
   /** Half-closes the socket once the queued frames are written. */
@@ -224,13 +181,13 @@ export class FrameLink {
    * what the peer still sends for a moment, so that the peer reads the reason
    * instead of a reset; the socket is destroyed after `lingerMs`.
    */
-  abort(reason: string, lingerMs = 2000): void {
+  abort(reason: string, lingerMs = TIMEOUTS.abortLingerMs): void {
     if (this.aborting) return;
     this.aborting = true;
     this.fail(new ProtocolError(`migration aborted here: ${reason}`));
     const s = this.socket;
     if (!s.destroyed && s.writable) {
-      s.write(encodeJson(FrameType.Abort, { reason }));
+      s.write(jsonFrame(Control.Abort, { reason }));
       s.end();
       s.resume();
       setTimeout(() => s.destroy(), lingerMs).unref();

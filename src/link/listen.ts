@@ -1,0 +1,160 @@
+// Listening for peers: TCP or a unix socket (0600), inside TLS unless
+// --insecure. A peer gets a session only once it is authenticated; before
+// that it gets a TLS handshake and nothing else: a cap on concurrent
+// handshakes, a deadline for each, refused sockets destroyed.
+
+import * as net from "node:net";
+import * as tls from "node:tls";
+import { chmodSync, lstatSync, unlinkSync } from "node:fs";
+import { type Endpoint, formatEndpoint, isLocal } from "./endpoint.js";
+import { type Security, serverOptions, unverifiedPeer, describeSecurity } from "./security.js";
+import { MAX_PENDING_HANDSHAKES, TIMEOUTS } from "./timeouts.js";
+import { tuneSocket } from "./dial.js";
+import { UsageError } from "../errors.js";
+
+/** A local listener (QEMU's side of stream-out): no TLS, and only this host can reach it. */
+export type ListenSecurity = Security | { kind: "local" };
+
+export interface ListenOptions {
+  at: Endpoint;
+  security: ListenSecurity;
+  /** Who connects, for messages ("source agent", "stream-out", "source QEMU"). */
+  peer: string;
+  /** An authenticated peer (any peer when insecure or local). */
+  onSession: (sock: net.Socket) => void;
+  /** A peer turned away before it authenticated; `reason` is printable. */
+  onRefused?: (reason: string) => void;
+  /** What a peer whose certificate failed is sent before the door closes (the mode's refusal frame). */
+  refusalFrame?: (reason: string) => Buffer;
+  allowHalfOpen?: boolean;
+  maxPending?: number;
+  authTimeoutMs?: number;
+  log?: (msg: string) => void;
+}
+
+export class Listener {
+  private pending = 0;
+  private readonly raw = new Set<net.Socket>();
+
+  private constructor(private readonly server: net.Server, readonly endpoint: Endpoint, private readonly o: ListenOptions) {}
+
+  /** The bound TCP port (0 for a unix socket). */
+  get port(): number {
+    return this.endpoint.kind === "tcp" ? this.endpoint.port : 0;
+  }
+
+  static open(o: ListenOptions): Promise<Listener> {
+    if (o.security.kind === "local" && !isLocal(o.at)) {
+      throw new UsageError(`${o.peer} must connect over loopback or a unix socket (got ${formatEndpoint(o.at)})`);
+    }
+    const server = Listener.createServer(o);
+    if (o.at.kind === "unix") removeStaleSocket(o.at.path);
+    return new Promise((resolve, reject) => {
+      server.once("error", (err) => reject(new UsageError(`pagetwin: cannot listen on ${formatEndpoint(o.at)}: ${err.message}`)));
+      const bound = () => {
+        let at = o.at;
+        if (at.kind === "unix") chmodSync(at.path, 0o600);
+        else at = { ...at, port: (server.address() as net.AddressInfo).port };
+        const l = new Listener(server, at, o);
+        l.wire();
+        o.log?.(`listening on ${formatEndpoint(at)} (${o.security.kind === "local" ? "local only" : describeSecurity(o.security)})`);
+        if (o.security.kind === "insecure") o.log?.("WARNING: --insecure: this listener authenticates nobody and encrypts nothing");
+        resolve(l);
+      };
+      if (o.at.kind === "unix") server.listen(o.at.path, bound);
+      else server.listen(o.at.port, o.at.host, bound);
+    });
+  }
+
+  private static createServer(o: ListenOptions): net.Server {
+    const allowHalfOpen = o.allowHalfOpen ?? false;
+    const s = o.security;
+    if (s.kind === "local" || s.kind === "insecure") return net.createServer({ allowHalfOpen });
+    return tls.createServer({ ...serverOptions(s), allowHalfOpen, handshakeTimeout: o.authTimeoutMs ?? TIMEOUTS.authMs } as tls.TlsOptions);
+  }
+
+  private refuse(reason: string): void {
+    this.o.log?.(`refused: ${reason}`);
+    this.o.onRefused?.(reason);
+  }
+
+  private wire(): void {
+    const { server, o } = this;
+    const secure = o.security.kind === "tls" || o.security.kind === "psk";
+    const max = o.maxPending ?? MAX_PENDING_HANDSHAKES;
+    server.on("connection", (raw: net.Socket) => {
+      this.raw.add(raw);
+      raw.once("close", () => this.raw.delete(raw));
+      if (!secure) return;
+      if (this.pending >= max) {
+        this.refuse(`a peer at ${peerOf(raw)}: ${max} handshakes already under way`);
+        raw.destroy();
+        return;
+      }
+      this.pending++;
+      let counted = true;
+      const release = () => {
+        if (!counted) return;
+        counted = false;
+        this.pending--;
+        pendingRelease.delete(raw);
+      };
+      raw.once("close", release);
+      pendingRelease.set(raw, release);
+    });
+    if (!secure) {
+      server.on("connection", (sock: net.Socket) => { tuneSocket(sock); o.onSession(sock); });
+      return;
+    }
+    server.on("tlsClientError", (err: Error, sock: tls.TLSSocket) => {
+      this.refuse(`a peer at ${peerOf(sock)} failed the TLS handshake: ${err.message}`);
+      sock.destroy();
+    });
+    server.on("secureConnection", (sock: tls.TLSSocket) => {
+      // Node's TLSSocket keeps the accepted TCP socket as _parent: its handshake is over
+      pendingRelease.get((sock as unknown as { _parent?: net.Socket })._parent as net.Socket)?.();
+      const why = unverifiedPeer(sock, o.security as Security);
+      if (why) {
+        this.refuse(`a peer at ${peerOf(sock)}: ${why}`);
+        if (o.refusalFrame) sock.end(o.refusalFrame(why));
+        else sock.end();
+        setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();
+        return;
+      }
+      tuneSocket(sock);
+      o.onSession(sock);
+    });
+  }
+
+  /** Stops listening and drops connections still in their handshake; sessions are their owners' to end. */
+  close(): Promise<void> {
+    for (const r of this.raw) if (pendingRelease.has(r)) r.destroy();
+    return new Promise((resolve) => {
+      this.server.close(() => resolve());
+      if (this.endpoint.kind === "unix") { try { unlinkSync(this.endpoint.path); } catch { /* gone already */ } }
+    });
+  }
+
+  /** Handshakes under way now. */
+  get handshakes(): number {
+    return this.pending;
+  }
+}
+
+const pendingRelease = new WeakMap<net.Socket, () => void>();
+
+function peerOf(s: net.Socket): string {
+  return s.remoteAddress ? `${s.remoteAddress}:${s.remotePort}` : "the unix socket";
+}
+
+/** A socket file left by an earlier run is removed; anything else at the path is an error. */
+function removeStaleSocket(path: string): void {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new UsageError(`pagetwin: ${path} exists and is not a socket: choose another path`);
+  unlinkSync(path);
+}

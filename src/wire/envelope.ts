@@ -1,0 +1,170 @@
+// The one frame envelope of both modes (agent mode's frames and stream mode's):
+// u32 BE length of what follows, u8 type, payload, u32 BE CRC-32 of type and
+// payload. The channel underneath (TLS) authenticates every byte; the CRC
+// catches our own bugs and, with --insecure, a corrupt link. Socket-free: the
+// reader takes chunks as they arrive and hands out whole frames.
+
+import { crc32 } from "node:zlib";
+
+/** The CRC-32 after each frame's payload. */
+export const TRAILER = 4;
+/** Bytes of a frame besides its payload: length, type, CRC. */
+export const FRAME_OVERHEAD = 5 + TRAILER;
+
+/** Frame types both modes share, with the same numbers. */
+export const Control = { Hello: 1, HelloAck: 2, Abort: 10 } as const;
+
+/** Largest frame a peer may send before the handshake has ended (a HELLO). */
+export const HANDSHAKE_FRAME_MAX = 64 * 1024;
+
+export class ProtocolError extends Error {
+  override name = "ProtocolError";
+  readonly code = "PAGETWIN_PROTOCOL";
+}
+
+export interface Frame {
+  type: number;
+  payload: Buffer;
+}
+
+/** Writes the length and the CRC of a frame built in `b` (type at 4, payload after, 4 spare bytes at the end). */
+export function seal(b: Buffer): Buffer {
+  b.writeUInt32BE(b.length - 4, 0);
+  b.writeUInt32BE(crc32(b.subarray(4, b.length - TRAILER)), b.length - TRAILER);
+  return b;
+}
+
+export function frame(type: number, payload: Uint8Array): Buffer {
+  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + payload.length);
+  b[4] = type;
+  b.set(payload, 5);
+  return seal(b);
+}
+
+export function jsonFrame(type: number, value: unknown): Buffer {
+  return frame(type, Buffer.from(JSON.stringify(value), "utf8"));
+}
+
+export function u32Frame(type: number, v: number): Buffer {
+  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 4);
+  b[4] = type;
+  b.writeUInt32BE(v >>> 0, 5);
+  return seal(b);
+}
+
+/** A frame's JSON object; `name` says which frame in the error. */
+export function parseJson<T>(f: Frame, name = `type ${f.type}`): T {
+  try {
+    const v = JSON.parse(f.payload.toString("utf8"));
+    if (v === null || typeof v !== "object") throw new Error("not an object");
+    return v as T;
+  } catch (err) {
+    throw new ProtocolError(`${name} frame does not hold a JSON object: ${(err as Error).message}`);
+  }
+}
+
+export function readU32(f: Frame, name: string): number {
+  if (f.payload.length !== 4) throw new ProtocolError(`${name} frame of ${f.payload.length} bytes (want 4)`);
+  return f.payload.readUInt32BE(0);
+}
+
+/**
+ * A string from the peer, safe for a log line: control characters (newlines,
+ * terminal escapes) shown as escapes, and cut to `max` characters.
+ */
+export function printable(s: string, max = 300): string {
+  // eslint-disable-next-line no-control-regex
+  const clean = s.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  return clean.length > max ? `${clean.slice(0, max)}…` : clean;
+}
+
+/** The reason an Abort frame gives, made printable (it may be garbled: the link is failing). */
+export function abortReason(f: Frame): string {
+  try {
+    const r = (JSON.parse(f.payload.toString("utf8")) as { reason?: unknown }).reason;
+    return typeof r === "string" ? printable(r) : "no reason given";
+  } catch {
+    return "no reason given";
+  }
+}
+
+export interface ReaderOptions {
+  /** Largest frame body (type + payload + CRC) once the handshake is over. */
+  maxFrame: number;
+  /** Whether a type byte names a frame of this protocol. */
+  known: (type: number) => boolean;
+  /** Largest body before `handshakeDone()` (a link passes HANDSHAKE_FRAME_MAX; default: maxFrame). */
+  handshakeMax?: number;
+}
+
+/** Incremental frame parser: a frame may be split anywhere across reads. */
+export class FrameReader {
+  private chunks: Buffer[] = [];
+  private have = 0;
+  private limit: number;
+  /** Whole frames read so far (to say which one was corrupt). */
+  frames = 0;
+
+  constructor(private readonly o: ReaderOptions) {
+    this.limit = Math.min(o.handshakeMax ?? o.maxFrame, o.maxFrame);
+  }
+
+  /** Lifts the small limit of the handshake: the peer is known now. */
+  handshakeDone(): void {
+    this.limit = this.o.maxFrame;
+  }
+
+  push(chunk: Buffer): Frame[] {
+    this.chunks.push(chunk);
+    this.have += chunk.length;
+    const out: Frame[] = [];
+    while (this.have >= 5) {
+      let first = this.chunks[0]!;
+      if (first.length < 5) first = this.gather(5);
+      const len = first.readUInt32BE(0);
+      if (len < 1 + TRAILER || len > this.limit) {
+        throw new ProtocolError(`frame length ${len} is outside ${1 + TRAILER}..${this.limit}: corrupt link or not a pagetwin peer`);
+      }
+      if (this.have < 4 + len) break;
+      if (first.length < 4 + len) first = this.gather(4 + len);
+      // the CRC first: a corrupt frame is refused whatever its type says
+      const body = first.subarray(4, 4 + len - TRAILER);
+      if (crc32(body) !== first.readUInt32BE(4 + len - TRAILER)) {
+        throw new ProtocolError(`frame ${this.frames} (${len} bytes) fails its CRC-32: the link corrupted it; nothing of it was used`);
+      }
+      const type = first[4]!;
+      if (!this.o.known(type)) throw new ProtocolError(`unknown frame type ${type}`);
+      out.push({ type, payload: first.subarray(5, 4 + len - TRAILER) });
+      this.frames++;
+      if (first.length === 4 + len) this.chunks.shift();
+      else this.chunks[0] = first.subarray(4 + len);
+      this.have -= 4 + len;
+    }
+    return out;
+  }
+
+  /**
+   * Joins the first `n` pending bytes into one buffer at the head of the
+   * queue; the rest stays where it arrived (joining everything pending would
+   * copy a frame's tail again with the next frame).
+   */
+  private gather(n: number): Buffer {
+    const whole = Buffer.allocUnsafe(n);
+    let o = 0;
+    while (o < n) {
+      const c = this.chunks[0]!;
+      const take = Math.min(c.length, n - o);
+      whole.set(take === c.length ? c : c.subarray(0, take), o);
+      o += take;
+      if (take === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(take);
+    }
+    this.chunks.unshift(whole);
+    return whole;
+  }
+
+  /** Bytes held that do not yet make a whole frame. */
+  get pending(): number {
+    return this.have;
+  }
+}
