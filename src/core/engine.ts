@@ -8,6 +8,8 @@ import { instantiateCore, simdSupported, type CoreExports, type CoreFlavor, type
 export const PAGE_SIZE = 4096;
 export const HASH_SIZE = 16;
 export const NO_BLOCK = 0xffffffff;
+/** The most memory a wasm32 core can ever have (65536 pages of 64 KiB). */
+const MAX_MEMORY = 2 ** 32;
 
 export interface EngineOptions {
   /** 64-bit hash seed (default 0). */
@@ -23,10 +25,17 @@ export class Region {
   constructor(private readonly engine: Engine, readonly ptr: number, readonly bytes: number) {}
   /** A fresh Uint8Array over the region (re-take it after any call that may grow memory). */
   view(offset = 0, length = this.bytes - offset): Uint8Array {
-    if (offset < 0 || length < 0 || offset + length > this.bytes) {
+    if (!Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > this.bytes) {
       throw new RangeError(`pagetwin: view ${offset}+${length} is outside a region of ${this.bytes} bytes`);
     }
-    return this.engine.u8().subarray(this.ptr + offset, this.ptr + offset + length);
+    const mem = this.engine.u8();
+    // subarray would clamp silently and hand back a shorter view than asked for.
+    if (this.ptr + offset + length > mem.length) {
+      throw new RangeError(
+        `pagetwin: view ${offset}+${length} of the region at ${this.ptr} ends past the core's memory (${mem.length} bytes); the region is not a valid allocation`,
+      );
+    }
+    return mem.subarray(this.ptr + offset, this.ptr + offset + length);
   }
   free(): void {
     this.engine.free(this);
@@ -80,7 +89,13 @@ export class Engine {
   }
 
   alloc(bytes: number): Region {
-    if (!Number.isInteger(bytes) || bytes < 0) throw new RangeError(`pagetwin: cannot allocate ${bytes} bytes`);
+    if (!Number.isInteger(bytes) || bytes < 0) {
+      throw new RangeError(`pagetwin: cannot allocate ${bytes} bytes: the size must be a whole number of bytes, 0 or more`);
+    }
+    // The core takes a u32: a larger size would wrap to a small allocation.
+    if (bytes >= MAX_MEMORY) {
+      throw new RangeError(`pagetwin: cannot allocate ${bytes} bytes: wasm memory is limited to 4 GiB; allocate less`);
+    }
     let ptr: number;
     try {
       ptr = this.core.alloc(Math.max(bytes, 1)) >>> 0;

@@ -30,6 +30,11 @@ const BRIDGE = 8192;
  * (nearly one per socket read) cost stream-out about 5% of its time.
  */
 const SLAB = 1 << 20;
+/**
+ * Longest RAM block list (MEM_SIZE record) read; one whose sizes have not
+ * added up by then switches the parser to pass-through.
+ */
+export const BLOCK_LIST_MAX = 64 * 1024;
 
 export const SEC = {
   START: 0x01, PART: 0x02, END: 0x03, FULL: 0x04, EOF: 0x05, SUBSECTION: 0x05,
@@ -90,7 +95,18 @@ export interface ParserStats {
 
 type State =
   | "header" | "top" | "configName" | "configSub" | "sectionHead" | "ramRecord"
-  | "footerOrTop" | "passthrough";
+  | "blockList" | "footerOrTop" | "passthrough";
+
+/** A MEM_SIZE block list being read entry by entry. */
+interface BlockList {
+  /** Total bytes of RAM the record announced. */
+  announced: number;
+  /** Announced bytes not yet covered by a block. */
+  left: number;
+  found: Map<string, number>;
+  /** Bytes of the list read so far. */
+  bytes: number;
+}
 
 /**
  * Push chunks, get pieces. Throws StreamFormatError on input that cannot be a
@@ -112,6 +128,7 @@ export class QemuStreamParser {
   private curIsEnd = false;
   private blocks = new Map<string, number>();
   private curBlock: string | null = null;
+  private blockList: BlockList | null = null;
   private warnings: string[] = [];
   /** Footer expected after this section's records (0x7e + be32 id), if any. */
   private footerFor = -1;
@@ -344,6 +361,9 @@ export class QemuStreamParser {
         case "ramRecord":
           if (!this.ramRecord()) return;
           break;
+        case "blockList":
+          if (!this.blockListEntry()) return;
+          break;
       }
     }
   }
@@ -433,6 +453,37 @@ export class QemuStreamParser {
     }
   }
 
+  /**
+   * One entry of the block list (u8 len, idstr, be64 used_length); the list
+   * ends when the lengths add up. False if more bytes are needed.
+   */
+  private blockListEntry(): boolean {
+    const list = this.blockList!;
+    if (list.left === 0) {
+      for (const [k, v] of list.found) this.blocks.set(k, v);
+      this.blockList = null;
+      this.state = "ramRecord";
+      return true;
+    }
+    const b = this.buf;
+    const q = this.pos;
+    if (!this.avail(1)) return false;
+    const size = 1 + b[q]! + 8;
+    if (list.bytes + size > BLOCK_LIST_MAX) {
+      this.toPassthrough(`RAM block list longer than ${BLOCK_LIST_MAX} bytes (its block sizes have not added up to the ${list.announced} bytes announced)`);
+      return false;
+    }
+    if (!this.avail(size)) return false;
+    const id = b.toString("latin1", q + 1, q + size - 8);
+    const len = b.readUInt32BE(q + size - 8) * 0x100000000 + b.readUInt32BE(q + size - 4);
+    if (len > list.left || len === 0) this.malformed(`RAM block "${id}" of ${len} bytes does not fit the ${list.announced} bytes announced`, q);
+    list.found.set(id, len);
+    list.left -= len;
+    list.bytes += size;
+    this.pos = q + size;
+    return true;
+  }
+
   /** One RAM record; false if more bytes are needed. */
   private ramRecord(): boolean {
     const b = this.buf;
@@ -454,23 +505,11 @@ export class QemuStreamParser {
       return true;
     }
     if (flags === RAM_FLAG.MEM_SIZE) {
-      // Block list: (u8 len, idstr, be64 used_length) until the lengths add up.
-      let q = p + 8;
-      let total = offset;
-      const found = new Map<string, number>();
-      while (total > 0) {
-        if (!this.avail(1, q)) return false;
-        const l = b[q]!;
-        if (!this.avail(1 + l + 8, q)) return false;
-        const id = b.toString("latin1", q + 1, q + 1 + l);
-        const len = b.readUInt32BE(q + 1 + l) * 0x100000000 + b.readUInt32BE(q + 1 + l + 4);
-        if (len > total || len === 0) this.malformed(`RAM block "${id}" of ${len} bytes does not fit the ${offset} bytes announced`, q);
-        found.set(id, len);
-        total -= len;
-        q += 1 + l + 8;
-      }
-      for (const [k, v] of found) this.blocks.set(k, v);
-      this.pos = q;
+      // The block list is read one entry per step (blockListEntry), so a long
+      // list split over many reads is never held back or parsed again whole.
+      this.pos = p + 8;
+      this.blockList = { announced: offset, left: offset, found: new Map(), bytes: 0 };
+      this.state = "blockList";
       return true;
     }
     const isPage = flags & RAM_FLAG.PAGE;

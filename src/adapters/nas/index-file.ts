@@ -9,7 +9,7 @@
 //   40 image inode u64      48 blocks u32          52 index id (12 random bytes)
 // then 16 bytes (canonical XXH3-128) per block.
 
-import { closeSync, openSync, readSync, renameSync, writeSync, existsSync, fsyncSync, unlinkSync } from "node:fs";
+import { closeSync, openSync, readSync, renameSync, writeSync, existsSync, fsyncSync, unlinkSync, fchmodSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { createEngine, Engine, TwinIndex, HASH_SIZE } from "../../core/engine.js";
 import { DiskImage, BLOCK_SIZE, type ImageIdentity } from "./image.js";
@@ -182,6 +182,43 @@ function loadHashes(engine: Engine, index: TwinIndex, path: string, blocks: numb
 }
 
 function writeIndexFile(path: string, header: IndexHeader, hashes: Uint8Array): void {
+  const tmp = `${path}.tmp-${randomBytes(8).toString("hex")}`;
+  const fd = createTempFile(tmp, path);
+  let open = true;
+  try {
+    // The umask can only narrow the mode; fchmod makes it exactly 0600 (the file holds the seed).
+    fchmodSync(fd, 0o600);
+    writeSync(fd, encodeHeader(header));
+    writeSync(fd, hashes);
+    fsyncSync(fd);
+    open = false;
+    closeSync(fd);
+  } catch (err) {
+    if (open) closeQuietly(fd);
+    removeQuietly(tmp);
+    throw err;
+  }
+  try {
+    renameSync(tmp, path);
+  } catch (err) {
+    removeQuietly(tmp);
+    throw new Error(`pagetwin: cannot replace the index ${path} (${(err as NodeJS.ErrnoException).code}); check that it is not a directory and that its directory is writable`);
+  }
+}
+
+/**
+ * Random name, O_CREAT|O_EXCL: whoever can write the image's directory cannot
+ * have planted a file or symlink there for us to write through.
+ */
+function createTempFile(tmp: string, path: string): number {
+  try {
+    return openSync(tmp, "wx", 0o600);
+  } catch (err) {
+    throw new Error(`pagetwin: cannot create a temporary file beside the index ${path} (${(err as NodeJS.ErrnoException).code}); check that its directory is writable`);
+  }
+}
+
+function encodeHeader(header: IndexHeader): Buffer {
   const h = Buffer.alloc(HEADER);
   h.write(MAGIC, 0, "latin1");
   h.writeUInt32LE(VERSION, 8);
@@ -192,17 +229,21 @@ function writeIndexFile(path: string, header: IndexHeader, hashes: Uint8Array): 
   h.writeBigUInt64LE(header.identity.ino, 40);
   h.writeUInt32LE(header.blocks, 48);
   Buffer.from(header.indexId, "hex").copy(h, 52);
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, "w", 0o600);
+  return h;
+}
+
+function closeQuietly(fd: number): void {
   try {
-    writeSync(fd, h);
-    writeSync(fd, hashes);
-    fsyncSync(fd);
-  } catch (err) {
     closeSync(fd);
-    unlinkSync(tmp);
-    throw err;
+  } catch {
+    // the write's failure is the one worth reporting
   }
-  closeSync(fd);
-  renameSync(tmp, path);
+}
+
+function removeQuietly(path: string): void {
+  try {
+    unlinkSync(path);
+  } catch {
+    // gone already; nothing to clean up
+  }
 }

@@ -1,0 +1,88 @@
+// The QEMU stream parser's RAM block list (MEM_SIZE record): read entry by
+// entry, never held back whole, and capped.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { BLOCK_LIST_MAX, QemuStreamParser, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
+
+const PAGE = 4096;
+
+function be32(n: number): Buffer { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; }
+function be64(n: number): Buffer { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; }
+function str8(s: string): Buffer { return Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]); }
+
+/** Stream header, then the RAM START section up to its first record. */
+function ramStart(): Buffer {
+  return Buffer.concat([Buffer.from("QEVM"), be32(3), Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4)]);
+}
+
+/** `count` block list entries of one page each, named blk0, blk1, ... */
+function entries(count: number): Buffer {
+  const parts: Buffer[] = [];
+  for (let i = 0; i < count; i++) parts.push(str8(`blk${i}`), be64(PAGE));
+  return Buffer.concat(parts);
+}
+
+function reassemble(pieces: Piece[]): Buffer {
+  return Buffer.concat(pieces.flatMap((p) => (p.kind === "raw" ? [p.data] : [p.header, p.data])));
+}
+
+/** Feeds `data` in pieces of `step` bytes; returns the pieces and the most bytes ever held back. */
+function feed(parser: QemuStreamParser, data: Buffer, step: number): { pieces: Piece[]; maxPending: number } {
+  const pieces: Piece[] = [];
+  let maxPending = 0;
+  for (let i = 0; i < data.length; i += step) {
+    pieces.push(...parser.push(data.subarray(i, i + step)));
+    maxPending = Math.max(maxPending, parser.pending);
+  }
+  parser.finish();
+  return { pieces, maxPending };
+}
+
+test("a block list that never adds up is not held back: the parser passes through past the cap", () => {
+  const chunk = 64 * 1024;
+  const list = entries(Math.ceil((4 << 20) / 17)); // about 4 MiB of entries
+  // Announces far more RAM than the entries will ever cover.
+  const data = Buffer.concat([ramStart(), be64(2 ** 40 + RAM_FLAG.MEM_SIZE), list]);
+  const p = new QemuStreamParser();
+  const { pieces, maxPending } = feed(p, data, chunk);
+  assert.ok(maxPending <= BLOCK_LIST_MAX + chunk, `held back ${maxPending} bytes`);
+  assert.equal(p.mode, "passthrough");
+  assert.match(p.passthroughReason ?? "", /block list longer than/);
+  assert.equal(p.takeWarnings().length, 1);
+  assert.ok(reassemble(pieces).equals(data));
+});
+
+test("a long block list split anywhere is read entry by entry and its blocks are known afterwards", () => {
+  const count = 2000;
+  const list = entries(count);
+  assert.ok(list.length < BLOCK_LIST_MAX);
+  const page = Buffer.alloc(PAGE, 0x5a);
+  const data = Buffer.concat([
+    ramStart(), be64(count * PAGE + RAM_FLAG.MEM_SIZE), list,
+    be64(0 + RAM_FLAG.PAGE), str8(`blk${count - 1}`), page,
+  ]);
+  for (const step of [1, 7, 300, 8192, data.length]) {
+    const p = new QemuStreamParser();
+    const { pieces, maxPending } = feed(p, data, step);
+    assert.ok(maxPending <= PAGE + 8 + 16, `step ${step}: held back ${maxPending} bytes`);
+    assert.equal(p.mode, "parsing", p.passthroughReason);
+    const pages = pieces.filter((x) => x.kind === "page");
+    assert.deepEqual(pages.map((x) => x.kind === "page" && [x.block, x.offset]), [[`blk${count - 1}`, 0]], `step ${step}`);
+    assert.ok(reassemble(pieces).equals(data), `step ${step}`);
+  }
+});
+
+test("a block list that adds up but is longer than the cap passes through with the bytes unchanged", () => {
+  const count = Math.ceil(BLOCK_LIST_MAX / 13) + 10; // entries are 13 to 16 bytes
+  const data = Buffer.concat([ramStart(), be64(count * PAGE + RAM_FLAG.MEM_SIZE), entries(count), Buffer.alloc(5000, 1)]); // then bytes it must not read
+  const p = new QemuStreamParser();
+  const { pieces } = feed(p, data, 4096);
+  assert.equal(p.mode, "passthrough");
+  assert.match(p.passthroughReason ?? "", /block list longer than/);
+  assert.ok(reassemble(pieces).equals(data));
+});
+
+test("a block entry too big for what is left of the announced size is still a format error", () => {
+  const data = Buffer.concat([ramStart(), be64(PAGE + RAM_FLAG.MEM_SIZE), str8("a"), be64(2 * PAGE)]);
+  assert.throws(() => feed(new QemuStreamParser(), data, 5), /RAM block "a" of 8192 bytes does not fit the 4096 bytes announced/);
+});
