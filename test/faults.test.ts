@@ -112,7 +112,7 @@ test("the source agent process is killed: the destination reports it, stays up, 
     const ram = join(dir, "src-ram");
     writeFileSync(ram, randomBytes(8192 * 4096));
     const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
-    const args = [cli, "send", "--ram", ram, "--image", image, "--to", `127.0.0.1:${port}`, "--bandwidth", "20mbit", "--no-dedup", "--psk-file", testKeyFile(dir)];
+    const args = [cli, "send", "--ram", ram, "--image", image, "--to", `127.0.0.1:${port}`, "--psk-file", testKeyFile(dir), "--bandwidth", "20mbit", "--no-dedup"];
     const child = spawn(process.execPath, args, { stdio: "ignore" });
     const first = agent.nextResult();
     setTimeout(() => child.kill("SIGKILL"), 1500);

@@ -9,7 +9,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { QemuStreamParser, StreamFormatError, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
 import { streamIn, streamOut } from "../src/stream/proxy.js";
-import { throughProxies, freePort, TEST_KEY } from "./helpers/stream.js";
+import { throughProxies, freePort, qemuStream, TEST_KEY } from "./helpers/stream.js";
 import { RefsBuilder, decodeRefs, SFrame, STREAM_FRAMES } from "../src/stream/frames.js";
 import { FrameReader, frame } from "../src/wire/envelope.js";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
@@ -301,5 +301,26 @@ test("proxies: a real guest migrates through stream-out/stream-in and its counte
       `proxies: ${o.pagesSeen} pages, ${o.twinsReplaced} twins, link ${o.bytesOutLink} B; counter ${last} -> ${m[1]}`);
   } finally {
     await dst.cleanup();
+  }
+});
+
+test("proxies: a page whose record header is longer than a REFS entry holds (a 250-character RAM block name) travels raw; the rest still as references", { timeout: 60_000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-longname-"));
+  try {
+    const image = path.join(dir, "disk.img");
+    const blocks = Buffer.alloc(128 * PAGE_SIZE);
+    for (let i = 0; i < 128; i++) blocks.fill(i + 1, i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
+    fs.writeFileSync(image, blocks);
+    (await openNasIndex(image, { rebuild: true })).image.close();
+    // every page is a twin; the first page of each PART section names the block (header 8 + 1 + 250 bytes)
+    const data = qemuStream(blocks, "b".repeat(250));
+    const r = await throughProxies({ data, image });
+    assert.equal(r.so.error, undefined);
+    assert.equal(r.si.error, undefined);
+    assert.ok(r.out.equals(data), "stream rebuilt byte-identical");
+    assert.equal(r.so.pagesSeen, 128);
+    assert.equal(r.so.twinsReplaced, 126, "two pages (one per PART section of 64) went raw, the rest as references");
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -22,17 +22,17 @@ const be32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); ret
 const be64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
 const str8 = (s: string) => Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]);
 
-/** A QEMU 7.2-shaped stream: one RAM block "mem" of these pages (in PART sections of 64), device state, EOF. */
-export function qemuStream(pages: Buffer): Buffer {
+/** A QEMU 7.2-shaped stream: one RAM block `block` of these pages (in PART sections of 64), device state, EOF. */
+export function qemuStream(pages: Buffer, block = "mem"): Buffer {
   const n = pages.length / PAGE;
   const parts: Buffer[] = [Buffer.from("QEVM"), be32(3), Buffer.from([0x07]), be32(13), Buffer.from("pc-i440fx-7.2")];
   parts.push(Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4));
-  parts.push(be64(n * PAGE + RAM_FLAG.MEM_SIZE), str8("mem"), be64(n * PAGE));
+  parts.push(be64(n * PAGE + RAM_FLAG.MEM_SIZE), str8(block), be64(n * PAGE));
   parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
   for (let i = 0; i < n; i += 64) {
     parts.push(Buffer.from([0x02]), be32(2));
     for (let k = i; k < Math.min(n, i + 64); k++) {
-      parts.push(k === i ? Buffer.concat([be64(k * PAGE + RAM_FLAG.PAGE), str8("mem")]) : be64(k * PAGE + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE));
+      parts.push(k === i ? Buffer.concat([be64(k * PAGE + RAM_FLAG.PAGE), str8(block)]) : be64(k * PAGE + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE));
       parts.push(pages.subarray(k * PAGE, (k + 1) * PAGE));
     }
     parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
