@@ -3,7 +3,7 @@
 // a message that says what happened.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, readFileSync, truncateSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, readFileSync, truncateSync, writeFileSync } from "node:fs";
 import { createHash, randomBytes } from "node:crypto";
 import { spawn } from "node:child_process";
 import { tmpdir } from "node:os";
@@ -115,7 +115,9 @@ test("the source agent process is killed: the destination reports it, stays up, 
     const args = [cli, "send", "--ram", ram, "--image", image, "--to", `127.0.0.1:${port}`, "--psk-file", testKeyFile(dir), "--bandwidth", "20mbit", "--no-dedup"];
     const child = spawn(process.execPath, args, { stdio: "ignore" });
     const first = agent.nextResult();
-    setTimeout(() => child.kill("SIGKILL"), 1500);
+    // killed once the migration is under way (the destination created its RAM file), not during start-up
+    while (!existsSync(join(dir, "dst-ram"))) await new Promise((r) => setTimeout(r, 20));
+    setTimeout(() => child.kill("SIGKILL"), 500);
     const r1 = await first;
     assert.equal(r1.status, "failed");
     assert.match(r1.error ?? "", /connection to source agent .* closed/);
