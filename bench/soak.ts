@@ -3,7 +3,8 @@
 // the link cut after a random number of bytes, a random bit flipped, a
 // stall longer than the answer timeout, NAS blocks rewritten. Counts
 // migrations completed (destination byte-identical), aborted cleanly (source
-// untouched), and corrupted (anything else) — which must be 0.
+// untouched), and corrupted (anything else) — which must be 0. The link runs
+// in TLS-PSK, as deployed: a flipped bit fails TLS's record check.
 //
 //   node dist/bench/soak.js [--migrations 40] [--json]
 
@@ -56,6 +57,7 @@ export async function soak(opts: { migrations?: number; pages?: number; json?: b
     writeFileSync(files[0]!, ram);
     writeFileSync(files[1]!, Buffer.alloc(pages * 4096));
     let src = 0; // which file holds the running VM
+    const psk = randomBytes(32); // the link's key
     for (let i = 0; i < n; i++) {
       const srcPath = files[src]!, dstPath = files[1 - src]!;
       // the guest runs a little: random pages change (some to disk-block copies)
@@ -68,7 +70,7 @@ export async function soak(opts: { migrations?: number; pages?: number; json?: b
       const fault: Fault = (["none", "cut", "flip", "stall", "rewrite"] as const)[randomInt(5)]!;
       res.byFault[fault].runs++;
       const before = sha(srcPath);
-      const agent = new DestinationAgent({ ramPath: dstPath, imagePath: image, idleTimeoutMs: 3000 });
+      const agent = new DestinationAgent({ ramPath: dstPath, imagePath: image, idleTimeoutMs: 3000, psk });
       const dport = await agent.listen();
       const sockets: Socket[] = [];
       let seen = 0;
@@ -100,7 +102,7 @@ export async function soak(opts: { migrations?: number; pages?: number; json?: b
         r = await migrateSource({
           engine: nas.engine, index: nas.index, indexId: nas.header.indexId, ram: reader,
           vm: { pause: async () => {}, resume: async () => {} },
-          host: "127.0.0.1", port: (proxy.address() as { port: number }).port, bandwidth: 0, answerTimeoutMs: 3000,
+          host: "127.0.0.1", port: (proxy.address() as { port: number }).port, bandwidth: 0, answerTimeoutMs: 3000, psk,
         });
       } catch (err) {
         if (!(err instanceof MigrationError)) throw err;
