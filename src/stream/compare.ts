@@ -15,7 +15,7 @@ import { QemuVm, QEMU_UNTHROTTLED, findGuest, type GuestImage } from "../adapter
 import type { QmpEvent } from "../adapters/qemu/qmp.js";
 import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
-import type { StreamStats } from "./proxy.js";
+import type { StreamStats } from "./stats.js";
 import { CpuMeter } from "../adapters/proc/cpu.js";
 import { median } from "../qemu-agent/compare.js";
 import { lastCounter } from "../qemu-agent/guest.js";
