@@ -12,8 +12,8 @@ import { benchPlanner } from "./planner.js";
 import { benchPool } from "./pool.js";
 import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
 import { netnsAvailable } from "../src/adapters/netns/link.js";
-import { runComparison, formatComparison } from "../src/qemu-agent/compare.js";
-import { compareStreamMode, formatCompare } from "../src/stream/compare.js";
+import { runComparison, formatComparison } from "../src/compare/agent.js";
+import { compareStreamMode, formatCompare } from "../src/compare/stream.js";
 
 const args = process.argv.slice(2);
 const json = args.includes("--json");

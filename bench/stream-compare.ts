@@ -2,7 +2,7 @@
 // the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--mode M ...]
 //   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--json]
 import { parseArgs } from "node:util";
-import { compareStreamMode, formatCompare, type CompareMode } from "../src/stream/compare.js";
+import { compareStreamMode, formatCompare, type CompareMode } from "../src/compare/stream.js";
 
 const { values } = parseArgs({
   options: {

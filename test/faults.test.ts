@@ -9,7 +9,7 @@ import { spawn } from "node:child_process";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { runEmbeddedMigration, type EmbeddedRunResult } from "../src/migrate/embedded-run.js";
+import { runEmbeddedMigration, type EmbeddedRunResult } from "../src/demo/embedded-run.js";
 import { FrameType, AGENT_FRAMES } from "../src/migrate/protocol.js";
 import { FrameReader } from "../src/wire/envelope.js";
 import { DestinationAgent } from "../src/migrate/destination.js";

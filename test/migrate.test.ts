@@ -5,7 +5,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { createServer, connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { runEmbeddedMigration } from "../src/migrate/embedded-run.js";
+import { runEmbeddedMigration } from "../src/demo/embedded-run.js";
 
 const tmp = () => mkdtempSync(join(tmpdir(), "pagetwin-test-"));
 const sha = (path: string) => createHash("sha256").update(readFileSync(path)).digest("hex");

@@ -6,7 +6,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
-import { compareFiles } from "../src/migrate/embedded-run.js";
+import { compareFiles } from "../src/demo/embedded-run.js";
 import { migrateQemuAgentMode, AgentMigrationError } from "../src/qemu-agent/agent-migration.js";
 import { lastCounter } from "../src/qemu-agent/guest.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as net from "node:net";
-import { streamIn } from "../src/stream/proxy.js";
+import { streamIn } from "../src/stream/in.js";
 import { SFrame, STREAM_PROTOCOL_VERSION, STREAM_FRAMES } from "../src/stream/frames.js";
 import { FrameReader, abortReason, frame, jsonFrame, parseJson, type Frame } from "../src/wire/envelope.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";

@@ -14,6 +14,7 @@ import { ProtocolError, jsonFrame, parseJson, printable, type Frame } from "../w
 import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { DiskImage } from "../adapters/nas/image.js";
+import { BlockVerifier } from "../adapters/nas/verify.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
   AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
@@ -77,6 +78,8 @@ interface Session {
   engine: Engine;
   ram: RamFile;
   image: DiskImage | null;
+  /** Fetches and checks twin blocks from `image` (null without one). */
+  verifier: BlockVerifier | null;
   pages: number;
   resend: number[];
   /** 16 B per page: the hash of what this agent holds in RAM (taken before the migration, kept up to date on every write). */
@@ -200,12 +203,12 @@ export class DestinationAgent {
             break;
           }
           case FrameType.Refs: {
-            if (!s.image) throw new ProtocolError("the source sent NAS references, but this destination has no image (start it with --image)");
+            if (!s.verifier) throw new ProtocolError("the source sent NAS references, but this destination has no image (start it with --image)");
             // a block past the image's end now (it shrank since indexing) reads as unreadable: asked for again
             const { pages, blocks, hashes: want } = decodeRefs(f, s.pages, 0xffffffff);
             if (pages.length > 4096) throw new ProtocolError(`a Refs frame holds ${pages.length} references; at most 4096`);
-            const ok = this.fetchVerify(s, blocks, want, scratch.ptr, hashes.ptr);
-            const v = scratch.view();
+            const ok = s.verifier.verify(blocks, (i) => want.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE));
+            const v = s.verifier.slots(pages.length);
             const good: number[] = [];
             for (let i = 0; i < pages.length; i++) {
               if (ok[i]) good.push(i);
@@ -252,6 +255,7 @@ export class DestinationAgent {
       return r;
     } finally {
       r.bytesIn = link.bytesIn;
+      s?.verifier?.free();
       s?.held.free();
       s?.ram.close();
       s?.image?.close();
@@ -301,7 +305,8 @@ export class DestinationAgent {
     await link.send(jsonFrame(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression }));
     link.handshakeDone();
     const held = engine.alloc(h.pages * HASH_SIZE);
-    const session: Session = { engine, ram, image, pages: h.pages, resend: [], held, compression, decompressors: new Map() };
+    const verifier = image ? new BlockVerifier(engine, image) : null;
+    const session: Session = { engine, ram, image, verifier, pages: h.pages, resend: [], held, compression, decompressors: new Map() };
     if (this.opts.createRam) {
       const z = engine.zeroPageHash(), v = held.view();
       for (let i = 0; i < h.pages; i++) v.set(z, i * HASH_SIZE);
@@ -315,33 +320,6 @@ export class DestinationAgent {
       }
     }
     return session;
-  }
-
-  /** Reads each referenced block into scratch (slot i), hashes them, and says which match. */
-  private fetchVerify(s: Session, blocks: Uint32Array, want: Uint8Array, scratchPtr: number, hashesPtr: number): boolean[] {
-    const n = blocks.length;
-    const readOk: boolean[] = new Array(n).fill(true);
-    const v = s.engine.u8();
-    for (let i = 0; i < n; ) {
-      // coalesce runs of consecutive blocks into one read
-      let j = i + 1;
-      while (j < n && blocks[j] === blocks[j - 1]! + 1) j++;
-      try {
-        s.image!.readBlocks(blocks[i]!, j - i, v.subarray(scratchPtr + i * PAGE_SIZE, scratchPtr + j * PAGE_SIZE));
-      } catch {
-        for (let k = i; k < j; k++) readOk[k] = false; // unreadable or truncated: ask the source
-      }
-      i = j;
-    }
-    s.engine.hashPagesAt(scratchPtr, n, hashesPtr);
-    const got = s.engine.u8().subarray(hashesPtr, hashesPtr + n * HASH_SIZE);
-    const ok: boolean[] = new Array(n);
-    for (let i = 0; i < n; i++) {
-      let same = readOk[i]!;
-      for (let b = 0; same && b < HASH_SIZE; b++) same = got[i * HASH_SIZE + b] === want[i * HASH_SIZE + b];
-      ok[i] = same;
-    }
-    return ok;
   }
 
   /** Reads and hashes the whole RAM file into `outPtr` (16 B per page). */

@@ -4,7 +4,9 @@
 import { parseCompressionMode, type CompressionMode } from "../migrate/compress.js";
 import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../cli/args.js";
 import { parseEndpoint } from "../link/endpoint.js";
-import { streamIn, streamOut, type StreamStats } from "./proxy.js";
+import { streamIn } from "./in.js";
+import { streamOut } from "./out.js";
+import type { StreamStats } from "./stats.js";
 
 const common: CommandSpec["options"] = {
   keep: { type: "boolean", help: "serve further migrations instead of exiting after the first" },

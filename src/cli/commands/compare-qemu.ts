@@ -1,5 +1,5 @@
 import { writeFileSync } from "node:fs";
-import { runComparison, formatComparison, COMPARE_MODES, DEFAULT_APPEND, type CompareMode } from "../../qemu-agent/compare.js";
+import { runComparison, formatComparison, COMPARE_MODES, DEFAULT_APPEND, type CompareMode } from "../../compare/agent.js";
 import { parse, helpText, num, parseRate, workersWhen, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {

@@ -3,7 +3,7 @@ import { tmpdir, cpus, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import { runEmbeddedMigration, removeDir, type EmbeddedRunResult } from "../../migrate/embedded-run.js";
+import { runEmbeddedMigration, removeDir, type EmbeddedRunResult } from "../../demo/embedded-run.js";
 import { parse, helpText, num, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode, type CompressionStats } from "../../migrate/compress.js";
 

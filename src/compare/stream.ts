@@ -15,9 +15,9 @@ import { QemuVm, QEMU_UNTHROTTLED, findGuest, type GuestImage } from "../adapter
 import type { QmpEvent } from "../adapters/qemu/qmp.js";
 import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
-import type { StreamStats } from "./proxy.js";
+import type { StreamStats } from "../stream/stats.js";
 import { CpuMeter } from "../adapters/proc/cpu.js";
-import { median } from "../qemu-agent/compare.js";
+import { median } from "./stats.js";
 import { lastCounter } from "../qemu-agent/guest.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin";
@@ -84,7 +84,7 @@ export interface Ratio { linkBytes: number; totalTime: number; endToEnd: number;
 
 const cpuCount = os.availableParallelism();
 
-const MAIN_JS = path.join(path.dirname(fileURLToPath(import.meta.url)), "main.js");
+const MAIN_JS = fileURLToPath(new URL("../stream/main.js", import.meta.url));
 
 function evMs(ev: QmpEvent): number {
   return ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now();

@@ -17,8 +17,9 @@ import { fileURLToPath } from "node:url";
 import { QemuVm, QEMU_UNTHROTTLED, findGuest, qemuAvailable, type GuestImage } from "../adapters/qemu/vm.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { createNetnsLink, netnsAvailable, type NetnsLink } from "../adapters/netns/link.js";
-import { waitMigration, type AgentMigrationResult, type QueryMigrate } from "./agent-migration.js";
-import { firstCounter, lastCounter, readBytes } from "./guest.js";
+import { waitMigration, type AgentMigrationResult, type QueryMigrate } from "../qemu-agent/agent-migration.js";
+import { firstCounter, lastCounter, readBytes } from "../qemu-agent/guest.js";
+import { median } from "./stats.js";
 import type { WorkersWhen } from "../migrate/source.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin-nodedup" | "pagetwin";
@@ -90,20 +91,12 @@ export interface CompareResult {
 }
 
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
-const AGENT_MAIN = fileURLToPath(new URL("./main.js", import.meta.url));
+const AGENT_MAIN = fileURLToPath(new URL("../qemu-agent/main.js", import.meta.url));
 const CLI_MAIN = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 export const DEFAULT_APPEND = "console=ttyS0 quiet panic=1 pt_dirty=1 pt_dirty_ws=16";
 const INCOMING_PORT = 4444;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** The median of `xs` (NaN for none). */
-export function median(xs: number[]): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 /** The guest, built with scripts/build-guest.sh when missing. */
 export function ensureGuest(cacheDir: string, build: boolean, log: (m: string) => void): GuestImage {

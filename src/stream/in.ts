@@ -1,0 +1,417 @@
+// Stream mode's destination side: stream-out's link in, the exact original
+// stream out to the destination QEMU's -incoming socket.
+//
+// Each referenced page is rebuilt from its NAS block, which is read and
+// hashed first: a block that does not match (rewritten since indexing) is
+// never used; the page is asked for again (NEED) and comes from stream-out's
+// replay window (RESEND). At END the whole stream handed to QEMU is checked
+// against the source's (length and CRC-32, inside the protected channel).
+
+import type * as net from "node:net";
+import { once } from "node:events";
+import { crc32 } from "node:zlib";
+import { createEngine, PAGE_SIZE, type Engine } from "../core/engine.js";
+import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
+import { DiskImage } from "../adapters/nas/image.js";
+import { BlockVerifier } from "../adapters/nas/verify.js";
+import { SFrame, STREAM_FRAMES, decodeRefs, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
+import { drained } from "../link/rate.js";
+import { dial } from "../link/dial.js";
+import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
+import { resolveSecurity, checkSecurity, type SecurityOptions } from "../link/security.js";
+import { TIMEOUTS } from "../link/timeouts.js";
+import { availableAlgorithms } from "../migrate/compress.js";
+import { FrameInbox } from "./inbox.js";
+import { RawDecoder } from "./raw-codec.js";
+import { BUFFER_HIGH, serve } from "./serve.js";
+import { newStats, type Logger, type StreamProxy, type StreamStats } from "./stats.js";
+
+export interface StreamInOptions extends SecurityOptions {
+  /** Port stream-out connects to; 0 picks one. */
+  listenPort?: number;
+  /** Address to listen on (default 127.0.0.1: give the address stream-out reaches this host at). */
+  listenHost?: string;
+  /** A unix socket to listen on instead of a port. */
+  listenSocket?: string;
+  /** The destination QEMU's -incoming address: HOST:PORT or unix:/PATH. */
+  qemu: string;
+  /** The NAS image (same file as the source sees). */
+  image: string;
+  indexPath?: string;
+  keep?: boolean;
+  log?: Logger;
+}
+
+/** What every stream-in session shares; the index fields follow the newest index the source used. */
+interface InContext {
+  engine: Engine;
+  image: DiskImage;
+  indexId: string | null;
+  indexError: string | null;
+  indexPath: string;
+  qemu: Endpoint;
+  stats: StreamStats;
+  log: Logger;
+}
+
+/** Frames from stream-out queued here before the link is paused. */
+const QUEUE_LIMIT = 64 * 1024 * 1024;
+/** After END, how long the link may take to close before the session gives up on it. */
+const LINK_CLOSE_WAIT_MS = 5000;
+
+export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
+  const log = opts.log ?? (() => {});
+  const qemu = parseEndpoint(opts.qemu, "--qemu");
+  const security = resolveSecurity(opts, "pagetwin stream-in");
+  checkSecurity(security);
+  const indexPath = opts.indexPath ?? defaultIndexPath(opts.image);
+  // Only the seed and the index id are needed here: every block is verified
+  // by hashing it, so the image may have changed since indexing.
+  let seed = 0n;
+  let indexId: string | null = null;
+  let indexError: string | null = null;
+  try {
+    const h = readIndexHeader(indexPath);
+    seed = h.seed;
+    indexId = h.indexId;
+  } catch (err) {
+    indexError = (err as Error).message;
+    log(`no usable index (${indexError}); migrations will pass through without dedup`);
+  }
+  const engine = await createEngine({ seed });
+  const image = DiskImage.open(opts.image);
+  const stats = newStats("stream-in");
+  const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log };
+  const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
+  try {
+    return await serve({ at, security, peer: "proxy" }, {
+      stats, keep: opts.keep ?? false, log,
+      session: (sock, channel) => new InSession(ctx, sock, channel).run(),
+      onClose: () => image.close(),
+    });
+  } catch (err) {
+    image.close();
+    throw err;
+  }
+}
+
+type Hello = { v?: unknown; indexId?: string; compression?: unknown };
+
+/** One link from stream-out, and its connection to the destination QEMU. */
+class InSession {
+  private readonly stats: StreamStats;
+  private readonly reader = new FrameReader({ ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX });
+  /** Data frames in order, rebuilt one at a time by drain(). */
+  private readonly queue: Frame[] = [];
+  private queuedBytes = 0;
+  private resendWaiter: { seq: number; resolve: (b: Buffer) => void } | null = null;
+  private kick: (() => void) | null = null;
+  private failure: Error | null = null;
+  /** HELLO waits here; no other frame is taken before the handshake has ended. */
+  private readonly inbox = new FrameInbox();
+  private helloDone = false;
+  private linkClosed = false;
+  private endReceived = false;
+  private qemu: net.Socket | null = null;
+  private qemuClosed = false;
+  private streamEnded = false;
+  private raw!: RawDecoder;
+  /** This session's own block buffers, in the engine of the index agreed in the handshake. */
+  private verifier!: BlockVerifier;
+  /** What this session hands QEMU, checked at END against the source's stream. */
+  private streamBytes = 0;
+  private streamCrc = 0;
+
+  constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
+    this.stats = ctx.stats;
+  }
+
+  async run(): Promise<void> {
+    this.wireLink();
+    await this.handshake();
+    this.verifier = new BlockVerifier(this.ctx.engine, this.ctx.image);
+    await this.drain();
+    this.verifier.free();
+    if (this.failure) throw this.failure;
+    // Wait for the destination QEMU to finish with the connection and the link to close.
+    if (!this.qemuClosed) await once(this.qemu!, "close").catch(() => undefined);
+    if (!this.linkClosed) {
+      this.link.end();
+      await Promise.race([once(this.link, "close"), new Promise((r) => setTimeout(r, LINK_CLOSE_WAIT_MS).unref())]);
+    }
+  }
+
+  private sendLink(buf: Buffer): void {
+    if (this.link.destroyed) return;
+    this.stats.bytesOutLink += buf.length;
+    this.link.write(buf);
+  }
+
+  private wake(): void {
+    if (this.kick) { const k = this.kick; this.kick = null; k(); }
+  }
+
+  private fail(err: Error, tellPeer: boolean): void {
+    if (this.failure) return;
+    this.failure = err;
+    this.ctx.log(`channel ${this.channel}: ${err.message}`);
+    const link = this.link;
+    if (tellPeer && !link.destroyed) link.end(jsonFrame(SFrame.Abort, { reason: err.message }));
+    this.qemu?.destroy();
+    setTimeout(() => link.destroy(), TIMEOUTS.abortLingerMs).unref();
+    this.wake();
+    this.inbox.close();
+    // a rebuild waiting for a resent page must wake up to see the failure
+    if (this.resendWaiter) { const w = this.resendWaiter; this.resendWaiter = null; w.resolve(Buffer.alloc(0)); }
+  }
+
+  private wireLink(): void {
+    const link = this.link;
+    link.on("data", (chunk: Buffer) => this.onLinkData(chunk));
+    link.on("error", (e) => this.fail(new Error(`link from stream-out failed: ${e.message}`), false));
+    link.on("close", () => {
+      this.linkClosed = true;
+      if (this.resendWaiter) this.fail(new Error("the link closed while waiting for a resent page"), false);
+      if (!this.streamEnded) this.fail(new Error("the link from stream-out closed before the end of the stream"), false);
+      this.wake();
+    });
+    // The link is half-open capable: a FIN from stream-out without END is the
+    // end of the link too (waiting for 'close' would wait for our own write to fail).
+    link.on("end", () => {
+      if (!this.endReceived) this.fail(new Error("the link from stream-out closed before the end of the stream"), false);
+    });
+    link.setTimeout(TIMEOUTS.idleMs, () => this.fail(new Error(`stream-out sent nothing for ${TIMEOUTS.idleMs} ms`), true));
+  }
+
+  private onLinkData(chunk: Buffer): void {
+    this.stats.bytesInLink += chunk.length;
+    let frames: Frame[];
+    try {
+      frames = this.reader.push(chunk);
+    } catch (err) {
+      this.fail(err as Error, true);
+      return;
+    }
+    for (const f of frames) {
+      const problem = this.onFrame(f);
+      if (problem) { this.fail(problem, !(problem instanceof PeerAbort)); return; }
+    }
+  }
+
+  /** Takes one frame from stream-out; a returned error ends the session. */
+  private onFrame(f: Frame): Error | null {
+    if (!this.helloDone && f.type !== SFrame.Hello && f.type !== SFrame.Abort) {
+      return new ProtocolError(`${SFrame[f.type]} frame from stream-out before the handshake ended`);
+    }
+    switch (f.type) {
+      case SFrame.Hello:
+        if (this.helloDone) return new ProtocolError("a second HELLO from stream-out");
+        this.helloDone = true;
+        this.inbox.push(f);
+        return null;
+      case SFrame.Raw:
+      case SFrame.RawZ:
+      case SFrame.Refs:
+      case SFrame.End:
+        if (f.type === SFrame.End) this.endReceived = true;
+        this.queue.push(f);
+        this.queuedBytes += f.payload.length;
+        if (this.queuedBytes > QUEUE_LIMIT && !this.resendWaiter) this.link.pause();
+        this.wake();
+        return null;
+      case SFrame.Resend:
+        return this.onResend(f);
+      case SFrame.Abort:
+        return new PeerAbort(`stream-out aborted the migration: ${abortReason(f)}`);
+      default:
+        return new ProtocolError(`unexpected ${SFrame[f.type]} frame from stream-out`);
+    }
+  }
+
+  private onResend(f: Frame): Error | null {
+    if (f.payload.length !== 4 + PAGE_SIZE) return new ProtocolError(`RESEND frame of ${f.payload.length} bytes`);
+    const s = f.payload.readUInt32BE(0);
+    // only the page this side asked for: nothing unsolicited is kept
+    if (!this.resendWaiter || this.resendWaiter.seq !== s) return new ProtocolError(`RESEND of page #${s}, which this stream-in did not ask for`);
+    const w = this.resendWaiter;
+    this.resendWaiter = null;
+    w.resolve(f.payload.subarray(4));
+    return null;
+  }
+
+  // The peer is authenticated already (TLS); this side opens nothing (no
+  // QEMU connection) before a HELLO it can serve.
+  private async handshake(): Promise<void> {
+    const h = await this.receiveHello();
+    this.reader.handshakeDone();
+    const offered = Array.isArray(h.compression) ? h.compression : [];
+    const agreed = availableAlgorithms().filter((a) => offered.includes(a));
+    this.raw = new RawDecoder(agreed, this.stats.compression);
+    const reason = await this.dedupRefusal(h);
+    try {
+      this.qemu = await dial(this.ctx.qemu, { kind: "insecure" }, { peer: "destination QEMU" });
+    } catch (err) {
+      this.fail(err as Error, true);
+      throw this.failure!;
+    }
+    const dedup = reason === null;
+    this.sendLink(jsonFrame(SFrame.HelloAck, dedup ? { ready: true, dedup, compression: agreed } : { ready: true, dedup, reason, compression: agreed }));
+    if (!dedup) { this.stats.passthrough.push(reason); this.ctx.log(reason); }
+    this.wireQemu(this.qemu);
+  }
+
+  private async receiveHello(): Promise<Hello> {
+    try {
+      const h = parseJson<Hello>(await this.inbox.next(TIMEOUTS.helloMs, "HELLO from stream-out"), "HELLO");
+      if (h.v !== STREAM_PROTOCOL_VERSION) throw new ProtocolError(`stream-out speaks stream protocol ${printable(String(h.v))}, this stream-in speaks ${STREAM_PROTOCOL_VERSION}: run the same pagetwin version on both hosts`);
+      return h;
+    } catch (err) {
+      this.fail(this.failure ?? (err as Error), true);
+      throw this.failure!;
+    }
+  }
+
+  /** Why this side cannot rebuild the source's references (null: it can). */
+  private async dedupRefusal(h: Hello): Promise<string | null> {
+    const ctx = this.ctx;
+    // The source may have (re)built the index after this proxy started.
+    if (ctx.indexId !== h.indexId) {
+      try {
+        const hdr = readIndexHeader(ctx.indexPath);
+        if (hdr.indexId === h.indexId) {
+          ctx.engine = await createEngine({ seed: hdr.seed });
+          ctx.indexId = hdr.indexId;
+          ctx.indexError = null;
+        }
+      } catch { /* keep the earlier answer */ }
+    }
+    if (ctx.indexId === h.indexId) return null;
+    return ctx.indexError ?? `the source uses index ${printable(String(h.indexId))}, this side has ${ctx.indexId} (${ctx.indexPath}): not the same image index`;
+  }
+
+  private wireQemu(q: net.Socket): void {
+    q.on("data", (chunk: Buffer) => {
+      this.stats.returnBytes += chunk.length;
+      this.sendLink(frame(SFrame.Return, chunk));
+    });
+    q.on("end", () => { this.sendLink(jsonFrame(SFrame.ReturnEnd, {})); });
+    q.on("error", (e) => { if (!this.streamEnded) this.fail(new Error(`destination QEMU connection failed: ${e.message}`), true); });
+    q.on("close", () => {
+      this.qemuClosed = true;
+      if (!this.streamEnded) this.fail(new Error("the destination QEMU closed the connection before the end of the stream (see its log)"), true);
+      else if (!this.link.destroyed) this.link.end();
+    });
+  }
+
+  /** Rebuilds the queued frames in order until END, a failure, or the link's end. */
+  private async drain(): Promise<void> {
+    for (;;) {
+      if (this.failure) return;
+      const f = this.queue.shift();
+      if (!f) {
+        if (this.linkClosed) return;
+        await new Promise<void>((r) => { this.kick = r; });
+        continue;
+      }
+      this.queuedBytes -= f.payload.length;
+      if (this.link.isPaused() && this.queuedBytes < QUEUE_LIMIT / 2) this.link.resume();
+      try {
+        if (await this.step(f)) return;
+      } catch (err) {
+        this.fail(err instanceof ProtocolError ? err : new Error(`stream-in: ${(err as Error).message}`), true);
+        return;
+      }
+    }
+  }
+
+  /** One data frame to QEMU; true at END. */
+  private async step(f: Frame): Promise<boolean> {
+    const t0 = performance.now();
+    const w0 = this.stats.drainWaitMs;
+    if (f.type === SFrame.Raw) await this.toQemu(f.payload);
+    else if (f.type === SFrame.RawZ) await this.toQemu(this.raw.unpack(f));
+    else if (f.type === SFrame.Refs) await this.rebuildRefs(f);
+    this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
+    if (f.type !== SFrame.End) return false;
+    this.streamEnded = true;
+    this.checkEnd(f);
+    this.qemu!.end();
+    return true;
+  }
+
+  private async toQemu(buf: Uint8Array): Promise<void> {
+    const q = this.qemu!;
+    this.stats.bytesToQemu += buf.length;
+    this.streamBytes += buf.length;
+    this.streamCrc = crc32(buf, this.streamCrc);
+    if (q.destroyed) throw new Error("the destination QEMU connection is closed");
+    q.write(buf);
+    // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
+    if (q.writableLength >= BUFFER_HIGH) {
+      const t0 = performance.now();
+      await drained(q);
+      this.stats.drainWaitMs += performance.now() - t0;
+      if (q.destroyed) throw new Error("the destination QEMU connection closed");
+    }
+  }
+
+  /** Header + page per reference, in order; a page whose block did not verify is asked for again. */
+  private async rebuildRefs(f: Frame): Promise<void> {
+    const { firstSeq, refs } = decodeRefs(f);
+    const n = refs.length;
+    if (n > MAX_REFS) throw new ProtocolError(`a REFS frame holds ${n} references; at most ${MAX_REFS}`);
+    const ok = this.verifier.verify(refs.map((r) => r.block), (i) => refs[i]!.hash);
+    let size = 0;
+    for (const ref of refs) size += ref.header.length + PAGE_SIZE;
+    const out = Buffer.allocUnsafe(size);
+    let pages = this.verifier.slots(n);
+    let o = 0;
+    for (let i = 0; i < n; i++) {
+      const ref = refs[i]!;
+      out.set(ref.header, o);
+      o += ref.header.length;
+      if (ok[i]) {
+        out.set(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), o);
+        this.stats.twinsReplaced++;
+      } else {
+        out.set(await this.resend(firstSeq + i), o);
+        this.stats.resends++;
+        // another session may have grown the core's memory meanwhile, which detaches older views
+        pages = this.verifier.slots(n);
+      }
+      o += PAGE_SIZE;
+    }
+    await this.toQemu(out);
+    this.sendLink(u32Frame(SFrame.Ack, firstSeq + n));
+  }
+
+  /** Asks stream-out for page #seq (NEED) and waits for its RESEND. */
+  private async resend(seq: number): Promise<Buffer> {
+    this.sendLink(u32Frame(SFrame.Need, seq));
+    if (this.link.isPaused()) this.link.resume();
+    const page = await new Promise<Buffer>((resolve) => { this.resendWaiter = { seq, resolve }; });
+    if (this.failure) throw this.failure;
+    return page;
+  }
+
+  /** END: the stream handed to QEMU must be, byte for byte, the one the source QEMU sent. */
+  private checkEnd(f: Frame): void {
+    const e = parseJson<{ pages?: number; zeroPages?: number; streamBytes?: unknown; crc32?: unknown }>(f, "END");
+    this.stats.zeroPages += Number(e.zeroPages) || 0;
+    this.stats.pagesSeen += Number(e.pages) || 0;
+    if (typeof e.streamBytes !== "number" || typeof e.crc32 !== "number") {
+      throw new ProtocolError("stream-out's END frame has no stream length and CRC-32: the stream cannot be checked end to end");
+    }
+    if (e.streamBytes !== this.streamBytes || e.crc32 !== this.streamCrc) {
+      const hex = (n: number) => (n >>> 0).toString(16).padStart(8, "0");
+      throw new Error(`the stream rebuilt for the destination QEMU is not the one the source QEMU sent (here ${this.streamBytes} bytes, ` +
+        `CRC-32 ${hex(this.streamCrc)}; at the source ${e.streamBytes} bytes, CRC-32 ${hex(e.crc32)}): a pagetwin bug, please report it. ` +
+        `Do not resume the destination VM; the source VM is paused and goes on with "cont"`);
+    }
+    this.stats.streamsVerified++;
+  }
+}
+
+/** stream-out's own ABORT: not told back to it. */
+class PeerAbort extends Error {}

@@ -1,0 +1,487 @@
+// Stream mode's source side: a proxy inside QEMU's own migration stream.
+//
+//   source QEMU --migrate tcp:--> streamOut ==link==> streamIn --> destination QEMU (-incoming tcp:)
+//
+// streamOut parses QEMU's stream (qemu-stream.ts), hashes every RAM page
+// record in batches in the core's memory, and replaces each page that has a
+// twin block on the NAS by a reference (the record's header, the block, the
+// page's hash). Every other byte travels raw. streamIn (in.ts) rebuilds the
+// exact original stream from the NAS; a block that no longer matches is
+// asked for again (NEED), and streamOut answers from its replay window, where
+// it keeps every referenced page until streamIn acknowledges it. Bytes from
+// the destination QEMU back to the source (return path) travel as RETURN
+// frames, unchanged.
+
+import type * as net from "node:net";
+import { crc32 } from "node:zlib";
+import { NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type TwinIndex } from "../core/engine.js";
+import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
+import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
+import { ReplayWindow } from "./replay-window.js";
+import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
+import { drained } from "../link/rate.js";
+import { dial } from "../link/dial.js";
+import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
+import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
+import { TIMEOUTS } from "../link/timeouts.js";
+import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../migrate/compress.js";
+import { FrameInbox } from "./inbox.js";
+import { PageHasher } from "./hasher.js";
+import { RawEncoder } from "./raw-codec.js";
+import { BUFFER_HIGH, serve } from "./serve.js";
+import { newStats, type Logger, type StreamProxy, type StreamStats } from "./stats.js";
+
+export interface StreamOutOptions extends SecurityOptions {
+  /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
+  listenPort?: number;
+  /** Loopback address to listen on (default 127.0.0.1). */
+  listenHost?: string;
+  /** A unix socket QEMU migrates to (`migrate unix:PATH`), 0600, instead of a port. */
+  listenSocket?: string;
+  /** The destination proxy (stream-in): HOST:PORT or unix:/PATH. */
+  to: string;
+  /** Raw disk image on the NAS (its index is built or loaded beside it). */
+  image?: string;
+  /** Index file (default IMAGE.pagetwin-index). */
+  indexPath?: string;
+  /** An index already opened (instead of image/indexPath). */
+  nas?: NasIndex;
+  /** Referenced pages kept until acknowledged (default 16384 = 64 MiB); QEMU is paused when it is nearly full. */
+  windowPages?: number;
+  /** Keep serving migrations after the first (default false). */
+  keep?: boolean;
+  /** Turn dedup off (forward everything raw): a baseline through the same proxies. */
+  noDedup?: boolean;
+  /**
+   * Compression of what still travels raw (unique pages, device state):
+   * "auto" (default) compresses a RAW frame only when the compressor outruns
+   * the link and the data compresses; an algorithm whenever it compresses; "off".
+   */
+  compress?: CompressionMode;
+  /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
+  bandwidth?: number;
+  log?: Logger;
+}
+
+/** What every stream-out session shares. */
+interface OutContext {
+  engine: Engine;
+  index: TwinIndex;
+  indexId: string;
+  stats: StreamStats;
+  log: Logger;
+  windowPages: number;
+  to: Endpoint;
+  noDedup: boolean;
+  compress: CompressionMode;
+  bandwidth: number;
+  security: Security;
+}
+
+export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
+  const log = opts.log ?? (() => {});
+  const to = parseEndpoint(opts.to, "--to");
+  const security = resolveSecurity(opts, "pagetwin stream-out");
+  checkSecurity(security); // unreadable files: say so now, not when QEMU connects
+  const nas = opts.nas ?? await openIndex(opts, log);
+  const stats = newStats("stream-out");
+  const compress = opts.compress ?? "auto";
+  stats.compression.mode = compress;
+  if (compress !== "auto" && compress !== "off" && !availableAlgorithms().includes(compress)) {
+    throw new Error(`pagetwin stream-out: --compress ${compress} is not available here (${zstdUnavailableReason()})`);
+  }
+  const ctx: OutContext = {
+    engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
+    windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false,
+    compress, bandwidth: opts.bandwidth ?? 0, security,
+  };
+  // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
+  const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
+  return serve({ at, security: { kind: "local" }, peer: "qemu" }, {
+    stats, keep: opts.keep ?? false, log,
+    session: (sock, channel) => new OutSession(ctx, sock, channel).run(),
+    onClose: () => { if (!opts.nas) nas.image.close(); },
+  });
+}
+
+async function openIndex(opts: StreamOutOptions, log: Logger): Promise<NasIndex> {
+  if (!opts.image) throw new Error("pagetwin stream-out: give the NAS image (--image)");
+  const t0 = performance.now();
+  const nas = await openNasIndex(opts.image, { ...(opts.indexPath ? { indexPath: opts.indexPath } : {}) });
+  log(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms`);
+  return nas;
+}
+
+type HelloAck = { ready?: unknown; dedup?: unknown; reason?: string; compression?: unknown };
+
+/** One migration connection from the source QEMU, and its link to stream-in. */
+class OutSession {
+  private readonly stats: StreamStats;
+  private link!: net.Socket;
+  private readonly reader = new FrameReader({ ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX });
+  private readonly inbox = new FrameInbox();
+  // Until stream-in has answered the handshake, nothing from it may reach
+  // the source QEMU and nothing of QEMU's goes out.
+  private ready = false;
+  /** Replay window: reference #seq's page until stream-in acknowledges it. */
+  private readonly ring: ReplayWindow;
+  private seq = 0;
+  private acked = 0;
+  private failure: Error | null = null;
+  private qemuEnded = false;
+  private windowWaiter: (() => void) | null = null;
+  private finished!: () => void;
+  private readonly over = new Promise<void>((r) => { this.finished = r; });
+  private dedup = false;
+  private raw!: RawEncoder;
+  private readonly parser = new QemuStreamParser();
+  private reported = false;
+  /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
+  private readonly refs = new RefsBuilder();
+  private readonly hasher: PageHasher;
+  private pumping = Promise.resolve();
+  /** This session's stream as QEMU sent it, for stream-in's end-to-end check. */
+  private streamBytes = 0;
+  private streamCrc = 0;
+
+  constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
+    this.stats = ctx.stats;
+    this.ring = new ReplayWindow(ctx.windowPages);
+    this.hasher = new PageHasher(ctx.engine, ctx.index);
+  }
+
+  async run(): Promise<void> {
+    try {
+      this.qemu.pause();
+      this.qemu.setNoDelay(true);
+      this.link = await dial(this.ctx.to, this.ctx.security, { peer: "stream-in", allowHalfOpen: true });
+      this.wireLink();
+      await this.handshake();
+      this.wireQemu();
+      this.qemu.resume();
+      await this.over;
+      await this.pumping;
+      if (this.failure) throw this.failure;
+    } finally {
+      this.hasher.free();
+    }
+  }
+
+  private inWindow(): number {
+    return this.seq - this.acked;
+  }
+
+  /** Nearly full: QEMU is paused until acks make room. */
+  private full(): boolean {
+    const w = this.ctx.windowPages;
+    return this.inWindow() > 0 && this.inWindow() >= w - Math.min(256, Math.floor(w / 4));
+  }
+
+  // Keep up to BUFFER_HIGH bytes queued on the link so that this process and
+  // the network work at the same time; pause QEMU's socket beyond that.
+  private sendLink(buf: Buffer): boolean {
+    this.stats.bytesOutLink += buf.length;
+    this.link.write(buf);
+    return this.link.writableLength < BUFFER_HIGH;
+  }
+
+  private fail(err: Error, tellPeer: boolean): void {
+    if (this.failure) return;
+    this.failure = err;
+    this.ctx.log(`channel ${this.channel}: ${err.message}`);
+    const link = this.link;
+    if (tellPeer && !link.destroyed) {
+      try { link.end(jsonFrame(SFrame.Abort, { reason: err.message })); } catch { /* closed */ }
+    }
+    // The source QEMU sees its migration fail and keeps the VM running.
+    this.qemu.destroy();
+    setTimeout(() => link.destroy(), TIMEOUTS.abortLingerMs).unref();
+    this.wakeWindow();
+    this.inbox.close();
+    this.finished();
+  }
+
+  private wakeWindow(): void {
+    if (this.windowWaiter) { const w = this.windowWaiter; this.windowWaiter = null; w(); }
+  }
+
+  private wireLink(): void {
+    const link = this.link;
+    link.on("data", (chunk: Buffer) => this.onLinkData(chunk));
+    link.on("error", (e) => this.fail(new Error(`link to stream-in failed: ${e.message}`), false));
+    link.on("close", () => {
+      this.inbox.close();
+      if (!this.failure && !this.ready) this.fail(new Error("the link to stream-in closed during the handshake (see stream-in's log)"), false);
+      if (!this.failure && !this.qemuEnded) this.fail(new Error("the link to stream-in closed before the migration ended"), false);
+      this.finished();
+    });
+    link.on("end", () => { link.end(); });
+    link.setTimeout(TIMEOUTS.idleMs, () => this.fail(new Error(`stream-in sent nothing for ${TIMEOUTS.idleMs} ms`), true));
+  }
+
+  private onLinkData(chunk: Buffer): void {
+    this.stats.bytesInLink += chunk.length;
+    let frames: Frame[];
+    try {
+      frames = this.reader.push(chunk);
+    } catch (err) {
+      this.fail(err as Error, true);
+      return;
+    }
+    for (const f of frames) {
+      let problem: Error | null;
+      try {
+        problem = this.onFrame(f);
+      } catch (err) {
+        problem = err as Error; // a NEED or ACK of the wrong length
+      }
+      if (problem) { this.fail(problem, !(problem instanceof PeerAbort)); return; }
+    }
+  }
+
+  /** Handles one frame from stream-in; a returned error ends the session. */
+  private onFrame(f: Frame): Error | null {
+    if (!this.ready && f.type !== SFrame.HelloAck && f.type !== SFrame.Abort) {
+      return new ProtocolError(`${SFrame[f.type]} frame from stream-in before the handshake ended`);
+    }
+    switch (f.type) {
+      case SFrame.HelloAck:
+        if (this.ready) return new ProtocolError("a second HELLO_ACK from stream-in");
+        this.inbox.push(f);
+        return null;
+      case SFrame.Need:
+        return this.onNeed(readU32(f, "NEED"));
+      case SFrame.Ack:
+        return this.onAck(readU32(f, "ACK"));
+      case SFrame.Return:
+        this.stats.returnBytes += f.payload.length;
+        if (!this.qemu.destroyed) this.qemu.write(f.payload);
+        return null;
+      case SFrame.ReturnEnd:
+        if (!this.qemu.destroyed) this.qemu.end();
+        return null;
+      case SFrame.Abort:
+        return new PeerAbort(`stream-in aborted the migration: ${abortReason(f)}`);
+      default:
+        return new ProtocolError(`unexpected ${SFrame[f.type]} frame from stream-in`);
+    }
+  }
+
+  /** stream-in's block did not match: resend the page from the replay window. */
+  private onNeed(s: number): Error | null {
+    if (!(s >= this.acked && s < this.seq)) {
+      return new ProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${this.acked}, next ${this.seq})`);
+    }
+    this.stats.resends++;
+    const b = Buffer.allocUnsafe(4 + PAGE_SIZE);
+    b.writeUInt32BE(s, 0);
+    b.set(this.ring.get(s), 4);
+    this.sendLink(frame(SFrame.Resend, b));
+    return null;
+  }
+
+  private onAck(upTo: number): Error | null {
+    if (upTo > this.seq || upTo < this.acked) return new ProtocolError(`stream-in acknowledged up to #${upTo}, outside ${this.acked}..${this.seq}`);
+    this.ring.release(this.acked, upTo);
+    this.acked = upTo;
+    if (!this.full()) this.wakeWindow();
+    return null;
+  }
+
+  private async handshake(): Promise<void> {
+    const { ctx, stats } = this;
+    const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
+    this.sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer }));
+    const ack = await this.nextAck("HELLO_ACK from stream-in");
+    if (ack.ready !== true) {
+      const err = new ProtocolError("stream-in did not say it is ready (does it run the same pagetwin version?)");
+      this.fail(err, true);
+      throw this.failure ?? err;
+    }
+    this.ready = true;
+    this.reader.handshakeDone();
+    this.dedup = ack.dedup === true && !ctx.noDedup;
+    const accepted = Array.isArray(ack.compression) ? ack.compression : [];
+    const algo = offer.find((a) => accepted.includes(a)) ?? null;
+    if (algo) stats.compression.algorithm = algo;
+    else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
+    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression);
+    if (!ack.dedup) {
+      const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
+      stats.passthrough.push(why);
+      ctx.log(why);
+    }
+  }
+
+  // A failure while waiting (stream-in's ABORT, a corrupt frame) says more than "the link closed".
+  private async nextAck(what: string): Promise<HelloAck> {
+    let f: Frame;
+    try {
+      f = await this.inbox.next(TIMEOUTS.helloMs, what);
+    } catch (err) {
+      if (!this.failure) this.fail(err as Error, true);
+      throw this.failure ?? err;
+    }
+    return parseJson<HelloAck>(f, "HELLO_ACK");
+  }
+
+  private wireQemu(): void {
+    const qemu = this.qemu;
+    qemu.on("data", (chunk: Buffer) => {
+      this.pumping = this.pumping.then(() => this.pump(chunk));
+    });
+    qemu.on("end", () => {
+      this.pumping = this.pumping.then(() => this.end());
+    });
+    qemu.on("error", (e) => { if (!this.qemuEnded) this.fail(new Error(`source QEMU connection failed: ${e.message}`), true); });
+    qemu.on("close", () => {
+      if (!this.qemuEnded && !this.failure) this.fail(new Error("source QEMU closed the connection in the middle of the stream"), true);
+    });
+  }
+
+  // One chunk of QEMU's stream at a time, pausing for link backpressure and for a full replay window.
+  private async pump(chunk: Buffer): Promise<void> {
+    this.stats.bytesFromQemu += chunk.length;
+    this.streamBytes += chunk.length;
+    this.streamCrc = crc32(chunk, this.streamCrc);
+    if (this.failure) return;
+    let ok: boolean;
+    const t0 = performance.now();
+    try {
+      ok = this.rewrite(chunk);
+    } catch (err) {
+      this.fail(err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`), true);
+      return;
+    }
+    const t1 = performance.now();
+    this.stats.busyMs += t1 - t0;
+    if (!ok || this.full()) await this.holdQemu(ok, t1);
+  }
+
+  /** QEMU waits while the link drains (`linkOk` false) or the replay window is full. */
+  private async holdQemu(linkOk: boolean, t1: number): Promise<void> {
+    const { stats, link } = this;
+    this.qemu.pause();
+    const backlog = link.writableLength;
+    if (!linkOk) await drained(link);
+    const t2 = performance.now();
+    stats.drainWaitMs += t2 - t1;
+    // the link moved `backlog` bytes in that time, busy all along: its rate
+    if (!linkOk && backlog > 0) this.raw.recordSend(backlog, t2 - t1);
+    if (this.full() && !this.failure) await new Promise<void>((r) => { this.windowWaiter = r; });
+    stats.windowWaitMs += performance.now() - t2;
+    if (!this.failure) this.qemu.resume();
+  }
+
+  /**
+   * Parses a chunk, hashes its pages, and sends every page with a twin as a
+   * reference and everything else raw, in order. False: the link is full.
+   */
+  private rewrite(chunk: Buffer): boolean {
+    if (!this.dedup) return this.sendLink(this.raw.frame([chunk], chunk.length));
+    const pieces = this.parse(chunk);
+    let pages = 0;
+    for (const p of pieces) if (p.kind === "page") pages++;
+    const found = pages ? this.hasher.lookup(pieces, pages) : null;
+    this.stats.pagesSeen += pages;
+    const out = new ChunkWriter(this);
+    let i = 0;
+    for (const p of pieces) {
+      if (p.kind === "raw") { out.raw(p.data); continue; }
+      const blk = found!.blocks[i]!;
+      const hash = found!.hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
+      i++;
+      // No twin, the replay window is full, or a header a REFS entry cannot hold: the page travels as it is.
+      if (blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255) out.raw(p.header, p.data);
+      else out.ref(p.header, p.data, blk, hash);
+    }
+    return out.end();
+  }
+
+  private parse(chunk: Buffer): Piece[] {
+    const pieces = this.parser.push(chunk);
+    for (const w of this.parser.takeWarnings()) { this.ctx.log(`channel ${this.channel}: ${w}`); this.stats.warnings.push(w); }
+    if (!this.reported && this.parser.mode === "passthrough") {
+      this.reported = true;
+      this.stats.passthrough.push(this.parser.passthroughReason ?? "unknown");
+    }
+    return pieces;
+  }
+
+  /** Holds a referenced page in the replay window and adds it to the REFS frame being built; true when that frame is full. */
+  holdRef(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): boolean {
+    this.ring.hold(this.seq, data);
+    this.refs.add(this.seq++, header, block, hash);
+    this.stats.twinsReplaced++;
+    return this.refs.count >= MAX_REFS;
+  }
+
+  /** Sends the REFS frame being built, if any; false when the link is full. */
+  flushRefs(): boolean {
+    return this.refs.count ? this.sendLink(this.refs.take()) : true;
+  }
+
+  sendRaw(pieces: Uint8Array[], bytes: number): boolean {
+    return this.sendLink(this.raw.frame(pieces, bytes));
+  }
+
+  /** QEMU closed its stream: the parser must have ended cleanly; END carries what stream-in checks. */
+  private end(): void {
+    this.qemuEnded = true;
+    if (this.failure) return;
+    if (this.dedup) {
+      try {
+        this.parser.finish();
+      } catch (err) {
+        this.fail(err as Error, true);
+        return;
+      }
+    }
+    const ps = this.parser.stats;
+    this.stats.zeroPages += ps.zeroPages;
+    this.sendLink(jsonFrame(SFrame.End, {
+      bytes: this.stats.bytesFromQemu, pages: ps.pages, zeroPages: ps.zeroPages,
+      streamBytes: this.streamBytes, crc32: this.streamCrc,
+    }));
+  }
+}
+
+/** stream-in's own ABORT: not told back to it. */
+class PeerAbort extends Error {}
+
+/**
+ * One chunk's output in order: consecutive raw bytes gather into one RAW
+ * frame, consecutive references into one REFS frame; a switch from one kind
+ * to the other sends what was gathered.
+ */
+class ChunkWriter {
+  private pieces: Uint8Array[] = [];
+  private bytes = 0;
+  private ok = true;
+
+  constructor(private readonly s: OutSession) {}
+
+  raw(...data: Uint8Array[]): void {
+    this.ok = this.s.flushRefs() && this.ok;
+    for (const d of data) { this.pieces.push(d); this.bytes += d.length; }
+  }
+
+  ref(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): void {
+    this.flushRaw();
+    if (this.s.holdRef(header, data, block, hash)) this.ok = this.s.flushRefs() && this.ok;
+  }
+
+  /** Sends the rest; false when the link is full. */
+  end(): boolean {
+    this.flushRaw();
+    this.ok = this.s.flushRefs() && this.ok;
+    return this.ok;
+  }
+
+  private flushRaw(): void {
+    if (this.bytes) this.ok = this.s.sendRaw(this.pieces, this.bytes) && this.ok;
+    this.pieces = [];
+    this.bytes = 0;
+  }
+}

@@ -1,0 +1,87 @@
+// RAW data (unique pages, device state) on the link. Stream-out sends a
+// RAW_Z frame compressed straight from QEMU's pieces when the policy says it
+// pays and stream-in agreed an algorithm, a plain RAW frame otherwise;
+// stream-in decompresses RAW_Z with an agreed algorithm only. The accounting
+// lands in the session's CompressionStats.
+
+import { ALGORITHM_ID, CompressionPolicy, algorithmOfId, createCompressor, type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor } from "../migrate/compress.js";
+import { ProtocolError, type Frame } from "../wire/envelope.js";
+import { RAW_Z_OVERHEAD, compressedRawFrame, decodeRawZ, rawFrame } from "./frames.js";
+
+/** Smaller RAW data is never worth a compressor call. */
+const MIN_COMPRESS_BYTES = 4096;
+
+export class RawEncoder {
+  private readonly compressor: PageCompressor | null;
+  private readonly policy: CompressionPolicy;
+
+  constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats) {
+    this.compressor = algorithm ? createCompressor(algorithm) : null;
+    this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth });
+  }
+
+  /** A RAW or RAW_Z frame around `pieces` (`bytes` in all). */
+  frame(pieces: Uint8Array[], bytes: number): Buffer {
+    const verdict = this.compressor && bytes >= MIN_COMPRESS_BYTES ? this.policy.decide() : null;
+    if (verdict === "compress") {
+      const f = this.compressed(pieces, bytes);
+      if (f) return f;
+      this.stats.rawPoorRatio++;
+    } else if (verdict === "slow") this.stats.rawSlow++;
+    else if (verdict === "poor") this.stats.rawPoorRatio++;
+    this.stats.framesRaw++;
+    return rawFrame(pieces, bytes);
+  }
+
+  /** The link moved `bytes` in `ms` while busy all along: its rate, for the policy. */
+  recordSend(bytes: number, ms: number): void {
+    this.policy.recordSend(bytes, ms);
+    if (Number.isFinite(this.policy.linkRate)) this.stats.linkMBs = this.policy.linkRate / 1e6;
+  }
+
+  private compressed(pieces: Uint8Array[], bytes: number): Buffer | null {
+    const c = this.compressor!;
+    let ms = 0;
+    const f = compressedRawFrame(bytes, ALGORITHM_ID[c.algorithm], (dst) => {
+      const t = performance.now();
+      const n = c.compressChunks(pieces, dst);
+      ms = performance.now() - t;
+      return n;
+    }, this.policy.maxRatio);
+    this.policy.recordCompress(bytes, f ? f.length - RAW_Z_OVERHEAD : bytes, ms);
+    this.stats.compressMBs = this.policy.compressRate / 1e6;
+    if (!f) return null;
+    this.stats.framesCompressed++;
+    this.stats.bytesBefore += bytes;
+    this.stats.bytesAfter += f.length - RAW_Z_OVERHEAD;
+    return f;
+  }
+}
+
+export class RawDecoder {
+  private readonly decompressors = new Map<CompressionAlgorithm, PageCompressor>();
+
+  constructor(private readonly agreed: readonly CompressionAlgorithm[], private readonly stats: CompressionStats) {}
+
+  /** A RAW_Z frame's bytes, decompressed into exactly the length it names (4 MiB at most). */
+  unpack(f: Frame): Buffer {
+    const { algorithmId, rawLength, packed } = decodeRawZ(f);
+    const algo = algorithmOfId(algorithmId);
+    if (!algo || !this.agreed.includes(algo)) {
+      throw new ProtocolError(`RAW_Z frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${this.agreed.join(", ") || "none"})`);
+    }
+    let d = this.decompressors.get(algo);
+    if (!d) this.decompressors.set(algo, (d = createCompressor(algo)));
+    const out = Buffer.allocUnsafe(rawLength);
+    try {
+      d.decompressInto(packed, out);
+    } catch (err) {
+      throw new ProtocolError(`RAW_Z frame: ${(err as Error).message.replace(/^CompressedPages frame: /, "")}`);
+    }
+    this.stats.framesCompressed++;
+    this.stats.bytesBefore += rawLength;
+    this.stats.bytesAfter += packed.length;
+    this.stats.algorithm = algo;
+    return out;
+  }
+}

@@ -1,0 +1,110 @@
+// A stream proxy's listening side: every connection is a session (QEMU
+// opens one per migration, more with multifd); the proxy is done when the
+// last session of its first migration has ended, unless told to keep going.
+
+import type * as net from "node:net";
+import { Listener, type ListenSecurity } from "../link/listen.js";
+import type { Endpoint } from "../link/endpoint.js";
+import { TIMEOUTS } from "../link/timeouts.js";
+import { jsonFrame } from "../wire/envelope.js";
+import { SFrame } from "./frames.js";
+import type { Logger, StreamProxy, StreamStats } from "./stats.js";
+
+/** Bytes queued on a socket before the producer waits for it to drain. */
+export const BUFFER_HIGH = 4 * 1024 * 1024;
+
+/** Multifd channels of the same migration connect soon after the first: how long to wait for them. */
+const LAST_SESSION_GRACE_MS = 200;
+
+export interface Listen {
+  at: Endpoint;
+  security: ListenSecurity;
+  /**
+   * Who connects: the other proxy (after a failure it gets a moment to read
+   * the ABORT), or the source QEMU (its socket is closed at once: QEMU must
+   * see its migration fail, never a stream that was read to the end).
+   */
+  peer: "proxy" | "qemu";
+}
+
+export type Session = (sock: net.Socket, channel: number) => Promise<void>;
+
+export interface ServeOptions {
+  stats: StreamStats;
+  keep: boolean;
+  log: Logger;
+  session: Session;
+  onClose: () => void;
+}
+
+export async function serve(l: Listen, o: ServeOptions): Promise<StreamProxy> {
+  const sessions = new Sessions(l, o);
+  await sessions.open();
+  return sessions.proxy();
+}
+
+class Sessions {
+  private active = 0;
+  private channels = 0;
+  private ended = 0;
+  private t0 = 0;
+  private finished = false;
+  private resolveDone!: (s: StreamStats) => void;
+  private readonly done = new Promise<StreamStats>((r) => { this.resolveDone = r; });
+  private readonly sockets = new Set<net.Socket>();
+  private listener: Listener | null = null;
+
+  constructor(private readonly l: Listen, private readonly o: ServeOptions) {}
+
+  async open(): Promise<void> {
+    this.listener = await Listener.open({
+      at: this.l.at, security: this.l.security, peer: this.l.peer === "qemu" ? "source QEMU" : "stream-out", allowHalfOpen: true, log: this.o.log,
+      onSession: (sock) => this.start(sock),
+      onRefused: (reason) => this.o.stats.refused.push(reason),
+      refusalFrame: (why) => jsonFrame(SFrame.Abort, { reason: `stream-in refused this stream-out: ${why}` }),
+    });
+  }
+
+  proxy(): StreamProxy {
+    return { port: this.listener!.port, stats: this.o.stats, done: this.done, close: async () => { this.finish(); await this.done; } };
+  }
+
+  private finish(): void {
+    if (this.finished) return;
+    this.finished = true;
+    void this.listener?.close();
+    for (const s of this.sockets) s.destroy();
+    this.o.onClose();
+    this.resolveDone(this.o.stats);
+  }
+
+  private start(sock: net.Socket): void {
+    const { stats, log } = this.o;
+    if (this.t0 === 0) this.t0 = performance.now();
+    this.sockets.add(sock);
+    sock.on("close", () => this.sockets.delete(sock));
+    this.active++;
+    stats.sessions++;
+    let failed = false;
+    this.o.session(sock, this.channels++).catch((err: Error) => {
+      failed = true;
+      stats.error ??= err.message;
+      log(`error: ${err.message}`);
+    }).finally(() => this.end(sock, failed));
+  }
+
+  private end(sock: net.Socket, failed: boolean): void {
+    this.active--;
+    this.ended++;
+    // after a failure, let the other proxy read the ABORT before the socket goes (a destroy with unread data resets it)
+    if (failed && this.l.peer === "proxy" && !sock.destroyed) {
+      sock.end();
+      sock.resume();
+      setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();
+    } else sock.destroy();
+    if (this.t0) this.o.stats.ms = performance.now() - this.t0;
+    if (!this.o.keep && this.active === 0 && this.ended > 0) {
+      setTimeout(() => { if (this.active === 0) this.finish(); }, LAST_SESSION_GRACE_MS);
+    }
+  }
+}

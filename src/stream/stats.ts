@@ -1,0 +1,66 @@
+// What a stream proxy reports: one stats shape for stream-out and stream-in,
+// and the handle a running proxy is.
+
+import { emptyCompressionStats, type CompressionStats } from "../migrate/compress.js";
+
+export interface StreamStats {
+  role: "stream-out" | "stream-in";
+  /** Migration connections handled (QEMU opens one, more with multifd). */
+  sessions: number;
+  /** RAM PAGE records seen in QEMU's stream (QEMU's "normal" pages). */
+  pagesSeen: number;
+  /** RAM ZERO records seen (QEMU's "duplicate" pages). */
+  zeroPages: number;
+  /** Pages sent (stream-out) or rebuilt (stream-in) from a NAS block reference. */
+  twinsReplaced: number;
+  /** Pages whose NAS block no longer matched and were sent again from the source. */
+  resends: number;
+  /** Bytes read from the source QEMU (stream-out) / written to the destination QEMU (stream-in). */
+  bytesFromQemu: number;
+  bytesToQemu: number;
+  /** Bytes written to / read from the link between the proxies (frames included). */
+  bytesOutLink: number;
+  bytesInLink: number;
+  /** Return-path bytes (destination QEMU -> source QEMU). */
+  returnBytes: number;
+  /** Why dedup was off for (part of) a stream, if it was. */
+  passthrough: string[];
+  warnings: string[];
+  /**
+   * stream-in: peers refused before they authenticated (a failed TLS
+   * handshake: wrong or no key, a certificate from another CA, too many
+   * handshakes at once). They are not migrations: a one-shot stream-in keeps
+   * waiting for the real stream-out.
+   */
+  refused: string[];
+  error?: string;
+  /** Wall time from the first connection to the end of the last. */
+  ms: number;
+  /** Where the time went (ms): rewriting/rebuilding, waiting for the link (out) or QEMU (in) to drain, waiting for acks. */
+  busyMs: number;
+  drainWaitMs: number;
+  windowWaitMs: number;
+  /** RAW data compressed on the link (stream-out: what it compressed and why not; stream-in: frames decompressed). */
+  compression: CompressionStats;
+  /** stream-in: sessions whose rebuilt stream was checked against the source's (length and CRC-32 of the whole stream) and matched. */
+  streamsVerified: number;
+}
+
+export function newStats(role: StreamStats["role"]): StreamStats {
+  return {
+    role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
+    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], refused: [], ms: 0,
+    busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, compression: emptyCompressionStats("auto"), streamsVerified: 0,
+  };
+}
+
+export interface StreamProxy {
+  /** The port it listens on (useful with listenPort 0; 0 on a unix socket). */
+  port: number;
+  stats: StreamStats;
+  /** Resolves when the first migration is over (or, with keep, when closed); rejects never: see stats.error. */
+  done: Promise<StreamStats>;
+  close(): Promise<void>;
+}
+
+export type Logger = (msg: string) => void;
