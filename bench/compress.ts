@@ -85,8 +85,8 @@ export async function loadCandidates(): Promise<Candidate[]> {
     const m = lw.default ?? lw;
     out.push({ name: "lz4-wasm", compress: (s) => m.compress(s), decompress: (s) => m.decompress(s) });
   }
-  // the one pagetwin ships (src/migrate/compress.ts), for the record
-  const own = await tryImport(new URL("../src/migrate/compress.js", import.meta.url).href);
+  // the one pagetwin ships (src/codec/compress.ts), for the record
+  const own = await tryImport(new URL("../src/codec/compress.js", import.meta.url).href);
   if (own?.createCompressor) {
     for (const algo of own.availableAlgorithms() as string[]) {
       const c = await own.createCompressor(algo);
@@ -219,8 +219,8 @@ export async function benchMigrate(o: { mib?: number; bandwidths?: number[]; mod
   const { tmpdir } = await import("node:os");
   const { createEngine } = await import("../src/core/index.js");
   const { RamFile } = await import("../src/adapters/ram/ram-file.js");
-  const { DestinationAgent } = await import("../src/migrate/destination.js");
-  const { migrateSource } = await import("../src/migrate/source.js");
+  const { DestinationAgent } = await import("../src/agent/destination.js");
+  const { migrateSource } = await import("../src/agent/source.js");
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-bench-"));
   const rows: Record<string, unknown>[] = [];
   try {

@@ -15,8 +15,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
-import { DestinationAgent } from "../src/migrate/destination.js";
-import { migrateSource, MigrationError, type MigrationResult } from "../src/migrate/source.js";
+import { DestinationAgent } from "../src/agent/destination.js";
+import { migrateSource, MigrationError, type MigrationResult } from "../src/agent/source.js";
 import { argValue, isMain } from "./cli.js";
 
 type Fault = "none" | "cut" | "flip" | "stall" | "rewrite";

@@ -9,13 +9,13 @@ import { join } from "node:path";
 import zlib from "node:zlib";
 import { createEngine } from "../src/index.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
-import { DestinationAgent } from "../src/migrate/destination.js";
-import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/migrate/source.js";
-import { FrameType, encodePagesMaybeCompressed, decodeCompressedPages, MAX_COMPRESSED_PAGES, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { DestinationAgent } from "../src/agent/destination.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
+import { FrameType, encodePagesMaybeCompressed, decodeCompressedPages, MAX_COMPRESSED_PAGES, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader, ProtocolError, frame } from "../src/wire/envelope.js";
 import {
   ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, algorithmOfId,
-} from "../src/migrate/compress.js";
+} from "../src/codec/compress.js";
 
 const PAGE = 4096;
 

@@ -10,9 +10,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { runEmbeddedMigration, type EmbeddedRunResult } from "../src/demo/embedded-run.js";
-import { FrameType, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameType, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader } from "../src/wire/envelope.js";
-import { DestinationAgent } from "../src/migrate/destination.js";
+import { DestinationAgent } from "../src/agent/destination.js";
 import { tamperProxy, TEST_KEY, testKeyFile } from "./helpers/stream.js";
 
 const tmp = () => mkdtempSync(join(tmpdir(), "pagetwin-fault-"));

@@ -8,7 +8,7 @@ import { once } from "node:events";
 import { FrameLink } from "../src/link/channel.js";
 import { RateLimiter } from "../src/link/rate.js";
 import { LinkClosedError } from "../src/link/dial.js";
-import { FrameType, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameType, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader, frame } from "../src/wire/envelope.js";
 
 async function socketPair(): Promise<{ a: Socket; b: Socket; close: () => void }> {

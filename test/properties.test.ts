@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { FrameType, decodePages, decodeRefs, decodePageList, decodeIterAck, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameType, decodePages, decodeRefs, decodePageList, decodeIterAck, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader, ProtocolError, frame } from "../src/wire/envelope.js";
 import { createEngine, NO_BLOCK } from "../src/index.js";
 

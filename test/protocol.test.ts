@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes, randomInt } from "node:crypto";
-import { FrameType, encodePages, encodeRefs, encodePageList, encodeIterAck, decodePages, decodeRefs, decodePageList, decodeIterAck, MAX_FRAME, AGENT_FRAMES } from "../src/migrate/protocol.js";
+import { FrameType, encodePages, encodeRefs, encodePageList, encodeIterAck, decodePages, decodeRefs, decodePageList, decodeIterAck, MAX_FRAME, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader, ProtocolError, frame, jsonFrame, parseJson } from "../src/wire/envelope.js";
 
 function sampleStream(): { bytes: Buffer; frames: Buffer[] } {

@@ -7,8 +7,8 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { compareFiles } from "../src/demo/embedded-run.js";
-import { migrateQemuAgentMode, AgentMigrationError } from "../src/qemu-agent/agent-migration.js";
-import { lastCounter } from "../src/qemu-agent/guest.js";
+import { migrateQemuAgentMode, AgentMigrationError } from "../src/agent/qemu.js";
+import { lastCounter } from "../src/compare/guest.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";
 
 const skip = skipRealGuest;

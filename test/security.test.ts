@@ -6,8 +6,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createEngine } from "../src/index.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
-import { DestinationAgent, type DestinationOptions } from "../src/migrate/destination.js";
-import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/migrate/source.js";
+import { DestinationAgent, type DestinationOptions } from "../src/agent/destination.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
 import { makeCerts } from "./helpers/stream.js";
 
 const PAGES = 256;

@@ -227,7 +227,7 @@ test("stream fault, real guest: the stream-in process killed mid-migration: QEMU
     if (!killedAt && total > 4 << 20 && child) { killedAt = total; child.kill("SIGKILL"); }
   });
   const port = await freePort();
-  const main = fileURLToPath(new URL("../src/stream/main.js", import.meta.url));
+  const main = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
   child = spawn(process.execPath, [main, "stream-in", "--listen", `127.0.0.1:${port}`, "--qemu", `127.0.0.1:${sink.port}`, "--image", guest!.disk, "--index", indexPath, "--psk-file", testKeyFile(dirname(indexPath))], { stdio: ["ignore", "ignore", "pipe"] });
   const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${port}`, image: guest!.disk, indexPath, psk: TEST_KEY });
   try {

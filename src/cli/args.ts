@@ -3,7 +3,7 @@
 import { UsageError } from "../errors.js";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { loadKey, type TlsFiles } from "../link/security.js";
-import type { WorkersWhen } from "../migrate/source.js";
+import type { WorkersWhen } from "../agent/source.js";
 
 export { UsageError };
 

@@ -17,10 +17,10 @@ import { fileURLToPath } from "node:url";
 import { QemuVm, QEMU_UNTHROTTLED, findGuest, qemuAvailable, type GuestImage } from "../adapters/qemu/vm.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { createNetnsLink, netnsAvailable, type NetnsLink } from "../adapters/netns/link.js";
-import { waitMigration, type AgentMigrationResult, type QueryMigrate } from "../qemu-agent/agent-migration.js";
-import { firstCounter, lastCounter, readBytes } from "../qemu-agent/guest.js";
+import { waitMigration, type AgentMigrationResult, type QueryMigrate } from "../agent/qemu.js";
+import { firstCounter, lastCounter, readBytes } from "./guest.js";
 import { median } from "./stats.js";
-import type { WorkersWhen } from "../migrate/source.js";
+import type { WorkersWhen } from "../agent/source.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin-nodedup" | "pagetwin";
 export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin-nodedup", "pagetwin"];
@@ -91,7 +91,7 @@ export interface CompareResult {
 }
 
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
-const AGENT_MAIN = fileURLToPath(new URL("../qemu-agent/main.js", import.meta.url));
+const AGENT_MAIN = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 const CLI_MAIN = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 export const DEFAULT_APPEND = "console=ttyS0 quiet panic=1 pt_dirty=1 pt_dirty_ws=16";
 const INCOMING_PORT = 4444;

@@ -18,7 +18,7 @@ import { openNasIndex } from "../adapters/nas/index-file.js";
 import type { StreamStats } from "../stream/stats.js";
 import { CpuMeter } from "../adapters/proc/cpu.js";
 import { median } from "./stats.js";
-import { lastCounter } from "../qemu-agent/guest.js";
+import { lastCounter } from "./guest.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin";
 export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin"];
@@ -84,7 +84,7 @@ export interface Ratio { linkBytes: number; totalTime: number; endToEnd: number;
 
 const cpuCount = os.availableParallelism();
 
-const MAIN_JS = fileURLToPath(new URL("../stream/main.js", import.meta.url));
+const MAIN_JS = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 
 function evMs(ev: QmpEvent): number {
   return ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now();

@@ -13,10 +13,10 @@ import { EmbeddedVm, type EmbeddedVmOptions } from "../adapters/embedded/vm.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import { EnginePool } from "../pool/pool.js";
-import { DestinationAgent, type DestinationResult } from "../migrate/destination.js";
-import { migrateSource, MigrationError, type MigrationResult, type WorkersWhen } from "../migrate/source.js";
+import { DestinationAgent, type DestinationResult } from "../agent/destination.js";
+import { migrateSource, MigrationError, type MigrationResult, type WorkersWhen } from "../agent/source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
-import type { CompressionMode } from "../migrate/compress.js";
+import type { CompressionMode } from "../codec/compress.js";
 
 export interface EmbeddedRunOptions {
   vm: EmbeddedVmOptions;

@@ -1,7 +1,7 @@
 // `pagetwin stream-out` / `pagetwin stream-in`: argument parsing, help, and
 // the final stats (human-readable, or one JSON object with --json).
 
-import { parseCompressionMode, type CompressionMode } from "../migrate/compress.js";
+import { parseCompressionMode, type CompressionMode } from "../codec/compress.js";
 import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../cli/args.js";
 import { parseEndpoint } from "../link/endpoint.js";
 import { streamIn } from "./in.js";

@@ -21,7 +21,7 @@ import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { resolveSecurity, checkSecurity, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
-import { availableAlgorithms } from "../migrate/compress.js";
+import { availableAlgorithms } from "../codec/compress.js";
 import { FrameInbox } from "./inbox.js";
 import { RawDecoder } from "./raw-codec.js";
 import { BUFFER_HIGH, serve } from "./serve.js";

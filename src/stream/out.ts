@@ -25,7 +25,7 @@ import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
-import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../migrate/compress.js";
+import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
 import { FrameInbox } from "./inbox.js";
 import { PageHasher } from "./hasher.js";
 import { RawEncoder } from "./raw-codec.js";

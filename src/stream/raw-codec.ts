@@ -4,7 +4,7 @@
 // stream-in decompresses RAW_Z with an agreed algorithm only. The accounting
 // lands in the session's CompressionStats.
 
-import { ALGORITHM_ID, CompressionPolicy, algorithmOfId, createCompressor, type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor } from "../migrate/compress.js";
+import { ALGORITHM_ID, CompressionPolicy, algorithmOfId, createCompressor, type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
 import { RAW_Z_OVERHEAD, compressedRawFrame, decodeRawZ, rawFrame } from "./frames.js";
 

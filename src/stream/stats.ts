@@ -1,7 +1,7 @@
 // What a stream proxy reports: one stats shape for stream-out and stream-in,
 // and the handle a running proxy is.
 
-import { emptyCompressionStats, type CompressionStats } from "../migrate/compress.js";
+import { emptyCompressionStats, type CompressionStats } from "../codec/compress.js";
 
 export interface StreamStats {
   role: "stream-out" | "stream-in";

@@ -2,7 +2,7 @@ import { openNasIndex } from "../../adapters/nas/index-file.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
 import { Planner, planIteration } from "../../plan/planner.js";
 import { PAGE_SIZE } from "../../core/engine.js";
-import { REF_SIZE } from "../../migrate/protocol.js";
+import { REF_SIZE } from "../../agent/protocol.js";
 import { parse, helpText, str, parseRate, progress, fmtBytes, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {

@@ -5,7 +5,7 @@ import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { runEmbeddedMigration, removeDir, type EmbeddedRunResult } from "../../demo/embedded-run.js";
 import { parse, helpText, num, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
-import { parseCompressionMode, type CompressionStats } from "../../migrate/compress.js";
+import { parseCompressionMode, type CompressionStats } from "../../codec/compress.js";
 
 export const spec: CommandSpec = {
   name: "demo",

@@ -1,4 +1,4 @@
-import { DestinationAgent } from "../../migrate/destination.js";
+import { DestinationAgent } from "../../agent/destination.js";
 import { parse, helpText, str, num, parseSize, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {

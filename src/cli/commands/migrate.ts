@@ -1,9 +1,9 @@
 import { QmpClient } from "../../adapters/qemu/qmp.js";
-import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../qemu-agent/agent-migration.js";
+import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../agent/qemu.js";
 import type { ConvergenceOptions } from "../../plan/convergence.js";
 import { parseEndpoint } from "../../link/endpoint.js";
 import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, workersWhen, UsageError, type CommandSpec } from "../args.js";
-import { parseCompressionMode } from "../../migrate/compress.js";
+import { parseCompressionMode } from "../../codec/compress.js";
 
 export const spec: CommandSpec = {
   name: "migrate",

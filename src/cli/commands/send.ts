@@ -1,8 +1,8 @@
 import { writeFileSync } from "node:fs";
 import { openNasIndex } from "../../adapters/nas/index-file.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
-import { migrateSource, MigrationError } from "../../migrate/source.js";
-import { parseCompressionMode } from "../../migrate/compress.js";
+import { migrateSource, MigrationError } from "../../agent/source.js";
+import { parseCompressionMode } from "../../codec/compress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
 import { parse, helpText, str, num, parseRate, fmtBytes, progress, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 
@@ -64,7 +64,7 @@ export async function run(argv: string[]): Promise<number> {
   }
 }
 
-function print(r: import("../../migrate/source.js").MigrationResult, json: boolean): void {
+function print(r: import("../../agent/source.js").MigrationResult, json: boolean): void {
   if (json) {
     console.log(JSON.stringify({ ...r, iterationLog: r.iterationLog.map((i) => ({ ...i, pageMap: undefined })) }));
     return;

@@ -14,11 +14,11 @@ import { PSK_BYTES, type SecurityOptions, type TlsFiles } from "../link/security
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import type { QmpClient } from "../adapters/qemu/qmp.js";
-import { DestinationAgent, type DestinationResult } from "../migrate/destination.js";
+import { DestinationAgent, type DestinationResult } from "./destination.js";
 import { EnginePool } from "../pool/pool.js";
-import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader, type WorkersWhen } from "../migrate/source.js";
+import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader, type WorkersWhen } from "./source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
-import type { CompressionMode, CompressionStats } from "../migrate/compress.js";
+import type { CompressionMode, CompressionStats } from "../codec/compress.js";
 
 /** One side of the migration: its QMP connection and how to get rid of it after a failure. */
 export interface QemuSide {

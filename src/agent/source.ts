@@ -20,7 +20,7 @@ import {
 import {
   ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, emptyCompressionStats, zstdUnavailableReason,
   type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
-} from "./compress.js";
+} from "../codec/compress.js";
 
 /** When the pool hashes: every pass, or only the final one (see SourceOptions.workersWhen). */
 export type WorkersWhen = "always" | "switchover";

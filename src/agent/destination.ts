@@ -19,7 +19,7 @@ import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js
 import {
   AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
 } from "./protocol.js";
-import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "./compress.js";
+import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "../codec/compress.js";
 
 export interface DestinationOptions extends SecurityOptions {
   /** The destination VM's RAM file (exists with the VM's size, or is created when `createRam`). */
