@@ -15,6 +15,10 @@ export const TIMEOUTS = {
   abortLingerMs: 1_000,
   /** A refused peer gets this long to read why, then its socket is destroyed. */
   refuseLingerMs: 150,
+  /** After a clean end, how long the peer gets to close its side before the socket is dropped. */
+  closeWaitMs: 5_000,
+  /** After the last connection of a migration ends, how long a late channel (multifd) may still arrive. */
+  lastChannelGraceMs: 200,
   /** TCP keepalive probes start after this much silence (a vanished host is noticed). */
   keepAliveMs: 15_000,
 } as const;

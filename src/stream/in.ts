@@ -57,8 +57,6 @@ interface InContext {
 
 /** Frames from stream-out queued here before the link is paused. */
 const QUEUE_LIMIT = 64 * 1024 * 1024;
-/** After END, how long the link may take to close before the session gives up on it. */
-const LINK_CLOSE_WAIT_MS = 5000;
 
 export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const log = opts.log ?? (() => {});
@@ -138,7 +136,7 @@ class InSession {
     if (!this.qemuClosed) await once(this.qemu!, "close").catch(() => undefined);
     if (!this.linkClosed) {
       this.link.end();
-      await Promise.race([once(this.link, "close"), new Promise((r) => setTimeout(r, LINK_CLOSE_WAIT_MS).unref())]);
+      await Promise.race([once(this.link, "close"), new Promise((r) => setTimeout(r, TIMEOUTS.closeWaitMs).unref())]);
     }
   }
 

@@ -13,9 +13,6 @@ import type { Logger, StreamProxy, StreamStats } from "./stats.js";
 /** Bytes queued on a socket before the producer waits for it to drain. */
 export const BUFFER_HIGH = 4 * 1024 * 1024;
 
-/** Multifd channels of the same migration connect soon after the first: how long to wait for them. */
-const LAST_SESSION_GRACE_MS = 200;
-
 export interface Listen {
   at: Endpoint;
   security: ListenSecurity;
@@ -104,7 +101,7 @@ class Sessions {
     } else sock.destroy();
     if (this.t0) this.o.stats.ms = performance.now() - this.t0;
     if (!this.o.keep && this.active === 0 && this.ended > 0) {
-      setTimeout(() => { if (this.active === 0) this.finish(); }, LAST_SESSION_GRACE_MS);
+      setTimeout(() => { if (this.active === 0) this.finish(); }, TIMEOUTS.lastChannelGraceMs);
     }
   }
 }
