@@ -14,7 +14,7 @@ import { TIMEOUTS } from "./timeouts.js";
 
 export { LinkClosedError, RateLimiter, drained };
 
-/** Bytes of frames queued for the link before send() waits (about 30 ms of a 1 Gbit/s link). */
+/** Bytes queued for a socket before the producer waits (about 30 ms of a 1 Gbit/s link): both modes. */
 export const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
 
 /** A mode's frames: how the reader checks them and what they are called in messages. */

@@ -24,7 +24,8 @@ import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms } from "../codec/compress.js";
 import { FrameInbox } from "./inbox.js";
 import { RawDecoder } from "./raw-codec.js";
-import { BUFFER_HIGH, serve } from "./serve.js";
+import { serve } from "./serve.js";
+import { SEND_QUEUE_BYTES } from "../link/channel.js";
 import { newStats, type Logger, type StreamProxy, type StreamStats } from "./stats.js";
 
 export interface StreamInOptions extends SecurityOptions {
@@ -346,7 +347,7 @@ class InSession {
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
     q.write(buf);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
-    if (q.writableLength >= BUFFER_HIGH) {
+    if (q.writableLength >= SEND_QUEUE_BYTES) {
       const t0 = performance.now();
       await drained(q);
       this.stats.drainWaitMs += performance.now() - t0;

@@ -29,7 +29,8 @@ import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, 
 import { FrameInbox } from "./inbox.js";
 import { PageHasher } from "./hasher.js";
 import { RawEncoder } from "./raw-codec.js";
-import { BUFFER_HIGH, serve } from "./serve.js";
+import { serve } from "./serve.js";
+import { SEND_QUEUE_BYTES } from "../link/channel.js";
 import { newStats, type Logger, type StreamProxy, type StreamStats } from "./stats.js";
 
 export interface StreamOutOptions extends SecurityOptions {
@@ -178,12 +179,12 @@ class OutSession {
     return this.inWindow() > 0 && this.inWindow() >= w - Math.min(256, Math.floor(w / 4));
   }
 
-  // Keep up to BUFFER_HIGH bytes queued on the link so that this process and
+  // Keep up to SEND_QUEUE_BYTES bytes queued on the link so that this process and
   // the network work at the same time; pause QEMU's socket beyond that.
   private sendLink(buf: Buffer): boolean {
     this.stats.bytesOutLink += buf.length;
     this.link.write(buf);
-    return this.link.writableLength < BUFFER_HIGH;
+    return this.link.writableLength < SEND_QUEUE_BYTES;
   }
 
   private fail(err: Error, tellPeer: boolean): void {

@@ -10,9 +10,6 @@ import { jsonFrame } from "../wire/envelope.js";
 import { SFrame } from "./frames.js";
 import type { Logger, StreamProxy, StreamStats } from "./stats.js";
 
-/** Bytes queued on a socket before the producer waits for it to drain. */
-export const BUFFER_HIGH = 4 * 1024 * 1024;
-
 export interface Listen {
   at: Endpoint;
   security: ListenSecurity;
