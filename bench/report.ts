@@ -42,13 +42,20 @@ export class Report {
       `| load average (1/5/15 min) at start | ${load(this.loadStart)} |`,
       `| load average at end | ${load(os.loadavg())} |`, "",
       "Figures move between runs on a shared machine; the ratios that the goals name are measured side by side " +
-        "(the variants alternate within one run), so compare ratios rather than absolute figures across runs.", "",
+        "(the variants alternate within one run), so compare ratios rather than absolute figures across runs." + this.busyNote(), "",
     ];
     for (const s of this.sections) {
       const lines = trimBlank(s.lines);
       md.push(`## ${s.title}`, "", "```text", ...lines, "```", "");
     }
     writeFileSync(path, md.join("\n"));
+  }
+
+  /** Says so when other work held the cores as the run started (the run's own load shows in the load at the end). */
+  private busyNote(): string {
+    const cores = os.cpus().length;
+    const load = this.loadStart[0]!;
+    return load > cores / 2 ? ` Other work was running when this run started (1-minute load ${load.toFixed(2)} on ${cores} cores): its figures are lower and noisier than on an idle machine.` : "";
   }
 }
 
