@@ -14,3 +14,11 @@ export function argValue(args: string[], name: string): number | undefined {
 export function isMain(moduleUrl: string): boolean {
   return !!process.argv[1] && moduleUrl === pathToFileURL(process.argv[1]).href;
 }
+
+export function argString(args: string[], name: string): string | undefined {
+  const i = args.indexOf(name);
+  if (i < 0) return undefined;
+  const v = args[i + 1];
+  if (!v || v.startsWith("--")) throw new RangeError(`bench: ${name} needs a value`);
+  return v;
+}

@@ -1,7 +1,8 @@
 // `npm run bench`: every benchmark in one run, each printing ratios measured
 // side by side. `--json` prints one object; `--quick` uses smaller sizes;
 // `--no-qemu` skips the real-guest comparisons (they need root, QEMU and the
-// guest of scripts/build-guest.sh, and take about 5 minutes).
+// guest of scripts/build-guest.sh, and take about 5 minutes); `--write FILE`
+// also keeps what it printed as a markdown record (bench/report.ts).
 
 import os from "node:os";
 import { execFileSync } from "node:child_process";
@@ -10,6 +11,9 @@ import { benchHash } from "./hash.js";
 import { benchIndexLookup } from "./index-lookup.js";
 import { benchPlanner } from "./planner.js";
 import { benchPool } from "./pool.js";
+import { benchChannel } from "./channel.js";
+import { argString } from "./cli.js";
+import { Report } from "./report.js";
 import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
 import { netnsAvailable } from "../src/adapters/netns/link.js";
 import { runComparison, formatComparison } from "../src/compare/agent.js";
@@ -18,17 +22,28 @@ import { compareStreamMode, formatCompare } from "../src/compare/stream.js";
 const args = process.argv.slice(2);
 const json = args.includes("--json");
 const quick = args.includes("--quick");
+const writeTo = argString(args, "--write");
+if (writeTo && json) throw new Error("bench: --write keeps the printed tables; leave out --json");
+// the command as typed, to be recorded with the figures
+const command = `${process.env.npm_lifecycle_event === "bench" ? "npm run bench --" : "node dist/bench/index.js"} ${args.join(" ")}`;
+const report = writeTo ? new Report(command) : null;
+/** Starts a benchmark's part of the output (and of the --write record). */
+const part = (title: string) => { if (!json) console.log(""); report?.section(title); };
 const machine = { cores: os.cpus().length, cpu: os.cpus()[0]?.model, memoryBytes: os.totalmem(), node: process.version, loadavg: os.loadavg() };
-if (!json) console.log(`machine: ${machine.cores} cores (${machine.cpu}), ${(machine.memoryBytes / 2 ** 30).toFixed(1)} GiB, node ${machine.node}, load ${machine.loadavg.map((x) => x.toFixed(2)).join(" ")}\n`);
+if (!json) console.log(`machine: ${machine.cores} cores (${machine.cpu}), ${(machine.memoryBytes / 2 ** 30).toFixed(1)} GiB, node ${machine.node}, load ${machine.loadavg.map((x) => x.toFixed(2)).join(" ")}`);
 
+part("Page hashing");
 const hash = await benchHash({ json: false, quiet: json, mib: quick ? 64 : 256 });
-if (!json) console.log("");
+part("Block index lookup");
 const lookup = await benchIndexLookup({ quiet: json, blocks: quick ? 1 << 20 : undefined });
-if (!json) console.log("");
+part("Planner");
 const planner = await benchPlanner({ quiet: json, gib: quick ? [1] : [1, 4, 8] });
-if (!json) console.log("");
+part("Worker pool");
 const pool = await benchPool({ quiet: json, gib: quick ? 1 : 4, memGib: quick ? 2 : 8 });
-if (!json) console.log("\nend to end: the demo (plain pre-copy vs pagetwin, one run each, same VM, same link)");
+part("Secure channel vs plain sockets");
+const channel = await benchChannel({ quiet: json, mib: quick ? 128 : 512 });
+part("End to end: the demo");
+if (!json) console.log("end to end: the demo (plain pre-copy vs pagetwin, one run each, same VM, same link)");
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 const demo = JSON.parse(execFileSync(process.execPath, [cli, "demo", "--json", "--trace", "", ...(quick ? ["--ram-mib", "64"] : [])], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }));
 if (!json) {
@@ -37,15 +52,18 @@ if (!json) {
 }
 // The real guest: agent mode and stream mode against QEMU's own migration (plain and multifd+zstd), one run each.
 let qemu: { agentMode: unknown; streamMode: unknown } | { skipped: string } = { skipped: "--no-qemu" };
-if (!args.includes("--no-qemu")) {
+part("Real guest (QEMU)");
+if (args.includes("--no-qemu")) {
+  if (!json) console.log("real guest: skipped (--no-qemu); without it, and as root with QEMU and the guest of scripts/build-guest.sh, this part compares agent mode and stream mode with QEMU's own migration");
+} else {
   const missing = !qemuAvailable() ? "qemu-system-x86_64 is not installed" : !netnsAvailable() ? "needs root (ip netns, tc)"
     : !findGuest() ? "the guest is not built (scripts/build-guest.sh)" : null;
   if (missing) {
     qemu = { skipped: missing };
-    if (!json) console.log(`\nreal guest: skipped (${missing})`);
+    if (!json) console.log(`real guest: skipped (${missing})`);
   } else {
     const log = (m: string) => { if (!json) process.stderr.write(`  ${m}\n`); };
-    if (!json) console.log("\nreal guest, agent mode (compare-qemu --workers 2 --workers-when switchover, one run of each):");
+    if (!json) console.log("real guest, agent mode (compare-qemu --workers 2 --workers-when switchover, one run of each):");
     const agentMode = await runComparison({ repeat: 1, workers: 2, workersWhen: "switchover", log });
     if (!json) console.log(formatComparison(agentMode));
     if (!json) console.log("\nreal guest, stream mode (bench/stream-compare, one run of each):");
@@ -54,4 +72,8 @@ if (!args.includes("--no-qemu")) {
     qemu = { agentMode, streamMode };
   }
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, pool, demo, qemu }));
+if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, pool, channel, demo, qemu }));
+if (writeTo) {
+  report!.write(writeTo);
+  console.log(`\nwrote ${writeTo}`);
+}
