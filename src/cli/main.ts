@@ -13,8 +13,8 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
   send: { summary: "source agent: migrate a RAM file to a `pagetwin listen` agent", load: () => import("./commands/send.js") },
   migrate: { summary: "agent mode: migrate a running QEMU VM (RAM in a shared memory-backend-file)", load: () => import("./commands/migrate.js") },
   "compare-qemu": { summary: "a real guest over a 1 Gbit/s namespace link: QEMU's own migration vs pagetwin", load: () => import("./commands/compare-qemu.js") },
-  "stream-out": { summary: "stream mode, source side: a proxy in QEMU's own migration stream", load: async () => ({ run: (await import("../stream/cli.js")).runStreamOutCli }) },
-  "stream-in": { summary: "stream mode, destination side: rebuilds QEMU's stream from the NAS", load: async () => ({ run: (await import("../stream/cli.js")).runStreamInCli }) },
+  "stream-out": { summary: "stream mode, source side: a proxy in QEMU's own migration stream", load: async () => ({ run: (await import("./commands/stream.js")).runStreamOutCli }) },
+  "stream-in": { summary: "stream mode, destination side: rebuilds QEMU's stream from the NAS", load: async () => ({ run: (await import("./commands/stream.js")).runStreamInCli }) },
 };
 
 async function main(argv: string[]): Promise<number> {

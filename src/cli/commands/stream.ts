@@ -1,12 +1,12 @@
 // `pagetwin stream-out` / `pagetwin stream-in`: argument parsing, help, and
 // the final stats (human-readable, or one JSON object with --json).
 
-import { parseCompressionMode, type CompressionMode } from "../codec/compress.js";
-import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../cli/args.js";
-import { parseEndpoint } from "../link/endpoint.js";
-import { streamIn } from "./in.js";
-import { streamOut } from "./out.js";
-import type { StreamStats } from "./stats.js";
+import { parseCompressionMode, type CompressionMode } from "../../codec/compress.js";
+import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
+import { parseEndpoint } from "../../link/endpoint.js";
+import { streamIn } from "../../stream/in.js";
+import { streamOut } from "../../stream/out.js";
+import type { StreamStats } from "../../stream/stats.js";
 
 const common: CommandSpec["options"] = {
   keep: { type: "boolean", help: "serve further migrations instead of exiting after the first" },
