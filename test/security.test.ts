@@ -180,6 +180,7 @@ test("on-path relay changing or deleting handshake records -> refused: no sessio
     tamper: () => (dir, rec, i) => { if (dir === "up" && i === 0) rec[5 + 4 + 2 + 7]! ^= 0x01; return rec; },
   });
   assertRefused(hello, "ClientHello changed");
+  assert.match(hello.agent.refused[0]!, /failed the TLS handshake: .*bad record mac/);
   // the PSK identity in the ClientKeyExchange renamed: the listener knows no such key
   let renamed = false;
   const identity = await migrate({
@@ -192,12 +193,14 @@ test("on-path relay changing or deleting handshake records -> refused: no sessio
   });
   assert.ok(renamed, "the relay found the PSK identity");
   assertRefused(identity, "PSK identity changed");
+  assert.match(identity.agent.refused[0]!, /failed the TLS handshake: .*psk identity not found/);
   // the source's ChangeCipherSpec deleted: the listener gets an encrypted Finished it does not expect
   const deleted = await migrate({
     src: psk, dst: psk,
     tamper: () => (dir, rec) => (dir === "up" && rec[0] === TLS_RECORD.changeCipherSpec ? null : rec),
   });
   assertRefused(deleted, "ChangeCipherSpec deleted");
+  assert.match(deleted.agent.refused[0]!, /failed the TLS handshake: .*unexpected message/);
   // the listener's ServerHello changed (the source is the one who notices; the listener hears its alert)
   const serverHello = await migrate({
     src: psk, dst: psk,
