@@ -218,3 +218,72 @@ test("stream-out/stream-in --help name the security options; a missing key file 
     assert.match(half.stderr, /TLS needs all of --tls-cert, --tls-key and --tls-ca/);
   }
 });
+
+/** A destination QEMU stand-in keeping each connection's bytes apart. */
+async function sink(): Promise<{ port: number; streams: Buffer[][]; close(): void }> {
+  const streams: Buffer[][] = [];
+  const s = net.createServer({ allowHalfOpen: true }, (c) => {
+    const got: Buffer[] = [];
+    streams.push(got);
+    c.on("data", (d: Buffer) => got.push(d));
+    c.on("end", () => c.end());
+    c.on("error", () => {});
+  });
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
+  return { port: (s.address() as net.AddressInfo).port, streams, close: () => s.close() };
+}
+
+const rssKiB = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
+
+test("50 unauthenticated connections to a stream-in with a key: its memory stays within 64 MiB of before, and a real stream-out gets through while they are open", { timeout: 60_000 }, async () => {
+  const { image, data } = await fixtureOnce();
+  const key = testKeyFile(mkdtempSync(join(work, "key-")));
+  const qemu = await sink();
+  // stream-in in a process of its own, so that its memory is its own (the attackers' buffers live in this one)
+  const p = spawn(process.execPath, [cli, "stream-in", "--listen", "127.0.0.1:0", "--qemu", `127.0.0.1:${qemu.port}`, "--image", image, "--psk-file", key, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
+  let stderr = "", stdout = "";
+  p.stdout.on("data", (d: Buffer) => { stdout += d; });
+  const exited = new Promise<number | null>((r) => p.once("exit", r));
+  const attackers: net.Socket[] = [];
+  try {
+    const port = await new Promise<number>((resolve, reject) => {
+      p.stderr.on("data", (d: Buffer) => { stderr += d; const m = /listening on 127\.0\.0\.1:(\d+)/.exec(stderr); if (m) resolve(Number(m[1])); });
+      void exited.then((c) => reject(new Error(`stream-in exited ${c}: ${stderr}`)));
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    const before = rssKiB(p.pid!);
+    // a third send nothing, a third a few hundred bytes of garbage, a third the start of a TLS
+    // record announcing 16 KiB and then 1 KiB of it (a handshake left hanging mid-record)
+    for (let i = 0; i < 50; i++) {
+      const s = net.connect(port, "127.0.0.1");
+      s.on("error", () => {});
+      s.on("data", () => {});
+      if (i % 3 === 1) s.write(randomBytes(300));
+      if (i % 3 === 2) s.write(Buffer.concat([Buffer.from([TLS_RECORD.handshake, 3, 1, 0x40, 0x00]), randomBytes(1024)]));
+      attackers.push(s);
+    }
+    await new Promise((r) => setTimeout(r, 500));
+    const during = rssKiB(p.pid!);
+    // the real stream-out, same key, while the attackers are connected
+    const r = await throughProxies({ data, image, streamIn: { port, stats: null as never, done: new Promise(() => {}), close: async () => {} }, out: { psk: TEST_KEY } });
+    const code = await Promise.race([exited, new Promise((res) => setTimeout(() => res("still running"), 10_000))]);
+    assert.equal(r.so.error, undefined, `the real stream-out got through: ${stderr}`);
+    assert.equal(code, 0, `stream-in ended its one migration: ${stderr}`);
+    const stats = JSON.parse(stdout) as { sessions: number; streamsVerified: number; refused: string[] };
+    assert.equal(stats.sessions, 1, "only the real stream-out got a session");
+    assert.equal(stats.streamsVerified, 1);
+    assert.ok(stats.refused.length > 0, "the unauthenticated peers were refused");
+    assert.equal(qemu.streams.length, 1, "stream-in connected to QEMU once, for the real stream-out");
+    assert.ok(Buffer.concat(qemu.streams[0]!).equals(data), "the destination QEMU got the stream byte-identical");
+    // Bound: an idle node process with stream-in is ~50-60 MiB; 50 refused or pending TLS
+    // sockets cost well under 100 KiB each (OpenSSL keeps at most one record, 16 KiB,
+    // per connection), ~5 MiB in all. A stream-in that gave each peer a session before
+    // authenticating (4 MiB block buffers, a frame buffer of up to 4 MiB, a QEMU
+    // connection) would add 200 MiB or more. 64 MiB leaves room for GC noise.
+    assert.ok(during - before < 64 * 1024, `stream-in grew by ${((during - before) / 1024).toFixed(1)} MiB with 50 unauthenticated peers`);
+  } finally {
+    attackers.forEach((s) => s.destroy());
+    if (p.exitCode === null) p.kill();
+    qemu.close();
+  }
+});
