@@ -9,7 +9,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, closeSync, mkdtempSync, openSync, writeSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -284,6 +284,56 @@ test("50 unauthenticated connections to a stream-in with a key: its memory stays
   } finally {
     attackers.forEach((s) => s.destroy());
     if (p.exitCode === null) p.kill();
+    qemu.close();
+  }
+});
+
+test("two concurrent sessions on one stream-in never cross: each destination connection gets exactly its own stream, NEED/RESEND included", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(work, "two-"));
+  const image = join(dir, "disk.img");
+  const img = randomBytes(1024 * PAGE);
+  writeFileSync(image, img);
+  const nas: NasIndex = await openNasIndex(image, { rebuild: true });
+  // A's twins are blocks 0..511, B's 512..1023, each between pages of its own
+  const stream = (first: number) => {
+    const pages: Buffer[] = [];
+    for (let b = first; b < first + 512; b++) pages.push(randomBytes(PAGE), img.subarray(b * PAGE, (b + 1) * PAGE));
+    return qemuStream(Buffer.concat(pages));
+  };
+  const a = stream(0), b = stream(512);
+  // blocks rewritten after indexing: their twins fail verification at stream-in and are asked for again (NEED/RESEND)
+  const rewritten = [10, 11, 12, 300, 520, 521, 900];
+  const fd = openSync(image, "r+");
+  for (const blk of rewritten) writeSync(fd, randomBytes(PAGE), 0, PAGE, blk * PAGE);
+  closeSync(fd);
+  const qemu = await sink();
+  const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${qemu.port}`, image, keep: true, ...psk });
+  try {
+    // small writes from both fake source QEMUs, so that the two sessions interleave on stream-in
+    const [ra, rb] = await Promise.all([
+      throughProxies({ data: a, image, nas, streamIn: si, out: { ...psk, compress: "off" }, split: 8192 }),
+      throughProxies({ data: b, image, nas, streamIn: si, out: { ...psk, compress: "off" }, split: 8192 }),
+    ]);
+    assert.equal(ra.so.error, undefined);
+    assert.equal(rb.so.error, undefined);
+    assert.equal(ra.so.resends, 4, "A's rewritten blocks were resent");
+    assert.equal(rb.so.resends, 3, "B's rewritten blocks were resent");
+    for (const t = Date.now(); si.stats.streamsVerified < 2 && Date.now() - t < 5000;) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(si.stats.error, undefined);
+    assert.equal(si.stats.sessions, 2);
+    assert.equal(si.stats.streamsVerified, 2);
+    assert.equal(si.stats.resends, rewritten.length);
+    assert.equal(si.stats.twinsReplaced, 1024 - rewritten.length);
+    assert.equal(qemu.streams.length, 2);
+    const got = qemu.streams.map((s) => Buffer.concat(s));
+    // which connection was A's: the one whose first page (past the ~100-byte header both share) is A's
+    const firstPage = (x: Buffer) => x.subarray(200, 4000);
+    const [forA, forB] = firstPage(got[0]!).equals(firstPage(a)) ? [got[0]!, got[1]!] : [got[1]!, got[0]!];
+    assert.ok(forA.equals(a), "session A's destination got exactly A's stream");
+    assert.ok(forB.equals(b), "session B's destination got exactly B's stream");
+  } finally {
+    await si.close();
+    nas.image.close();
     qemu.close();
   }
 });
