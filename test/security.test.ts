@@ -1,50 +1,297 @@
-import { test } from "node:test";
+// Security of agent mode's link (pagetwin listen <-> the source agent): every
+// byte after the handshake inside TLS (a pre-shared key or mutual
+// certificates), a relay on the path that changes or deletes bytes makes the
+// migration fail with the source running and the destination never resumed,
+// RAM never in clear, and nothing listens without protection unless told
+// --insecure.
+import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync, readFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createEngine } from "../src/index.js";
+import { SecurityError } from "../src/errors.js";
+import { loadKey } from "../src/link/security.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent, type DestinationOptions } from "../src/agent/destination.js";
-import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
-import { makeCerts } from "./helpers/stream.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions, type VmControl } from "../src/agent/source.js";
+import { cliPath as cli, startAndStop } from "./helpers/cli.js";
+import { CANARY, canaryPages, makeCerts, tamperProxy, TEST_KEY, testKeyFile, tlsRecordTamper, TLS_RECORD, type TlsRecordTamper } from "./helpers/stream.js";
 
 const PAGES = 256;
 
-async function migrate(dir: string, src: Partial<SourceOptions>, dst: Partial<DestinationOptions>): Promise<{ r: MigrationResult; dstRam: string; srcRam: string; agent: DestinationAgent }> {
+const work = mkdtempSync(join(tmpdir(), "pagetwin-sec-"));
+after(() => rmSync(work, { recursive: true, force: true }));
+let certs: ReturnType<typeof makeCerts> | null = null;
+/** The test CA and its certificates, made once (openssl takes a second). */
+function certsOnce(): ReturnType<typeof makeCerts> {
+  certs ??= makeCerts(mkdtempSync(join(work, "certs-")));
+  return certs;
+}
+const dstTls = () => ({ cert: certsOnce().dstCert, key: certsOnce().dstKey, ca: certsOnce().ca });
+const srcTls = () => ({ cert: certsOnce().srcCert, key: certsOnce().srcKey, ca: certsOnce().ca });
+
+/** A source VM stand-in that records what migrateSource did to it. */
+interface VmStub extends VmControl { running: boolean; pauses: number; resumes: number }
+function vmStub(): VmStub {
+  const v: VmStub = {
+    running: true, pauses: 0, resumes: 0,
+    pause: async () => { v.running = false; v.pauses++; },
+    resume: async () => { v.running = true; v.resumes++; },
+  };
+  return v;
+}
+
+interface Run {
+  r: MigrationResult;
+  agent: DestinationAgent;
+  vm: VmStub;
+  srcRam: string;
+  dstRam: string;
+  /** Times the destination's onVerified ran (what sends `cont` to the destination QEMU). */
+  verifiedCalls: number;
+  /** What crossed the link each way (with a relay). */
+  up: Buffer;
+  down: Buffer;
+}
+
+interface RunOptions {
+  src?: Partial<SourceOptions>;
+  dst?: Partial<DestinationOptions>;
+  /** The source VM's RAM (default: PAGES random pages). */
+  ram?: Buffer;
+  /** Put a relay on the path (it records the bytes; `tamper` may change them). */
+  relay?: boolean;
+  tamper?: (vm: VmStub) => TlsRecordTamper;
+}
+
+/** One migration of a RAM file to a DestinationAgent (created here: no RAM file before Hello), through a relay if asked. */
+async function migrate(o: RunOptions): Promise<Run> {
+  const dir = mkdtempSync(join(work, "run-"));
   const srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
-  writeFileSync(srcRam, randomBytes(PAGES * 4096));
-  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, ...dst });
+  writeFileSync(srcRam, o.ram ?? randomBytes(PAGES * 4096));
+  let verifiedCalls = 0;
+  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, onVerified: async () => { verifiedCalls++; }, ...o.dst });
   const port = await agent.listen();
+  const vm = vmStub();
+  const up: Buffer[] = [], down: Buffer[] = [];
+  const tamper = o.tamper ? tlsRecordTamper(o.tamper(vm)) : null;
+  const relay = o.relay || tamper
+    ? await tamperProxy(port, (dir, chunk, cut) => {
+      (dir === "up" ? up : down).push(Buffer.from(chunk));
+      return tamper ? tamper(dir, chunk, cut) : chunk;
+    })
+    : null;
   const ram = RamFile.open(srcRam);
   try {
     const r = await migrateSource({
-      engine: await createEngine(), index: null, indexId: null, ram, vm: { pause: async () => {}, resume: async () => {} },
-      host: "127.0.0.1", port, bandwidth: 0, ...src,
+      engine: await createEngine(), index: null, indexId: null, ram, vm,
+      host: "127.0.0.1", port: relay?.port ?? port, bandwidth: 0, ...o.src,
     }).catch((e) => { if (e instanceof MigrationError) return e.result; throw e; });
-    return { r, dstRam, srcRam, agent };
+    // the destination's side of a failure (its result, or a refused peer) may come a moment later
+    for (const t = Date.now(); agent.results.length === 0 && agent.refused.length === 0 && Date.now() - t < 3000;) await new Promise((res) => setTimeout(res, 20));
+    return { r, agent, vm, srcRam, dstRam, verifiedCalls, up: Buffer.concat(up), down: Buffer.concat(down) };
   } finally {
     ram.close();
+    relay?.close();
     agent.close();
   }
 }
 
-test("TLS: a migration over mutual TLS completes; a source with a certificate from elsewhere is refused", async () => {
-  const dir = mkdtempSync(join(tmpdir(), "pagetwin-tls-"));
-  try {
-    const c = makeCerts(dir);
-    const dstTls = { cert: c.dstCert!, key: c.dstKey!, ca: c.ca! };
-    const ok = await migrate(dir, { tls: { cert: c.srcCert!, key: c.srcKey!, ca: c.ca! } }, { tls: dstTls });
-    assert.equal(ok.r.status, "completed", ok.r.error);
-    assert.deepEqual(readFileSync(ok.dstRam), readFileSync(ok.srcRam));
-    const rogue = await migrate(dir, { tls: { cert: c.rogueCert!, key: c.rogueKey!, ca: c.ca! } }, { tls: dstTls });
-    assert.equal(rogue.r.status, "failed");
-    assert.match(rogue.r.error!, /refused the migration: TLS: this destination refuses the source: its certificate is not signed by the CA/);
-    assert.equal(rogue.r.iterations, 0);
-    const plain = await migrate(dir, {}, { tls: dstTls });
-    assert.equal(plain.r.status, "failed");
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
+const psk = { psk: TEST_KEY };
+
+/** Nothing was lost: the source runs (resumed if it was paused), the destination never verified nor resumed. */
+function assertSourceRunsDestinationNot(x: Run): void {
+  assert.equal(x.r.status, "failed");
+  assert.equal(x.r.verified, false);
+  assert.equal(x.vm.running, true, "the source VM runs");
+  assert.equal(x.vm.resumes, x.vm.pauses, "every pause of the source VM was undone");
+  assert.equal(x.verifiedCalls, 0, "the destination's onVerified (its `cont`) never ran");
+  assert.ok(x.agent.results.every((d) => d.status === "failed" && !d.verified), JSON.stringify(x.agent.results.map((d) => [d.status, d.error])));
+}
+
+test("key: a migration over TLS-PSK through a relay completes byte-identical (the baseline the tamper tests depart from)", async () => {
+  const x = await migrate({ src: psk, dst: psk, relay: true });
+  assert.equal(x.r.status, "completed", x.r.error);
+  assert.equal(x.r.verified, true);
+  assert.equal(x.verifiedCalls, 1);
+  assert.deepEqual(readFileSync(x.dstRam), readFileSync(x.srcRam));
+  assert.equal(x.vm.running, false, "a completed migration leaves the source paused for the handover");
+});
+
+/** Changes one ciphertext byte of the 20th application-data record from the source (~300 KiB into 1 MiB of pages). */
+function changeMidTraffic(counter: { n: number }): () => TlsRecordTamper {
+  return () => (dir, rec) => {
+    if (dir === "up" && rec[0] === TLS_RECORD.applicationData && ++counter.n === 20) rec[rec.length >> 1]! ^= 0x01;
+    return rec;
+  };
+}
+
+test("on-path relay, same key at both ends: one byte changed in the middle of the traffic -> the migration fails, source runs, destination never verified", async () => {
+  const seen = { n: 0 };
+  const x = await migrate({ src: { ...psk, compress: "off" }, dst: psk, tamper: changeMidTraffic(seen) });
+  assert.ok(seen.n >= 20, `the relay saw only ${seen.n} records: the change never happened`);
+  assertSourceRunsDestinationNot(x);
+  assert.equal(x.agent.results.length, 1, "the destination saw the session fail");
+  assert.match(x.agent.results[0]!.error ?? "", /decrypt|bad record mac/i);
+  assert.ok(x.agent.results[0]!.pagesWritten < PAGES, "the destination did not get every page");
+});
+
+test("on-path relay: one byte changed after the source VM was paused (final round / switchover) -> the source VM is resumed, the destination never verified", async () => {
+  let changed = false;
+  const x = await migrate({
+    src: psk, dst: psk,
+    tamper: (vm) => (dir, rec) => {
+      if (!changed && dir === "up" && vm.pauses > 0 && rec[0] === TLS_RECORD.applicationData) { rec[rec.length - 3]! ^= 0x80; changed = true; }
+      return rec;
+    },
+  });
+  assert.ok(changed, "the relay changed a record after the pause");
+  assert.equal(x.vm.pauses, 1, "the source VM was paused for the final round");
+  assert.equal(x.vm.resumes, 1, "and resumed after the failure");
+  assertSourceRunsDestinationNot(x);
+});
+
+test("on-path relay with certificates (TLS 1.3): one byte changed mid-traffic -> the migration fails, source runs, destination never verified", async () => {
+  const seen = { n: 0 };
+  const x = await migrate({ src: { tls: srcTls(), compress: "off" }, dst: { tls: dstTls() }, tamper: changeMidTraffic(seen) });
+  assert.ok(seen.n >= 20);
+  assertSourceRunsDestinationNot(x);
+  assert.equal(x.agent.results.length, 1);
+});
+
+/** Refused in the handshake: no session, no RAM file created, no page written, the VM never paused. */
+function assertRefused(x: Run, what: string): void {
+  assert.equal(x.r.status, "failed", what);
+  assert.equal(x.r.iterations, 0, what);
+  assert.equal(x.vm.pauses, 0, `${what}: the source VM was never paused`);
+  assert.ok(x.agent.refused.length > 0, `${what}: the destination reports a refused peer`);
+  assert.equal(x.agent.results.length, 0, `${what}: a migration session began`);
+  assert.equal(existsSync(x.dstRam), false, `${what}: the destination created its RAM file`);
+  assert.equal(x.verifiedCalls, 0);
+}
+
+test("on-path relay changing or deleting handshake records -> refused: no session, no page written", async () => {
+  // a byte of the ClientHello's random: the transcripts differ, the Finished messages do not verify
+  const hello = await migrate({
+    src: psk, dst: psk,
+    tamper: () => (dir, rec, i) => { if (dir === "up" && i === 0) rec[5 + 4 + 2 + 7]! ^= 0x01; return rec; },
+  });
+  assertRefused(hello, "ClientHello changed");
+  assert.match(hello.agent.refused[0]!, /failed the TLS handshake: .*bad record mac/);
+  // the PSK identity in the ClientKeyExchange renamed: the listener knows no such key
+  let renamed = false;
+  const identity = await migrate({
+    src: psk, dst: psk,
+    tamper: () => (dir, rec) => {
+      const at = rec[0] === TLS_RECORD.handshake ? rec.indexOf("pagetwin") : -1;
+      if (dir === "up" && at >= 0) { rec.write("PAGETWIN", at, "latin1"); renamed = true; }
+      return rec;
+    },
+  });
+  assert.ok(renamed, "the relay found the PSK identity");
+  assertRefused(identity, "PSK identity changed");
+  assert.match(identity.agent.refused[0]!, /failed the TLS handshake: .*psk identity not found/);
+  // the source's ChangeCipherSpec deleted: the listener gets an encrypted Finished it does not expect
+  const deleted = await migrate({
+    src: psk, dst: psk,
+    tamper: () => (dir, rec) => (dir === "up" && rec[0] === TLS_RECORD.changeCipherSpec ? null : rec),
+  });
+  assertRefused(deleted, "ChangeCipherSpec deleted");
+  assert.match(deleted.agent.refused[0]!, /failed the TLS handshake: .*unexpected message/);
+  // the listener's ServerHello changed (the source is the one who notices; the listener hears its alert)
+  const serverHello = await migrate({
+    src: psk, dst: psk,
+    tamper: () => (dir, rec, i) => { if (dir === "down" && i === 0) rec[5 + 4 + 2 + 3]! ^= 0x01; return rec; },
+  });
+  assertRefused(serverHello, "ServerHello changed");
+  assert.match(serverHello.r.error ?? "", /TLS handshake failed/);
+});
+
+test("canary: RAM of a repeated 16-byte pattern never crosses the link in clear with a key or certificates; with --insecure it does", async () => {
+  const ram = canaryPages(PAGES);
+  const runs = {
+    key: await migrate({ ram, src: { ...psk, compress: "off" }, dst: psk, relay: true }),
+    certificates: await migrate({ ram, src: { tls: srcTls(), compress: "off" }, dst: { tls: dstTls() }, relay: true }),
+    insecure: await migrate({ ram, src: { insecure: true, compress: "off" }, dst: { insecure: true }, relay: true }),
+  };
+  for (const [how, x] of Object.entries(runs)) {
+    assert.equal(x.r.status, "completed", `${how}: ${x.r.error}`);
+    assert.deepEqual(readFileSync(x.dstRam), ram, how);
+    assert.ok(x.up.length > PAGES * 4096, `${how}: the relay saw the pages go by (${x.up.length} bytes)`);
   }
+  for (const how of ["key", "certificates"] as const) {
+    assert.equal(runs[how].up.indexOf(CANARY), -1, `${how}: the pattern appears in the source's bytes`);
+    assert.equal(runs[how].down.indexOf(CANARY), -1, `${how}: the pattern appears in the destination's bytes`);
+  }
+  assert.notEqual(runs.insecure.up.indexOf(CANARY), -1, "insecure: the pattern is on the wire (the search works)");
+});
+
+test("TLS: a source with a certificate from elsewhere, without TLS, or with another key is refused before any page", async () => {
+  const ok = await migrate({ src: { tls: srcTls() }, dst: { tls: dstTls() } });
+  assert.equal(ok.r.status, "completed", ok.r.error);
+  const c = certsOnce();
+  const rogue = await migrate({ src: { tls: { cert: c.rogueCert, key: c.rogueKey, ca: c.ca } }, dst: { tls: dstTls() } });
+  assertRefused(rogue, "foreign certificate");
+  assert.match(rogue.r.error!, /refused the migration: TLS: this destination refuses the source: its certificate is not signed by the CA/);
+  assert.match(rogue.agent.refused[0]!, /its certificate is not signed by the CA this side trusts/);
+  const plain = await migrate({ src: { insecure: true }, dst: { tls: dstTls() } });
+  assertRefused(plain, "no TLS");
+  const wrongKey = await migrate({ src: { psk: randomBytes(32) }, dst: psk });
+  assertRefused(wrongKey, "another key");
+  assert.match(wrongKey.r.error!, /TLS handshake failed .*same --psk-file/);
+});
+
+test("a destination agent without key, certificates or insecure refuses to start (SecurityError PAGETWIN_SECURITY)", () => {
+  assert.throws(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true }), (e: unknown) => {
+    assert.ok(e instanceof SecurityError);
+    assert.equal(e.code, "PAGETWIN_SECURITY");
+    assert.match(e.message, /--psk-file/);
+    assert.match(e.message, /--insecure/);
+    return true;
+  });
+  assert.throws(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, psk: randomBytes(16) }), /32 random bytes/);
+  assert.doesNotThrow(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, insecure: true }));
+});
+
+test("key files: readable by others refused (chmod 600), not 32 bytes refused; a TLS private key readable by others refused", () => {
+  const open = join(work, "open.key");
+  writeFileSync(open, randomBytes(32), { mode: 0o644 });
+  chmodSync(open, 0o644); // whatever the umask
+  assert.throws(() => loadKey(open), (e: unknown) => e instanceof SecurityError && /chmod 600/.test(e.message));
+  const short = join(work, "short.key");
+  writeFileSync(short, randomBytes(16), { mode: 0o600 });
+  assert.throws(() => loadKey(short), (e: unknown) => e instanceof SecurityError && /holds 16 bytes; it must hold 32 random bytes/.test(e.message));
+  const good = testKeyFile(mkdtempSync(join(work, "key-")));
+  assert.deepEqual(loadKey(good), TEST_KEY);
+  // the same through the CLI: exit 2 (nothing started) and the fix in the message
+  const listen = (...args: string[]) => spawnSync(process.execPath, [cli, "listen", "--ram", join(work, "cli-ram"), "--create-ram", "--port", "0", ...args], { encoding: "utf8" });
+  const a = listen("--psk-file", open);
+  assert.equal(a.status, 2, a.stderr);
+  assert.match(a.stderr, /can be read by group or others \(mode 644\): chmod 600/);
+  const b = listen("--psk-file", short);
+  assert.equal(b.status, 2, b.stderr);
+  assert.match(b.stderr, /must hold 32 random bytes/);
+  // a TLS private key others can read
+  const c = certsOnce();
+  const key = join(work, "readable-tls.key");
+  writeFileSync(key, readFileSync(c.dstKey));
+  chmodSync(key, 0o644);
+  assert.throws(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, tls: { cert: c.dstCert, key, ca: c.ca } }),
+    (e: unknown) => e instanceof SecurityError && /TLS private key .* can be read by group or others .*chmod 600/.test(e.message));
+  chmodSync(key, 0o600);
+  assert.doesNotThrow(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, tls: { cert: c.dstCert, key, ca: c.ca } }));
+});
+
+test("CLI: `pagetwin listen` without a key, certificates or --insecure exits 2 naming --psk-file and --insecure; with --insecure it starts and warns", async () => {
+  const ram = join(work, "cli-ram");
+  const no = spawnSync(process.execPath, [cli, "listen", "--ram", ram, "--create-ram", "--port", "0"], { encoding: "utf8" });
+  assert.equal(no.status, 2, no.stderr);
+  assert.match(no.stderr, /--psk-file/);
+  assert.match(no.stderr, /--insecure/);
+  const stderr = await startAndStop([cli, "listen", "--ram", ram, "--create-ram", "--port", "0", "--insecure"], /waiting for a migration/);
+  assert.match(stderr, /WARNING.*--insecure.*authenticates nobody and encrypts nothing/);
+  assert.match(stderr, /listening on 127\.0\.0\.1:\d+ \(none \(--insecure\)/);
 });

@@ -34,6 +34,8 @@ export interface ListenOptions {
 
 export class Listener {
   private pending = 0;
+  /** Sockets still in their handshake, oldest first. */
+  private readonly pendingRaw = new Set<net.Socket>();
   private readonly raw = new Set<net.Socket>();
 
   private constructor(private readonly server: net.Server, readonly endpoint: Endpoint, private readonly o: ListenOptions) {}
@@ -87,16 +89,21 @@ export class Listener {
       raw.once("close", () => this.raw.delete(raw));
       if (!secure) return;
       if (this.pending >= max) {
-        this.refuse(`a peer at ${peerOf(raw)}: ${max} handshakes already under way`);
-        raw.destroy();
-        return;
+        // Full: the oldest handshake gives way, not the newcomer; otherwise a
+        // few idle peers would keep every real one out until their deadline.
+        const oldest = this.pendingRaw.values().next().value as net.Socket;
+        this.refuse(`a peer at ${peerOf(oldest)}: dropped before it authenticated, the oldest of ${max} handshakes under way`);
+        pendingRelease.get(oldest)?.();
+        oldest.destroy();
       }
       this.pending++;
+      this.pendingRaw.add(raw);
       let counted = true;
       const release = () => {
         if (!counted) return;
         counted = false;
         this.pending--;
+        this.pendingRaw.delete(raw);
         pendingRelease.delete(raw);
       };
       raw.once("close", release);

@@ -198,3 +198,46 @@ export function testKeyFile(dir: string): string {
   writeFileSync(path, TEST_KEY, { mode: 0o600 });
   return path;
 }
+
+/** TLS record content types (RFC 8446 5.1). */
+export const TLS_RECORD = { changeCipherSpec: 20, alert: 21, handshake: 22, applicationData: 23 } as const;
+
+/**
+ * What an on-path relay does with each TLS record crossing it: the record
+ * (5-byte header and body, a copy it may change), its direction and its index
+ * among that direction's records -> the bytes to forward, or null to drop it.
+ */
+export type TlsRecordTamper = (dir: "up" | "down", record: Buffer, index: number) => Buffer | null;
+
+/**
+ * A man in the middle (for tamperProxy or throughProxies' `via`) that cuts
+ * each direction into whole TLS records, whatever the TCP chunks, so that a
+ * test can change exactly the record and the byte it means to (a byte of a
+ * record header would only stall the reader, not test the crypto).
+ */
+export function tlsRecordTamper(tamper: TlsRecordTamper): (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null {
+  const held = { up: Buffer.alloc(0), down: Buffer.alloc(0) };
+  const count = { up: 0, down: 0 };
+  return (dir, chunk) => {
+    let b = Buffer.concat([held[dir], chunk]);
+    const out: Buffer[] = [];
+    while (b.length >= 5 && b.length >= 5 + b.readUInt16BE(3)) {
+      const n = 5 + b.readUInt16BE(3);
+      const x = tamper(dir, Buffer.from(b.subarray(0, n)), count[dir]++);
+      if (x) out.push(x);
+      b = b.subarray(n);
+    }
+    held[dir] = Buffer.from(b);
+    return out.length ? Buffer.concat(out) : null;
+  };
+}
+
+/** A 16-byte pattern no real page, key stream or frame holds by chance. */
+export const CANARY = Buffer.from("pgtw-CANARY-7f3a", "latin1");
+
+/** `pages` pages, each filled with CANARY repeated. */
+export function canaryPages(pages: number): Buffer {
+  const b = Buffer.alloc(pages * PAGE);
+  for (let o = 0; o < b.length; o += CANARY.length) CANARY.copy(b, o);
+  return b;
+}
