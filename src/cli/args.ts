@@ -2,7 +2,7 @@
 
 import { UsageError } from "../errors.js";
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { loadKey, type TlsFiles } from "../link/security.js";
+import { INSECURE_WARNING, loadKey, type TlsFiles } from "../link/security.js";
 import type { WorkersWhen } from "../agent/source.js";
 
 export { UsageError };
@@ -105,6 +105,11 @@ export function securityOptions(peer: string, peerPresents: boolean): CommandSpe
 /** The key, certificates or --insecure the options name: exactly one must be given (checked where the link is made). */
 export function security(values: Record<string, string | boolean | undefined>): { psk: Uint8Array | null; tls: TlsFiles | null; insecure: boolean } {
   return { psk: values["psk-file"] ? loadKey(values["psk-file"] as string) : null, tls: tlsFiles(values), insecure: values["insecure"] === true };
+}
+
+/** A command that dials says what --insecure means (a listener says it when it starts listening). */
+export function warnIfInsecure(values: Record<string, string | boolean | undefined>): void {
+  if (values["insecure"] === true) process.stderr.write(`pagetwin: ${INSECURE_WARNING}\n`);
 }
 
 /** --tls-cert/--tls-key/--tls-ca: all three or none. */

@@ -7,7 +7,7 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import { chmodSync, lstatSync, unlinkSync } from "node:fs";
 import { type Endpoint, formatEndpoint, isLocal } from "./endpoint.js";
-import { type Security, serverOptions, unverifiedPeer, describeSecurity } from "./security.js";
+import { type Security, INSECURE_WARNING, serverOptions, unverifiedPeer, describeSecurity } from "./security.js";
 import { MAX_PENDING_HANDSHAKES, TIMEOUTS } from "./timeouts.js";
 import { tuneSocket } from "./dial.js";
 import { UsageError } from "../errors.js";
@@ -33,10 +33,8 @@ export interface ListenOptions {
 }
 
 export class Listener {
-  private pending = 0;
-  /** Sockets still in their handshake, oldest first. */
-  private readonly pendingRaw = new Set<net.Socket>();
-  private readonly raw = new Set<net.Socket>();
+  /** Connections in their handshake, oldest first, with the peer's address (kept: a destroyed socket forgets it). */
+  private readonly pending = new Map<net.Socket, string>();
 
   private constructor(private readonly server: net.Server, readonly endpoint: Endpoint, private readonly o: ListenOptions) {}
 
@@ -60,7 +58,7 @@ export class Listener {
         const l = new Listener(server, at, o);
         l.wire();
         o.log?.(`listening on ${formatEndpoint(at)} (${o.security.kind === "local" ? "local only" : describeSecurity(o.security)})`);
-        if (o.security.kind === "insecure") o.log?.("WARNING: --insecure: this listener authenticates nobody and encrypts nothing");
+        if (o.security.kind === "insecure") o.log?.(INSECURE_WARNING);
         resolve(l);
       };
       if (o.at.kind === "unix") server.listen(o.at.path, bound);
@@ -82,60 +80,60 @@ export class Listener {
 
   private wire(): void {
     const { server, o } = this;
-    const secure = o.security.kind === "tls" || o.security.kind === "psk";
-    const max = o.maxPending ?? MAX_PENDING_HANDSHAKES;
-    server.on("connection", (raw: net.Socket) => {
-      this.raw.add(raw);
-      raw.once("close", () => this.raw.delete(raw));
-      if (!secure) return;
-      if (this.pending >= max) {
-        // Full: the oldest handshake gives way, not the newcomer; otherwise a
-        // few idle peers would keep every real one out until their deadline.
-        const oldest = this.pendingRaw.values().next().value as net.Socket;
-        this.refuse(`a peer at ${peerOf(oldest)}: dropped before it authenticated, the oldest of ${max} handshakes under way`);
-        pendingRelease.get(oldest)?.();
-        oldest.destroy();
-      }
-      this.pending++;
-      this.pendingRaw.add(raw);
-      let counted = true;
-      const release = () => {
-        if (!counted) return;
-        counted = false;
-        this.pending--;
-        this.pendingRaw.delete(raw);
-        pendingRelease.delete(raw);
-      };
-      raw.once("close", release);
-      pendingRelease.set(raw, release);
-    });
-    if (!secure) {
+    if (o.security.kind === "local" || o.security.kind === "insecure") {
       server.on("connection", (sock: net.Socket) => { tuneSocket(sock); o.onSession(sock); });
       return;
     }
+    server.on("connection", (raw: net.Socket) => this.admit(raw));
     server.on("tlsClientError", (err: Error, sock: tls.TLSSocket) => {
-      this.refuse(`a peer at ${peerOf(sock)} failed the TLS handshake: ${err.message}`);
+      const raw = parentOf(sock);
+      const peer = this.pending.get(raw!) ?? peerOf(sock);
+      this.settle(raw);
+      // a peer this side dropped (too many handshakes) was reported already
+      if (!dropped.has(raw!)) this.refuse(`a peer at ${peer} failed the TLS handshake: ${err.message.trim()}`);
       sock.destroy();
     });
-    server.on("secureConnection", (sock: tls.TLSSocket) => {
-      // Node's TLSSocket keeps the accepted TCP socket as _parent: its handshake is over
-      pendingRelease.get((sock as unknown as { _parent?: net.Socket })._parent as net.Socket)?.();
-      const why = unverifiedPeer(sock, o.security as Security);
-      if (why) {
-        this.refuse(`a peer at ${peerOf(sock)}: ${why}`);
-        if (o.refusalFrame) sock.end(o.refusalFrame(why));
-        else sock.end();
-        setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();
-        return;
-      }
-      tuneSocket(sock);
-      o.onSession(sock);
-    });
+    server.on("secureConnection", (sock: tls.TLSSocket) => this.authenticated(sock));
+  }
+
+  /** A new TCP connection starts its handshake; when too many are under way, the oldest gives way. */
+  private admit(raw: net.Socket): void {
+    const max = this.o.maxPending ?? MAX_PENDING_HANDSHAKES;
+    if (this.pending.size >= max) {
+      // the oldest, not the newcomer: otherwise a few idle peers would keep every real one out until their deadline
+      const [oldest, peer] = this.pending.entries().next().value as [net.Socket, string];
+      this.settle(oldest);
+      dropped.add(oldest);
+      this.refuse(`a peer at ${peer}: dropped before it authenticated, the oldest of ${max} handshakes under way`);
+      oldest.destroy();
+    }
+    this.pending.set(raw, peerOf(raw));
+    raw.once("close", () => this.settle(raw));
+  }
+
+  /** The handshake of `raw` is over (done, failed or dropped). */
+  private settle(raw: net.Socket | undefined): void {
+    if (raw) this.pending.delete(raw);
+  }
+
+  private authenticated(sock: tls.TLSSocket): void {
+    const o = this.o;
+    this.settle(parentOf(sock));
+    const why = unverifiedPeer(sock, o.security as Security);
+    if (why) {
+      this.refuse(`a peer at ${peerOf(sock)}: ${why}`);
+      if (o.refusalFrame) sock.end(o.refusalFrame(why));
+      else sock.end();
+      setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();
+      return;
+    }
+    tuneSocket(sock);
+    o.onSession(sock);
   }
 
   /** Stops listening and drops connections still in their handshake; sessions are their owners' to end. */
   close(): Promise<void> {
-    for (const r of this.raw) if (pendingRelease.has(r)) r.destroy();
+    for (const r of this.pending.keys()) r.destroy();
     return new Promise((resolve) => {
       this.server.close(() => resolve());
       if (this.endpoint.kind === "unix") { try { unlinkSync(this.endpoint.path); } catch { /* gone already */ } }
@@ -144,11 +142,17 @@ export class Listener {
 
   /** Handshakes under way now. */
   get handshakes(): number {
-    return this.pending;
+    return this.pending.size;
   }
 }
 
-const pendingRelease = new WeakMap<net.Socket, () => void>();
+/** Connections this side dropped at the handshake limit (their TLS error is no news). */
+const dropped = new WeakSet<net.Socket>();
+
+/** The accepted TCP socket under a TLS socket: Node's TLSSocket keeps it as _parent. */
+function parentOf(sock: tls.TLSSocket): net.Socket | undefined {
+  return (sock as unknown as { _parent?: net.Socket })._parent;
+}
 
 function peerOf(s: net.Socket): string {
   return s.remoteAddress ? `${s.remoteAddress}:${s.remotePort}` : "the unix socket";

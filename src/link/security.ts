@@ -139,6 +139,9 @@ export function unverifiedPeer(sock: TLSSocket, s: Security): string | null {
     : `it presented no certificate (${why})`;
 }
 
+/** What an end run with --insecure says on its log, once. */
+export const INSECURE_WARNING = "WARNING: --insecure: this link authenticates nobody and encrypts nothing";
+
 /** One line for logs and --json: what protects the link. */
 export function describeSecurity(s: Security): string {
   if (s.kind === "tls") return "TLS 1.3, mutual certificates";

@@ -23,7 +23,7 @@ import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, js
 import { drained } from "../link/rate.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
-import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
+import { INSECURE_WARNING, resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
 import { FrameInbox } from "./inbox.js";
@@ -84,6 +84,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const log = opts.log ?? (() => {});
   const to = parseEndpoint(opts.to, "--to");
   const security = resolveSecurity(opts, "pagetwin stream-out");
+  if (security.kind === "insecure") log(INSECURE_WARNING);
   checkSecurity(security); // unreadable files: say so now, not when QEMU connects
   const nas = opts.nas ?? await openIndex(opts, log);
   const stats = newStats("stream-out");

@@ -2,7 +2,7 @@ import { QmpClient } from "../../adapters/qemu/qmp.js";
 import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../agent/qemu.js";
 import type { ConvergenceOptions } from "../../plan/convergence.js";
 import { parseEndpoint } from "../../link/endpoint.js";
-import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, workersWhen, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, workersWhen, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 
 export const spec: CommandSpec = {
@@ -48,6 +48,7 @@ function hostPort(s: string, what: string): { host: string; port: number } {
 export async function run(argv: string[]): Promise<number> {
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
+  warnIfInsecure(values);
   const json = !!values.json;
   const agent = values["dst-agent"] ? hostPort(values["dst-agent"] as string, "--dst-agent") : undefined;
   if (!agent && !values["dst-ram"]) throw new UsageError("give --dst-ram (local destination agent) or --dst-agent HOST:PORT");

@@ -4,7 +4,7 @@ import { RamFile } from "../../adapters/ram/ram-file.js";
 import { migrateSource, MigrationError } from "../../agent/source.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
-import { parse, helpText, str, num, parseRate, fmtBytes, progress, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, parseRate, fmtBytes, progress, securityOptions, security, warnIfInsecure, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "send",
@@ -31,6 +31,7 @@ export const spec: CommandSpec = {
 export async function run(argv: string[]): Promise<number> {
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
+  warnIfInsecure(values);
   const to = parseEndpoint(str(values, "to"), "--to");
   const onCap = values["on-cap"];
   if (onCap !== "switchover" && onCap !== "abort") throw new UsageError("--on-cap is switchover or abort");
