@@ -36,13 +36,13 @@ test("each iteration's send / map / zero lists equal a naive model of dirty, zer
         for (let b = 1; b < blocks && twin < 0; b++) if (Buffer.compare(cur, block(b)) === 0) twin = b;
         if (twin >= 0) {
           want.map.push(p);
-          assert.equal(plan.mapBlocks[plan.mapPages.indexOf(p)], twin, `page ${p} maps to its block`);
+          assert.equal(plan.twinBlocks[plan.twinPages.indexOf(p)], twin, `page ${p} maps to its block`);
         } else want.send.push(p);
       }
       held.set(cur, p * PAGE_SIZE);
     }
     assert.deepEqual(Array.from(plan.send), want.send, `iteration ${it} send`);
-    assert.deepEqual(Array.from(plan.mapPages), want.map, `iteration ${it} map`);
+    assert.deepEqual(Array.from(plan.twinPages), want.map, `iteration ${it} map`);
     assert.deepEqual(Array.from(plan.zeroPages), want.zero, `iteration ${it} zero`);
   }
   // an unchanged RAM plans nothing

@@ -244,10 +244,10 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         rec.dirty += plan.dirty;
         rec.pages.normal += plan.send.length;
         rec.pages.zero += plan.zero.length;
-        rec.pages.twin += plan.mapPages.length;
+        rec.pages.twin += plan.twinPages.length;
         if (map) {
           for (const p of plan.zero) map[p] = PAGE_CLASS.zero;
-          for (const p of plan.mapPages) map[p] = PAGE_CLASS.twin;
+          for (const p of plan.twinPages) map[p] = PAGE_CLASS.twin;
           for (const p of plan.send) map[p] = PAGE_CLASS.sent;
         }
       }
@@ -305,8 +305,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
 
     const sendWindow = async (l: FrameLink, plan: WindowPlan, bytesOf: (i: number) => Uint8Array) => {
       if (plan.zero.length) await l.send(encodePageList(FrameType.Zeros, plan.zero));
-      for (let i = 0; i < plan.mapPages.length; i += 4096) {
-        const pages = plan.mapPages.subarray(i, i + 4096), blocks = plan.mapBlocks.subarray(i, i + 4096);
+      for (let i = 0; i < plan.twinPages.length; i += 4096) {
+        const pages = plan.twinPages.subarray(i, i + 4096), blocks = plan.twinBlocks.subarray(i, i + 4096);
         await l.send(encodeRefs(pages, blocks, (k) => planner.windowHash(plan.first, pages[k]!)));
       }
       for (let i = 0; i < plan.send.length; i += framePages) {

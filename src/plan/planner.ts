@@ -1,7 +1,7 @@
 // Planner: per pre-copy iteration, joins page hashes against what the
 // destination holds and against the block index, window by window:
 //   dirty = hash != sent;  zero = dirty & zeroPage;  twin = dirty & ~zero & inIndex
-//   send  = dirty & ~zero & ~twin;  map = (page, block) for twin pages.
+//   send  = dirty & ~zero & ~twin;  twinPages/twinBlocks = (page, block) for twin pages.
 // Pure logic over Engine results: the caller reads pages into `pages` (a
 // region of core memory) and sends what the plan says from those same bytes,
 // so what the destination gets is exactly what was hashed.
@@ -25,8 +25,8 @@ export interface WindowPlan {
   /** Pages to send in full (their bytes are at pageOffset(i) in the window region). */
   send: Uint32Array;
   /** Twin pages and the NAS block each is a copy of. */
-  mapPages: Uint32Array;
-  mapBlocks: Uint32Array;
+  twinPages: Uint32Array;
+  twinBlocks: Uint32Array;
   /** Dirty pages that are now all zero. */
   zero: Uint32Array;
 }
@@ -48,8 +48,8 @@ export interface IterationStats {
 
 export interface IterationPlan extends IterationStats {
   send: Uint32Array;
-  mapPages: Uint32Array;
-  mapBlocks: Uint32Array;
+  twinPages: Uint32Array;
+  twinBlocks: Uint32Array;
   zeroPages: Uint32Array;
 }
 
@@ -152,8 +152,8 @@ export class Planner {
     const nDirty = e.diffBits(dirty.ptr, this.winHashes.ptr, sentPtr, count);
     e.bitsCombine("and", zeroDirty.ptr, dirty.ptr, zero.ptr, count);
     e.bitsCombine("andNot", cand.ptr, dirty.ptr, zero.ptr, count);
-    let mapPages = new Uint32Array(0);
-    let mapBlocks = new Uint32Array(0);
+    let twinPages = new Uint32Array(0);
+    let twinBlocks = new Uint32Array(0);
     if (this.index && nDirty > 0) {
       const found = this.index.lookupAt(this.winHashes.ptr, count, cand.ptr, this.winBlocks.ptr, twin.ptr);
       e.bitsCombine("andNot", send.ptr, cand.ptr, twin.ptr, count);
@@ -161,11 +161,11 @@ export class Planner {
         const n = e.extractBits(twin.ptr, count, this.list.ptr, 0);
         const rel = e.u32(this.list.ptr, n);
         const blocks = e.u32(this.winBlocks.ptr, count);
-        mapPages = new Uint32Array(n);
-        mapBlocks = new Uint32Array(n);
+        twinPages = new Uint32Array(n);
+        twinBlocks = new Uint32Array(n);
         for (let i = 0; i < n; i++) {
-          mapPages[i] = first + rel[i]!;
-          mapBlocks[i] = blocks[rel[i]!]!;
+          twinPages[i] = first + rel[i]!;
+          twinBlocks[i] = blocks[rel[i]!]!;
         }
       }
     } else {
@@ -174,7 +174,7 @@ export class Planner {
     const sendList = this.extract(send, count, first);
     const zeroList = this.extract(zeroDirty, count, first);
     e.copyRecordsMasked(sentPtr, this.winHashes.ptr, dirty.ptr, count);
-    return { first, count, dirty: nDirty, send: sendList, mapPages, mapBlocks, zero: zeroList };
+    return { first, count, dirty: nDirty, send: sendList, twinPages, twinBlocks, zero: zeroList };
   }
 
   private extract(bits: Region, count: number, first: number): Uint32Array {
@@ -216,14 +216,14 @@ export function planIteration(planner: Planner, iteration: number, readWindow: (
     for (const p of parts) { out.set(f(p), o); o += f(p).length; }
     return out;
   };
-  const send = cat((p) => p.send), mapPages = cat((p) => p.mapPages), mapBlocks = cat((p) => p.mapBlocks), zeroPages = cat((p) => p.zero);
+  const send = cat((p) => p.send), twinPages = cat((p) => p.twinPages), twinBlocks = cat((p) => p.twinBlocks), zeroPages = cat((p) => p.zero);
   return {
     iteration,
     dirty: parts.reduce((n, p) => n + p.dirty, 0),
     normal: send.length,
     zero: zeroPages.length,
-    twin: mapPages.length,
+    twin: twinPages.length,
     resent: 0,
-    send, mapPages, mapBlocks, zeroPages,
+    send, twinPages, twinBlocks, zeroPages,
   };
 }

@@ -310,17 +310,17 @@ export class Simulation {
       const plan = planner.planWindow(first, count);
       dirty += plan.dirty;
       pages.zero += plan.zero.length;
-      pages.twin += plan.mapPages.length;
+      pages.twin += plan.twinPages.length;
       pages.normal += plan.send.length;
       bytes += framed(plan.zero.length, Infinity, 4);
-      bytes += framed(plan.mapPages.length, REFS_PER_FRAME, 24);
+      bytes += framed(plan.twinPages.length, REFS_PER_FRAME, 24);
       bytes += framed(plan.send.length, FRAME_PAGES, 4 + PAGE_SIZE);
       for (const p of plan.zero) map[p] = PAGE_CLASS.zero;
       for (const p of plan.send) map[p] = PAGE_CLASS.sent;
-      for (let i = 0; i < plan.mapPages.length; i++) {
-        const p = plan.mapPages[i]!;
+      for (let i = 0; i < plan.twinPages.length; i++) {
+        const p = plan.twinPages[i]!;
         // The destination reads the block and checks its hash: a block rewritten since indexing fails.
-        if (this.blockVersion[plan.mapBlocks[i]!] !== 0) {
+        if (this.blockVersion[plan.twinBlocks[i]!] !== 0) {
           map[p] = PAGE_CLASS.resent;
           pages.resent++;
         } else map[p] = PAGE_CLASS.twin;
