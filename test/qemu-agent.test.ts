@@ -69,6 +69,8 @@ test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps coun
     assert.equal(r.status, "completed");
     assert.equal(r.verified, true);
     assert.equal(r.destinationAgent?.verified, true);
+    // the device state went through pagetwin's TLS link, not QEMU to QEMU
+    assert.ok((r.destinationAgent?.deviceBytes ?? 0) > 0, "the destination agent handed the device state to its QEMU");
     assert.equal(compared, 512 * MIB, "destination RAM equals source RAM at switchover");
     assert.ok(r.ram.twin > 0, "some pages travelled as NAS references");
     assert.equal(r["source-status"], "postmigrate");

@@ -6,7 +6,8 @@
 
 import { setImmediate as yieldToIo } from "node:timers/promises";
 import type { Socket } from "node:net";
-import { Listener } from "../link/listen.js";
+import { Listener, freePort } from "../link/listen.js";
+import { DeviceSink } from "./device.js";
 import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { FrameLink } from "../link/channel.js";
@@ -47,6 +48,12 @@ export interface DestinationOptions extends SecurityOptions {
    * (catches writes by anything else, at the cost of a full pass).
    */
   verify?: "held" | "reread";
+  /**
+   * Where this host's QEMU takes the device state when the source sends it
+   * through the link (`migrate-incoming` URI: tcp:127.0.0.1:PORT or
+   * unix:PATH); default: a free loopback port, told to the source in HelloAck.
+   */
+  deviceIncoming?: string;
   /** A source silent for this long is dropped, ms (default 120000). */
   idleTimeoutMs?: number;
 }
@@ -68,6 +75,8 @@ export interface DestinationResult {
   zeroPages: number;
   /** Pages that came in CompressedPages frames (included in pagesWritten). */
   pagesDecompressed: number;
+  /** Bytes of device state handed to this host's QEMU through the link (0: none went this way). */
+  deviceBytes: number;
   bytesIn: number;
   digest: string;
   verified: boolean;
@@ -87,6 +96,8 @@ interface Session {
   /** Algorithms agreed in Hello (what the source offered and this agent decompresses). */
   compression: CompressionAlgorithm[];
   decompressors: Map<CompressionAlgorithm, PageCompressor>;
+  /** The device state through the link into this host's QEMU, when the source asked for it. */
+  device: DeviceSink | null;
 }
 
 export class DestinationAgent {
@@ -123,7 +134,7 @@ export class DestinationAgent {
   }
 
   close(): void {
-    void this.listener?.close();
+    this.listener?.close();
   }
 
   private finish(r: DestinationResult): void {
@@ -151,7 +162,7 @@ export class DestinationAgent {
   }
 
   private async session(link: FrameLink): Promise<DestinationResult> {
-    const r: DestinationResult = { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, pagesDecompressed: 0, bytesIn: 0, digest: "", verified: false };
+    const r: DestinationResult = { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, pagesDecompressed: 0, bytesIn: 0, deviceBytes: 0, digest: "", verified: false };
     let s: Session | null = null;
     try {
       s = await this.hello(link);
@@ -240,6 +251,10 @@ export class DestinationAgent {
             r.verified = true;
             if (this.opts.onVerified) await this.opts.onVerified();
             await link.send(jsonFrame(FrameType.Done, { ok: true, digest: r.digest }));
+            if (s.device) {
+              await s.device.run(link);
+              r.deviceBytes = s.device.bytes;
+            }
             r.status = "completed";
             link.close();
             return r;
@@ -263,7 +278,7 @@ export class DestinationAgent {
   }
 
   private async hello(link: FrameLink): Promise<Session> {
-    const h = parseJson<{ version: unknown; pages: number; pageSize: unknown; dedup: boolean; indexId: string | null; compression?: unknown }>(await link.next(FrameType.Hello, TIMEOUTS.helloMs), "Hello");
+    const h = parseJson<{ version: unknown; pages: number; pageSize: unknown; dedup: boolean; indexId: string | null; compression?: unknown; device?: unknown }>(await link.next(FrameType.Hello, TIMEOUTS.helloMs), "Hello");
     const refuse = async (error: string): Promise<never> => {
       await link.send(jsonFrame(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
       throw new ProtocolError(error);
@@ -302,11 +317,12 @@ export class DestinationAgent {
     const engine = await createEngine({ seed });
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const compression = availableAlgorithms().filter((a) => offered.includes(a));
-    await link.send(jsonFrame(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression }));
+    const device = h.device === true ? new DeviceSink(this.opts.deviceIncoming ?? `tcp:127.0.0.1:${await freePort()}`) : null;
+    await link.send(jsonFrame(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression, ...(device ? { device: device.incoming } : {}) }));
     link.handshakeDone();
     const held = engine.alloc(h.pages * HASH_SIZE);
     const verifier = image ? new BlockVerifier(engine, image) : null;
-    const session: Session = { engine, ram, image, verifier, pages: h.pages, resend: [], held, compression, decompressors: new Map() };
+    const session: Session = { engine, ram, image, verifier, pages: h.pages, resend: [], held, compression, decompressors: new Map(), device };
     if (this.opts.createRam) {
       const z = engine.zeroPageHash(), v = held.view();
       for (let i = 0; i < h.pages; i++) v.set(z, i * HASH_SIZE);

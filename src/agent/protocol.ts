@@ -25,6 +25,9 @@ export enum FrameType {
   Abort = 10,     // either way, JSON {reason}
   // 11 was Auth (protocol 2's challenge answer): TLS authenticates now
   CompressedPages = 12, // src -> dst: u8 algorithm, u32 count, count x u32 page, compressed count x 4096 bytes
+  Device = 13,    // src -> dst: bytes of QEMU's device-state stream, for the destination QEMU (after Done)
+  DeviceEnd = 14, // src -> dst, JSON {}: the source QEMU closed its device-state stream
+  DeviceDone = 15, // dst -> src, JSON {ok, error?}: the destination QEMU has the whole device state
 }
 
 export const AGENT_FRAMES: FrameSet = {

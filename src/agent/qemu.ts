@@ -8,8 +8,13 @@
 // Any failure leaves the source running: the destination QEMU is stopped
 // first (its RAM is incomplete), then the source gets `cont` if it was paused.
 
-import { createServer } from "node:net";
 import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import type { Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Listener } from "../link/listen.js";
+import type { DeviceTunnel } from "./device.js";
 import { PSK_BYTES, type SecurityOptions, type TlsFiles } from "../link/security.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
@@ -42,8 +47,10 @@ export interface AgentMigrationOptions {
   /** A destination agent already listening (`pagetwin listen`); default: one in this process on 127.0.0.1. */
   agent?: { host: string; port: number };
   /**
-   * Where the destination QEMU takes the device state (`migrate-incoming`) and the source sends it
-   * (`migrate`), e.g. tcp:10.0.0.2:4444. Default: tcp:127.0.0.1:<free port>.
+   * By default the device state travels through pagetwin's own link (TLS): the source QEMU migrates
+   * into a private unix socket of this process, the destination agent hands it to its QEMU. With
+   * this, QEMU sends it itself, unprotected unless QEMU has TLS of its own: where the destination
+   * QEMU takes it (`migrate-incoming`) and the source sends it (`migrate`), e.g. tcp:10.0.0.2:4444.
    */
   incomingUri?: string;
   /** Rate limit of the pagetwin link, bytes/s (0: none, the link decides). */
@@ -98,6 +105,34 @@ export interface QueryMigrate {
 }
 
 /** The outcome, named as query-migrate names things where there is a counterpart. */
+/**
+ * The source QEMU's device state into the tunnel: QEMU migrates to a unix
+ * socket (0600, in a fresh 0700 directory: only this user's processes reach
+ * it), which takes one connection and carries it through the link.
+ */
+async function carryDeviceState(src: QmpClient, tunnel: DeviceTunnel, timeoutMs: number): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-device-"));
+  const path = join(dir, "device.sock");
+  let accepted!: (s: Socket) => void;
+  let timer: NodeJS.Timeout | undefined;
+  const conn = new Promise<Socket>((resolve, reject) => {
+    accepted = resolve;
+    timer = setTimeout(() => reject(new Error(`the source QEMU did not connect for its device state within ${timeoutMs} ms`)), timeoutMs);
+  });
+  const listener = await Listener.open({ at: { kind: "unix", path }, security: { kind: "local" }, peer: "source QEMU (device state)", onSession: (s) => accepted(s) });
+  try {
+    await src.execute("migrate", { uri: `unix:${path}` });
+    const sock = await conn;
+    clearTimeout(timer);
+    listener.close(); // one connection: nothing else gets in
+    await tunnel.carry(sock);
+  } finally {
+    clearTimeout(timer);
+    listener.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 export interface AgentMigrationResult {
   status: "completed" | "failed";
   dedup: boolean;
@@ -152,18 +187,6 @@ async function status(qmp: QmpClient): Promise<string> {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** A free TCP port on `host` (closed again at once). */
-export function freePort(host = "127.0.0.1"): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, host, () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function setIgnoreShared(qmp: QmpClient, side: string): Promise<void> {
   const caps = await qmp.execute<{ capability: string; state: boolean }[]>("query-migrate-capabilities");
@@ -245,7 +268,6 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     if (ds !== "inmigrate") throw new Error(`the destination QEMU is '${ds}'; start it with -incoming defer (and -S)`);
     await setIgnoreShared(src, "source");
     await setIgnoreShared(dst, "destination");
-    const uri = o.incomingUri ?? `tcp:127.0.0.1:${await freePort()}`;
 
     nas = await openNasIndex(o.image, { indexPath: o.indexPath });
     ram = RamFile.open(o.srcRam);
@@ -267,11 +289,13 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
       },
     };
 
-    const handover = async () => {
+    const handover = async (tunnel: DeviceTunnel | null) => {
       if (destinationGone) throw new Error(destinationGone);
-      await dst.execute("migrate-incoming", { uri });
+      // through pagetwin's link (TLS) by default; straight from QEMU to QEMU with an explicit incomingUri
+      await dst.execute("migrate-incoming", { uri: tunnel ? tunnel.incoming : o.incomingUri! });
       qemuMigrating = true;
-      await src.execute("migrate", { uri });
+      if (tunnel) await carryDeviceState(src, tunnel, o.handoverTimeoutMs ?? 60_000);
+      else await src.execute("migrate", { uri: o.incomingUri! });
       const q = await waitMigration(src, o.handoverTimeoutMs ?? 60_000, 5);
       qemuMigrating = false;
       result.device = { "total-time": q["total-time"] ?? 0, downtime: q.downtime ?? 0, transferred: q.ram?.transferred ?? 0, status: q.status ?? "" };
@@ -310,7 +334,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
           if (destinationGone) throw new Error(destinationGone);
           o.onIteration?.(it);
         },
-        handover,
+        handover, deviceTunnel: !o.incomingUri,
       });
     } catch (err) {
       if (err instanceof MigrationError) mr = err.result;

@@ -12,6 +12,7 @@ import { RateLimiter } from "../link/rate.js";
 import { dial } from "../link/dial.js";
 import { resolveSecurity, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
+import { DeviceTunnel } from "./device.js";
 import { ProtocolError, jsonFrame, parseJson, printable } from "../wire/envelope.js";
 import type { EnginePool } from "../pool/pool.js";
 import {
@@ -76,8 +77,14 @@ export interface SourceOptions extends SecurityOptions {
   /** Keep a per-page class map of every iteration (for the visualizer). */
   trace?: boolean;
   onIteration?: (it: IterationRecord) => void;
-  /** Called with the VM paused after the destination verified its RAM (QEMU: device state handover). */
-  handover?: () => Promise<void>;
+  /**
+   * Called with the VM paused after the destination verified its RAM (QEMU:
+   * device state handover). With `deviceTunnel`, it gets the tunnel through
+   * this link that carries the device state to the destination agent.
+   */
+  handover?: (device: DeviceTunnel | null) => Promise<void>;
+  /** Ask the destination agent to take the device state through the link (it says where its QEMU must listen). */
+  deviceTunnel?: boolean;
   connectTimeoutMs?: number;
   /** Longest wait for an answer from the destination, ms (default 120000). */
   answerTimeoutMs?: number;
@@ -185,12 +192,15 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
+      ...(o.deviceTunnel ? { device: true } : {}),
     }));
-    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; compression?: unknown };
+    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; compression?: unknown; device?: unknown };
     const ack = parseJson<Ack>(await link.next(FrameType.HelloAck, TIMEOUTS.helloMs), "HelloAck");
     if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${printable(String(ack.error ?? "no reason given"))}`);
     if (!ack.ready) throw new ProtocolError("the destination did not say it is ready (does it run the same pagetwin version?)");
     link.handshakeDone();
+    if (o.deviceTunnel && typeof ack.device !== "string") throw new ProtocolError("the destination agent cannot take the device state through the link (does it run the same pagetwin version?)");
+    const device = o.deviceTunnel ? new DeviceTunnel(link, ack.device as string) : null;
     if (offer.length) {
       const accepted = Array.isArray(ack.compression) ? ack.compression : [];
       const algo = offer.find((a) => accepted.includes(a)) ?? null;
@@ -420,7 +430,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     if (done.ok !== true) throw new ProtocolError(`the destination could not finish: ${printable(String(done.error ?? "no reason given"))}`);
     if (done.digest !== result.digest) throw new ProtocolError(`the destination's RAM digest ${printable(String(done.digest))} differs from the source's ${result.digest}`);
     result.verified = true;
-    if (o.handover) await o.handover();
+    if (o.handover) await o.handover(device);
     result.downtimeMs = performance.now() - pausedAt;
     result.status = "completed";
     link.close();

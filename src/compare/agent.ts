@@ -235,7 +235,7 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
             const d = await startDestinationAgent(link, dst.options.memPath, guest.disk, keyPath);
             children.push(d.child);
             const args = [AGENT_MAIN, "migrate", "--src-qmp", src.options.extraQmpSockets![0]!, "--dst-qmp", dst.options.extraQmpSockets![0]!,
-              "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--psk-file", keyPath, "--image", guest.disk, "--incoming", uri,
+              "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--psk-file", keyPath, "--image", guest.disk,
               // pagetwin is told the link's rate, as an operator would (its compression policy weighs it)
               "--bandwidth", o.rate ?? "1gbit", "--downtime", String(downtimeMs), "--workers", String(workers), "--workers-when", o.workersWhen ?? "always", "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
             const w0 = Date.now();

@@ -131,13 +131,12 @@ export class Listener {
     o.onSession(sock);
   }
 
-  /** Stops listening and drops connections still in their handshake; sessions are their owners' to end. */
-  close(): Promise<void> {
+  /** Stops listening at once and drops connections still in their handshake; sessions are their owners' to end. */
+  close(): void {
     for (const r of this.pending.keys()) r.destroy();
-    return new Promise((resolve) => {
-      this.server.close(() => resolve());
-      if (this.endpoint.kind === "unix") { try { unlinkSync(this.endpoint.path); } catch { /* gone already */ } }
-    });
+    // not awaited: net.Server.close() calls back only once every session has ended
+    if (this.server.listening) this.server.close();
+    if (this.endpoint.kind === "unix") { try { unlinkSync(this.endpoint.path); } catch { /* gone already */ } }
   }
 
   /** Handshakes under way now. */
@@ -168,4 +167,16 @@ function removeStaleSocket(path: string): void {
   }
   if (!st.isSocket()) throw new UsageError(`pagetwin: ${path} exists and is not a socket: choose another path`);
   unlinkSync(path);
+}
+
+/** A free TCP port on `host` (closed again at once). */
+export function freePort(host = "127.0.0.1"): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once("error", reject);
+    s.listen(0, host, () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
 }

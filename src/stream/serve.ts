@@ -66,7 +66,7 @@ class Sessions {
   private finish(): void {
     if (this.finished) return;
     this.finished = true;
-    void this.listener?.close();
+    this.listener?.close();
     for (const s of this.sockets) s.destroy();
     this.o.onClose();
     this.resolveDone(this.o.stats);

@@ -17,7 +17,7 @@ export const spec: CommandSpec = {
     "dst-agent": { type: "string", help: "a `pagetwin listen` agent on the destination host, HOST:PORT (instead of --dst-ram)" },
     image: { type: "string", help: "the VM's raw disk image on the NAS" },
     index: { type: "string", help: "index file (default: beside the image; built if missing)" },
-    incoming: { type: "string", help: "URI for QEMU's device state, e.g. tcp:10.0.0.2:4444 (default: tcp:127.0.0.1:<free port>)" },
+    incoming: { type: "string", help: "send QEMU's device state straight from QEMU to QEMU at this URI (e.g. tcp:10.0.0.2:4444), unprotected unless QEMU has TLS of its own; default: through pagetwin's TLS link (the source QEMU migrates into a private unix socket, the destination agent hands it to its QEMU)" },
     bandwidth: { type: "string", default: "0", help: "rate limit of pagetwin's link, e.g. 1gbit (0: none)" },
     "no-dedup": { type: "boolean", help: "plain pre-copy by pagetwin: every non-zero dirty page in full" },
     downtime: { type: "string", default: "300", help: "downtime target, ms (QEMU's downtime-limit default): the agent switches over once the next round fits it (after the first round, a sample of RAM estimates that round); a lower target makes it run more live rounds first" },
