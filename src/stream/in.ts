@@ -22,7 +22,7 @@ import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { resolveSecurity, checkSecurity, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms } from "../codec/compress.js";
-import { FrameInbox } from "./inbox.js";
+import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
 import { RawDecoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { SEND_QUEUE_BYTES } from "../link/channel.js";
@@ -185,18 +185,9 @@ class InSession {
 
   private onLinkData(chunk: Buffer): void {
     this.stats.bytesInLink += chunk.length;
-    let frames: Frame[];
-    try {
-      frames = this.reader.push(chunk);
-    } catch (err) {
-      this.fail(err as Error, true);
-      return;
-    }
-    for (const f of frames) {
-      const problem = this.onFrame(f);
-      if (problem) { this.fail(problem, !(problem instanceof PeerAbort)); return; }
-    }
+    dispatch(this.reader, chunk, (f) => this.onFrame(f), (err, tellPeer) => this.fail(err, tellPeer));
   }
+
 
   /** Takes one frame from stream-out; a returned error ends the session. */
   private onFrame(f: Frame): Error | null {
@@ -412,5 +403,3 @@ class InSession {
   }
 }
 
-/** stream-out's own ABORT: not told back to it. */
-class PeerAbort extends Error {}

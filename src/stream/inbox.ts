@@ -1,8 +1,36 @@
-// The handshake's mailbox: the frame handler drops a HELLO or HELLO_ACK
-// here and the session waits for it with a deadline. Only stream mode needs
-// it: agent mode's FrameLink has its own next(type, timeout).
+// How a stream session takes frames off its link: one dispatch loop for both
+// proxies, and the handshake's mailbox (the frame handler drops a HELLO or
+// HELLO_ACK there and the session waits for it with a deadline). Agent mode's
+// FrameLink does both its own way (next(type, timeout)).
 
-import { ProtocolError, type Frame } from "../wire/envelope.js";
+import { ProtocolError, type Frame, type FrameReader } from "../wire/envelope.js";
+
+/** The peer ended the migration with an ABORT: nothing to tell it back. */
+export class PeerAbort extends Error {}
+
+/**
+ * Feeds one chunk of the link to `reader` and each whole frame to `onFrame`;
+ * the first problem (a corrupt frame, a frame out of place, one that throws)
+ * goes to `fail`, telling the peer unless the peer itself aborted.
+ */
+export function dispatch(reader: FrameReader, chunk: Buffer, onFrame: (f: Frame) => Error | null, fail: (err: Error, tellPeer: boolean) => void): void {
+  let frames: Frame[];
+  try {
+    frames = reader.push(chunk);
+  } catch (err) {
+    fail(err as Error, true);
+    return;
+  }
+  for (const f of frames) {
+    let problem: Error | null;
+    try {
+      problem = onFrame(f);
+    } catch (err) {
+      problem = err as Error; // e.g. a NEED or ACK of the wrong length
+    }
+    if (problem) { fail(problem, !(problem instanceof PeerAbort)); return; }
+  }
+}
 
 export class FrameInbox {
   private queue: Frame[] = [];

@@ -26,7 +26,7 @@ import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { INSECURE_WARNING, resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
-import { FrameInbox } from "./inbox.js";
+import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
 import { PageHasher } from "./hasher.js";
 import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
@@ -224,23 +224,9 @@ class OutSession {
 
   private onLinkData(chunk: Buffer): void {
     this.stats.bytesInLink += chunk.length;
-    let frames: Frame[];
-    try {
-      frames = this.reader.push(chunk);
-    } catch (err) {
-      this.fail(err as Error, true);
-      return;
-    }
-    for (const f of frames) {
-      let problem: Error | null;
-      try {
-        problem = this.onFrame(f);
-      } catch (err) {
-        problem = err as Error; // a NEED or ACK of the wrong length
-      }
-      if (problem) { this.fail(problem, !(problem instanceof PeerAbort)); return; }
-    }
+    dispatch(this.reader, chunk, (f) => this.onFrame(f), (err, tellPeer) => this.fail(err, tellPeer));
   }
+
 
   /** Handles one frame from stream-in; a returned error ends the session. */
   private onFrame(f: Frame): Error | null {
@@ -449,8 +435,6 @@ class OutSession {
   }
 }
 
-/** stream-in's own ABORT: not told back to it. */
-class PeerAbort extends Error {}
 
 /**
  * One chunk's output in order: consecutive raw bytes gather into one RAW
