@@ -1,0 +1,67 @@
+// Installs the package as a user gets it: `npm pack` of this (already built)
+// checkout, then `npm install <tarball>` into a fresh project in a temp dir.
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+
+export interface PackedProject {
+  /** The consumer project's directory (package.json with "type":"module"). */
+  readonly project: string;
+  /** The tarball npm pack made. */
+  readonly tarball: string;
+  /** Files the tarball holds, as `npm pack --json` lists them. */
+  readonly files: readonly string[];
+  cleanup(): void;
+}
+
+export interface PackOptions {
+  /** Extra packages to install next to pagetwin (e.g. "vite"), resolved from the npm cache first. */
+  readonly with?: readonly string[];
+  /** Install optional dependencies too (default: omitted, as a lean install). */
+  readonly optional?: boolean;
+}
+
+function npm(args: string[], cwd: string): string {
+  return execFileSync("npm", [...args, "--no-audit", "--no-fund", "--loglevel=error"], {
+    cwd,
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, npm_config_update_notifier: "false" },
+  });
+}
+
+/** Pack without re-running prepack (the test run has built already) and install into a new project. */
+export function packAndInstall(opts: PackOptions = {}): PackedProject {
+  const dir = mkdtempSync(path.join(tmpdir(), "pagetwin-consumer-"));
+  const cleanup = () => rmSync(dir, { recursive: true, force: true });
+  try {
+    const packed = JSON.parse(npm(["pack", "--ignore-scripts", "--json", "--pack-destination", dir], REPO)) as {
+      filename: string;
+      files: { path: string }[];
+    }[];
+    const tarball = path.join(dir, packed[0]!.filename);
+    const project = path.join(dir, "project");
+    execFileSync("mkdir", ["-p", project]);
+    writeFileSync(path.join(project, "package.json"), JSON.stringify({ name: "consumer", private: true, type: "module" }));
+    const install = ["install", "--prefer-offline", tarball, ...(opts.with ?? [])];
+    if (!opts.optional) install.push("--omit=optional");
+    npm(install, project);
+    return { project, tarball, files: packed[0]!.files.map((f) => f.path), cleanup };
+  } catch (err) {
+    cleanup();
+    throw err;
+  }
+}
+
+/** The package as installed in `project`. */
+export function installedPackage(project: string): string {
+  return path.join(project, "node_modules", "pagetwin");
+}
+
+export function listInstalled(project: string): string[] {
+  return readdirSync(path.join(project, "node_modules"));
+}
