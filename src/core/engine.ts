@@ -14,9 +14,13 @@ const MAX_MEMORY = 2 ** 32;
 export interface EngineOptions {
   /** 64-bit hash seed (default 0). */
   seed?: bigint;
-  /** Force a build; default: SIMD where the runtime supports it. */
+  /** Force a build; default: SIMD where the runtime supports it (with `source`: the build given). */
   flavor?: CoreFlavor;
-  /** Where to load the wasm from (default: build/ next to the package). */
+  /**
+   * Where to load the wasm from: bytes, a compiled module, a URL, or a string
+   * (relative to the page, or to the working directory in Node). Default: the
+   * builds inlined in the package (no file access, no fetch).
+   */
   source?: CoreSource;
 }
 
@@ -63,8 +67,13 @@ export class Engine {
     if (typeof seed !== "bigint" || seed < 0n || seed >= 1n << 64n) {
       throw new RangeError("pagetwin: seed must be a bigint in [0, 2^64)");
     }
-    const flavor = options.flavor ?? (simdSupported() ? "simd" : "scalar");
-    const core = await instantiateCore(flavor, options.source);
+    const asked = options.flavor;
+    const core = await instantiateCore(asked ?? (simdSupported() ? "simd" : "scalar"), options.source);
+    // the build says what it is: a caller's source decides the flavor, not a guess
+    const flavor: CoreFlavor = core.SIMD.value ? "simd" : "scalar";
+    if (asked !== undefined && asked !== flavor) {
+      throw new RangeError(`pagetwin: flavor "${asked}" was asked for, but the core source given is the ${flavor} build`);
+    }
     core.setSeed(BigInt.asIntN(64, seed));
     return new Engine(core, flavor, seed);
   }

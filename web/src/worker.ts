@@ -6,26 +6,17 @@
 // @ts-ignore -- comlink 4.4.2 has no exports map; types come from its declarations below
 import * as comlinkEsm from "comlink/dist/esm/comlink.mjs";
 import type * as ComlinkTypes from "comlink";
-import { createEngine, type Engine } from "../../src/core/engine.js";
-import { simdSupported } from "../../src/core/wasm.js";
+import { createEngine, type Engine } from "../../src/browser.js";
 import { Simulation, type SimConfig, type SimIteration, type SimMode, type SimResult, type SimSetup } from "./sim.js";
 
 const { expose, transfer } = comlinkEsm as typeof ComlinkTypes;
-
-// Vite bundles both builds of the core and rewrites these URLs.
-const CORE = {
-  simd: new URL("../../build/pagetwin-simd.wasm", import.meta.url),
-  scalar: new URL("../../build/pagetwin-scalar.wasm", import.meta.url),
-};
 
 let engine: Promise<Engine> | null = null;
 let sim: Simulation | null = null;
 
 function getEngine(): Promise<Engine> {
-  if (!engine) {
-    const flavor = simdSupported() ? "simd" : "scalar";
-    engine = createEngine({ flavor, source: CORE[flavor] });
-  }
+  // the browser entry's inlined core: SIMD where the browser has it
+  engine ??= createEngine();
   return engine;
 }
 
