@@ -14,8 +14,9 @@ import { migrateSource, MigrationError, type MigrationResult, type SourceOptions
 import { FrameType, encodePagesMaybeCompressed, decodeCompressedPages, MAX_COMPRESSED_PAGES, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader, ProtocolError, frame } from "../src/wire/envelope.js";
 import {
-  ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, algorithmOfId,
+  ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, algorithmOfId, emptyCompressionStats, ZlibPages,
 } from "../src/codec/compress.js";
+import { RawDecoder } from "../src/stream/raw-codec.js";
 
 const PAGE = 4096;
 
@@ -346,4 +347,39 @@ test("one zstd compressor, batches of many pieces and of falling size: each roun
     createCompressor("zstd").decompressInto(dst.subarray(0, got), out);
     assert.ok(out.equals(plain), `${n} pages: the bytes differ after the round trip`);
   }
+});
+
+test("a peer without zstd agrees brotli only and refuses a zstd frame it did not agree, saying so", () => {
+  const pages = textPages(4);
+  const dst = Buffer.alloc(pages.length + 1024);
+  const packed = dst.subarray(0, createCompressor("zstd").compressInto(pages, dst));
+  const payload = Buffer.alloc(5 + packed.length);
+  payload[0] = ALGORITHM_ID.zstd;
+  payload.writeUInt32BE(pages.length, 1);
+  payload.set(packed, 5);
+  const frame = { type: SFrame.RawZ, payload };
+  assert.throws(() => new RawDecoder(["brotli"], emptyCompressionStats("auto")).unpack(frame), (e: Error) =>
+    e instanceof ProtocolError && /RAW_Z frame uses algorithm zstd, which was not agreed \(agreed: brotli\)/.test(e.message));
+  assert.deepEqual(new RawDecoder(["zstd"], emptyCompressionStats("auto")).unpack(frame), pages);
+});
+
+test("node:zlib's zstd (Node >= 22.15) and zstd-napi read each other's frames", (t) => {
+  const nz = zlib as unknown as { zstdCompressSync?: (b: Uint8Array) => Buffer; zstdDecompressSync?: (b: Uint8Array) => Buffer };
+  if (typeof nz.zstdCompressSync !== "function" || typeof nz.zstdDecompressSync !== "function") {
+    return t.skip(`this Node (${process.version}) has no zlib zstd`);
+  }
+  const pages = textPages(8);
+  const dst = Buffer.alloc(pages.length + 1024);
+  const fromNapi = Buffer.from(dst.subarray(0, createCompressor("zstd").compressInto(pages, dst)));
+  assert.deepEqual(nz.zstdDecompressSync(fromNapi), pages);
+  const viaZlib = new ZlibPages("zstd", {
+    compress: (src) => nz.zstdCompressSync!(src),
+    decompress: (src) => nz.zstdDecompressSync!(src),
+  });
+  const fromZlib = Buffer.from(dst.subarray(0, viaZlib.compressInto(pages, dst)));
+  const out = Buffer.alloc(pages.length);
+  createCompressor("zstd").decompressInto(fromZlib, out);
+  assert.deepEqual(out, pages);
+  viaZlib.decompressInto(fromNapi, out);
+  assert.deepEqual(out, pages);
 });

@@ -1,9 +1,12 @@
 // Compression of the pages that still travel in full (CompressedPages frames).
 //
-// zstd level 1 through zstd-napi (libzstd built from its bundled sources by
-// node-gyp) is the one pagetwin uses; brotli quality 1 (node:zlib, built in)
-// is the fallback when the native binding cannot load. bench/compress.ts
-// measured both (and deflate, lz4, zstd-wasm) on real page data.
+// zstd level 1 is the one pagetwin uses: through zstd-napi (an optional
+// dependency, libzstd built by node-gyp) when it loads, else through Node's own
+// node:zlib zstd (Node >= 22.15 / 23.8; feature-detected). Without either,
+// brotli quality 1 (node:zlib, always there). Both zstd ways make standard
+// zstd frames, so peers interoperate; the Hello of each mode offers only what
+// this process has (availableAlgorithms). bench/compress.ts measured the
+// algorithms (and deflate, lz4, zstd-wasm) on real page data.
 //
 // The source compresses straight from the RAM window into the frame buffer
 // (zstd streaming over runs of contiguous pages, no copy of the page bytes);
@@ -61,15 +64,36 @@ function zstd(): ZstdBinding | null {
   return zstdBinding;
 }
 
+/** node:zlib's zstd (Node >= 22.15 / 23.8); @types/node 20 does not declare it. */
+interface ZlibZstd {
+  zstdCompressSync(src: Uint8Array, o: { params: Record<number, number> }): Buffer;
+  zstdDecompressSync(src: Uint8Array, o: { maxOutputLength: number }): Buffer;
+  constants: { ZSTD_c_compressionLevel: number; ZSTD_c_srcSizeHint?: number };
+}
+
+function zlibZstd(): ZlibZstd | null {
+  const z = zlib as unknown as Partial<ZlibZstd>;
+  return typeof z.zstdCompressSync === "function" && typeof z.zstdDecompressSync === "function" && z.constants?.ZSTD_c_compressionLevel !== undefined
+    ? (z as ZlibZstd)
+    : null;
+}
+
+export type ZstdProvider = "zstd-napi" | "node:zlib";
+
+/** Where zstd comes from in this process (null: nowhere, brotli only). */
+export function zstdProvider(): ZstdProvider | null {
+  return zstd() ? "zstd-napi" : zlibZstd() ? "node:zlib" : null;
+}
+
 /** Algorithms this process can compress and decompress, preferred first. */
 export function availableAlgorithms(): CompressionAlgorithm[] {
-  return zstd() ? ["zstd", "brotli"] : ["brotli"];
+  return zstdProvider() ? ["zstd", "brotli"] : ["brotli"];
 }
 
 /** Why zstd is not available here ("" when it is). */
 export function zstdUnavailableReason(): string {
-  zstd();
-  return zstdError;
+  if (zstdProvider()) return "";
+  return `zstd-napi did not load (${zstdError}) and this Node (${process.version}) has no zlib zstd (Node >= 22.15)`;
 }
 
 export interface PageCompressor {
@@ -160,17 +184,23 @@ class ZstdPages implements PageCompressor {
 
 const EMPTY = new Uint8Array(0);
 
-class BrotliPages implements PageCompressor {
-  readonly algorithm = "brotli" as const;
+/** The one-shot node:zlib calls of one algorithm. */
+interface ZlibCalls {
+  compress(src: Uint8Array): Buffer;
+  /** Throws when the output would exceed `max` bytes. */
+  decompress(src: Uint8Array, max: number): Buffer;
+}
+
+/** An algorithm through node:zlib (brotli; zstd where Node has it). */
+export class ZlibPages implements PageCompressor {
+  constructor(readonly algorithm: CompressionAlgorithm, private readonly calls: ZlibCalls) {}
   bound(n: number): number {
     return n + (n >> 8) + 64;
   }
   compressChunks(chunks: readonly Uint8Array[], dst: Uint8Array): number {
     // node:zlib has no streaming sync API into a caller's buffer: one copy here (fallback only)
     const src = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
-    const out = zlib.brotliCompressSync(src, {
-      params: { [zlib.constants.BROTLI_PARAM_QUALITY]: 1, [zlib.constants.BROTLI_PARAM_SIZE_HINT]: src.length },
-    });
+    const out = this.calls.compress(src);
     if (out.length > dst.length) return -1;
     dst.set(out);
     return out.length;
@@ -181,22 +211,39 @@ class BrotliPages implements PageCompressor {
   decompressInto(src: Uint8Array, dst: Uint8Array): void {
     let out: Buffer;
     try {
-      out = zlib.brotliDecompressSync(src, { maxOutputLength: dst.length });
+      out = this.calls.decompress(src, dst.length);
     } catch (err) {
-      throw new ProtocolError(`CompressedPages frame: brotli data does not decompress into ${dst.length} bytes: ${(err as Error).message}`);
+      throw new ProtocolError(`CompressedPages frame: ${this.algorithm} data does not decompress into ${dst.length} bytes: ${(err as Error).message}`);
     }
-    if (out.length !== dst.length) throw new ProtocolError(`CompressedPages frame: brotli data decompresses to ${out.length} bytes, want exactly ${dst.length}`);
+    if (out.length !== dst.length) throw new ProtocolError(`CompressedPages frame: ${this.algorithm} data decompresses to ${out.length} bytes, want exactly ${dst.length}`);
     dst.set(out);
   }
+}
+
+const BROTLI: ZlibCalls = {
+  compress: (src) =>
+    zlib.brotliCompressSync(src, {
+      params: { [zlib.constants.BROTLI_PARAM_QUALITY]: 1, [zlib.constants.BROTLI_PARAM_SIZE_HINT]: src.length },
+    }),
+  decompress: (src, max) => zlib.brotliDecompressSync(src, { maxOutputLength: max }),
+};
+
+function zlibZstdCalls(z: ZlibZstd): ZlibCalls {
+  return {
+    compress: (src) => z.zstdCompressSync(src, { params: { [z.constants.ZSTD_c_compressionLevel]: ZSTD_LEVEL } }),
+    decompress: (src, max) => z.zstdDecompressSync(src, { maxOutputLength: max }),
+  };
 }
 
 export function createCompressor(algo: CompressionAlgorithm): PageCompressor {
   if (algo === "zstd") {
     const z = zstd();
-    if (!z) throw new Error(`pagetwin: zstd is not available here (zstd-napi did not load: ${zstdError}); use --compress brotli or auto`);
-    return new ZstdPages(z);
+    if (z) return new ZstdPages(z);
+    const nz = zlibZstd();
+    if (nz) return new ZlibPages("zstd", zlibZstdCalls(nz));
+    throw new Error(`pagetwin: zstd is not available here: ${zstdUnavailableReason()}; use --compress brotli or auto`);
   }
-  return new BrotliPages();
+  return new ZlibPages("brotli", BROTLI);
 }
 
 export interface CompressionStats {
