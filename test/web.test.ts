@@ -10,17 +10,15 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, readFileSync, statSync } from "node:fs";
-import { createServer, type Server } from "node:http";
-import { extname, join, normalize, sep } from "node:path";
+import { existsSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { AddressInfo } from "node:net";
 import { createEngine } from "../src/core/engine.js";
+import { launchChromium, optionalImport, pageProblems, serveDir, serverUrl } from "./helpers/browser.js";
 import { Simulation, toTrace, type SimConfig, type SimIteration, type SimMode, type SimResult } from "../web/src/sim.js";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url)); // dist/test -> the repository
 const WEB = join(ROOT, "web");
-const CHROMIUM = process.env.PAGETWIN_CHROMIUM ?? "/usr/bin/chromium";
 
 // Fixed inputs of the live run (the page reads them from its URL).
 const CONFIG: SimConfig = {
@@ -71,74 +69,27 @@ test("the visualizer's simulation: deterministic, converges, verified, pagetwin 
 
 // ---- the page in Chromium ----------------------------------------------------------
 
-const TYPES: Record<string, string> = {
-  ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
-  ".wasm": "application/wasm", ".json": "application/json", ".png": "image/png",
-};
-
-function serve(dir: string, extra: Record<string, string>): Promise<Server> {
-  const server = createServer((req, res) => {
-    const path = decodeURIComponent(new URL(req.url ?? "/", "http://x").pathname);
-    if (extra[path] !== undefined) {
-      res.writeHead(200, { "content-type": "application/json" }).end(extra[path]);
-      return;
-    }
-    const file = normalize(join(dir, path === "/" ? "index.html" : path));
-    if (!file.startsWith(dir + sep) || !existsSync(file) || !statSync(file).isFile()) {
-      res.writeHead(404).end("not found");
-      return;
-    }
-    res.writeHead(200, { "content-type": TYPES[extname(file)] ?? "application/octet-stream" }).end(readFileSync(file));
-  });
-  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
-}
-
-// Minimal shapes of the two tools, imported by name at run time (so this file
-// compiles without them and skips when they are not installed).
+// Vite, imported by name at run time (so this file compiles without it and skips when it is not installed).
 interface Vite { build(o: { root: string; logLevel?: string; configFile?: string }): Promise<unknown> }
-interface Locator { getAttribute(name: string): Promise<string | null> }
-interface Page {
-  goto(url: string): Promise<unknown>;
-  waitForSelector(sel: string, o?: { timeout?: number; state?: string }): Promise<unknown>;
-  locator(sel: string): Locator;
-  textContent(sel: string): Promise<string | null>;
-  screenshot(o: { path: string; fullPage?: boolean }): Promise<unknown>;
-  on(ev: "console" | "pageerror", f: (x: { type?(): string; text?(): string; message?: string }) => void): void;
-  evaluate<T>(f: () => T): Promise<T>;
-}
-interface Browser { newPage(o?: { viewport?: { width: number; height: number }; deviceScaleFactor?: number }): Promise<Page>; close(): Promise<void> }
-interface Playwright { chromium: { launch(o: { executablePath: string; args: string[]; timeout?: number }): Promise<Browser> } }
-
-async function optional<T>(name: string): Promise<T | null> {
-  try {
-    return (await import(name)) as T;
-  } catch {
-    return null;
-  }
-}
 
 test("the visualizer in headless Chromium shows what the engine computes in Node", { timeout: 600_000 }, async (t) => {
-  if (!existsSync(CHROMIUM)) return t.skip(`no Chromium at ${CHROMIUM} (apt-get install chromium, or set PAGETWIN_CHROMIUM)`);
-  const vite = await optional<Vite>("vite");
-  const pw = await optional<Playwright>("playwright-core");
-  if (!vite || !pw) return t.skip(`${!vite ? "vite" : "playwright-core"} is not installed (npm install)`);
+  const vite = await optionalImport<Vite>("vite");
+  if (!vite) return t.skip("vite is not installed (npm install)");
   if (!existsSync(join(ROOT, "build", "pagetwin-simd.wasm"))) throw new Error("build/pagetwin-simd.wasm is missing: run `npm run build` first");
 
   await vite.build({ root: WEB, logLevel: "warn", configFile: join(WEB, "vite.config.ts") });
   const expected = await Promise.all([simulate(CONFIG, "pagetwin"), simulate(CONFIG, "baseline")]);
   const trace = toTrace(CONFIG, expected);
-  const server = await serve(join(WEB, "dist"), { "/test-trace.json": JSON.stringify(trace) });
-  const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-  const browser = await pw.chromium.launch({
-    executablePath: CHROMIUM, timeout: 60_000,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-      "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
-  });
+  const server = await serveDir(join(WEB, "dist"), { "/test-trace.json": JSON.stringify(trace) });
+  const base = serverUrl(server);
+  const browser = await launchChromium();
+  if (typeof browser === "string") {
+    server.close();
+    return t.skip(browser);
+  }
   try {
     const page = await browser.newPage({ viewport: { width: 1440, height: 900 }, deviceScaleFactor: 1 });
-    const problems: string[] = [];
-    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-    page.on("console", (m) => { if (m.type?.() === "error") problems.push(`console error: ${m.text?.()}`); });
+    const problems = pageProblems(page);
 
     // Live: two workers run the real core on the same inputs.
     await page.goto(`${base}/?${QUERY}`);

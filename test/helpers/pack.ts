@@ -23,6 +23,11 @@ export interface PackOptions {
   readonly with?: readonly string[];
   /** Install optional dependencies too (default: omitted, as a lean install). */
   readonly optional?: boolean;
+  /**
+   * Run no install scripts (npm --ignore-scripts): with `optional`, the tools'
+   * platform binaries (esbuild, rollup) are installed while zstd-napi is not compiled.
+   */
+  readonly ignoreScripts?: boolean;
 }
 
 function npm(args: string[], cwd: string): string {
@@ -49,6 +54,7 @@ export function packAndInstall(opts: PackOptions = {}): PackedProject {
     writeFileSync(path.join(project, "package.json"), JSON.stringify({ name: "consumer", private: true, type: "module" }));
     const install = ["install", "--prefer-offline", tarball, ...(opts.with ?? [])];
     if (!opts.optional) install.push("--omit=optional");
+    if (opts.ignoreScripts) install.push("--ignore-scripts");
     npm(install, project);
     return { project, tarball, files: packed[0]!.files.map((f) => f.path), cleanup };
   } catch (err) {
