@@ -5,7 +5,8 @@
 // esbuild, and loaded as a plain <script type="module"> from the installed
 // package (an import map names it); each runs in headless Chromium, none with
 // any configuration, and each must print the XXH3-128 that hash-wasm computes
-// here. Also: the browser entry reaches nothing of Node's and fetches no .wasm,
+// here. Also: the page type-checks against the browser entry without
+// @types/node, the browser entry reaches nothing of Node's and fetches no .wasm,
 // and the sizes of the bundles (JS with the wasm inlined), printed as diagnostics.
 
 import { test } from "node:test";
@@ -14,6 +15,7 @@ import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { copyFileSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { createServer as netServer } from "node:net";
 import type { Server } from "node:http";
+import { createRequire } from "node:module";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { xxhash128 } from "hash-wasm";
@@ -24,6 +26,7 @@ const REPO_PKG = JSON.parse(readFileSync(new URL("../../package.json", import.me
 const VITE = `vite@${REPO_PKG.devDependencies["vite"]}`;
 const ESBUILD = `esbuild@${REPO_PKG.devDependencies["esbuild"]}`;
 const SEED = 0x0123456789abcdefn;
+const TSC = createRequire(import.meta.url).resolve("typescript/bin/tsc");
 
 /** The consumer's page: imports only "pagetwin", hashes one known page, shows the digest. */
 const MAIN_JS = `import { createEngine, PAGE_SIZE } from "pagetwin";
@@ -145,6 +148,14 @@ test("a page importing only \"pagetwin\" hashes correctly in Chromium: Vite buil
     writeFileSync(join(page, "main.js"), MAIN_JS);
     writeFileSync(join(page, "index.html"), html());
     const want = await xxhash128(knownPage(), Number(SEED & 0xffffffffn), Number(SEED >> 32n));
+
+    // the page's types: the browser entry's declarations, strict, DOM only, no @types/node
+    writeFileSync(join(page, "types.ts"), `import { createEngine, type Engine } from "pagetwin";\nconst e: Engine = await createEngine({ seed: 1n });\nexport const d: Uint8Array = e.hashPages(new Uint8Array(4096));\n`);
+    writeFileSync(join(p, "tsconfig.json"), JSON.stringify({
+      compilerOptions: { target: "ES2022", module: "ESNext", moduleResolution: "Bundler", customConditions: ["browser"], lib: ["ES2022", "DOM"], types: [], strict: true, noEmit: true, skipLibCheck: false },
+      files: ["page/types.ts"],
+    }));
+    execFileSync(process.execPath, [TSC, "-p", p], { cwd: p, encoding: "utf8" });
 
     // Vite build, no config
     const viteLog = tool(p, "vite/bin/vite.js", ["build", "page", "--outDir", join(p, "out/vite"), "--emptyOutDir", "--logLevel", "warn"]);
