@@ -175,12 +175,8 @@ export interface AgentMigrationResult {
   error?: string;
 }
 
-export class AgentMigrationError extends Error {
-  override name = "AgentMigrationError";
-  constructor(message: string, readonly result: AgentMigrationResult) {
-    super(message);
-  }
-}
+export { AgentMigrationError } from "../errors.js";
+import { AgentMigrationError } from "../errors.js";
 
 async function status(qmp: QmpClient): Promise<string> {
   return (await qmp.execute<{ status: string }>("query-status", undefined, { timeoutMs: 10_000 })).status;

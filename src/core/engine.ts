@@ -3,6 +3,7 @@
 // (pointer, count) across the boundary. Views are re-made whenever the memory
 // has grown (growth detaches every earlier view).
 
+import { CoreLoadError } from "../errors.js";
 import { instantiateCore, simdSupported, type CoreExports, type CoreFlavor, type CoreSource } from "./wasm.js";
 
 export const PAGE_SIZE = 4096;
@@ -14,9 +15,17 @@ const MAX_MEMORY = 2 ** 32;
 export interface EngineOptions {
   /** 64-bit hash seed (default 0). */
   seed?: bigint;
-  /** Force a build; default: SIMD where the runtime supports it. */
+  /**
+   * Which build to load; default: SIMD where the runtime supports it. With a
+   * `source`, the build is the one given (Engine.flavor says which) and this,
+   * if set, must match it.
+   */
   flavor?: CoreFlavor;
-  /** Where to load the wasm from (default: build/ next to the package). */
+  /**
+   * Where to load the wasm from (default: build/ inside the package): bytes,
+   * a compiled module, a URL, or a string: an absolute URL, or else a path
+   * (in Node relative to the current directory, in a browser to the page).
+   */
   source?: CoreSource;
 }
 
@@ -63,8 +72,13 @@ export class Engine {
     if (typeof seed !== "bigint" || seed < 0n || seed >= 1n << 64n) {
       throw new RangeError("pagetwin: seed must be a bigint in [0, 2^64)");
     }
-    const flavor = options.flavor ?? (simdSupported() ? "simd" : "scalar");
-    const core = await instantiateCore(flavor, options.source);
+    const wanted = options.flavor ?? (simdSupported() ? "simd" : "scalar");
+    const core = await instantiateCore(wanted, options.source);
+    // a `source` may be either build: the flavor is the one loaded
+    const flavor: CoreFlavor = core.SIMD.value ? "simd" : "scalar";
+    if (options.flavor && options.flavor !== flavor) {
+      throw new CoreLoadError(`pagetwin: flavor "${options.flavor}" was asked for, but the core given as source is the ${flavor} build`);
+    }
     core.setSeed(BigInt.asIntN(64, seed));
     return new Engine(core, flavor, seed);
   }

@@ -3,6 +3,8 @@
 // Browsers fetch the .wasm by URL; Node reads the file. The compiled module is
 // cached per build, each engine gets its own instance (its own memory).
 
+import { CoreLoadError } from "../errors.js";
+
 export type CoreFlavor = "simd" | "scalar";
 
 /** The exports of build/pagetwin-*.wasm (see assembly/index.ts). Pointers are i32. */
@@ -56,18 +58,56 @@ export function coreUrl(flavor: CoreFlavor): URL {
 
 const modules = new Map<CoreFlavor, Promise<WebAssembly.Module>>();
 
-async function bytesOf(url: URL): Promise<ArrayBuffer | Uint8Array> {
+async function bytesOf(url: URL, given: boolean): Promise<ArrayBuffer | Uint8Array> {
   if (url.protocol === "file:") {
     const { readFile } = await import("node:fs/promises");
     try {
       return await readFile(url);
     } catch (err) {
-      throw new Error(`pagetwin: cannot read the core ${url.pathname}: run \`npm run build\` first (${(err as Error).message})`);
+      const fix = given ? "check the path given as `source`" : "the package's build/ folder is incomplete: reinstall pagetwin, or pass createEngine({ source })";
+      throw new CoreLoadError(`pagetwin: cannot read the core ${url.pathname}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; ${fix}`, { cause: err });
     }
   }
-  const res = await fetch(url);
-  if (!res.ok) throw new Error(`pagetwin: cannot fetch the core ${url}: HTTP ${res.status}`);
+  let res: Response;
+  try {
+    res = await fetch(url);
+  } catch (err) {
+    throw new CoreLoadError(`pagetwin: cannot fetch the core ${url}: ${(err as Error).message}`, { cause: err });
+  }
+  if (!res.ok) throw new CoreLoadError(`pagetwin: cannot fetch the core ${url}: HTTP ${res.status}; serve the .wasm file there or pass createEngine({ source })`);
   return res.arrayBuffer();
+}
+
+const URL_SCHEMES = new Set(["file:", "http:", "https:", "data:", "blob:"]);
+
+/**
+ * Where a `source` string points. An absolute URL is taken as it is. Any
+ * other string is a path, as a user means it: in Node relative to the
+ * current directory, in a browser relative to the page.
+ */
+async function resolveSource(source: string): Promise<URL> {
+  try {
+    const u = new URL(source);
+    if (URL_SCHEMES.has(u.protocol)) return u;
+  } catch {
+    // not an absolute URL: a path
+  }
+  const proc = (globalThis as { process?: { versions?: { node?: string } } }).process;
+  if (proc?.versions?.node) {
+    const [{ pathToFileURL }, { resolve }] = await Promise.all([import("node:url"), import("node:path")]);
+    return pathToFileURL(resolve(source));
+  }
+  const base = (globalThis as { location?: { href: string } }).location?.href;
+  if (!base) throw new CoreLoadError(`pagetwin: cannot tell what the core source "${source}" is relative to here; give a URL`);
+  return new URL(source, base);
+}
+
+async function compileBytes(bytes: BufferSource, where: string): Promise<WebAssembly.Module> {
+  try {
+    return await WebAssembly.compile(bytes);
+  } catch (err) {
+    throw new CoreLoadError(`pagetwin: the core from ${where} is not valid WebAssembly here: ${(err as Error).message}`, { cause: err });
+  }
 }
 
 export function compileCore(flavor: CoreFlavor, source?: CoreSource): Promise<WebAssembly.Module> {
@@ -75,15 +115,18 @@ export function compileCore(flavor: CoreFlavor, source?: CoreSource): Promise<We
   if (source === undefined) {
     let m = modules.get(flavor);
     if (!m) {
-      m = bytesOf(coreUrl(flavor)).then((b) => WebAssembly.compile(b as BufferSource));
+      const url = coreUrl(flavor);
+      m = bytesOf(url, false).then((b) => compileBytes(b as BufferSource, url.href));
+      m.catch(() => modules.delete(flavor)); // a failed load is not cached
       modules.set(flavor, m);
     }
     return m;
   }
   if (source instanceof URL || typeof source === "string") {
-    return bytesOf(new URL(source, import.meta.url)).then((b) => WebAssembly.compile(b as BufferSource));
+    return (source instanceof URL ? Promise.resolve(source) : resolveSource(source))
+      .then(async (url) => compileBytes(await bytesOf(url, true) as BufferSource, url.href));
   }
-  return WebAssembly.compile(source);
+  return compileBytes(source, "the bytes given");
 }
 
 export async function instantiateCore(flavor: CoreFlavor, source?: CoreSource): Promise<CoreExports> {
