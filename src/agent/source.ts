@@ -158,6 +158,13 @@ export interface MigrationResult {
 export { MigrationError } from "../errors.js";
 import { MigrationError } from "../errors.js";
 
+/**
+ * The source side of an agent-mode migration: pre-copy iterations over `ram`
+ * to the destination agent at host:port, then switchover (vm.pause, last
+ * round, RAM digests compared, handover). Rejects with a MigrationError
+ * (with its result) on failure, an AbortError when `signal` fired; either
+ * way the VM was resumed if it had been paused.
+ */
 export async function migrateSource(o: SourceOptions): Promise<MigrationResult> {
   const t0 = performance.now();
   const security = resolveSecurity(o, "pagetwin source agent");

@@ -56,6 +56,12 @@ export interface IterationPlan extends IterationStats {
   zeroPages: Uint32Array;
 }
 
+/**
+ * Plans pre-copy iterations of one VM: per window, which dirty pages are
+ * zero, which are twins of NAS blocks (the index) and which go in full.
+ * Holds, per page, the hash the destination has. Its buffers live in the
+ * engine's memory: call free() when done. The index must live in the same engine.
+ */
 export class Planner {
   readonly pages: number;
   readonly windowPages: number;
@@ -260,7 +266,7 @@ function isThenable(v: unknown): v is PromiseLike<unknown> {
   return typeof v === "object" && v !== null && typeof (v as { then?: unknown }).then === "function";
 }
 
-/** One IterationPlan from the plans of its windows. */
+/** @internal One IterationPlan from the plans of its windows. */
 export function collect(iteration: number, parts: WindowPlan[]): IterationPlan {
   const cat = (f: (p: WindowPlan) => Uint32Array) => {
     const out = new Uint32Array(parts.reduce((n, p) => n + f(p).length, 0));

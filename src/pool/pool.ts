@@ -43,6 +43,11 @@ export function shards(first: number, count: number, n: number): { first: number
   return out;
 }
 
+/**
+ * Hashing on worker threads, shared by a whole service: stateless hashing
+ * (hashPages) and sessions (session()) for scans whose page bytes stay in
+ * the workers. Crashed workers are replaced; close() when done.
+ */
 export class EnginePool {
   private closing = false;
   private nextSession = 1;

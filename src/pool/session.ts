@@ -21,6 +21,7 @@ interface Scan {
   generations: number[];
 }
 
+/** One caller's scans on a shared pool (see EnginePool.session()). */
 export class PoolSession {
   private closed = false;
   private last: Scan | null = null;

@@ -13,6 +13,7 @@ export interface ImageIdentity {
   ino: bigint;
 }
 
+/** A raw disk image opened for reading, addressed in 4 KiB blocks. close() when done. */
 export class DiskImage {
   private fd: number;
   readonly size: number;

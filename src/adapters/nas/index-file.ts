@@ -32,10 +32,12 @@ export interface IndexHeader {
   indexId: string;
 }
 
+/** Where openNasIndex keeps the index of `imagePath` unless told otherwise: beside it. */
 export function defaultIndexPath(imagePath: string): string {
   return `${imagePath}.pagetwin-index`;
 }
 
+/** The header of an index file (seed, image identity, block count, id); throws NasError if it is none. */
 export function readIndexHeader(path: string): IndexHeader {
   let fd: number;
   try {

@@ -75,6 +75,7 @@ export interface QmpClient {
   emit(event: 'close', err: Error | undefined): boolean;
 }
 
+/** A QMP client on a unix socket: connect(), execute(), QEMU events as "event", "close" when the connection ends. */
 export class QmpClient extends EventEmitter {
   /** The greeting QEMU sent (version, capabilities). */
   readonly greeting: QmpGreeting;

@@ -4,6 +4,7 @@
 import { openSync, closeSync, fstatSync, readSync, writeSync, ftruncateSync } from "node:fs";
 import { PAGE_SIZE } from "../../core/engine.js";
 
+/** Guest RAM as a file of whole 4 KiB pages (QEMU's memory-backend-file): read and write pages by number. */
 export class RamFile {
   private fd: number;
 
