@@ -2,8 +2,8 @@
 // gone, so a call on a dead worker fails instead of hanging.
 
 import { Worker } from "node:worker_threads";
-import { wrap, nodeEndpoint, type Remote } from "./comlink.js";
-import type { PoolWorkerApi, WorkerConfig } from "./worker-api.js";
+import { wrap, nodeEndpoint } from "./comlink.js";
+import type { PoolWorkerApi, PoolWorkerCalls, WorkerConfig } from "./worker-api.js";
 import { PoolClosedError, PoolWorkerError } from "../errors.js";
 
 export interface Member {
@@ -12,7 +12,7 @@ export interface Member {
   /** Counts the workers this slot has had: state kept by an earlier one is gone. */
   generation: number;
   worker: Worker;
-  api: Remote<PoolWorkerApi>;
+  api: PoolWorkerCalls;
   /** Rejects when the worker dies (PoolWorkerError) or the pool closes it (PoolClosedError). */
   dead: Promise<never>;
   /** Set once the worker is gone. */
@@ -37,7 +37,7 @@ export async function startMember(s: StartMember): Promise<Member> {
   let fail: (e: Error) => void = () => {};
   const dead = new Promise<never>((_, reject) => { fail = reject; });
   dead.catch(() => {}); // observed by calls; not an unhandled rejection on its own
-  const member: Member = { slot: s.slot, generation: s.generation, worker, api: null as unknown as Remote<PoolWorkerApi>, dead, gone: false };
+  const member: Member = { slot: s.slot, generation: s.generation, worker, api: null as unknown as PoolWorkerCalls, dead, gone: false };
   const gone = (why: string, cause?: unknown) => {
     if (member.gone) return;
     member.gone = true;
@@ -50,6 +50,6 @@ export async function startMember(s: StartMember): Promise<Member> {
   worker.on("exit", (code) => gone(`exited (code ${code})`));
   await Promise.race([new Promise<void>((resolve) => worker.once("message", () => resolve())), dead]);
   worker.unref();
-  member.api = wrap<PoolWorkerApi>(nodeEndpoint(worker));
+  member.api = wrap<PoolWorkerApi>(nodeEndpoint(worker)) as unknown as PoolWorkerCalls;
   return member;
 }

@@ -7,8 +7,7 @@
 // replaced; after close() every call fails with a PoolClosedError.
 
 import { availableParallelism } from "node:os";
-import type { Remote } from "./comlink.js";
-import type { PoolWorkerApi, WorkerConfig } from "./worker-api.js";
+import type { PoolWorkerCalls, WorkerConfig } from "./worker-api.js";
 import { startMember, type Member } from "./member.js";
 import { PoolSession, type SessionOptions } from "./session.js";
 import { HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
@@ -100,14 +99,14 @@ export class EnginePool {
     this.slots[m.slot] = next;
   }
 
-  /** The worker in `slot`, once it is ready (a replacement may still be starting). */
+  /** @internal The worker in `slot`, once it is ready (a replacement may still be starting). */
   async member(slot: number): Promise<Member> {
     if (this.closing) throw new PoolClosedError("pagetwin pool: the pool is closed");
     return this.slots[slot]!;
   }
 
-  /** Runs `f` on the worker in `slot`; fails at once if that worker dies meanwhile. */
-  async call<T>(slot: number, f: (api: Remote<PoolWorkerApi>) => Promise<T>, m?: Member): Promise<T> {
+  /** @internal Runs `f` on the worker in `slot`; fails at once if that worker dies meanwhile. */
+  async call<T>(slot: number, f: (api: PoolWorkerCalls) => Promise<T>, m?: Member): Promise<T> {
     const member = m ?? await this.member(slot);
     if (this.closing) throw new PoolClosedError("pagetwin pool: the pool is closed");
     return Promise.race([f(member.api), member.dead]);

@@ -31,6 +31,14 @@ export interface WorkerConfig {
   source?: string;
 }
 
+/**
+ * The worker's methods as the pool calls them (comlink's Remote, spelled out:
+ * comlink's own types need the DOM lib, which a Node user may not have).
+ */
+export type PoolWorkerCalls = {
+  [K in Exclude<keyof PoolWorkerApi, "engine">]: PoolWorkerApi[K] extends (...a: infer A) => infer R ? (...a: A) => Promise<Awaited<R>> : never;
+};
+
 /** One session's state in this worker. */
 class SessionState {
   private files = new Map<string, RamFile>();
