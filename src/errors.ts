@@ -74,6 +74,11 @@ export class NasError extends PagetwinError {
   override readonly code: string = "PAGETWIN_NAS";
 }
 
+/** A guest RAM file cannot be opened, has the wrong size, or ended early. */
+export class RamFileError extends PagetwinError {
+  override readonly code: string = "PAGETWIN_RAM_FILE";
+}
+
 /** A pool worker died (crashed, ran out of memory, was terminated) during a call; the pool replaces it. */
 export class PoolWorkerError extends PagetwinError {
   override readonly code: string = "PAGETWIN_POOL_WORKER";

@@ -205,7 +205,10 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     scans = o.pool ? o.pool.session({ seed: o.engine.seed }) : null;
     const to = o.socketPath ? { kind: "unix" as const, path: o.socketPath } : { kind: "tcp" as const, host: o.host, port: o.port };
     const socket = await dial(to, security, { peer: "destination agent", timeoutMs: o.connectTimeoutMs ?? TIMEOUTS.connectMs, hint: "Is `pagetwin listen` running there?" });
-    throwIfAborted(o.signal, "the migration");
+    if (o.signal?.aborted) {
+      socket.destroy();
+      throw abortError(o.signal, "the migration");
+    }
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,

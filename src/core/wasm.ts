@@ -85,7 +85,7 @@ const URL_SCHEMES = new Set(["file:", "http:", "https:", "data:", "blob:"]);
  * other string is a path, as a user means it: in Node relative to the
  * current directory, in a browser relative to the page.
  */
-async function resolveSource(source: string): Promise<URL> {
+export async function resolveSource(source: string): Promise<URL> {
   try {
     const u = new URL(source);
     if (URL_SCHEMES.has(u.protocol)) return u;

@@ -27,6 +27,6 @@ export { RamFile } from "../adapters/ram/ram-file.js";
 /** Reads blocks and checks them against the hashes they must have. */
 export { BlockVerifier } from "../adapters/nas/verify.js";
 /** The errors this entry throws on purpose. */
-export { PagetwinError, NasError, EngineMismatchError, AbortError } from "../errors.js";
+export { PagetwinError, NasError, RamFileError, EngineMismatchError, AbortError } from "../errors.js";
 export type { AbortOptions } from "../abort.js";
 export type { Progress } from "../log.js";

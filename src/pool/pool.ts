@@ -11,7 +11,7 @@ import type { PoolWorkerCalls, WorkerConfig } from "./worker-api.js";
 import { startMember, type Member } from "./member.js";
 import { PoolSession, type SessionOptions } from "./session.js";
 import { HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
-import type { CoreFlavor } from "../core/wasm.js";
+import { resolveSource, type CoreFlavor } from "../core/wasm.js";
 import { PoolClosedError, UsageError } from "../errors.js";
 import { abortable, throwIfAborted, type AbortOptions } from "../abort.js";
 import { toLog, type Log, type LogOption } from "../log.js";
@@ -25,10 +25,11 @@ export interface PoolOptions {
   flavor?: CoreFlavor;
   /**
    * The worker's entry file (default: the package's own, `pagetwin/pool/worker`).
-   * A bundled service points it at where its bundler put that entry.
+   * A bundled service points it at where its bundler put that entry (a URL,
+   * or a path relative to the current directory).
    */
   workerUrl?: URL | string;
-  /** Where the workers load the core's wasm from (a URL or path; default: the package's build/). */
+  /** Where the workers load the core's wasm from (a URL, or a path relative to the current directory; default: the package's build/). */
   coreSource?: URL | string;
   /** Worker crashes and replacements are logged here (warn). */
   log?: LogOption;
@@ -65,7 +66,8 @@ export class EnginePool {
     if (!Number.isInteger(size) || size < 1) throw new UsageError(`pagetwin pool: size must be a positive integer (got ${size})`);
     const seed = o.seed ?? 0n;
     const config: WorkerConfig = { seed, ...(o.flavor ? { flavor: o.flavor } : {}), ...(o.coreSource ? { source: String(o.coreSource) } : {}) };
-    const url = o.workerUrl ? new URL(o.workerUrl, `file://${process.cwd()}/`) : new URL("./node-worker.js", import.meta.url);
+    const url = o.workerUrl instanceof URL ? o.workerUrl
+      : o.workerUrl ? await resolveSource(o.workerUrl) : new URL("./node-worker.js", import.meta.url);
     let pool: EnginePool | null = null;
     const start = (slot: number, generation: number) => startMember({
       slot, generation, url, config,
