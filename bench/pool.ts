@@ -25,18 +25,19 @@ async function iterationsMs(path: string, pages: number, workers: number, runs: 
   index.setBlocks(new Uint8Array(crypto.randomBytes(262144 * 16)), 0);
   const planner = new Planner(engine, { pages, windowPages: WINDOW, index });
   const pool = workers > 0 ? await EnginePool.create({ size: workers, seed: 3n }) : null;
+  const scans = pool?.session();
   const ram = RamFile.open(path);
   const times: number[] = [];
   try {
    for (let run = 0; run < runs; run++) {
     const t = performance.now();
     // as the source agent does: the workers scan the next window while this thread joins this one
-    let pending = pool?.scanFile(path, 0, Math.min(WINDOW, pages));
+    let pending = scans?.scanFile(path, 0, Math.min(WINDOW, pages));
     for (let first = 0; first < pages; first += WINDOW) {
       const count = Math.min(WINDOW, pages - first);
       if (pool) {
         const scan = await pending!;
-        if (first + WINDOW < pages) pending = pool.scanFile(path, first + WINDOW, Math.min(WINDOW, pages - first - WINDOW));
+        if (first + WINDOW < pages) pending = scans!.scanFile(path, first + WINDOW, Math.min(WINDOW, pages - first - WINDOW));
         planner.planWindowHashed(first, count, scan.hashes, scan.zeroBits);
       } else {
         ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
@@ -69,8 +70,9 @@ async function measureMemory(memGib: number): Promise<MemoryResult> {
     // the planner's own state (16 B per page: the hashes the destination holds) is not the pool's
     const rss0 = process.memoryUsage().rss;
     const pool = await EnginePool.create({ size: 2, seed: 3n });
+    const scans = pool.session();
     for (let first = 0; first < memGib * 262144; first += WINDOW) {
-      const scan = await pool.scanFile(memPath, first, WINDOW);
+      const scan = await scans.scanFile(memPath, first, WINDOW);
       planner.planWindowHashed(first, WINDOW, scan.hashes, scan.zeroBits);
     }
     const rss1 = process.memoryUsage().rss;

@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createEngine, PAGE_SIZE } from "../src/index.js";
 import { EnginePool, shards } from "../src/pool/pool.js";
+import { PoolWorkerError } from "../src/errors.js";
 
 test("the pool's digests equal the single engine's on random data, for 1, 2 and 3 workers", async () => {
   const data = new Uint8Array(randomBytes(1000 * PAGE_SIZE));
@@ -34,16 +35,17 @@ test("scanFile: workers read their share of a file; hashes, zero bits and the ke
     writeFileSync(path, data);
     const engine = await createEngine({ seed: 5n });
     const first = 128, count = 800;
-    const r = await pool.scanFile(path, first, count);
+    const scans = pool.session();
+    const r = await scans.scanFile(path, first, count);
     assert.deepEqual(r.hashes, engine.hashPages(data.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE)));
     for (let i = 0; i < count; i++) {
       const zero = ((r.zeroBits[i >> 3]! >> (i & 7)) & 1) === 1;
       assert.equal(zero, [500].includes(first + i), `zero bit of page ${first + i}`);
     }
     const want = Uint32Array.from([128, 129, 527, 528, 927]);
-    const bytes = await pool.pagesOf(want);
+    const bytes = await scans.pagesOf(want);
     want.forEach((p, k) => assert.deepEqual(bytes.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE), data.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)));
-    await assert.rejects(pool.pagesOf(Uint32Array.from([5])), /not in (this worker.s|the) last scan/);
+    await assert.rejects(scans.pagesOf(Uint32Array.from([5])), /not in (this worker.s|this session.s) last scan/);
   } finally {
     await pool.close();
     rmSync(dir, { recursive: true, force: true });
@@ -55,8 +57,8 @@ test("a worker that dies fails the call with a clear error instead of hanging", 
   try {
     const data = new Uint8Array(randomBytes(4096 * PAGE_SIZE));
     const call = pool.hashPages(data);
-    await pool.workers[1]!.terminate();
-    await assert.rejects(call, /worker 1 exited .* create a new pool/);
+    await (await pool.workers())[1]!.terminate();
+    await assert.rejects(call, (e: Error) => e instanceof PoolWorkerError && e.code === "PAGETWIN_POOL_WORKER" && /worker 1 exited/.test(e.message));
   } finally {
     await pool.close();
   }

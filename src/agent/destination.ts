@@ -20,6 +20,7 @@ import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js
 import {
   AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
 } from "./protocol.js";
+import { toLog, type Log, type LogOption } from "../log.js";
 import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "../codec/compress.js";
 
 export interface DestinationOptions extends SecurityOptions {
@@ -40,7 +41,8 @@ export interface DestinationOptions extends SecurityOptions {
   maxRamBytes?: number;
   /** Called after the RAM digest matched, before answering Done (QEMU: take the device state, `cont`). */
   onVerified?: () => Promise<void>;
-  log?: (msg: string) => void;
+  /** Where this agent logs (level-aware, or a function that gets every message). */
+  log?: LogOption;
   /**
    * How to check the RAM at switchover: "held" (default) digests the hash of
    * every page as it was written, so the guest's downtime does not pay for
@@ -100,6 +102,11 @@ interface Session {
   device: DeviceSink | null;
 }
 
+/**
+ * The destination side of an agent-mode migration: listen(), then each
+ * migration writes the destination RAM file, verifying every NAS block
+ * before it is used; nextResult() resolves when one ends. close() when done.
+ */
 export class DestinationAgent {
   private listener: Listener | null = null;
   private busy = false;
@@ -108,8 +115,10 @@ export class DestinationAgent {
   readonly refused: string[] = [];
   private waiters: ((r: DestinationResult) => void)[] = [];
   private readonly security: Security;
+  private readonly log: Log;
 
   constructor(readonly opts: DestinationOptions) {
+    this.log = toLog(opts.log);
     this.security = resolveSecurity(opts, "pagetwin listen");
     checkSecurity(this.security);
   }
@@ -123,7 +132,7 @@ export class DestinationAgent {
       onSession: (s) => this.accept(s),
       onRefused: (why) => this.refused.push(why),
       refusalFrame: (why) => jsonFrame(FrameType.HelloAck, { ok: false, error: `TLS: this destination refuses the source: ${why}` }),
-      log: (m) => o.log?.(`pagetwin listen: ${m}`),
+      log: (m) => this.log.info(`pagetwin listen: ${m}`),
     });
     return this.listener.port;
   }
@@ -265,7 +274,7 @@ export class DestinationAgent {
       }
     } catch (err) {
       r.error = (err as Error).message;
-      this.opts.log?.(`pagetwin listen: migration failed: ${r.error}`);
+      this.log.error(`pagetwin listen: migration failed: ${r.error}`, { error: r.error });
       link.abort(r.error);
       return r;
     } finally {

@@ -24,6 +24,8 @@ import { EnginePool } from "../pool/pool.js";
 import { migrateSource, MigrationError, type IterationRecord, type MigrationResult, type RamReader, type WorkersWhen } from "./source.js";
 import type { ConvergenceOptions } from "../plan/convergence.js";
 import type { CompressionMode, CompressionStats } from "../codec/compress.js";
+import { throwIfAborted } from "../abort.js";
+import { toLog, type LogOption, type Progress } from "../log.js";
 
 /** One side of the migration: its QMP connection and how to get rid of it after a failure. */
 export interface QemuSide {
@@ -73,12 +75,21 @@ export interface AgentMigrationOptions {
   /** Time allowed for QEMU's device-state migration (default 60 s). */
   handoverTimeoutMs?: number;
   onIteration?: (it: IterationRecord) => void;
+  /** Progress: "index" while the NAS image is hashed, "iteration"/"final" per window of each pass, "handover" for QEMU's device state. */
+  onProgress?: (p: Progress) => void;
+  /**
+   * Cancels the migration at any point before the destination runs: QEMU's
+   * own migration is cancelled, the destination QEMU stopped, the source
+   * left running (as after any failure); the call rejects with an AbortError.
+   */
+  signal?: AbortSignal;
   /**
    * Called at switchover with both guests stopped, after the device state arrived and before the
    * destination's `cont` (the destination must have been started with -S for it to still be paused).
    */
   beforeResume?: () => Promise<void>;
-  log?: (msg: string) => void;
+  /** Where warnings and notes go (level-aware, or a function that gets every message). */
+  log?: LogOption;
 }
 
 /** query-migrate's members for a QEMU migration (the ones this module reads). */
@@ -175,12 +186,8 @@ export interface AgentMigrationResult {
   error?: string;
 }
 
-export class AgentMigrationError extends Error {
-  override name = "AgentMigrationError";
-  constructor(message: string, readonly result: AgentMigrationResult) {
-    super(message);
-  }
-}
+export { AgentMigrationError } from "../errors.js";
+import { AbortError, AgentMigrationError } from "../errors.js";
 
 async function status(qmp: QmpClient): Promise<string> {
   return (await qmp.execute<{ status: string }>("query-status", undefined, { timeoutMs: 10_000 })).status;
@@ -197,9 +204,10 @@ async function setIgnoreShared(qmp: QmpClient, side: string): Promise<void> {
 }
 
 /** Polls query-migrate on `qmp` until the migration leaves its active states. */
-export async function waitMigration(qmp: QmpClient, timeoutMs: number, pollMs = 10): Promise<QueryMigrate> {
+export async function waitMigration(qmp: QmpClient, timeoutMs: number, pollMs = 10, signal?: AbortSignal): Promise<QueryMigrate> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
+    throwIfAborted(signal, "the migration");
     const q = await qmp.execute<QueryMigrate>("query-migrate", undefined, { timeoutMs: 10_000 });
     const s = q.status ?? "none";
     if (s === "completed" || s === "failed" || s === "cancelled") return q;
@@ -214,7 +222,9 @@ export async function waitMigration(qmp: QmpClient, timeoutMs: number, pollMs = 
  * memory-backend-file with share=on; so must the source.
  */
 export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<AgentMigrationResult> {
-  const log = o.log ?? (() => {});
+  const log = toLog(o.log);
+  const signal = o.signal;
+  throwIfAborted(signal, "the migration");
   const dedup = o.dedup ?? true;
   const src = o.source.qmp, dst = o.destination.qmp;
   const result: AgentMigrationResult = {
@@ -239,7 +249,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
       if (o.destination.kill) await o.destination.kill();
       else if (!dst.closed) await dst.execute("quit", undefined, { timeoutMs: 5000 }).catch(() => undefined);
     } catch (err) {
-      log(`stopping the destination QEMU failed: ${(err as Error).message}`);
+      log.error(`stopping the destination QEMU failed: ${(err as Error).message}`);
     }
   };
   /** Leave the source running: cancel QEMU's migration, stop the destination, `cont` the source. */
@@ -269,7 +279,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     await setIgnoreShared(src, "source");
     await setIgnoreShared(dst, "destination");
 
-    nas = await openNasIndex(o.image, { indexPath: o.indexPath });
+    nas = await openNasIndex(o.image, { indexPath: o.indexPath, signal, ...(o.onProgress ? { onProgress: o.onProgress } : {}) });
     ram = RamFile.open(o.srcRam);
     let target = o.agent;
     if (!target) {
@@ -291,12 +301,14 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
 
     const handover = async (tunnel: DeviceTunnel | null) => {
       if (destinationGone) throw new Error(destinationGone);
+      throwIfAborted(signal, "the migration");
+      o.onProgress?.({ phase: "handover", done: 0, total: 1, bytes: 0 });
       // through pagetwin's link (TLS) by default; straight from QEMU to QEMU with an explicit incomingUri
       await dst.execute("migrate-incoming", { uri: tunnel ? tunnel.incoming : o.incomingUri! });
       qemuMigrating = true;
       if (tunnel) await carryDeviceState(src, tunnel, o.handoverTimeoutMs ?? 60_000);
       else await src.execute("migrate", { uri: o.incomingUri! });
-      const q = await waitMigration(src, o.handoverTimeoutMs ?? 60_000, 5);
+      const q = await waitMigration(src, o.handoverTimeoutMs ?? 60_000, 5, signal);
       qemuMigrating = false;
       result.device = { "total-time": q["total-time"] ?? 0, downtime: q.downtime ?? 0, transferred: q.ram?.transferred ?? 0, status: q.status ?? "" };
       if (q.status !== "completed") throw new Error(`QEMU's device-state migration ended '${q.status}'${q["error-desc"] ? `: ${q["error-desc"]}` : ""}`);
@@ -309,11 +321,14 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
         d = await status(dst);
       }
       if (d !== "paused" && d !== "prelaunch" && d !== "running") throw new Error(`the destination QEMU is '${d}' after the device state arrived`);
+      o.onProgress?.({ phase: "handover", done: 1, total: 1, bytes: q.ram?.transferred ?? 0 });
       if (d !== "running") {
+        // the last moment to cancel: after `cont` the guest runs at the destination
+        throwIfAborted(signal, "the migration");
         if (o.beforeResume) await o.beforeResume();
         await dst.execute("cont");
       } else {
-        log("the destination QEMU resumed by itself (started without -S): its RAM could not be checked before cont");
+        log.warn("the destination QEMU resumed by itself (started without -S): its RAM could not be checked before cont");
       }
     };
 
@@ -334,7 +349,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
           if (destinationGone) throw new Error(destinationGone);
           o.onIteration?.(it);
         },
-        handover, deviceTunnel: !o.incomingUri,
+        handover, deviceTunnel: !o.incomingUri, signal, ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       });
     } catch (err) {
       if (err instanceof MigrationError) mr = err.result;
@@ -364,6 +379,9 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     }
     local?.close();
     result["source-status"] = await status(src).catch((e: Error) => `unknown (${e.message})`);
+  }
+  if (result.status !== "completed" && signal?.aborted) {
+    throw new AbortError(`pagetwin migrate: aborted; the source VM is ${result["source-status"]}, the destination QEMU was stopped`, { cause: signal.reason });
   }
   if (result.status !== "completed") {
     throw new AgentMigrationError(

@@ -15,6 +15,10 @@ import { TIMEOUTS } from "../link/timeouts.js";
 import { DeviceTunnel } from "./device.js";
 import { ProtocolError, jsonFrame, parseJson, printable } from "../wire/envelope.js";
 import type { EnginePool } from "../pool/pool.js";
+import type { PoolSession } from "../pool/session.js";
+import { UsageError } from "../errors.js";
+import { abortError, onAbort, throwIfAborted } from "../abort.js";
+import type { Progress } from "../log.js";
 import {
   AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodeIterAck, encodePageList, encodePagesMaybeCompressed, encodeRefs,
 } from "./protocol.js";
@@ -47,7 +51,7 @@ export interface SourceOptions extends SecurityOptions {
   /** The index file's id, which the destination checks against its own copy (the seed never travels). */
   indexId: string | null;
   ram: RamReader;
-  /** Hash with these workers (same seed as `engine`), which read `ramPath` themselves. */
+  /** Hash with these workers (in a session of the engine's seed), which read `ramPath` themselves. */
   pool?: EnginePool | null;
   /**
    * When the pool hashes: every pass ("always", default), or only the final
@@ -77,6 +81,13 @@ export interface SourceOptions extends SecurityOptions {
   /** Keep a per-page class map of every iteration (for the visualizer). */
   trace?: boolean;
   onIteration?: (it: IterationRecord) => void;
+  /** Called after every window of every pass: pages done of the pass and bytes it put on the link so far. */
+  onProgress?: (p: Progress) => void;
+  /**
+   * Cancels the migration: the link is aborted, the VM resumed if it was
+   * paused (vm.resume), and the call rejects with an AbortError.
+   */
+  signal?: AbortSignal;
   /**
    * Called with the VM paused after the destination verified its RAM (QEMU:
    * device state handover). With `deviceTunnel`, it gets the tunnel through
@@ -144,19 +155,21 @@ export interface MigrationResult {
   error?: string;
 }
 
-export class MigrationError extends Error {
-  override name = "MigrationError";
-  constructor(message: string, readonly result: MigrationResult) {
-    super(message);
-  }
-}
+export { MigrationError } from "../errors.js";
+import { MigrationError } from "../errors.js";
 
+/**
+ * The source side of an agent-mode migration: pre-copy iterations over `ram`
+ * to the destination agent at host:port, then switchover (vm.pause, last
+ * round, RAM digests compared, handover). Rejects with a MigrationError
+ * (with its result) on failure, an AbortError when `signal` fired; either
+ * way the VM was resumed if it had been paused.
+ */
 export async function migrateSource(o: SourceOptions): Promise<MigrationResult> {
   const t0 = performance.now();
   const security = resolveSecurity(o, "pagetwin source agent");
-  if (o.pool && (!o.ramPath || o.pool.seed !== o.engine.seed)) {
-    throw new RangeError("pagetwin: a pool needs ramPath and the engine's seed");
-  }
+  if (o.pool && !o.ramPath) throw new UsageError("pagetwin: a pool needs ramPath (its workers read the RAM file themselves)");
+  throwIfAborted(o.signal, "the migration");
   const policy = new ConvergencePolicy(o.convergence);
   const planner = new Planner(o.engine, { pages: o.ram.pages, windowPages: o.windowPages, index: o.index });
   const framePages = o.framePages ?? 256;
@@ -186,9 +199,16 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   let pausedAt = 0;
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
   const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
+  let scans: PoolSession | null = null;
+  const stopListening = onAbort(o.signal, () => link?.abort("the migration was cancelled at the source"));
   try {
+    scans = o.pool ? o.pool.session({ seed: o.engine.seed }) : null;
     const to = o.socketPath ? { kind: "unix" as const, path: o.socketPath } : { kind: "tcp" as const, host: o.host, port: o.port };
     const socket = await dial(to, security, { peer: "destination agent", timeoutMs: o.connectTimeoutMs ?? TIMEOUTS.connectMs, hint: "Is `pagetwin listen` running there?" });
+    if (o.signal?.aborted) {
+      socket.destroy();
+      throw abortError(o.signal, "the migration");
+    }
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
@@ -222,10 +242,12 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const map = o.trace ? new Uint8Array(o.ram.pages) : null;
       let scanMs = 0;
       // With a pool, workers hash the next window while this one is on the link.
-      const pool = o.pool && (final || o.workersWhen !== "switchover") ? o.pool : null;
+      const pool = scans && (final || o.workersWhen !== "switchover") ? scans : null;
       let pending = pool ? pool.scanFile(o.ramPath!, 0, planner.windowCount(0)) : null;
-      rec.hashWorkers = pool ? pool.size : 0;
+      pending?.catch(() => {}); // awaited in the loop; an abort before that must not go unhandled
+      rec.hashWorkers = pool ? o.pool!.size : 0;
       for (let first = 0; first < planner.pages; first += planner.windowPages) {
+        throwIfAborted(o.signal, "the migration");
         const s = performance.now();
         const count = planner.windowCount(first);
         let plan: WindowPlan;
@@ -255,6 +277,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         rec.pages.normal += plan.send.length;
         rec.pages.zero += plan.zero.length;
         rec.pages.twin += plan.twinPages.length;
+        o.onProgress?.({ phase: final ? "final" : "iteration", iteration, done: first + count, total: planner.pages, bytes: l.bytesOut - bytes0 });
         if (map) {
           for (const p of plan.zero) map[p] = PAGE_CLASS.zero;
           for (const p of plan.twinPages) map[p] = PAGE_CLASS.twin;
@@ -454,7 +477,10 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     planner.free();
     resendRegion.free();
     resendHashes.free();
+    stopListening();
+    await scans?.close();
   }
+  if (result.status !== "completed" && o.signal?.aborted) throw abortError(o.signal, "the migration");
   if (result.status !== "completed") throw new MigrationError(`pagetwin: migration failed: ${result.error}`, result);
   return result;
 }

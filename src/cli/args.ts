@@ -1,5 +1,6 @@
 // Shared command-line plumbing: option parsing with help, sizes and rates.
 
+import type { Progress } from "../log.js";
 import { UsageError } from "../errors.js";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { INSECURE_WARNING, loadKey, type TlsFiles } from "../link/security.js";
@@ -80,10 +81,10 @@ export function fmtBytes(n: number): string {
 }
 
 /** A progress line on stderr when it is a terminal. */
-export function progress(label: string): (done: number, total: number) => void {
+export function progress(label: string): (p: Progress) => void {
   if (!process.stderr.isTTY) return () => {};
   let lastPct = -1;
-  return (done, total) => {
+  return ({ done, total }) => {
     const pct = Math.floor((done / Math.max(total, 1)) * 100);
     if (pct === lastPct) return;
     lastPct = pct;

@@ -3,6 +3,7 @@
 // (pointer, count) across the boundary. Views are re-made whenever the memory
 // has grown (growth detaches every earlier view).
 
+import { CoreLoadError } from "../errors.js";
 import { instantiateCore, simdSupported, type CoreExports, type CoreFlavor, type CoreSource } from "./wasm.js";
 
 export const PAGE_SIZE = 4096;
@@ -72,7 +73,7 @@ export class Engine {
     // the build says what it is: a caller's source decides the flavor, not a guess
     const flavor: CoreFlavor = core.SIMD.value ? "simd" : "scalar";
     if (asked !== undefined && asked !== flavor) {
-      throw new RangeError(`pagetwin: flavor "${asked}" was asked for, but the core source given is the ${flavor} build`);
+      throw new CoreLoadError(`pagetwin: flavor "${asked}" was asked for, but the core source given is the ${flavor} build`);
     }
     core.setSeed(BigInt.asIntN(64, seed));
     return new Engine(core, flavor, seed);

@@ -7,6 +7,8 @@
 // is used instead. Compiled modules are cached per flavor; each engine gets its
 // own instance (its own memory).
 
+import { CoreLoadError } from "../errors.js";
+
 export type CoreFlavor = "simd" | "scalar";
 
 /** The exports of build/pagetwin-*.wasm (see assembly/index.ts). Pointers are i32. */
@@ -112,7 +114,7 @@ async function baseUrl(): Promise<string> {
     const { pathToFileURL } = (await import(/* @vite-ignore */ NODE_URL)) as { pathToFileURL(path: string): URL };
     return pathToFileURL(g.process.cwd() + "/").href;
   }
-  throw new Error("pagetwin: a relative core source needs a page or a working directory to resolve against; pass a URL");
+  throw new CoreLoadError("pagetwin: a relative core source needs a page or a working directory to resolve against; pass a URL");
 }
 
 async function bytesOf(url: URL): Promise<ArrayBuffer | Uint8Array> {
@@ -120,11 +122,11 @@ async function bytesOf(url: URL): Promise<ArrayBuffer | Uint8Array> {
     try {
       return await readFileBytes(url);
     } catch (err) {
-      throw new Error(`pagetwin: cannot read the core wasm ${url.pathname}: ${(err as Error).message}`, { cause: err });
+      throw new CoreLoadError(`pagetwin: cannot read the core wasm ${url.pathname}: ${(err as Error).message}`, { cause: err });
     }
   }
   const res = await fetch(url);
-  if (!res.ok) throw new Error(`pagetwin: cannot fetch the core wasm ${url}: HTTP ${res.status}`);
+  if (!res.ok) throw new CoreLoadError(`pagetwin: cannot fetch the core wasm ${url}: HTTP ${res.status}`);
   return res.arrayBuffer();
 }
 
@@ -134,9 +136,17 @@ export async function compileCore(flavor: CoreFlavor, source?: CoreSource): Prom
   if (source instanceof WebAssembly.Module) return source;
   if (source instanceof URL || typeof source === "string") {
     const url = source instanceof URL ? source : new URL(source, await baseUrl());
-    return WebAssembly.compile((await bytesOf(url)) as BufferSource);
+    return compileBytes((await bytesOf(url)) as BufferSource, url.href);
   }
-  return WebAssembly.compile(source);
+  return compileBytes(source, "the bytes given");
+}
+
+async function compileBytes(bytes: BufferSource, where: string): Promise<WebAssembly.Module> {
+  try {
+    return await WebAssembly.compile(bytes);
+  } catch (err) {
+    throw new CoreLoadError(`pagetwin: the core from ${where} is not valid WebAssembly here: ${(err as Error).message}`, { cause: err });
+  }
 }
 
 export async function instantiateCore(flavor: CoreFlavor, source?: CoreSource): Promise<CoreExports> {

@@ -7,10 +7,8 @@ import { type Endpoint, formatEndpoint } from "./endpoint.js";
 import { type Security, clientOptions } from "./security.js";
 import { TIMEOUTS } from "./timeouts.js";
 
-export class LinkClosedError extends Error {
-  override name = "LinkClosedError";
-  readonly code = "PAGETWIN_LINK_CLOSED";
-}
+export { LinkClosedError } from "../errors.js";
+import { LinkClosedError } from "../errors.js";
 
 export interface DialOptions {
   /** Who is at the other end, for messages ("destination agent", "stream-in"). */

@@ -41,6 +41,7 @@ export interface IterationMeasure {
   ramBytes: number;
 }
 
+/** Decides after each pre-copy iteration whether to go on, switch over or abort (see decide()). */
 export class ConvergencePolicy {
   readonly downtimeMs: number;
   readonly maxIterations: number;

@@ -7,6 +7,9 @@
 // so what the destination gets is exactly what was hashed.
 
 import { Engine, Region, TwinIndex, bitBytes, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
+import { AsyncReaderError, EngineMismatchError } from "../errors.js";
+import { abortable, throwIfAborted, type AbortOptions } from "../abort.js";
+import type { Progress } from "../log.js";
 
 export interface PlannerOptions {
   /** Pages of guest RAM. */
@@ -53,6 +56,12 @@ export interface IterationPlan extends IterationStats {
   zeroPages: Uint32Array;
 }
 
+/**
+ * Plans pre-copy iterations of one VM: per window, which dirty pages are
+ * zero, which are twins of NAS blocks (the index) and which go in full.
+ * Holds, per page, the hash the destination has. Its buffers live in the
+ * engine's memory: call free() when done. The index must live in the same engine.
+ */
 export class Planner {
   readonly pages: number;
   readonly windowPages: number;
@@ -68,6 +77,9 @@ export class Planner {
     if (!Number.isInteger(options.pages) || options.pages <= 0) throw new RangeError(`pagetwin: a VM needs a whole, positive number of pages (got ${options.pages})`);
     const w = options.windowPages ?? 4096;
     if (w % 64 !== 0 || w <= 0) throw new RangeError("pagetwin: windowPages must be a positive multiple of 64");
+    if (options.index && options.index.engine !== engine) {
+      throw new EngineMismatchError("pagetwin: the Planner's index lives in another Engine; build or open the index with the engine the Planner uses (openNasIndex returns it as nas.engine)");
+    }
     this.pages = options.pages;
     this.windowPages = Math.min(w, Math.ceil(options.pages / 64) * 64);
     this.index = options.index ?? null;
@@ -202,14 +214,60 @@ export class Planner {
   }
 }
 
-/** Runs a whole iteration through a page reader, collecting one IterationPlan (for analysis and tests). */
-export function planIteration(planner: Planner, iteration: number, readWindow: (first: number, count: number, into: Uint8Array) => void): IterationPlan {
+/** Puts the bytes of pages first..first+count-1 into `into` (count * 4096 bytes) before it returns. */
+export type WindowReader = (first: number, count: number, into: Uint8Array) => void;
+
+/** Same, done when the returned promise settles (e.g. `fs/promises` FileHandle.read). */
+export type AsyncWindowReader = (first: number, count: number, into: Uint8Array) => void | Promise<void>;
+
+export interface PlanIterationOptions extends AbortOptions {
+  /** Called after every window with phase "iteration": pages planned so far, bytes read so far. */
+  onProgress?: (p: Progress) => void;
+}
+
+/**
+ * Runs a whole iteration through a synchronous page reader, collecting one
+ * IterationPlan. A reader that returns a Promise would leave stale bytes in
+ * the window: it is refused with an AsyncReaderError (use planIterationAsync).
+ */
+export function planIteration(planner: Planner, iteration: number, readWindow: WindowReader): IterationPlan {
   const parts: WindowPlan[] = [];
   for (let first = 0; first < planner.pages; first += planner.windowPages) {
     const count = planner.windowCount(first);
-    readWindow(first, count, planner.window.view(0, count * PAGE_SIZE));
+    const r: unknown = readWindow(first, count, planner.window.view(0, count * PAGE_SIZE));
+    if (isThenable(r)) {
+      r.then(undefined, () => {}); // refused below; its outcome no longer matters
+      throw new AsyncReaderError("pagetwin: planIteration's reader returned a Promise, so the window would be planned before its bytes arrived; use planIterationAsync for an async reader");
+    }
     parts.push(planner.planWindow(first, count));
   }
+  return collect(iteration, parts);
+}
+
+/**
+ * Runs a whole iteration through a page reader that may be async (each
+ * window is read, awaited, then planned), collecting one IterationPlan.
+ * Aborting stops it between windows with an AbortError; the windows already
+ * planned stay recorded as sent (as they would be in a migration).
+ */
+export async function planIterationAsync(planner: Planner, iteration: number, readWindow: AsyncWindowReader, o: PlanIterationOptions = {}): Promise<IterationPlan> {
+  const parts: WindowPlan[] = [];
+  for (let first = 0; first < planner.pages; first += planner.windowPages) {
+    throwIfAborted(o.signal, "planning the iteration");
+    const count = planner.windowCount(first);
+    await abortable(Promise.resolve(readWindow(first, count, planner.window.view(0, count * PAGE_SIZE))), o.signal, "planning the iteration");
+    parts.push(planner.planWindow(first, count));
+    o.onProgress?.({ phase: "iteration", iteration, done: first + count, total: planner.pages, bytes: (first + count) * PAGE_SIZE });
+  }
+  return collect(iteration, parts);
+}
+
+function isThenable(v: unknown): v is PromiseLike<unknown> {
+  return typeof v === "object" && v !== null && typeof (v as { then?: unknown }).then === "function";
+}
+
+/** @internal One IterationPlan from the plans of its windows. */
+export function collect(iteration: number, parts: WindowPlan[]): IterationPlan {
   const cat = (f: (p: WindowPlan) => Uint32Array) => {
     const out = new Uint32Array(parts.reduce((n, p) => n + f(p).length, 0));
     let o = 0;

@@ -1,30 +1,38 @@
-// EnginePool: the Engine's hashing sharded over worker threads (Node) or Web
-// Workers (browsers) through comlink. Calls are batched large (a comlink call
-// costs tens of microseconds); workers read their share of a file straight
-// into their own wasm memory. A worker that dies fails every call in flight
-// with an error that says so, instead of hanging.
+// EnginePool: the Engine's hashing sharded over Node worker threads through
+// comlink. Calls are batched large (a comlink call costs tens of
+// microseconds); workers read their share of a file straight into their own
+// wasm memory. Shared by a service: stateful work (scan, then fetch the pages
+// scanned) goes through sessions, each with its own buffers in every worker.
+// A worker that dies fails the calls on it with a PoolWorkerError and is
+// replaced; after close() every call fails with a PoolClosedError.
 
-import { Worker } from "node:worker_threads";
 import { availableParallelism } from "node:os";
-import { wrap, transfer, nodeEndpoint, type Remote } from "./comlink.js";
-import type { PoolWorkerApi, ScanResult } from "./worker-api.js";
+import type { PoolWorkerCalls, WorkerConfig } from "./worker-api.js";
+import { startMember, type Member } from "./member.js";
+import { PoolSession, type SessionOptions } from "./session.js";
 import { HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
+import { resolveSource, type CoreFlavor } from "../core/wasm.js";
+import { PoolClosedError, UsageError } from "../errors.js";
+import { abortable, throwIfAborted, type AbortOptions } from "../abort.js";
+import { toLog, type Log, type LogOption } from "../log.js";
 
 export interface PoolOptions {
   /** Workers (default: the cores available). */
   size?: number;
+  /** Hash seed of hashPages and the default of sessions (default 0). */
   seed?: bigint;
-  flavor?: "simd" | "scalar";
-}
-
-export class PoolWorkerError extends Error {
-  override name = "PoolWorkerError";
-}
-
-interface Member {
-  worker: Worker;
-  api: Remote<PoolWorkerApi>;
-  dead: Promise<never>;
+  /** Core build for the workers (default: SIMD where supported). */
+  flavor?: CoreFlavor;
+  /**
+   * The worker's entry file (default: the package's own, `pagetwin/pool/worker`).
+   * A bundled service points it at where its bundler put that entry (a URL,
+   * or a path relative to the current directory).
+   */
+  workerUrl?: URL | string;
+  /** Where the workers load the core's wasm from (a URL, or a path relative to the current directory; default: the package's build/). */
+  coreSource?: URL | string;
+  /** Worker crashes and replacements are logged here (warn). */
+  log?: LogOption;
 }
 
 /** Splits count pages into `n` shards whose sizes are multiples of 64 pages (bit vectors stay byte-aligned). */
@@ -35,115 +43,127 @@ export function shards(first: number, count: number, n: number): { first: number
   return out;
 }
 
+/**
+ * Hashing on worker threads, shared by a whole service: stateless hashing
+ * (hashPages) and sessions (session()) for scans whose page bytes stay in
+ * the workers. Crashed workers are replaced; close() when done.
+ */
 export class EnginePool {
-  private constructor(private readonly members: Member[], readonly seed: bigint) {}
+  private closing = false;
+  private nextSession = 1;
+  private readonly sessions = new Set<PoolSession>();
 
+  private constructor(
+    private readonly slots: Promise<Member>[],
+    readonly seed: bigint,
+    private readonly start: (slot: number, generation: number) => Promise<Member>,
+    private readonly log: Log,
+  ) {}
+
+  /** Starts `size` workers; resolves once all are ready. */
   static async create(o: PoolOptions = {}): Promise<EnginePool> {
     const size = o.size ?? availableParallelism();
-    if (!Number.isInteger(size) || size < 1) throw new RangeError(`pagetwin pool: size must be a positive integer (got ${size})`);
+    if (!Number.isInteger(size) || size < 1) throw new UsageError(`pagetwin pool: size must be a positive integer (got ${size})`);
     const seed = o.seed ?? 0n;
-    const members = await Promise.all(Array.from({ length: size }, (_, i) => startMember(i, seed, o.flavor)));
-    return new EnginePool(members, seed);
+    const config: WorkerConfig = { seed, ...(o.flavor ? { flavor: o.flavor } : {}), ...(o.coreSource ? { source: String(o.coreSource) } : {}) };
+    const url = o.workerUrl instanceof URL ? o.workerUrl
+      : o.workerUrl ? await resolveSource(o.workerUrl) : new URL("./node-worker.js", import.meta.url);
+    let pool: EnginePool | null = null;
+    const start = (slot: number, generation: number) => startMember({
+      slot, generation, url, config,
+      closing: () => pool?.closing ?? false,
+      onCrash: (m, err) => pool?.replace(m, err),
+    });
+    const slots = Array.from({ length: size }, (_, i) => start(i, 0));
+    try {
+      await Promise.all(slots);
+    } catch (err) {
+      await Promise.allSettled(slots.map(async (s) => (await s).worker.terminate()));
+      throw err;
+    }
+    pool = new EnginePool(slots, seed, start, toLog(o.log));
+    return pool;
   }
 
   get size(): number {
-    return this.members.length;
+    return this.slots.length;
   }
 
-  private call<T>(m: Member, f: (api: Remote<PoolWorkerApi>) => Promise<T>): Promise<T> {
-    return Promise.race([f(m.api), m.dead]);
+  /** True after close(). */
+  get closed(): boolean {
+    return this.closing;
   }
 
-  /** Canonical XXH3-128 digests of every page of `data`, the same as Engine.hashPages. */
-  async hashPages(data: Uint8Array): Promise<Uint8Array> {
+  private replace(m: Member, err: Error): void {
+    this.log.warn(err.message, { slot: m.slot, generation: m.generation });
+    const next = this.start(m.slot, m.generation + 1);
+    next.catch((e: Error) => this.log.error(`pagetwin pool: cannot restart worker ${m.slot}: ${e.message}`));
+    this.slots[m.slot] = next;
+  }
+
+  /** @internal The worker in `slot`, once it is ready (a replacement may still be starting). */
+  async member(slot: number): Promise<Member> {
+    if (this.closing) throw new PoolClosedError("pagetwin pool: the pool is closed");
+    return this.slots[slot]!;
+  }
+
+  /** @internal Runs `f` on the worker in `slot`; fails at once if that worker dies meanwhile. */
+  async call<T>(slot: number, f: (api: PoolWorkerCalls) => Promise<T>, m?: Member): Promise<T> {
+    const member = m ?? await this.member(slot);
+    if (this.closing) throw new PoolClosedError("pagetwin pool: the pool is closed");
+    return Promise.race([f(member.api), member.dead]);
+  }
+
+  /** Canonical XXH3-128 digests of every page of `data` with the pool's seed, the same as Engine.hashPages. */
+  async hashPages(data: Uint8Array, o: AbortOptions = {}): Promise<Uint8Array> {
+    throwIfAborted(o.signal, "hashing on the pool");
     if (data.length % PAGE_SIZE) throw new RangeError(`pagetwin: hashPages needs whole 4096-byte pages; got ${data.length} bytes`);
     const pages = data.length / PAGE_SIZE;
     const parts = shards(0, pages, this.size);
-    const results = await Promise.all(parts.map((s, i) => this.call(this.members[i]!, (api) =>
-      api.hashPages(data.subarray(s.first * PAGE_SIZE, (s.first + s.count) * PAGE_SIZE)))));
+    const results = await abortable(Promise.all(parts.map((s, i) => this.call(i, (api) =>
+      api.hashPages(data.subarray(s.first * PAGE_SIZE, (s.first + s.count) * PAGE_SIZE))))), o.signal, "hashing on the pool");
     const out = new Uint8Array(pages * HASH_SIZE);
     parts.forEach((s, i) => out.set(results[i]!, s.first * HASH_SIZE));
     return out;
   }
 
-  private lastScan: { first: number; count: number }[] = [];
-
-  /** Two result buffers shared with the workers, used in turn (see scanFile). */
-  private outputs: SharedArrayBuffer[] = [];
-  private nextOutput = 0;
-
   /**
-   * Each worker reads and hashes its share of pages first..first+count-1 of
-   * the file; returns all hashes and zero bits in page order. The workers
-   * keep the bytes for pagesOf until the next scan. The result is a view of
-   * a buffer the pool reuses: valid until the scan after the next one (so a
-   * caller may start the next scan before it is done with this one).
+   * A session: one caller's scans of files and the page bytes they keep, in
+   * buffers of its own in every worker. Sessions of one pool run
+   * concurrently (the workers take their calls in turn); close a session
+   * when done with it to free those buffers.
    */
-  async scanFile(path: string, first: number, count: number): Promise<ScanResult> {
-    const parts = shards(first, count, this.size);
-    const hashBytes = count * HASH_SIZE, bitBytes = Math.ceil(count / 8) + 8;
-    if (!this.outputs[0] || this.outputs[0].byteLength < hashBytes + bitBytes) {
-      this.outputs = [new SharedArrayBuffer(hashBytes + bitBytes), new SharedArrayBuffer(hashBytes + bitBytes)];
-    }
-    const buffer = this.outputs[this.nextOutput]!;
-    this.nextOutput ^= 1;
-    new Uint8Array(buffer, hashBytes, bitBytes).fill(0);
-    await Promise.all(parts.map((s, i) => this.call(this.members[i]!, (api) =>
-      api.scanFile(path, s.first, s.count, { buffer, hashesAt: (s.first - first) * HASH_SIZE, zeroBitsAt: hashBytes + (s.first - first) / 8 }))));
-    this.lastScan = parts;
-    return { hashes: new Uint8Array(buffer, 0, hashBytes), zeroBits: new Uint8Array(buffer, hashBytes, bitBytes) };
-  }
-
-  /** Bytes of the given pages (ascending, from the last scan), concatenated in that order. */
-  async pagesOf(pages: Uint32Array): Promise<Uint8Array> {
-    const out = new Uint8Array(pages.length * PAGE_SIZE);
-    const jobs: Promise<void>[] = [];
-    let k = 0;
-    this.lastScan.forEach((s, i) => {
-      const start = k;
-      while (k < pages.length && pages[k]! < s.first + s.count) k++;
-      if (k > start) {
-        const mine = pages.slice(start, k);
-        jobs.push(this.call(this.members[i]!, (api) => api.pagesOf(transfer(mine, [mine.buffer]))).then((b) => out.set(b, start * PAGE_SIZE)));
-      }
-    });
-    if (k !== pages.length) throw new RangeError(`pagetwin pool: page ${pages[k]} is not in the last scan`);
-    await Promise.all(jobs);
-    return out;
+  session(o: SessionOptions = {}): PoolSession {
+    if (this.closing) throw new PoolClosedError("pagetwin pool: the pool is closed");
+    const s = new PoolSession(this, this.nextSession++, o.seed ?? this.seed, () => this.sessions.delete(s));
+    this.sessions.add(s);
+    return s;
   }
 
   /** wasm memory held by all workers, bytes. */
   async memoryBytes(): Promise<number> {
-    const all = await Promise.all(this.members.map((m) => this.call(m, (api) => api.memoryBytes())));
+    const all = await Promise.all(this.slots.map((_, i) => this.call(i, (api) => api.memoryBytes())));
     return all.reduce((a, b) => a + b, 0);
   }
 
+  /** Stops the workers; calls in flight and later calls fail with PoolClosedError. */
   async close(): Promise<void> {
-    await Promise.all(this.members.map(async (m) => {
-      try { await Promise.race([m.api.close(), new Promise((r) => setTimeout(r, 1000))]); } catch { /* dead already */ }
+    if (this.closing) return;
+    this.closing = true;
+    await Promise.all(this.slots.map(async (slot) => {
+      let m: Member;
+      try { m = await slot; } catch { return; /* never started */ }
+      try { await Promise.race([m.api.close(), m.dead, new Promise((r) => setTimeout(r, 1000))]); } catch { /* dead already */ }
       await m.worker.terminate();
     }));
   }
 
-  /** For tests: the worker threads. */
-  get workers(): Worker[] {
-    return this.members.map((m) => m.worker);
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
   }
-}
 
-async function startMember(i: number, seed: bigint, flavor?: "simd" | "scalar"): Promise<Member> {
-  // a small young generation: a worker's pages live in its wasm memory and it
-  // allocates little else, which a default-sized one would still let grow resident
-  const worker = new Worker(new URL("./node-worker.js", import.meta.url), { workerData: { seed, flavor }, resourceLimits: { maxYoungGenerationSizeMb: 4 } });
-  let fail: (e: Error) => void = () => {};
-  const dead = new Promise<never>((_, reject) => { fail = reject; });
-  dead.catch(() => {}); // observed by calls; not an unhandled rejection on its own
-  worker.on("error", (err) => fail(new PoolWorkerError(`pagetwin pool: worker ${i} died: ${err.message}`)));
-  worker.on("exit", (code) => fail(new PoolWorkerError(`pagetwin pool: worker ${i} exited (code ${code}); the pool cannot finish this call — create a new pool`)));
-  await Promise.race([
-    new Promise<void>((resolve) => worker.once("message", () => resolve())),
-    dead,
-  ]);
-  worker.unref();
-  return { worker, api: wrap<PoolWorkerApi>(nodeEndpoint(worker)), dead };
+  /** For tests: the worker threads (as they are now; a replacement may still be starting). */
+  async workers(): Promise<import("node:worker_threads").Worker[]> {
+    return Promise.all(this.slots.map(async (s) => (await s).worker));
+  }
 }

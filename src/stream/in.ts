@@ -26,7 +26,9 @@ import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
 import { RawDecoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { SEND_QUEUE_BYTES } from "../link/channel.js";
-import { newStats, type Logger, type StreamProxy, type StreamStats } from "./stats.js";
+import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
+import { toLog, type Log, type LogOption } from "../log.js";
+import { throwIfAborted } from "../abort.js";
 
 export interface StreamInOptions extends SecurityOptions {
   /** Port stream-out connects to; 0 picks one. */
@@ -41,7 +43,13 @@ export interface StreamInOptions extends SecurityOptions {
   image: string;
   indexPath?: string;
   keep?: boolean;
-  log?: Logger;
+  /** Where notes and warnings go (level-aware, or a function that gets every message). */
+  log?: LogOption;
+  /**
+   * Stops the proxy: closes it and cuts the sessions in flight (the
+   * destination QEMU's incoming migration fails); `done` then rejects with an AbortError.
+   */
+  signal?: AbortSignal;
 }
 
 /** What every stream-in session shares; the index fields follow the newest index the source used. */
@@ -53,14 +61,20 @@ interface InContext {
   indexPath: string;
   qemu: Endpoint;
   stats: StreamStats;
-  log: Logger;
+  log: Log;
 }
 
 /** Frames from stream-out queued here before the link is paused. */
 const QUEUE_LIMIT = 64 * 1024 * 1024;
 
+/**
+ * Starts stream-in, the destination-side proxy: stream-out connects to it,
+ * it rebuilds QEMU's exact stream (verified NAS blocks in place of the
+ * references) into the destination QEMU's -incoming socket. Resolves once listening.
+ */
 export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
-  const log = opts.log ?? (() => {});
+  const log = toLog(opts.log);
+  throwIfAborted(opts.signal, "stream-in");
   const qemu = parseEndpoint(opts.qemu, "--qemu");
   const security = resolveSecurity(opts, "pagetwin stream-in");
   checkSecurity(security);
@@ -76,7 +90,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
     indexId = h.indexId;
   } catch (err) {
     indexError = (err as Error).message;
-    log(`no usable index (${indexError}); migrations will pass through without dedup`);
+    log.warn(`no usable index (${indexError}); migrations will pass through without dedup`);
   }
   const engine = await createEngine({ seed });
   const image = DiskImage.open(opts.image);
@@ -85,7 +99,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   try {
     return await serve({ at, security, peer: "proxy" }, {
-      stats, keep: opts.keep ?? false, log,
+      stats, keep: opts.keep ?? false, log, signal: opts.signal,
       session: (sock, channel) => new InSession(ctx, sock, channel).run(),
       onClose: () => image.close(),
     });
@@ -154,7 +168,7 @@ class InSession {
   private fail(err: Error, tellPeer: boolean): void {
     if (this.failure) return;
     this.failure = err;
-    this.ctx.log(`channel ${this.channel}: ${err.message}`);
+    this.ctx.log.error(`channel ${this.channel}: ${err.message}`, { channel: this.channel });
     const link = this.link;
     if (tellPeer && !link.destroyed) link.end(jsonFrame(SFrame.Abort, { reason: err.message }));
     this.qemu?.destroy();
@@ -247,7 +261,7 @@ class InSession {
     }
     const dedup = reason === null;
     this.sendLink(jsonFrame(SFrame.HelloAck, dedup ? { ready: true, dedup, compression: agreed } : { ready: true, dedup, reason, compression: agreed }));
-    if (!dedup) { this.stats.passthrough.push(reason); this.ctx.log(reason); }
+    if (!dedup) { this.stats.passthrough.push(reason); this.ctx.log.warn(reason); }
     this.wireQemu(this.qemu);
   }
 

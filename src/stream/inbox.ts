@@ -3,10 +3,13 @@
 // HELLO_ACK there and the session waits for it with a deadline). Agent mode's
 // FrameLink does both its own way (next(type, timeout)).
 
+import { PagetwinError } from "../errors.js";
 import { ProtocolError, type Frame, type FrameReader } from "../wire/envelope.js";
 
 /** The peer ended the migration with an ABORT: nothing to tell it back. */
-export class PeerAbort extends Error {}
+export class PeerAbort extends PagetwinError {
+  override readonly code: string = "PAGETWIN_PEER_ABORT";
+}
 
 /**
  * Feeds one chunk of the link to `reader` and each whole frame to `onFrame`;

@@ -27,11 +27,14 @@ import { INSECURE_WARNING, resolveSecurity, checkSecurity, type Security, type S
 import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
+import { UsageError } from "../errors.js";
 import { PageHasher } from "./hasher.js";
 import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { SEND_QUEUE_BYTES } from "../link/channel.js";
-import { newStats, type Logger, type StreamProxy, type StreamStats } from "./stats.js";
+import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
+import { toLog, type Log, type LogOption, type Progress } from "../log.js";
+import { throwIfAborted } from "../abort.js";
 
 export interface StreamOutOptions extends SecurityOptions {
   /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
@@ -62,7 +65,16 @@ export interface StreamOutOptions extends SecurityOptions {
   compress?: CompressionMode;
   /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
   bandwidth?: number;
-  log?: Logger;
+  /** Where notes and warnings go (level-aware, or a function that gets every message). */
+  log?: LogOption;
+  /** Progress of the index build (phase "index"), when this call builds it. */
+  onProgress?: (p: Progress) => void;
+  /**
+   * Stops the proxy: aborts the index build, or once listening closes it and
+   * cuts the sessions in flight (the source QEMU sees its migration fail and
+   * keeps running); `done` then rejects with an AbortError.
+   */
+  signal?: AbortSignal;
 }
 
 /** What every stream-out session shares. */
@@ -71,7 +83,7 @@ interface OutContext {
   index: TwinIndex;
   indexId: string;
   stats: StreamStats;
-  log: Logger;
+  log: Log;
   windowPages: number;
   to: Endpoint;
   noDedup: boolean;
@@ -80,11 +92,17 @@ interface OutContext {
   security: Security;
 }
 
+/**
+ * Starts stream-out, the source-side proxy: the source QEMU migrates to it
+ * (`migrate tcp:127.0.0.1:PORT`), it forwards the stream to stream-in with
+ * twin pages replaced by NAS references. Resolves once listening.
+ */
 export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
-  const log = opts.log ?? (() => {});
+  const log = toLog(opts.log);
+  throwIfAborted(opts.signal, "stream-out");
   const to = parseEndpoint(opts.to, "--to");
   const security = resolveSecurity(opts, "pagetwin stream-out");
-  if (security.kind === "insecure") log(INSECURE_WARNING);
+  if (security.kind === "insecure") log.warn(INSECURE_WARNING);
   checkSecurity(security); // unreadable files: say so now, not when QEMU connects
   const nas = opts.nas ?? await openIndex(opts, log);
   const stats = newStats("stream-out");
@@ -101,17 +119,19 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   return serve({ at, security: { kind: "local" }, peer: "qemu" }, {
-    stats, keep: opts.keep ?? false, log,
+    stats, keep: opts.keep ?? false, log, signal: opts.signal,
     session: (sock, channel) => new OutSession(ctx, sock, channel).run(),
     onClose: () => { if (!opts.nas) nas.image.close(); },
   });
 }
 
-async function openIndex(opts: StreamOutOptions, log: Logger): Promise<NasIndex> {
-  if (!opts.image) throw new Error("pagetwin stream-out: give the NAS image (--image)");
+async function openIndex(opts: StreamOutOptions, log: Log): Promise<NasIndex> {
+  if (!opts.image) throw new UsageError("pagetwin stream-out: give the NAS image (--image)");
   const t0 = performance.now();
-  const nas = await openNasIndex(opts.image, { ...(opts.indexPath ? { indexPath: opts.indexPath } : {}) });
-  log(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms`);
+  const nas = await openNasIndex(opts.image, {
+    ...(opts.indexPath ? { indexPath: opts.indexPath } : {}), signal: opts.signal, ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+  });
+  log.info(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms`);
   return nas;
 }
 
@@ -191,7 +211,7 @@ class OutSession {
   private fail(err: Error, tellPeer: boolean): void {
     if (this.failure) return;
     this.failure = err;
-    this.ctx.log(`channel ${this.channel}: ${err.message}`);
+    this.ctx.log.error(`channel ${this.channel}: ${err.message}`, { channel: this.channel });
     const link = this.link;
     if (tellPeer && !link.destroyed) {
       try { link.end(jsonFrame(SFrame.Abort, { reason: err.message })); } catch { /* closed */ }
@@ -298,7 +318,7 @@ class OutSession {
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);
-      ctx.log(why);
+      ctx.log.warn(why);
     }
   }
 
@@ -389,7 +409,7 @@ class OutSession {
 
   private parse(chunk: Buffer): Piece[] {
     const pieces = this.parser.push(chunk);
-    for (const w of this.parser.takeWarnings()) { this.ctx.log(`channel ${this.channel}: ${w}`); this.stats.warnings.push(w); }
+    for (const w of this.parser.takeWarnings()) { this.ctx.log.warn(`channel ${this.channel}: ${w}`, { channel: this.channel }); this.stats.warnings.push(w); }
     if (!this.reported && this.parser.mode === "passthrough") {
       this.reported = true;
       this.stats.passthrough.push(this.parser.passthroughReason ?? "unknown");

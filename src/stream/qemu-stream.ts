@@ -54,9 +54,8 @@ const CMD_NAMES: Record<number, string> = {
   6: "POSTCOPY_RAM_DISCARD", 7: "POSTCOPY_RESUME", 8: "PACKAGED", 9: "RECV_BITMAP", 10: "ENABLE_COLO",
 };
 
-export class StreamFormatError extends Error {
-  override name = "StreamFormatError";
-}
+export { StreamFormatError } from "../errors.js";
+import { StreamFormatError } from "../errors.js";
 
 export interface RawPiece {
   kind: "raw";

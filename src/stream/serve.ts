@@ -8,7 +8,9 @@ import type { Endpoint } from "../link/endpoint.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { jsonFrame } from "../wire/envelope.js";
 import { SFrame } from "./frames.js";
-import type { Logger, StreamProxy, StreamStats } from "./stats.js";
+import type { StreamProxy, StreamStats } from "./stats.js";
+import type { Log } from "../log.js";
+import { abortError, onAbort } from "../abort.js";
 
 export interface Listen {
   at: Endpoint;
@@ -26,9 +28,11 @@ export type Session = (sock: net.Socket, channel: number) => Promise<void>;
 export interface ServeOptions {
   stats: StreamStats;
   keep: boolean;
-  log: Logger;
+  log: Log;
   session: Session;
   onClose: () => void;
+  /** Closes the proxy, cutting sessions in flight; `done` then rejects with an AbortError. */
+  signal?: AbortSignal | undefined;
 }
 
 export async function serve(l: Listen, o: ServeOptions): Promise<StreamProxy> {
@@ -52,7 +56,7 @@ class Sessions {
 
   async open(): Promise<void> {
     this.listener = await Listener.open({
-      at: this.l.at, security: this.l.security, peer: this.l.peer === "qemu" ? "source QEMU" : "stream-out", allowHalfOpen: true, log: this.o.log,
+      at: this.l.at, security: this.l.security, peer: this.l.peer === "qemu" ? "source QEMU" : "stream-out", allowHalfOpen: true, log: (m) => this.o.log.info(m),
       onSession: (sock) => this.start(sock),
       onRefused: (reason) => this.o.stats.refused.push(reason),
       refusalFrame: (why) => jsonFrame(SFrame.Abort, { reason: `stream-in refused this stream-out: ${why}` }),
@@ -60,7 +64,18 @@ class Sessions {
   }
 
   proxy(): StreamProxy {
-    return { port: this.listener!.port, stats: this.o.stats, done: this.done, close: async () => { this.finish(); await this.done; } };
+    const signal = this.o.signal;
+    const stop = onAbort(signal, () => {
+      this.o.stats.error ??= "aborted by the caller";
+      this.finish();
+    });
+    const done = this.done.then((s) => {
+      stop();
+      if (signal?.aborted) throw abortError(signal, `${s.role}`);
+      return s;
+    });
+    done.catch(() => {}); // the caller may only ever call close()
+    return { port: this.listener!.port, stats: this.o.stats, done, close: async () => { this.finish(); await this.done; } };
   }
 
   private finish(): void {
@@ -83,7 +98,7 @@ class Sessions {
     this.o.session(sock, this.channels++).catch((err: Error) => {
       failed = true;
       stats.error ??= err.message;
-      log(`error: ${err.message}`);
+      log.error(`error: ${err.message}`, { channel: this.channels - 1 });
     }).finally(() => this.end(sock, failed));
   }
 

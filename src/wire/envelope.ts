@@ -17,10 +17,8 @@ export const Control = { Hello: 1, HelloAck: 2, Abort: 10 } as const;
 /** Largest frame a peer may send before the handshake has ended (a HELLO). */
 export const HANDSHAKE_FRAME_MAX = 64 * 1024;
 
-export class ProtocolError extends Error {
-  override name = "ProtocolError";
-  readonly code = "PAGETWIN_PROTOCOL";
-}
+export { ProtocolError } from "../errors.js";
+import { ProtocolError } from "../errors.js";
 
 export interface Frame {
   type: number;

@@ -1,6 +1,7 @@
 // A raw disk image on the NAS mount (NFS or local), read block by block
 // straight into core memory.
 
+import { NasError } from "../../errors.js";
 import { openSync, closeSync, fstatSync, readSync } from "node:fs";
 import { PAGE_SIZE } from "../../core/engine.js";
 
@@ -12,6 +13,7 @@ export interface ImageIdentity {
   ino: bigint;
 }
 
+/** A raw disk image opened for reading, addressed in 4 KiB blocks. close() when done. */
 export class DiskImage {
   private fd: number;
   readonly size: number;
@@ -26,12 +28,12 @@ export class DiskImage {
     try {
       fd = openSync(path, "r");
     } catch (err) {
-      throw new Error(`pagetwin: cannot open the disk image ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}. Give the path of a raw image on the NAS mount.`);
+      throw new NasError(`pagetwin: cannot open the disk image ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}. Give the path of a raw image on the NAS mount.`);
     }
     const st = fstatSync(fd);
     if (!st.isFile() && !st.isBlockDevice()) {
       closeSync(fd);
-      throw new Error(`pagetwin: ${path} is not a file or block device`);
+      throw new NasError(`pagetwin: ${path} is not a file or block device`);
     }
     return new DiskImage(path, fd, st.size);
   }
@@ -56,7 +58,7 @@ export class DiskImage {
     while (done < want) {
       const n = readSync(this.fd, into, done, want - done, first * BLOCK_SIZE + done);
       if (n === 0) {
-        throw new Error(`pagetwin: the disk image ${this.path} ended at block ${first + Math.floor(done / BLOCK_SIZE)} (wanted blocks ${first}..${first + count - 1}); was it truncated?`);
+        throw new NasError(`pagetwin: the disk image ${this.path} ended at block ${first + Math.floor(done / BLOCK_SIZE)} (wanted blocks ${first}..${first + count - 1}); was it truncated?`);
       }
       done += n;
     }

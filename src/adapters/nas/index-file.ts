@@ -9,9 +9,14 @@
 //   40 image inode u64      48 blocks u32          52 index id (12 random bytes)
 // then 16 bytes (canonical XXH3-128) per block.
 
+import { NasError } from "../../errors.js";
 import { closeSync, openSync, readSync, renameSync, writeSync, existsSync, fsyncSync, unlinkSync, fchmodSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { createEngine, Engine, TwinIndex, HASH_SIZE } from "../../core/engine.js";
+import { EngineMismatchError } from "../../errors.js";
+import { throwIfAborted, type AbortOptions } from "../../abort.js";
+import type { Progress } from "../../log.js";
+import type { EnginePool } from "../../pool/pool.js";
 import { DiskImage, BLOCK_SIZE, type ImageIdentity } from "./image.js";
 
 const MAGIC = "PTWINIX1";
@@ -27,24 +32,26 @@ export interface IndexHeader {
   indexId: string;
 }
 
+/** Where openNasIndex keeps the index of `imagePath` unless told otherwise: beside it. */
 export function defaultIndexPath(imagePath: string): string {
   return `${imagePath}.pagetwin-index`;
 }
 
+/** The header of an index file (seed, image identity, block count, id); throws NasError if it is none. */
 export function readIndexHeader(path: string): IndexHeader {
   let fd: number;
   try {
     fd = openSync(path, "r");
   } catch (err) {
-    throw new Error(`pagetwin: no block index at ${path} (${(err as NodeJS.ErrnoException).code}); run \`pagetwin index --image IMAGE\` on the source first`);
+    throw new NasError(`pagetwin: no block index at ${path} (${(err as NodeJS.ErrnoException).code}); run \`pagetwin index --image IMAGE\` on the source first`);
   }
   try {
     const h = Buffer.alloc(HEADER);
     if (readSync(fd, h, 0, HEADER, 0) !== HEADER || h.toString("latin1", 0, 8) !== MAGIC) {
-      throw new Error(`pagetwin: ${path} is not a pagetwin index (bad magic); delete it and re-index`);
+      throw new NasError(`pagetwin: ${path} is not a pagetwin index (bad magic); delete it and re-index`);
     }
     const version = h.readUInt32LE(8);
-    if (version !== VERSION) throw new Error(`pagetwin: ${path} is index version ${version}, this pagetwin reads version ${VERSION}; re-index`);
+    if (version !== VERSION) throw new NasError(`pagetwin: ${path} is index version ${version}, this pagetwin reads version ${VERSION}; re-index`);
     return {
       blockSize: h.readUInt32LE(12),
       seed: h.readBigUInt64LE(16),
@@ -61,9 +68,12 @@ function sameIdentity(a: ImageIdentity, b: ImageIdentity): boolean {
   return a.size === b.size && a.mtimeNs === b.mtimeNs && a.ino === b.ino;
 }
 
+/** An opened block index: the engine of its seed, the index in that engine's memory, the open image. */
 export interface NasIndex {
+  /** The engine whose seed the index was built with: plan with this engine (or the one you passed). */
   engine: Engine;
   index: TwinIndex;
+  /** The image, open for reading; close it (`image.close()`) when done. */
   image: DiskImage;
   header: IndexHeader;
   indexPath: string;
@@ -72,21 +82,40 @@ export interface NasIndex {
   ms: number;
 }
 
-export interface OpenIndexOptions {
+export interface OpenIndexOptions extends AbortOptions {
   indexPath?: string;
-  /** Called as blocks are hashed: (done, total). */
-  onProgress?: (done: number, total: number) => void;
+  /** Called after every batch of blocks hashed, with phase "index" (not called when the index is loaded). */
+  onProgress?: (p: Progress) => void;
   /** Blocks read per batch (default 1024 = 4 MiB). */
   batchBlocks?: number;
   /** Re-hash even if the index file looks current. */
   rebuild?: boolean;
   /** Hash with this many worker threads (each reads its share of the image); 0: this thread. */
   workers?: number;
+  /** Hash on this pool (a session of the index's seed) instead of starting workers. */
+  pool?: EnginePool;
+  /**
+   * Use this engine (its seed) instead of making one. An index file built
+   * with another seed is an EngineMismatchError, unless `rebuild` (then it
+   * is rebuilt with this engine's seed). The seed keeps guests from crafting
+   * pages that collide with blocks: give an engine of a random seed.
+   */
+  engine?: Engine;
 }
 
-/** Loads the image's index if it is current, or builds (and saves) it. */
+/** A random 64-bit hash seed, as openNasIndex uses for a new index. */
+export function randomSeed(): bigint {
+  return randomBytes(8).readBigUInt64LE(0);
+}
+
+/**
+ * Loads the image's index if it is current, or builds (and saves) it.
+ * Aborting (signal) stops a build between batches; nothing is written then
+ * and the image is closed.
+ */
 export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {}): Promise<NasIndex> {
   const t0 = performance.now();
+  throwIfAborted(opts.signal, "building the block index");
   const image = DiskImage.open(imagePath);
   const indexPath = opts.indexPath ?? defaultIndexPath(imagePath);
   try {
@@ -100,18 +129,28 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
         header = null; // unreadable or old: rebuild below
       }
     }
+    if (header && opts.engine && opts.engine.seed !== header.seed) {
+      throw new EngineMismatchError(`pagetwin: the index ${indexPath} was built with another hash seed than the engine given: ` +
+        "open it without `engine` and plan with the returned nas.engine, or pass rebuild: true to rebuild it with this engine's seed");
+    }
     if (header) {
-      const engine = await createEngine({ seed: header.seed });
+      const engine = opts.engine ?? await createEngine({ seed: header.seed });
       const index = engine.createIndex(header.blocks);
       loadHashes(engine, index, indexPath, header.blocks);
       return { engine, index, image, header, indexPath, built: false, ms: performance.now() - t0 };
     }
-    const seed = randomBytes(8).readBigUInt64LE(0);
-    const engine = await createEngine({ seed });
+    const engine = opts.engine ?? await createEngine({ seed: randomSeed() });
+    const seed = engine.seed;
     const index = engine.createIndex(image.blocks);
-    const hashes = opts.workers && image.size % BLOCK_SIZE === 0
-      ? await hashImageWithPool(engine, image, index, seed, opts)
-      : hashImage(engine, image, index, opts);
+    let hashes: Uint8Array;
+    try {
+      hashes = (opts.workers || opts.pool) && image.size % BLOCK_SIZE === 0
+        ? await hashImageWithPool(engine, image, index, opts)
+        : await hashImage(engine, image, index, opts);
+    } catch (err) {
+      index.free();
+      throw err;
+    }
     header = { seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex") };
     writeIndexFile(indexPath, header, hashes);
     return { engine, index, image, header, indexPath, built: true, ms: performance.now() - t0 };
@@ -121,7 +160,10 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
   }
 }
 
-function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: OpenIndexOptions): Uint8Array {
+/** Lets other work (and an abort) in between batches: index builds take seconds to minutes. */
+const nextTurn = () => new Promise<void>((r) => setImmediate(r));
+
+async function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: OpenIndexOptions): Promise<Uint8Array> {
   const total = image.blocks;
   const batch = opts.batchBlocks ?? 1024;
   const buf = engine.alloc(batch * BLOCK_SIZE);
@@ -134,7 +176,9 @@ function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: Ope
       engine.hashPagesAt(buf.ptr, n, out.ptr);
       index.setBlocksAt(out.ptr, first, n);
       all.set(out.view(0, n * HASH_SIZE), first * HASH_SIZE);
-      opts.onProgress?.(first + n, total);
+      opts.onProgress?.({ phase: "index", done: first + n, total, bytes: (first + n) * BLOCK_SIZE });
+      await nextTurn();
+      throwIfAborted(opts.signal, "building the block index");
     }
   } finally {
     buf.free();
@@ -143,22 +187,27 @@ function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: Ope
   return all;
 }
 
-async function hashImageWithPool(engine: Engine, image: DiskImage, index: TwinIndex, seed: bigint, opts: OpenIndexOptions): Promise<Uint8Array> {
-  const { EnginePool } = await import("../../pool/pool.js");
-  const pool = await EnginePool.create({ size: opts.workers, seed, flavor: engine.flavor });
+async function hashImageWithPool(engine: Engine, image: DiskImage, index: TwinIndex, opts: OpenIndexOptions): Promise<Uint8Array> {
+  let pool = opts.pool ?? null;
+  if (!pool) {
+    const { EnginePool } = await import("../../pool/pool.js");
+    pool = await EnginePool.create({ size: opts.workers, seed: engine.seed, flavor: engine.flavor });
+  }
+  const scans = pool.session({ seed: engine.seed });
   const total = image.blocks;
   const batch = (opts.batchBlocks ?? 1024) * pool.size;
   const all = new Uint8Array(total * HASH_SIZE);
   try {
     for (let first = 0; first < total; first += batch) {
       const n = Math.min(batch, total - first);
-      const { hashes } = await pool.scanFile(image.path, first, n);
+      const { hashes } = await scans.scanFile(image.path, first, n, { signal: opts.signal });
       all.set(hashes, first * HASH_SIZE);
       index.setBlocks(hashes, first);
-      opts.onProgress?.(first + n, total);
+      opts.onProgress?.({ phase: "index", done: first + n, total, bytes: (first + n) * BLOCK_SIZE });
     }
   } finally {
-    await pool.close();
+    await scans.close();
+    if (!opts.pool) await pool.close();
   }
   return all;
 }
@@ -172,7 +221,7 @@ function loadHashes(engine: Engine, index: TwinIndex, path: string, blocks: numb
       const n = Math.min(batch, blocks - first);
       const want = n * HASH_SIZE;
       const got = readSync(fd, r.view(0, want), 0, want, HEADER + first * HASH_SIZE);
-      if (got !== want) throw new Error(`pagetwin: the index ${path} is truncated; delete it and re-index`);
+      if (got !== want) throw new NasError(`pagetwin: the index ${path} is truncated; delete it and re-index`);
       index.setBlocksAt(r.ptr, first, n);
     }
   } finally {
@@ -202,7 +251,7 @@ function writeIndexFile(path: string, header: IndexHeader, hashes: Uint8Array): 
     renameSync(tmp, path);
   } catch (err) {
     removeQuietly(tmp);
-    throw new Error(`pagetwin: cannot replace the index ${path} (${(err as NodeJS.ErrnoException).code}); check that it is not a directory and that its directory is writable`);
+    throw new NasError(`pagetwin: cannot replace the index ${path} (${(err as NodeJS.ErrnoException).code}); check that it is not a directory and that its directory is writable`);
   }
 }
 
@@ -214,7 +263,7 @@ function createTempFile(tmp: string, path: string): number {
   try {
     return openSync(tmp, "wx", 0o600);
   } catch (err) {
-    throw new Error(`pagetwin: cannot create a temporary file beside the index ${path} (${(err as NodeJS.ErrnoException).code}); check that its directory is writable`);
+    throw new NasError(`pagetwin: cannot create a temporary file beside the index ${path} (${(err as NodeJS.ErrnoException).code}); check that its directory is writable`);
   }
 }
 

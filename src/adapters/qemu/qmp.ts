@@ -41,51 +41,8 @@ export interface QmpExecuteOptions {
   timeoutMs?: number;
 }
 
-/** Base class of every error this module throws. */
-export class QmpError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = new.target.name;
-  }
-}
-
-/** The peer does not speak QMP (bad greeting, invalid JSON, unexpected message). */
-export class QmpProtocolError extends QmpError {}
-
-/** QEMU answered a command with `{"error": {...}}`. */
-export class QmpCommandError extends QmpError {
-  readonly command: string;
-  readonly errorClass: string;
-  readonly desc: string;
-  constructor(command: string, errorClass: string, desc: string) {
-    super(`QMP command '${command}' failed: ${errorClass}: ${desc}`);
-    this.command = command;
-    this.errorClass = errorClass;
-    this.desc = desc;
-  }
-}
-
-/** No reply (or greeting, or event) arrived in time. */
-export class QmpTimeoutError extends QmpError {
-  readonly command: string;
-  readonly timeoutMs: number;
-  constructor(command: string, timeoutMs: number, what = 'command') {
-    super(`QMP ${what} '${command}' timed out after ${timeoutMs} ms`);
-    this.command = command;
-    this.timeoutMs = timeoutMs;
-  }
-}
-
-/** The connection closed (or failed) before the command was answered. */
-export class QmpClosedError extends QmpError {
-  readonly command: string | undefined;
-  constructor(command: string | undefined, reason: string) {
-    super(command === undefined
-      ? `QMP connection closed: ${reason}`
-      : `QMP command '${command}' aborted: connection closed: ${reason}`);
-    this.command = command;
-  }
-}
+export { QmpError, QmpProtocolError, QmpCommandError, QmpTimeoutError, QmpClosedError } from '../../errors.js';
+import { QmpProtocolError, QmpCommandError, QmpTimeoutError, QmpClosedError } from '../../errors.js';
 
 interface Pending {
   command: string;
@@ -118,6 +75,7 @@ export interface QmpClient {
   emit(event: 'close', err: Error | undefined): boolean;
 }
 
+/** A QMP client on a unix socket: connect(), execute(), QEMU events as "event", "close" when the connection ends. */
 export class QmpClient extends EventEmitter {
   /** The greeting QEMU sent (version, capabilities). */
   readonly greeting: QmpGreeting;

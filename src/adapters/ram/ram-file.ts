@@ -3,7 +3,9 @@
 
 import { openSync, closeSync, fstatSync, readSync, writeSync, ftruncateSync } from "node:fs";
 import { PAGE_SIZE } from "../../core/engine.js";
+import { RamFileError } from "../../errors.js";
 
+/** Guest RAM as a file of whole 4 KiB pages (QEMU's memory-backend-file): read and write pages by number. */
 export class RamFile {
   private fd: number;
 
@@ -17,13 +19,13 @@ export class RamFile {
     try {
       fd = openSync(path, opts.write ? "r+" : "r");
     } catch (err) {
-      throw new Error(`pagetwin: cannot open the RAM file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      throw new RamFileError(`pagetwin: cannot open the RAM file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
     }
     const size = fstatSync(fd).size;
     if (size === 0 || size % PAGE_SIZE !== 0 || (opts.expectPages !== undefined && size !== opts.expectPages * PAGE_SIZE)) {
       closeSync(fd);
       const want = opts.expectPages !== undefined ? `${opts.expectPages * PAGE_SIZE} bytes (${opts.expectPages} pages)` : "a whole number of 4096-byte pages";
-      throw new Error(`pagetwin: the RAM file ${path} has ${size} bytes; want ${want}. Both VMs must have the same RAM size.`);
+      throw new RamFileError(`pagetwin: the RAM file ${path} has ${size} bytes; want ${want}. Both VMs must have the same RAM size.`);
     }
     return new RamFile(path, fd, size / PAGE_SIZE, !!opts.write);
   }
@@ -40,7 +42,7 @@ export class RamFile {
     let done = 0;
     while (done < want) {
       const n = readSync(this.fd, into, done, want - done, first * PAGE_SIZE + done);
-      if (n === 0) throw new Error(`pagetwin: the RAM file ${this.path} ended at page ${first + Math.floor(done / PAGE_SIZE)}`);
+      if (n === 0) throw new RamFileError(`pagetwin: the RAM file ${this.path} ended at page ${first + Math.floor(done / PAGE_SIZE)}`);
       done += n;
     }
   }
