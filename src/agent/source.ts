@@ -180,8 +180,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     offer = [cmode];
   }
   let compressor: PageCompressor | null = null;
-  const cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, compare: true });
   let link: FrameLink | null = null;
+  let cpolicy: CompressionPolicy | null = null;
   let paused = false;
   let pausedAt = 0;
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
@@ -190,6 +190,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     const to = o.socketPath ? { kind: "unix" as const, path: o.socketPath } : { kind: "tcp" as const, host: o.host, port: o.port };
     const socket = await dial(to, security, { peer: "destination agent", timeoutMs: o.connectTimeoutMs ?? TIMEOUTS.connectMs, hint: "Is `pagetwin listen` running there?" });
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
+    // the link's rate as the pump measures it (as stream-out's): no --bandwidth needed for compression to weigh it
+    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, meter: link.meter });
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
       ...(o.deviceTunnel ? { device: true } : {}),
@@ -331,7 +333,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const raw = pages.length * PAGE_SIZE;
       let compress: ((dst: Uint8Array) => number) | null = null;
       let compressMs = 0;
-      const verdict = compressor ? cpolicy.decide() : "off";
+      const policy = cpolicy!;
+      const verdict = compressor ? policy.decide() : "off";
       if (compressor && verdict === "compress") {
         const c = compressor;
         compress = (dst) => {
@@ -341,8 +344,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
           return got;
         };
       }
-      const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, compressor ? ALGORITHM_ID[compressor.algorithm] : 0, compress, cpolicy.maxRatio);
-      if (compress) cpolicy.recordCompress(raw, compressed >= 0 ? compressed : raw, compressMs);
+      const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, compressor ? ALGORITHM_ID[compressor.algorithm] : 0, compress, policy.maxRatio);
+      if (compress) policy.recordCompress(raw, compressed >= 0 ? compressed : raw, compressMs);
       if (compressed >= 0) {
         cstats.framesCompressed++;
         cstats.bytesBefore += raw;
@@ -352,11 +355,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         if (verdict === "slow") cstats.rawSlow++;
         else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
       }
-      const t = performance.now();
       await l.send(frame);
-      const sendMs = performance.now() - t;
-      cpolicy.recordFrame(raw, compressMs, sendMs, compressed >= 0);
-      if (compressed < 0) cpolicy.recordSend(frame.length, sendMs); // for the stats only
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -449,8 +448,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       result.receivedBytes = link.bytesIn;
     }
     result.mbps = (result.transferredBytes * 8) / 1e6 / Math.max(result.totalTimeMs / 1000, 1e-3);
-    cstats.compressMBs = cpolicy.compressRate / 1e6;
-    cstats.linkMBs = cpolicy.measuredLinkRate / 1e6;
+    cstats.compressMBs = (cpolicy?.compressRate ?? 0) / 1e6;
+    cstats.linkMBs = (cpolicy?.measuredLinkRate ?? 0) / 1e6;
     planner.free();
     resendRegion.free();
     resendHashes.free();

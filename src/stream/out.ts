@@ -20,7 +20,7 @@ import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.j
 import { ReplayWindow } from "./replay-window.js";
 import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
-import { drained } from "../link/rate.js";
+import { LinkMeter } from "../link/rate.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { INSECURE_WARNING, resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
@@ -136,7 +136,7 @@ class OutSession {
   private finished!: () => void;
   private readonly over = new Promise<void>((r) => { this.finished = r; });
   private dedup = false;
-  private raw!: RawEncoder;
+  private raw: RawEncoder | undefined;
   private readonly parser = new QemuStreamParser();
   private reported = false;
   /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
@@ -146,6 +146,8 @@ class OutSession {
   /** This session's stream as QEMU sent it, for stream-in's end-to-end check. */
   private streamBytes = 0;
   private streamCrc = 0;
+  /** The link's rate, timed on the waits for it to drain (compression weighs it). */
+  private readonly meter = new LinkMeter();
 
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -166,6 +168,7 @@ class OutSession {
       await this.pumping;
       if (this.failure) throw this.failure;
     } finally {
+      this.raw?.report();
       this.hasher.free();
     }
   }
@@ -294,7 +297,7 @@ class OutSession {
     const algo = offer.find((a) => accepted.includes(a)) ?? null;
     if (algo) stats.compression.algorithm = algo;
     else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
-    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression);
+    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter);
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);
@@ -351,12 +354,9 @@ class OutSession {
   private async holdQemu(linkOk: boolean, t1: number): Promise<void> {
     const { stats, link } = this;
     this.qemu.pause();
-    const backlog = link.writableLength;
-    if (!linkOk) await drained(link);
+    if (!linkOk) await this.meter.drain(link);
     const t2 = performance.now();
     stats.drainWaitMs += t2 - t1;
-    // the link moved `backlog` bytes in that time, busy all along: its rate
-    if (!linkOk && backlog > 0) this.raw.recordSend(backlog, t2 - t1);
     if (this.full() && !this.failure) await new Promise<void>((r) => { this.windowWaiter = r; });
     stats.windowWaitMs += performance.now() - t2;
     if (!this.failure) this.qemu.resume();
@@ -367,7 +367,7 @@ class OutSession {
    * reference and everything else raw, in order. False: the link is full.
    */
   private rewrite(chunk: Buffer): boolean {
-    if (!this.dedup) return this.sendLink(this.raw.frame([chunk], chunk.length));
+    if (!this.dedup) return this.sendLink(this.raw!.frame([chunk], chunk.length));
     const pieces = this.parse(chunk);
     let pages = 0;
     for (const p of pieces) if (p.kind === "page") pages++;
@@ -411,7 +411,7 @@ class OutSession {
   }
 
   sendRaw(pieces: Uint8Array[], bytes: number): boolean {
-    return this.sendLink(this.raw.frame(pieces, bytes));
+    return this.sendLink(this.raw!.frame(pieces, bytes));
   }
 
   /** QEMU closed its stream: the parser must have ended cleanly; END carries what stream-in checks. */
