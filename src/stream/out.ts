@@ -32,6 +32,7 @@ import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { SEND_QUEUE_BYTES } from "../link/channel.js";
 import { newStats, type Logger, type StreamProxy, type StreamStats } from "./stats.js";
+import { RunStateWatch } from "../adapters/qemu/run-state.js";
 
 export interface StreamOutOptions extends SecurityOptions {
   /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
@@ -62,6 +63,8 @@ export interface StreamOutOptions extends SecurityOptions {
   compress?: CompressionMode;
   /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
   bandwidth?: number;
+  /** The source QEMU's QMP unix socket (optional): its STOP event times stopToVerdictMs. */
+  qmp?: string;
   log?: Logger;
 }
 
@@ -78,6 +81,11 @@ interface OutContext {
   compress: CompressionMode;
   bandwidth: number;
   security: Security;
+  /** The source guest's STOP/RESUME events (with --qmp). */
+  watch: RunStateWatch | null;
+  /** performance.now() of the first byte from the source QEMU, and of the last VERDICT (0: not yet). */
+  firstByteAt: number;
+  lastVerdictAt: number;
 }
 
 export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
@@ -87,6 +95,13 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   if (security.kind === "insecure") log(INSECURE_WARNING);
   checkSecurity(security); // unreadable files: say so now, not when QEMU connects
   const nas = opts.nas ?? await openIndex(opts, log);
+  let watch: RunStateWatch | null = null;
+  try {
+    watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
+  } catch (err) {
+    if (!opts.nas) nas.image.close();
+    throw err;
+  }
   const stats = newStats("stream-out");
   const compress = opts.compress ?? "auto";
   stats.compression.mode = compress;
@@ -96,14 +111,14 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false,
-    compress, bandwidth: opts.bandwidth ?? 0, security,
+    compress, bandwidth: opts.bandwidth ?? 0, security, watch, firstByteAt: 0, lastVerdictAt: 0,
   };
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   return serve({ at, security: { kind: "local" }, peer: "qemu" }, {
     stats, keep: opts.keep ?? false, log,
     session: (sock, channel) => new OutSession(ctx, sock, channel).run(),
-    onClose: () => { if (!opts.nas) nas.image.close(); },
+    onClose: () => { if (!opts.nas) nas.image.close(); watch?.close(); },
   });
 }
 
@@ -148,6 +163,8 @@ class OutSession {
   private streamCrc = 0;
   /** The link's rate, timed on the waits for it to drain (compression weighs it). */
   private readonly meter = new LinkMeter();
+  /** stream-in's VERDICT on this session's stream arrived. */
+  private verdict = false;
 
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -167,6 +184,10 @@ class OutSession {
       await this.over;
       await this.pumping;
       if (this.failure) throw this.failure;
+      if (!this.verdict) {
+        throw new Error("stream-in's verdict on the stream never came (the link closed first, or stream-in is an older pagetwin): " +
+          "whether the destination QEMU got the source's exact stream is unknown; see stream-in's log");
+      }
     } finally {
       this.raw?.report();
       this.hasher.free();
@@ -252,6 +273,8 @@ class OutSession {
       case SFrame.ReturnEnd:
         if (!this.qemu.destroyed) this.qemu.end();
         return null;
+      case SFrame.Verdict:
+        return this.onVerdict(f);
       case SFrame.Abort:
         return new PeerAbort(`stream-in aborted the migration: ${abortReason(f)}`);
       default:
@@ -272,6 +295,23 @@ class OutSession {
     return null;
   }
 
+  /** stream-in's END check: the stream its QEMU got is (or is not) the one the source QEMU sent. */
+  private onVerdict(f: Frame): Error | null {
+    if (!this.qemuEnded || this.verdict) return new ProtocolError("a VERDICT from stream-in before the end of the stream, or a second one");
+    const v = parseJson<{ verified?: unknown; reason?: unknown }>(f, "VERDICT");
+    this.verdict = true;
+    const { stats, ctx } = this;
+    if (v.verified !== true) {
+      stats.streamsFailed++;
+      return new PeerAbort(`stream-in's end-to-end check failed: ${printable(String(v.reason ?? "no reason given"))}`);
+    }
+    stats.streamsVerified++;
+    const at = ctx.lastVerdictAt = performance.now();
+    stats.streamToVerdictMs = at - ctx.firstByteAt;
+    if (ctx.watch && ctx.watch.stopAt > ctx.firstByteAt) stats.stopToVerdictMs = at - ctx.watch.stopAt;
+    return null;
+  }
+
   private onAck(upTo: number): Error | null {
     if (upTo > this.seq || upTo < this.acked) return new ProtocolError(`stream-in acknowledged up to #${upTo}, outside ${this.acked}..${this.seq}`);
     this.ring.release(this.acked, upTo);
@@ -283,7 +323,9 @@ class OutSession {
   private async handshake(): Promise<void> {
     const { ctx, stats } = this;
     const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
-    this.sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer }));
+    // a new migration (--keep): its times count from its own first byte
+    if (ctx.lastVerdictAt > 0) ctx.firstByteAt = ctx.lastVerdictAt = 0;
+    this.sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer, verdict: true }));
     const ack = await this.nextAck("HELLO_ACK from stream-in");
     if (ack.ready !== true) {
       const err = new ProtocolError("stream-in did not say it is ready (does it run the same pagetwin version?)");
@@ -320,6 +362,7 @@ class OutSession {
   private wireQemu(): void {
     const qemu = this.qemu;
     qemu.on("data", (chunk: Buffer) => {
+      if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
       this.pumping = this.pumping.then(() => this.pump(chunk));
     });
     qemu.on("end", () => {
