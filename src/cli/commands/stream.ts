@@ -89,6 +89,9 @@ function report(stats: StreamStats, json: boolean): void {
   ];
   lines.push(`  end-to-end check (length and CRC-32 of the whole stream${stats.role === "stream-out" ? ", stream-in's verdict" : ""}): ${stats.verdict}, ${stats.streamsVerified} of ${stats.sessions} session(s) verified` +
     (stats.streamsFailed ? `, ${stats.streamsFailed} failed` : ""));
+  const times = ([["first byte -> verdict", stats.streamToVerdictMs], ["STOP -> verdict", stats.stopToVerdictMs], ["first byte -> end", stats.streamToEndMs],
+    ["end -> RESUME", stats.endToResumeMs], ["first byte -> RESUME", stats.streamToResumeMs]] as const).filter(([, v]) => v !== null);
+  if (times.length) lines.push(`  times: ${times.map(([k, v]) => `${k} ${v!.toFixed(0)} ms`).join(", ")}`);
   const c = stats.compression;
   if (c.algorithm) lines.push(`  compression ${c.algorithm}: ${c.framesCompressed} RAW frames compressed (${mb(c.bytesBefore)} -> ${mb(c.bytesAfter)})` + (stats.role === "stream-out" ? `, ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress)` : ""));
   for (const p of stats.passthrough) lines.push(`  pass-through: ${p}`);
