@@ -109,30 +109,16 @@ test("the policy compresses only when the compressor outruns the link and the da
   assert.equal(slowHost.decide(), "compress", "3 frames do not time the compressor yet");
   slowHost.recordCompress(1 << 20, 300_000, 2.5);
   assert.equal(slowHost.decide(), "slow");
-  // a compressed frame the link took at once says nothing about the link's ceiling
+  // a link measured at 131 MB/s: a 420 MB/s compressor outruns it
   const saturated = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000 });
-  saturated.recordCompress(1 << 20, 300_000, 2.5);
-  for (let i = 0; i < 10; i++) saturated.recordSend(1 << 20, 8); // raw frames: 131 MB/s
+  for (let i = 0; i < 4; i++) saturated.recordCompress(1 << 20, 300_000, 2.5);
+  for (let i = 0; i < 10; i++) saturated.recordSend(1 << 20, 8);
   assert.equal(saturated.decide(), "compress");
-  for (let i = 0; i < 100; i++) saturated.recordSend(300_000, 0.1, 2.5);
-  assert.equal(saturated.decide(), "compress", "still compressing");
-  assert.ok(saturated.linkRate < 140e6);
+  assert.ok(saturated.linkRate < 140e6 && saturated.linkRate > 120e6);
   const always = new CompressionPolicy({ mode: "always", bandwidth: 0, probeEvery: 1000 });
   always.recordCompress(1 << 20, 300_000, 2.5);
   for (let i = 0; i < 10; i++) always.recordSend(1 << 20, 0.2);
   assert.equal(always.decide(), "compress");
-  // no configured bandwidth (agent mode): the cheaper way per page byte wins, the other is tried now and then
-  const cmp = new CompressionPolicy({ mode: "auto", bandwidth: 0, compare: true, exploreEvery: 4 });
-  assert.equal(cmp.decide(), "compress");
-  cmp.recordCompress(1 << 20, 300_000, 2.5);
-  cmp.recordFrame(1 << 20, 2.5, 0.5, true); // 3 ms a MiB compressed
-  assert.equal(cmp.decide(), "slow", "the raw way is measured once");
-  cmp.recordFrame(1 << 20, 0, 1.5, false); // 1.5 ms raw: a fast link
-  const fastLink = Array.from({ length: 8 }, () => cmp.decide());
-  assert.deepEqual(fastLink.filter((v) => v === "compress").length, 2, fastLink.join());
-  for (let i = 0; i < 20; i++) cmp.recordFrame(1 << 20, 0, 8.4, false); // the link slows to 125 MB/s
-  const slowLink = Array.from({ length: 8 }, () => cmp.decide());
-  assert.deepEqual(slowLink.filter((v) => v === "slow").length, 2, slowLink.join());
   const random = new CompressionPolicy({ mode: "auto", bandwidth: 125e6, probeEvery: 4 });
   random.recordCompress(1 << 20, 1 << 20, 1);
   const seen = Array.from({ length: 8 }, () => random.decide());

@@ -78,3 +78,27 @@ test("a peer that goes away fails the send waiting for room, and every later one
     close();
   }
 });
+
+test("the link's rate is timed on the pump's drain waits: a peer that reads at ~16 MB/s measures near that, not loopback's speed", async () => {
+  const { a, b, close } = await socketPair();
+  try {
+    // the peer takes 256 KiB every 16 ms, pausing its socket in between
+    let got = 0;
+    let budget = 256 << 10;
+    b.on("data", (d: Buffer) => {
+      got += d.length;
+      budget -= d.length;
+      if (budget <= 0) { b.pause(); setTimeout(() => { budget = 256 << 10; b.resume(); }, 16); }
+    });
+    const link = new FrameLink(a, "slow peer", AGENT_FRAMES, new RateLimiter(0), 1 << 20);
+    assert.equal(link.meter.rate, Infinity, "not measured before any wait");
+    for (let i = 0; i < 48; i++) await link.send(frameOf(i, 1 << 20));
+    await link.flush();
+    const rate = link.meter.rate;
+    assert.ok(Number.isFinite(rate), `the pump waited for the socket and timed it (${got} bytes read so far)`);
+    assert.ok(rate > 2e6 && rate < 80e6, `measured ${(rate / 1e6).toFixed(1)} MB/s for a ~16 MB/s reader`);
+    link.destroy();
+  } finally {
+    close();
+  }
+});

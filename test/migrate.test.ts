@@ -6,9 +6,14 @@ import { createServer, connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runEmbeddedMigration } from "../src/demo/embedded-run.js";
+import type { MigrationResult } from "../src/agent/source.js";
+import { assertStatsInvariants } from "./helpers/invariants.js";
 
 const tmp = () => mkdtempSync(join(tmpdir(), "pagetwin-test-"));
 const sha = (path: string) => createHash("sha256").update(readFileSync(path)).digest("hex");
+const invariants = (r: MigrationResult) => assertStatsInvariants(r.iterationLog, {
+  pages: r.pages.total, normal: r.pages.normal, twin: r.pages.twin, duplicate: r.pages.zero, totalTimeMs: r.totalTimeMs, setupTimeMs: r.setupTimeMs,
+});
 
 test("a live-dirtying migration over TCP ends with byte-identical RAM, and only unique pages travel in full", async () => {
   const dir = tmp();
@@ -24,6 +29,9 @@ test("a live-dirtying migration over TCP ends with byte-identical RAM, and only 
     assert.ok(r.guest.written > 0, "the guest wrote pages during the migration");
     const first = r.iterationLog[0]!;
     assert.ok(first.pages.twin >= 0.95 * 32 * 256 * 0.5, `first round mapped ${first.pages.twin} twins`);
+    // QEMU's duplicate: the first round counts the zero pages the destination holds already (nothing sent for them)
+    assert.ok(first.pages.zero >= 0.95 * 32 * 256 * 0.2, `first round found ${first.pages.zero} zero pages`);
+    invariants(r);
     // the bytes that crossed the wire: full pages plus at most 32 bytes per page handled, plus control frames
     const full = r.pages.normal + r.pages.resent;
     const handled = full + r.pages.twin + r.pages.zero;
@@ -46,6 +54,8 @@ test("plain pre-copy sends every non-zero page in full and also ends identical",
     assert.equal(r.verified, true);
     assert.equal(r.pages.twin, 0);
     assert.equal(r.iterationLog[0]!.pages.normal, 16 * 256 * 0.75);
+    assert.equal(r.iterationLog[0]!.pages.zero, 16 * 256 * 0.25, "every zero page counts as duplicate in the first round");
+    invariants(r);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -131,6 +141,7 @@ test("with a pool of worker threads hashing the RAM, the migration is the same: 
     assert.equal(r.verified, true);
     assert.ok(r.iterationLog[0]!.pages.twin >= 0.95 * 16 * 256 * 0.5);
     for (const it of r.iterationLog) assert.equal(it.hashWorkers, 2);
+    invariants(r); // the workers' zero bits count the same
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -8,12 +8,29 @@ import * as path from "node:path";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { compareFiles } from "../src/demo/embedded-run.js";
 import { migrateQemuAgentMode, AgentMigrationError } from "../src/agent/qemu.js";
+import { assertStatsInvariants } from "./helpers/invariants.js";
 import { lastCounter } from "../src/compare/guest.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";
 
 const skip = skipRealGuest;
 
 const MIB = 1024 * 1024;
+
+/** All-zero 4 KiB pages of a RAM file, counted here independently of the engine. */
+function zeroPagesOf(file: string): number {
+  const fd = fs.openSync(file, "r");
+  const buf = Buffer.alloc(16 * MIB);
+  const zero = Buffer.alloc(4096);
+  let n = 0;
+  try {
+    for (let pos = 0, got; (got = fs.readSync(fd, buf, 0, buf.length, pos)) > 0; pos += got) {
+      for (let o = 0; o + 4096 <= got; o += 4096) if (buf.subarray(o, o + 4096).equals(zero)) n++;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  return n;
+}
 
 /** Open file descriptors of this process on `file`, with their access mode (0 read-only, 1 write-only, 2 read-write). */
 function fdModes(file: string): number[] {
@@ -52,6 +69,8 @@ test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps coun
     // 1. A full agent-mode migration a -> b.
     let compared = 0;
     let stoppedAt = -1;
+    let zeroAtSwitchover = 0;
+    const called = performance.now();
     const r = await migrateQemuAgentMode({
       source: { qmp: a.qmp }, destination: { qmp: b.qmp, kill: async () => { await b.kill(); } },
       srcRam: a.options.memPath, dstRam: b.options.memPath, image: g.disk,
@@ -60,6 +79,7 @@ test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps coun
         assert.equal((await a.qmp.execute<{ status: string }>("query-status")).status, "postmigrate");
         assert.equal((await b.qmp.execute<{ status: string }>("query-status")).status, "paused");
         compared = compareFiles(a.options.memPath, b.options.memPath);
+        zeroAtSwitchover = zeroPagesOf(a.options.memPath);
         stoppedAt = lastCounter(a.serialLog());
       },
     });
@@ -73,6 +93,13 @@ test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps coun
     assert.ok((r.destinationAgent?.deviceBytes ?? 0) > 0, "the destination agent handed the device state to its QEMU");
     assert.equal(compared, 512 * MIB, "destination RAM equals source RAM at switchover");
     assert.ok(r.ram.twin > 0, "some pages travelled as NAS references");
+    // the stats mean what QEMU's names mean: every round accounts for every page; duplicate counts the RAM's zero pages
+    // (QEMU's first pass counts each, also those it needs not send); total-time covers set-up, from the call
+    assertStatsInvariants(r.iterations, {
+      pages: r.ram.total / 4096, normal: r.ram.normal, twin: r.ram.twin, duplicate: r.ram.duplicate, totalTimeMs: r["total-time"], setupTimeMs: r["setup-time"],
+    }, 2);
+    assert.ok(r.ram.duplicate >= 0.9 * zeroAtSwitchover, `duplicate ${r.ram.duplicate} vs ${zeroAtSwitchover} zero pages in the RAM at switchover`);
+    assert.ok(r["total-time"] <= performance.now() - called + 1, "total-time is within the call");
     assert.equal(r["source-status"], "postmigrate");
     assert.ok(stoppedAt >= 1);
     const m = await b.waitForSerial(/pagetwin-counter (\d+)/, 30_000);

@@ -16,6 +16,7 @@ import { frame } from "../src/wire/envelope.js";
 import { streamIn } from "../src/stream/in.js";
 import { streamOut } from "../src/stream/out.js";
 import type { StreamStats } from "../src/stream/stats.js";
+import { exitStatus } from "../src/cli/commands/stream.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { freePort, frameTamper, qemuStream, tamperProxy, throughProxies, TEST_KEY, testKeyFile, type ProxyRun } from "./helpers/stream.js";
@@ -102,6 +103,16 @@ test("stream checked end to end, always: a clean stream is confirmed; a RAW fram
     assert.equal(clean.si.error, undefined);
     assert.ok(clean.out.equals(data));
     assert.equal(clean.si.streamsVerified, 1);
+    // stream-out hears stream-in's verdict, and exits 0 on it
+    assert.equal(clean.so.error, undefined);
+    assert.equal(clean.so.streamsVerified, 1);
+    assert.equal(clean.so.verdict, "verified");
+    assert.equal(clean.si.verdict, "verified");
+    assert.equal(exitStatus(clean.so), 0);
+    assert.ok((clean.so.streamToVerdictMs ?? -1) > 0, "stream-out times first byte to verdict");
+    assert.ok((clean.si.streamToEndMs ?? -1) > 0, "stream-in times first byte to end");
+    assert.equal(clean.so.stopToVerdictMs, null, "no QMP given: no STOP observed");
+    assert.equal(clean.si.endToResumeMs, null, "no QMP given: no RESUME observed");
     // one byte of QEMU's stream changed inside a RAW frame, the frame resealed: its CRC holds, the stream does not
     const rewrite = onFrameAfter(1 << 20, SFrame.Raw, (sealed) => {
       const payload = Buffer.from(sealed.subarray(5, sealed.length - 4));
@@ -110,8 +121,24 @@ test("stream checked end to end, always: a clean stream is confirmed; a RAW fram
     });
     const changed = await throughProxies({ data, image, out: { compress: "off" }, via: rewrite });
     assert.match(changed.si.error ?? "", /not the one the source QEMU sent \(here \d+ bytes, CRC-32 [0-9a-f]{8}; at the source \d+ bytes, CRC-32 [0-9a-f]{8}\)/);
-    assert.match(changed.so.error ?? "", /stream-in aborted the migration/);
+    assert.match(changed.so.error ?? "", /stream-in's end-to-end check failed: the stream rebuilt for the destination QEMU is not the one the source QEMU sent/);
     assert.equal(changed.si.streamsVerified, 0);
+    assert.equal(changed.si.streamsFailed, 1);
+    // stream-out, where the operator is, learns the failed verdict and exits nonzero
+    assert.equal(changed.so.streamsFailed, 1);
+    assert.equal(changed.so.streamsVerified, 0);
+    assert.equal(changed.so.verdict, "failed");
+    assert.equal(exitStatus(changed.so), 1);
+    // a stream-in that never answers (the link cut once END went by): the verdict is unknown, the exit status nonzero
+    let ended = false;
+    const watchEnd = frameTamper((type, sealed) => {
+      if (type === SFrame.End) ended = true;
+      return sealed;
+    });
+    const silent = await throughProxies({ data, image, via: (dir, chunk, cut) => (dir === "down" && ended ? (cut(), null) : watchEnd(dir, chunk, cut)) });
+    assert.equal(silent.so.verdict, "unknown");
+    assert.match(silent.so.error ?? "", /verdict on the stream never came|closed before the migration ended/);
+    assert.equal(exitStatus(silent.so), 1);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

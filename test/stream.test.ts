@@ -182,6 +182,7 @@ before(async () => {
   vm = await QemuVm.start({
     ...guest!, memoryMiB: 256, memPath: `/dev/shm/pt-stream-test-${process.pid}`,
     qmpSocket: path.join(work, "src.qmp"), serialLog: path.join(work, "src.log"), name: "pt-stream-src",
+    extraQmpSockets: [path.join(work, "src-proxy.qmp")], // stream-out's --qmp
   });
   await vm.waitForSerial(/pagetwin-ready/, 240_000);
   await vm.waitForSerial(/pagetwin-counter 2\b/, 30_000);
@@ -273,10 +274,11 @@ test("proxies: a real guest migrates through stream-out/stream-in and its counte
   const dst = await QemuVm.start({
     ...guest!, memoryMiB: 256, memPath: `/dev/shm/pt-stream-test-dst-${process.pid}`,
     qmpSocket: path.join(work, "dst.qmp"), serialLog: path.join(work, "dst.log"), name: "pt-stream-dst", incoming: `tcp:127.0.0.1:${qport}`,
+    extraQmpSockets: [path.join(work, "dst-proxy.qmp")], // stream-in's --qmp
   });
   try {
-    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nasImage, psk: TEST_KEY });
-    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nasImage, psk: TEST_KEY });
+    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nasImage, psk: TEST_KEY, qmp: path.join(work, "dst-proxy.qmp") });
+    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nasImage, psk: TEST_KEY, qmp: path.join(work, "src-proxy.qmp") });
     const src = vm!;
     const before = src.serialLog().length;
     await src.waitForSerial(/pagetwin-counter \d+/, 10_000, before); // running again after the capture
@@ -298,8 +300,19 @@ test("proxies: a real guest migrates through stream-out/stream-in and its counte
     assert.ok(Number(m[1]) > last);
     assert.ok(o.twinsReplaced > 0);
     assert.equal(o.bytesFromQemu, i.bytesToQemu);
+    // the end-to-end verdict reaches stream-out; each side times what it sees, on its own clock
+    assert.equal(o.verdict, "verified");
+    assert.equal(i.verdict, "verified");
+    assert.ok(o.streamsVerified >= 1 && o.streamsVerified === i.streamsVerified);
+    const { streamToVerdictMs: sv, stopToVerdictMs: stv } = o;
+    const { streamToEndMs: se, endToResumeMs: er, streamToResumeMs: sr } = i;
+    assert.ok(sv !== null && stv !== null && se !== null && er !== null && sr !== null, JSON.stringify({ sv, stv, se, er, sr }));
+    assert.ok(stv > 0 && stv < sv, "the source stopped after its stream began and before the verdict");
+    assert.ok(se > 0 && er >= 0 && Math.abs(sr - (se + er)) < 1, "stream-in: first byte -> end -> RESUME");
+    assert.ok(sv <= info["total-time"]! + 1000, "stream-out's first byte came after QEMU's migrate began");
     t.diagnostic(`QEMU: total ${info["total-time"]} ms, downtime ${info.downtime} ms, ${info.ram!.transferred} B, ${info.ram!.normal} pages; ` +
-      `proxies: ${o.pagesSeen} pages, ${o.twinsReplaced} twins, link ${o.bytesOutLink} B; counter ${last} -> ${m[1]}`);
+      `proxies: ${o.pagesSeen} pages, ${o.twinsReplaced} twins, link ${o.bytesOutLink} B; counter ${last} -> ${m[1]}; ` +
+      `stream-out: stream->verdict ${sv.toFixed(0)} ms, STOP->verdict ${stv.toFixed(0)} ms; stream-in: stream->end ${se.toFixed(0)} ms, end->RESUME ${er.toFixed(0)} ms`);
   } finally {
     await dst.cleanup();
   }

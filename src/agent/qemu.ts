@@ -72,6 +72,12 @@ export interface AgentMigrationOptions {
   psk?: Uint8Array | null;
   tls?: TlsFiles | null;
   insecure?: boolean;
+  /**
+   * When the migrate command started (a performance.now() time; default: this
+   * call). total-time and setup-time count from here, as QEMU's from its
+   * migrate command: the CLI passes its process's start.
+   */
+  startedAt?: number;
   /** Time allowed for QEMU's device-state migration (default 60 s). */
   handoverTimeoutMs?: number;
   onIteration?: (it: IterationRecord) => void;
@@ -147,17 +153,22 @@ async function carryDeviceState(src: QmpClient, tunnel: DeviceTunnel, timeoutMs:
 export interface AgentMigrationResult {
   status: "completed" | "failed";
   dedup: boolean;
-  /** ms from the first pagetwin connection to the destination running (query-migrate: total-time). */
+  /**
+   * ms from the start of the migrate command (the `pagetwin migrate` process,
+   * or the call) to the destination running, as query-migrate's total-time:
+   * set-up included, so at least setup-time plus every round's durationMs.
+   */
   "total-time": number;
   /** ms with the guest stopped: source `stop` to destination `cont` (query-migrate: downtime). */
   downtime: number;
+  /** ms from that start to the first round: QMP checks, index open (or build), workers, connection and handshake (query-migrate: setup-time). */
   "setup-time": number;
   "expected-downtime": number;
   ram: {
     /** Bytes pagetwin sent for RAM, framing included. */
     transferred: number;
     total: number;
-    /** Zero pages (query-migrate: duplicate). */
+    /** Zero pages found in the source's RAM, sent as a marker or already zero at the destination (query-migrate: duplicate; see IterationRecord.pages). */
     duplicate: number;
     normal: number;
     "normal-bytes": number;
@@ -222,6 +233,7 @@ export async function waitMigration(qmp: QmpClient, timeoutMs: number, pollMs = 
  * memory-backend-file with share=on; so must the source.
  */
 export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<AgentMigrationResult> {
+  const startedAt = o.startedAt ?? performance.now();
   const log = toLog(o.log);
   const signal = o.signal;
   throwIfAborted(signal, "the migration");
@@ -337,7 +349,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     let mr: MigrationResult;
     try {
       mr = await migrateSource({
-        engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
+        startedAt, engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
         ...link,
         vm: {
           pause: async () => { await src.execute("stop"); sourcePaused = true; },

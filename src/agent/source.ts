@@ -46,6 +46,13 @@ export interface VmControl {
 
 export interface SourceOptions extends SecurityOptions {
   engine: Engine;
+  /**
+   * When the migration started (a performance.now() time; default: this
+   * call): total-time and setup-time count from here, as QEMU's count from
+   * its migrate command, so that the caller's own preparation (QMP checks,
+   * opening the index, starting workers) is part of them.
+   */
+  startedAt?: number;
   /** Block index of the NAS image; null: plain pre-copy (zero pages skipped, every other dirty page sent). */
   index: TwinIndex | null;
   /** The index file's id, which the destination checks against its own copy (the seed never travels). */
@@ -120,8 +127,19 @@ export interface IterationRecord {
   hashWorkers: number;
   /** Time from the end of this round's frames to the end of its closing: the previous live round's acknowledgement and resends, and in the final round its own acknowledgement, ms. */
   ackWaitMs: number;
+  /** Pages whose content changed since the destination got it (its RAM starts zeroed). */
   dirty: number;
-  pages: { normal: number; zero: number; twin: number; resent: number };
+  /**
+   * Every page of RAM, once per round: normal + twin + zero + clean = the
+   * VM's pages. normal: sent in full (QEMU: ram.normal); twin: sent as a NAS
+   * reference; zero: found all zero (QEMU: ram.duplicate), sent as a zero
+   * marker when it changed, not sent when the destination holds zeros
+   * already, which in the first round is every zero page (as QEMU's first
+   * pass counts every zero page); clean: unchanged since the destination got
+   * it (a zero page after its first round included), not sent. resent: twins
+   * of the previous round (or this final one) sent again in full, on top.
+   */
+  pages: { normal: number; zero: number; twin: number; clean: number; resent: number };
   /** Bytes this iteration put on the link. */
   transferredBytes: number;
   /** One byte per page (PAGE_CLASS), base64, when tracing. */
@@ -131,16 +149,22 @@ export interface IterationRecord {
 export interface MigrationResult {
   status: "completed" | "failed";
   mode: "baseline" | "pagetwin";
-  /** As query-migrate's total-time: from start to the destination running, ms. */
+  /**
+   * As query-migrate's total-time: from the start (`startedAt`: the migrate
+   * command) to the destination running, ms; at least setupTimeMs plus every
+   * round's durationMs.
+   */
   totalTimeMs: number;
   /** As query-migrate's downtime: VM stopped to destination verified (and handed over), ms. */
   downtimeMs: number;
+  /** As query-migrate's setup-time: from the start to the first round (checks, index, workers, connection, handshake), ms. */
   setupTimeMs: number;
   /** Bytes this agent sent on the link (as ram.transferred, plus framing). */
   transferredBytes: number;
   /** Bytes received from the destination. */
   receivedBytes: number;
   iterations: number;
+  /** Sums over the rounds (see IterationRecord.pages; clean is per round only); total: the VM's pages. */
   pages: { normal: number; zero: number; twin: number; resent: number; total: number };
   /** Link throughput over the whole migration, Mbit/s (query-migrate: mbps). */
   mbps: number;
@@ -166,7 +190,7 @@ import { MigrationError } from "../errors.js";
  * way the VM was resumed if it had been paused.
  */
 export async function migrateSource(o: SourceOptions): Promise<MigrationResult> {
-  const t0 = performance.now();
+  const t0 = o.startedAt ?? performance.now();
   const security = resolveSecurity(o, "pagetwin source agent");
   if (o.pool && !o.ramPath) throw new UsageError("pagetwin: a pool needs ramPath (its workers read the RAM file themselves)");
   throwIfAborted(o.signal, "the migration");
@@ -193,8 +217,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     offer = [cmode];
   }
   let compressor: PageCompressor | null = null;
-  const cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, compare: true });
   let link: FrameLink | null = null;
+  let cpolicy: CompressionPolicy | null = null;
   let paused = false;
   let pausedAt = 0;
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
@@ -210,6 +234,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       throw abortError(o.signal, "the migration");
     }
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
+    // the link's rate as the pump measures it (as stream-out's): no --bandwidth needed for compression to weigh it
+    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, meter: link.meter });
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
       ...(o.deviceTunnel ? { device: true } : {}),
@@ -229,15 +255,15 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         cstats.algorithm = algo;
       } else cstats.note = `the destination decompresses none of ${offer.join(", ")}: pages travel raw`;
     } else cstats.note = "compression off";
-    result.setupTimeMs = performance.now() - t0;
 
     const runIteration = async (iteration: number, final: boolean): Promise<IterationRecord> => {
       const l = link!;
       const start = performance.now();
+      if (iteration === 1) result.setupTimeMs = start - t0;
       const bytes0 = l.bytesOut;
       const rec: IterationRecord = {
         iteration, final, startMs: start - t0, durationMs: 0, scanMs: 0, hashWorkers: 0, ackWaitMs: 0, dirty: 0,
-        pages: { normal: 0, zero: 0, twin: 0, resent: 0 }, transferredBytes: 0,
+        pages: { normal: 0, zero: 0, twin: 0, clean: 0, resent: 0 }, transferredBytes: 0,
       };
       const map = o.trace ? new Uint8Array(o.ram.pages) : null;
       let scanMs = 0;
@@ -275,7 +301,10 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         await sendWindow(l, plan, bytesOf);
         rec.dirty += plan.dirty;
         rec.pages.normal += plan.send.length;
-        rec.pages.zero += plan.zero.length;
+        // the first round accounts for every zero page: those the destination holds already too
+        const zero = plan.zero.length + (iteration === 1 ? plan.zeroHeld : 0);
+        rec.pages.zero += zero;
+        rec.pages.clean += count - plan.dirty - (iteration === 1 ? plan.zeroHeld : 0);
         rec.pages.twin += plan.twinPages.length;
         o.onProgress?.({ phase: final ? "final" : "iteration", iteration, done: first + count, total: planner.pages, bytes: l.bytesOut - bytes0 });
         if (map) {
@@ -354,7 +383,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const raw = pages.length * PAGE_SIZE;
       let compress: ((dst: Uint8Array) => number) | null = null;
       let compressMs = 0;
-      const verdict = compressor ? cpolicy.decide() : "off";
+      const policy = cpolicy!;
+      const verdict = compressor ? policy.decide() : "off";
       if (compressor && verdict === "compress") {
         const c = compressor;
         compress = (dst) => {
@@ -364,8 +394,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
           return got;
         };
       }
-      const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, compressor ? ALGORITHM_ID[compressor.algorithm] : 0, compress, cpolicy.maxRatio);
-      if (compress) cpolicy.recordCompress(raw, compressed >= 0 ? compressed : raw, compressMs);
+      const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, compressor ? ALGORITHM_ID[compressor.algorithm] : 0, compress, policy.maxRatio);
+      if (compress) policy.recordCompress(raw, compressed >= 0 ? compressed : raw, compressMs);
       if (compressed >= 0) {
         cstats.framesCompressed++;
         cstats.bytesBefore += raw;
@@ -375,11 +405,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         if (verdict === "slow") cstats.rawSlow++;
         else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
       }
-      const t = performance.now();
       await l.send(frame);
-      const sendMs = performance.now() - t;
-      cpolicy.recordFrame(raw, compressMs, sendMs, compressed >= 0);
-      if (compressed < 0) cpolicy.recordSend(frame.length, sendMs); // for the stats only
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -472,8 +498,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       result.receivedBytes = link.bytesIn;
     }
     result.mbps = (result.transferredBytes * 8) / 1e6 / Math.max(result.totalTimeMs / 1000, 1e-3);
-    cstats.compressMBs = cpolicy.compressRate / 1e6;
-    cstats.linkMBs = cpolicy.measuredLinkRate / 1e6;
+    cstats.compressMBs = (cpolicy?.compressRate ?? 0) / 1e6;
+    cstats.linkMBs = (cpolicy?.measuredLinkRate ?? 0) / 1e6;
     planner.free();
     resendRegion.free();
     resendHashes.free();

@@ -20,6 +20,7 @@ import { createRequire } from "node:module";
 import zlib from "node:zlib";
 import { PAGE_SIZE } from "../core/engine.js";
 import { ProtocolError } from "../wire/envelope.js";
+import { LinkMeter } from "../link/rate.js";
 
 export type CompressionAlgorithm = "zstd" | "brotli";
 export type CompressionMode = "auto" | "off" | CompressionAlgorithm;
@@ -260,7 +261,7 @@ export interface CompressionStats {
   /** Page bytes that went into compressed frames, and what they became. */
   bytesBefore: number;
   bytesAfter: number;
-  /** Last measured compressor rate, and the link's rate over raw frames (0: not measured), MB/s (1e6 B/s). */
+  /** Last measured compressor rate, and the link's rate measured from the sender's drain waits (0: not measured), MB/s (1e6 B/s). */
   compressMBs: number;
   linkMBs: number;
   /** Why compression is off, when it is. */
@@ -276,6 +277,8 @@ export interface PolicyOptions {
   mode: "auto" | "always";
   /** Configured link bandwidth, bytes/s (0: unknown, measured). */
   bandwidth: number;
+  /** Where the link's rate is measured (the sender's drain waits); default: one of the policy's own, fed by recordSend. */
+  meter?: LinkMeter;
   /** A batch whose compressed size exceeds this fraction of its raw size travels raw. */
   maxRatio?: number;
   /** Compress only when the compressor is this many times faster than the link. */
@@ -284,16 +287,6 @@ export interface PolicyOptions {
   probeEvery?: number;
   /** While skipping because the compressor is slower than the link, one frame in this many (default 64). */
   probeSlowEvery?: number;
-  /**
-   * Compare the two ways on what they cost (agent mode): each frame's
-   * compression time plus the time the link took it, per page byte; use the
-   * cheaper, and try the other one frame in `exploreEvery` (default 32).
-   * With a configured bandwidth, that is the link's rate (waits on a link
-   * shared with other work are no measure of the link alone) and the rate
-   * rule decides; without one, the comparison does.
-   */
-  compare?: boolean;
-  exploreEvery?: number;
 }
 
 /**
@@ -303,53 +296,42 @@ export interface PolicyOptions {
  * the transfer runs at min(compressor rate, link rate / ratio)): so compress
  * when compressorRate > margin x linkRate and the data compresses (ratio <
  * maxRatio). The compressor's rate and the ratio are measured on the frames
- * compressed; the link's rate is the configured bandwidth, or the bytes per
- * second of time spent waiting for the link (rate limit and socket drain),
- * whichever is lower; a link we never wait for is not the bottleneck.
+ * compressed; the link's rate is the configured bandwidth, or the rate the
+ * LinkMeter measured from the sender's waits for the socket to drain,
+ * whichever is lower; a link we never wait for is not the bottleneck. Both
+ * modes decide this way: agent mode's FrameLink and stream-out time their
+ * drain waits with the same LinkMeter.
  */
 export class CompressionPolicy {
   readonly maxRatio: number;
   private readonly margin: number;
   private readonly probeEvery: number;
   private readonly probeSlowEvery: number;
+  private readonly meter: LinkMeter;
   /** Compressor input bytes per second (best of the last 8 frames), 0: not measured yet. */
   compressRate = 0;
   private recentRates: number[] = [];
   /** Compressed/raw (EWMA over frames), 0: not measured yet. */
   ratio = 0;
-  private sendBytes = 0;
-  private sendMs = 0;
   private skipped = 0;
-  /** Page bytes and ms (compression + link) of the frames sent each way, when comparing: sums over a sliding window. */
-  private raw = { bytes: 0, ms: 0 };
-  private packed = { bytes: 0, ms: 0 };
-  /** ms per MB of page data sent raw / compressed (0: not measured yet). */
-  get costRaw(): number {
-    return this.raw.bytes ? (this.raw.ms / this.raw.bytes) * 1e6 : 0;
-  }
-  get costCompressed(): number {
-    return this.packed.bytes ? (this.packed.ms / this.packed.bytes) * 1e6 : 0;
-  }
-  private compared = 0;
 
   constructor(readonly o: PolicyOptions) {
     this.maxRatio = o.maxRatio ?? 0.9;
     this.margin = o.margin ?? 1.25;
     this.probeEvery = o.probeEvery ?? 16;
     this.probeSlowEvery = o.probeSlowEvery ?? 64;
+    this.meter = o.meter ?? new LinkMeter();
   }
 
   /** Bytes per second the link carries (Infinity: never waited for, and no bandwidth configured). */
   get linkRate(): number {
-    if (this.o.compare) return this.o.bandwidth > 0 ? this.o.bandwidth : 0;
-    const measured = this.sendBytes >= 4 << 20 ? this.sendBytes / Math.max(this.sendMs / 1000, 1e-6) : Infinity;
     const configured = this.o.bandwidth > 0 ? this.o.bandwidth : Infinity;
-    return Math.min(measured, configured);
+    return Math.min(this.meter.rate, configured);
   }
 
-  /** Bytes per second of raw frames over the time the link took them (0: not measured); for the stats. */
+  /** Bytes per second the link was measured at (0: not measured); for the stats. */
   get measuredLinkRate(): number {
-    return this.sendBytes > 0 ? this.sendBytes / Math.max(this.sendMs / 1000, 1e-6) : 0;
+    return this.meter.measured;
   }
 
   /** Try this frame? ("slow" or "poor" when not, and why.) */
@@ -361,13 +343,6 @@ export class CompressionPolicy {
     // a link not measured yet (Infinity) is not yet known to outrun the compressor: compress until it is;
     // nor is a compressor timed on fewer than 4 frames (the first runs cold) known to be slower than the link
     else if (this.o.mode === "auto" && Number.isFinite(link) && this.recentRates.length >= 4 && this.compressRate < this.margin * link) why = "slow";
-    else if (this.o.mode === "auto" && this.o.compare && !(this.o.bandwidth > 0)) {
-      // no configured bandwidth: the cheaper way wins (a rate limiter would bill one frame's bytes to the next: not compared there)
-      if (this.costRaw === 0) return "slow"; // measure the raw way once
-      const best = this.costCompressed > 0 && this.costCompressed < 0.8 * this.costRaw ? "compress" : "slow";
-      if (++this.compared % (this.o.exploreEvery ?? 32) === 0) return best === "compress" ? "slow" : "compress";
-      return best;
-    }
     if (why === "compress") return why;
     if (++this.skipped % (why === "slow" ? this.probeSlowEvery : this.probeEvery) === 0) return "compress";
     return why;
@@ -384,36 +359,9 @@ export class CompressionPolicy {
     this.ratio = this.ratio === 0 ? r : 0.7 * this.ratio + 0.3 * r;
   }
 
-  /** Comparing: a frame of `pageBytes` cost `compressMs` (0: sent raw) plus `sendMs` on the link. */
-  recordFrame(pageBytes: number, compressMs: number, sendMs: number, compressed: boolean): void {
-    if (pageBytes <= 0) return;
-    // sums, not averages of ratios: a link's occasional long wait (a full socket buffer) weighs what it costs
-    const w = compressed ? this.packed : compressMs === 0 ? this.raw : null;
-    if (!w) return;
-    if (w.bytes > 32 << 20) {
-      w.bytes /= 2;
-      w.ms /= 2;
-    }
-    w.bytes += pageBytes;
-    w.ms += compressMs + sendMs;
-  }
-
-  /**
-   * A frame of `bytes` took `ms` from send() to the link accepting it;
-   * `compressMs`: what compressing it took (0: sent raw). A compressed frame
-   * the link took in less than half its compression time says only that the
-   * link keeps up with the compressor, not how fast it is: not counted (else
-   * an unsaturated link would look fast and flip the policy back to raw).
-   */
-  recordSend(bytes: number, ms: number, compressMs = 0): void {
-    if (compressMs > 0 && ms < 0.5 * compressMs) return;
-    // a sliding estimate: halve the history now and then so that it follows changes
-    if (this.sendBytes > 64 << 20) {
-      this.sendBytes /= 2;
-      this.sendMs /= 2;
-    }
-    this.sendBytes += bytes;
-    this.sendMs += ms;
+  /** The link carried `bytes` in `ms` while busy all along (what the meter's drain() records itself). */
+  recordSend(bytes: number, ms: number): void {
+    this.meter.record(bytes, ms);
   }
 }
 

@@ -236,8 +236,8 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
             children.push(d.child);
             const args = [AGENT_MAIN, "migrate", "--src-qmp", src.options.extraQmpSockets![0]!, "--dst-qmp", dst.options.extraQmpSockets![0]!,
               "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--psk-file", keyPath, "--image", guest.disk,
-              // pagetwin is told the link's rate, as an operator would (its compression policy weighs it)
-              "--bandwidth", o.rate ?? "1gbit", "--downtime", String(downtimeMs), "--workers", String(workers), "--workers-when", o.workersWhen ?? "always", "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
+              // no --bandwidth: pagetwin measures the link as a user's default run does
+              "--downtime", String(downtimeMs), "--workers", String(workers), "--workers-when", o.workersWhen ?? "always", "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
             const w0 = Date.now();
             const child = link.spawn(link.srcNs, process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
             children.push(child);
@@ -316,7 +316,7 @@ export function formatComparison(r: CompareResult): string {
   return [
     `QEMU ${r.qemuVersion} (TCG), ${r.guest.memoryMiB} MiB guest that read ${(r.guest.readBytes / 1e6).toFixed(0)} MB of files from its NAS disk;`,
     `link ${r.link.rate} (veth between two network namespaces, tc tbf); downtime target ${r.downtimeTargetMs} ms;`,
-    `QEMU max-bandwidth ${(r.qemuMaxBandwidth / 1e6).toFixed(0)} MB/s; pagetwin: told the link rate (--bandwidth ${r.link.rate}), ${r.workers} hash workers${r.workers ? ` (${r.workersWhen === "switchover" ? "final pass only" : "every pass"})` : ""}; medians.`,
+    `QEMU max-bandwidth ${(r.qemuMaxBandwidth / 1e6).toFixed(0)} MB/s; pagetwin: defaults (link rate measured, no --bandwidth), ${r.workers} hash workers${r.workers ? ` (${r.workersWhen === "switchover" ? "final pass only" : "every pass"})` : ""}; medians.`,
     "",
     ...lines,
     ...failed.map((f) => `failed: ${f.mode} run ${f.run}: ${f.error}`),

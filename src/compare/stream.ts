@@ -166,7 +166,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     }
     if (mode === "pagetwin") {
       pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath]);
-      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--bandwidth", link.rate, "--psk-file", keyPath]);
+      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath]);
       uri = `tcp:127.0.0.1:${OUT_PORT}`;
     }
     const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);

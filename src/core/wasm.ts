@@ -117,6 +117,11 @@ async function baseUrl(): Promise<string> {
   throw new CoreLoadError("pagetwin: a relative core source needs a page or a working directory to resolve against; pass a URL");
 }
 
+/** A string source as a URL: absolute URLs as they are, paths against the page or the working directory. */
+export async function resolveSource(source: string): Promise<URL> {
+  return new URL(source, await baseUrl());
+}
+
 async function bytesOf(url: URL): Promise<ArrayBuffer | Uint8Array> {
   if (url.protocol === "file:") {
     try {
@@ -135,7 +140,7 @@ export async function compileCore(flavor: CoreFlavor, source?: CoreSource): Prom
   if (source === undefined) return defaultCore(flavor);
   if (source instanceof WebAssembly.Module) return source;
   if (source instanceof URL || typeof source === "string") {
-    const url = source instanceof URL ? source : new URL(source, await baseUrl());
+    const url = source instanceof URL ? source : await resolveSource(source);
     return compileBytes((await bytesOf(url)) as BufferSource, url.href);
   }
   return compileBytes(source, "the bytes given");

@@ -9,7 +9,7 @@
 import type { Socket } from "node:net";
 import { Control, FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, jsonFrame, type Frame, type ReaderOptions } from "../wire/envelope.js";
 import { LinkClosedError } from "./dial.js";
-import { RateLimiter, drained } from "./rate.js";
+import { LinkMeter, RateLimiter, drained } from "./rate.js";
 import { TIMEOUTS } from "./timeouts.js";
 
 export { LinkClosedError, RateLimiter, drained };
@@ -41,6 +41,8 @@ export class FrameLink {
   /** Bytes handed to the socket (what the link has carried, or holds in its buffers). */
   bytesWritten = 0;
   bytesIn = 0;
+  /** The link's rate, timed on the pump's waits for the socket to drain (compression weighs it). */
+  readonly meter = new LinkMeter();
 
   constructor(readonly socket: Socket, readonly peer: string, private readonly frames: FrameSet, private readonly limiter = new RateLimiter(0),
     private readonly queueBytes = SEND_QUEUE_BYTES) {
@@ -124,7 +126,7 @@ export class FrameLink {
         this.outboxBytes -= buf.length;
         this.bytesWritten += buf.length;
         if (this.outboxBytes <= this.queueBytes) this.wakeRoom();
-        if (!this.socket.write(buf)) await drained(this.socket);
+        if (!this.socket.write(buf)) await this.meter.drain(this.socket);
       }
     } finally {
       this.pumping = false;

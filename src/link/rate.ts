@@ -1,4 +1,5 @@
-// The link's bandwidth limit (a token bucket) and waiting for a socket's drain.
+// The link's bandwidth limit (a token bucket), waiting for a socket's drain,
+// and the link's rate as measured from those waits (both modes).
 
 import type { Socket } from "node:net";
 
@@ -40,4 +41,44 @@ export function drained(sock: Socket): Promise<void> {
     sock.on("drain", done);
     sock.on("close", done);
   });
+}
+
+/**
+ * The link's rate, measured where the sender waits for it: a socket whose
+ * write() said "full" held `writableLength` bytes, and the link carried them
+ * in the time until 'drain', busy all along. A link the sender never waits
+ * for is not the bottleneck: its rate reads Infinity until 4 MiB were timed.
+ */
+export class LinkMeter {
+  private bytes = 0;
+  private ms = 0;
+
+  /** Waits for `sock` to drain, timing what its backlog took. */
+  async drain(sock: Socket): Promise<void> {
+    const backlog = sock.writableLength;
+    const t = performance.now();
+    await drained(sock);
+    if (backlog > 0 && !sock.destroyed) this.record(backlog, performance.now() - t);
+  }
+
+  /** The link carried `bytes` in `ms` while busy all along. */
+  record(bytes: number, ms: number): void {
+    // a sliding estimate: halve the history now and then so that it follows changes
+    if (this.bytes > 64 << 20) {
+      this.bytes /= 2;
+      this.ms /= 2;
+    }
+    this.bytes += bytes;
+    this.ms += ms;
+  }
+
+  /** Bytes per second, for decisions (Infinity: fewer than 4 MiB timed). */
+  get rate(): number {
+    return this.bytes >= 4 << 20 ? this.measured : Infinity;
+  }
+
+  /** Bytes per second over what was timed (0: nothing), for the stats. */
+  get measured(): number {
+    return this.bytes > 0 ? this.bytes / Math.max(this.ms / 1000, 1e-6) : 0;
+  }
 }

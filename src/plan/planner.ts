@@ -32,6 +32,12 @@ export interface WindowPlan {
   twinBlocks: Uint32Array;
   /** Dirty pages that are now all zero. */
   zero: Uint32Array;
+  /**
+   * Zero pages that are not dirty: the destination holds zeros for them
+   * already (in a first round, every zero page of RAM: the destination's RAM
+   * starts zeroed), so nothing is sent.
+   */
+  zeroHeld: number;
 }
 
 /** Counters of one iteration, named after QEMU's query-migrate where one exists. */
@@ -185,8 +191,9 @@ export class Planner {
     }
     const sendList = this.extract(send, count, first);
     const zeroList = this.extract(zeroDirty, count, first);
+    const zeroHeld = e.popcount(zero.ptr, count) - zeroList.length;
     e.copyRecordsMasked(sentPtr, this.winHashes.ptr, dirty.ptr, count);
-    return { first, count, dirty: nDirty, send: sendList, twinPages, twinBlocks, zero: zeroList };
+    return { first, count, dirty: nDirty, send: sendList, twinPages, twinBlocks, zero: zeroList, zeroHeld };
   }
 
   private extract(bits: Region, count: number, first: number): Uint32Array {

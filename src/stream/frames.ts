@@ -3,7 +3,7 @@
 // wire/envelope.ts. Binary fields are big-endian. Authentication and
 // encryption are the channel's (TLS).
 //
-//   HELLO      1 out->in  JSON {v, indexId, channel, compression}
+//   HELLO      1 out->in  JSON {v, indexId, channel, compression, verdict?}
 //   HELLO_ACK  2 in->out  JSON {ready, dedup, reason?, compression}
 //   RAW        3 out->in  bytes of QEMU's stream, to forward unchanged
 //   REFS       4 out->in  u32 first seq, u32 count, then per page:
@@ -22,6 +22,9 @@
 //                         (1..4 MiB), compressed bytes: a RAW frame compressed
 //                         (only with an algorithm agreed in HELLO/HELLO_ACK)
 //   (13 was AUTH, protocol 2's challenge answer: TLS authenticates now)
+//   VERDICT   14 in->out  JSON {verified, reason?}: the END check's outcome, sent
+//                         only to a stream-out whose HELLO asked (verdict: true),
+//                         before an ABORT when the check failed
 
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import type { FrameSet } from "../link/channel.js";
@@ -48,6 +51,7 @@ export enum SFrame {
   Abort = 10,
   ReturnEnd = 11,
   RawZ = 12,
+  Verdict = 14,
 }
 
 export const STREAM_FRAMES: FrameSet = {

@@ -29,6 +29,7 @@ import { SEND_QUEUE_BYTES } from "../link/channel.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { throwIfAborted } from "../abort.js";
+import { RunStateWatch } from "../adapters/qemu/run-state.js";
 
 export interface StreamInOptions extends SecurityOptions {
   /** Port stream-out connects to; 0 picks one. */
@@ -42,6 +43,8 @@ export interface StreamInOptions extends SecurityOptions {
   /** The NAS image (same file as the source sees). */
   image: string;
   indexPath?: string;
+  /** The destination QEMU's QMP unix socket (optional): its RESUME event times endToResumeMs. */
+  qmp?: string;
   keep?: boolean;
   /** Where notes and warnings go (level-aware, or a function that gets every message). */
   log?: LogOption;
@@ -62,6 +65,11 @@ interface InContext {
   qemu: Endpoint;
   stats: StreamStats;
   log: Log;
+  /** The destination guest's STOP/RESUME events (with --qmp). */
+  watch: RunStateWatch | null;
+  /** performance.now() of the first byte handed to QEMU, and of the last end of a stream (0: not yet). */
+  firstByteAt: number;
+  lastEndAt: number;
 }
 
 /** Frames from stream-out queued here before the link is paused. */
@@ -93,23 +101,25 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
     log.warn(`no usable index (${indexError}); migrations will pass through without dedup`);
   }
   const engine = await createEngine({ seed });
+  const watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
   const image = DiskImage.open(opts.image);
   const stats = newStats("stream-in");
-  const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log };
+  const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, firstByteAt: 0, lastEndAt: 0 };
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   try {
     return await serve({ at, security, peer: "proxy" }, {
       stats, keep: opts.keep ?? false, log, signal: opts.signal,
       session: (sock, channel) => new InSession(ctx, sock, channel).run(),
-      onClose: () => image.close(),
+      onClose: () => { image.close(); watch?.close(); },
     });
   } catch (err) {
     image.close();
+    watch?.close();
     throw err;
   }
 }
 
-type Hello = { v?: unknown; indexId?: string; compression?: unknown };
+type Hello = { v?: unknown; indexId?: string; compression?: unknown; verdict?: unknown };
 
 /** One link from stream-out, and its connection to the destination QEMU. */
 class InSession {
@@ -135,6 +145,10 @@ class InSession {
   /** What this session hands QEMU, checked at END against the source's stream. */
   private streamBytes = 0;
   private streamCrc = 0;
+  /** stream-out asked for the END check's outcome (a VERDICT frame). */
+  private verdictWanted = false;
+  /** When this session handed QEMU the end of its stream (0: not yet). */
+  private endAt = 0;
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -149,6 +163,7 @@ class InSession {
     if (this.failure) throw this.failure;
     // Wait for the destination QEMU to finish with the connection and the link to close.
     if (!this.qemuClosed) await once(this.qemu!, "close").catch(() => undefined);
+    await this.timeResume();
     if (!this.linkClosed) {
       this.link.end();
       await Promise.race([once(this.link, "close"), new Promise((r) => setTimeout(r, TIMEOUTS.closeWaitMs).unref())]);
@@ -249,6 +264,9 @@ class InSession {
   private async handshake(): Promise<void> {
     const h = await this.receiveHello();
     this.reader.handshakeDone();
+    this.verdictWanted = h.verdict === true;
+    // a new migration (--keep): its times count from its own first byte
+    if (this.ctx.lastEndAt > 0) this.ctx.firstByteAt = this.ctx.lastEndAt = 0;
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const agreed = availableAlgorithms().filter((a) => offered.includes(a));
     this.raw = new RawDecoder(agreed, this.stats.compression);
@@ -341,11 +359,24 @@ class InSession {
     this.streamEnded = true;
     this.checkEnd(f);
     this.qemu!.end();
+    this.endAt = this.ctx.lastEndAt = performance.now();
+    this.stats.streamToEndMs = this.endAt - this.ctx.firstByteAt;
     return true;
+  }
+
+  /** With the destination's QMP: when its guest resumed after this stream's end. */
+  private async timeResume(): Promise<void> {
+    const { watch } = this.ctx;
+    if (!watch || !this.endAt) return;
+    const at = await watch.resumeAfter(this.endAt, TIMEOUTS.closeWaitMs);
+    if (at === null) return;
+    this.stats.endToResumeMs = at - this.ctx.lastEndAt;
+    this.stats.streamToResumeMs = at - this.ctx.firstByteAt;
   }
 
   private async toQemu(buf: Uint8Array): Promise<void> {
     const q = this.qemu!;
+    if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
     this.stats.bytesToQemu += buf.length;
     this.streamBytes += buf.length;
     this.streamCrc = crc32(buf, this.streamCrc);
@@ -399,8 +430,24 @@ class InSession {
     return page;
   }
 
-  /** END: the stream handed to QEMU must be, byte for byte, the one the source QEMU sent. */
+  /** END: the stream handed to QEMU must be, byte for byte, the one the source QEMU sent; stream-out hears the verdict. */
   private checkEnd(f: Frame): void {
+    try {
+      this.compareEnd(f);
+    } catch (err) {
+      this.stats.streamsFailed++;
+      this.tellVerdict({ verified: false, reason: (err as Error).message });
+      throw err;
+    }
+    this.stats.streamsVerified++;
+    this.tellVerdict({ verified: true });
+  }
+
+  private tellVerdict(v: { verified: boolean; reason?: string }): void {
+    if (this.verdictWanted) this.sendLink(jsonFrame(SFrame.Verdict, v));
+  }
+
+  private compareEnd(f: Frame): void {
     const e = parseJson<{ pages?: number; zeroPages?: number; streamBytes?: unknown; crc32?: unknown }>(f, "END");
     this.stats.zeroPages += Number(e.zeroPages) || 0;
     this.stats.pagesSeen += Number(e.pages) || 0;
@@ -413,7 +460,6 @@ class InSession {
         `CRC-32 ${hex(this.streamCrc)}; at the source ${e.streamBytes} bytes, CRC-32 ${hex(e.crc32)}): a pagetwin bug, please report it. ` +
         `Do not resume the destination VM; the source VM is paused and goes on with "cont"`);
     }
-    this.stats.streamsVerified++;
   }
 }
 

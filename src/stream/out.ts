@@ -20,7 +20,7 @@ import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.j
 import { ReplayWindow } from "./replay-window.js";
 import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
-import { drained } from "../link/rate.js";
+import { LinkMeter } from "../link/rate.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { INSECURE_WARNING, resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
@@ -35,6 +35,7 @@ import { SEND_QUEUE_BYTES } from "../link/channel.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
 import { throwIfAborted } from "../abort.js";
+import { RunStateWatch } from "../adapters/qemu/run-state.js";
 
 export interface StreamOutOptions extends SecurityOptions {
   /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
@@ -75,6 +76,8 @@ export interface StreamOutOptions extends SecurityOptions {
    * keeps running); `done` then rejects with an AbortError.
    */
   signal?: AbortSignal;
+  /** The source QEMU's QMP unix socket (optional): its STOP event times stopToVerdictMs. */
+  qmp?: string;
 }
 
 /** What every stream-out session shares. */
@@ -90,6 +93,11 @@ interface OutContext {
   compress: CompressionMode;
   bandwidth: number;
   security: Security;
+  /** The source guest's STOP/RESUME events (with --qmp). */
+  watch: RunStateWatch | null;
+  /** performance.now() of the first byte from the source QEMU, and of the last VERDICT (0: not yet). */
+  firstByteAt: number;
+  lastVerdictAt: number;
 }
 
 /**
@@ -105,6 +113,13 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   if (security.kind === "insecure") log.warn(INSECURE_WARNING);
   checkSecurity(security); // unreadable files: say so now, not when QEMU connects
   const nas = opts.nas ?? await openIndex(opts, log);
+  let watch: RunStateWatch | null = null;
+  try {
+    watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
+  } catch (err) {
+    if (!opts.nas) nas.image.close();
+    throw err;
+  }
   const stats = newStats("stream-out");
   const compress = opts.compress ?? "auto";
   stats.compression.mode = compress;
@@ -114,14 +129,14 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false,
-    compress, bandwidth: opts.bandwidth ?? 0, security,
+    compress, bandwidth: opts.bandwidth ?? 0, security, watch, firstByteAt: 0, lastVerdictAt: 0,
   };
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   return serve({ at, security: { kind: "local" }, peer: "qemu" }, {
     stats, keep: opts.keep ?? false, log, signal: opts.signal,
     session: (sock, channel) => new OutSession(ctx, sock, channel).run(),
-    onClose: () => { if (!opts.nas) nas.image.close(); },
+    onClose: () => { if (!opts.nas) nas.image.close(); watch?.close(); },
   });
 }
 
@@ -156,7 +171,7 @@ class OutSession {
   private finished!: () => void;
   private readonly over = new Promise<void>((r) => { this.finished = r; });
   private dedup = false;
-  private raw!: RawEncoder;
+  private raw: RawEncoder | undefined;
   private readonly parser = new QemuStreamParser();
   private reported = false;
   /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
@@ -166,6 +181,10 @@ class OutSession {
   /** This session's stream as QEMU sent it, for stream-in's end-to-end check. */
   private streamBytes = 0;
   private streamCrc = 0;
+  /** The link's rate, timed on the waits for it to drain (compression weighs it). */
+  private readonly meter = new LinkMeter();
+  /** stream-in's VERDICT on this session's stream arrived. */
+  private verdict = false;
 
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -185,7 +204,12 @@ class OutSession {
       await this.over;
       await this.pumping;
       if (this.failure) throw this.failure;
+      if (!this.verdict) {
+        throw new Error("stream-in's verdict on the stream never came (the link closed first, or stream-in is an older pagetwin): " +
+          "whether the destination QEMU got the source's exact stream is unknown; see stream-in's log");
+      }
     } finally {
+      this.raw?.report();
       this.hasher.free();
     }
   }
@@ -269,6 +293,8 @@ class OutSession {
       case SFrame.ReturnEnd:
         if (!this.qemu.destroyed) this.qemu.end();
         return null;
+      case SFrame.Verdict:
+        return this.onVerdict(f);
       case SFrame.Abort:
         return new PeerAbort(`stream-in aborted the migration: ${abortReason(f)}`);
       default:
@@ -289,6 +315,23 @@ class OutSession {
     return null;
   }
 
+  /** stream-in's END check: the stream its QEMU got is (or is not) the one the source QEMU sent. */
+  private onVerdict(f: Frame): Error | null {
+    if (!this.qemuEnded || this.verdict) return new ProtocolError("a VERDICT from stream-in before the end of the stream, or a second one");
+    const v = parseJson<{ verified?: unknown; reason?: unknown }>(f, "VERDICT");
+    this.verdict = true;
+    const { stats, ctx } = this;
+    if (v.verified !== true) {
+      stats.streamsFailed++;
+      return new PeerAbort(`stream-in's end-to-end check failed: ${printable(String(v.reason ?? "no reason given"))}`);
+    }
+    stats.streamsVerified++;
+    const at = ctx.lastVerdictAt = performance.now();
+    stats.streamToVerdictMs = at - ctx.firstByteAt;
+    if (ctx.watch && ctx.watch.stopAt > ctx.firstByteAt) stats.stopToVerdictMs = at - ctx.watch.stopAt;
+    return null;
+  }
+
   private onAck(upTo: number): Error | null {
     if (upTo > this.seq || upTo < this.acked) return new ProtocolError(`stream-in acknowledged up to #${upTo}, outside ${this.acked}..${this.seq}`);
     this.ring.release(this.acked, upTo);
@@ -300,7 +343,9 @@ class OutSession {
   private async handshake(): Promise<void> {
     const { ctx, stats } = this;
     const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
-    this.sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer }));
+    // a new migration (--keep): its times count from its own first byte
+    if (ctx.lastVerdictAt > 0) ctx.firstByteAt = ctx.lastVerdictAt = 0;
+    this.sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer, verdict: true }));
     const ack = await this.nextAck("HELLO_ACK from stream-in");
     if (ack.ready !== true) {
       const err = new ProtocolError("stream-in did not say it is ready (does it run the same pagetwin version?)");
@@ -314,7 +359,7 @@ class OutSession {
     const algo = offer.find((a) => accepted.includes(a)) ?? null;
     if (algo) stats.compression.algorithm = algo;
     else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
-    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression);
+    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter);
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);
@@ -337,6 +382,7 @@ class OutSession {
   private wireQemu(): void {
     const qemu = this.qemu;
     qemu.on("data", (chunk: Buffer) => {
+      if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
       this.pumping = this.pumping.then(() => this.pump(chunk));
     });
     qemu.on("end", () => {
@@ -371,12 +417,9 @@ class OutSession {
   private async holdQemu(linkOk: boolean, t1: number): Promise<void> {
     const { stats, link } = this;
     this.qemu.pause();
-    const backlog = link.writableLength;
-    if (!linkOk) await drained(link);
+    if (!linkOk) await this.meter.drain(link);
     const t2 = performance.now();
     stats.drainWaitMs += t2 - t1;
-    // the link moved `backlog` bytes in that time, busy all along: its rate
-    if (!linkOk && backlog > 0) this.raw.recordSend(backlog, t2 - t1);
     if (this.full() && !this.failure) await new Promise<void>((r) => { this.windowWaiter = r; });
     stats.windowWaitMs += performance.now() - t2;
     if (!this.failure) this.qemu.resume();
@@ -387,7 +430,7 @@ class OutSession {
    * reference and everything else raw, in order. False: the link is full.
    */
   private rewrite(chunk: Buffer): boolean {
-    if (!this.dedup) return this.sendLink(this.raw.frame([chunk], chunk.length));
+    if (!this.dedup) return this.sendLink(this.raw!.frame([chunk], chunk.length));
     const pieces = this.parse(chunk);
     let pages = 0;
     for (const p of pieces) if (p.kind === "page") pages++;
@@ -431,7 +474,7 @@ class OutSession {
   }
 
   sendRaw(pieces: Uint8Array[], bytes: number): boolean {
-    return this.sendLink(this.raw.frame(pieces, bytes));
+    return this.sendLink(this.raw!.frame(pieces, bytes));
   }
 
   /** QEMU closed its stream: the parser must have ended cleanly; END carries what stream-in checks. */

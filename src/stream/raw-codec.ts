@@ -6,6 +6,7 @@
 
 import { ALGORITHM_ID, CompressionPolicy, algorithmOfId, createCompressor, type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
+import type { LinkMeter } from "../link/rate.js";
 import { RAW_Z_OVERHEAD, compressedRawFrame, decodeRawZ, rawFrame } from "./frames.js";
 
 /** Smaller RAW data is never worth a compressor call. */
@@ -15,9 +16,10 @@ export class RawEncoder {
   private readonly compressor: PageCompressor | null;
   private readonly policy: CompressionPolicy;
 
-  constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats) {
+  /** `meter`: the link's rate, timed on the session's drain waits. */
+  constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats, meter: LinkMeter) {
     this.compressor = algorithm ? createCompressor(algorithm) : null;
-    this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth });
+    this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth, meter });
   }
 
   /** A RAW or RAW_Z frame around `pieces` (`bytes` in all). */
@@ -33,10 +35,10 @@ export class RawEncoder {
     return rawFrame(pieces, bytes);
   }
 
-  /** The link moved `bytes` in `ms` while busy all along: its rate, for the policy. */
-  recordSend(bytes: number, ms: number): void {
-    this.policy.recordSend(bytes, ms);
-    if (Number.isFinite(this.policy.linkRate)) this.stats.linkMBs = this.policy.linkRate / 1e6;
+  /** The rates the policy measured, into the stats. */
+  report(): void {
+    this.stats.compressMBs = this.policy.compressRate / 1e6;
+    this.stats.linkMBs = this.policy.measuredLinkRate / 1e6;
   }
 
   private compressed(pieces: Uint8Array[], bytes: number): Buffer | null {
@@ -49,7 +51,6 @@ export class RawEncoder {
       return n;
     }, this.policy.maxRatio);
     this.policy.recordCompress(bytes, f ? f.length - RAW_Z_OVERHEAD : bytes, ms);
-    this.stats.compressMBs = this.policy.compressRate / 1e6;
     if (!f) return null;
     this.stats.framesCompressed++;
     this.stats.bytesBefore += bytes;

@@ -8,7 +8,7 @@ import type { Endpoint } from "../link/endpoint.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { jsonFrame } from "../wire/envelope.js";
 import { SFrame } from "./frames.js";
-import type { StreamProxy, StreamStats } from "./stats.js";
+import { verdictOf, type StreamProxy, type StreamStats } from "./stats.js";
 import type { Log } from "../log.js";
 import { abortError, onAbort } from "../abort.js";
 
@@ -112,6 +112,7 @@ class Sessions {
       setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();
     } else sock.destroy();
     if (this.t0) this.o.stats.ms = performance.now() - this.t0;
+    this.o.stats.verdict = verdictOf(this.o.stats);
     if (!this.o.keep && this.active === 0 && this.ended > 0) {
       setTimeout(() => { if (this.active === 0) this.finish(); }, TIMEOUTS.lastChannelGraceMs);
     }

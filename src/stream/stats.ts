@@ -42,8 +42,42 @@ export interface StreamStats {
   windowWaitMs: number;
   /** RAW data compressed on the link (stream-out: what it compressed and why not; stream-in: frames decompressed). */
   compression: CompressionStats;
-  /** stream-in: sessions whose rebuilt stream was checked against the source's (length and CRC-32 of the whole stream) and matched. */
+  /**
+   * Sessions whose whole stream, as handed to the destination QEMU, was
+   * checked against the source QEMU's (length and CRC-32) and matched /
+   * did not. stream-in checks; stream-out counts stream-in's VERDICTs.
+   */
   streamsVerified: number;
+  streamsFailed: number;
+  /**
+   * The end-to-end check over every session: "verified" (all matched),
+   * "failed" (one did not), "unknown" (a session ended without a verdict:
+   * the link closed first, or nothing was checked).
+   */
+  verdict: Verdict;
+  /**
+   * Times on this host's clock, ms (null: not observed). stream-out:
+   * streamToVerdictMs, from the first byte of the source QEMU's stream to
+   * stream-in's last VERDICT; with the source's QMP (--qmp),
+   * stopToVerdictMs, from the source guest's STOP event to that VERDICT.
+   * stream-in: streamToEndMs, from the first byte it handed its QEMU to
+   * handing it the end of the stream; with the destination's QMP (--qmp),
+   * endToResumeMs, from that end to the destination guest's RESUME event,
+   * and streamToResumeMs, from the first byte to RESUME.
+   */
+  streamToVerdictMs: number | null;
+  stopToVerdictMs: number | null;
+  streamToEndMs: number | null;
+  endToResumeMs: number | null;
+  streamToResumeMs: number | null;
+}
+
+export type Verdict = "verified" | "failed" | "unknown";
+
+/** The verdict of a proxy's sessions so far. */
+export function verdictOf(s: StreamStats): Verdict {
+  if (s.streamsFailed > 0) return "failed";
+  return s.sessions > 0 && s.streamsVerified === s.sessions ? "verified" : "unknown";
 }
 
 export function newStats(role: StreamStats["role"]): StreamStats {
@@ -51,6 +85,7 @@ export function newStats(role: StreamStats["role"]): StreamStats {
     role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
     bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], refused: [], ms: 0,
     busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, compression: emptyCompressionStats("auto"), streamsVerified: 0,
+    streamsFailed: 0, verdict: "unknown", streamToVerdictMs: null, stopToVerdictMs: null, streamToEndMs: null, endToResumeMs: null, streamToResumeMs: null,
   };
 }
 

@@ -75,6 +75,7 @@ export async function run(argv: string[]): Promise<number> {
       source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
       image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
       bandwidth, convergence, workers: num(values, "workers", 0, 64), workersWhen: workersWhen(values), compress,
+      startedAt: 0, // performance.now() counts from this process's start: total-time is the command's, as QEMU's is its migrate's
       ...security(values),
       onIteration: (it) => {
         if (!json) console.error(`iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`);

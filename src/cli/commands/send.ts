@@ -46,6 +46,7 @@ export async function run(argv: string[]): Promise<number> {
       ...(to.kind === "unix" ? { host: "", port: 0, socketPath: to.path } : { host: to.host, port: to.port }), bandwidth: parseRate(values.bandwidth as string),
       convergence: { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap },
       trace: !!values.trace, compress,
+      startedAt: 0, // performance.now() counts from this process's start: total-time is the command's
       ...security(values),
       onIteration: (it) => { if (!values.json) console.error(`iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`); },
     });

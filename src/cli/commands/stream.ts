@@ -33,6 +33,7 @@ export const outSpec: CommandSpec = {
     "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
+    qmp: { type: "string", help: "the source QEMU's QMP unix socket (optional): times stopToVerdictMs, from the guest's STOP to stream-in's verdict" },
     ...securityOptions("stream-in", false),
     ...common,
   },
@@ -54,6 +55,7 @@ export const inSpec: CommandSpec = {
     qemu: { type: "string", help: "HOST:PORT or unix:PATH, the destination QEMU's -incoming address" },
     image: { type: "string", help: "the same raw disk image, as mounted on this host" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index; only its seed and id are read)" },
+    qmp: { type: "string", help: "the destination QEMU's QMP unix socket (optional): times endToResumeMs, from the end of the stream to the guest's RESUME" },
     ...securityOptions("stream-out", true),
     ...common,
   },
@@ -85,7 +87,11 @@ function report(stats: StreamStats, json: boolean): void {
     `  QEMU bytes in ${mb(stats.bytesFromQemu)}, out ${mb(stats.bytesToQemu)}; link out ${mb(stats.bytesOutLink)}, in ${mb(stats.bytesInLink)}; return path ${stats.returnBytes} B`,
     `  ${(stats.ms / 1000).toFixed(2)} s`,
   ];
-  if (stats.streamsVerified) lines.push(`  stream checked end to end (length and CRC-32 equal to the source's): ${stats.streamsVerified} of ${stats.sessions} session(s)`);
+  lines.push(`  end-to-end check (length and CRC-32 of the whole stream${stats.role === "stream-out" ? ", stream-in's verdict" : ""}): ${stats.verdict}, ${stats.streamsVerified} of ${stats.sessions} session(s) verified` +
+    (stats.streamsFailed ? `, ${stats.streamsFailed} failed` : ""));
+  const times = ([["first byte -> verdict", stats.streamToVerdictMs], ["STOP -> verdict", stats.stopToVerdictMs], ["first byte -> end", stats.streamToEndMs],
+    ["end -> RESUME", stats.endToResumeMs], ["first byte -> RESUME", stats.streamToResumeMs]] as const).filter(([, v]) => v !== null);
+  if (times.length) lines.push(`  times: ${times.map(([k, v]) => `${k} ${v!.toFixed(0)} ms`).join(", ")}`);
   const c = stats.compression;
   if (c.algorithm) lines.push(`  compression ${c.algorithm}: ${c.framesCompressed} RAW frames compressed (${mb(c.bytesBefore)} -> ${mb(c.bytesAfter)})` + (stats.role === "stream-out" ? `, ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress)` : ""));
   for (const p of stats.passthrough) lines.push(`  pass-through: ${p}`);
@@ -126,7 +132,13 @@ async function run(argv: string[], spec: CommandSpec,
   process.off("SIGINT", onSig);
   process.off("SIGTERM", onSig);
   report(stats, Boolean(v["json"]));
-  return stats.error ? 1 : 0;
+  return exitStatus(stats);
+}
+
+/** 0 only when nothing failed and every session's stream was verified end to end (a proxy that served none: 0). */
+export function exitStatus(stats: StreamStats): number {
+  if (stats.error || stats.verdict === "failed") return 1;
+  return stats.sessions > 0 && stats.verdict !== "verified" ? 1 : 0;
 }
 
 function need(v: Values, k: string): string {
@@ -147,6 +159,7 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     const bandwidth = v["bandwidth"] ? parseRate(v["bandwidth"] as string) : 0;
     return streamOut({
       ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth,
+      ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
       windowPages: window, ...security(v),
       ...(v["index"] ? { indexPath: v["index"] as string } : {}),
     });
@@ -158,6 +171,7 @@ export function runStreamInCli(argv: string[]): Promise<number> {
     const l = listenAt(v["listen"] as string | undefined, "127.0.0.1", 4447);
     return streamIn({
       ...l, qemu: need(v, "qemu"), image: need(v, "image"), log, keep: Boolean(v["keep"]),
+      ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
       ...security(v),
       ...(v["index"] ? { indexPath: v["index"] as string } : {}),
     });
