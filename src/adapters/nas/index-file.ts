@@ -82,14 +82,23 @@ export interface OpenIndexOptions {
   rebuild?: boolean;
   /** Hash with this many worker threads (each reads its share of the image); 0: this thread. */
   workers?: number;
+  /**
+   * Save a built index to `indexPath` (default true). False: a current index
+   * there is still loaded, but one built is kept in memory only, so a dry run
+   * (`pagetwin analyze`) writes nothing beside the image.
+   */
+  write?: boolean;
 }
 
-/** Loads the image's index if it is current, or builds (and saves) it. */
+/** Loads the image's index if it is current, or builds (and, unless `write: false`, saves) it. */
 export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {}): Promise<NasIndex> {
   const t0 = performance.now();
   const image = DiskImage.open(imagePath);
   const indexPath = opts.indexPath ?? defaultIndexPath(imagePath);
   try {
+    if (image.blocks === 0) {
+      throw new Error(`pagetwin: the disk image ${imagePath} holds no whole ${BLOCK_SIZE}-byte block (${image.size} bytes): there is nothing to index`);
+    }
     const identity = image.identity();
     let header: IndexHeader | null = null;
     if (!opts.rebuild && existsSync(indexPath)) {
@@ -113,7 +122,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       ? await hashImageWithPool(engine, image, index, seed, opts)
       : hashImage(engine, image, index, opts);
     header = { seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex") };
-    writeIndexFile(indexPath, header, hashes);
+    if (opts.write ?? true) writeIndexFile(indexPath, header, hashes);
     return { engine, index, image, header, indexPath, built: true, ms: performance.now() - t0 };
   } catch (err) {
     image.close();
