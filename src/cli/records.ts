@@ -28,7 +28,9 @@ export function sendRecord(r: MigrationResult): object {
 /** `pagetwin migrate`: agent mode's result; its two kebab-case names of pagetwin's own become camelCase. */
 export function migrateRecord(r: AgentMigrationResult): object {
   const { "received-bytes": receivedBytes, "source-status": sourceStatus, iterations: log, ...rest } = r;
-  return { ok: r.status === "completed", ...rest, receivedBytes, sourceStatus, iterations: iterations(log) };
+  // parts that did not happen (no device step, no local agent, no compression offered) are left out, not null
+  const present = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== null));
+  return { ok: r.status === "completed", ...present, receivedBytes, sourceStatus, iterations: iterations(log) };
 }
 
 /** One run of `pagetwin demo`, in query-migrate's names. */

@@ -64,19 +64,35 @@ export async function runQuickStart(qs: QuickStart, cwd: string, values: Record<
   for (const k of qs.vars.keys()) if (!(k in values)) throw new Error(`the test gives no value for ${k}`);
   const env = { ...process.env, ...values, PATH: `${binDir(cwd)}:${process.env["PATH"] ?? ""}` };
   const services: Started[] = [];
-  for (const line of qs.commands) {
-    const bg = line.endsWith("&");
-    const cmd = bg ? line.slice(0, -1).trim() : line;
-    const s = start(cmd, cwd, env);
-    if (bg) {
-      services.push(s);
-      await listening(s);
-    } else {
-      const code = await s.exited;
-      if (code !== 0) throw new Error(`\`${cmd}\` exited ${code}: ${s.stderr}`);
+  try {
+    for (const line of qs.commands) {
+      const bg = line.endsWith("&");
+      const cmd = bg ? line.slice(0, -1).trim() : line;
+      const s = start(cmd, cwd, env);
+      if (bg) {
+        services.push(s);
+        await listening(s);
+      } else {
+        const code = await s.exited;
+        if (code !== 0) throw new Error(`\`${cmd}\` exited ${code}: ${s.stderr}`);
+      }
     }
+  } catch (err) {
+    stopAll(services);
+    throw err;
   }
   return services;
+}
+
+/** Stops the services still running (a test's clean-up). */
+export function stopAll(services: Started[]): void {
+  for (const s of services) if (s.child.exitCode === null && s.child.signalCode === null) s.child.kill("SIGKILL");
+}
+
+/** Waits for a service to exit, at most `ms` (then kills it): its exit code. */
+export async function exitOf(s: Started, ms = 30_000): Promise<number | null> {
+  const t = setTimeout(() => s.child.kill("SIGKILL"), ms);
+  try { return await s.exited; } finally { clearTimeout(t); }
 }
 
 function start(cmd: string, cwd: string, env: NodeJS.ProcessEnv): Started {

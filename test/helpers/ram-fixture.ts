@@ -16,15 +16,14 @@ export function makeFixture(dir: string, mib: number): Fixture {
   const pages = mib * 256;
   const img = randomBytes(pages * 4096);
   const ram = Buffer.alloc(pages * 4096);
-  let seed = 7;
-  const rnd = () => (seed = (seed * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff;
+  const rnd = Math.random;
   let twin = 0, zero = 0, normal = 0;
   for (let p = 0; p < pages; p++) {
     const r = p % 5;
     if (r < 2) { img.copy(ram, p * 4096, p * 4096, (p + 1) * 4096); twin++; continue; }
     if (r === 2) { zero++; continue; }
     let s = "";
-    while (s.length < 4096) s += `${WORDS[Math.floor(rnd() * WORDS.length)]}${rnd() < 0.3 ? Math.floor(rnd() * 1e9).toString(36) : ""} `;
+    while (s.length < 4096) s += `${WORDS[Math.floor(rnd() * WORDS.length)]}${Math.floor(rnd() * 1e9).toString(36)} `;
     ram.write(s.slice(0, 4096), p * 4096, "latin1");
     normal++;
   }

@@ -130,17 +130,23 @@ async function run(argv: string[], spec: CommandSpec,
   const v = p.values;
   const json = Boolean(v["json"]);
   const log = v["quiet"] ? () => {} : (m: string) => process.stderr.write(`[pagetwin] ${m}\n`);
-  const proxy = await start(v, log);
-  const progress = new Progress(spec.name, { json, quiet: Boolean(v["quiet"]) });
-  const unwatch = watch(proxy, progress);
+  // taken before the proxy starts: it says "listening" as it starts, and a signal may follow at once
   let stoppedBy: keyof typeof SIGNALS | null = null;
-  const onSig = (sig: keyof typeof SIGNALS) => { stoppedBy ??= sig; void proxy.close(); };
+  let proxy: Awaited<ReturnType<typeof start>> | null = null;
+  const onSig = (sig: keyof typeof SIGNALS) => { stoppedBy ??= sig; void proxy?.close(); };
   process.once("SIGINT", onSig);
   process.once("SIGTERM", onSig);
-  const stats = await proxy.done;
-  process.off("SIGINT", onSig);
-  process.off("SIGTERM", onSig);
-  unwatch();
+  let stats: StreamStats;
+  try {
+    proxy = await start(v, log);
+    if (stoppedBy) void proxy.close();
+    const unwatch = watch(proxy, new Progress(spec.name, { json, quiet: Boolean(v["quiet"]) }));
+    stats = await proxy.done;
+    unwatch();
+  } finally {
+    process.off("SIGINT", onSig);
+    process.off("SIGTERM", onSig);
+  }
   // a one-shot proxy stopped before its migration ended did not migrate anything: that is no success
   if (stoppedBy && !v["keep"] && !stats.error) {
     stats.error = `stopped by ${stoppedBy} before ${stats.sessions ? "the migration ended" : "any migration"}`;
