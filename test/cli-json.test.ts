@@ -296,3 +296,24 @@ test("progress: a bar on a TTY, NDJSON events with --json, nothing on a pipe", (
   // with --json: the events go to stdout (checked on the real commands above); rounding of what they carry:
   assert.deepEqual(roundForJson({ a: 1.26, bytes: 10.6, ratio: 0.123456, b: Infinity, c: NaN, d: undefined, ratios: { x: 0.45678 } }), { a: 1.3, bytes: 11, ratio: 0.1235, ratios: { x: 0.4568 } });
 });
+
+test("listen prints a failed migration's reason once", async () => {
+  const dir = tmp();
+  try {
+    const f = makeFixture(dir, 1);
+    const key = keyFile(dir);
+    const port = await freePort();
+    const l = spawn(process.execPath, [cliPath, "listen", "--ram", join(dir, "dst.bin"), "--create-ram", "--image", f.image, "--port", String(port), "--psk-file", key, "--once"], { stdio: ["ignore", "ignore", "pipe"] });
+    let err = "";
+    const exited = new Promise<number | null>((r) => l.once("exit", r));
+    await new Promise<void>((resolve) => l.stderr!.on("data", (d: Buffer) => { err += d; if (/waiting for a migration/.test(err)) resolve(); }));
+    // a source that gives up after one round (no convergence with a 1 ms target): the destination's migration fails
+    const s = pt(["send", "--ram", f.ram, "--image", f.image, "--to", `127.0.0.1:${port}`, "--psk-file", key, "--max-iterations", "1", "--on-cap", "abort", "--downtime", "1"]);
+    assert.equal(s.status, 1);
+    assert.equal(await exited, 1);
+    assert.equal(err.match(/did not converge/g)?.length, 1, err);
+    assert.match(err, /migration failed \(see above\)/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
