@@ -77,7 +77,7 @@ export async function run(argv: string[]): Promise<number> {
     const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth);
     const round = { normal: plan.normal, twin: plan.twin, zero: plan.zero };
     const { bytes, uncompressedBytes } = roundBytes(round, c);
-    const time = modelTime(bytes, a.bandwidth, scanMs, plan.normal * PAGE_SIZE, c);
+    const time = modelTime(bytes, a.bandwidth, scanMs, c);
     const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
     const out = {
       ok: true,
