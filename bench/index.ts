@@ -47,8 +47,8 @@ if (!json) console.log("end to end: the demo (plain pre-copy vs pagetwin, one ru
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 const demo = JSON.parse(execFileSync(process.execPath, [cli, "demo", "--json", "--trace", "", ...(quick ? ["--ram-mib", "64"] : [])], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }));
 if (!json) {
-  for (const r of demo.runs) console.log(`  ${r.mode.padEnd(9)} total ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, ${(r.transferredBytes / 1e6).toFixed(1)} MB, verified ${r.verified}`);
-  console.log(`  pagetwin / baseline: total time ${demo.ratios.totalTime}x, bytes ${demo.ratios.transferredBytes}x, downtime ${demo.ratios.downtime}x`);
+  for (const r of demo.runs) console.log(`  ${r.mode.padEnd(9)} total ${r["total-time"]} ms, downtime ${r.downtime} ms, ${(r.ram.transferred / 1e6).toFixed(1)} MB, verified ${r.verified}`);
+  console.log(`  pagetwin / baseline: total time ${demo.ratios["total-time"]}x, bytes ${demo.ratios.transferred}x, downtime ${demo.ratios.downtime}x`);
 }
 // The real guest: agent mode and stream mode against QEMU's own migration (plain and multifd+zstd), one run each.
 let qemu: { agentMode: unknown; streamMode: unknown } | { skipped: string } = { skipped: "--no-qemu" };

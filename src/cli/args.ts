@@ -44,13 +44,15 @@ export function parse(spec: CommandSpec, argv: string[]): { values: Record<strin
   return { values, help: !!parsed.values.help };
 }
 
-/** "1gbit", "125MB", "100mbit", "0" (unlimited) -> bytes per second. */
-export function parseRate(s: string): number {
+/** "1gbit", "125MB", "100mbit", "0" (unlimited, unless `positive`) -> bytes per second. */
+export function parseRate(s: string, what = "--bandwidth", positive = false): number {
   const m = /^(\d+(?:\.\d+)?)\s*(g|m|k)?(bit|b|bps)?(?:\/s)?$/i.exec(s.trim());
-  if (!m) throw new UsageError(`cannot read the rate "${s}": write e.g. 1gbit, 500mbit, 125MB`);
+  if (!m) throw new UsageError(`${what}: cannot read the rate "${s}": write e.g. 1gbit, 500mbit, 125MB`);
   const mult = { g: 1e9, m: 1e6, k: 1e3 }[(m[2] ?? "").toLowerCase() as "g" | "m" | "k"] ?? 1;
   const bits = (m[3] ?? "bit").toLowerCase() !== "b";
-  return (Number(m[1]) * mult) / (bits ? 8 : 1);
+  const rate = (Number(m[1]) * mult) / (bits ? 8 : 1);
+  if (positive && !(rate > 0)) throw new UsageError(`${what} must be a rate above 0, e.g. 1gbit (got "${s}")`);
+  return rate;
 }
 
 /** "64GiB", "512MiB", "4096" (bytes) -> bytes. */
@@ -63,7 +65,14 @@ export function parseSize(s: string, what: string): number {
 
 export function num(values: Record<string, string | boolean | undefined>, k: string, min = -Infinity, max = Infinity): number {
   const v = Number(values[k]);
-  if (!Number.isFinite(v) || v < min || v > max) throw new UsageError(`--${k} must be a number between ${min} and ${max} (got "${values[k]}")`);
+  if (values[k] === "" || !Number.isFinite(v) || v < min || v > max) throw new UsageError(`--${k} must be a number between ${min} and ${max} (got "${values[k]}")`);
+  return v;
+}
+
+/** A whole number option (workers, ports, counts): 1.5 is a usage error, not a runtime one. */
+export function int(values: Record<string, string | boolean | undefined>, k: string, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+  const v = num(values, k, min, max);
+  if (!Number.isInteger(v)) throw new UsageError(`--${k} must be a whole number between ${min} and ${max} (got "${values[k]}")`);
   return v;
 }
 
@@ -78,18 +87,6 @@ export function fmtBytes(n: number): string {
   if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
   if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB`;
   return `${n} B`;
-}
-
-/** A progress line on stderr when it is a terminal. */
-export function progress(label: string): (p: Progress) => void {
-  if (!process.stderr.isTTY) return () => {};
-  let lastPct = -1;
-  return ({ done, total }) => {
-    const pct = Math.floor((done / Math.max(total, 1)) * 100);
-    if (pct === lastPct) return;
-    lastPct = pct;
-    process.stderr.write(`\r${label} ${pct}% (${done}/${total})${done >= total ? "\n" : ""}`);
-  };
 }
 
 /** The link's security options (--psk-file, --tls-*, --insecure), worded for the agent or proxy at the other end. */

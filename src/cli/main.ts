@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // pagetwin command line: one module per command, each with --help and --json.
 
+import { readFileSync } from "node:fs";
 import { UsageError } from "./args.js";
+import { errorText, failureRecord, printJson } from "./json.js";
 
 type Command = { run: (argv: string[]) => Promise<number> };
 
@@ -17,27 +19,49 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
   "stream-in": { summary: "stream mode, destination side: rebuilds QEMU's stream from the NAS", load: async () => ({ run: (await import("./commands/stream.js")).runStreamInCli }) },
 };
 
+/** Usage errors exit 2, failures 1 (as grep, curl and git do); help asked for goes to stdout with 0. */
+const EXIT = { ok: 0, failed: 1, usage: 2 } as const;
+
+/** pagetwin's version, from the package.json it ships with (dist/src/cli/main.js -> ../../../package.json). */
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string };
+  return pkg.version;
+}
+
+function usage(): string {
+  const lines = ["pagetwin — live VM migration that sends RAM pages found on the shared NAS as references", "",
+    "Usage: pagetwin COMMAND [options]   (pagetwin COMMAND --help for each)", "       pagetwin --version", "", "Commands:"];
+  for (const [k, c] of Object.entries(commands)) lines.push(`  ${k.padEnd(14)}${c.summary}`);
+  return lines.join("\n");
+}
+
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
-  if (!name || name === "--help" || name === "-h" || name === "help") {
-    const lines = ["pagetwin — live VM migration that sends RAM pages found on the shared NAS as references", "", "Usage: pagetwin COMMAND [options]   (pagetwin COMMAND --help for each)", "", "Commands:"];
-    for (const [k, c] of Object.entries(commands)) lines.push(`  ${k.padEnd(14)}${c.summary}`);
-    console.log(lines.join("\n"));
-    return name ? 0 : 2;
+  if (name === "--version" || name === "-V") {
+    console.log(`pagetwin ${version()}`);
+    return EXIT.ok;
+  }
+  if (name === "--help" || name === "-h" || name === "help") {
+    console.log(usage());
+    return EXIT.ok;
+  }
+  if (!name) {
+    // no command is a usage error: the help goes where errors go
+    console.error(usage());
+    return EXIT.usage;
   }
   const c = commands[name];
-  if (!c) {
-    console.error(`pagetwin: unknown command "${name}". Commands: ${Object.keys(commands).join(", ")}`);
-    return 2;
-  }
+  if (!c) throw new UsageError(`unknown command "${name}". Commands: ${Object.keys(commands).join(", ")}`);
   return (await c.load()).run(rest);
 }
 
-main(process.argv.slice(2)).then(
+const argv = process.argv.slice(2);
+main(argv).then(
   (code) => { process.exitCode = code; },
   (err) => {
-    const msg = (err as Error).message;
-    console.error(msg.startsWith("pagetwin") ? msg : `pagetwin: ${msg}`);
-    process.exitCode = err instanceof UsageError ? 2 : 1;
+    // the message always goes to stderr for people; with --json the same failure also ends stdout
+    console.error(errorText(err));
+    if (argv.includes("--json")) printJson(argv[0] ?? "", "result", failureRecord(err));
+    process.exitCode = err instanceof UsageError ? EXIT.usage : EXIT.failed;
   },
 );

@@ -54,7 +54,7 @@ export function dial(to: Endpoint, sec: Security, o: DialOptions): Promise<net.S
     const onError = (e: Error) => {
       const tlsFailed = /SSL|TLS|alert|decrypt|certificate|handshake|psk/i.test(e.message) || (e as NodeJS.ErrnoException).code?.startsWith("ERR_SSL");
       const why = tlsFailed && sec.kind !== "insecure"
-        ? `the TLS handshake failed (${e.message.trim()}): ${sec.kind === "psk" ? "do both ends use the same --psk-file?" : "are both certificates signed by the CA the other end trusts, and does the listener's certificate name this host?"}`
+        ? `the TLS handshake failed (${e.message.trim()}): ${sec.kind === "psk" ? "check that both hosts use the same --psk-file key (one file, copied to both)" : "are both certificates signed by the CA the other end trusts, and does the listener's certificate name this host?"}`
         : e.message;
       done(new LinkClosedError(`pagetwin: cannot connect to the ${where}: ${why}${o.hint && !tlsFailed ? `. ${o.hint}` : ""}`));
     };

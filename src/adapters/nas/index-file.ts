@@ -101,6 +101,12 @@ export interface OpenIndexOptions extends AbortOptions {
    * pages that collide with blocks: give an engine of a random seed.
    */
   engine?: Engine;
+  /**
+   * Save a built index to `indexPath` (default true). False: a current index
+   * there is still loaded, but one built is kept in memory only, so a dry run
+   * (`pagetwin analyze`) writes nothing beside the image.
+   */
+  write?: boolean;
 }
 
 /** A random 64-bit hash seed, as openNasIndex uses for a new index. */
@@ -109,7 +115,7 @@ export function randomSeed(): bigint {
 }
 
 /**
- * Loads the image's index if it is current, or builds (and saves) it.
+ * Loads the image's index if it is current, or builds (and, unless `write: false`, saves) it.
  * Aborting (signal) stops a build between batches; nothing is written then
  * and the image is closed.
  */
@@ -119,6 +125,9 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
   const image = DiskImage.open(imagePath);
   const indexPath = opts.indexPath ?? defaultIndexPath(imagePath);
   try {
+    if (image.blocks === 0) {
+      throw new Error(`pagetwin: the disk image ${imagePath} holds no whole ${BLOCK_SIZE}-byte block (${image.size} bytes): there is nothing to index`);
+    }
     const identity = image.identity();
     let header: IndexHeader | null = null;
     if (!opts.rebuild && existsSync(indexPath)) {
@@ -152,7 +161,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       throw err;
     }
     header = { seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex") };
-    writeIndexFile(indexPath, header, hashes);
+    if (opts.write ?? true) writeIndexFile(indexPath, header, hashes);
     return { engine, index, image, header, indexPath, built: true, ms: performance.now() - t0 };
   } catch (err) {
     image.close();

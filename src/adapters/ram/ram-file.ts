@@ -21,11 +21,16 @@ export class RamFile {
     } catch (err) {
       throw new RamFileError(`pagetwin: cannot open the RAM file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
     }
-    const size = fstatSync(fd).size;
+    const st = fstatSync(fd);
+    if (!st.isFile()) {
+      closeSync(fd);
+      throw new Error(`pagetwin: the RAM file ${path} is not a regular file${st.isDirectory() ? " (it is a directory)" : ""}`);
+    }
+    const size = st.size;
     if (size === 0 || size % PAGE_SIZE !== 0 || (opts.expectPages !== undefined && size !== opts.expectPages * PAGE_SIZE)) {
       closeSync(fd);
       const want = opts.expectPages !== undefined ? `${opts.expectPages * PAGE_SIZE} bytes (${opts.expectPages} pages)` : "a whole number of 4096-byte pages";
-      throw new RamFileError(`pagetwin: the RAM file ${path} has ${size} bytes; want ${want}. Both VMs must have the same RAM size.`);
+      throw new RamFileError(`pagetwin: the RAM file ${path} has ${size} bytes; want ${want}.${opts.expectPages !== undefined ? " Both VMs must have the same RAM size." : ""}`);
     }
     return new RamFile(path, fd, size / PAGE_SIZE, !!opts.write);
   }

@@ -1,54 +1,114 @@
-import { openNasIndex } from "../../adapters/nas/index-file.js";
+import { statSync } from "node:fs";
+import { defaultIndexPath } from "../../adapters/nas/index-file.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
 import { Planner, planIteration } from "../../plan/planner.js";
 import { PAGE_SIZE } from "../../core/engine.js";
-import { REF_SIZE } from "../../agent/protocol.js";
-import { parse, helpText, str, parseRate, progress, fmtBytes, type CommandSpec } from "../args.js";
+import { parseCompressionMode } from "../../codec/compress.js";
+import { parse, helpText, str, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
+import { Progress } from "../progress.js";
+import { printJson } from "../json.js";
+import { openImageIndex } from "../image-index.js";
+import { sampleCompression, roundBytes, modelTime, LEAVES_OUT } from "../analyze-model.js";
 
 export const spec: CommandSpec = {
   name: "analyze",
   summary: "tell what a migration of this RAM would move, before moving anything",
-  usage: "pagetwin analyze --ram FILE --image IMAGE [--bandwidth 1gbit] [--json]",
+  usage: "pagetwin analyze --ram FILE --image IMAGE [--bandwidth 1gbit] [--compress auto] [--index FILE] [--json]",
   options: {
     ram: { type: "string", help: "the VM's RAM file (QEMU memory-backend-file, or a dump)" },
     image: { type: "string", help: "the VM's raw disk image on the NAS" },
-    index: { type: "string", help: "index file (default: beside the image)" },
-    bandwidth: { type: "string", default: "1gbit", help: "link bandwidth for the time estimate" },
-    json: { type: "boolean", help: "print one JSON object" },
+    index: { type: "string", help: "write the block index here (default: an up-to-date index beside the image is read; otherwise the index is built in memory and nothing is written)" },
+    bandwidth: { type: "string", default: "1gbit", help: "link bandwidth for the estimate (above 0)" },
+    compress: { type: "string", default: "auto", help: "the compression the migration would use: auto, off, zstd or brotli (as `pagetwin migrate --compress`)" },
+    json: { type: "boolean", help: "NDJSON on stdout: progress events, then one result (docs/JSON.md)" },
   },
-  details: "Counts zero pages (not sent), twin pages (sent as a 24-byte reference to a NAS block) and unique\npages (sent in full), and the first pre-copy round's time at the bandwidth, with and without pagetwin.",
+  details: [
+    "Only reads. Counts zero pages (not sent), twin pages (sent as a 24-byte reference to a NAS block) and",
+    "the pages sent in full, compresses a sample of those with the codec agent mode would use, and predicts",
+    "the first pre-copy round's bytes and a time: the slowest of the scan of RAM (measured here), the",
+    "compressor and the link, plus agent mode's final scan. The time leaves out what the guest writes while",
+    "it migrates, set-up, the destination's checks and QEMU's device state (listed in the output).",
+  ].join("\n"),
 };
+
+interface Args { ram: string; image: string; index?: string; bandwidth: number; compress: ReturnType<typeof parseCompressionMode>; json: boolean }
+
+/** Every argument checked before any work: the RAM file, the image, the numbers. */
+function validate(values: Record<string, string | boolean | undefined>): Args {
+  const bandwidth = parseRate(values.bandwidth as string, "--bandwidth", true);
+  let compress;
+  try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
+  const ram = str(values, "ram"), image = str(values, "image");
+  const kind = (p: string, what: string) => {
+    try {
+      const st = statSync(p);
+      if (!st.isFile() && !(what === "disk image" && st.isBlockDevice())) throw new UsageError(`the ${what} ${p} is not a regular file${st.isDirectory() ? " (EISDIR: it is a directory)" : ""}`);
+      return st;
+    } catch (err) {
+      if (err instanceof UsageError) throw err;
+      throw new UsageError(`cannot read the ${what} ${p}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+  };
+  const rs = kind(ram, "RAM file");
+  if (rs.size === 0 || rs.size % PAGE_SIZE) throw new UsageError(`the RAM file ${ram} has ${rs.size} bytes; want a whole number of ${PAGE_SIZE}-byte pages`);
+  kind(image, "disk image");
+  const index = values.index as string | undefined;
+  if (index !== undefined && statSync(index, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`--index ${index} is a directory (EISDIR): give a file path`);
+  return { ram, image, index, bandwidth, compress, json: !!values.json };
+}
 
 export async function run(argv: string[]): Promise<number> {
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
-  const bw = parseRate(values.bandwidth as string);
-  const nas = await openNasIndex(str(values, "image"), { indexPath: values.index as string | undefined, onProgress: progress("indexing") });
-  const ram = RamFile.open(str(values, "ram"));
-  const planner = new Planner(nas.engine, { pages: ram.pages, index: nas.index });
-  const t0 = performance.now();
-  const plan = planIteration(planner, 1, (first, count, into) => ram.readPages(first, count, into));
-  const scanMs = performance.now() - t0;
-  planner.free();
-  ram.close();
-  nas.image.close();
-  const unique = plan.normal;
-  const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
-  const pagetwinBytes = plan.normal * PAGE_SIZE + plan.twin * REF_SIZE;
-  const out = {
-    pages: ram.pages, zero: ram.pages - plan.dirty + plan.zero, twin: plan.twin, unique,
-    twinShareOfNonZero: +(plan.twin / Math.max(plan.twin + unique, 1)).toFixed(4),
-    bandwidthBytesPerSecond: bw,
-    baseline: { bytes: baselineBytes, seconds: +(baselineBytes / bw).toFixed(3) },
-    pagetwin: { bytes: pagetwinBytes, seconds: +(pagetwinBytes / bw).toFixed(3) },
-    scanMs: Math.round(scanMs),
-  };
-  if (values.json) { console.log(JSON.stringify(out)); return 0; }
+  const a = validate(values);
+  const progress = new Progress("analyze", { json: a.json });
+  // an up-to-date index beside the image is read; a new one is written only where --index says
+  const nas = await openImageIndex(a.image, progress, { indexPath: a.index ?? defaultIndexPath(a.image), write: a.index !== undefined });
+  const ram = RamFile.open(a.ram);
+  try {
+    const planner = new Planner(nas.engine, { pages: ram.pages, index: nas.index });
+    const t0 = performance.now();
+    const plan = planIteration(planner, 1, (first, count, into) => {
+      ram.readPages(first, count, into);
+      progress.update("scanning", first + count, ram.pages, "pages");
+    });
+    const scanMs = performance.now() - t0;
+    planner.free();
+    const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth);
+    const round = { normal: plan.normal, twin: plan.twin, zero: plan.zero };
+    const { bytes, uncompressedBytes } = roundBytes(round, c);
+    const time = modelTime(bytes, a.bandwidth, scanMs, c);
+    const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
+    const out = {
+      ok: true,
+      pages: ram.pages, zero: ram.pages - plan.dirty + plan.zero, twin: plan.twin, normal: plan.normal,
+      twinShareOfNonZero: plan.twin / Math.max(plan.twin + plan.normal, 1),
+      bandwidthBytesPerSecond: a.bandwidth,
+      index: { path: nas.built && a.index === undefined ? undefined : nas.indexPath, built: nas.built, saved: nas.built && a.index !== undefined },
+      compression: c,
+      baseline: { bytes: baselineBytes, timeMs: (baselineBytes / a.bandwidth) * 1000 },
+      pagetwin: { bytes, uncompressedBytes, timeMs: time.ms, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs },
+      leavesOut: LEAVES_OUT,
+    };
+    if (a.json) { printJson("analyze", "result", out); return 0; }
+    print(out, c.why);
+    return 0;
+  } finally {
+    ram.close();
+    nas.image.close();
+  }
+}
+
+function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; linkMs: number; scanMs: number; compressMs: number } }, why: string): void {
   const pct = (n: number) => `${((n / out.pages) * 100).toFixed(1)}%`;
-  console.log(`RAM ${fmtBytes(out.pages * PAGE_SIZE)} (${out.pages} pages), scanned in ${out.scanMs} ms`);
+  const p = out.pagetwin;
+  console.log(`RAM ${fmtBytes(out.pages * PAGE_SIZE)} (${out.pages} pages), scanned in ${p.scanMs.toFixed(0)} ms`);
   console.log(`  zero    ${String(out.zero).padStart(9)}  ${pct(out.zero)}  not sent`);
   console.log(`  twin    ${String(out.twin).padStart(9)}  ${pct(out.twin)}  sent as references (${(out.twinShareOfNonZero * 100).toFixed(1)}% of non-zero pages)`);
-  console.log(`  unique  ${String(out.unique).padStart(9)}  ${pct(out.unique)}  sent in full`);
-  console.log(`first round at ${fmtBytes(bw)}/s: plain pre-copy ${fmtBytes(baselineBytes)} in ${out.baseline.seconds} s; pagetwin ${fmtBytes(pagetwinBytes)} in ${out.pagetwin.seconds} s`);
-  return 0;
+  console.log(`  normal  ${String(out.normal).padStart(9)}  ${pct(out.normal)}  sent in full`);
+  console.log(`compression: ${why}`);
+  console.log(`first round at ${fmtBytes(out.bandwidthBytesPerSecond)}/s: plain pre-copy ${fmtBytes(out.baseline.bytes)} in ${(out.baseline.timeMs / 1000).toFixed(2)} s; ` +
+    `pagetwin ${fmtBytes(p.bytes)} (${fmtBytes(p.uncompressedBytes)} before compression)`);
+  console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s (link ${p.linkMs.toFixed(0)} ms, scan ${p.scanMs.toFixed(0)} ms per round, compressor ${p.compressMs.toFixed(0)} ms)`);
+  console.log(`the time leaves out: ${LEAVES_OUT.join("; ")}`);
 }

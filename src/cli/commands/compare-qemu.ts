@@ -1,6 +1,8 @@
 import { writeFileSync } from "node:fs";
 import { runComparison, formatComparison, COMPARE_MODES, DEFAULT_APPEND, type CompareMode } from "../../compare/agent.js";
-import { parse, helpText, num, parseRate, workersWhen, UsageError, type CommandSpec } from "../args.js";
+import { jsonLine, printJson } from "../json.js";
+import { compareRecord } from "../records.js";
+import { parse, helpText, num, int, parseRate, workersWhen, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "compare-qemu",
@@ -17,8 +19,8 @@ export const spec: CommandSpec = {
     downtime: { type: "string", default: "300", help: "downtime target for both, ms (QEMU's downtime-limit)" },
     append: { type: "string", default: DEFAULT_APPEND, help: "guest kernel command line (pt_dirty=MiB/s, pt_dirty_ws=MiB, pt_read=0|1)" },
     "no-build": { type: "boolean", help: "fail instead of building the guest when it is missing" },
-    out: { type: "string", help: "also write the JSON result here" },
-    json: { type: "boolean", help: "print one JSON object (every run, with QEMU's query-migrate and pagetwin's stats)" },
+    out: { type: "string", help: "also write the JSON result here (pretty-printed)" },
+    json: { type: "boolean", help: "one JSON result on stdout: every run, with QEMU's query-migrate and pagetwin's stats (docs/JSON.md)" },
   },
   details: [
     "Needs root (ip netns, tc), qemu-system-x86_64 and the guest of scripts/build-guest.sh (built if missing).",
@@ -40,13 +42,13 @@ export async function run(argv: string[]): Promise<number> {
   for (const m of modes) if (!COMPARE_MODES.includes(m as CompareMode)) throw new UsageError(`--modes: unknown "${m}" (use ${COMPARE_MODES.join(", ")})`);
   const json = !!values.json;
   const r = await runComparison({
-    modes: modes as CompareMode[], repeat: num(values, "repeat", 1, 20), rate: values.rate as string,
-    memoryMiB: num(values, "memory-mib", 64, 8192), downtimeMs: num(values, "downtime", 1), append: values.append as string,
-    build: !values["no-build"], workers: num(values, "workers", 0, 16), workersWhen: workersWhen(values),
+    modes: modes as CompareMode[], repeat: int(values, "repeat", 1, 20), rate: values.rate as string,
+    memoryMiB: int(values, "memory-mib", 64, 8192), downtimeMs: num(values, "downtime", 1), append: values.append as string,
+    build: !values["no-build"], workers: int(values, "workers", 0, 16), workersWhen: workersWhen(values),
     ...(values["qemu-max-bandwidth"] ? { qemuMaxBandwidth: parseRate(values["qemu-max-bandwidth"] as string) } : {}), log: (m) => console.error(`compare-qemu: ${m}`),
   });
-  if (values.out) writeFileSync(values.out as string, JSON.stringify(r, null, 2));
-  if (json) console.log(JSON.stringify(r));
+  if (values.out) writeFileSync(values.out as string, JSON.stringify(JSON.parse(jsonLine("compare-qemu", "result", compareRecord(r))), null, 2));
+  if (json) printJson("compare-qemu", "result", compareRecord(r));
   else console.log(formatComparison(r));
   return r.runs.every((x) => x.status === "completed") ? 0 : 1;
 }

@@ -4,8 +4,10 @@ import { join, resolve } from "node:path";
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { runEmbeddedMigration, removeDir, type EmbeddedRunResult } from "../../demo/embedded-run.js";
-import { parse, helpText, num, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, num, int, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode, type CompressionStats } from "../../codec/compress.js";
+import { printJson } from "../json.js";
+import { demoRunRecord } from "../records.js";
 
 export const spec: CommandSpec = {
   name: "demo",
@@ -52,7 +54,7 @@ export async function run(argv: string[]): Promise<number> {
   if (argv.includes("--qemu")) return (await import("./compare-qemu.js")).run(argv.filter((a) => a !== "--qemu"));
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
-  const ramMiB = num(values, "ram-mib", 1, 3072);
+  const ramMiB = int(values, "ram-mib", 1, 3072);
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
   const bandwidth = parseRate(values.bandwidth as string);
@@ -64,7 +66,7 @@ export async function run(argv: string[]): Promise<number> {
     dir, ramMiB, twinShare: num(values, "twin-share", 0, 1), zeroShare: num(values, "zero-share", 0, 1),
     dirtyPagesPerSecond: num(values, "dirty-rate", 0), rewriteBlocksPerSecond: num(values, "rewrite-rate", 0),
   };
-  const convergence = { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1) };
+  const convergence = { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1) };
   const runOnly = values["run-only"] as string | undefined;
   if (runOnly !== undefined) {
     if (runOnly !== "baseline" && runOnly !== "pagetwin") throw new UsageError(`--run-only is baseline or pagetwin (got "${runOnly}")`);
@@ -73,7 +75,7 @@ export async function run(argv: string[]): Promise<number> {
     let r: EmbeddedRunResult;
     try {
       r = await runEmbeddedMigration({
-        vm, mode: runOnly, bandwidth, convergence, trace: !!values.trace, compress: runOnly === "pagetwin" ? compress : "off", workers: num(values, "workers", 0, 64),
+        vm, mode: runOnly, bandwidth, convergence, trace: !!values.trace, compress: runOnly === "pagetwin" ? compress : "off", workers: int(values, "workers", 0, 64),
         onIteration: (it) => progress(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
       });
     } finally {
@@ -123,7 +125,8 @@ export async function run(argv: string[]): Promise<number> {
     writeFileSync(tracePath, JSON.stringify({ format: "pagetwin-trace", version: 1, pages: ramMiB * 256, config, machine, runs: traces }));
   }
   if (json) {
-    console.log(JSON.stringify({ config, machine, runs, ratios, trace: tracePath }));
+    const ok = runs.every((r) => r.status === "completed" && r.verified);
+    printJson("demo", "result", { ok, config, machine, runs: runs.map(demoRunRecord), ratios: { "total-time": ratios.totalTime, downtime: ratios.downtime, transferred: ratios.transferredBytes }, ...(tracePath ? { trace: tracePath } : {}) });
   } else {
     const row = (k: string, f: (r: DemoRun) => string, ratio?: number) =>
       console.log(`${k.padEnd(22)}${f(b).padStart(16)}${f(p).padStart(16)}${ratio !== undefined ? `${ratio.toFixed(2).padStart(10)}x` : ""}`);

@@ -1,5 +1,6 @@
 import { DestinationAgent } from "../../agent/destination.js";
-import { parse, helpText, str, num, parseSize, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
+import { printJson } from "../json.js";
+import { parse, helpText, str, int, parseSize, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 
 export const spec: CommandSpec = {
   name: "listen",
@@ -17,7 +18,7 @@ export const spec: CommandSpec = {
     "device-incoming": { type: "string", help: "where this host's QEMU takes the device state that `pagetwin migrate` sends through the link (its migrate-incoming URI, tcp:127.0.0.1:PORT or unix:PATH; default: a free loopback port, told to the source)" },
     verify: { type: "string", default: "held", help: "RAM check at switchover: held (hashes of what was written) or reread (read the RAM file again)" },
     once: { type: "boolean", help: "exit after one migration by an authenticated source (exit code 0 if it completed); peers refused in the TLS handshake do not count" },
-    json: { type: "boolean", help: "print events as JSON lines (listening, result)" },
+    json: { type: "boolean", help: "NDJSON on stdout: a listening event, then a result per migration (docs/JSON.md)" },
   },
 };
 
@@ -26,7 +27,7 @@ export async function run(argv: string[]): Promise<number> {
   if (help) { console.log(helpText(spec)); return 0; }
   const agent = new DestinationAgent({
     ramPath: str(values, "ram"), createRam: !!values["create-ram"], imagePath: values.image as string | undefined,
-    indexPath: values.index as string | undefined, host: values.host as string, port: num(values, "port", 0, 65535),
+    indexPath: values.index as string | undefined, host: values.host as string, port: int(values, "port", 0, 65535),
     maxRamBytes: parseSize(values["max-ram"] as string, "--max-ram"),
     ...(values["device-incoming"] ? { deviceIncoming: values["device-incoming"] as string } : {}),
     log: (m) => { if (!values.json) console.error(m); },
@@ -34,12 +35,13 @@ export async function run(argv: string[]): Promise<number> {
     verify: values.verify === "reread" ? "reread" : values.verify === "held" ? "held" : (() => { throw new UsageError("--verify is held or reread"); })(),
   });
   const port = await agent.listen();
-  if (values.json) console.log(JSON.stringify({ event: "listening", host: values.host, port }));
+  if (values.json) printJson("listen", "listening", { host: values.host, port });
   else console.error(`pagetwin listen: waiting for a migration on ${values.host}:${port}`);
   for (;;) {
     const r = await agent.nextResult();
-    if (values.json) console.log(JSON.stringify({ event: "result", ...r }));
-    else console.error(`pagetwin listen: migration ${r.status}: ${r.pagesWritten} pages written, ${r.twinsVerified} twins verified from the NAS, ${r.twinsRejected} refetched${r.error ? `; ${r.error}` : ""}`);
+    if (values.json) printJson("listen", "result", { ok: r.status === "completed", ...r, ...(r.status === "completed" ? {} : { errorCode: "PAGETWIN_MIGRATION_FAILED" }) });
+    // a failure's reason was logged as it happened: the summary does not repeat it
+    else console.error(`pagetwin listen: migration ${r.status}${r.error ? " (see above)" : ""}: ${r.pagesWritten} pages written, ${r.twinsVerified} twins verified from the NAS, ${r.twinsRejected} refetched`);
     if (values.once) {
       agent.close();
       return r.status === "completed" ? 0 : 1;

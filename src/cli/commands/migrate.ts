@@ -2,7 +2,10 @@ import { QmpClient } from "../../adapters/qemu/qmp.js";
 import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../agent/qemu.js";
 import type { ConvergenceOptions } from "../../plan/convergence.js";
 import { parseEndpoint } from "../../link/endpoint.js";
-import { parse, helpText, str, num, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, workersWhen, UsageError, type CommandSpec } from "../args.js";
+import { Progress } from "../progress.js";
+import { errorText, failureRecord, printJson } from "../json.js";
+import { migrateRecord } from "../records.js";
+import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, workersWhen, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 
 export const spec: CommandSpec = {
@@ -27,7 +30,7 @@ export const spec: CommandSpec = {
     workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
     "workers-when": { type: "string", default: "always", help: "always, or switchover: workers hash only the final pass, with the guest stopped (on a host with few cores they slow the live passes, where they compete with the agent's own thread)" },
     ...securityOptions("destination agent", false),
-    json: { type: "boolean", help: "print one JSON object (stats named as query-migrate's)" },
+    json: { type: "boolean", help: "NDJSON on stdout: progress events, then one result named as query-migrate's (docs/JSON.md); messages still go to stderr" },
   },
   details: [
     "Both QEMUs need their RAM in a shared file: -machine memory-backend=mem -object",
@@ -56,7 +59,10 @@ export async function run(argv: string[]): Promise<number> {
   if (onCap !== "switchover" && onCap !== "abort") throw new UsageError("--on-cap is switchover or abort");
   const incoming = values.incoming as string | undefined;
   if (incoming !== undefined && !/^(tcp|unix|rdma|exec|fd):/.test(incoming)) throw new UsageError(`--incoming must be a QEMU migration URI such as tcp:HOST:PORT (got "${incoming}")`);
-  const convergence: ConvergenceOptions = { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap };
+  const convergence: ConvergenceOptions = { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1), onCap };
+  const workers = int(values, "workers", 0, 64);
+  const sec = security(values);
+  const progress = new Progress("migrate", { json });
   const bandwidth = parseRate(values.bandwidth as string);
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
@@ -74,20 +80,20 @@ export async function run(argv: string[]): Promise<number> {
     const r = await migrateQemuAgentMode({
       source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
       image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
-      bandwidth, convergence, workers: num(values, "workers", 0, 64), workersWhen: workersWhen(values), compress,
+      bandwidth, convergence, workers, workersWhen: workersWhen(values), compress, ...sec,
       startedAt: 0, // performance.now() counts from this process's start: total-time is the command's, as QEMU's is its migrate's
-      ...security(values),
-      onIteration: (it) => {
-        if (!json) console.error(`iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`);
-      },
+      onIteration: (it) => progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
+        `iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`),
       log: (m) => { if (!json) console.error(`pagetwin migrate: ${m}`); },
     });
     print(r, json);
     return 0;
   } catch (err) {
     if (err instanceof AgentMigrationError) {
-      print(err.result, json);
-      if (!json) console.error(err.message);
+      // the message (what failed, the source VM's state, what to do) always goes to stderr, --json or not
+      console.error(errorText(err));
+      if (json) printJson("migrate", "result", failureRecord(err, migrateRecord(err.result)));
+      else print(err.result, false);
       return 1;
     }
     throw err;
@@ -99,7 +105,7 @@ export async function run(argv: string[]): Promise<number> {
 
 function print(r: AgentMigrationResult, json: boolean): void {
   if (json) {
-    console.log(JSON.stringify(r));
+    printJson("migrate", "result", migrateRecord(r));
     return;
   }
   const dev = r.device ? `; device state ${fmtBytes(r.device.transferred)} by QEMU in ${r.device["total-time"]} ms` : "";

@@ -1,10 +1,13 @@
 import { writeFileSync } from "node:fs";
-import { openNasIndex } from "../../adapters/nas/index-file.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
 import { migrateSource, MigrationError } from "../../agent/source.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
-import { parse, helpText, str, num, parseRate, fmtBytes, progress, securityOptions, security, warnIfInsecure, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, UsageError, type CommandSpec } from "../args.js";
+import { Progress } from "../progress.js";
+import { errorText, failureRecord, printJson } from "../json.js";
+import { openImageIndex } from "../image-index.js";
+import { sendRecord } from "../records.js";
 
 export const spec: CommandSpec = {
   name: "send",
@@ -23,7 +26,7 @@ export const spec: CommandSpec = {
     "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
     trace: { type: "string", help: "write a per-iteration trace (JSON) here" },
     ...securityOptions("destination agent", false),
-    json: { type: "boolean", help: "print one JSON object (stats named as query-migrate's)" },
+    json: { type: "boolean", help: "NDJSON on stdout: progress events, then one result named as query-migrate's (docs/JSON.md)" },
   },
   details: "Without a hypervisor to stop, the RAM file is taken as it is at switchover; use `pagetwin migrate`\nfor a QEMU VM.",
 };
@@ -37,26 +40,38 @@ export async function run(argv: string[]): Promise<number> {
   if (onCap !== "switchover" && onCap !== "abort") throw new UsageError("--on-cap is switchover or abort");
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
-  const nas = await openNasIndex(str(values, "image"), { indexPath: values.index as string | undefined, onProgress: progress("indexing") });
-  const ram = RamFile.open(str(values, "ram"));
+  const bandwidth = parseRate(values.bandwidth as string);
+  const convergence = { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1), onCap } as const;
+  const json = !!values.json;
+  const sec = security(values);
+  const progress = new Progress("send", { json });
+  const nas = await openImageIndex(str(values, "image"), progress, { indexPath: values.index as string | undefined });
+  let ram: RamFile;
+  try {
+    ram = RamFile.open(str(values, "ram"));
+  } catch (err) {
+    nas.image.close();
+    throw err;
+  }
   try {
     const r = await migrateSource({
       engine: nas.engine, index: values["no-dedup"] ? null : nas.index, indexId: nas.header.indexId, ram,
       vm: { pause: async () => {}, resume: async () => {} },
-      ...(to.kind === "unix" ? { host: "", port: 0, socketPath: to.path } : { host: to.host, port: to.port }), bandwidth: parseRate(values.bandwidth as string),
-      convergence: { downtimeMs: num(values, "downtime", 1), maxIterations: num(values, "max-iterations", 1), onCap },
-      trace: !!values.trace, compress,
+      ...(to.kind === "unix" ? { host: "", port: 0, socketPath: to.path } : { host: to.host, port: to.port }), bandwidth,
+      convergence, trace: !!values.trace, compress, ...sec,
       startedAt: 0, // performance.now() counts from this process's start: total-time is the command's
-      ...security(values),
-      onIteration: (it) => { if (!values.json) console.error(`iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`); },
+      onIteration: (it) => progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
+        `iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`),
     });
     if (values.trace) writeFileSync(values.trace as string, JSON.stringify({ format: "pagetwin-trace", version: 1, pages: ram.pages, runs: [{ mode: r.mode, result: { ...r, iterationLog: undefined }, iterations: r.iterationLog }] }));
-    print(r, !!values.json);
+    print(r, json);
     return 0;
   } catch (err) {
     if (err instanceof MigrationError) {
-      print(err.result, !!values.json);
-      if (!values.json) console.error(err.message);
+      // the message for people always goes to stderr, --json or not
+      console.error(errorText(err));
+      if (json) printJson("send", "result", failureRecord(err, sendRecord(err.result)));
+      else print(err.result, false);
       return 1;
     }
     throw err;
@@ -68,7 +83,7 @@ export async function run(argv: string[]): Promise<number> {
 
 function print(r: import("../../agent/source.js").MigrationResult, json: boolean): void {
   if (json) {
-    console.log(JSON.stringify({ ...r, iterationLog: r.iterationLog.map((i) => ({ ...i, pageMap: undefined })) }));
+    printJson("send", "result", sendRecord(r));
     return;
   }
   console.log(`status ${r.status}; total-time ${r.totalTimeMs.toFixed(0)} ms, downtime ${r.downtimeMs.toFixed(0)} ms, transferred ${fmtBytes(r.transferredBytes)}, ${r.iterations} iterations; pages: ${r.pages.normal} normal, ${r.pages.twin} twin, ${r.pages.zero} zero, ${r.pages.resent} resent; RAM digest ${r.verified ? "verified" : "NOT verified"}`);

@@ -3,6 +3,8 @@
 
 import { parseCompressionMode, type CompressionMode } from "../../codec/compress.js";
 import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
+import { errorText, failureRecord, printJson } from "../json.js";
+import { Progress } from "../progress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
 import { streamIn } from "../../stream/in.js";
 import { streamOut } from "../../stream/out.js";
@@ -10,8 +12,8 @@ import type { StreamStats } from "../../stream/stats.js";
 
 const common: CommandSpec["options"] = {
   keep: { type: "boolean", help: "serve further migrations instead of exiting after the first" },
-  json: { type: "boolean", help: "print the stats as JSON on stdout" },
-  quiet: { type: "boolean", help: "no progress lines on stderr" },
+  json: { type: "boolean", help: "NDJSON on stdout: progress events, then the stats as one result (docs/JSON.md)" },
+  quiet: { type: "boolean", help: "no log or progress lines on stderr, no progress events" },
 };
 
 const SECURITY_NOTE = `Security of the link (docs/SECURITY.md): give both proxies the same --psk-file (TLS-PSK),
@@ -74,9 +76,15 @@ function listenAt(v: string | undefined, defHost: string, defPort: number): { li
   return e.kind === "unix" ? { listenSocket: e.path } : { listenHost: e.host, listenPort: e.port };
 }
 
+/** The stats as --json prints them: StreamStats, with its wall time named as every command's (elapsedMs). */
+function record(stats: StreamStats): object {
+  const { ms, ...rest } = stats;
+  return { ok: !stats.error, ...rest, elapsedMs: ms };
+}
+
 function report(stats: StreamStats, json: boolean): void {
   if (json) {
-    process.stdout.write(JSON.stringify(stats) + "\n");
+    printJson(stats.role, "result", stats.error ? failureRecord(new Error(stats.error), record(stats)) : record(stats));
     return;
   }
   const mb = (n: number) => (n / 1e6).toFixed(1) + " MB";
@@ -101,37 +109,58 @@ function report(stats: StreamStats, json: boolean): void {
 
 type Values = Record<string, string | boolean | undefined>;
 
-const prefixed = (msg: string) => (msg.startsWith("pagetwin") ? msg : `pagetwin: ${msg}`);
+const SIGNALS = { SIGINT: 2, SIGTERM: 15 } as const;
+
+/** The proxy's live counters as progress: while bytes move, at most once a second. */
+function watch(proxy: { stats: StreamStats }, progress: Progress): () => void {
+  let seen = -1;
+  const t = setInterval(() => {
+    const s = proxy.stats;
+    const moved = s.bytesFromQemu + s.bytesToQemu;
+    if (moved === seen) return;
+    seen = moved;
+    progress.status("stream", { sessions: s.sessions, pagesSeen: s.pagesSeen, zeroPages: s.zeroPages, twinsReplaced: s.twinsReplaced, bytesFromQemu: s.bytesFromQemu, bytesToQemu: s.bytesToQemu, bytesOutLink: s.bytesOutLink, bytesInLink: s.bytesInLink },
+      `${s.role}: ${s.pagesSeen} pages, ${s.twinsReplaced} as references; ${(Math.max(s.bytesFromQemu, s.bytesToQemu) / 1e6).toFixed(1)} MB of QEMU's stream, ${(Math.max(s.bytesOutLink, s.bytesInLink) / 1e6).toFixed(1)} MB on the link`);
+  }, 1000);
+  t.unref();
+  return () => { clearInterval(t); progress.closeBar(); };
+}
 
 async function run(argv: string[], spec: CommandSpec,
-  start: (v: Values, log: (m: string) => void) => Promise<{ done: Promise<StreamStats>; close(): Promise<void> }>): Promise<number> {
-  let v: Values;
-  try {
-    const p = parse(spec, argv);
-    if (p.help) {
-      process.stdout.write(helpText(spec) + "\n");
-      return 0;
-    }
-    v = p.values;
-  } catch (err) {
-    process.stderr.write(`${prefixed((err as Error).message)}\n`);
-    return 2;
+  start: (v: Values, log: (m: string) => void) => Promise<{ stats: StreamStats; done: Promise<StreamStats>; close(): Promise<void> }>): Promise<number> {
+  const p = parse(spec, argv);
+  if (p.help) {
+    process.stdout.write(helpText(spec) + "\n");
+    return 0;
   }
+  const v = p.values;
+  const json = Boolean(v["json"]);
   const log = v["quiet"] ? () => {} : (m: string) => process.stderr.write(`[pagetwin] ${m}\n`);
-  let proxy;
-  try {
-    proxy = await start(v, log);
-  } catch (err) {
-    process.stderr.write(`${prefixed((err as Error).message)}\n`);
-    return err instanceof UsageError ? 2 : 1;
-  }
-  const onSig = () => { void proxy.close(); };
+  // taken before the proxy starts: it says "listening" as it starts, and a signal may follow at once
+  let stoppedBy: keyof typeof SIGNALS | null = null;
+  let proxy: Awaited<ReturnType<typeof start>> | null = null;
+  const onSig = (sig: keyof typeof SIGNALS) => { stoppedBy ??= sig; void proxy?.close(); };
   process.once("SIGINT", onSig);
   process.once("SIGTERM", onSig);
-  const stats = await proxy.done;
-  process.off("SIGINT", onSig);
-  process.off("SIGTERM", onSig);
-  report(stats, Boolean(v["json"]));
+  let stats: StreamStats;
+  try {
+    proxy = await start(v, log);
+    if (stoppedBy) void proxy.close();
+    const unwatch = watch(proxy, new Progress(spec.name, { json, quiet: Boolean(v["quiet"]) }));
+    stats = await proxy.done;
+    unwatch();
+  } finally {
+    process.off("SIGINT", onSig);
+    process.off("SIGTERM", onSig);
+  }
+  // a one-shot proxy stopped before its migration ended did not migrate anything: that is no success
+  if (stoppedBy && !v["keep"] && !stats.error) {
+    stats.error = `stopped by ${stoppedBy} before ${stats.sessions ? "the migration ended" : "any migration"}`;
+  }
+  if (stats.error) process.stderr.write(`${errorText(new Error(`${stats.role}: ${stats.error}`))}\n`);
+  report(stats, json);
+  if (stoppedBy && !v["keep"]) return 128 + SIGNALS[stoppedBy];
+  if (!stats.error && exitStatus(stats) !== 0) process.stderr.write(`${stats.role}: the migration stream was not verified end to end (verdict: ${stats.verdict ?? "unknown"})\n`);
   return exitStatus(stats);
 }
 

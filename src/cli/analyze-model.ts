@@ -1,0 +1,152 @@
+// What `pagetwin analyze` predicts for an agent-mode migration of a RAM file:
+// the first round's frames (pages in full, compressed as agent mode would
+// compress them: its codec and its CompressionPolicy, frame by frame; twins as
+// references; zero pages as page numbers), and a time
+// made of the parts this host can measure (the scan of RAM, the compressor,
+// the link at the given bandwidth). What it cannot see is listed, not guessed.
+
+import { CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
+import { MAX_REFS, REF_SIZE } from "../agent/protocol.js";
+import { PAGE_SIZE } from "../core/engine.js";
+import type { RamFile } from "../adapters/ram/ram-file.js";
+
+/** Frames of full pages, as the agent sends them: up to 256 pages, never across a 4096-page window. */
+const FRAME_PAGES = 256;
+const WINDOW_PAGES = 4096;
+/** At most this many frames are compressed, in stretches of consecutive frames spread over RAM (the policy's memory spans a few frames). */
+const SAMPLE_FRAMES = 1024;
+const STRETCH = 32;
+/** Frame envelope (length, type, CRC) and the page count of a Pages/Refs/Zeros frame. */
+const FRAME_BYTES = 4 + 1 + 4 + 4;
+
+export interface CompressionSample {
+  mode: CompressionMode;
+  algorithm: CompressionAlgorithm | null;
+  /** Frames of pages sent in full, and how many of them were compressed as the agent would. */
+  frames: number;
+  sampledFrames: number;
+  framesCompressed: number;
+  /** Bytes out / page bytes in over the sampled frames, raw frames included (1: nothing compressed). */
+  ratio: number;
+  /** The compressor's best rate on a frame, MB/s of page data. */
+  compressMBs: number;
+  /** Compressing all the frames the agent would compress, at the sampled rates, ms. */
+  compressMs: number;
+  used: boolean;
+  why: string;
+}
+
+/** The frames agent mode makes of one round's pages in full (`send`, ascending): [start, end) into `send`. */
+function frames(send: Uint32Array): [number, number][] {
+  const out: [number, number][] = [];
+  for (let i = 0; i < send.length;) {
+    const windowEnd = (Math.floor(send[i]! / WINDOW_PAGES) + 1) * WINDOW_PAGES;
+    let j = i;
+    while (j < send.length && j - i < FRAME_PAGES && send[j]! < windowEnd) j++;
+    out.push([i, j]);
+    i = j;
+  }
+  return out;
+}
+
+/** Which frames to compress: all, or stretches of consecutive ones spread evenly. */
+function sampleFrames(n: number): number[] {
+  if (n <= SAMPLE_FRAMES) return [...Array(n).keys()];
+  const stretches = SAMPLE_FRAMES / STRETCH;
+  const out: number[] = [];
+  for (let s = 0; s < stretches; s++) {
+    const first = Math.floor((s * (n - STRETCH)) / (stretches - 1));
+    for (let k = 0; k < STRETCH; k++) out.push(first + k);
+  }
+  return out;
+}
+
+/**
+ * Runs the agent's own CompressionPolicy over the frames the agent would send
+ * (a sample of them on large RAM), compressing with the codec it would use, with
+ * the link at `bandwidth`: the frames it would compress, and what they become.
+ */
+export function sampleCompression(ram: RamFile, send: Uint32Array, mode: CompressionMode, bandwidth: number): CompressionSample {
+  const algorithm = mode === "off" ? null : mode === "auto" ? availableAlgorithms()[0]! : mode;
+  const all = frames(send);
+  const none = (why: string): CompressionSample => ({ mode, algorithm, frames: all.length, sampledFrames: 0, framesCompressed: 0, ratio: 1, compressMBs: 0, compressMs: 0, used: false, why });
+  if (!algorithm) return none("compression off");
+  if (send.length === 0) return none("no page travels in full");
+  const c = createCompressor(algorithm);
+  const policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth });
+  const buf = new Uint8Array(FRAME_PAGES * PAGE_SIZE);
+  const dst = new Uint8Array(c.bound(buf.length));
+  c.compressChunks([buf.subarray(0, PAGE_SIZE)], dst); // the first call sets the compressor up: not part of its rate
+  let rawBytes = 0, outBytes = 0, compressed = 0, ms = 0, best = 0;
+  const picked = sampleFrames(all.length);
+  for (const f of picked) {
+    const [a, b] = all[f]!;
+    const n = b - a, raw = n * PAGE_SIZE;
+    for (let k = 0; k < n; k++) ram.readPages(send[a + k]!, 1, buf.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE));
+    let got = -1, took = 0;
+    if (policy.decide() === "compress") {
+      const t0 = performance.now();
+      got = c.compressChunks(contiguousRuns(n, (k) => buf.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)), dst);
+      took = performance.now() - t0;
+      if (got > raw * policy.maxRatio) got = -1;
+      policy.recordCompress(raw, got >= 0 ? got : raw, took);
+      ms += took;
+      best = Math.max(best, raw / Math.max(took / 1000, 1e-6));
+    }
+    const out = got >= 0 ? got : raw;
+    const sendMs = (out / bandwidth) * 1000;
+    if (got < 0) policy.recordSend(out, sendMs);
+    if (got >= 0) compressed++;
+    rawBytes += raw;
+    outBytes += out;
+  }
+  const ratio = outBytes / rawBytes;
+  const scale = all.length / picked.length;
+  const sample = { mode, algorithm, frames: all.length, sampledFrames: picked.length, framesCompressed: Math.round(compressed * scale), ratio, compressMBs: best / 1e6, compressMs: ms * scale };
+  if (compressed === 0) return { ...sample, used: false, why: `the agent's policy (${mode}) would send every frame raw at this bandwidth` };
+  return { ...sample, used: true, why: `${algorithm}: ${compressed} of ${picked.length} frames compressed, to ${(ratio * 100).toFixed(0)}% of the page bytes overall` };
+}
+
+export interface FirstRound {
+  normal: number;
+  twin: number;
+  /** Dirty zero pages (a page number each). */
+  zero: number;
+}
+
+/** Bytes agent mode puts on the link for one round: frames of full pages (compressed or not), references, zero page lists. */
+export function roundBytes(r: FirstRound, c: CompressionSample): { bytes: number; uncompressedBytes: number } {
+  const headers = (n: number, per: number) => Math.ceil(n / per) * FRAME_BYTES;
+  const index = 4 * r.normal + headers(r.normal, FRAME_PAGES);
+  const refs = REF_SIZE * r.twin + headers(r.twin, MAX_REFS);
+  const zeros = 4 * r.zero + headers(r.zero, MAX_REFS);
+  const full = r.normal * PAGE_SIZE;
+  return {
+    bytes: Math.round(index + refs + zeros + (c.used ? full * c.ratio : full)),
+    uncompressedBytes: index + refs + zeros + full,
+  };
+}
+
+export interface TimeModel {
+  /** The modelled total, ms: round 1 (scan, compressor and link overlapped: the slowest of them), a sampled pass (1/32 of a scan), the final round's scan. */
+  ms: number;
+  linkMs: number;
+  scanMs: number;
+  compressMs: number;
+}
+
+/** Agent mode re-hashes all of RAM every round (it has no dirty bitmap); an idle guest converges after one live round. */
+export function modelTime(bytes: number, bandwidth: number, scanMs: number, c: CompressionSample): TimeModel {
+  const linkMs = (bytes / bandwidth) * 1000;
+  const compressMs = c.compressMs;
+  const round1 = Math.max(linkMs, scanMs, compressMs);
+  return { ms: round1 + scanMs / 32 + scanMs, linkMs, scanMs, compressMs };
+}
+
+/** What the modelled time leaves out, said plainly. */
+export const LEAVES_OUT = [
+  "pages the guest writes while it migrates (each costs another round)",
+  "set-up: connecting, the TLS handshake, the destination hashing its RAM file once, building the block index if it is not current",
+  "the destination reading and checking each twin's NAS block (assumed to keep up with the link)",
+  "QEMU's device state step (agent mode) and its own set-up",
+];
