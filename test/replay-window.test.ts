@@ -53,4 +53,8 @@ test("replay window: a slot still held is never overwritten, and a slot answers 
   same(w.get(4), page(4));
   w.release(1, 5);
   assert.equal(w.retainedBytes, 0);
+  // the default budget (twice the pages' own bytes, 32 KiB here) keeps a view of a 2-page chunk
+  const chunk = Buffer.alloc(2 * PAGE, 9);
+  w.hold(5, chunk.subarray(0, PAGE));
+  assert.equal(w.get(5).buffer, chunk.buffer, "a view within the default budget");
 });
