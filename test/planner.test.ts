@@ -75,6 +75,12 @@ test("convergence: a sampled estimate of the next round lets the first round swi
   // the first round sent all of RAM: on its own bytes it never switches over
   const first = { iteration: 1, wireBytes: 500e6, scanMs: 120, bytesPerSecond: 125e6, totalBytes: 500e6, ramBytes: 512e6 };
   assert.equal(p.decide(first).action, "continue");
+  // not even a first round small and fast enough to fit the target (1 ms scan, 1 MB at 1 GB/s = 2 ms):
+  // its bytes are all of RAM and say nothing about what the guest dirties meanwhile
+  const fits = { iteration: 1, wireBytes: 1e6, scanMs: 1, bytesPerSecond: 1e9, totalBytes: 1e6, ramBytes: 1e6 };
+  assert.equal(new ConvergencePolicy({ downtimeMs: 300 }).decide(fits).action, "continue");
+  // the same bytes measured in round 2 do switch over (the rule itself is not what keeps round 1 going)
+  assert.equal(new ConvergencePolicy({ downtimeMs: 300 }).decide({ ...fits, iteration: 2 }).action, "switchover");
   // a sample says 3 MB are dirty: 120 + 24 ms
   assert.deepEqual(p.decide({ ...first, nextRoundBytes: 3e6 }), { action: "switchover", reason: "converged", expectedDowntimeMs: 144 });
   // a sample says 40 MB are dirty: 120 + 320 ms, over the target

@@ -34,3 +34,27 @@ test("replay window: pages held as views of their chunk, counted once per chunk,
   w.hold(9, chunks[1]!.subarray(PAGE, 2 * PAGE));
   same(w.get(9), chunks[1]!.subarray(PAGE, 2 * PAGE));
 });
+
+test("replay window: a slot still held is never overwritten, and a slot answers only for its own reference", () => {
+  const w = new ReplayWindow(4);
+  const page = (v: number) => Buffer.alloc(PAGE, v);
+  for (let s = 0; s < 4; s++) w.hold(s, page(s));
+  // reference #4 would take #0's slot while #0 is unacknowledged: refused, #0 kept
+  assert.throws(() => w.hold(4, page(4)), /replay window \(4 pages\) is full: page #4 would overwrite #0/);
+  same(w.get(0), page(0));
+  // acknowledged: the slot is free for #4, and #0 is gone (the slot does not answer for it with #4's page)
+  w.release(0, 1);
+  w.hold(4, page(4));
+  same(w.get(4), page(4));
+  assert.throws(() => w.get(0), /page #0 is not in the replay window/);
+  assert.throws(() => w.get(8), /page #8 is not in the replay window/);
+  // releasing an old range again lets go of nothing newer
+  w.release(0, 1);
+  same(w.get(4), page(4));
+  w.release(1, 5);
+  assert.equal(w.retainedBytes, 0);
+  // the default budget (twice the pages' own bytes, 32 KiB here) keeps a view of a 2-page chunk
+  const chunk = Buffer.alloc(2 * PAGE, 9);
+  w.hold(5, chunk.subarray(0, PAGE));
+  assert.equal(w.get(5).buffer, chunk.buffer, "a view within the default budget");
+});

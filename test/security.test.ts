@@ -13,7 +13,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createEngine } from "../src/index.js";
 import { SecurityError } from "../src/errors.js";
-import { loadKey } from "../src/link/security.js";
+import * as net from "node:net";
+import * as tls from "node:tls";
+import { clientOptions, loadKey } from "../src/link/security.js";
+import { jsonFrame } from "../src/wire/envelope.js";
+import { FrameType, PROTOCOL_VERSION } from "../src/agent/protocol.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent, type DestinationOptions } from "../src/agent/destination.js";
 import { migrateSource, MigrationError, type MigrationResult, type SourceOptions, type VmControl } from "../src/agent/source.js";
@@ -242,6 +246,63 @@ test("TLS: a source with a certificate from elsewhere, without TLS, or with anot
   const wrongKey = await migrate({ src: { psk: randomBytes(32) }, dst: psk });
   assertRefused(wrongKey, "another key");
   assert.match(wrongKey.r.error!, /TLS handshake failed .*same --psk-file/);
+});
+
+/** A Hello as a source sends it first (what an impostor would follow the handshake with). */
+const hello = () => jsonFrame(FrameType.Hello, { version: PROTOCOL_VERSION, pages: PAGES, pageSize: 4096, dedup: false, indexId: null });
+
+/** Connects a raw client, sends a Hello as soon as it can, resolves with what came back once the connection is over. */
+function impostor(port: number, how: "plain" | "other-key" | "no-psk"): Promise<{ got: Buffer; secured: boolean }> {
+  return new Promise((resolve) => {
+    const got: Buffer[] = [];
+    let secured = false;
+    const s: net.Socket = how === "plain"
+      ? net.connect(port, "127.0.0.1", () => s.write(hello()))
+      : tls.connect({
+        port, host: "127.0.0.1",
+        // another 32-byte key under the same identity; or a plain TLS client that offers no PSK at all
+        ...(how === "other-key" ? clientOptions({ kind: "psk", key: randomBytes(32) }, "127.0.0.1") : { rejectUnauthorized: false }),
+      }, () => { secured = true; s.write(hello()); });
+    s.on("data", (d: Buffer) => got.push(d));
+    s.on("error", () => {});
+    s.on("close", () => resolve({ got: Buffer.concat(got), secured }));
+    setTimeout(() => s.destroy(), 5000).unref();
+  });
+}
+
+test("the destination refuses by itself a peer with another key, no PSK, or plain TCP: nothing opened, no session, counted as refused; a real source then gets through", async () => {
+  const dir = mkdtempSync(join(work, "impostor-"));
+  const dstRam = join(dir, "dst-ram");
+  let verifiedCalls = 0;
+  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, onVerified: async () => { verifiedCalls++; }, ...psk });
+  const port = await agent.listen();
+  try {
+    for (const how of ["other-key", "no-psk", "plain"] as const) {
+      const before = agent.refused.length;
+      const x = await impostor(port, how);
+      for (const t = Date.now(); agent.refused.length === before && Date.now() - t < 3000;) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(x.secured, false, `${how}: the TLS handshake completed for the impostor`);
+      assert.equal(x.got.indexOf(Buffer.from("HelloAck")), -1, `${how}: the impostor was answered`);
+      assert.equal(agent.refused.length, before + 1, `${how}: the destination counted the refused peer`);
+      assert.match(agent.refused.at(-1)!, /failed the TLS handshake/, how);
+      assert.equal(agent.results.length, 0, `${how}: a migration session began`);
+      assert.equal(existsSync(dstRam), false, `${how}: the destination created its RAM file`);
+    }
+    // the same agent takes the real source next
+    const srcRam = join(dir, "src-ram");
+    writeFileSync(srcRam, randomBytes(PAGES * 4096));
+    const ram = RamFile.open(srcRam);
+    try {
+      const r = await migrateSource({ engine: await createEngine(), index: null, indexId: null, ram, vm: vmStub(), host: "127.0.0.1", port, bandwidth: 0, ...psk });
+      assert.equal(r.status, "completed", r.error);
+    } finally {
+      ram.close();
+    }
+    assert.equal(verifiedCalls, 1);
+    assert.deepEqual(readFileSync(dstRam), readFileSync(srcRam));
+  } finally {
+    agent.close();
+  }
 });
 
 test("a destination agent without key, certificates or insecure refuses to start (SecurityError PAGETWIN_SECURITY)", () => {

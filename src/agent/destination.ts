@@ -187,7 +187,7 @@ export class DestinationAgent {
           case FrameType.Pages: {
             const { pages, data } = decodePages(f, s.pages);
             writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
-            this.holdHashesOf(s, pages, data, scratch, hashes);
+            this.holdWritten(s, pages, scratch, hashes);
             r.pagesWritten += pages.length;
             break;
           }
@@ -204,21 +204,15 @@ export class DestinationAgent {
             const data = scratch.view(0, n * PAGE_SIZE);
             d.decompressInto(packed, data);
             writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
-            s.engine.hashPagesAt(scratch.ptr, n, hashes.ptr);
-            const hv = hashes.view(), held = s.held.view();
-            for (let k = 0; k < n; k++) held.set(hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE), pages[k]! * HASH_SIZE);
+            this.holdWritten(s, pages, scratch, hashes);
             r.pagesWritten += n;
             r.pagesDecompressed += n;
             break;
           }
           case FrameType.Zeros: {
             const pages = decodePageList(f, s.pages, "Zeros");
-            const z = s.engine.zeroPageHash();
-            const held = s.held.view();
-            for (const p of pages) {
-              s.ram.writePages(p, zero);
-              held.set(z, p * HASH_SIZE);
-            }
+            for (const p of pages) s.ram.writePages(p, zero);
+            this.holdWritten(s, pages, scratch, hashes);
             r.zeroPages += pages.length;
             break;
           }
@@ -234,9 +228,9 @@ export class DestinationAgent {
               if (ok[i]) good.push(i);
               else s.resend.push(pages[i]!);
             }
-            writeRuns(s.ram, Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
-            const held = s.held.view();
-            for (const i of good) held.set(want.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE), pages[i]! * HASH_SIZE);
+            const written = Uint32Array.from(good, (i) => pages[i]!);
+            writeRuns(s.ram, written, (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
+            this.holdWritten(s, written, scratch, hashes);
             r.twinsVerified += good.length;
             r.twinsRejected += pages.length - good.length;
             break;
@@ -366,11 +360,22 @@ export class DestinationAgent {
     }
   }
 
-  /** Records the hashes of pages just written from `data` (in 4096-page batches through scratch). */
-  private holdHashesOf(s: Session, pages: Uint32Array, data: Uint8Array, scratch: Region, hashes: Region): void {
+  /**
+   * Records the hashes of pages just written, read back from the RAM file:
+   * the digest at switchover then vouches for what this agent wrote where it
+   * wrote it, not for what it meant to write (a page written to the wrong
+   * place or from the wrong buffer cannot pass). Runs of consecutive pages are
+   * read in one call, in batches of the scratch's 4096 pages.
+   */
+  private holdWritten(s: Session, pages: Uint32Array, scratch: Region, hashes: Region): void {
     for (let i = 0; i < pages.length; i += 4096) {
       const n = Math.min(4096, pages.length - i);
-      scratch.view(0, n * PAGE_SIZE).set(data.subarray(i * PAGE_SIZE, (i + n) * PAGE_SIZE));
+      for (let k = 0; k < n;) {
+        let j = k + 1;
+        while (j < n && pages[i + j] === pages[i + j - 1]! + 1) j++;
+        s.ram.readPages(pages[i + k]!, j - k, scratch.view(k * PAGE_SIZE, (j - k) * PAGE_SIZE));
+        k = j;
+      }
       s.engine.hashPagesAt(scratch.ptr, n, hashes.ptr);
       const hv = hashes.view(), held = s.held.view();
       for (let k = 0; k < n; k++) held.set(hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE), pages[i + k]! * HASH_SIZE);

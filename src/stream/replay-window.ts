@@ -10,6 +10,8 @@ import { PAGE_SIZE } from "../core/engine.js";
 
 export class ReplayWindow {
   private readonly pages: (Uint8Array | undefined)[];
+  /** The reference number each slot holds: a slot reused too early must never answer for an older reference. */
+  private readonly seqs: Float64Array;
   /** Pages held per underlying buffer. */
   private readonly holders = new Map<ArrayBufferLike, number>();
   /** Bytes of the distinct buffers held. */
@@ -18,23 +20,29 @@ export class ReplayWindow {
   /** `size` pages at most; `budget` bytes of buffers held at most (default: twice the pages' own bytes). */
   constructor(readonly size: number, readonly budget = 2 * size * PAGE_SIZE) {
     this.pages = new Array<Uint8Array | undefined>(size);
+    this.seqs = new Float64Array(size);
   }
 
   /** Keeps `page` (4096 bytes, not changed afterwards by its owner) as reference #seq. */
   hold(seq: number, page: Uint8Array): void {
+    const slot = seq % this.size;
+    // the caller sends a page raw when the window is full; overwriting an unacknowledged page would lose it
+    if (this.pages[slot]) throw new RangeError(`pagetwin stream-out: the replay window (${this.size} pages) is full: page #${seq} would overwrite #${this.seqs[slot]}`);
     let p = page;
     // a copy of its own (not Buffer#slice, which is a view)
     if (!this.holders.has(p.buffer) && this.retainedBytes + p.buffer.byteLength > this.budget) p = new Uint8Array(p);
     const n = this.holders.get(p.buffer) ?? 0;
     if (n === 0) this.retainedBytes += p.buffer.byteLength;
     this.holders.set(p.buffer, n + 1);
-    this.pages[seq % this.size] = p;
+    this.pages[slot] = p;
+    this.seqs[slot] = seq;
   }
 
   /** Reference #seq's page (it must be held). */
   get(seq: number): Uint8Array {
-    const p = this.pages[seq % this.size];
-    if (!p) throw new RangeError(`pagetwin stream-out: page #${seq} is not in the replay window`);
+    const i = seq % this.size;
+    const p = this.pages[i];
+    if (!p || this.seqs[i] !== seq) throw new RangeError(`pagetwin stream-out: page #${seq} is not in the replay window`);
     return p;
   }
 
@@ -43,7 +51,7 @@ export class ReplayWindow {
     for (let s = from; s < to; s++) {
       const i = s % this.size;
       const p = this.pages[i];
-      if (!p) continue;
+      if (!p || this.seqs[i] !== s) continue;
       this.pages[i] = undefined;
       const n = this.holders.get(p.buffer)! - 1;
       if (n === 0) {

@@ -13,6 +13,7 @@ import { streamOut, type StreamOutOptions } from "../../src/stream/out.js";
 import type { StreamProxy, StreamStats } from "../../src/stream/stats.js";
 import { SFrame, STREAM_FRAMES } from "../../src/stream/frames.js";
 import { FrameReader, frame } from "../../src/wire/envelope.js";
+import type { FrameSet } from "../../src/link/channel.js";
 import type { NasIndex } from "../../src/adapters/nas/index-file.js";
 
 const PAGE = 4096;
@@ -76,9 +77,13 @@ export async function tamperProxy(port: number, tamper: (dir: "up" | "down", chu
  */
 export type FrameTamper = (type: SFrame, sealed: Buffer, payload: Buffer) => Buffer | null | "cut";
 
-/** A man in the middle that cuts the stream-out -> stream-in bytes into frames for `tamper`; the other way passes as it is. */
-export function frameTamper(tamper: FrameTamper): (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null {
-  const reader = new FrameReader(STREAM_FRAMES);
+/**
+ * A man in the middle that cuts the stream-out -> stream-in bytes (or an
+ * agent link's source -> destination bytes, with AGENT_FRAMES) into frames
+ * for `tamper`; the other way passes as it is.
+ */
+export function frameTamper(tamper: FrameTamper, frames: FrameSet = STREAM_FRAMES): (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null {
+  const reader = new FrameReader(frames);
   return (dir, chunk, cut) => {
     if (dir === "down") return chunk;
     const out: Buffer[] = [];

@@ -1,0 +1,202 @@
+// The destination agent's verdict at switchover, the one thing that lets the
+// destination VM run: it answers Done ok:true only when the digest of what it
+// wrote into its RAM file equals the source's. A wrong digest from the source,
+// a RAM page changed behind the agent's back (--verify reread), a twin written
+// wrongly (held mode: the hashes are of what was written): each ends in
+// ok:false, the source VM resumed, the destination's onVerified never run.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, openSync, rmSync, writeFileSync, writeSync, closeSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { openNasIndex } from "../src/adapters/nas/index-file.js";
+import { RamFile } from "../src/adapters/ram/ram-file.js";
+import { DestinationAgent, type DestinationOptions } from "../src/agent/destination.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions, type VmControl } from "../src/agent/source.js";
+import { AGENT_FRAMES, FrameType } from "../src/agent/protocol.js";
+import { jsonFrame } from "../src/wire/envelope.js";
+import { compareFiles } from "../src/demo/embedded-run.js";
+import { frameTamper, tamperProxy, TEST_KEY, type FrameTamper } from "./helpers/stream.js";
+
+const PAGE = 4096;
+/** Source RAM: pages 0..TWINS-1 are blocks 0..TWINS-1 of the image (one run), then random pages, then zero pages. */
+const TWINS = 256, RANDOM = 128, ZEROS = 128, PAGES = TWINS + RANDOM + ZEROS;
+
+const work = mkdtempSync(join(tmpdir(), "pagetwin-verdict-"));
+after(() => rmSync(work, { recursive: true, force: true }));
+
+interface VmStub extends VmControl { running: boolean; pauses: number; resumes: number }
+function vmStub(onPause: () => void = () => {}): VmStub {
+  const v: VmStub = {
+    running: true, pauses: 0, resumes: 0,
+    pause: async () => { v.running = false; v.pauses++; onPause(); },
+    resume: async () => { v.running = true; v.resumes++; },
+  };
+  return v;
+}
+
+interface Run {
+  r: MigrationResult;
+  agent: DestinationAgent;
+  vm: VmStub;
+  srcRam: string;
+  dstRam: string;
+  /** Times the destination's onVerified ran (what resumes the destination VM). */
+  verifiedCalls: number;
+}
+
+interface RunOptions {
+  dst?: Partial<DestinationOptions>;
+  src?: Partial<SourceOptions>;
+  /** Called when the source pauses its VM for the final round, with the destination's RAM file path. */
+  onPause?: (dstRam: string) => void;
+  /** A man in the middle on the agents' link (then in the clear: --insecure at both ends). */
+  via?: FrameTamper;
+  /** The last ZEROS pages start random and become zero after the first round (so that Zeros frames carry them). */
+  zeroLater?: boolean;
+}
+
+/** An indexed image of TWINS random blocks and a source RAM file of twins, random and zero pages; one migration of it. */
+async function migrate(o: RunOptions = {}): Promise<Run> {
+  const dir = mkdtempSync(join(work, "run-"));
+  const image = join(dir, "disk.img"), srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
+  const img = randomBytes(TWINS * PAGE);
+  writeFileSync(image, img);
+  writeFileSync(srcRam, Buffer.concat([img, randomBytes(RANDOM * PAGE), o.zeroLater ? randomBytes(ZEROS * PAGE) : Buffer.alloc(ZEROS * PAGE)]));
+  const zeroLater = () => {
+    const fd = openSync(srcRam, "r+");
+    writeSync(fd, Buffer.alloc(ZEROS * PAGE), 0, ZEROS * PAGE, (TWINS + RANDOM) * PAGE);
+    closeSync(fd);
+  };
+  const nas = await openNasIndex(image, { rebuild: true });
+  const link = o.via ? { insecure: true } : { psk: TEST_KEY };
+  let verifiedCalls = 0;
+  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, imagePath: image, onVerified: async () => { verifiedCalls++; }, ...link, ...o.dst });
+  const port = await agent.listen();
+  const relay = o.via ? await tamperProxy(port, frameTamper(o.via, AGENT_FRAMES)) : null;
+  const vm = vmStub(() => o.onPause?.(dstRam));
+  const ram = RamFile.open(srcRam);
+  try {
+    const r = await migrateSource({
+      engine: nas.engine, index: nas.index, indexId: nas.header.indexId, ram, vm,
+      host: "127.0.0.1", port: relay?.port ?? port, bandwidth: 0, compress: "off", ...link,
+      onIteration: (it) => { if (o.zeroLater && it.iteration === 1) zeroLater(); }, ...o.src,
+    }).catch((e) => { if (e instanceof MigrationError) return e.result; throw e; });
+    for (const t = Date.now(); agent.results.length === 0 && Date.now() - t < 3000;) await new Promise((res) => setTimeout(res, 20));
+    return { r, agent, vm, srcRam, dstRam, verifiedCalls };
+  } finally {
+    ram.close();
+    nas.image.close();
+    relay?.close();
+    agent.close();
+  }
+}
+
+/** The destination said no: the source VM runs again, the destination never vouched nor resumed its VM. */
+function assertRefusedAtSwitchover(x: Run, why: RegExp): void {
+  assert.equal(x.r.status, "failed", "the source agent reports a failed migration");
+  assert.equal(x.r.verified, false);
+  assert.match(x.r.error ?? "", why);
+  assert.equal(x.vm.pauses, 1, "the source VM was paused for the final round");
+  assert.equal(x.vm.resumes, 1, "and resumed after the destination's ok:false");
+  assert.equal(x.vm.running, true);
+  assert.equal(x.verifiedCalls, 0, "the destination's onVerified (its `cont`) never ran");
+  assert.equal(x.agent.results.length, 1);
+  const d = x.agent.results[0]!;
+  assert.equal(d.status, "failed");
+  assert.equal(d.verified, false);
+  assert.match(d.error ?? "", /RAM digest [0-9a-f]+ differs from the source's/);
+}
+
+test("baseline: held and reread both complete with twins, random and zero pages; RAM identical", async () => {
+  for (const verify of ["held", "reread"] as const) {
+    const x = await migrate({ dst: { verify } });
+    assert.equal(x.r.status, "completed", `${verify}: ${x.r.error}`);
+    assert.equal(x.r.verified, true, verify);
+    assert.equal(x.verifiedCalls, 1, verify);
+    assert.equal(x.agent.results[0]!.twinsVerified, TWINS, `${verify}: every twin came from the image`);
+    assert.equal(compareFiles(x.srcRam, x.dstRam), PAGES * PAGE, verify);
+  }
+});
+
+test("a source announcing a wrong RAM digest at switchover: Done ok:false, the source VM resumed, the destination never resumed", async () => {
+  for (const verify of ["held", "reread"] as const) {
+    let changed = false;
+    // the Switchover frame rewritten on the way (a link in the clear lets a relay do it): one hex digit of the digest
+    const x = await migrate({
+      dst: { verify },
+      via: (type, sealed, payload) => {
+        if ((type as number) !== FrameType.Switchover) return sealed;
+        const { digest } = JSON.parse(payload.toString("utf8")) as { digest: string };
+        changed = true;
+        return jsonFrame(FrameType.Switchover, { digest: (digest[0] === "0" ? "1" : "0") + digest.slice(1) });
+      },
+    });
+    assert.ok(changed, `${verify}: the relay saw the Switchover frame`);
+    assertRefusedAtSwitchover(x, /RAM digest|differs/);
+    // what the destination wrote is right; only the source's claim was wrong
+    assert.equal(compareFiles(x.srcRam, x.dstRam), PAGES * PAGE, verify);
+  }
+});
+
+test("--verify reread: a destination RAM page changed behind the agent's back before switchover is caught (ok:false, source resumed)", async () => {
+  const scribble = (dstRam: string) => {
+    const fd = openSync(dstRam, "r+");
+    writeSync(fd, randomBytes(64), 0, 64, (TWINS + 3) * PAGE + 100);
+    closeSync(fd);
+  };
+  const x = await migrate({ dst: { verify: "reread" }, onPause: scribble });
+  assertRefusedAtSwitchover(x, /differs/);
+});
+
+test("held: a twin written wrongly (the RAM file's writer puts the run's first page where its last belongs) cannot pass the verdict", async () => {
+  const orig = Object.getOwnPropertyDescriptor(RamFile.prototype, "writePages")!;
+  let miswritten = 0;
+  // a test seam without production code: the destination's writes of twin runs (pages < TWINS, more than one page) go wrong
+  RamFile.prototype.writePages = function (this: RamFile, first: number, data: Uint8Array) {
+    if (first < TWINS && data.length > PAGE) {
+      const d = Buffer.from(data);
+      d.copyWithin(d.length - PAGE, 0, PAGE);
+      miswritten++;
+      return (orig.value as RamFile["writePages"]).call(this, first, d);
+    }
+    return (orig.value as RamFile["writePages"]).call(this, first, data);
+  };
+  let x: Run;
+  try {
+    x = await migrate({ dst: { verify: "held" } });
+  } finally {
+    Object.defineProperty(RamFile.prototype, "writePages", orig);
+  }
+  assert.ok(miswritten > 0, "the faulty writer wrote a twin run");
+  assert.throws(() => compareFiles(x.srcRam, x.dstRam), /differ at byte/, "the destination's RAM really is wrong");
+  assertRefusedAtSwitchover(x, /differs/);
+  assert.ok(x.agent.results[0]!.twinsVerified > 0, "the twins' blocks verified: only the write went wrong");
+});
+
+test("the verdict covers pages sent in full and zero pages too: a wrong write of either is caught in held mode", async () => {
+  const orig = Object.getOwnPropertyDescriptor(RamFile.prototype, "writePages")!;
+  const write = orig.value as RamFile["writePages"];
+  for (const target of ["random", "zero"] as const) {
+    let miswritten = 0;
+    RamFile.prototype.writePages = function (this: RamFile, first: number, data: Uint8Array) {
+      const hit = target === "random" ? first >= TWINS && first < TWINS + RANDOM : data.every((b) => b === 0);
+      if (hit && miswritten === 0) {
+        miswritten++;
+        const d = Buffer.from(data);
+        d[7] = d[7]! ^ 0x01;
+        return write.call(this, first, d);
+      }
+      return write.call(this, first, data);
+    };
+    let x: Run;
+    try {
+      x = await migrate({ dst: { verify: "held" }, zeroLater: true });
+    } finally {
+      Object.defineProperty(RamFile.prototype, "writePages", orig);
+    }
+    assert.equal(miswritten, 1, target);
+    assertRefusedAtSwitchover(x, /differs/);
+  }
+});
