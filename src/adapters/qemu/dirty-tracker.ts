@@ -62,7 +62,7 @@ export class DirtyTracker {
   }
 
   /** Re-hashes the blocks written since the tracking began or the last refresh, and writes the next generation. */
-  async refresh(nas: NasIndex): Promise<DirtyRefreshResult> {
+  async refresh(nas: NasIndex, hooks: { afterSnapshot?: () => Promise<void> } = {}): Promise<DirtyRefreshResult> {
     const identity = nas.image.identity();
     const snap = `${this.bitmap}-${randomBytes(4).toString("hex")}`;
     await this.qmp.execute("transaction", {
@@ -74,6 +74,7 @@ export class DirtyTracker {
     });
     let ok = false;
     try {
+      await hooks.afterSnapshot?.();
       const r = await this.readDirty(nas, snap, identity);
       ok = true;
       return r;
