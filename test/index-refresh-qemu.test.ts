@@ -15,6 +15,9 @@ import { NO_BLOCK, PAGE_SIZE } from "../src/core/engine.js";
 import { QemuStreamParser } from "../src/stream/qemu-stream.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";
 import { throughProxies } from "./helpers/stream.js";
+import { cliPath } from "./helpers/cli.js";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -50,7 +53,7 @@ before(async () => {
   fs.copyFileSync(guest!.disk, image);
   vm = await QemuVm.start({
     ...guest!, disk: image, diskReadOnly: false, memoryMiB: 256, memPath: `/dev/shm/pt-refresh-test-${process.pid}`,
-    qmpSocket: path.join(work, "qmp.sock"), serialLog: path.join(work, "serial.log"), name: "pt-refresh",
+    qmpSocket: path.join(work, "qmp.sock"), extraQmpSockets: [path.join(work, "cli.sock")], serialLog: path.join(work, "serial.log"), name: "pt-refresh",
   });
   await vm.waitForSerial(/pagetwin-ready/, 240_000);
   const nas = await openNasIndex(image, { rebuild: true });
@@ -145,4 +148,15 @@ test("a migration started right after the guest wrote uses the stale index, rese
     assert.equal(r.nbdBytes, 4 * KiB, "the refresh reads the one block written");
     assert.deepEqual(Buffer.from(nas.index.blockHashes()), fullHashes(nas));
   });
+});
+
+test("pagetwin index --qmp refreshes a running VM's stale index from the bitmap this suite's tracker started", { skip: skipRealGuest, timeout: 120_000 }, async () => {
+  await qemuWrite(0x44, 200 * MiB, 20 * KiB);
+  const { stdout } = await promisify(execFile)(process.execPath, [cliPath, "index", "--image", image, "--qmp", path.join(work, "cli.sock"), "--drive", "virtio0", "--json"]);
+  const r = JSON.parse(stdout) as { built: boolean; stale: boolean; refresh: { kind: string; blocksRead: number; blocksChanged: number } };
+  assert.equal(r.built, false);
+  assert.equal(r.refresh.kind, "dirty-bitmap");
+  assert.equal(r.refresh.blocksRead, 5);
+  assert.equal(r.refresh.blocksChanged, 5);
+  await withIndex(async (nas) => assert.deepEqual(Buffer.from(nas.index.blockHashes()), fullHashes(nas)));
 });
