@@ -12,8 +12,8 @@ import { writeIndexFile, type NasIndex } from "./index-file.js";
 
 /** Where the fresh content of blocks comes from. */
 export interface BlockSource {
-  /** Blocks first..first+count-1 into `into` (count * 4096 bytes). */
-  read(first: number, count: number, into: Uint8Array): Promise<void> | void;
+  /** Each run's blocks into `into`, one run after the other (sum of counts * 4096 bytes); a source may read them all at once. */
+  read(runs: readonly BlockRun[], into: Uint8Array): Promise<void> | void;
 }
 
 /** A run of blocks: first, count. */
@@ -58,18 +58,20 @@ export async function refreshBlocks(nas: NasIndex, runs: Iterable<BlockRun>, sou
   let done = 0;
   let changed = 0;
   try {
-    for (const [first, count] of list) {
-      for (let b = first; b < first + count; b += batch) {
-        if (o.signal?.aborted) throw new RefreshAbortedError("pagetwin: the index refresh was stopped", { cause: o.signal.reason });
-        const n = Math.min(batch, first + count - b);
-        await rate.take(n * BLOCK_SIZE);
-        await source.read(b, n, buf.view(0, n * BLOCK_SIZE));
-        engine.hashPagesAt(buf.ptr, n, out.ptr);
-        changed += countChanged(index.blockHashes(), out.view(0, n * HASH_SIZE), b, n);
-        index.setBlocksAt(out.ptr, b, n);
-        done += n;
-        o.onProgress?.(done, total);
+    for (const group of batches(list, batch)) {
+      if (o.signal?.aborted) throw new RefreshAbortedError("pagetwin: the index refresh was stopped", { cause: o.signal.reason });
+      const n = group.reduce((k, [, c]) => k + c, 0);
+      await rate.take(n * BLOCK_SIZE);
+      await source.read(group, buf.view(0, n * BLOCK_SIZE));
+      engine.hashPagesAt(buf.ptr, n, out.ptr);
+      let slot = 0;
+      for (const [first, count] of group) {
+        changed += countChanged(index.blockHashes(), out.view(slot * HASH_SIZE, count * HASH_SIZE), first, count);
+        index.setBlocksAt(out.ptr + slot * HASH_SIZE, first, count);
+        slot += count;
       }
+      done += n;
+      o.onProgress?.(done, total);
     }
   } finally {
     buf.free();
@@ -85,8 +87,20 @@ export async function refreshBlocks(nas: NasIndex, runs: Iterable<BlockRun>, sou
 /** Re-reads the whole image from its file (no VM tracks its writes), at most `rateBytesPerSec`. */
 export function refreshByReread(nas: NasIndex, o: Omit<RefreshOptions, "kind" | "identity"> = {}): Promise<RefreshResult> {
   const identity = nas.image.identity();
-  const source: BlockSource = { read: (first, count, into) => nas.image.readBlocks(first, count, into) };
-  return refreshBlocks(nas, [[0, nas.header.blocks]], source, { ...o, kind: "re-read", identity });
+  return refreshBlocks(nas, [[0, nas.header.blocks]], imageSource(nas.image), { ...o, kind: "re-read", identity });
+}
+
+/** Blocks read from the image file, the way the destination reads them to verify a twin. */
+export function imageSource(image: NasIndex["image"]): BlockSource {
+  return {
+    read: (runs, into) => {
+      let at = 0;
+      for (const [first, count] of runs) {
+        image.readBlocks(first, count, into.subarray(at, at + count * BLOCK_SIZE));
+        at += count * BLOCK_SIZE;
+      }
+    },
+  };
 }
 
 /**
@@ -109,6 +123,22 @@ export class BackgroundRefresh {
     this.abort.abort();
     await this.done;
   }
+}
+
+/** The runs cut and grouped into batches of at most `max` blocks (a run longer than that spans batches). */
+function* batches(runs: readonly BlockRun[], max: number): Generator<BlockRun[]> {
+  let group: BlockRun[] = [];
+  let size = 0;
+  for (const [first, count] of runs) {
+    for (let b = first; b < first + count;) {
+      const n = Math.min(max - size, first + count - b);
+      group.push([b, n]);
+      size += n;
+      b += n;
+      if (size === max) { yield group; group = []; size = 0; }
+    }
+  }
+  if (size) yield group;
 }
 
 /** How many of the n hashes at `fresh` differ from the index's records of blocks first.. */

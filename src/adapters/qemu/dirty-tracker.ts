@@ -3,8 +3,8 @@
 // clears it in one QMP transaction (so a write lands either in the snapshot
 // or in the live bitmap, never in neither), exports the drive over QEMU's NBD
 // server with the snapshot as the qemu:dirty-bitmap:NAME metadata context,
-// asks NBD_CMD_BLOCK_STATUS which blocks are dirty, reads just those through
-// NBD and re-hashes them into the index. Writes that land during a refresh
+// asks NBD_CMD_BLOCK_STATUS which blocks are dirty, reads just those (from the
+// image file, or through NBD) and re-hashes them into the index. Writes that land during a refresh
 // are in the live bitmap, for the next one.
 
 import { randomBytes } from "node:crypto";
@@ -15,7 +15,7 @@ import { STATE_DIRTY } from "../nbd/protocol.js";
 import type { Extent } from "../nbd/replies.js";
 import { BLOCK_SIZE } from "../nas/image.js";
 import type { NasIndex } from "../nas/index-file.js";
-import { refreshBlocks, type BlockRun, type RefreshResult } from "../nas/refresh.js";
+import { imageSource, refreshBlocks, type BlockRun, type RefreshResult } from "../nas/refresh.js";
 import { QmpCommandError, type QmpClient } from "./qmp.js";
 
 export interface DirtyTrackerOptions {
@@ -25,10 +25,17 @@ export interface DirtyTrackerOptions {
   granularity?: number;
   /** Directory for the NBD server's unix socket (default /tmp). */
   socketDir?: string;
+  /**
+   * Where the dirty blocks' content is read: "file" (default), the image file
+   * as the destination reads it to verify a twin (one pread per run, fast);
+   * or "nbd", QEMU's view through its NBD server (a round trip per run).
+   * With a raw image on this host the two are the same bytes.
+   */
+  readVia?: "file" | "nbd";
 }
 
 export interface DirtyRefreshResult extends RefreshResult {
-  /** NBD_CMD_READ requests and bytes the refresh read. */
+  /** NBD_CMD_READ requests and bytes the refresh read (0 when it read the file). */
   nbdReads: number;
   nbdBytes: number;
 }
@@ -104,7 +111,14 @@ export class DirtyTracker {
       client = await NbdClient.connect({ path: socket }, { exportName: exportId, metaContexts: [context] });
       const runs = dirtyRuns(await client.blockStatus(context, 0, client.size), nas.header.blocks);
       const c = client;
-      const r = await refreshBlocks(nas, runs, { read: async (first, count, into) => { into.set(await c.read(first * BLOCK_SIZE, count * BLOCK_SIZE)); } }, { kind: "dirty-bitmap", identity });
+      // a batch's runs are asked for all at once: the reads are in flight together
+      const read = async (group: readonly BlockRun[], into: Uint8Array) => {
+        const parts = await Promise.all(group.map(([first, count]) => c.read(first * BLOCK_SIZE, count * BLOCK_SIZE)));
+        let at = 0;
+        for (const p of parts) { into.set(p, at); at += p.length; }
+      };
+      const source = this.o.readVia === "nbd" ? { read } : imageSource(nas.image);
+      const r = await refreshBlocks(nas, runs, source, { kind: "dirty-bitmap", identity });
       return { ...r, nbdReads: client.counts.reads, nbdBytes: client.counts.bytesRead };
     } finally {
       if (client) await client.disconnect().catch(() => client!.destroy());
