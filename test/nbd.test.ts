@@ -10,6 +10,7 @@ import { existsSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, wri
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NbdClient } from "../src/adapters/nbd/client.js";
+import { dirtyRuns } from "../src/adapters/qemu/dirty-tracker.js";
 import { Cmd, NbdParser, NbdProtocolError, NbdServerError, STATE_HOLE, STATE_ZERO, OPT_REPLY_MAGIC, NBDMAGIC, IHAVEOPT, STRUCTURED_REPLY_MAGIC } from "../src/adapters/nbd/protocol.js";
 
 const MiB = 1 << 20;
@@ -137,4 +138,11 @@ test("NBD parser: messages split at every byte come out whole; garbage is refuse
   assert.equal(parts.length, 1);
   assert.equal((parts[0] as { handle: bigint }).handle, 7n);
   assert.throws(() => p.push(Buffer.from("HTTP/1.1 200 OK\r\n")), NbdProtocolError);
+});
+
+test("dirty extents become runs of whole blocks: partial blocks rounded out, neighbours joined, the end clipped", () => {
+  const e = (offset: number, length: number, flags: number) => ({ offset, length, flags });
+  assert.deepEqual(dirtyRuns([e(0, 8192, 0), e(8192, 4096, 1), e(12288, 4096, 1), e(16384, 100, 0), e(16484, 5000, 1), e(21484, 1 << 20, 0)], 1000), [[2, 4]]);
+  assert.deepEqual(dirtyRuns([e(0, 4096, 1), e(4096, 4096, 0), e(8192, 4096, 1)], 1000), [[0, 1], [2, 1]]);
+  assert.deepEqual(dirtyRuns([e(0, 40960, 1)], 4), [[0, 4]], "blocks past the index are left out");
 });
