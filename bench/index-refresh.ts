@@ -66,7 +66,7 @@ try {
   const n = Math.round((blocks * percent) / 100);
   const picked = new Set<number>();
   let seed = 12345;
-  while (picked.size < n) { seed = (seed * 1103515245 + 12345) & 0x7fffffff; picked.add(seed % blocks); }
+  while (picked.size < n) { seed = (Math.imul(seed, 1103515245) + 12345) >>> 0; picked.add(seed % blocks); }
   for (const b of picked) {
     await qemu.qmp.execute("human-monitor-command", { "command-line": `qemu-io drive0 "write -P ${b & 0xff} ${b * BLOCK} ${BLOCK}"` });
   }
