@@ -37,8 +37,8 @@ export function toLog(o: LogOption | undefined): Log {
 
 /** Progress of a long operation, reported to an `onProgress` callback. */
 export interface Progress {
-  /** What is going on: "index" (hashing the NAS image), "iteration" (a pre-copy pass), "final" (the last pass, guest stopped), "handover" (QEMU's device state). */
-  phase: "index" | "iteration" | "final" | "handover";
+  /** What is going on: "index" (hashing the NAS image), "refresh" (re-hashing blocks written since), "iteration" (a pre-copy pass), "final" (the last pass, guest stopped), "handover" (QEMU's device state). */
+  phase: "index" | "refresh" | "iteration" | "final" | "handover";
   /** Units done so far in this phase (blocks for "index", pages for the passes). */
   done: number;
   /** Units in all in this phase. */

@@ -292,6 +292,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     await setIgnoreShared(dst, "destination");
 
     nas = await openNasIndex(o.image, { indexPath: o.indexPath, signal, ...(o.onProgress ? { onProgress: o.onProgress } : {}) });
+    if (nas.stale) log.info(`index ${nas.indexPath} is stale (generation ${nas.header.generation}; the image was written since): used as it is, its stale entries cost resends`);
     ram = RamFile.open(o.srcRam);
     let target = o.agent;
     if (!target) {

@@ -16,6 +16,7 @@ import type * as net from "node:net";
 import { crc32 } from "node:zlib";
 import { NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type TwinIndex } from "../core/engine.js";
 import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
+import { BackgroundRefresh } from "../adapters/nas/refresh.js";
 import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
 import { ReplayWindow } from "./replay-window.js";
 import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
@@ -52,6 +53,8 @@ export interface StreamOutOptions extends SecurityOptions {
   indexPath?: string;
   /** An index already opened (instead of image/indexPath). */
   nas?: NasIndex;
+  /** A stale index (the image was written since) is used as it is and re-read in the background at this many bytes/s (0 or absent: not re-read). */
+  refreshRate?: number;
   /** Referenced pages kept until acknowledged (default 16384 = 64 MiB); QEMU is paused when it is nearly full. */
   windowPages?: number;
   /** Keep serving migrations after the first (default false). */
@@ -120,6 +123,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
     if (!opts.nas) nas.image.close();
     throw err;
   }
+  const refresh = nas.stale && opts.refreshRate ? new BackgroundRefresh(nas, opts.refreshRate, log) : null;
   const stats = newStats("stream-out");
   const compress = opts.compress ?? "auto";
   stats.compression.mode = compress;
@@ -136,7 +140,11 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   return serve({ at, security: { kind: "local" }, peer: "qemu" }, {
     stats, keep: opts.keep ?? false, log, signal: opts.signal,
     session: (sock, channel) => new OutSession(ctx, sock, channel).run(),
-    onClose: () => { if (!opts.nas) nas.image.close(); watch?.close(); },
+    onClose: async () => {
+      await refresh?.stop();
+      if (!opts.nas) nas.image.close();
+      watch?.close();
+    },
   });
 }
 
@@ -146,7 +154,7 @@ async function openIndex(opts: StreamOutOptions, log: Log): Promise<NasIndex> {
   const nas = await openNasIndex(opts.image, {
     ...(opts.indexPath ? { indexPath: opts.indexPath } : {}), signal: opts.signal, ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
   });
-  log.info(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms`);
+  log.info(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms${nas.stale ? `; stale (generation ${nas.header.generation}, the image was written since): its stale entries cost resends` : ""}`);
   return nas;
 }
 

@@ -1,13 +1,11 @@
 // The block index kept beside the image (IMAGE.pagetwin-index), so a second
 // run does not re-hash an unchanged image. It holds the random hash seed:
 // both hosts read it from the NAS, it never crosses the migration link, and
-// the file is created mode 0600.
-//
-// Layout (little-endian): 64-byte header
-//   0  magic "PTWINIX1"      8  version u32 (1)     12 block size u32
-//   16 seed u64             24 image size u64      32 image mtime ns u64
-//   40 image inode u64      48 blocks u32          52 index id (12 random bytes)
-// then 16 bytes (canonical XXH3-128) per block.
+// the file is created mode 0600 and replaced atomically (temp file + rename).
+// Its layout is in index-header.ts. An index whose image changed since is
+// still used (stale): the destination verifies every block it fetches, so a
+// stale entry costs a resend, never a wrong page; refresh.ts brings it up to
+// date.
 
 import { NasError } from "../../errors.js";
 import { closeSync, openSync, readSync, renameSync, writeSync, existsSync, fsyncSync, unlinkSync, fchmodSync } from "node:fs";
@@ -17,20 +15,10 @@ import { EngineMismatchError } from "../../errors.js";
 import { throwIfAborted, type AbortOptions } from "../../abort.js";
 import type { Progress } from "../../log.js";
 import type { EnginePool } from "../../pool/pool.js";
-import { DiskImage, BLOCK_SIZE, type ImageIdentity } from "./image.js";
+import { DiskImage, BLOCK_SIZE } from "./image.js";
+import { decodeHeader, diskSource, encodeHeader, sameIdentity, type IndexHeader } from "./index-header.js";
 
-const MAGIC = "PTWINIX1";
-const VERSION = 1;
-const HEADER = 64;
-
-export interface IndexHeader {
-  seed: bigint;
-  blockSize: number;
-  identity: ImageIdentity;
-  blocks: number;
-  /** Random id of this index, hex; the agents compare it instead of sending the seed. */
-  indexId: string;
-}
+export type { IndexHeader } from "./index-header.js";
 
 /** Where openNasIndex keeps the index of `imagePath` unless told otherwise: beside it. */
 export function defaultIndexPath(imagePath: string): string {
@@ -46,26 +34,16 @@ export function readIndexHeader(path: string): IndexHeader {
     throw new NasError(`pagetwin: no block index at ${path} (${(err as NodeJS.ErrnoException).code}); run \`pagetwin index --image IMAGE\` on the source first`);
   }
   try {
-    const h = Buffer.alloc(HEADER);
-    if (readSync(fd, h, 0, HEADER, 0) !== HEADER || h.toString("latin1", 0, 8) !== MAGIC) {
-      throw new NasError(`pagetwin: ${path} is not a pagetwin index (bad magic); delete it and re-index`);
-    }
-    const version = h.readUInt32LE(8);
-    if (version !== VERSION) throw new NasError(`pagetwin: ${path} is index version ${version}, this pagetwin reads version ${VERSION}; re-index`);
-    return {
-      blockSize: h.readUInt32LE(12),
-      seed: h.readBigUInt64LE(16),
-      identity: { size: Number(h.readBigUInt64LE(24)), mtimeNs: h.readBigUInt64LE(32), ino: h.readBigUInt64LE(40) },
-      blocks: h.readUInt32LE(48),
-      indexId: h.toString("hex", 52, 64),
-    };
+    const h = Buffer.alloc(4096);
+    const got = readSync(fd, h, 0, h.length, 0);
+    return decodeHeader(h.subarray(0, got), path, (offset, length) => {
+      const m = Buffer.alloc(length);
+      if (readSync(fd, m, 0, length, offset) !== length) throw new Error("short read");
+      return m;
+    });
   } finally {
     closeSync(fd);
   }
-}
-
-function sameIdentity(a: ImageIdentity, b: ImageIdentity): boolean {
-  return a.size === b.size && a.mtimeNs === b.mtimeNs && a.ino === b.ino;
 }
 
 /** An opened block index: the engine of its seed, the index in that engine's memory, the open image. */
@@ -77,8 +55,14 @@ export interface NasIndex {
   image: DiskImage;
   header: IndexHeader;
   indexPath: string;
-  /** True when this call hashed the image (no index, or the image changed). */
+  /** True when this call hashed the image (no index, or one that does not fit the image). */
   built: boolean;
+  /**
+   * True when the image was written since the index's last build or refresh
+   * (its size, mtime or inode differ): the index is used as it is, and its
+   * stale entries cost resends until refresh.ts brings it up to date.
+   */
+  stale: boolean;
   ms: number;
 }
 
@@ -107,6 +91,8 @@ export interface OpenIndexOptions extends AbortOptions {
    * (`pagetwin analyze`) writes nothing beside the image.
    */
   write?: boolean;
+  /** An index whose image changed since: "use" it as it is (default) or "rebuild" it. */
+  stale?: "use" | "rebuild";
 }
 
 /** A random 64-bit hash seed, as openNasIndex uses for a new index. */
@@ -130,10 +116,14 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     }
     const identity = image.identity();
     let header: IndexHeader | null = null;
+    let stale = false;
     if (!opts.rebuild && existsSync(indexPath)) {
       try {
         const h = readIndexHeader(indexPath);
-        if (sameIdentity(h.identity, identity) && h.blockSize === BLOCK_SIZE && h.blocks === image.blocks) header = h;
+        // a resized image is re-indexed; any other change leaves a usable, stale index
+        if (h.blockSize === BLOCK_SIZE && h.blocks === image.blocks) header = h;
+        stale = !sameIdentity(h.identity, identity);
+        if (stale && opts.stale === "rebuild") header = null;
       } catch {
         header = null; // unreadable or old: rebuild below
       }
@@ -145,8 +135,8 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     if (header) {
       const engine = opts.engine ?? await createEngine({ seed: header.seed });
       const index = engine.createIndex(header.blocks);
-      loadHashes(engine, index, indexPath, header.blocks);
-      return { engine, index, image, header, indexPath, built: false, ms: performance.now() - t0 };
+      loadHashes(engine, index, indexPath, header);
+      return { engine, index, image, header, indexPath, built: false, stale, ms: performance.now() - t0 };
     }
     const engine = opts.engine ?? await createEngine({ seed: randomSeed() });
     const seed = engine.seed;
@@ -160,9 +150,13 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       index.free();
       throw err;
     }
-    header = { seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex") };
+    const now = Date.now();
+    header = {
+      seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex"),
+      version: 2, generation: 0, ...diskSource(image), builtAt: now, refreshedAt: now, refreshedBy: "build", hashesAt: 0,
+    };
     if (opts.write ?? true) writeIndexFile(indexPath, header, hashes);
-    return { engine, index, image, header, indexPath, built: true, ms: performance.now() - t0 };
+    return { engine, index, image, header, indexPath, built: true, stale: false, ms: performance.now() - t0 };
   } catch (err) {
     image.close();
     throw err;
@@ -221,7 +215,8 @@ async function hashImageWithPool(engine: Engine, image: DiskImage, index: TwinIn
   return all;
 }
 
-function loadHashes(engine: Engine, index: TwinIndex, path: string, blocks: number): void {
+function loadHashes(engine: Engine, index: TwinIndex, path: string, header: IndexHeader): void {
+  const blocks = header.blocks;
   const fd = openSync(path, "r");
   const batch = 65536;
   const r = engine.alloc(Math.min(batch, Math.max(blocks, 1)) * HASH_SIZE);
@@ -229,7 +224,7 @@ function loadHashes(engine: Engine, index: TwinIndex, path: string, blocks: numb
     for (let first = 0; first < blocks; first += batch) {
       const n = Math.min(batch, blocks - first);
       const want = n * HASH_SIZE;
-      const got = readSync(fd, r.view(0, want), 0, want, HEADER + first * HASH_SIZE);
+      const got = readSync(fd, r.view(0, want), 0, want, header.hashesAt + first * HASH_SIZE);
       if (got !== want) throw new NasError(`pagetwin: the index ${path} is truncated; delete it and re-index`);
       index.setBlocksAt(r.ptr, first, n);
     }
@@ -239,7 +234,8 @@ function loadHashes(engine: Engine, index: TwinIndex, path: string, blocks: numb
   }
 }
 
-function writeIndexFile(path: string, header: IndexHeader, hashes: Uint8Array): void {
+/** Writes the whole index file (header, then a hash per block) in place of the old one, atomically. */
+export function writeIndexFile(path: string, header: IndexHeader, hashes: Uint8Array): void {
   const tmp = `${path}.tmp-${randomBytes(8).toString("hex")}`;
   const fd = createTempFile(tmp, path);
   let open = true;
@@ -274,20 +270,6 @@ function createTempFile(tmp: string, path: string): number {
   } catch (err) {
     throw new NasError(`pagetwin: cannot create a temporary file beside the index ${path} (${(err as NodeJS.ErrnoException).code}); check that its directory is writable`);
   }
-}
-
-function encodeHeader(header: IndexHeader): Buffer {
-  const h = Buffer.alloc(HEADER);
-  h.write(MAGIC, 0, "latin1");
-  h.writeUInt32LE(VERSION, 8);
-  h.writeUInt32LE(header.blockSize, 12);
-  h.writeBigUInt64LE(header.seed, 16);
-  h.writeBigUInt64LE(BigInt(header.identity.size), 24);
-  h.writeBigUInt64LE(header.identity.mtimeNs, 32);
-  h.writeBigUInt64LE(header.identity.ino, 40);
-  h.writeUInt32LE(header.blocks, 48);
-  Buffer.from(header.indexId, "hex").copy(h, 52);
-  return h;
 }
 
 function closeQuietly(fd: number): void {

@@ -31,6 +31,7 @@ export const outSpec: CommandSpec = {
     to: { type: "string", help: "HOST:PORT (or unix:PATH) of the destination's pagetwin stream-in" },
     image: { type: "string", help: "raw disk image on the NAS (its block index is built or loaded beside it)" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index)" },
+    "refresh-rate": { type: "string", default: "32MB", help: "a stale index (the image was written since indexing) is used as it is and re-read in the background at this rate (0: not re-read)" },
     window: { type: "string", default: "16384", help: "referenced pages kept for resends until acknowledged (16384 pages = 64 MiB)" },
     "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
@@ -189,7 +190,7 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     return streamOut({
       ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth,
       ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
-      windowPages: window, ...security(v),
+      windowPages: window, ...security(v), refreshRate: parseRate(v["refresh-rate"] as string, "--refresh-rate"),
       ...(v["index"] ? { indexPath: v["index"] as string } : {}),
     });
   });

@@ -1,0 +1,110 @@
+// `node dist/bench/index-refresh.js [--gib N] [--percent P]`: an image with
+// P% of its blocks rewritten (through QEMU, tracked by a dirty bitmap) since
+// it was indexed. Side by side in one run: a full index build; opening the
+// stale index (a migration can start then); a refresh through the dirty
+// bitmap over QEMU's NBD server (the index is fresh then); a full re-read
+// refresh (no VM tracking writes). Printed as times and ratios to the build.
+// Needs qemu-system-x86_64; QEMU runs with no guest (-machine none), its
+// drive written with qemu-io in the monitor, as a guest's writes would be.
+
+import { spawn } from "node:child_process";
+import { randomFillSync } from "node:crypto";
+import { closeSync, existsSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { openNasIndex } from "../src/adapters/nas/index-file.js";
+import { refreshByReread } from "../src/adapters/nas/refresh.js";
+import { DirtyTracker } from "../src/adapters/qemu/dirty-tracker.js";
+import { QmpClient } from "../src/adapters/qemu/qmp.js";
+import { argString } from "./cli.js";
+
+const args = process.argv.slice(2);
+const gib = Number(argString(args, "--gib") ?? "1");
+const percent = Number(argString(args, "--percent") ?? "1");
+const BLOCK = 4096;
+
+/** A GiB-sized image of distinct blocks (a random 4 MiB pattern, each block stamped with its number). */
+function makeImage(path: string, bytes: number): void {
+  const chunk = Buffer.alloc(4 << 20);
+  randomFillSync(chunk);
+  const fd = openSync(path, "w");
+  try {
+    for (let at = 0; at < bytes; at += chunk.length) {
+      for (let b = 0; b < chunk.length; b += BLOCK) chunk.writeUInt32LE((at + b) / BLOCK, b);
+      writeSync(fd, chunk, 0, chunk.length, at);
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+async function startQemu(image: string, qmpPath: string) {
+  const p = spawn("qemu-system-x86_64", [
+    "-machine", "none", "-nodefaults", "-display", "none",
+    "-drive", `file=${image},if=none,id=drive0,format=raw,cache=writeback`,
+    "-qmp", `unix:${qmpPath},server=on,wait=off`,
+  ], { stdio: ["ignore", "ignore", "inherit"] });
+  for (let i = 0; i < 400 && !existsSync(qmpPath); i++) await new Promise((r) => setTimeout(r, 25));
+  return { proc: p, qmp: await QmpClient.connect(qmpPath) };
+}
+
+const dir = mkdtempSync(join(tmpdir(), "pagetwin-bench-refresh-"));
+const image = join(dir, "disk.raw");
+let qemu: Awaited<ReturnType<typeof startQemu>> | null = null;
+try {
+  const bytes = gib * 2 ** 30;
+  makeImage(image, bytes);
+  const blocks = bytes / BLOCK;
+  console.log(`index refresh: ${gib} GiB image (${blocks} blocks), ${percent}% of blocks rewritten since indexing (scattered single blocks: the worst case for reads)`);
+
+  const built = await openNasIndex(image, { rebuild: true });
+  built.image.close();
+  const tBuild = built.ms;
+
+  qemu = await startQemu(image, join(dir, "qmp.sock"));
+  const tracker = await DirtyTracker.attach(qemu.qmp, built.header.indexId, { drive: "drive0", socketDir: dir });
+  const n = Math.round((blocks * percent) / 100);
+  const picked = new Set<number>();
+  let seed = 12345;
+  while (picked.size < n) { seed = (Math.imul(seed, 1103515245) + 12345) >>> 0; picked.add(seed % blocks); }
+  for (const b of picked) {
+    await qemu.qmp.execute("human-monitor-command", { "command-line": `qemu-io drive0 "write -P ${b & 0xff} ${b * BLOCK} ${BLOCK}"` });
+  }
+  await qemu.qmp.execute("human-monitor-command", { "command-line": `qemu-io drive0 "flush"` });
+
+  const stale = await openNasIndex(image);
+  const tStale = stale.ms;
+  if (!stale.stale) throw new Error("bench: the index should be stale after the writes");
+  const r = await tracker.refresh(stale);
+  stale.image.close();
+  // the same blocks again, read through QEMU's NBD server instead of the file
+  for (const b of picked) {
+    await qemu.qmp.execute("human-monitor-command", { "command-line": `qemu-io drive0 "write -P ${(b + 1) & 0xff} ${b * BLOCK} ${BLOCK}"` });
+  }
+  const viaNbd = await DirtyTracker.attach(qemu.qmp, built.header.indexId, { drive: "drive0", socketDir: dir, readVia: "nbd" });
+  const stale2 = await openNasIndex(image);
+  const rn = await viaNbd.refresh(stale2);
+  stale2.image.close();
+
+  const again = await openNasIndex(image);
+  // the re-read path (no VM tracking writes) on the same image: every block read and hashed again
+  const rr = await refreshByReread(again);
+  again.image.close();
+
+  const row = (what: string, ms: number) => console.log(`  ${what.padEnd(58)} ${ms.toFixed(0).padStart(7)} ms   ${(ms / tBuild).toFixed(4)}x of the build`);
+  row("full index build (every block read and hashed)", tBuild);
+  row("open the stale index (a migration can start)", tStale);
+  row(`refresh through the dirty bitmap, blocks read from the file (${r.blocksRead})`, r.ms);
+  row("open + that refresh (ready with a fresh index)", tStale + r.ms);
+  row(`same, blocks read through QEMU's NBD server (${rn.nbdReads} reads)`, rn.ms);
+  row("re-read refresh, no VM (every block read and hashed)", rr.ms);
+  console.log(`  ratios to the full build: ready to migrate (stale index opened) ${(tStale / tBuild).toFixed(4)}x; ready with a fresh index (open + bitmap refresh) ${((tStale + r.ms) / tBuild).toFixed(4)}x (${((tStale + rn.ms) / tBuild).toFixed(4)}x reading through NBD)`);
+  await tracker.detach();
+} finally {
+  if (qemu) {
+    await qemu.qmp.execute("quit").catch(() => undefined);
+    qemu.qmp.close();
+    await new Promise((res) => { if (qemu!.proc.exitCode !== null) res(null); else qemu!.proc.once("exit", res); });
+  }
+  rmSync(dir, { recursive: true, force: true });
+}
