@@ -12,7 +12,9 @@
 import { closeSync, openSync, readSync, renameSync, writeSync, existsSync, fsyncSync, unlinkSync, fchmodSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { createEngine, Engine, TwinIndex, HASH_SIZE } from "../../core/engine.js";
-import { DiskImage, BLOCK_SIZE, type ImageIdentity } from "./image.js";
+import { BLOCK_SIZE, type GuestDisk, type ImageIdentity } from "./image.js";
+import { openDisk } from "./disk.js";
+import { hashOverlay } from "./chain-index.js";
 
 const MAGIC = "PTWINIX1";
 const VERSION = 1;
@@ -64,11 +66,13 @@ function sameIdentity(a: ImageIdentity, b: ImageIdentity): boolean {
 export interface NasIndex {
   engine: Engine;
   index: TwinIndex;
-  image: DiskImage;
+  image: GuestDisk;
   header: IndexHeader;
   indexPath: string;
   /** True when this call hashed the image (no index, or the image changed). */
   built: boolean;
+  /** Blocks this call read and hashed, a backing file's included (0 when the index was current). */
+  hashed: number;
   ms: number;
 }
 
@@ -87,7 +91,7 @@ export interface OpenIndexOptions {
 /** Loads the image's index if it is current, or builds (and saves) it. */
 export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {}): Promise<NasIndex> {
   const t0 = performance.now();
-  const image = DiskImage.open(imagePath);
+  const image = openDisk(imagePath);
   const indexPath = opts.indexPath ?? defaultIndexPath(imagePath);
   try {
     const identity = image.identity();
@@ -104,24 +108,37 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       const engine = await createEngine({ seed: header.seed });
       const index = engine.createIndex(header.blocks);
       loadHashes(engine, index, indexPath, header.blocks);
-      return { engine, index, image, header, indexPath, built: false, ms: performance.now() - t0 };
+      return { engine, index, image, header, indexPath, built: false, hashed: 0, ms: performance.now() - t0 };
     }
-    const seed = randomBytes(8).readBigUInt64LE(0);
+    // An overlay takes its backing file's index (built once, beside that file) and its seed.
+    const below = image.backing ? await openNasIndex(image.backing.path, { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}) }) : null;
+    const seed = below?.header.seed ?? randomBytes(8).readBigUInt64LE(0);
     const engine = await createEngine({ seed });
     const index = engine.createIndex(image.blocks);
-    const hashes = opts.workers && image.size % BLOCK_SIZE === 0
-      ? await hashImageWithPool(engine, image, index, seed, opts)
-      : hashImage(engine, image, index, opts);
+    let hashes: Uint8Array, hashed = image.blocks;
+    if (below) {
+      try {
+        ({ hashes, hashed } = hashOverlay(engine, image, index, below.index, opts.batchBlocks ?? 1024, opts.onProgress));
+        hashed += below.hashed;
+      } finally {
+        below.index.free();
+        below.image.close();
+      }
+    } else {
+      hashes = opts.workers && image.format === "raw" && image.size % BLOCK_SIZE === 0
+        ? await hashImageWithPool(engine, image, index, seed, opts)
+        : hashImage(engine, image, index, opts);
+    }
     header = { seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex") };
     writeIndexFile(indexPath, header, hashes);
-    return { engine, index, image, header, indexPath, built: true, ms: performance.now() - t0 };
+    return { engine, index, image, header, indexPath, built: true, hashed, ms: performance.now() - t0 };
   } catch (err) {
     image.close();
     throw err;
   }
 }
 
-function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: OpenIndexOptions): Uint8Array {
+function hashImage(engine: Engine, image: GuestDisk, index: TwinIndex, opts: OpenIndexOptions): Uint8Array {
   const total = image.blocks;
   const batch = opts.batchBlocks ?? 1024;
   const buf = engine.alloc(batch * BLOCK_SIZE);
@@ -143,7 +160,7 @@ function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: Ope
   return all;
 }
 
-async function hashImageWithPool(engine: Engine, image: DiskImage, index: TwinIndex, seed: bigint, opts: OpenIndexOptions): Promise<Uint8Array> {
+async function hashImageWithPool(engine: Engine, image: GuestDisk, index: TwinIndex, seed: bigint, opts: OpenIndexOptions): Promise<Uint8Array> {
   const { EnginePool } = await import("../../pool/pool.js");
   const pool = await EnginePool.create({ size: opts.workers, seed, flavor: engine.flavor });
   const total = image.blocks;
