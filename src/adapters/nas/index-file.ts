@@ -12,7 +12,7 @@
 import { closeSync, openSync, readSync, renameSync, writeSync, existsSync, fsyncSync, unlinkSync, fchmodSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { createEngine, Engine, TwinIndex, HASH_SIZE } from "../../core/engine.js";
-import { BLOCK_SIZE, type GuestDisk, type ImageIdentity } from "./image.js";
+import { BLOCK_SIZE, type DiskFormat, type GuestDisk, type ImageIdentity } from "./image.js";
 import { openDisk } from "./disk.js";
 import { hashOverlay } from "./chain-index.js";
 
@@ -86,12 +86,14 @@ export interface OpenIndexOptions {
   rebuild?: boolean;
   /** Hash with this many worker threads (each reads its share of the image); 0: this thread. */
   workers?: number;
+  /** The image's format; detected from its first bytes when not given. */
+  format?: DiskFormat;
 }
 
 /** Loads the image's index if it is current, or builds (and saves) it. */
 export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {}): Promise<NasIndex> {
   const t0 = performance.now();
-  const image = openDisk(imagePath);
+  const image = openDisk(imagePath, { format: opts.format ?? null });
   const indexPath = opts.indexPath ?? defaultIndexPath(imagePath);
   try {
     const identity = image.identity();
@@ -111,7 +113,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       return { engine, index, image, header, indexPath, built: false, hashed: 0, ms: performance.now() - t0 };
     }
     // An overlay takes its backing file's index (built once, beside that file) and its seed.
-    const below = image.backing ? await openNasIndex(image.backing.path, { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}) }) : null;
+    const below = image.backing ? await openNasIndex(image.backing.path, { format: image.backing.format, ...(opts.onProgress ? { onProgress: opts.onProgress } : {}) }) : null;
     const seed = below?.header.seed ?? randomBytes(8).readBigUInt64LE(0);
     const engine = await createEngine({ seed });
     const index = engine.createIndex(image.blocks);

@@ -4,8 +4,10 @@
 // disk (raw or qcow2, to any depth) or as zeros past its end.
 //
 // A running guest allocates clusters as it writes, so the cached tables are
-// dropped whenever the image file's mtime moves: a stale mapping could only
-// give a block that fails its hash check, but fresh tables keep twins usable.
+// dropped when the image file's mtime has moved (looked at most every
+// RECHECK_MS, so a busy guest does not cost a table read per block): a stale
+// mapping could only give a block that fails its hash check, but fresh tables
+// keep twins usable.
 
 import { closeSync, fstatSync, readSync } from "node:fs";
 import { inflateRawSync } from "node:zlib";
@@ -22,6 +24,7 @@ const enum Kind { Data, Zero, Compressed, Backing }
 
 /** Clusters' bytes of L2 tables kept (whole tables; at least 16). */
 const L2_CACHE_BYTES = 32 << 20;
+const RECHECK_MS = 50;
 
 export class Qcow2Image implements GuestDisk {
   readonly format = "qcow2" as const;
@@ -34,6 +37,7 @@ export class Qcow2Image implements GuestDisk {
   private readonly l2Max: number;
   private readonly perL2: number;
   private mtimeNs: bigint;
+  private checkedAt = performance.now();
   /** Host offset (Data), or the descriptor's high and low 32 bits (Compressed), of the last lookup(). */
   private host = 0;
   private descLo = 0;
@@ -185,6 +189,9 @@ export class Qcow2Image implements GuestDisk {
   }
 
   private dropTablesIfChanged(): void {
+    const now = performance.now();
+    if (now - this.checkedAt < RECHECK_MS) return;
+    this.checkedAt = now;
     const m = fstatSync(this.fd, { bigint: true }).mtimeNs;
     if (m === this.mtimeNs) return;
     this.mtimeNs = m;
