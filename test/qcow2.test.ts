@@ -236,3 +236,25 @@ test("overlays share their backing file's index: built once, each overlay hashes
   assert.equal(again.built, false);
   assert.equal(again.hashed, 0);
 });
+
+test("a disk kept open sees clusters the image allocated after it was opened (its tables are read again when the file changed)", { skip }, async (t) => {
+  const dir = scratch(t);
+  const base = join(dir, "base.raw");
+  writeFileSync(base, content(2 * M, 13));
+  const top = join(dir, "top.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top);
+  const disk = openDisk(top);
+  try {
+    const before = Buffer.alloc(disk.size);
+    disk.readAt(0, before);
+    assert.ok(before.equals(qemuRaw(dir, top)));
+    qemuIo(top, "qcow2", "write -P 0x99 512k 64k", "write -z 1M 64k");
+    await new Promise((r) => setTimeout(r, 120));
+    const after = Buffer.alloc(disk.size);
+    disk.readAt(0, after);
+    assert.ok(after.equals(qemuRaw(dir, top)), "the open disk still reads the old mapping");
+    assert.ok(!after.equals(before));
+  } finally {
+    disk.close();
+  }
+});
