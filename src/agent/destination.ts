@@ -304,7 +304,11 @@ export class DestinationAgent {
       }
       if (header.indexId !== h.indexId) return refuse(`the index at ${indexPath} is not the one the source uses (id ${header.indexId} vs ${h.indexId}); point both agents at the same NAS image`);
       seed = header.seed;
-      image = openDisk(this.opts.imagePath);
+      try {
+        image = openDisk(this.opts.imagePath);
+      } catch (err) {
+        return refuse((err as Error).message); // e.g. a qcow2 feature not read here: the source learns which
+      }
     } else if (h.dedup) {
       return refuse("dedup without an index id");
     }
