@@ -9,6 +9,7 @@ import { execFileSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { benchHash } from "./hash.js";
 import { benchIndexLookup } from "./index-lookup.js";
+import { benchQcow2 } from "./qcow2.js";
 import { benchPlanner } from "./planner.js";
 import { benchPool } from "./pool.js";
 import { benchChannel } from "./channel.js";
@@ -36,6 +37,8 @@ part("Page hashing");
 const hash = await benchHash({ json: false, quiet: json, mib: quick ? 64 : 256 });
 part("Block index lookup");
 const lookup = await benchIndexLookup({ quiet: json, blocks: quick ? 1 << 20 : undefined });
+part("qcow2 reading vs raw");
+const qcow2 = await benchQcow2({ quiet: json, mib: quick ? 64 : 256 });
 part("Planner");
 const planner = await benchPlanner({ quiet: json, gib: quick ? [1] : [1, 4, 8] });
 part("Worker pool");
@@ -72,7 +75,7 @@ if (args.includes("--no-qemu")) {
     qemu = { agentMode, streamMode };
   }
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, planner, pool, channel, demo, qemu }));
+if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, demo, qemu }));
 if (writeTo) {
   report!.write(writeTo);
   console.log(`\nwrote ${writeTo}`);

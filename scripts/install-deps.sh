@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages the tests and the QEMU comparisons use, from Debian: QEMU
-# (and qemu-utils: qemu-nbd, qemu-img),
+# (and qemu-utils: qemu-img and qemu-io make the qcow2 test images, qemu-nbd serves the NBD tests),
 # what the guest builder needs, iproute2 (network namespaces) and Chromium
 # (the visualizer's browser test). Installs only what is missing; then builds
 # the guest (kernel + initrd + NAS disk image) into .cache/, reused after.
@@ -11,7 +11,7 @@ SUDO=""
 command -v node >/dev/null || { echo "install-deps: Node.js 20+ is required" >&2; exit 1; }
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-nbd >/dev/null || need+=(qemu-utils)
+{ command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null; } || need+=(qemu-utils)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need+=(busybox-static)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v cpio >/dev/null || need+=(cpio)

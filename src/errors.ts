@@ -143,3 +143,16 @@ export class QmpClosedError extends QmpError {
     super(command === undefined ? `QMP connection closed: ${reason}` : `QMP command '${command}' aborted: connection closed: ${reason}`);
   }
 }
+
+/** A disk image that is not what its header says (bad magic, offsets past its end, corrupt compressed data). */
+export class ImageFormatError extends NasError {
+  override readonly code: string = "PAGETWIN_IMAGE_FORMAT";
+}
+
+/** A disk image using a feature pagetwin does not read (encryption, external data file, ...): `feature` names it. */
+export class UnsupportedImageError extends NasError {
+  override readonly code: string = "PAGETWIN_IMAGE_UNSUPPORTED";
+  constructor(readonly path: string, readonly feature: string, hint = "") {
+    super(`pagetwin: ${path} uses ${feature}, which pagetwin does not read${hint ? `; ${hint}` : ""}`);
+  }
+}

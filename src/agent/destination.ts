@@ -14,7 +14,8 @@ import { FrameLink } from "../link/channel.js";
 import { ProtocolError, jsonFrame, parseJson, printable, type Frame } from "../wire/envelope.js";
 import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
-import { DiskImage } from "../adapters/nas/image.js";
+import type { GuestDisk } from "../adapters/nas/image.js";
+import { openDisk } from "../adapters/nas/disk.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
@@ -88,7 +89,7 @@ export interface DestinationResult {
 interface Session {
   engine: Engine;
   ram: RamFile;
-  image: DiskImage | null;
+  image: GuestDisk | null;
   /** Fetches and checks twin blocks from `image` (null without one). */
   verifier: BlockVerifier | null;
   pages: number;
@@ -294,7 +295,7 @@ export class DestinationAgent {
       return refuse(`the source's RAM is ${h.pages * PAGE_SIZE} bytes, more than this destination allows (${maxRam}; raise it with --max-ram)`);
     }
     let seed = 0n;
-    let image: DiskImage | null = null;
+    let image: GuestDisk | null = null;
     if (h.indexId) {
       if (!this.opts.imagePath) return refuse("the source uses a NAS index, but this destination was started without --image");
       const indexPath = this.opts.indexPath ?? defaultIndexPath(this.opts.imagePath);
@@ -306,7 +307,11 @@ export class DestinationAgent {
       }
       if (header.indexId !== h.indexId) return refuse(`the index at ${indexPath} is not the one the source uses (id ${header.indexId} vs ${h.indexId}); point both agents at the same NAS image`);
       seed = header.seed;
-      image = DiskImage.open(this.opts.imagePath);
+      try {
+        image = openDisk(this.opts.imagePath);
+      } catch (err) {
+        return refuse((err as Error).message); // e.g. a qcow2 feature not read here: the source learns which
+      }
     } else if (h.dedup) {
       return refuse("dedup without an index id");
     }

@@ -44,7 +44,11 @@ interface ZstdBinding {
     reset(reset: number): void;
     compressStream2(dst: Uint8Array, src: Uint8Array, endOp: number): [number, number, number];
   };
-  DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number; reset(reset: number): void };
+  DCtx: new () => {
+    decompress(dst: Uint8Array, src: Uint8Array): number;
+    decompressStream(dst: Uint8Array, src: Uint8Array): [number, number, number];
+    reset(reset: number): void;
+  };
   versionString(): string;
   CParameter: { compressionLevel: number };
   ResetDirective: { sessionOnly: number };
@@ -245,6 +249,29 @@ export function createCompressor(algo: CompressionAlgorithm): PageCompressor {
     throw new Error(`pagetwin: zstd is not available here: ${zstdUnavailableReason()}; use --compress brotli or auto`);
   }
   return new ZlibPages("brotli", BROTLI);
+}
+
+/**
+ * A zstd decoder for data that ends inside `src` with bytes after it (qcow2's
+ * compressed clusters): fills `dst` from the frame at the start of `src` and
+ * returns the bytes written. null when zstd-napi cannot load here.
+ */
+export function zstdPrefixDecoder(): ((src: Uint8Array, dst: Uint8Array) => number) | null {
+  const z = zstd();
+  if (!z) return null;
+  const d = new z.DCtx();
+  const reset = z.ResetDirective.sessionOnly;
+  return (src, dst) => {
+    d.reset(reset);
+    let written = 0, used = 0;
+    while (written < dst.length && used < src.length) {
+      const [left, produced, consumed] = d.decompressStream(dst.subarray(written), src.subarray(used));
+      written += produced;
+      used += consumed;
+      if (left === 0 || (produced === 0 && consumed === 0)) break; // frame ended, or no progress
+    }
+    return written;
+  };
 }
 
 export interface CompressionStats {

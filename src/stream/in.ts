@@ -12,7 +12,8 @@ import { once } from "node:events";
 import { crc32 } from "node:zlib";
 import { createEngine, PAGE_SIZE, type Engine } from "../core/engine.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
-import { DiskImage } from "../adapters/nas/image.js";
+import type { GuestDisk } from "../adapters/nas/image.js";
+import { openDisk } from "../adapters/nas/disk.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import { SFrame, STREAM_FRAMES, decodeRefs, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
@@ -58,7 +59,7 @@ export interface StreamInOptions extends SecurityOptions {
 /** What every stream-in session shares; the index fields follow the newest index the source used. */
 interface InContext {
   engine: Engine;
-  image: DiskImage;
+  image: GuestDisk;
   indexId: string | null;
   indexError: string | null;
   indexPath: string;
@@ -102,7 +103,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   }
   const engine = await createEngine({ seed });
   const watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
-  const image = DiskImage.open(opts.image);
+  const image = openDisk(opts.image);
   const stats = newStats("stream-in");
   const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, firstByteAt: 0, lastEndAt: 0 };
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };

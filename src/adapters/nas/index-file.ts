@@ -15,7 +15,9 @@ import { EngineMismatchError } from "../../errors.js";
 import { throwIfAborted, type AbortOptions } from "../../abort.js";
 import type { Progress } from "../../log.js";
 import type { EnginePool } from "../../pool/pool.js";
-import { DiskImage, BLOCK_SIZE } from "./image.js";
+import { BLOCK_SIZE, type DiskFormat, type GuestDisk } from "./image.js";
+import { openDisk } from "./disk.js";
+import { hashOverlay } from "./chain-index.js";
 import { decodeHeader, diskSource, encodeHeader, sameIdentity, type IndexHeader } from "./index-header.js";
 
 export type { IndexHeader } from "./index-header.js";
@@ -52,7 +54,7 @@ export interface NasIndex {
   engine: Engine;
   index: TwinIndex;
   /** The image, open for reading; close it (`image.close()`) when done. */
-  image: DiskImage;
+  image: GuestDisk;
   header: IndexHeader;
   indexPath: string;
   /** True when this call hashed the image (no index, or one that does not fit the image). */
@@ -63,6 +65,8 @@ export interface NasIndex {
    * stale entries cost resends until refresh.ts brings it up to date.
    */
   stale: boolean;
+  /** Blocks this call read and hashed, a backing file's included (0 when the index was current). */
+  hashed: number;
   ms: number;
 }
 
@@ -93,6 +97,8 @@ export interface OpenIndexOptions extends AbortOptions {
   write?: boolean;
   /** An index whose image changed since: "use" it as it is (default) or "rebuild" it. */
   stale?: "use" | "rebuild";
+  /** The image's format; detected from its first bytes when not given. */
+  format?: DiskFormat;
 }
 
 /** A random 64-bit hash seed, as openNasIndex uses for a new index. */
@@ -108,7 +114,7 @@ export function randomSeed(): bigint {
 export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {}): Promise<NasIndex> {
   const t0 = performance.now();
   throwIfAborted(opts.signal, "building the block index");
-  const image = DiskImage.open(imagePath);
+  const image = openDisk(imagePath, { format: opts.format ?? null });
   const indexPath = opts.indexPath ?? defaultIndexPath(imagePath);
   try {
     if (image.blocks === 0) {
@@ -136,16 +142,31 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       const engine = opts.engine ?? await createEngine({ seed: header.seed });
       const index = engine.createIndex(header.blocks);
       loadHashes(engine, index, indexPath, header);
-      return { engine, index, image, header, indexPath, built: false, stale, ms: performance.now() - t0 };
+      return { engine, index, image, header, indexPath, built: false, stale, hashed: 0, ms: performance.now() - t0 };
     }
-    const engine = opts.engine ?? await createEngine({ seed: randomSeed() });
+    // An overlay takes its backing file's index (built once, beside that file) and its seed.
+    const below = image.backing ? await openNasIndex(image.backing.path, {
+      format: image.backing.format, signal: opts.signal,
+      ...(opts.engine ? { engine: opts.engine } : {}), ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+    }) : null;
+    const engine = opts.engine ?? await createEngine({ seed: below?.header.seed ?? randomSeed() });
     const seed = engine.seed;
     const index = engine.createIndex(image.blocks);
-    let hashes: Uint8Array;
+    let hashes: Uint8Array, hashed = image.blocks;
     try {
-      hashes = (opts.workers || opts.pool) && image.size % BLOCK_SIZE === 0
-        ? await hashImageWithPool(engine, image, index, opts)
-        : await hashImage(engine, image, index, opts);
+      if (below) {
+        try {
+          ({ hashes, hashed } = hashOverlay(engine, image, index, below.index, opts.batchBlocks ?? 1024, opts.onProgress));
+          hashed += below.hashed;
+        } finally {
+          below.index.free();
+          below.image.close();
+        }
+      } else {
+        hashes = (opts.workers || opts.pool) && image.format === "raw" && image.size % BLOCK_SIZE === 0
+          ? await hashImageWithPool(engine, image, index, opts)
+          : await hashImage(engine, image, index, opts);
+      }
     } catch (err) {
       index.free();
       throw err;
@@ -156,7 +177,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       version: 2, generation: 0, ...diskSource(image), builtAt: now, refreshedAt: now, refreshedBy: "build", hashesAt: 0,
     };
     if (opts.write ?? true) writeIndexFile(indexPath, header, hashes);
-    return { engine, index, image, header, indexPath, built: true, stale: false, ms: performance.now() - t0 };
+    return { engine, index, image, header, indexPath, built: true, stale: false, hashed, ms: performance.now() - t0 };
   } catch (err) {
     image.close();
     throw err;
@@ -166,7 +187,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
 /** Lets other work (and an abort) in between batches: index builds take seconds to minutes. */
 const nextTurn = () => new Promise<void>((r) => setImmediate(r));
 
-async function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opts: OpenIndexOptions): Promise<Uint8Array> {
+async function hashImage(engine: Engine, image: GuestDisk, index: TwinIndex, opts: OpenIndexOptions): Promise<Uint8Array> {
   const total = image.blocks;
   const batch = opts.batchBlocks ?? 1024;
   const buf = engine.alloc(batch * BLOCK_SIZE);
@@ -190,7 +211,7 @@ async function hashImage(engine: Engine, image: DiskImage, index: TwinIndex, opt
   return all;
 }
 
-async function hashImageWithPool(engine: Engine, image: DiskImage, index: TwinIndex, opts: OpenIndexOptions): Promise<Uint8Array> {
+async function hashImageWithPool(engine: Engine, image: GuestDisk, index: TwinIndex, opts: OpenIndexOptions): Promise<Uint8Array> {
   let pool = opts.pool ?? null;
   if (!pool) {
     const { EnginePool } = await import("../../pool/pool.js");

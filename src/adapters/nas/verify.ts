@@ -5,7 +5,7 @@
 // block is reported bad and its page is asked for again, never guessed.
 
 import { HASH_SIZE, PAGE_SIZE, type Engine, type Region } from "../../core/engine.js";
-import type { DiskImage } from "./image.js";
+import type { GuestDisk } from "./image.js";
 
 /** One reader's block buffers in the core's memory: nothing else ever writes them. */
 export class BlockVerifier {
@@ -13,7 +13,7 @@ export class BlockVerifier {
   private hashes: Region | null = null;
   private capacity = 0;
 
-  constructor(private readonly engine: Engine, private readonly image: DiskImage) {}
+  constructor(private readonly engine: Engine, private readonly image: GuestDisk) {}
 
   /**
    * Reads block `blocks[i]` into slot i (runs of consecutive blocks in one

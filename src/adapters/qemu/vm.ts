@@ -30,8 +30,10 @@ export interface QemuVmOptions {
   initrd: string;
   /** Kernel command line (default DEFAULT_APPEND). pt_dirty=N etc. go here. */
   append?: string;
-  /** Raw disk image, attached as virtio-blk /dev/vda. */
+  /** Disk image, attached as virtio-blk /dev/vda. */
   disk: string;
+  /** Its format (default 'raw'). */
+  diskFormat?: 'raw' | 'qcow2';
   /** Attach the disk read-only (default true: both sides of a migration share it). */
   diskReadOnly?: boolean;
   /** -drive cache= mode (default: 'none' when the image's file system takes O_DIRECT, else 'writeback'). */
@@ -166,7 +168,7 @@ export function qemuArgs(opts: QemuVmOptions): string[] {
     '-kernel', opts.kernel,
     '-initrd', opts.initrd,
     '-append', opts.append ?? DEFAULT_APPEND,
-    '-drive', `file=${commaSafe(opts.disk)},if=virtio,format=raw,cache=${cache}${ro ? ',readonly=on' : ''}`,
+    '-drive', `file=${commaSafe(opts.disk)},if=virtio,format=${opts.diskFormat ?? 'raw'},cache=${cache}${ro ? ',readonly=on' : ''}`,
     '-nodefaults',
     '-display', 'none',
     '-no-reboot',
