@@ -152,7 +152,7 @@ export class ImageFormatError extends NasError {
 /** A disk image using a feature pagetwin does not read (encryption, external data file, ...): `feature` names it. */
 export class UnsupportedImageError extends NasError {
   override readonly code: string = "PAGETWIN_IMAGE_UNSUPPORTED";
-  constructor(readonly path: string, readonly feature: string, hint = "") {
-    super(`pagetwin: ${path} uses ${feature}, which pagetwin does not read${hint ? `; ${hint}` : ""}`);
+  constructor(readonly path: string, readonly feature: string, hint = "", options?: PagetwinErrorOptions) {
+    super(`pagetwin: ${path} uses ${feature}, which pagetwin does not read${hint ? `; ${hint}` : ""}`, options);
   }
 }
