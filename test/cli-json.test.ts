@@ -9,7 +9,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSyn
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
-import { cliPath } from "./helpers/cli.js";
+import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
 import { makeFixture } from "./helpers/ram-fixture.js";
 import { fakeQemu } from "./helpers/fake-qemu.js";
 import { freePort } from "./helpers/stream.js";
@@ -17,8 +17,8 @@ import { Progress } from "../src/cli/progress.js";
 import { roundForJson } from "../src/cli/json.js";
 
 const pt = (args: string[], cwd?: string) => spawnSync(process.execPath, [cliPath, ...args], { encoding: "utf8", cwd });
-const lines = (stdout: string) => stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, any>);
-const result = (stdout: string) => { const ls = lines(stdout); const r = ls.at(-1)!; assert.equal(r.event, "result"); return r; };
+const lines = jsonLines;
+const result = jsonResult;
 const tmp = () => mkdtempSync(join(tmpdir(), "pt-clijson-"));
 const keyFile = (dir: string, name = "k") => { const p = join(dir, name); writeFileSync(p, randomBytes(32)); chmodSync(p, 0o600); return p; };
 
@@ -194,7 +194,7 @@ test("a failed send says so once on stderr, prefix not doubled, and --json ends 
     assert.doesNotMatch(r.stderr, /pagetwin: .*pagetwin:/);
     const j = result(r.stdout);
     assert.equal(j.ok, false);
-    assert.equal(j.errorCode, "PAGETWIN_MIGRATION_FAILED");
+    assert.equal(j.errorCode, "PAGETWIN_MIGRATION");
     assert.equal(j.status, "failed");
   } finally {
     rmSync(dir, { recursive: true, force: true });
@@ -223,7 +223,7 @@ test("migrate --json with the wrong key: stderr says the source VM is running an
     const j = result(r.stdout);
     assertEnvelope(j, "migrate");
     assert.equal(j.ok, false);
-    assert.equal(j.errorCode, "PAGETWIN_MIGRATION_FAILED");
+    assert.equal(j.errorCode, "PAGETWIN_AGENT_MIGRATION");
     assert.equal(j.sourceStatus, "running");
     assert.equal(src.status, "running", "the source VM was left running");
   } finally {

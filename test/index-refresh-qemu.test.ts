@@ -15,7 +15,7 @@ import { NO_BLOCK, PAGE_SIZE } from "../src/core/engine.js";
 import { QemuStreamParser } from "../src/stream/qemu-stream.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";
 import { throughProxies } from "./helpers/stream.js";
-import { cliPath } from "./helpers/cli.js";
+import { cliPath, jsonResult } from "./helpers/cli.js";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 
@@ -158,7 +158,7 @@ test("a migration started right after the guest wrote uses the stale index, rese
 test("pagetwin index --qmp refreshes a running VM's stale index from the bitmap this suite's tracker started", { skip: skipRealGuest, timeout: 120_000 }, async () => {
   await qemuWrite(0x44, 200 * MiB, 20 * KiB);
   const { stdout } = await promisify(execFile)(process.execPath, [cliPath, "index", "--image", image, "--qmp", path.join(work, "cli.sock"), "--drive", "virtio0", "--json"]);
-  const r = JSON.parse(stdout) as { built: boolean; stale: boolean; refresh: { kind: string; blocksRead: number; blocksChanged: number } };
+  const r = jsonResult(stdout) as { built: boolean; stale: boolean; refresh: { kind: string; blocksRead: number; blocksChanged: number } };
   assert.equal(r.built, false);
   assert.equal(r.refresh.kind, "dirty-bitmap");
   assert.equal(r.refresh.blocksRead, 5);

@@ -11,7 +11,7 @@ import { defaultIndexPath, openNasIndex, readIndexHeader, type NasIndex } from "
 import { refreshByReread } from "../src/adapters/nas/refresh.js";
 import { indexStatus } from "../src/adapters/nas/index-status.js";
 import { execFileSync } from "node:child_process";
-import { cliPath } from "./helpers/cli.js";
+import { cliPath, jsonResult } from "./helpers/cli.js";
 
 function scratch(t: { after(fn: () => void): void }, blocks = 64): { image: string; index: string } {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-index-stale-"));
@@ -137,15 +137,15 @@ test("pagetwin index --status [--json] says fresh or stale; pagetwin index on a 
   const { image } = scratch(t);
   const cli = (...args: string[]) => execFileSync(process.execPath, [cliPath, "index", "--image", image, ...args], { encoding: "utf8" });
   assert.match(cli("--status"), /^no index/);
-  JSON.parse(cli("--json"));
-  const fresh = JSON.parse(cli("--status", "--json"));
+  jsonResult(cli("--json"));
+  const fresh = jsonResult(cli("--status", "--json"));
   assert.equal(fresh.state, "fresh");
   assert.equal(fresh.generation, 0);
   assert.equal(fresh.format, "raw");
   assert.deepEqual(fresh.chain, [image]);
   rewrite(image, [9, 10]);
   assert.match(cli("--status"), /^stale since .*generation 0, 64 blocks, raw/);
-  const r = JSON.parse(cli("--json"));
+  const r = jsonResult(cli("--json"));
   assert.equal(r.built, false);
   assert.equal(r.refresh.kind, "re-read");
   assert.equal(r.refresh.blocksChanged, 2);

@@ -49,11 +49,11 @@ export function failureRecord(err: unknown, record: object = {}): object {
   return { ok: false, ...record, error: errorText(err), errorCode: errorCode(err) };
 }
 
-/** The error's stable code: its own (PAGETWIN_*), PAGETWIN_MIGRATION_FAILED for a failed migration, else PAGETWIN_FAILED. */
+/** The error's stable code: its own (every PagetwinError has one, PAGETWIN_* or ABORT_ERR), else PAGETWIN_FAILED. */
 export function errorCode(err: unknown): string {
   const c = (err as { code?: unknown } | null)?.code;
-  if (typeof c === "string" && c.startsWith("PAGETWIN_")) return c;
-  return /MigrationError$/.test((err as Error | null)?.name ?? "") ? "PAGETWIN_MIGRATION_FAILED" : "PAGETWIN_FAILED";
+  if (typeof c === "string" && (c.startsWith("PAGETWIN_") || c === "ABORT_ERR")) return c;
+  return "PAGETWIN_FAILED";
 }
 
 /** An error's message for people, once prefixed: "pagetwin: " nested by wrapping errors is dropped. */

@@ -23,3 +23,13 @@ export async function startAndStop(args: string[], ready: RegExp, settleMs = 0):
   }
   return err;
 }
+
+/** The NDJSON lines a command printed with --json (docs/JSON.md). */
+export const jsonLines = (stdout: string) => stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, any>);
+
+/** The result line (the last) of a command's --json output. */
+export function jsonResult(stdout: string): Record<string, any> {
+  const r = jsonLines(stdout).at(-1)!;
+  if (r.event !== "result") throw new Error(`the last --json line is a ${String(r.event)} event, not the result`);
+  return r;
+}

@@ -39,7 +39,7 @@ export async function run(argv: string[]): Promise<number> {
   else console.error(`pagetwin listen: waiting for a migration on ${values.host}:${port}`);
   for (;;) {
     const r = await agent.nextResult();
-    if (values.json) printJson("listen", "result", { ok: r.status === "completed", ...r, ...(r.status === "completed" ? {} : { errorCode: "PAGETWIN_MIGRATION_FAILED" }) });
+    if (values.json) printJson("listen", "result", { ok: r.status === "completed", ...r, ...(r.status === "completed" ? {} : { errorCode: "PAGETWIN_MIGRATION" }) });
     // a failure's reason was logged as it happened: the summary does not repeat it
     else console.error(`pagetwin listen: migration ${r.status}${r.error ? " (see above)" : ""}: ${r.pagesWritten} pages written, ${r.twinsVerified} twins verified from the NAS, ${r.twinsRejected} refetched`);
     if (values.once) {
