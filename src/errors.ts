@@ -1,10 +1,16 @@
-// Every error pagetwin throws on purpose, in one module with no runtime
-// imports (so the browser entry can export them too). A caller tells them
-// apart by class or by `code` (as Node's and undici's are); an error that
-// wraps another keeps it as `cause`.
+// Every error pagetwin throws on purpose, in one module with no imports at
+// all (so the browser entry exports them too, and its types need no Node
+// types). A caller tells them apart by class or by `code` (as Node's and
+// undici's are); an error that wraps another keeps it as `cause`.
 
-import type { MigrationResult } from "./agent/source.js";
-import type { AgentMigrationResult } from "./agent/qemu.js";
+/**
+ * What a MigrationError carries: pagetwin/agent's MigrationResult (the agent
+ * module adds its members here, so this module stays free of Node types).
+ */
+export interface MigrationErrorResult {}
+
+/** What an AgentMigrationError carries: pagetwin/agent's AgentMigrationResult (added there, as above). */
+export interface AgentMigrationErrorResult {}
 
 /** Options of every pagetwin error: the error it wraps, if any. */
 export interface PagetwinErrorOptions {
@@ -97,7 +103,7 @@ export class StreamFormatError extends PagetwinError {
 /** An agent-mode migration (migrateSource) failed; the source VM was resumed. `result` says how far it got. */
 export class MigrationError extends PagetwinError {
   override readonly code: string = "PAGETWIN_MIGRATION";
-  constructor(message: string, readonly result: MigrationResult, options?: PagetwinErrorOptions) {
+  constructor(message: string, readonly result: MigrationErrorResult, options?: PagetwinErrorOptions) {
     super(message, options);
   }
 }
@@ -105,7 +111,7 @@ export class MigrationError extends PagetwinError {
 /** A QEMU agent-mode migration failed; the source VM was left running. `result` says how far it got. */
 export class AgentMigrationError extends PagetwinError {
   override readonly code: string = "PAGETWIN_AGENT_MIGRATION";
-  constructor(message: string, readonly result: AgentMigrationResult, options?: PagetwinErrorOptions) {
+  constructor(message: string, readonly result: AgentMigrationErrorResult, options?: PagetwinErrorOptions) {
     super(message, options);
   }
 }

@@ -64,6 +64,11 @@ test("every error class is a PagetwinError with a stable code, and keeps its cau
   assert.equal(new errors.ProtocolError("x").code, "PAGETWIN_PROTOCOL");
 });
 
+test("the errors module imports nothing, so the browser entry's types need no Node types", () => {
+  const dist = fileURLToPath(new URL("../src/", import.meta.url));
+  for (const f of ["errors.js", "errors.d.ts"]) assert.doesNotMatch(readFileSync(join(dist, f), "utf8"), /^\s*(import|export .* from)\b/m, f);
+});
+
 test("planIteration refuses an async reader; planIterationAsync plans what it reads", async () => {
   const v = vm(300);
   try {

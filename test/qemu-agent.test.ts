@@ -9,6 +9,7 @@ import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { compareFiles } from "../src/demo/embedded-run.js";
 import { migrateQemuAgentMode, AgentMigrationError } from "../src/agent/qemu.js";
 import { assertStatsInvariants } from "./helpers/invariants.js";
+import { AbortError } from "../src/errors.js";
 import { lastCounter } from "../src/compare/guest.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";
 import { spawnSync } from "node:child_process";
@@ -47,7 +48,7 @@ function fdModes(file: string): number[] {
   return modes;
 }
 
-test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps counting; a destination killed mid-migration leaves the source running", { skip, timeout: 600_000 }, async (t) => {
+test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps counting; a destination killed mid-migration, or an abort, leaves the source running", { skip, timeout: 600_000 }, async (t) => {
   const g = guest!;
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-agent-"));
   const vms: QemuVm[] = [];
@@ -154,6 +155,22 @@ test("agent mode on a real QEMU guest: RAM equal at switchover, guest keeps coun
     assert.equal(c.running, false);
     assert.equal((await b.qmp.execute<{ status: string }>("query-status")).status, "running");
     await b.waitForSerial(new RegExp(`pagetwin-counter ${before + 2}\\b`), 30_000);
+
+    // 3. The caller aborts (AbortSignal) during the pre-copy: AbortError, d stopped, b still running.
+    const d = await boot("d", "defer");
+    const ac = new AbortController();
+    const reason = new Error("operator cancelled");
+    const phases = new Set<string>();
+    const after = lastCounter(b.serialLog());
+    await assert.rejects(migrateQemuAgentMode({
+      source: { qmp: b.qmp }, destination: { qmp: d.qmp, kill: async () => { await d.kill(); } },
+      srcRam: b.options.memPath, dstRam: d.options.memPath, image: g.disk, bandwidth: 40e6, signal: ac.signal,
+      onProgress: (p) => { phases.add(p.phase); if (p.phase === "iteration" && p.done >= 16384) ac.abort(reason); },
+    }), (e: unknown) => e instanceof AbortError && e.code === "ABORT_ERR" && e.cause === reason && /source VM is running/.test(e.message));
+    assert.ok(phases.has("iteration"));
+    assert.equal(d.running, false, "the destination QEMU was stopped");
+    assert.equal((await b.qmp.execute<{ status: string }>("query-status")).status, "running");
+    await b.waitForSerial(new RegExp(`pagetwin-counter ${after + 2}\\b`), 30_000);
   } finally {
     for (const vm of vms) await vm.cleanup();
     fs.rmSync(dir, { recursive: true, force: true });

@@ -200,6 +200,11 @@ export interface AgentMigrationResult {
 export { AgentMigrationError } from "../errors.js";
 import { AbortError, AgentMigrationError } from "../errors.js";
 
+// AgentMigrationError.result is an AgentMigrationResult (errors.ts names no agent types: see there)
+declare module "../errors.js" {
+  interface AgentMigrationErrorResult extends AgentMigrationResult {}
+}
+
 async function status(qmp: QmpClient): Promise<string> {
   return (await qmp.execute<{ status: string }>("query-status", undefined, { timeoutMs: 10_000 })).status;
 }

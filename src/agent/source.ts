@@ -182,6 +182,11 @@ export interface MigrationResult {
 export { MigrationError } from "../errors.js";
 import { MigrationError } from "../errors.js";
 
+// MigrationError.result is a MigrationResult (errors.ts names no agent types: see there)
+declare module "../errors.js" {
+  interface MigrationErrorResult extends MigrationResult {}
+}
+
 /**
  * The source side of an agent-mode migration: pre-copy iterations over `ram`
  * to the destination agent at host:port, then switchover (vm.pause, last

@@ -11,7 +11,11 @@ import { PoolClosedError, PoolWorkerError } from "../errors.js";
 import { abortable, throwIfAborted, type AbortOptions } from "../abort.js";
 
 export interface SessionOptions {
-  /** Hash seed of this session's scans (default: the pool's); the seed of the Engine whose Planner uses them. */
+  /**
+   * Hash seed of this session's scans (default: the pool's): the seed of the
+   * Engine whose Planner uses them. Each seed in use costs every worker one
+   * more wasm instance, kept until the pool closes.
+   */
   seed?: bigint;
 }
 

@@ -30,8 +30,12 @@ export interface PackOptions {
   readonly ignoreScripts?: boolean;
 }
 
+// Under `npm test`, node_modules/.bin comes first on PATH, and a dev dependency
+// put an old npm there: use the npm running this script when there is one.
+const NPM = process.env["npm_execpath"] ? [process.execPath, process.env["npm_execpath"]] : ["npm"];
+
 function npm(args: string[], cwd: string): string {
-  return execFileSync("npm", [...args, "--no-audit", "--no-fund", "--loglevel=error"], {
+  return execFileSync(NPM[0]!, [...NPM.slice(1), ...args, "--no-audit", "--no-fund", "--loglevel=error"], {
     cwd,
     encoding: "utf8",
     stdio: ["ignore", "pipe", "pipe"],
