@@ -84,6 +84,7 @@ export async function run(argv: string[]): Promise<number> {
       startedAt: 0, // performance.now() counts from this process's start: total-time is the command's, as QEMU's is its migrate's
       onIteration: (it) => progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
         `iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`),
+      onProgress: (p) => { if (p.phase === "index") progress.update("indexing", p.done, p.total, "blocks"); },
       log: (m) => { if (!json) console.error(`pagetwin migrate: ${m}`); },
     });
     print(r, json);
