@@ -13,7 +13,7 @@ import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
 import { makeFixture } from "./helpers/ram-fixture.js";
 import { fakeQemu } from "./helpers/fake-qemu.js";
 import { freePort } from "./helpers/stream.js";
-import { Progress } from "../src/cli/progress.js";
+import { ProgressReporter } from "../src/cli/progress.js";
 import { roundForJson } from "../src/cli/json.js";
 
 const pt = (args: string[], cwd?: string) => spawnSync(process.execPath, [cliPath, ...args], { encoding: "utf8", cwd });
@@ -286,13 +286,13 @@ test("index: an empty image is a clear error; an image with a tail that is not a
 test("progress: a bar on a TTY, NDJSON events with --json, nothing on a pipe", () => {
   const written: string[] = [];
   const tty = { isTTY: true, write: (s: string) => { written.push(s); return true; } } as unknown as NodeJS.WriteStream;
-  const bar = new Progress("index", { json: false, tty, everyMs: 0 });
+  const bar = new ProgressReporter("index", { json: false, tty, everyMs: 0 });
   bar.update("indexing", 512, 1024, "blocks");
   bar.update("indexing", 1024, 1024, "blocks");
   assert.match(written.join(""), /\rindexing\s+\[#{12}-{12}\]\s+50% 512\/1024 blocks/);
   assert.match(written.join(""), /100% 1024\/1024 blocks\n$/);
   const pipe = { isTTY: false, write: () => { throw new Error("no bar on a pipe"); } } as unknown as NodeJS.WriteStream;
-  new Progress("index", { json: false, tty: pipe }).update("indexing", 1, 2, "blocks");
+  new ProgressReporter("index", { json: false, tty: pipe }).update("indexing", 1, 2, "blocks");
   // with --json: the events go to stdout (checked on the real commands above); rounding of what they carry:
   assert.deepEqual(roundForJson({ a: 1.26, bytes: 10.6, ratio: 0.123456, b: Infinity, c: NaN, d: undefined, ratios: { x: 0.45678 } }), { a: 1.3, bytes: 11, ratio: 0.1235, ratios: { x: 0.4568 } });
 });

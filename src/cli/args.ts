@@ -1,6 +1,5 @@
 // Shared command-line plumbing: option parsing with help, sizes and rates.
 
-import type { Progress } from "../log.js";
 import { UsageError } from "../errors.js";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { INSECURE_WARNING, loadKey, type TlsFiles } from "../link/security.js";

@@ -3,9 +3,9 @@
 
 import { openNasIndex, type NasIndex, type OpenIndexOptions } from "../adapters/nas/index-file.js";
 import { BLOCK_SIZE } from "../adapters/nas/image.js";
-import type { Progress } from "./progress.js";
+import type { ProgressReporter } from "./progress.js";
 
-export async function openImageIndex(image: string, progress: Progress, opts: Omit<OpenIndexOptions, "onProgress"> = {}): Promise<NasIndex> {
+export async function openImageIndex(image: string, progress: ProgressReporter, opts: Omit<OpenIndexOptions, "onProgress"> = {}): Promise<NasIndex> {
   const nas = await openNasIndex(image, { ...opts, onProgress: (p) => progress.update("indexing", p.done, p.total, "blocks") });
   const tail = nas.image.size % BLOCK_SIZE;
   if (tail) {

@@ -5,7 +5,7 @@
 
 import { printJson } from "./json.js";
 
-export interface ProgressOptions {
+export interface ProgressReporterOptions {
   json: boolean;
   /** No bar and no progress events (--quiet). */
   quiet?: boolean;
@@ -17,13 +17,13 @@ export interface ProgressOptions {
 
 const BAR = 24;
 
-export class Progress {
+export class ProgressReporter {
   private readonly tty: NodeJS.WriteStream | null;
   private readonly everyMs: number;
   private last = new Map<string, number>();
   private barOpen = false;
 
-  constructor(readonly command: string, private readonly o: ProgressOptions) {
+  constructor(readonly command: string, private readonly o: ProgressReporterOptions) {
     const t = o.tty ?? process.stderr;
     this.tty = !o.json && !o.quiet && t.isTTY ? t : null;
     this.everyMs = o.everyMs ?? 250;

@@ -93,9 +93,8 @@ export interface StreamProxy {
   /** The port it listens on (useful with listenPort 0; 0 on a unix socket). */
   port: number;
   stats: StreamStats;
-  /** Resolves when the first migration is over (or, with keep, when closed); rejects never: see stats.error. */
+  /** Resolves when the first migration is over (or, with keep, when closed), failures in stats.error; rejects only with an AbortError when the signal fired. */
   done: Promise<StreamStats>;
   close(): Promise<void>;
 }
 
-export type Logger = (msg: string) => void;

@@ -5,7 +5,7 @@ import { Planner, planIteration } from "../../plan/planner.js";
 import { PAGE_SIZE } from "../../core/engine.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { parse, helpText, str, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
-import { Progress } from "../progress.js";
+import { ProgressReporter } from "../progress.js";
 import { printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
 import { sampleCompression, roundBytes, modelTime, LEAVES_OUT } from "../analyze-model.js";
@@ -61,7 +61,7 @@ export async function run(argv: string[]): Promise<number> {
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
   const a = validate(values);
-  const progress = new Progress("analyze", { json: a.json });
+  const progress = new ProgressReporter("analyze", { json: a.json });
   // an up-to-date index beside the image is read; a new one is written only where --index says
   const nas = await openImageIndex(a.image, progress, { indexPath: a.index ?? defaultIndexPath(a.image), write: a.index !== undefined });
   const ram = RamFile.open(a.ram);

@@ -4,7 +4,7 @@ import { refreshByReread, type RefreshResult } from "../../adapters/nas/refresh.
 import { DirtyTracker } from "../../adapters/qemu/dirty-tracker.js";
 import { QmpClient } from "../../adapters/qemu/qmp.js";
 import { parse, helpText, str, int, parseRate, type CommandSpec } from "../args.js";
-import { Progress } from "../progress.js";
+import { ProgressReporter } from "../progress.js";
 import { printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
 
@@ -44,7 +44,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   const workers = int(values, "workers", 0, 256);
   const rate = parseRate(values.rate as string, "--rate");
-  const progress = new Progress("index", { json });
+  const progress = new ProgressReporter("index", { json });
   const nas = await openImageIndex(image, progress, { indexPath: values.index as string | undefined, rebuild: !!values.rebuild, workers });
   let refreshed: RefreshResult | null = null;
   try {
@@ -72,7 +72,7 @@ export async function run(argv: string[]): Promise<number> {
  * index from the bitmap (a bitmap just started knows nothing yet: the image
  * is re-read once). Without: re-read a stale index at --rate.
  */
-async function keepFresh(nas: NasIndex, values: Record<string, string | boolean | undefined>, rate: number, progress: Progress): Promise<RefreshResult | null> {
+async function keepFresh(nas: NasIndex, values: Record<string, string | boolean | undefined>, rate: number, progress: ProgressReporter): Promise<RefreshResult | null> {
   const reread = () => refreshByReread(nas, { rateBytesPerSec: rate, onProgress: (p) => progress.update("re-reading", p.done, p.total, "blocks") });
   if (!values.qmp) return nas.stale ? reread() : null;
   const qmp = await QmpClient.connect(values.qmp as string);

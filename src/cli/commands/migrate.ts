@@ -2,7 +2,7 @@ import { QmpClient } from "../../adapters/qemu/qmp.js";
 import { migrateQemuAgentMode, AgentMigrationError, type AgentMigrationResult } from "../../agent/qemu.js";
 import type { ConvergenceOptions } from "../../plan/convergence.js";
 import { parseEndpoint } from "../../link/endpoint.js";
-import { Progress } from "../progress.js";
+import { ProgressReporter } from "../progress.js";
 import { errorText, failureRecord, printJson } from "../json.js";
 import { migrateRecord } from "../records.js";
 import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, workersWhen, UsageError, type CommandSpec } from "../args.js";
@@ -62,7 +62,7 @@ export async function run(argv: string[]): Promise<number> {
   const convergence: ConvergenceOptions = { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1), onCap };
   const workers = int(values, "workers", 0, 64);
   const sec = security(values);
-  const progress = new Progress("migrate", { json });
+  const progress = new ProgressReporter("migrate", { json });
   const bandwidth = parseRate(values.bandwidth as string);
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }

@@ -4,7 +4,7 @@ import { migrateSource, MigrationError } from "../../agent/source.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
 import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, UsageError, type CommandSpec } from "../args.js";
-import { Progress } from "../progress.js";
+import { ProgressReporter } from "../progress.js";
 import { errorText, failureRecord, printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
 import { sendRecord } from "../records.js";
@@ -44,7 +44,7 @@ export async function run(argv: string[]): Promise<number> {
   const convergence = { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1), onCap } as const;
   const json = !!values.json;
   const sec = security(values);
-  const progress = new Progress("send", { json });
+  const progress = new ProgressReporter("send", { json });
   const nas = await openImageIndex(str(values, "image"), progress, { indexPath: values.index as string | undefined });
   let ram: RamFile;
   try {

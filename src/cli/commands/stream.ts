@@ -4,7 +4,7 @@
 import { parseCompressionMode, type CompressionMode } from "../../codec/compress.js";
 import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
 import { errorText, failureRecord, printJson } from "../json.js";
-import { Progress } from "../progress.js";
+import { ProgressReporter } from "../progress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
 import { streamIn } from "../../stream/in.js";
 import { streamOut } from "../../stream/out.js";
@@ -113,7 +113,7 @@ type Values = Record<string, string | boolean | undefined>;
 const SIGNALS = { SIGINT: 2, SIGTERM: 15 } as const;
 
 /** The proxy's live counters as progress: while bytes move, at most once a second. */
-function watch(proxy: { stats: StreamStats }, progress: Progress): () => void {
+function watch(proxy: { stats: StreamStats }, progress: ProgressReporter): () => void {
   let seen = -1;
   const t = setInterval(() => {
     const s = proxy.stats;
@@ -147,7 +147,7 @@ async function run(argv: string[], spec: CommandSpec,
   try {
     proxy = await start(v, log);
     if (stoppedBy) void proxy.close();
-    const unwatch = watch(proxy, new Progress(spec.name, { json, quiet: Boolean(v["quiet"]) }));
+    const unwatch = watch(proxy, new ProgressReporter(spec.name, { json, quiet: Boolean(v["quiet"]) }));
     stats = await proxy.done;
     unwatch();
   } finally {
