@@ -2,6 +2,12 @@
 // mode: the overlay's index comes from the backing file's, every twin is read
 // through the overlay from the backing file, and the destination's RAM ends
 // identical to the source's.
+//
+// The guest is stopped for the migration: QEMU's own live migration of this
+// TCG guest leaves a few pages differing between the two RAM files even with
+// no proxy in between (seen migrating QEMU to QEMU directly at ~100 MB/s), so
+// byte equality is checked on a guest that does not write meanwhile. That it
+// runs on is checked at the destination (the live path is stream.test.ts's).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
@@ -17,16 +23,18 @@ import { qemuImg, skipNoQemuImg } from "./helpers/qemu-img.js";
 
 const skip = skipRealGuest || skipNoQemuImg;
 
-/** True when the two files hold the same bytes (read in 4 MiB pieces). */
-function sameFiles(a: string, b: string): boolean {
-  if (fs.statSync(a).size !== fs.statSync(b).size) return false;
+/** Offsets of the 4 KiB pages where the two files differ (read in 4 MiB pieces). */
+function differingPages(a: string, b: string): number[] {
+  assert.equal(fs.statSync(a).size, fs.statSync(b).size);
   const fa = fs.openSync(a, "r"), fb = fs.openSync(b, "r");
   const ba = Buffer.alloc(4 << 20), bb = Buffer.alloc(4 << 20);
+  const diff: number[] = [];
   try {
     for (let at = 0; ; at += ba.length) {
       const n = fs.readSync(fa, ba, 0, ba.length, at);
-      if (n === 0) return true;
-      if (fs.readSync(fb, bb, 0, n, at) !== n || !ba.subarray(0, n).equals(bb.subarray(0, n))) return false;
+      if (n === 0) return diff;
+      assert.equal(fs.readSync(fb, bb, 0, n, at), n);
+      for (let p = 0; p < n; p += 4096) if (!ba.subarray(p, p + 4096).equals(bb.subarray(p, p + 4096))) diff.push(at + p);
     }
   } finally {
     fs.closeSync(fa);
@@ -34,7 +42,7 @@ function sameFiles(a: string, b: string): boolean {
   }
 }
 
-test("a guest on a qcow2 overlay migrates through stream-out/stream-in with twins from the backing file; RAM identical", { skip, timeout: 300_000 }, async (t) => {
+test("a guest on a qcow2 overlay migrates through stream-out/stream-in with twins from the backing file; RAM identical, the guest runs on", { skip, timeout: 300_000 }, async (t) => {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), "pt-qcow2-guest-"));
   const vms: QemuVm[] = [];
   t.after(async () => {
@@ -71,6 +79,7 @@ test("a guest on a qcow2 overlay migrates through stream-out/stream-in with twin
   const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: overlay, psk: TEST_KEY });
   const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: overlay, psk: TEST_KEY });
   await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": 10_000_000_000 });
+  await src.qmp.execute("stop");
   await src.qmp.execute("migrate", { uri: `tcp:127.0.0.1:${so.port}` });
   let status = "";
   while (status !== "completed" && status !== "failed") {
@@ -90,10 +99,11 @@ test("a guest on a qcow2 overlay migrates through stream-out/stream-in with twin
   assert.equal(i.twinsReplaced, o.twinsReplaced);
   assert.equal(o.resends, 0, "every twin read through the overlay verified");
   assert.equal(o.bytesFromQemu, i.bytesToQemu);
-  assert.ok(sameFiles(srcMem, dstMem), "the destination's RAM differs from the source's");
+  const diff = differingPages(srcMem, dstMem);
+  assert.deepEqual(diff.map((x) => `0x${x.toString(16)}`).slice(0, 20), [], `the destination's RAM differs from the source's in ${diff.length} pages`);
 
   await dst.qmp.execute("cont");
   const last = Math.max(...[...src.serialLog().matchAll(/pagetwin-counter (\d+)/g)].map((m) => Number(m[1])));
-  const m = await dst.waitForSerial(new RegExp(`pagetwin-counter (${last + 1}|${last + 2})\\b`), 30_000);
+  const m = await dst.waitForSerial(new RegExp(`pagetwin-counter (${last + 1})\\b`), 30_000);
   t.diagnostic(`${o.pagesSeen} pages, ${o.twinsReplaced} twins from the backing file through the overlay, link ${o.bytesOutLink} B; counter ${last} -> ${m[1]}`);
 });
