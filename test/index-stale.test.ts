@@ -8,7 +8,7 @@ import { closeSync, lstatSync, mkdtempSync, openSync, readFileSync, rmSync, utim
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { defaultIndexPath, openNasIndex, readIndexHeader, type NasIndex } from "../src/adapters/nas/index-file.js";
-import { refreshByReread } from "../src/adapters/nas/refresh.js";
+import { BackgroundRefresh, refreshByReread } from "../src/adapters/nas/refresh.js";
 import { indexStatus } from "../src/adapters/nas/index-status.js";
 import { execFileSync } from "node:child_process";
 import { cliPath, jsonResult } from "./helpers/cli.js";
@@ -151,4 +151,26 @@ test("pagetwin index --status [--json] says fresh or stale; pagetwin index on a 
   assert.equal(r.refresh.blocksChanged, 2);
   assert.equal(r.generation, 1);
   assert.match(cli("--status"), /^fresh: .*generation 1/);
+});
+
+test("a background refresh brings a stale index up to date on its own, and stop() ends one early without writing", async (t) => {
+  const { image, index } = scratch(t, 1024);
+  (await openNasIndex(image)).image.close();
+  rewrite(image, [1, 500]);
+  const nas = await openNasIndex(image);
+  const log: string[] = [];
+  try {
+    const done = await new BackgroundRefresh(nas, 1 << 30, (m) => log.push(m)).done;
+    assert.equal(done?.blocksChanged, 2);
+    assert.equal(readIndexHeader(index).generation, 1);
+    assert.match(log.join("\n"), /refreshed in the background: generation 1, 2 of 1024 blocks changed/);
+    rewrite(image, [2]);
+    const slow = new BackgroundRefresh(nas, 256 << 10, (m) => log.push(m)); // 4 MiB at 256 KiB/s: ~16 s
+    await new Promise((r) => setTimeout(r, 100));
+    await slow.stop();
+    assert.equal(await slow.done, null, "stopped");
+    assert.equal(readIndexHeader(index).generation, 1, "a stopped refresh writes nothing");
+  } finally {
+    nas.image.close();
+  }
 });
