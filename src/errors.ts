@@ -162,3 +162,28 @@ export class UnsupportedImageError extends NasError {
     super(`pagetwin: ${path} uses ${feature}, which pagetwin does not read${hint ? `; ${hint}` : ""}`, options);
   }
 }
+
+/** A block index file that is not one, or of a version or layout this pagetwin does not read. */
+export class IndexFormatError extends NasError {
+  override readonly code: string = "PAGETWIN_INDEX_FORMAT";
+}
+
+/** QEMU's dirty bitmap for a drive could not be added, read or rotated. */
+export class DirtyTrackerError extends PagetwinError {
+  override readonly code: string = "PAGETWIN_DIRTY_TRACKER";
+}
+
+/** An NBD server sent something the NBD protocol does not allow. */
+export class NbdProtocolError extends PagetwinError {
+  override readonly code: string = "PAGETWIN_NBD_PROTOCOL";
+}
+
+/** The NBD server answered a request or an option with an error; `errno` is its NBD error number (0: an option refused). */
+export class NbdServerError extends PagetwinError {
+  override readonly code: string = "PAGETWIN_NBD_SERVER";
+  readonly errno: number;
+  constructor(message: string, options: PagetwinErrorOptions & { errno?: number } = {}) {
+    super(message, options);
+    this.errno = options.errno ?? 0;
+  }
+}

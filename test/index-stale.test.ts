@@ -1,6 +1,7 @@
 // A stale index is used, not thrown away; a refresh brings it up to date as
 // the next generation; version 1 files still read.
 
+import { toLog } from "../src/log.js";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
@@ -160,12 +161,12 @@ test("a background refresh brings a stale index up to date on its own, and stop(
   const nas = await openNasIndex(image);
   const log: string[] = [];
   try {
-    const done = await new BackgroundRefresh(nas, 1 << 30, (m) => log.push(m)).done;
+    const done = await new BackgroundRefresh(nas, 1 << 30, toLog((m) => log.push(m))).done;
     assert.equal(done?.blocksChanged, 2);
     assert.equal(readIndexHeader(index).generation, 1);
     assert.match(log.join("\n"), /refreshed in the background: generation 1, 2 of 1024 blocks changed/);
     rewrite(image, [2]);
-    const slow = new BackgroundRefresh(nas, 256 << 10, (m) => log.push(m)); // 4 MiB at 256 KiB/s: ~16 s
+    const slow = new BackgroundRefresh(nas, 256 << 10, toLog((m) => log.push(m))); // 4 MiB at 256 KiB/s: ~16 s
     await new Promise((r) => setTimeout(r, 100));
     await slow.stop();
     assert.equal(await slow.done, null, "stopped");

@@ -14,6 +14,8 @@
 // Version 1 files (hashes at 64) still read: generation 0, format raw.
 
 import type { ImageIdentity } from "./image.js";
+export { IndexFormatError } from "../../errors.js";
+import { IndexFormatError } from "../../errors.js";
 
 export const MAGIC = "PTWINIX1";
 export const VERSION = 2;
@@ -45,10 +47,6 @@ export interface IndexHeader {
   hashesAt: number;
 }
 
-export class IndexFormatError extends Error {
-  override name = "IndexFormatError";
-  readonly code = "PAGETWIN_INDEX_FORMAT";
-}
 
 /** Decodes a header from the file's first bytes (`b` holds at least the fixed part; `more` reads the rest). */
 export function decodeHeader(b: Buffer, path: string, more: (offset: number, length: number) => Buffer): IndexHeader {

@@ -159,7 +159,7 @@ export class NbdClient {
         this.contexts.set(r.data.toString("utf8", 4), r.data.readUInt32BE(0));
       }
       const missing = metaContexts.filter((c) => !this.contexts.has(c));
-      if (missing.length) throw new NbdServerError(`the NBD server does not offer the metadata context ${missing.join(", ")} on export "${exportName}"`, 0);
+      if (missing.length) throw new NbdServerError(`the NBD server does not offer the metadata context ${missing.join(", ")} on export "${exportName}"`);
     }
     for (const r of await this.option(Opt.Go, goData(exportName), `export "${exportName}"`)) {
       if (r.type === Rep.Info && r.data.length >= 12 && r.data.readUInt16BE(0) === INFO_EXPORT) {
@@ -179,7 +179,7 @@ export class NbdClient {
       if (m.kind !== "option-reply" || m.option !== option) throw new NbdProtocolError(`unexpected ${m.kind} while negotiating ${what}`);
       if (m.type & REP_ERROR_BIT) {
         const why = REP_ERRORS[m.type] ?? `error 0x${m.type.toString(16)}`;
-        throw new NbdServerError(`the NBD server refused ${what}: ${why}${m.data.length ? ` (${m.data.toString("utf8")})` : ""}`, 0);
+        throw new NbdServerError(`the NBD server refused ${what}: ${why}${m.data.length ? ` (${m.data.toString("utf8")})` : ""}`);
       }
       if (m.type === Rep.Ack) return replies;
       replies.push(m);
@@ -228,7 +228,7 @@ export class NbdClient {
       if (m.kind === "simple") {
         // only a request without data may be answered simply once structured replies are on
         if (e.p.kind === "read" && m.error === 0) throw new NbdProtocolError("a simple reply to a read after structured replies were negotiated");
-        if (m.error) e.p.error = new NbdServerError(`NBD server error ${NBD_ERRNO[m.error] ?? m.error}`, m.error);
+        if (m.error) e.p.error = new NbdServerError(`NBD server error ${NBD_ERRNO[m.error] ?? m.error}`, { errno: m.error });
         done = true;
       } else {
         done = applyChunk(e.p, m.flags, m.type, m.payload);

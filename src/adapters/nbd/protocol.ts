@@ -5,6 +5,9 @@
 // NbdParser takes bytes as they arrive and hands out whole messages.
 // Everything on the wire is big-endian (network byte order).
 
+import { NbdProtocolError, NbdServerError } from "../../errors.js";
+export { NbdProtocolError, NbdServerError };
+
 export const NBDMAGIC = 0x4e42444d41474943n; // "NBDMAGIC"
 export const IHAVEOPT = 0x49484156454f5054n; // "IHAVEOPT"
 export const OPT_REPLY_MAGIC = 0x3e889045565a9n;
@@ -48,20 +51,7 @@ export const NBD_ERRNO: Record<number, string> = {
   1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 28: "ENOSPC", 75: "EOVERFLOW", 95: "ENOTSUP", 108: "ESHUTDOWN",
 };
 
-/** The peer broke the NBD protocol (or is not an NBD server). */
-export class NbdProtocolError extends Error {
-  override name = "NbdProtocolError";
-  readonly code = "PAGETWIN_NBD_PROTOCOL";
-}
 
-/** The server answered a request or an option with an error. */
-export class NbdServerError extends Error {
-  override name = "NbdServerError";
-  readonly code = "PAGETWIN_NBD_SERVER";
-  constructor(message: string, readonly errno: number) {
-    super(message);
-  }
-}
 
 // ---- client -> server --------------------------------------------------------
 

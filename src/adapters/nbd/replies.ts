@@ -52,7 +52,7 @@ function errorChunk(type: number, payload: Buffer): NbdServerError {
   if (6 + msgLen > payload.length) throw new NbdProtocolError("error chunk message longer than the chunk");
   const msg = payload.toString("utf8", 6, 6 + msgLen);
   const at = type === Reply.ErrorOffset && payload.length >= 6 + msgLen + 8 ? ` at offset ${payload.readBigUInt64BE(6 + msgLen)}` : "";
-  return new NbdServerError(`NBD server error ${NBD_ERRNO[errno] ?? errno}${at}${msg ? `: ${msg}` : ""}`, errno);
+  return new NbdServerError(`NBD server error ${NBD_ERRNO[errno] ?? errno}${at}${msg ? `: ${msg}` : ""}`, { errno });
 }
 
 /** Checks that [offset, offset+len) lies in the read's range; returns where it starts in the buffer. */

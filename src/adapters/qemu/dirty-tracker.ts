@@ -17,6 +17,8 @@ import { BLOCK_SIZE } from "../nas/image.js";
 import type { NasIndex } from "../nas/index-file.js";
 import { imageSource, refreshBlocks, type BlockRun, type RefreshResult } from "../nas/refresh.js";
 import { QmpCommandError, type QmpClient } from "./qmp.js";
+export { DirtyTrackerError } from "../../errors.js";
+import { DirtyTrackerError } from "../../errors.js";
 
 export interface DirtyTrackerOptions {
   /** The drive: a QEMU block device id (e.g. "virtio0") or node name (default: the only drive with a medium). */
@@ -40,10 +42,6 @@ export interface DirtyRefreshResult extends RefreshResult {
   nbdBytes: number;
 }
 
-export class DirtyTrackerError extends Error {
-  override name = "DirtyTrackerError";
-  readonly code = "PAGETWIN_DIRTY_TRACKER";
-}
 
 export class DirtyTracker {
   private constructor(
