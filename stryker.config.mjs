@@ -18,7 +18,7 @@ export const targets = {
   destination: { mutate: ["src/agent/destination.ts:210-255", "src/agent/destination.ts:336-396"], command: node(["verdict"]) },
   // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END
   "stream-in": { mutate: ["src/stream/in.ts:349-386"], command: node(["stream-faults"], "^(stream checked|stream fault: the NAS|runs of|a small)") },
-  handshake: { mutate: ["src/link/security.ts:94-140", "src/link/listen.ts:225-288"], command: node(["security"]) },
+  handshake: { mutate: ["src/link/security.ts:94-140", "src/link/listen.ts:69-132"], command: node(["security"]) },
 };
 
 const which = process.env.MUTATE ?? "replay-window";
