@@ -87,6 +87,28 @@ test("convergence: a sampled estimate of the next round lets the first round swi
   assert.equal(p.decide({ ...first, nextRoundBytes: 40e6 }).action, "continue");
 });
 
+test("convergence: options checked, the target inclusive, no bandwidth means never, progress measured against 90% of the best", () => {
+  for (const bad of [{ downtimeMs: 0 }, { maxIterations: 0 }, { maxSentFactor: 0 }]) {
+    assert.throws(() => new ConvergencePolicy(bad), (e: unknown) => e instanceof RangeError && /downtime, iteration cap and traffic cap must be positive/.test(e.message), JSON.stringify(bad));
+  }
+  assert.equal(new ConvergencePolicy({ maxIterations: 1 }).maxIterations, 1);
+  // by default a cap switches over
+  const capped = new ConvergencePolicy({ maxIterations: 2 });
+  const big = { iteration: 2, wireBytes: 1e9, scanMs: 0, bytesPerSecond: 1e6, totalBytes: 1e9, ramBytes: 1e9 };
+  assert.deepEqual(capped.decide(big), { action: "switchover", reason: "max-iterations", expectedDowntimeMs: 1e6 });
+  // exactly the target: converged (100 ms of scan + 200 ms of bytes = 300 ms)
+  const exact = new ConvergencePolicy({ downtimeMs: 300 });
+  assert.equal(exact.decide({ ...big, iteration: 2, wireBytes: 2e5, scanMs: 100, totalBytes: 2e5 }).action, "switchover");
+  // no bandwidth measured: the downtime is unknown, whatever the bytes
+  assert.equal(exact.expectedDowntimeMs({ ...big, wireBytes: 0, bytesPerSecond: 0 }), Infinity);
+  // rounds that only reach 90% of the best do not count as progress: the third such ends pre-copy
+  const p = new ConvergencePolicy({ downtimeMs: 10 });
+  const round = (iteration: number, scanMs: number) => p.decide({ iteration, wireBytes: 0, scanMs, bytesPerSecond: 1e9, totalBytes: 0, ramBytes: 1e9 });
+  assert.equal(round(1, 1000).action, "continue");
+  assert.deepEqual([2, 3].map((it) => round(it, 900).action), ["continue", "continue"]);
+  assert.deepEqual(round(4, 900), { action: "switchover", reason: "no-progress", expectedDowntimeMs: 900 });
+});
+
 test("countDirty counts the pages changed since they were planned, and changes nothing", async () => {
   const engine = await createEngine({ seed: 9n });
   const pages = 512;

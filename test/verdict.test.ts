@@ -55,6 +55,8 @@ interface RunOptions {
   via?: FrameTamper;
   /** The last ZEROS pages start random and become zero after the first round (so that Zeros frames carry them). */
   zeroLater?: boolean;
+  /** Image blocks rewritten after indexing (their twins no longer verify). */
+  rewrite?: number[];
 }
 
 /** An indexed image of TWINS random blocks and a source RAM file of twins, random and zero pages; one migration of it. */
@@ -70,6 +72,11 @@ async function migrate(o: RunOptions = {}): Promise<Run> {
     closeSync(fd);
   };
   const nas = await openNasIndex(image, { rebuild: true });
+  if (o.rewrite?.length) {
+    const fd = openSync(image, "r+");
+    for (const b of o.rewrite) writeSync(fd, randomBytes(PAGE), 0, PAGE, b * PAGE);
+    closeSync(fd);
+  }
   const link = o.via ? { insecure: true } : { psk: TEST_KEY };
   let verifiedCalls = 0;
   const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, imagePath: image, onVerified: async () => { verifiedCalls++; }, ...link, ...o.dst });
@@ -118,6 +125,18 @@ test("baseline: held and reread both complete with twins, random and zero pages;
     assert.equal(x.agent.results[0]!.twinsVerified, TWINS, `${verify}: every twin came from the image`);
     assert.equal(compareFiles(x.srcRam, x.dstRam), PAGES * PAGE, verify);
   }
+});
+
+test("twins whose blocks were rewritten after indexing: exactly those rejected and resent, each once; the verdict holds", async () => {
+  const rewrite = [0, 1, 2, 100, TWINS - 1];
+  const x = await migrate({ rewrite });
+  assert.equal(x.r.status, "completed", x.r.error);
+  assert.equal(x.r.pages.resent, rewrite.length);
+  const d = x.agent.results[0]!;
+  assert.equal(d.twinsRejected, rewrite.length);
+  assert.equal(d.twinsVerified, TWINS - rewrite.length);
+  assert.equal(x.verifiedCalls, 1);
+  assert.equal(compareFiles(x.srcRam, x.dstRam), PAGES * PAGE);
 });
 
 test("a source announcing a wrong RAM digest at switchover: Done ok:false, the source VM resumed, the destination never resumed", async () => {
