@@ -122,7 +122,12 @@ test("baseline: held and reread both complete with twins, random and zero pages;
     assert.equal(x.r.status, "completed", `${verify}: ${x.r.error}`);
     assert.equal(x.r.verified, true, verify);
     assert.equal(x.verifiedCalls, 1, verify);
-    assert.equal(x.agent.results[0]!.twinsVerified, TWINS, `${verify}: every twin came from the image`);
+    const d = x.agent.results[0]!;
+    assert.equal(d.status, "completed", verify);
+    assert.equal(d.verified, true, verify);
+    assert.equal(d.digest, x.r.digest, `${verify}: the destination's digest is the source's`);
+    assert.equal(d.twinsVerified, TWINS, `${verify}: every twin came from the image`);
+    assert.equal(d.twinsRejected, 0, verify);
     assert.equal(compareFiles(x.srcRam, x.dstRam), PAGES * PAGE, verify);
   }
 });
