@@ -268,7 +268,7 @@ export class DestinationAgent {
         }
       }
     } catch (err) {
-      r.error = (err as Error).message;
+      r.error = (err as Error).message.replace(/^pagetwin: /, "");
       this.log.error(`pagetwin listen: migration failed: ${r.error}`, { error: r.error });
       link.abort(r.error);
       return r;

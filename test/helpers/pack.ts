@@ -31,15 +31,16 @@ export interface PackOptions {
 }
 
 // Under `npm test`, node_modules/.bin comes first on PATH, and a dev dependency
-// put an old npm there: use the npm running this script when there is one.
-const NPM = process.env["npm_execpath"] ? [process.execPath, process.env["npm_execpath"]] : ["npm"];
+// (as-pect, through npm-install-peers) puts an npm 6 there: run the user's npm,
+// the first one on PATH outside any node_modules.
+const PATH = (process.env["PATH"] ?? "").split(path.delimiter).filter((d) => !d.includes(`${path.sep}node_modules${path.sep}`)).join(path.delimiter);
 
 function npm(args: string[], cwd: string): string {
-  return execFileSync(NPM[0]!, [...NPM.slice(1), ...args, "--no-audit", "--no-fund", "--loglevel=error"], {
+  return execFileSync("npm", [...args, "--no-audit", "--no-fund", "--loglevel=error"], {
     cwd,
     encoding: "utf8",
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, npm_config_update_notifier: "false" },
+    env: { ...process.env, PATH, npm_config_update_notifier: "false" },
   });
 }
 
