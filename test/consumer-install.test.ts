@@ -12,7 +12,7 @@ import { execFileSync } from "node:child_process";
 import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import zlib from "node:zlib";
-import { installedPackage, packAndInstall } from "./helpers/pack.js";
+import { installedPackage, npm, packAndInstall } from "./helpers/pack.js";
 
 /** Run in the consumer: the core through "pagetwin", compression through the installed files. */
 const CHECK = `import { createEngine } from "pagetwin";
@@ -53,7 +53,7 @@ test("a lean install (no optional dependencies) compiles nothing, leaks no @type
     // nothing compiled, nothing of zstd-napi's, no @types/node in the consumer's tree
     for (const name of ["zstd-napi", "node-gyp", "prebuild-install", "@types"]) assert.ok(!existsSync(join(p, "node_modules", name)), `${name} is not installed`);
     type Tree = { dependencies?: Record<string, Tree & { version?: string }> };
-    const ls = JSON.parse(execFileSync("npm", ["ls", "--all", "--json"], { cwd: p, encoding: "utf8" })) as Tree;
+    const ls = JSON.parse(npm(["ls", "--all", "--json"], p)) as Tree;
     // an optional dependency left out is listed as {}
     const installed = Object.entries(ls.dependencies?.["pagetwin"]?.dependencies ?? {}).filter(([, d]) => d.version !== undefined).map(([n]) => n);
     assert.deepEqual(installed, ["comlink"], "pagetwin brings comlink only");

@@ -35,7 +35,8 @@ export interface PackOptions {
 // the first one on PATH outside any node_modules.
 const PATH = (process.env["PATH"] ?? "").split(path.delimiter).filter((d) => !d.includes(`${path.sep}node_modules${path.sep}`)).join(path.delimiter);
 
-function npm(args: string[], cwd: string): string {
+/** Runs the user's npm (not node_modules/.bin's) in `cwd`. */
+export function npm(args: string[], cwd: string): string {
   return execFileSync("npm", [...args, "--no-audit", "--no-fund", "--loglevel=error"], {
     cwd,
     encoding: "utf8",
