@@ -35,13 +35,20 @@ export interface PackOptions {
 // the first one on PATH outside any node_modules.
 const PATH = (process.env["PATH"] ?? "").split(path.delimiter).filter((d) => !d.includes(`${path.sep}node_modules${path.sep}`)).join(path.delimiter);
 
+// Under `npm test` the npm running the tests exports its own settings as
+// npm_config_* (and npm_*) variables, which would override the child's flags
+// (e.g. bring optional dependencies back): the child gets the user's plain env.
+function userEnv(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^npm_/i.test(k)));
+}
+
 /** Runs the user's npm (not node_modules/.bin's) in `cwd`. */
 export function npm(args: string[], cwd: string): string {
   return execFileSync("npm", [...args, "--no-audit", "--no-fund", "--loglevel=error"], {
     cwd,
     encoding: "utf8",
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, PATH, npm_config_update_notifier: "false" },
+    env: { ...userEnv(), PATH, npm_config_update_notifier: "false" },
   });
 }
 
