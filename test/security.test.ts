@@ -20,7 +20,8 @@ import { jsonFrame } from "../src/wire/envelope.js";
 import { FrameType, PROTOCOL_VERSION } from "../src/agent/protocol.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent, type DestinationOptions } from "../src/agent/destination.js";
-import { migrateSource, MigrationError, type MigrationResult, type SourceOptions, type VmControl } from "../src/agent/source.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
+import { vmStub, type VmStub } from "./helpers/vm-stub.js";
 import { cliPath as cli, startAndStop } from "./helpers/cli.js";
 import { CANARY, canaryPages, makeCerts, tamperProxy, TEST_KEY, testKeyFile, tlsRecordTamper, TLS_RECORD, type TlsRecordTamper } from "./helpers/stream.js";
 
@@ -37,16 +38,6 @@ function certsOnce(): ReturnType<typeof makeCerts> {
 const dstTls = () => ({ cert: certsOnce().dstCert, key: certsOnce().dstKey, ca: certsOnce().ca });
 const srcTls = () => ({ cert: certsOnce().srcCert, key: certsOnce().srcKey, ca: certsOnce().ca });
 
-/** A source VM stand-in that records what migrateSource did to it. */
-interface VmStub extends VmControl { running: boolean; pauses: number; resumes: number }
-function vmStub(): VmStub {
-  const v: VmStub = {
-    running: true, pauses: 0, resumes: 0,
-    pause: async () => { v.running = false; v.pauses++; },
-    resume: async () => { v.running = true; v.resumes++; },
-  };
-  return v;
-}
 
 interface Run {
   r: MigrationResult;

@@ -13,10 +13,11 @@ import { join } from "node:path";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent, type DestinationOptions } from "../src/agent/destination.js";
-import { migrateSource, MigrationError, type MigrationResult, type SourceOptions, type VmControl } from "../src/agent/source.js";
+import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
 import { AGENT_FRAMES, FrameType } from "../src/agent/protocol.js";
 import { jsonFrame } from "../src/wire/envelope.js";
 import { compareFiles } from "../src/demo/embedded-run.js";
+import { vmStub, type VmStub } from "./helpers/vm-stub.js";
 import { frameTamper, tamperProxy, TEST_KEY, type FrameTamper } from "./helpers/stream.js";
 
 const PAGE = 4096;
@@ -26,15 +27,6 @@ const TWINS = 256, RANDOM = 128, ZEROS = 128, PAGES = TWINS + RANDOM + ZEROS;
 const work = mkdtempSync(join(tmpdir(), "pagetwin-verdict-"));
 after(() => rmSync(work, { recursive: true, force: true }));
 
-interface VmStub extends VmControl { running: boolean; pauses: number; resumes: number }
-function vmStub(onPause: () => void = () => {}): VmStub {
-  const v: VmStub = {
-    running: true, pauses: 0, resumes: 0,
-    pause: async () => { v.running = false; v.pauses++; onPause(); },
-    resume: async () => { v.running = true; v.resumes++; },
-  };
-  return v;
-}
 
 interface Run {
   r: MigrationResult;
