@@ -17,4 +17,6 @@ export {
   QmpClient, type QmpEvent, type QmpGreeting, type QmpTimestamp, type QmpConnectOptions, type QmpExecuteOptions,
 } from "../adapters/qemu/qmp.js";
 /** Its errors: all are QmpError (and PagetwinError). */
-export { PagetwinError, QmpError, QmpProtocolError, QmpCommandError, QmpTimeoutError, QmpClosedError } from "../errors.js";
+/** Refreshes an index from the VM's own write tracking: a dirty bitmap on its drive, read through QEMU's NBD server. */
+export { DirtyTracker, type DirtyTrackerOptions, type DirtyRefreshResult } from "../adapters/qemu/dirty-tracker.js";
+export { PagetwinError, DirtyTrackerError, NbdProtocolError, NbdServerError, QmpError, QmpProtocolError, QmpCommandError, QmpTimeoutError, QmpClosedError } from "../errors.js";
