@@ -23,21 +23,15 @@ import { DestinationAgent, type DestinationOptions } from "../src/agent/destinat
 import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
 import { vmStub, type VmStub } from "./helpers/vm-stub.js";
 import { cliPath as cli, startAndStop } from "./helpers/cli.js";
-import { CANARY, canaryPages, makeCerts, tamperProxy, TEST_KEY, testKeyFile, tlsRecordTamper, TLS_RECORD, type TlsRecordTamper } from "./helpers/stream.js";
+import { CANARY, canaryPages, certsOnce, tamperProxy, TEST_KEY, testKeyFile, tlsRecordTamper, TLS_RECORD, type TlsRecordTamper } from "./helpers/stream.js";
 
 const PAGES = 256;
 
 const work = mkdtempSync(join(tmpdir(), "pagetwin-sec-"));
 after(() => rmSync(work, { recursive: true, force: true }));
-let certs: ReturnType<typeof makeCerts> | null = null;
-/** The test CA and its certificates, made once (openssl takes a second). */
-function certsOnce(): ReturnType<typeof makeCerts> {
-  certs ??= makeCerts(mkdtempSync(join(work, "certs-")));
-  return certs;
-}
-const dstTls = () => ({ cert: certsOnce().dstCert, key: certsOnce().dstKey, ca: certsOnce().ca });
-const srcTls = () => ({ cert: certsOnce().srcCert, key: certsOnce().srcKey, ca: certsOnce().ca });
-
+const certs = () => certsOnce(work);
+const dstTls = () => ({ cert: certs().dstCert, key: certs().dstKey, ca: certs().ca });
+const srcTls = () => ({ cert: certs().srcCert, key: certs().srcKey, ca: certs().ca });
 
 interface Run {
   r: MigrationResult;
@@ -227,7 +221,7 @@ test("canary: RAM of a repeated 16-byte pattern never crosses the link in clear 
 test("TLS: a source with a certificate from elsewhere, without TLS, or with another key is refused before any page", async () => {
   const ok = await migrate({ src: { tls: srcTls() }, dst: { tls: dstTls() } });
   assert.equal(ok.r.status, "completed", ok.r.error);
-  const c = certsOnce();
+  const c = certs();
   const rogue = await migrate({ src: { tls: { cert: c.rogueCert, key: c.rogueKey, ca: c.ca } }, dst: { tls: dstTls() } });
   assertRefused(rogue, "foreign certificate");
   assert.match(rogue.r.error!, /refused the migration: TLS: this destination refuses the source: its certificate is not signed by the CA/);
@@ -327,7 +321,7 @@ test("key files: readable by others refused (chmod 600), not 32 bytes refused; a
   assert.equal(b.status, 2, b.stderr);
   assert.match(b.stderr, /must hold 32 random bytes/);
   // a TLS private key others can read
-  const c = certsOnce();
+  const c = certs();
   const key = join(work, "readable-tls.key");
   writeFileSync(key, readFileSync(c.dstKey));
   chmodSync(key, 0o644);

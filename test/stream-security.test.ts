@@ -20,20 +20,16 @@ import { SecurityError } from "../src/errors.js";
 import { openNasIndex, type NasIndex } from "../src/adapters/nas/index-file.js";
 import { cliPath as cli, startAndStop } from "./helpers/cli.js";
 import {
-  CANARY, canaryPages, makeCerts, qemuStream, TEST_KEY, testKeyFile, throughProxies, tlsRecordTamper, TLS_RECORD, type ProxyRun, type TlsRecordTamper,
+  CANARY, canaryPages, certsOnce, qemuStream, TEST_KEY, testKeyFile, throughProxies, tlsRecordTamper, TLS_RECORD, type ProxyRun, type TlsRecordTamper,
 } from "./helpers/stream.js";
 
 const PAGE = 4096;
 
 const work = mkdtempSync(join(tmpdir(), "pagetwin-stream-sec-"));
 after(() => rmSync(work, { recursive: true, force: true }));
-let certs: ReturnType<typeof makeCerts> | null = null;
-function certsOnce(): ReturnType<typeof makeCerts> {
-  certs ??= makeCerts(mkdtempSync(join(work, "certs-")));
-  return certs;
-}
-const inTls = () => ({ tls: { cert: certsOnce().dstCert, key: certsOnce().dstKey, ca: certsOnce().ca } });
-const outTls = () => ({ tls: { cert: certsOnce().srcCert, key: certsOnce().srcKey, ca: certsOnce().ca } });
+const certs = () => certsOnce(work);
+const inTls = () => ({ tls: { cert: certs().dstCert, key: certs().dstKey, ca: certs().ca } });
+const outTls = () => ({ tls: { cert: certs().srcCert, key: certs().srcKey, ca: certs().ca } });
 const psk = { psk: TEST_KEY };
 
 /** An image of 512 random blocks, indexed, and a stream of 256 twins of its blocks between 256 random pages (~2 MiB). */
@@ -131,7 +127,7 @@ test("stream canary: pages of a repeated 16-byte pattern never cross the link in
 
 test("stream TLS: mutual TLS carries the stream byte-identical; a foreign certificate or no TLS is refused on either side before QEMU gets a byte", { timeout: 60_000 }, async () => {
   const { image, data } = await fixtureOnce();
-  const c = certsOnce();
+  const c = certs();
   const ok = await throughProxies({ data, image, out: outTls(), in: inTls() });
   assert.equal(ok.so.error, undefined);
   assert.equal(ok.si.error, undefined);

@@ -27,7 +27,6 @@ const TWINS = 256, RANDOM = 128, ZEROS = 128, PAGES = TWINS + RANDOM + ZEROS;
 const work = mkdtempSync(join(tmpdir(), "pagetwin-verdict-"));
 after(() => rmSync(work, { recursive: true, force: true }));
 
-
 interface Run {
   r: MigrationResult;
   agent: DestinationAgent;

@@ -2,7 +2,7 @@
 // a CA, two certificates it signed, and a self-signed rogue one.
 
 import { execFileSync } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { mkdtempSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 /** A CA, certificates it signed for "dst" and "src" (127.0.0.1, localhost), and a self-signed "rogue" one. */
@@ -17,4 +17,11 @@ export function makeCerts(dir: string): Record<"ca" | "dstCert" | "dstKey" | "sr
   }
   const p = (f: string) => join(dir, f);
   return { ca: p("ca.pem"), dstCert: p("dst.pem"), dstKey: p("dst.key"), srcCert: p("src.pem"), srcKey: p("src.key"), rogueCert: p("rogue.pem"), rogueKey: p("rogue.key") };
+}
+
+let made: ReturnType<typeof makeCerts> | null = null;
+/** The test CA and its certificates, made once per test file (openssl takes a second), in a new directory under `parent`. */
+export function certsOnce(parent: string): ReturnType<typeof makeCerts> {
+  made ??= makeCerts(mkdtempSync(join(parent, "certs-")));
+  return made;
 }

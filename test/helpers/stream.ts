@@ -195,7 +195,7 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
   }
 }
 
-export { makeCerts } from "./certs.js";
+export { makeCerts, certsOnce } from "./certs.js";
 
 /** Writes TEST_KEY to a 0600 key file in `dir` for a command's --psk-file. */
 export function testKeyFile(dir: string): string {
