@@ -74,18 +74,22 @@ function freePort(): Promise<number> {
 async function viteDev(project: string, root: string): Promise<{ url: string; child: ChildProcess; log: () => string }> {
   const port = await freePort();
   const child = spawn(process.execPath, [join(project, "node_modules/vite/bin/vite.js"), root, "--host", "127.0.0.1", "--port", String(port), "--strictPort"], {
-    cwd: project, detached: true, stdio: ["ignore", "pipe", "pipe"],
+    // Vite colours its output when CI is set (picocolors), splitting the URL with escape codes.
+    cwd: project, detached: true, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1", FORCE_COLOR: "0" },
   });
   let log = "";
   child.stdout!.on("data", (d) => (log += d));
   child.stderr!.on("data", (d) => (log += d));
   const url = `http://127.0.0.1:${port}/`;
-  await new Promise<void>((resolve, reject) => {
+  const started = new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`vite dev did not start in 60 s:\n${log}`)), 60_000);
-    const check = () => { if (log.includes(`:${port}/`)) { clearTimeout(timer); resolve(); } };
+    // eslint-disable-next-line no-control-regex
+    const check = () => { if (log.replace(/\x1b\[[0-9;]*m/g, "").includes(`:${port}/`)) { clearTimeout(timer); resolve(); } };
     child.stdout!.on("data", check);
     child.on("exit", (code) => { clearTimeout(timer); reject(new Error(`vite dev exited (${code}):\n${log}`)); });
   });
+  // A server that never said it listens is stopped here, or its pipes keep this test file alive.
+  await started.catch((err: unknown) => { stopGroup(child); throw err; });
   return { url, child, log: () => log };
 }
 
