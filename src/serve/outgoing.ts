@@ -78,7 +78,7 @@ export class OutgoingMigration {
   readonly record: MigrationRecord;
   private readonly stats: StreamStats = newStats("stream-out");
   private readonly qemuAt: Endpoint;
-  private readonly destQemu: Endpoint;
+  private destQemu: Endpoint;
   private readonly peerAt: Endpoint;
 
   constructor(private readonly req: OutgoingRequest, private readonly parts: OutParts) {
@@ -102,6 +102,8 @@ export class OutgoingMigration {
       void this.proxy!.done.then((s) => this.finish(s.error));
       return ready;
     } catch (err) {
+      this.lease?.end({ code: "PAGETWIN_SERVE_CANCELLED", reason: `the source service could not prepare the migration: ${(err as Error).message}` });
+      void this.proxy?.close();
       this.release();
       this.record.setState("failed", err);
       this.parts.unregister(this);
@@ -109,16 +111,22 @@ export class OutgoingMigration {
     }
   }
 
+  // The source side listens first, so that a destination QEMU port given as 0
+  // can be the port chosen here (libvirt uses one port number for both QEMUs);
+  // a QEMU connection waits until the destination has answered.
   private async prepareBoth(): Promise<OutgoingReady> {
     const { req, parts } = this;
     const nas = await parts.indexes.acquireAll(req.disks);
     this.acquired = true;
     const blocks = nas.map((n) => n.header.blocks);
-    const prepared = await this.prepareDestination(nas, blocks);
-    const offsets = diskOffsets(blocks);
-    prepared.disks.forEach((d, i) => Object.assign(this.record.disks[i]!, d.dedup ? { dedup: true } : { dedup: false, reason: d.reason ?? "refused" }));
-    const lookup: SourceDisk[] = nas.flatMap((n, i) => prepared.disks[i]?.dedup ? [{ engine: n.engine, index: n.index, offset: offsets[i]!, slot: i }] : []);
+    let prepared!: (lookup: SourceDisk[]) => void;
+    const lookup = new Promise<SourceDisk[]>((r) => { prepared = r; });
     this.proxy = await this.listen(nas[0]!, lookup);
+    if (this.destQemu.kind === "tcp" && this.destQemu.port === 0 && this.proxy.port) this.destQemu = { ...this.destQemu, port: this.proxy.port };
+    const answer = await this.prepareDestination(nas, blocks);
+    const offsets = diskOffsets(blocks);
+    answer.disks.forEach((d, i) => Object.assign(this.record.disks[i]!, d.dedup ? { dedup: true } : { dedup: false, reason: d.reason ?? "refused" }));
+    prepared(nas.flatMap((n, i) => answer.disks[i]?.dedup ? [{ engine: n.engine, index: n.index, offset: offsets[i]!, slot: i }] : []));
     return this.answer();
   }
 
@@ -147,17 +155,21 @@ export class OutgoingMigration {
     return prepared;
   }
 
-  private listen(first: NasIndex, lookup: SourceDisk[]): Promise<StreamProxy> {
+  private listen(first: NasIndex, disks: Promise<SourceDisk[]>): Promise<StreamProxy> {
     const { req, parts, record } = this;
-    const ctx: OutContext = {
+    const context = disks.then((lookup): OutContext => ({
       engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
       windowPages: req.windowPages ?? 16384, to: this.peerAt, noDedup: lookup.length === 0, compress: req.compress ?? "auto",
       bandwidth: 0, security: parts.security, watch: null, firstByteAt: 0, lastVerdictAt: 0,
       lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
-    };
+    }));
     return serve({ at: this.qemuAt, security: { kind: "local" }, peer: "qemu" }, {
       stats: this.stats, keep: false, log: parts.log, onClose: () => {},
-      session: (sock, channel) => { record.setState("running"); return runOutSession(ctx, sock, channel); },
+      session: async (sock, channel) => {
+        const ctx = await context;
+        record.setState("running");
+        return runOutSession(ctx, sock, channel);
+      },
     });
   }
 
