@@ -130,3 +130,30 @@ test("destination service down: outgoing fails with PAGETWIN_PEER_UNREACHABLE an
     sink.close();
   }
 });
+
+test("two migrations of one image share its open index; cancel ends both halves and releases it; a second migration with a taken id is refused", async () => {
+  const sink = await sinkQemu();
+  try {
+    await outgoing(svc.srcClient, "share-1", [diskA], sink.port, svc.dst.peerPort);
+    await outgoing(svc.srcClient, "share-2", [diskA, diskB], sink.port, svc.dst.peerPort);
+    await assert.rejects(outgoing(svc.srcClient, "share-1", [diskB], sink.port, svc.dst.peerPort),
+      (e: unknown) => e instanceof ServeError && e.code === "PAGETWIN_SERVE_DUPLICATE");
+    const { indexes } = await svc.srcClient.request<{ indexes: Record<string, number> }>("list");
+    assert.equal(indexes[diskA], 2, "one open index, two users");
+    assert.equal(indexes[diskB], 1);
+    const inEnd = ended(svc.dstClient, "share-1");
+    const st = await svc.srcClient.request<MigrationStatus>("cancel", { migration: "share-1" });
+    assert.equal(st.state, "cancelled");
+    assert.equal(st.error?.code, "PAGETWIN_SERVE_CANCELLED");
+    // the destination dropped its half when the lease ended
+    const d = await inEnd;
+    assert.equal(d.status.state, "cancelled");
+    assert.equal((await svc.srcClient.request<{ indexes: Record<string, number> }>("list")).indexes[diskA], 1);
+    await svc.srcClient.request("cancel", { migration: "share-2" });
+    const after = (await svc.srcClient.request<{ indexes: Record<string, number> }>("list")).indexes;
+    assert.deepEqual([after[diskA], after[diskB]], [undefined, undefined], "released when the last user ended");
+    assert.equal(sink.connections, 0, "no destination QEMU was ever connected to");
+  } finally {
+    sink.close();
+  }
+});

@@ -46,9 +46,12 @@ export class ControlServer {
     this.listener.close();
   }
 
-  /** Closes every control connection (watchers included). */
+  /** Closes every control connection (watchers included), once what was written to them is sent. */
   dropAll(): void {
-    for (const c of this.conns) c.destroy();
+    for (const c of this.conns) {
+      c.end();
+      setTimeout(() => c.destroy(), 1000).unref();
+    }
   }
 
   private accept(sock: net.Socket, o: ControlOptions): void {
