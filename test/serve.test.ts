@@ -157,3 +157,23 @@ test("two migrations of one image share its open index; cancel ends both halves 
     sink.close();
   }
 });
+
+test("unix sockets at both QEMUs: the source QEMU migrates to unix:PATH (0600), the destination service writes to the destination QEMU's unix socket", async () => {
+  const { pages } = twoDiskPages();
+  const data = qemuStream(pages);
+  const sinkPath = path.join(dir, "dst-qemu.sock");
+  const sink = await sinkQemu(sinkPath);
+  const srcPath = path.join(dir, "src-qemu.sock");
+  try {
+    const ready = await svc.srcClient.request<OutgoingReady>("outgoing", { migration: "unix", disks: [diskA, diskB], qemu: `unix:${srcPath}`, destQemu: `unix:${sinkPath}`, peer: `127.0.0.1:${svc.dst.peerPort}` });
+    assert.equal(ready.migrateUri, `unix:${srcPath}`);
+    assert.equal(ready.libvirtMigrateUri, undefined);
+    assert.equal(fs.statSync(srcPath).mode & 0o777, 0o600);
+    const end = ended(svc.srcClient, "unix");
+    assert.equal(await sourceQemu(srcPath, data), false);
+    assert.equal((await end).ok, true);
+    assert.ok(sink.got().equals(data));
+  } finally {
+    sink.close();
+  }
+});

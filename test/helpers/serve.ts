@@ -37,8 +37,8 @@ export async function twoServices(dir: string, log: (m: string) => void = () => 
   };
 }
 
-/** A fake destination QEMU: keeps what each connection sends it. */
-export async function sinkQemu(): Promise<{ port: number; got(): Buffer; connections: number; close(): void }> {
+/** A fake destination QEMU (on loopback TCP, or at a unix socket `path`): keeps what each connection sends it. */
+export async function sinkQemu(path?: string): Promise<{ port: number; got(): Buffer; connections: number; close(): void }> {
   const chunks: Buffer[] = [];
   const socks: net.Socket[] = [];
   const state = { connections: 0 };
@@ -49,18 +49,18 @@ export async function sinkQemu(): Promise<{ port: number; got(): Buffer; connect
     s.on("end", () => s.end());
     s.on("error", () => {});
   });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  await new Promise<void>((r) => (path ? server.listen(path, r) : server.listen(0, "127.0.0.1", r)));
   return {
-    port: (server.address() as net.AddressInfo).port,
+    port: path ? 0 : (server.address() as net.AddressInfo).port,
     got: () => Buffer.concat(chunks),
     get connections() { return state.connections; },
     close: () => { socks.forEach((s) => s.destroy()); server.close(); },
   };
 }
 
-/** A fake source QEMU: connects to `port`, writes `data` in 64 KiB pieces and closes; true if it was cut off first. */
-export async function sourceQemu(port: number, data: Buffer): Promise<boolean> {
-  const q = net.connect(port, "127.0.0.1");
+/** A fake source QEMU: connects to `to` (a port on loopback, or a unix socket's path), writes `data` in 64 KiB pieces and closes; true if it was cut off first. */
+export async function sourceQemu(to: number | string, data: Buffer): Promise<boolean> {
+  const q = typeof to === "string" ? net.connect(to) : net.connect(to, "127.0.0.1");
   let cut = false;
   let ended = false;
   q.on("data", () => {});
