@@ -177,3 +177,22 @@ test("unix sockets at both QEMUs: the source QEMU migrates to unix:PATH (0600), 
     sink.close();
   }
 });
+
+test("the destination service stops: a migration it had prepared is called off on the source too (no URI left open), with the code saying why", async () => {
+  const pair = await twoServices(fs.mkdtempSync(path.join(dir, "pair-")));
+  const sink = await sinkQemu();
+  try {
+    const ready = await outgoing(pair.srcClient, "called-off", [diskA], sink.port, pair.dst.peerPort);
+    const end = ended(pair.srcClient, "called-off");
+    await pair.dst.shutdown(60_000);
+    const e = await end;
+    assert.equal(e.status.state, "failed");
+    assert.equal(e.status.error?.code, "PAGETWIN_SERVE_SHUTTING_DOWN", JSON.stringify(e.status.error));
+    // the source QEMU would find nobody listening: its migration fails at once and its VM runs on
+    assert.equal(await sourceQemu(ready.port, Buffer.alloc(16)), true);
+    assert.equal(sink.connections, 0);
+  } finally {
+    sink.close();
+    await pair.close();
+  }
+});

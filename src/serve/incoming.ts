@@ -147,6 +147,8 @@ export class IncomingMigration {
     if (this.record.final) return;
     this.parts.log.warn(`migration ${this.record.id} (in): ${why.message}`);
     this.record.setState("cancelled", why);
+    // the source hears why (an ABORT, not FINISHED): it ends its half too
+    this.lease.end({ code: why.code, reason: why.message });
     void this.proxy.close();
   }
 

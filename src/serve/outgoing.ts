@@ -97,6 +97,8 @@ export class OutgoingMigration {
     this.parts.register(this);
     try {
       const ready = await this.prepareBoth();
+      // cancelled meanwhile (a control client, or the service stopping): no URI for a migration that is off
+      if (this.record.final) throw new ServeError(this.record.error?.code ?? "PAGETWIN_SERVE_CANCELLED", this.record.error?.message ?? "cancelled while it was prepared");
       this.record.setState("ready");
       this.parts.log.info(`migration ${this.req.migration} (out): ready, QEMU migrates to ${ready.migrateUri}`);
       void this.proxy!.done.then((s) => this.finish(s.error));

@@ -66,7 +66,7 @@ export async function sourceQemu(to: number | string, data: Buffer): Promise<boo
   q.on("data", () => {});
   q.on("error", () => { cut = true; });
   const closed = new Promise<void>((r) => q.on("close", () => { if (!ended) cut = true; r(); }));
-  await new Promise<void>((r) => q.once("connect", r));
+  await Promise.race([new Promise<void>((r) => q.once("connect", r)), closed]);
   for (let i = 0; i < data.length && !q.destroyed; i += 65536) {
     if (!q.write(data.subarray(i, i + 65536))) await new Promise((r) => { q.once("drain", r); q.once("close", r); });
   }
