@@ -25,7 +25,7 @@ const CLI = path.resolve("dist/src/cli/main.js");
 const MEM = 256;
 let work = "";
 let disk = "";
-let half = "";
+let part = "";
 let key = "";
 const vms: QemuVm[] = [];
 
@@ -65,14 +65,14 @@ before(async () => {
   fs.copyFileSync(guest!.disk, disk);
   const idx = `${guest!.disk}.pagetwin-index`;
   if (fs.existsSync(idx)) fs.copyFileSync(idx, `${disk}.pagetwin-index`);
-  // the second disk: the first half of the first one's blocks, the rest zeros. The guest reads files from
-  // vda only; listed first, this disk names the twins of the first half, vda those of the second.
-  half = path.join(work, "nas", "half.img");
+  // the second disk: the first quarter of the first one's blocks, the rest zeros. The guest reads files from
+  // vda only; listed first, this disk names the twins of the first quarter, vda those of the rest.
+  part = path.join(work, "nas", "part.img");
   const size = fs.statSync(disk).size;
-  const fd = fs.openSync(half, "w");
+  const fd = fs.openSync(part, "w");
   const src = fs.openSync(disk, "r");
   const buf = Buffer.alloc(1 << 20);
-  for (let o = 0; o < size / 2; o += buf.length) { const n = fs.readSync(src, buf, 0, buf.length, o); fs.writeSync(fd, buf, 0, n, o); }
+  for (let o = 0; o < size / 4; o += buf.length) { const n = fs.readSync(src, buf, 0, buf.length, o); fs.writeSync(fd, buf, 0, n, o); }
   fs.ftruncateSync(fd, size);
   fs.closeSync(fd);
   fs.closeSync(src);
@@ -86,7 +86,7 @@ after(async () => {
   if (work) fs.rmSync(work, { recursive: true, force: true });
 });
 
-const secondDisk = () => ["-drive", `file=${half},if=virtio,format=raw,readonly=on,cache=writeback`];
+const secondDisk = () => ["-drive", `file=${part},if=virtio,format=raw,readonly=on,cache=writeback`];
 
 async function vm(name: string, o: { incoming?: string; twoDisks?: boolean } = {}): Promise<QemuVm> {
   const v = await QemuVm.start({
@@ -143,7 +143,7 @@ function prepare(from: Svc, to: Svc | number, id: string, disks: string[], destP
 async function migrateOne(t: { diagnostic(s: string): void }, from: Svc, to: Svc, src: QemuVm, id: string, o: { twoDisks?: boolean; relayTo?: number } = {}): Promise<{ dst: QemuVm; out: MigrationStatus; in: MigrationStatus }> {
   const qport = await freePort();
   const dst = await vm(`${id}-dst`, { incoming: `tcp:127.0.0.1:${qport}`, ...(o.twoDisks ? { twoDisks: true } : {}) });
-  const ready = await prepare(from, o.relayTo ?? to, id, o.twoDisks ? [half, disk] : [disk], qport);
+  const ready = await prepare(from, o.relayTo ?? to, id, o.twoDisks ? [part, disk] : [disk], qport);
   const outEnd = endOf(from.client, id, "out");
   const inEnd = endOf(to.client, id, "in");
   assert.equal(await qemuMigrate(src, ready.migrateUri), "completed");
@@ -228,10 +228,10 @@ test("serve: destination service down: outgoing fails with a clear code; a servi
   assert.ok(e2, "the earlier tests ran");
   const A = svcs["A"]!, B = svcs["B"]!;
   const dead = await freePort();
-  await assert.rejects(prepare(B, dead, "nowhere", [disk, half], 4444),
+  await assert.rejects(prepare(B, dead, "nowhere", [disk, part], 4444),
     (e: unknown) => e instanceof ServeError && e.code === "PAGETWIN_PEER_UNREACHABLE" && /destination pagetwin serve/.test(e.message));
   const qport = await freePort();
-  const ready = await prepare(B, A, "vm2-lost", [half, disk], qport);
+  const ready = await prepare(B, A, "vm2-lost", [part, disk], qport);
   const out = endOf(B.client, "vm2-lost", "out");
   A.proc.kill("SIGKILL");
   await A.exited;

@@ -20,6 +20,7 @@ import { IncomingMigration, openDestDisk, type OpenDestDisk } from "./incoming.j
 import { type MigrationRecord, type MigrationStatus, type ServeEvent } from "./migration.js";
 import { OutgoingMigration, type OutgoingReady, type OutgoingRequest } from "./outgoing.js";
 import { openPeerPort } from "./peer.js";
+import { SERVE_PROTOCOL_VERSION } from "./frames.js";
 import { Shared } from "./shared.js";
 
 export interface ServeServiceOptions extends SecurityOptions {
@@ -146,7 +147,7 @@ export class ServeService {
     const dir = typeof a["direction"] === "string" ? a["direction"] : undefined;
     switch (op) {
       case "hello":
-        return { service: "pagetwin serve", protocol: 1, peerPort: this.peerPort, security: describeSecurity(this.security) };
+        return { service: "pagetwin serve", protocol: SERVE_PROTOCOL_VERSION, peerPort: this.peerPort, security: describeSecurity(this.security) };
       case "outgoing":
         if (this.stopping) throw new ServeError("PAGETWIN_SERVE_SHUTTING_DOWN", "the service is shutting down: it takes no new migration");
         return this.outgoing(a as unknown as OutgoingRequest);
