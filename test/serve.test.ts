@@ -15,6 +15,8 @@ import { ServeClient } from "../src/serve/client.js";
 import type { MigrationStatus, ServeEvent } from "../src/serve/migration.js";
 import type { OutgoingReady } from "../src/serve/outgoing.js";
 import { ServeError } from "../src/errors.js";
+import { spawnSync } from "node:child_process";
+import { serveSpec } from "../src/cli/commands/serve.js";
 import { qemuStream, freePort } from "./helpers/stream.js";
 import { countingRelay, sinkQemu, sourceQemu, twoServices, type TwoServices } from "./helpers/serve.js";
 
@@ -195,4 +197,17 @@ test("the destination service stops: a migration it had prepared is called off o
     sink.close();
     await pair.close();
   }
+});
+
+test("the systemd unit runs pagetwin serve with options it has, and systemd-analyze accepts it (when installed)", () => {
+  const unit = fs.readFileSync("scripts/systemd/pagetwin.service", "utf8");
+  const exec = /^ExecStart=(.*)$/m.exec(unit)?.[1] ?? "";
+  assert.match(exec, /\bpagetwin serve\b/);
+  const flags = [...exec.matchAll(/--([a-z-]+)/g)].map((m) => m[1]!);
+  assert.ok(flags.length >= 3);
+  for (const f of flags) assert.ok(f in serveSpec.options, `--${f} is an option of pagetwin serve`);
+  assert.match(unit, /^KillSignal=SIGTERM$/m);
+  const analyze = spawnSync("systemd-analyze", ["verify", path.resolve("scripts/systemd/pagetwin.service")], { encoding: "utf8" });
+  if (analyze.error) return; // not installed
+  assert.equal(analyze.status, 0, analyze.stderr);
 });
