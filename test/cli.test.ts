@@ -31,7 +31,7 @@ test("analyze counts the zero, twin and unique pages of a RAM file against its i
 test("every command answers --help, and a bad invocation says what to do", () => {
   const top = spawnSync(process.execPath, [CLI, "--help"], { encoding: "utf8" });
   assert.equal(top.status, 0);
-  for (const cmd of ["demo", "analyze", "index", "listen", "send", "migrate", "compare-qemu", "stream-out", "stream-in"]) {
+  for (const cmd of ["demo", "analyze", "index", "listen", "send", "migrate", "compare-qemu", "stream-out", "stream-in", "serve"]) {
     assert.match(top.stdout, new RegExp(`\\n  ${cmd} `));
     const h = spawnSync(process.execPath, [CLI, cmd, "--help"], { encoding: "utf8" });
     assert.equal(h.status, 0, `${cmd} --help`);

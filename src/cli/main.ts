@@ -17,6 +17,7 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
   "compare-qemu": { summary: "a real guest over a 1 Gbit/s namespace link: QEMU's own migration vs pagetwin", load: () => import("./commands/compare-qemu.js") },
   "stream-out": { summary: "stream mode, source side: a proxy in QEMU's own migration stream", load: async () => ({ run: (await import("./commands/stream.js")).runStreamOutCli }) },
   "stream-in": { summary: "stream mode, destination side: rebuilds QEMU's stream from the NAS", load: async () => ({ run: (await import("./commands/stream.js")).runStreamInCli }) },
+  serve: { summary: "one service per host for every stream-mode migration on it (control socket, peer link)", load: () => import("./commands/serve.js") },
 };
 
 /** Usage errors exit 2, failures 1 (as grep, curl and git do); help asked for goes to stdout with 0. */
