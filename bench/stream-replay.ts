@@ -6,12 +6,14 @@
 // from the first byte to its exit) per GB of QEMU's stream, and the proxies'
 // over the relays'. Variants alternate within each round.
 //
-//   node dist/bench/stream-replay.js [--rounds N] [--baseline PATH/dist/src/cli/main.js] [--cpu-prof DIR] [--json]
+//   node dist/bench/stream-replay.js [--rounds N] [--baseline PATH/dist/src/cli/main.js] [--out-args "ARGS"]
+//     [--only relays,proxies,plain,baseline,out-args] [--cpu-prof DIR] [--json]
 //
 // The capture is made once (the guest migrated to `exec:cat > FILE`, 512 MiB)
 // and kept in $PAGETWIN_CACHE/stream-replay/. --baseline adds another build's
-// proxies as a variant (before/after in one run); --cpu-prof writes the
-// proxies' CPU profiles.
+// proxies as a variant (before/after in one run), --out-args this build's
+// stream-out with those arguments; --cpu-prof writes the
+// proxies' CPU profiles (only this build's proxies run then).
 
 import * as fs from "node:fs";
 import * as net from "node:net";
@@ -35,13 +37,17 @@ export interface ReplayOptions {
   rounds?: number;
   /** Another build's CLI (its dist/src/cli/main.js): its proxies become a variant too. */
   baseline?: string;
+  /** More stream-out arguments to try as a variant of this build (e.g. ["--queue-ms", "100"]). */
+  outArgs?: string[];
+  /** Only these variants (relays, proxies, plain, baseline, out-args); default all that apply. */
+  only?: string[];
   /** Directory for the proxies' --cpu-prof profiles. */
   cpuProf?: string;
   guest?: GuestImage;
   quiet?: boolean;
 }
 
-interface Variant { name: string; kind: "proxies" | "relays"; cli?: string; extra?: string[] }
+interface Variant { key: string; name: string; kind: "proxies" | "relays"; cli?: string; extra?: string[] }
 
 /** CPU ms of the first and second hop (stream-out / relay A, stream-in / relay B) in one replay. */
 interface Replay { first: number; second: number; wallMs: number }
@@ -226,12 +232,15 @@ export async function benchStreamReplay(o: ReplayOptions = {}): Promise<ReplayRe
     const index = path.join(work, "index");
     (await openNasIndex(guest.disk, { indexPath: index })).image.close();
     const s: Setup = { capture: fs.readFileSync(file), disk: guest.disk, index, key: createKeyFile(path.join(work, "key")), ...(o.cpuProf ? { cpuProf: o.cpuProf } : {}) };
-    const variants: Variant[] = [
-      { name: "relays", kind: "relays" },
-      { name: "proxies", kind: "proxies", cli: MAIN_JS },
-      { name: "proxies --no-dedup --compress off", kind: "proxies", cli: MAIN_JS, extra: ["--no-dedup", "--compress", "off"] },
-      ...(o.baseline ? [{ name: "proxies (baseline build)", kind: "proxies" as const, cli: path.resolve(o.baseline) }] : []),
+    const all: Variant[] = [
+      { key: "relays", name: "relays", kind: "relays" },
+      { key: "proxies", name: "proxies", kind: "proxies", cli: MAIN_JS },
+      { key: "plain", name: "proxies --no-dedup --compress off", kind: "proxies", cli: MAIN_JS, extra: ["--no-dedup", "--compress", "off"] },
+      ...(o.baseline ? [{ key: "baseline", name: "proxies (baseline build)", kind: "proxies" as const, cli: path.resolve(o.baseline) }] : []),
+      ...(o.outArgs ? [{ key: "out-args", name: `proxies, stream-out ${o.outArgs.join(" ")}`, kind: "proxies" as const, cli: MAIN_JS, extra: o.outArgs }] : []),
     ];
+    const only = o.cpuProf ? ["proxies"] : o.only; // profiling: this build's proxies alone
+    const variants = only ? all.filter((v) => only.includes(v.key)) : all;
     log(`stream replay: ${(s.capture.length / 1e6).toFixed(1)} MB of the guest's QEMU stream (${MEMORY_MIB} MiB guest), loopback, no link limit; CPU s per GB of QEMU's stream (first hop: stream-out or relay A; second: stream-in or relay B)`);
     return await measure(variants, s, o.rounds ?? 3, log);
   } finally {
@@ -255,9 +264,9 @@ async function measure(variants: Variant[], s: Setup, rounds: number, log: (m: s
   const gb = s.capture.length / 1e9;
   const sPerGB: ReplayResult["sPerGB"] = {};
   for (const [name, xs] of runs) sPerGB[name] = { first: median(xs.map((x) => x.first)) / 1000 / gb, second: median(xs.map((x) => x.second)) / 1000 / gb };
-  const relay = sPerGB["relays"]!;
+  const relay = sPerGB["relays"];
   const ratios: ReplayResult["ratios"] = {};
-  for (const [name, v] of Object.entries(sPerGB)) if (name !== "relays") ratios[name] = { first: v.first / relay.first, second: v.second / relay.second };
+  if (relay) for (const [name, v] of Object.entries(sPerGB)) if (name !== "relays") ratios[name] = { first: v.first / relay.first, second: v.second / relay.second };
   log(`  medians, s of CPU per GB of QEMU's stream (first hop / second hop), and over the relays':`);
   for (const [name, v] of Object.entries(sPerGB)) {
     const x = ratios[name];
@@ -276,9 +285,12 @@ if (isMain(import.meta.url)) {
   const args = process.argv.slice(2);
   const baseline = argString(args, "--baseline");
   const cpuProf = argString(args, "--cpu-prof");
+  // its value starts with "--", which argString() takes for the next flag
+  const outArgs = args.includes("--out-args") ? args[args.indexOf("--out-args") + 1] : undefined;
+  const only = argString(args, "--only");
   const r = await benchStreamReplay({
     rounds: argValue(args, "--rounds") ?? 3, quiet: args.includes("--json"),
-    ...(baseline ? { baseline } : {}), ...(cpuProf ? { cpuProf: path.resolve(cpuProf) } : {}),
+    ...(baseline ? { baseline } : {}), ...(outArgs ? { outArgs: outArgs.split(" ") } : {}), ...(only ? { only: only.split(",") } : {}), ...(cpuProf ? { cpuProf: path.resolve(cpuProf) } : {}),
   });
   if (args.includes("--json")) console.log(JSON.stringify(r));
 }

@@ -16,6 +16,7 @@ import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import { SFrame, STREAM_FRAMES, decodeRefs, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
 import { dial } from "../link/dial.js";
@@ -141,6 +142,8 @@ class InSession {
   private qemuClosed = false;
   private streamEnded = false;
   private raw!: RawDecoder;
+  /** Memory of the rebuilt stream on its way to QEMU, reused once the socket took it. */
+  private readonly toQemuMem = new WriteRing(8 * 1024 * 1024);
   /** This session's own block buffers, in the engine of the index agreed in the handshake. */
   private verifier!: BlockVerifier;
   /** What this session hands QEMU, checked at END against the source's stream. */
@@ -353,7 +356,7 @@ class InSession {
     const t0 = performance.now();
     const w0 = this.stats.drainWaitMs;
     if (f.type === SFrame.Raw) await this.toQemu(f.payload);
-    else if (f.type === SFrame.RawZ) await this.toQemu(this.raw.unpack(f));
+    else if (f.type === SFrame.RawZ) await this.toQemu(this.raw.unpack(f, this.toQemuMem));
     else if (f.type === SFrame.Refs) await this.rebuildRefs(f);
     this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
     if (f.type !== SFrame.End) return false;
@@ -375,14 +378,14 @@ class InSession {
     this.stats.streamToResumeMs = at - this.ctx.firstByteAt;
   }
 
-  private async toQemu(buf: Uint8Array): Promise<void> {
+  private async toQemu(buf: Buffer): Promise<void> {
     const q = this.qemu!;
     if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
     this.stats.bytesToQemu += buf.length;
     this.streamBytes += buf.length;
     this.streamCrc = crc32(buf, this.streamCrc);
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
-    q.write(buf);
+    this.toQemuMem.write(q, buf);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
     if (q.writableLength >= SEND_QUEUE_BYTES) {
       const t0 = performance.now();
@@ -400,7 +403,7 @@ class InSession {
     const ok = this.verifier.verify(refs.map((r) => r.block), (i) => refs[i]!.hash);
     let size = 0;
     for (const ref of refs) size += ref.header.length + PAGE_SIZE;
-    const out = Buffer.allocUnsafe(size);
+    const out = this.toQemuMem.take(size);
     let pages = this.verifier.slots(n);
     let o = 0;
     for (let i = 0; i < n; i++) {

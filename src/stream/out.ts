@@ -33,6 +33,7 @@ import { PageHasher } from "./hasher.js";
 import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { LinkPacer } from "./pacer.js";
+import { WriteRing } from "./write-ring.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
 import { throwIfAborted } from "../abort.js";
@@ -196,6 +197,8 @@ class OutSession {
   private readonly meter = new LinkMeter();
   /** How much may queue toward the link before QEMU's socket waits. */
   private readonly pacer: LinkPacer;
+  /** Memory of the frames on their way to the link, reused once the socket took them. */
+  private readonly frameMem = new WriteRing(8 * 1024 * 1024);
   /** stream-in's VERDICT on this session's stream arrived. */
   private verdict = false;
 
@@ -241,7 +244,7 @@ class OutSession {
   // False when the queue toward the link holds more than the pacer allows: QEMU's socket then waits.
   private sendLink(buf: Buffer): boolean {
     this.stats.bytesOutLink += buf.length;
-    this.link.write(buf);
+    this.frameMem.write(this.link, buf);
     return !this.pacer.over(this.link);
   }
 
@@ -372,7 +375,7 @@ class OutSession {
     const algo = offer.find((a) => accepted.includes(a)) ?? null;
     if (algo) stats.compression.algorithm = algo;
     else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
-    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter);
+    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter, this.frameMem);
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);
@@ -483,7 +486,7 @@ class OutSession {
 
   /** Sends the REFS frame being built, if any; false when the link is full. */
   flushRefs(): boolean {
-    return this.refs.count ? this.sendLink(this.refs.take()) : true;
+    return this.refs.count ? this.sendLink(this.refs.take(this.frameMem)) : true;
   }
 
   sendRaw(pieces: Uint8Array[], bytes: number): boolean {
