@@ -5,6 +5,7 @@ import type { Socket } from "node:net";
 import { LinkPacer } from "../src/stream/pacer.js";
 import { LinkMeter } from "../src/link/rate.js";
 import { SEND_QUEUE_BYTES } from "../src/link/channel.js";
+import { MAX_REFS, RefsBuilder, SFrame, rebuiltLength } from "../src/stream/frames.js";
 
 const queued = (n: number) => ({ writableLength: n }) as unknown as Socket;
 
@@ -55,4 +56,21 @@ test("pacer: over() once a socket whose peer does not read holds more than the l
     peer.destroy();
     server.close();
   }
+});
+
+test("stream-in's queue counts a frame as the stream it rebuilds to: a REFS frame its pages, a RAW_Z frame its raw length", () => {
+  const refs = new RefsBuilder();
+  for (let i = 0; i < 3; i++) refs.add(i, Buffer.alloc(8), i, Buffer.alloc(16));
+  const sealed = refs.take();
+  const f = (type: number, payload: Buffer) => ({ type, payload });
+  assert.equal(rebuiltLength(f(SFrame.Refs, sealed.subarray(5, sealed.length - 4))), 3 * (4096 + 9));
+  const rawZ = Buffer.alloc(20);
+  rawZ[0] = 1;
+  rawZ.writeUInt32BE(1 << 20, 1);
+  assert.equal(rebuiltLength(f(SFrame.RawZ, rawZ)), 1 << 20);
+  assert.equal(rebuiltLength(f(SFrame.Raw, Buffer.alloc(1234))), 1234);
+  // a lying count is bounded (the frame fails its decoding later)
+  const huge = Buffer.alloc(8);
+  huge.writeUInt32BE(0xffffffff, 4);
+  assert.equal(rebuiltLength(f(SFrame.Refs, huge)), MAX_REFS * (4096 + 9));
 });

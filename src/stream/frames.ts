@@ -38,6 +38,7 @@ export const MAX_RAW = 4 * 1024 * 1024;
 /** Bytes of a RAW_Z frame besides the compressed data: length, type, algorithm, raw length, CRC. */
 export const RAW_Z_OVERHEAD = 10 + TRAILER;
 export const HASH_BYTES = 16;
+const PAGE_BYTES = 4096;
 
 export enum SFrame {
   Hello = 1,
@@ -101,6 +102,18 @@ export function rawFrame(pieces: Uint8Array[], bytes: number, alloc: FrameAlloc 
     o += p.length;
   }
   return seal(b);
+}
+
+/**
+ * About how many bytes of QEMU's stream a data frame rebuilds to (stream-in's
+ * work queued): a REFS frame's pages, a RAW_Z frame's raw length. Read before
+ * the frame is decoded, so bounded here and checked when it is.
+ */
+export function rebuiltLength(f: Frame): number {
+  const p = f.payload;
+  if (f.type === SFrame.Refs) return p.length >= 8 ? Math.min(p.readUInt32BE(4), MAX_REFS) * (PAGE_BYTES + 9) : 0;
+  if (f.type === SFrame.RawZ) return p.length >= 5 ? Math.min(p.readUInt32BE(1), MAX_RAW) : 0;
+  return p.length;
 }
 
 export interface Ref {

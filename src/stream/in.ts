@@ -15,7 +15,7 @@ import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js
 import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
-import { SFrame, STREAM_FRAMES, decodeRefs, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
@@ -27,7 +27,6 @@ import { availableAlgorithms } from "../codec/compress.js";
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
 import { RawDecoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
-import { SEND_QUEUE_BYTES } from "../link/channel.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { throwIfAborted } from "../abort.js";
@@ -74,8 +73,15 @@ interface InContext {
   lastEndAt: number;
 }
 
-/** Frames from stream-out queued here before the link is paused. */
-const QUEUE_LIMIT = 64 * 1024 * 1024;
+/**
+ * Frames from stream-out queued here before the link is paused, counted as the
+ * stream they rebuild to: a few ms of rebuilding. What waits here the source
+ * QEMU counts as sent, so a longer queue would make its downtime estimate
+ * too short whenever rebuilding (or the destination QEMU) is slower than the link.
+ */
+const QUEUE_LIMIT = 4 * 1024 * 1024;
+/** Bytes written to the destination QEMU's socket and not yet taken by it before rebuilding waits (the same reason). */
+const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -239,7 +245,7 @@ class InSession {
       case SFrame.End:
         if (f.type === SFrame.End) this.endReceived = true;
         this.queue.push(f);
-        this.queuedBytes += f.payload.length;
+        this.queuedBytes += rebuiltLength(f);
         if (this.queuedBytes > QUEUE_LIMIT && !this.resendWaiter) this.link.pause();
         this.wake();
         return null;
@@ -340,7 +346,7 @@ class InSession {
         await new Promise<void>((r) => { this.kick = r; });
         continue;
       }
-      this.queuedBytes -= f.payload.length;
+      this.queuedBytes -= rebuiltLength(f);
       if (this.link.isPaused() && this.queuedBytes < QUEUE_LIMIT / 2) this.link.resume();
       try {
         if (await this.step(f)) return;
@@ -387,7 +393,7 @@ class InSession {
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
     this.toQemuMem.write(q, buf);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
-    if (q.writableLength >= SEND_QUEUE_BYTES) {
+    if (q.writableLength >= TO_QEMU_QUEUE_BYTES) {
       const t0 = performance.now();
       await drained(q);
       this.stats.drainWaitMs += performance.now() - t0;
