@@ -2,7 +2,8 @@
 // side by side. `--json` prints one object; `--quick` uses smaller sizes;
 // `--no-qemu` skips the real-guest comparisons (they need root, QEMU and the
 // guest of scripts/build-guest.sh, and take about 5 minutes); `--write FILE`
-// also keeps what it printed as a markdown record (bench/report.ts).
+// also keeps what it printed as a markdown record (bench/report.ts). The stream
+// replay (bench/stream-replay.ts) needs the guest, and QEMU the first time.
 
 import os from "node:os";
 import { execFileSync } from "node:child_process";
@@ -13,6 +14,7 @@ import { benchQcow2 } from "./qcow2.js";
 import { benchPlanner } from "./planner.js";
 import { benchPool } from "./pool.js";
 import { benchChannel } from "./channel.js";
+import { benchStreamReplay } from "./stream-replay.js";
 import { argString } from "./cli.js";
 import { Report } from "./report.js";
 import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
@@ -45,6 +47,10 @@ part("Worker pool");
 const pool = await benchPool({ quiet: json, gib: quick ? 1 : 4, memGib: quick ? 2 : 8 });
 part("Secure channel vs plain sockets");
 const channel = await benchChannel({ quiet: json, mib: quick ? 128 : 512 });
+part("Stream mode's proxies vs plain relays (a captured QEMU stream replayed)");
+// needs the guest (and QEMU, the first time, to capture its stream)
+const streamReplay = findGuest() ? await benchStreamReplay({ quiet: json, rounds: quick ? 1 : 3 }) : { skipped: "the guest is not built (scripts/build-guest.sh)" };
+if (!json && "skipped" in streamReplay) console.log(`stream replay: skipped (${streamReplay.skipped})`);
 part("End to end: the demo");
 if (!json) console.log("end to end: the demo (plain pre-copy vs pagetwin, one run each, same VM, same link)");
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
@@ -75,7 +81,7 @@ if (args.includes("--no-qemu")) {
     qemu = { agentMode, streamMode };
   }
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, demo, qemu }));
+if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, demo, qemu }));
 if (writeTo) {
   report!.write(writeTo);
   console.log(`\nwrote ${writeTo}`);

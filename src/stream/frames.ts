@@ -28,6 +28,7 @@
 
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import type { FrameSet } from "../link/channel.js";
+import { HEAP_ALLOC, type FrameAlloc } from "./write-ring.js";
 
 export const STREAM_PROTOCOL_VERSION = 3;
 /** Largest frame body (type + payload + CRC). */
@@ -37,6 +38,7 @@ export const MAX_RAW = 4 * 1024 * 1024;
 /** Bytes of a RAW_Z frame besides the compressed data: length, type, algorithm, raw length, CRC. */
 export const RAW_Z_OVERHEAD = 10 + TRAILER;
 export const HASH_BYTES = 16;
+const PAGE_BYTES = 4096;
 
 export enum SFrame {
   Hello = 1,
@@ -68,16 +70,19 @@ export const MAX_REFS = 4096;
  * compressed bytes straight into the frame (returns their length, or -1 when
  * they do not fit in maxRatio x bytes); null when it did not pay.
  */
-export function compressedRawFrame(bytes: number, algorithmId: number, compress: (dst: Uint8Array) => number, maxRatio = 0.9): Buffer | null {
+export function compressedRawFrame(bytes: number, algorithmId: number, compress: (dst: Uint8Array) => number, maxRatio = 0.9, alloc: FrameAlloc = HEAP_ALLOC): Buffer | null {
   const room = Math.floor(bytes * maxRatio);
   if (room <= 0 || bytes > MAX_RAW) return null;
-  const b = Buffer.allocUnsafe(10 + room + TRAILER);
+  const b = alloc.take(10 + room + TRAILER);
   b[4] = SFrame.RawZ;
   b[5] = algorithmId;
   b.writeUInt32BE(bytes, 6);
   const got = compress(b.subarray(10, 10 + room));
-  if (got < 0 || got > room) return null;
-  return seal(b.subarray(0, 10 + got + TRAILER));
+  if (got < 0 || got > room) {
+    alloc.release(b);
+    return null;
+  }
+  return seal(alloc.trim(b, 10 + got + TRAILER));
 }
 
 export function decodeRawZ(f: Frame): { algorithmId: number; rawLength: number; packed: Buffer } {
@@ -88,8 +93,8 @@ export function decodeRawZ(f: Frame): { algorithmId: number; rawLength: number; 
 }
 
 /** A RAW frame around several pieces, copied once. */
-export function rawFrame(pieces: Uint8Array[], bytes: number): Buffer {
-  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + bytes);
+export function rawFrame(pieces: Uint8Array[], bytes: number, alloc: FrameAlloc = HEAP_ALLOC): Buffer {
+  const b = alloc.take(FRAME_OVERHEAD + bytes);
   b[4] = SFrame.Raw;
   let o = 5;
   for (const p of pieces) {
@@ -97,6 +102,18 @@ export function rawFrame(pieces: Uint8Array[], bytes: number): Buffer {
     o += p.length;
   }
   return seal(b);
+}
+
+/**
+ * About how many bytes of QEMU's stream a data frame rebuilds to (stream-in's
+ * work queued): a REFS frame's pages, a RAW_Z frame's raw length. Read before
+ * the frame is decoded, so bounded here and checked when it is.
+ */
+export function rebuiltLength(f: Frame): number {
+  const p = f.payload;
+  if (f.type === SFrame.Refs) return p.length >= 8 ? Math.min(p.readUInt32BE(4), MAX_REFS) * (PAGE_BYTES + 9) : 0;
+  if (f.type === SFrame.RawZ) return p.length >= 5 ? Math.min(p.readUInt32BE(1), MAX_RAW) : 0;
+  return p.length;
 }
 
 export interface Ref {
@@ -133,12 +150,12 @@ export class RefsBuilder {
   }
 
   /** The finished frame (a copy); the builder is empty again. */
-  take(): Buffer {
+  take(alloc: FrameAlloc = HEAP_ALLOC): Buffer {
     const b = this.buf;
     b[4] = SFrame.Refs;
     b.writeUInt32BE(this.firstSeq, 5);
     b.writeUInt32BE(this.count, 9);
-    const out = Buffer.allocUnsafe(this.o + TRAILER);
+    const out = alloc.take(this.o + TRAILER);
     b.copy(out, 0, 0, this.o);
     this.o = 13;
     this.count = 0;

@@ -16,7 +16,8 @@ import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import type { PageVerifier } from "./disks.js";
-import { SFrame, STREAM_FRAMES, decodeRefs, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
 import { dial } from "../link/dial.js";
@@ -27,7 +28,6 @@ import { availableAlgorithms } from "../codec/compress.js";
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
 import { RawDecoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
-import { SEND_QUEUE_BYTES } from "../link/channel.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { throwIfAborted } from "../abort.js";
@@ -81,8 +81,15 @@ export function runInSession(ctx: InContext, link: net.Socket, channel: number):
   return new InSession(ctx, link, channel).run();
 }
 
-/** Frames from stream-out queued here before the link is paused. */
-const QUEUE_LIMIT = 64 * 1024 * 1024;
+/**
+ * Frames from stream-out queued here before the link is paused, counted as the
+ * stream they rebuild to: a few ms of rebuilding. What waits here the source
+ * QEMU counts as sent, so a longer queue would make its downtime estimate
+ * too short whenever rebuilding (or the destination QEMU) is slower than the link.
+ */
+const QUEUE_LIMIT = 4 * 1024 * 1024;
+/** Bytes written to the destination QEMU's socket and not yet taken by it before rebuilding waits (the same reason). */
+const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -149,6 +156,8 @@ class InSession {
   private qemuClosed = false;
   private streamEnded = false;
   private raw!: RawDecoder;
+  /** Memory of the rebuilt stream on its way to QEMU, reused once the socket took it. */
+  private readonly toQemuMem = new WriteRing(8 * 1024 * 1024);
   /** This session's own block buffers, in the engine of the index agreed in the handshake. */
   private verifier!: PageVerifier;
   /** What this session hands QEMU, checked at END against the source's stream. */
@@ -244,7 +253,7 @@ class InSession {
       case SFrame.End:
         if (f.type === SFrame.End) this.endReceived = true;
         this.queue.push(f);
-        this.queuedBytes += f.payload.length;
+        this.queuedBytes += rebuiltLength(f);
         if (this.queuedBytes > QUEUE_LIMIT && !this.resendWaiter) this.link.pause();
         this.wake();
         return null;
@@ -346,7 +355,7 @@ class InSession {
         await new Promise<void>((r) => { this.kick = r; });
         continue;
       }
-      this.queuedBytes -= f.payload.length;
+      this.queuedBytes -= rebuiltLength(f);
       if (this.link.isPaused() && this.queuedBytes < QUEUE_LIMIT / 2) this.link.resume();
       try {
         if (await this.step(f)) return;
@@ -362,7 +371,7 @@ class InSession {
     const t0 = performance.now();
     const w0 = this.stats.drainWaitMs;
     if (f.type === SFrame.Raw) await this.toQemu(f.payload);
-    else if (f.type === SFrame.RawZ) await this.toQemu(this.raw.unpack(f));
+    else if (f.type === SFrame.RawZ) await this.toQemu(this.raw.unpack(f, this.toQemuMem));
     else if (f.type === SFrame.Refs) await this.rebuildRefs(f);
     this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
     if (f.type !== SFrame.End) return false;
@@ -384,16 +393,16 @@ class InSession {
     this.stats.streamToResumeMs = at - this.ctx.firstByteAt;
   }
 
-  private async toQemu(buf: Uint8Array): Promise<void> {
+  private async toQemu(buf: Buffer): Promise<void> {
     const q = this.qemu!;
     if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
     this.stats.bytesToQemu += buf.length;
     this.streamBytes += buf.length;
     this.streamCrc = crc32(buf, this.streamCrc);
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
-    q.write(buf);
+    this.toQemuMem.write(q, buf);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
-    if (q.writableLength >= SEND_QUEUE_BYTES) {
+    if (q.writableLength >= TO_QEMU_QUEUE_BYTES) {
       const t0 = performance.now();
       await drained(q);
       this.stats.drainWaitMs += performance.now() - t0;
@@ -409,7 +418,7 @@ class InSession {
     const ok = this.verifier.verify(refs.map((r) => r.block), (i) => refs[i]!.hash);
     let size = 0;
     for (const ref of refs) size += ref.header.length + PAGE_SIZE;
-    const out = Buffer.allocUnsafe(size);
+    const out = this.toQemuMem.take(size);
     let pages = this.verifier.slots(n);
     let o = 0;
     for (let i = 0; i < n; i++) {

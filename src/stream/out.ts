@@ -32,7 +32,8 @@ import { UsageError } from "../errors.js";
 import { PageHasher, type PageLookup } from "./hasher.js";
 import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
-import { SEND_QUEUE_BYTES } from "../link/channel.js";
+import { LinkPacer } from "./pacer.js";
+import { WriteRing } from "./write-ring.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
 import { throwIfAborted } from "../abort.js";
@@ -69,6 +70,8 @@ export interface StreamOutOptions extends SecurityOptions {
   compress?: CompressionMode;
   /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
   bandwidth?: number;
+  /** Link time that may queue in stream-out ahead of the link before QEMU's socket waits, ms (default 5; see pacer.ts). */
+  queueMs?: number;
   /** Where notes and warnings go (level-aware, or a function that gets every message). */
   log?: LogOption;
   /** Progress of the index build (phase "index"), when this call builds it. */
@@ -95,6 +98,7 @@ export interface OutContext {
   noDedup: boolean;
   compress: CompressionMode;
   bandwidth: number;
+  queueMs: number | undefined;
   security: Security;
   /** The source guest's STOP/RESUME events (with --qmp). */
   watch: RunStateWatch | null;
@@ -142,7 +146,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false,
-    compress, bandwidth: opts.bandwidth ?? 0, security, watch, firstByteAt: 0, lastVerdictAt: 0,
+    compress, bandwidth: opts.bandwidth ?? 0, queueMs: opts.queueMs, security, watch, firstByteAt: 0, lastVerdictAt: 0,
   };
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
@@ -200,6 +204,10 @@ class OutSession {
   private streamCrc = 0;
   /** The link's rate, timed on the waits for it to drain (compression weighs it). */
   private readonly meter = new LinkMeter();
+  /** How much may queue toward the link before QEMU's socket waits. */
+  private readonly pacer: LinkPacer;
+  /** Memory of the frames on their way to the link, reused once the socket took them. */
+  private readonly frameMem = new WriteRing(8 * 1024 * 1024);
   /** stream-in's VERDICT on this session's stream arrived. */
   private verdict = false;
 
@@ -207,6 +215,7 @@ class OutSession {
     this.stats = ctx.stats;
     this.ring = new ReplayWindow(ctx.windowPages);
     this.hasher = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
+    this.pacer = new LinkPacer(this.meter, { bandwidth: ctx.bandwidth, ...(ctx.queueMs !== undefined ? { queueMs: ctx.queueMs } : {}) });
   }
 
   async run(): Promise<void> {
@@ -241,12 +250,11 @@ class OutSession {
     return this.inWindow() > 0 && this.inWindow() >= w - Math.min(256, Math.floor(w / 4));
   }
 
-  // Keep up to SEND_QUEUE_BYTES bytes queued on the link so that this process and
-  // the network work at the same time; pause QEMU's socket beyond that.
+  // False when the queue toward the link holds more than the pacer allows: QEMU's socket then waits.
   private sendLink(buf: Buffer): boolean {
     this.stats.bytesOutLink += buf.length;
-    this.link.write(buf);
-    return this.link.writableLength < SEND_QUEUE_BYTES;
+    this.frameMem.write(this.link, buf);
+    return !this.pacer.over(this.link);
   }
 
   private fail(err: Error, tellPeer: boolean): void {
@@ -376,7 +384,7 @@ class OutSession {
     const algo = offer.find((a) => accepted.includes(a)) ?? null;
     if (algo) stats.compression.algorithm = algo;
     else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
-    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter);
+    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter, this.frameMem);
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);
@@ -434,7 +442,7 @@ class OutSession {
   private async holdQemu(linkOk: boolean, t1: number): Promise<void> {
     const { stats, link } = this;
     this.qemu.pause();
-    if (!linkOk) await this.meter.drain(link);
+    if (!linkOk) await this.pacer.wait(link);
     const t2 = performance.now();
     stats.drainWaitMs += t2 - t1;
     if (this.full() && !this.failure) await new Promise<void>((r) => { this.windowWaiter = r; });
@@ -487,7 +495,7 @@ class OutSession {
 
   /** Sends the REFS frame being built, if any; false when the link is full. */
   flushRefs(): boolean {
-    return this.refs.count ? this.sendLink(this.refs.take()) : true;
+    return this.refs.count ? this.sendLink(this.refs.take(this.frameMem)) : true;
   }
 
   sendRaw(pieces: Uint8Array[], bytes: number): boolean {

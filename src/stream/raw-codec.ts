@@ -7,6 +7,7 @@
 import { ALGORITHM_ID, CompressionPolicy, algorithmOfId, createCompressor, type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
 import type { LinkMeter } from "../link/rate.js";
+import { HEAP_ALLOC, type FrameAlloc } from "./write-ring.js";
 import { RAW_Z_OVERHEAD, compressedRawFrame, decodeRawZ, rawFrame } from "./frames.js";
 
 /** Smaller RAW data is never worth a compressor call. */
@@ -16,8 +17,9 @@ export class RawEncoder {
   private readonly compressor: PageCompressor | null;
   private readonly policy: CompressionPolicy;
 
-  /** `meter`: the link's rate, timed on the session's drain waits. */
-  constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats, meter: LinkMeter) {
+  /** `meter`: the link's rate, timed on the session's drain waits; `alloc`: where frames get their memory. */
+  constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats, meter: LinkMeter,
+    private readonly alloc: FrameAlloc = HEAP_ALLOC) {
     this.compressor = algorithm ? createCompressor(algorithm) : null;
     this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth, meter });
   }
@@ -32,7 +34,7 @@ export class RawEncoder {
     } else if (verdict === "slow") this.stats.rawSlow++;
     else if (verdict === "poor") this.stats.rawPoorRatio++;
     this.stats.framesRaw++;
-    return rawFrame(pieces, bytes);
+    return rawFrame(pieces, bytes, this.alloc);
   }
 
   /** The rates the policy measured, into the stats. */
@@ -49,7 +51,7 @@ export class RawEncoder {
       const n = c.compressChunks(pieces, dst);
       ms = performance.now() - t;
       return n;
-    }, this.policy.maxRatio);
+    }, this.policy.maxRatio, this.alloc);
     this.policy.recordCompress(bytes, f ? f.length - RAW_Z_OVERHEAD : bytes, ms);
     if (!f) return null;
     this.stats.framesCompressed++;
@@ -65,7 +67,7 @@ export class RawDecoder {
   constructor(private readonly agreed: readonly CompressionAlgorithm[], private readonly stats: CompressionStats) {}
 
   /** A RAW_Z frame's bytes, decompressed into exactly the length it names (4 MiB at most). */
-  unpack(f: Frame): Buffer {
+  unpack(f: Frame, alloc: FrameAlloc = HEAP_ALLOC): Buffer {
     const { algorithmId, rawLength, packed } = decodeRawZ(f);
     const algo = algorithmOfId(algorithmId);
     if (!algo || !this.agreed.includes(algo)) {
@@ -73,10 +75,11 @@ export class RawDecoder {
     }
     let d = this.decompressors.get(algo);
     if (!d) this.decompressors.set(algo, (d = createCompressor(algo)));
-    const out = Buffer.allocUnsafe(rawLength);
+    const out = alloc.take(rawLength);
     try {
       d.decompressInto(packed, out);
     } catch (err) {
+      alloc.release(out);
       throw new ProtocolError(`RAW_Z frame: ${(err as Error).message.replace(/^CompressedPages frame: /, "")}`);
     }
     this.stats.framesCompressed++;

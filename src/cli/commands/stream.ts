@@ -36,6 +36,7 @@ export const outSpec: CommandSpec = {
     "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
+    "queue-ms": { type: "string", default: "5", help: "link time (ms) that may queue here ahead of the link before QEMU's socket waits: QEMU then measures the link's effective rate and its downtime estimate holds" },
     qmp: { type: "string", help: "the source QEMU's QMP unix socket (optional): times stopToVerdictMs, from the guest's STOP to stream-in's verdict" },
     ...securityOptions("stream-in", false),
     ...common,
@@ -187,8 +188,10 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     let compress: CompressionMode;
     try { compress = parseCompressionMode(v["compress"] as string | undefined); } catch (err) { throw new UsageError((err as Error).message); }
     const bandwidth = v["bandwidth"] ? parseRate(v["bandwidth"] as string) : 0;
+    const queueMs = Number(v["queue-ms"]);
+    if (!(queueMs > 0 && Number.isFinite(queueMs))) throw new UsageError("--queue-ms must be a positive number of milliseconds");
     return streamOut({
-      ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth,
+      ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth, queueMs,
       ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
       windowPages: window, ...security(v), refreshRate: parseRate(v["refresh-rate"] as string, "--refresh-rate"),
       ...(v["index"] ? { indexPath: v["index"] as string } : {}),
