@@ -42,7 +42,7 @@ after(async () => {
 interface Outcome { o: StreamStats; i: StreamStats; last: number; next: number }
 
 /** Migrates the source guest through the proxies to a new destination (`channels` 0: without multifd); the source runs again afterwards. */
-async function migrate(channels: number): Promise<Outcome> {
+async function migrate(channels: number, compression: "none" | "zstd" = "none"): Promise<Outcome> {
   const n = run++;
   const qport = await freePort();
   const dst = await QemuVm.start({
@@ -51,7 +51,7 @@ async function migrate(channels: number): Promise<Outcome> {
   });
   try {
     for (const vm of [src!, dst]) {
-      if (channels) await vm.useMultifd(channels, "none");
+      if (channels) await vm.useMultifd(channels, compression);
       else await vm.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "multifd", state: false }] });
     }
     await dst.qmp.execute("migrate-incoming", { uri: `tcp:127.0.0.1:${qport}` });
@@ -116,4 +116,16 @@ test("real guest: bytes on the link with multifd are close to those without", { 
   const ratio = (r: Outcome) => r.o.bytesOutLink / r.o.bytesFromQemu;
   for (const r of [two, four]) assert.ok(ratio(r) < ratio(base) * 1.25 + 0.01, `link/stream ${ratio(r).toFixed(3)} against ${ratio(base).toFixed(3)} without multifd`);
   t.diagnostic(`link/stream: ${ratio(base).toFixed(3)} (1 channel), ${ratio(two).toFixed(3)} (multifd 2), ${ratio(four).toFixed(3)} (multifd 4)`);
+});
+
+test("real guest: multifd with QEMU's own zstd passes through untouched (each channel says why), the guest goes on", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
+  const { o, i, last, next } = await migrate(2, "zstd");
+  assert.equal(o.error, undefined);
+  assert.equal(i.error, undefined);
+  assert.ok(next > last);
+  assert.equal(o.verdict, "verified");
+  assert.equal(o.multifd.channels, 2);
+  assert.equal(o.multifd.twins, 0);
+  assert.equal(o.passthrough.filter((p) => /multifd channel [01] uses QEMU's own zstd compression/.test(p)).length, 2, o.passthrough.join("; "));
+  t.diagnostic(`passthrough: ${o.passthrough.join("; ")}; link ${o.bytesOutLink} B for ${o.bytesFromQemu} B`);
 });

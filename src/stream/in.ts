@@ -31,7 +31,7 @@ import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { throwIfAborted } from "../abort.js";
 import { RunStateWatch } from "../adapters/qemu/run-state.js";
-import { ChannelOrder } from "./multifd-channel.js";
+import { ChannelOrder, MAIN_WAIT_MS } from "./multifd-channel.js";
 import { decodeMultifdRefs } from "./multifd-frames.js";
 
 export interface StreamInOptions extends SecurityOptions {
@@ -164,12 +164,20 @@ class InSession {
   }
 
   async run(): Promise<void> {
+    try {
+      await this.serve();
+    } finally {
+      // QEMU closes the main channel only once every channel has connected (and the migration has loaded)
+      if (this.kind === "main") this.ctx.order.mainEnded();
+    }
+  }
+
+  private async serve(): Promise<void> {
     this.wireLink();
     await this.handshake();
     this.verifier = new BlockVerifier(this.ctx.engine, this.ctx.image);
     await this.drain();
     this.verifier.free();
-    if (this.kind === "main") this.ctx.order.mainEnded();
     if (this.failure) throw this.failure;
     // Wait for the destination QEMU to finish with the connection and the link to close.
     if (!this.qemuClosed) await once(this.qemu!, "close").catch(() => undefined);
@@ -300,8 +308,8 @@ class InSession {
   /** QEMU 7.2 takes its first connection as the main channel: a multifd channel waits for it. */
   private async afterMain(): Promise<void> {
     this.stats.multifd.channels++;
-    if (await this.ctx.order.afterMain(TIMEOUTS.helloMs)) return;
-    this.ctx.log.warn(`channel ${this.channel}: a multifd channel, and no main channel in ${TIMEOUTS.helloMs} ms: connecting it to QEMU anyway`, { channel: this.channel });
+    if (await this.ctx.order.afterMain(MAIN_WAIT_MS)) return;
+    this.ctx.log.warn(`channel ${this.channel}: a multifd channel, and no main channel in ${MAIN_WAIT_MS} ms: connecting it to QEMU anyway`, { channel: this.channel });
   }
 
   private async receiveHello(): Promise<Hello> {

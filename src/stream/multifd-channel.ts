@@ -79,3 +79,6 @@ export class ChannelOrder {
  * wait for the main one at stream-in).
  */
 export const START_WAIT_MS = 2_000;
+
+/** How long stream-in holds a multifd session for its main session (less than stream-out waits for HELLO_ACK). */
+export const MAIN_WAIT_MS = 5_000;

@@ -216,7 +216,8 @@ class OutSession {
       await this.handshake();
       this.wireQemu();
       if (start.data.length) this.onQemuData(start.data);
-      if (start.ended) this.pumping = this.pumping.then(() => this.end());
+      // the end may have come with the first bytes, before wireQemu() listened for it
+      if (start.ended || this.qemu.readableEnded) this.pumping = this.pumping.then(() => this.end());
       else this.qemu.resume();
       await this.over;
       await this.pumping;
