@@ -3,7 +3,7 @@
 // wire/envelope.ts. Binary fields are big-endian. Authentication and
 // encryption are the channel's (TLS).
 //
-//   HELLO      1 out->in  JSON {v, indexId, channel, compression, verdict?}
+//   HELLO      1 out->in  JSON {v, indexId, channel, kind, compression, verdict?}
 //   HELLO_ACK  2 in->out  JSON {ready, dedup, reason?, compression}
 //   RAW        3 out->in  bytes of QEMU's stream, to forward unchanged
 //   REFS       4 out->in  u32 first seq, u32 count, then per page:
