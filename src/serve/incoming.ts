@@ -13,6 +13,7 @@ import type { GuestDisk } from "../adapters/nas/image.js";
 import { parseEndpoint } from "../link/endpoint.js";
 import { parseJson, printable } from "../wire/envelope.js";
 import { runInSession, type InContext } from "../stream/in.js";
+import { ChannelOrder } from "../stream/multifd-channel.js";
 import { adopt } from "../stream/serve.js";
 import { newStats, type StreamProxy } from "../stream/stats.js";
 import { MultiDiskVerifier, diskOffsets, type DestDisk } from "../stream/disks.js";
@@ -108,7 +109,7 @@ export class IncomingMigration {
     const first = open[0]!;
     const ctx: InContext = {
       engine: first.engine, image: first.image, indexId: null, indexError: null, indexPath: first.indexPath,
-      qemu: parseEndpoint(p.qemu, "qemu"), stats, log: parts.log, watch: null, firstByteAt: 0, lastEndAt: 0,
+      qemu: parseEndpoint(p.qemu, "qemu"), stats, log: parts.log, watch: null, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder(),
       disks: {
         refusal: () => anyDedup ? null : `no disk of migration ${p.migration} has the source's index here: ${answers.map((a) => a.reason).join("; ")}`,
         verifier: () => new MultiDiskVerifier(dest, record.twins),

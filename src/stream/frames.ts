@@ -3,7 +3,7 @@
 // wire/envelope.ts. Binary fields are big-endian. Authentication and
 // encryption are the channel's (TLS).
 //
-//   HELLO      1 out->in  JSON {v, indexId, channel, compression, verdict?}
+//   HELLO      1 out->in  JSON {v, indexId, channel, kind, compression, verdict?}
 //   HELLO_ACK  2 in->out  JSON {ready, dedup, reason?, compression}
 //   RAW        3 out->in  bytes of QEMU's stream, to forward unchanged
 //   REFS       4 out->in  u32 first seq, u32 count, then per page:
@@ -25,6 +25,9 @@
 //   VERDICT   14 in->out  JSON {verified, reason?}: the END check's outcome, sent
 //                         only to a stream-out whose HELLO asked (verdict: true),
 //                         before an ABORT when the check failed
+//   MREFS     15 out->in  references on a multifd channel (multifd-frames.ts):
+//                         u8 QEMU's channel id, u32 first seq, u32 count, then
+//                         per page: u32 block, 16-byte hash (no record header)
 
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import type { FrameSet } from "../link/channel.js";
@@ -54,6 +57,7 @@ export enum SFrame {
   ReturnEnd = 11,
   RawZ = 12,
   Verdict = 14,
+  MultifdRefs = 15,
 }
 
 export const STREAM_FRAMES: FrameSet = {

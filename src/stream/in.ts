@@ -32,6 +32,8 @@ import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { throwIfAborted } from "../abort.js";
 import { RunStateWatch } from "../adapters/qemu/run-state.js";
+import { ChannelOrder, MAIN_WAIT_MS } from "./multifd-channel.js";
+import { decodeMultifdRefs } from "./multifd-frames.js";
 
 export interface StreamInOptions extends SecurityOptions {
   /** Port stream-out connects to; 0 picks one. */
@@ -74,6 +76,8 @@ export interface InContext {
   lastEndAt: number;
   /** Several disks (pagetwin serve): they decide dedup and verify the blocks instead of engine/image/index*. */
   disks?: { refusal(): string | null; verifier(): PageVerifier };
+  /** Multifd sessions reach the destination QEMU after the main one. */
+  order: ChannelOrder;
 }
 
 /** One link from stream-out through to the destination QEMU (pagetwin serve runs these itself). */
@@ -120,7 +124,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
   const image = openDisk(opts.image);
   const stats = newStats("stream-in");
-  const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, firstByteAt: 0, lastEndAt: 0 };
+  const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder() };
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   try {
     return await serve({ at, security, peer: "proxy" }, {
@@ -135,7 +139,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   }
 }
 
-type Hello = { v?: unknown; indexId?: string; compression?: unknown; verdict?: unknown };
+type Hello = { v?: unknown; indexId?: string; kind?: unknown; compression?: unknown; verdict?: unknown };
 
 /** One link from stream-out, and its connection to the destination QEMU. */
 class InSession {
@@ -167,12 +171,25 @@ class InSession {
   private verdictWanted = false;
   /** When this session handed QEMU the end of its stream (0: not yet). */
   private endAt = 0;
+  /** What stream-out found this connection to be ("main", "multifd", "unknown"). */
+  private kind: unknown = "unknown";
+  /** QEMU's id of this multifd channel, from its first MREFS frame (-1: none yet). */
+  private multifdId = -1;
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
   }
 
   async run(): Promise<void> {
+    try {
+      await this.serve();
+    } finally {
+      // QEMU closes the main channel only once every channel has connected (and the migration has loaded)
+      if (this.kind === "main") this.ctx.order.mainEnded();
+    }
+  }
+
+  private async serve(): Promise<void> {
     this.wireLink();
     await this.handshake();
     this.verifier = this.ctx.disks?.verifier() ?? new BlockVerifier(this.ctx.engine, this.ctx.image);
@@ -250,6 +267,7 @@ class InSession {
       case SFrame.Raw:
       case SFrame.RawZ:
       case SFrame.Refs:
+      case SFrame.MultifdRefs:
       case SFrame.End:
         if (f.type === SFrame.End) this.endReceived = true;
         this.queue.push(f);
@@ -289,16 +307,26 @@ class InSession {
     const agreed = availableAlgorithms().filter((a) => offered.includes(a));
     this.raw = new RawDecoder(agreed, this.stats.compression);
     const reason = await this.dedupRefusal(h);
+    this.kind = h.kind;
+    if (h.kind === "multifd") await this.afterMain();
     try {
       this.qemu = await dial(this.ctx.qemu, { kind: "insecure" }, { peer: "destination QEMU" });
     } catch (err) {
       this.fail(err as Error, true);
       throw this.failure!;
     }
+    if (h.kind === "main") this.ctx.order.mainOpened();
     const dedup = reason === null;
     this.sendLink(jsonFrame(SFrame.HelloAck, dedup ? { ready: true, dedup, compression: agreed } : { ready: true, dedup, reason, compression: agreed }));
     if (!dedup) { this.stats.passthrough.push(reason); this.ctx.log.warn(reason); }
     this.wireQemu(this.qemu);
+  }
+
+  /** QEMU 7.2 takes its first connection as the main channel: a multifd channel waits for it. */
+  private async afterMain(): Promise<void> {
+    this.stats.multifd.channels++;
+    if (await this.ctx.order.afterMain(MAIN_WAIT_MS)) return;
+    this.ctx.log.warn(`channel ${this.channel}: a multifd channel, and no main channel in ${MAIN_WAIT_MS} ms: connecting it to QEMU anyway`, { channel: this.channel });
   }
 
   private async receiveHello(): Promise<Hello> {
@@ -340,7 +368,9 @@ class InSession {
     q.on("error", (e) => { if (!this.streamEnded) this.fail(new Error(`destination QEMU connection failed: ${e.message}`), true); });
     q.on("close", () => {
       this.qemuClosed = true;
-      if (!this.streamEnded) this.fail(new Error("the destination QEMU closed the connection before the end of the stream (see its log)"), true);
+      // QEMU closes its multifd channels once the migration is loaded, which may be before the
+      // source's close reaches here: only data still to come for it (toQemu) is then an error
+      if (!this.streamEnded && this.kind !== "multifd") this.fail(new Error("the destination QEMU closed the connection before the end of the stream (see its log)"), true);
       else if (!this.link.destroyed) this.link.end();
     });
   }
@@ -372,12 +402,12 @@ class InSession {
     const w0 = this.stats.drainWaitMs;
     if (f.type === SFrame.Raw) await this.toQemu(f.payload);
     else if (f.type === SFrame.RawZ) await this.toQemu(this.raw.unpack(f, this.toQemuMem));
-    else if (f.type === SFrame.Refs) await this.rebuildRefs(f);
+    else if (f.type === SFrame.Refs || f.type === SFrame.MultifdRefs) await this.rebuildRefs(f);
     this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
     if (f.type !== SFrame.End) return false;
     this.streamEnded = true;
     this.checkEnd(f);
-    this.qemu!.end();
+    if (!this.qemu!.destroyed) this.qemu!.end();
     this.endAt = this.ctx.lastEndAt = performance.now();
     this.stats.streamToEndMs = this.endAt - this.ctx.firstByteAt;
     return true;
@@ -412,7 +442,7 @@ class InSession {
 
   /** Header + page per reference, in order; a page whose block did not verify is asked for again. */
   private async rebuildRefs(f: Frame): Promise<void> {
-    const { firstSeq, refs } = decodeRefs(f);
+    const { firstSeq, refs } = f.type === SFrame.MultifdRefs ? this.multifdRefs(f) : decodeRefs(f);
     const n = refs.length;
     if (n > MAX_REFS) throw new ProtocolError(`a REFS frame holds ${n} references; at most ${MAX_REFS}`);
     const ok = this.verifier.verify(refs.map((r) => r.block), (i) => refs[i]!.hash);
@@ -428,6 +458,7 @@ class InSession {
       if (ok[i]) {
         out.set(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), o);
         this.stats.twinsReplaced++;
+        if (f.type === SFrame.MultifdRefs) this.stats.multifd.twins++;
       } else {
         out.set(await this.resend(firstSeq + i), o);
         this.stats.resends++;
@@ -438,6 +469,15 @@ class InSession {
     }
     await this.toQemu(out);
     this.sendLink(u32Frame(SFrame.Ack, firstSeq + n));
+  }
+
+  /** An MREFS frame: on a multifd session, and always for the same one of QEMU's channels. */
+  private multifdRefs(f: Frame): ReturnType<typeof decodeMultifdRefs> {
+    const r = decodeMultifdRefs(f);
+    if (this.kind !== "multifd") throw new ProtocolError(`an MREFS frame on a session stream-out called ${printable(String(this.kind))}`);
+    if (this.multifdId >= 0 && r.channel !== this.multifdId) throw new ProtocolError(`an MREFS frame for multifd channel ${r.channel} on the session of channel ${this.multifdId}`);
+    this.multifdId = r.channel;
+    return r;
   }
 
   /** Asks stream-out for page #seq (NEED) and waits for its RESEND. */

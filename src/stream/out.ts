@@ -38,6 +38,10 @@ import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
 import { throwIfAborted } from "../abort.js";
 import { RunStateWatch } from "../adapters/qemu/run-state.js";
+import { MultifdStreamParser } from "./multifd-stream.js";
+import { MultifdRefsBuilder } from "./multifd-frames.js";
+import { readStart, START_WAIT_MS } from "./multifd-channel.js";
+import type { ChannelKind } from "./multifd-format.js";
 
 export interface StreamOutOptions extends SecurityOptions {
   /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
@@ -193,10 +197,12 @@ class OutSession {
   private readonly over = new Promise<void>((r) => { this.finished = r; });
   private dedup = false;
   private raw: RawEncoder | undefined;
-  private readonly parser = new QemuStreamParser();
+  /** The main channel's parser, or (a multifd channel) multifd-stream.ts's, chosen by the stream's first bytes. */
+  private parser: QemuStreamParser | MultifdStreamParser = new QemuStreamParser();
+  private kind: ChannelKind = "unknown";
   private reported = false;
   /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
-  private readonly refs = new RefsBuilder();
+  private refs: RefsBuilder | MultifdRefsBuilder = new RefsBuilder();
   private readonly hasher: PageLookup;
   private pumping = Promise.resolve();
   /** This session's stream as QEMU sent it, for stream-in's end-to-end check. */
@@ -222,11 +228,15 @@ class OutSession {
     try {
       this.qemu.pause();
       this.qemu.setNoDelay(true);
+      const start = await this.readKind();
       this.link = await dial(this.ctx.to, this.ctx.security, { peer: "stream-in", allowHalfOpen: true });
       this.wireLink();
       await this.handshake();
       this.wireQemu();
-      this.qemu.resume();
+      if (start.data.length) this.onQemuData(start.data);
+      // the end may have come with the first bytes, before wireQemu() listened for it
+      if (start.ended || this.qemu.readableEnded) this.pumping = this.pumping.then(() => this.end());
+      else this.qemu.resume();
       await this.over;
       await this.pumping;
       if (this.failure) throw this.failure;
@@ -238,6 +248,20 @@ class OutSession {
       this.raw?.report();
       this.hasher.free();
     }
+  }
+
+  /** The stream's first bytes say which channel this is: multifd channels get their own parser and frames. */
+  private async readKind(): Promise<{ data: Buffer; ended: boolean }> {
+    const start = await readStart(this.qemu, START_WAIT_MS);
+    if (this.qemu.destroyed && !start.ended) throw new Error("the source QEMU closed the connection before sending anything");
+    this.kind = start.kind;
+    if (start.kind === "multifd") {
+      const parser = new MultifdStreamParser();
+      this.parser = parser;
+      this.refs = new MultifdRefsBuilder(() => parser.channel);
+      this.stats.multifd.channels++;
+    }
+    return start;
   }
 
   private inWindow(): number {
@@ -370,7 +394,7 @@ class OutSession {
     const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
     // a new migration (--keep): its times count from its own first byte
     if (ctx.lastVerdictAt > 0) ctx.firstByteAt = ctx.lastVerdictAt = 0;
-    this.sendLink(jsonFrame(SFrame.Hello, { ...ctx.hello, v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer, verdict: true }));
+    this.sendLink(jsonFrame(SFrame.Hello, { ...ctx.hello, v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, kind: this.kind, compression: offer, verdict: true }));
     const ack = await this.nextAck("HELLO_ACK from stream-in");
     if (ack.ready !== true) {
       const err = new ProtocolError("stream-in did not say it is ready (does it run the same pagetwin version?)");
@@ -406,10 +430,7 @@ class OutSession {
 
   private wireQemu(): void {
     const qemu = this.qemu;
-    qemu.on("data", (chunk: Buffer) => {
-      if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
-      this.pumping = this.pumping.then(() => this.pump(chunk));
-    });
+    qemu.on("data", (chunk: Buffer) => this.onQemuData(chunk));
     qemu.on("end", () => {
       this.pumping = this.pumping.then(() => this.end());
     });
@@ -417,6 +438,11 @@ class OutSession {
     qemu.on("close", () => {
       if (!this.qemuEnded && !this.failure) this.fail(new Error("source QEMU closed the connection in the middle of the stream"), true);
     });
+  }
+
+  private onQemuData(chunk: Buffer): void {
+    if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
+    this.pumping = this.pumping.then(() => this.pump(chunk));
   }
 
   // One chunk of QEMU's stream at a time, pausing for link backpressure and for a full replay window.
@@ -461,6 +487,7 @@ class OutSession {
     for (const p of pieces) if (p.kind === "page") pages++;
     const found = pages ? this.hasher.lookup(pieces, pages) : null;
     this.stats.pagesSeen += pages;
+    if (this.kind === "multifd") this.stats.multifd.pages += pages;
     const out = new ChunkWriter(this);
     let i = 0;
     for (const p of pieces) {
@@ -490,6 +517,7 @@ class OutSession {
     this.ring.hold(this.seq, data);
     this.refs.add(this.seq++, header, block, hash);
     this.stats.twinsReplaced++;
+    if (this.kind === "multifd") this.stats.multifd.twins++;
     return this.refs.count >= MAX_REFS;
   }
 
@@ -516,6 +544,7 @@ class OutSession {
     }
     const ps = this.parser.stats;
     this.stats.zeroPages += ps.zeroPages;
+    if ("syncs" in ps) this.stats.multifd.syncs += ps.syncs;
     this.sendLink(jsonFrame(SFrame.End, {
       bytes: this.stats.bytesFromQemu, pages: ps.pages, zeroPages: ps.zeroPages,
       streamBytes: this.streamBytes, crc32: this.streamCrc,

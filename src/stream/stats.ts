@@ -23,6 +23,8 @@ export interface StreamStats {
   bytesInLink: number;
   /** Return-path bytes (destination QEMU -> source QEMU). */
   returnBytes: number;
+  /** Multifd channels (QEMU's `multifd` capability): connections, their pages, the twins among them, SYNC packets. */
+  multifd: { channels: number; pages: number; twins: number; syncs: number };
   /** Why dedup was off for (part of) a stream, if it was. */
   passthrough: string[];
   warnings: string[];
@@ -83,7 +85,7 @@ export function verdictOf(s: StreamStats): Verdict {
 export function newStats(role: StreamStats["role"]): StreamStats {
   return {
     role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
-    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, passthrough: [], warnings: [], refused: [], ms: 0,
+    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, multifd: { channels: 0, pages: 0, twins: 0, syncs: 0 }, passthrough: [], warnings: [], refused: [], ms: 0,
     busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, compression: emptyCompressionStats("auto"), streamsVerified: 0,
     streamsFailed: 0, verdict: "unknown", streamToVerdictMs: null, stopToVerdictMs: null, streamToEndMs: null, endToResumeMs: null, streamToResumeMs: null,
   };

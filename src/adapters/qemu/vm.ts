@@ -308,8 +308,13 @@ export class QemuVm {
    * the stream starts (the destination with `-incoming defer`).
    */
   async useMultifdZstd(channels = 2): Promise<void> {
+    await this.useMultifd(channels, 'zstd');
+  }
+
+  /** Multifd with `channels` channels and QEMU's `compression` ('none': what stream mode deduplicates); both ends, as above. */
+  async useMultifd(channels: number, compression: 'none' | 'zlib' | 'zstd'): Promise<void> {
     await this.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
-    await this.qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': 'zstd' });
+    await this.qmp.execute('migrate-set-parameters', { 'multifd-channels': channels, 'multifd-compression': compression });
   }
 
   /** Everything QEMU wrote on stderr (last 64 KiB). */

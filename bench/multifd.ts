@@ -1,0 +1,189 @@
+// `node dist/bench/multifd.js [--capture FILE] [--image IMAGE] [--runs N] [--layouts plain,2,4]`:
+// stream mode's cost with QEMU's multifd against one channel, on a real
+// guest's pages. The capture (a guest's stream, `migrate "exec:cat > FILE"`)
+// is replayed through stream-out and stream-in (the CLI, as child processes,
+// TLS-PSK over loopback) into a sink, as:
+//   plain:  the capture as it is, one connection;
+//   N:      a main channel (the capture with each page record dropped, or made
+//           a ZERO record where it names its RAM block) and N multifd channels
+//           (compression none) carrying the same pages in packets of 128,
+//           dealt round robin as QEMU deals them.
+// Layouts alternate run by run. Printed: bytes on the link per byte of QEMU's
+// stream, and each proxy's CPU per GB of QEMU's stream (medians).
+
+import * as fs from "node:fs";
+import * as net from "node:net";
+import * as os from "node:os";
+import * as path from "node:path";
+import { spawn, type ChildProcess } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { QemuStreamParser, RAM_FLAG, type PagePiece } from "../src/stream/qemu-stream.js";
+import { encodeInit, encodePacket, MULTIFD_FLAG, MULTIFD_PAGE, MULTIFD_PAGES_ALLOC } from "../src/stream/multifd-format.js";
+import { openNasIndex } from "../src/adapters/nas/index-file.js";
+import { CpuMeter } from "../src/adapters/proc/cpu.js";
+import { findGuest } from "../src/adapters/qemu/vm.js";
+import type { StreamStats } from "../src/stream/stats.js";
+import { argString } from "./cli.js";
+
+const MAIN_JS = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
+
+/** The capture split into a main channel and `n` multifd channels carrying its pages. */
+function multifdLayout(capture: Buffer, n: number): Buffer[] {
+  const parser = new QemuStreamParser();
+  const main: Buffer[] = [];
+  const pages: PagePiece[] = [];
+  for (let i = 0; i < capture.length; i += 1 << 20) {
+    for (const p of parser.push(capture.subarray(i, i + (1 << 20)))) {
+      if (p.kind === "raw") { main.push(p.data); continue; }
+      pages.push(p);
+      if (p.header[7]! & RAM_FLAG.CONTINUE) continue;
+      // the record names its block for the records after it: keep it, as a ZERO record
+      const h = Buffer.from(p.header);
+      h[7] = (h[7]! & ~RAM_FLAG.PAGE) | RAM_FLAG.ZERO;
+      main.push(h, Buffer.alloc(1));
+    }
+  }
+  parser.finish();
+  const channels: Buffer[][] = Array.from({ length: n }, (_, id) => [encodeInit({ uuid: Buffer.alloc(16), channel: id })]);
+  const sync = (c: number) => encodePacket({ flags: MULTIFD_FLAG.SYNC, pagesAlloc: MULTIFD_PAGES_ALLOC, pagesUsed: 0, ramblock: "", offsets: Array(MULTIFD_PAGES_ALLOC).fill(0n), packetNum: BigInt(c) });
+  channels.forEach((ch, c) => ch.push(sync(c)));
+  let packet = 0;
+  for (let i = 0; i < pages.length;) {
+    const block = pages[i]!.block;
+    let j = i;
+    while (j < pages.length && j - i < MULTIFD_PAGES_ALLOC && pages[j]!.block === block) j++;
+    const offsets = Array.from({ length: MULTIFD_PAGES_ALLOC }, (_, k) => BigInt(i + k < j ? pages[i + k]!.offset : 0));
+    const ch = channels[packet % n]!;
+    ch.push(encodePacket({ flags: 0, pagesAlloc: MULTIFD_PAGES_ALLOC, pagesUsed: j - i, ramblock: block, offsets, packetNum: BigInt(packet++) }));
+    for (let k = i; k < j; k++) ch.push(pages[k]!.data);
+    i = j;
+  }
+  channels.forEach((ch, c) => ch.push(sync(c)));
+  return [Buffer.concat(main), ...channels.map((ch) => Buffer.concat(ch))];
+}
+
+interface Proxy { child: ChildProcess; out: string; err: string; exited: Promise<number | null> }
+
+function startProxy(args: string[]): Promise<Proxy> {
+  const child = spawn(process.execPath, [MAIN_JS, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
+  const p: Proxy = { child, out: "", err: "", exited: new Promise((r) => child.once("exit", (c) => r(c))) };
+  child.stdout!.on("data", (d: Buffer) => { p.out += d.toString(); });
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => { child.kill(); reject(new Error(`${args[0]} did not start listening: ${p.err}`)); }, 60_000);
+    child.stderr!.on("data", (d: Buffer) => {
+      p.err += d.toString();
+      if (/listening on/.test(p.err)) { clearTimeout(t); resolve(p); }
+    });
+    void p.exited.then((c) => { clearTimeout(t); reject(new Error(`${args[0]} exited (${c}) before listening: ${p.err}`)); });
+  });
+}
+
+/** Stops a --keep proxy; its stats are the last line it prints. */
+async function stats(p: Proxy): Promise<StreamStats> {
+  p.child.kill("SIGTERM");
+  await p.exited;
+  return JSON.parse(p.out.trim().split("\n").pop()!) as StreamStats;
+}
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+/**
+ * Writes each connection's bytes to stream-out (the main channel first, as
+ * QEMU connects it); resolves when stream-out has closed every one (after
+ * stream-in's verdict on it).
+ */
+async function feed(port: number, conns: Buffer[]): Promise<void> {
+  const socks = [];
+  for (const data of conns) {
+    const q = net.connect(port, "127.0.0.1");
+    q.on("error", () => {});
+    q.on("data", () => {});
+    const closed = new Promise((r) => q.once("close", r));
+    await new Promise<void>((r) => q.once("connect", r));
+    socks.push((async () => {
+      for (let i = 0; i < data.length; i += 1 << 20) {
+        if (!q.write(data.subarray(i, i + (1 << 20)))) await new Promise((r) => q.once("drain", r));
+      }
+      q.end();
+      await closed;
+    })());
+  }
+  await Promise.all(socks);
+}
+
+interface Row { layout: string; streamBytes: number; linkBytes: number; outCpuMs: number; inCpuMs: number; wallMs: number; twins: number; verified: boolean }
+
+async function runOnce(layout: string, conns: Buffer[], o: { image: string; index: string; key: string }): Promise<Row> {
+  const sinkSrv = net.createServer({ allowHalfOpen: true }, (s) => { s.on("data", () => {}); s.on("end", () => s.end()); s.on("error", () => {}); });
+  await new Promise<void>((r) => sinkSrv.listen(0, "127.0.0.1", r));
+  const [inPort, outPort] = [await freePort(), await freePort()];
+  const common = ["--image", o.image, "--index", o.index, "--psk-file", o.key, "--keep"];
+  let pin: Proxy | null = null, pout: Proxy | null = null;
+  try {
+    pin = await startProxy(["stream-in", "--listen", `127.0.0.1:${inPort}`, "--qemu", `127.0.0.1:${(sinkSrv.address() as net.AddressInfo).port}`, ...common]);
+    pout = await startProxy(["stream-out", "--listen", `127.0.0.1:${outPort}`, "--to", `127.0.0.1:${inPort}`, ...common]);
+    const cpu = new CpuMeter();
+    cpu.start({ out: pout.child.pid, in: pin.child.pid });
+    const t0 = performance.now();
+    await feed(outPort, conns);
+    const wallMs = performance.now() - t0;
+    const ms = cpu.stop(); // before they exit: /proc forgets a process once it is reaped
+    const [so] = await Promise.all([stats(pout), stats(pin)]);
+    return {
+      layout, streamBytes: so.bytesFromQemu, linkBytes: so.bytesOutLink, outCpuMs: ms["out"]!, inCpuMs: ms["in"]!, wallMs,
+      twins: so.twinsReplaced, verified: so.verdict === "verified" && so.streamsVerified === conns.length,
+    };
+  } finally {
+    for (const p of [pout, pin]) if (p && p.child.exitCode === null) p.child.kill();
+    sinkSrv.close();
+  }
+}
+
+const median = (xs: number[]) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]!; };
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const capturePath = argString(args, "--capture") ?? path.join(process.env["PAGETWIN_CACHE"] ?? ".cache", "stream-replay", "guest-512.qemu-stream");
+  const image = argString(args, "--image") ?? findGuest()?.disk;
+  const runs = Number(argString(args, "--runs") ?? 3);
+  const layouts = (argString(args, "--layouts") ?? "plain,2,4").split(",");
+  if (!fs.existsSync(capturePath) || !image) {
+    throw new Error(`bench/multifd: needs a captured stream (--capture FILE; a guest's "migrate exec:cat > FILE") and its disk image (--image); have ${capturePath} ${image ?? "(no image)"}`);
+  }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-bench-multifd-"));
+  try {
+    const index = path.join(dir, "disk.pagetwin-index");
+    (await openNasIndex(image, { indexPath: index })).image.close(); // built once, outside the timed runs
+    const key = path.join(dir, "link.key");
+    fs.writeFileSync(key, Buffer.from(Array.from({ length: 32 }, (_, i) => (i * 37 + 11) & 0xff)), { mode: 0o600 });
+    const capture = fs.readFileSync(capturePath);
+    const data = new Map(layouts.map((l) => [l, l === "plain" ? [capture] : multifdLayout(capture, Number(l))]));
+    console.log(`multifd bench: ${capturePath} (${(capture.length / 1e6).toFixed(1)} MB), ${runs} runs of ${layouts.join(", ")} alternating, ${os.cpus().length} cores, load ${os.loadavg()[0]!.toFixed(2)}`);
+    const rows: Row[] = [];
+    for (let r = 0; r < runs; r++) {
+      for (const l of layouts) {
+        const row = await runOnce(l, data.get(l)!, { image, index, key });
+        rows.push(row);
+        console.log(`  run ${r + 1} ${l.padEnd(5)}: link ${(row.linkBytes / row.streamBytes).toFixed(3)}x of ${(row.streamBytes / 1e6).toFixed(1)} MB, stream-out ${row.outCpuMs.toFixed(0)} ms, stream-in ${row.inCpuMs.toFixed(0)} ms CPU, ${row.wallMs.toFixed(0)} ms, ${row.twins} twins, verified ${row.verified}`);
+      }
+    }
+    console.log("\n| layout | QEMU stream | link / stream | stream-out CPU s/GB | stream-in CPU s/GB | wall s/GB | all verified |\n|---|---|---|---|---|---|---|");
+    for (const l of layouts) {
+      const rs = rows.filter((x) => x.layout === l);
+      const gb = (x: Row) => x.streamBytes / 1e9;
+      const name = l === "plain" ? "one channel (no multifd)" : `multifd, ${l} channels`;
+      console.log(`| ${name} | ${(median(rs.map((x) => x.streamBytes)) / 1e6).toFixed(1)} MB | ${median(rs.map((x) => x.linkBytes / x.streamBytes)).toFixed(3)} | ` +
+        `${median(rs.map((x) => x.outCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.inCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.wallMs / 1000 / gb(x))).toFixed(2)} | ${rs.every((x) => x.verified)} |`);
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
