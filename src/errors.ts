@@ -187,3 +187,8 @@ export class NbdServerError extends PagetwinError {
     this.errno = options.errno ?? 0;
   }
 }
+
+/** A trace file or trace record that is not pagetwin's trace format (docs/TRACE.md). */
+export class TraceFormatError extends PagetwinError {
+  override readonly code: string = "PAGETWIN_TRACE";
+}

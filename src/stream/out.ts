@@ -37,6 +37,8 @@ import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
 import { throwIfAborted } from "../abort.js";
 import { RunStateWatch } from "../adapters/qemu/run-state.js";
+import { StreamTracer, type StreamTraceHook } from "../trace/stream.js";
+import type { TraceSink } from "../trace/sink.js";
 
 export interface StreamOutOptions extends SecurityOptions {
   /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
@@ -81,6 +83,8 @@ export interface StreamOutOptions extends SecurityOptions {
   signal?: AbortSignal;
   /** The source QEMU's QMP unix socket (optional): its STOP event times stopToVerdictMs. */
   qmp?: string;
+  /** Where each migration's trace records go (docs/TRACE.md): a file, the live view. */
+  trace?: readonly TraceSink[];
 }
 
 /** What every stream-out session shares. */
@@ -101,6 +105,7 @@ interface OutContext {
   /** performance.now() of the first byte from the source QEMU, and of the last VERDICT (0: not yet). */
   firstByteAt: number;
   lastVerdictAt: number;
+  trace: readonly TraceSink[];
 }
 
 /**
@@ -133,7 +138,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false,
-    compress, bandwidth: opts.bandwidth ?? 0, security, watch, firstByteAt: 0, lastVerdictAt: 0,
+    compress, bandwidth: opts.bandwidth ?? 0, security, watch, firstByteAt: 0, lastVerdictAt: 0, trace: opts.trace ?? [],
   };
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
@@ -193,14 +198,18 @@ class OutSession {
   private readonly meter = new LinkMeter();
   /** stream-in's VERDICT on this session's stream arrived. */
   private verdict = false;
+  private readonly trace: StreamTraceHook | null;
 
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
     this.ring = new ReplayWindow(ctx.windowPages);
     this.hasher = new PageHasher(ctx.engine, ctx.index);
+    this.trace = ctx.trace.length ? new StreamTracer(ctx.trace, { label: `stream-out channel ${channel}`, stats: ctx.stats, windowPages: ctx.windowPages, watch: ctx.watch }) : null;
+    this.trace?.attach(this.parser);
   }
 
   async run(): Promise<void> {
+    let error: string | undefined;
     try {
       this.qemu.pause();
       this.qemu.setNoDelay(true);
@@ -216,7 +225,11 @@ class OutSession {
         throw new Error("stream-in's verdict on the stream never came (the link closed first, or stream-in is an older pagetwin): " +
           "whether the destination QEMU got the source's exact stream is unknown; see stream-in's log");
       }
+    } catch (err) {
+      error = (err as Error).message;
+      throw err;
     } finally {
+      await this.trace?.end(error);
       this.raw?.report();
       this.hasher.free();
     }
@@ -316,6 +329,7 @@ class OutSession {
       return new ProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${this.acked}, next ${this.seq})`);
     }
     this.stats.resends++;
+    this.trace?.resend(s);
     const b = Buffer.allocUnsafe(4 + PAGE_SIZE);
     b.writeUInt32BE(s, 0);
     b.set(this.ring.get(s), 4);
@@ -452,8 +466,10 @@ class OutSession {
       const hash = found!.hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
       i++;
       // No twin, the replay window is full, or a header a REFS entry cannot hold: the page travels as it is.
-      if (blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255) out.raw(p.header, p.data);
-      else out.ref(p.header, p.data, blk, hash);
+      const ref = !(blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255);
+      if (ref) out.ref(p.header, p.data, blk, hash);
+      else out.raw(p.header, p.data);
+      this.trace?.page(p.block, p.offset, ref);
     }
     return out.end();
   }

@@ -137,6 +137,18 @@ export class QemuStreamParser {
   passthroughReason: string | undefined;
   /** Machine type from the configuration section. */
   machine: string | undefined;
+  /** Called for each ZERO record (a trace's page map), which no piece carries. */
+  onZero: ((block: string, offset: number) => void) | null = null;
+
+  /** RAM blocks and their sizes in bytes, in the stream's order, once the block list was read. */
+  get ramBlocks(): ReadonlyMap<string, number> {
+    return this.blocks;
+  }
+
+  /** Records now being read belong to the RAM END section: the guest is stopped (the final round). */
+  get inFinalSection(): boolean {
+    return this.curIsEnd && this.mode === "parsing";
+  }
 
   /** Feed one chunk; returns the pieces it completes (raw pieces may be coalesced). */
   push(chunk: Buffer): Piece[] {
@@ -535,6 +547,7 @@ export class QemuStreamParser {
     this.curBlock = block;
     if (isZero) {
       this.stats.zeroPages++;
+      this.onZero?.(block!, offset);
       this.pos = q + 1;
       return true;
     }
