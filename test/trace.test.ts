@@ -1,0 +1,208 @@
+// The trace format (docs/TRACE.md): its page-map coding, the model that
+// reads it back (cells for any guest size), and the traces agent mode
+// (`send`) and the embedded demo write, whose totals must equal the
+// commands' own results. Stream mode's trace and the page are tested in
+// web-trace.test.ts.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, spawnSync } from "node:child_process";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { randomBytes } from "node:crypto";
+import { encodeRuns, forEachRun, PAGE_CLASS, TRACE_VERSION, type TraceRecord } from "../src/trace/format.js";
+import { TraceModel, TraceFormatError, MAX_CELLS, type MigrationModel } from "../src/trace/model.js";
+import { cliPath, jsonResult } from "./helpers/cli.js";
+import { makeFixture } from "./helpers/ram-fixture.js";
+import { freePort } from "./helpers/stream.js";
+import { LiveTraceServer } from "../src/trace/live.js";
+
+const tmp = () => mkdtempSync(join(tmpdir(), "pt-trace-"));
+
+test("page maps: run-length coding round-trips any map", () => {
+  const map = new Uint8Array(100_000);
+  let x = 7;
+  for (let i = 0; i < map.length;) {
+    x = (x * 1103515245 + 12345) & 0x7fffffff;
+    const len = 1 + (x % 300), c = x % 5;
+    map.fill(c, i, i + len);
+    i += len;
+  }
+  const back = new Uint8Array(map.length);
+  const n = forEachRun(encodeRuns(map), 0, (s, len, c) => back.fill(c, s, s + len));
+  assert.equal(n, map.length);
+  assert.deepEqual(back, map);
+  const part = new Uint8Array(map.length);
+  forEachRun(encodeRuns(map, 5000, 9000), 5000, (s, len, c) => part.fill(c, s, s + len));
+  assert.deepEqual(part.subarray(5000, 9000), map.subarray(5000, 9000));
+});
+
+test("the model: a 16M-page guest's map in at most MAX_CELLS cells, counts per class exact", () => {
+  const pages = 1 << 24;
+  const id = "x";
+  const model = new TraceModel();
+  model.apply({ type: "start", format: "pagetwin-trace", version: TRACE_VERSION, id, mode: "stream", method: "pagetwin", label: "big", pages, startedAt: 0, baseline: "measured" });
+  const map = new Uint8Array(1 << 20);
+  let want = [0, 0, 0, 0, 0];
+  for (let chunk = 0; chunk < 16; chunk++) {
+    for (let i = 0; i < map.length; i++) map[i] = (i >> (chunk % 7)) % 5;
+    for (const c of map) want[c]!++;
+    model.apply({ type: "pages", id, iteration: 1, first: chunk << 20, count: map.length, runs: encodeRuns(map) });
+  }
+  const m = model.migrations.get(id)!;
+  assert.ok(m.cellCount <= MAX_CELLS);
+  assert.equal(m.cellPages, pages / MAX_CELLS);
+  const r = m.rounds[0]!;
+  const got = [0, 0, 0, 0, 0];
+  for (let i = 0; i < r.cells.length; i++) got[i % 5]! += r.cells[i]!;
+  want[0] = 0;
+  assert.deepEqual(got, want);
+  assert.equal(r.mapped, pages);
+  // one cell: pages 0..255 of chunk 0 (class (i >> 0) % 5)
+  assert.equal(r.cells[0 * 5 + PAGE_CLASS.twin], [...Array(256).keys()].filter((i) => i % 5 === 2).length);
+});
+
+test("the model refuses what is not a version 2 trace, and records before their start", () => {
+  assert.throws(() => TraceModel.parse('{"format":"pagetwin-trace","version":1,"runs":[]}'), TraceFormatError);
+  assert.throws(() => TraceModel.parse('{"type":"start","format":"pagetwin-trace","version":3,"id":"a"}'), /version 3/);
+  assert.throws(() => TraceModel.parse('{"type":"round","id":"a","iteration":1}'), /before its start/);
+});
+
+/** Totals of a migration from its rounds, and from its end record. */
+function roundSums(m: MigrationModel) {
+  const s = { normal: 0, twin: 0, zero: 0, resent: 0, transferredBytes: 0, baselineBytes: 0 };
+  for (const r of m.rounds) {
+    assert.ok(r.done, `round ${r.iteration} has its record`);
+    s.normal += r.pages.normal; s.twin += r.pages.twin; s.zero += r.pages.zero; s.resent += r.pages.resent;
+    s.transferredBytes += r.transferredBytes; s.baselineBytes += r.baselineBytes;
+  }
+  return s;
+}
+
+export function keyFile(dir: string): string {
+  const p = join(dir, "key");
+  writeFileSync(p, randomBytes(32));
+  chmodSync(p, 0o600);
+  return p;
+}
+
+test("agent mode: `send --trace` writes a trace whose totals equal send's result, and `--ui` serves it live", { timeout: 120_000 }, async () => {
+  const dir = tmp();
+  try {
+    const f = makeFixture(dir, 16);
+    const key = keyFile(dir);
+    const port = await freePort();
+    const l = spawn(process.execPath, [cliPath, "listen", "--ram", join(dir, "dst.bin"), "--create-ram", "--image", f.image, "--port", String(port), "--psk-file", key, "--once", "--json"], { stdio: ["ignore", "pipe", "ignore"] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        let out = "";
+        l.stdout!.on("data", (d: Buffer) => { out += d; if (/"listening"/.test(out)) resolve(); });
+        l.once("exit", (c) => reject(new Error(`listen exited ${c}`)));
+      });
+      const trace = join(dir, "send.ndjson");
+      const s = spawnSync(process.execPath, [cliPath, "send", "--ram", f.ram, "--image", f.image, "--to", `127.0.0.1:${port}`, "--psk-file", key, "--bandwidth", "0", "--json", "--trace", trace, "--ui"], { encoding: "utf8" });
+      assert.equal(s.status, 0, s.stderr);
+      assert.match(s.stderr, /live view: http:\/\/127\.0\.0\.1:\d+\/[0-9a-f]{32}\/\?live/);
+      const r = jsonResult(s.stdout);
+      const model = TraceModel.parse(readFileSync(trace, "utf8"));
+      assert.equal(model.migrations.size, 1);
+      const m = [...model.migrations.values()][0]!;
+      assert.equal(m.start.mode, "agent");
+      assert.equal(m.pages, 16 * 256);
+      const e = m.end!;
+      assert.ok(e.ok && e.verified);
+      const sums = roundSums(m);
+      assert.equal(e.transferredBytes, r.ram.transferred);
+      // the rounds' bytes add up to the result's but for the handshake and the closing frames
+      assert.ok(sums.transferredBytes <= r.ram.transferred && r.ram.transferred - sums.transferredBytes < 1024, `${sums.transferredBytes} of ${r.ram.transferred}`);
+      assert.equal(e.iterations, r.ram["dirty-sync-count"]);
+      assert.equal(m.rounds.length, e.iterations);
+      assert.equal(sums.twin, r.ram.twin);
+      assert.equal(sums.zero, r.ram.duplicate);
+      assert.equal(sums.resent, r.ram.resent);
+      assert.equal(sums.baselineBytes, e.baselineBytes);
+      assert.ok(m.switchover && m.rounds.at(-1)!.final);
+      // the first round's map covers every page, with the fixture's twins where they are (2 of every 5 pages)
+      const first = m.rounds[0]!;
+      assert.equal(first.mapped, m.pages);
+      let twins = 0;
+      for (let c = 0; c < m.cellCount; c++) twins += first.cells[c * 5 + PAGE_CLASS.twin]!;
+      assert.equal(twins, first.pages.twin);
+      assert.equal(twins, [...Array(16 * 256).keys()].filter((p) => p % 5 < 2).length);
+    } finally {
+      if (l.exitCode === null) l.kill("SIGKILL");
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("the embedded demo's trace: both runs, each with the totals the demo printed", { timeout: 300_000 }, () => {
+  const dir = tmp();
+  try {
+    const trace = join(dir, "demo.ndjson");
+    const d = spawnSync(process.execPath, [cliPath, "demo", "--ram-mib", "16", "--json", "--trace", trace], { encoding: "utf8" });
+    assert.equal(d.status, 0, d.stderr);
+    const r = jsonResult(d.stdout);
+    const model = TraceModel.parse(readFileSync(trace, "utf8"));
+    const ms = [...model.migrations.values()];
+    assert.deepEqual(ms.map((m) => [m.start.mode, m.start.method]), [["embedded", "baseline"], ["embedded", "pagetwin"]]);
+    for (const m of ms) {
+      const run = (r.runs as Record<string, any>[]).find((x) => x.mode === m.start.method)!;
+      const sums = roundSums(m);
+      assert.equal(m.end!.transferredBytes, run.ram.transferred);
+      assert.ok(sums.transferredBytes <= run.ram.transferred && run.ram.transferred - sums.transferredBytes < 1024);
+      assert.equal(m.rounds.length, run.ram["dirty-sync-count"]);
+      assert.equal(sums.twin, run.ram.twin);
+      assert.equal(sums.zero, run.ram.duplicate);
+      assert.equal(sums.resent, run.ram.resent);
+      assert.equal(m.end!.verified, true);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("the live view: token in every path, loopback Host only, events replayed to a late page, unix-socket mode", async () => {
+  const dir = tmp();
+  const live = await LiveTraceServer.start({ webRoot: dir });
+  try {
+    writeFileSync(join(dir, "index.html"), "<p>page</p>");
+    const rec: TraceRecord = { type: "start", format: "pagetwin-trace", version: TRACE_VERSION, id: "m1", mode: "stream", method: "pagetwin", label: "x", pages: 1, startedAt: 0, baseline: "measured" };
+    live.write(rec);
+    const base = live.url.replace(/\?live$/, "");
+    const origin = new URL(base).origin;
+    assert.equal((await fetch(base)).status, 200);
+    assert.equal(await (await fetch(base)).text(), "<p>page</p>");
+    assert.equal((await fetch(`${origin}/`)).status, 404, "no token");
+    assert.equal((await fetch(`${origin}/${"0".repeat(32)}/`)).status, 404, "a wrong token");
+    assert.equal((await fetch(`${base}../key`)).status, 404);
+    const rebound = await new Promise<number>((resolve) => {
+      import("node:http").then(({ get }) => get(base, { headers: { host: "evil.example" } }, (res) => { res.resume(); resolve(res.statusCode!); }));
+    });
+    assert.equal(rebound, 404, "a foreign Host (DNS rebinding) is refused");
+    const ac = new AbortController();
+    const res = await fetch(`${base}events`, { signal: ac.signal });
+    assert.equal(res.headers.get("content-type"), "text/event-stream");
+    const reader = res.body!.getReader();
+    const first = new TextDecoder().decode((await reader.read()).value);
+    assert.equal(first, `data: ${JSON.stringify(rec)}\n\n`);
+    ac.abort();
+  } finally {
+    await live.close();
+  }
+  const sock = join(dir, "live.sock");
+  const u = await LiveTraceServer.start({ socketPath: sock, webRoot: dir });
+  try {
+    assert.equal(u.url, `unix:${sock}`);
+    const { request } = await import("node:http");
+    const status = await new Promise<number>((resolve, reject) => {
+      request({ socketPath: sock, path: "/" }, (res) => { res.resume(); resolve(res.statusCode!); }).on("error", reject).end();
+    });
+    assert.equal(status, 200);
+  } finally {
+    await u.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
