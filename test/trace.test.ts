@@ -80,7 +80,7 @@ function roundSums(m: MigrationModel) {
   return s;
 }
 
-export function keyFile(dir: string): string {
+function keyFile(dir: string): string {
   const p = join(dir, "key");
   writeFileSync(p, randomBytes(32));
   chmodSync(p, 0o600);

@@ -180,7 +180,7 @@ export class MigrationsView {
     html += row(`QEMU alone (${m.start.baseline})`, "baseline", t.baselineBytes, fmtBytes(t.baselineBytes) + live);
     html += row("Saved", "saving", saving, saving === null ? "–" : `${(saving * 100).toFixed(1)} %`);
     html += row("Time", "total-time", t.tMs, fmtMs(t.tMs) + live);
-    html += row("Guest stopped at", "stopped-at", stopped, stopped === null ? "not yet" : fmtMs(stopped));
+    html += row("Guest stopped at", "stopped-at", stopped, stopped === null ? (e ? "–" : "not yet") : fmtMs(stopped));
     html += row("Downtime", "downtime", e?.downtimeMs, e?.downtimeMs != null ? fmtMs(e.downtimeMs) : m.switchover ? "guest stopped…" : "–");
     html += row("Rounds (incl. final)", "iterations", iterations, fmtInt(iterations));
     html += row("Pages sent in full", "pages-normal", pages.normal, fmtInt(pages.normal));
