@@ -15,7 +15,8 @@ import { encodeRuns, forEachRun, PAGE_CLASS, TRACE_VERSION, type TraceRecord } f
 import { TraceModel, TraceFormatError, MAX_CELLS, type MigrationModel } from "../src/trace/model.js";
 import { cliPath, jsonResult } from "./helpers/cli.js";
 import { makeFixture } from "./helpers/ram-fixture.js";
-import { freePort } from "./helpers/stream.js";
+import { freePort, throughProxies } from "./helpers/stream.js";
+import { FileTraceSink } from "../src/trace/sink.js";
 import { LiveTraceServer } from "../src/trace/live.js";
 
 const tmp = () => mkdtempSync(join(tmpdir(), "pt-trace-"));
@@ -203,6 +204,77 @@ test("the live view: token in every path, loopback Host only, events replayed to
     assert.equal(status, 200);
   } finally {
     await u.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+// ---- stream mode on a synthetic QEMU stream ---------------------------------------------
+
+const be32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
+const be64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
+const str8 = (s: string) => Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]);
+
+/** A QEMU-shaped stream of sweeps over `pages` pages: each sweep's records (page -> contents, or null: ZERO), the last in the RAM END section. */
+function sweepsStream(pages: number, sweeps: Map<number, Buffer | null>[]): Buffer {
+  const parts: Buffer[] = [Buffer.from("QEVM"), be32(3), Buffer.from([0x07]), be32(13), Buffer.from("pc-i440fx-7.2")];
+  parts.push(Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4), be64(pages * 4096 + 0x04), str8("mem"), be64(pages * 4096), be64(0x10), Buffer.from([0x7e]), be32(2));
+  sweeps.forEach((sweep, k) => {
+    parts.push(Buffer.from([k === sweeps.length - 1 ? 0x03 : 0x02]), be32(2));
+    let first = true;
+    for (const [p, data] of [...sweep].sort((a, b) => a[0] - b[0])) {
+      const flags = (data ? 0x08 : 0x02) + (first ? 0 : 0x20);
+      parts.push(be64(p * 4096 + flags), ...(first ? [str8("mem")] : []), data ?? Buffer.from([0]));
+      first = false;
+    }
+    parts.push(be64(0x10), Buffer.from([0x7e]), be32(2));
+  });
+  parts.push(Buffer.from([0x04]), be32(3), str8("timer"), be32(0), be32(2), Buffer.alloc(24, 7), Buffer.from([0x7e]), be32(3), Buffer.from([0x05]));
+  return Buffer.concat(parts);
+}
+
+test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream order, the final one in the RAM END section, and the proxy's totals", { timeout: 60_000 }, async () => {
+  const dir = tmp();
+  try {
+    const pages = 3000;
+    const image = join(dir, "disk.img");
+    const img = randomBytes(pages * 4096);
+    writeFileSync(image, img);
+    const block = (b: number) => img.subarray(b * 4096, (b + 1) * 4096);
+    // sweep 1: every page (a third twins, a third zero, a third unique); sweep 2: 500 pages from 1000 on; final: 40 pages
+    const s1 = new Map<number, Buffer | null>(), s2 = new Map<number, Buffer | null>(), s3 = new Map<number, Buffer | null>();
+    for (let p = 0; p < pages; p++) s1.set(p, p % 3 === 0 ? block(p) : p % 3 === 1 ? null : randomBytes(4096));
+    for (let p = 1000; p < 1500; p++) s2.set(p, p % 2 ? block(p) : randomBytes(4096));
+    for (let p = 0; p < 40; p++) s3.set(p * 7, randomBytes(4096));
+    const data = sweepsStream(pages, [s1, s2, s3]);
+    const file = new FileTraceSink(join(dir, "stream.ndjson"));
+    const { so } = await throughProxies({ data, image, split: "random", out: { trace: [file] } });
+    await file.close();
+    assert.equal(so.error, undefined);
+    const model = TraceModel.parse(readFileSync(join(dir, "stream.ndjson"), "utf8"));
+    const m = [...model.migrations.values()][0]!;
+    assert.equal(m.start.mode, "stream");
+    assert.equal(m.pages, pages);
+    assert.deepEqual(m.rounds.map((r) => [r.iteration, r.final, r.pages.normal, r.pages.twin, r.pages.zero]), [
+      [1, false, 1000, 1000, 1000], [2, false, 250, 250, 0], [3, true, 40, 0, 0],
+    ]);
+    const e = m.end!;
+    assert.equal(e.transferredBytes, so.bytesOutLink);
+    assert.equal(e.baselineBytes, so.bytesFromQemu);
+    assert.equal(e.baselineBytes, data.length);
+    const sums = roundSums(m);
+    assert.equal(sums.transferredBytes, so.bytesOutLink, "the rounds add up to the link's bytes");
+    assert.equal(sums.baselineBytes, so.bytesFromQemu);
+    assert.equal(sums.normal + sums.twin, so.pagesSeen);
+    assert.equal(sums.twin, so.twinsReplaced);
+    assert.equal(sums.zero, so.zeroPages);
+    assert.ok(m.switchover && m.switchover.iteration === 3);
+    // the maps: where each page went
+    const cls = (r: number, p: number) => { const c = m.rounds[r]!.cells; for (let k = 1; k < 5; k++) if (c[p * 5 + k]) return k; return 0; };
+    assert.equal(m.cellPages, 1);
+    assert.deepEqual([0, 1, 2, 3].map((p) => cls(0, p)), [PAGE_CLASS.twin, PAGE_CLASS.zero, PAGE_CLASS.sent, PAGE_CLASS.twin]);
+    assert.deepEqual([999, 1000, 1001, 1500].map((p) => cls(1, p)), [0, PAGE_CLASS.sent, PAGE_CLASS.twin, 0]);
+    assert.deepEqual([0, 7, 8].map((p) => cls(2, p)), [PAGE_CLASS.sent, PAGE_CLASS.sent, 0]);
+  } finally {
     rmSync(dir, { recursive: true, force: true });
   }
 });

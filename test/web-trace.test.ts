@@ -199,3 +199,109 @@ test("replay: the traces of agent mode (send) and the embedded demo show the com
     server.close();
   }
 });
+
+test("live: a real guest migrated in stream mode while the page is open shows live, ends with the proxies' numbers, and its trace replays the same; then agent mode (`migrate --trace`)", { skip: skipRealGuest, timeout: 600_000 }, async (t) => {
+  if (!browser) return t.skip(String(why));
+  const g = guest!;
+  const dir = fs.mkdtempSync(path.join(work, "live-"));
+  const nas = path.join(dir, "disk.img");
+  fs.copyFileSync(g.disk, nas);
+  const vms: QemuVm[] = [];
+  const boot = async (name: string, extra: Partial<Parameters<typeof QemuVm.start>[0]> = {}) => {
+    const vm = await QemuVm.start({
+      ...g, memoryMiB: 256, memPath: `/dev/shm/pt-webtrace-${process.pid}-${name}`, qmpSocket: path.join(dir, `${name}.qmp`),
+      serialLog: path.join(dir, `${name}.log`), name: `pt-webtrace-${name}`, extraQmpSockets: [path.join(dir, `${name}-tool.qmp`)], ...extra,
+    });
+    vms.push(vm);
+    return vm;
+  };
+  const live = await LiveTraceServer.start({ webRoot: DIST });
+  const traceFile = path.join(dir, "stream.ndjson");
+  const file = new FileTraceSink(traceFile);
+  const page = await browser.newPage({ viewport: { width: 1440, height: 900 }, deviceScaleFactor: 1 }) as FullPage;
+  const problems = pageProblems(page);
+  try {
+    const src = await boot("src");
+    await src.waitForSerial(/pagetwin-ready/, 240_000);
+    await src.waitForSerial(/pagetwin-counter 2\b/, 30_000);
+    const qport = await freePort();
+    const dst = await boot("dst", { incoming: `tcp:127.0.0.1:${qport}` });
+    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nas, psk: TEST_KEY });
+    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nas, psk: TEST_KEY, qmp: path.join(dir, "src-tool.qmp"), trace: [live, file] });
+
+    await page.goto(live.url);
+    await page.waitForSelector('[data-testid="mig-source"]:has-text("live")');
+    const seenLive = page.waitForSelector('[data-testid="migration-item"][data-state="running"]', { timeout: 180_000 });
+    const seenMap = page.waitForSelector('[data-testid="mig-round-1-bytes"]', { timeout: 180_000, state: "attached" });
+    // slow enough that the page sees it run: 20 MB/s
+    await src.qmp.execute("migrate-set-parameters", { "max-bandwidth": 20_000_000 });
+    await src.qmp.execute("migrate", { uri: `tcp:127.0.0.1:${so.port}` });
+    await seenLive;
+    await seenMap;
+    let info: Record<string, any>;
+    for (;;) {
+      info = await src.qmp.execute("query-migrate");
+      if (info.status === "completed" || info.status === "failed") break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(info.status, "completed");
+    const [o, i] = await Promise.all([so.done, si.done]);
+    assert.equal(o.error, undefined);
+    assert.equal(o.verdict, "verified");
+    await settled(page);
+    const want = {
+      transferred: o.bytesOutLink, iterations: -1, normal: o.pagesSeen - o.twinsReplaced, twin: o.twinsReplaced, zero: o.zeroPages, resent: o.resends,
+      downtime: info.downtime as number,
+    };
+    assert.equal(o.bytesOutLink, i.bytesInLink, "what stream-out put on the link is what stream-in read");
+    want.iterations = await num(page, "mig-iterations");
+    assert.ok(want.iterations >= 2, `${want.iterations} rounds: QEMU's first pass and the final one at least`);
+    await assertShows(page, want, "live");
+    assert.equal(await num(page, "mig-baseline"), o.bytesFromQemu, "QEMU alone: the source QEMU's own stream");
+    assert.equal(await value(page, "mig-verified"), "true");
+    assert.ok(await num(page, "mig-stopped-at") > 0, "the page shows when the guest stopped");
+    await page.screenshot({ path: fileURLToPath(new URL("../web-trace-live.png", import.meta.url)), fullPage: true });
+    const q = (JSON.parse(fs.readFileSync(traceFile, "utf8").trim().split("\n").at(-1)!) as { qemu?: Record<string, any> }).qemu;
+    t.diagnostic(`stream mode: ${want.iterations} rounds seen in the stream (QEMU: dirty-sync-count ${String(q?.ram?.["dirty-sync-count"])}), ` +
+      `${o.pagesSeen} pages, ${o.twinsReplaced} references, ${o.zeroPages} zero; link ${o.bytesOutLink} B for ${o.bytesFromQemu} B of QEMU's stream; downtime ${info.downtime} ms`);
+    await Promise.all([so.close(), si.close()]);
+
+    // the same migration's trace file, replayed
+    await file.close();
+    if (process.env.PT_DEBUG_TRACE) fs.copyFileSync(traceFile, process.env.PT_DEBUG_TRACE);
+    const server = await serveDir(DIST, { "/stream.ndjson": fs.readFileSync(traceFile, "utf8") });
+    try {
+      await page.goto(`${serverUrl(server)}/?trace=/stream.ndjson`);
+      await settled(page);
+      await assertShows(page, want, "stream trace replayed");
+    } finally {
+      server.close();
+    }
+
+    // agent mode: the guest, now on dst, to a third QEMU with `pagetwin migrate --trace`
+    await dst.waitForSerial(/pagetwin-counter \d+/, 30_000);
+    const c = await boot("c", { incoming: "defer", extraArgs: ["-S"] });
+    const agentTrace = path.join(dir, "agent.ndjson");
+    const key = keyFile(dir);
+    const m = spawnSync(process.execPath, [cliPath, "migrate", "--src-qmp", path.join(dir, "dst-tool.qmp"), "--dst-qmp", path.join(dir, "c-tool.qmp"),
+      "--src-ram", dst.options.memPath, "--dst-ram", c.options.memPath, "--image", nas, "--psk-file", key, "--json", "--trace", agentTrace], { encoding: "utf8", timeout: 240_000 });
+    assert.equal(m.status, 0, m.stderr);
+    const r = jsonResult(m.stdout);
+    const model = TraceModel.parse(fs.readFileSync(agentTrace, "utf8"));
+    assert.equal([...model.migrations.values()][0]!.start.mode, "agent");
+    const server2 = await serveDir(DIST, { "/agent.ndjson": fs.readFileSync(agentTrace, "utf8") });
+    try {
+      await page.goto(`${serverUrl(server2)}/?trace=/agent.ndjson`);
+      await settled(page);
+      await assertShows(page, { transferred: r.ram.transferred, iterations: r.ram["dirty-sync-count"], twin: r.ram.twin, zero: r.ram.duplicate, resent: r.ram.resent, downtime: r.downtime }, "migrate --trace");
+    } finally {
+      server2.close();
+    }
+    assert.deepEqual(problems, []);
+  } finally {
+    await page.close();
+    await live.close();
+    await file.close().catch(() => {});
+    for (const vm of vms) await vm.cleanup();
+  }
+});

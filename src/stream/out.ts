@@ -469,7 +469,7 @@ class OutSession {
       const ref = !(blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255);
       if (ref) out.ref(p.header, p.data, blk, hash);
       else out.raw(p.header, p.data);
-      this.trace?.page(p.block, p.offset, ref);
+      this.trace?.page(ref);
     }
     return out.end();
   }

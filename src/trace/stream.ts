@@ -1,8 +1,9 @@
 // Stream mode's trace, from what stream-out sees of QEMU's stream: each RAM
 // record (a page sent in full, as a NAS reference, or a ZERO record) is a
-// page of the map; a round is one pass of QEMU over its RAM, seen as the
-// page addresses going back to the start; the RAM END section is the final
-// round (guest stopped). Bytes: the link's (stream-out's counters) against
+// page of the map, in stream order (the parser reports records as it reads
+// them; stream-out says later, page by page, which went as references); a
+// round is one sweep of QEMU over its RAM, seen as the page addresses going
+// back; the RAM END section is the final round (guest stopped). Bytes: the link's (stream-out's counters) against
 // QEMU's own stream (what QEMU alone sends). With the source's QMP, the
 // STOP event and QEMU's query-migrate at the end add QEMU's numbers.
 
@@ -18,10 +19,10 @@ const PROGRESS_EVERY_MS = 250;
 
 /** What stream-out calls; one per QEMU migration connection. */
 export interface StreamTraceHook {
-  /** The session's parser: the tracer reads its RAM blocks and gets its ZERO records. */
+  /** The session's parser: the tracer reads its RAM blocks and gets its records in order. */
   attach(parser: QemuStreamParser): void;
-  /** A RAM page record: sent as a reference (`ref`) or in full. */
-  page(block: string, offset: number, ref: boolean): void;
+  /** The next RAM page record of the stream went as a reference (`ref`) or in full. */
+  page(ref: boolean): void;
   /** stream-in asked for reference #seq again: the page went in full. */
   resend(seq: number): void;
   /** The session is over (stats as they stand; error if it failed). */
@@ -63,6 +64,11 @@ export class StreamTracer implements StreamTraceHook {
   private readonly link0: number;
   private readonly qemu0: number;
   private ticks = 0;
+  /** Records parsed, in order, until their class is known: page g, the final section, the class (-1: a page not classed yet). */
+  private queue: { g: number; final: boolean; cls: number }[] = [];
+  private head = 0;
+  /** Index in queue of the next page waiting for page(). */
+  private nextPage = 0;
   private readonly rounds: TracePages[] = [];
 
   constructor(sinks: readonly TraceSink[], private readonly o: StreamTracerOptions) {
@@ -78,12 +84,35 @@ export class StreamTracer implements StreamTraceHook {
 
   attach(parser: QemuStreamParser): void {
     this.parser = parser;
-    parser.onZero = (block, offset) => this.record(block, offset, PAGE_CLASS.zero);
+    parser.onRecord = (block, offset, zero, final) => {
+      const base = this.base ?? this.layout();
+      this.queue.push({ g: (base.get(block) ?? 0) + Math.floor(offset / PAGE_BYTES), final, cls: zero ? PAGE_CLASS.zero : -1 });
+      if (zero) this.drain();
+    };
   }
 
-  page(block: string, offset: number, ref: boolean): void {
-    const g = this.record(block, offset, ref ? PAGE_CLASS.twin : PAGE_CLASS.sent);
-    if (ref) this.refPage[this.refSeq++ % this.refPage.length] = g;
+  page(ref: boolean): void {
+    const q = this.queue;
+    while (this.nextPage < q.length && q[this.nextPage]!.cls !== -1) this.nextPage++;
+    const e = q[this.nextPage];
+    if (!e) return;
+    e.cls = ref ? PAGE_CLASS.twin : PAGE_CLASS.sent;
+    if (ref) this.refPage[this.refSeq++ % this.refPage.length] = e.g;
+    this.drain();
+  }
+
+  /** Records the queue's head while its class is known. */
+  private drain(): void {
+    const q = this.queue;
+    while (this.head < q.length && q[this.head]!.cls !== -1) {
+      const e = q[this.head++]!;
+      this.record(e.g, e.cls, e.final);
+    }
+    if (this.head > 4096) {
+      q.splice(0, this.head);
+      this.nextPage = Math.max(0, this.nextPage - this.head);
+      this.head = 0;
+    }
   }
 
   resend(seq: number): void {
@@ -101,11 +130,8 @@ export class StreamTracer implements StreamTraceHook {
     return this.o.stats.bytesFromQemu - this.qemu0;
   }
 
-  /** Page number of a record, after the layout; a round ends where the addresses go back or the RAM END section begins. */
-  private record(block: string, offset: number, cls: number): number {
-    const base = this.base ?? this.layout();
-    const g = (base.get(block) ?? 0) + Math.floor(offset / PAGE_BYTES);
-    const final = this.parser?.inFinalSection ?? false;
+  /** A record of page g; a round ends where the addresses go back or the RAM END section begins. */
+  private record(g: number, cls: number, final: boolean): void {
     if (!this.round || g <= this.last || (final && !this.final)) this.nextRound(final);
     this.last = g;
     const r = this.round!;
@@ -114,7 +140,6 @@ export class StreamTracer implements StreamTraceHook {
     else r.pages.normal++;
     this.mark(g, cls);
     if ((++this.ticks & 255) === 0 && this.rec.now() - this.lastProgress >= PROGRESS_EVERY_MS) this.progress();
-    return g;
   }
 
   private layout(): Map<string, number> {
@@ -195,6 +220,7 @@ export class StreamTracer implements StreamTraceHook {
   }
 
   async end(error?: string): Promise<void> {
+    this.drain();
     if (this.round) this.closeRound(this.final);
     else this.progress();
     const s = this.o.stats;
