@@ -268,7 +268,6 @@ test("live: a real guest migrated in stream mode while the page is open shows li
 
     // the same migration's trace file, replayed
     await file.close();
-    if (process.env.PT_DEBUG_TRACE) fs.copyFileSync(traceFile, process.env.PT_DEBUG_TRACE);
     const server = await serveDir(DIST, { "/stream.ndjson": fs.readFileSync(traceFile, "utf8") });
     try {
       await page.goto(`${serverUrl(server)}/?trace=/stream.ndjson`);
