@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { encodeRuns, forEachRun, PAGE_CLASS, TRACE_VERSION, type TraceRecord } from "../src/trace/format.js";
 import { TraceModel, TraceFormatError, MAX_CELLS, type MigrationModel } from "../src/trace/model.js";
-import { cliPath, jsonResult } from "./helpers/cli.js";
+import { cliPath, jsonResult, startAndStop } from "./helpers/cli.js";
 import { makeFixture } from "./helpers/ram-fixture.js";
 import { freePort, throughProxies } from "./helpers/stream.js";
 import { FileTraceSink } from "../src/trace/sink.js";
@@ -274,6 +274,17 @@ test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream orde
     assert.deepEqual([0, 1, 2, 3].map((p) => cls(0, p)), [PAGE_CLASS.twin, PAGE_CLASS.zero, PAGE_CLASS.sent, PAGE_CLASS.twin]);
     assert.deepEqual([999, 1000, 1001, 1500].map((p) => cls(1, p)), [0, PAGE_CLASS.sent, PAGE_CLASS.twin, 0]);
     assert.deepEqual([0, 7, 8].map((p) => cls(2, p)), [PAGE_CLASS.sent, PAGE_CLASS.sent, 0]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stream-out --ui serves the live view (the URL on stderr, with its token), and --trace with a bare --ui parses", async () => {
+  const dir = tmp();
+  try {
+    const f = makeFixture(dir, 1);
+    const err = await startAndStop([cliPath, "stream-out", "--to", "127.0.0.1:1", "--image", f.image, "--insecure", "--listen", "0", "--ui", "--trace", join(dir, "t.ndjson")], /listening/);
+    assert.match(err, /live view: http:\/\/127\.0\.0\.1:\d+\/[0-9a-f]{32}\/\?live/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

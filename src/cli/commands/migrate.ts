@@ -74,7 +74,9 @@ export async function run(argv: string[]): Promise<number> {
   const srcRam = str(values, "src-ram");
   const traces = await openTraceOutputs(values, (m) => console.error(`pagetwin migrate: ${m}`));
   let src: QmpClient, dst: QmpClient;
+  let srcRamPages = 0;
   try {
+    if (traces.sinks.length) srcRamPages = Math.floor(statSync(srcRam).size / 4096);
     src = await QmpClient.connect(str(values, "src-qmp"));
   } catch (err) {
     await traces.close();
@@ -87,7 +89,6 @@ export async function run(argv: string[]): Promise<number> {
     await traces.close();
     throw err;
   }
-  const srcRamPages = Math.floor(statSync(srcRam).size / 4096);
   // times from this process's start, as the migration's own (startedAt: 0)
   const tracer = traces.sinks.length ? new AgentTracer(traces.sinks, {
     mode: "agent", method: values["no-dedup"] ? "baseline" : "pagetwin", label: `migrate ${srcRam}`, pages: srcRamPages,
