@@ -7,7 +7,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
@@ -246,9 +247,20 @@ test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream orde
     for (let p = 1000; p < 1500; p++) s2.set(p, p % 2 ? block(p) : randomBytes(4096));
     for (let p = 0; p < 40; p++) s3.set(p * 7, randomBytes(4096));
     const data = sweepsStream(pages, [s1, s2, s3]);
+    // block 3 rewritten after indexing: its twin, page 3, is resent
+    const nas = await openNasIndex(image);
+    const fd = openSync(image, "r+");
+    writeSync(fd, Buffer.alloc(4096, 0xa5), 0, 4096, 3 * 4096);
+    closeSync(fd);
     const file = new FileTraceSink(join(dir, "stream.ndjson"));
-    const { so } = await throughProxies({ data, image, split: "random", out: { trace: [file] } });
+    let so;
+    try {
+      ({ so } = await throughProxies({ data, image, nas, split: "random", out: { trace: [file] } }));
+    } finally {
+      nas.image.close();
+    }
     await file.close();
+    assert.equal(so.resends, 1);
     assert.equal(so.error, undefined);
     const model = TraceModel.parse(readFileSync(join(dir, "stream.ndjson"), "utf8"));
     const m = [...model.migrations.values()][0]!;
@@ -267,6 +279,8 @@ test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream orde
     assert.equal(sums.normal + sums.twin, so.pagesSeen);
     assert.equal(sums.twin, so.twinsReplaced);
     assert.equal(sums.zero, so.zeroPages);
+    assert.equal(sums.resent, 1);
+    assert.ok(m.rounds.some((r) => r.cells[3 * 5 + PAGE_CLASS.resent] === 1), "page 3 is marked resent");
     assert.ok(m.switchover && m.switchover.iteration === 3);
     // the maps: where each page went
     const cls = (r: number, p: number) => { const c = m.rounds[r]!.cells; for (let k = 1; k < 5; k++) if (c[p * 5 + k]) return k; return 0; };
