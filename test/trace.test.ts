@@ -144,7 +144,7 @@ test("the embedded demo's trace: both runs, each with the totals the demo printe
   const dir = tmp();
   try {
     const trace = join(dir, "demo.ndjson");
-    const d = spawnSync(process.execPath, [cliPath, "demo", "--ram-mib", "16", "--json", "--trace", trace], { encoding: "utf8" });
+    const d = spawnSync(process.execPath, [cliPath, "demo", "--ram-mib", "8", "--json", "--trace", trace], { encoding: "utf8" });
     assert.equal(d.status, 0, d.stderr);
     const r = jsonResult(d.stdout);
     const model = TraceModel.parse(readFileSync(trace, "utf8"));
