@@ -201,3 +201,8 @@ export class ServeError extends PagetwinError {
     this.code = code;
   }
 }
+
+/** A trace file or trace record that is not pagetwin's trace format (docs/TRACE.md). */
+export class TraceFormatError extends PagetwinError {
+  override readonly code: string = "PAGETWIN_TRACE";
+}

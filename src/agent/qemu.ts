@@ -81,6 +81,8 @@ export interface AgentMigrationOptions {
   /** Time allowed for QEMU's device-state migration (default 60 s). */
   handoverTimeoutMs?: number;
   onIteration?: (it: IterationRecord) => void;
+  /** Keep each round's page map (IterationRecord.pageMap), for a trace. */
+  trace?: boolean;
   /** Progress: "index" while the NAS image is hashed, "iteration"/"final" per window of each pass, "handover" for QEMU's device state. */
   onProgress?: (p: Progress) => void;
   /**
@@ -361,7 +363,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
           pause: async () => { await src.execute("stop"); sourcePaused = true; },
           resume: async () => { await restoreSource(); },
         },
-        host: target.host, port: target.port, bandwidth: o.bandwidth ?? 0, convergence: o.convergence, compress: o.compress,
+        host: target.host, port: target.port, bandwidth: o.bandwidth ?? 0, convergence: o.convergence, compress: o.compress, trace: o.trace,
         onIteration: (it) => {
           // Workers read RAM themselves: stop here too once the destination QEMU is gone.
           if (destinationGone) throw new Error(destinationGone);

@@ -162,7 +162,7 @@ export class OutgoingMigration {
     const context = disks.then((lookup): OutContext => ({
       engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
       windowPages: req.windowPages ?? 16384, to: this.peerAt, noDedup: lookup.length === 0, compress: req.compress ?? "auto",
-      bandwidth: 0, queueMs: undefined, security: parts.security, watch: null, firstByteAt: 0, lastVerdictAt: 0,
+      bandwidth: 0, queueMs: undefined, security: parts.security, watch: null, firstByteAt: 0, lastVerdictAt: 0, trace: [],
       lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
     }));
     return serve({ at: this.qemuAt, security: { kind: "local" }, peer: "qemu" }, {

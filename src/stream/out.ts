@@ -42,6 +42,8 @@ import { MultifdStreamParser } from "./multifd-stream.js";
 import { MultifdRefsBuilder } from "./multifd-frames.js";
 import { readStart, START_WAIT_MS } from "./multifd-channel.js";
 import type { ChannelKind } from "./multifd-format.js";
+import { StreamTracer, type StreamTraceHook } from "../trace/stream.js";
+import type { TraceSink } from "../trace/sink.js";
 
 export interface StreamOutOptions extends SecurityOptions {
   /** Port QEMU migrates to (`migrate tcp:127.0.0.1:PORT`); 0 picks one. */
@@ -88,6 +90,8 @@ export interface StreamOutOptions extends SecurityOptions {
   signal?: AbortSignal;
   /** The source QEMU's QMP unix socket (optional): its STOP event times stopToVerdictMs. */
   qmp?: string;
+  /** Where each migration's trace records go (docs/TRACE.md): a file, the live view. */
+  trace?: readonly TraceSink[];
 }
 
 /** What every stream-out session shares. */
@@ -113,6 +117,7 @@ export interface OutContext {
   lookup?: () => PageLookup;
   /** More HELLO fields (pagetwin serve: the migration id). */
   hello?: Record<string, unknown>;
+  trace: readonly TraceSink[];
 }
 
 /** One migration connection from the source QEMU through to stream-in (pagetwin serve runs these itself). */
@@ -150,7 +155,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   const ctx: OutContext = {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
     windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false,
-    compress, bandwidth: opts.bandwidth ?? 0, queueMs: opts.queueMs, security, watch, firstByteAt: 0, lastVerdictAt: 0,
+    compress, bandwidth: opts.bandwidth ?? 0, queueMs: opts.queueMs, security, watch, firstByteAt: 0, lastVerdictAt: 0, trace: opts.trace ?? [],
   };
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
@@ -216,15 +221,18 @@ class OutSession {
   private readonly frameMem = new WriteRing(8 * 1024 * 1024);
   /** stream-in's VERDICT on this session's stream arrived. */
   private verdict = false;
+  private readonly trace: StreamTraceHook | null;
 
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
     this.ring = new ReplayWindow(ctx.windowPages);
     this.hasher = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
     this.pacer = new LinkPacer(this.meter, { bandwidth: ctx.bandwidth, ...(ctx.queueMs !== undefined ? { queueMs: ctx.queueMs } : {}) });
+    this.trace = ctx.trace.length ? new StreamTracer(ctx.trace, { label: `stream-out channel ${channel}`, stats: ctx.stats, windowPages: ctx.windowPages, watch: ctx.watch }) : null;
   }
 
   async run(): Promise<void> {
+    let error: string | undefined;
     try {
       this.qemu.pause();
       this.qemu.setNoDelay(true);
@@ -244,7 +252,11 @@ class OutSession {
         throw new Error("stream-in's verdict on the stream never came (the link closed first, or stream-in is an older pagetwin): " +
           "whether the destination QEMU got the source's exact stream is unknown; see stream-in's log");
       }
+    } catch (err) {
+      error = (err as Error).message;
+      throw err;
     } finally {
+      await this.trace?.end(error);
       this.raw?.report();
       this.hasher.free();
     }
@@ -260,6 +272,9 @@ class OutSession {
       this.parser = parser;
       this.refs = new MultifdRefsBuilder(() => parser.channel);
       this.stats.multifd.channels++;
+    } else if (this.parser instanceof QemuStreamParser) {
+      // the trace follows QEMU's main stream (its rounds and records); multifd channels carry no sections
+      this.trace?.attach(this.parser);
     }
     return start;
   }
@@ -357,6 +372,7 @@ class OutSession {
       return new ProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${this.acked}, next ${this.seq})`);
     }
     this.stats.resends++;
+    this.trace?.resend(s);
     const b = Buffer.allocUnsafe(4 + PAGE_SIZE);
     b.writeUInt32BE(s, 0);
     b.set(this.ring.get(s), 4);
@@ -496,8 +512,10 @@ class OutSession {
       const hash = found!.hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
       i++;
       // No twin, the replay window is full, or a header a REFS entry cannot hold: the page travels as it is.
-      if (blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255) out.raw(p.header, p.data);
-      else out.ref(p.header, p.data, blk, hash);
+      const ref = !(blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255);
+      if (ref) out.ref(p.header, p.data, blk, hash);
+      else out.raw(p.header, p.data);
+      this.trace?.page(ref);
     }
     return out.end();
   }

@@ -137,6 +137,17 @@ export class QemuStreamParser {
   passthroughReason: string | undefined;
   /** Machine type from the configuration section. */
   machine: string | undefined;
+  /**
+   * Called for each RAM page and ZERO record in stream order, as it is
+   * parsed (a trace's page map: no piece carries ZERO records); `final`: in
+   * the RAM END section, with the guest stopped.
+   */
+  onRecord: ((block: string, offset: number, zero: boolean, final: boolean) => void) | null = null;
+
+  /** RAM blocks and their sizes in bytes, in the stream's order, once the block list was read. */
+  get ramBlocks(): ReadonlyMap<string, number> {
+    return this.blocks;
+  }
 
   /** Feed one chunk; returns the pieces it completes (raw pieces may be coalesced). */
   push(chunk: Buffer): Piece[] {
@@ -535,12 +546,14 @@ export class QemuStreamParser {
     this.curBlock = block;
     if (isZero) {
       this.stats.zeroPages++;
+      this.onRecord?.(block!, offset, true, this.curIsEnd);
       this.pos = q + 1;
       return true;
     }
     // A page: flush raw bytes up to it, then hand it out.
     this.flushRaw(p);
     this.pieces.push({ kind: "page", header: b.subarray(p, q), data: b.subarray(q, q + TARGET_PAGE), block: block!, offset });
+    this.onRecord?.(block!, offset, false, this.curIsEnd);
     this.stats.pages++;
     this.stats.pageBytes += q - p + TARGET_PAGE;
     this.pos = q + TARGET_PAGE;

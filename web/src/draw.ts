@@ -335,3 +335,60 @@ export function drawCumulative(canvas: HTMLCanvasElement, runs: ChartRun[]): voi
   ctx.fillText("dashed: guest RAM delivered (sent, mapped to NAS, zero)", L + 8, ly + 14);
   ctx.font = "12px system-ui, sans-serif";
 }
+
+// ---- cell maps of traces (any guest size) -------------------------------------------
+
+/** Classes of a trace's map (PAGE_CLASS order), and their colors: clean, zero, twin, sent, resent. */
+export const CELL_COLORS = [COLORS.cleanUnknown, COLORS.zero, COLORS.twin, COLORS.sent, COLORS.resent];
+const CELL_RGB = CELL_COLORS.map(rgb);
+
+export const CELL_LEGEND: [string, string][] = [
+  [COLORS.sent, "sent in full"],
+  [COLORS.twin, "sent as a NAS reference"],
+  [COLORS.resent, "resent in full (block changed)"],
+  [COLORS.zero, "zero"],
+  [COLORS.cleanUnknown, "not sent this round"],
+];
+
+export interface CellGrid {
+  cols: number;
+  rows: number;
+  /** Pages per cell. */
+  cellPages: number;
+}
+
+/** Where cells go on a canvas of this many cells: about 3:1. */
+export function cellGrid(cells: number, cellPages: number): CellGrid {
+  const cols = Math.max(16, Math.ceil(Math.sqrt(cells * 3.2) / 8) * 8);
+  return { cols, rows: Math.max(1, Math.ceil(cells / cols)), cellPages };
+}
+
+/**
+ * A round's map from per-cell class counts (counts[cell * 5 + class], class 0
+ * unused: clean is what the others leave of the cell). Each cell takes the
+ * color of the class with most pages in it; O(cells), whatever the guest size.
+ */
+export function drawCellMap(canvas: HTMLCanvasElement, counts: Uint32Array | null, pages: number, grid: CellGrid): void {
+  const cssW = canvas.clientWidth || 600;
+  const { ctx, w, h } = prepare(canvas, Math.max(40, Math.min(520, Math.round((cssW / grid.cols) * grid.rows))));
+  const img = new ImageData(grid.cols, grid.rows);
+  const px = img.data;
+  const cells = Math.ceil(pages / grid.cellPages);
+  for (let c = 0; c < cells; c++) {
+    let best = 0, bestN = Math.min(grid.cellPages, pages - c * grid.cellPages);
+    if (counts) {
+      let used = 0;
+      for (let k = 1; k < 5; k++) used += counts[c * 5 + k]!;
+      bestN -= used;
+      for (let k = 1; k < 5; k++) if (counts[c * 5 + k]! > bestN) { best = k; bestN = counts[c * 5 + k]!; }
+    }
+    const [r, g, b] = CELL_RGB[best]!;
+    px[c * 4] = r; px[c * 4 + 1] = g; px[c * 4 + 2] = b; px[c * 4 + 3] = 255;
+  }
+  const off = document.createElement("canvas");
+  off.width = grid.cols;
+  off.height = grid.rows;
+  off.getContext("2d")!.putImageData(img, 0, 0);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(off, 0, 0, w, h);
+}

@@ -13,6 +13,7 @@ import {
   type PageCounts, type SimConfig, type SimIteration, type SimResult, type SimSetup, type Trace,
 } from "./sim.js";
 import { COLORS, drawBars, drawCumulative, drawPageMap, MAP_LEGEND, type ChartRun } from "./draw.js";
+import { MigrationsView } from "./traces.js";
 
 const { wrap } = comlinkEsm as typeof ComlinkTypes;
 type Remote<T> = ComlinkTypes.Remote<T>;
@@ -327,9 +328,29 @@ function downloadTrace(): void {
 
 // ---- replay mode -----------------------------------------------------------------
 
+/** A version 2 trace (docs/TRACE.md) is NDJSON: its first line is a start record. */
+function isRecordTrace(text: string): boolean {
+  const first = text.slice(0, 4096).split("\n", 1)[0]!;
+  try {
+    return (JSON.parse(first) as { type?: unknown }).type === "start";
+  } catch {
+    return false;
+  }
+}
+
+let migrations: MigrationsView | null = null;
+function migrationsView(): MigrationsView {
+  return (migrations ??= new MigrationsView(setStatus));
+}
+
 function loadTrace(text: string, name: string): void {
   stopPlay();
   showError(null);
+  if (isRecordTrace(text)) {
+    setTab("migrations");
+    migrationsView().load(text, name);
+    return;
+  }
   let t: Trace;
   try {
     t = JSON.parse(text) as Trace;
@@ -419,17 +440,23 @@ function startPlay(): void {
 
 // ---- wiring ----------------------------------------------------------------------
 
-function setTab(tab: "live" | "replay"): void {
+function setTab(tab: "live" | "replay" | "migrations"): void {
   $("tab-live").setAttribute("aria-selected", String(tab === "live"));
   $("tab-replay").setAttribute("aria-selected", String(tab === "replay"));
+  $("tab-migrations").setAttribute("aria-selected", String(tab === "migrations"));
   $("live-form").hidden = tab !== "live";
   $("replay-form").hidden = tab !== "replay";
+  $("mig-form").hidden = tab !== "migrations";
+  $("view").hidden = tab === "migrations";
+  $("mig-view").hidden = tab !== "migrations";
+  if (tab === "migrations") migrationsView().render();
 }
 
 function init(): void {
   renderLegend();
   $("tab-live").onclick = () => setTab("live");
   $("tab-replay").onclick = () => setTab("replay");
+  $("tab-migrations").onclick = () => setTab("migrations");
   $<HTMLFormElement>("live-form").onsubmit = (e) => { e.preventDefault(); void runLive(); };
   $("download").onclick = downloadTrace;
   $<HTMLFormElement>("replay-form").onsubmit = (e) => {
@@ -468,7 +495,11 @@ function init(): void {
     if (v !== null) (form.elements.namedItem(name) as HTMLInputElement).value = v;
   }
   const trace = q.get("trace");
-  if (trace) {
+  if (q.get("live") !== null) {
+    // served by `pagetwin … --ui`: its events are beside the page
+    setTab("migrations");
+    migrationsView().live("events");
+  } else if (trace) {
     setTab("replay");
     $<HTMLInputElement>("trace-url").value = trace;
     void loadTraceUrl(trace);

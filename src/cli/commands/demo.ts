@@ -1,4 +1,4 @@
-import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync } from "node:fs";
 import { tmpdir, cpus, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { spawn } from "node:child_process";
@@ -8,6 +8,9 @@ import { parse, helpText, num, int, parseRate, fmtBytes, UsageError, type Comman
 import { parseCompressionMode, type CompressionStats } from "../../codec/compress.js";
 import { printJson } from "../json.js";
 import { demoRunRecord } from "../records.js";
+import { FileTraceSink } from "../../trace/sink.js";
+import { AgentTracer } from "../../trace/agent.js";
+import type { IterationRecord } from "../../agent/source.js";
 
 export const spec: CommandSpec = {
   name: "demo",
@@ -24,7 +27,7 @@ export const spec: CommandSpec = {
     downtime: { type: "string", default: "300", help: "downtime target, ms (QEMU's default downtime-limit)" },
     "max-iterations": { type: "string", default: "30", help: "iteration cap" },
     workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
-    trace: { type: "string", default: "pagetwin-trace.json", help: "per-iteration trace file for the visualizer ('' for none)" },
+    trace: { type: "string", default: "pagetwin-trace.ndjson", help: "trace of both runs for the visualizer (docs/TRACE.md; '' for none)" },
     dir: { type: "string", help: "work directory for the VM's files (default: a new temp dir, removed after)" },
     json: { type: "boolean", help: "print one JSON object with a runs array" },
     "run-only": { type: "string", help: "baseline or pagetwin: make that one run and print its result as JSON (the demo runs each mode so, in a process of its own, so that neither pays for what the other left behind)" },
@@ -92,7 +95,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   say(`pagetwin demo: ${ramMiB} MiB VM, ${vm.twinShare * 100}% page cache, ${vm.zeroShare * 100}% zero, guest dirtying ${vm.dirtyPagesPerSecond} pages/s, link ${fmtBytes(bandwidth)}/s`);
   const runs: DemoRun[] = [];
-  const traces: unknown[] = [];
+  const traces: { run: DemoRun; iterations: IterationRecord[] }[] = [];
   // the same options for each run, but the work directory, which this process owns
   const childArgs = Object.entries(values).flatMap(([k, v]) =>
     k === "dir" || v === undefined || v === false ? [] : v === true ? [`--${k}`] : [`--${k}`, String(v)]);
@@ -105,7 +108,7 @@ export async function run(argv: string[]): Promise<number> {
       mkdirSync(runDir, { recursive: true });
       const { run: one, iterations } = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", runDir]);
       runs.push(one);
-      traces.push({ mode, result: one, iterations });
+      traces.push({ run: one, iterations: iterations as IterationRecord[] });
       if (one.status !== "completed") say(`  FAILED: ${one.error}`);
     }
   } finally {
@@ -122,7 +125,7 @@ export async function run(argv: string[]): Promise<number> {
   let tracePath: string | null = null;
   if (values.trace) {
     tracePath = resolve(values.trace as string);
-    writeFileSync(tracePath, JSON.stringify({ format: "pagetwin-trace", version: 1, pages: ramMiB * 256, config, machine, runs: traces }));
+    await writeDemoTrace(tracePath, ramMiB * 256, { ...config, machine }, traces);
   }
   if (json) {
     const ok = runs.every((r) => r.status === "completed" && r.verified);
@@ -144,6 +147,21 @@ export async function run(argv: string[]): Promise<number> {
     if (tracePath) console.log(`\ntrace: ${tracePath} (open it in the visualizer: npm run web)`);
   }
   return runs.every((r) => r.status === "completed" && r.verified) ? 0 : 1;
+}
+
+/** Both runs into one trace file, each a migration of mode "embedded". */
+async function writeDemoTrace(path: string, pages: number, config: Record<string, unknown>, runs: { run: DemoRun; iterations: IterationRecord[] }[]): Promise<void> {
+  const file = new FileTraceSink(path);
+  for (const { run: r, iterations } of runs) {
+    const label = r.mode === "baseline" ? "plain pre-copy" : "pagetwin";
+    const t = new AgentTracer([file], { mode: "embedded", method: r.mode, label, pages, config });
+    for (const it of iterations) t.iteration(it);
+    t.end({
+      ok: r.status === "completed", ...(r.error ? { error: r.error } : {}), totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs,
+      transferredBytes: r.transferredBytes, iterations: r.iterations, pages: r.pages, verified: r.verified, convergence: r.convergence,
+    });
+  }
+  await file.close();
 }
 
 function round(n: number): number {

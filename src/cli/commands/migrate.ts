@@ -7,6 +7,9 @@ import { errorText, failureRecord, printJson } from "../json.js";
 import { migrateRecord } from "../records.js";
 import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, workersWhen, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode } from "../../codec/compress.js";
+import { openTraceOutputs, traceOptions, withUiDefault } from "../trace.js";
+import { AgentTracer, type AgentTraceEnd } from "../../trace/agent.js";
+import { statSync } from "node:fs";
 
 export const spec: CommandSpec = {
   name: "migrate",
@@ -30,6 +33,7 @@ export const spec: CommandSpec = {
     workers: { type: "string", default: "0", help: "hash on this many worker threads (0: on the agent's own thread)" },
     "workers-when": { type: "string", default: "always", help: "always, or switchover: workers hash only the final pass, with the guest stopped (on a host with few cores they slow the live passes, where they compete with the agent's own thread)" },
     ...securityOptions("destination agent", false),
+    ...traceOptions,
     json: { type: "boolean", help: "NDJSON on stdout: progress events, then one result named as query-migrate's (docs/JSON.md); messages still go to stderr" },
   },
   details: [
@@ -49,7 +53,7 @@ function hostPort(s: string, what: string): { host: string; port: number } {
 }
 
 export async function run(argv: string[]): Promise<number> {
-  const { values, help } = parse(spec, argv);
+  const { values, help } = parse(spec, withUiDefault(argv));
   if (help) { console.log(helpText(spec)); return 0; }
   warnIfInsecure(values);
   const json = !!values.json;
@@ -68,28 +72,45 @@ export async function run(argv: string[]): Promise<number> {
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
   const image = str(values, "image");
   const srcRam = str(values, "src-ram");
-  const src = await QmpClient.connect(str(values, "src-qmp"));
-  let dst: QmpClient;
+  const traces = await openTraceOutputs(values, (m) => console.error(`pagetwin migrate: ${m}`));
+  let src: QmpClient, dst: QmpClient;
+  let srcRamPages = 0;
+  try {
+    if (traces.sinks.length) srcRamPages = Math.floor(statSync(srcRam).size / 4096);
+    src = await QmpClient.connect(str(values, "src-qmp"));
+  } catch (err) {
+    await traces.close();
+    throw err;
+  }
   try {
     dst = await QmpClient.connect(str(values, "dst-qmp"));
   } catch (err) {
     src.close();
+    await traces.close();
     throw err;
   }
+  // times from this process's start, as the migration's own (startedAt: 0)
+  const tracer = traces.sinks.length ? new AgentTracer(traces.sinks, {
+    mode: "agent", method: values["no-dedup"] ? "baseline" : "pagetwin", label: `migrate ${srcRam}`, pages: srcRamPages,
+    config: { image, bandwidthBytesPerSecond: bandwidth, downtimeMs: convergence.downtimeMs, maxIterations: convergence.maxIterations },
+  }, 0) : null;
   try {
     const r = await migrateQemuAgentMode({
       source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
       image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
-      bandwidth, convergence, workers, workersWhen: workersWhen(values), compress, ...sec,
+      bandwidth, convergence, workers, workersWhen: workersWhen(values), compress, ...sec, trace: tracer !== null,
       startedAt: 0, // performance.now() counts from this process's start: total-time is the command's, as QEMU's is its migrate's
-      onIteration: (it) => progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
-        `iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`),
-      onProgress: (p) => { if (p.phase === "index") progress.update("indexing", p.done, p.total, "blocks"); },
+      onIteration: (it) => { tracer?.iteration(it); progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
+        `iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`); },
+      onProgress: (p) => { tracer?.progress(p); if (p.phase === "index") progress.update("indexing", p.done, p.total, "blocks"); },
       log: (m) => { if (!json) console.error(`pagetwin migrate: ${m}`); },
     });
+    tracer?.end(agentTraceEnd(r));
     print(r, json);
     return 0;
   } catch (err) {
+    if (err instanceof AgentMigrationError) tracer?.end(agentTraceEnd(err.result));
+    else tracer?.end({ ok: false, error: (err as Error).message, totalTimeMs: tracer.recorder.now(), downtimeMs: 0, transferredBytes: 0, iterations: 0, pages: { normal: 0, twin: 0, zero: 0, resent: 0 } });
     if (err instanceof AgentMigrationError) {
       // the message (what failed, the source VM's state, what to do) always goes to stderr, --json or not
       console.error(errorText(err));
@@ -101,7 +122,19 @@ export async function run(argv: string[]): Promise<number> {
   } finally {
     src.close();
     dst.close();
+    await traces.close();
   }
+}
+
+/** The end of an agent-mode trace: query-migrate's numbers as the result has them. */
+function agentTraceEnd(r: AgentMigrationResult): AgentTraceEnd {
+  return {
+    ok: r.status === "completed", ...(r.error ? { error: r.error } : {}), totalTimeMs: r["total-time"], downtimeMs: r.downtime,
+    transferredBytes: r.ram.transferred, iterations: r.ram["dirty-sync-count"],
+    pages: { normal: r.ram.normal, twin: r.ram.twin, zero: r.ram.duplicate, resent: r.ram.resent },
+    verified: r.verified, convergence: r.convergence, stats: migrateRecord(r) as Record<string, unknown>,
+    ...(r.device ? { qemu: { device: r.device } } : {}),
+  };
 }
 
 function print(r: AgentMigrationResult, json: boolean): void {

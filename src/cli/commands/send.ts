@@ -1,6 +1,5 @@
-import { writeFileSync } from "node:fs";
 import { RamFile } from "../../adapters/ram/ram-file.js";
-import { migrateSource, MigrationError } from "../../agent/source.js";
+import { migrateSource, MigrationError, type MigrationResult } from "../../agent/source.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
 import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, UsageError, type CommandSpec } from "../args.js";
@@ -8,6 +7,8 @@ import { ProgressReporter } from "../progress.js";
 import { errorText, failureRecord, printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
 import { sendRecord } from "../records.js";
+import { openTraceOutputs, traceOptions, withUiDefault } from "../trace.js";
+import { AgentTracer } from "../../trace/agent.js";
 
 export const spec: CommandSpec = {
   name: "send",
@@ -24,15 +25,15 @@ export const spec: CommandSpec = {
     downtime: { type: "string", default: "300", help: "downtime target, ms" },
     "max-iterations": { type: "string", default: "30", help: "iteration cap" },
     "on-cap": { type: "string", default: "switchover", help: "at a cap without convergence: switchover or abort" },
-    trace: { type: "string", help: "write a per-iteration trace (JSON) here" },
     ...securityOptions("destination agent", false),
+    ...traceOptions,
     json: { type: "boolean", help: "NDJSON on stdout: progress events, then one result named as query-migrate's (docs/JSON.md)" },
   },
   details: "Without a hypervisor to stop, the RAM file is taken as it is at switchover; use `pagetwin migrate`\nfor a QEMU VM.",
 };
 
 export async function run(argv: string[]): Promise<number> {
-  const { values, help } = parse(spec, argv);
+  const { values, help } = parse(spec, withUiDefault(argv));
   if (help) { console.log(helpText(spec)); return 0; }
   warnIfInsecure(values);
   const to = parseEndpoint(str(values, "to"), "--to");
@@ -53,20 +54,32 @@ export async function run(argv: string[]): Promise<number> {
     nas.image.close();
     throw err;
   }
+  const traces = await openTraceOutputs(values, (m) => console.error(`pagetwin send: ${m}`));
+  // times from this process's start, as the migration's own (startedAt: 0)
+  const tracer = traces.sinks.length ? new AgentTracer(traces.sinks, {
+    mode: "agent", method: values["no-dedup"] ? "baseline" : "pagetwin", label: `send ${values.ram as string}`, pages: ram.pages,
+    config: { bandwidthBytesPerSecond: bandwidth, downtimeMs: convergence.downtimeMs, maxIterations: convergence.maxIterations },
+  }, 0) : null;
+  const traceEnd = (r: MigrationResult) => tracer?.end({
+    ok: r.status === "completed", ...(r.error ? { error: r.error } : {}), totalTimeMs: r.totalTimeMs, downtimeMs: r.downtimeMs, transferredBytes: r.transferredBytes,
+    iterations: r.iterations, pages: r.pages, verified: r.verified, convergence: r.convergence, expectedDowntimeMs: r.expectedDowntimeMs,
+  });
   try {
     const r = await migrateSource({
       engine: nas.engine, index: values["no-dedup"] ? null : nas.index, indexId: nas.header.indexId, ram,
       vm: { pause: async () => {}, resume: async () => {} },
       ...(to.kind === "unix" ? { host: "", port: 0, socketPath: to.path } : { host: to.host, port: to.port }), bandwidth,
-      convergence, trace: !!values.trace, compress, ...sec,
+      convergence, trace: tracer !== null, compress, ...sec,
       startedAt: 0, // performance.now() counts from this process's start: total-time is the command's
-      onIteration: (it) => progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
-        `iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`),
+      onProgress: (p) => tracer?.progress(p),
+      onIteration: (it) => { tracer?.iteration(it); progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
+        `iteration ${it.iteration}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)}`); },
     });
-    if (values.trace) writeFileSync(values.trace as string, JSON.stringify({ format: "pagetwin-trace", version: 1, pages: ram.pages, runs: [{ mode: r.mode, result: { ...r, iterationLog: undefined }, iterations: r.iterationLog }] }));
+    traceEnd(r);
     print(r, json);
     return 0;
   } catch (err) {
+    if (err instanceof MigrationError) traceEnd(err.result as MigrationResult);
     if (err instanceof MigrationError) {
       // the message for people always goes to stderr, --json or not
       console.error(errorText(err));
@@ -76,6 +89,7 @@ export async function run(argv: string[]): Promise<number> {
     }
     throw err;
   } finally {
+    await traces.close();
     ram.close();
     nas.image.close();
   }

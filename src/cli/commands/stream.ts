@@ -9,6 +9,7 @@ import { parseEndpoint } from "../../link/endpoint.js";
 import { streamIn } from "../../stream/in.js";
 import { streamOut } from "../../stream/out.js";
 import type { StreamStats } from "../../stream/stats.js";
+import { openTraceOutputs, traceOptions, withUiDefault } from "../trace.js";
 
 const common: CommandSpec["options"] = {
   keep: { type: "boolean", help: "serve further migrations instead of exiting after the first" },
@@ -37,8 +38,9 @@ export const outSpec: CommandSpec = {
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
     "queue-ms": { type: "string", default: "5", help: "link time (ms) that may queue here ahead of the link before QEMU's socket waits: QEMU then measures the link's effective rate and its downtime estimate holds" },
-    qmp: { type: "string", help: "the source QEMU's QMP unix socket (optional): times stopToVerdictMs, from the guest's STOP to stream-in's verdict" },
+    qmp: { type: "string", help: "the source QEMU's QMP unix socket (optional): times stopToVerdictMs, from the guest's STOP to stream-in's verdict; QEMU's own numbers in the trace" },
     ...securityOptions("stream-in", false),
+    ...traceOptions,
     ...common,
   },
   details: `Point the source QEMU at it:  migrate tcp:127.0.0.1:PORT  (or migrate unix:PATH)
@@ -179,7 +181,7 @@ function need(v: Values, k: string): string {
 }
 
 export function runStreamOutCli(argv: string[]): Promise<number> {
-  return run(argv, outSpec, async (v, log) => {
+  return run(withUiDefault(argv), outSpec, async (v, log) => {
     const l = listenAt(v["listen"] as string | undefined, "127.0.0.1", 4446);
     const to = need(v, "to");
     const image = need(v, "image");
@@ -190,12 +192,22 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     const bandwidth = v["bandwidth"] ? parseRate(v["bandwidth"] as string) : 0;
     const queueMs = Number(v["queue-ms"]);
     if (!(queueMs > 0 && Number.isFinite(queueMs))) throw new UsageError("--queue-ms must be a positive number of milliseconds");
-    return streamOut({
-      ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth, queueMs,
-      ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
-      windowPages: window, ...security(v), refreshRate: parseRate(v["refresh-rate"] as string, "--refresh-rate"),
-      ...(v["index"] ? { indexPath: v["index"] as string } : {}),
-    });
+    const refreshRate = parseRate(v["refresh-rate"] as string, "--refresh-rate");
+    const traces = await openTraceOutputs(v, (m) => process.stderr.write(`[pagetwin] ${m}\n`)); // the URL even with --quiet
+    let proxy;
+    try {
+      proxy = await streamOut({
+        ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth, queueMs,
+        ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
+        windowPages: window, ...security(v), refreshRate, trace: traces.sinks,
+        ...(v["index"] ? { indexPath: v["index"] as string } : {}),
+      });
+    } catch (err) {
+      await traces.close();
+      throw err;
+    }
+    const p = proxy;
+    return { stats: p.stats, done: p.done.finally(() => traces.close()), close: () => p.close() };
   });
 }
 
