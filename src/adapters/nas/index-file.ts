@@ -127,7 +127,8 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       try {
         const h = readIndexHeader(indexPath);
         // a resized image is re-indexed; any other change leaves a usable, stale index
-        if (h.blockSize === BLOCK_SIZE && h.blocks === image.blocks) header = h;
+        // so is one read in another format than the image is opened in now (--format)
+        if (h.blockSize === BLOCK_SIZE && h.blocks === image.blocks && h.format === image.format) header = h;
         stale = !sameIdentity(h.identity, identity);
         if (stale && opts.stale === "rebuild") header = null;
       } catch {
