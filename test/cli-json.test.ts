@@ -5,7 +5,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, existsSync, mkdirSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, existsSync, mkdirSync, utimesSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
@@ -101,6 +101,16 @@ test("analyze only reads: nothing is written beside the image, arguments are che
     const again = result(pt(["analyze", "--ram", f.ram, "--image", f.image, "--json"]).stdout);
     assert.equal(again.index.built, false);
     assert.equal(again.index.path, `${f.image}.pagetwin-index`);
+    assert.equal(again.index.stale, false);
+    // the image written since: the index is used as it is, and analyze says so (stderr and JSON)
+    utimesSync(f.image, new Date(), new Date(Date.now() + 5000));
+    const staleRun = pt(["analyze", "--ram", f.ram, "--image", f.image, "--json"]);
+    const st = result(staleRun.stdout);
+    assert.equal(st.index.built, false);
+    assert.equal(st.index.stale, true);
+    assert.equal(st.index.generation, 0);
+    assert.match(staleRun.stderr, /index .* is stale .*used as it is/);
+    assert.doesNotMatch(pt(["analyze", "--ram", f.ram, "--image", f.image, "--format", "vmdk"]).stderr, /stale/, "a bad --format stops before the index is opened");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -37,6 +37,7 @@ interface Args { ram: string; image: string; format: DiskFormat | undefined; ind
 
 /** Every argument checked before any work: the RAM file, the image, the numbers. */
 function validate(values: Record<string, string | boolean | undefined>): Args {
+  const format = diskFormat(values);
   const bandwidth = parseRate(values.bandwidth as string, "--bandwidth", true);
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
@@ -56,7 +57,7 @@ function validate(values: Record<string, string | boolean | undefined>): Args {
   kind(image, "disk image");
   const index = values.index as string | undefined;
   if (index !== undefined && statSync(index, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`--index ${index} is a directory (EISDIR): give a file path`);
-  return { ram, image, format: diskFormat(values), index, bandwidth, compress, json: !!values.json };
+  return { ram, image, format, index, bandwidth, compress, json: !!values.json };
 }
 
 export async function run(argv: string[]): Promise<number> {
