@@ -77,7 +77,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   nas.image.close();
   const out = {
-    ok: true, image: nas.image.path, index: nas.indexPath, blocks: nas.header.blocks, distinct: nas.index.size,
+    ok: true, image: nas.image.path, index: nas.indexPath, format: nas.image.format, blocks: nas.header.blocks, distinct: nas.index.size,
     built: nas.built, totalTimeMs: nas.ms, memoryBytesPerBlock: nas.index.bytes / Math.max(nas.header.blocks, 1),
     ...(nas.built ? { hashMBs: (nas.header.blocks * 4096) / 1e6 / (nas.ms / 1000) } : {}),
     generation: nas.header.generation, stale: nas.stale,
