@@ -9,7 +9,7 @@
 // mapping could only give a block that fails its hash check, but fresh tables
 // keep twins usable.
 
-import { closeSync, fstatSync, readSync, readvSync } from "node:fs";
+import { closeSync, fstatSync, readSync } from "node:fs";
 import { inflateRawSync } from "node:zlib";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { ImageFormatError, UnsupportedImageError } from "../../errors.js";
@@ -209,77 +209,58 @@ function offsetBits(hi: number, lo: number): number {
 
 /**
  * Gathers the clusters of one readAt() into as few reads as it can: the
- * image's own clusters that follow each other in the file are read in one
- * readv (wherever they go in the guest's disk: an overlay's clusters are
- * often every few guest clusters, yet one after the other in its file), and
- * guest ranges that go to the backing disk in one read each.
+ * image's own clusters that follow each other in the file, and guest ranges
+ * that go to the backing disk, each one read when the run breaks.
  */
 class RunReader {
-  private ownFrom = 0;
-  private ownLen = 0;
-  private readonly ownParts: Array<[number, number]> = []; // [pos, n] in `into`
-  private belowFrom = 0;
-  private belowPos = 0;
-  private belowLen = 0;
+  private kind: "own" | "below" | null = null;
+  private from = 0;
+  private pos = 0;
+  private len = 0;
 
   constructor(private readonly fd: number, private readonly path: string, private readonly backing: GuestDisk | null, private readonly into: Uint8Array) {}
 
   own(host: number, pos: number, n: number): void {
-    if (this.ownLen === 0 || this.ownFrom + this.ownLen !== host || this.ownParts.length >= IOV_MAX) {
-      this.readOwn();
-      this.ownFrom = host;
-    }
-    const last = this.ownParts[this.ownParts.length - 1];
-    if (last && last[0] + last[1] === pos) last[1] += n;
-    else this.ownParts.push([pos, n]);
-    this.ownLen += n;
+    this.add("own", host, pos, n);
   }
 
   below(guest: number, pos: number, n: number): void {
-    if (this.belowLen > 0 && this.belowFrom + this.belowLen === guest && this.belowPos + this.belowLen === pos) {
-      this.belowLen += n;
-      return;
-    }
-    this.readBelow();
-    this.belowFrom = guest;
-    this.belowPos = pos;
-    this.belowLen = n;
+    this.add("below", guest, pos, n);
   }
 
   flush(): void {
-    this.readOwn();
-    this.readBelow();
+    if (this.kind === "own") this.readOwn();
+    else if (this.kind === "below") this.readBelow();
+    this.kind = null;
+  }
+
+  private add(kind: "own" | "below", from: number, pos: number, n: number): void {
+    if (this.kind === kind && this.from + this.len === from && this.pos + this.len === pos) {
+      this.len += n;
+      return;
+    }
+    this.flush();
+    this.kind = kind;
+    this.from = from;
+    this.pos = pos;
+    this.len = n;
   }
 
   private readOwn(): void {
-    if (this.ownLen === 0) return;
-    const parts = this.ownParts.map(([pos, n]) => this.into.subarray(pos, pos + n));
-    let done = readvSync(this.fd, parts, this.ownFrom);
-    // a short read (rare: a signal, the file's end) goes on part by part
-    for (let i = 0, at = 0; done < this.ownLen && i < parts.length; at += parts[i]!.length, i++) {
-      const p = parts[i]!;
-      while (done < at + p.length) {
-        const n = readSync(this.fd, p, done - at, at + p.length - done, this.ownFrom + done);
-        if (n === 0) throw new ImageFormatError(`pagetwin: ${this.path}: a data cluster at ${this.ownFrom + done} lies past the end of the file`);
-        done += n;
-      }
+    for (let done = 0; done < this.len;) {
+      const n = readSync(this.fd, this.into, this.pos + done, this.len - done, this.from + done);
+      if (n === 0) throw new ImageFormatError(`pagetwin: ${this.path}: a data cluster at ${this.from + done} lies past the end of the file`);
+      done += n;
     }
-    this.ownParts.length = 0;
-    this.ownLen = 0;
   }
 
   /** Guest bytes the backing disk has, zeros past its end (or with no backing disk). */
   private readBelow(): void {
-    if (this.belowLen === 0) return;
-    const has = this.backing ? Math.max(0, Math.min(this.belowLen, this.backing.size - this.belowFrom)) : 0;
-    if (has > 0) this.backing!.readAt(this.belowFrom, this.into.subarray(this.belowPos, this.belowPos + has));
-    this.into.fill(0, this.belowPos + has, this.belowPos + this.belowLen);
-    this.belowLen = 0;
+    const has = this.backing ? Math.max(0, Math.min(this.len, this.backing.size - this.from)) : 0;
+    if (has > 0) this.backing!.readAt(this.from, this.into.subarray(this.pos, this.pos + has));
+    this.into.fill(0, this.pos + has, this.pos + this.len);
   }
 }
-
-/** Buffers per readv (Linux's IOV_MAX). */
-const IOV_MAX = 1024;
 
 /** A backing file name as QEMU resolves it: relative to the overlay's directory. */
 function backingPath(overlay: string, name: string): string {
