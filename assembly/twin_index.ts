@@ -276,6 +276,70 @@ export function indexSetBlocks(idx: TwinIndex, hashes: usize, first: u32, count:
   store<u32>(SINK, sink);
 }
 
+// A bulk load inserts in groups like indexSetBlocks (home buckets touched
+// first so their cache misses overlap), without its per-block work for blocks
+// that had a hash before, and without copying: an index file is read straight
+// into the records. Blocks go in ascending order, so the first block indexed
+// still stands for the others of equal content.
+const LOAD_GROUP: u32 = 64;
+const LOAD_HOME = memory.data(LOAD_GROUP << 2, 64); // home bucket of each block of the group
+
+/**
+ * Sets blocks 0..count-1 of an EMPTY index (no block set yet) from `count`
+ * hashes at `hashes`, which may be the index's own records (the pointer
+ * indexReserve(idx, count) returns) so a host reads an index file straight
+ * into them. The result answers lookups as indexSetBlocks would. A non-empty index takes
+ * the hashes through indexSetBlocks.
+ */
+export function indexLoad(idx: TwinIndex, hashes: usize, count: u32): void {
+  if (count == 0) return;
+  if (idx.blocks != 0 || idx.count != 0) {
+    indexSetBlocks(idx, hashes, 0, count);
+    return;
+  }
+  const own = hashes == idx.hashes; // then count is within indexReserve's room
+  if (count > idx.blockCap) growBlocks(idx, count);
+  if (!own) memory.copy(idx.hashes, hashes, <usize>count << 4);
+  fillPresent(idx.present, count);
+  idx.blocks = count;
+  if (<f64>count > <f64>idx.nb * <f64>SLOTS * MAX_LOAD) {
+    heap.free(idx.tableRaw);
+    setTable(idx, bucketsFor(<f64>count, RESERVE_LOAD));
+  }
+  const table = idx.table, nb = idx.nb, recs = idx.hashes, zero = idx.zeroHash;
+  let added: u32 = 0, sink: u32 = 0;
+  for (let g: u32 = 0; g < count; g += LOAD_GROUP) {
+    const n = min<u32>(LOAD_GROUP, count - g);
+    const hg = recs + (<usize>g << 4);
+    for (let i: u32 = 0; i < n; i++) {
+      const home = homeOf(hg + (<usize>i << 4), nb);
+      store<u32>(LOAD_HOME + (<usize>i << 2), home);
+      sink += load<u32>(table + (<usize>home << 6));
+    }
+    for (let i: u32 = 0; i < n; i++) {
+      const h = hg + (<usize>i << 4);
+      const home = load<u32>(LOAD_HOME + (<usize>i << 2));
+      if (sameHash(h, zero) || findIn(table, nb, recs, table + (<usize>home << 6), h)) continue;
+      place(table, nb, home, tagOf(h), g + i);
+      added++;
+    }
+  }
+  store<u32>(SINK, sink);
+  idx.count = added;
+}
+
+/** Bits 0..count-1 set. */
+function fillPresent(present: usize, count: u32): void {
+  memory.fill(present, 0xFF, <usize>(count >> 3));
+  for (let i = count & ~7; i < count; i++) writeBit(present, i, true);
+}
+
+/** Makes room for `blocks` block records (indexLoad reads them from indexHashesPtr); returns that pointer. */
+export function indexReserve(idx: TwinIndex, blocks: u32): usize {
+  if (blocks > idx.blockCap) growBlocks(idx, blocks);
+  return idx.hashes;
+}
+
 // Lookups go in groups of LOOKUP_GROUP hashes, in passes. A pass that waits on
 // memory does little else, so many of its loads are in flight at once (how
 // many is bounded by the core's reorder window, not by the work between them):

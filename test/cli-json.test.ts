@@ -5,7 +5,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, existsSync, mkdirSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, chmodSync, existsSync, mkdirSync, utimesSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
@@ -101,6 +101,16 @@ test("analyze only reads: nothing is written beside the image, arguments are che
     const again = result(pt(["analyze", "--ram", f.ram, "--image", f.image, "--json"]).stdout);
     assert.equal(again.index.built, false);
     assert.equal(again.index.path, `${f.image}.pagetwin-index`);
+    assert.equal(again.index.stale, false);
+    // the image written since: the index is used as it is, and analyze says so (stderr and JSON)
+    utimesSync(f.image, new Date(), new Date(Date.now() + 5000));
+    const staleRun = pt(["analyze", "--ram", f.ram, "--image", f.image, "--json"]);
+    const st = result(staleRun.stdout);
+    assert.equal(st.index.built, false);
+    assert.equal(st.index.stale, true);
+    assert.equal(st.index.generation, 0);
+    assert.match(staleRun.stderr, /index .* is stale .*used as it is/);
+    assert.doesNotMatch(pt(["analyze", "--ram", f.ram, "--image", f.image, "--format", "vmdk"]).stderr, /stale/, "a bad --format stops before the index is opened");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -315,6 +325,36 @@ test("listen prints a failed migration's reason once", async () => {
     assert.equal(err.match(/no block index at/g)?.length, 1, err);
     assert.doesNotMatch(err, /failed: pagetwin:/, "one prefix, not two");
     assert.match(err, /migration failed \(see above\)/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("migrate with a stale index: used as it is and re-read in the background at --refresh-rate (0: not re-read)", async () => {
+  const dir = tmp();
+  const f = makeFixture(dir, 1);
+  writeFileSync(join(dir, "dst.bin"), Buffer.alloc(statSync(f.ram).size));
+  assert.equal(pt(["index", "--image", f.image]).status, 0);
+  try {
+    for (const [i, rate] of ["1MB", "0"].entries()) {
+      utimesSync(f.image, new Date(), new Date(Date.now() + 5000 * (i + 1))); // stale again (the first run's re-read may have refreshed it)
+      const src = await fakeQemu("source"), dst = await fakeQemu("destination");
+      try {
+        const r = await new Promise<{ status: number | null; stderr: string }>((resolve) => {
+          const c = spawn(process.execPath, [cliPath, "migrate", "--src-qmp", src.qmp, "--dst-qmp", dst.qmp, "--src-ram", f.ram, "--dst-ram", join(dir, "dst.bin"), "--image", f.image, "--refresh-rate", rate], { stdio: ["ignore", "ignore", "pipe"] });
+          let e = "";
+          c.stderr!.on("data", (d: Buffer) => { e += d; });
+          c.once("exit", (status) => resolve({ status, stderr: e }));
+        });
+        assert.equal(r.status, 0, r.stderr);
+        assert.match(r.stderr, /is stale .*used as it is/);
+        if (rate === "0") assert.doesNotMatch(r.stderr, /background/);
+        else assert.match(r.stderr, /re-read in the background at 1000000 B\/s/);
+      } finally {
+        await src.close();
+        await dst.close();
+      }
+    }
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -9,7 +9,8 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
-import { DirtyTracker } from "../src/adapters/qemu/dirty-tracker.js";
+import { DirtyTracker, DirtyTrackerError } from "../src/adapters/qemu/dirty-tracker.js";
+import { openTrackedIndex } from "../src/adapters/qemu/tracked-index.js";
 import { openNasIndex, type NasIndex } from "../src/adapters/nas/index-file.js";
 import { NO_BLOCK, PAGE_SIZE } from "../src/core/engine.js";
 import { QemuStreamParser } from "../src/stream/qemu-stream.js";
@@ -164,4 +165,45 @@ test("pagetwin index --qmp refreshes a running VM's stale index from the bitmap 
   assert.equal(r.refresh.blocksRead, 5);
   assert.equal(r.refresh.blocksChanged, 5);
   await withIndex(async (nas) => assert.deepEqual(Buffer.from(nas.index.blockHashes()), fullHashes(nas)));
+});
+
+test("a write that lands after the build read its block, before the index's bitmap is added, is caught (tracking starts before the build)", { skip: skipRealGuest, timeout: 120_000 }, async () => {
+  const indexPath = path.join(work, "tracked.idx");
+  const { nas, tracker: t, refreshed } = await openTrackedIndex(vm!.qmp, () => openNasIndex(image, { indexPath }), {
+    socketDir: work,
+    afterBuild: () => qemuWrite(0x61, 4 * MiB, 8 * KiB), // the build has read these blocks already
+  });
+  try {
+    assert.equal(nas.built, true);
+    assert.ok(refreshed, "the image was written during the build: refreshed from the bitmap");
+    assert.ok(refreshed.blocksRead >= 2 && refreshed.blocksChanged >= 2, `read ${refreshed.blocksRead}, changed ${refreshed.blocksChanged}`);
+    assert.deepEqual(Buffer.from(nas.index.blockHashes()), fullHashes(nas), "the index equals a full rebuild");
+    const names = (await vm!.qmp.execute<Array<{ inserted?: { "dirty-bitmaps"?: Array<{ name: string }> } }>>("query-block"))
+      .flatMap((d) => d.inserted?.["dirty-bitmaps"] ?? []).map((b) => b.name);
+    assert.ok(names.includes(t.bitmap), "the index's bitmap tracks on");
+    assert.ok(!names.some((n) => n.startsWith("pagetwin-pending-")), `the build's bitmap is gone: ${names.join(", ")}`);
+  } finally {
+    nas.image.close();
+    await t.detach();
+  }
+});
+
+test("a QEMU already running an NBD server: the refresh says to give its address (--nbd), and with it adds and removes its own export, leaving the server running", { skip: skipRealGuest, timeout: 120_000 }, async () => {
+  const sock = path.join(work, "their-nbd.sock");
+  await vm!.qmp.execute("nbd-server-start", { addr: { type: "unix", data: { path: sock } } });
+  try {
+    await qemuWrite(0x71, 8 * MiB, 4 * KiB);
+    await withIndex(async (nas) => {
+      await assert.rejects(tracker!.refresh(nas), (err: Error) => err instanceof DirtyTrackerError && /already runs an NBD server.*--nbd/.test(err.message));
+      const shared = await DirtyTracker.attach(vm!.qmp, nas.header.indexId, { nbdServer: { path: sock }, readVia: "nbd" });
+      const r = await shared.refresh(nas);
+      assert.ok(r.blocksRead >= 1 && r.nbdReads >= 1, `read ${r.blocksRead} blocks through ${r.nbdReads} NBD reads`);
+      assert.deepEqual(Buffer.from(nas.index.blockHashes()), fullHashes(nas), "the failed refresh gave its blocks back: the index equals a full rebuild");
+    });
+    const exports = await vm!.qmp.execute<Array<{ id: string }>>("query-block-exports");
+    assert.deepEqual(exports.filter((e) => e.id.startsWith("pagetwin-")), [], "pagetwin's export is removed");
+    await assert.rejects(vm!.qmp.execute("nbd-server-start", { addr: { type: "unix", data: { path: `${sock}.2` } } }), /already running/, "the server still runs");
+  } finally {
+    await vm!.qmp.execute("nbd-server-stop").catch(() => undefined);
+  }
 });

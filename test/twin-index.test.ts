@@ -161,3 +161,27 @@ test("batch lookups far along a probe: one home bucket, shared tags, misses that
     await checkBatch(indexed, all, cand, flavor);
   }
 });
+
+test("a bulk load (hashes written into the index's own records) answers as block-by-block inserts, in both core builds", async () => {
+  for (const flavor of ["simd", "scalar"] as CoreFlavor[]) {
+    const engine = await createEngine({ flavor, seed: 9n });
+    const n = 300_000;
+    const hashes = new Uint8Array(randomBytes(n * HASH_SIZE));
+    for (let i = 0; i < 500; i++) hashes.copyWithin((n - 1 - i) * 16, i * 16, i * 16 + 16); // last blocks repeat the first
+    hashes.set(engine.hashPages(new Uint8Array(4096)), 7 * 16); // a zero block
+    const one = engine.createIndex(n);
+    one.setBlocks(hashes, 0);
+    const bulk = engine.createIndex(16); // reserved too small: recordsFor makes room
+    const recs = bulk.recordsFor(n);
+    engine.u8().set(hashes, recs);
+    bulk.loadAt(recs, n);
+    assert.equal(bulk.size, one.size, flavor);
+    assert.equal(bulk.blocks, n);
+    assert.deepEqual(bulk.lookup(hashes), one.lookup(hashes), flavor);
+    assert.equal(bulk.lookup(hashes.subarray((n - 1) * 16))[0], 0, "a repeated content maps to its first block");
+    assert.equal(bulk.lookup(hashes.subarray(7 * 16, 8 * 16))[0], NO_BLOCK, "the zero block is not indexed");
+    assert.deepEqual(Buffer.from(bulk.blockHashes()), Buffer.from(hashes));
+    one.free();
+    bulk.free();
+  }
+});

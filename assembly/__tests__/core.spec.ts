@@ -2,7 +2,8 @@ const ZERO_SEED0 = "3ee8dc4f9e7ee49593d76fe148c689ba";
 const PATTERN_SEED0 = "1546867423105cd5d7428746842be37e";
 const PATTERN_SEED42 = "e2b776fcaa1da60d48590469274a04ac";
 import { hashPages, alloc, setSeed, bitsCombine, bitsPopcount, bitsExtract, bitsDiff,
-  copyRecordsMasked, indexCreate, indexSetBlocks, indexLookup, indexCount, zeroHashPtr } from "../index";
+  copyRecordsMasked, indexCreate, indexSetBlocks, indexLookup, indexCount, zeroHashPtr,
+  indexLoad, indexReserve, indexBlocks, indexHashesPtr } from "../index";
 
 // Reference digests from the xxHash reference (via hash-wasm's xxhash128) for
 // a page whose byte i is (i * 7 + 3) & 0xff, and for the zero page.
@@ -102,5 +103,69 @@ describe("twin index", () => {
     expect(indexLookup(idx, nh, 1, 0, blocks, 0)).toBe(1);
     expect(load<u32>(blocks)).toBe(5);
     expect(indexLookup(idx, hs + 16 * 6, 1, 0, blocks, 0)).toBe(1);
+  });
+});
+
+// n hashes, every 7th a copy of an earlier one, every 11th the zero page's hash
+function someHashes(n: u32): usize {
+  const hs = alloc(16 * n);
+  for (let i: u32 = 0; i < n; i++) {
+    const src = i % 7 == 6 ? i / 3 : i;
+    store<u64>(hs + 16 * i, <u64>src * 0x9E3779B97F4A7C15 + 1);
+    store<u64>(hs + 16 * i, <u64>src ^ 0xABCDEF, 8);
+    if (i % 11 == 10) memory.copy(hs + 16 * i, zeroHashPtr(), 16);
+  }
+  return hs;
+}
+
+describe("twin index bulk load", () => {
+  it("answers every lookup as block-by-block inserts do, duplicates and zero pages included", () => {
+    setSeed(0);
+    const n: u32 = 5000;
+    const hs = someHashes(n);
+    const one = indexCreate(n, zeroHashPtr());
+    indexSetBlocks(one, hs, 0, n);
+    const bulk = indexCreate(n, zeroHashPtr());
+    indexLoad(bulk, hs, n);
+    expect(indexCount(bulk)).toBe(indexCount(one));
+    expect(indexBlocks(bulk)).toBe(n);
+    const a = alloc(4 * n), b = alloc(4 * n), bitsA = alloc(n / 8 + 8), bitsB = alloc(n / 8 + 8);
+    expect(indexLookup(bulk, hs, n, 0, b, bitsB)).toBe(indexLookup(one, hs, n, 0, a, bitsA));
+    for (let i: u32 = 0; i < n; i++) expect(load<u32>(b + 4 * i)).toBe(load<u32>(a + 4 * i));
+    // a copy maps to the first block of its content; the zero page is never indexed
+    expect(load<u32>(b + 4 * 6)).toBe(2);
+    expect(load<u32>(b + 4 * 10)).toBe(0xFFFFFFFF);
+  });
+  it("loads from its own records and grows a table reserved too small", () => {
+    setSeed(0);
+    const n: u32 = 20000;
+    const hs = someHashes(n);
+    const idx = indexCreate(4, zeroHashPtr());
+    const recs = indexReserve(idx, n);
+    expect(recs).toBe(indexHashesPtr(idx));
+    memory.copy(recs, hs, 16 * n);
+    indexLoad(idx, recs, n);
+    const out = alloc(4 * n);
+    indexLookup(idx, hs, n, 0, out, 0);
+    expect(load<u32>(out + 4 * 19999)).toBe(19999);
+    expect(load<u32>(out + 4 * 13)).toBe(4); // 13 % 7 == 6: a copy of block 13 / 3
+    // the records stay the block's: an update finds and drops the old entry
+    const nh = alloc(16);
+    store<u64>(nh, 77); store<u64>(nh, 88, 8);
+    indexSetBlocks(idx, nh, 19999, 1);
+    expect(indexLookup(idx, hs + 16 * 19999, 1, 0, out, 0)).toBe(0);
+    expect(indexLookup(idx, nh, 1, 0, out, 0)).toBe(1);
+    expect(load<u32>(out)).toBe(19999);
+  });
+  it("adds to an index that has blocks as indexSetBlocks does", () => {
+    setSeed(0);
+    const hs = someHashes(100);
+    const idx = indexCreate(100, zeroHashPtr());
+    indexSetBlocks(idx, hs + 16 * 50, 50, 50);
+    indexLoad(idx, hs, 100);
+    const out = alloc(400);
+    indexLookup(idx, hs, 100, 0, out, 0);
+    expect(load<u32>(out + 4 * 99)).toBe(99);
+    expect(load<u32>(out + 4 * 1)).toBe(1);
   });
 });

@@ -16,6 +16,7 @@ import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engi
 import { RamFile } from "../adapters/ram/ram-file.js";
 import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
+import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
@@ -308,7 +309,7 @@ export class DestinationAgent {
       if (header.indexId !== h.indexId) return refuse(`the index at ${indexPath} is not the one the source uses (id ${header.indexId} vs ${h.indexId}); point both agents at the same NAS image`);
       seed = header.seed;
       try {
-        image = openDisk(this.opts.imagePath);
+        image = openDisk(this.opts.imagePath, { format: recordedFormat(header) }); // as the source indexed it
       } catch (err) {
         return refuse((err as Error).message); // e.g. a qcow2 feature not read here: the source learns which
       }

@@ -17,6 +17,8 @@ import { Listener } from "../link/listen.js";
 import type { DeviceTunnel } from "./device.js";
 import { PSK_BYTES, type SecurityOptions, type TlsFiles } from "../link/security.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
+import { BackgroundRefresh } from "../adapters/nas/refresh.js";
+import type { DiskFormat } from "../adapters/nas/image.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import type { QmpClient } from "../adapters/qemu/qmp.js";
 import { DestinationAgent, type DestinationResult } from "./destination.js";
@@ -44,6 +46,13 @@ export interface AgentMigrationOptions {
   /** The guest's raw disk image on the NAS (its block index sits beside it, or at indexPath). */
   image: string;
   indexPath?: string;
+  /** The image's format (default: told by its first bytes). */
+  format?: DiskFormat | undefined;
+  /**
+   * A stale index (the image was written since indexing) is used as it is and
+   * re-read in the background at this many bytes/s while the VM migrates (0 or absent: not re-read).
+   */
+  refreshRate?: number;
   /** Send twin pages as NAS references (default true); false: plain pre-copy by pagetwin. */
   dedup?: boolean;
   /** A destination agent already listening (`pagetwin listen`); default: one in this process on 127.0.0.1. */
@@ -286,6 +295,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
 
   let ram: RamFile | null = null;
   let nas: Awaited<ReturnType<typeof openNasIndex>> | null = null;
+  let refresh: BackgroundRefresh | null = null;
   let local: DestinationAgent | null = null;
   let localResult: Promise<DestinationResult> | null = null;
   let link: SecurityOptions = { psk: o.psk ?? null, tls: o.tls ?? null, insecure: o.insecure ?? false };
@@ -298,8 +308,12 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     await setIgnoreShared(src, "source");
     await setIgnoreShared(dst, "destination");
 
-    nas = await openNasIndex(o.image, { indexPath: o.indexPath, signal, ...(o.onProgress ? { onProgress: o.onProgress } : {}) });
-    if (nas.stale) log.info(`index ${nas.indexPath} is stale (generation ${nas.header.generation}; the image was written since): used as it is, its stale entries cost resends`);
+    nas = await openNasIndex(o.image, { indexPath: o.indexPath, signal, format: o.format, ...(o.onProgress ? { onProgress: o.onProgress } : {}) });
+    if (nas.stale) {
+      log.info(`index ${nas.indexPath} is stale (generation ${nas.header.generation}; the image was written since): used as it is, its stale entries cost resends` +
+        (o.refreshRate ? `; re-read in the background at ${o.refreshRate} B/s` : ""));
+      if (o.refreshRate) refresh = new BackgroundRefresh(nas, o.refreshRate, log);
+    }
     ram = RamFile.open(o.srcRam);
     let target = o.agent;
     if (!target) {
@@ -388,6 +402,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
   } finally {
     dst.off("close", onDstClose);
     ram?.close();
+    await refresh?.stop(); // before the image it reads is closed
     nas?.image.close();
     await pool?.close().catch(() => undefined);
     if (localResult) {

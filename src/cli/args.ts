@@ -4,6 +4,7 @@ import { UsageError } from "../errors.js";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { INSECURE_WARNING, loadKey, type TlsFiles } from "../link/security.js";
 import type { WorkersWhen } from "../agent/source.js";
+import type { DiskFormat } from "../adapters/nas/image.js";
 
 export { UsageError };
 
@@ -125,3 +126,21 @@ export function workersWhen(values: Record<string, string | boolean | undefined>
   if (v === "always" || v === "switchover") return v;
   throw new UsageError(`--workers-when is always or switchover (got "${String(v)}")`);
 }
+
+/** --format, for every command that names a disk image. */
+export const FORMAT_OPTION = {
+  format: { type: "string", default: "auto", help: "the image's format: raw, qcow2, or auto (told by its first bytes; a raw disk whose guest wrote a qcow2 header at its start needs raw)" },
+} as const satisfies CommandSpec["options"];
+
+/** The --format given: undefined for auto (detect). */
+export function diskFormat(values: Record<string, string | boolean | undefined>): DiskFormat | undefined {
+  const f = values.format ?? "auto";
+  if (f === "auto") return undefined;
+  if (f === "raw" || f === "qcow2") return f;
+  throw new UsageError(`--format is raw, qcow2 or auto (got "${String(f)}")`);
+}
+
+/** --refresh-rate, for the commands that migrate with a stale index. */
+export const REFRESH_RATE_OPTION = {
+  "refresh-rate": { type: "string", default: "32MB", help: "a stale index (the image was written since indexing) is used as it is and re-read in the background at this rate (0: not re-read)" },
+} as const satisfies CommandSpec["options"];

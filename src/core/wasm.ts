@@ -30,6 +30,8 @@ export interface CoreExports {
   indexCreate(blockCapacity: number, zeroHash: number): number;
   indexFree(idx: number): void;
   indexSetBlocks(idx: number, hashes: number, first: number, count: number): void;
+  indexLoad(idx: number, hashes: number, count: number): void;
+  indexReserve(idx: number, blocks: number): number;
   indexLookup(idx: number, hashes: number, count: number, candidates: number, outBlocks: number, outBits: number): number;
   indexCount(idx: number): number;
   indexBlocks(idx: number): number;

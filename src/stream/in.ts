@@ -14,6 +14,8 @@ import { createEngine, PAGE_SIZE, type Engine } from "../core/engine.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
+import type { DiskFormat } from "../adapters/nas/image.js";
+import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import type { PageVerifier } from "./disks.js";
 import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
@@ -112,17 +114,19 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   let seed = 0n;
   let indexId: string | null = null;
   let indexError: string | null = null;
+  let format: DiskFormat | null = null; // the source's, as its index records it
   try {
     const h = readIndexHeader(indexPath);
     seed = h.seed;
     indexId = h.indexId;
+    format = recordedFormat(h);
   } catch (err) {
     indexError = (err as Error).message;
     log.warn(`no usable index (${indexError}); migrations will pass through without dedup`);
   }
   const engine = await createEngine({ seed });
   const watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
-  const image = openDisk(opts.image);
+  const image = openDisk(opts.image, { format });
   const stats = newStats("stream-in");
   const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder() };
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };

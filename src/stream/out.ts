@@ -16,6 +16,7 @@ import type * as net from "node:net";
 import { crc32 } from "node:zlib";
 import { NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type TwinIndex } from "../core/engine.js";
 import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
+import type { DiskFormat } from "../adapters/nas/image.js";
 import { BackgroundRefresh } from "../adapters/nas/refresh.js";
 import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
 import { ReplayWindow } from "./replay-window.js";
@@ -62,6 +63,8 @@ export interface StreamOutOptions extends SecurityOptions {
   nas?: NasIndex;
   /** A stale index (the image was written since) is used as it is and re-read in the background at this many bytes/s (0 or absent: not re-read). */
   refreshRate?: number;
+  /** The image's format (default: told by its first bytes). */
+  format?: DiskFormat | undefined;
   /** Referenced pages kept until acknowledged (default 16384 = 64 MiB); QEMU is paused when it is nearly full. */
   windowPages?: number;
   /** Keep serving migrations after the first (default false). */
@@ -174,7 +177,7 @@ async function openIndex(opts: StreamOutOptions, log: Log): Promise<NasIndex> {
   if (!opts.image) throw new UsageError("pagetwin stream-out: give the NAS image (--image)");
   const t0 = performance.now();
   const nas = await openNasIndex(opts.image, {
-    ...(opts.indexPath ? { indexPath: opts.indexPath } : {}), signal: opts.signal, ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+    ...(opts.indexPath ? { indexPath: opts.indexPath } : {}), signal: opts.signal, format: opts.format, ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
   });
   log.info(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms${nas.stale ? `; stale (generation ${nas.header.generation}, the image was written since): its stale entries cost resends` : ""}`);
   return nas;

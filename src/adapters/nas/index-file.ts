@@ -127,7 +127,8 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       try {
         const h = readIndexHeader(indexPath);
         // a resized image is re-indexed; any other change leaves a usable, stale index
-        if (h.blockSize === BLOCK_SIZE && h.blocks === image.blocks) header = h;
+        // so is one read in another format than the image is opened in now (--format)
+        if (h.blockSize === BLOCK_SIZE && h.blocks === image.blocks && h.format === image.format) header = h;
         stale = !sameIdentity(h.identity, identity);
         if (stale && opts.stale === "rebuild") header = null;
       } catch {
@@ -141,7 +142,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     if (header) {
       const engine = opts.engine ?? await createEngine({ seed: header.seed });
       const index = engine.createIndex(header.blocks);
-      loadHashes(engine, index, indexPath, header);
+      loadHashes(index, indexPath, header);
       return { engine, index, image, header, indexPath, built: false, stale, hashed: 0, ms: performance.now() - t0 };
     }
     // An overlay takes its backing file's index (built once, beside that file) and its seed.
@@ -236,23 +237,27 @@ async function hashImageWithPool(engine: Engine, image: GuestDisk, index: TwinIn
   return all;
 }
 
-function loadHashes(engine: Engine, index: TwinIndex, path: string, header: IndexHeader): void {
+/**
+ * Reads the file's hashes straight into the index's records and has the core
+ * build its table from them in one go (one insert at a time would cost a
+ * cache miss per block).
+ */
+function loadHashes(index: TwinIndex, path: string, header: IndexHeader): void {
   const blocks = header.blocks;
+  const recs = index.recordsFor(blocks);
   const fd = openSync(path, "r");
-  const batch = 65536;
-  const r = engine.alloc(Math.min(batch, Math.max(blocks, 1)) * HASH_SIZE);
   try {
-    for (let first = 0; first < blocks; first += batch) {
-      const n = Math.min(batch, blocks - first);
-      const want = n * HASH_SIZE;
-      const got = readSync(fd, r.view(0, want), 0, want, header.hashesAt + first * HASH_SIZE);
+    const mem = index.engine.u8();
+    const chunk = 1 << 24;
+    for (let at = 0; at < blocks * HASH_SIZE; at += chunk) {
+      const want = Math.min(chunk, blocks * HASH_SIZE - at);
+      const got = readSync(fd, mem, recs + at, want, header.hashesAt + at);
       if (got !== want) throw new NasError(`pagetwin: the index ${path} is truncated; delete it and re-index`);
-      index.setBlocksAt(r.ptr, first, n);
     }
   } finally {
-    r.free();
     closeSync(fd);
   }
+  index.loadAt(recs, blocks);
 }
 
 /** Writes the whole index file (header, then a hash per block) in place of the old one, atomically. */

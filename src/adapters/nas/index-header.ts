@@ -13,7 +13,7 @@
 // started: a different identity now means the image was written since.
 // Version 1 files (hashes at 64) still read: generation 0, format raw.
 
-import type { ImageIdentity } from "./image.js";
+import type { DiskFormat, ImageIdentity } from "./image.js";
 export { IndexFormatError } from "../../errors.js";
 import { IndexFormatError } from "../../errors.js";
 
@@ -117,4 +117,9 @@ export function diskSource(disk: { path: string; format?: string; chain?: readon
 
 export function sameIdentity(a: ImageIdentity, b: ImageIdentity): boolean {
   return a.size === b.size && a.mtimeNs === b.mtimeNs && a.ino === b.ino;
+}
+
+/** The format the index was read in, for a destination to read the image the same way (null: not one this pagetwin reads; detect). */
+export function recordedFormat(header: Pick<IndexHeader, "format">): DiskFormat | null {
+  return header.format === "raw" || header.format === "qcow2" ? header.format : null;
 }

@@ -10,7 +10,7 @@
 import { randomBytes } from "node:crypto";
 import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { NbdClient } from "../nbd/client.js";
+import { NbdClient, type NbdAddress } from "../nbd/client.js";
 import { STATE_DIRTY } from "../nbd/protocol.js";
 import type { Extent } from "../nbd/replies.js";
 import { BLOCK_SIZE } from "../nas/image.js";
@@ -34,6 +34,13 @@ export interface DirtyTrackerOptions {
    * With a raw image on this host the two are the same bytes.
    */
   readVia?: "file" | "nbd";
+  /**
+   * The address of an NBD server this QEMU already runs (a QEMU has at most
+   * one, e.g. started for a storage migration): the refresh adds its own
+   * read-only export to it and removes it after, leaving the server running.
+   * Default: start a private server on a unix socket and stop it after.
+   */
+  nbdServer?: NbdAddress;
 }
 
 export interface DirtyRefreshResult extends RefreshResult {
@@ -42,6 +49,15 @@ export interface DirtyRefreshResult extends RefreshResult {
   nbdBytes: number;
 }
 
+
+/** Tracking started before the index was built (DirtyTracker.begin). */
+export interface PendingTracking {
+  /** The bitmap's name in QEMU. */
+  readonly name: string;
+  /** The built index's tracker, holding every write since `begin`. */
+  adopt(indexId: string): Promise<DirtyTracker>;
+  drop(): Promise<void>;
+}
 
 export class DirtyTracker {
   private constructor(
@@ -64,6 +80,30 @@ export class DirtyTracker {
       await qmp.execute("block-dirty-bitmap-add", { node, name: bitmap, granularity: o.granularity ?? BLOCK_SIZE });
     }
     return new DirtyTracker(qmp, node, bitmap, !have.includes(bitmap), o);
+  }
+
+  /**
+   * Starts tracking before an index exists (its id, and so the bitmap's name,
+   * comes with the build): a bitmap of a random name records every write from
+   * now on, so a write that lands while the index is built, after the build
+   * read that block, is not missed. `adopt` hands its writes to the index's
+   * bitmap; `drop` removes it when no index was built.
+   */
+  static async begin(qmp: QmpClient, o: DirtyTrackerOptions = {}): Promise<PendingTracking> {
+    const node = await blockNode(qmp, o.drive);
+    const name = `pagetwin-pending-${randomBytes(6).toString("hex")}`;
+    await qmp.execute("block-dirty-bitmap-add", { node, name, granularity: o.granularity ?? BLOCK_SIZE });
+    return {
+      name,
+      adopt: async (indexId) => {
+        const t = await DirtyTracker.attach(qmp, indexId, o);
+        // the index's bitmap records every write from its add on, and the merge brings those since `begin`
+        await qmp.execute("block-dirty-bitmap-merge", { node, target: t.bitmap, bitmaps: [name] });
+        await qmp.execute("block-dirty-bitmap-remove", { node, name });
+        return t;
+      },
+      drop: () => qmp.execute("block-dirty-bitmap-remove", { node, name }).then(() => undefined, () => undefined),
+    };
   }
 
   /** Re-hashes the blocks written since the tracking began or the last refresh, and writes the next generation. */
@@ -99,14 +139,16 @@ export class DirtyTracker {
     const tag = randomBytes(4).toString("hex");
     const socket = join(this.o.socketDir ?? "/tmp", `pagetwin-nbd-${tag}.sock`);
     const exportId = `pagetwin-${tag}`;
-    await this.qmp.execute("nbd-server-start", { addr: { type: "unix", data: { path: socket } } }).catch((err: Error) => {
-      throw new DirtyTrackerError(`pagetwin: cannot start QEMU's NBD server (${err.message}); an NBD server already running in this QEMU is not shared`, { cause: err });
-    });
+    const server = this.o.nbdServer ?? { path: socket };
+    if (!this.o.nbdServer) await this.startServer(socket);
     let client: NbdClient | null = null;
     try {
       await this.qmp.execute("block-export-add", { type: "nbd", id: exportId, "node-name": this.node, name: exportId, writable: false, bitmaps: [snap] });
       const context = `qemu:dirty-bitmap:${snap}`;
-      client = await NbdClient.connect({ path: socket }, { exportName: exportId, metaContexts: [context] });
+      client = await NbdClient.connect(server, { exportName: exportId, metaContexts: [context] }).catch((err: Error) => {
+        throw new DirtyTrackerError(`pagetwin: cannot read QEMU's NBD server at ${describe(server)} (${err.message})` +
+          (this.o.nbdServer ? "; is that the address this QEMU's NBD server listens on, without TLS (tls-creds)?" : ""), { cause: err });
+      });
       const runs = dirtyRuns(await client.blockStatus(context, 0, client.size), nas.header.blocks);
       const c = client;
       // a batch's runs are asked for all at once: the reads are in flight together
@@ -122,10 +164,30 @@ export class DirtyTracker {
       if (client) await client.disconnect().catch(() => client!.destroy());
       await retryBusy(() => this.qmp.execute("block-export-del", { id: exportId })).catch(() => undefined);
       await waitExportGone(this.qmp, exportId);
-      await this.qmp.execute("nbd-server-stop").catch(() => undefined);
-      rmSync(socket, { force: true });
+      if (!this.o.nbdServer) {
+        await this.qmp.execute("nbd-server-stop").catch(() => undefined);
+        rmSync(socket, { force: true });
+      }
     }
   }
+
+  /** A private NBD server on a unix socket; a QEMU already running one (it has at most one) is told apart, with what to do. */
+  private async startServer(socket: string): Promise<void> {
+    try {
+      await this.qmp.execute("nbd-server-start", { addr: { type: "unix", data: { path: socket } } });
+    } catch (err) {
+      const running = err instanceof QmpCommandError && /already running/i.test(err.desc);
+      throw new DirtyTrackerError(running
+        ? "pagetwin: this QEMU already runs an NBD server (a QEMU has one; e.g. one started for a storage migration or a backup): " +
+          "give its address (--nbd unix:PATH or HOST:PORT; the server must not require TLS) and pagetwin adds a read-only export of its own to it, " +
+          "removed after; or refresh once that server is stopped"
+        : `pagetwin: cannot start QEMU's NBD server (${(err as Error).message})`, { cause: err });
+    }
+  }
+}
+
+function describe(a: NbdAddress): string {
+  return "path" in a ? `unix:${a.path}` : `${a.host}:${a.port}`;
 }
 
 /** The dirty extents as runs of whole blocks, within the index's blocks. */

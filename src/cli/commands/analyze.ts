@@ -1,10 +1,11 @@
 import { statSync } from "node:fs";
 import { defaultIndexPath } from "../../adapters/nas/index-file.js";
+import type { DiskFormat } from "../../adapters/nas/image.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
 import { Planner, planIteration } from "../../plan/planner.js";
 import { PAGE_SIZE } from "../../core/engine.js";
 import { parseCompressionMode } from "../../codec/compress.js";
-import { parse, helpText, str, parseRate, fmtBytes, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, parseRate, fmtBytes, diskFormat, FORMAT_OPTION, UsageError, type CommandSpec } from "../args.js";
 import { ProgressReporter } from "../progress.js";
 import { printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
@@ -16,7 +17,8 @@ export const spec: CommandSpec = {
   usage: "pagetwin analyze --ram FILE --image IMAGE [--bandwidth 1gbit] [--compress auto] [--index FILE] [--json]",
   options: {
     ram: { type: "string", help: "the VM's RAM file (QEMU memory-backend-file, or a dump)" },
-    image: { type: "string", help: "the VM's raw disk image on the NAS" },
+    image: { type: "string", help: "the VM's disk image on the NAS (raw or qcow2)" },
+    ...FORMAT_OPTION,
     index: { type: "string", help: "write the block index here (default: an up-to-date index beside the image is read; otherwise the index is built in memory and nothing is written)" },
     bandwidth: { type: "string", default: "1gbit", help: "link bandwidth for the estimate (above 0)" },
     compress: { type: "string", default: "auto", help: "the compression the migration would use: auto, off, zstd or brotli (as `pagetwin migrate --compress`)" },
@@ -31,10 +33,11 @@ export const spec: CommandSpec = {
   ].join("\n"),
 };
 
-interface Args { ram: string; image: string; index?: string; bandwidth: number; compress: ReturnType<typeof parseCompressionMode>; json: boolean }
+interface Args { ram: string; image: string; format: DiskFormat | undefined; index?: string; bandwidth: number; compress: ReturnType<typeof parseCompressionMode>; json: boolean }
 
 /** Every argument checked before any work: the RAM file, the image, the numbers. */
 function validate(values: Record<string, string | boolean | undefined>): Args {
+  const format = diskFormat(values);
   const bandwidth = parseRate(values.bandwidth as string, "--bandwidth", true);
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
@@ -54,7 +57,7 @@ function validate(values: Record<string, string | boolean | undefined>): Args {
   kind(image, "disk image");
   const index = values.index as string | undefined;
   if (index !== undefined && statSync(index, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`--index ${index} is a directory (EISDIR): give a file path`);
-  return { ram, image, index, bandwidth, compress, json: !!values.json };
+  return { ram, image, format, index, bandwidth, compress, json: !!values.json };
 }
 
 export async function run(argv: string[]): Promise<number> {
@@ -63,7 +66,11 @@ export async function run(argv: string[]): Promise<number> {
   const a = validate(values);
   const progress = new ProgressReporter("analyze", { json: a.json });
   // an up-to-date index beside the image is read; a new one is written only where --index says
-  const nas = await openImageIndex(a.image, progress, { indexPath: a.index ?? defaultIndexPath(a.image), write: a.index !== undefined });
+  const nas = await openImageIndex(a.image, progress, { indexPath: a.index ?? defaultIndexPath(a.image), write: a.index !== undefined, format: a.format });
+  if (nas.stale) {
+    process.stderr.write(`pagetwin analyze: the index ${nas.indexPath} is stale (generation ${nas.header.generation}; the image was written since): ` +
+      "it is used as it is, so twins counted here may include blocks rewritten since, which a migration would resend; `pagetwin index --image IMAGE` refreshes it\n");
+  }
   const ram = RamFile.open(a.ram);
   try {
     const planner = new Planner(nas.engine, { pages: ram.pages, index: nas.index });
@@ -84,7 +91,10 @@ export async function run(argv: string[]): Promise<number> {
       pages: ram.pages, zero: ram.pages - plan.dirty + plan.zero, twin: plan.twin, normal: plan.normal,
       twinShareOfNonZero: plan.twin / Math.max(plan.twin + plan.normal, 1),
       bandwidthBytesPerSecond: a.bandwidth,
-      index: { path: nas.built && a.index === undefined ? undefined : nas.indexPath, built: nas.built, saved: nas.built && a.index !== undefined },
+      index: {
+        path: nas.built && a.index === undefined ? undefined : nas.indexPath, built: nas.built, saved: nas.built && a.index !== undefined,
+        stale: nas.stale, generation: nas.header.generation, format: nas.image.format,
+      },
       compression: c,
       baseline: { bytes: baselineBytes, timeMs: (baselineBytes / a.bandwidth) * 1000 },
       pagetwin: { bytes, uncompressedBytes, timeMs: time.ms, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs },

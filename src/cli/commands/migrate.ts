@@ -5,7 +5,7 @@ import { parseEndpoint } from "../../link/endpoint.js";
 import { ProgressReporter } from "../progress.js";
 import { errorText, failureRecord, printJson } from "../json.js";
 import { migrateRecord } from "../records.js";
-import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, workersWhen, UsageError, type CommandSpec } from "../args.js";
+import { parse, helpText, str, num, int, parseRate, fmtBytes, securityOptions, security, warnIfInsecure, workersWhen, diskFormat, FORMAT_OPTION, REFRESH_RATE_OPTION, UsageError, type CommandSpec } from "../args.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { openTraceOutputs, traceOptions, withUiDefault } from "../trace.js";
 import { AgentTracer, type AgentTraceEnd } from "../../trace/agent.js";
@@ -21,8 +21,10 @@ export const spec: CommandSpec = {
     "src-ram": { type: "string", help: "the source VM's RAM file (memory-backend-file mem-path, share=on)" },
     "dst-ram": { type: "string", help: "the destination VM's RAM file; a destination agent runs in this process" },
     "dst-agent": { type: "string", help: "a `pagetwin listen` agent on the destination host, HOST:PORT (instead of --dst-ram)" },
-    image: { type: "string", help: "the VM's raw disk image on the NAS" },
+    image: { type: "string", help: "the VM's disk image on the NAS (raw or qcow2)" },
+    ...FORMAT_OPTION,
     index: { type: "string", help: "index file (default: beside the image; built if missing)" },
+    ...REFRESH_RATE_OPTION,
     incoming: { type: "string", help: "send QEMU's device state straight from QEMU to QEMU at this URI (e.g. tcp:10.0.0.2:4444), unprotected unless QEMU has TLS of its own; default: through pagetwin's TLS link (the source QEMU migrates into a private unix socket, the destination agent hands it to its QEMU)" },
     bandwidth: { type: "string", default: "0", help: "rate limit of pagetwin's link, e.g. 1gbit (0: none)" },
     "no-dedup": { type: "boolean", help: "plain pre-copy by pagetwin: every non-zero dirty page in full" },
@@ -68,6 +70,8 @@ export async function run(argv: string[]): Promise<number> {
   const sec = security(values);
   const progress = new ProgressReporter("migrate", { json });
   const bandwidth = parseRate(values.bandwidth as string);
+  const refreshRate = parseRate(values["refresh-rate"] as string, "--refresh-rate");
+  const format = diskFormat(values);
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
   const image = str(values, "image");
@@ -98,7 +102,7 @@ export async function run(argv: string[]): Promise<number> {
     const r = await migrateQemuAgentMode({
       source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
       image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
-      bandwidth, convergence, workers, workersWhen: workersWhen(values), compress, ...sec, trace: tracer !== null,
+      bandwidth, refreshRate, format, convergence, workers, workersWhen: workersWhen(values), compress, ...sec, trace: tracer !== null,
       startedAt: 0, // performance.now() counts from this process's start: total-time is the command's, as QEMU's is its migrate's
       onIteration: (it) => { tracer?.iteration(it); progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
         `iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`); },

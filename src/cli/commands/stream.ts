@@ -2,7 +2,7 @@
 // the final stats (human-readable, or one JSON object with --json).
 
 import { parseCompressionMode, type CompressionMode } from "../../codec/compress.js";
-import { helpText, parse, parseRate, securityOptions, security, UsageError, type CommandSpec } from "../args.js";
+import { helpText, parse, parseRate, securityOptions, security, diskFormat, FORMAT_OPTION, REFRESH_RATE_OPTION, UsageError, type CommandSpec } from "../args.js";
 import { errorText, failureRecord, printJson } from "../json.js";
 import { ProgressReporter } from "../progress.js";
 import { parseEndpoint } from "../../link/endpoint.js";
@@ -30,9 +30,10 @@ export const outSpec: CommandSpec = {
   options: {
     listen: { type: "string", default: "127.0.0.1:4446", help: "where the source QEMU connects: a loopback [HOST:]PORT, or unix:PATH (a 0600 socket: only this user's processes can connect)" },
     to: { type: "string", help: "HOST:PORT (or unix:PATH) of the destination's pagetwin stream-in" },
-    image: { type: "string", help: "raw disk image on the NAS (its block index is built or loaded beside it)" },
+    image: { type: "string", help: "disk image on the NAS, raw or qcow2 (its block index is built or loaded beside it)" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index)" },
-    "refresh-rate": { type: "string", default: "32MB", help: "a stale index (the image was written since indexing) is used as it is and re-read in the background at this rate (0: not re-read)" },
+    ...FORMAT_OPTION,
+    ...REFRESH_RATE_OPTION,
     window: { type: "string", default: "16384", help: "referenced pages kept for resends until acknowledged (16384 pages = 64 MiB)" },
     "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
@@ -59,7 +60,7 @@ export const inSpec: CommandSpec = {
   options: {
     listen: { type: "string", default: "127.0.0.1:4447", help: "[HOST:]PORT where stream-out connects (give the address stream-out reaches: the default is loopback only), or unix:PATH" },
     qemu: { type: "string", help: "HOST:PORT or unix:PATH, the destination QEMU's -incoming address" },
-    image: { type: "string", help: "the same raw disk image, as mounted on this host" },
+    image: { type: "string", help: "the same disk image, as mounted on this host (read in the format its index records)" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index; only its seed and id are read)" },
     qmp: { type: "string", help: "the destination QEMU's QMP unix socket (optional): times endToResumeMs, from the end of the stream to the guest's RESUME" },
     ...securityOptions("stream-out", true),
@@ -200,7 +201,7 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
         ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth, queueMs,
         ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
         windowPages: window, ...security(v), refreshRate, trace: traces.sinks,
-        ...(v["index"] ? { indexPath: v["index"] as string } : {}),
+        ...(v["index"] ? { indexPath: v["index"] as string } : {}), format: diskFormat(v),
       });
     } catch (err) {
       await traces.close();
