@@ -27,6 +27,9 @@ import {
   type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
 } from "../codec/compress.js";
 
+/** Raw frames that time a link the compressed frames never filled (CompressionPolicy's linkProbeFrames): 8 MiB, twice the send queue. */
+const LINK_PROBE_FRAMES = 8;
+
 /** When the pool hashes: every pass, or only the final one (see SourceOptions.workersWhen). */
 export type WorkersWhen = "always" | "switchover";
 
@@ -58,8 +61,13 @@ export interface SourceOptions extends SecurityOptions {
   /** The index file's id, which the destination checks against its own copy (the seed never travels). */
   indexId: string | null;
   ram: RamReader;
-  /** Hash with these workers (in a session of the engine's seed), which read `ramPath` themselves. */
-  pool?: EnginePool | null;
+  /**
+   * Hash with these workers (in a session of the engine's seed), which read
+   * `ramPath` themselves. A pool still starting may be given as a promise:
+   * with workersWhen "switchover" the live rounds do not wait for it; if it
+   * fails to start, the agent's own thread hashes (hashWorkers 0).
+   */
+  pool?: EnginePool | Promise<EnginePool> | null;
   /**
    * When the pool hashes: every pass ("always", default), or only the final
    * pass, with the guest stopped ("switchover"): on a host with few cores the
@@ -229,9 +237,22 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
   const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
   let scans: PoolSession | null = null;
+  let poolSize = 0;
+  if (o.pool instanceof Promise) o.pool.catch(() => {}); // a pool that fails to start leaves the hashing to this thread
+  /** The pool's session, once the pool has started (null: no pool, or it failed to start). */
+  const sessionNow = async (): Promise<PoolSession | null> => {
+    if (scans || !o.pool) return scans;
+    const pool = await Promise.resolve(o.pool).catch(() => null);
+    if (pool && !scans) {
+      scans = pool.session({ seed: o.engine.seed });
+      poolSize = pool.size;
+    }
+    return scans;
+  };
   const stopListening = onAbort(o.signal, () => link?.abort("the migration was cancelled at the source"));
   try {
-    scans = o.pool ? o.pool.session({ seed: o.engine.seed }) : null;
+    // a pool hashing every pass is needed now; one for the final pass only may go on starting
+    if (o.workersWhen !== "switchover") await sessionNow();
     const to = o.socketPath ? { kind: "unix" as const, path: o.socketPath } : { kind: "tcp" as const, host: o.host, port: o.port };
     const socket = await dial(to, security, { peer: "destination agent", timeoutMs: o.connectTimeoutMs ?? TIMEOUTS.connectMs, hint: "Is `pagetwin listen` running there?" });
     if (o.signal?.aborted) {
@@ -240,7 +261,9 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     }
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
     // the link's rate as the pump measures it (as stream-out's): no --bandwidth needed for compression to weigh it
-    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, meter: link.meter });
+    // the link's rate as this thread's waits for it time it: the pump's own drain timings also count the
+    // time this thread kept the event loop busy, so a sender slower than its link measured itself there
+    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, linkProbeFrames: LINK_PROBE_FRAMES });
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
       ...(o.deviceTunnel ? { device: true } : {}),
@@ -273,10 +296,10 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const map = o.trace ? new Uint8Array(o.ram.pages) : null;
       let scanMs = 0;
       // With a pool, workers hash the next window while this one is on the link.
-      const pool = scans && (final || o.workersWhen !== "switchover") ? scans : null;
+      const pool = final || o.workersWhen !== "switchover" ? await sessionNow() : null;
       let pending = pool ? pool.scanFile(o.ramPath!, 0, planner.windowCount(0)) : null;
       pending?.catch(() => {}); // awaited in the loop; an abort before that must not go unhandled
-      rec.hashWorkers = pool ? o.pool!.size : 0;
+      rec.hashWorkers = pool ? poolSize : 0;
       for (let first = 0; first < planner.pages; first += planner.windowPages) {
         throwIfAborted(o.signal, "the migration");
         const s = performance.now();
@@ -410,7 +433,12 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         if (verdict === "slow") cstats.rawSlow++;
         else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
       }
+      const written = l.bytesWritten, t = performance.now();
       await l.send(frame);
+      const waited = performance.now() - t;
+      // waiting for room in the send queue, this thread left the link the bottleneck: what it took meanwhile times it
+      if (waited >= 1) policy.recordSend(l.bytesWritten - written, waited);
+      policy.recordFrame(frame.length, waited >= 1);
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -509,7 +537,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     resendRegion.free();
     resendHashes.free();
     stopListening();
-    await scans?.close();
+    await (scans as PoolSession | null)?.close(); // set by sessionNow(), which TypeScript does not follow
   }
   if (result.status !== "completed" && o.signal?.aborted) throw abortError(o.signal, "the migration");
   if (result.status !== "completed") throw new MigrationError(`pagetwin: migration failed: ${result.error}`, result);
