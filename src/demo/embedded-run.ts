@@ -126,7 +126,10 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     destResult = inproc.nextResult();
   }
   const ram = RamFile.open(ramPath);
-  const pool = o.workers ? await EnginePool.create({ size: o.workers, seed: nas.header.seed }) : null;
+  // workers for the final pass only go on starting while the live rounds run
+  const poolStart = o.workers ? EnginePool.create({ size: o.workers, seed: nas.header.seed }) : null;
+  poolStart?.catch(() => {}); // awaited below or by the source agent
+  const pool = poolStart && o.workersWhen !== "switchover" ? await poolStart : poolStart;
   let result: MigrationResult;
   let guest = { written: 0, filled: 0, rewritten: 0 };
   let sourceRunningAfter = false;
@@ -151,7 +154,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     await vm.stop().catch(() => {});
     ram.close();
     nas.image.close();
-    await pool?.close();
+    await poolStart?.then((p) => p.close(), () => {});
     inproc?.close();
   }
   const destination = await Promise.race([destResult, new Promise<null>((r) => setTimeout(() => r(null), 10_000))]);
