@@ -28,6 +28,9 @@ export interface DowntimeRow {
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
 
 async function once(dir: string, ramMiB: number, workers: number): Promise<EmbeddedRunResult> {
+  // the last run's destination RAM file goes first: truncating it (its pages still dirty in the page cache)
+  // held the next destination's handshake for seconds on a busy host
+  rmSync(join(dir, "destination-ram"), { force: true });
   return runEmbeddedMigration({
     vm: { dir, ramMiB, reuse: true }, mode: "pagetwin", bandwidth: 125e6, warmupMs: 300,
     workers, workersWhen: "switchover", compress: "auto",

@@ -287,7 +287,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
   let local: DestinationAgent | null = null;
   let localResult: Promise<DestinationResult> | null = null;
   let link: SecurityOptions = { psk: o.psk ?? null, tls: o.tls ?? null, insecure: o.insecure ?? false };
-  let pool: Promise<EnginePool> | null = null;
+  let pool: EnginePool | null = null;
   try {
     // Checks before anything moves.
     const [ss, ds] = [await status(src), await status(dst)];
@@ -350,14 +350,16 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
       }
     };
 
-    // workers for the final pass only go on starting while the live rounds run
-    if (o.workers) pool = EnginePool.create({ size: o.workers, seed: nas.header.seed });
-    pool?.catch(() => {}); // awaited below or by the source agent
+    // workers for the final pass only are started by the source agent after its handshake (and closed by it)
+    const workers = o.workers ?? 0;
+    const seed = nas.header.seed;
+    const startPool = () => EnginePool.create({ size: workers, seed });
+    if (workers && o.workersWhen !== "switchover") pool = await startPool();
 
     let mr: MigrationResult;
     try {
       mr = await migrateSource({
-        startedAt, engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool: pool && o.workersWhen !== "switchover" ? await pool : pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
+        startedAt, engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool: workers && o.workersWhen === "switchover" ? startPool : pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
         ...link,
         vm: {
           pause: async () => { await src.execute("stop"); sourcePaused = true; },
@@ -389,7 +391,7 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
     dst.off("close", onDstClose);
     ram?.close();
     nas?.image.close();
-    await pool?.then((p) => p.close(), () => undefined);
+    await pool?.close().catch(() => undefined);
     if (localResult) {
       result.destinationAgent = await Promise.race([localResult, sleep(5000).then(() => null)]);
       if (result.destinationAgent && result.status === "completed" && !result.destinationAgent.verified) {

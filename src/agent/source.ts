@@ -63,11 +63,13 @@ export interface SourceOptions extends SecurityOptions {
   ram: RamReader;
   /**
    * Hash with these workers (in a session of the engine's seed), which read
-   * `ramPath` themselves. A pool still starting may be given as a promise:
-   * with workersWhen "switchover" the live rounds do not wait for it; if it
-   * fails to start, the agent's own thread hashes (hashWorkers 0).
+   * `ramPath` themselves. Or a function that starts them: called when they
+   * are first needed, which with workersWhen "switchover" is after the
+   * handshake (their start-up then overlaps the live rounds, not the
+   * connection); if they fail to start, the agent's own thread hashes
+   * (hashWorkers 0). A pool this call started, it also closes.
    */
-  pool?: EnginePool | Promise<EnginePool> | null;
+  pool?: EnginePool | (() => Promise<EnginePool>) | null;
   /**
    * When the pool hashes: every pass ("always", default), or only the final
    * pass, with the guest stopped ("switchover"): on a host with few cores the
@@ -238,11 +240,16 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
   let scans: PoolSession | null = null;
   let poolSize = 0;
-  if (o.pool instanceof Promise) o.pool.catch(() => {}); // a pool that fails to start leaves the hashing to this thread
+  /** A pool this call starts (o.pool a function): started once, closed at the end. */
+  let started: Promise<EnginePool | null> | null = null;
   /** The pool's session, once the pool has started (null: no pool, or it failed to start). */
   const sessionNow = async (): Promise<PoolSession | null> => {
     if (scans || !o.pool) return scans;
-    const pool = await Promise.resolve(o.pool).catch(() => null);
+    let pool: EnginePool | null;
+    if (typeof o.pool === "function") {
+      started ??= o.pool().catch(() => null);
+      pool = await started;
+    } else pool = o.pool;
     if (pool && !scans) {
       scans = pool.session({ seed: o.engine.seed });
       poolSize = pool.size;
@@ -283,6 +290,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         cstats.algorithm = algo;
       } else cstats.note = `the destination decompresses none of ${offer.join(", ")}: pages travel raw`;
     } else cstats.note = "compression off";
+    // workers for the final pass only start now, during the live rounds: not competing with the handshake
+    if (o.workersWhen === "switchover") void sessionNow().catch(() => {});
 
     const runIteration = async (iteration: number, final: boolean): Promise<IterationRecord> => {
       const l = link!;
@@ -538,6 +547,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     resendHashes.free();
     stopListening();
     await (scans as PoolSession | null)?.close(); // set by sessionNow(), which TypeScript does not follow
+    await (started as Promise<EnginePool | null> | null)?.then((p) => p?.close());
   }
   if (result.status !== "completed" && o.signal?.aborted) throw abortError(o.signal, "the migration");
   if (result.status !== "completed") throw new MigrationError(`pagetwin: migration failed: ${result.error}`, result);
