@@ -154,7 +154,7 @@ test("analyze's predicted bytes, compression included, are within 25% of what an
     const p = a.pagetwin;
     assert.ok(p.timeMs >= Math.max(p.linkMs, p.sourceMs, p.destinationMs) + p.scanMs, `${JSON.stringify(p)}`);
     assert.equal(p.roundMs, Math.max(p.linkMs, p.sourceMs, p.destinationMs));
-    assert.ok(p.compressMs > 0 && p.sourceMs >= p.scanMs + p.compressMs - 1e-6, `${JSON.stringify(p)}`);
+    assert.ok(p.compressMs > 0 && p.sourceMs >= p.scanMs + p.compressMs - 0.2, `${JSON.stringify(p)}`); // each rounded to 0.1 ms
     // the destination's part: the twins checked and written, the pages in full written and decompressed, timed here
     assert.ok(p.destination.twinMs > 0 && p.destination.pagesMs > 0 && p.destination.decompressMs > 0, `${JSON.stringify(p)}`);
     assert.ok(a.leavesOut.length >= 3);
