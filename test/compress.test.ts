@@ -126,6 +126,80 @@ test("the policy compresses only when the compressor outruns the link and the da
   assert.equal(seen.filter((v) => v === "compress").length, 2, "it still probes now and then");
 });
 
+test("the link probe: raw frames that never make the sender wait show a link faster than it, and compression stops; waits time the link", () => {
+  const probe = (waits: boolean) => {
+    const p = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000, linkProbeFrames: 8 });
+    // compressed frames go out without a wait: they tell nothing of the link
+    for (let i = 0; i < 4; i++) {
+      assert.equal(p.decide(), "compress");
+      p.recordCompress(1 << 20, 300_000, 2.5); // 420 MB/s
+      p.recordFrame(300_000, false);
+    }
+    // the compressor is timed and the link is not: 8 raw frames probe it
+    for (let i = 0; i < 8; i++) {
+      assert.equal(p.decide(), "slow", `probe frame ${i}`);
+      if (waits) p.recordSend(1 << 20, 20); // the sender waited 20 ms while the link took 1 MiB: 52 MB/s
+      p.recordFrame(1 << 20, waits);
+    }
+    return p;
+  };
+  const fast = probe(false);
+  assert.equal(fast.decide(), "slow", "the link outruns this sender even raw: compressing only costs it time");
+  assert.equal(fast.linkOutruns, true);
+  const slow = probe(true);
+  assert.equal(slow.decide(), "compress", "the waits timed the link at 52 MB/s; the compressor outruns it");
+  assert.equal(slow.linkOutruns, false);
+  assert.ok(slow.measuredLinkRate > 40e6 && slow.measuredLinkRate < 60e6, String(slow.measuredLinkRate));
+  // without the probe (stream mode's policy), an unmeasured link keeps compression on
+  const none = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000 });
+  for (let i = 0; i < 12; i++) {
+    assert.equal(none.decide(), "compress");
+    none.recordCompress(1 << 20, 300_000, 2.5);
+  }
+});
+
+/** A TCP relay that carries the source's bytes at `rate` bytes/s (0: as fast as it can), pausing its reads to keep to it. */
+async function pacedRelay(port: number, rate: number): Promise<{ server: Server; port: number; sockets: Socket[] }> {
+  const sockets: Socket[] = [];
+  const server = createServer((c) => {
+    const up = connect(port, "127.0.0.1");
+    sockets.push(c, up);
+    const t0 = performance.now();
+    let carried = 0;
+    c.on("data", (d) => {
+      up.write(d);
+      carried += d.length;
+      const due = rate > 0 ? t0 + (carried / rate) * 1000 - performance.now() : 0;
+      if (due > 1) { c.pause(); setTimeout(() => c.resume(), due); }
+    });
+    up.on("data", (d) => { if (!c.destroyed) c.write(d); });
+    const cut = () => { c.destroy(); up.destroy(); };
+    c.on("error", cut);
+    up.on("error", cut);
+    c.on("close", () => up.end());
+    up.on("close", () => c.end());
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return { server, port: (server.address() as { port: number }).port, sockets };
+}
+
+test("auto on a rate-limited loopback link (2 MB/s): the raw probe frames make the sender wait, which times the link; the compressor outruns it", { timeout: 120_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-"));
+  try {
+    const content = Buffer.concat([textPages(4000), randomBytes(100 * PAGE), textPages(2000, 7)]);
+    const m = await migrate(dir, content, { compress: "auto" }, undefined, (port) => pacedRelay(port, 2e6));
+    assert.equal(m.r.status, "completed", m.r.error);
+    assert.deepEqual(readFileSync(m.dstRam), readFileSync(m.srcRam));
+    const c = m.r.compression;
+    // the waits time the link (the sockets' buffers absorb the first megabytes at once, so it reads faster than
+    // 2 MB/s, as it would read whatever else bounds the transfer); compression goes on after the 8 probe frames
+    assert.ok(c.linkMBs > 0 && c.rawSlow === 8 && c.framesCompressed > c.framesRaw, JSON.stringify(c));
+    assert.ok(m.r.transferredBytes < content.length * 0.5, `${m.r.transferredBytes} bytes on the link`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 /** A proxy that re-frames what the source sends; `rewrite` may replace a frame. */
 async function reframingProxy(port: number, rewrite: (type: FrameType, payload: Uint8Array) => Uint8Array | null): Promise<{ server: Server; port: number; sockets: Socket[] }> {
   const sockets: Socket[] = [];
@@ -150,14 +224,15 @@ async function reframingProxy(port: number, rewrite: (type: FrameType, payload: 
   return { server, port: (server.address() as { port: number }).port, sockets };
 }
 
-async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>, via?: typeof reframingProxy extends (p: number, r: infer R) => unknown ? R : never) {
+async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>, via?: typeof reframingProxy extends (p: number, r: infer R) => unknown ? R : never,
+  relay?: (port: number) => Promise<{ server: Server; port: number; sockets: Socket[] }>) {
   const srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
   writeFileSync(srcRam, content);
   // a link a test reframes runs in the clear; otherwise TLS-PSK
   const link = via ? { insecure: true } : { psk: TEST_KEY };
   const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, ...link });
   const port = await agent.listen();
-  const proxy = via ? await reframingProxy(port, via) : null;
+  const proxy = via ? await reframingProxy(port, via) : relay ? await relay(port) : null;
   const ram = RamFile.open(srcRam);
   const vm = { running: true, pauses: 0 };
   const dstResult = agent.nextResult();

@@ -366,12 +366,16 @@ export async function migrateQemuAgentMode(o: AgentMigrationOptions): Promise<Ag
       }
     };
 
-    if (o.workers) pool = await EnginePool.create({ size: o.workers, seed: nas.header.seed });
+    // workers for the final pass only are started by the source agent after its handshake (and closed by it)
+    const workers = o.workers ?? 0;
+    const seed = nas.header.seed;
+    const startPool = () => EnginePool.create({ size: workers, seed });
+    if (workers && o.workersWhen !== "switchover") pool = await startPool();
 
     let mr: MigrationResult;
     try {
       mr = await migrateSource({
-        startedAt, engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
+        startedAt, engine: nas.engine, index: dedup ? nas.index : null, indexId: nas.header.indexId, ram: reader, pool: workers && o.workersWhen === "switchover" ? startPool : pool, ramPath: o.srcRam, workersWhen: o.workersWhen ?? "always",
         ...link,
         vm: {
           pause: async () => { await src.execute("stop"); sourcePaused = true; },

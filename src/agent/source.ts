@@ -27,6 +27,9 @@ import {
   type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor,
 } from "../codec/compress.js";
 
+/** Raw frames that time a link the compressed frames never filled (CompressionPolicy's linkProbeFrames): 8 MiB, twice the send queue. */
+const LINK_PROBE_FRAMES = 8;
+
 /** When the pool hashes: every pass, or only the final one (see SourceOptions.workersWhen). */
 export type WorkersWhen = "always" | "switchover";
 
@@ -58,8 +61,15 @@ export interface SourceOptions extends SecurityOptions {
   /** The index file's id, which the destination checks against its own copy (the seed never travels). */
   indexId: string | null;
   ram: RamReader;
-  /** Hash with these workers (in a session of the engine's seed), which read `ramPath` themselves. */
-  pool?: EnginePool | null;
+  /**
+   * Hash with these workers (in a session of the engine's seed), which read
+   * `ramPath` themselves. Or a function that starts them: called when they
+   * are first needed, which with workersWhen "switchover" is after the
+   * handshake (their start-up then overlaps the live rounds, not the
+   * connection); if they fail to start, the agent's own thread hashes
+   * (hashWorkers 0). A pool this call started, it also closes.
+   */
+  pool?: EnginePool | (() => Promise<EnginePool>) | null;
   /**
    * When the pool hashes: every pass ("always", default), or only the final
    * pass, with the guest stopped ("switchover"): on a host with few cores the
@@ -229,9 +239,27 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
   const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
   let scans: PoolSession | null = null;
+  let poolSize = 0;
+  /** A pool this call starts (o.pool a function): started once, closed at the end. */
+  let started: Promise<EnginePool | null> | null = null;
+  /** The pool's session, once the pool has started (null: no pool, or it failed to start). */
+  const sessionNow = async (): Promise<PoolSession | null> => {
+    if (scans || !o.pool) return scans;
+    let pool: EnginePool | null;
+    if (typeof o.pool === "function") {
+      started ??= o.pool().catch(() => null);
+      pool = await started;
+    } else pool = o.pool;
+    if (pool && !scans) {
+      scans = pool.session({ seed: o.engine.seed });
+      poolSize = pool.size;
+    }
+    return scans;
+  };
   const stopListening = onAbort(o.signal, () => link?.abort("the migration was cancelled at the source"));
   try {
-    scans = o.pool ? o.pool.session({ seed: o.engine.seed }) : null;
+    // a pool hashing every pass is needed now; one for the final pass only may go on starting
+    if (o.workersWhen !== "switchover") await sessionNow();
     const to = o.socketPath ? { kind: "unix" as const, path: o.socketPath } : { kind: "tcp" as const, host: o.host, port: o.port };
     const socket = await dial(to, security, { peer: "destination agent", timeoutMs: o.connectTimeoutMs ?? TIMEOUTS.connectMs, hint: "Is `pagetwin listen` running there?" });
     if (o.signal?.aborted) {
@@ -240,7 +268,9 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     }
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
     // the link's rate as the pump measures it (as stream-out's): no --bandwidth needed for compression to weigh it
-    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, meter: link.meter });
+    // the link's rate as this thread's waits for it time it: the pump's own drain timings also count the
+    // time this thread kept the event loop busy, so a sender slower than its link measured itself there
+    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, linkProbeFrames: LINK_PROBE_FRAMES });
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
       ...(o.deviceTunnel ? { device: true } : {}),
@@ -260,6 +290,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         cstats.algorithm = algo;
       } else cstats.note = `the destination decompresses none of ${offer.join(", ")}: pages travel raw`;
     } else cstats.note = "compression off";
+    // workers for the final pass only start now, during the live rounds: not competing with the handshake
+    if (o.workersWhen === "switchover") void sessionNow().catch(() => {});
 
     const runIteration = async (iteration: number, final: boolean): Promise<IterationRecord> => {
       const l = link!;
@@ -273,10 +305,10 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const map = o.trace ? new Uint8Array(o.ram.pages) : null;
       let scanMs = 0;
       // With a pool, workers hash the next window while this one is on the link.
-      const pool = scans && (final || o.workersWhen !== "switchover") ? scans : null;
+      const pool = final || o.workersWhen !== "switchover" ? await sessionNow() : null;
       let pending = pool ? pool.scanFile(o.ramPath!, 0, planner.windowCount(0)) : null;
       pending?.catch(() => {}); // awaited in the loop; an abort before that must not go unhandled
-      rec.hashWorkers = pool ? o.pool!.size : 0;
+      rec.hashWorkers = pool ? poolSize : 0;
       for (let first = 0; first < planner.pages; first += planner.windowPages) {
         throwIfAborted(o.signal, "the migration");
         const s = performance.now();
@@ -410,7 +442,12 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         if (verdict === "slow") cstats.rawSlow++;
         else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
       }
+      const written = l.bytesWritten, t = performance.now();
       await l.send(frame);
+      const waited = performance.now() - t;
+      // waiting for room in the send queue, this thread left the link the bottleneck: what it took meanwhile times it
+      if (waited >= 1) policy.recordSend(l.bytesWritten - written, waited);
+      policy.recordFrame(frame.length, waited >= 1);
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -509,7 +546,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     resendRegion.free();
     resendHashes.free();
     stopListening();
-    await scans?.close();
+    await (scans as PoolSession | null)?.close(); // set by sessionNow(), which TypeScript does not follow
+    await (started as Promise<EnginePool | null> | null)?.then((p) => p?.close());
   }
   if (result.status !== "completed" && o.signal?.aborted) throw abortError(o.signal, "the migration");
   if (result.status !== "completed") throw new MigrationError(`pagetwin: migration failed: ${result.error}`, result);

@@ -3,12 +3,14 @@
 // compress them: its codec and its CompressionPolicy, frame by frame; twins as
 // references; zero pages as page numbers), and a time
 // made of the parts this host can measure (the scan of RAM, the compressor,
-// the link at the given bandwidth). What it cannot see is listed, not guessed.
+// the destination's checks and writes, the link at the given bandwidth).
+// What it cannot see is listed, not guessed.
 
 import { CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
 import { MAX_REFS, REF_SIZE } from "../agent/protocol.js";
 import { PAGE_SIZE } from "../core/engine.js";
 import type { RamFile } from "../adapters/ram/ram-file.js";
+import type { DestinationSample } from "./analyze-destination.js";
 
 /** Frames of full pages, as the agent sends them: up to 256 pages, never across a 4096-page window. */
 const FRAME_PAGES = 256;
@@ -32,6 +34,8 @@ export interface CompressionSample {
   compressMBs: number;
   /** Compressing all the frames the agent would compress, at the sampled rates, ms. */
   compressMs: number;
+  /** Decompressing them at the destination, at the sampled rates, ms. */
+  decompressMs: number;
   used: boolean;
   why: string;
 }
@@ -69,7 +73,7 @@ function sampleFrames(n: number): number[] {
 export function sampleCompression(ram: RamFile, send: Uint32Array, mode: CompressionMode, bandwidth: number): CompressionSample {
   const algorithm = mode === "off" ? null : mode === "auto" ? availableAlgorithms()[0]! : mode;
   const all = frames(send);
-  const none = (why: string): CompressionSample => ({ mode, algorithm, frames: all.length, sampledFrames: 0, framesCompressed: 0, ratio: 1, compressMBs: 0, compressMs: 0, used: false, why });
+  const none = (why: string): CompressionSample => ({ mode, algorithm, frames: all.length, sampledFrames: 0, framesCompressed: 0, ratio: 1, compressMBs: 0, compressMs: 0, decompressMs: 0, used: false, why });
   if (!algorithm) return none("compression off");
   if (send.length === 0) return none("no page travels in full");
   const c = createCompressor(algorithm);
@@ -77,7 +81,7 @@ export function sampleCompression(ram: RamFile, send: Uint32Array, mode: Compres
   const buf = new Uint8Array(FRAME_PAGES * PAGE_SIZE);
   const dst = new Uint8Array(c.bound(buf.length));
   c.compressChunks([buf.subarray(0, PAGE_SIZE)], dst); // the first call sets the compressor up: not part of its rate
-  let rawBytes = 0, outBytes = 0, compressed = 0, ms = 0, best = 0;
+  let rawBytes = 0, outBytes = 0, compressed = 0, ms = 0, best = 0, unpackMs = 0;
   const picked = sampleFrames(all.length);
   for (const f of picked) {
     const [a, b] = all[f]!;
@@ -93,6 +97,11 @@ export function sampleCompression(ram: RamFile, send: Uint32Array, mode: Compres
       ms += took;
       best = Math.max(best, raw / Math.max(took / 1000, 1e-6));
     }
+    if (got >= 0) {
+      const t0 = performance.now();
+      c.decompressInto(dst.subarray(0, got), buf.subarray(0, raw));
+      unpackMs += performance.now() - t0;
+    }
     const out = got >= 0 ? got : raw;
     const sendMs = (out / bandwidth) * 1000;
     if (got < 0) policy.recordSend(out, sendMs);
@@ -102,7 +111,7 @@ export function sampleCompression(ram: RamFile, send: Uint32Array, mode: Compres
   }
   const ratio = outBytes / rawBytes;
   const scale = all.length / picked.length;
-  const sample = { mode, algorithm, frames: all.length, sampledFrames: picked.length, framesCompressed: Math.round(compressed * scale), ratio, compressMBs: best / 1e6, compressMs: ms * scale };
+  const sample = { mode, algorithm, frames: all.length, sampledFrames: picked.length, framesCompressed: Math.round(compressed * scale), ratio, compressMBs: best / 1e6, compressMs: ms * scale, decompressMs: unpackMs * scale };
   if (compressed === 0) return { ...sample, used: false, why: `the agent's policy (${mode}) would send every frame raw at this bandwidth` };
   return { ...sample, used: true, why: `${algorithm}: ${compressed} of ${picked.length} frames compressed, to ${(ratio * 100).toFixed(0)}% of the page bytes overall` };
 }
@@ -128,25 +137,44 @@ export function roundBytes(r: FirstRound, c: CompressionSample): { bytes: number
 }
 
 export interface TimeModel {
-  /** The modelled total, ms: round 1 (scan, compressor and link overlapped: the slowest of them), a sampled pass (1/32 of a scan), the final round's scan. */
+  /**
+   * The modelled total, ms: round 1 (the source, the link and the destination
+   * work at once: the slowest of them), the sampled pass that decides on the
+   * switchover (1/32 of a scan), and the final round's scan of all RAM.
+   */
   ms: number;
+  /** Round 1 alone, ms. */
+  roundMs: number;
+  /**
+   * The same total with both agents on this one host (a local destination,
+   * `--dst-ram`), where their work shares its cores with the guest: round 1
+   * as the slowest of the link and source + destination, ms.
+   */
+  oneHostMs: number;
   linkMs: number;
   scanMs: number;
   compressMs: number;
+  /** The source's thread in round 1: scan, then compress what it sends in full, ms. */
+  sourceMs: number;
+  /** The destination in round 1: check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
+  destinationMs: number;
 }
 
 /** Agent mode re-hashes all of RAM every round (it has no dirty bitmap); an idle guest converges after one live round. */
-export function modelTime(bytes: number, bandwidth: number, scanMs: number, c: CompressionSample): TimeModel {
+export function modelTime(bytes: number, bandwidth: number, scanMs: number, c: CompressionSample, dst: DestinationSample): TimeModel {
   const linkMs = (bytes / bandwidth) * 1000;
   const compressMs = c.compressMs;
-  const round1 = Math.max(linkMs, scanMs, compressMs);
-  return { ms: round1 + scanMs / 32 + scanMs, linkMs, scanMs, compressMs };
+  const sourceMs = scanMs + compressMs;
+  const destinationMs = dst.twinMs + dst.pagesMs + c.decompressMs;
+  const roundMs = Math.max(linkMs, sourceMs, destinationMs);
+  const rest = scanMs / 32 + scanMs;
+  return { ms: roundMs + rest, roundMs, oneHostMs: Math.max(linkMs, sourceMs + destinationMs) + rest, linkMs, scanMs, compressMs, sourceMs, destinationMs };
 }
 
 /** What the modelled time leaves out, said plainly. */
 export const LEAVES_OUT = [
   "pages the guest writes while it migrates (each costs another round)",
   "set-up: connecting, the TLS handshake, the destination hashing its RAM file once, building the block index if it is not current",
-  "the destination reading and checking each twin's NAS block (assumed to keep up with the link)",
+  "the destination and source agents sharing one host's cores (timeMs assumes a host each; oneHostMs adds their work up)",
   "QEMU's device state step (agent mode) and its own set-up",
 ];

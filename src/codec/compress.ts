@@ -314,6 +314,12 @@ export interface PolicyOptions {
   probeEvery?: number;
   /** While skipping because the compressor is slower than the link, one frame in this many (default 64). */
   probeSlowEvery?: number;
+  /**
+   * Raw frames sent to time a link not measured yet (see linkProbe; default 0: none). A sender whose
+   * compressed frames never fill the link never learns its rate: these raw frames either fill it (and the
+   * sender's waits time it) or show that the link outruns the sender even raw, when compressing only costs time.
+   */
+  linkProbeFrames?: number;
 }
 
 /**
@@ -341,6 +347,13 @@ export class CompressionPolicy {
   /** Compressed/raw (EWMA over frames), 0: not measured yet. */
   ratio = 0;
   private skipped = 0;
+  /** Raw frames of the link probe still to send, and whether the probe is over (it runs once). */
+  private probeLeft = -1;
+  /** Bytes the probe's raw frames put out, and whether the sender waited for the link meanwhile. */
+  private probeBytes = 0;
+  private probeWaited = false;
+  /** The probe's raw frames never filled the link: it outruns this sender. */
+  linkOutruns = false;
 
   constructor(readonly o: PolicyOptions) {
     this.maxRatio = o.maxRatio ?? 0.9;
@@ -366,10 +379,12 @@ export class CompressionPolicy {
     if (this.compressRate === 0) return "compress"; // first frame measures the compressor
     let why: "compress" | "slow" | "poor" = "compress";
     const link = this.linkRate;
+    if (this.probing(link)) return "slow";
     if (this.ratio > this.maxRatio) why = "poor";
     // a link not measured yet (Infinity) is not yet known to outrun the compressor: compress until it is;
     // nor is a compressor timed on fewer than 4 frames (the first runs cold) known to be slower than the link
     else if (this.o.mode === "auto" && Number.isFinite(link) && this.recentRates.length >= 4 && this.compressRate < this.margin * link) why = "slow";
+    else if (this.o.mode === "auto" && this.linkOutruns && !Number.isFinite(link)) why = "slow";
     if (why === "compress") return why;
     if (++this.skipped % (why === "slow" ? this.probeSlowEvery : this.probeEvery) === 0) return "compress";
     return why;
@@ -389,6 +404,37 @@ export class CompressionPolicy {
   /** The link carried `bytes` in `ms` while busy all along (what the meter's drain() records itself). */
   recordSend(bytes: number, ms: number): void {
     this.meter.record(bytes, ms);
+  }
+
+  /** A frame of `bytes` went out (raw or not); `waited`: its sender had to wait for the link to take it. */
+  recordFrame(bytes: number, waited: boolean): void {
+    if (this.probeLeft < 0 || this.probeBytes < 0) return;
+    this.probeBytes += bytes;
+    this.probeWaited ||= waited;
+  }
+
+  /**
+   * The link probe ("auto", linkProbeFrames > 0): once the compressor has
+   * been timed on 4 frames while the link is still unmeasured, the next
+   * frames go raw. If the sender never waited for the link meanwhile, the
+   * link outruns it even raw (linkOutruns: compression only costs the sender
+   * time, so frames go raw, with the usual probes of the compressor); if it
+   * waited, those waits measured the link and the rates decide as usual.
+   */
+  private probing(link: number): boolean {
+    const frames = this.o.linkProbeFrames ?? 0;
+    if (this.o.mode !== "auto" || frames <= 0 || this.probeBytes < 0) return false;
+    if (this.probeLeft < 0) {
+      if (Number.isFinite(link) || this.recentRates.length < 4) return false;
+      this.probeLeft = frames;
+    }
+    if (this.probeLeft > 0) {
+      this.probeLeft--;
+      return true;
+    }
+    this.linkOutruns = !this.probeWaited && !Number.isFinite(this.linkRate);
+    this.probeBytes = -1; // done: it runs once
+    return false;
   }
 }
 

@@ -126,7 +126,9 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     destResult = inproc.nextResult();
   }
   const ram = RamFile.open(ramPath);
-  const pool = o.workers ? await EnginePool.create({ size: o.workers, seed: nas.header.seed }) : null;
+  // workers for the final pass only are started by the source agent after its handshake (and closed by it)
+  const startPool = () => EnginePool.create({ size: o.workers!, seed: nas.header.seed });
+  const pool = !o.workers ? null : o.workersWhen === "switchover" ? startPool : await startPool();
   let result: MigrationResult;
   let guest = { written: 0, filled: 0, rewritten: 0 };
   let sourceRunningAfter = false;
@@ -151,7 +153,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     await vm.stop().catch(() => {});
     ram.close();
     nas.image.close();
-    await pool?.close();
+    if (pool && typeof pool !== "function") await pool.close();
     inproc?.close();
   }
   const destination = await Promise.race([destResult, new Promise<null>((r) => setTimeout(() => r(null), 10_000))]);

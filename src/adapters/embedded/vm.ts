@@ -3,7 +3,7 @@
 // a real migration (real files, real TCP) with nothing installed.
 
 import { Worker } from "node:worker_threads";
-import { mkdirSync, openSync, closeSync, writeSync, ftruncateSync } from "node:fs";
+import { mkdirSync, openSync, closeSync, writeSync, ftruncateSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { ContentStream } from "./content.js";
 import type { GuestConfig } from "./guest.js";
@@ -26,6 +26,12 @@ export interface EmbeddedVmOptions {
   rewriteBlocksPerSecond?: number;
   /** Seed of the content, so the same VM can be made again (default "pagetwin"). */
   seed?: string;
+  /**
+   * Keep the RAM file and disk image already in `dir` when their sizes fit
+   * (a VM made there before, as a guest left it): benchmarks that migrate the
+   * same VM many times need not write it again.
+   */
+  reuse?: boolean;
 }
 
 export interface EmbeddedVmLayout {
@@ -60,9 +66,10 @@ export class EmbeddedVm {
     const ramPath = join(o.dir, "source-ram");
     const files = new ContentStream(`${seed}/disk`);
     const anon = new ContentStream(`${seed}/anon`);
+    const keep = !!o.reuse && sizeOf(imagePath) === blocks * 4096 && sizeOf(ramPath) === pages * 4096;
     const chunk = new Uint8Array(4 << 20);
-    const img = openSync(imagePath, "w", 0o644);
-    for (let b = 0; b < blocks; b += chunk.length / 4096) {
+    const img = openSync(imagePath, keep ? "r" : "w", 0o644);
+    for (let b = 0; b < blocks && !keep; b += chunk.length / 4096) {
       const n = Math.min(chunk.length / 4096, blocks - b);
       files.fill(b, chunk.subarray(0, n * 4096));
       writeSync(img, chunk, 0, n * 4096, b * 4096);
@@ -86,18 +93,7 @@ export class EmbeddedVm {
       const t = blockOrder[i]!; blockOrder[i] = blockOrder[j]!; blockOrder[j] = t;
     }
     const cacheBlocks = blockOrder.slice(0, nCache);
-    const ram = openSync(ramPath, "w+", 0o600);
-    ftruncateSync(ram, pages * 4096);
-    const page = new Uint8Array(4096);
-    for (let k = 0; k < nCache; k++) {
-      files.fill(cacheBlocks[k]!, page);
-      writeSync(ram, page, 0, 4096, cachePages[k]! * 4096);
-    }
-    for (const p of anonPages) {
-      anon.fill(p, page);
-      writeSync(ram, page, 0, 4096, p * 4096);
-    }
-    closeSync(ram);
+    if (!keep) writeRam(ramPath, pages, { cachePages, cacheBlocks, anonPages, files, anon });
     const cfg: GuestConfig = {
       ramPath, imagePath, anonPages, cachePages, cacheBlocks, imageBlocks: blocks,
       dirtyPagesPerSecond: o.dirtyPagesPerSecond ?? 2000,
@@ -152,6 +148,26 @@ export class EmbeddedVm {
     this.worker = null;
     return m as unknown as { written: number; filled: number; rewritten: number };
   }
+}
+
+function sizeOf(path: string): number {
+  return statSync(path, { throwIfNoEntry: false })?.size ?? -1;
+}
+
+/** The RAM file: page-cache pages hold their disk block's bytes, anonymous pages their own, the rest zero. */
+function writeRam(ramPath: string, pages: number, c: { cachePages: Uint32Array; cacheBlocks: Uint32Array; anonPages: Uint32Array; files: ContentStream; anon: ContentStream }): void {
+  const ram = openSync(ramPath, "w+", 0o600);
+  ftruncateSync(ram, pages * 4096);
+  const page = new Uint8Array(4096);
+  for (let k = 0; k < c.cachePages.length; k++) {
+    c.files.fill(c.cacheBlocks[k]!, page);
+    writeSync(ram, page, 0, 4096, c.cachePages[k]! * 4096);
+  }
+  for (const p of c.anonPages) {
+    c.anon.fill(p, page);
+    writeSync(ram, page, 0, 4096, p * 4096);
+  }
+  closeSync(ram);
 }
 
 function hashString(s: string): number {

@@ -10,6 +10,7 @@ import { ProgressReporter } from "../progress.js";
 import { printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
 import { sampleCompression, roundBytes, modelTime, LEAVES_OUT } from "../analyze-model.js";
+import { sampleDestination } from "../analyze-destination.js";
 
 export const spec: CommandSpec = {
   name: "analyze",
@@ -25,11 +26,12 @@ export const spec: CommandSpec = {
     json: { type: "boolean", help: "NDJSON on stdout: progress events, then one result (docs/JSON.md)" },
   },
   details: [
-    "Only reads. Counts zero pages (not sent), twin pages (sent as a 24-byte reference to a NAS block) and",
+    "Reads the VM's files only. Counts zero pages (not sent), twin pages (sent as a 24-byte reference to a NAS block) and",
     "the pages sent in full, compresses a sample of those with the codec agent mode would use, and predicts",
-    "the first pre-copy round's bytes and a time: the slowest of the scan of RAM (measured here), the",
-    "compressor and the link, plus agent mode's final scan. The time leaves out what the guest writes while",
-    "it migrates, set-up, the destination's checks and QEMU's device state (listed in the output).",
+    "the first pre-copy round's bytes and a time: the slowest of the source (the scan of RAM and the",
+    "compressor, timed here), the link and the destination (its twin checks and page writes, timed here on a",
+    "sample, in a scratch file removed at once), plus agent mode's final scan. The time leaves out what the",
+    "guest writes while it migrates, set-up, agents sharing one host and QEMU's device state (listed in the output).",
   ].join("\n"),
 };
 
@@ -82,9 +84,10 @@ export async function run(argv: string[]): Promise<number> {
     const scanMs = performance.now() - t0;
     planner.free();
     const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth);
+    const dst = sampleDestination(nas.engine, nas.image, ram.pages, plan.send, plan.twinPages, plan.twinBlocks);
     const round = { normal: plan.normal, twin: plan.twin, zero: plan.zero };
     const { bytes, uncompressedBytes } = roundBytes(round, c);
-    const time = modelTime(bytes, a.bandwidth, scanMs, c);
+    const time = modelTime(bytes, a.bandwidth, scanMs, c, dst);
     const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
     const out = {
       ok: true,
@@ -97,7 +100,10 @@ export async function run(argv: string[]): Promise<number> {
       },
       compression: c,
       baseline: { bytes: baselineBytes, timeMs: (baselineBytes / a.bandwidth) * 1000 },
-      pagetwin: { bytes, uncompressedBytes, timeMs: time.ms, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs },
+      pagetwin: {
+        bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, roundMs: time.roundMs, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
+        sourceMs: time.sourceMs, destinationMs: time.destinationMs, destination: { twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs },
+      },
       leavesOut: LEAVES_OUT,
     };
     if (a.json) { printJson("analyze", "result", out); return 0; }
@@ -109,7 +115,7 @@ export async function run(argv: string[]): Promise<number> {
   }
 }
 
-function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; linkMs: number; scanMs: number; compressMs: number } }, why: string): void {
+function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; roundMs: number; linkMs: number; scanMs: number; compressMs: number; sourceMs: number; destinationMs: number } }, why: string): void {
   const pct = (n: number) => `${((n / out.pages) * 100).toFixed(1)}%`;
   const p = out.pagetwin;
   console.log(`RAM ${fmtBytes(out.pages * PAGE_SIZE)} (${out.pages} pages), scanned in ${p.scanMs.toFixed(0)} ms`);
@@ -119,6 +125,7 @@ function print(out: { pages: number; zero: number; twin: number; normal: number;
   console.log(`compression: ${why}`);
   console.log(`first round at ${fmtBytes(out.bandwidthBytesPerSecond)}/s: plain pre-copy ${fmtBytes(out.baseline.bytes)} in ${(out.baseline.timeMs / 1000).toFixed(2)} s; ` +
     `pagetwin ${fmtBytes(p.bytes)} (${fmtBytes(p.uncompressedBytes)} before compression)`);
-  console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s (link ${p.linkMs.toFixed(0)} ms, scan ${p.scanMs.toFixed(0)} ms per round, compressor ${p.compressMs.toFixed(0)} ms)`);
+  console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s: round 1 ${p.roundMs.toFixed(0)} ms, the slowest of link ${p.linkMs.toFixed(0)} ms, ` +
+    `source ${p.sourceMs.toFixed(0)} ms (scan ${p.scanMs.toFixed(0)}, compressor ${p.compressMs.toFixed(0)}) and destination ${p.destinationMs.toFixed(0)} ms; then the final scan`);
   console.log(`the time leaves out: ${LEAVES_OUT.join("; ")}`);
 }

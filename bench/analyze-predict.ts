@@ -1,0 +1,88 @@
+// `pagetwin analyze` against the migration it predicts, on the real guest
+// (scripts/build-guest.sh, 512 MiB under TCG): analyze on the running guest's
+// RAM, then an agent-mode migration at the same bandwidth; prints predicted /
+// actual for round 1's bytes and time and for the whole migration's time
+// (without set-up and QEMU's device-state step, which analyze leaves out),
+// and whether each is within 25%. Needs root-free QEMU and the guest; the
+// destination agent shares this host (analyze's time assumes a host each).
+//
+//   node dist/bench/analyze-predict.js [--json] [--runs 1] [--bandwidth-mbit 1000]
+
+import os from "node:os";
+import { mkdtempSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { spawnSync } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
+import { migrateQemuAgentMode } from "../src/agent/qemu.js";
+import { argValue, isMain } from "./cli.js";
+
+const CLI = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
+
+export interface PredictRow {
+  predicted: { bytes: number; roundMs: number; timeMs: number; oneHostMs: number; linkMs: number; sourceMs: number; destinationMs: number };
+  actual: { bytes: number; roundMs: number; timeMs: number; rounds: number };
+  /** Predicted / actual; the times as analyze's oneHostMs (both agents on this host, as here) and its round 1 with the sum of source and destination. */
+  ratio: { bytes: number; roundMs: number; timeMs: number };
+}
+
+export async function benchAnalyzePredict(o: { quiet?: boolean; runs?: number; bandwidth?: number } = {}): Promise<PredictRow[] | { skipped: string }> {
+  const g = findGuest();
+  if (!qemuAvailable() || !g) return { skipped: "needs qemu-system-x86_64 and the guest of scripts/build-guest.sh" };
+  const bandwidth = o.bandwidth ?? 125e6;
+  const say = (s: string) => { if (!o.quiet) console.log(s); };
+  say(`analyze's prediction vs an agent-mode migration of the real guest (512 MiB, TCG), ${(bandwidth * 8 / 1e6).toFixed(0)} Mbit/s, both agents on this host`);
+  const rows: PredictRow[] = [];
+  for (let run = 0; run < (o.runs ?? 1); run++) {
+    const dir = mkdtempSync(join(os.tmpdir(), "pagetwin-predict-"));
+    const vms: QemuVm[] = [];
+    const boot = async (name: string, incoming?: string) => {
+      const vm = await QemuVm.start({
+        ...g, memoryMiB: 512, memPath: `/dev/shm/pagetwin-predict-${process.pid}-${name}`,
+        qmpSocket: join(dir, `${name}.qmp`), serialLog: join(dir, `${name}.log`), name: `pt-predict-${name}`,
+        ...(incoming ? { incoming, extraArgs: ["-S"] } : {}),
+      });
+      vms.push(vm);
+      return vm;
+    };
+    try {
+      const a = await boot("a");
+      await a.waitForSerial(/pagetwin-ready/, 300_000);
+      await a.waitForSerial(/pagetwin-counter 1\b/, 30_000);
+      const b = await boot("b", "defer");
+      const an = spawnSync(process.execPath, [CLI, "analyze", "--ram", a.options.memPath, "--image", g.disk, "--bandwidth", `${bandwidth}B`, "--json"], { encoding: "utf8" });
+      if (an.status !== 0) throw new Error(`bench: analyze failed: ${an.stderr}`);
+      const p = (JSON.parse(an.stdout.trim().split("\n").pop()!) as { pagetwin: PredictRow["predicted"] & { bytes: number } }).pagetwin;
+      const r = await migrateQemuAgentMode({
+        source: { qmp: a.qmp }, destination: { qmp: b.qmp, kill: async () => { await b.kill(); } },
+        srcRam: a.options.memPath, dstRam: b.options.memPath, image: g.disk, bandwidth,
+      });
+      if (r.status !== "completed") throw new Error(`bench: the migration failed: ${r.error}`);
+      const first = r.iterations[0]!;
+      // the rounds, without set-up and the device-state step after the final round (analyze leaves both out)
+      const roundsMs = r.iterations.reduce((s, it) => s + it.durationMs, 0);
+      const oneHostRound = Math.max(p.linkMs, p.sourceMs + p.destinationMs);
+      const row: PredictRow = {
+        predicted: { bytes: p.bytes, roundMs: p.roundMs, timeMs: p.timeMs, oneHostMs: p.oneHostMs, linkMs: p.linkMs, sourceMs: p.sourceMs, destinationMs: p.destinationMs },
+        actual: { bytes: first.transferredBytes, roundMs: first.durationMs, timeMs: roundsMs, rounds: r.iterations.length },
+        ratio: { bytes: +(p.bytes / first.transferredBytes).toFixed(3), roundMs: +(oneHostRound / first.durationMs).toFixed(3), timeMs: +(p.oneHostMs / roundsMs).toFixed(3) },
+      };
+      rows.push(row);
+      const within = (x: number) => (Math.abs(x - 1) <= 0.25 ? "within 25%" : "OFF by more than 25%");
+      say(`  round 1 bytes: predicted ${(p.bytes / 1e6).toFixed(1)} MB, sent ${(first.transferredBytes / 1e6).toFixed(1)} MB: ${row.ratio.bytes}x (${within(row.ratio.bytes)})`);
+      say(`  round 1 time, one host: predicted ${oneHostRound.toFixed(0)} ms (link ${p.linkMs.toFixed(0)}, source ${p.sourceMs.toFixed(0)} + destination ${p.destinationMs.toFixed(0)}; a host each: ${p.roundMs.toFixed(0)}), took ${first.durationMs.toFixed(0)} ms: ${row.ratio.roundMs}x (${within(row.ratio.roundMs)})`);
+      say(`  all rounds, one host: predicted ${p.oneHostMs.toFixed(0)} ms, took ${roundsMs.toFixed(0)} ms in ${r.iterations.length} rounds: ${row.ratio.timeMs}x (${within(row.ratio.timeMs)}; the guest's writes cost the rounds after the first)`);
+    } finally {
+      for (const vm of vms) await vm.cleanup().catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+  return rows;
+}
+
+if (isMain(import.meta.url)) {
+  const args = process.argv.slice(2);
+  const mbit = argValue(args, "--bandwidth-mbit");
+  const rows = await benchAnalyzePredict({ quiet: args.includes("--json"), runs: argValue(args, "--runs"), bandwidth: mbit ? (mbit * 1e6) / 8 : undefined });
+  if (args.includes("--json")) console.log(JSON.stringify({ machine: { cores: os.cpus().length, loadavg: os.loadavg() }, rows }));
+}
