@@ -10,8 +10,24 @@ import { splitArgs } from "../src/libvirt/virsh-options.js";
 import { jobProgress, parseSize } from "../src/libvirt/job.js";
 import { migrateArgs } from "../src/libvirt/migrate.js";
 import { UsageError } from "../src/errors.js";
+import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
 import { LibvirtPair, skipLibvirt, type LibvirtHost } from "./helpers/libvirt.js";
+
+/** Runs `pagetwin libvirt ...` to its end: exit code, stdout, stderr. */
+function cli(args: string[], timeoutMs = 180_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [cliPath, "libvirt", ...args], { stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "", stderr = "";
+    p.stdout.on("data", (d: Buffer) => { stdout += d; });
+    p.stderr.on("data", (d: Buffer) => { stderr += d; });
+    const t = setTimeout(() => { p.kill("SIGKILL"); reject(new Error(`pagetwin libvirt ${args.join(" ")}: no end in ${timeoutMs} ms; ${stderr}`)); }, timeoutMs);
+    p.once("close", (code) => { clearTimeout(t); resolve({ code, stdout, stderr }); });
+  });
+}
+
+const skip = skipLibvirt();
+const virshMissing = virshAvailable() ? false : "virsh not installed (apt-get install libvirt-clients)";
 
 // ------------------------------------------------------------ parsers
 
@@ -110,21 +126,26 @@ test("jobProgress reads domjobinfo's sizes and gives virsh --verbose's percent",
   assert.equal(jobProgress(new Map([["Data total", "512.000 MiB"], ["Data remaining", "0.000 B"]]))!.percent, 100);
 });
 
+test("the command: usage errors exit 2 before anything starts; an unreachable libvirt exits 1 with PAGETWIN_LIBVIRT", { skip: virshMissing }, async () => {
+  const help = await cli(["migrate", "--help"]);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /drop-in for `virsh migrate --live/);
+  for (const args of [["migrate"], ["migrate", "dom"], ["migrate", "dom", "uri", "--tunnelled"], ["migrate", "dom", "uri", "extra"], ["nonsense"]]) {
+    const r = await cli(args);
+    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+    assert.match(r.stderr, /^pagetwin: /);
+  }
+  const r = await cli(["migrate", "dom", "qemu:///system", "-c", "qemu+unix:///system?socket=/nonexistent/sock", "--no-pagetwin", "--json"]);
+  assert.equal(r.code, 1, r.stderr);
+  const res = jsonResult(r.stdout);
+  assert.equal(res.ok, false);
+  assert.equal(res.errorCode, "PAGETWIN_LIBVIRT");
+  assert.match(res.error, /virsh domstate/);
+});
+
 // ------------------------------------------------------------ two libvirt daemons
 
-/** Runs `pagetwin libvirt ...` to its end: exit code, stdout, stderr. */
-function cli(args: string[], timeoutMs = 180_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [cliPath, "libvirt", ...args], { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "", stderr = "";
-    p.stdout.on("data", (d: Buffer) => { stdout += d; });
-    p.stderr.on("data", (d: Buffer) => { stderr += d; });
-    const t = setTimeout(() => { p.kill("SIGKILL"); reject(new Error(`pagetwin libvirt ${args.join(" ")}: no end in ${timeoutMs} ms; ${stderr}`)); }, timeoutMs);
-    p.once("close", (code) => { clearTimeout(t); resolve({ code, stdout, stderr }); });
-  });
-}
 
-const skip = skipLibvirt();
 
 describe("two libvirt daemons, the test guest with two disks", { skip }, () => {
   let pair: LibvirtPair;

@@ -70,7 +70,7 @@ async function runMigrate(argv: string[]): Promise<number> {
     return 0;
   }
   const [domain, destUri, ...extra] = a.positionals;
-  if (!domain || !destUri) throw new UsageError("pagetwin libvirt migrate DOMAIN DESTURI: both are required (--help)");
+  if (!domain || !destUri) throw new UsageError("DOMAIN and DESTURI are both required: pagetwin libvirt migrate DOMAIN DESTURI [options] (--help)");
   if (extra.length) throw new UsageError(`unexpected argument "${extra[0]}" (virsh migrate options start with --)`);
   const json = a.values["json"] === true;
   const quiet = a.values["quiet"] === true;
