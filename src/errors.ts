@@ -207,3 +207,17 @@ export class LibvirtMigrationError extends LibvirtError {
     this.sourceState = options.sourceState;
   }
 }
+
+/**
+ * `pagetwin serve` and its control interface: `code` says what went wrong
+ * (`PAGETWIN_SERVE_*`, `PAGETWIN_PEER_*`; docs/SERVE.md lists them). A
+ * client gets the service's code back as it was.
+ */
+export class ServeError extends PagetwinError {
+  override readonly code: string;
+
+  constructor(code: string, message: string, options?: PagetwinErrorOptions) {
+    super(message, options);
+    this.code = code;
+  }
+}

@@ -18,6 +18,7 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
   "stream-out": { summary: "stream mode, source side: a proxy in QEMU's own migration stream", load: async () => ({ run: (await import("./commands/stream.js")).runStreamOutCli }) },
   libvirt: { summary: "migrate a libvirt domain live through pagetwin (a drop-in for virsh migrate --live)", load: () => import("./commands/libvirt.js") },
   "stream-in": { summary: "stream mode, destination side: rebuilds QEMU's stream from the NAS", load: async () => ({ run: (await import("./commands/stream.js")).runStreamInCli }) },
+  serve: { summary: "one service per host for every stream-mode migration on it (control socket, peer link)", load: () => import("./commands/serve.js") },
 };
 
 /** Usage errors exit 2, failures 1 (as grep, curl and git do); help asked for goes to stdout with 0. */

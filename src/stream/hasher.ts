@@ -12,7 +12,14 @@ export interface Lookup {
   hashes: Uint8Array;
 }
 
-export class PageHasher {
+/** A session's page lookup: one disk's (PageHasher) or several disks' (disks.ts). */
+export interface PageLookup {
+  /** Looks up the `count` page pieces among `pieces`, in order; the views hold until the next call. */
+  lookup(pieces: readonly Piece[], count: number): Lookup;
+  free(): void;
+}
+
+export class PageHasher implements PageLookup {
   private pages: Region | null = null;
   private hashes: Region | null = null;
   private blocks: Region | null = null;

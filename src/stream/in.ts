@@ -15,6 +15,7 @@ import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js
 import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
+import type { PageVerifier } from "./disks.js";
 import { SFrame, STREAM_FRAMES, decodeRefs, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
@@ -57,7 +58,7 @@ export interface StreamInOptions extends SecurityOptions {
 }
 
 /** What every stream-in session shares; the index fields follow the newest index the source used. */
-interface InContext {
+export interface InContext {
   engine: Engine;
   image: GuestDisk;
   indexId: string | null;
@@ -71,6 +72,13 @@ interface InContext {
   /** performance.now() of the first byte handed to QEMU, and of the last end of a stream (0: not yet). */
   firstByteAt: number;
   lastEndAt: number;
+  /** Several disks (pagetwin serve): they decide dedup and verify the blocks instead of engine/image/index*. */
+  disks?: { refusal(): string | null; verifier(): PageVerifier };
+}
+
+/** One link from stream-out through to the destination QEMU (pagetwin serve runs these itself). */
+export function runInSession(ctx: InContext, link: net.Socket, channel: number): Promise<void> {
+  return new InSession(ctx, link, channel).run();
 }
 
 /** Frames from stream-out queued here before the link is paused. */
@@ -142,7 +150,7 @@ class InSession {
   private streamEnded = false;
   private raw!: RawDecoder;
   /** This session's own block buffers, in the engine of the index agreed in the handshake. */
-  private verifier!: BlockVerifier;
+  private verifier!: PageVerifier;
   /** What this session hands QEMU, checked at END against the source's stream. */
   private streamBytes = 0;
   private streamCrc = 0;
@@ -158,7 +166,7 @@ class InSession {
   async run(): Promise<void> {
     this.wireLink();
     await this.handshake();
-    this.verifier = new BlockVerifier(this.ctx.engine, this.ctx.image);
+    this.verifier = this.ctx.disks?.verifier() ?? new BlockVerifier(this.ctx.engine, this.ctx.image);
     await this.drain();
     this.verifier.free();
     if (this.failure) throw this.failure;
@@ -298,6 +306,7 @@ class InSession {
   /** Why this side cannot rebuild the source's references (null: it can). */
   private async dedupRefusal(h: Hello): Promise<string | null> {
     const ctx = this.ctx;
+    if (ctx.disks) return ctx.disks.refusal();
     // The source may have (re)built the index after this proxy started.
     if (ctx.indexId !== h.indexId) {
       try {

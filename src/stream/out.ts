@@ -29,7 +29,7 @@ import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
 import { UsageError } from "../errors.js";
-import { PageHasher } from "./hasher.js";
+import { PageHasher, type PageLookup } from "./hasher.js";
 import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { SEND_QUEUE_BYTES } from "../link/channel.js";
@@ -84,7 +84,7 @@ export interface StreamOutOptions extends SecurityOptions {
 }
 
 /** What every stream-out session shares. */
-interface OutContext {
+export interface OutContext {
   engine: Engine;
   index: TwinIndex;
   indexId: string;
@@ -101,6 +101,15 @@ interface OutContext {
   /** performance.now() of the first byte from the source QEMU, and of the last VERDICT (0: not yet). */
   firstByteAt: number;
   lastVerdictAt: number;
+  /** Another lookup than `index`'s (pagetwin serve: every disk of the migration). */
+  lookup?: () => PageLookup;
+  /** More HELLO fields (pagetwin serve: the migration id). */
+  hello?: Record<string, unknown>;
+}
+
+/** One migration connection from the source QEMU through to stream-in (pagetwin serve runs these itself). */
+export function runOutSession(ctx: OutContext, qemu: net.Socket, channel: number): Promise<void> {
+  return new OutSession(ctx, qemu, channel).run();
 }
 
 /**
@@ -184,7 +193,7 @@ class OutSession {
   private reported = false;
   /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
   private readonly refs = new RefsBuilder();
-  private readonly hasher: PageHasher;
+  private readonly hasher: PageLookup;
   private pumping = Promise.resolve();
   /** This session's stream as QEMU sent it, for stream-in's end-to-end check. */
   private streamBytes = 0;
@@ -197,7 +206,7 @@ class OutSession {
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
     this.ring = new ReplayWindow(ctx.windowPages);
-    this.hasher = new PageHasher(ctx.engine, ctx.index);
+    this.hasher = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
   }
 
   async run(): Promise<void> {
@@ -353,7 +362,7 @@ class OutSession {
     const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
     // a new migration (--keep): its times count from its own first byte
     if (ctx.lastVerdictAt > 0) ctx.firstByteAt = ctx.lastVerdictAt = 0;
-    this.sendLink(jsonFrame(SFrame.Hello, { v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer, verdict: true }));
+    this.sendLink(jsonFrame(SFrame.Hello, { ...ctx.hello, v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, compression: offer, verdict: true }));
     const ack = await this.nextAck("HELLO_ACK from stream-in");
     if (ack.ready !== true) {
       const err = new ProtocolError("stream-in did not say it is ready (does it run the same pagetwin version?)");

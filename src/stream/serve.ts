@@ -41,6 +41,15 @@ export async function serve(l: Listen, o: ServeOptions): Promise<StreamProxy> {
   return sessions.proxy();
 }
 
+/**
+ * Sessions from another proxy handed in one by one (pagetwin serve's peer
+ * port routes them), with serve()'s rules for when the migration is over.
+ */
+export function adopt(o: ServeOptions): { proxy: StreamProxy; add(sock: net.Socket): void } {
+  const sessions = new Sessions(null, o);
+  return { proxy: sessions.proxy(), add: (sock) => sessions.start(sock) };
+}
+
 class Sessions {
   private active = 0;
   private channels = 0;
@@ -52,11 +61,13 @@ class Sessions {
   private readonly sockets = new Set<net.Socket>();
   private listener: Listener | null = null;
 
-  constructor(private readonly l: Listen, private readonly o: ServeOptions) {}
+  constructor(private readonly l: Listen | null, private readonly o: ServeOptions) {}
 
   async open(): Promise<void> {
+    if (!this.l) return;
+    const l = this.l;
     this.listener = await Listener.open({
-      at: this.l.at, security: this.l.security, peer: this.l.peer === "qemu" ? "source QEMU" : "stream-out", allowHalfOpen: true, log: (m) => this.o.log.info(m),
+      at: l.at, security: l.security, peer: l.peer === "qemu" ? "source QEMU" : "stream-out", allowHalfOpen: true, log: (m) => this.o.log.info(m),
       onSession: (sock) => this.start(sock),
       onRefused: (reason) => this.o.stats.refused.push(reason),
       refusalFrame: (why) => jsonFrame(SFrame.Abort, { reason: `stream-in refused this stream-out: ${why}` }),
@@ -75,7 +86,7 @@ class Sessions {
       return s;
     });
     done.catch(() => {}); // the caller may only ever call close()
-    return { port: this.listener!.port, stats: this.o.stats, done, close: async () => { this.finish(); await this.done; } };
+    return { port: this.listener?.port ?? 0, stats: this.o.stats, done, close: async () => { this.finish(); await this.done; } };
   }
 
   private finish(): void {
@@ -87,7 +98,7 @@ class Sessions {
     this.resolveDone(this.o.stats);
   }
 
-  private start(sock: net.Socket): void {
+  start(sock: net.Socket): void {
     const { stats, log } = this.o;
     if (this.t0 === 0) this.t0 = performance.now();
     this.sockets.add(sock);
@@ -106,7 +117,7 @@ class Sessions {
     this.active--;
     this.ended++;
     // after a failure, let the other proxy read the ABORT before the socket goes (a destroy with unread data resets it)
-    if (failed && this.l.peer === "proxy" && !sock.destroyed) {
+    if (failed && (this.l?.peer ?? "proxy") === "proxy" && !sock.destroyed) {
       sock.end();
       sock.resume();
       setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();

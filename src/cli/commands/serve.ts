@@ -1,0 +1,71 @@
+// `pagetwin serve`: the per-host service (docs/SERVE.md). Runs until SIGTERM
+// or SIGINT; the first lets running migrations finish (--drain-timeout),
+// a second fails those still running (their source VMs keep running).
+
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { helpText, num, parse, securityOptions, security, type CommandSpec } from "../args.js";
+import { printJson } from "../json.js";
+import { ServeService } from "../../serve/service.js";
+import type { ServeEvent } from "../../serve/migration.js";
+
+export const DEFAULT_CONTROL = "/run/pagetwin/control.sock";
+
+export const serveSpec: CommandSpec = {
+  name: "serve",
+  summary: "one service per host for every stream-mode migration on it, both directions",
+  usage: "pagetwin serve [--control PATH] [--peer-listen HOST:PORT] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--json]",
+  options: {
+    control: { type: "string", default: DEFAULT_CONTROL, help: "the control socket local tools use (created mode 0600; its directory 0700 when created)" },
+    "peer-listen": { type: "string", help: "HOST:PORT where other hosts' services connect (one port for all migrations); without it this service only sends" },
+    "drain-timeout": { type: "string", default: "600", help: "on SIGTERM, seconds running migrations get to finish before they are failed (their source VMs keep running)" },
+    ...securityOptions("other hosts' pagetwin serve", true),
+    json: { type: "boolean", help: "NDJSON on stdout: a listening line, then every migration's events (state, progress, end)" },
+    quiet: { type: "boolean", help: "no log lines on stderr" },
+  },
+  details: `Control socket: one JSON request per line ({"id", "op", ...}), answered by id.
+Ops: hello, outgoing (prepare a migration from this host; answers migrateUri and,
+for libvirt, libvirtMigrateUri and listenAddress), list, status, cancel, watch,
+unwatch. docs/SERVE.md has every field, the error codes, and a recipe with
+virsh migrate. The peer link between services is TLS (the same --psk-file on
+every host, or certificates from one CA); --insecure only on a network nobody
+else reaches.`,
+};
+
+export async function run(argv: string[]): Promise<number> {
+  const p = parse(serveSpec, argv);
+  if (p.help) {
+    process.stdout.write(helpText(serveSpec) + "\n");
+    return 0;
+  }
+  const v = p.values;
+  const json = Boolean(v["json"]);
+  const control = v["control"] as string;
+  const drainMs = num(v, "drain-timeout", 0) * 1000;
+  const log = v["quiet"] ? () => {} : (m: string) => process.stderr.write(`[pagetwin serve] ${m}\n`);
+  ensureDir(dirname(control));
+  const svc = await ServeService.start({ control, log, ...security(v), ...(v["peer-listen"] ? { peerListen: v["peer-listen"] as string } : {}) });
+  if (json) {
+    printJson("serve", "listening", { control, peerPort: svc.peerPort });
+    // the envelope's `event` is the line's kind; the service's event is `type`
+    svc.subscribe(({ event, ...rest }: ServeEvent) => printJson("serve", "progress", { type: event, ...rest }));
+  }
+  let signals = 0;
+  const stopped = new Promise<void>((resolve) => {
+    const onSig = (sig: NodeJS.Signals) => {
+      signals++;
+      log(signals === 1 ? `${sig}: taking no new migrations; running ones may finish (up to ${drainMs / 1000} s)` : `${sig} again: failing the migrations still running`);
+      void svc.shutdown(signals === 1 ? drainMs : 0).then(resolve);
+    };
+    process.on("SIGTERM", onSig);
+    process.on("SIGINT", onSig);
+  });
+  await stopped;
+  log("stopped");
+  return 0;
+}
+
+/** The control socket's directory: made 0700 when it is not there (/run/pagetwin under systemd's RuntimeDirectory). */
+function ensureDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+}

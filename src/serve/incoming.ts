@@ -1,0 +1,185 @@
+// The destination half of a migration: prepared on a lease (PREPARE), fed
+// by stream sessions the peer port routes here (HELLO with the migration's
+// id), each rebuilt by stream mode's stream-in session into the destination
+// QEMU. When the last session has ended, the outcome and stats go back on
+// the lease (FINISHED).
+
+import type * as net from "node:net";
+import type { EventEmitter } from "node:events";
+import { createEngine, type Engine } from "../core/engine.js";
+import { defaultIndexPath, readIndexHeader } from "../adapters/nas/index-file.js";
+import { openDisk } from "../adapters/nas/disk.js";
+import type { GuestDisk } from "../adapters/nas/image.js";
+import { parseEndpoint } from "../link/endpoint.js";
+import { parseJson, printable } from "../wire/envelope.js";
+import { runInSession, type InContext } from "../stream/in.js";
+import { adopt } from "../stream/serve.js";
+import { newStats, type StreamProxy } from "../stream/stats.js";
+import { MultiDiskVerifier, diskOffsets, type DestDisk } from "../stream/disks.js";
+import { ServeError } from "../errors.js";
+import type { Log } from "../log.js";
+import { PeerFrame, SERVE_PROTOCOL_VERSION, type Prepare, type Prepared } from "./frames.js";
+import { Lease } from "./lease.js";
+import { MigrationRecord, errorInfo } from "./migration.js";
+import type { Shared } from "./shared.js";
+
+/** A destination disk open in the service: its image, and its index's seed and id (only they are needed here). */
+export interface OpenDestDisk {
+  engine: Engine;
+  image: GuestDisk;
+  indexId: string | null;
+  indexError: string | null;
+  indexPath: string;
+}
+
+export async function openDestDisk(path: string): Promise<OpenDestDisk> {
+  const indexPath = defaultIndexPath(path);
+  let seed = 0n, indexId: string | null = null, indexError: string | null = null;
+  try {
+    const h = readIndexHeader(indexPath);
+    seed = h.seed;
+    indexId = h.indexId;
+  } catch (err) {
+    indexError = (err as Error).message;
+  }
+  const image = openDisk(path);
+  try {
+    return { engine: await createEngine({ seed }), image, indexId, indexError, indexPath };
+  } catch (err) {
+    image.close();
+    throw err;
+  }
+}
+
+/** What the service lends an incoming migration. */
+export interface InParts {
+  disks: Shared<OpenDestDisk>;
+  bus: EventEmitter;
+  log: Log;
+  /** Registers the migration (throws ServeError when the id is taken or the service is stopping). */
+  register(m: IncomingMigration): void;
+  unregister(m: IncomingMigration): void;
+}
+
+export class IncomingMigration {
+  private proxy!: StreamProxy;
+  private add!: (sock: net.Socket) => void;
+  private constructor(readonly record: MigrationRecord, private readonly lease: Lease, private readonly paths: string[], private readonly parts: InParts) {}
+
+  /** Answers a lease's PREPARE: PREPARED once the disks are open, or an ABORT saying why not. */
+  static async accept(sock: net.Socket, parts: InParts): Promise<void> {
+    const lease = new Lease(sock);
+    let p: Prepare;
+    try {
+      p = checkPrepare(parseJson<Prepare>(await lease.next("PREPARE"), "PREPARE"));
+    } catch (err) {
+      parts.log.warn(`a peer's PREPARE: ${(err as Error).message}`);
+      lease.end({ code: (err as ServeError).code ?? "PAGETWIN_PROTOCOL", reason: (err as Error).message });
+      return;
+    }
+    const paths = p.disks.map((d) => d.path);
+    let disks: OpenDestDisk[];
+    try {
+      disks = await parts.disks.acquireAll(paths);
+    } catch (err) {
+      lease.end({ code: errorInfo(err).code, reason: `the destination cannot open the migration's disks: ${(err as Error).message}` });
+      return;
+    }
+    const m = IncomingMigration.create(p, disks, lease, parts);
+    try {
+      parts.register(m);
+    } catch (err) {
+      for (const path of paths) parts.disks.release(path);
+      lease.end({ code: errorInfo(err).code, reason: (err as Error).message });
+      return;
+    }
+    m.start();
+  }
+
+  private static create(p: Prepare, open: OpenDestDisk[], lease: Lease, parts: InParts): IncomingMigration {
+    const offsets = diskOffsets(p.disks.map((d) => d.blocks));
+    const answers = p.disks.map((d, i) => dedupOf(d.indexId, open[i]!, offsets[i]!));
+    const stats = newStats("stream-in");
+    const record = new MigrationRecord(p.migration, "in", p.qemu, stats,
+      p.disks.map((d, i) => ({ path: d.path, ...answers[i]! })), parts.bus);
+    const m = new IncomingMigration(record, lease, p.disks.map((d) => d.path), parts);
+    const dest: DestDisk[] = open.map((d, i) => ({ engine: d.engine, image: d.image, offset: answers[i]!.dedup ? offsets[i]! : -1, blocks: p.disks[i]!.blocks }));
+    const anyDedup = answers.some((a) => a.dedup);
+    const first = open[0]!;
+    const ctx: InContext = {
+      engine: first.engine, image: first.image, indexId: null, indexError: null, indexPath: first.indexPath,
+      qemu: parseEndpoint(p.qemu, "qemu"), stats, log: parts.log, watch: null, firstByteAt: 0, lastEndAt: 0,
+      disks: {
+        refusal: () => anyDedup ? null : `no disk of migration ${p.migration} has the source's index here: ${answers.map((a) => a.reason).join("; ")}`,
+        verifier: () => new MultiDiskVerifier(dest, record.twins),
+      },
+    };
+    const { proxy, add } = adopt({
+      stats, keep: false, log: parts.log, onClose: () => {},
+      session: (sock, channel) => { record.setState("running"); return runInSession(ctx, sock, channel); },
+    });
+    m.proxy = proxy;
+    m.add = add;
+    lease.send(PeerFrame.Prepared, { disks: answers } satisfies Prepared);
+    return m;
+  }
+
+  private start(): void {
+    const { record, lease, parts } = this;
+    record.setState("ready");
+    parts.log.info(`migration ${record.id} (in): ready, QEMU at ${record.qemu}, ${this.paths.length} disk(s)`);
+    lease.watch((why) => this.cancel(why));
+    void this.proxy.done.then((stats) => this.finish(stats.error));
+  }
+
+  /** A stream session of this migration, from the peer port (paused, its HELLO unread). */
+  session(sock: net.Socket): void {
+    if (this.record.final) {
+      sock.destroy();
+      return;
+    }
+    this.add(sock);
+    sock.resume();
+  }
+
+  /** Ends it now: sessions in flight are cut (the destination QEMU's incoming migration fails). */
+  cancel(why: ServeError): void {
+    if (this.record.final) return;
+    this.parts.log.warn(`migration ${this.record.id} (in): ${why.message}`);
+    this.record.setState("cancelled", why);
+    void this.proxy.close();
+  }
+
+  private finish(error: string | undefined): void {
+    const { record, lease, parts } = this;
+    const ok = !error && record.stats.verdict === "verified";
+    if (!record.final) record.setState(ok ? "completed" : "failed", ok ? undefined : new ServeError("PAGETWIN_MIGRATION", error ?? `the end-to-end check says ${record.stats.verdict}`));
+    lease.send(PeerFrame.Finished, { ok, ...(record.error ? { error: record.error } : {}), stats: record.stats, disks: record.status().disks });
+    lease.end();
+    for (const p of this.paths) parts.disks.release(p);
+    parts.unregister(this);
+  }
+}
+
+/** Whether this side can verify the source's references into a disk (and why not). */
+function dedupOf(indexId: string | null, d: OpenDestDisk, offset: number): { dedup: boolean; reason?: string } {
+  if (offset < 0) return { dedup: false, reason: "the migration's disks hold more blocks together than a reference can name (16 TiB)" };
+  if (indexId === null) return { dedup: false, reason: "the source has no index of it" };
+  if (d.indexId === null) return { dedup: false, reason: `no usable index here: ${d.indexError}` };
+  if (d.indexId !== indexId) return { dedup: false, reason: `the source uses index ${printable(indexId)}, this side has ${d.indexId} (${d.indexPath}): not the same image index` };
+  return { dedup: true };
+}
+
+function checkPrepare(p: Prepare): Prepare {
+  if (p.v !== SERVE_PROTOCOL_VERSION) throw new ServeError("PAGETWIN_PROTOCOL", `the source service speaks serve protocol ${printable(String(p.v))}, this one ${SERVE_PROTOCOL_VERSION}: run the same pagetwin on both hosts`);
+  if (typeof p.migration !== "string" || !p.migration || typeof p.qemu !== "string" || !Array.isArray(p.disks) || p.disks.length === 0) {
+    throw new ServeError("PAGETWIN_PROTOCOL", "PREPARE needs a migration id, the QEMU address and at least one disk");
+  }
+  for (const d of p.disks) {
+    if (typeof d?.path !== "string" || !Number.isInteger(d.blocks) || d.blocks < 0 || (d.indexId !== null && typeof d.indexId !== "string")) {
+      throw new ServeError("PAGETWIN_PROTOCOL", "PREPARE: each disk needs a path, its blocks and its index id (or null)");
+    }
+  }
+  parseEndpoint(p.qemu, "the destination QEMU address");
+  return p;
+}

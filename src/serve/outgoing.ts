@@ -1,0 +1,239 @@
+// The source half of a migration: open the disks' indexes (shared with
+// other migrations of the same images), prepare the destination service on
+// a lease, then listen where the source QEMU will connect. Each QEMU
+// connection is a stream-out session of stream mode, dialling the
+// destination service's peer port with the migration's id in its HELLO.
+
+import type { EventEmitter } from "node:events";
+import { availableAlgorithms, zstdUnavailableReason, type CompressionMode } from "../codec/compress.js";
+import type { NasIndex } from "../adapters/nas/index-file.js";
+import { dial } from "../link/dial.js";
+import { formatEndpoint, isLocal, parseEndpoint, type Endpoint } from "../link/endpoint.js";
+import type { Security } from "../link/security.js";
+import { TIMEOUTS } from "../link/timeouts.js";
+import { parseJson, type Frame } from "../wire/envelope.js";
+import { SFrame } from "../stream/frames.js";
+import { runOutSession, type OutContext } from "../stream/out.js";
+import { serve } from "../stream/serve.js";
+import { newStats, type StreamProxy, type StreamStats } from "../stream/stats.js";
+import { MultiDiskHasher, diskOffsets, type SourceDisk } from "../stream/disks.js";
+import { ServeError, UsageError } from "../errors.js";
+import type { Log } from "../log.js";
+import { PeerFrame, SERVE_PROTOCOL_VERSION, type Prepare, type Prepared } from "./frames.js";
+import { Lease, abortError } from "./lease.js";
+import { MigrationRecord } from "./migration.js";
+import type { Shared } from "./shared.js";
+
+/** The `outgoing` request. */
+export interface OutgoingRequest {
+  /** The migration's id (unique on both services while it runs): e.g. the domain's name or UUID. */
+  migration: string;
+  /** The VM's disk images on this host, in the domain's order. */
+  disks: string[];
+  /** The same images as the destination host mounts them (default: the same paths). */
+  destDisks?: string[];
+  /** Where the source QEMU connects: a loopback HOST:PORT (port 0: any free one) or unix:PATH. */
+  qemu: string;
+  /** The destination QEMU's -incoming address, as the destination host reaches it. */
+  destQemu: string;
+  /** The destination service's peer address, HOST:PORT. */
+  peer: string;
+  /** Compression of what travels raw: auto (default), off, zstd, brotli. */
+  compress?: CompressionMode;
+  /** Referenced pages kept for resends (default 16384). */
+  windowPages?: number;
+}
+
+/** The `outgoing` answer: what QEMU (or libvirt) is given. */
+export interface OutgoingReady {
+  migration: string;
+  /** For the source QEMU: `migrate URI` (tcp:HOST:PORT or unix:PATH). */
+  migrateUri: string;
+  /** For libvirt's --migrateuri (tcp://HOST:PORT; absent for a unix socket). */
+  libvirtMigrateUri?: string;
+  /** Where the source service listens for QEMU. */
+  listen: string;
+  /** The port of `listen` (0 for a unix socket). */
+  port: number;
+  /** The destination QEMU's address (libvirt: --listen-address is its host). */
+  destQemu: string;
+  listenAddress?: string;
+  disks: { path: string; dedup: boolean; reason?: string }[];
+}
+
+/** What the service lends an outgoing migration. */
+export interface OutParts {
+  indexes: Shared<NasIndex>;
+  security: Security;
+  bus: EventEmitter;
+  log: Log;
+  register(m: OutgoingMigration): void;
+  unregister(m: OutgoingMigration): void;
+}
+
+export class OutgoingMigration {
+  private proxy: StreamProxy | null = null;
+  private lease: Lease | null = null;
+  private acquired = false;
+  readonly record: MigrationRecord;
+  private readonly stats: StreamStats = newStats("stream-out");
+  private readonly qemuAt: Endpoint;
+  private destQemu: Endpoint;
+  private readonly peerAt: Endpoint;
+
+  constructor(private readonly req: OutgoingRequest, private readonly parts: OutParts) {
+    checkRequest(req);
+    this.qemuAt = parseEndpoint(req.qemu, "qemu");
+    if (!isLocal(this.qemuAt)) throw new UsageError(`qemu: the source QEMU connects over loopback or a unix socket (got ${req.qemu})`);
+    this.destQemu = parseEndpoint(req.destQemu, "destQemu");
+    this.peerAt = parseEndpoint(req.peer, "peer", "");
+    this.stats.compression.mode = req.compress ?? "auto";
+    this.record = new MigrationRecord(req.migration, "out", formatEndpoint(this.qemuAt), this.stats,
+      req.disks.map((path) => ({ path, dedup: false })), parts.bus, formatEndpoint(this.peerAt));
+  }
+
+  /** Prepares both ends; resolves once the source QEMU may connect. On failure nothing stays open. */
+  async prepare(): Promise<OutgoingReady> {
+    this.parts.register(this);
+    try {
+      const ready = await this.prepareBoth();
+      this.record.setState("ready");
+      this.parts.log.info(`migration ${this.req.migration} (out): ready, QEMU migrates to ${ready.migrateUri}`);
+      void this.proxy!.done.then((s) => this.finish(s.error));
+      return ready;
+    } catch (err) {
+      this.lease?.end({ code: "PAGETWIN_SERVE_CANCELLED", reason: `the source service could not prepare the migration: ${(err as Error).message}` });
+      void this.proxy?.close();
+      this.release();
+      this.record.setState("failed", err);
+      this.parts.unregister(this);
+      throw err;
+    }
+  }
+
+  // The source side listens first, so that a destination QEMU port given as 0
+  // can be the port chosen here (libvirt uses one port number for both QEMUs);
+  // a QEMU connection waits until the destination has answered.
+  private async prepareBoth(): Promise<OutgoingReady> {
+    const { req, parts } = this;
+    const nas = await parts.indexes.acquireAll(req.disks);
+    this.acquired = true;
+    const blocks = nas.map((n) => n.header.blocks);
+    let prepared!: (lookup: SourceDisk[]) => void;
+    const lookup = new Promise<SourceDisk[]>((r) => { prepared = r; });
+    this.proxy = await this.listen(nas[0]!, lookup);
+    if (this.destQemu.kind === "tcp" && this.destQemu.port === 0 && this.proxy.port) this.destQemu = { ...this.destQemu, port: this.proxy.port };
+    const answer = await this.prepareDestination(nas, blocks);
+    const offsets = diskOffsets(blocks);
+    answer.disks.forEach((d, i) => Object.assign(this.record.disks[i]!, d.dedup ? { dedup: true } : { dedup: false, reason: d.reason ?? "refused" }));
+    prepared(nas.flatMap((n, i) => answer.disks[i]?.dedup ? [{ engine: n.engine, index: n.index, offset: offsets[i]!, slot: i }] : []));
+    return this.answer();
+  }
+
+  /** Dials the destination service and asks it to get ready (PREPARE -> PREPARED). */
+  private async prepareDestination(nas: NasIndex[], blocks: number[]): Promise<Prepared> {
+    const { req, parts } = this;
+    let sock;
+    try {
+      sock = await dial(this.peerAt, parts.security, { peer: "destination pagetwin serve", allowHalfOpen: false, hint: "Is `pagetwin serve` running there, with --peer-listen on that address?" });
+    } catch (err) {
+      throw new ServeError("PAGETWIN_PEER_UNREACHABLE", (err as Error).message, { cause: err });
+    }
+    const lease = this.lease = new Lease(sock);
+    const paths = req.destDisks ?? req.disks;
+    const p: Prepare = {
+      v: SERVE_PROTOCOL_VERSION, migration: req.migration, qemu: formatEndpoint(this.destQemu),
+      disks: paths.map((path, i) => ({ path, indexId: nas[i]!.header.indexId, blocks: blocks[i]! })),
+    };
+    lease.send(PeerFrame.Prepare, p);
+    const f = await lease.next("PREPARED from the destination service");
+    if (f.type === SFrame.Abort) throw abortError(f, "the destination service refused the migration");
+    if (f.type !== PeerFrame.Prepared) throw new ServeError("PAGETWIN_PROTOCOL", `the destination service answered PREPARE with frame ${f.type}`);
+    const prepared = parseJson<Prepared>(f, "PREPARED");
+    if (!Array.isArray(prepared.disks) || prepared.disks.length !== paths.length) throw new ServeError("PAGETWIN_PROTOCOL", "PREPARED does not answer for every disk");
+    lease.watch((why) => this.cancel(why));
+    return prepared;
+  }
+
+  private listen(first: NasIndex, disks: Promise<SourceDisk[]>): Promise<StreamProxy> {
+    const { req, parts, record } = this;
+    const context = disks.then((lookup): OutContext => ({
+      engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
+      windowPages: req.windowPages ?? 16384, to: this.peerAt, noDedup: lookup.length === 0, compress: req.compress ?? "auto",
+      bandwidth: 0, security: parts.security, watch: null, firstByteAt: 0, lastVerdictAt: 0,
+      lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
+    }));
+    return serve({ at: this.qemuAt, security: { kind: "local" }, peer: "qemu" }, {
+      stats: this.stats, keep: false, log: parts.log, onClose: () => {},
+      session: async (sock, channel) => {
+        const ctx = await context;
+        record.setState("running");
+        return runOutSession(ctx, sock, channel);
+      },
+    });
+  }
+
+  private answer(): OutgoingReady {
+    const at = this.qemuAt.kind === "tcp" ? { ...this.qemuAt, port: this.proxy!.port } : this.qemuAt;
+    const migrateUri = at.kind === "tcp" ? `tcp:${formatEndpoint(at)}` : `unix:${at.path}`;
+    return {
+      migration: this.req.migration, migrateUri, ...(at.kind === "tcp" ? { libvirtMigrateUri: `tcp://${formatEndpoint(at)}` } : {}),
+      listen: formatEndpoint(at), port: at.kind === "tcp" ? at.port : 0, destQemu: formatEndpoint(this.destQemu),
+      ...(this.destQemu.kind === "tcp" ? { listenAddress: this.destQemu.host } : {}),
+      disks: this.record.disks.map((d) => ({ ...d })),
+    };
+  }
+
+  /** Ends it now: the source QEMU's migration fails (the VM keeps running), the destination drops its half. */
+  cancel(why: ServeError): void {
+    if (this.record.final) return;
+    this.parts.log.warn(`migration ${this.req.migration} (out): ${why.message}`);
+    this.record.setState(why.code === "PAGETWIN_SERVE_CANCELLED" ? "cancelled" : "failed", why);
+    this.lease?.end({ code: why.code, reason: why.message });
+    void this.proxy?.close();
+  }
+
+  private async finish(error: string | undefined): Promise<void> {
+    const { record } = this;
+    if (!record.final) {
+      await this.peerFinished();
+      const ok = !error && this.stats.verdict === "verified";
+      record.setState(ok ? "completed" : "failed", ok ? undefined : new ServeError("PAGETWIN_MIGRATION", error ?? `the end-to-end check says ${this.stats.verdict}`));
+    }
+    this.lease?.end();
+    this.release();
+    this.parts.unregister(this);
+  }
+
+  /** The destination's FINISHED (its stats), if it comes soon. */
+  private async peerFinished(): Promise<void> {
+    if (!this.lease) return;
+    let f: Frame;
+    try {
+      f = await this.lease.next("FINISHED from the destination service", TIMEOUTS.closeWaitMs);
+    } catch {
+      return;
+    }
+    if (f.type !== PeerFrame.Finished) return;
+    const fin = parseJson<{ stats?: StreamStats }>(f, "FINISHED");
+    if (fin.stats && typeof fin.stats === "object") this.record.peerStats = fin.stats;
+  }
+
+  private release(): void {
+    if (!this.acquired) return;
+    this.acquired = false;
+    for (const p of this.req.disks) this.parts.indexes.release(p);
+  }
+}
+
+function checkRequest(r: OutgoingRequest): void {
+  const strings = (v: unknown) => Array.isArray(v) && v.length > 0 && v.every((x) => typeof x === "string" && x.length > 0);
+  if (typeof r.migration !== "string" || !/^[\w.:@+-]{1,128}$/.test(r.migration)) throw new UsageError("migration: an id of 1-128 characters of letters, digits and . _ : @ + -");
+  if (!strings(r.disks)) throw new UsageError("disks: one or more image paths");
+  if (r.destDisks !== undefined && (!strings(r.destDisks) || r.destDisks.length !== r.disks.length)) throw new UsageError("destDisks: one path per disk");
+  for (const k of ["qemu", "destQemu", "peer"] as const) if (typeof r[k] !== "string") throw new UsageError(`${k}: HOST:PORT or unix:PATH`);
+  if (r.compress !== undefined && r.compress !== "auto" && r.compress !== "off" && !availableAlgorithms().includes(r.compress)) {
+    throw new UsageError(`compress: auto, off or an available algorithm (${zstdUnavailableReason()})`);
+  }
+  if (r.windowPages !== undefined && !(Number.isInteger(r.windowPages) && r.windowPages >= 64)) throw new UsageError("windowPages: an integer >= 64");
+}

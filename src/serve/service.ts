@@ -1,0 +1,213 @@
+// `pagetwin serve`: one service per host for every stream-mode migration on
+// it, both directions at once. Local tools talk to it on the control socket
+// (control.ts); services talk to each other on one peer port (peer.ts),
+// inside TLS. Indexes and images are opened once per path and shared by the
+// migrations that use them (shared.ts).
+
+import { EventEmitter } from "node:events";
+import type * as net from "node:net";
+import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
+import { parseEndpoint } from "../link/endpoint.js";
+import type { Listener } from "../link/listen.js";
+import { INSECURE_WARNING, checkSecurity, describeSecurity, resolveSecurity, type Security, type SecurityOptions } from "../link/security.js";
+import { ServeError } from "../errors.js";
+import { jsonFrame } from "../wire/envelope.js";
+import { SFrame } from "../stream/frames.js";
+import { TIMEOUTS } from "../link/timeouts.js";
+import { toLog, type Log, type LogOption } from "../log.js";
+import { ControlServer } from "./control.js";
+import { IncomingMigration, openDestDisk, type OpenDestDisk } from "./incoming.js";
+import { type MigrationRecord, type MigrationStatus, type ServeEvent } from "./migration.js";
+import { OutgoingMigration, type OutgoingReady, type OutgoingRequest } from "./outgoing.js";
+import { openPeerPort } from "./peer.js";
+import { Shared } from "./shared.js";
+
+export interface ServeServiceOptions extends SecurityOptions {
+  /** The control socket's path (created 0600; a stale socket there is replaced). */
+  control: string;
+  /** HOST:PORT of the peer port other services connect to (absent: this service only sends). */
+  peerListen?: string;
+  log?: LogOption;
+}
+
+/** Ended migrations kept for `status` and `list`. */
+const HISTORY = 64;
+
+export class ServeService {
+  private readonly bus = new EventEmitter();
+  private readonly out = new Map<string, OutgoingMigration>();
+  private readonly in = new Map<string, IncomingMigration>();
+  private readonly history: MigrationRecord[] = [];
+  private readonly indexes: Shared<NasIndex>;
+  private readonly destDisks = new Shared<OpenDestDisk>(openDestDisk, (d) => d.image.close());
+  private control: ControlServer | null = null;
+  private peer: Listener | null = null;
+  private stopping: Promise<void> | null = null;
+  /** Ends shutdown's wait for running migrations now (a second SIGTERM). */
+  private hurry: (() => void) | null = null;
+  /** Peers refused before they authenticated (a wrong key, a foreign certificate). */
+  readonly refused: string[] = [];
+
+  private constructor(private readonly o: ServeServiceOptions, private readonly security: Security, private readonly log: Log) {
+    this.bus.setMaxListeners(0);
+    this.indexes = new Shared<NasIndex>((path) => this.openIndex(path), (n) => { n.index.free(); n.image.close(); });
+  }
+
+  static async start(o: ServeServiceOptions): Promise<ServeService> {
+    const log = toLog(o.log);
+    const security = resolveSecurity(o, "pagetwin serve");
+    checkSecurity(security);
+    if (security.kind === "insecure") log.warn(INSECURE_WARNING);
+    const s = new ServeService(o, security, log);
+    try {
+      if (o.peerListen) {
+        s.peer = await openPeerPort(parseEndpoint(o.peerListen, "--peer-listen"), security, log, {
+          lease: (sock) => void s.lease(sock),
+          session: (sock, id) => s.session(sock, id),
+          refused: (r) => { s.refused.push(r); if (s.refused.length > HISTORY) s.refused.shift(); },
+        });
+      }
+      s.control = await ControlServer.open({ path: o.control, log, handle: (op, args) => s.handle(op, args), subscribe: (cb) => s.subscribe(cb) });
+    } catch (err) {
+      s.peer?.close();
+      throw err;
+    }
+    return s;
+  }
+
+  /** The peer port's TCP port (0 without one). */
+  get peerPort(): number {
+    return this.peer?.port ?? 0;
+  }
+
+  subscribe(cb: (e: ServeEvent) => void): () => void {
+    this.bus.on("event", cb);
+    return () => this.bus.off("event", cb);
+  }
+
+  /** Prepares both ends of a migration from this host; see OutgoingRequest. */
+  async outgoing(req: OutgoingRequest): Promise<OutgoingReady> {
+    return new OutgoingMigration(req, this.outParts()).prepare();
+  }
+
+  list(): MigrationStatus[] {
+    return [...this.out.values(), ...this.in.values()].map((m) => m.record.status()).concat(this.history.map((r) => r.status()));
+  }
+
+  status(id: string, direction?: string): MigrationStatus {
+    const r = this.find(id, direction);
+    if (!r) throw new ServeError("PAGETWIN_SERVE_UNKNOWN_MIGRATION", `no migration ${JSON.stringify(id)}${direction ? ` (${direction})` : ""} on this service`);
+    return r.status();
+  }
+
+  /** Ends a migration that has not ended: the source QEMU's migration fails and its VM keeps running. */
+  cancel(id: string, direction?: string): MigrationStatus {
+    const m = (direction !== "in" ? this.out.get(id) : undefined) ?? (direction !== "out" ? this.in.get(id) : undefined);
+    if (!m) return this.status(id, direction); // ended already (or unknown: that error)
+    m.cancel(new ServeError("PAGETWIN_SERVE_CANCELLED", "cancelled by a control client"));
+    return m.record.status();
+  }
+
+  /**
+   * Stops the service without stranding a migration: no new ones (the
+   * control socket and the peer port close), those not yet started are
+   * called off, those running may finish for `drainMs`; after that they are
+   * failed (each source QEMU's migration fails and its VM keeps running).
+   */
+  shutdown(drainMs = 600_000): Promise<void> {
+    if (this.stopping) {
+      if (drainMs === 0) this.hurry?.();
+      return this.stopping;
+    }
+    this.stopping = this.drain(drainMs);
+    return this.stopping;
+  }
+
+  private async drain(drainMs: number): Promise<void> {
+    this.control?.close();
+    this.peer?.close();
+    const all = () => [...this.out.values(), ...this.in.values()];
+    const off = new ServeError("PAGETWIN_SERVE_SHUTTING_DOWN", "the service is shutting down");
+    for (const m of all()) if (m.record.state !== "running") m.cancel(off);
+    const ended = Promise.all(all().map((m) => m.record.ended));
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<"late">((r) => { timer = setTimeout(() => r("late"), drainMs); this.hurry = () => r("late"); });
+    if (all().length) this.log.info(`shutting down: waiting up to ${Math.round(drainMs / 1000)} s for ${all().length} migration(s) to finish`);
+    if (await Promise.race([ended, late]) === "late") {
+      for (const m of all()) m.cancel(new ServeError("PAGETWIN_SERVE_SHUTTING_DOWN", `the service is shutting down and the migration did not finish within ${drainMs} ms`));
+      await ended;
+    }
+    clearTimeout(timer);
+    this.control?.dropAll();
+  }
+
+  private async handle(op: string, a: Record<string, unknown>): Promise<object> {
+    const id = typeof a["migration"] === "string" ? a["migration"] : "";
+    const dir = typeof a["direction"] === "string" ? a["direction"] : undefined;
+    switch (op) {
+      case "hello":
+        return { service: "pagetwin serve", protocol: 1, peerPort: this.peerPort, security: describeSecurity(this.security) };
+      case "outgoing":
+        if (this.stopping) throw new ServeError("PAGETWIN_SERVE_SHUTTING_DOWN", "the service is shutting down: it takes no new migration");
+        return this.outgoing(a as unknown as OutgoingRequest);
+      case "list":
+        return { migrations: this.list(), indexes: this.indexes.users(), refused: this.refused };
+      case "status":
+        return this.status(id, dir);
+      case "cancel":
+        return this.cancel(id, dir);
+      default:
+        throw new ServeError("PAGETWIN_SERVE_UNKNOWN_OP", `unknown op ${JSON.stringify(op)}: hello, outgoing, list, status, cancel, watch, unwatch`);
+    }
+  }
+
+  private find(id: string, direction?: string): MigrationRecord | undefined {
+    const live = (direction !== "in" ? this.out.get(id)?.record : undefined) ?? (direction !== "out" ? this.in.get(id)?.record : undefined);
+    return live ?? [...this.history].reverse().find((r) => r.id === id && (!direction || r.direction === direction));
+  }
+
+  private outParts() {
+    return {
+      indexes: this.indexes, security: this.security, bus: this.bus, log: this.log,
+      register: (m: OutgoingMigration) => this.register(this.out, m),
+      unregister: (m: OutgoingMigration) => this.unregister(this.out, m),
+    };
+  }
+
+  private register<M extends { record: MigrationRecord }>(map: Map<string, M>, m: M): void {
+    if (this.stopping) throw new ServeError("PAGETWIN_SERVE_SHUTTING_DOWN", "the service is shutting down: it takes no new migration");
+    if (map.has(m.record.id)) throw new ServeError("PAGETWIN_SERVE_DUPLICATE", `migration ${m.record.id} (${m.record.direction}) is under way on this service already`);
+    map.set(m.record.id, m);
+  }
+
+  private unregister<M extends { record: MigrationRecord }>(map: Map<string, M>, m: M): void {
+    if (map.get(m.record.id) !== m) return;
+    map.delete(m.record.id);
+    this.history.push(m.record);
+    if (this.history.length > HISTORY) this.history.shift();
+  }
+
+  private lease(sock: net.Socket): Promise<void> {
+    return IncomingMigration.accept(sock, {
+      disks: this.destDisks, bus: this.bus, log: this.log,
+      register: (m) => this.register(this.in, m),
+      unregister: (m) => this.unregister(this.in, m),
+    });
+  }
+
+  private session(sock: net.Socket, id: string): void {
+    const m = this.in.get(id);
+    if (m) { m.session(sock); return; }
+    const why = `migration ${JSON.stringify(id).slice(0, 140)} is not prepared on the destination service (cancelled, ended, or never asked for)`;
+    this.log.warn(`a stream session: ${why}`);
+    sock.end(jsonFrame(SFrame.Abort, { reason: why }));
+    setTimeout(() => sock.destroy(), TIMEOUTS.refuseLingerMs).unref();
+  }
+
+  private async openIndex(path: string): Promise<NasIndex> {
+    const t0 = performance.now();
+    const nas = await openNasIndex(path);
+    this.log.info(`index ${nas.indexPath}: ${nas.header.blocks} blocks, ${nas.built ? "built" : "loaded"} in ${(performance.now() - t0).toFixed(0)} ms`);
+    return nas;
+  }
+}

@@ -1,0 +1,100 @@
+// Fixtures of the `pagetwin serve` tests: two services on this machine (a
+// source and a destination: their own control sockets and peer ports), a
+// fake destination QEMU that keeps what it is sent, a fake source QEMU that
+// writes a stream, and a relay that counts the bytes between the services.
+// (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
+
+import * as net from "node:net";
+import { join } from "node:path";
+import { ServeService } from "../../src/serve/service.js";
+import { ServeClient } from "../../src/serve/client.js";
+import { TEST_KEY } from "./stream.js";
+
+export interface TwoServices {
+  src: ServeService;
+  dst: ServeService;
+  srcClient: ServeClient;
+  dstClient: ServeClient;
+  srcControl: string;
+  dstControl: string;
+  close(): Promise<void>;
+}
+
+export async function twoServices(dir: string, log: (m: string) => void = () => {}): Promise<TwoServices> {
+  const srcControl = join(dir, "src.sock");
+  const dstControl = join(dir, "dst.sock");
+  const dst = await ServeService.start({ control: dstControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`dst: ${m}`) });
+  const src = await ServeService.start({ control: srcControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`src: ${m}`) });
+  const srcClient = await ServeClient.connect(srcControl);
+  const dstClient = await ServeClient.connect(dstControl);
+  return {
+    src, dst, srcClient, dstClient, srcControl, dstControl,
+    close: async () => {
+      srcClient.close();
+      dstClient.close();
+      await Promise.all([src.shutdown(0), dst.shutdown(0)]);
+    },
+  };
+}
+
+/** A fake destination QEMU: keeps what each connection sends it. */
+export async function sinkQemu(): Promise<{ port: number; got(): Buffer; connections: number; close(): void }> {
+  const chunks: Buffer[] = [];
+  const socks: net.Socket[] = [];
+  const state = { connections: 0 };
+  const server = net.createServer({ allowHalfOpen: true }, (s) => {
+    state.connections++;
+    socks.push(s);
+    s.on("data", (d: Buffer) => chunks.push(d));
+    s.on("end", () => s.end());
+    s.on("error", () => {});
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    got: () => Buffer.concat(chunks),
+    get connections() { return state.connections; },
+    close: () => { socks.forEach((s) => s.destroy()); server.close(); },
+  };
+}
+
+/** A fake source QEMU: connects to `port`, writes `data` in 64 KiB pieces and closes; true if it was cut off first. */
+export async function sourceQemu(port: number, data: Buffer): Promise<boolean> {
+  const q = net.connect(port, "127.0.0.1");
+  let cut = false;
+  let ended = false;
+  q.on("data", () => {});
+  q.on("error", () => { cut = true; });
+  const closed = new Promise<void>((r) => q.on("close", () => { if (!ended) cut = true; r(); }));
+  await new Promise<void>((r) => q.once("connect", r));
+  for (let i = 0; i < data.length && !q.destroyed; i += 65536) {
+    if (!q.write(data.subarray(i, i + 65536))) await new Promise((r) => { q.once("drain", r); q.once("close", r); });
+  }
+  if (!q.destroyed) { ended = true; q.end(); }
+  await closed;
+  return cut;
+}
+
+/** A TCP relay to `port` that counts the bytes each way (the link as the network sees it). */
+export async function countingRelay(port: number): Promise<{ port: number; up: number; down: number; close(): void }> {
+  const socks: net.Socket[] = [];
+  const counts = { up: 0, down: 0 };
+  const server = net.createServer((c) => {
+    const up = net.connect(port, "127.0.0.1");
+    socks.push(c, up);
+    c.on("data", (d: Buffer) => { counts.up += d.length; up.write(d); });
+    up.on("data", (d: Buffer) => { counts.down += d.length; c.write(d); });
+    const cut = () => { c.destroy(); up.destroy(); };
+    c.on("error", cut);
+    up.on("error", cut);
+    c.on("end", () => up.end());
+    up.on("end", () => c.end());
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    get up() { return counts.up; },
+    get down() { return counts.down; },
+    close: () => { socks.forEach((s) => s.destroy()); server.close(); },
+  };
+}
