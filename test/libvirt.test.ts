@@ -12,7 +12,7 @@ import { migrateArgs } from "../src/libvirt/migrate.js";
 import { UsageError } from "../src/errors.js";
 import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
-import { LibvirtPair, skipLibvirt, type LibvirtHost } from "./helpers/libvirt.js";
+import { LibvirtPair, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
 
 /** Runs `pagetwin libvirt ...` to its end: exit code, stdout, stderr. */
 function cli(args: string[], timeoutMs = 180_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -147,9 +147,10 @@ test("the command: usage errors exit 2 before anything starts; an unreachable li
 
 
 
-describe("two libvirt daemons, the test guest with two disks", { skip }, () => {
+describe("two libvirt daemons, the test guest with two disks, a pagetwin service per host", { skip }, () => {
   let pair: LibvirtPair;
   const G = "pt-guest1";
+  const services = new Map<LibvirtHost, PairService>();
   /** Where the guest runs now. */
   let here: LibvirtHost;
   let there: LibvirtHost;
@@ -157,6 +158,7 @@ describe("two libvirt daemons, the test guest with two disks", { skip }, () => {
   before(async () => {
     pair = await LibvirtPair.start();
     try {
+      for (const h of pair.hosts) services.set(h, await pair.startService(h));
       await pair.startGuest(pair.a, G);
     } catch (err) {
       pair.teardown();
@@ -179,6 +181,25 @@ describe("two libvirt daemons, the test guest with two disks", { skip }, () => {
     assert.equal(first, srcLast + 1, `the destination's first counter follows the source's last (${srcLast})`);
   }
 
+  /** `pagetwin libvirt migrate` of the guest from `here` to `there` through the services, --json; the result line and the link's bytes. */
+  async function migrateThroughPagetwin(): Promise<{ res: Record<string, any>; lines: Record<string, any>[]; linkBytes: number }> {
+    const seen = pair.counters(G, there).length;
+    const xml = await pair.destXml(G, here, there);
+    const tx0 = pair.link.txBytes(here.ns);
+    const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer, "--xml", xml, "--json"]);
+    const linkBytes = pair.link.txBytes(here.ns) - tx0;
+    assert.equal(r.code, 0, `${r.stderr}\nsource service: ${services.get(here)!.log()}\ndestination service: ${services.get(there)!.log()}`);
+    const res = jsonResult(r.stdout);
+    assert.equal(res.ok, true);
+    assert.equal(res.destState, "running");
+    assert.equal(res.sourceState, "absent");
+    assert.equal(await there.virsh.domstate(G), "running");
+    assert.equal(await here.virsh.domstate(G), "absent");
+    await counterWentOn(here, there, seen);
+    [here, there] = [there, here];
+    return { res, lines: jsonLines(r.stdout), linkBytes };
+  }
+
   test("the guest reads both disks, and libvirt lists them as pagetwin reads them", async () => {
     const log = pair.serialText(G, here);
     assert.match(log, /pagetwin-read-bytes [1-9]\d{7,}/);
@@ -187,33 +208,40 @@ describe("two libvirt daemons, the test guest with two disks", { skip }, () => {
     assert.deepEqual(disks.usable.map((d) => [d.target, d.source, d.format]), [["vda", pair.guest.disk, "raw"], ["vdb", pair.disk2, "raw"]]);
   });
 
-  test("--no-pagetwin: libvirt's own live migration through the command (progress, result, the counter goes on)", async () => {
-    const seen = pair.counters(G, there).length;
-    const xml = await pair.destXml(G, here, there);
-    const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--no-pagetwin", "--migrateuri", `tcp://${there.ip}:49301`, "--xml", xml, "--json"]);
-    assert.equal(r.code, 0, r.stderr);
-    const lines = jsonLines(r.stdout);
+  test("pagetwin libvirt migrate: live to the other daemon through both services; pages travel as references from both disks, verified; the counter goes on", async () => {
+    const { res, lines, linkBytes } = await migrateThroughPagetwin();
     assert.ok(lines.some((l) => l.event === "progress" && l.phase === "migration" && l.total > 400e6), "progress events with libvirt's job figures");
-    const res = jsonResult(r.stdout);
-    assert.equal(res.ok, true);
-    assert.equal(res.destState, "running");
-    assert.equal(res.sourceState, "absent");
-    assert.deepEqual(res.disks.map((d: { target: string }) => d.target), ["vda", "vdb"]);
-    assert.equal(await there.virsh.domstate(G), "running");
-    assert.equal(await here.virsh.domstate(G), "absent");
-    await counterWentOn(here, there, seen);
-    [here, there] = [there, here];
+    assert.match(res.migrateUri, /^tcp:\/\/127\.0\.0\.1:\d+$/);
+    assert.equal(res.listenAddress, "127.0.0.1");
+    const rep = res.report;
+    assert.equal(rep.state, "completed", JSON.stringify(rep));
+    assert.equal(rep.verdict, "verified");
+    assert.deepEqual(rep.disks.map((d: { path: string }) => d.path), [pair.guest.disk, pair.disk2]);
+    for (const d of rep.disks) assert.ok(d.dedup && d.twins > 1000, `pages from ${d.path} travelled as references: ${JSON.stringify(d)}`);
+    assert.equal(rep.twinsReplaced, rep.disks[0].twins + rep.disks[1].twins);
+    assert.equal(rep.destination.verdict, "verified");
+    assert.equal(rep.destination.bytesInLink, rep.bytesOutLink, "what the destination service got is what the source service sent");
+    assert.ok(rep.bytesOutLink < rep.bytesFromQemu * 0.5, `the link carried ${rep.bytesOutLink} B of QEMU's ${rep.bytesFromQemu} B`);
+    // The veth carries the service's link bytes plus TLS and TCP/IP framing (and the lease): a little more, not much.
+    assert.ok(linkBytes >= rep.bytesOutLink && linkBytes < rep.bytesOutLink * 1.1 + 2e6, `veth ${linkBytes} B vs the service's ${rep.bytesOutLink} B`);
   });
 
-  test("a migration whose stream finds nobody listening fails cleanly: exit 1, the guest running on the source", async () => {
+  test("and back: the guest returns to the first daemon through the same services", async () => {
+    const { res } = await migrateThroughPagetwin();
+    assert.equal(res.report.state, "completed");
+    for (const d of res.report.disks) assert.ok(d.twins > 1000, `twins from ${d.path}`);
+  });
+
+  test("the destination's service down: the command fails cleanly, the guest keeps running on the source", async () => {
     const last = pair.counters(G, here).at(-1)!;
-    // Nothing listens on the source host's own loopback port: the source QEMU's connection is refused.
-    const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--no-pagetwin", "--migrateuri", "tcp://127.0.0.1:49302", "--listen-address", "127.0.0.1", "--json"]);
+    await services.get(there)!.stop();
+    const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer, "--json"]);
     assert.equal(r.code, 1, r.stderr);
     const res = jsonResult(r.stdout);
     assert.equal(res.ok, false);
     assert.equal(res.errorCode, "PAGETWIN_LIBVIRT_MIGRATION");
     assert.equal(res.sourceState, "running");
+    assert.match(res.error, /PAGETWIN_PEER_UNREACHABLE|destination pagetwin serve|cannot reach|refused/i);
     assert.match(res.error, /the guest is running on the source/);
     assert.equal(await here.virsh.domstate(G), "running");
     assert.equal(await there.virsh.domstate(G), "absent");

@@ -9,12 +9,14 @@
 // (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
 
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, appendFileSync} from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, appendFileSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createNetnsLink, netnsAvailable, type NetnsLink } from "../../src/adapters/netns/link.js";
 import { Virsh, virshAvailable } from "../../src/adapters/libvirt/virsh.js";
 import { findGuest, qemuAvailable, type GuestImage } from "../../src/adapters/qemu/vm.js";
+import { cliPath } from "./cli.js";
 
 const LIBVIRTD = "/usr/sbin/libvirtd";
 /** Private per host: bind-mounted over the system's dirs inside the daemon's mount namespace. */
@@ -22,6 +24,19 @@ const PRIVATE_DIRS = [["etc", "/etc/libvirt"], ["run", "/run/libvirt"], ["lib", 
 
 /** The second disk of the test guest (scripts/build-guest.sh), beside the NAS image. */
 const secondDisk = (g: GuestImage) => join(g.disk, "..", "disk2.img");
+
+/** The peer port of the services the tests start (each host has its own address). */
+const SERVE_PEER_PORT = 4447;
+
+export interface PairService {
+  control: string;
+  /** HOST:PORT of its peer port. */
+  peer: string;
+  /** The end of its stderr. */
+  log(): string;
+  /** SIGTERM, and waits for it to exit. */
+  stop(): Promise<void>;
+}
 
 export interface LibvirtHost {
   name: "a" | "b";
@@ -63,6 +78,7 @@ let hooked = false;
 export class LibvirtPair {
   readonly hosts: [LibvirtHost, LibvirtHost];
   private tornDown = false;
+  private readonly services = new Set<ChildProcess>();
 
   private constructor(readonly dir: string, readonly link: NetnsLink, readonly guest: GuestImage, hosts: LibvirtHost[]) {
     this.hosts = hosts as [LibvirtHost, LibvirtHost];
@@ -167,11 +183,36 @@ export class LibvirtPair {
     return this.link.spawn(host.ns, cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
   }
 
+  /**
+   * `pagetwin serve` in `host`'s network namespace (control socket in the temp dir, peer port on the
+   * host's veth address, the pair's key); resolves once it listens. teardown() stops it if the test did not.
+   */
+  async startService(host: LibvirtHost): Promise<PairService> {
+    const key = join(this.dir, "peer.key");
+    if (!existsSync(key)) writeFileSync(key, randomBytes(32), { mode: 0o600 });
+    const control = join(this.dir, `serve-${host.name}.sock`);
+    const child = this.spawnIn(host, process.execPath, [cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${SERVE_PEER_PORT}`, "--psk-file", key, "--json"]);
+    this.services.add(child);
+    let out = "", err = "";
+    child.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`pagetwin serve on ${host.name} not listening in 20 s: ${err}`)), 20_000);
+      child.stdout!.on("data", (d: Buffer) => { out += d; if (/"listening"/.test(out)) { clearTimeout(t); resolve(); } });
+      child.once("exit", (code) => { clearTimeout(t); reject(new Error(`pagetwin serve on ${host.name} exited (${code}): ${err}`)); });
+    });
+    const exited = new Promise<void>((r) => { if (child.exitCode !== null) r(); else child.once("exit", () => r()); });
+    return {
+      control, peer: `${host.ip}:${SERVE_PEER_PORT}`, log: () => err,
+      stop: async () => { child.kill("SIGTERM"); await exited; this.services.delete(child); },
+    };
+  }
+
   /** Removes everything: domains, QEMU processes, daemons, namespaces, temp dir. Synchronous (runs at exit too); idempotent. */
   teardown(): void {
     if (this.tornDown) return;
     this.tornDown = true;
     live.delete(this);
+    for (const c of this.services) if (c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
     for (const h of this.hosts) destroyDomains(h);
     for (const h of this.hosts) killQemus(h);
     for (const h of this.hosts) stopDaemon(h);
