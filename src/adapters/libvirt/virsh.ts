@@ -51,9 +51,9 @@ export class Virsh {
     return this.run(["dumpxml", ...(migratable ? ["--migratable"] : []), domain]);
   }
 
-  /** `virsh domjobinfo`'s key/value lines ("Data processed" -> "120.5 MiB"); empty when no job runs. */
-  async jobInfo(domain: string): Promise<Map<string, string>> {
-    const out = await this.run(["domjobinfo", domain], 10_000);
+  /** `virsh domjobinfo`'s key/value lines ("Data processed" -> "120.5 MiB"); empty when no job runs (`--completed`: the last job's). */
+  async jobInfo(domain: string, extra: string[] = []): Promise<Map<string, string>> {
+    const out = await this.run(["domjobinfo", ...extra, domain], 10_000);
     const m = new Map<string, string>();
     for (const line of out.split("\n")) {
       const i = line.indexOf(":");
