@@ -67,7 +67,7 @@ try {
     rows.push(await migrate(pair, "pagetwin", pair.b, pair.a, services, i));
   }
 } finally {
-  pair.teardown();
+  await pair.close();
 }
 const median = (xs: number[]) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.floor((s.length - 1) / 2)]! : NaN; };
 const summary = (["virsh", "pagetwin"] as const).map((mode) => {

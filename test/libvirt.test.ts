@@ -11,6 +11,7 @@ import { jobProgress, parseSize } from "../src/libvirt/job.js";
 import { migrateArgs } from "../src/libvirt/migrate.js";
 import { UsageError } from "../src/errors.js";
 import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
+import { ServeClient } from "../src/serve/client.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
 import { LibvirtPair, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
 
@@ -163,12 +164,12 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
       for (const h of pair.hosts) services.set(h, await pair.startService(h));
       await pair.startGuest(pair.a, G);
     } catch (err) {
-      pair.teardown();
+      await pair.close();
       throw err;
     }
     [here, there] = [pair.a, pair.b];
   });
-  after(() => pair?.teardown());
+  after(() => pair?.close());
 
   /** Waits until the guest prints a counter above `after` on `host`'s log. */
   async function countsOn(host: LibvirtHost, after: number): Promise<void> {
@@ -242,6 +243,29 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
       assert.equal(rep.destination.verdict, "verified");
       assert.equal(rep.destination.bytesInLink, rep.bytesOutLink, "what the destination service read is what the source service sent");
     }
+  });
+
+  test("pagetwin libvirt prepare: both services ready, the addresses for libvirt printed; cancelled, nothing stays", async () => {
+    const r = await cli(["prepare", G, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer, "--json"]);
+    assert.equal(r.code, 0, r.stderr);
+    const res = jsonResult(r.stdout);
+    assert.equal(res.migration, G);
+    assert.match(res.migrateUri, /^tcp:\/\/127\.0\.0\.1:(\d+)$/);
+    assert.equal(res.listenAddress, "127.0.0.1");
+    assert.deepEqual(res.disks.map((d: { path: string; dedup: boolean }) => [d.path, d.dedup]), [[pair.guest.disk, true], [pair.disk2, true]]);
+    const src = await ServeClient.connect(services.get(here)!.control);
+    const dst = await ServeClient.connect(services.get(there)!.control);
+    try {
+      assert.equal((await dst.request<{ state: string }>("status", { migration: G, direction: "in" })).state, "ready");
+      assert.equal((await src.request<{ state: string }>("cancel", { migration: G, direction: "out" })).state, "cancelled");
+      const end = Date.now() + 10_000;
+      while ((await dst.request<{ state: string }>("status", { migration: G, direction: "in" })).state === "ready" && Date.now() < end) await new Promise((r) => setTimeout(r, 100));
+      assert.notEqual((await dst.request<{ state: string }>("status", { migration: G, direction: "in" })).state, "ready", "the destination dropped its half");
+    } finally {
+      src.close();
+      dst.close();
+    }
+    assert.equal(await here.virsh.domstate(G), "running");
   });
 
   test("the destination's service down: the command fails cleanly, the guest keeps running on the source", async () => {

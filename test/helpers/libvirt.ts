@@ -4,8 +4,8 @@
 // namespace, where a private /etc/libvirt, /run/libvirt, /var/lib/libvirt,
 // /var/cache/libvirt and /var/log/libvirt are bind-mounted from a temp dir;
 // its own host_uuid and a unix socket dir virsh reaches from here.
-// teardown() removes everything (domains, QEMU processes, daemons, namespaces,
-// files), also on failure and at process exit.
+// close() removes everything (domains, QEMU processes, services, daemons,
+// namespaces, files); teardown() does the same synchronously, on failure and at process exit.
 // (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
 
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -136,8 +136,8 @@ export class LibvirtPair {
   /** The second disk's path. */
   get disk2(): string { return secondDisk(this.guest); }
 
-  /** Starts the test guest on `host` and waits for "pagetwin-ready" on its serial log (under TCG, ~15-30 s). */
-  async startGuest(host: LibvirtHost, name: string, timeoutMs = 120_000): Promise<void> {
+  /** Starts the test guest on `host` and waits for "pagetwin-ready" on its serial log (under TCG, 15 s on an idle machine, minutes on a loaded one). */
+  async startGuest(host: LibvirtHost, name: string, timeoutMs = 240_000): Promise<void> {
     const xmlFile = join(this.dir, `${name}.xml`);
     appendFileSync(xmlFile, this.domainXml(name, this.serialLog(name, host)));
     await host.virsh.run(["create", xmlFile]);
@@ -207,12 +207,24 @@ export class LibvirtPair {
     };
   }
 
+  /**
+   * Removes everything, as teardown() does, but lets the event loop reap the services and daemons it
+   * stops first: until a child is reaped, its namespaces stay and `ip netns delete` cannot remove them.
+   */
+  async close(): Promise<void> {
+    if (this.tornDown) return;
+    for (const h of this.hosts) destroyDomains(h);
+    for (const h of this.hosts) killQemus(h);
+    await Promise.all([...this.services, ...this.hosts.map((h) => h.daemon)].map((c) => exitOf(c)));
+    this.teardown();
+  }
+
   /** Removes everything: domains, QEMU processes, daemons, namespaces, temp dir. Synchronous (runs at exit too); idempotent. */
   teardown(): void {
     if (this.tornDown) return;
     this.tornDown = true;
     live.delete(this);
-    for (const c of this.services) if (c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
+    for (const c of this.services) stopProcess(c.pid, c.exitCode !== null || c.signalCode !== null);
     for (const h of this.hosts) destroyDomains(h);
     for (const h of this.hosts) killQemus(h);
     for (const h of this.hosts) stopDaemon(h);
@@ -309,9 +321,28 @@ function killQemus(h: LibvirtHost): void {
 }
 
 function stopDaemon(h: LibvirtHost): void {
-  const pid = h.daemon.pid;
-  if (!pid || !alive(pid) || h.daemon.exitCode !== null) return;
+  stopProcess(h.daemon.pid, h.daemon.exitCode !== null);
+}
+
+/** SIGTERM, SIGKILL after `ms`; resolves once the child exited (and was reaped). */
+async function exitOf(c: ChildProcess, ms = 5000): Promise<void> {
+  if (c.exitCode !== null || c.signalCode !== null) return;
+  const exited = new Promise<void>((r) => c.once("exit", () => r()));
+  c.kill("SIGTERM");
+  let t: NodeJS.Timeout | undefined;
+  await Promise.race([exited, new Promise<void>((r) => { t = setTimeout(r, ms); })]);
+  clearTimeout(t);
+  if (c.exitCode === null && c.signalCode === null) {
+    c.kill("SIGKILL");
+    await exited;
+  }
+}
+
+/** SIGTERM, up to 5 s, SIGKILL, and waits until it is gone: a process still in a namespace keeps `ip netns delete` from removing it. */
+function stopProcess(pid: number | undefined, exited: boolean): void {
+  if (!pid || exited || !alive(pid)) return;
   try { process.kill(pid, "SIGTERM"); } catch { return; }
   for (let i = 0; i < 50 && alive(pid); i++) sleepSync(100);
   if (alive(pid)) try { process.kill(pid, "SIGKILL"); } catch { /* gone */ }
+  for (let i = 0; i < 50 && alive(pid); i++) sleepSync(100);
 }

@@ -4,7 +4,7 @@
 // that runs libvirt's migration itself. Options virsh migrate knows are passed
 // on to it (docs/LIBVIRT.md).
 
-import { UsageError } from "../../errors.js";
+import { LibvirtError, UsageError } from "../../errors.js";
 import { Virsh } from "../../adapters/libvirt/virsh.js";
 import { DirectEnds, type MigrationEnds } from "../../libvirt/ends.js";
 import { libvirtAddresses, ServeEnds } from "../../libvirt/serve-ends.js";
@@ -57,7 +57,8 @@ export async function run(argv: string[]): Promise<number> {
   if (sub === "migrate") return runMigrate(rest);
   if (sub === "prepare") return runPrepare(rest);
   if (!sub || sub === "--help" || sub === "-h") {
-    process.stdout.write(help() + "\n");
+    // no subcommand is a usage error: the help goes where errors go
+    (sub ? process.stdout : process.stderr).write(help() + "\n");
     return sub ? 0 : 2;
   }
   throw new UsageError(`unknown libvirt command "${sub}": pagetwin libvirt migrate|prepare (--help)`);
@@ -175,7 +176,7 @@ async function runPrepare(argv: string[]): Promise<number> {
   const ends = serveEnds(a.values);
   const source = new Virsh(sourceUri(a.values));
   const state = await source.domstate(domain);
-  if (state !== "running") throw new UsageError(`domain ${domain} is ${state} on ${source.uri}, not running: nothing to prepare`);
+  if (state !== "running") throw new LibvirtError(`domain ${domain} is ${state} on ${source.uri}, not running: nothing to prepare`);
   const xml = await source.dumpxml(domain);
   const { usable } = twinDisks(domainDisks(xml));
   const uuid = domainUuid(xml);
