@@ -6,6 +6,7 @@
 #   $CACHE/guest/initrd.gz     busybox-static + virtio/ext4 modules + /init
 #   $CACHE/guest/guest.env     shell-sourceable description of the build
 #   $CACHE/nas/disk.img        ext4 (4 KiB blocks) image of ~200 MB of real host files
+#   $CACHE/nas/disk2.img       a second, smaller ext4 image (~40 MB of other host files) for two-disk guests
 # where CACHE=${PAGETWIN_CACHE:-$PWD/.cache}.
 #
 # The guest's /init (kernel command line options):
@@ -13,10 +14,13 @@
 #   pt_dirty_ws=N   size of that buffer in MiB (default 16)
 #   pt_read=0|1     read every file of /dev/vda into the page cache (default 1)
 # and prints on ttyS0: "pagetwin-read-bytes N", "pagetwin-ready", then
-# "pagetwin-counter N" once a second forever.
+# "pagetwin-counter N" once a second forever. A second disk (/dev/vdb), when the
+# VM has one, is mounted and read the same way ("pagetwin-read-bytes-vdb N").
 #
 # Environment knobs: PAGETWIN_DISK_CONTENT_MB (default 200), PAGETWIN_DISK_SIZE_MB (default 320).
 set -euo pipefail
+# Bumped when /init changes, so a cached initrd built from an older one is rebuilt.
+INIT_REV=2
 
 CACHE="${PAGETWIN_CACHE:-$PWD/.cache}"
 GUEST="$CACHE/guest"
@@ -57,7 +61,7 @@ if ldd "$BUSYBOX" >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- kernel
-if [ ! -s "$GUEST/vmlinuz" ] || [ ! -s "$GUEST/initrd.gz" ]; then
+if [ ! -s "$GUEST/vmlinuz" ] || [ ! -s "$GUEST/initrd.gz" ] || ! grep -qx "INIT_REV=$INIT_REV" "$GUEST/guest.env" 2>/dev/null; then
   # linux-image-cloud-amd64 is a metapackage: find the versioned image it depends on.
   KPKG="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
           | awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}')"
@@ -197,6 +201,14 @@ if [ "$PT_READ" != 0 ]; then
   bytes=$(find /mnt -type f -exec cat {} + 2>/dev/null | wc -c)
   say "pagetwin-read-bytes $bytes"
 fi
+if [ -b /dev/vdb ]; then
+  mkdir -p /mnt2
+  if mount -t ext4 -o ro /dev/vdb /mnt2; then
+    [ "$PT_READ" = 0 ] || say "pagetwin-read-bytes-vdb $(find /mnt2 -type f -exec cat {} + 2>/dev/null | wc -c)"
+  else
+    say "pagetwin-error cannot mount /dev/vdb"
+  fi
+fi
 say "pagetwin-cached-kb $(awk '/^Cached:/ {print $2}' /proc/meminfo)"
 say "pagetwin-memfree-kb $(awk '/^MemFree:/ {print $2}' /proc/meminfo)"
 
@@ -230,6 +242,7 @@ INIT
   cp "$KDIR/boot/vmlinuz-$KVER" "$GUEST/vmlinuz.tmp"
   mv "$GUEST/vmlinuz.tmp" "$GUEST/vmlinuz"
   {
+    echo "INIT_REV=$INIT_REV"
     echo "KERNEL_PACKAGE=$KPKG"
     echo "KERNEL_VERSION=$KVER"
     echo "MODULES=\"$(cat "$IR/modules/order" | tr '\n' ' ' | sed 's/ $//')\""
@@ -273,9 +286,30 @@ else
   log "disk image present: $DISK (delete it to rebuild)"
 fi
 
+# A second, smaller disk with other files (programs, not the first disk's libraries and data).
+DISK2="$NAS/disk2.img"
+if [ ! -s "$DISK2" ]; then
+  ROOT="$GUEST/disk2-root"
+  LIST="$GUEST/disk2-files.txt"
+  rm -rf "$ROOT" "$LIST"
+  mkdir -p "$ROOT"
+  limit=$((${PAGETWIN_DISK2_CONTENT_MB:-40} * 1024 * 1024))
+  find /usr/bin /usr/sbin /usr/libexec -xdev -type f -size +4k -size -32M -printf '%s %p\n' 2>/dev/null \
+    | grep -v -E '[[:cntrl:]]' | LC_ALL=C sort -k2 \
+    | awk -v limit="$limit" '{ s=$1; sub(/^[0-9]+ /, ""); if (total + s > limit) next; total += s; print }' \
+    > "$LIST"
+  tar -cf - --no-recursion --verbatim-files-from -T "$LIST" 2>/dev/null | tar -xf - -C "$ROOT" || true
+  rm -f "$DISK2.tmp"
+  mkfs.ext4 -q -F -b 4096 -L pagetwin2 -E lazy_itable_init=0,lazy_journal_init=0 \
+    -d "$ROOT" "$DISK2.tmp" "${PAGETWIN_DISK2_SIZE_MB:-64}M"
+  mv "$DISK2.tmp" "$DISK2"
+  rm -rf "$ROOT"
+  log "second disk: $(wc -l < "$LIST") files in $DISK2"
+fi
+
 # ---------------------------------------------------------------- report
 echo "guest built in $GUEST"
-ls -l "$GUEST/vmlinuz" "$GUEST/initrd.gz" "$DISK" | sed 's/^/  /'
+ls -l "$GUEST/vmlinuz" "$GUEST/initrd.gz" "$DISK" "$DISK2" | sed 's/^/  /'
 [ -f "$GUEST/guest.env" ] && sed 's/^/  /' "$GUEST/guest.env"
 [ -f "$NAS/disk.env" ] && sed 's/^/  /' "$NAS/disk.env"
 echo "boot it with: scripts/boot-guest.sh"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # System packages the tests and the QEMU comparisons use, from Debian: QEMU
 # (and qemu-utils: qemu-img and qemu-io make the qcow2 test images, qemu-nbd serves the NBD tests),
-# what the guest builder needs, iproute2 (network namespaces) and Chromium
-# (the visualizer's browser test). Installs only what is missing; then builds
+# what the guest builder needs, iproute2 (network namespaces), Chromium
+# (the visualizer's browser test) and libvirt's daemon and virsh (the libvirt tests). Installs only what is missing; then builds
 # the guest (kernel + initrd + NAS disk image) into .cache/, reused after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,8 @@ command -v depmod >/dev/null || need+=(kmod)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
 command -v chromium >/dev/null || need+=(chromium)
+[ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
+command -v virsh >/dev/null || need+=(libvirt-clients)
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

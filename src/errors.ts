@@ -188,6 +188,26 @@ export class NbdServerError extends PagetwinError {
   }
 }
 
+/** libvirt refused or failed an operation (virsh exited nonzero, a domain is not where it should be); `virshStderr` is what virsh said. */
+export class LibvirtError extends PagetwinError {
+  override readonly code: string = "PAGETWIN_LIBVIRT";
+  readonly virshStderr: string;
+  constructor(message: string, options: PagetwinErrorOptions & { virshStderr?: string } = {}) {
+    super(message, options);
+    this.virshStderr = options.virshStderr ?? "";
+  }
+}
+
+/** A libvirt migration through pagetwin failed; `sourceState` is the guest's state on the source afterwards (libvirt keeps it there). */
+export class LibvirtMigrationError extends LibvirtError {
+  override readonly code: string = "PAGETWIN_LIBVIRT_MIGRATION";
+  readonly sourceState: string;
+  constructor(message: string, options: PagetwinErrorOptions & { virshStderr?: string; sourceState: string }) {
+    super(message, options);
+    this.sourceState = options.sourceState;
+  }
+}
+
 /**
  * `pagetwin serve` and its control interface: `code` says what went wrong
  * (`PAGETWIN_SERVE_*`, `PAGETWIN_PEER_*`; docs/SERVE.md lists them). A

@@ -16,6 +16,7 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
   migrate: { summary: "agent mode: migrate a running QEMU VM (RAM in a shared memory-backend-file)", load: () => import("./commands/migrate.js") },
   "compare-qemu": { summary: "a real guest over a 1 Gbit/s namespace link: QEMU's own migration vs pagetwin", load: () => import("./commands/compare-qemu.js") },
   "stream-out": { summary: "stream mode, source side: a proxy in QEMU's own migration stream", load: async () => ({ run: (await import("./commands/stream.js")).runStreamOutCli }) },
+  libvirt: { summary: "migrate a libvirt domain live through pagetwin (a drop-in for virsh migrate --live)", load: () => import("./commands/libvirt.js") },
   "stream-in": { summary: "stream mode, destination side: rebuilds QEMU's stream from the NAS", load: async () => ({ run: (await import("./commands/stream.js")).runStreamInCli }) },
   serve: { summary: "one service per host for every stream-mode migration on it (control socket, peer link)", load: () => import("./commands/serve.js") },
 };

@@ -1,0 +1,137 @@
+// One libvirt live migration through prepared ends: read the domain's disks,
+// prepare the ends, run `virsh migrate --live` with their --migrateuri and
+// --listen-address, watch its job, check where the guest runs afterwards, and
+// release the ends. libvirt's rule holds on every failure: the guest stays on
+// the source; the error says in which state virsh domstate finds it there.
+
+import { LibvirtError, LibvirtMigrationError } from "../errors.js";
+import { Virsh, type DomainState } from "../adapters/libvirt/virsh.js";
+import { domainDisks, domainUuid, twinDisks, type DomainDisk } from "./domain-xml.js";
+import { JobWatcher, type JobProgress } from "./job.js";
+import type { EndsReport, MigrationEnds, PreparedEnds } from "./ends.js";
+
+export interface LibvirtMigrateOptions {
+  domain: string;
+  /** The source libvirt (where the guest runs now). */
+  source: Virsh;
+  /** The destination libvirt URI, as virsh migrate takes it. */
+  destUri: string;
+  ends: MigrationEnds;
+  /** --xml FILE for the destination. */
+  xml?: string;
+  /** Further `virsh migrate` options, passed as they are (--p2p, --persistent, --timeout N, ...). */
+  virshArgs?: string[];
+  onProgress?: (p: JobProgress) => void;
+  /** Step messages (disks found, ends prepared, notes). */
+  onNote?: (msg: string) => void;
+  /** How often the job is polled, ms (default 500). */
+  pollMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface LibvirtMigrateResult {
+  ok: true;
+  domain: string;
+  ends: string;
+  migrateUri?: string;
+  listenAddress?: string;
+  disks: DomainDisk[];
+  skippedDisks: { target: string; reason: string }[];
+  /** Wall time of `virsh migrate`, ms. */
+  migrateMs: number;
+  elapsedMs: number;
+  /** The last job figures seen (QEMU's stream, before the ends change it). */
+  job?: JobProgress;
+  sourceState: DomainState;
+  destState: DomainState;
+  notes: string[];
+  report: EndsReport;
+}
+
+/** Migrates; the result, or a LibvirtMigrationError with the guest's state on the source. */
+export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtMigrateResult> {
+  const t0 = performance.now();
+  const note = o.onNote ?? (() => {});
+  const before = await o.source.domstate(o.domain);
+  if (before !== "running") throw new LibvirtError(`domain ${o.domain} is ${before} on ${o.source.uri}, not running: nothing to migrate live`);
+  const xml = await o.source.dumpxml(o.domain);
+  const { usable, skipped } = twinDisks(domainDisks(xml));
+  note(`disks: ${usable.map((d) => `${d.target} ${d.source}`).join(", ") || "none usable"}${skipped.length ? `; not used: ${skipped.map((s) => `${s.target} (${s.reason})`).join(", ")}` : ""}`);
+  const uuid = domainUuid(xml);
+  const watcher = new JobWatcher(o.source, o.domain, o.onProgress ?? (() => {}), o.pollMs);
+  let prepared: PreparedEnds | undefined;
+  let migrateMs = 0;
+  try {
+    prepared = await o.ends.prepare({ domain: o.domain, ...(uuid ? { uuid } : {}), disks: usable, virshArgs: o.virshArgs ?? [] });
+    for (const n of prepared.notes) note(n);
+    const tm = performance.now();
+    await runVirshMigrate(o, prepared, watcher);
+    migrateMs = performance.now() - tm;
+  } catch (err) {
+    watcher.stop();
+    throw await failed(o, prepared, err);
+  }
+  const [sourceState, destState] = await Promise.all([o.source.domstate(o.domain), destinationState(o)]);
+  const report = await prepared.finish(true);
+  return {
+    ok: true, domain: o.domain, ends: o.ends.kind,
+    ...(prepared.migrateUri ? { migrateUri: prepared.migrateUri } : {}),
+    ...(prepared.listenAddress ? { listenAddress: prepared.listenAddress } : {}),
+    disks: usable, skippedDisks: skipped, migrateMs, elapsedMs: performance.now() - t0,
+    ...(watcher.last ? { job: watcher.last } : {}),
+    sourceState, destState, notes: prepared.notes, report,
+  };
+}
+
+/** The virsh migrate command line for these ends (without `-c URI`). */
+export function migrateArgs(o: Pick<LibvirtMigrateOptions, "domain" | "destUri" | "xml" | "virshArgs">, ends: Pick<PreparedEnds, "migrateUri" | "listenAddress">): string[] {
+  return ["migrate", "--live", ...(o.virshArgs ?? []), o.domain, o.destUri,
+    ...(ends.migrateUri ? ["--migrateuri", ends.migrateUri] : []),
+    ...(ends.listenAddress ? ["--listen-address", ends.listenAddress] : []),
+    ...(o.xml ? ["--xml", o.xml] : [])];
+}
+
+/** Runs `virsh migrate` to its end; rejects with virsh's message when it fails or the signal aborts it. */
+function runVirshMigrate(o: LibvirtMigrateOptions, ends: PreparedEnds, watcher: JobWatcher): Promise<void> {
+  const child = o.source.spawn(migrateArgs(o, ends));
+  let stderr = "";
+  child.stderr!.on("data", (d: Buffer) => { stderr = (stderr + d).slice(-8000); });
+  child.stdout!.resume();
+  watcher.start();
+  // SIGINT is virsh's Ctrl-C: it asks libvirt to abort the job, and libvirt resumes the guest on the source.
+  const abort = () => child.kill("SIGINT");
+  o.signal?.addEventListener("abort", abort, { once: true });
+  return new Promise<void>((resolve, reject) => {
+    child.once("error", (err) => reject(new LibvirtError(`cannot run virsh: ${err.message}`, { cause: err })));
+    child.once("close", (code, sig) => {
+      watcher.stop();
+      o.signal?.removeEventListener("abort", abort);
+      const said = stderr.replace(/\r?Migration: \[[^\]]*\]/g, "").trim().replace(/^error: /gm, "").split("\n").filter(Boolean).join("; ");
+      if (code === 0 && !o.signal?.aborted) resolve();
+      else if (o.signal?.aborted) reject(new LibvirtError(`migration aborted${said ? `: ${said}` : ""}`, { virshStderr: stderr }));
+      else reject(new LibvirtError(`virsh migrate failed (${code ?? sig})${said ? `: ${said}` : ""}`, { virshStderr: stderr }));
+    });
+  });
+}
+
+/** The guest's state where libvirt migrated it (client-managed: virsh reaches the destination too), or "unknown". */
+async function destinationState(o: LibvirtMigrateOptions): Promise<DomainState> {
+  try {
+    return await new Virsh(o.destUri).domstate(o.domain);
+  } catch {
+    return "unknown";
+  }
+}
+
+/** After a failure (preparing or migrating): release the ends, find the guest on the source, and say so in the error. */
+async function failed(o: LibvirtMigrateOptions, ends: PreparedEnds | undefined, err: unknown): Promise<LibvirtMigrationError> {
+  let report: EndsReport = {};
+  try { if (ends) report = await ends.finish(false); } catch { /* the migration's error is the one to report */ }
+  let state: DomainState;
+  try { state = await o.source.domstate(o.domain); } catch (e) { state = `unknown (${(e as Error).message})`; }
+  const where = state === "running" ? "the guest is running on the source" : `the guest is ${state} on the source (virsh domstate)`;
+  const endsSaid = typeof report["error"] === "string" ? `; pagetwin: ${report["error"]}` : "";
+  return new LibvirtMigrationError(`${(err as Error).message}${endsSaid}; ${where}`, {
+    cause: err, sourceState: state, virshStderr: err instanceof LibvirtError ? err.virshStderr : "",
+  });
+}

@@ -1,0 +1,348 @@
+// Two libvirt "hosts" on one machine for the libvirt tests and benchmark
+// (recipe: docs/LIBVIRT.md): each libvirtd in its own network namespace (the
+// two joined by a 1 Gbit/s veth, helpers' NetnsLink) and its own mount
+// namespace, where a private /etc/libvirt, /run/libvirt, /var/lib/libvirt,
+// /var/cache/libvirt and /var/log/libvirt are bind-mounted from a temp dir;
+// its own host_uuid and a unix socket dir virsh reaches from here.
+// close() removes everything (domains, QEMU processes, services, daemons,
+// namespaces, files); teardown() does the same synchronously, on failure and at process exit.
+// (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
+
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, appendFileSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createNetnsLink, netnsAvailable, type NetnsLink } from "../../src/adapters/netns/link.js";
+import { Virsh, virshAvailable } from "../../src/adapters/libvirt/virsh.js";
+import { findGuest, qemuAvailable, type GuestImage } from "../../src/adapters/qemu/vm.js";
+import { cliPath } from "./cli.js";
+
+const LIBVIRTD = "/usr/sbin/libvirtd";
+/** Private per host: bind-mounted over the system's dirs inside the daemon's mount namespace. */
+const PRIVATE_DIRS = [["etc", "/etc/libvirt"], ["run", "/run/libvirt"], ["lib", "/var/lib/libvirt"], ["cache", "/var/cache/libvirt"], ["log", "/var/log/libvirt"]] as const;
+
+/** The second disk of the test guest (scripts/build-guest.sh), beside the NAS image. */
+const secondDisk = (g: GuestImage) => join(g.disk, "..", "disk2.img");
+
+/** The peer port of the services the tests start (each host has its own address). */
+const SERVE_PEER_PORT = 4447;
+
+export interface PairService {
+  control: string;
+  /** HOST:PORT of its peer port. */
+  peer: string;
+  /** The end of its stderr. */
+  log(): string;
+  /** SIGTERM, and waits for it to exit. */
+  stop(): Promise<void>;
+}
+
+export interface LibvirtHost {
+  name: "a" | "b";
+  /** The host's network namespace. */
+  ns: string;
+  /** Its address on the veth between the two namespaces. */
+  ip: string;
+  dir: string;
+  /** qemu+unix:///system?socket=... (reachable from this process's namespaces). */
+  uri: string;
+  virsh: Virsh;
+  daemon: ChildProcess;
+  /** The end of what libvirtd wrote to stderr. */
+  stderrTail(): string;
+}
+
+/** false, or why the libvirt tests are skipped. */
+export function skipLibvirt(): string | false {
+  if (typeof process.getuid === "function" && process.getuid() !== 0) return "needs root (libvirtd runs as root in its own namespaces)";
+  if (!existsSync(LIBVIRTD)) return "libvirtd not installed (apt-get install libvirt-daemon-system libvirt-clients, or scripts/install-deps.sh)";
+  if (!virshAvailable()) return "virsh not installed (apt-get install libvirt-clients)";
+  if (!qemuAvailable()) return "qemu-system-x86_64 not installed";
+  if (!netnsAvailable()) return "cannot create network namespaces (ip netns / tc missing)";
+  const g = findGuest();
+  if (!g) return "guest not built: run scripts/build-guest.sh";
+  if (!existsSync(secondDisk(g))) return "the guest's second disk (nas/disk2.img) not built: run scripts/build-guest.sh";
+  if (spawnSync("unshare", ["--version"], { stdio: "ignore" }).status !== 0) return "unshare (util-linux) missing";
+  return false;
+}
+
+const sleepSync = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+/** Running (a zombie not yet reaped, while a synchronous teardown blocks the event loop, counts as gone). */
+function alive(pid: number): boolean {
+  try { return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8")); } catch { return false; }
+}
+const live = new Set<LibvirtPair>();
+let hooked = false;
+
+export class LibvirtPair {
+  readonly hosts: [LibvirtHost, LibvirtHost];
+  private tornDown = false;
+  private readonly services = new Set<ChildProcess>();
+
+  private constructor(readonly dir: string, readonly link: NetnsLink, readonly guest: GuestImage, hosts: LibvirtHost[]) {
+    this.hosts = hosts as [LibvirtHost, LibvirtHost];
+  }
+
+  get a(): LibvirtHost { return this.hosts[0]; }
+  get b(): LibvirtHost { return this.hosts[1]; }
+
+  /** Starts both daemons and waits until each answers; on any failure removes what it made and throws. */
+  static async start(): Promise<LibvirtPair> {
+    const guest = findGuest();
+    if (!guest) throw new Error("guest not built");
+    const dir = mkdtempSync(join(tmpdir(), "pt-libvirt-"));
+    let link: NetnsLink | undefined;
+    const hosts: LibvirtHost[] = [];
+    const fail = (err: unknown) => {
+      const p = new LibvirtPair(dir, link ?? ({ destroy() {} } as NetnsLink), guest, hosts);
+      p.teardown();
+      throw err;
+    };
+    try {
+      link = createNetnsLink({ rate: "1gbit" });
+      for (const name of ["a", "b"] as const) {
+        hosts.push(startDaemon(dir, name, name === "a" ? link.srcNs : link.dstNs, name === "a" ? link.srcIp : link.dstIp));
+      }
+      const pair = new LibvirtPair(dir, link, guest, hosts);
+      live.add(pair);
+      if (!hooked) {
+        hooked = true;
+        process.on("exit", () => { for (const p of live) p.teardown(); });
+      }
+      for (const h of hosts) await waitReady(h);
+      return pair;
+    } catch (err) {
+      return fail(err);
+    }
+  }
+
+  /** The test guest as a transient domain XML: kernel + initrd of the build, vda = the NAS image, vdb = the second disk. */
+  domainXml(name: string, serialLog: string, cmdline = ""): string {
+    const disk = (file: string, dev: string) => `<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>` +
+      `<source file='${file}'/><target dev='${dev}' bus='virtio'/><readonly/></disk>`;
+    return `<domain type='qemu'><name>${name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>${this.guest.kernel}</kernel><initrd>${this.guest.initrd}</initrd>
+  <cmdline>console=ttyS0 quiet panic=1 ${cmdline}</cmdline></os>
+  <on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+    ${disk(this.guest.disk, "vda")}
+    ${disk(secondDisk(this.guest), "vdb")}
+    <serial type='file'><source path='${serialLog}' append='on'/><target port='0'/></serial>
+    <console type='file'><source path='${serialLog}' append='on'/><target type='serial' port='0'/></console>
+    <memballoon model='none'/></devices></domain>`;
+  }
+
+  /** The second disk's path. */
+  get disk2(): string { return secondDisk(this.guest); }
+
+  /** Starts the test guest on `host` and waits for "pagetwin-ready" on its serial log (under TCG, 15 s on an idle machine, minutes on a loaded one). */
+  async startGuest(host: LibvirtHost, name: string, timeoutMs = 240_000): Promise<void> {
+    const xmlFile = join(this.dir, `${name}.xml`);
+    appendFileSync(xmlFile, this.domainXml(name, this.serialLog(name, host)));
+    await host.virsh.run(["create", xmlFile]);
+    await this.waitSerial(name, host, /pagetwin-ready/, timeoutMs);
+  }
+
+  /** Where `name`'s serial console goes while it runs on `host` (one file per host, so a log shows who printed what). */
+  serialLog(name: string, host: LibvirtHost): string {
+    return join(this.dir, `serial-${name}-${host.name}.log`);
+  }
+
+  serialText(name: string, host: LibvirtHost): string {
+    try { return readFileSync(this.serialLog(name, host), "utf8"); } catch { return ""; }
+  }
+
+  /** The guest's counters on `host`'s serial log, in order. */
+  counters(name: string, host: LibvirtHost): number[] {
+    return [...this.serialText(name, host).matchAll(/pagetwin-counter (\d+)/g)].map((m) => Number(m[1]));
+  }
+
+  async waitSerial(name: string, host: LibvirtHost, re: RegExp, timeoutMs = 60_000): Promise<void> {
+    const end = Date.now() + timeoutMs;
+    while (!re.test(this.serialText(name, host))) {
+      if (Date.now() > end) throw new Error(`${name} on ${host.name}: no ${re} on the serial log in ${timeoutMs} ms; log: ${this.serialText(name, host).slice(-500)}`);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+
+  /**
+   * The XML a destination gets with --xml: the running domain's (`dumpxml
+   * --migratable`, which keeps the UUID libvirt insists on) with the serial log
+   * moved to `to`'s file. Written to a file; its path.
+   */
+  async destXml(name: string, from: LibvirtHost, to: LibvirtHost): Promise<string> {
+    const xml = (await from.virsh.dumpxml(name, true)).split(this.serialLog(name, from)).join(this.serialLog(name, to));
+    const file = join(this.dir, `${name}-to-${to.name}-${Date.now()}.xml`);
+    appendFileSync(file, xml);
+    return file;
+  }
+
+  /** Runs a command inside `host`'s network namespace (a pagetwin service, a proxy). */
+  spawnIn(host: LibvirtHost, cmd: string, args: string[]): ChildProcess {
+    return this.link.spawn(host.ns, cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
+  }
+
+  /**
+   * `pagetwin serve` in `host`'s network namespace (control socket in the temp dir, peer port on the
+   * host's veth address, the pair's key); resolves once it listens. teardown() stops it if the test did not.
+   */
+  async startService(host: LibvirtHost): Promise<PairService> {
+    const key = join(this.dir, "peer.key");
+    if (!existsSync(key)) writeFileSync(key, randomBytes(32), { mode: 0o600 });
+    const control = join(this.dir, `serve-${host.name}.sock`);
+    const child = this.spawnIn(host, process.execPath, [cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${SERVE_PEER_PORT}`, "--psk-file", key, "--json"]);
+    this.services.add(child);
+    let out = "", err = "";
+    child.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`pagetwin serve on ${host.name} not listening in 20 s: ${err}`)), 20_000);
+      child.stdout!.on("data", (d: Buffer) => { out += d; if (/"listening"/.test(out)) { clearTimeout(t); resolve(); } });
+      child.once("exit", (code) => { clearTimeout(t); reject(new Error(`pagetwin serve on ${host.name} exited (${code}): ${err}`)); });
+    });
+    const exited = new Promise<void>((r) => { if (child.exitCode !== null) r(); else child.once("exit", () => r()); });
+    return {
+      control, peer: `${host.ip}:${SERVE_PEER_PORT}`, log: () => err,
+      stop: async () => { child.kill("SIGTERM"); await exited; this.services.delete(child); },
+    };
+  }
+
+  /**
+   * Removes everything, as teardown() does, but lets the event loop reap the services and daemons it
+   * stops first: until a child is reaped, its namespaces stay and `ip netns delete` cannot remove them.
+   */
+  async close(): Promise<void> {
+    if (this.tornDown) return;
+    for (const h of this.hosts) destroyDomains(h);
+    for (const h of this.hosts) killQemus(h);
+    await Promise.all([...this.services, ...this.hosts.map((h) => h.daemon)].map((c) => exitOf(c)));
+    this.teardown();
+  }
+
+  /** Removes everything: domains, QEMU processes, daemons, namespaces, temp dir. Synchronous (runs at exit too); idempotent. */
+  teardown(): void {
+    if (this.tornDown) return;
+    this.tornDown = true;
+    live.delete(this);
+    for (const c of this.services) stopProcess(c.pid, c.exitCode !== null || c.signalCode !== null);
+    for (const h of this.hosts) destroyDomains(h);
+    for (const h of this.hosts) killQemus(h);
+    for (const h of this.hosts) stopDaemon(h);
+    this.link.destroy();
+    // A namespace still held by a process on its way out stays behind the first delete: try again for a while.
+    for (let i = 0; i < 100 && [this.link.srcNs, this.link.dstNs].some((ns) => existsSync(`/run/netns/${ns}`)); i++) {
+      sleepSync(100);
+      for (const ns of [this.link.srcNs, this.link.dstNs]) spawnSync("ip", ["netns", "delete", ns], { stdio: "ignore", timeout: 5000 });
+    }
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** A private libvirt tree for one host, then libvirtd in its namespaces (not waited for). */
+function startDaemon(root: string, name: "a" | "b", ns: string, ip: string): LibvirtHost {
+  const dir = join(root, name);
+  for (const [d] of PRIVATE_DIRS) mkdirSync(join(dir, d), { recursive: true });
+  mkdirSync(join(dir, "sock"));
+  cpSync("/etc/libvirt", join(dir, "etc"), { recursive: true });
+  if (existsSync("/var/lib/libvirt")) cpSync("/var/lib/libvirt", join(dir, "lib"), { recursive: true });
+  rmSync(join(dir, "etc", "qemu", "networks", "autostart"), { recursive: true, force: true });
+  for (const [, sys] of PRIVATE_DIRS) mkdirSync(sys, { recursive: true });
+  const uuid = `${name === "a" ? "aaaaaaaa" : "bbbbbbbb"}-${process.pid.toString(16).padStart(4, "0").slice(-4)}-4000-8000-${Date.now().toString(16).padStart(12, "0").slice(-12)}`;
+  appendFileSync(join(dir, "etc", "libvirtd.conf"), `
+# pagetwin test host ${name}
+unix_sock_dir = "${dir}/sock"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+host_uuid = "${uuid}"
+log_outputs = "3:file:${dir}/libvirtd.log"
+`);
+  // Keep the daemon away from the image's owner, virtlogd, cgroups and apparmor: none exist for a test host.
+  appendFileSync(join(dir, "etc", "qemu.conf"), `
+# pagetwin test host ${name}
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+stdio_handler = "file"
+namespaces = [ ]
+`);
+  const binds = PRIVATE_DIRS.map(([d, sys]) => `mount --bind '${join(dir, d)}' ${sys}`).join(" && ");
+  // ip netns exec, unshare and sh all exec: the child's pid is libvirtd's. The copies of the
+  // /run/netns/* mounts in the new mount namespace are dropped, so that they do not keep
+  // `ip netns delete` from removing the namespaces while a QEMU of this daemon is on its way out.
+  const daemon = spawn("ip", ["netns", "exec", ns, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c",
+    `for f in /run/netns/*; do umount -l "$f" 2>/dev/null; done; ${binds} && hostname pt-libvirt-${name} && exec ${LIBVIRTD} -p '${join(dir, "libvirtd.pid")}'`],
+    { stdio: ["ignore", "ignore", "pipe"] });
+  let err = "";
+  daemon.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });
+  const uri = `qemu+unix:///system?socket=${join(dir, "sock", "libvirt-sock")}`;
+  return { name, ns, ip, dir, uri, virsh: new Virsh(uri), daemon, stderrTail: () => err };
+}
+
+async function waitReady(h: LibvirtHost, timeoutMs = 30_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    if (h.daemon.exitCode !== null || h.daemon.signalCode !== null) {
+      throw new Error(`libvirtd of host ${h.name} exited (${h.daemon.exitCode ?? h.daemon.signalCode}): ${h.stderrTail()}`);
+    }
+    if (existsSync(join(h.dir, "sock", "libvirt-sock"))) {
+      try { await h.virsh.run(["version"], 5000); return; } catch { /* not answering yet */ }
+    }
+    if (Date.now() > end) throw new Error(`libvirtd of host ${h.name} not ready in ${timeoutMs} ms (log: ${h.dir}/libvirtd.log)`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+function destroyDomains(h: LibvirtHost): void {
+  if (!alive(h.daemon.pid ?? -1)) return;
+  const r = spawnSync("virsh", ["-c", h.uri, "list", "--all", "--name"], { encoding: "utf8", timeout: 10_000 });
+  for (const dom of (r.stdout ?? "").split("\n").map((s) => s.trim()).filter(Boolean)) {
+    spawnSync("virsh", ["-c", h.uri, "destroy", dom], { stdio: "ignore", timeout: 15_000 });
+    spawnSync("virsh", ["-c", h.uri, "undefine", dom], { stdio: "ignore", timeout: 10_000 });
+  }
+}
+
+/** QEMU processes libvirt started (daemonized, so not children of libvirtd): by the pid files in the host's run dir. */
+function killQemus(h: LibvirtHost): void {
+  const qdir = join(h.dir, "run", "qemu");
+  let files: string[] = [];
+  try { files = readdirSync(qdir).filter((f) => f.endsWith(".pid")); } catch { return; }
+  for (const f of files) {
+    const pid = Number(readFileSync(join(qdir, f), "utf8").trim());
+    if (!(pid > 0) || !alive(pid)) continue;
+    // Only a QEMU (a recycled pid could be anything).
+    let comm = "";
+    try { comm = readFileSync(`/proc/${pid}/comm`, "utf8"); } catch { continue; }
+    if (comm.startsWith("qemu")) try { process.kill(pid, "SIGKILL"); } catch { /* gone */ }
+    for (let i = 0; i < 50 && alive(pid); i++) sleepSync(100);
+  }
+}
+
+function stopDaemon(h: LibvirtHost): void {
+  stopProcess(h.daemon.pid, h.daemon.exitCode !== null);
+}
+
+/** SIGTERM, SIGKILL after `ms`; resolves once the child exited (and was reaped). */
+async function exitOf(c: ChildProcess, ms = 5000): Promise<void> {
+  if (c.exitCode !== null || c.signalCode !== null) return;
+  const exited = new Promise<void>((r) => c.once("exit", () => r()));
+  c.kill("SIGTERM");
+  let t: NodeJS.Timeout | undefined;
+  await Promise.race([exited, new Promise<void>((r) => { t = setTimeout(r, ms); })]);
+  clearTimeout(t);
+  if (c.exitCode === null && c.signalCode === null) {
+    c.kill("SIGKILL");
+    await exited;
+  }
+}
+
+/** SIGTERM, up to 5 s, SIGKILL, and waits until it is gone: a process still in a namespace keeps `ip netns delete` from removing it. */
+function stopProcess(pid: number | undefined, exited: boolean): void {
+  if (!pid || exited || !alive(pid)) return;
+  try { process.kill(pid, "SIGTERM"); } catch { return; }
+  for (let i = 0; i < 50 && alive(pid); i++) sleepSync(100);
+  if (alive(pid)) try { process.kill(pid, "SIGKILL"); } catch { /* gone */ }
+  for (let i = 0; i < 50 && alive(pid); i++) sleepSync(100);
+}
