@@ -372,10 +372,16 @@ class InSession {
     q.on("error", (e) => { if (!this.streamEnded) this.fail(new Error(`destination QEMU connection failed: ${e.message}`), true); });
     q.on("close", () => {
       this.qemuClosed = true;
-      // QEMU closes its multifd channels once the migration is loaded, which may be before the
-      // source's close reaches here: only data still to come for it (toQemu) is then an error
-      if (!this.streamEnded && this.kind !== "multifd") this.fail(new Error("the destination QEMU closed the connection before the end of the stream (see its log)"), true);
-      else if (!this.link.destroyed) this.link.end();
+      if (this.streamEnded) {
+        if (!this.link.destroyed) this.link.end();
+        return;
+      }
+      // QEMU closes a channel once the migration is loaded (its multifd channels; the main one too, as
+      // libvirt runs it), which may be just before the source's END arrives here: END still gets its
+      // check and its verdict. Data still to come for QEMU (toQemu) fails at once; no END in time fails here.
+      setTimeout(() => {
+        if (!this.streamEnded) this.fail(new Error("the destination QEMU closed the connection before the end of the stream (see its log)"), true);
+      }, TIMEOUTS.closeWaitMs).unref();
     });
   }
 
