@@ -50,6 +50,8 @@ test("every error class is a PagetwinError with a stable code, and keeps its cau
     const e = name.startsWith("Qmp") && name !== "QmpError" && name !== "QmpProtocolError"
       ? new (C as new (...a: unknown[]) => errors.PagetwinError)("cmd", "x", "y")
       : name === "UnsupportedImageError" ? new errors.UnsupportedImageError("img", "a feature", "", { cause: 1 })
+      : name === "LibvirtMigrationError" ? new errors.LibvirtMigrationError("m", { cause: 1, sourceState: "running" })
+      : name === "ServeError" ? new errors.ServeError("PAGETWIN_SERVE_TEST", "m", { cause: 1 })
       : name.endsWith("MigrationError") ? new (C as new (...a: unknown[]) => errors.PagetwinError)("m", {}, { cause: 1 })
       : new (C as new (m: string, o: object) => errors.PagetwinError)("m", { cause: 1 });
     assert.ok(e instanceof PagetwinError, name);
