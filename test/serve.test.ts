@@ -18,6 +18,8 @@ import { ServeError } from "../src/errors.js";
 import { spawnSync } from "node:child_process";
 import { serveSpec } from "../src/cli/commands/serve.js";
 import { qemuStream, freePort } from "./helpers/stream.js";
+import { TraceModel } from "../src/trace/model.js";
+import type { TraceRecord } from "../src/trace/format.js";
 import { countingRelay, sinkQemu, sourceQemu, twoServices, type TwoServices } from "./helpers/serve.js";
 
 const PAGE = 4096;
@@ -115,6 +117,66 @@ test("two disks: twins from both travel as references, the stream arrives byte-i
   } finally {
     sink.close();
     relay.close();
+  }
+});
+
+/** The live view's records, as a page gets them (Server-Sent Events at `url`'s events path). */
+async function liveRecords(url: string, signal: AbortSignal): Promise<TraceRecord[]> {
+  const res = await fetch(url.replace(/\?live$/, "events"), { signal });
+  assert.equal(res.headers.get("content-type"), "text/event-stream");
+  const records: TraceRecord[] = [];
+  const reader = res.body!.getReader();
+  const dec = new TextDecoder();
+  let buf = "";
+  void (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += dec.decode(value, { stream: true });
+      for (let i; (i = buf.indexOf("\n\n")) >= 0; buf = buf.slice(i + 2)) if (buf.startsWith("data: ")) records.push(JSON.parse(buf.slice(6, i)) as TraceRecord);
+    }
+  })().catch(() => {}); // aborted at the end
+  return records;
+}
+
+test("--trace-dir and --ui on the source service: the migration's trace file has its stats' totals, and the live view streams the same records", async () => {
+  const sub = fs.mkdtempSync(path.join(dir, "traced-"));
+  const traceDir = path.join(sub, "traces");
+  const two = await twoServices(sub, undefined, { traceDir, ui: { port: 0 } });
+  const sink = await sinkQemu();
+  const ac = new AbortController();
+  try {
+    const hello = await two.srcClient.request<{ ui: string | null }>("hello");
+    assert.match(hello.ui ?? "", /^http:\/\/127\.0\.0\.1:\d+\/[0-9a-f]{32}\/\?live$/);
+    const live = await liveRecords(hello.ui!, ac.signal);
+    const data = qemuStream(twoDiskPages().pages);
+    const ready = await outgoing(two.srcClient, "traced", [diskA, diskB], sink.port, two.dst.peerPort);
+    const srcEnd = ended(two.srcClient, "traced");
+    assert.equal(await sourceQemu(ready.port, data), false, "the source QEMU was cut off");
+    const s = await srcEnd;
+    assert.equal(s.ok, true, JSON.stringify(s.status.error));
+    assert.deepEqual(fs.readdirSync(traceDir), ["traced.out.ndjson"]);
+    const text = fs.readFileSync(path.join(traceDir, "traced.out.ndjson"), "utf8");
+    const m = [...TraceModel.parse(text).migrations.values()];
+    assert.equal(m.length, 1);
+    const t = m[0]!, st = s.status.stats, e = t.end!;
+    assert.equal(t.start.mode, "stream");
+    assert.match(t.start.label, /migration traced \(out\)/);
+    assert.equal(e.ok, true);
+    assert.equal(e.transferredBytes, st.bytesOutLink);
+    assert.equal(e.baselineBytes, st.bytesFromQemu);
+    assert.equal(e.baselineBytes, data.length);
+    assert.equal(e.pages.twin, st.twinsReplaced);
+    assert.equal(e.pages.normal + e.pages.twin, st.pagesSeen);
+    assert.equal(t.rounds.reduce((n, r) => n + r.transferredBytes, 0), st.bytesOutLink, "the rounds add up to the link's bytes");
+    // the live view carried the same records (it writes them as they happen: the end may still be on its way)
+    const want = text.trim().split("\n").map((l) => JSON.parse(l) as TraceRecord);
+    for (let i = 0; i < 200 && !live.some((r) => r.type === "end"); i++) await new Promise((r) => setTimeout(r, 25));
+    assert.deepEqual(live.filter((r) => r.id === t.start.id), want);
+  } finally {
+    ac.abort();
+    sink.close();
+    await two.close();
   }
 });
 

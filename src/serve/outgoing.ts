@@ -23,6 +23,7 @@ import { PeerFrame, SERVE_PROTOCOL_VERSION, type Prepare, type Prepared } from "
 import { Lease, abortError } from "./lease.js";
 import { MigrationRecord } from "./migration.js";
 import type { Shared } from "./shared.js";
+import type { MigrationTrace } from "./trace.js";
 
 /** The `outgoing` request. */
 export interface OutgoingRequest {
@@ -67,6 +68,8 @@ export interface OutParts {
   security: Security;
   bus: EventEmitter;
   log: Log;
+  /** The migration's trace sinks (--trace-dir, --ui; none without them). */
+  trace(id: string): MigrationTrace;
   register(m: OutgoingMigration): void;
   unregister(m: OutgoingMigration): void;
 }
@@ -75,6 +78,7 @@ export class OutgoingMigration {
   private proxy: StreamProxy | null = null;
   private lease: Lease | null = null;
   private acquired = false;
+  private trace: MigrationTrace | null = null;
   readonly record: MigrationRecord;
   private readonly stats: StreamStats = newStats("stream-out");
   private readonly qemuAt: Endpoint;
@@ -107,6 +111,7 @@ export class OutgoingMigration {
       this.lease?.end({ code: "PAGETWIN_SERVE_CANCELLED", reason: `the source service could not prepare the migration: ${(err as Error).message}` });
       void this.proxy?.close();
       this.release();
+      void this.closeTrace();
       this.record.setState("failed", err);
       this.parts.unregister(this);
       throw err;
@@ -128,6 +133,8 @@ export class OutgoingMigration {
     const answer = await this.prepareDestination(nas, blocks);
     const offsets = diskOffsets(blocks);
     answer.disks.forEach((d, i) => Object.assign(this.record.disks[i]!, d.dedup ? { dedup: true } : { dedup: false, reason: d.reason ?? "refused" }));
+    // opened only now: a refused or duplicate migration leaves no trace file behind
+    this.trace = parts.trace(req.migration);
     prepared(nas.flatMap((n, i) => answer.disks[i]?.dedup ? [{ engine: n.engine, index: n.index, offset: offsets[i]!, slot: i }] : []));
     return this.answer();
   }
@@ -162,7 +169,8 @@ export class OutgoingMigration {
     const context = disks.then((lookup): OutContext => ({
       engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
       windowPages: req.windowPages ?? 16384, to: this.peerAt, noDedup: lookup.length === 0, compress: req.compress ?? "auto",
-      bandwidth: 0, queueMs: undefined, security: parts.security, watch: null, firstByteAt: 0, lastVerdictAt: 0, trace: [],
+      bandwidth: 0, queueMs: undefined, security: parts.security, watch: null, firstByteAt: 0, lastVerdictAt: 0,
+      trace: this.trace?.sinks ?? [], traceLabel: `migration ${req.migration} (out)`,
       lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
     }));
     return serve({ at: this.qemuAt, security: { kind: "local" }, peer: "qemu" }, {
@@ -197,6 +205,8 @@ export class OutgoingMigration {
 
   private async finish(error: string | undefined): Promise<void> {
     const { record } = this;
+    // every session has ended, so has its trace: the file is complete before anyone hears the end
+    await this.closeTrace();
     if (!record.final) {
       await this.peerFinished();
       const ok = !error && this.stats.verdict === "verified";
@@ -205,6 +215,12 @@ export class OutgoingMigration {
     this.lease?.end();
     this.release();
     this.parts.unregister(this);
+  }
+
+  private async closeTrace(): Promise<void> {
+    const t = this.trace;
+    this.trace = null;
+    await t?.close().catch((err: Error) => this.parts.log.warn(`migration ${this.req.migration} (out): ${err.message}`));
   }
 
   /** The destination's FINISHED (its stats), if it comes soon. */

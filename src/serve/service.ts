@@ -22,8 +22,9 @@ import { OutgoingMigration, type OutgoingReady, type OutgoingRequest } from "./o
 import { openPeerPort } from "./peer.js";
 import { SERVE_PROTOCOL_VERSION } from "./frames.js";
 import { Shared } from "./shared.js";
+import { ServeTraces, type ServeTraceOptions } from "./trace.js";
 
-export interface ServeServiceOptions extends SecurityOptions {
+export interface ServeServiceOptions extends SecurityOptions, ServeTraceOptions {
   /** The control socket's path (created 0600; a stale socket there is replaced). */
   control: string;
   /** HOST:PORT of the peer port other services connect to (absent: this service only sends). */
@@ -43,6 +44,7 @@ export class ServeService {
   private readonly destDisks = new Shared<OpenDestDisk>(openDestDisk, (d) => d.image.close());
   private control: ControlServer | null = null;
   private peer: Listener | null = null;
+  private traces: ServeTraces | null = null;
   private stopping: Promise<void> | null = null;
   /** Ends shutdown's wait for running migrations now (a second SIGTERM). */
   private hurry: (() => void) | null = null;
@@ -61,6 +63,7 @@ export class ServeService {
     if (security.kind === "insecure") log.warn(INSECURE_WARNING);
     const s = new ServeService(o, security, log);
     try {
+      s.traces = await ServeTraces.open(o);
       if (o.peerListen) {
         s.peer = await openPeerPort(parseEndpoint(o.peerListen, "--peer-listen"), security, log, {
           lease: (sock) => void s.lease(sock),
@@ -71,6 +74,7 @@ export class ServeService {
       s.control = await ControlServer.open({ path: o.control, log, handle: (op, args) => s.handle(op, args), subscribe: (cb) => s.subscribe(cb) });
     } catch (err) {
       s.peer?.close();
+      await s.traces?.close();
       throw err;
     }
     return s;
@@ -79,6 +83,11 @@ export class ServeService {
   /** The peer port's TCP port (0 without one). */
   get peerPort(): number {
     return this.peer?.port ?? 0;
+  }
+
+  /** The live view's URL with its token (with `ui`), else null. */
+  get uiUrl(): string | null {
+    return this.traces?.url ?? null;
   }
 
   subscribe(cb: (e: ServeEvent) => void): () => void {
@@ -140,6 +149,7 @@ export class ServeService {
     }
     clearTimeout(timer);
     this.control?.dropAll();
+    await this.traces?.close();
   }
 
   private async handle(op: string, a: Record<string, unknown>): Promise<object> {
@@ -147,7 +157,7 @@ export class ServeService {
     const dir = typeof a["direction"] === "string" ? a["direction"] : undefined;
     switch (op) {
       case "hello":
-        return { service: "pagetwin serve", protocol: SERVE_PROTOCOL_VERSION, peerPort: this.peerPort, security: describeSecurity(this.security) };
+        return { service: "pagetwin serve", protocol: SERVE_PROTOCOL_VERSION, peerPort: this.peerPort, security: describeSecurity(this.security), ui: this.uiUrl };
       case "outgoing":
         if (this.stopping) throw new ServeError("PAGETWIN_SERVE_SHUTTING_DOWN", "the service is shutting down: it takes no new migration");
         return this.outgoing(a as unknown as OutgoingRequest);
@@ -170,6 +180,7 @@ export class ServeService {
   private outParts() {
     return {
       indexes: this.indexes, security: this.security, bus: this.bus, log: this.log,
+      trace: (id: string) => this.traces!.open(id, "out"),
       register: (m: OutgoingMigration) => this.register(this.out, m),
       unregister: (m: OutgoingMigration) => this.unregister(this.out, m),
     };

@@ -121,6 +121,8 @@ export interface OutContext {
   /** More HELLO fields (pagetwin serve: the migration id). */
   hello?: Record<string, unknown>;
   trace: readonly TraceSink[];
+  /** The trace's label before " channel N" (default "stream-out"). */
+  traceLabel?: string;
 }
 
 /** One migration connection from the source QEMU through to stream-in (pagetwin serve runs these itself). */
@@ -231,7 +233,7 @@ class OutSession {
     this.ring = new ReplayWindow(ctx.windowPages);
     this.hasher = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
     this.pacer = new LinkPacer(this.meter, { bandwidth: ctx.bandwidth, ...(ctx.queueMs !== undefined ? { queueMs: ctx.queueMs } : {}) });
-    this.trace = ctx.trace.length ? new StreamTracer(ctx.trace, { label: `stream-out channel ${channel}`, stats: ctx.stats, windowPages: ctx.windowPages, watch: ctx.watch }) : null;
+    this.trace = ctx.trace.length ? new StreamTracer(ctx.trace, { label: `${ctx.traceLabel ?? "stream-out"} channel ${channel}`, stats: ctx.stats, windowPages: ctx.windowPages, watch: ctx.watch }) : null;
   }
 
   async run(): Promise<void> {

@@ -6,7 +6,7 @@
 
 import * as net from "node:net";
 import { join } from "node:path";
-import { ServeService } from "../../src/serve/service.js";
+import { ServeService, type ServeServiceOptions } from "../../src/serve/service.js";
 import { ServeClient } from "../../src/serve/client.js";
 import { TEST_KEY } from "./stream.js";
 
@@ -20,11 +20,12 @@ export interface TwoServices {
   close(): Promise<void>;
 }
 
-export async function twoServices(dir: string, log: (m: string) => void = () => {}): Promise<TwoServices> {
+/** `srcExtra`: more options of the source service (--trace-dir, --ui). */
+export async function twoServices(dir: string, log: (m: string) => void = () => {}, srcExtra: Partial<ServeServiceOptions> = {}): Promise<TwoServices> {
   const srcControl = join(dir, "src.sock");
   const dstControl = join(dir, "dst.sock");
   const dst = await ServeService.start({ control: dstControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`dst: ${m}`) });
-  const src = await ServeService.start({ control: srcControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`src: ${m}`) });
+  const src = await ServeService.start({ control: srcControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`src: ${m}`), ...srcExtra });
   const srcClient = await ServeClient.connect(srcControl);
   const dstClient = await ServeClient.connect(dstControl);
   return {

@@ -4,8 +4,9 @@
 
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { helpText, num, parse, securityOptions, security, type CommandSpec } from "../args.js";
+import { helpText, int, num, parse, securityOptions, security, type CommandSpec } from "../args.js";
 import { printJson } from "../json.js";
+import { withUiDefault } from "../trace.js";
 import { ServeService } from "../../serve/service.js";
 import type { ServeEvent } from "../../serve/migration.js";
 
@@ -14,11 +15,13 @@ export const DEFAULT_CONTROL = "/run/pagetwin/control.sock";
 export const serveSpec: CommandSpec = {
   name: "serve",
   summary: "one service per host for every stream-mode migration on it, both directions",
-  usage: "pagetwin serve [--control PATH] [--peer-listen HOST:PORT] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--json]",
+  usage: "pagetwin serve [--control PATH] [--peer-listen HOST:PORT] [--trace-dir DIR] [--ui [PORT]] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--json]",
   options: {
     control: { type: "string", default: DEFAULT_CONTROL, help: "the control socket local tools use (created mode 0600; its directory 0700 when created)" },
     "peer-listen": { type: "string", help: "HOST:PORT where other hosts' services connect (one port for all migrations); without it this service only sends" },
     "drain-timeout": { type: "string", default: "600", help: "on SIGTERM, seconds running migrations get to finish before they are failed (their source VMs keep running)" },
+    "trace-dir": { type: "string", help: "write each outgoing migration's trace here, as MIGRATION.out.ndjson (docs/TRACE.md)" },
+    ui: { type: "string", help: "serve the visualizer with every migration of this service live on 127.0.0.1:PORT (--ui alone: a free port); the URL, with its random token, goes to stderr and hello's `ui`" },
     ...securityOptions("other hosts' pagetwin serve", true),
     json: { type: "boolean", help: "NDJSON on stdout: a listening line, then every migration's events (state, progress, end)" },
     quiet: { type: "boolean", help: "no log lines on stderr" },
@@ -33,7 +36,7 @@ else reaches.`,
 };
 
 export async function run(argv: string[]): Promise<number> {
-  const p = parse(serveSpec, argv);
+  const p = parse(serveSpec, withUiDefault(argv));
   if (p.help) {
     process.stdout.write(helpText(serveSpec) + "\n");
     return 0;
@@ -44,9 +47,14 @@ export async function run(argv: string[]): Promise<number> {
   const drainMs = num(v, "drain-timeout", 0) * 1000;
   const log = v["quiet"] ? () => {} : (m: string) => process.stderr.write(`[pagetwin serve] ${m}\n`);
   ensureDir(dirname(control));
-  const svc = await ServeService.start({ control, log, ...security(v), ...(v["peer-listen"] ? { peerListen: v["peer-listen"] as string } : {}) });
+  const svc = await ServeService.start({
+    control, log, ...security(v), ...(v["peer-listen"] ? { peerListen: v["peer-listen"] as string } : {}),
+    ...(v["trace-dir"] ? { traceDir: v["trace-dir"] as string } : {}), ...(typeof v["ui"] === "string" ? { ui: { port: int(v, "ui", 0, 65535) } } : {}),
+  });
+  // the URL even with --quiet: it is the only way to the page
+  if (svc.uiUrl) process.stderr.write(`[pagetwin serve] live view: ${svc.uiUrl}\n`);
   if (json) {
-    printJson("serve", "listening", { control, peerPort: svc.peerPort });
+    printJson("serve", "listening", { control, peerPort: svc.peerPort, ui: svc.uiUrl });
     // the envelope's `event` is the line's kind; the service's event is `type`
     svc.subscribe(({ event, ...rest }: ServeEvent) => printJson("serve", "progress", { type: event, ...rest }));
   }
