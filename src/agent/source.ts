@@ -293,14 +293,15 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     // workers for the final pass only start now, during the live rounds: not competing with the handshake
     if (o.workersWhen === "switchover") void sessionNow().catch(() => {});
 
-    const runIteration = async (iteration: number, final: boolean): Promise<IterationRecord> => {
+    /** `carried`: what was sent for this round before it began (the final round: the last live round's resends, sent with the guest running). */
+    const runIteration = async (iteration: number, final: boolean, carried?: { since: number; resent: number }): Promise<IterationRecord> => {
       const l = link!;
       const start = performance.now();
       if (iteration === 1) result.setupTimeMs = start - t0;
-      const bytes0 = l.bytesOut;
+      const bytes0 = carried?.since ?? l.bytesOut;
       const rec: IterationRecord = {
         iteration, final, startMs: start - t0, durationMs: 0, scanMs: 0, hashWorkers: 0, ackWaitMs: 0, dirty: 0,
-        pages: { normal: 0, zero: 0, twin: 0, clean: 0, resent: 0 }, transferredBytes: 0,
+        pages: { normal: 0, zero: 0, twin: 0, clean: 0, resent: carried?.resent ?? 0 }, transferredBytes: 0,
       };
       const map = o.trace ? new Uint8Array(o.ram.pages) : null;
       let scanMs = 0;
@@ -354,7 +355,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const ackFrom = performance.now();
       // The previous round's answer (the twins it could not verify) has come
       // back while this round was read and sent: resend those pages now.
-      await settlePrevious(l, rec, map);
+      await settlePrevious(l, rec.pages, map);
       // End of the round. A live round's answer is taken at the end of the
       // next one, so that the next scan overlaps the link's tail; the final
       // round waits for it (and for answers to its resends).
@@ -387,12 +388,12 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     /** The round whose IterAck has not been taken yet (null: none). */
     let unacked: number | null = null;
     /** Takes that round's IterAck and resends the pages it lists (counted in `rec`). */
-    const settlePrevious = async (l: FrameLink, rec: IterationRecord, map: Uint8Array | null): Promise<number> => {
+    const settlePrevious = async (l: FrameLink, counts: { resent: number }, map: Uint8Array | null): Promise<number> => {
       if (unacked === null) return 0;
       const resend = await takeIterAck(l, unacked);
       unacked = null;
       await resendPages(l, resend);
-      rec.pages.resent += resend.length;
+      counts.resent += resend.length;
       if (map) for (const p of resend) map[p] = PAGE_CLASS.resent;
       return resend.length;
     };
@@ -508,11 +509,13 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     // Switchover: stop the guest, last round, compare digests. The last live
     // round's answer is taken first, with the guest still running, so that the
     // final round does not wait for the destination's backlog.
-    totals.resent += await settlePrevious(link, log[log.length - 1]!, null);
+    // The last live round has been reported: these resends count in the final round's record.
+    const carried = { since: link.bytesOut, resent: 0 };
+    await settlePrevious(link, carried, null);
     pausedAt = performance.now();
     await o.vm.pause();
     paused = true;
-    await runIteration(iteration + 1, true);
+    await runIteration(iteration + 1, true, carried);
     const digest = o.engine.digest(planner.sentHashes());
     result.digest = Buffer.from(digest).toString("hex");
     await link.send(jsonFrame(FrameType.Switchover, { digest: result.digest }));
