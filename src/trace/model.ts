@@ -5,7 +5,7 @@
 
 import {
   CLASS_COUNT, TRACE_FORMAT, TRACE_VERSION, emptyPages, forEachRun,
-  type EndRecord, type ProgressRecord, type StartRecord, type SwitchoverRecord, type TracePages, type TraceRecord,
+  type EndRecord, type ProgressRecord, type RoundRecord, type StartRecord, type SwitchoverRecord, type TracePages, type TraceRecord,
 } from "./format.js";
 import { TraceFormatError } from "../errors.js";
 
@@ -13,14 +13,8 @@ export { TraceFormatError };
 
 export const MAX_CELLS = 65536;
 
-export interface RoundView {
-  iteration: number;
-  final: boolean;
-  startMs: number;
-  durationMs: number;
-  pages: TracePages;
-  transferredBytes: number;
-  baselineBytes: number;
+/** A round as the page shows it: the round record's numbers (so far, until `done`) and its page map in cells. */
+export interface RoundView extends Omit<RoundRecord, "type" | "id" | "dirty"> {
   /** The round's record came: its numbers are final. */
   done: boolean;
   /** Pages of each class in each cell: cells[cell * CLASS_COUNT + class] (class 0 unused: clean is the rest). */
