@@ -16,7 +16,14 @@ function available(bin: string): boolean {
 export const skipNoQemuImg: string | false = available("qemu-img") && available("qemu-io") ? false : "qemu-img/qemu-io not installed (apt-get install qemu-utils)";
 
 export function qemuImg(...args: string[]): string {
-  return execFileSync("qemu-img", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return execFileSync("qemu-img", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+    } catch (err) {
+      // LUKS key setup times PBKDF on the thread's CPU clock, which can read 0 ms on a tick-accounted VM: QEMU's own flake
+      if (attempt >= 5 || !String((err as { stderr?: unknown }).stderr).includes("Unable to get accurate CPU usage")) throw err;
+    }
+  }
 }
 
 /** Runs qemu-io commands (e.g. "write -z 0 64k") on an image. */
