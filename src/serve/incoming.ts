@@ -12,8 +12,7 @@ import { openDisk } from "../adapters/nas/disk.js";
 import type { GuestDisk } from "../adapters/nas/image.js";
 import { parseEndpoint } from "../link/endpoint.js";
 import { parseJson, printable } from "../wire/envelope.js";
-import { runInSession, type InContext } from "../stream/in.js";
-import { ChannelOrder } from "../stream/multifd-channel.js";
+import { inContext, runInSession } from "../stream/in.js";
 import { adopt } from "../stream/serve.js";
 import { newStats, type StreamProxy } from "../stream/stats.js";
 import { MultiDiskVerifier, diskOffsets, type DestDisk } from "../stream/disks.js";
@@ -107,14 +106,14 @@ export class IncomingMigration {
     const dest: DestDisk[] = open.map((d, i) => ({ engine: d.engine, image: d.image, offset: answers[i]!.dedup ? offsets[i]! : -1, blocks: p.disks[i]!.blocks }));
     const anyDedup = answers.some((a) => a.dedup);
     const first = open[0]!;
-    const ctx: InContext = {
+    const ctx = inContext({
       engine: first.engine, image: first.image, indexId: null, indexError: null, indexPath: first.indexPath,
-      qemu: parseEndpoint(p.qemu, "qemu"), stats, log: parts.log, watch: null, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder(),
+      qemu: parseEndpoint(p.qemu, "qemu"), stats, log: parts.log, watch: null,
       disks: {
         refusal: () => anyDedup ? null : `no disk of migration ${p.migration} has the source's index here: ${answers.map((a) => a.reason).join("; ")}`,
         verifier: () => new MultiDiskVerifier(dest, record.twins),
       },
-    };
+    });
     const { proxy, add } = adopt({
       stats, keep: false, log: parts.log, onClose: () => {},
       session: (sock, channel) => { record.setState("running"); return runInSession(ctx, sock, channel); },

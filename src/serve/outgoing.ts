@@ -13,7 +13,7 @@ import type { Security } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { parseJson, type Frame } from "../wire/envelope.js";
 import { SFrame } from "../stream/frames.js";
-import { runOutSession, type OutContext } from "../stream/out.js";
+import { outContext, runOutSession } from "../stream/out.js";
 import { serve } from "../stream/serve.js";
 import { newStats, type StreamProxy, type StreamStats } from "../stream/stats.js";
 import { MultiDiskHasher, diskOffsets, type SourceDisk } from "../stream/disks.js";
@@ -41,7 +41,7 @@ export interface OutgoingRequest {
   peer: string;
   /** Compression of what travels raw: auto (default), off, zstd, brotli. */
   compress?: CompressionMode;
-  /** Referenced pages kept for resends (default 16384). */
+  /** Referenced pages kept for resends (default DEFAULT_WINDOW_PAGES, 16384). */
   windowPages?: number;
 }
 
@@ -166,11 +166,10 @@ export class OutgoingMigration {
 
   private listen(first: NasIndex, disks: Promise<SourceDisk[]>): Promise<StreamProxy> {
     const { req, parts, record } = this;
-    const context = disks.then((lookup): OutContext => ({
+    const context = disks.then((lookup) => outContext({
       engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
-      windowPages: req.windowPages ?? 16384, to: this.peerAt, noDedup: lookup.length === 0, compress: req.compress ?? "auto",
-      bandwidth: 0, queueMs: undefined, security: parts.security, watch: null, firstByteAt: 0, lastVerdictAt: 0,
-      trace: this.trace?.sinks ?? [], traceLabel: `migration ${req.migration} (out)`,
+      windowPages: req.windowPages, to: this.peerAt, noDedup: lookup.length === 0, compress: req.compress,
+      security: parts.security, trace: this.trace?.sinks, traceLabel: `migration ${req.migration} (out)`,
       lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
     }));
     return serve({ at: this.qemuAt, security: { kind: "local" }, peer: "qemu" }, {

@@ -82,6 +82,11 @@ export interface InContext {
   order: ChannelOrder;
 }
 
+/** A fresh context: the sessions' own running state starts here (stream-in and pagetwin serve both build theirs here). */
+export function inContext(f: Omit<InContext, "firstByteAt" | "lastEndAt" | "order">): InContext {
+  return { ...f, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder() };
+}
+
 /** One link from stream-out through to the destination QEMU (pagetwin serve runs these itself). */
 export function runInSession(ctx: InContext, link: net.Socket, channel: number): Promise<void> {
   return new InSession(ctx, link, channel).run();
@@ -128,7 +133,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
   const image = openDisk(opts.image, { format });
   const stats = newStats("stream-in");
-  const ctx: InContext = { engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder() };
+  const ctx = inContext({ engine, image, indexId, indexError, indexPath, qemu, stats, log, watch });
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   try {
     return await serve({ at, security, peer: "proxy" }, {

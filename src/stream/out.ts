@@ -125,6 +125,22 @@ export interface OutContext {
   traceLabel?: string;
 }
 
+/** Referenced pages kept for resends unless told otherwise (64 MiB). */
+export const DEFAULT_WINDOW_PAGES = 16384;
+
+/** What a caller of the sessions chooses; the rest starts at its default. */
+export type OutContextFields = Pick<OutContext, "engine" | "index" | "indexId" | "stats" | "log" | "to" | "security">
+  & Partial<Omit<OutContext, "firstByteAt" | "lastVerdictAt">>;
+
+/** A fresh context with every default in one place (stream-out and pagetwin serve both build theirs here). */
+export function outContext(f: OutContextFields): OutContext {
+  const defined = Object.fromEntries(Object.entries(f).filter(([, v]) => v !== undefined)) as OutContextFields;
+  return {
+    windowPages: DEFAULT_WINDOW_PAGES, noDedup: false, compress: "auto", bandwidth: 0, queueMs: undefined, watch: null, trace: [],
+    ...defined, firstByteAt: 0, lastVerdictAt: 0,
+  };
+}
+
 /** One migration connection from the source QEMU through to stream-in (pagetwin serve runs these itself). */
 export function runOutSession(ctx: OutContext, qemu: net.Socket, channel: number): Promise<void> {
   return new OutSession(ctx, qemu, channel).run();
@@ -157,11 +173,10 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   if (compress !== "auto" && compress !== "off" && !availableAlgorithms().includes(compress)) {
     throw new Error(`pagetwin stream-out: --compress ${compress} is not available here (${zstdUnavailableReason()})`);
   }
-  const ctx: OutContext = {
-    engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log,
-    windowPages: opts.windowPages ?? 16384, to, noDedup: opts.noDedup ?? false,
-    compress, bandwidth: opts.bandwidth ?? 0, queueMs: opts.queueMs, security, watch, firstByteAt: 0, lastVerdictAt: 0, trace: opts.trace ?? [],
-  };
+  const ctx = outContext({
+    engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log, to, security, watch, compress,
+    windowPages: opts.windowPages, noDedup: opts.noDedup, bandwidth: opts.bandwidth, queueMs: opts.queueMs, trace: opts.trace,
+  });
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   return serve({ at, security: { kind: "local" }, peer: "qemu" }, {
