@@ -23,6 +23,9 @@ export { streamIn, type StreamInOptions } from "../stream/in.js";
 export type { StreamProxy, StreamStats } from "../stream/stats.js";
 export { PSK_BYTES, loadKey, createKeyFile, type SecurityOptions, type TlsFiles } from "../link/security.js";
 export type { CompressionMode, CompressionStats } from "../codec/compress.js";
+/** Where a migration's trace goes (`trace` of either proxy; docs/TRACE.md): a file, the live view, or your own TraceSink. */
+export { FileTraceSink, type TraceSink } from "../trace/sink.js";
+export { LiveTraceServer, type LiveTraceOptions } from "../trace/live.js";
 /** The errors this entry throws on purpose. */
 export { PagetwinError, StreamFormatError, ProtocolError, SecurityError, UsageError, NasError, AbortError } from "../errors.js";
 export type { Logger, LogOption, Progress } from "../log.js";

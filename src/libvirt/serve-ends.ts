@@ -7,6 +7,7 @@ import { ServeClient, type ServeWatch } from "../serve/client.js";
 import type { OutgoingReady } from "../serve/outgoing.js";
 import type { MigrationStatus, ServeEvent } from "../serve/migration.js";
 import { UsageError } from "../errors.js";
+import type { TraceSink } from "../trace/sink.js";
 import type { EndsReport, EndsRequest, MigrationEnds, PreparedEnds } from "./ends.js";
 
 export interface ServeEndsOptions {
@@ -22,6 +23,8 @@ export interface ServeEndsOptions {
   listenAddress?: string;
   /** How long to wait for the service's final report after libvirt finished, ms. */
   endTimeoutMs?: number;
+  /** Where the migration's trace records go: the source service traces it for this client (docs/TRACE.md). */
+  trace?: readonly TraceSink[];
 }
 
 /** The migration's id on both services: the domain's name when it is a valid id, else its UUID. */
@@ -41,8 +44,9 @@ export class ServeEnds implements MigrationEnds {
     const client = await ServeClient.connect(this.o.control);
     let watch: ServeWatch | undefined;
     try {
-      watch = await client.watch(id);
-      const ended = endOf(watch);
+      const trace = this.o.trace ?? [];
+      watch = await client.watch(id, { trace: trace.length > 0 });
+      const ended = endOf(watch, trace);
       const ready = await this.outgoing(client, id, req);
       return { ...libvirtAddresses(ready), notes: notesOf(ready), finish: (ok) => this.finish(client, id, ok, ended) };
     } catch (err) {
@@ -67,6 +71,7 @@ export class ServeEnds implements MigrationEnds {
     return client.request<OutgoingReady>("outgoing", {
       migration: id, disks: req.disks.map((d) => d.source!),
       qemu: `${this.o.qemuHost ?? "127.0.0.1"}:${port}`, destQemu: `${this.o.listenAddress ?? "127.0.0.1"}:${port}`, peer: this.o.peer,
+      ...(this.o.trace?.length ? { trace: true } : {}),
     });
   }
 
@@ -93,10 +98,13 @@ function notesOf(ready: OutgoingReady): string[] {
   return ready.disks.filter((d) => !d.dedup).map((d) => `${d.path}: no dedup (${d.reason ?? "refused"}); its pages pass through`);
 }
 
-/** The "end" event of the watched migration (null if the watch closed first). */
-async function endOf(watch: ServeWatch): Promise<MigrationStatus | null> {
+/** The "end" event of the watched migration (null if the watch closed first); its trace records go to `trace`. */
+async function endOf(watch: ServeWatch, trace: readonly TraceSink[]): Promise<MigrationStatus | null> {
   try {
-    for await (const e of watch as AsyncIterable<ServeEvent>) if (e.event === "end") return e.status;
+    for await (const e of watch as AsyncIterable<ServeEvent>) {
+      if (e.event === "trace") for (const s of trace) s.write(e.record);
+      else if (e.event === "end" && e.direction === "out") return e.status;
+    }
     return null;
   } finally {
     await watch.close();

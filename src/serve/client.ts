@@ -50,14 +50,14 @@ export class ServeClient {
     });
   }
 
-  /** The service's events (of one migration, or all), from now until close(). */
-  async watch(migration?: string): Promise<ServeWatch> {
+  /** The service's events (of one migration, or all), from now until close(); `trace`: its trace records too. */
+  async watch(migration?: string, o: { trace?: boolean } = {}): Promise<ServeWatch> {
     const id = this.nextId;
     const queue: (ServeEvent | null)[] = [];
     let wake: (() => void) | null = null;
     this.watchers.set(id, (e) => { queue.push(e); wake?.(); });
     try {
-      await this.request("watch", migration ? { migration } : {});
+      await this.request("watch", { ...(migration ? { migration } : {}), ...(o.trace ? { trace: true } : {}) });
     } catch (err) {
       this.watchers.delete(id);
       throw err;

@@ -4,7 +4,8 @@
 //   answer    {"id": 1, "ok": true, ...result}  or  {"id": 1, "ok": false, "error": {"code", "message"}}
 //   watch     answered {"id", "ok": true, "watching": true}, then one line per
 //             event {"id", "event": "state"|"progress"|"end", "migration", ...}
-//             until the connection closes or {"op": "unwatch", "watch": id}.
+//             until the connection closes or {"op": "unwatch", "watch": id};
+//             with "trace": true also "trace" events (a migration's trace records).
 // Requests on one connection are answered as they finish, not in order.
 
 import type * as net from "node:net";
@@ -108,8 +109,9 @@ class ControlConnection {
   private watch(id: unknown, args: Record<string, unknown>): void {
     if (this.watches.has(id)) throw new ServeError("PAGETWIN_SERVE_REQUEST", `a watch with id ${JSON.stringify(id)} is running on this connection`);
     const only = typeof args["migration"] === "string" ? args["migration"] : null;
+    const traces = args["trace"] === true;
     this.send({ id, ok: true, watching: true });
-    this.watches.set(id, this.o.subscribe((e) => { if (!only || e.migration === only) this.send({ id, ...e }); }));
+    this.watches.set(id, this.o.subscribe((e) => { if ((!only || e.migration === only) && (traces || e.event !== "trace")) this.send({ id, ...e }); }));
   }
 
   private unwatch(id: unknown, args: Record<string, unknown>): void {

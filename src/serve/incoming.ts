@@ -12,7 +12,7 @@ import { openDisk } from "../adapters/nas/disk.js";
 import type { GuestDisk } from "../adapters/nas/image.js";
 import { parseEndpoint } from "../link/endpoint.js";
 import { parseJson, printable } from "../wire/envelope.js";
-import { inContext, runInSession } from "../stream/in.js";
+import { inContext, runInSession, traceInContext, type InContext } from "../stream/in.js";
 import { adopt } from "../stream/serve.js";
 import { newStats, type StreamProxy } from "../stream/stats.js";
 import { MultiDiskVerifier, diskOffsets, type DestDisk } from "../stream/disks.js";
@@ -22,6 +22,7 @@ import { PeerFrame, SERVE_PROTOCOL_VERSION, type Prepare, type Prepared } from "
 import { Lease } from "./lease.js";
 import { MigrationRecord, errorInfo } from "./migration.js";
 import type { Shared } from "./shared.js";
+import type { MigrationTrace } from "./trace.js";
 
 /** A destination disk open in the service: its image, and its index's seed and id (only they are needed here). */
 export interface OpenDestDisk {
@@ -56,6 +57,8 @@ export interface InParts {
   disks: Shared<OpenDestDisk>;
   bus: EventEmitter;
   log: Log;
+  /** The migration's trace sinks (--trace-dir, --ui, a control client's; none without them). */
+  trace(id: string): MigrationTrace;
   /** Registers the migration (throws ServeError when the id is taken or the service is stopping). */
   register(m: IncomingMigration): void;
   unregister(m: IncomingMigration): void;
@@ -64,6 +67,8 @@ export interface InParts {
 export class IncomingMigration {
   private proxy!: StreamProxy;
   private add!: (sock: net.Socket) => void;
+  private ctx!: InContext;
+  private trace: MigrationTrace | null = null;
   private constructor(readonly record: MigrationRecord, private readonly lease: Lease, private readonly paths: string[], private readonly parts: InParts) {}
 
   /** Answers a lease's PREPARE: PREPARED once the disks are open, or an ABORT saying why not. */
@@ -120,12 +125,16 @@ export class IncomingMigration {
     });
     m.proxy = proxy;
     m.add = add;
+    m.ctx = ctx;
     lease.send(PeerFrame.Prepared, { disks: answers } satisfies Prepared);
     return m;
   }
 
   private start(): void {
     const { record, lease, parts } = this;
+    // opened once registered: a duplicate id leaves the running migration's trace file alone
+    this.trace = parts.trace(record.id);
+    traceInContext(this.ctx, this.trace.sinks, `migration ${record.id} (in)`);
     record.setState("ready");
     parts.log.info(`migration ${record.id} (in): ready, QEMU at ${record.qemu}, ${this.paths.length} disk(s)`);
     lease.watch((why) => this.cancel(why));
@@ -152,8 +161,10 @@ export class IncomingMigration {
     void this.proxy.close();
   }
 
-  private finish(error: string | undefined): void {
+  private async finish(error: string | undefined): Promise<void> {
     const { record, lease, parts } = this;
+    // every session has ended, so has its trace: the file is complete before anyone hears the end
+    await this.trace?.close().catch((err: Error) => parts.log.warn(`migration ${record.id} (in): ${err.message}`));
     const ok = !error && record.stats.verdict === "verified";
     if (!record.final) record.setState(ok ? "completed" : "failed", ok ? undefined : new ServeError("PAGETWIN_MIGRATION", error ?? `the end-to-end check says ${record.stats.verdict}`));
     lease.send(PeerFrame.Finished, { ok, ...(record.error ? { error: record.error } : {}), stats: record.stats, disks: record.status().disks });

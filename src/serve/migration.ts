@@ -5,6 +5,7 @@
 import type { EventEmitter } from "node:events";
 import type { StreamStats } from "../stream/stats.js";
 import { errorCode } from "../cli/json.js";
+import type { TraceRecord } from "../trace/format.js";
 
 export type Direction = "out" | "in";
 export type MigrationState = "preparing" | "ready" | "running" | "completed" | "failed" | "cancelled";
@@ -43,7 +44,9 @@ export interface MigrationStatus {
 export type ServeEvent =
   | { event: "state"; migration: string; direction: Direction; state: MigrationState; error?: ErrorInfo }
   | { event: "progress"; migration: string; direction: Direction; stats: StreamStats }
-  | { event: "end"; migration: string; direction: Direction; ok: boolean; status: MigrationStatus };
+  | { event: "end"; migration: string; direction: Direction; ok: boolean; status: MigrationStatus }
+  /** A trace record of the migration (docs/TRACE.md): only to watches that asked for them (`trace: true`). */
+  | { event: "trace"; migration: string; direction: Direction; record: TraceRecord };
 
 export const FINAL: readonly MigrationState[] = ["completed", "failed", "cancelled"];
 

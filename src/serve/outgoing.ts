@@ -43,6 +43,8 @@ export interface OutgoingRequest {
   compress?: CompressionMode;
   /** Referenced pages kept for resends (default DEFAULT_WINDOW_PAGES, 16384). */
   windowPages?: number;
+  /** Trace the migration for the asking client: its records as `trace` events to watches that ask for them (docs/TRACE.md). */
+  trace?: boolean;
 }
 
 /** The `outgoing` answer: what QEMU (or libvirt) is given. */
@@ -68,8 +70,8 @@ export interface OutParts {
   security: Security;
   bus: EventEmitter;
   log: Log;
-  /** The migration's trace sinks (--trace-dir, --ui; none without them). */
-  trace(id: string): MigrationTrace;
+  /** The migration's trace sinks (--trace-dir, --ui, `trace` events if `events`; none without them). */
+  trace(id: string, events: boolean): MigrationTrace;
   register(m: OutgoingMigration): void;
   unregister(m: OutgoingMigration): void;
 }
@@ -134,7 +136,7 @@ export class OutgoingMigration {
     const offsets = diskOffsets(blocks);
     answer.disks.forEach((d, i) => Object.assign(this.record.disks[i]!, d.dedup ? { dedup: true } : { dedup: false, reason: d.reason ?? "refused" }));
     // opened only now: a refused or duplicate migration leaves no trace file behind
-    this.trace = parts.trace(req.migration);
+    this.trace = parts.trace(req.migration, req.trace === true);
     prepared(nas.flatMap((n, i) => answer.disks[i]?.dedup ? [{ engine: n.engine, index: n.index, offset: offsets[i]!, slot: i }] : []));
     return this.answer();
   }
@@ -253,4 +255,5 @@ function checkRequest(r: OutgoingRequest): void {
     throw new UsageError(`compress: auto, off or an available algorithm (${zstdUnavailableReason()})`);
   }
   if (r.windowPages !== undefined && !(Number.isInteger(r.windowPages) && r.windowPages >= 64)) throw new UsageError("windowPages: an integer >= 64");
+  if (r.trace !== undefined && typeof r.trace !== "boolean") throw new UsageError("trace: true or false");
 }

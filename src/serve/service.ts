@@ -180,7 +180,7 @@ export class ServeService {
   private outParts() {
     return {
       indexes: this.indexes, security: this.security, bus: this.bus, log: this.log,
-      trace: (id: string) => this.traces!.open(id, "out"),
+      trace: (id: string, events: boolean) => this.traces!.open(id, "out", events ? this.bus : undefined),
       register: (m: OutgoingMigration) => this.register(this.out, m),
       unregister: (m: OutgoingMigration) => this.unregister(this.out, m),
     };
@@ -202,6 +202,7 @@ export class ServeService {
   private lease(sock: net.Socket): Promise<void> {
     return IncomingMigration.accept(sock, {
       disks: this.destDisks, bus: this.bus, log: this.log,
+      trace: (id: string) => this.traces!.open(id, "in"),
       register: (m) => this.register(this.in, m),
       unregister: (m) => this.unregister(this.in, m),
     });

@@ -36,6 +36,9 @@ import { throwIfAborted } from "../abort.js";
 import { RunStateWatch } from "../adapters/qemu/run-state.js";
 import { ChannelOrder, MAIN_WAIT_MS } from "./multifd-channel.js";
 import { decodeMultifdRefs } from "./multifd-frames.js";
+import { StreamTraceGroup } from "../trace/stream.js";
+import { RebuiltStreamTrace } from "../trace/rebuilt.js";
+import type { TraceSink } from "../trace/sink.js";
 
 export interface StreamInOptions extends SecurityOptions {
   /** Port stream-out connects to; 0 picks one. */
@@ -54,6 +57,8 @@ export interface StreamInOptions extends SecurityOptions {
   keep?: boolean;
   /** Where notes and warnings go (level-aware, or a function that gets every message). */
   log?: LogOption;
+  /** Where each migration's trace records go (docs/TRACE.md): the destination's view, what arrived and how. */
+  trace?: readonly TraceSink[];
   /**
    * Stops the proxy: closes it and cuts the sessions in flight (the
    * destination QEMU's incoming migration fails); `done` then rejects with an AbortError.
@@ -80,11 +85,26 @@ export interface InContext {
   disks?: { refusal(): string | null; verifier(): PageVerifier };
   /** Multifd sessions reach the destination QEMU after the main one. */
   order: ChannelOrder;
+  /** The migrations' tracers (null without trace sinks): a migration's sessions share one. */
+  tracing: StreamTraceGroup | null;
 }
 
-/** A fresh context: the sessions' own running state starts here (stream-in and pagetwin serve both build theirs here). */
-export function inContext(f: Omit<InContext, "firstByteAt" | "lastEndAt" | "order">): InContext {
-  return { ...f, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder() };
+/** What a caller chooses: trace sinks and the trace's label (default "stream-in") besides the context's fields. */
+export type InContextFields = Omit<InContext, "firstByteAt" | "lastEndAt" | "order" | "tracing"> & { trace?: readonly TraceSink[] | undefined; traceLabel?: string };
+
+/**
+ * A fresh context: the sessions' own running state starts here (stream-in and pagetwin serve both build theirs here).
+ * The trace's references are resent within their own REFS frame here: a window of MAX_REFS places them.
+ */
+export function inContext({ trace, traceLabel, ...f }: InContextFields): InContext {
+  const ctx: InContext = { ...f, firstByteAt: 0, lastEndAt: 0, order: new ChannelOrder(), tracing: null };
+  traceInContext(ctx, trace ?? [], traceLabel ?? "stream-in");
+  return ctx;
+}
+
+/** Traces the context's migrations from now on, into these sinks (none: no trace). */
+export function traceInContext(ctx: InContext, sinks: readonly TraceSink[], label: string): void {
+  ctx.tracing = sinks.length ? new StreamTraceGroup(sinks, () => ({ label, stats: ctx.stats, side: "in", windowPages: MAX_REFS, watch: null })) : null;
 }
 
 /** One link from stream-out through to the destination QEMU (pagetwin serve runs these itself). */
@@ -133,7 +153,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
   const image = openDisk(opts.image, { format });
   const stats = newStats("stream-in");
-  const ctx = inContext({ engine, image, indexId, indexError, indexPath, qemu, stats, log, watch });
+  const ctx = inContext({ engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, trace: opts.trace });
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   try {
     return await serve({ at, security, peer: "proxy" }, {
@@ -184,15 +204,22 @@ class InSession {
   private kind: unknown = "unknown";
   /** QEMU's id of this multifd channel, from its first MREFS frame (-1: none yet). */
   private multifdId = -1;
+  /** The destination's trace of this session (with trace sinks). */
+  private trace: RebuiltStreamTrace | null = null;
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
   }
 
   async run(): Promise<void> {
+    let error: string | undefined;
     try {
       await this.serve();
+    } catch (err) {
+      error = (err as Error).message;
+      throw err;
     } finally {
+      await this.trace?.end(error);
       // QEMU closes the main channel only once every channel has connected (and the migration has loaded)
       if (this.kind === "main") this.ctx.order.mainEnded();
     }
@@ -317,6 +344,8 @@ class InSession {
     this.raw = new RawDecoder(agreed, this.stats.compression);
     const reason = await this.dedupRefusal(h);
     this.kind = h.kind;
+    const hook = this.ctx.tracing?.join(h.kind === "multifd" ? "multifd" : h.kind === "main" ? "main" : "unknown");
+    if (hook) this.trace = new RebuiltStreamTrace(hook, h.kind === "multifd");
     if (h.kind === "multifd") await this.afterMain();
     try {
       this.qemu = await dial(this.ctx.qemu, { kind: "insecure" }, { peer: "destination QEMU" });
@@ -415,9 +444,11 @@ class InSession {
   private async step(f: Frame): Promise<boolean> {
     const t0 = performance.now();
     const w0 = this.stats.drainWaitMs;
-    if (f.type === SFrame.Raw) await this.toQemu(f.payload);
-    else if (f.type === SFrame.RawZ) await this.toQemu(this.raw.unpack(f, this.toQemuMem));
-    else if (f.type === SFrame.Refs || f.type === SFrame.MultifdRefs) await this.rebuildRefs(f);
+    if (f.type === SFrame.Raw || f.type === SFrame.RawZ) {
+      const b = f.type === SFrame.Raw ? f.payload : this.raw.unpack(f, this.toQemuMem);
+      this.trace?.raw(b);
+      await this.toQemu(b);
+    } else if (f.type === SFrame.Refs || f.type === SFrame.MultifdRefs) await this.rebuildRefs(f);
     this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
     if (f.type !== SFrame.End) return false;
     this.streamEnded = true;
@@ -465,6 +496,7 @@ class InSession {
     for (const ref of refs) size += ref.header.length + PAGE_SIZE;
     const out = this.toQemuMem.take(size);
     let pages = this.verifier.slots(n);
+    const resent: number[] = [];
     let o = 0;
     for (let i = 0; i < n; i++) {
       const ref = refs[i]!;
@@ -477,11 +509,13 @@ class InSession {
       } else {
         out.set(await this.resend(firstSeq + i), o);
         this.stats.resends++;
+        resent.push(i);
         // another session may have grown the core's memory meanwhile, which detaches older views
         pages = this.verifier.slots(n);
       }
       o += PAGE_SIZE;
     }
+    this.trace?.refs(out, firstSeq, resent);
     await this.toQemu(out);
     this.sendLink(u32Frame(SFrame.Ack, firstSeq + n));
   }

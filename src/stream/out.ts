@@ -43,7 +43,7 @@ import { MultifdStreamParser } from "./multifd-stream.js";
 import { MultifdRefsBuilder } from "./multifd-frames.js";
 import { readStart, START_WAIT_MS } from "./multifd-channel.js";
 import type { ChannelKind } from "./multifd-format.js";
-import { StreamTracer, type StreamTraceHook } from "../trace/stream.js";
+import { StreamTraceGroup, type StreamTraceHook } from "../trace/stream.js";
 import type { TraceSink } from "../trace/sink.js";
 
 export interface StreamOutOptions extends SecurityOptions {
@@ -121,8 +121,10 @@ export interface OutContext {
   /** More HELLO fields (pagetwin serve: the migration id). */
   hello?: Record<string, unknown>;
   trace: readonly TraceSink[];
-  /** The trace's label before " channel N" (default "stream-out"). */
+  /** The trace's label (default "stream-out"). */
   traceLabel?: string;
+  /** The migrations' tracers (null without trace sinks): a migration's sessions share one. */
+  tracing: StreamTraceGroup | null;
 }
 
 /** Referenced pages kept for resends unless told otherwise (64 MiB). */
@@ -130,15 +132,19 @@ export const DEFAULT_WINDOW_PAGES = 16384;
 
 /** What a caller of the sessions chooses; the rest starts at its default. */
 export type OutContextFields = Pick<OutContext, "engine" | "index" | "indexId" | "stats" | "log" | "to" | "security">
-  & Partial<Omit<OutContext, "firstByteAt" | "lastVerdictAt">>;
+  & Partial<Omit<OutContext, "firstByteAt" | "lastVerdictAt" | "tracing">>;
 
 /** A fresh context with every default in one place (stream-out and pagetwin serve both build theirs here). */
 export function outContext(f: OutContextFields): OutContext {
   const defined = Object.fromEntries(Object.entries(f).filter(([, v]) => v !== undefined)) as OutContextFields;
-  return {
+  const ctx: OutContext = {
     windowPages: DEFAULT_WINDOW_PAGES, noDedup: false, compress: "auto", bandwidth: 0, queueMs: undefined, watch: null, trace: [],
-    ...defined, firstByteAt: 0, lastVerdictAt: 0,
+    ...defined, firstByteAt: 0, lastVerdictAt: 0, tracing: null,
   };
+  if (ctx.trace.length) {
+    ctx.tracing = new StreamTraceGroup(ctx.trace, () => ({ label: ctx.traceLabel ?? "stream-out", stats: ctx.stats, side: "out", windowPages: ctx.windowPages, watch: ctx.watch }));
+  }
+  return ctx;
 }
 
 /** One migration connection from the source QEMU through to stream-in (pagetwin serve runs these itself). */
@@ -241,14 +247,13 @@ class OutSession {
   private readonly frameMem = new WriteRing(8 * 1024 * 1024);
   /** stream-in's VERDICT on this session's stream arrived. */
   private verdict = false;
-  private readonly trace: StreamTraceHook | null;
+  private trace: StreamTraceHook | null = null;
 
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
     this.ring = new ReplayWindow(ctx.windowPages);
     this.hasher = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
     this.pacer = new LinkPacer(this.meter, { bandwidth: ctx.bandwidth, ...(ctx.queueMs !== undefined ? { queueMs: ctx.queueMs } : {}) });
-    this.trace = ctx.trace.length ? new StreamTracer(ctx.trace, { label: `${ctx.traceLabel ?? "stream-out"} channel ${channel}`, stats: ctx.stats, windowPages: ctx.windowPages, watch: ctx.watch }) : null;
   }
 
   async run(): Promise<void> {
@@ -287,6 +292,7 @@ class OutSession {
     const start = await readStart(this.qemu, START_WAIT_MS);
     if (this.qemu.destroyed && !start.ended) throw new Error("the source QEMU closed the connection before sending anything");
     this.kind = start.kind;
+    this.trace = this.ctx.tracing?.join(start.kind) ?? null;
     if (start.kind === "multifd") {
       const parser = new MultifdStreamParser();
       this.parser = parser;
@@ -535,7 +541,7 @@ class OutSession {
       const ref = !(blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255);
       if (ref) out.ref(p.header, p.data, blk, hash);
       else out.raw(p.header, p.data);
-      this.trace?.page(ref);
+      this.trace?.page(ref, p.block, p.offset);
     }
     return out.end();
   }

@@ -143,6 +143,8 @@ export class QemuStreamParser {
    * the RAM END section, with the guest stopped.
    */
   onRecord: ((block: string, offset: number, zero: boolean, final: boolean) => void) | null = null;
+  /** Called as a RAM section's records begin (a trace's rounds); `final`: the RAM END section. */
+  onRamSection: ((final: boolean) => void) | null = null;
 
   /** RAM blocks and their sizes in bytes, in the stream's order, once the block list was read. */
   get ramBlocks(): ReadonlyMap<string, number> {
@@ -453,6 +455,7 @@ export class QemuStreamParser {
     this.curIsEnd = isEnd;
     this.stats.ramSections++;
     this.state = "ramRecord";
+    this.onRamSection?.(isEnd);
   }
 
   private afterSection(): void {

@@ -1,11 +1,17 @@
-// Stream mode's trace, from what stream-out sees of QEMU's stream: each RAM
+// Stream mode's trace, from what a proxy sees of QEMU's stream: each RAM
 // record (a page sent in full, as a NAS reference, or a ZERO record) is a
-// page of the map, in stream order (the parser reports records as it reads
-// them; stream-out says later, page by page, which went as references); a
-// round is one sweep of QEMU over its RAM, seen as the page addresses going
-// back; the RAM END section is the final round (guest stopped). Bytes: the link's (stream-out's counters) against
-// QEMU's own stream (what QEMU alone sends). With the source's QMP, the
-// STOP event and QEMU's query-migrate at the end add QEMU's numbers.
+// page of the map, in stream order; a round is one sweep of QEMU over its
+// RAM, seen as the main channel's page addresses going back; the RAM END
+// section is the final round (guest stopped). Bytes: the link's against
+// QEMU's own stream (what QEMU alone sends). stream-out traces what it reads
+// from the source QEMU; stream-in what it rebuilds for the destination QEMU
+// (pages that arrived in full, references it verified, resends). With the
+// source's QMP, the STOP event and QEMU's query-migrate add QEMU's numbers.
+//
+// A migration is all of QEMU's connections for it: the main channel and its
+// multifd channels (StreamTraceGroup puts them in one tracer). Multifd
+// channels carry pages only; the main channel's records and sections decide
+// the rounds.
 
 import type { RunStateWatch } from "../adapters/qemu/run-state.js";
 import type { QemuStreamParser } from "../stream/qemu-stream.js";
@@ -16,27 +22,53 @@ import { TraceRecorder, type TraceSink } from "./sink.js";
 const SEGMENT_MAX = 1 << 16; // pages per "pages" record
 const GAP_MAX = 1024; // a gap this short joins two segments (as clean pages)
 const PROGRESS_EVERY_MS = 250;
+/** A queue entry that is the RAM END section's start, not a page. */
+const FINAL_SECTION = -2;
 
-/** What stream-out calls; one per QEMU migration connection. */
+/** What a proxy's session calls; one per QEMU migration connection. */
 export interface StreamTraceHook {
-  /** The session's parser: the tracer reads its RAM blocks and gets its records in order. */
+  /** The main channel's parser: the tracer reads its RAM blocks and gets its records and sections in order. */
   attach(parser: QemuStreamParser): void;
-  /** The next RAM page record of the stream went as a reference (`ref`) or in full. */
-  page(ref: boolean): void;
-  /** stream-in asked for reference #seq again: the page went in full. */
+  /**
+   * The session's next RAM page record went (out) or arrived (in) as a reference (`ref`) or in full.
+   * A multifd channel's page is placed by its block and offset; the main channel's by the parser's records.
+   */
+  page(ref: boolean, block: string, offset: number): void;
+  /** Reference #seq of this session was sent again in full (its NAS block did not match at the destination). */
   resend(seq: number): void;
-  /** The session is over (stats as they stand; error if it failed). */
+  /** The session is over (error if it failed); the migration's end record comes when its last session ends. */
   end(error?: string): Promise<void>;
 }
 
 export interface StreamTracerOptions {
   label: string;
   stats: StreamStats;
+  /** Whose counters: "out" (stream-out: bytes to the link vs. read from QEMU) or "in" (stream-in: read from the link vs. handed to QEMU). */
+  side?: "out" | "in";
   /** Replay window size: references #seq are kept (and resent) within it. */
   windowPages: number;
   /** The source QEMU's QMP (--qmp): STOP time and query-migrate. */
   watch: RunStateWatch | null;
   config?: Record<string, unknown>;
+}
+
+/**
+ * The migrations of one proxy (or one service migration): sessions that
+ * belong together share a tracer. A main channel starts a migration unless
+ * the current one has none yet (its multifd channels came first); a
+ * multifd channel joins the current migration unless it is over.
+ */
+export class StreamTraceGroup {
+  private current: StreamTracer | null = null;
+
+  constructor(private readonly sinks: readonly TraceSink[], private readonly options: () => StreamTracerOptions) {}
+
+  join(kind: "main" | "multifd" | "unknown"): StreamTraceHook {
+    const c = this.current;
+    const fresh = !c || c.over || (kind !== "multifd" && c.hasMain);
+    if (fresh) this.current = new StreamTracer(this.sinks, this.options());
+    return this.current!.channel(kind === "multifd");
+  }
 }
 
 interface Round {
@@ -47,34 +79,53 @@ interface Round {
   qemu0: number;
 }
 
-export class StreamTracer implements StreamTraceHook {
+/** A run of consecutive pages of one channel, on its way into a "pages" record. */
+class Segment {
+  first = -1;
+  len = 0;
+  readonly buf = new Uint8Array(SEGMENT_MAX);
+
+  fits(g: number): boolean {
+    const end = this.first + this.len;
+    return this.first >= 0 && g >= end && g - end <= GAP_MAX && g - this.first < SEGMENT_MAX;
+  }
+
+  add(g: number, cls: number): void {
+    if (this.first < 0) this.first = g;
+    const at = g - this.first;
+    if (at > this.len) this.buf.fill(PAGE_CLASS.clean, this.len, at);
+    this.buf[at] = cls;
+    this.len = at + 1;
+  }
+}
+
+/** One migration's trace: its rounds, map and totals, from every session of it. */
+export class StreamTracer {
   private readonly rec: TraceRecorder;
   private parser: QemuStreamParser | null = null;
   private base: Map<string, number> | null = null;
   private round: Round | null = null;
+  /** The main channel's last page: a page at or below it begins a round. */
   private last = -1;
-  private segFirst = -1;
-  private segLen = 0;
-  private readonly seg = new Uint8Array(SEGMENT_MAX);
-  private resends: number[] = [];
-  private readonly refPage: Int32Array;
-  private refSeq = 0;
-  private lastProgress = 0;
   private final = false;
+  private readonly segments = new Set<Segment>();
+  private resends: number[] = [];
+  private lastProgress = 0;
+  private ticks = 0;
   private readonly link0: number;
   private readonly qemu0: number;
-  private ticks = 0;
-  /** Records parsed, in order, until their class is known: page g, the final section, the class (-1: a page not classed yet). */
-  private queue: { g: number; final: boolean; cls: number }[] = [];
-  private head = 0;
-  /** Index in queue of the next page waiting for page(). */
-  private nextPage = 0;
   private readonly rounds: TracePages[] = [];
+  private open = 0;
+  private mainEnded = false;
+  private error: string | undefined;
+  /** A main channel joined. */
+  hasMain = false;
+  /** The end record went out. */
+  over = false;
 
   constructor(sinks: readonly TraceSink[], private readonly o: StreamTracerOptions) {
-    this.link0 = o.stats.bytesOutLink;
-    this.qemu0 = o.stats.bytesFromQemu;
-    this.refPage = new Int32Array(Math.max(1, o.windowPages));
+    this.link0 = this.linkTotal();
+    this.qemu0 = this.qemuTotal();
     this.rec = new TraceRecorder(sinks, { mode: "stream", method: "pagetwin", label: o.label, pages: 0, baseline: "measured", ...(o.config ? { config: o.config } : {}) });
   }
 
@@ -82,100 +133,99 @@ export class StreamTracer implements StreamTraceHook {
     return this.rec.id;
   }
 
-  attach(parser: QemuStreamParser): void {
-    this.parser = parser;
-    parser.onRecord = (block, offset, zero, final) => {
-      const base = this.base ?? this.layout();
-      this.queue.push({ g: (base.get(block) ?? 0) + Math.floor(offset / PAGE_BYTES), final, cls: zero ? PAGE_CLASS.zero : -1 });
-      if (zero) this.drain();
-    };
+  /** A session joins (the hook it calls). */
+  channel(multifd: boolean): StreamTraceHook {
+    this.open++;
+    if (!multifd) this.hasMain = true;
+    const seg = new Segment();
+    this.segments.add(seg);
+    return new ChannelTrace(this, seg, multifd, this.o.windowPages);
   }
 
-  page(ref: boolean): void {
-    const q = this.queue;
-    while (this.nextPage < q.length && q[this.nextPage]!.cls !== -1) this.nextPage++;
-    const e = q[this.nextPage];
-    if (!e) return;
-    e.cls = ref ? PAGE_CLASS.twin : PAGE_CLASS.sent;
-    if (ref) this.refPage[this.refSeq++ % this.refPage.length] = e.g;
-    this.drain();
+  private linkTotal(): number {
+    return this.o.side === "in" ? this.o.stats.bytesInLink : this.o.stats.bytesOutLink;
   }
 
-  /** Records the queue's head while its class is known. */
-  private drain(): void {
-    const q = this.queue;
-    while (this.head < q.length && q[this.head]!.cls !== -1) {
-      const e = q[this.head++]!;
-      this.record(e.g, e.cls, e.final);
-    }
-    if (this.head > 4096) {
-      q.splice(0, this.head);
-      this.nextPage = Math.max(0, this.nextPage - this.head);
-      this.head = 0;
-    }
-  }
-
-  resend(seq: number): void {
-    const r = this.round;
-    if (!r) return;
-    r.pages.resent++;
-    this.resends.push(this.refPage[seq % this.refPage.length]!);
+  private qemuTotal(): number {
+    return this.o.side === "in" ? this.o.stats.bytesToQemu : this.o.stats.bytesFromQemu;
   }
 
   private linkBytes(): number {
-    return this.o.stats.bytesOutLink - this.link0;
+    return this.linkTotal() - this.link0;
   }
 
   private qemuBytes(): number {
-    return this.o.stats.bytesFromQemu - this.qemu0;
+    return this.qemuTotal() - this.qemu0;
   }
 
-  /** A record of page g; a round ends where the addresses go back or the RAM END section begins. */
-  private record(g: number, cls: number, final: boolean): void {
-    if (!this.round || g <= this.last || (final && !this.final)) this.nextRound(final);
-    this.last = g;
+  attach(parser: QemuStreamParser): void {
+    this.parser = parser;
+  }
+
+  /** Page number of a block's offset (null until the main channel's block list is known). */
+  pageOf(block: string, offset: number): number | null {
+    const base = this.base ?? this.layout();
+    const b = base?.get(block);
+    return b === undefined ? null : b + Math.floor(offset / PAGE_BYTES);
+  }
+
+  private layout(): Map<string, number> | null {
+    const blocks = this.parser?.ramBlocks;
+    if (!blocks || blocks.size === 0) return null;
+    const base = new Map<string, number>();
+    const list: { name: string; first: number; pages: number }[] = [];
+    let first = 0;
+    for (const [name, bytes] of blocks) {
+      const pages = Math.ceil(bytes / PAGE_BYTES);
+      base.set(name, first);
+      list.push({ name, first, pages });
+      first += pages;
+    }
+    this.base = base;
+    this.rec.emit({ type: "layout", id: this.id, pages: first, blocks: list });
+    return base;
+  }
+
+  /** The RAM END section began (main channel): the final round. */
+  finalSection(): void {
+    if (!this.final) this.nextRound(true);
+  }
+
+  /** A record of page g (null: not placeable), on the main channel (rounds follow its addresses) or a multifd one. */
+  record(seg: Segment, g: number | null, cls: number, main: boolean): void {
+    if (main && g !== null && (!this.round || (g <= this.last && !this.final))) this.nextRound(false);
+    else if (!this.round) this.nextRound(false);
     const r = this.round!;
     if (cls === PAGE_CLASS.zero) r.pages.zero++;
     else if (cls === PAGE_CLASS.twin) r.pages.twin++;
     else r.pages.normal++;
-    this.mark(g, cls);
+    if (g !== null) {
+      if (main) this.last = g;
+      if (!seg.fits(g)) this.flush(seg);
+      seg.add(g, cls);
+    }
     if ((++this.ticks & 255) === 0 && this.rec.now() - this.lastProgress >= PROGRESS_EVERY_MS) this.progress();
   }
 
-  private layout(): Map<string, number> {
-    const base = new Map<string, number>();
-    const blocks: { name: string; first: number; pages: number }[] = [];
-    let first = 0;
-    for (const [name, bytes] of this.parser?.ramBlocks ?? []) {
-      const pages = Math.ceil(bytes / PAGE_BYTES);
-      base.set(name, first);
-      blocks.push({ name, first, pages });
-      first += pages;
-    }
-    this.base = base;
-    this.rec.emit({ type: "layout", id: this.id, pages: first, blocks });
-    return base;
-  }
-
-  private mark(g: number, cls: number): void {
-    const end = this.segFirst + this.segLen;
-    if (this.segFirst < 0 || g < end || g - end > GAP_MAX || g - this.segFirst >= SEGMENT_MAX) {
-      this.flushPages();
-      this.segFirst = g;
-    }
-    const at = g - this.segFirst;
-    if (at > this.segLen) this.seg.fill(PAGE_CLASS.clean, this.segLen, at);
-    this.seg[at] = cls;
-    this.segLen = at + 1;
-  }
-
-  private flushPages(): void {
+  resendPage(g: number | null): void {
     const r = this.round;
-    if (r && this.segLen > 0) {
-      this.rec.emit({ type: "pages", id: this.id, iteration: r.iteration, first: this.segFirst, count: this.segLen, runs: encodeRuns(this.seg, 0, this.segLen) });
+    if (!r) return;
+    r.pages.resent++;
+    if (g !== null) this.resends.push(g);
+  }
+
+  private flush(seg: Segment): void {
+    const r = this.round;
+    if (r && seg.len > 0) {
+      this.rec.emit({ type: "pages", id: this.id, iteration: r.iteration, first: seg.first, count: seg.len, runs: encodeRuns(seg.buf, 0, seg.len) });
     }
-    this.segFirst = -1;
-    this.segLen = 0;
+    seg.first = -1;
+    seg.len = 0;
+  }
+
+  private flushAll(): void {
+    for (const s of this.segments) this.flush(s);
+    const r = this.round;
     if (r && this.resends.length) {
       this.rec.emit({ type: "resend", id: this.id, iteration: r.iteration, pages: this.resends });
       this.resends = [];
@@ -183,7 +233,7 @@ export class StreamTracer implements StreamTraceHook {
   }
 
   private progress(): void {
-    this.flushPages();
+    this.flushAll();
     const tMs = this.lastProgress = this.rec.now();
     this.rec.emit({ type: "progress", id: this.id, iteration: this.round?.iteration ?? 0, tMs, transferredBytes: this.linkBytes(), baselineBytes: this.qemuBytes() });
   }
@@ -191,7 +241,7 @@ export class StreamTracer implements StreamTraceHook {
   private closeRound(final: boolean): void {
     const r = this.round;
     if (!r) return;
-    this.flushPages();
+    this.flushAll();
     const now = this.rec.now();
     this.rounds.push(r.pages);
     this.rec.emit({
@@ -219,18 +269,24 @@ export class StreamTracer implements StreamTraceHook {
     this.rec.emit({ type: "switchover", id: this.id, iteration, tMs: this.rec.now(), reason: "QEMU: the RAM END section began (the guest is stopped)", ...(stopMs !== undefined ? { stopMs } : {}) });
   }
 
-  async end(error?: string): Promise<void> {
-    this.drain();
+  /** A session ended; the last one (once the main channel has) writes the end record. */
+  async channelEnded(main: boolean, error?: string): Promise<void> {
+    this.open--;
+    if (main) this.mainEnded = true;
+    this.error ??= error;
+    if (this.open > 0 || this.over || (!this.mainEnded && !this.error)) return;
+    this.over = true;
     if (this.round) this.closeRound(this.final);
     else this.progress();
     const s = this.o.stats;
     const qemu = await this.queryQemu();
-    const totals = { normal: 0, twin: 0, zero: 0, resent: 0 };
+    const totals = emptyPages();
     let iterations = 0;
     for (const p of this.rounds) { iterations++; totals.normal += p.normal; totals.twin += p.twin; totals.zero += p.zero; totals.resent += p.resent; }
     const downtime = qemu && typeof qemu.downtime === "number" ? qemu.downtime : null;
+    const err = this.error;
     this.rec.emit({
-      type: "end", id: this.id, ok: !error, ...(error ? { error } : {}), totalTimeMs: this.rec.now(), downtimeMs: downtime,
+      type: "end", id: this.id, ok: !err, ...(err ? { error: err } : {}), totalTimeMs: this.rec.now(), downtimeMs: downtime,
       iterations, pages: totals, transferredBytes: this.linkBytes(), baselineBytes: this.qemuBytes(),
       verified: s.streamsVerified > 0 && s.streamsFailed === 0, stats: { ...s } as unknown as Record<string, unknown>, ...(qemu ? { qemu } : {}),
     });
@@ -246,5 +302,84 @@ export class StreamTracer implements StreamTraceHook {
       if (!q || q.status === "completed" || q.status === "failed" || q.status === "cancelled" || performance.now() > deadline) return q;
       await new Promise((r) => setTimeout(r, 50));
     }
+  }
+}
+
+/** One session's part: the main channel's records in stream order, or a multifd channel's pages. */
+class ChannelTrace implements StreamTraceHook {
+  /** Main channel: records parsed, in order, until their class is known (-1: a page not classed yet). */
+  private queue: { g: number | null; cls: number }[] = [];
+  private head = 0;
+  /** Index in queue of the next page waiting for page(). */
+  private nextPage = 0;
+  /** Page of reference #seq, within the replay window. */
+  private readonly refPage: Int32Array;
+  private refSeq = 0;
+  private ended = false;
+  private sectionMarked = false;
+
+  constructor(private readonly t: StreamTracer, private readonly seg: Segment, private readonly multifd: boolean, windowPages: number) {
+    this.refPage = new Int32Array(Math.max(1, windowPages));
+  }
+
+  attach(parser: QemuStreamParser): void {
+    this.t.attach(parser);
+    parser.onRecord = (block, offset, zero, final) => {
+      if (final) this.sectionMark();
+      this.queue.push({ g: this.t.pageOf(block, offset), cls: zero ? PAGE_CLASS.zero : -1 });
+      if (zero) this.drain();
+    };
+    parser.onRamSection = (final) => { if (final) { this.sectionMark(); this.drain(); } };
+  }
+
+  /** Queues the RAM END section's start (once), in order with the records. */
+  private sectionMark(): void {
+    if (this.sectionMarked) return;
+    this.sectionMarked = true;
+    this.queue.push({ g: null, cls: FINAL_SECTION });
+  }
+
+  page(ref: boolean, block: string, offset: number): void {
+    const cls = ref ? PAGE_CLASS.twin : PAGE_CLASS.sent;
+    if (this.multifd) {
+      const g = this.t.pageOf(block, offset);
+      if (ref) this.refPage[this.refSeq++ % this.refPage.length] = g ?? -1;
+      this.t.record(this.seg, g, cls, false);
+      return;
+    }
+    const q = this.queue;
+    while (this.nextPage < q.length && q[this.nextPage]!.cls !== -1) this.nextPage++;
+    const e = q[this.nextPage];
+    if (!e) return;
+    e.cls = cls;
+    if (ref) this.refPage[this.refSeq++ % this.refPage.length] = e.g ?? -1;
+    this.drain();
+  }
+
+  /** Records the queue's head while its class is known. */
+  private drain(): void {
+    const q = this.queue;
+    while (this.head < q.length && q[this.head]!.cls !== -1) {
+      const e = q[this.head++]!;
+      if (e.cls === FINAL_SECTION) this.t.finalSection();
+      else this.t.record(this.seg, e.g, e.cls, true);
+    }
+    if (this.head > 4096) {
+      q.splice(0, this.head);
+      this.nextPage = Math.max(0, this.nextPage - this.head);
+      this.head = 0;
+    }
+  }
+
+  resend(seq: number): void {
+    const g = this.refPage[seq % this.refPage.length]!;
+    this.t.resendPage(g < 0 ? null : g);
+  }
+
+  async end(error?: string): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    this.drain();
+    await this.t.channelEnded(!this.multifd, error);
   }
 }

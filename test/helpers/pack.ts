@@ -1,7 +1,7 @@
 // Installs the package as a user gets it: `npm pack` of this (already built)
 // checkout, then `npm install <tarball>` into a fresh project in a temp dir.
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -52,8 +52,18 @@ export function npm(args: string[], cwd: string): string {
   });
 }
 
+/**
+ * The visualizer's page as prepack builds it (`npm run build:web`, into web/dist): `--ui` serves it from
+ * the installed package. Built here when missing (the test run builds the wasm and TypeScript only).
+ */
+function ensureWebBuilt(): void {
+  if (existsSync(path.join(REPO, "web", "dist", "index.html"))) return;
+  execFileSync(process.execPath, [path.join(REPO, "node_modules", "vite", "bin", "vite.js"), "build", "web", "--logLevel", "warn"], { cwd: REPO, stdio: ["ignore", "ignore", "pipe"] });
+}
+
 /** Pack without re-running prepack (the test run has built already) and install into a new project. */
 export function packAndInstall(opts: PackOptions = {}): PackedProject {
+  ensureWebBuilt();
   const dir = mkdtempSync(path.join(tmpdir(), "pagetwin-consumer-"));
   const cleanup = () => rmSync(dir, { recursive: true, force: true });
   try {

@@ -7,6 +7,7 @@
 import { LibvirtError, UsageError } from "../../errors.js";
 import { Virsh } from "../../adapters/libvirt/virsh.js";
 import { DirectEnds, type MigrationEnds } from "../../libvirt/ends.js";
+import type { TraceSink } from "../../trace/sink.js";
 import { libvirtAddresses, ServeEnds } from "../../libvirt/serve-ends.js";
 import { domainDisks, domainUuid, twinDisks } from "../../libvirt/domain-xml.js";
 import { DEFAULT_CONTROL } from "./serve.js";
@@ -15,6 +16,7 @@ import { splitArgs, type SplitArgs } from "../../libvirt/virsh-options.js";
 import { fmtBytes } from "../args.js";
 import { errorText, failureRecord, printJson } from "../json.js";
 import { ProgressReporter } from "../progress.js";
+import { openTraceOutputs, traceOptions, withUiDefault } from "../trace.js";
 
 interface Opt { type: "string" | "boolean"; short?: string; help: string; default?: string }
 
@@ -26,6 +28,8 @@ const OPTIONS: Record<string, Opt> = {
   "listen-address": { type: "string", help: "where the destination QEMU listens, on the destination host (default 127.0.0.1: only its service reaches it); with --no-pagetwin: as given" },
   xml: { type: "string", help: "the destination's domain XML (virsh migrate --xml)" },
   "no-pagetwin": { type: "boolean", help: "libvirt's own migration, no pagetwin (a baseline with the same progress and checks)" },
+  trace: { type: "string", help: `${traceOptions["trace"]!.help}; the source service traces it` },
+  ui: { type: "string", help: traceOptions["ui"]!.help },
   json: { type: "boolean", help: "NDJSON on stdout: progress events, then the result (docs/JSON.md)" },
   quiet: { type: "boolean", help: "no progress or notes on stderr" },
 };
@@ -54,7 +58,7 @@ function help(): string {
 
 export async function run(argv: string[]): Promise<number> {
   const [sub, ...rest] = argv;
-  if (sub === "migrate") return runMigrate(rest);
+  if (sub === "migrate") return runMigrate(withUiDefault(rest));
   if (sub === "prepare") return runPrepare(rest);
   if (!sub || sub === "--help" || sub === "-h") {
     // no subcommand is a usage error: the help goes where errors go
@@ -76,8 +80,8 @@ function parseMigrateUri(v: string): { host: string; port: number } {
   return { host: m[1]!.replace(/^\[|\]$/g, ""), port };
 }
 
-/** pagetwin's ends from the options: this host's service, which prepares the destination's. */
-function serveEnds(v: SplitArgs["values"]): ServeEnds {
+/** pagetwin's ends from the options: this host's service, which prepares the destination's (and traces the migration into `trace`). */
+function serveEnds(v: SplitArgs["values"], trace: readonly TraceSink[] = []): ServeEnds {
   const peer = v["peer"];
   if (typeof peer !== "string" || !peer) throw new UsageError("--peer HOST:PORT is required: the destination host's pagetwin serve peer port (or --no-pagetwin)");
   const at = v["migrateuri"] ? parseMigrateUri(v["migrateuri"] as string) : undefined;
@@ -85,14 +89,18 @@ function serveEnds(v: SplitArgs["values"]): ServeEnds {
     control: (v["control"] as string | undefined) ?? DEFAULT_CONTROL, peer,
     ...(at ? { qemuHost: at.host, port: at.port } : {}),
     ...(v["listen-address"] ? { listenAddress: v["listen-address"] as string } : {}),
+    ...(trace.length ? { trace } : {}),
   });
 }
 
 /** The ends the options ask for. */
-function endsFor(a: SplitArgs): MigrationEnds {
+function endsFor(a: SplitArgs, trace: readonly TraceSink[]): MigrationEnds {
   const v = a.values;
-  if (v["no-pagetwin"]) return new DirectEnds(v["migrateuri"] as string | undefined, v["listen-address"] as string | undefined);
-  return serveEnds(v);
+  if (v["no-pagetwin"]) {
+    if (v["trace"] !== undefined || v["ui"] !== undefined) throw new UsageError("--trace and --ui trace pagetwin's proxies: not with --no-pagetwin");
+    return new DirectEnds(v["migrateuri"] as string | undefined, v["listen-address"] as string | undefined);
+  }
+  return serveEnds(v, trace);
 }
 
 async function runMigrate(argv: string[]): Promise<number> {
@@ -109,7 +117,10 @@ async function runMigrate(argv: string[]): Promise<number> {
   const progress = new ProgressReporter("libvirt-migrate", { json, quiet });
   const note = (m: string) => progress.step("note", { message: m }, `pagetwin: ${m}`);
   for (const n of a.notes) note(n);
-  const ends = endsFor(a);
+  endsFor(a, []); // usage errors before anything opens
+  // the URL even with --quiet: it is the only way to the page
+  const traces = await openTraceOutputs(a.values, (m) => process.stderr.write(`pagetwin: ${m}\n`));
+  const ends = endsFor(a, traces.sinks);
   const source = new Virsh(sourceUri(a.values));
   const ac = new AbortController();
   const onSig = () => ac.abort();
@@ -138,6 +149,7 @@ async function runMigrate(argv: string[]): Promise<number> {
   } finally {
     process.off("SIGINT", onSig);
     process.off("SIGTERM", onSig);
+    await traces.close();
   }
 }
 

@@ -20,7 +20,7 @@ export const serveSpec: CommandSpec = {
     control: { type: "string", default: DEFAULT_CONTROL, help: "the control socket local tools use (created mode 0600; its directory 0700 when created)" },
     "peer-listen": { type: "string", help: "HOST:PORT where other hosts' services connect (one port for all migrations); without it this service only sends" },
     "drain-timeout": { type: "string", default: "600", help: "on SIGTERM, seconds running migrations get to finish before they are failed (their source VMs keep running)" },
-    "trace-dir": { type: "string", help: "write each outgoing migration's trace here, as MIGRATION.out.ndjson (docs/TRACE.md)" },
+    "trace-dir": { type: "string", help: "write each migration's trace here: the source's view as MIGRATION.out.ndjson, the destination's as MIGRATION.in.ndjson (docs/TRACE.md)" },
     ui: { type: "string", help: "serve the visualizer with every migration of this service live on 127.0.0.1:PORT (--ui alone: a free port); the URL, with its random token, goes to stderr and hello's `ui`" },
     ...securityOptions("other hosts' pagetwin serve", true),
     json: { type: "boolean", help: "NDJSON on stdout: a listening line, then every migration's events (state, progress, end)" },
@@ -56,7 +56,7 @@ export async function run(argv: string[]): Promise<number> {
   if (json) {
     printJson("serve", "listening", { control, peerPort: svc.peerPort, ui: svc.uiUrl });
     // the envelope's `event` is the line's kind; the service's event is `type`
-    svc.subscribe(({ event, ...rest }: ServeEvent) => printJson("serve", "progress", { type: event, ...rest }));
+    svc.subscribe(({ event, ...rest }: ServeEvent) => { if (event !== "trace") printJson("serve", "progress", { type: event, ...rest }); });
   }
   let signals = 0;
   const stopped = new Promise<void>((resolve) => {

@@ -63,6 +63,7 @@ export const inSpec: CommandSpec = {
     image: { type: "string", help: "the same disk image, as mounted on this host (read in the format its index records)" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index; only its seed and id are read)" },
     qmp: { type: "string", help: "the destination QEMU's QMP unix socket (optional): times endToResumeMs, from the end of the stream to the guest's RESUME" },
+    ...traceOptions,
     ...securityOptions("stream-out", true),
     ...common,
   },
@@ -213,13 +214,23 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
 }
 
 export function runStreamInCli(argv: string[]): Promise<number> {
-  return run(argv, inSpec, async (v, log) => {
+  return run(withUiDefault(argv), inSpec, async (v, log) => {
     const l = listenAt(v["listen"] as string | undefined, "127.0.0.1", 4447);
-    return streamIn({
-      ...l, qemu: need(v, "qemu"), image: need(v, "image"), log, keep: Boolean(v["keep"]),
-      ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
-      ...security(v),
-      ...(v["index"] ? { indexPath: v["index"] as string } : {}),
-    });
+    const qemu = need(v, "qemu"), image = need(v, "image");
+    const traces = await openTraceOutputs(v, (m) => process.stderr.write(`[pagetwin] ${m}\n`)); // the URL even with --quiet
+    let proxy;
+    try {
+      proxy = await streamIn({
+        ...l, qemu, image, log, keep: Boolean(v["keep"]),
+        ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
+        ...security(v), trace: traces.sinks,
+        ...(v["index"] ? { indexPath: v["index"] as string } : {}),
+      });
+    } catch (err) {
+      await traces.close();
+      throw err;
+    }
+    const p = proxy;
+    return { stats: p.stats, done: p.done.finally(() => traces.close()), close: () => p.close() };
   });
 }
