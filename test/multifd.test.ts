@@ -22,6 +22,9 @@ import { streamOut } from "../src/stream/out.js";
 import type { Piece } from "../src/stream/qemu-stream.js";
 import { TEST_KEY, qemuStream } from "./helpers/stream.js";
 import { mixedPages, multifdChannel } from "./helpers/multifd.js";
+import type { TraceSink } from "../src/trace/sink.js";
+import type { TraceRecord } from "../src/trace/format.js";
+import { TraceModel } from "../src/trace/model.js";
 
 const PAGE = 4096;
 
@@ -156,7 +159,7 @@ interface Conn { first: string; data: Buffer }
  * A migration of a main channel and multifd channels through both proxies into
  * a fake destination QEMU that records its connections in the order it accepted them.
  */
-async function migrate(image: string, channels: { data: Buffer; delayMs: number; oneWrite?: boolean }[]) {
+async function migrate(image: string, channels: { data: Buffer; delayMs: number; oneWrite?: boolean }[], trace?: { out: TraceSink[]; in: TraceSink[] }) {
   const conns: Conn[] = [];
   const sink = net.createServer({ allowHalfOpen: true }, (s) => {
     const got: Buffer[] = [];
@@ -167,8 +170,8 @@ async function migrate(image: string, channels: { data: Buffer; delayMs: number;
     s.on("error", () => {});
   });
   await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
-  const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image, psk: TEST_KEY });
-  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image, psk: TEST_KEY });
+  const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image, psk: TEST_KEY, ...(trace ? { trace: trace.in } : {}) });
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image, psk: TEST_KEY, ...(trace ? { trace: trace.out } : {}) });
   try {
     await Promise.all(channels.map(async (ch) => {
       await new Promise((r) => setTimeout(r, ch.delayMs));
@@ -218,6 +221,41 @@ test("proxies: multifd channels deduplicated per channel, rebuilt byte-identical
     assert.equal(si.streamsVerified, 3);
     const raw = main.length + mf[0]!.length + mf[1]!.length;
     assert.ok(so.bytesOutLink < 0.6 * raw, `link ${so.bytesOutLink} B for ${raw} B`);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("trace: a migration with multifd channels is one migration on each side, its pages from every channel, the proxies' totals", { timeout: 60_000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-trace-"));
+  try {
+    const image = path.join(dir, "disk.img");
+    const blocks = randomBytes(256 * PAGE);
+    fs.writeFileSync(image, blocks);
+    (await openNasIndex(image, { rebuild: true })).image.close();
+    const main = qemuStream(blocks.subarray(0, 16 * PAGE), "pc.ram");
+    const mf = [0, 1].map((id) => multifdChannel({ id, pages: mixedPages(blocks, 400) }));
+    const out: TraceRecord[] = [], inn: TraceRecord[] = [];
+    // a multifd channel first, as QEMU may connect them
+    const { so, si } = await migrate(image, [{ data: mf[0]!, delayMs: 0 }, { data: main, delayMs: 50 }, { data: mf[1]!, delayMs: 100 }],
+      { out: [{ write: (r) => out.push(r) }], in: [{ write: (r) => inn.push(r) }] });
+    assert.equal(so.error, undefined);
+    for (const [side, recs, stats, link, qemu] of [["out", out, so, so.bytesOutLink, so.bytesFromQemu], ["in", inn, si, si.bytesInLink, si.bytesToQemu]] as const) {
+      const model = new TraceModel();
+      for (const r of recs) model.apply(r);
+      assert.equal(model.migrations.size, 1, `${side}: one migration for the three connections`);
+      const m = [...model.migrations.values()][0]!;
+      const e = m.end!;
+      assert.ok(e, `${side}: the migration ended`);
+      assert.equal(e.ok, true);
+      assert.equal(e.transferredBytes, link, `${side}: link bytes`);
+      assert.equal(e.baselineBytes, qemu, `${side}: QEMU's bytes`);
+      assert.equal(e.pages.normal + e.pages.twin, so.pagesSeen, `${side}: every channel's pages`);
+      assert.equal(e.pages.twin - e.pages.resent, stats === so ? so.twinsReplaced : si.twinsReplaced, `${side}: references`);
+      assert.equal(e.pages.zero, so.zeroPages, `${side}: zero pages`);
+      assert.equal(m.pages, 16, `${side}: the main channel's RAM block`);
+    }
+    assert.equal(so.multifd.twins, 400);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -233,7 +233,7 @@ function sweepsStream(pages: number, sweeps: Map<number, Buffer | null>[]): Buff
   return Buffer.concat(parts);
 }
 
-test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream order, the final one in the RAM END section, and the proxy's totals", { timeout: 60_000 }, async () => {
+test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream order, the final one in the RAM END section, and the proxy's totals; stream-in's the same pages as they arrived", { timeout: 60_000 }, async () => {
   const dir = tmp();
   try {
     const pages = 3000;
@@ -253,13 +253,15 @@ test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream orde
     writeSync(fd, Buffer.alloc(4096, 0xa5), 0, 4096, 3 * 4096);
     closeSync(fd);
     const file = new FileTraceSink(join(dir, "stream.ndjson"));
-    let so;
+    const fileIn = new FileTraceSink(join(dir, "stream-in.ndjson"));
+    let so, si;
     try {
-      ({ so } = await throughProxies({ data, image, nas, split: "random", out: { trace: [file] } }));
+      ({ so, si } = await throughProxies({ data, image, nas, split: "random", out: { trace: [file] }, in: { trace: [fileIn] } }));
     } finally {
       nas.image.close();
     }
     await file.close();
+    await fileIn.close();
     assert.equal(so.resends, 1);
     assert.equal(so.error, undefined);
     const model = TraceModel.parse(readFileSync(join(dir, "stream.ndjson"), "utf8"));
@@ -288,6 +290,22 @@ test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream orde
     assert.deepEqual([0, 1, 2, 3].map((p) => cls(0, p)), [PAGE_CLASS.twin, PAGE_CLASS.zero, PAGE_CLASS.sent, PAGE_CLASS.twin]);
     assert.deepEqual([999, 1000, 1001, 1500].map((p) => cls(1, p)), [0, PAGE_CLASS.sent, PAGE_CLASS.twin, 0]);
     assert.deepEqual([0, 7, 8].map((p) => cls(2, p)), [PAGE_CLASS.sent, PAGE_CLASS.sent, 0]);
+
+    // the destination's view: the same rounds and pages, as they arrived (references verified, page 3 resent), its own byte counters
+    const dm = [...TraceModel.parse(readFileSync(join(dir, "stream-in.ndjson"), "utf8")).migrations.values()];
+    assert.equal(dm.length, 1);
+    const d = dm[0]!;
+    assert.deepEqual(d.rounds.map((r) => [r.iteration, r.final, r.pages.normal, r.pages.twin, r.pages.zero, r.pages.resent]),
+      m.rounds.map((r) => [r.iteration, r.final, r.pages.normal, r.pages.twin, r.pages.zero, r.pages.resent]));
+    assert.equal(d.end!.transferredBytes, si.bytesInLink);
+    assert.equal(d.end!.transferredBytes, so.bytesOutLink, "what arrived is what left");
+    assert.equal(d.end!.baselineBytes, si.bytesToQemu);
+    assert.equal(d.end!.baselineBytes, data.length);
+    assert.equal(d.end!.verified, true);
+    assert.ok(d.rounds.some((r) => r.cells[3 * 5 + PAGE_CLASS.resent] === 1), "page 3 arrived resent");
+    const dsums = roundSums(d);
+    assert.equal(dsums.transferredBytes, si.bytesInLink);
+    assert.equal(dsums.twin - dsums.resent, si.twinsReplaced, "references verified at the destination");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

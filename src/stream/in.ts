@@ -206,9 +206,12 @@ class InSession {
   private multifdId = -1;
   /** The destination's trace of this session (with trace sinks). */
   private trace: RebuiltStreamTrace | null = null;
+  /** The counters as the session began (its HELLO counts in its migration's trace). */
+  private readonly since: { link: number; qemu: number };
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
+    this.since = { link: this.stats.bytesInLink, qemu: this.stats.bytesToQemu };
   }
 
   async run(): Promise<void> {
@@ -344,7 +347,7 @@ class InSession {
     this.raw = new RawDecoder(agreed, this.stats.compression);
     const reason = await this.dedupRefusal(h);
     this.kind = h.kind;
-    const hook = this.ctx.tracing?.join(h.kind === "multifd" ? "multifd" : h.kind === "main" ? "main" : "unknown");
+    const hook = this.ctx.tracing?.join(h.kind === "multifd" ? "multifd" : h.kind === "main" ? "main" : "unknown", this.since);
     if (hook) this.trace = new RebuiltStreamTrace(hook, h.kind === "multifd");
     if (h.kind === "multifd") await this.afterMain();
     try {

@@ -248,9 +248,12 @@ class OutSession {
   /** stream-in's VERDICT on this session's stream arrived. */
   private verdict = false;
   private trace: StreamTraceHook | null = null;
+  /** The counters as the session began (a migration's trace counts from its first session's start). */
+  private readonly since: { link: number; qemu: number };
 
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
+    this.since = { link: ctx.stats.bytesOutLink, qemu: ctx.stats.bytesFromQemu };
     this.ring = new ReplayWindow(ctx.windowPages);
     this.hasher = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
     this.pacer = new LinkPacer(this.meter, { bandwidth: ctx.bandwidth, ...(ctx.queueMs !== undefined ? { queueMs: ctx.queueMs } : {}) });
@@ -292,7 +295,7 @@ class OutSession {
     const start = await readStart(this.qemu, START_WAIT_MS);
     if (this.qemu.destroyed && !start.ended) throw new Error("the source QEMU closed the connection before sending anything");
     this.kind = start.kind;
-    this.trace = this.ctx.tracing?.join(start.kind) ?? null;
+    this.trace = this.ctx.tracing?.join(start.kind, this.since) ?? null;
     if (start.kind === "multifd") {
       const parser = new MultifdStreamParser();
       this.parser = parser;

@@ -63,12 +63,19 @@ export class StreamTraceGroup {
 
   constructor(private readonly sinks: readonly TraceSink[], private readonly options: () => StreamTracerOptions) {}
 
-  join(kind: "main" | "multifd" | "unknown"): StreamTraceHook {
+  /** A session joins; `since`: the counters when it connected (what it read before it knew its kind counts too). */
+  join(kind: "main" | "multifd" | "unknown", since?: Counters): StreamTraceHook {
     const c = this.current;
     const fresh = !c || c.over || (kind !== "multifd" && c.hasMain);
-    if (fresh) this.current = new StreamTracer(this.sinks, this.options());
+    if (fresh) this.current = new StreamTracer(this.sinks, this.options(), since);
     return this.current!.channel(kind === "multifd");
   }
+}
+
+/** A side's byte counters: on the link, and QEMU's stream. */
+export interface Counters {
+  link: number;
+  qemu: number;
 }
 
 interface Round {
@@ -123,9 +130,9 @@ export class StreamTracer {
   /** The end record went out. */
   over = false;
 
-  constructor(sinks: readonly TraceSink[], private readonly o: StreamTracerOptions) {
-    this.link0 = this.linkTotal();
-    this.qemu0 = this.qemuTotal();
+  constructor(sinks: readonly TraceSink[], private readonly o: StreamTracerOptions, since?: Counters) {
+    this.link0 = since?.link ?? this.linkTotal();
+    this.qemu0 = since?.qemu ?? this.qemuTotal();
     this.rec = new TraceRecorder(sinks, { mode: "stream", method: "pagetwin", label: o.label, pages: 0, baseline: "measured", ...(o.config ? { config: o.config } : {}) });
   }
 
