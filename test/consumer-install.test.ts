@@ -35,6 +35,29 @@ try { c.createCompressor("zstd"); } catch (err) { zstdError = err.message; }
 console.log(JSON.stringify({ hash, flavor: engine.flavor, provider: c.zstdProvider(), algorithms: c.availableAlgorithms(), roundTrips, zstdError }));
 `;
 
+/** Run in the consumer: the live view of an installed package serves the built page (web/dist, from the tarball), and the trace reader reads what it streams. */
+const LIVE = `import { LiveTraceServer } from "pagetwin/stream";
+import { TraceModel, TRACE_FORMAT, TRACE_VERSION } from "pagetwin/trace";
+const live = await LiveTraceServer.start();
+try {
+  const base = live.url.replace(/\\?live$/, "");
+  const html = await (await fetch(base)).text();
+  const script = /<script[^>]+src="\\.\\/([^"]+)"/.exec(html)?.[1];
+  const js = script ? await fetch(base + script) : null;
+  live.write({ type: "start", format: TRACE_FORMAT, version: TRACE_VERSION, id: "m", mode: "stream", method: "pagetwin", label: "x", pages: 0, startedAt: 0, baseline: "measured" });
+  const ac = new AbortController();
+  const events = await fetch(base + "events", { signal: ac.signal });
+  const reader = events.body.getReader();
+  let text = "";
+  while (!text.includes("\\n\\n")) text += new TextDecoder().decode((await reader.read()).value);
+  ac.abort();
+  const model = TraceModel.parse(text.replace(/^data: /gm, ""));
+  console.log(JSON.stringify({ page: html.includes("<title>"), script, scriptStatus: js?.status, scriptType: js?.headers.get("content-type"), migrations: [...model.migrations.keys()] }));
+} finally {
+  await live.close();
+}
+`;
+
 function mapsUnder(dir: string): string[] {
   return readdirSync(dir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile() && e.name.endsWith(".js.map")).map((e) => join(e.parentPath, e.name));
 }
@@ -44,7 +67,7 @@ test("a lean install (no optional dependencies) compiles nothing, leaks no @type
   try {
     const p = consumer.project;
     const pkg = installedPackage(p);
-    for (const f of ["LICENSE", "README.md", "build/pagetwin-simd.wasm", "dist/src/browser.js", "dist/src/core/embedded-simd.js", "dist/src/core/embedded-scalar.js"]) {
+    for (const f of ["LICENSE", "README.md", "build/pagetwin-simd.wasm", "dist/src/browser.js", "dist/src/core/embedded-simd.js", "dist/src/core/embedded-scalar.js", "web/dist/index.html", "dist/src/entry/trace.js"]) {
       assert.ok(consumer.files.includes(f), `the tarball holds ${f}`);
     }
     assert.match(readFileSync(join(pkg, "LICENSE"), "utf8"), /MIT License/);
@@ -69,6 +92,15 @@ test("a lean install (no optional dependencies) compiles nothing, leaks no @type
     assert.deepEqual(got.algorithms, nodeZstd ? ["zstd", "brotli"] : ["brotli"]);
     for (const a of got.algorithms) assert.equal(got.roundTrips[a], true, `${a} round-trips`);
     if (!nodeZstd) assert.match(got.zstdError, /zstd is not available here: zstd-napi did not load .* no zlib zstd \(Node >= 22\.15\); use --compress brotli or auto/);
+
+    // `--ui` from an installed package: the page ships in it, the live view serves it, the trace reader reads its events
+    writeFileSync(join(p, "live.mjs"), LIVE);
+    const live = JSON.parse(execFileSync(process.execPath, ["live.mjs"], { cwd: p, encoding: "utf8" })) as { page: boolean; script?: string; scriptStatus?: number; scriptType?: string; migrations: string[] };
+    assert.equal(live.page, true, "the live view serves the built page");
+    assert.ok(live.script, "the page loads its script");
+    assert.equal(live.scriptStatus, 200, `${live.script} is served from the installed package`);
+    assert.equal(live.scriptType, "text/javascript");
+    assert.deepEqual(live.migrations, ["m"]);
 
     // source maps resolve without the TypeScript sources: each carries its sources
     const maps = mapsUnder(join(pkg, "dist", "src"));

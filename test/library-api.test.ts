@@ -8,7 +8,7 @@ import { mkdtempSync, writeFileSync, rmSync, existsSync, readdirSync, readFileSy
 import { open } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { createEngine, PAGE_SIZE, coreUrl } from "../src/index.js";
 import * as errors from "../src/errors.js";
 import { Planner, planIteration, planIterationAsync } from "../src/plan/planner.js";
@@ -69,6 +69,30 @@ test("every error class is a PagetwinError with a stable code, and keeps its cau
 test("the errors module imports nothing, so the browser entry's types need no Node types", () => {
   const dist = fileURLToPath(new URL("../src/", import.meta.url));
   for (const f of ["errors.js", "errors.d.ts"]) assert.doesNotMatch(readFileSync(join(dist, f), "utf8"), /^\s*(import|export .* from)\b/m, f);
+});
+
+test("pagetwin/trace: exported (types and code), and its whole import graph is free of Node modules (the visualizer and any page use it)", async () => {
+  const root = fileURLToPath(new URL("../../", import.meta.url));
+  const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as { exports: Record<string, Record<string, string>> };
+  const entry = pkg.exports["./trace"]!;
+  assert.ok(entry["types"] && entry["default"], "types and a default (any runtime) condition");
+  for (const f of [entry["types"]!, entry["default"]!]) assert.ok(existsSync(join(root, f)), f);
+  const seen = new Set<string>();
+  const walk = (file: string) => {
+    if (seen.has(file)) return;
+    seen.add(file);
+    for (const m of readFileSync(file, "utf8").matchAll(/^\s*(?:import|export)\b[^;]*?from\s+"([^"]+)"/gm)) {
+      const spec = m[1]!;
+      assert.ok(spec.startsWith("."), `${relative(root, file)} imports ${spec}`);
+      walk(join(file, "..", file.endsWith(".d.ts") ? spec.replace(/\.js$/, ".d.ts") : spec));
+    }
+  };
+  walk(join(root, entry["default"]!));
+  walk(join(root, entry["types"]!));
+  assert.ok(seen.size >= 4, [...seen].join(", "));
+  const trace = await import(pathToFileURL(join(root, entry["default"]!)).href) as typeof import("../src/entry/trace.js");
+  const model = trace.TraceModel.parse(JSON.stringify({ type: "start", format: trace.TRACE_FORMAT, version: trace.TRACE_VERSION, id: "x", mode: "agent", method: "pagetwin", label: "l", pages: 8, startedAt: 0, baseline: "estimated" }));
+  assert.equal(model.migrations.get("x")!.pages, 8);
 });
 
 test("planIteration refuses an async reader; planIterationAsync plans what it reads", async () => {

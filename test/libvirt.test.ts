@@ -14,6 +14,11 @@ import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { ServeClient } from "../src/serve/client.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
 import { LibvirtPair, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
+import { replayShows } from "./helpers/trace-page.js";
+import { TraceModel } from "../src/trace/model.js";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 
 /** Runs `pagetwin libvirt ...` to its end: exit code, stdout, stderr. */
 function cli(args: string[], timeoutMs = 180_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -131,7 +136,7 @@ test("the command: usage errors exit 2 before anything starts; an unreachable li
   const help = await cli(["migrate", "--help"]);
   assert.equal(help.code, 0);
   assert.match(help.stdout, /drop-in for `virsh migrate --live/);
-  for (const args of [["migrate"], ["migrate", "dom"], ["migrate", "dom", "uri", "--tunnelled"], ["migrate", "dom", "uri", "extra"], ["nonsense"]]) {
+  for (const args of [["migrate"], ["migrate", "dom"], ["migrate", "dom", "uri", "--tunnelled"], ["migrate", "dom", "uri", "extra"], ["nonsense"], ["migrate", "dom", "uri", "--no-pagetwin", "--ui"]]) {
     const r = await cli(args);
     assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
     assert.match(r.stderr, /^pagetwin: /);
@@ -185,11 +190,11 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
   }
 
   /** `pagetwin libvirt migrate` of the guest from `here` to `there` through the services, --json; the result line and the link's bytes. */
-  async function migrateThroughPagetwin(): Promise<{ res: Record<string, any>; lines: Record<string, any>[]; linkBytes: number }> {
+  async function migrateThroughPagetwin(extra: string[] = []): Promise<{ res: Record<string, any>; lines: Record<string, any>[]; linkBytes: number }> {
     const seen = pair.counters(G, there).length;
     const xml = await pair.destXml(G, here, there);
     const tx0 = pair.link.txBytes(here.ns);
-    const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer, "--xml", xml, "--json"]);
+    const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer, "--xml", xml, "--json", ...extra]);
     const linkBytes = pair.link.txBytes(here.ns) - tx0;
     assert.equal(r.code, 0, `${r.stderr}\nsource service: ${services.get(here)!.log()}\ndestination service: ${services.get(there)!.log()}`);
     const res = jsonResult(r.stdout);
@@ -227,10 +232,33 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     assert.ok(linkBytes >= rep.bytesOutLink && linkBytes < rep.bytesOutLink * 1.1 + 2e6, `veth ${linkBytes} B vs the service's ${rep.bytesOutLink} B`);
   });
 
-  test("and back: the guest returns to the first daemon through the same services", async () => {
-    const { res } = await migrateThroughPagetwin();
-    for (const d of res.report.disks) assert.ok(d.twins > 1000, `twins from ${d.path}`);
-    assert.equal(res.report.destination.bytesToQemu, res.report.bytesFromQemu);
+  test("and back with --trace: the guest returns to the first daemon through the same services; the trace (the source service's) has its stats' totals and replays them", async (t) => {
+    const dir = mkdtempSync(join(tmpdir(), "pt-libvirt-trace-"));
+    try {
+      const file = join(dir, "libvirt.ndjson");
+      const { res } = await migrateThroughPagetwin(["--trace", file]);
+      const rep = res.report;
+      for (const d of rep.disks) assert.ok(d.twins > 1000, `twins from ${d.path}`);
+      assert.equal(rep.destination.bytesToQemu, rep.bytesFromQemu);
+      const text = readFileSync(file, "utf8");
+      const ms = [...TraceModel.parse(text).migrations.values()];
+      assert.equal(ms.length, 1, "one migration (every connection of QEMU's in one)");
+      const m = ms[0]!, e = m.end!;
+      assert.match(m.start.label, new RegExp(`migration ${G} \\(out\\)`));
+      assert.equal(e.ok, true);
+      assert.equal(e.verified, true);
+      assert.equal(e.transferredBytes, rep.bytesOutLink);
+      assert.equal(e.baselineBytes, rep.bytesFromQemu);
+      assert.equal(e.pages.twin, rep.twinsReplaced);
+      assert.equal(e.pages.normal + e.pages.twin, rep.pagesSeen);
+      assert.equal(e.pages.zero, rep.zeroPages);
+      assert.equal(e.pages.resent, rep.resends);
+      assert.ok(m.rounds.length >= 2, `${m.rounds.length} rounds`);
+      const skipped = await replayShows(text, { transferred: rep.bytesOutLink, iterations: m.rounds.length, twin: rep.twinsReplaced, zero: rep.zeroPages, resent: rep.resends }, "libvirt trace replayed");
+      if (skipped) t.diagnostic(`not replayed in a page: ${skipped}`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("each migration passed pagetwin's end-to-end check (verdict verified on both sides, state completed)", () => {

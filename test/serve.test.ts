@@ -180,6 +180,62 @@ test("--trace-dir and --ui on the source service: the migration's trace file has
   }
 });
 
+test("the destination's trace (--trace-dir: MIGRATION.in.ndjson) shows what arrived; a control client that asks gets the source's trace as watch events, with the stats' totals", async () => {
+  const sub = fs.mkdtempSync(path.join(dir, "traced-in-"));
+  const traceDir = path.join(sub, "traces");
+  const two = await twoServices(sub, undefined, {}, { traceDir });
+  const sink = await sinkQemu();
+  try {
+    const data = qemuStream(twoDiskPages().pages);
+    const events: TraceRecord[] = [];
+    const plain: ServeEvent[] = [];
+    const traced = await two.srcClient.watch("asked", { trace: true });
+    const untraced = await two.srcClient.watch("asked");
+    const collect = (async () => { for await (const e of traced) { if (e.event === "trace") events.push(e.record); if (e.event === "end") return; } })();
+    const collectPlain = (async () => { for await (const e of untraced) { plain.push(e); if (e.event === "end") return; } })();
+    const ready = await two.srcClient.request<OutgoingReady>("outgoing", {
+      migration: "asked", disks: [diskA, diskB], qemu: "127.0.0.1:0", destQemu: `127.0.0.1:${sink.port}`, peer: `127.0.0.1:${two.dst.peerPort}`, trace: true,
+    });
+    const dstEnd = ended(two.dstClient, "asked");
+    await sourceQemu(ready.port, data);
+    await collect;
+    await collectPlain;
+    const s = (await dstEnd).status;
+    await Promise.all([traced.close(), untraced.close()]);
+    const out = await two.srcClient.request<MigrationStatus>("status", { migration: "asked" });
+    assert.equal(out.state, "completed");
+    assert.ok(!plain.some((e) => e.event === "trace"), "a watch that did not ask gets no trace records");
+
+    // the source's trace, as events: one migration with the source service's totals
+    const model = new TraceModel();
+    for (const r of events) model.apply(r);
+    const [src] = [...model.migrations.values()];
+    assert.equal(model.migrations.size, 1);
+    assert.match(src!.start.label, /migration asked \(out\)/);
+    assert.equal(src!.end!.transferredBytes, out.stats.bytesOutLink);
+    assert.equal(src!.end!.baselineBytes, out.stats.bytesFromQemu);
+    assert.equal(src!.end!.pages.twin, out.stats.twinsReplaced);
+
+    // the destination's: what it got on the link, the references it verified, the stream it handed its QEMU
+    assert.deepEqual(fs.readdirSync(traceDir), ["asked.in.ndjson"]);
+    const [d] = [...TraceModel.parse(fs.readFileSync(path.join(traceDir, "asked.in.ndjson"), "utf8")).migrations.values()];
+    assert.match(d!.start.label, /migration asked \(in\)/);
+    const e = d!.end!;
+    assert.equal(e.ok, true);
+    assert.equal(e.verified, true);
+    assert.equal(e.transferredBytes, s.stats.bytesInLink);
+    assert.equal(e.transferredBytes, out.stats.bytesOutLink);
+    assert.equal(e.baselineBytes, s.stats.bytesToQemu);
+    assert.equal(e.baselineBytes, data.length);
+    assert.equal(e.pages.twin - e.pages.resent, s.stats.twinsReplaced);
+    assert.equal(e.pages.normal + e.pages.twin, out.stats.pagesSeen);
+    assert.deepEqual(d!.rounds.map((r) => r.pages), src!.rounds.map((r) => r.pages), "the same rounds and pages on both sides");
+  } finally {
+    sink.close();
+    await two.close();
+  }
+});
+
 test("destination service down: outgoing fails with PAGETWIN_PEER_UNREACHABLE and leaves nothing behind", async () => {
   const dead = await freePort();
   const sink = await sinkQemu();

@@ -13,7 +13,8 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
-import { launchChromium, optionalImport, pageProblems, serveDir, serverUrl, type Browser, type Page } from "./helpers/browser.js";
+import { launchChromium, pageProblems, serveDir, serverUrl, type Browser, type Page } from "./helpers/browser.js";
+import { assertShows, buildPage, DIST, num, settled, value } from "./helpers/trace-page.js";
 import { cliPath, jsonResult } from "./helpers/cli.js";
 import { makeFixture } from "./helpers/ram-fixture.js";
 import { freePort, TEST_KEY } from "./helpers/stream.js";
@@ -27,11 +28,6 @@ import { streamIn } from "../src/stream/in.js";
 import { streamOut } from "../src/stream/out.js";
 import { randomBytes } from "node:crypto";
 
-const ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const WEB = path.join(ROOT, "web");
-const DIST = path.join(WEB, "dist");
-
-interface Vite { build(o: { root: string; logLevel?: string; configFile?: string }): Promise<unknown> }
 type FullPage = Page & { click(sel: string): Promise<void> };
 
 let browser: Browser | null = null;
@@ -40,10 +36,9 @@ let work = "";
 
 before(async () => {
   work = fs.mkdtempSync(path.join(os.tmpdir(), "pt-webtrace-"));
-  const vite = await optionalImport<Vite>("vite");
-  if (!vite) { why = "vite is not installed (npm install)"; return; }
-  if (!fs.existsSync(path.join(ROOT, "build", "pagetwin-simd.wasm"))) throw new Error("build/pagetwin-simd.wasm is missing: run `npm run build` first");
-  await vite.build({ root: WEB, logLevel: "warn", configFile: path.join(WEB, "vite.config.ts") });
+  // built afresh: the page under test is this checkout's
+  const noVite = await buildPage(true);
+  if (noVite) { why = noVite; return; }
   const b = await launchChromium();
   if (typeof b === "string") why = b;
   else browser = b;
@@ -53,33 +48,6 @@ after(async () => {
   await browser?.close();
   if (work) fs.rmSync(work, { recursive: true, force: true });
 });
-
-/** The page's value of a data-testid (its data-value). */
-async function value(page: Page, id: string): Promise<string> {
-  const v = await page.locator(`[data-testid="${id}"]`).getAttribute("data-value");
-  assert.ok(v !== null && v !== "", `the page shows no value for ${id}`);
-  return v;
-}
-const num = async (page: Page, id: string) => Number(await value(page, id));
-
-/** Waits for the selected migration to be over on the page. */
-async function settled(page: Page, timeout = 60_000): Promise<void> {
-  await page.waitForSelector('[data-testid="mig-state"][data-value="done"], [data-testid="mig-state"][data-value="failed"], [data-testid="mig-error"]:not([hidden])', { timeout });
-  const err = await page.locator('[data-testid="mig-error"]').getAttribute("hidden");
-  assert.notEqual(err, null, `the page shows an error: ${await page.textContent('[data-testid="mig-error"]')}`);
-}
-
-interface Totals { transferred: number; iterations: number; normal?: number; twin: number; zero: number; resent: number; downtime?: number | null }
-async function assertShows(page: Page, want: Totals, what: string): Promise<void> {
-  assert.equal(await num(page, "mig-transferred"), want.transferred, `${what}: bytes`);
-  assert.equal(await num(page, "mig-iterations"), want.iterations, `${what}: rounds`);
-  if (want.normal !== undefined) assert.equal(await num(page, "mig-pages-normal"), want.normal, `${what}: in full`);
-  assert.equal(await num(page, "mig-pages-twin"), want.twin, `${what}: references`);
-  assert.equal(await num(page, "mig-pages-zero"), want.zero, `${what}: zero`);
-  assert.equal(await num(page, "mig-pages-resent"), want.resent, `${what}: resent`);
-  // --json output rounds times to 0.1 ms (docs/JSON.md)
-  if (want.downtime != null) assert.equal(Math.round((await num(page, "mig-downtime")) * 10) / 10, want.downtime, `${what}: downtime`);
-}
 
 /** A 16M-page guest's trace: 3 rounds, the first over every page in short runs of every class. */
 function bigTrace(): { text: string; pages: { normal: number; twin: number; zero: number }; records: number } {

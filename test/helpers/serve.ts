@@ -20,11 +20,11 @@ export interface TwoServices {
   close(): Promise<void>;
 }
 
-/** `srcExtra`: more options of the source service (--trace-dir, --ui). */
-export async function twoServices(dir: string, log: (m: string) => void = () => {}, srcExtra: Partial<ServeServiceOptions> = {}): Promise<TwoServices> {
+/** `srcExtra`, `dstExtra`: more options of the source and destination services (--trace-dir, --ui). */
+export async function twoServices(dir: string, log: (m: string) => void = () => {}, srcExtra: Partial<ServeServiceOptions> = {}, dstExtra: Partial<ServeServiceOptions> = {}): Promise<TwoServices> {
   const srcControl = join(dir, "src.sock");
   const dstControl = join(dir, "dst.sock");
-  const dst = await ServeService.start({ control: dstControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`dst: ${m}`) });
+  const dst = await ServeService.start({ control: dstControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`dst: ${m}`), ...dstExtra });
   const src = await ServeService.start({ control: srcControl, peerListen: "127.0.0.1:0", psk: TEST_KEY, log: (m) => log(`src: ${m}`), ...srcExtra });
   const srcClient = await ServeClient.connect(srcControl);
   const dstClient = await ServeClient.connect(dstControl);
