@@ -186,6 +186,8 @@ test("live: a real guest migrated in stream mode while the page is open shows li
   const live = await LiveTraceServer.start({ webRoot: DIST });
   const traceFile = path.join(dir, "stream.ndjson");
   const file = new FileTraceSink(traceFile);
+  const inFile = path.join(dir, "stream-in.ndjson");
+  const fileIn = new FileTraceSink(inFile);
   const page = await browser.newPage({ viewport: { width: 1440, height: 900 }, deviceScaleFactor: 1 }) as FullPage;
   const problems = pageProblems(page);
   try {
@@ -194,7 +196,7 @@ test("live: a real guest migrated in stream mode while the page is open shows li
     await src.waitForSerial(/pagetwin-counter 2\b/, 30_000);
     const qport = await freePort();
     const dst = await boot("dst", { incoming: `tcp:127.0.0.1:${qport}` });
-    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nas, psk: TEST_KEY });
+    const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qport}`, image: nas, psk: TEST_KEY, trace: [fileIn] });
     const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nas, psk: TEST_KEY, qmp: path.join(dir, "src-tool.qmp"), trace: [live, file] });
 
     await page.goto(live.url);
@@ -234,13 +236,19 @@ test("live: a real guest migrated in stream mode while the page is open shows li
       `${o.pagesSeen} pages, ${o.twinsReplaced} references, ${o.zeroPages} zero; link ${o.bytesOutLink} B for ${o.bytesFromQemu} B of QEMU's stream; downtime ${info.downtime} ms`);
     await Promise.all([so.close(), si.close()]);
 
-    // the same migration's trace file, replayed
+    // the same migration's trace file, replayed; and stream-in's (the destination's view: what it read, its own rounds)
     await file.close();
-    const server = await serveDir(DIST, { "/stream.ndjson": fs.readFileSync(traceFile, "utf8") });
+    await fileIn.close();
+    const server = await serveDir(DIST, { "/stream.ndjson": fs.readFileSync(traceFile, "utf8"), "/stream-in.ndjson": fs.readFileSync(inFile, "utf8") });
     try {
       await page.goto(`${serverUrl(server)}/?trace=/stream.ndjson`);
       await settled(page);
       await assertShows(page, want, "stream trace replayed");
+      await page.goto(`${serverUrl(server)}/?trace=/stream-in.ndjson`);
+      await settled(page);
+      const inRounds = await num(page, "mig-iterations");
+      assert.equal(inRounds, want.iterations, "the same stream, the same rounds");
+      await assertShows(page, { ...want, transferred: i.bytesInLink, iterations: inRounds, twin: i.twinsReplaced + i.resends, downtime: null }, "stream-in's trace replayed");
     } finally {
       server.close();
     }
@@ -269,6 +277,7 @@ test("live: a real guest migrated in stream mode while the page is open shows li
     await page.close();
     await live.close();
     await file.close().catch(() => {});
+    await fileIn.close().catch(() => {});
     for (const vm of vms) await vm.cleanup();
   }
 });
