@@ -311,12 +311,14 @@ test("stream mode: stream-out's trace has QEMU's sweeps as rounds in stream orde
   }
 });
 
-test("stream-out --ui serves the live view (the URL on stderr, with its token), and --trace with a bare --ui parses", async () => {
+test("stream-out and stream-in --ui serve the live view (the URL on stderr, with its token), and --trace with a bare --ui parses", async () => {
   const dir = tmp();
   try {
     const f = makeFixture(dir, 1);
     const err = await startAndStop([cliPath, "stream-out", "--to", "127.0.0.1:1", "--image", f.image, "--insecure", "--listen", "0", "--ui", "--trace", join(dir, "t.ndjson")], /listening/);
     assert.match(err, /live view: http:\/\/127\.0\.0\.1:\d+\/[0-9a-f]{32}\/\?live/);
+    const errIn = await startAndStop([cliPath, "stream-in", "--qemu", "127.0.0.1:1", "--image", f.image, "--insecure", "--listen", "0", "--ui", "--trace", join(dir, "in.ndjson")], /listening/);
+    assert.match(errIn, /live view: http:\/\/127\.0\.0\.1:\d+\/[0-9a-f]{32}\/\?live/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
