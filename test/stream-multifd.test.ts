@@ -13,6 +13,8 @@ import type { StreamStats } from "../src/stream/stats.js";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
 import { freePort, TEST_KEY } from "./helpers/stream.js";
 import { guest, skipRealGuest } from "./helpers/guest.js";
+import type { TraceRecord } from "../src/trace/format.js";
+import { TraceModel, type MigrationModel } from "../src/trace/model.js";
 
 let work = "";
 let nasImage = "";
@@ -39,7 +41,23 @@ after(async () => {
   if (work) fs.rmSync(work, { recursive: true, force: true });
 });
 
-interface Outcome { o: StreamStats; i: StreamStats; last: number; next: number }
+interface Outcome { o: StreamStats; i: StreamStats; last: number; next: number; traces: { out: TraceRecord[]; in: TraceRecord[] } }
+
+/** A side's trace: one migration, whatever the channels, with that side's stats as its totals. */
+function oneMigration(records: TraceRecord[], s: StreamStats, side: "out" | "in", pagesSeen: number, twins: number): MigrationModel {
+  const model = new TraceModel();
+  for (const r of records) model.apply(r);
+  assert.equal(model.migrations.size, 1, `${side}: the main channel and the multifd channels are one migration`);
+  const m = [...model.migrations.values()][0]!, e = m.end!;
+  assert.ok(e && e.ok, `${side}: ended ok`);
+  assert.equal(e.transferredBytes, side === "out" ? s.bytesOutLink : s.bytesInLink, `${side}: link bytes`);
+  assert.equal(e.baselineBytes, side === "out" ? s.bytesFromQemu : s.bytesToQemu, `${side}: QEMU's bytes`);
+  assert.equal(e.pages.normal + e.pages.twin, pagesSeen, `${side}: pages of every channel`);
+  assert.equal(e.pages.twin, twins, `${side}: references`);
+  assert.equal(m.rounds.reduce((n, r) => n + r.transferredBytes, 0), e.transferredBytes, `${side}: the rounds add up`);
+  assert.ok(m.rounds.at(-1)!.final, `${side}: the last round is the final one`);
+  return m;
+}
 
 /** Migrates the source guest through the proxies to a new destination (`channels` 0: without multifd); the source runs again afterwards. */
 async function migrate(channels: number, compression: "none" | "zstd" = "none"): Promise<Outcome> {
@@ -55,9 +73,10 @@ async function migrate(channels: number, compression: "none" | "zstd" = "none"):
       else await vm.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "multifd", state: false }] });
     }
     await dst.qmp.execute("migrate-incoming", { uri: `tcp:127.0.0.1:${qport}` });
-    const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${qport}`, image: nasImage, psk: TEST_KEY });
+    const traces = { out: [] as TraceRecord[], in: [] as TraceRecord[] };
+    const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${qport}`, image: nasImage, psk: TEST_KEY, trace: [{ write: (r) => traces.in.push(r) }] });
     // compression fixed: "auto" weighs the measured link rate, and the comparison below is of bytes, not timing
-    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nasImage, psk: TEST_KEY, compress: "zstd" });
+    const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image: nasImage, psk: TEST_KEY, compress: "zstd", trace: [{ write: (r) => traces.out.push(r) }] });
     const before = src!.serialLog().length;
     await src!.waitForSerial(/pagetwin-counter \d+/, 10_000, before);
     const resumed = dst.qmp.waitForEvent("RESUME", 180_000);
@@ -74,7 +93,7 @@ async function migrate(channels: number, compression: "none" | "zstd" = "none"):
     const last = Math.max(...[...src!.serialLog().matchAll(/pagetwin-counter (\d+)/g)].map((m) => Number(m[1])));
     const m = await dst.waitForSerial(new RegExp(`pagetwin-counter (${last + 1}|${last + 2})\\b`), 30_000);
     await src!.qmp.execute("cont");
-    return { o, i, last, next: Number(m[1]) };
+    return { o, i, last, next: Number(m[1]), traces };
   } finally {
     await dst.cleanup();
   }
@@ -104,7 +123,10 @@ for (const channels of [0, 2, 4]) {
       assert.ok(o.multifd.syncs >= channels, `${o.multifd.syncs} SYNC packets`);
       assert.deepEqual(o.passthrough, []);
     }
+    const mo = oneMigration(r.traces.out, o, "out", o.pagesSeen, o.twinsReplaced);
+    oneMigration(r.traces.in, i, "in", o.pagesSeen, i.twinsReplaced + i.resends);
     results.set(channels, r);
+    t.diagnostic(`trace: ${mo.rounds.length} rounds, ${mo.rounds.map((x) => x.pages.normal + x.pages.twin + x.pages.zero).join("/")} pages`);
     t.diagnostic(`${o.sessions} sessions; ${o.pagesSeen} pages (${o.multifd.pages} on multifd), ${o.twinsReplaced} twins (${o.multifd.twins} on multifd); ` +
       `QEMU stream ${o.bytesFromQemu} B, link ${o.bytesOutLink} B (${(o.bytesOutLink / o.bytesFromQemu).toFixed(3)}x); counter ${r.last} -> ${r.next}`);
   });
