@@ -199,7 +199,7 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     assert.equal(r.code, 0, `${r.stderr}\nsource service: ${services.get(here)!.log()}\ndestination service: ${services.get(there)!.log()}`);
     const res = jsonResult(r.stdout);
     assert.equal(res.ok, true);
-    assert.equal(res.destState, "running");
+    assert.equal(res.destState, "running", `libvirt: ${res.destState} on the destination; pagetwin: ${JSON.stringify(res.report)}; destination's log: ${pair.serialText(G, there).slice(-2000)}`);
     assert.equal(res.sourceState, "absent");
     assert.equal(await there.virsh.domstate(G), "running");
     assert.equal(await here.virsh.domstate(G), "absent");
