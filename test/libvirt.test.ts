@@ -196,7 +196,7 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     const tx0 = pair.link.txBytes(here.ns);
     const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer, "--xml", xml, "--json", ...extra]);
     const linkBytes = pair.link.txBytes(here.ns) - tx0;
-    assert.equal(r.code, 0, `${r.stderr}\nsource service: ${services.get(here)!.log()}\ndestination service: ${services.get(there)!.log()}`);
+    assert.equal(r.code, 0, `${r.stderr}\nsource service: ${services.get(here)!.log()}\ndestination service: ${services.get(there)!.log()}\nthe guest's last lines here: ${pair.serialText(G, here).slice(-1500)}`);
     const res = jsonResult(r.stdout);
     assert.equal(res.ok, true);
     assert.equal(res.destState, "running", `libvirt: ${res.destState} on the destination; pagetwin: ${JSON.stringify(res.report)}; destination's log: ${pair.serialText(G, there).slice(-2000)}`);
