@@ -141,7 +141,8 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     }
     if (header) {
       const engine = opts.engine ?? await createEngine({ seed: header.seed });
-      const index = engine.createIndex(header.blocks);
+      // no room yet: loadHashes reserves exactly the blocks' records, which the file's read writes first
+      const index = engine.createIndex(0);
       loadHashes(index, indexPath, header);
       return { engine, index, image, header, indexPath, built: false, stale, hashed: 0, ms: performance.now() - t0 };
     }
