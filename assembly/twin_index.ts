@@ -126,21 +126,8 @@ export function indexFree(idx: TwinIndex): void {
 function growBlocks(idx: TwinIndex, need: u32): void {
   let bc = idx.blockCap;
   while (bc < need) bc = bc > 0x7FFFFFFF ? 0xFFFFFFFE : bc * 2;
-  resizeBlocks(idx, bc, true);
-}
-
-/**
- * Room for exactly `bc` block records (and presence bits). Records past the
- * old capacity are zeroed unless `zeroRecords` is false: a bulk load
- * (indexReserve) has the host write them, and leaving their first write to it
- * matters: memory first written by a read() in the kernel costs far less
- * page-fault time on some VMs than a fill here.
- */
-function resizeBlocks(idx: TwinIndex, bc: u32, zeroRecords: bool): void {
-  const old = <usize>idx.blockCap << 4;
-  const hashes = heap.alloc(<usize>bc << 4);
-  memory.copy(hashes, idx.hashes, old);
-  if (zeroRecords) memory.fill(hashes + old, 0, (<usize>bc << 4) - old);
+  const hashes = allocZeroed(<usize>bc << 4);
+  memory.copy(hashes, idx.hashes, <usize>idx.blockCap << 4);
   const present = allocZeroed(((<usize>bc + 63) >> 6) << 3);
   memory.copy(present, idx.present, ((<usize>idx.blockCap + 63) >> 6) << 3);
   heap.free(idx.hashes);
@@ -313,8 +300,6 @@ export function indexLoad(idx: TwinIndex, hashes: usize, count: u32): void {
   const own = hashes == idx.hashes; // then count is within indexReserve's room
   if (count > idx.blockCap) growBlocks(idx, count);
   if (!own) memory.copy(idx.hashes, hashes, <usize>count << 4);
-  // records past count may be indexReserve's unzeroed room
-  memory.fill(idx.hashes + (<usize>count << 4), 0, (<usize>(idx.blockCap - count)) << 4);
   fillPresent(idx.present, count);
   idx.blocks = count;
   if (<f64>count > <f64>idx.nb * <f64>SLOTS * MAX_LOAD) {
@@ -349,13 +334,9 @@ function fillPresent(present: usize, count: u32): void {
   for (let i = count & ~7; i < count; i++) writeBit(present, i, true);
 }
 
-/**
- * Makes room for `blocks` block records (indexLoad reads them from
- * indexHashesPtr); returns that pointer. Room it adds is not zeroed: the host
- * writes the records, then indexLoad (which zeroes what it was not given).
- */
+/** Makes room for `blocks` block records (indexLoad reads them from indexHashesPtr); returns that pointer. */
 export function indexReserve(idx: TwinIndex, blocks: u32): usize {
-  if (blocks > idx.blockCap) resizeBlocks(idx, blocks, false);
+  if (blocks > idx.blockCap) growBlocks(idx, blocks);
   return idx.hashes;
 }
 

@@ -141,8 +141,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     }
     if (header) {
       const engine = opts.engine ?? await createEngine({ seed: header.seed });
-      // no room yet: loadHashes reserves exactly the blocks' records, which the file's read writes first
-      const index = engine.createIndex(0);
+      const index = engine.createIndex(header.blocks);
       loadHashes(index, indexPath, header);
       return { engine, index, image, header, indexPath, built: false, stale, hashed: 0, ms: performance.now() - t0 };
     }
