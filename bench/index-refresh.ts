@@ -8,12 +8,17 @@
 // fresh memory like a new process), beside the same open inserting the
 // hashes block by block, and beside the cost of touching as much fresh memory
 // for the first time (the page faults no index layout avoids).
+// The build and the open are timed with the image and the index in the page
+// cache (warm: flatters the build, which reads the whole image) and, at the
+// end, with both dropped from it first (cold, as on a NAS whose files this
+// host has not read: posix_fadvise DONTNEED through `dd iflag=nocache`), in
+// wall and CPU time (user + system, all threads).
 // Needs qemu-system-x86_64; QEMU runs with no guest (-machine none), its
 // drive written with qemu-io in the monitor, as a guest's writes would be.
 
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { randomFillSync } from "node:crypto";
-import { closeSync, existsSync, mkdtempSync, openSync, readSync, rmSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, mkdtempSync, openSync, readSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { openNasIndex, readIndexHeader, type NasIndex } from "../src/adapters/nas/index-file.js";
@@ -56,6 +61,23 @@ async function startQemu(image: string, qmpPath: string) {
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
+/** Wall and CPU (user + system, all threads) milliseconds of `fn`. */
+async function timed<T>(fn: () => Promise<T>): Promise<{ value: T; ms: number; cpu: number }> {
+  const t0 = performance.now(), c0 = process.cpuUsage();
+  const value = await fn();
+  const c = process.cpuUsage(c0);
+  return { value, ms: performance.now() - t0, cpu: (c.user + c.system) / 1000 };
+}
+
+/** Drops the files' pages from this host's page cache (written back first). */
+function dropCache(...paths: string[]): void {
+  for (const p of paths) {
+    const fd = openSync(p, "r");
+    try { fsyncSync(fd); } finally { closeSync(fd); }
+    execFileSync("dd", [`if=${p}`, "iflag=nocache", "count=0", "status=none"]);
+  }
+}
+
 /** The open as it was before the core's bulk load: the file's hashes inserted block by block, 1 MiB at a time. */
 async function openBlockByBlock(indexPath: string): Promise<number> {
   const t0 = performance.now();
@@ -86,20 +108,41 @@ function firstTouch(bytes: number): number {
 }
 
 /** Opens the stale index `opens` times, alternating with the block-by-block open; medians. */
-async function timeOpens(path: string): Promise<{ bulk: number; oneByOne: number; touch: number; mib: number }> {
-  const bulk: number[] = [], one: number[] = [], touch: number[] = [];
+async function timeOpens(path: string): Promise<{ bulk: number; bulkCpu: number; oneByOne: number; touch: number; mib: number }> {
+  const bulk: number[] = [], bulkCpu: number[] = [], one: number[] = [], touch: number[] = [];
   let bytes = 0;
   for (let i = 0; i < opens; i++) {
-    const nas: NasIndex = await openNasIndex(path);
+    const { value: nas, ms, cpu } = await timed<NasIndex>(() => openNasIndex(path));
     if (!nas.stale || nas.built) throw new Error("bench: expected a stale index, loaded");
-    bulk.push(nas.ms);
+    bulk.push(ms);
+    bulkCpu.push(cpu);
     bytes = nas.index.bytes;
     nas.image.close();
     nas.index.free();
     one.push(await openBlockByBlock(`${path}.pagetwin-index`));
     touch.push(firstTouch(bytes));
   }
-  return { bulk: median(bulk), oneByOne: median(one), touch: median(touch), mib: bytes / 2 ** 20 };
+  return { bulk: median(bulk), bulkCpu: median(bulkCpu), oneByOne: median(one), touch: median(touch), mib: bytes / 2 ** 20 };
+}
+
+/** Cold open and cold build, in turn (the open first: the build replaces the index). */
+async function coldPair(image: string) {
+  const index = `${image}.pagetwin-index`;
+  const opens: { ms: number; cpu: number }[] = [], builds: { ms: number; cpu: number }[] = [];
+  for (let i = 0; i < 2; i++) {
+    dropCache(image, index);
+    const o = await timed(() => openNasIndex(image));
+    o.value.image.close();
+    o.value.index.free();
+    opens.push(o);
+    dropCache(image, index);
+    const b = await timed(() => openNasIndex(image, { rebuild: true }));
+    b.value.image.close();
+    b.value.index.free();
+    builds.push(b);
+  }
+  const med = (xs: { ms: number; cpu: number }[]) => ({ ms: median(xs.map((x) => x.ms)), cpu: median(xs.map((x) => x.cpu)) });
+  return { opens, open: med(opens), build: med(builds) };
 }
 
 const dir = mkdtempSync(join(tmpdir(), "pagetwin-bench-refresh-"));
@@ -111,9 +154,8 @@ try {
   const blocks = bytes / BLOCK;
   console.log(`index refresh: ${gib} GiB image (${blocks} blocks), ${percent}% of blocks rewritten since indexing (scattered single blocks: the worst case for reads)`);
 
-  const built = await openNasIndex(image, { rebuild: true });
+  const { value: built, ms: tBuild, cpu: cBuild } = await timed(() => openNasIndex(image, { rebuild: true }));
   built.image.close();
-  const tBuild = built.ms;
 
   qemu = await startQemu(image, join(dir, "qmp.sock"));
   const tracker = await DirtyTracker.attach(qemu.qmp, built.header.indexId, { drive: "drive0", socketDir: dir });
@@ -145,17 +187,27 @@ try {
   const rr = await refreshByReread(again);
   again.image.close();
 
+  await tracker.detach();
+  const cold = await coldPair(image);
+
   const row = (what: string, ms: number) => console.log(`  ${what.padEnd(58)} ${ms.toFixed(0).padStart(7)} ms   ${(ms / tBuild).toFixed(4)}x of the build`);
-  row("full index build (every block read and hashed)", tBuild);
-  row(`open the stale index (a migration can start; median of ${opens})`, tStale);
+  const both = (what: string, ms: number, cpu: number, build: { ms: number; cpu: number }) => console.log(
+    `  ${what.padEnd(58)} ${ms.toFixed(0).padStart(7)} ms   ${(ms / build.ms).toFixed(4)}x of the build; CPU ${cpu.toFixed(0)} ms, ${(cpu / build.cpu).toFixed(4)}x`);
+  console.log(`page cache warm (image and index read before):`);
+  both("full index build (every block read and hashed)", tBuild, cBuild, { ms: tBuild, cpu: cBuild });
+  both(`open the stale index (a migration can start; median of ${opens})`, tStale, opened.bulkCpu, { ms: tBuild, cpu: cBuild });
   row("  the same open inserting the hashes block by block", opened.oneByOne);
   row(`  touching ${opened.mib.toFixed(0)} MiB of fresh memory (the index's size) alone`, opened.touch);
   row(`refresh through the dirty bitmap, blocks read from the file (${r.blocksRead})`, r.ms);
   row("open + that refresh (ready with a fresh index)", tStale + r.ms);
   row(`same, blocks read through QEMU's NBD server (${rn.nbdReads} reads)`, rn.ms);
   row("re-read refresh, no VM (every block read and hashed)", rr.ms);
-  console.log(`  ratios to the full build: ready to migrate (stale index opened) ${(tStale / tBuild).toFixed(4)}x; ready with a fresh index (open + bitmap refresh) ${((tStale + r.ms) / tBuild).toFixed(4)}x (${((tStale + rn.ms) / tBuild).toFixed(4)}x reading through NBD)`);
-  await tracker.detach();
+  console.log(`page cache cold (image and index dropped from it before each step; the slower of ${cold.opens.length} pairs):`);
+  both("full index build", cold.build.ms, cold.build.cpu, cold.build);
+  both("open the index (a migration can start)", cold.open.ms, cold.open.cpu, cold.build);
+  console.log(`  ratios to the full build: ready to migrate (stale index opened) ${(tStale / tBuild).toFixed(4)}x warm, ${(cold.open.ms / cold.build.ms).toFixed(4)}x cold` +
+    ` (CPU ${(opened.bulkCpu / cBuild).toFixed(4)}x, ${(cold.open.cpu / cold.build.cpu).toFixed(4)}x);` +
+    ` ready with a fresh index (open + bitmap refresh, warm) ${((tStale + r.ms) / tBuild).toFixed(4)}x (${((tStale + rn.ms) / tBuild).toFixed(4)}x reading through NBD)`);
 } finally {
   if (qemu) {
     await qemu.qmp.execute("quit").catch(() => undefined);

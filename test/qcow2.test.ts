@@ -141,6 +141,28 @@ test("backing chains: raw and qcow2 backing files, two levels, relative names, a
   }
 });
 
+test("an overlay whose own clusters interleave with its backing file's, zero and compressed clusters, written out of guest order, reads as qemu-img reads it", { skip }, (t) => {
+  // the reader reads own clusters adjacent in the file in one go wherever they land, and reads a
+  // backing run over short gaps of own clusters before them: both must still put every byte in place
+  const dir = scratch(t);
+  const base = join(dir, "base.raw");
+  writeFileSync(base, content(SIZE, 9));
+  const top = join(dir, "top.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", "-b", "base.raw", "-F", "raw", top, String(SIZE));
+  const writes: string[] = [];
+  for (let c = 80; c >= 0; c -= 3) writes.push(`write -P ${c} ${c * 64}k 64k`); // every third cluster, last first: file order is not guest order
+  for (let c = 2; c < 80; c += 12) writes.push(`write -z ${c * 64}k 64k`); // zeros inside the gaps
+  qemuIo(top, "qcow2", ...writes);
+  assertReadsLikeQemu(dir, top, "interleaved overlay, written backwards");
+  const inOrder = join(dir, "in-order.qcow2");
+  qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.raw", "-F", "raw", inOrder, String(SIZE));
+  const forward: string[] = [];
+  for (let c = 0; c < 1400; c += 2) forward.push(`write -P ${c & 0xff} ${c * 4}k 4k`); // over 1024 own clusters, adjacent in the file: more than one readv
+  for (let c = 7; c < 1400; c += 50) forward.push(`write -z ${c * 4}k 4k`);
+  qemuIo(inOrder, "qcow2", ...forward);
+  assertReadsLikeQemu(dir, inOrder, "every other cluster its own, in order");
+});
+
 test("unsupported qcow2 features are refused with an error naming the feature", { skip }, (t) => {
   const dir = scratch(t);
   const img = (name: string) => join(dir, name);

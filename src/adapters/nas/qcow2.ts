@@ -9,7 +9,7 @@
 // mapping could only give a block that fails its hash check, but fresh tables
 // keep twins usable.
 
-import { closeSync, fstatSync, readSync } from "node:fs";
+import { closeSync, fstatSync, readSync, readvSync } from "node:fs";
 import { inflateRawSync } from "node:zlib";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { ImageFormatError, UnsupportedImageError } from "../../errors.js";
@@ -25,6 +25,10 @@ const enum Kind { Data, Zero, Compressed, Backing }
 /** Clusters' bytes of L2 tables kept (whole tables; at least 16). */
 const L2_CACHE_BYTES = 32 << 20;
 const RECHECK_MS = 50;
+/** Own bytes between two runs from the backing disk that are read from it anyway (a read fewer costs more than that copy). */
+const MERGE_GAP = 64 << 10;
+/** Buffers per readv (Linux's IOV_MAX). */
+const IOV_MAX = 1024;
 
 export class Qcow2Image implements GuestDisk {
   readonly format = "qcow2" as const;
@@ -102,9 +106,9 @@ export class Qcow2Image implements GuestDisk {
       const n = Math.min(cs - within, into.length - pos);
       switch (this.lookup(Math.floor(off / cs))) {
         case Kind.Data: run.own(this.host + within, pos, n); break;
-        case Kind.Zero: into.fill(0, pos, pos + n); break;
+        case Kind.Zero: run.direct(); into.fill(0, pos, pos + n); break;
         case Kind.Backing: run.below(off, pos, n); break;
-        case Kind.Compressed: into.set(this.decompress(this.host, this.descLo).subarray(within, within + n), pos); break;
+        case Kind.Compressed: run.direct(); into.set(this.decompress(this.host, this.descLo).subarray(within, within + n), pos); break;
       }
       pos += n;
     }
@@ -209,56 +213,94 @@ function offsetBits(hi: number, lo: number): number {
 
 /**
  * Gathers the clusters of one readAt() into as few reads as it can: the
- * image's own clusters that follow each other in the file, and guest ranges
- * that go to the backing disk, each one read when the run breaks.
+ * image's own clusters that follow each other in the file go in one readv,
+ * wherever they land in the guest range (an image converted or written in
+ * order keeps its data clusters in order, with the guest's holes left out);
+ * guest ranges that go to the backing disk are read a run at a time, a run
+ * spanning short gaps of own clusters, which are read after it, over it.
  */
 class RunReader {
-  private kind: "own" | "below" | null = null;
-  private from = 0;
-  private pos = 0;
-  private len = 0;
+  /** File offset where the pending own run starts and ends; its destinations as [pos, len] pairs. */
+  private hostFrom = 0;
+  private hostEnd = -1;
+  private readonly dest: number[] = [];
+  private belowFrom = 0;
+  private belowPos = 0;
+  private belowLen = 0;
 
   constructor(private readonly fd: number, private readonly path: string, private readonly backing: GuestDisk | null, private readonly into: Uint8Array) {}
 
   own(host: number, pos: number, n: number): void {
-    this.add("own", host, pos, n);
+    const d = this.dest, k = d.length;
+    if (host !== this.hostEnd || k >= 2 * IOV_MAX) {
+      this.readBelow(); // its run may span own clusters: it is read before them
+      this.readOwn();
+      this.hostFrom = host;
+    } else if (d[k - 2]! + d[k - 1]! === pos) {
+      d[k - 1]! += n;
+      this.hostEnd += n;
+      return;
+    }
+    d.push(pos, n);
+    this.hostEnd = host + n;
   }
 
   below(guest: number, pos: number, n: number): void {
-    this.add("below", guest, pos, n);
+    // a short gap of own clusters is read from below too (then over it): one read fewer
+    const gap = pos - (this.belowPos + this.belowLen);
+    if (this.belowLen > 0 && this.belowFrom - this.belowPos === guest - pos && gap <= MERGE_GAP) {
+      this.belowLen += gap + n;
+      return;
+    }
+    this.readBelow();
+    this.belowFrom = guest;
+    this.belowPos = pos;
+    this.belowLen = n;
+  }
+
+  /** The caller is about to write at the current position itself: no run from below may span it. */
+  direct(): void {
+    this.readBelow();
   }
 
   flush(): void {
-    if (this.kind === "own") this.readOwn();
-    else if (this.kind === "below") this.readBelow();
-    this.kind = null;
-  }
-
-  private add(kind: "own" | "below", from: number, pos: number, n: number): void {
-    if (this.kind === kind && this.from + this.len === from && this.pos + this.len === pos) {
-      this.len += n;
-      return;
-    }
-    this.flush();
-    this.kind = kind;
-    this.from = from;
-    this.pos = pos;
-    this.len = n;
+    this.readBelow();
+    this.readOwn();
   }
 
   private readOwn(): void {
-    for (let done = 0; done < this.len;) {
-      const n = readSync(this.fd, this.into, this.pos + done, this.len - done, this.from + done);
-      if (n === 0) throw new ImageFormatError(`pagetwin: ${this.path}: a data cluster at ${this.from + done} lies past the end of the file`);
-      done += n;
+    const d = this.dest;
+    if (d.length === 0) return;
+    const bufs: Uint8Array[] = [];
+    for (let i = 0; i < d.length; i += 2) bufs.push(this.into.subarray(d[i]!, d[i]! + d[i + 1]!));
+    let done = readvSync(this.fd, bufs, this.hostFrom);
+    // a short readv (a signal, the file's end) goes on buffer by buffer
+    let at = this.hostFrom;
+    for (const b of bufs) {
+      if (done < b.length) this.readFully(b.subarray(done), at + done);
+      done = Math.max(0, done - b.length);
+      at += b.length;
+    }
+    d.length = 0;
+    this.hostEnd = -1;
+  }
+
+  private readFully(b: Uint8Array, from: number): void {
+    for (let got = 0; got < b.length;) {
+      const n = readSync(this.fd, b, got, b.length - got, from + got);
+      if (n === 0) throw new ImageFormatError(`pagetwin: ${this.path}: a data cluster at ${from + got} lies past the end of the file`);
+      got += n;
     }
   }
 
   /** Guest bytes the backing disk has, zeros past its end (or with no backing disk). */
   private readBelow(): void {
-    const has = this.backing ? Math.max(0, Math.min(this.len, this.backing.size - this.from)) : 0;
-    if (has > 0) this.backing!.readAt(this.from, this.into.subarray(this.pos, this.pos + has));
-    this.into.fill(0, this.pos + has, this.pos + this.len);
+    const len = this.belowLen;
+    if (len === 0) return;
+    const has = this.backing ? Math.max(0, Math.min(len, this.backing.size - this.belowFrom)) : 0;
+    if (has > 0) this.backing!.readAt(this.belowFrom, this.into.subarray(this.belowPos, this.belowPos + has));
+    this.into.fill(0, this.belowPos + has, this.belowPos + len);
+    this.belowLen = 0;
   }
 }
 
