@@ -15,10 +15,14 @@ export const targets = {
   // the planner's joins: the bit-vector logic that sorts dirty pages into send / map / zero
   planner: { mutate: ["src/plan/planner.ts:140-229"], command: node(["planner"]) },
   // the destination's verification: Refs check, what is held, the verdict at switchover
-  destination: { mutate: ["src/agent/destination.ts:210-255", "src/agent/destination.ts:336-396"], command: node(["verdict"]) },
+  destination: { mutate: ["src/agent/destination.ts:221-265", "src/agent/destination.ts:350-410"], command: node(["verdict"]) },
   // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END
   "stream-in": { mutate: ["src/stream/in.ts:349-386"], command: node(["stream-faults"], "^(stream checked|stream fault: the NAS|runs of|a small)") },
-  handshake: { mutate: ["src/link/security.ts:94-140", "src/link/listen.ts:69-132"], command: node(["security"]) },
+  // every security test but the key-file and CLI ones (they spawn the CLI and touch none of these lines)
+  handshake: {
+    mutate: ["src/link/security.ts:94-140", "src/link/listen.ts:69-133"],
+    command: node(["security"], "^(key: a migration|on-path|canary|TLS: a source|the destination refuses|a destination agent|handshake)"),
+  },
 };
 
 const which = process.env.MUTATE ?? "replay-window";

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes, randomInt } from "node:crypto";
-import { FrameType, encodePages, encodeRefs, encodePageList, encodeIterAck, decodePages, decodeRefs, decodePageList, decodeIterAck, MAX_FRAME, AGENT_FRAMES } from "../src/agent/protocol.js";
+import { FrameType, encodePages, encodeRefs, encodePageList, encodeIterAck, decodePages, decodeRefs, decodePageList, decodeIterAck, MAX_FRAME, MAX_REFS, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader, ProtocolError, frame, jsonFrame, parseJson } from "../src/wire/envelope.js";
 
 function sampleStream(): { bytes: Buffer; frames: Buffer[] } {
@@ -47,6 +47,10 @@ test("payloads decode to what was encoded, and bounds are enforced", () => {
   const d = decodeRefs(refs!, 100, 21);
   assert.deepEqual(Array.from(d.blocks), [10, 20]);
   assert.throws(() => decodeRefs(refs!, 100, 20), /block 20, past the image's 20 blocks/);
+  // at most MAX_REFS (4096) references a frame: what the destination's verifier has slots for
+  const refsOf = (n: number) => new FrameReader(AGENT_FRAMES).push(encodeRefs(new Uint32Array(n), new Uint32Array(n), () => new Uint8Array(16)))[0]!;
+  assert.equal(decodeRefs(refsOf(MAX_REFS), 1, 1).pages.length, MAX_REFS);
+  assert.throws(() => decodeRefs(refsOf(MAX_REFS + 1), 1, 1), (e: Error) => e instanceof ProtocolError && /4097 references; at most 4096/.test(e.message));
   assert.deepEqual(Array.from(decodePageList(zeros!, 100, "Zeros")), [5, 6, 99]);
   assert.deepEqual(decodeIterAck(ack!, 100), { iteration: 4, resend: Uint32Array.from([1]) });
 });

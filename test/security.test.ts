@@ -15,7 +15,8 @@ import { createEngine } from "../src/index.js";
 import { SecurityError } from "../src/errors.js";
 import * as net from "node:net";
 import * as tls from "node:tls";
-import { clientOptions, loadKey } from "../src/link/security.js";
+import { clientOptions, loadKey, serverOptions } from "../src/link/security.js";
+import { Listener } from "../src/link/listen.js";
 import { jsonFrame } from "../src/wire/envelope.js";
 import { FrameType, PROTOCOL_VERSION } from "../src/agent/protocol.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
@@ -170,6 +171,7 @@ test("on-path relay changing or deleting handshake records -> refused: no sessio
   });
   assertRefused(hello, "ClientHello changed");
   assert.match(hello.agent.refused[0]!, /failed the TLS handshake: .*bad record mac/);
+  assert.doesNotMatch(hello.agent.refused[0]!, /\s$/, "OpenSSL's reason on one line, without its newline");
   // the PSK identity in the ClientKeyExchange renamed: the listener knows no such key
   let renamed = false;
   const identity = await migrate({
@@ -340,4 +342,125 @@ test("CLI: `pagetwin listen` without a key, certificates or --insecure exits 2 n
   const stderr = await startAndStop([cli, "listen", "--ram", ram, "--create-ram", "--port", "0", "--insecure"], /waiting for a migration/);
   assert.match(stderr, /WARNING.*--insecure.*authenticates nobody and encrypts nothing/);
   assert.match(stderr, /listening on 127\.0\.0\.1:\d+ \(none \(--insecure\)/);
+});
+
+test("handshake: TLS options by link kind: certificates are TLS 1.3 with SNI for a host name only; a key is TLS 1.2 PSK under one identity; an insecure link has none", () => {
+  const files = srcTls();
+  const named = clientOptions({ kind: "tls", files }, "dst.example.org");
+  assert.equal(named.servername, "dst.example.org");
+  for (const host of ["node7", "10gbe.example", "localhost"]) assert.equal(clientOptions({ kind: "tls", files }, host).servername, host);
+  assert.equal(named.host, "dst.example.org");
+  assert.equal(named.minVersion, "TLSv1.3");
+  // RFC 6066: no IP address as a server name (the certificate is still checked against the address)
+  for (const ip of ["127.0.0.1", "10.20.30.40", "::1", "fe80::1"]) assert.equal(clientOptions({ kind: "tls", files }, ip).servername, undefined, ip);
+  const server = serverOptions({ kind: "tls", files: dstTls() });
+  assert.equal(server.minVersion, "TLSv1.3");
+  assert.equal(server.requestCert, true, "the listener asks for the source's certificate");
+  const key = { kind: "psk" as const, key: TEST_KEY };
+  const c = clientOptions(key, "127.0.0.1"), l = serverOptions(key);
+  for (const o of [c, l]) {
+    assert.equal(o.minVersion, "TLSv1.2");
+    assert.equal(o.maxVersion, "TLSv1.2", "OpenSSL negotiates a plain PSK only in TLS 1.2");
+    assert.equal(o.ciphers, "ECDHE-PSK-CHACHA20-POLY1305");
+  }
+  assert.deepEqual(c.pskCallback!(null), { psk: TEST_KEY, identity: "pagetwin" });
+  assert.equal(c.checkServerIdentity!("127.0.0.1", {} as tls.PeerCertificate), undefined, "the key authenticates the listener");
+  assert.deepEqual(l.pskCallback!({} as tls.TLSSocket, "pagetwin"), TEST_KEY);
+  assert.equal(l.pskCallback!({} as tls.TLSSocket, "PAGETWIN"), null, "another identity gets no key");
+  assert.throws(() => serverOptions({ kind: "insecure" }), /^Error: serverOptions: an insecure link has no TLS$/);
+  assert.throws(() => clientOptions({ kind: "insecure" }, "127.0.0.1"), /^Error: clientOptions: an insecure link has no TLS$/);
+});
+
+test("handshake: a certificate listener refuses by itself a TLS client that presents no certificate, tells it why, and opens nothing", async () => {
+  const dir = mkdtempSync(join(work, "nocert-"));
+  const dstRam = join(dir, "dst-ram");
+  const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, tls: dstTls() });
+  const port = await agent.listen();
+  try {
+    const got = await new Promise<Buffer>((resolve) => {
+      const out: Buffer[] = [];
+      // TLS 1.3: the client's handshake is over before the listener has judged its (missing) certificate
+      const s = tls.connect({ port, host: "127.0.0.1", ca: readFileSync(certs().ca), servername: "localhost" }, () => s.write(hello()));
+      s.on("data", (d: Buffer) => out.push(d));
+      s.on("error", () => {});
+      s.on("close", () => resolve(Buffer.concat(out)));
+      setTimeout(() => s.destroy(), 5000).unref();
+    });
+    for (const t = Date.now(); agent.refused.length === 0 && Date.now() - t < 3000;) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(agent.refused.length, 1);
+    assert.match(agent.refused[0]!, /^a peer at 127\.0\.0\.1:\d+: it presented no certificate \([A-Z_]+\)$/);
+    assert.match(got.toString("latin1"), /TLS: this destination refuses the source: it presented no certificate \(/, "the client is told why");
+    assert.equal(agent.results.length, 0, "a migration session began");
+    assert.equal(existsSync(dstRam), false, "the destination created its RAM file");
+  } finally {
+    agent.close();
+  }
+});
+
+/** A PSK listener for the handshake tests, with what it refused and how many handshakes were under way at each refusal. */
+async function pskListener(o: { maxPending?: number; authTimeoutMs?: number }) {
+  const refused: string[] = [], underway: number[] = [], sessions: net.Socket[] = [];
+  const l: Listener = await Listener.open({
+    at: { kind: "tcp", host: "127.0.0.1", port: 0 }, security: { kind: "psk", key: TEST_KEY }, peer: "test peer", ...o,
+    onSession: (s) => { sessions.push(s); s.destroy(); }, onRefused: (why) => { refused.push(why); underway.push(l.handshakes); },
+  });
+  return { l, refused, underway, sessions };
+}
+
+/** Waits for `ok` (5 s at most). */
+async function until(ok: () => boolean, what: string): Promise<void> {
+  for (const t = Date.now(); !ok(); await new Promise((r) => setTimeout(r, 10))) if (Date.now() - t > 5000) assert.fail(what);
+}
+
+/** A TCP connection to `port` that never says a word; resolves with it and its port once connected. */
+async function silentPeer(port: number): Promise<{ s: net.Socket; port: number }> {
+  const s = net.connect(port, "127.0.0.1");
+  s.on("error", () => {});
+  await new Promise((r) => s.once("connect", r));
+  return { s, port: s.localPort! };
+}
+
+test("handshake: silent peers past the cap: the oldest is dropped at once and reported once, the rest keep their handshakes; a peer that leaves stops counting; a peer with the key gets its session", async () => {
+  const { l, refused, underway, sessions } = await pskListener({ maxPending: 2 });
+  const silent: net.Socket[] = [];
+  try {
+    const ports: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const p = await silentPeer(l.port);
+      silent.push(p.s);
+      ports.push(p.port);
+      await until(() => l.handshakes === Math.min(i + 1, 2) && refused.length === (i === 2 ? 1 : 0), `connection ${i}: ${JSON.stringify(refused)}`);
+    }
+    assert.deepEqual(refused, [`a peer at 127.0.0.1:${ports[0]}: dropped before it authenticated, the oldest of 2 handshakes under way`]);
+    assert.equal(underway[0], 1, "the dropped peer stopped counting when it was dropped");
+    // closed now, not at its handshake deadline (10 s)
+    await until(() => silent[0]!.destroyed, "the dropped peer's connection closed");
+    assert.ok(!silent[1]!.destroyed && !silent[2]!.destroyed);
+    // a peer that leaves in its handshake stops counting
+    silent[1]!.destroy();
+    await until(() => l.handshakes === 1 && refused.length === 2, "a peer that left still counts");
+    assert.match(refused[1]!, new RegExp(`^a peer at 127\\.0\\.0\\.1:${ports[1]} failed the TLS handshake: \\S`), "the peer that left, by its address");
+    const c = tls.connect({ port: l.port, ...clientOptions({ kind: "psk", key: TEST_KEY }, "127.0.0.1") });
+    c.on("error", () => {});
+    await until(() => sessions.length === 1, "the peer with the key");
+    c.destroy();
+    assert.equal(l.handshakes, 1);
+    assert.equal(refused.filter((w) => w.includes(`:${ports[0]}`)).length, 1, `the dropped peer was reported once: ${JSON.stringify(refused)}`);
+  } finally {
+    for (const s of silent) s.destroy();
+    l.close();
+  }
+});
+
+test("handshake: a silent peer past the handshake deadline is refused and counted out", async () => {
+  const { l, refused } = await pskListener({ authTimeoutMs: 300 });
+  const p = await silentPeer(l.port);
+  try {
+    await until(() => refused.length === 1 && l.handshakes === 0, "the deadline");
+    assert.deepEqual(refused, [`a peer at 127.0.0.1:${p.port} failed the TLS handshake: TLS handshake timeout`]);
+    await until(() => p.s.destroyed, "the peer's connection closed");
+  } finally {
+    p.s.destroy();
+    l.close();
+  }
 });

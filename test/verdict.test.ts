@@ -8,6 +8,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, openSync, rmSync, writeFileSync, writeSync, closeSync } from "node:fs";
 import { randomBytes } from "node:crypto";
+import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
@@ -16,6 +17,7 @@ import { DestinationAgent, type DestinationOptions } from "../src/agent/destinat
 import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
 import { AGENT_FRAMES, FrameType } from "../src/agent/protocol.js";
 import { jsonFrame } from "../src/wire/envelope.js";
+import { availableAlgorithms } from "../src/codec/compress.js";
 import { compareFiles } from "../src/demo/embedded-run.js";
 import { vmStub, type VmStub } from "./helpers/vm-stub.js";
 import { frameTamper, tamperProxy, TEST_KEY, type FrameTamper } from "./helpers/stream.js";
@@ -48,18 +50,23 @@ interface RunOptions {
   zeroLater?: boolean;
   /** Image blocks rewritten after indexing (their twins no longer verify). */
   rewrite?: number[];
+  /** How many zero pages end the RAM (default ZEROS; over 4096, the destination reads and hashes in several batches). */
+  zeros?: number;
+  /** With zeroLater: the tail's first-round bytes are this byte repeated (cheap to send compressed), not random. */
+  fill?: number;
 }
 
 /** An indexed image of TWINS random blocks and a source RAM file of twins, random and zero pages; one migration of it. */
 async function migrate(o: RunOptions = {}): Promise<Run> {
   const dir = mkdtempSync(join(work, "run-"));
+  const zeros = o.zeros ?? ZEROS;
   const image = join(dir, "disk.img"), srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
   const img = randomBytes(TWINS * PAGE);
   writeFileSync(image, img);
-  writeFileSync(srcRam, Buffer.concat([img, randomBytes(RANDOM * PAGE), o.zeroLater ? randomBytes(ZEROS * PAGE) : Buffer.alloc(ZEROS * PAGE)]));
+  writeFileSync(srcRam, Buffer.concat([img, randomBytes(RANDOM * PAGE), o.zeroLater ? (o.fill ? Buffer.alloc(zeros * PAGE, o.fill) : randomBytes(zeros * PAGE)) : Buffer.alloc(zeros * PAGE)]));
   const zeroLater = () => {
     const fd = openSync(srcRam, "r+");
-    writeSync(fd, Buffer.alloc(ZEROS * PAGE), 0, ZEROS * PAGE, (TWINS + RANDOM) * PAGE);
+    writeSync(fd, Buffer.alloc(zeros * PAGE), 0, zeros * PAGE, (TWINS + RANDOM) * PAGE);
     closeSync(fd);
   };
   const nas = await openNasIndex(image, { rebuild: true });
@@ -214,4 +221,105 @@ test("the verdict covers pages sent in full and zero pages too: a wrong write of
     assert.equal(miswritten, 1, target);
     assertRefusedAtSwitchover(x, /differs/);
   }
+});
+
+test("NAS references sent to a destination that has no image (its Hello rewritten to say no index): refused with the reason, nothing verified", async () => {
+  let rewritten = false;
+  const x = await migrate({
+    via: (type, sealed, payload) => {
+      if ((type as number) !== FrameType.Hello) return sealed;
+      rewritten = true;
+      return jsonFrame(FrameType.Hello, { ...JSON.parse(payload.toString("utf8")) as object, dedup: false, indexId: null });
+    },
+  });
+  assert.ok(rewritten, "the relay saw the Hello");
+  assert.equal(x.r.status, "failed");
+  assert.equal(x.verifiedCalls, 0);
+  const d = x.agent.results[0]!;
+  assert.equal(d.status, "failed");
+  assert.match(d.error ?? "", /^the source sent NAS references, but this destination has no image \(start it with --image\)$/);
+  assert.equal(d.twinsVerified, 0);
+});
+
+test("the device state crosses the link only after the verdict, and reaches the destination QEMU's socket whole", async () => {
+  const state = randomBytes(200_000);
+  const got: Buffer[] = [];
+  let verified = 0, verifiedBeforeDevice = false;
+  // the destination QEMU's incoming socket: reads until the end, then closes (QEMU has the device state)
+  const dstQemu = net.createServer((s) => {
+    verifiedBeforeDevice = verified === 1;
+    s.on("data", (d: Buffer) => got.push(d));
+  });
+  await new Promise<void>((r) => dstQemu.listen(0, "127.0.0.1", r));
+  // the source QEMU's device-state connection, handed to the tunnel
+  const srcQemu = net.createServer();
+  await new Promise<void>((r) => srcQemu.listen(0, "127.0.0.1", r));
+  try {
+    const x = await migrate({
+      dst: { deviceIncoming: `tcp:127.0.0.1:${(dstQemu.address() as net.AddressInfo).port}`, onVerified: async () => { verified++; } },
+      src: {
+        deviceTunnel: true,
+        handover: async (device) => {
+          assert.ok(device, "the source got a device tunnel");
+          const accepted = new Promise<net.Socket>((r) => srcQemu.once("connection", r));
+          net.connect((srcQemu.address() as net.AddressInfo).port, "127.0.0.1").end(state);
+          await device.carry(await accepted);
+        },
+      },
+    });
+    assert.equal(x.r.status, "completed", x.r.error);
+    const d = x.agent.results[0]!;
+    assert.equal(d.status, "completed", d.error);
+    assert.ok(verifiedBeforeDevice, "the destination QEMU was reached after onVerified");
+    assert.equal(d.deviceBytes, state.length);
+    assert.deepEqual(Buffer.concat(got), state);
+  } finally {
+    dstQemu.close();
+    srcQemu.close();
+  }
+});
+
+test("RAM over 4096 pages (the destination reads and hashes it in batches): held and reread complete; reread catches a page changed past the first batch", async () => {
+  const zeros = 4096 + 64, last = TWINS + RANDOM + zeros - 1;
+  // held: the tail goes (compressed) in round 1, then as one Zeros frame of more than 4096 pages (a window of 8192)
+  const src = { windowPages: 8192, compress: availableAlgorithms()[0]! };
+  const held = await migrate({ dst: { verify: "held" }, src, zeros, zeroLater: true, fill: 0x5a });
+  assert.equal(held.r.status, "completed", held.r.error);
+  assert.equal(held.agent.results[0]!.zeroPages, zeros);
+  assert.equal(compareFiles(held.srcRam, held.dstRam), (last + 1) * PAGE);
+  // and without an onVerified (a destination that only receives RAM)
+  const reread = await migrate({ dst: { verify: "reread", onVerified: undefined }, zeros });
+  assert.equal(reread.r.status, "completed", reread.r.error);
+  assert.equal(reread.agent.results[0]!.status, "completed", reread.agent.results[0]!.error);
+  const scribble = (dstRam: string) => {
+    const fd = openSync(dstRam, "r+");
+    writeSync(fd, randomBytes(64), 0, 64, (last - 1) * PAGE + 100);
+    closeSync(fd);
+  };
+  assertRefusedAtSwitchover(await migrate({ dst: { verify: "reread" }, zeros, onPause: scribble }), /differs/);
+});
+
+test("held does not read the RAM file again at switchover (the guest's downtime does not pay for it); reread reads all of it", async () => {
+  const orig = Object.getOwnPropertyDescriptor(RamFile.prototype, "readPages")!;
+  const read = orig.value as RamFile["readPages"];
+  let paused = false, readWhilePaused = 0;
+  RamFile.prototype.readPages = function (this: RamFile, first: number, count: number, into: Uint8Array) {
+    if (paused) readWhilePaused += count;
+    return read.call(this, first, count, into);
+  };
+  const pagesRead: Record<string, number> = {};
+  try {
+    for (const verify of ["held", "reread"] as const) {
+      paused = false;
+      readWhilePaused = 0;
+      // the source reads its own RAM file in the final round too: only the destination's reads are over PAGES
+      const x = await migrate({ dst: { verify }, onPause: () => { paused = true; } });
+      assert.equal(x.r.status, "completed", `${verify}: ${x.r.error}`);
+      pagesRead[verify] = readWhilePaused;
+    }
+  } finally {
+    Object.defineProperty(RamFile.prototype, "readPages", orig);
+  }
+  assert.ok(pagesRead.reread! >= 2 * PAGES, JSON.stringify(pagesRead));
+  assert.ok(pagesRead.held! < 2 * PAGES, JSON.stringify(pagesRead));
 });

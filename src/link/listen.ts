@@ -33,8 +33,8 @@ export interface ListenOptions {
 }
 
 export class Listener {
-  /** Connections in their handshake, oldest first, with the peer's address (kept: a destroyed socket forgets it). */
-  private readonly pending = new Map<net.Socket, string>();
+  /** Connections in their handshake, oldest first. */
+  private readonly pending = new Set<net.Socket>();
 
   private constructor(private readonly server: net.Server, readonly endpoint: Endpoint, private readonly o: ListenOptions) {}
 
@@ -87,7 +87,7 @@ export class Listener {
     server.on("connection", (raw: net.Socket) => this.admit(raw));
     server.on("tlsClientError", (err: Error, sock: tls.TLSSocket) => {
       const raw = parentOf(sock);
-      const peer = this.pending.get(raw!) ?? peerOf(sock);
+      const peer = peerAt.get(raw!) ?? peerOf(sock);
       this.settle(raw);
       // a peer this side dropped (too many handshakes) was reported already
       if (!dropped.has(raw!)) this.refuse(`a peer at ${peer} failed the TLS handshake: ${err.message.trim()}`);
@@ -101,13 +101,14 @@ export class Listener {
     const max = this.o.maxPending ?? MAX_PENDING_HANDSHAKES;
     if (this.pending.size >= max) {
       // the oldest, not the newcomer: otherwise a few idle peers would keep every real one out until their deadline
-      const [oldest, peer] = this.pending.entries().next().value as [net.Socket, string];
+      const oldest = this.pending.values().next().value as net.Socket, peer = peerAt.get(oldest);
       this.settle(oldest);
       dropped.add(oldest);
       this.refuse(`a peer at ${peer}: dropped before it authenticated, the oldest of ${max} handshakes under way`);
       oldest.destroy();
     }
-    this.pending.set(raw, peerOf(raw));
+    peerAt.set(raw, peerOf(raw));
+    this.pending.add(raw);
     raw.once("close", () => this.settle(raw));
   }
 
@@ -133,7 +134,7 @@ export class Listener {
 
   /** Stops listening at once and drops connections still in their handshake; sessions are their owners' to end. */
   close(): void {
-    for (const r of this.pending.keys()) r.destroy();
+    for (const r of this.pending) r.destroy();
     // not awaited: net.Server.close() calls back only once every session has ended
     if (this.server.listening) this.server.close();
     if (this.endpoint.kind === "unix") { try { unlinkSync(this.endpoint.path); } catch { /* gone already */ } }
@@ -144,6 +145,12 @@ export class Listener {
     return this.pending.size;
   }
 }
+
+/**
+ * The peer of each accepted connection, kept: a destroyed socket forgets its
+ * address, and a peer that leaves in its handshake has its TLS error after its close.
+ */
+const peerAt = new WeakMap<net.Socket, string>();
 
 /** Connections this side dropped at the handshake limit (their TLS error is no news). */
 const dropped = new WeakSet<net.Socket>();
