@@ -3,7 +3,6 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, writeFileSync, readFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { createServer, connect, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import zlib from "node:zlib";
@@ -158,36 +157,11 @@ test("the link probe: raw frames that never make the sender wait show a link fas
   }
 });
 
-/** A TCP relay that carries the source's bytes at `rate` bytes/s (0: as fast as it can), pausing its reads to keep to it. */
-async function pacedRelay(port: number, rate: number): Promise<{ server: Server; port: number; sockets: Socket[] }> {
-  const sockets: Socket[] = [];
-  const server = createServer((c) => {
-    const up = connect(port, "127.0.0.1");
-    sockets.push(c, up);
-    const t0 = performance.now();
-    let carried = 0;
-    c.on("data", (d) => {
-      up.write(d);
-      carried += d.length;
-      const due = rate > 0 ? t0 + (carried / rate) * 1000 - performance.now() : 0;
-      if (due > 1) { c.pause(); setTimeout(() => c.resume(), due); }
-    });
-    up.on("data", (d) => { if (!c.destroyed) c.write(d); });
-    const cut = () => { c.destroy(); up.destroy(); };
-    c.on("error", cut);
-    up.on("error", cut);
-    c.on("close", () => up.end());
-    up.on("close", () => c.end());
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  return { server, port: (server.address() as { port: number }).port, sockets };
-}
-
 test("auto on a rate-limited loopback link (2 MB/s): the raw probe frames make the sender wait, which times the link; the compressor outruns it", { timeout: 120_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-"));
   try {
     const content = Buffer.concat([textPages(4000), randomBytes(100 * PAGE), textPages(2000, 7)]);
-    const m = await migrate(dir, content, { compress: "auto" }, undefined, (port) => pacedRelay(port, 2e6));
+    const m = await migrate(dir, content, { compress: "auto" }, undefined, (port) => relay(port, { rate: 2e6 }));
     assert.equal(m.r.status, "completed", m.r.error);
     assert.deepEqual(readFileSync(m.dstRam), readFileSync(m.srcRam));
     const c = m.r.compression;
@@ -200,39 +174,19 @@ test("auto on a rate-limited loopback link (2 MB/s): the raw probe frames make t
   }
 });
 
-/** A proxy that re-frames what the source sends; `rewrite` may replace a frame. */
-async function reframingProxy(port: number, rewrite: (type: FrameType, payload: Uint8Array) => Uint8Array | null): Promise<{ server: Server; port: number; sockets: Socket[] }> {
-  const sockets: Socket[] = [];
-  const server = createServer((c) => {
-    const up = connect(port, "127.0.0.1");
-    sockets.push(c, up);
-    const reader = new FrameReader(AGENT_FRAMES);
-    const cut = () => { c.destroy(); up.destroy(); };
-    c.on("data", (d) => {
-      for (const f of reader.push(d)) {
-        const p = rewrite(f.type, f.payload);
-        if (!up.destroyed) up.write(frame(f.type, p ?? f.payload));
-      }
-    });
-    up.on("data", (d) => { if (!c.destroyed) c.write(d); });
-    c.on("error", cut);
-    up.on("error", cut);
-    c.on("close", () => up.end());
-    up.on("close", () => c.end());
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  return { server, port: (server.address() as { port: number }).port, sockets };
-}
+/** Rewrites a source → destination frame (null: as it was). */
+type Rewrite = (type: FrameType, payload: Uint8Array) => Uint8Array | null;
 
-async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>, via?: typeof reframingProxy extends (p: number, r: infer R) => unknown ? R : never,
-  relay?: (port: number) => Promise<{ server: Server; port: number; sockets: Socket[] }>) {
+async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>, via?: Rewrite, through?: (port: number) => Promise<Relay>) {
   const srcRam = join(dir, "src-ram"), dstRam = join(dir, "dst-ram");
   writeFileSync(srcRam, content);
   // a link a test reframes runs in the clear; otherwise TLS-PSK
   const link = via ? { insecure: true } : { psk: TEST_KEY };
   const agent = new DestinationAgent({ ramPath: dstRam, createRam: true, ...link });
   const port = await agent.listen();
-  const proxy = via ? await reframingProxy(port, via) : relay ? await relay(port) : null;
+  const proxy = via
+    ? await tamperProxy(port, frameTamper((type, sealed, payload) => { const p = via(type as number as FrameType, payload); return p ? Buffer.from(frame(type, p)) : sealed; }, AGENT_FRAMES))
+    : through ? await through(port) : null;
   const ram = RamFile.open(srcRam);
   const vm = { running: true, pauses: 0 };
   const dstResult = agent.nextResult();
@@ -246,8 +200,7 @@ async function migrate(dir: string, content: Buffer, src: Partial<SourceOptions>
   } finally {
     ram.close();
     agent.close();
-    proxy?.sockets.forEach((s) => s.destroy());
-    proxy?.server.close();
+    proxy?.close();
   }
 }
 
@@ -336,7 +289,8 @@ test("a bomb or corrupt CompressedPages frame (with a valid CRC) stops the migra
 import { SFrame, STREAM_FRAMES } from "../src/stream/frames.js";
 import { frame as sframe } from "../src/wire/envelope.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
-import { qemuStream, throughProxies as proxyRun, frameTamper, TEST_KEY } from "./helpers/stream.js";
+import { qemuStream, throughProxies as proxyRun, frameTamper, tamperProxy, TEST_KEY } from "./helpers/stream.js";
+import { relay, type Relay } from "./helpers/relay.js";
 
 /** Through both proxies, with an optional rewrite of stream-out's frames on the link (re-sealed, so their CRC holds). */
 function throughProxies(data: Buffer, image: string, compress: "auto" | "off" | "zstd" | "brotli", rewrite?: (type: SFrame, payload: Buffer) => Buffer | null) {

@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { ServeService, type ServeServiceOptions } from "../../src/serve/service.js";
 import { ServeClient } from "../../src/serve/client.js";
 import { TEST_KEY } from "./stream.js";
+import { relay, type Relay } from "./relay.js";
 
 export interface TwoServices {
   src: ServeService;
@@ -77,25 +78,4 @@ export async function sourceQemu(to: number | string, data: Buffer): Promise<boo
 }
 
 /** A TCP relay to `port` that counts the bytes each way (the link as the network sees it). */
-export async function countingRelay(port: number): Promise<{ port: number; up: number; down: number; close(): void }> {
-  const socks: net.Socket[] = [];
-  const counts = { up: 0, down: 0 };
-  const server = net.createServer((c) => {
-    const up = net.connect(port, "127.0.0.1");
-    socks.push(c, up);
-    c.on("data", (d: Buffer) => { counts.up += d.length; up.write(d); });
-    up.on("data", (d: Buffer) => { counts.down += d.length; c.write(d); });
-    const cut = () => { c.destroy(); up.destroy(); };
-    c.on("error", cut);
-    up.on("error", cut);
-    c.on("end", () => up.end());
-    up.on("end", () => c.end());
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  return {
-    port: (server.address() as net.AddressInfo).port,
-    get up() { return counts.up; },
-    get down() { return counts.down; },
-    close: () => { socks.forEach((s) => s.destroy()); server.close(); },
-  };
-}
+export const countingRelay = (port: number): Promise<Relay> => relay(port);

@@ -52,23 +52,8 @@ export async function freePort(): Promise<number> {
   return p;
 }
 
-/** A TCP proxy to `port` whose `tamper` sees each chunk each way and may change or cut it. */
-export async function tamperProxy(port: number, tamper: (dir: "up" | "down", chunk: Buffer, cut: () => void) => Buffer | null): Promise<{ server: net.Server; port: number; sockets: net.Socket[]; close(): void }> {
-  const sockets: net.Socket[] = [];
-  const server = net.createServer((c) => {
-    const up = net.connect(port, "127.0.0.1");
-    sockets.push(c, up);
-    const cut = () => { c.destroy(); up.destroy(); };
-    c.on("data", (d) => { const x = tamper("up", d, cut); if (x && !up.destroyed) up.write(x); });
-    up.on("data", (d) => { const x = tamper("down", d, cut); if (x && !c.destroyed) c.write(x); });
-    c.on("error", cut);
-    up.on("error", cut);
-    c.on("close", () => up.end());
-    up.on("close", () => c.end());
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  return { server, port: (server.address() as net.AddressInfo).port, sockets, close: () => { sockets.forEach((s) => s.destroy()); server.close(); } };
-}
+import { tamperProxy } from "./relay.js";
+export { tamperProxy };
 
 /**
  * What a man in the middle does with each stream-out -> stream-in frame: the
