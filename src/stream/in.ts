@@ -18,7 +18,7 @@ import type { DiskFormat } from "../adapters/nas/image.js";
 import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import type { PageVerifier } from "./disks.js";
-import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION, creditFrame, linkLength } from "./frames.js";
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
@@ -101,6 +101,8 @@ export function runInSession(ctx: InContext, link: net.Socket, channel: number):
 const QUEUE_LIMIT = 4 * 1024 * 1024;
 /** Bytes written to the destination QEMU's socket and not yet taken by it before rebuilding waits (the same reason). */
 const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
+/** A CREDIT goes back once this much more was handed on (stream-out's window is several times larger). */
+const CREDIT_STEP = 128 * 1024;
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -148,6 +150,9 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   }
 }
 
+/** Frames whose bytes count as handed on only once their output is in QEMU's socket (the rest count on arrival). */
+const DATA_FRAMES = new Set<number>([SFrame.Raw, SFrame.RawZ, SFrame.Refs, SFrame.MultifdRefs, SFrame.End]);
+
 type Hello = { v?: unknown; indexId?: string; kind?: unknown; compression?: unknown; verdict?: unknown };
 
 /** One link from stream-out, and its connection to the destination QEMU. */
@@ -184,6 +189,9 @@ class InSession {
   private kind: unknown = "unknown";
   /** QEMU's id of this multifd channel, from its first MREFS frame (-1: none yet). */
   private multifdId = -1;
+  /** Bytes of stream-out's frames handed on, and the total last sent back in a CREDIT (pacer.ts). */
+  private handed = 0;
+  private credited = 0;
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -262,8 +270,17 @@ class InSession {
   }
 
 
+  /** Counts a frame as handed on (its output is in QEMU's socket, or it has none) and credits stream-out now and then. */
+  private handedOn(f: Frame): void {
+    this.handed += linkLength(f);
+    if (this.handed - this.credited < CREDIT_STEP) return;
+    this.credited = this.handed;
+    this.sendLink(creditFrame(this.handed));
+  }
+
   /** Takes one frame from stream-out; a returned error ends the session. */
   private onFrame(f: Frame): Error | null {
+    if (!DATA_FRAMES.has(f.type)) this.handedOn(f);
     if (!this.helloDone && f.type !== SFrame.Hello && f.type !== SFrame.Abort) {
       return new ProtocolError(`${SFrame[f.type]} frame from stream-out before the handshake ended`);
     }
@@ -404,6 +421,7 @@ class InSession {
       if (this.link.isPaused() && this.queuedBytes < QUEUE_LIMIT / 2) this.link.resume();
       try {
         if (await this.step(f)) return;
+        this.handedOn(f);
       } catch (err) {
         this.fail(err instanceof ProtocolError ? err : new Error(`stream-in: ${(err as Error).message}`), true);
         return;
