@@ -51,6 +51,8 @@ export interface CompareOptions {
   outArgs?: string[];
   /** Another build's dist/src/cli/main.js: its proxies run the pagetwin-baseline mode (before and after in one run). */
   baselineMain?: string;
+  /** How the QEMUs reach their proxy (default tcp, loopback): a unix socket holds far less of the stream in the kernel. */
+  qemuSide?: "tcp" | "unix";
 }
 
 export interface RunResult {
@@ -161,7 +163,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     const proxied = mode === "pagetwin" || mode === "pagetwin-multifd" || mode === "pagetwin-baseline";
     const main = mode === "pagetwin-baseline" ? opts.baselineMain : undefined;
     if (mode === "pagetwin-baseline" && !main) throw new Error("the pagetwin-baseline mode needs another build's main.js (baselineMain)");
-    const incoming = proxied ? `tcp:127.0.0.1:${QEMU_PORT}` : `tcp:${link.dstIp}:${QEMU_PORT}`;
+    const local = (port: number, name: string) => (opts.qemuSide === "unix" ? `unix:${path.join(dir, name)}` : `tcp:127.0.0.1:${port}`);
+    const incoming = proxied ? local(QEMU_PORT, "dst-qemu.sock") : `tcp:${link.dstIp}:${QEMU_PORT}`;
     dst = await QemuVm.start({
       ...common, memPath: `/dev/shm/pt-cmp-dst-${tag}`, qmpSocket: path.join(dir, "dst.qmp"), serialLog: path.join(dir, "dst.log"),
       netns: link.dstNs, name: "pt-cmp-dst", incoming: multifd ? "defer" : incoming,
@@ -180,10 +183,10 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
       await dst.qmp.execute("migrate-incoming", { uri: incoming });
     }
     if (proxied) {
-      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath], main);
+      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", incoming.replace(/^tcp:/, ""), "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath], main);
       const outArgs = mode === "pagetwin-baseline" ? [] : opts.outArgs ?? [];
-      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath, ...outArgs], main);
-      uri = `tcp:127.0.0.1:${OUT_PORT}`;
+      uri = local(OUT_PORT, "stream-out.sock");
+      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", uri.replace(/^tcp:/, ""), "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath, ...outArgs], main);
     }
     const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);
     const stopEv = src.qmp.waitForEvent("STOP", 300_000);
