@@ -20,8 +20,17 @@ test("pacer: what may be on its way beyond the credit is queueMs of the link's r
   assert.equal(told.over(), false);
   told.onSent(1);
   assert.equal(told.over(), true);
-  assert.equal(told.credit(1), null);
+  assert.equal(told.credit(1, 0), null);
   assert.equal(told.over(), false, "stream-in handed a byte on");
+  // references: few bytes on the link, MBs of QEMU's stream for stream-in and its QEMU; those are bounded too
+  assert.equal(told.streamLimit, 8 << 20, "not measured yet");
+  told.onTaken(8 << 20);
+  assert.equal(told.over(), false);
+  told.onTaken(1);
+  assert.equal(told.over(), true, "8 MiB of QEMU's stream on its way, 1 byte on the link");
+  assert.equal(told.credit(1, 1), null);
+  assert.equal(told.over(), false);
+  assert.match(told.credit(1, (8 << 20) + 2) ?? "", /bytes of QEMU's stream, outside 1\.\./, "more than was taken");
   // not told and not measured yet: a fixed window; a slow link keeps the floor (the credit's round trip), a fast one the ceiling
   assert.equal(new LinkPacer(new LinkMeter()).limit, 2 * 1024 * 1024);
   assert.equal(new LinkPacer(new LinkMeter(), { bandwidth: 1e6 }).limit, 512 * 1024);
@@ -32,17 +41,17 @@ test("pacer: the rate comes from credits that arrived while the way to stream-in
   const meter = new LinkMeter();
   const pacer = new LinkPacer(meter, { queueMs: 10 });
   pacer.onSent(64 << 20);
-  assert.match(pacer.credit((64 << 20) + 1) ?? "", /outside 0\.\.67108864/);
+  assert.match(pacer.credit((64 << 20) + 1, 0) ?? "", /outside 0\.\.67108864/);
   // credits of 1 MiB every 10 ms: 100 MiB/s (each sample spans 100 ms, so a late timer moves it little)
   const t0 = performance.now();
   for (let i = 1; i <= 25; i++) {
     while (performance.now() < t0 + i * 10) await new Promise((r) => setTimeout(r, 1));
-    assert.equal(pacer.credit(i << 20), null);
+    assert.equal(pacer.credit(i << 20, 0), null);
   }
   const rate = 100 * (1 << 20);
   assert.ok(pacer.limit > rate * 0.01 * 0.5 && pacer.limit <= rate * 0.01 * 1.25, `limit ${pacer.limit} for 100 MiB/s`);
   assert.ok(meter.measured > rate * 0.5 && meter.measured < rate * 1.25, `measured ${meter.measured}`);
-  assert.match(pacer.credit(1 << 20) ?? "", /outside/, "a credit never goes back");
+  assert.match(pacer.credit(1 << 20, 0) ?? "", /outside/, "a credit never goes back");
   // wait() returns once credits bring what is on its way under the limit, or at close()
   const small = new LinkPacer(new LinkMeter(), { bandwidth: 1e6 });
   small.onSent(600 * 1024);
@@ -50,10 +59,10 @@ test("pacer: the rate comes from credits that arrived while the way to stream-in
   const w = small.wait().then(() => { woke = true; });
   await new Promise((r) => setImmediate(r));
   assert.equal(woke, false);
-  small.credit(50 * 1024);
+  small.credit(50 * 1024, 0);
   await new Promise((r) => setImmediate(r));
   assert.equal(woke, false, "still 550 KiB on its way");
-  small.credit(100 * 1024);
+  small.credit(100 * 1024, 0);
   await w;
   const closed = new LinkPacer(new LinkMeter(), { bandwidth: 1e6 });
   closed.onSent(1 << 20);

@@ -28,10 +28,11 @@
 //   MREFS     15 out->in  references on a multifd channel (multifd-frames.ts):
 //                         u8 QEMU's channel id, u32 first seq, u32 count, then
 //                         per page: u32 block, 16-byte hash (no record header)
-//   CREDIT    16 in->out  u64 bytes: of stream-out's frames (as on the link, from
-//                         HELLO on), how many stream-in has handed on (their
-//                         output is in its QEMU's socket); stream-out keeps only
-//                         a few ms of link time beyond that (pacer.ts)
+//   CREDIT    16 in->out  u64 link bytes, u64 stream bytes: of stream-out's frames
+//                         (as on the link, from HELLO on), how many stream-in has
+//                         handed on (their output is in its QEMU's socket), and
+//                         how many bytes of QEMU's stream that output was;
+//                         stream-out keeps only a few ms beyond both (pacer.ts)
 //   (protocol 3 had no CREDIT: a stream-out paced only by its own socket)
 
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
@@ -77,17 +78,18 @@ export function linkLength(f: Frame): number {
   return FRAME_OVERHEAD + f.payload.length;
 }
 
-/** CREDIT: `bytes` of stream-out's frames handed on so far (a u64; exact up to 2^53). */
-export function creditFrame(bytes: number): Buffer {
-  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 8);
+/** CREDIT: bytes of stream-out's frames handed on so far, and of QEMU's stream they rebuilt to (u64s; exact up to 2^53). */
+export function creditFrame(linkBytes: number, streamBytes: number): Buffer {
+  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 16);
   b[4] = SFrame.Credit;
-  b.writeBigUInt64BE(BigInt(bytes), 5);
+  b.writeBigUInt64BE(BigInt(linkBytes), 5);
+  b.writeBigUInt64BE(BigInt(streamBytes), 13);
   return seal(b);
 }
 
-export function decodeCredit(f: Frame): number {
-  if (f.payload.length !== 8) throw new ProtocolError(`CREDIT frame of ${f.payload.length} bytes; 8 expected`);
-  return Number(f.payload.readBigUInt64BE(0));
+export function decodeCredit(f: Frame): { linkBytes: number; streamBytes: number } {
+  if (f.payload.length !== 16) throw new ProtocolError(`CREDIT frame of ${f.payload.length} bytes; 16 expected`);
+  return { linkBytes: Number(f.payload.readBigUInt64BE(0)), streamBytes: Number(f.payload.readBigUInt64BE(8)) };
 }
 
 /** Most references one REFS frame may hold. */

@@ -275,7 +275,7 @@ class InSession {
     this.handed += linkLength(f);
     if (this.handed - this.credited < CREDIT_STEP) return;
     this.credited = this.handed;
-    this.sendLink(creditFrame(this.handed));
+    this.sendLink(creditFrame(this.handed, this.streamBytes));
   }
 
   /** Takes one frame from stream-out; a returned error ends the session. */

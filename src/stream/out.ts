@@ -373,7 +373,8 @@ class OutSession {
       case SFrame.Ack:
         return this.onAck(readU32(f, "ACK"));
       case SFrame.Credit: {
-        const bad = this.pacer.credit(decodeCredit(f));
+        const c = decodeCredit(f);
+        const bad = this.pacer.credit(c.linkBytes, c.streamBytes);
         return bad ? new ProtocolError(bad) : null;
       }
       case SFrame.Return:
@@ -491,6 +492,7 @@ class OutSession {
   private async pump(chunk: Buffer): Promise<void> {
     this.stats.bytesFromQemu += chunk.length;
     this.streamBytes += chunk.length;
+    this.pacer.onTaken(chunk.length);
     this.streamCrc = crc32(chunk, this.streamCrc);
     if (this.failure) return;
     let ok: boolean;
