@@ -101,8 +101,9 @@ export function runInSession(ctx: InContext, link: net.Socket, channel: number):
 const QUEUE_LIMIT = 4 * 1024 * 1024;
 /** Bytes written to the destination QEMU's socket and not yet taken by it before rebuilding waits (the same reason). */
 const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
-/** A CREDIT goes back once this much more was handed on (stream-out's window is several times larger). */
+/** A CREDIT goes back once this many more link bytes, or bytes of QEMU's stream, were handed on (stream-out's windows are several times larger). */
 const CREDIT_STEP = 128 * 1024;
+const CREDIT_STREAM_STEP = 1024 * 1024;
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -189,9 +190,10 @@ class InSession {
   private kind: unknown = "unknown";
   /** QEMU's id of this multifd channel, from its first MREFS frame (-1: none yet). */
   private multifdId = -1;
-  /** Bytes of stream-out's frames handed on, and the total last sent back in a CREDIT (pacer.ts). */
+  /** Bytes of stream-out's frames handed on, and the totals last sent back in a CREDIT (pacer.ts). */
   private handed = 0;
   private credited = 0;
+  private creditedStream = 0;
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -273,8 +275,9 @@ class InSession {
   /** Counts a frame as handed on (its output is in QEMU's socket, or it has none) and credits stream-out now and then. */
   private handedOn(f: Frame): void {
     this.handed += linkLength(f);
-    if (this.handed - this.credited < CREDIT_STEP) return;
+    if (this.handed - this.credited < CREDIT_STEP && this.streamBytes - this.creditedStream < CREDIT_STREAM_STEP) return;
     this.credited = this.handed;
+    this.creditedStream = this.streamBytes;
     this.sendLink(creditFrame(this.handed, this.streamBytes));
   }
 

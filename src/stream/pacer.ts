@@ -25,6 +25,8 @@ export interface PacerOptions {
   /** Bounds of the link bytes on their way (defaults 512 KiB and 16 MiB). */
   minBytes?: number;
   maxBytes?: number;
+  /** The clock, ms (default performance.now). */
+  clock?: () => number;
 }
 
 /** Credits gathered into one rate sample, ms: a busy event loop delays credits by ms, and a burst of late ones must not read as a fast link. */
@@ -45,7 +47,7 @@ export class CreditWindow {
   private lastCreditAt = 0;
   private sentAtCredit = 0;
 
-  constructor(private readonly b: Bounds, private readonly queueMs: number, private readonly rate = 0) {}
+  constructor(private readonly b: Bounds, private readonly queueMs: number, private readonly rate = 0, private readonly clock = () => performance.now()) {}
 
   get outstanding(): number {
     return this.sent - this.credited;
@@ -66,7 +68,7 @@ export class CreditWindow {
     if (!(total >= this.credited && total <= this.sent)) {
       return `stream-in credited ${total} ${what}, outside ${this.credited}..${this.sent} (what it had credited, what was sent)`;
     }
-    const now = performance.now();
+    const now = this.clock();
     let sample: { bytes: number; ms: number } | null = null;
     // what this credit covers was already sent at the previous one: the way to stream-in was never empty meanwhile
     if (this.lastCreditAt > 0 && this.sentAtCredit >= total) sample = this.sample(total - this.credited, now - this.lastCreditAt);
@@ -97,9 +99,10 @@ export class LinkPacer {
 
   constructor(private readonly meter: LinkMeter, o: PacerOptions = {}) {
     this.queueMs = o.queueMs ?? 10;
-    this.link = new CreditWindow({ min: o.minBytes ?? 512 * 1024, max: o.maxBytes ?? 16 << 20, unmeasured: 2 << 20 }, this.queueMs, o.bandwidth ?? 0);
+    const clock = o.clock ?? (() => performance.now());
+    this.link = new CreditWindow({ min: o.minBytes ?? 512 * 1024, max: o.maxBytes ?? 16 << 20, unmeasured: 2 << 20 }, this.queueMs, o.bandwidth ?? 0, clock);
     // stream-in's queue alone holds 4 MiB of the rebuilt stream: a smaller floor would starve it
-    this.stream = new CreditWindow({ min: 4 << 20, max: 64 << 20, unmeasured: 8 << 20 }, this.queueMs);
+    this.stream = new CreditWindow({ min: 4 << 20, max: 64 << 20, unmeasured: 8 << 20 }, this.queueMs, 0, clock);
   }
 
   /** Link bytes that may be on their way beyond the credit before QEMU's socket waits. */
