@@ -1,22 +1,41 @@
 // QEMU's own migration vs stream mode across a 1 Gbit/s namespace link, on
 // the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--mode M ...]
-//   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--json]
+//   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--out-arg ARG ...] [--baseline MAIN] [--json]
 import { parseArgs } from "node:util";
-import { compareStreamMode, formatCompare, type CompareMode } from "../src/compare/stream.js";
+import { compareStreamMode, formatCompare, COMPARE_MODES, type CompareMode } from "../src/compare/stream.js";
 
 const { values } = parseArgs({
   options: {
     runs: { type: "string", default: "1" }, rate: { type: "string", default: "1gbit" }, json: { type: "boolean" },
     mode: { type: "string", multiple: true }, mem: { type: "string", default: "512" },
-    "downtime-limit": { type: "string" },
+    "downtime-limit": { type: "string" }, "out-arg": { type: "string", multiple: true }, baseline: { type: "string" }, "qemu-side": { type: "string", default: "tcp" }, help: { type: "boolean", short: "h" },
   },
 });
+if (values.help) {
+  console.log(`node dist/bench/stream-compare.js [options]: QEMU's own migration vs stream mode, on the real guest, over a namespace link
+  --runs N             runs per mode (medians; default 1)
+  --rate R             the link's rate, as tc takes it (default 1gbit; e.g. 300mbit)
+  --mode M             a mode to run (repeat; default ${COMPARE_MODES.join(", ")}; with --baseline pagetwin-baseline too)
+                       (the multifd modes use 2 channels: QEMU's zstd, or none through the proxies, which dedup each channel)
+  --mem MIB            guest RAM (default 512)
+  --downtime-limit MS  QEMU's downtime-limit for every mode (default QEMU's, 300)
+  --out-arg ARG        one more stream-out argument (repeat; e.g. --out-arg=--queue-ms --out-arg=5)
+  --baseline MAIN      another build's dist/src/cli/main.js: its proxies run the pagetwin-baseline rows (before and after in one run)
+  --qemu-side tcp|unix how each QEMU reaches its proxy (default tcp on loopback; unix: a unix socket, which holds far less in the kernel)
+  --json               the results as JSON`);
+  process.exit(0);
+}
+const modes = (values.mode ?? [...COMPARE_MODES, ...(values.baseline ? ["pagetwin-baseline"] : [])]) as CompareMode[];
+for (const m of modes) if (![...COMPARE_MODES, "pagetwin-baseline"].includes(m)) throw new Error(`--mode: unknown "${m}" (use ${COMPARE_MODES.join(", ")}, pagetwin-baseline)`);
 // Ctrl-C: exit through process.exit so the VMs, RAM files and namespaces are removed.
 for (const sig of ["SIGINT", "SIGTERM"] as const) process.once(sig, () => process.exit(130));
 const r = await compareStreamMode({
   runs: Number(values.runs), rate: values.rate!, memoryMiB: Number(values.mem),
   ...(values["downtime-limit"] ? { downtimeLimitMs: Number(values["downtime-limit"]) } : {}),
-  ...(values.mode ? { modes: values.mode as CompareMode[] } : {}),
+  modes,
+  ...(values["out-arg"] ? { outArgs: values["out-arg"] } : {}),
+  ...(values.baseline ? { baselineMain: values.baseline } : {}),
+  qemuSide: values["qemu-side"] === "unix" ? "unix" : "tcp",
   log: (m) => process.stderr.write(`[compare] ${m}\n`),
 });
 if (values.json) console.log(JSON.stringify(r, null, 2));

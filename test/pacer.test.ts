@@ -1,60 +1,122 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as net from "node:net";
-import type { Socket } from "node:net";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { randomBytes } from "node:crypto";
 import { LinkPacer } from "../src/stream/pacer.js";
-import { LinkMeter } from "../src/link/rate.js";
-import { SEND_QUEUE_BYTES } from "../src/link/channel.js";
+import { LinkMeter, drained } from "../src/link/rate.js";
+import { streamIn } from "../src/stream/in.js";
+import { streamOut } from "../src/stream/out.js";
+import { TEST_KEY } from "./helpers/stream.js";
 import { MAX_REFS, RefsBuilder, SFrame, rebuiltLength } from "../src/stream/frames.js";
 
-const queued = (n: number) => ({ writableLength: n }) as unknown as Socket;
-
-test("pacer: the queue toward the link holds queueMs of the link's rate, within its bounds", () => {
-  // told the rate: 300 Mbit/s = 37.5 MB/s, 5 ms of it
-  const told = new LinkPacer(new LinkMeter(), { bandwidth: 37.5e6, queueMs: 5 });
-  assert.equal(told.limit, 187_500);
-  assert.equal(told.over(queued(187_500)), false);
-  assert.equal(told.over(queued(187_501)), true);
-  // not told and not measured yet: a small fixed queue, not the 4 MiB of a bulk sender
-  const meter = new LinkMeter();
-  const measured = new LinkPacer(meter, { queueMs: 5 });
-  assert.equal(measured.limit, 256 * 1024);
-  // measured: 1 Gbit/s carried 1.25 MB in 10 ms
-  meter.record(1_250_000, 10);
-  assert.equal(measured.limit, 625_000);
-  // bounds: a slow link keeps a queue worth one write; a fast one no more than a bulk sender's
-  assert.equal(new LinkPacer(new LinkMeter(), { bandwidth: 1e6 }).limit, 64 * 1024);
-  assert.equal(new LinkPacer(new LinkMeter(), { bandwidth: 10e9, queueMs: 5 }).limit, SEND_QUEUE_BYTES);
+test("pacer: what may be on its way beyond the credit is queueMs of the link's rate, within its bounds", () => {
+  // told the rate: 300 Mbit/s = 37.5 MB/s, 20 ms of it
+  const told = new LinkPacer(new LinkMeter(), { bandwidth: 37.5e6, queueMs: 20 });
+  assert.equal(told.limit, 750_000);
+  told.onSent(750_000);
+  assert.equal(told.over(), false);
+  told.onSent(1);
+  assert.equal(told.over(), true);
+  assert.equal(told.credit(1, 0), null);
+  assert.equal(told.over(), false, "stream-in handed a byte on");
+  // references: few bytes on the link, MBs of QEMU's stream for stream-in and its QEMU; those are bounded too
+  assert.equal(told.streamLimit, 8 << 20, "not measured yet");
+  told.onTaken(8 << 20);
+  assert.equal(told.over(), false);
+  told.onTaken(1);
+  assert.equal(told.over(), true, "8 MiB of QEMU's stream on its way, 1 byte on the link");
+  assert.equal(told.credit(1, 1), null);
+  assert.equal(told.over(), false);
+  assert.match(told.credit(1, (8 << 20) + 2) ?? "", /bytes of QEMU's stream, outside 1\.\./, "more than was taken");
+  // not told and not measured yet: a fixed window; a slow link keeps the floor (the credit's round trip), a fast one the ceiling
+  assert.equal(new LinkPacer(new LinkMeter()).limit, 2 * 1024 * 1024);
+  assert.equal(new LinkPacer(new LinkMeter(), { bandwidth: 1e6 }).limit, 512 * 1024);
+  assert.equal(new LinkPacer(new LinkMeter(), { bandwidth: 10e9, queueMs: 10 }).limit, 16 * 1024 * 1024);
 });
 
-test("pacer: over() once a socket whose peer does not read holds more than the limit; wait() returns when it drained, and times the link", async () => {
-  const server = net.createServer();
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  const accepted = new Promise<Socket>((r) => server.once("connection", r));
-  const sock = net.connect((server.address() as net.AddressInfo).port, "127.0.0.1");
-  const peer = await accepted;
-  peer.pause();
+test("pacer: the rate comes from credits that arrived while the way to stream-in was never empty; a credit outside what was sent is refused", async () => {
+  const meter = new LinkMeter();
+  let now = 1000;
+  const pacer = new LinkPacer(meter, { queueMs: 10, clock: () => now });
+  pacer.onSent(64 << 20);
+  assert.match(pacer.credit((64 << 20) + 1, 0) ?? "", /outside 0\.\.67108864/);
+  // credits of 1 MiB every 10 ms: 100 MiB/s; then a burst of late ones (a busy event loop) does not read as a faster link
+  for (let i = 1; i <= 25; i++) {
+    now += 10;
+    assert.equal(pacer.credit(i << 20, 0), null);
+  }
+  for (let i = 26; i <= 28; i++) assert.equal(pacer.credit(i << 20, 0), null);
+  const rate = 100 * (1 << 20);
+  assert.equal(pacer.limit, rate * 0.01, "10 ms of 100 MiB/s");
+  assert.ok(meter.measured > rate * 0.5 && meter.measured < rate * 1.25, `measured ${meter.measured}`);
+  assert.match(pacer.credit(1 << 20, 0) ?? "", /outside/, "a credit never goes back");
+  // wait() returns once credits bring what is on its way under the limit, or at close()
+  const small = new LinkPacer(new LinkMeter(), { bandwidth: 1e6 });
+  small.onSent(600 * 1024);
+  let woke = false;
+  const w = small.wait().then(() => { woke = true; });
+  await new Promise((r) => setImmediate(r));
+  assert.equal(woke, false);
+  small.credit(50 * 1024, 0);
+  await new Promise((r) => setImmediate(r));
+  assert.equal(woke, false, "still 550 KiB on its way");
+  small.credit(100 * 1024, 0);
+  await w;
+  const closed = new LinkPacer(new LinkMeter(), { bandwidth: 1e6 });
+  closed.onSent(1 << 20);
+  const cw = closed.wait();
+  closed.close();
+  await cw;
+});
+
+test("proxies: with a slow destination QEMU, stream-out takes from the source QEMU only what the credit allows beyond what the destination took", { timeout: 60_000 }, async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-credit-"));
+  const image = path.join(dir, "disk.img");
+  fs.writeFileSync(image, Buffer.alloc(1 << 20));
+  const sinkPath = path.join(dir, "qemu.sock");
+  const RATE = 16e6; // the destination QEMU takes 16 MB/s
+  let taken = 0;
+  const sink = net.createServer({ allowHalfOpen: true }, (s) => {
+    s.on("data", (d: Buffer) => {
+      taken += d.length;
+      s.pause();
+      setTimeout(() => s.resume(), (d.length / RATE) * 1000);
+    });
+    s.on("end", () => s.end());
+    s.on("error", () => {});
+  });
+  await new Promise<void>((r) => sink.listen(sinkPath, r));
+  const si = await streamIn({ listenPort: 0, qemu: `unix:${sinkPath}`, image, psk: TEST_KEY });
+  // raw and uncompressed: a byte of QEMU's stream is a byte on the link
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image, psk: TEST_KEY, noDedup: true, compress: "off" });
   try {
-    const meter = new LinkMeter();
-    const pacer = new LinkPacer(meter, { bandwidth: 100e6, queueMs: 5 }); // 500 kB
-    const chunk = Buffer.alloc(64 * 1024);
-    let written = 0;
-    while (!pacer.over(sock)) {
-      sock.write(chunk);
-      written += chunk.length;
-      if (written > 256 << 20) assert.fail("the socket never held more than the limit");
-      if (sock.writableLength === 0) await new Promise((r) => setImmediate(r));
+    const data = randomBytes(24 << 20);
+    const q = net.connect(so.port, "127.0.0.1");
+    q.on("error", () => {});
+    await new Promise<void>((r) => q.once("connect", r));
+    let ahead = 0;
+    const watch = setInterval(() => { ahead = Math.max(ahead, so.stats.bytesFromQemu - taken); }, 2);
+    for (let i = 0; i < data.length && !q.destroyed; i += 65536) {
+      if (!q.write(data.subarray(i, i + 65536))) await drained(q);
     }
-    assert.ok(sock.writableLength > pacer.limit);
-    const waiting = pacer.wait(sock);
-    setTimeout(() => peer.resume(), 20);
-    await waiting;
-    assert.equal(sock.writableLength, 0);
-    assert.ok(meter.measured > 0, "the drain was timed");
+    q.end();
+    const [o] = await Promise.all([so.done, si.done]);
+    clearInterval(watch);
+    assert.equal(o.error, undefined);
+    assert.equal(taken, data.length);
+    // what the credit bounds: the window before the rate is measured (2 MiB) and stream-in's queue to its QEMU (1 MiB
+    // in its socket, the unix socket's own buffer); without the credit the link's socket buffers (MBs on TCP) and
+    // stream-in's 4 MiB queue come on top
+    t.diagnostic(`stream-out was at most ${(ahead / 1e6).toFixed(2)} MB ahead of what the destination QEMU took`);
+    assert.ok(ahead < 4.5e6, `stream-out took ${(ahead / 1e6).toFixed(2)} MB more than the destination QEMU did`);
   } finally {
-    sock.destroy();
-    peer.destroy();
-    server.close();
+    await so.close();
+    await si.close();
+    sink.close();
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 

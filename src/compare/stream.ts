@@ -20,8 +20,12 @@ import { CpuMeter } from "../adapters/proc/cpu.js";
 import { median } from "./stats.js";
 import { lastCounter } from "./guest.js";
 
-export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin";
-export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin"];
+export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin" | "pagetwin-multifd" | "pagetwin-baseline";
+/** The modes run unless told (pagetwin-baseline needs another build: `baselineMain`). */
+export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin", "pagetwin-multifd"];
+const ALL_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin-baseline", "pagetwin", "pagetwin-multifd"];
+/** QEMU's multifd channels in the multifd modes (zstd: QEMU's own compression; pagetwin: none, the proxies dedup each channel). */
+const MULTIFD_CHANNELS = 2;
 
 export interface CompareOptions {
   /** Runs per mode (median reported; default 1). */
@@ -43,6 +47,12 @@ export interface CompareOptions {
   workDir?: string;
   /** Index file both proxies use (default: a private file in the temp dir, removed afterwards). */
   indexPath?: string;
+  /** More stream-out arguments (e.g. --queue-ms 5). */
+  outArgs?: string[];
+  /** Another build's dist/src/cli/main.js: its proxies run the pagetwin-baseline mode (before and after in one run). */
+  baselineMain?: string;
+  /** How the QEMUs reach their proxy (default tcp, loopback): a unix socket holds far less of the stream in the kernel. */
+  qemuSide?: "tcp" | "unix";
 }
 
 export interface RunResult {
@@ -75,9 +85,13 @@ export interface CompareResult {
   downtimeLimitMs: number;
   runs: Record<CompareMode, RunResult[]>;
   median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "mode" | "ok" | "error"> & { okRuns: number }>>;
-  /** pagetwin's medians over QEMU's own (plain pre-copy), and over QEMU multifd+zstd. */
+  /** pagetwin's medians over QEMU's own (plain pre-copy), and over QEMU multifd+zstd; the same for pagetwin with multifd. */
   ratio?: Ratio;
   ratioVsMultifdZstd?: Ratio;
+  multifdRatio?: Ratio;
+  multifdRatioVsMultifdZstd?: Ratio;
+  /** pagetwin's medians over the baseline build's. */
+  ratioVsBaseline?: Ratio;
 }
 
 export interface Ratio { linkBytes: number; totalTime: number; endToEnd: number; downtime: number; observedDowntime: number }
@@ -97,8 +111,8 @@ interface Proxy {
   exited: Promise<number | null>;
 }
 
-function startProxy(link: NetnsLink, ns: string, args: string[]): Promise<Proxy> {
-  const child = link.spawn(ns, process.execPath, [MAIN_JS, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
+function startProxy(link: NetnsLink, ns: string, args: string[], main = MAIN_JS): Promise<Proxy> {
+  const child = link.spawn(ns, process.execPath, [main, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
   const p: Proxy = { child, out: "", err: "", exited: new Promise((r) => child.once("exit", (c) => r(c))) };
   child.stdout!.on("data", (d: Buffer) => { p.out += d.toString(); });
   return new Promise((resolve, reject) => {
@@ -145,11 +159,15 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
       ...common, memPath: `/dev/shm/pt-cmp-src-${tag}`, qmpSocket: path.join(dir, "src.qmp"), serialLog: path.join(dir, "src.log"),
       netns: link.srcNs, name: "pt-cmp-src",
     });
-    const multifd = mode === "qemu-multifd-zstd";
+    const multifd = mode === "qemu-multifd-zstd" || mode === "pagetwin-multifd";
+    const proxied = mode === "pagetwin" || mode === "pagetwin-multifd" || mode === "pagetwin-baseline";
+    const main = mode === "pagetwin-baseline" ? opts.baselineMain : undefined;
+    if (mode === "pagetwin-baseline" && !main) throw new Error("the pagetwin-baseline mode needs another build's main.js (baselineMain)");
+    const local = (port: number, name: string) => (opts.qemuSide === "unix" ? `unix:${path.join(dir, name)}` : `tcp:127.0.0.1:${port}`);
+    const incoming = proxied ? local(QEMU_PORT, "dst-qemu.sock") : `tcp:${link.dstIp}:${QEMU_PORT}`;
     dst = await QemuVm.start({
       ...common, memPath: `/dev/shm/pt-cmp-dst-${tag}`, qmpSocket: path.join(dir, "dst.qmp"), serialLog: path.join(dir, "dst.log"),
-      netns: link.dstNs, name: "pt-cmp-dst",
-      incoming: multifd ? "defer" : mode === "qemu" ? `tcp:${link.dstIp}:${QEMU_PORT}` : `tcp:127.0.0.1:${QEMU_PORT}`,
+      netns: link.dstNs, name: "pt-cmp-dst", incoming: multifd ? "defer" : incoming,
     });
     await src.waitForSerial(/pagetwin-ready/, 240_000);
     const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
@@ -161,13 +179,14 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     });
     let uri = `tcp:${link.dstIp}:${QEMU_PORT}`;
     if (multifd) {
-      for (const vm of [src, dst]) await vm.useMultifdZstd();
-      await dst.qmp.execute("migrate-incoming", { uri });
+      for (const vm of [src, dst]) await vm.useMultifd(MULTIFD_CHANNELS, mode === "pagetwin-multifd" ? "none" : "zstd");
+      await dst.qmp.execute("migrate-incoming", { uri: incoming });
     }
-    if (mode === "pagetwin") {
-      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", `127.0.0.1:${QEMU_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath]);
-      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", `127.0.0.1:${OUT_PORT}`, "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath]);
-      uri = `tcp:127.0.0.1:${OUT_PORT}`;
+    if (proxied) {
+      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", incoming.replace(/^tcp:/, ""), "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath], main);
+      const outArgs = mode === "pagetwin-baseline" ? [] : opts.outArgs ?? [];
+      uri = local(OUT_PORT, "stream-out.sock");
+      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", uri.replace(/^tcp:/, ""), "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath, ...outArgs], main);
     }
     const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);
     const stopEv = src.qmp.waitForEvent("STOP", 300_000);
@@ -203,8 +222,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     pout = pin = null;
     res.linkBytes = link.txBytes(link.srcNs) - tx0;
     res.linkBytesReturn = link.txBytes(link.dstNs) - rx0;
-    if (mode === "pagetwin") res.proxies = stats;
-    if (mode === "pagetwin") logVerified(stats.in);
+    if (proxied) res.proxies = stats;
+    if (proxied) logVerified(stats.in);
     res.ok = res.firstDestCounter > res.lastSourceCounter - 1 && res.lastSourceCounter >= 0;
     if (!res.ok) res.error = `destination counter ${res.firstDestCounter} does not continue source counter ${res.lastSourceCounter}`;
     log(`run ${runNo} ${mode}: total ${res.totalTimeMs} ms, end-to-end ${res.endToEndMs.toFixed(0)} ms, downtime ${res.downtimeMs} ms (observed ${res.observedDowntimeMs.toFixed(0)}), link ${(res.linkBytes / 1e6).toFixed(1)} MB, counter ${res.lastSourceCounter} -> ${res.firstDestCounter}`);
@@ -235,7 +254,7 @@ export async function compareStreamMode(opts: CompareOptions = {}): Promise<Comp
   const nas = await openNasIndex(guest.disk, { indexPath });
   nas.image.close();
   const link = createNetnsLink({ rate: opts.rate ?? "1gbit" });
-  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, downtimeLimitMs: opts.downtimeLimitMs ?? 300, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [] }, median: {} };
+  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, downtimeLimitMs: opts.downtimeLimitMs ?? 300, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [], "pagetwin-multifd": [], "pagetwin-baseline": [] }, median: {} };
   try {
     for (let i = 0; i < runs; i++) {
       for (const mode of modes) out.runs[mode].push(await runOnce(mode, link, guest, { ...opts, indexPath }, i));
@@ -254,40 +273,46 @@ export async function compareStreamMode(opts: CompareOptions = {}): Promise<Comp
       cpuMs: Object.fromEntries(Object.keys(ok[0]?.cpuMs ?? {}).map((k) => [k, median(ok.map((r) => r.cpuMs[k] ?? NaN))])),
     };
   }
-  const p = out.median.pagetwin;
-  const over = (q: NonNullable<typeof p>): Ratio => ({
-    linkBytes: p!.linkBytes / q.linkBytes, totalTime: p!.totalTimeMs / q.totalTimeMs, endToEnd: p!.endToEndMs / q.endToEndMs,
-    downtime: p!.downtimeMs / q.downtimeMs, observedDowntime: p!.observedDowntimeMs / q.observedDowntimeMs,
+  type Med = NonNullable<CompareResult["median"]["qemu"]>;
+  const over = (p: Med | undefined, q: Med | undefined): Ratio | undefined => p && q && ({
+    linkBytes: p.linkBytes / q.linkBytes, totalTime: p.totalTimeMs / q.totalTimeMs, endToEnd: p.endToEndMs / q.endToEndMs,
+    downtime: p.downtimeMs / q.downtimeMs, observedDowntime: p.observedDowntimeMs / q.observedDowntimeMs,
   });
-  if (p && out.median.qemu) out.ratio = over(out.median.qemu);
-  if (p && out.median["qemu-multifd-zstd"]) out.ratioVsMultifdZstd = over(out.median["qemu-multifd-zstd"]);
+  const { qemu, "qemu-multifd-zstd": zstd, pagetwin, "pagetwin-multifd": pmf } = out.median;
+  const ratios = {
+    ratio: over(pagetwin, qemu), ratioVsMultifdZstd: over(pagetwin, zstd), multifdRatio: over(pmf, qemu), multifdRatioVsMultifdZstd: over(pmf, zstd),
+    ratioVsBaseline: over(pagetwin, out.median["pagetwin-baseline"]),
+  };
+  for (const [k, v] of Object.entries(ratios)) if (v) out[k as keyof typeof ratios] = v;
   return out;
 }
 
-/** The medians side by side, one row per mode, with pagetwin's ratios. */
+/** The medians side by side, one row per mode (with each process's CPU), and pagetwin's ratios. */
 export function formatCompare(r: CompareResult): string {
-  const names: Record<CompareMode, string> = { qemu: "QEMU pre-copy", "qemu-multifd-zstd": "QEMU multifd+zstd", pagetwin: "QEMU via pagetwin stream-out/in" };
+  const names: Record<CompareMode, string> = {
+    qemu: "QEMU pre-copy", "qemu-multifd-zstd": `QEMU multifd+zstd (${MULTIFD_CHANNELS})`, pagetwin: "pagetwin stream-out/in", "pagetwin-baseline": "pagetwin, baseline build",
+    "pagetwin-multifd": `pagetwin, multifd (${MULTIFD_CHANNELS})`,
+  };
   const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "-");
-  const rows = [["migration", "runs ok", "total-time", "end-to-end", "downtime", "observed downtime", "bytes on the link"]];
-  for (const mode of COMPARE_MODES) {
+  const s = (ms: number | undefined) => (ms === undefined ? "-" : f(ms / 1000, 2));
+  const rows = [["migration", "runs ok", "total-time", "end-to-end", "downtime", "observed downtime", "bytes on the link",
+    "CPU s: src QEMU", "dst QEMU", "stream-out", "stream-in", "all"]];
+  for (const mode of ALL_MODES) {
     const m = r.median[mode];
     if (!m) continue;
-    rows.push([names[mode], `${m.okRuns}/${r.runs[mode].length}`, `${f(m.totalTimeMs)} ms`, `${f(m.endToEndMs)} ms`, `${f(m.downtimeMs)} ms`, `${f(m.observedDowntimeMs)} ms`, `${f(m.linkBytes / 1e6, 1)} MB`]);
+    const c = m.cpuMs;
+    rows.push([names[mode], `${m.okRuns}/${r.runs[mode].length}`, `${f(m.totalTimeMs)} ms`, `${f(m.endToEndMs)} ms`, `${f(m.downtimeMs)} ms`, `${f(m.observedDowntimeMs)} ms`, `${f(m.linkBytes / 1e6, 1)} MB`,
+      s(c["source QEMU"]), s(c["destination QEMU"]), s(c["stream-out"]), s(c["stream-in"]), s(Object.values(c).reduce((a, b) => a + b, 0))]);
   }
   const w = rows[0]!.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
   const lines = rows.map((row) => row.map((c, i) => c.padEnd(w[i]!)).join("  ").trimEnd());
   lines.splice(1, 0, w.map((x) => "-".repeat(x)).join("  "));
-  const ratio = (what: string, x: Ratio | undefined) => x &&
-    `pagetwin vs ${what}: total-time ${f(x.totalTime, 2)}x (end-to-end ${f(x.endToEnd, 2)}x), downtime ${f(x.downtime, 2)}x (observed ${f(x.observedDowntime, 2)}x), bytes on the link ${f(x.linkBytes, 2)}x`;
-  // what the cores did meanwhile: on a small host, the processes' CPU bounds the end-to-end time
-  const cpu = COMPARE_MODES.map((mode) => {
-    const m = r.median[mode];
-    if (!m || !Object.keys(m.cpuMs).length) return null;
-    const total = Object.values(m.cpuMs).reduce((a, b) => a + b, 0);
-    return `  ${names[mode]}: ${Object.entries(m.cpuMs).map(([k, v]) => `${k} ${f(v)}`).join(", ")}; together ${f(total)} ms of CPU in ${f(m.endToEndMs)} ms end-to-end`;
-  }).filter((x): x is string => x !== null);
+  const ratio = (who: string, what: string, x: Ratio | undefined) => x &&
+    `${who} vs ${what}: total-time ${f(x.totalTime, 2)}x (end-to-end ${f(x.endToEnd, 2)}x), downtime ${f(x.downtime, 2)}x (observed ${f(x.observedDowntime, 2)}x), bytes on the link ${f(x.linkBytes, 2)}x`;
   return [`stream mode, ${r.memoryMiB} MiB guest, link ${r.rate}, QEMU downtime-limit ${r.downtimeLimitMs} ms (medians; total-time and downtime from the source's query-migrate, which`,
-    "through the proxies end at the local stream-out; end-to-end: migrate to the destination's RESUME; observed downtime: source STOP to it)", ...lines,
-    ratio("QEMU pre-copy", r.ratio), ratio("QEMU multifd+zstd", r.ratioVsMultifdZstd),
-    ...(cpu.length ? [`CPU used from migrate to RESUME, ms (medians; ${cpuCount} cores here):`, ...cpu] : [])].filter(Boolean).join("\n");
+    "through the proxies end at the local stream-out; end-to-end: migrate to the destination's RESUME; observed downtime: source STOP to it;",
+    `CPU: each process's from migrate to RESUME, ${cpuCount} cores here)`, ...lines,
+    ratio("pagetwin", "QEMU pre-copy", r.ratio), ratio("pagetwin", "QEMU multifd+zstd", r.ratioVsMultifdZstd),
+    ratio("pagetwin multifd", "QEMU pre-copy", r.multifdRatio), ratio("pagetwin multifd", "QEMU multifd+zstd", r.multifdRatioVsMultifdZstd),
+    ratio("pagetwin", "the baseline build", r.ratioVsBaseline)].filter(Boolean).join("\n");
 }

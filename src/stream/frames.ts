@@ -1,5 +1,5 @@
 // Stream mode's frames between `stream-out` (source host) and `stream-in`
-// (destination host), protocol version 3, in the envelope of
+// (destination host), protocol version 4, in the envelope of
 // wire/envelope.ts. Binary fields are big-endian. Authentication and
 // encryption are the channel's (TLS).
 //
@@ -28,12 +28,18 @@
 //   MREFS     15 out->in  references on a multifd channel (multifd-frames.ts):
 //                         u8 QEMU's channel id, u32 first seq, u32 count, then
 //                         per page: u32 block, 16-byte hash (no record header)
+//   CREDIT    16 in->out  u64 link bytes, u64 stream bytes: of stream-out's frames
+//                         (as on the link, from HELLO on), how many stream-in has
+//                         handed on (their output is in its QEMU's socket), and
+//                         how many bytes of QEMU's stream that output was;
+//                         stream-out keeps only a few ms beyond both (pacer.ts)
+//   (protocol 3 had no CREDIT: a stream-out paced only by its own socket)
 
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import type { FrameSet } from "../link/channel.js";
 import { HEAP_ALLOC, type FrameAlloc } from "./write-ring.js";
 
-export const STREAM_PROTOCOL_VERSION = 3;
+export const STREAM_PROTOCOL_VERSION = 4;
 /** Largest frame body (type + payload + CRC). */
 export const MAX_STREAM_FRAME = 4 * 1024 * 1024 + 64;
 /** Largest RAW or RAW_Z data (decompressed). */
@@ -58,6 +64,7 @@ export enum SFrame {
   RawZ = 12,
   Verdict = 14,
   MultifdRefs = 15,
+  Credit = 16,
 }
 
 export const STREAM_FRAMES: FrameSet = {
@@ -65,6 +72,25 @@ export const STREAM_FRAMES: FrameSet = {
   known: (t) => t in SFrame,
   name: (t) => SFrame[t] ?? `#${t}`,
 };
+
+/** A frame's bytes on the link (length, type, payload, CRC): what CREDIT counts. */
+export function linkLength(f: Frame): number {
+  return FRAME_OVERHEAD + f.payload.length;
+}
+
+/** CREDIT: bytes of stream-out's frames handed on so far, and of QEMU's stream they rebuilt to (u64s; exact up to 2^53). */
+export function creditFrame(linkBytes: number, streamBytes: number): Buffer {
+  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 16);
+  b[4] = SFrame.Credit;
+  b.writeBigUInt64BE(BigInt(linkBytes), 5);
+  b.writeBigUInt64BE(BigInt(streamBytes), 13);
+  return seal(b);
+}
+
+export function decodeCredit(f: Frame): { linkBytes: number; streamBytes: number } {
+  if (f.payload.length !== 16) throw new ProtocolError(`CREDIT frame of ${f.payload.length} bytes; 16 expected`);
+  return { linkBytes: Number(f.payload.readBigUInt64BE(0)), streamBytes: Number(f.payload.readBigUInt64BE(8)) };
+}
 
 /** Most references one REFS frame may hold. */
 export const MAX_REFS = 4096;

@@ -18,7 +18,7 @@ import type { DiskFormat } from "../adapters/nas/image.js";
 import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import type { PageVerifier } from "./disks.js";
-import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION, creditFrame, linkLength } from "./frames.js";
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
@@ -121,6 +121,9 @@ export function runInSession(ctx: InContext, link: net.Socket, channel: number):
 const QUEUE_LIMIT = 4 * 1024 * 1024;
 /** Bytes written to the destination QEMU's socket and not yet taken by it before rebuilding waits (the same reason). */
 const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
+/** A CREDIT goes back once this many more link bytes, or bytes of QEMU's stream, were handed on (stream-out's windows are several times larger). */
+const CREDIT_STEP = 128 * 1024;
+const CREDIT_STREAM_STEP = 1024 * 1024;
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -168,6 +171,9 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   }
 }
 
+/** Frames whose bytes count as handed on only once their output is in QEMU's socket (the rest count on arrival). */
+const DATA_FRAMES = new Set<number>([SFrame.Raw, SFrame.RawZ, SFrame.Refs, SFrame.MultifdRefs, SFrame.End]);
+
 type Hello = { v?: unknown; indexId?: string; kind?: unknown; compression?: unknown; verdict?: unknown };
 
 /** One link from stream-out, and its connection to the destination QEMU. */
@@ -208,6 +214,10 @@ class InSession {
   private trace: RebuiltStreamTrace | null = null;
   /** The counters as the session began (its HELLO counts in its migration's trace). */
   private readonly since: { link: number; qemu: number };
+  /** Bytes of stream-out's frames handed on, and the totals last sent back in a CREDIT (pacer.ts). */
+  private handed = 0;
+  private credited = 0;
+  private creditedStream = 0;
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -292,8 +302,18 @@ class InSession {
   }
 
 
+  /** Counts a frame as handed on (its output is in QEMU's socket, or it has none) and credits stream-out now and then. */
+  private handedOn(f: Frame): void {
+    this.handed += linkLength(f);
+    if (this.handed - this.credited < CREDIT_STEP && this.streamBytes - this.creditedStream < CREDIT_STREAM_STEP) return;
+    this.credited = this.handed;
+    this.creditedStream = this.streamBytes;
+    this.sendLink(creditFrame(this.handed, this.streamBytes));
+  }
+
   /** Takes one frame from stream-out; a returned error ends the session. */
   private onFrame(f: Frame): Error | null {
+    if (!DATA_FRAMES.has(f.type)) this.handedOn(f);
     if (!this.helloDone && f.type !== SFrame.Hello && f.type !== SFrame.Abort) {
       return new ProtocolError(`${SFrame[f.type]} frame from stream-out before the handshake ended`);
     }
@@ -436,6 +456,7 @@ class InSession {
       if (this.link.isPaused() && this.queuedBytes < QUEUE_LIMIT / 2) this.link.resume();
       try {
         if (await this.step(f)) return;
+        this.handedOn(f);
       } catch (err) {
         this.fail(err instanceof ProtocolError ? err : new Error(`stream-in: ${(err as Error).message}`), true);
         return;

@@ -20,7 +20,7 @@ import type { DiskFormat } from "../adapters/nas/image.js";
 import { BackgroundRefresh } from "../adapters/nas/refresh.js";
 import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
 import { ReplayWindow } from "./replay-window.js";
-import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION } from "./frames.js";
+import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION, decodeCredit } from "./frames.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
 import { LinkMeter } from "../link/rate.js";
 import { dial } from "../link/dial.js";
@@ -79,7 +79,7 @@ export interface StreamOutOptions extends SecurityOptions {
   compress?: CompressionMode;
   /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
   bandwidth?: number;
-  /** Link time that may queue in stream-out ahead of the link before QEMU's socket waits, ms (default 5; see pacer.ts). */
+  /** Link time that may be on its way to stream-in beyond what it handed on before QEMU's socket waits, ms (default 10; see pacer.ts). */
   queueMs?: number;
   /** Where notes and warnings go (level-aware, or a function that gets every message). */
   log?: LogOption;
@@ -318,11 +318,12 @@ class OutSession {
     return this.inWindow() > 0 && this.inWindow() >= w - Math.min(256, Math.floor(w / 4));
   }
 
-  // False when the queue toward the link holds more than the pacer allows: QEMU's socket then waits.
+  // False when more is on its way to stream-in than the pacer allows: QEMU's socket then waits.
   private sendLink(buf: Buffer): boolean {
     this.stats.bytesOutLink += buf.length;
+    this.pacer.onSent(buf.length);
     this.frameMem.write(this.link, buf);
-    return !this.pacer.over(this.link);
+    return !this.pacer.over();
   }
 
   private fail(err: Error, tellPeer: boolean): void {
@@ -337,6 +338,7 @@ class OutSession {
     this.qemu.destroy();
     setTimeout(() => link.destroy(), TIMEOUTS.abortLingerMs).unref();
     this.wakeWindow();
+    this.pacer.close();
     this.inbox.close();
     this.finished();
   }
@@ -379,6 +381,11 @@ class OutSession {
         return this.onNeed(readU32(f, "NEED"));
       case SFrame.Ack:
         return this.onAck(readU32(f, "ACK"));
+      case SFrame.Credit: {
+        const c = decodeCredit(f);
+        const bad = this.pacer.credit(c.linkBytes, c.streamBytes);
+        return bad ? new ProtocolError(bad) : null;
+      }
       case SFrame.Return:
         this.stats.returnBytes += f.payload.length;
         if (!this.qemu.destroyed) this.qemu.write(f.payload);
@@ -494,6 +501,7 @@ class OutSession {
   private async pump(chunk: Buffer): Promise<void> {
     this.stats.bytesFromQemu += chunk.length;
     this.streamBytes += chunk.length;
+    this.pacer.onTaken(chunk.length);
     this.streamCrc = crc32(chunk, this.streamCrc);
     if (this.failure) return;
     let ok: boolean;
@@ -509,11 +517,11 @@ class OutSession {
     if (!ok || this.full()) await this.holdQemu(ok, t1);
   }
 
-  /** QEMU waits while the link drains (`linkOk` false) or the replay window is full. */
+  /** QEMU waits while stream-in has not handed on enough (`linkOk` false) or the replay window is full. */
   private async holdQemu(linkOk: boolean, t1: number): Promise<void> {
-    const { stats, link } = this;
+    const { stats } = this;
     this.qemu.pause();
-    if (!linkOk) await this.pacer.wait(link);
+    if (!linkOk) await this.pacer.wait();
     const t2 = performance.now();
     stats.drainWaitMs += t2 - t1;
     if (this.full() && !this.failure) await new Promise<void>((r) => { this.windowWaiter = r; });

@@ -1,57 +1,164 @@
 // How much of QEMU's stream stream-out lets in: only as much as keeps the
 // link busy. QEMU decides when to stop the guest from the rate at which its
 // socket takes the stream; if stream-out read ahead of the link, that rate
-// would be the local socket's and QEMU would stop the guest with seconds of
-// link time still queued here. So the queue toward the link (what the link's
-// socket has not yet taken into the kernel) may hold only `queueMs` of the
-// link's rate; above that QEMU's socket is not read until the queue drains,
-// and QEMU then measures the rate of the deduplicated, compressed link. The
-// replay window (pages kept for resends) is a separate limit.
+// would be the local socket's and QEMU would stop the guest with much link
+// time still queued. Every buffer between stream-out and the destination QEMU
+// hides link time: stream-out's own queue, the kernel's socket buffers at both
+// ends (MBs on TCP), the link's queue (a router's, tc's), stream-in's queue.
+// So stream-in acknowledges what it has handed on to its QEMU (CREDIT): the
+// bytes of stream-out's frames, and the bytes of QEMU's stream they rebuilt
+// to. stream-out lets QEMU's socket be read only while what it sent beyond
+// that holds at most `queueMs` of the rate at which each is handed on (with
+// floors that keep a busy link full across the credit's round trip). Both
+// count: a few KB of references on the link are MBs of pages for stream-in to
+// read from the NAS and for the destination QEMU to load. QEMU then measures
+// the rate of the whole way, deduplicated and compressed. The replay window
+// (pages kept for resends) is a separate limit.
 
-import type { Socket } from "node:net";
 import type { LinkMeter } from "../link/rate.js";
-import { SEND_QUEUE_BYTES } from "../link/channel.js";
 
 export interface PacerOptions {
-  /** Link time the queue may hold, ms (default 5). */
+  /** Time that may be on its way beyond what stream-in handed on, ms (default 10). */
   queueMs?: number;
-  /** The link's rate if known, bytes/s (0: measured by `meter`). */
+  /** The link's rate if known, bytes/s (0: measured from the credits). */
   bandwidth?: number;
-  /** Bounds of the queue, bytes (defaults 64 KiB and SEND_QUEUE_BYTES). */
+  /** Bounds of the link bytes on their way (defaults 512 KiB and 16 MiB). */
   minBytes?: number;
   maxBytes?: number;
+  /** The clock, ms (default performance.now). */
+  clock?: () => number;
 }
 
-/** Queue limit until the meter has timed the link (about 2 ms of a 1 Gbit/s link). */
-const UNMEASURED_BYTES = 256 * 1024;
+/** Credits gathered into one rate sample, ms: a busy event loop delays credits by ms, and a burst of late ones must not read as a fast link. */
+const SAMPLE_MS = 100;
+/** Each sample lets the peak rate fall by this much: it follows a slower link within a few seconds. */
+const PEAK_DECAY = 0.95;
+
+interface Bounds { min: number; max: number; unmeasured: number }
+
+/** One running total sent and its running total credited back, with the peak rate at which credits came. */
+export class CreditWindow {
+  sent = 0;
+  credited = 0;
+  /** Highest rate sampled (a window that limits the rate would otherwise shrink itself). */
+  private peak = 0;
+  private sampleBytes = 0;
+  private sampleMs = 0;
+  private lastCreditAt = 0;
+  private sentAtCredit = 0;
+
+  constructor(private readonly b: Bounds, private readonly queueMs: number, private readonly rate = 0, private readonly clock = () => performance.now()) {}
+
+  get outstanding(): number {
+    return this.sent - this.credited;
+  }
+
+  get limit(): number {
+    const rate = this.rate > 0 ? this.rate : this.peak;
+    const bytes = rate > 0 ? (rate * this.queueMs) / 1000 : this.b.unmeasured;
+    return Math.min(this.b.max, Math.max(this.b.min, Math.round(bytes)));
+  }
+
+  over(): boolean {
+    return this.outstanding > this.limit;
+  }
+
+  /** A new running total credited: an error message when it cannot be one; else the sample it gave (bytes in ms), if any. */
+  credit(total: number, what: string): string | { bytes: number; ms: number } | null {
+    if (!(total >= this.credited && total <= this.sent)) {
+      return `stream-in credited ${total} ${what}, outside ${this.credited}..${this.sent} (what it had credited, what was sent)`;
+    }
+    const now = this.clock();
+    let sample: { bytes: number; ms: number } | null = null;
+    // what this credit covers was already sent at the previous one: the way to stream-in was never empty meanwhile
+    if (this.lastCreditAt > 0 && this.sentAtCredit >= total) sample = this.sample(total - this.credited, now - this.lastCreditAt);
+    else this.sampleBytes = this.sampleMs = 0;
+    this.credited = total;
+    this.lastCreditAt = now;
+    this.sentAtCredit = this.sent;
+    return sample;
+  }
+
+  private sample(bytes: number, ms: number): { bytes: number; ms: number } {
+    this.sampleBytes += bytes;
+    this.sampleMs += ms;
+    if (this.sampleMs >= SAMPLE_MS) {
+      this.peak = Math.max(this.sampleBytes / (this.sampleMs / 1000), this.peak * PEAK_DECAY);
+      this.sampleBytes = this.sampleMs = 0;
+    }
+    return { bytes, ms };
+  }
+}
 
 export class LinkPacer {
   readonly queueMs: number;
-  private readonly bandwidth: number;
-  private readonly minBytes: number;
-  private readonly maxBytes: number;
+  /** Bytes of frames on the link, and of QEMU's stream taken from the source QEMU. */
+  private readonly link: CreditWindow;
+  private readonly stream: CreditWindow;
+  private waiter: (() => void) | null = null;
 
   constructor(private readonly meter: LinkMeter, o: PacerOptions = {}) {
-    this.queueMs = o.queueMs ?? 5;
-    this.bandwidth = o.bandwidth ?? 0;
-    this.minBytes = o.minBytes ?? 64 * 1024;
-    this.maxBytes = o.maxBytes ?? SEND_QUEUE_BYTES;
+    this.queueMs = o.queueMs ?? 10;
+    const clock = o.clock ?? (() => performance.now());
+    this.link = new CreditWindow({ min: o.minBytes ?? 512 * 1024, max: o.maxBytes ?? 16 << 20, unmeasured: 2 << 20 }, this.queueMs, o.bandwidth ?? 0, clock);
+    // stream-in's queue alone holds 4 MiB of the rebuilt stream: a smaller floor would starve it
+    this.stream = new CreditWindow({ min: 4 << 20, max: 64 << 20, unmeasured: 8 << 20 }, this.queueMs, 0, clock);
   }
 
-  /** Bytes the queue toward the link may hold before QEMU's socket waits. */
+  /** Link bytes that may be on their way beyond the credit before QEMU's socket waits. */
   get limit(): number {
-    const rate = this.bandwidth > 0 ? this.bandwidth : this.meter.measured;
-    const bytes = rate > 0 ? (rate * this.queueMs) / 1000 : UNMEASURED_BYTES;
-    return Math.min(this.maxBytes, Math.max(this.minBytes, Math.round(bytes)));
+    return this.link.limit;
   }
 
-  /** True when `link` holds more than the limit: stop reading QEMU's socket and wait(). */
-  over(link: Socket): boolean {
-    return link.writableLength > this.limit;
+  /** Bytes of QEMU's stream that may be taken beyond what stream-in handed its QEMU. */
+  get streamLimit(): number {
+    return this.stream.limit;
   }
 
-  /** Waits until the link's socket has taken its queue, timing the link on the way. */
-  wait(link: Socket): Promise<void> {
-    return this.meter.drain(link);
+  /** Link bytes sent, not yet handed on by stream-in. */
+  get outstanding(): number {
+    return this.link.outstanding;
+  }
+
+  /** `bytes` more went to the link. */
+  onSent(bytes: number): void {
+    this.link.sent += bytes;
+  }
+
+  /** `bytes` more of QEMU's stream were taken from the source QEMU. */
+  onTaken(bytes: number): void {
+    this.stream.sent += bytes;
+  }
+
+  /** True when more than a limit is on its way: stop reading QEMU's socket and wait(). */
+  over(): boolean {
+    return this.link.over() || this.stream.over();
+  }
+
+  /** stream-in's CREDIT (running totals); an error message when it cannot be one. */
+  credit(linkBytes: number, streamBytes: number): string | null {
+    const l = this.link.credit(linkBytes, "link bytes");
+    if (typeof l === "string") return l;
+    const s = this.stream.credit(streamBytes, "bytes of QEMU's stream");
+    if (typeof s === "string") return s;
+    // the link's rate (or what is beyond it, whichever is slowest), for the compression policy
+    if (l) this.meter.record(l.bytes, l.ms);
+    if (!this.over()) this.wake();
+    return null;
+  }
+
+  /** Resolves once what is on its way is back within the limits, or close() was called. */
+  wait(): Promise<void> {
+    if (!this.over()) return Promise.resolve();
+    return new Promise((r) => { this.waiter = r; });
+  }
+
+  /** The session ended: nothing waits any longer. */
+  close(): void {
+    this.wake();
+  }
+
+  private wake(): void {
+    if (this.waiter) { const w = this.waiter; this.waiter = null; w(); }
   }
 }
