@@ -158,31 +158,6 @@ test("the link probe: raw frames that never make the sender wait show a link fas
   }
 });
 
-/** A TCP relay that carries the source's bytes at `rate` bytes/s (0: as fast as it can), pausing its reads to keep to it. */
-async function pacedRelay(port: number, rate: number): Promise<{ server: Server; port: number; sockets: Socket[] }> {
-  const sockets: Socket[] = [];
-  const server = createServer((c) => {
-    const up = connect(port, "127.0.0.1");
-    sockets.push(c, up);
-    const t0 = performance.now();
-    let carried = 0;
-    c.on("data", (d) => {
-      up.write(d);
-      carried += d.length;
-      const due = rate > 0 ? t0 + (carried / rate) * 1000 - performance.now() : 0;
-      if (due > 1) { c.pause(); setTimeout(() => c.resume(), due); }
-    });
-    up.on("data", (d) => { if (!c.destroyed) c.write(d); });
-    const cut = () => { c.destroy(); up.destroy(); };
-    c.on("error", cut);
-    up.on("error", cut);
-    c.on("close", () => up.end());
-    up.on("close", () => c.end());
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  return { server, port: (server.address() as { port: number }).port, sockets };
-}
-
 test("auto on a rate-limited loopback link (2 MB/s): the raw probe frames make the sender wait, which times the link; the compressor outruns it", { timeout: 120_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-"));
   try {
@@ -337,6 +312,7 @@ import { SFrame, STREAM_FRAMES } from "../src/stream/frames.js";
 import { frame as sframe } from "../src/wire/envelope.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { qemuStream, throughProxies as proxyRun, frameTamper, TEST_KEY } from "./helpers/stream.js";
+import { pacedRelay } from "./helpers/relay.js";
 
 /** Through both proxies, with an optional rewrite of stream-out's frames on the link (re-sealed, so their CRC holds). */
 function throughProxies(data: Buffer, image: string, compress: "auto" | "off" | "zstd" | "brotli", rewrite?: (type: SFrame, payload: Buffer) => Buffer | null) {
