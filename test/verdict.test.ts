@@ -202,12 +202,14 @@ test("the verdict covers pages sent in full and zero pages too: a wrong write of
   const write = orig.value as RamFile["writePages"];
   for (const target of ["random", "zero"] as const) {
     let miswritten = 0;
+    // the destination writes spans of pages: the write that holds page TWINS (the first random one), or a run of zeros
     RamFile.prototype.writePages = function (this: RamFile, first: number, data: Uint8Array) {
-      const hit = target === "random" ? first >= TWINS && first < TWINS + RANDOM : data.every((b) => b === 0);
+      const at = target === "random" ? (TWINS - first) * PAGE : 0;
+      const hit = target === "random" ? at >= 0 && at < data.length : data.every((b) => b === 0);
       if (hit && miswritten === 0) {
         miswritten++;
         const d = Buffer.from(data);
-        d[7] = d[7]! ^ 0x01;
+        d[at + 7] = d[at + 7]! ^ 0x01;
         return write.call(this, first, d);
       }
       return write.call(this, first, data);

@@ -18,6 +18,7 @@ import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
 import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
+import { PageWriter } from "./page-writer.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
   AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
@@ -97,6 +98,8 @@ interface Session {
   resend: number[];
   /** 16 B per page: the hash of what this agent holds in RAM (taken before the migration, kept up to date on every write). */
   held: Region;
+  /** Writes pages into `ram` and keeps `held` up to date. */
+  writer: PageWriter;
   /** Algorithms agreed in Hello (what the source offered and this agent decompresses). */
   compression: CompressionAlgorithm[];
   decompressors: Map<CompressionAlgorithm, PageCompressor>;
@@ -179,7 +182,6 @@ export class DestinationAgent {
       s = await this.hello(link);
       const zero = new Uint8Array(PAGE_SIZE);
       const scratch = s.engine.alloc(4096 * PAGE_SIZE);
-      const hashes = s.engine.alloc(4096 * HASH_SIZE);
       for (;;) {
         // Queued frames come back as microtasks: let the socket be read between
         // them, or the link idles while a run of Refs frames is verified here.
@@ -188,8 +190,7 @@ export class DestinationAgent {
         switch (f.type) {
           case FrameType.Pages: {
             const { pages, data } = decodePages(f, s.pages);
-            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
-            this.holdWritten(s, pages, scratch, hashes);
+            s.writer.write(pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
             r.pagesWritten += pages.length;
             break;
           }
@@ -205,16 +206,14 @@ export class DestinationAgent {
             const n = pages.length;
             const data = scratch.view(0, n * PAGE_SIZE);
             d.decompressInto(packed, data);
-            writeRuns(s.ram, pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
-            this.holdWritten(s, pages, scratch, hashes);
+            s.writer.write(pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
             r.pagesWritten += n;
             r.pagesDecompressed += n;
             break;
           }
           case FrameType.Zeros: {
             const pages = decodePageList(f, s.pages, "Zeros");
-            for (const p of pages) s.ram.writePages(p, zero);
-            this.holdWritten(s, pages, scratch, hashes);
+            s.writer.write(pages, () => zero);
             r.zeroPages += pages.length;
             break;
           }
@@ -230,21 +229,21 @@ export class DestinationAgent {
               if (ok[i]) good.push(i);
               else s.resend.push(pages[i]!);
             }
-            const written = Uint32Array.from(good, (i) => pages[i]!);
-            writeRuns(s.ram, written, (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
-            this.holdWritten(s, written, scratch, hashes);
+            s.writer.write(Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
             r.twinsVerified += good.length;
             r.twinsRejected += pages.length - good.length;
             break;
           }
           case FrameType.IterEnd: {
             const { iteration } = parseJson<{ iteration: number }>(f, "IterEnd");
+            s.writer.flush();
             await link.send(encodeIterAck(iteration, s.resend));
             s.resend = [];
             break;
           }
           case FrameType.Switchover: {
             const { digest } = parseJson<{ digest: unknown }>(f, "Switchover");
+            s.writer.flush();
             r.digest = this.opts.verify === "reread"
               ? this.ramDigest(s, scratch.ptr)
               : Buffer.from(s.engine.digest(s.held.view())).toString("hex");
@@ -276,6 +275,7 @@ export class DestinationAgent {
     } finally {
       r.bytesIn = link.bytesIn;
       s?.verifier?.free();
+      s?.writer.free();
       s?.held.free();
       s?.ram.close();
       s?.image?.close();
@@ -331,7 +331,8 @@ export class DestinationAgent {
     link.handshakeDone();
     const held = engine.alloc(h.pages * HASH_SIZE);
     const verifier = image ? new BlockVerifier(engine, image) : null;
-    const session: Session = { engine, ram, image, verifier, pages: h.pages, resend: [], held, compression, decompressors: new Map(), device };
+    const writer = new PageWriter(engine, ram, held);
+    const session: Session = { engine, ram, image, verifier, pages: h.pages, resend: [], held, writer, compression, decompressors: new Map(), device };
     if (this.opts.createRam) {
       const z = engine.zeroPageHash(), v = held.view();
       for (let i = 0; i < h.pages; i++) v.set(z, i * HASH_SIZE);
@@ -364,48 +365,5 @@ export class DestinationAgent {
     } finally {
       all.free();
     }
-  }
-
-  /**
-   * Records the hashes of pages just written, read back from the RAM file:
-   * the digest at switchover then vouches for what this agent wrote where it
-   * wrote it, not for what it meant to write (a page written to the wrong
-   * place or from the wrong buffer cannot pass). Runs of consecutive pages are
-   * read in one call, in batches of the scratch's 4096 pages.
-   */
-  private holdWritten(s: Session, pages: Uint32Array, scratch: Region, hashes: Region): void {
-    for (let i = 0; i < pages.length; i += 4096) {
-      const n = Math.min(4096, pages.length - i);
-      for (let k = 0; k < n;) {
-        let j = k + 1;
-        while (j < n && pages[i + j] === pages[i + j - 1]! + 1) j++;
-        s.ram.readPages(pages[i + k]!, j - k, scratch.view(k * PAGE_SIZE, (j - k) * PAGE_SIZE));
-        k = j;
-      }
-      s.engine.hashPagesAt(scratch.ptr, n, hashes.ptr);
-      const hv = hashes.view(), held = s.held.view();
-      for (let k = 0; k < n; k++) held.set(hv.subarray(k * HASH_SIZE, (k + 1) * HASH_SIZE), pages[i + k]! * HASH_SIZE);
-    }
-  }
-}
-
-/**
- * Writes pages, one write per run of pages that are consecutive in the RAM
- * file and whose bytes lie back to back in the same buffer (a twin run read
- * from consecutive NAS blocks, a Pages frame): a syscall per page costs more
- * than the copy it does.
- */
-function writeRuns(ram: RamFile, pages: Uint32Array, bytesOf: (i: number) => Uint8Array): void {
-  for (let i = 0; i < pages.length; ) {
-    const first = bytesOf(i);
-    let end = first.byteOffset + first.byteLength;
-    let j = i + 1;
-    for (; j < pages.length && pages[j] === pages[j - 1]! + 1; j++) {
-      const b = bytesOf(j);
-      if (b.buffer !== first.buffer || b.byteOffset !== end) break;
-      end += b.byteLength;
-    }
-    ram.writePages(pages[i]!, j - i > 1 ? new Uint8Array(first.buffer, first.byteOffset, end - first.byteOffset) : first);
-    i = j;
   }
 }
