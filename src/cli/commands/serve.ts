@@ -9,8 +9,9 @@ import { printJson } from "../json.js";
 import { withUiDefault } from "../trace.js";
 import { KEEP_OPEN_MS, ServeService } from "../../serve/service.js";
 import type { ServeEvent } from "../../serve/migration.js";
+import { DEFAULT_CONTROL } from "../../serve/client.js";
 
-export const DEFAULT_CONTROL = "/run/pagetwin/control.sock";
+export { DEFAULT_CONTROL };
 
 export const serveSpec: CommandSpec = {
   name: "serve",
