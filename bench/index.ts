@@ -1,7 +1,9 @@
 // `npm run bench`: every benchmark in one run, each printing ratios measured
 // side by side. `--json` prints one object; `--quick` uses smaller sizes;
 // `--no-qemu` skips the real-guest comparisons (they need root, QEMU and the
-// guest of scripts/build-guest.sh, and take about 5 minutes); `--write FILE`
+// guest of scripts/build-guest.sh, and take about 5 minutes); `--libvirt` adds
+// libvirt's own migration against `pagetwin libvirt migrate` (bench/libvirt.ts:
+// root, libvirtd and the guest, a few minutes more); `--write FILE`
 // also keeps what it printed as a markdown record (bench/report.ts). The stream
 // replay (bench/stream-replay.ts) needs the guest, and QEMU the first time.
 
@@ -15,6 +17,7 @@ import { benchPlanner } from "./planner.js";
 import { benchPool } from "./pool.js";
 import { benchChannel } from "./channel.js";
 import { benchStreamReplay } from "./stream-replay.js";
+import { benchLibvirt, type LibvirtBench } from "./libvirt.js";
 import { argString } from "./cli.js";
 import { Report } from "./report.js";
 import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
@@ -81,7 +84,14 @@ if (args.includes("--no-qemu")) {
     qemu = { agentMode, streamMode };
   }
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, demo, qemu }));
+// libvirt: only when asked for (it starts two libvirt daemons)
+let libvirt: LibvirtBench = { skipped: "--libvirt not given" };
+if (args.includes("--libvirt")) {
+  part("libvirt: virsh migrate --live vs pagetwin libvirt migrate");
+  if (!json) console.log("libvirt (bench/libvirt.ts, one run of each, the test guest over a 1 Gbit/s namespace link):");
+  libvirt = await benchLibvirt({ runs: 1, quiet: json });
+}
+if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, demo, qemu, libvirt }));
 if (writeTo) {
   report!.write(writeTo);
   console.log(`\nwrote ${writeTo}`);

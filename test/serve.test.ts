@@ -21,6 +21,7 @@ import { qemuStream, freePort } from "./helpers/stream.js";
 import { TraceModel } from "../src/trace/model.js";
 import type { TraceRecord } from "../src/trace/format.js";
 import { countingRelay, sinkQemu, sourceQemu, twoServices, type TwoServices } from "./helpers/serve.js";
+import { Shared } from "../src/serve/shared.js";
 
 const PAGE = 4096;
 let dir = "";
@@ -328,4 +329,29 @@ test("the systemd unit runs pagetwin serve with options it has, and systemd-anal
   const analyze = spawnSync("systemd-analyze", ["verify", path.resolve("scripts/systemd/pagetwin.service")], { encoding: "utf8" });
   if (analyze.error) return; // not installed
   assert.equal(analyze.status, 0, analyze.stderr);
+});
+
+test("Shared: a value released by its last user stays open for idleMs and is handed out again; one no longer current is opened anew; closeIdle closes it", async () => {
+  let opened = 0;
+  const closed: number[] = [];
+  let current = true;
+  const sh = new Shared<number>(async () => ++opened, (v) => closed.push(v), { idleMs: 60_000, current: () => current });
+  assert.equal(await sh.acquire("k"), 1);
+  sh.release("k");
+  assert.deepEqual(sh.users(), { k: 0 }, "open, unused");
+  assert.equal(await sh.acquire("k"), 1, "the same value again, not opened a second time");
+  sh.release("k");
+  current = false;
+  assert.equal(await sh.acquire("k"), 2, "its file changed: opened again");
+  assert.deepEqual(closed, [1]);
+  sh.release("k");
+  sh.release("k"); // a release too many changes nothing
+  sh.closeIdle();
+  await new Promise((r) => setImmediate(r)); // a value is closed once its open has settled
+  assert.deepEqual(closed, [1, 2]);
+  assert.deepEqual(sh.users(), {});
+  const now = new Shared<number>(async () => 7, (v) => closed.push(v));
+  await now.acquire("x");
+  now.release("x");
+  assert.deepEqual(now.users(), {}, "idleMs 0: closed at once");
 });

@@ -12,6 +12,8 @@ export interface EndsRequest {
   disks: DomainDisk[];
   /** The virsh migrate options that reach QEMU's stream (--parallel, --compressed, --tls, ...), for the ends to judge. */
   virshArgs: string[];
+  /** The migration's bandwidth, MiB/s, as the user gave libvirt (virsh migrate --bandwidth, or migrate-setspeed before); absent: none. */
+  bandwidthMiBs?: number;
 }
 
 /** What the ends report when the migration ended (their own stats: bytes on the link, twins per disk, verdict). */
@@ -24,6 +26,8 @@ export interface PreparedEnds {
   listenAddress?: string;
   /** What the user should know (a stream passed through without dedup, ...). */
   notes: string[];
+  /** QEMU's max-bandwidth for this migration, MiB/s (virsh migrate --bandwidth, replacing the user's): the ends took the user's limit over. */
+  qemuBandwidthMiBs?: number;
   /** The migration ended (ok: libvirt reported success): the final report; releases what prepare() set up. */
   finish(ok: boolean): Promise<EndsReport>;
 }

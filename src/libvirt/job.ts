@@ -39,9 +39,11 @@ export function jobProgress(info: Map<string, string>): JobProgress | undefined 
 export class JobWatcher {
   private timer: NodeJS.Timeout | undefined;
   private busy = false;
+  /** Ends a poll still running when the watcher stops (a virsh process the command would otherwise wait for). */
+  private readonly stopped = new AbortController();
   last: JobProgress | undefined;
 
-  constructor(private readonly source: Virsh, private readonly domain: string, private readonly onProgress: (p: JobProgress) => void, private readonly everyMs = 500) {}
+  constructor(private readonly source: Virsh, private readonly domain: string, private readonly onProgress: (p: JobProgress) => void, private readonly everyMs = 1000) {}
 
   start(): void {
     this.timer = setInterval(() => void this.poll(), this.everyMs);
@@ -49,13 +51,14 @@ export class JobWatcher {
 
   stop(): void {
     clearInterval(this.timer);
+    this.stopped.abort();
   }
 
   private async poll(): Promise<void> {
-    if (this.busy) return;
+    if (this.busy || this.stopped.signal.aborted) return;
     this.busy = true;
     try {
-      const p = jobProgress(await this.source.jobInfo(this.domain));
+      const p = jobProgress(await this.source.jobInfo(this.domain, [], this.stopped.signal));
       if (p) {
         this.last = p;
         this.onProgress(p);

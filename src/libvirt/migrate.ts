@@ -5,7 +5,7 @@
 // the source; the error says in which state virsh domstate finds it there.
 
 import { LibvirtError, LibvirtMigrationError } from "../errors.js";
-import { Virsh, type DomainState } from "../adapters/libvirt/virsh.js";
+import { LIBVIRT_UNLIMITED_MIBS, Virsh, type DomainState } from "../adapters/libvirt/virsh.js";
 import { domainDisks, domainUuid, twinDisks, type DomainDisk } from "./domain-xml.js";
 import { JobWatcher, type JobProgress } from "./job.js";
 import type { EndsReport, MigrationEnds, PreparedEnds } from "./ends.js";
@@ -24,7 +24,7 @@ export interface LibvirtMigrateOptions {
   onProgress?: (p: JobProgress) => void;
   /** Step messages (disks found, ends prepared, notes). */
   onNote?: (msg: string) => void;
-  /** How often the job is polled, ms (default 500). */
+  /** How often the job is polled, ms (default 1000: each poll is a virsh process, CPU the migration could use). */
   pollMs?: number;
   signal?: AbortSignal;
 }
@@ -39,6 +39,8 @@ export interface LibvirtMigrateResult {
   skippedDisks: { target: string; reason: string }[];
   /** Wall time of `virsh migrate`, ms. */
   migrateMs: number;
+  /** Where the command's time went, ms: reading the domain, preparing the ends, virsh migrate, then at once checking both hosts and the ends' report. */
+  phases: { inspectMs: number; prepareMs: number; migrateMs: number; checkMs: number; reportMs: number };
   elapsedMs: number;
   /** The last job figures seen (QEMU's stream, before the ends change it). */
   job?: JobProgress;
@@ -52,43 +54,73 @@ export interface LibvirtMigrateResult {
 export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtMigrateResult> {
   const t0 = performance.now();
   const note = o.onNote ?? (() => {});
-  const before = await o.source.domstate(o.domain);
+  // both at once: each is a virsh process and a libvirt call, and this is time before anything moves
+  const [before, xml, speed] = await Promise.all([
+    o.source.domstate(o.domain), o.source.dumpxml(o.domain).catch((err: unknown) => err as Error),
+    o.source.migrateSpeed(o.domain).catch(() => LIBVIRT_UNLIMITED_MIBS),
+  ]);
   if (before !== "running") throw new LibvirtError(`domain ${o.domain} is ${before} on ${o.source.uri}, not running: nothing to migrate live`);
-  const xml = await o.source.dumpxml(o.domain);
+  if (xml instanceof Error) throw xml;
   const { usable, skipped } = twinDisks(domainDisks(xml));
   note(`disks: ${usable.map((d) => `${d.target} ${d.source}`).join(", ") || "none usable"}${skipped.length ? `; not used: ${skipped.map((s) => `${s.target} (${s.reason})`).join(", ")}` : ""}`);
   const uuid = domainUuid(xml);
+  const tp = performance.now();
   const watcher = new JobWatcher(o.source, o.domain, o.onProgress ?? (() => {}), o.pollMs);
   let prepared: PreparedEnds | undefined;
-  let migrateMs = 0;
+  let migrateMs = 0, prepareMs = 0;
   try {
-    prepared = await o.ends.prepare({ domain: o.domain, ...(uuid ? { uuid } : {}), disks: usable, virshArgs: o.virshArgs ?? [] });
+    const bandwidthMiBs = bandwidthArg(o.virshArgs ?? []) ?? (speed < LIBVIRT_UNLIMITED_MIBS ? speed : undefined);
+    prepared = await o.ends.prepare({ domain: o.domain, ...(uuid ? { uuid } : {}), disks: usable, virshArgs: o.virshArgs ?? [], ...(bandwidthMiBs ? { bandwidthMiBs } : {}) });
     for (const n of prepared.notes) note(n);
     const tm = performance.now();
+    prepareMs = tm - tp;
     await runVirshMigrate(o, prepared, watcher);
     migrateMs = performance.now() - tm;
   } catch (err) {
     watcher.stop();
     throw await failed(o, prepared, err);
   }
-  const [sourceState, destState] = await Promise.all([o.source.domstate(o.domain), destinationState(o)]);
-  const report = await prepared.finish(true);
+  // the check and the ends' report at once: neither needs the other
+  const tc = performance.now();
+  let tr = tc;
+  const [[sourceState, destState], report] = await Promise.all([
+    Promise.all([o.source.domstate(o.domain), destinationState(o)]).finally(() => { tr = performance.now(); }),
+    prepared.finish(true),
+  ]);
+  const end = performance.now();
+  const phases = { inspectMs: tp - t0, prepareMs, migrateMs, checkMs: tr - tc, reportMs: end - tc };
   return {
     ok: true, domain: o.domain, ends: o.ends.kind,
     ...(prepared.migrateUri ? { migrateUri: prepared.migrateUri } : {}),
     ...(prepared.listenAddress ? { listenAddress: prepared.listenAddress } : {}),
-    disks: usable, skippedDisks: skipped, migrateMs, elapsedMs: performance.now() - t0,
+    disks: usable, skippedDisks: skipped, migrateMs, elapsedMs: end - t0,
+    phases: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v)])) as typeof phases,
     ...(watcher.last ? { job: watcher.last } : {}),
     sourceState, destState, notes: prepared.notes, report,
   };
 }
 
 /** The virsh migrate command line for these ends (without `-c URI`). */
-export function migrateArgs(o: Pick<LibvirtMigrateOptions, "domain" | "destUri" | "xml" | "virshArgs">, ends: Pick<PreparedEnds, "migrateUri" | "listenAddress">): string[] {
-  return ["migrate", "--live", ...(o.virshArgs ?? []), o.domain, o.destUri,
+export function migrateArgs(o: Pick<LibvirtMigrateOptions, "domain" | "destUri" | "xml" | "virshArgs">, ends: Pick<PreparedEnds, "migrateUri" | "listenAddress" | "qemuBandwidthMiBs">): string[] {
+  const virsh = ends.qemuBandwidthMiBs === undefined ? o.virshArgs ?? [] : [...withoutBandwidth(o.virshArgs ?? []), "--bandwidth", String(ends.qemuBandwidthMiBs)];
+  return ["migrate", "--live", ...virsh, o.domain, o.destUri,
     ...(ends.migrateUri ? ["--migrateuri", ends.migrateUri] : []),
     ...(ends.listenAddress ? ["--listen-address", ends.listenAddress] : []),
     ...(o.xml ? ["--xml", o.xml] : [])];
+}
+
+/** virsh migrate's --bandwidth N (MiB/s), if given. */
+export function bandwidthArg(args: readonly string[]): number | undefined {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    const v = a === "--bandwidth" ? args[i + 1] : a.startsWith("--bandwidth=") ? a.slice(12) : undefined;
+    if (v !== undefined) return Number(v) > 0 ? Number(v) : undefined;
+  }
+  return undefined;
+}
+
+function withoutBandwidth(args: readonly string[]): string[] {
+  return args.filter((a, i) => a !== "--bandwidth" && args[i - 1] !== "--bandwidth" && !a.startsWith("--bandwidth="));
 }
 
 /** Runs `virsh migrate` to its end; rejects with virsh's message when it fails or the signal aborts it. */

@@ -6,8 +6,10 @@
 import { ServeClient, type ServeWatch } from "../serve/client.js";
 import type { OutgoingReady } from "../serve/outgoing.js";
 import type { MigrationStatus, ServeEvent } from "../serve/migration.js";
+import type { StreamStats } from "../stream/stats.js";
 import { UsageError } from "../errors.js";
 import type { TraceSink } from "../trace/sink.js";
+import { LIBVIRT_UNLIMITED_MIBS } from "../adapters/libvirt/virsh.js";
 import type { EndsReport, EndsRequest, MigrationEnds, PreparedEnds } from "./ends.js";
 
 export interface ServeEndsOptions {
@@ -48,7 +50,7 @@ export class ServeEnds implements MigrationEnds {
       watch = await client.watch(id, { trace: trace.length > 0 });
       const ended = endOf(watch, trace);
       const ready = await this.outgoing(client, id, req);
-      return { ...libvirtAddresses(ready), notes: notesOf(ready), finish: (ok) => this.finish(client, id, ok, ended) };
+      return { ...libvirtAddresses(ready), ...linkLimit(req), notes: [...notesOf(ready), ...limitNote(req)], finish: (ok) => this.finish(client, id, ok, ended) };
     } catch (err) {
       await watch?.close();
       client.close();
@@ -72,6 +74,7 @@ export class ServeEnds implements MigrationEnds {
       migration: id, disks: req.disks.map((d) => d.source!),
       qemu: `${this.o.qemuHost ?? "127.0.0.1"}:${port}`, destQemu: `${this.o.listenAddress ?? "127.0.0.1"}:${port}`, peer: this.o.peer,
       ...(this.o.trace?.length ? { trace: true } : {}),
+      ...(req.bandwidthMiBs ? { bandwidth: req.bandwidthMiBs * MIB } : {}),
     });
   }
 
@@ -93,6 +96,22 @@ export function libvirtAddresses(ready: OutgoingReady): { migrateUri: string; li
   return { migrateUri: ready.libvirtMigrateUri ?? `tcp://${ready.listen}`, ...(ready.listenAddress ? { listenAddress: ready.listenAddress } : {}) };
 }
 
+const MIB = 1024 * 1024;
+
+/**
+ * The user's migration bandwidth caps the link, where the network is used: the
+ * service paces what it sends, and QEMU's own stream (of which the link carries
+ * only a part) is not limited as well, or the pages sent as references would
+ * still cost the link's time.
+ */
+function linkLimit(req: EndsRequest): { qemuBandwidthMiBs?: number } {
+  return req.bandwidthMiBs ? { qemuBandwidthMiBs: LIBVIRT_UNLIMITED_MIBS } : {};
+}
+
+function limitNote(req: EndsRequest): string[] {
+  return req.bandwidthMiBs ? [`bandwidth: the link carries at most ${req.bandwidthMiBs} MiB/s; QEMU's stream, of which pages travel as references, is not limited`] : [];
+}
+
 /** The disks whose pages pass through, one sentence each. */
 function notesOf(ready: OutgoingReady): string[] {
   return ready.disks.filter((d) => !d.dedup).map((d) => `${d.path}: no dedup (${d.reason ?? "refused"}); its pages pass through`);
@@ -111,13 +130,20 @@ async function endOf(watch: ServeWatch, trace: readonly TraceSink[]): Promise<Mi
   }
 }
 
+/** Where a side's time went, ms: its own work, waiting for the link (source) or its QEMU (destination) to drain, for acks. */
+function waits(st: StreamStats): { busyMs: number; drainWaitMs: number; windowWaitMs: number } {
+  return { busyMs: Math.round(st.busyMs), drainWaitMs: Math.round(st.drainWaitMs), windowWaitMs: Math.round(st.windowWaitMs) };
+}
+
 /** What the command reports of the service's status: state, per-disk twins, both sides' byte counts and verdict. */
 function report(s: MigrationStatus): EndsReport {
   const st = s.stats;
   return {
     migration: s.migration, state: s.state, ...(s.error ? { error: s.error.message, errorCode: s.error.code } : {}),
     disks: s.disks, verdict: st.verdict, pagesSeen: st.pagesSeen, twinsReplaced: st.twinsReplaced, zeroPages: st.zeroPages, resends: st.resends,
-    bytesFromQemu: st.bytesFromQemu, bytesOutLink: st.bytesOutLink, bytesInLink: st.bytesInLink,
+    bytesFromQemu: st.bytesFromQemu, bytesOutLink: st.bytesOutLink, bytesInLink: st.bytesInLink, sessions: st.sessions, multifd: st.multifd,
+    waits: waits(st), ...(s.peerStats ? { destinationWaits: waits(s.peerStats) } : {}),
+    timings: s.timings, ...(s.peerTimings ? { destinationTimings: s.peerTimings } : {}),
     ...(s.peerStats ? { destination: { verdict: s.peerStats.verdict, bytesToQemu: s.peerStats.bytesToQemu, bytesInLink: s.peerStats.bytesInLink, twinsReplaced: s.peerStats.twinsReplaced, streamsVerified: s.peerStats.streamsVerified } } : {}),
   };
 }

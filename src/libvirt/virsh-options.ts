@@ -20,9 +20,12 @@ const REFUSED: Record<string, string> = {
   "--direct": "virsh's --direct (QEMU managing the migration itself) takes no --migrateuri",
 };
 
-/** Options whose stream pagetwin forwards unchanged, and what the user is told. */
+/**
+ * Options whose stream pagetwin forwards unchanged, and what the user is told.
+ * (--parallel is not among them: each multifd channel is a session of the
+ * migration, its pages looked up like the main channel's.)
+ */
 const PASSTHROUGH: Record<string, string> = {
-  "--parallel": "--parallel: the multifd channels pass through pagetwin without dedup (only the main channel is read)",
   "--compressed": "--compressed: QEMU compresses pages itself, so they cannot be matched with disk blocks; they pass through unchanged",
   "--tls": "--tls: QEMU encrypts its own stream, so pagetwin cannot read it; it passes through unchanged",
   "--postcopy": "--postcopy: pages QEMU sends after the switch to post-copy pass through without dedup",

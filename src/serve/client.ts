@@ -4,6 +4,9 @@
 
 import * as net from "node:net";
 import { ServeError } from "../errors.js";
+
+/** Where `pagetwin serve` listens for local tools unless told otherwise. */
+export const DEFAULT_CONTROL = "/run/pagetwin/control.sock";
 import type { ServeEvent } from "./migration.js";
 
 type Pending = { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void };

@@ -83,6 +83,7 @@ export class IncomingMigration {
       return;
     }
     const paths = p.disks.map((d) => d.path);
+    const t0 = performance.now();
     let disks: OpenDestDisk[];
     try {
       disks = await parts.disks.acquireAll(paths);
@@ -90,7 +91,7 @@ export class IncomingMigration {
       lease.end({ code: errorInfo(err).code, reason: `the destination cannot open the migration's disks: ${(err as Error).message}` });
       return;
     }
-    const m = IncomingMigration.create(p, disks, lease, parts);
+    const m = IncomingMigration.create(p, disks, lease, parts, t0);
     try {
       parts.register(m);
     } catch (err) {
@@ -101,12 +102,14 @@ export class IncomingMigration {
     m.start();
   }
 
-  private static create(p: Prepare, open: OpenDestDisk[], lease: Lease, parts: InParts): IncomingMigration {
+  private static create(p: Prepare, open: OpenDestDisk[], lease: Lease, parts: InParts, t0: number): IncomingMigration {
     const offsets = diskOffsets(p.disks.map((d) => d.blocks));
     const answers = p.disks.map((d, i) => dedupOf(d.indexId, open[i]!, offsets[i]!));
     const stats = newStats("stream-in");
     const record = new MigrationRecord(p.migration, "in", p.qemu, stats,
       p.disks.map((d, i) => ({ path: d.path, ...answers[i]! })), parts.bus);
+    record.since(t0);
+    record.mark("disksOpen");
     const m = new IncomingMigration(record, lease, p.disks.map((d) => d.path), parts);
     const dest: DestDisk[] = open.map((d, i) => ({ engine: d.engine, image: d.image, offset: answers[i]!.dedup ? offsets[i]! : -1, blocks: p.disks[i]!.blocks }));
     const anyDedup = answers.some((a) => a.dedup);
@@ -121,12 +124,13 @@ export class IncomingMigration {
     });
     const { proxy, add } = adopt({
       stats, keep: false, log: parts.log, onClose: () => {},
-      session: (sock, channel) => { record.setState("running"); return runInSession(ctx, sock, channel); },
+      session: (sock, channel) => { record.mark("firstSession"); record.setState("running"); return runInSession(ctx, sock, channel); },
     });
     m.proxy = proxy;
     m.add = add;
     m.ctx = ctx;
     lease.send(PeerFrame.Prepared, { disks: answers } satisfies Prepared);
+    record.mark("prepared");
     return m;
   }
 
@@ -166,8 +170,10 @@ export class IncomingMigration {
     // every session has ended, so has its trace: the file is complete before anyone hears the end
     await this.trace?.close().catch((err: Error) => parts.log.warn(`migration ${record.id} (in): ${err.message}`));
     const ok = !error && record.stats.verdict === "verified";
+    record.mark("sessionsEnded");
     if (!record.final) record.setState(ok ? "completed" : "failed", ok ? undefined : new ServeError("PAGETWIN_MIGRATION", error ?? `the end-to-end check says ${record.stats.verdict}`));
-    lease.send(PeerFrame.Finished, { ok, ...(record.error ? { error: record.error } : {}), stats: record.stats, disks: record.status().disks });
+    record.mark("finished");
+    lease.send(PeerFrame.Finished, { ok, ...(record.error ? { error: record.error } : {}), stats: record.stats, disks: record.status().disks, timings: record.timings });
     lease.end();
     for (const p of this.paths) parts.disks.release(p);
     parts.unregister(this);

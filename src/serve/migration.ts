@@ -36,6 +36,10 @@ export interface MigrationStatus {
   stats: StreamStats;
   /** out: the destination side's stats, once it reported them (FINISHED). */
   peerStats?: StreamStats;
+  /** When each step was reached, ms after startedAt (Timings' names); where a migration's time goes. */
+  timings: Timings;
+  /** out: the destination side's timings (FINISHED), ms after its own start. */
+  peerTimings?: Timings;
   error?: ErrorInfo;
   startedAt: string;
   endedAt?: string;
@@ -48,6 +52,14 @@ export type ServeEvent =
   /** A trace record of the migration (docs/TRACE.md): only to watches that asked for them (`trace: true`). */
   | { event: "trace"; migration: string; direction: Direction; record: TraceRecord };
 
+/**
+ * Steps of a migration, each the ms after the record's start when it was first reached.
+ * out: indexesOpen, peerConnected (TLS done), peerPrepared, ready, qemuConnected (first QEMU connection),
+ * sessionsEnded (every session had its verdict), peerFinished.
+ * in: disksOpen, prepared, firstSession, sessionsEnded, finished.
+ */
+export type Timings = Record<string, number>;
+
 export const FINAL: readonly MigrationState[] = ["completed", "failed", "cancelled"];
 
 export function errorInfo(err: unknown): ErrorInfo {
@@ -58,6 +70,9 @@ export class MigrationRecord {
   state: MigrationState = "preparing";
   error: ErrorInfo | undefined;
   peerStats: StreamStats | undefined;
+  peerTimings: Timings | undefined;
+  readonly timings: Timings = {};
+  private t0 = performance.now();
   readonly startedAt = new Date();
   endedAt: Date | undefined;
   /** Twins per disk (see DiskReport.twins), filled by the sessions' lookups or verifiers. */
@@ -91,11 +106,22 @@ export class MigrationRecord {
     this.settled();
   }
 
+  /** The migration began at `t` (performance.now()), before its record was made. */
+  since(t: number): void {
+    this.t0 = Math.min(this.t0, t);
+  }
+
+  /** Step `name` reached now (the first time counts). */
+  mark(name: string): void {
+    this.timings[name] ??= Math.round(performance.now() - this.t0);
+  }
+
   status(): MigrationStatus {
     return {
       migration: this.id, direction: this.direction, state: this.state, qemu: this.qemu, ...(this.peer ? { peer: this.peer } : {}),
       disks: this.disks.map((d, i) => ({ ...d, twins: this.twins[i]! })),
-      stats: this.stats, ...(this.peerStats ? { peerStats: this.peerStats } : {}), ...(this.error ? { error: this.error } : {}),
+      stats: this.stats, ...(this.peerStats ? { peerStats: this.peerStats } : {}),
+      timings: { ...this.timings }, ...(this.peerTimings ? { peerTimings: this.peerTimings } : {}), ...(this.error ? { error: this.error } : {}),
       startedAt: this.startedAt.toISOString(), ...(this.endedAt ? { endedAt: this.endedAt.toISOString() } : {}),
     };
   }

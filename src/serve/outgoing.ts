@@ -8,6 +8,7 @@ import type { EventEmitter } from "node:events";
 import { availableAlgorithms, zstdUnavailableReason, type CompressionMode } from "../codec/compress.js";
 import type { NasIndex } from "../adapters/nas/index-file.js";
 import { dial } from "../link/dial.js";
+import { RateLimiter } from "../link/rate.js";
 import { formatEndpoint, isLocal, parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import type { Security } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
@@ -21,7 +22,7 @@ import { ServeError, UsageError } from "../errors.js";
 import type { Log } from "../log.js";
 import { PeerFrame, SERVE_PROTOCOL_VERSION, type Prepare, type Prepared } from "./frames.js";
 import { Lease, abortError } from "./lease.js";
-import { MigrationRecord } from "./migration.js";
+import { MigrationRecord, type Timings } from "./migration.js";
 import type { Shared } from "./shared.js";
 import type { MigrationTrace } from "./trace.js";
 
@@ -45,6 +46,8 @@ export interface OutgoingRequest {
   windowPages?: number;
   /** Trace the migration for the asking client: its records as `trace` events to watches that ask for them (docs/TRACE.md). */
   trace?: boolean;
+  /** A cap on what the migration sends on the link, bytes/s, all its connections together (absent or 0: none). */
+  bandwidth?: number;
 }
 
 /** The `outgoing` answer: what QEMU (or libvirt) is given. */
@@ -106,6 +109,7 @@ export class OutgoingMigration {
       // cancelled meanwhile (a control client, or the service stopping): no URI for a migration that is off
       if (this.record.final) throw new ServeError(this.record.error?.code ?? "PAGETWIN_SERVE_CANCELLED", this.record.error?.message ?? "cancelled while it was prepared");
       this.record.setState("ready");
+      this.record.mark("ready");
       this.parts.log.info(`migration ${this.req.migration} (out): ready, QEMU migrates to ${ready.migrateUri}`);
       void this.proxy!.done.then((s) => this.finish(s.error));
       return ready;
@@ -127,6 +131,7 @@ export class OutgoingMigration {
     const { req, parts } = this;
     const nas = await parts.indexes.acquireAll(req.disks);
     this.acquired = true;
+    this.record.mark("indexesOpen");
     const blocks = nas.map((n) => n.header.blocks);
     let prepared!: (lookup: SourceDisk[]) => void;
     const lookup = new Promise<SourceDisk[]>((r) => { prepared = r; });
@@ -150,6 +155,7 @@ export class OutgoingMigration {
     } catch (err) {
       throw new ServeError("PAGETWIN_PEER_UNREACHABLE", (err as Error).message, { cause: err });
     }
+    this.record.mark("peerConnected");
     const lease = this.lease = new Lease(sock);
     const paths = req.destDisks ?? req.disks;
     const p: Prepare = {
@@ -163,6 +169,7 @@ export class OutgoingMigration {
     const prepared = parseJson<Prepared>(f, "PREPARED");
     if (!Array.isArray(prepared.disks) || prepared.disks.length !== paths.length) throw new ServeError("PAGETWIN_PROTOCOL", "PREPARED does not answer for every disk");
     lease.watch((why) => this.cancel(why));
+    this.record.mark("peerPrepared");
     return prepared;
   }
 
@@ -170,13 +177,15 @@ export class OutgoingMigration {
     const { req, parts, record } = this;
     const context = disks.then((lookup) => outContext({
       engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
-      windowPages: req.windowPages, to: this.peerAt, noDedup: lookup.length === 0, compress: req.compress,
+      windowPages: req.windowPages, to: this.peerAt, bandwidth: req.bandwidth,
+      linkLimit: req.bandwidth ? new RateLimiter(req.bandwidth) : undefined, noDedup: lookup.length === 0, compress: req.compress,
       security: parts.security, trace: this.trace?.sinks, traceLabel: `migration ${req.migration} (out)`,
       lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
     }));
     return serve({ at: this.qemuAt, security: { kind: "local" }, peer: "qemu" }, {
       stats: this.stats, keep: false, log: parts.log, onClose: () => {},
       session: async (sock, channel) => {
+        record.mark("qemuConnected");
         const ctx = await context;
         record.setState("running");
         return runOutSession(ctx, sock, channel);
@@ -207,6 +216,7 @@ export class OutgoingMigration {
   private async finish(error: string | undefined): Promise<void> {
     const { record } = this;
     // every session has ended, so has its trace: the file is complete before anyone hears the end
+    record.mark("sessionsEnded");
     await this.closeTrace();
     if (!record.final) {
       await this.peerFinished();
@@ -234,8 +244,10 @@ export class OutgoingMigration {
       return;
     }
     if (f.type !== PeerFrame.Finished) return;
-    const fin = parseJson<{ stats?: StreamStats }>(f, "FINISHED");
+    this.record.mark("peerFinished");
+    const fin = parseJson<{ stats?: StreamStats; timings?: Timings }>(f, "FINISHED");
     if (fin.stats && typeof fin.stats === "object") this.record.peerStats = fin.stats;
+    if (fin.timings && typeof fin.timings === "object") this.record.peerTimings = fin.timings;
   }
 
   private release(): void {
@@ -256,4 +268,5 @@ function checkRequest(r: OutgoingRequest): void {
   }
   if (r.windowPages !== undefined && !(Number.isInteger(r.windowPages) && r.windowPages >= 64)) throw new UsageError("windowPages: an integer >= 64");
   if (r.trace !== undefined && typeof r.trace !== "boolean") throw new UsageError("trace: true or false");
+  if (r.bandwidth !== undefined && !(typeof r.bandwidth === "number" && Number.isFinite(r.bandwidth) && r.bandwidth >= 0)) throw new UsageError("bandwidth: bytes per second, a number >= 0 (0: no cap)");
 }

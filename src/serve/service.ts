@@ -5,6 +5,7 @@
 // migrations that use them (shared.ts).
 
 import { EventEmitter } from "node:events";
+import { statSync } from "node:fs";
 import type * as net from "node:net";
 import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
 import { parseEndpoint } from "../link/endpoint.js";
@@ -29,8 +30,31 @@ export interface ServeServiceOptions extends SecurityOptions, ServeTraceOptions 
   control: string;
   /** HOST:PORT of the peer port other services connect to (absent: this service only sends). */
   peerListen?: string;
+  /** How long an index or image stays open after its last migration, ms (default 0: closed at once; `pagetwin serve`: KEEP_OPEN_MS). */
+  keepOpenMs?: number;
   log?: LogOption;
 }
+
+/**
+ * `pagetwin serve`'s default: an index no migration uses stays open 5 min, so the next migration of the
+ * same images (often the same VM moving on or back) starts without loading them again.
+ */
+export const KEEP_OPEN_MS = 300_000;
+
+/** Index files as they were when opened: an idle one whose file changed since is opened again. */
+const indexFiles = {
+  seen: new WeakMap<object, string>(),
+  signature(path: string): string {
+    try { const s = statSync(path); return `${s.ino}:${s.size}:${s.mtimeMs}`; } catch { return "missing"; }
+  },
+  opened<V extends { indexPath: string }>(v: V): V {
+    indexFiles.seen.set(v, indexFiles.signature(v.indexPath));
+    return v;
+  },
+  current(v: { indexPath: string }): boolean {
+    return indexFiles.seen.get(v) === indexFiles.signature(v.indexPath);
+  },
+};
 
 /** Ended migrations kept for `status` and `list`. */
 const HISTORY = 64;
@@ -41,7 +65,7 @@ export class ServeService {
   private readonly in = new Map<string, IncomingMigration>();
   private readonly history: MigrationRecord[] = [];
   private readonly indexes: Shared<NasIndex>;
-  private readonly destDisks = new Shared<OpenDestDisk>(openDestDisk, (d) => d.image.close());
+  private readonly destDisks: Shared<OpenDestDisk>;
   private control: ControlServer | null = null;
   private peer: Listener | null = null;
   private traces: ServeTraces | null = null;
@@ -53,7 +77,9 @@ export class ServeService {
 
   private constructor(private readonly o: ServeServiceOptions, private readonly security: Security, private readonly log: Log) {
     this.bus.setMaxListeners(0);
-    this.indexes = new Shared<NasIndex>((path) => this.openIndex(path), (n) => { n.index.free(); n.image.close(); });
+    const idle = { idleMs: o.keepOpenMs ?? 0, current: (_: string, v: { indexPath: string }) => indexFiles.current(v) };
+    this.indexes = new Shared<NasIndex>((path) => this.openIndex(path).then(indexFiles.opened), (n) => { n.index.free(); n.image.close(); }, idle);
+    this.destDisks = new Shared<OpenDestDisk>((path) => openDestDisk(path).then(indexFiles.opened), (d) => d.image.close(), idle);
   }
 
   static async start(o: ServeServiceOptions): Promise<ServeService> {
@@ -149,6 +175,8 @@ export class ServeService {
     }
     clearTimeout(timer);
     this.control?.dropAll();
+    this.indexes.closeIdle();
+    this.destDisks.closeIdle();
     await this.traces?.close();
   }
 

@@ -22,7 +22,7 @@ import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.j
 import { ReplayWindow } from "./replay-window.js";
 import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION, decodeCredit } from "./frames.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
-import { LinkMeter } from "../link/rate.js";
+import { LinkMeter, type RateLimiter } from "../link/rate.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { INSECURE_WARNING, resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
@@ -118,6 +118,8 @@ export interface OutContext {
   lastVerdictAt: number;
   /** Another lookup than `index`'s (pagetwin serve: every disk of the migration). */
   lookup?: () => PageLookup;
+  /** A cap on the link's rate, shared by the migration's sessions (pagetwin serve: libvirt's --bandwidth); QEMU waits while it holds. */
+  linkLimit?: RateLimiter;
   /** More HELLO fields (pagetwin serve: the migration id). */
   hello?: Record<string, unknown>;
   trace: readonly TraceSink[];
@@ -506,6 +508,7 @@ class OutSession {
     if (this.failure) return;
     let ok: boolean;
     const t0 = performance.now();
+    const sent = this.stats.bytesOutLink;
     try {
       ok = this.rewrite(chunk);
     } catch (err) {
@@ -514,7 +517,15 @@ class OutSession {
     }
     const t1 = performance.now();
     this.stats.busyMs += t1 - t0;
+    if (this.ctx.linkLimit) await this.limitLink(this.stats.bytesOutLink - sent);
     if (!ok || this.full()) await this.holdQemu(ok, t1);
+  }
+
+  /** QEMU waits until the link's cap allows the bytes this chunk became. */
+  private async limitLink(bytes: number): Promise<void> {
+    this.qemu.pause();
+    await this.ctx.linkLimit!.take(bytes);
+    if (!this.failure) this.qemu.resume();
   }
 
   /** QEMU waits while stream-in has not handed on enough (`linkOk` false) or the replay window is full. */

@@ -29,6 +29,8 @@ const secondDisk = (g: GuestImage) => join(g.disk, "..", "disk2.img");
 const SERVE_PEER_PORT = 4447;
 
 export interface PairService {
+  /** The service's process (node; `ip netns exec` execs it). */
+  pid: number;
   control: string;
   /** HOST:PORT of its peer port. */
   peer: string;
@@ -65,6 +67,17 @@ export function skipLibvirt(): string | false {
   if (!existsSync(secondDisk(g))) return "the guest's second disk (nas/disk2.img) not built: run scripts/build-guest.sh";
   if (spawnSync("unshare", ["--version"], { stdio: "ignore" }).status !== 0) return "unshare (util-linux) missing";
   return false;
+}
+
+/** A process's CPU time so far (user + system), ms; 0 once it is gone. */
+export function cpuMs(pid: number): number {
+  try {
+    // fields after the command's closing parenthesis: utime and stime are the 12th and 13th
+    const f = readFileSync(`/proc/${pid}/stat`, "utf8").replace(/^.*\) /s, "").split(" ");
+    return ((Number(f[11]) + Number(f[12])) * 1000) / 100;
+  } catch {
+    return 0;
+  }
 }
 
 const sleepSync = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
@@ -185,13 +198,15 @@ export class LibvirtPair {
 
   /**
    * `pagetwin serve` in `host`'s network namespace (control socket in the temp dir, peer port on the
-   * host's veth address, the pair's key); resolves once it listens. teardown() stops it if the test did not.
+   * host's veth address, the pair's key); resolves once it listens. `cli`: another pagetwin build's
+   * dist/src/cli/main.js (the bench compares two); `peerPort`: beside another service on the host. teardown() stops it if the test did not.
    */
-  async startService(host: LibvirtHost): Promise<PairService> {
+  async startService(host: LibvirtHost, o: { cli?: string; peerPort?: number } = {}): Promise<PairService> {
     const key = join(this.dir, "peer.key");
     if (!existsSync(key)) writeFileSync(key, randomBytes(32), { mode: 0o600 });
-    const control = join(this.dir, `serve-${host.name}.sock`);
-    const child = this.spawnIn(host, process.execPath, [cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${SERVE_PEER_PORT}`, "--psk-file", key, "--json"]);
+    const port = o.peerPort ?? SERVE_PEER_PORT;
+    const control = join(this.dir, `serve-${host.name}-${port}.sock`);
+    const child = this.spawnIn(host, process.execPath, [o.cli ?? cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${port}`, "--psk-file", key, "--json"]);
     this.services.add(child);
     let out = "", err = "";
     child.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });
@@ -202,7 +217,7 @@ export class LibvirtPair {
     });
     const exited = new Promise<void>((r) => { if (child.exitCode !== null) r(); else child.once("exit", () => r()); });
     return {
-      control, peer: `${host.ip}:${SERVE_PEER_PORT}`, log: () => err,
+      pid: child.pid!, control, peer: `${host.ip}:${port}`, log: () => err,
       stop: async () => { child.kill("SIGTERM"); await exited; this.services.delete(child); },
     };
   }

@@ -15,6 +15,9 @@ export interface VirshOptions {
   timeoutMs?: number;
 }
 
+/** libvirt's "no limit" for a migration's bandwidth, MiB/s (INT64_MAX bytes/s): migrate-getspeed's answer when none was set. */
+export const LIBVIRT_UNLIMITED_MIBS = 8796093022207;
+
 /** What virsh says when the domain does not exist on that connection. */
 const NO_DOMAIN = /failed to get domain|Domain not found/i;
 
@@ -25,10 +28,10 @@ export class Virsh {
     this.bin = o.bin ?? "virsh";
   }
 
-  /** Runs `virsh -c URI ARGS...`; its stdout, or a LibvirtError with its stderr. */
-  run(args: string[], timeoutMs = this.o.timeoutMs ?? 30_000): Promise<string> {
+  /** Runs `virsh -c URI ARGS...`; its stdout, or a LibvirtError with its stderr (`signal`: killed when it aborts). */
+  run(args: string[], timeoutMs = this.o.timeoutMs ?? 30_000, signal?: AbortSignal): Promise<string> {
     return new Promise((resolve, reject) => {
-      execFile(this.bin, ["-c", this.uri, ...args], { timeout: timeoutMs, maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
+      execFile(this.bin, ["-c", this.uri, ...args], { timeout: timeoutMs, maxBuffer: 16 << 20, ...(signal ? { signal } : {}) }, (err, stdout, stderr) => {
         if (!err) return resolve(stdout);
         const said = stderr.trim().replace(/^error: /gm, "").split("\n").filter(Boolean).join("; ");
         reject(new LibvirtError(`virsh ${args[0]} (${this.uri}): ${said || err.message}`, { cause: err, virshStderr: stderr }));
@@ -52,14 +55,21 @@ export class Virsh {
   }
 
   /** `virsh domjobinfo`'s key/value lines ("Data processed" -> "120.5 MiB"); empty when no job runs (`--completed`: the last job's). */
-  async jobInfo(domain: string, extra: string[] = []): Promise<Map<string, string>> {
-    const out = await this.run(["domjobinfo", ...extra, domain], 10_000);
+  async jobInfo(domain: string, extra: string[] = [], signal?: AbortSignal): Promise<Map<string, string>> {
+    const out = await this.run(["domjobinfo", ...extra, domain], 10_000, signal);
     const m = new Map<string, string>();
     for (const line of out.split("\n")) {
       const i = line.indexOf(":");
       if (i > 0) m.set(line.slice(0, i).trim(), line.slice(i + 1).trim());
     }
     return m;
+  }
+
+  /** `virsh migrate-getspeed`: QEMU's max-bandwidth for the domain's migrations, MiB/s (LIBVIRT_UNLIMITED_MIBS: none set). */
+  async migrateSpeed(domain: string): Promise<number> {
+    const v = Number((await this.run(["migrate-getspeed", domain], 10_000)).trim());
+    if (!Number.isFinite(v) || v < 0) throw new LibvirtError(`virsh migrate-getspeed ${domain}: not a number`, { virshStderr: "" });
+    return v;
   }
 
   /** Starts a long virsh command (a migration) as a child; the caller waits for it and kills it. */

@@ -10,7 +10,8 @@ import { DirectEnds, type MigrationEnds } from "../../libvirt/ends.js";
 import type { TraceSink } from "../../trace/sink.js";
 import { libvirtAddresses, ServeEnds } from "../../libvirt/serve-ends.js";
 import { domainDisks, domainUuid, twinDisks } from "../../libvirt/domain-xml.js";
-import { DEFAULT_CONTROL } from "./serve.js";
+// from the client, not ./serve.js: that would load the whole service (and stream mode) into this command
+import { DEFAULT_CONTROL } from "../../serve/client.js";
 import { libvirtMigrate, type LibvirtMigrateResult } from "../../libvirt/migrate.js";
 import { splitArgs, type SplitArgs } from "../../libvirt/virsh-options.js";
 import { fmtBytes } from "../args.js";
