@@ -12,12 +12,18 @@ const node = (files, pattern) =>
 export const targets = {
   "replay-window": { mutate: ["src/stream/replay-window.ts"], command: node(["replay-window"]) },
   convergence: { mutate: ["src/plan/convergence.ts"], command: node(["planner"]) },
-  // the planner's joins: the bit-vector logic that sorts dirty pages into send / map / zero
-  planner: { mutate: ["src/plan/planner.ts:140-229"], command: node(["planner"]) },
+  // the planner's joins: the bit-vector logic that sorts dirty pages into send / map / zero (planWindow to
+  // recordSent), and collect(), which joins the windows' plans into one iteration's
+  planner: { mutate: ["src/plan/planner.ts:129-212", "src/plan/planner.ts:277-294"], command: node(["planner"]) },
   // the destination's verification: Refs check, what is held, the verdict at switchover
   destination: { mutate: ["src/agent/destination.ts:210-255", "src/agent/destination.ts:336-396"], command: node(["verdict"]) },
-  // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END
-  "stream-in": { mutate: ["src/stream/in.ts:349-386"], command: node(["stream-faults"], "^(stream checked|stream fault: the NAS|runs of|a small)") },
+  // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END: onResend, step()'s
+  // dispatch and END, toQemu()'s length and CRC, rebuildRefs, resend, checkEnd to compareEnd
+  // (not the timing and flow-control counters around them, nor multifd's MREFS, which these tests do not send)
+  "stream-in": {
+    mutate: ["296-305", "418-420", "422-425", "428-428", "445-448", "459-487", "499-537"].map((r) => `src/stream/in.ts:${r}`),
+    command: node(["stream-faults"], "^(stream checked|stream fault: the NAS|runs of|a small|stream-in's)"),
+  },
   handshake: { mutate: ["src/link/security.ts:94-140", "src/link/listen.ts:69-132"], command: node(["security"]) },
 };
 
