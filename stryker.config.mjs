@@ -5,8 +5,8 @@
 // on a small machine: MUTATE=<target> npm run mutate (see docs/TESTING.md).
 // The targets are the modules that carry pagetwin's guarantees.
 
-const node = (files, pattern) =>
-  `node --test --test-concurrency=1${pattern ? ` --test-name-pattern="${pattern}"` : ""} ${files.map((f) => `dist/test/${f}.test.js`).join(" ")}`;
+const node = (files, pattern, flags = "") =>
+  `node --test --test-concurrency=1${flags}${pattern ? ` --test-name-pattern="${pattern}"` : ""} ${files.map((f) => `dist/test/${f}.test.js`).join(" ")}`;
 
 /** Per target: what is mutated (files, or file:line ranges) and the tests that must kill it. */
 export const targets = {
@@ -22,8 +22,9 @@ export const targets = {
   // (not the timing and flow-control counters around them, nor multifd's MREFS, which these tests do not send)
   "stream-in": {
     mutate: ["296-305", "418-420", "422-425", "428-428", "445-448", "459-487", "499-537"].map((r) => `src/stream/in.ts:${r}`),
-    // fastest tests first, each stage stopping the chain: a mutant killed early costs only its first stages
-    command: ["^(stream-in's|a small)", "^runs of", "^(stream checked|stream fault: the NAS)"].map((p) => node(["stream-faults"], p)).join(" && "),
+    // fastest tests first, each stage stopping the chain: a mutant killed early costs only its first stages;
+    // a mutant that hangs a session fails at its test's own timeout, and the run exits with sockets still open
+    command: ["^(stream-in's|a small)", "^runs of", "^(stream checked|stream fault: the NAS)"].map((p) => node(["stream-faults"], p, " --test-force-exit")).join(" && "),
   },
   handshake: { mutate: ["src/link/security.ts:94-140", "src/link/listen.ts:69-132"], command: node(["security"]) },
 };

@@ -244,7 +244,7 @@ test("runs of twins under faults: the image truncated inside a run and a block r
   }
 });
 
-test("a small replay window (8 pages), every page a twin, every reference NEEDed: the stream completes byte-identical, each NEED answered with its own page", { timeout: 60_000 }, async () => {
+test("a small replay window (8 pages), every page a twin, every reference NEEDed: the stream completes byte-identical, each NEED answered with its own page", { timeout: 20_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {
     const blocks = 1024;
@@ -292,7 +292,7 @@ const editEnd = (edit: (e: Record<string, unknown>) => void) => (p: Buffer) => {
   return Buffer.from(JSON.stringify(e), "utf8");
 };
 
-test("stream-in's END check: END's own counts are taken, a missing or different length or CRC-32 fails with both shown in full", { timeout: 60_000 }, async () => {
+test("stream-in's END check: END's own counts are taken, a missing or different length or CRC-32 fails with both shown in full", { timeout: 20_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {
     const [counts, noLength, noCrc, crc, length] = await Promise.all([
@@ -318,7 +318,7 @@ test("stream-in's END check: END's own counts are taken, a missing or different 
   }
 });
 
-test("stream-in's NEED/RESEND: a RESEND of another size, of a page not asked for, or twice fails the session; a REFS frame over MAX_REFS too", { timeout: 60_000 }, async () => {
+test("stream-in's NEED/RESEND: a RESEND of another size, of a page not asked for, or twice fails the session; a REFS frame over MAX_REFS too", { timeout: 20_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {
     const refs = (n: number) => {
