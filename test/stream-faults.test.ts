@@ -271,16 +271,19 @@ test("a small replay window (8 pages), every page a twin, every reference NEEDed
 
 /**
  * A small "alternate" fixture (64 blocks) through the proxies, the first stream-out -> stream-in frame of `type`
- * rewritten (into one or more frames, resealed); with `truncate`, the image is emptied at HELLO.
+ * rewritten (into one or more frames, resealed) or the link cut there (`rewrite` returns null to pass a frame); with `truncate`, the image is emptied at
+ * HELLO; with `layout: "runs"`, 256 blocks in runs of twins.
  */
-async function withFrameRewritten(dir: string, type: SFrame, rewrite: (payload: Buffer) => Buffer | Buffer[], o: { truncate?: boolean } = {}): Promise<{ r: ProxyRun; data: Buffer }> {
-  const { image, data } = await fixture(mkdtempSync(join(dir, "f-")), 64);
+async function withFrameRewritten(dir: string, type: SFrame, rewrite: (payload: Buffer) => Buffer | Buffer[] | "cut" | null, o: { truncate?: boolean; layout?: "runs" } = {}): Promise<{ r: ProxyRun; data: Buffer }> {
+  const { image, data } = await fixture(mkdtempSync(join(dir, "f-")), o.layout ? 256 : 64, o.layout);
   let truncated = !o.truncate, done = false;
   const via = frameTamper((t, sealed, payload) => {
     if (!truncated) { truncateSync(image, 0); truncated = true; } // at HELLO: every reference is NEEDed
     if (t !== type || done) return sealed;
-    done = true;
     const x = rewrite(Buffer.from(payload));
+    if (x === null) return sealed; // not this one
+    done = true;
+    if (x === "cut") return x;
     return Buffer.concat((Array.isArray(x) ? x : [x]).map((b) => frame(t, b)));
   });
   return { r: await throughProxies({ data, image, out: { compress: "off" }, via }), data };
@@ -341,6 +344,20 @@ test("stream-in's NEED/RESEND: a RESEND of another size, of a page not asked for
       assert.match(r.so.error ?? "", /stream-in aborted the migration/);
       assert.ok(r.out.length < data.length && data.subarray(0, r.out.length).equals(r.out), "the destination QEMU got a clean prefix");
     }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stream-in's NEED/RESEND: the link cut while a REFS frame of many references waits for a resent page: stream-in ends by itself", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    // RESENDs in order: the run of 1 twin, then the first of the run of 7 (its REFS frame waits there)
+    let n = 0;
+    const { r, data } = await withFrameRewritten(dir, SFrame.Resend, () => (++n === 2 ? "cut" : null), { truncate: true, layout: "runs" });
+    assert.match(r.si.error ?? "", /link (closed while waiting for a resent page|from stream-out (failed|closed))/);
+    assert.ok(r.inEnded, "stream-in ended by itself, not waiting for the rest of the frame's pages");
+    assert.ok(r.out.length < data.length && data.subarray(0, r.out.length).equals(r.out), "the destination QEMU got a clean prefix");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
