@@ -299,7 +299,8 @@ test("stream-in's END check: END's own counts are taken, a missing or different 
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {
     const [counts, noLength, noCrc, crc, length] = await Promise.all([
-      withFrameRewritten(dir, SFrame.End, editEnd((e) => { e.pages = 7; e.zeroPages = 5; })),
+      // END twice: the session ends at the first (nothing after END is taken, no second verdict)
+      withFrameRewritten(dir, SFrame.End, (p) => [editEnd((e) => { e.pages = 7; e.zeroPages = 5; })(p), p]),
       withFrameRewritten(dir, SFrame.End, editEnd((e) => { delete e.streamBytes; })),
       withFrameRewritten(dir, SFrame.End, editEnd((e) => { delete e.crc32; })),
       withFrameRewritten(dir, SFrame.End, editEnd((e) => { e.crc32 = 0xabcd; })),
@@ -308,6 +309,7 @@ test("stream-in's END check: END's own counts are taken, a missing or different 
     assert.equal(counts.r.si.error, undefined, counts.r.si.error);
     assert.ok(counts.r.out.equals(counts.data));
     assert.deepEqual([counts.r.si.pagesSeen, counts.r.si.zeroPages, counts.r.si.streamsVerified], [7, 5, 1]);
+    assert.deepEqual([counts.r.so.error, counts.r.so.verdict], [undefined, "verified"]);
     for (const { r } of [noLength, noCrc]) {
       assert.match(r.si.error ?? "", /END frame has no stream length and CRC-32: the stream cannot be checked end to end/);
       assert.deepEqual([r.si.streamsVerified, r.si.streamsFailed, r.so.verdict], [0, 1, "failed"]);
