@@ -295,10 +295,11 @@ const editEnd = (edit: (e: Record<string, unknown>) => void) => (p: Buffer) => {
   return Buffer.from(JSON.stringify(e), "utf8");
 };
 
-test("stream-in's END check: END's own counts are taken, a missing or different length or CRC-32 fails with both shown in full", { timeout: 20_000 }, async () => {
+test("stream-in's END check: END's own counts are taken, an END that is not JSON, a missing or different length or CRC-32 fails with both shown in full", { timeout: 20_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {
-    const [counts, noLength, noCrc, crc, length] = await Promise.all([
+    const [notJson, counts, noLength, noCrc, crc, length] = await Promise.all([
+      withFrameRewritten(dir, SFrame.End, () => Buffer.from("null")),
       // END twice: the session ends at the first (nothing after END is taken, no second verdict)
       withFrameRewritten(dir, SFrame.End, (p) => [editEnd((e) => { e.pages = 7; e.zeroPages = 5; })(p), p]),
       withFrameRewritten(dir, SFrame.End, editEnd((e) => { delete e.streamBytes; })),
@@ -310,6 +311,7 @@ test("stream-in's END check: END's own counts are taken, a missing or different 
     assert.ok(counts.r.out.equals(counts.data));
     assert.deepEqual([counts.r.si.pagesSeen, counts.r.si.zeroPages, counts.r.si.streamsVerified], [7, 5, 1]);
     assert.deepEqual([counts.r.so.error, counts.r.so.verdict], [undefined, "verified"]);
+    assert.match(notJson.r.si.error ?? "", /END frame does not hold a JSON object/);
     for (const { r } of [noLength, noCrc]) {
       assert.match(r.si.error ?? "", /END frame has no stream length and CRC-32: the stream cannot be checked end to end/);
       assert.deepEqual([r.si.streamsVerified, r.si.streamsFailed, r.so.verdict], [0, 1, "failed"]);
