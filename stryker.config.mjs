@@ -19,7 +19,7 @@ export const targets = {
   destination: { mutate: ["src/agent/destination.ts:210-255", "src/agent/destination.ts:336-396"], command: node(["verdict"]) },
   // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END: onResend, step()'s
   // dispatch and END, toQemu()'s length and CRC, rebuildRefs, resend, checkEnd to compareEnd
-  // (not the timing and flow-control counters around them, nor multifd's MREFS, which these tests do not send)
+  // (not the timing and flow-control counters around them, nor multifdRefs(): these tests send no MREFS frame)
   "stream-in": {
     mutate: ["296-305", "418-420", "422-425", "428-428", "445-448", "459-487", "499-537"].map((r) => `src/stream/in.ts:${r}`),
     // fastest tests first, each stage stopping the chain: a mutant killed early costs only its first stages;
