@@ -5,22 +5,65 @@
 // on a small machine: MUTATE=<target> npm run mutate (see docs/TESTING.md).
 // The targets are the modules that carry pagetwin's guarantees.
 
-const node = (files, pattern) =>
-  `node --test --test-concurrency=1${pattern ? ` --test-name-pattern="${pattern}"` : ""} ${files.map((f) => `dist/test/${f}.test.js`).join(" ")}`;
+import { readFileSync } from "node:fs";
+
+// Targets name code by its text, not its line numbers, so that they follow it as files change: `block(file,
+// from, to)` is from the first line holding `from` to the end of the block (a method, a function) that opens on
+// the first line from there holding `to` (default: `from`'s own); `lines(file, from, to)` ends on `to`'s line.
+const source = (file) => readFileSync(file, "utf8").split("\n");
+function lineOf(text, needle, from = 0) {
+  const i = text.findIndex((l, k) => k >= from && l.includes(needle));
+  if (i < 0) throw new Error(`stryker.config.mjs: no line holds ${JSON.stringify(needle)}`);
+  return i;
+}
+function lines(file, from, to = from) {
+  const t = source(file), a = lineOf(t, from);
+  return `${file}:${a + 1}-${lineOf(t, to, a) + 1}`;
+}
+function block(file, from, to = from) {
+  const t = source(file), a = lineOf(t, from), o = lineOf(t, to, a);
+  const close = t[o].match(/^\s*/)[0] + "}";
+  return `${file}:${a + 1}-${t.findIndex((l, k) => k > o && l.startsWith(close) && l.trim().length <= 2) + 1}`;
+}
+const IN = "src/stream/in.ts", DEST = "src/agent/destination.ts";
+
+const node = (files, pattern, flags = "") =>
+  `node --test --test-concurrency=1${flags}${pattern ? ` --test-name-pattern="${pattern}"` : ""} ${files.map((f) => `dist/test/${f}.test.js`).join(" ")}`;
 
 /** Per target: what is mutated (files, or file:line ranges) and the tests that must kill it. */
 export const targets = {
   "replay-window": { mutate: ["src/stream/replay-window.ts"], command: node(["replay-window"]) },
   convergence: { mutate: ["src/plan/convergence.ts"], command: node(["planner"]) },
-  // the planner's joins: the bit-vector logic that sorts dirty pages into send / map / zero
-  planner: { mutate: ["src/plan/planner.ts:140-229"], command: node(["planner"]) },
-  // the destination's verification: Refs check, what is held, the verdict at switchover
-  destination: { mutate: ["src/agent/destination.ts:221-265", "src/agent/destination.ts:350-410"], command: node(["verdict"]) },
-  // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END
-  "stream-in": { mutate: ["src/stream/in.ts:349-386"], command: node(["stream-faults"], "^(stream checked|stream fault: the NAS|runs of|a small)") },
+  // the planner's joins: the bit-vector logic that sorts dirty pages into send / map / zero (planWindow to
+  // recordSent), and collect(), which joins the windows' plans into one iteration's
+  planner: {
+    mutate: [block("src/plan/planner.ts", "planWindow(first: number, count: number)", "recordSent(page: number"), block("src/plan/planner.ts", "export function collect(")],
+    command: node(["planner"]),
+  },
+  // the destination's verification: Refs check, what is held, the verdict at switchover, hashing what was written
+  destination: {
+    mutate: [lines(DEST, "case FrameType.Refs: {", 'r.status = "completed";'), block(DEST, "private hashRam(", "private ramDigest("), "src/agent/page-writer.ts"],
+    command: node(["verdict"]),
+  },
+  // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END: onResend, step()'s
+  // dispatch and END, toQemu()'s length and CRC, rebuildRefs, resend, checkEnd to compareEnd
+  // (not the timing and flow-control counters around them, nor multifdRefs(): these tests send no MREFS frame)
+  "stream-in": {
+    mutate: [
+      block(IN, "private onResend("),
+      lines(IN, "if (f.type === SFrame.Raw || f.type === SFrame.RawZ) {", "} else if (f.type === SFrame.Refs"),
+      lines(IN, "if (f.type !== SFrame.End) return false;", "if (!this.qemu!.destroyed) this.qemu!.end();"),
+      lines(IN, "this.streamBytes += buf.length;", "this.toQemuMem.write(q, buf);"),
+      block(IN, "private async rebuildRefs("),
+      block(IN, "private async resend(", "private compareEnd("),
+    ],
+    // fastest tests first, each stage stopping the chain: a mutant killed early costs only its first stages;
+    // a mutant that hangs a session fails at its test's own timeout, and the run exits with sockets still open
+    command: ["^(stream-in's|a small)", "^runs of", "^(stream checked|stream fault: the NAS)"].map((p) => node(["stream-faults"], p, " --test-force-exit")).join(" && "),
+  },
   // every security test but the key-file and CLI ones (they spawn the CLI and touch none of these lines)
   handshake: {
-    mutate: ["src/link/security.ts:94-140", "src/link/listen.ts:69-133"],
+    mutate: [block("src/link/security.ts", "export function serverOptions(", "export function unverifiedPeer("), block("src/link/listen.ts", "private static createServer(", "private authenticated(")],
     command: node(["security"], "^(key: a migration|on-path|canary|TLS: a source|the destination refuses|a destination agent|handshake)"),
   },
 };

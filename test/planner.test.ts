@@ -44,6 +44,9 @@ test("each iteration's send / map / zero lists equal a naive model of dirty, zer
     assert.deepEqual(Array.from(plan.send), want.send, `iteration ${it} send`);
     assert.deepEqual(Array.from(plan.twinPages), want.map, `iteration ${it} map`);
     assert.deepEqual(Array.from(plan.zeroPages), want.zero, `iteration ${it} zero`);
+    // the windows' plans joined: counts and the blocks in the order of their pages
+    assert.deepEqual([plan.iteration, plan.dirty, plan.normal, plan.twin, plan.zero, plan.resent], [it, want.send.length + want.map.length + want.zero.length, want.send.length, want.map.length, want.zero.length, 0]);
+    assert.equal(plan.twinBlocks.length, plan.twinPages.length);
   }
   // an unchanged RAM plans nothing
   const idle = planIteration(planner, 5, (first, count, into) => into.set(ram.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE)));
@@ -130,4 +133,67 @@ test("countDirty counts the pages changed since they were planned, and changes n
   // nothing was recorded: the next round still sends every changed page
   const plan = planIteration(planner, 2, read);
   assert.deepEqual(Array.from(plan.send), [...changed].sort((a, b) => a - b));
+});
+
+test("planWindowHashed plans a window hashed elsewhere exactly as planWindow does; windows and lengths are checked; windowHash, recordSent, zeroHeld", async () => {
+  const engine = await createEngine({ seed: 11n });
+  const pages = 197, W = 64; // the last window holds 5 pages: a zero-bit byte only partly used
+  const disk = new Uint8Array(randomBytes(64 * PAGE_SIZE));
+  const index = engine.createIndex(64);
+  index.setBlocks(engine.hashPages(disk), 0);
+  const ram = new Uint8Array(pages * PAGE_SIZE);
+  const page = (p: number) => ram.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE);
+  for (let p = 0; p < pages; p++) {
+    if (p % 3 === 0) page(p).set(disk.subarray((p % 64) * PAGE_SIZE, (p % 64 + 1) * PAGE_SIZE)); // a twin of block p % 64
+    else if (p % 3 === 1) page(p).set(randomBytes(PAGE_SIZE)); // sent in full
+  } // p % 3 === 2: zero, held by the destination already
+  const direct = new Planner(engine, { pages, windowPages: W, index });
+  const hashed = new Planner(engine, { pages, windowPages: W, index });
+  const zeroBitsOf = (first: number, count: number) => {
+    // exactly as long as needed; the last window's padded to a 64-bit word as a pool's (the padding not read)
+    const bits = new Uint8Array(count === W ? W / 8 : 8).fill(0xff, Math.ceil(count / 8));
+    for (let i = 0; i < count; i++) if (page(first + i).every((x) => x === 0)) bits[i >> 3]! |= 1 << (i & 7);
+    return bits;
+  };
+  for (let round = 1; round <= 2; round++) {
+    for (let first = 0; first < pages; first += W) {
+      const count = direct.windowCount(first);
+      direct.window.view(0, count * PAGE_SIZE).set(ram.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE));
+      const a = direct.planWindow(first, count);
+      const b = hashed.planWindowHashed(first, count, engine.hashPages(ram.subarray(first * PAGE_SIZE, (first + count) * PAGE_SIZE)), zeroBitsOf(first, count));
+      assert.deepEqual(b, a, `round ${round}, window ${first}`);
+      const inWindow = (p: number) => p >= first && p < first + count;
+      const all = [...Array(pages).keys()].filter(inWindow);
+      if (round === 1) {
+        assert.deepEqual(Array.from(a.twinPages), all.filter((p) => p % 3 === 0), `window ${first}: twins`);
+        assert.deepEqual(Array.from(a.twinBlocks), all.filter((p) => p % 3 === 0).map((p) => p % 64), `window ${first}: their blocks`);
+        assert.deepEqual(Array.from(a.send), all.filter((p) => p % 3 === 1), `window ${first}: sent in full`);
+        assert.equal(a.dirty, a.twinPages.length + a.send.length);
+        assert.equal(a.zeroHeld, all.filter((p) => p % 3 === 2).length, `window ${first}: zero pages held already`);
+        assert.equal(a.zero.length, 0);
+        // the hash of a page of this window, as planned
+        const p = first + count - 1;
+        assert.deepEqual(direct.windowHash(first, p), engine.hashPages(page(p)));
+      } else {
+        // round 2: the pages sent in round 1 turned zero, one of them recorded as re-sent (held) already
+        assert.deepEqual(Array.from(a.zero), all.filter((p) => p % 3 === 1 && p !== 1), `window ${first}: zero`);
+        assert.equal(a.zeroHeld, all.filter((p) => p % 3 === 2 || p === 1).length);
+        assert.equal(a.send.length + a.twinPages.length, 0);
+      }
+    }
+    if (round === 1) {
+      for (let p = 1; p < pages; p += 3) page(p).fill(0);
+      for (const pl of [direct, hashed]) pl.recordSent(1, engine.zeroPageHash());
+    }
+  }
+  // only whole windows inside the VM, and hashes / zero bits that fit the window
+  const h = engine.hashPages(ram.subarray(0, W * PAGE_SIZE));
+  for (const [first, count] of [[1, 63], [0, 0], [0, W + 64], [192, 6], [128, 70]] as const) {
+    assert.throws(() => hashed.planWindowHashed(first, count, h.subarray(0, count * 16), new Uint8Array(16)), /bad window/, `${first}+${count}`);
+  }
+  assert.throws(() => hashed.planWindowHashed(0, W, h.subarray(16), new Uint8Array(8)), (e: unknown) => e instanceof RangeError && /1008 bytes of hashes \/ 8 of zero bits for a window of 64 pages/.test(e.message));
+  assert.throws(() => hashed.planWindowHashed(0, W, h, new Uint8Array(7)), /of zero bits for a window of 64 pages/);
+  assert.throws(() => direct.countDirty(0, W + 64), /bad window 0\+128 for a VM of 197 pages/);
+  direct.free();
+  hashed.free();
 });

@@ -206,6 +206,7 @@ test("runs of consecutive twins (REFS frames of many references, blocks read as 
       assert.equal(r.si.streamsVerified, 1);
       assert.equal(r.so.twinsReplaced, blocks, `${split}: every twin went as a reference`);
       assert.equal(r.si.twinsReplaced, blocks);
+      assert.equal(r.si.multifd.twins, 0, "no multifd channel: none of its twins");
       assert.equal(r.si.resends, 0);
     }
   } finally {
@@ -243,7 +244,7 @@ test("runs of twins under faults: the image truncated inside a run and a block r
   }
 });
 
-test("a small replay window (8 pages), every page a twin, every reference NEEDed: the stream completes byte-identical, each NEED answered with its own page", { timeout: 60_000 }, async () => {
+test("a small replay window (8 pages), every page a twin, every reference NEEDed: the stream completes byte-identical, each NEED answered with its own page", { timeout: 20_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {
     const blocks = 1024;
@@ -263,6 +264,104 @@ test("a small replay window (8 pages), every page a twin, every reference NEEDed
     assert.ok(r.so.twinsReplaced < blocks, "the full window sent pages raw");
     assert.equal(r.si.resends, r.so.twinsReplaced, "every reference was NEEDed and RESENT");
     assert.equal(r.si.twinsReplaced, 0);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/**
+ * A small "alternate" fixture (64 blocks) through the proxies, the first stream-out -> stream-in frame of `type`
+ * rewritten (into one or more frames, resealed) or the link cut there (`rewrite` returns null to pass a frame); with `truncate`, the image is emptied at
+ * HELLO; with `layout: "runs"`, 256 blocks in runs of twins.
+ */
+async function withFrameRewritten(dir: string, type: SFrame, rewrite: (payload: Buffer) => Buffer | Buffer[] | "cut" | null, o: { truncate?: boolean; layout?: "runs" } = {}): Promise<{ r: ProxyRun; data: Buffer }> {
+  const { image, data } = await fixture(mkdtempSync(join(dir, "f-")), o.layout ? 256 : 64, o.layout);
+  let truncated = !o.truncate, done = false;
+  const via = frameTamper((t, sealed, payload) => {
+    if (!truncated) { truncateSync(image, 0); truncated = true; } // at HELLO: every reference is NEEDed
+    if (t !== type || done) return sealed;
+    const x = rewrite(Buffer.from(payload));
+    if (x === null) return sealed; // not this one
+    done = true;
+    if (x === "cut") return x;
+    return Buffer.concat((Array.isArray(x) ? x : [x]).map((b) => frame(t, b)));
+  });
+  return { r: await throughProxies({ data, image, out: { compress: "off" }, via }), data };
+}
+
+const editEnd = (edit: (e: Record<string, unknown>) => void) => (p: Buffer) => {
+  const e = JSON.parse(p.toString("utf8")) as Record<string, unknown>;
+  edit(e);
+  return Buffer.from(JSON.stringify(e), "utf8");
+};
+
+test("stream-in's END check: END's own counts are taken, an END that is not JSON, a missing or different length or CRC-32 fails with both shown in full", { timeout: 20_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    const [notJson, counts, noLength, noCrc, crc, length] = await Promise.all([
+      withFrameRewritten(dir, SFrame.End, () => Buffer.from("null")),
+      // END twice: the session ends at the first (nothing after END is taken, no second verdict)
+      withFrameRewritten(dir, SFrame.End, (p) => [editEnd((e) => { e.pages = 7; e.zeroPages = 5; })(p), p]),
+      withFrameRewritten(dir, SFrame.End, editEnd((e) => { delete e.streamBytes; })),
+      withFrameRewritten(dir, SFrame.End, editEnd((e) => { delete e.crc32; })),
+      withFrameRewritten(dir, SFrame.End, editEnd((e) => { e.crc32 = 0xabcd; })),
+      withFrameRewritten(dir, SFrame.End, editEnd((e) => { e.streamBytes = (e.streamBytes as number) + 1; })),
+    ]);
+    assert.equal(counts.r.si.error, undefined, counts.r.si.error);
+    assert.ok(counts.r.out.equals(counts.data));
+    assert.deepEqual([counts.r.si.pagesSeen, counts.r.si.zeroPages, counts.r.si.streamsVerified], [7, 5, 1]);
+    assert.deepEqual([counts.r.so.error, counts.r.so.verdict], [undefined, "verified"]);
+    assert.match(notJson.r.si.error ?? "", /END frame does not hold a JSON object/);
+    for (const { r } of [noLength, noCrc]) {
+      assert.match(r.si.error ?? "", /END frame has no stream length and CRC-32: the stream cannot be checked end to end/);
+      assert.deepEqual([r.si.streamsVerified, r.si.streamsFailed, r.so.verdict], [0, 1, "failed"]);
+    }
+    const n = crc.data.length;
+    assert.match(crc.r.si.error ?? "", new RegExp(`here ${n} bytes, CRC-32 [0-9a-f]{8}; at the source ${n} bytes, CRC-32 0000abcd\\): a pagetwin bug`));
+    assert.match(length.r.si.error ?? "", new RegExp(`here ${n} bytes, CRC-32 ([0-9a-f]{8}); at the source ${n + 1} bytes, CRC-32 \\1\\)`));
+    for (const { r } of [crc, length]) assert.deepEqual([r.si.streamsVerified, r.si.streamsFailed, r.so.verdict], [0, 1, "failed"]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stream-in's NEED/RESEND: a RESEND of another size, of a page not asked for, or twice fails the session; a REFS frame over MAX_REFS too", { timeout: 20_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    const refs = (n: number) => {
+      const p = Buffer.alloc(8 + n * (1 + 8 + 4 + 16));
+      p.writeUInt32BE(n, 4);
+      for (let i = 0, o = 8; i < n; i++, o += 29) p[o] = 8;
+      return p;
+    };
+    const [short, other, twice, many] = await Promise.all([
+      withFrameRewritten(dir, SFrame.Resend, (p) => p.subarray(0, p.length - 1), { truncate: true }),
+      withFrameRewritten(dir, SFrame.Resend, (p) => { p.writeUInt32BE(p.readUInt32BE(0) + 2, 0); return p; }, { truncate: true }),
+      withFrameRewritten(dir, SFrame.Resend, (p) => [p, p], { truncate: true }),
+      withFrameRewritten(dir, SFrame.Refs, () => refs(4097)),
+    ]);
+    assert.match(short.r.si.error ?? "", /RESEND frame of 4099 bytes/);
+    assert.match(other.r.si.error ?? "", /RESEND of page #\d+, which this stream-in did not ask for/);
+    assert.match(twice.r.si.error ?? "", /RESEND of page #\d+, which this stream-in did not ask for/);
+    assert.match(many.r.si.error ?? "", /a REFS frame holds 4097 references; at most 4096/);
+    for (const { r, data } of [short, other, twice, many]) {
+      assert.match(r.so.error ?? "", /stream-in aborted the migration/);
+      assert.ok(r.out.length < data.length && data.subarray(0, r.out.length).equals(r.out), "the destination QEMU got a clean prefix");
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("stream-in's NEED/RESEND: the link cut while a REFS frame of many references waits for a resent page: stream-in ends by itself", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    // RESENDs in order: the run of 1 twin, then the first of the run of 7 (its REFS frame waits there)
+    let n = 0;
+    const { r, data } = await withFrameRewritten(dir, SFrame.Resend, () => (++n === 2 ? "cut" : null), { truncate: true, layout: "runs" });
+    assert.match(r.si.error ?? "", /link (closed while waiting for a resent page|from stream-out (failed|closed))/);
+    assert.ok(r.inEnded, "stream-in ended by itself, not waiting for the rest of the frame's pages");
+    assert.ok(r.out.length < data.length && data.subarray(0, r.out.length).equals(r.out), "the destination QEMU got a clean prefix");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
