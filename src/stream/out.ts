@@ -225,7 +225,7 @@ class OutSession {
   private frameCrc = true;
   private raw: RawEncoder | undefined;
   /** The main channel's parser, or (a multifd channel) multifd-stream.ts's, chosen by the stream's first bytes. */
-  private parser: QemuStreamParser | MultifdStreamParser = new QemuStreamParser();
+  private parser: QemuStreamParser | MultifdStreamParser = new QemuStreamParser({ reuseBridges: true });
   private kind: ChannelKind = "unknown";
   private reported = false;
   /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
@@ -556,7 +556,9 @@ class OutSession {
 
   /** Holds a referenced page in the replay window and adds it to the REFS frame being built; true when that frame is full. */
   holdRef(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): boolean {
-    this.ring.hold(this.seq, data);
+    // a page completed in the parser's bridge is overwritten by the next chunk: the window keeps a copy of it
+    const bridged = this.parser instanceof QemuStreamParser && this.parser.inBridge(data);
+    this.ring.hold(this.seq, bridged ? new Uint8Array(data) : data);
     this.refs.add(this.seq++, header, block, hash);
     this.stats.twinsReplaced++;
     if (this.kind === "multifd") this.stats.multifd.twins++;
