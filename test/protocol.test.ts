@@ -2,7 +2,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes, randomInt } from "node:crypto";
 import { FrameType, encodePages, encodeRefs, encodePageList, encodeIterAck, decodePages, decodeRefs, decodePageList, decodeIterAck, MAX_FRAME, MAX_REFS, AGENT_FRAMES } from "../src/agent/protocol.js";
-import { FrameReader, ProtocolError, frame, jsonFrame, parseJson } from "../src/wire/envelope.js";
+import { FrameReader, ProtocolError, frame, jsonFrame, parseJson, seal } from "../src/wire/envelope.js";
+import { crc32 } from "node:zlib";
 
 function sampleStream(): { bytes: Buffer; frames: Buffer[] } {
   const pages = [3, 7, 8];
@@ -75,6 +76,22 @@ test("corrupt frames get clear errors: bad length, unknown type, count that lies
     b[at] ^= 1 << randomInt(8);
     assert.throws(() => new FrameReader(AGENT_FRAMES).push(b), /fails its CRC-32|unknown frame type/);
   }
+});
+
+test("a frame sealed without its CRC (agreed inside TLS) is read only by a reader told so; seal() writes the CRC by default", () => {
+  const f = seal(Buffer.from([0, 0, 0, 0, FrameType.Hello, 1, 2, 3, 0, 0, 0, 0]), false);
+  assert.equal(f.readUInt32BE(f.length - 4), 0);
+  assert.throws(() => new FrameReader(AGENT_FRAMES).push(f), /fails its CRC-32/);
+  const r = new FrameReader(AGENT_FRAMES);
+  r.handshakeDone({ crc: false });
+  const [got] = r.push(f);
+  assert.deepEqual([...got!.payload], [1, 2, 3]);
+  const sealed = seal(Buffer.from(f));
+  assert.equal(sealed.readUInt32BE(sealed.length - 4), crc32(sealed.subarray(4, sealed.length - 4)));
+  const checking = new FrameReader(AGENT_FRAMES);
+  checking.handshakeDone();
+  assert.equal(checking.push(sealed).length, 1);
+  assert.throws(() => checking.push(f), /fails its CRC-32/);
 });
 
 test("a flipped length bit never yields a frame past the bound", () => {

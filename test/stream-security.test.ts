@@ -117,6 +117,9 @@ test("stream canary: pages of a repeated 16-byte pattern never cross the link in
     assert.equal(r.si.error, undefined, how);
     assert.ok(r.out.equals(data), `${how}: the stream arrived byte-identical`);
     assert.ok(r.linkBytes.reduce((n, b) => n + b.length, 0) > 256 * PAGE, `${how}: the relay saw the pages go by`);
+    // inside TLS (which refuses a changed record) the data frames go without their own CRC-32; in the clear they keep it
+    assert.equal(r.so.frameCrc, how === "insecure", `${how}: stream-out's frame CRC`);
+    assert.equal(r.si.frameCrc, how === "insecure", `${how}: stream-in's frame CRC check`);
   }
   for (const how of ["key", "certificates"] as const) {
     assert.equal(Buffer.concat(runs[how].linkBytes).indexOf(CANARY), -1, `${how}: the pattern crossed the link in clear`);

@@ -8,6 +8,7 @@
 
 import { randomBytes } from "node:crypto";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
+import type { Socket } from "node:net";
 import type { ConnectionOptions, TlsOptions, TLSSocket } from "node:tls";
 import { SecurityError } from "../errors.js";
 
@@ -137,6 +138,11 @@ export function unverifiedPeer(sock: TLSSocket, s: Security): string | null {
   return cert && Object.keys(cert).length
     ? `its certificate is not signed by the CA this side trusts (${why})`
     : `it presented no certificate (${why})`;
+}
+
+/** Whether `sock` is a TLS connection (every record authenticated, a changed one refused): frames inside need no CRC of their own. */
+export function isTls(sock: Socket): boolean {
+  return (sock as TLSSocket).encrypted === true;
 }
 
 /** What an end run with --insecure says on its log, once. */

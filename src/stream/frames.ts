@@ -100,7 +100,7 @@ export const MAX_REFS = 4096;
  * compressed bytes straight into the frame (returns their length, or -1 when
  * they do not fit in maxRatio x bytes); null when it did not pay.
  */
-export function compressedRawFrame(bytes: number, algorithmId: number, compress: (dst: Uint8Array) => number, maxRatio = 0.9, alloc: FrameAlloc = HEAP_ALLOC): Buffer | null {
+export function compressedRawFrame(bytes: number, algorithmId: number, compress: (dst: Uint8Array) => number, maxRatio = 0.9, alloc: FrameAlloc = HEAP_ALLOC, crc = true): Buffer | null {
   const room = Math.floor(bytes * maxRatio);
   if (room <= 0 || bytes > MAX_RAW) return null;
   const b = alloc.take(10 + room + TRAILER);
@@ -112,7 +112,7 @@ export function compressedRawFrame(bytes: number, algorithmId: number, compress:
     alloc.release(b);
     return null;
   }
-  return seal(alloc.trim(b, 10 + got + TRAILER));
+  return seal(alloc.trim(b, 10 + got + TRAILER), crc);
 }
 
 export function decodeRawZ(f: Frame): { algorithmId: number; rawLength: number; packed: Buffer } {
@@ -122,8 +122,8 @@ export function decodeRawZ(f: Frame): { algorithmId: number; rawLength: number; 
   return { algorithmId: f.payload[0]!, rawLength, packed: f.payload.subarray(5) };
 }
 
-/** A RAW frame around several pieces, copied once. */
-export function rawFrame(pieces: Uint8Array[], bytes: number, alloc: FrameAlloc = HEAP_ALLOC): Buffer {
+/** A RAW frame around several pieces, copied once; `crc` false: without its CRC (agreed inside TLS). */
+export function rawFrame(pieces: Uint8Array[], bytes: number, alloc: FrameAlloc = HEAP_ALLOC, crc = true): Buffer {
   const b = alloc.take(FRAME_OVERHEAD + bytes);
   b[4] = SFrame.Raw;
   let o = 5;
@@ -131,7 +131,7 @@ export function rawFrame(pieces: Uint8Array[], bytes: number, alloc: FrameAlloc 
     b.set(p, o);
     o += p.length;
   }
-  return seal(b);
+  return seal(b, crc);
 }
 
 /**
@@ -179,8 +179,8 @@ export class RefsBuilder {
     this.count++;
   }
 
-  /** The finished frame (a copy); the builder is empty again. */
-  take(alloc: FrameAlloc = HEAP_ALLOC): Buffer {
+  /** The finished frame (a copy; `crc` false: without its CRC); the builder is empty again. */
+  take(alloc: FrameAlloc = HEAP_ALLOC, crc = true): Buffer {
     const b = this.buf;
     b[4] = SFrame.Refs;
     b.writeUInt32BE(this.firstSeq, 5);
@@ -189,7 +189,7 @@ export class RefsBuilder {
     b.copy(out, 0, 0, this.o);
     this.o = 13;
     this.count = 0;
-    return seal(out);
+    return seal(out, crc);
   }
 }
 

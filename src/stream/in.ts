@@ -24,7 +24,7 @@ import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, js
 import { drained } from "../link/rate.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
-import { resolveSecurity, checkSecurity, type SecurityOptions } from "../link/security.js";
+import { resolveSecurity, checkSecurity, isTls, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms } from "../codec/compress.js";
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
@@ -174,7 +174,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
 /** Frames whose bytes count as handed on only once their output is in QEMU's socket (the rest count on arrival). */
 const DATA_FRAMES = new Set<number>([SFrame.Raw, SFrame.RawZ, SFrame.Refs, SFrame.MultifdRefs, SFrame.End]);
 
-type Hello = { v?: unknown; indexId?: string; kind?: unknown; compression?: unknown; verdict?: unknown };
+type Hello = { v?: unknown; indexId?: string; kind?: unknown; compression?: unknown; verdict?: unknown; noFrameCrc?: unknown };
 
 /** One link from stream-out, and its connection to the destination QEMU. */
 class InSession {
@@ -358,7 +358,10 @@ class InSession {
   // QEMU connection) before a HELLO it can serve.
   private async handshake(): Promise<void> {
     const h = await this.receiveHello();
-    this.reader.handshakeDone();
+    // stream-out sends nothing between its HELLO and this side's HELLO_ACK: every later frame follows what is agreed here
+    const noFrameCrc = h.noFrameCrc === true && isTls(this.link);
+    this.reader.handshakeDone({ crc: !noFrameCrc });
+    this.stats.frameCrc = !noFrameCrc;
     this.verdictWanted = h.verdict === true;
     // a new migration (--keep): its times count from its own first byte
     if (this.ctx.lastEndAt > 0) this.ctx.firstByteAt = this.ctx.lastEndAt = 0;
@@ -378,7 +381,8 @@ class InSession {
     }
     if (h.kind === "main") this.ctx.order.mainOpened();
     const dedup = reason === null;
-    this.sendLink(jsonFrame(SFrame.HelloAck, dedup ? { ready: true, dedup, compression: agreed } : { ready: true, dedup, reason, compression: agreed }));
+    const crc = noFrameCrc ? { noFrameCrc } : {};
+    this.sendLink(jsonFrame(SFrame.HelloAck, dedup ? { ready: true, dedup, compression: agreed, ...crc } : { ready: true, dedup, reason, compression: agreed, ...crc }));
     if (!dedup) { this.stats.passthrough.push(reason); this.ctx.log.warn(reason); }
     this.wireQemu(this.qemu);
   }

@@ -8,6 +8,7 @@
 
 import { TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import { HASH_BYTES, MAX_REFS, SFrame, type Ref } from "./frames.js";
+import { HEAP_ALLOC, type FrameAlloc } from "./write-ring.js";
 
 const ENTRY = 4 + HASH_BYTES;
 const HEAD = 5 + 1 + 4 + 4; // length, type, channel, first seq, count
@@ -33,8 +34,8 @@ export class MultifdRefsBuilder {
     this.count++;
   }
 
-  /** The finished frame (a copy); the builder is empty again. */
-  take(): Buffer {
+  /** The finished frame (a copy; `crc` false: without its CRC); the builder is empty again. */
+  take(alloc: FrameAlloc = HEAP_ALLOC, crc = true): Buffer {
     const b = this.buf;
     const id = this.channel();
     if (id < 0 || id > 255) throw new RangeError(`multifd channel id ${id}`);
@@ -42,11 +43,11 @@ export class MultifdRefsBuilder {
     b[5] = id;
     b.writeUInt32BE(this.firstSeq, 6);
     b.writeUInt32BE(this.count, 10);
-    const out = Buffer.allocUnsafe(this.o + TRAILER);
+    const out = alloc.take(this.o + TRAILER);
     b.copy(out, 0, 0, this.o);
     this.o = HEAD;
     this.count = 0;
-    return seal(out);
+    return seal(out, crc);
   }
 }
 

@@ -25,7 +25,7 @@ import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, js
 import { LinkMeter, type RateLimiter } from "../link/rate.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
-import { INSECURE_WARNING, resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
+import { INSECURE_WARNING, resolveSecurity, checkSecurity, isTls, type Security, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, type CompressionMode } from "../codec/compress.js";
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
@@ -208,7 +208,7 @@ async function openIndex(opts: StreamOutOptions, log: Log): Promise<NasIndex> {
   return nas;
 }
 
-type HelloAck = { ready?: unknown; dedup?: unknown; reason?: string; compression?: unknown };
+type HelloAck = { ready?: unknown; dedup?: unknown; reason?: string; compression?: unknown; noFrameCrc?: unknown };
 
 /** One migration connection from the source QEMU, and its link to stream-in. */
 class OutSession {
@@ -229,9 +229,11 @@ class OutSession {
   private finished!: () => void;
   private readonly over = new Promise<void>((r) => { this.finished = r; });
   private dedup = false;
+  /** Whether data frames carry their CRC: yes unless stream-in agreed to go without, inside TLS. */
+  private frameCrc = true;
   private raw: RawEncoder | undefined;
   /** The main channel's parser, or (a multifd channel) multifd-stream.ts's, chosen by the stream's first bytes. */
-  private parser: QemuStreamParser | MultifdStreamParser = new QemuStreamParser();
+  private parser: QemuStreamParser | MultifdStreamParser = new QemuStreamParser({ reuseBridges: true });
   private kind: ChannelKind = "unknown";
   private reported = false;
   /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
@@ -448,7 +450,8 @@ class OutSession {
     const offer: CompressionAlgorithm[] = ctx.compress === "off" ? [] : ctx.compress === "auto" ? availableAlgorithms() : [ctx.compress];
     // a new migration (--keep): its times count from its own first byte
     if (ctx.lastVerdictAt > 0) ctx.firstByteAt = ctx.lastVerdictAt = 0;
-    this.sendLink(jsonFrame(SFrame.Hello, { ...ctx.hello, v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, kind: this.kind, compression: offer, verdict: true }));
+    const tls = isTls(this.link);
+    this.sendLink(jsonFrame(SFrame.Hello, { ...ctx.hello, v: STREAM_PROTOCOL_VERSION, indexId: ctx.indexId, channel: this.channel, kind: this.kind, compression: offer, verdict: true, ...(tls ? { noFrameCrc: true } : {}) }));
     const ack = await this.nextAck("HELLO_ACK from stream-in");
     if (ack.ready !== true) {
       const err = new ProtocolError("stream-in did not say it is ready (does it run the same pagetwin version?)");
@@ -458,11 +461,12 @@ class OutSession {
     this.ready = true;
     this.reader.handshakeDone();
     this.dedup = ack.dedup === true && !ctx.noDedup;
+    this.frameCrc = stats.frameCrc = !(tls && ack.noFrameCrc === true);
     const accepted = Array.isArray(ack.compression) ? ack.compression : [];
     const algo = offer.find((a) => accepted.includes(a)) ?? null;
     if (algo) stats.compression.algorithm = algo;
     else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
-    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter, this.frameMem);
+    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter, this.frameMem, this.frameCrc);
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);
@@ -580,7 +584,9 @@ class OutSession {
 
   /** Holds a referenced page in the replay window and adds it to the REFS frame being built; true when that frame is full. */
   holdRef(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): boolean {
-    this.ring.hold(this.seq, data);
+    // a page completed in the parser's bridge is overwritten by the next chunk: the window keeps a copy of it
+    const bridged = this.parser instanceof QemuStreamParser && this.parser.inBridge(data);
+    this.ring.hold(this.seq, bridged ? new Uint8Array(data) : data);
     this.refs.add(this.seq++, header, block, hash);
     this.stats.twinsReplaced++;
     if (this.kind === "multifd") this.stats.multifd.twins++;
@@ -589,7 +595,7 @@ class OutSession {
 
   /** Sends the REFS frame being built, if any; false when the link is full. */
   flushRefs(): boolean {
-    return this.refs.count ? this.sendLink(this.refs.take(this.frameMem)) : true;
+    return this.refs.count ? this.sendLink(this.refs.take(this.frameMem, this.frameCrc)) : true;
   }
 
   sendRaw(pieces: Uint8Array[], bytes: number): boolean {

@@ -107,6 +107,16 @@ interface BlockList {
   bytes: number;
 }
 
+export interface ParserOptions {
+  /**
+   * Complete split records in two bridge buffers used in turn instead of
+   * fresh slabs: a piece in a bridge then holds only until the next push()
+   * (inBridge() tells). Fresh memory for every bridge cost stream-out more in
+   * page faults than all of its parsing in the stream replay.
+   */
+  reuseBridges?: boolean;
+}
+
 /**
  * Push chunks, get pieces. Throws StreamFormatError on input that cannot be a
  * QEMU stream of the kind it started as (the caller should end the migration).
@@ -116,6 +126,9 @@ export class QemuStreamParser {
   private pos = 0;
   private slab: Buffer = Buffer.alloc(0);
   private slabUsed = 0;
+  /** With reuseBridges: the two bridge buffers, and the one the last join() wrote. */
+  private readonly bridges: Buffer[] = [];
+  private bridgeTurn = 0;
   private state: State = "header";
   private pieces: Piece[] = [];
   private rawFrom = 0;
@@ -145,6 +158,8 @@ export class QemuStreamParser {
   onRecord: ((block: string, offset: number, zero: boolean, final: boolean) => void) | null = null;
   /** Called as a RAM section's records begin (a trace's rounds); `final`: the RAM END section. */
   onRamSection: ((final: boolean) => void) | null = null;
+
+  constructor(private readonly o: ParserOptions = {}) {}
 
   /** RAM blocks and their sizes in bytes, in the stream's order, once the block list was read. */
   get ramBlocks(): ReadonlyMap<string, number> {
@@ -206,6 +221,7 @@ export class QemuStreamParser {
   private join(a: Uint8Array, b: Uint8Array): Buffer {
     const n = a.length + b.length;
     if (n > SLAB / 8) return Buffer.concat([a, b]);
+    if (this.o.reuseBridges) return this.reusedBridge(a, b, n);
     if (this.slabUsed + n > this.slab.length) {
       this.slab = Buffer.allocUnsafe(SLAB);
       this.slabUsed = 0;
@@ -215,6 +231,24 @@ export class QemuStreamParser {
     out.set(b, a.length);
     this.slabUsed += (n + 7) & ~7;
     return out;
+  }
+
+  /**
+   * `a` and `b` in the bridge the last join() did not write: `a` (the held-back
+   * bytes) may lie in that one, when a record spans three reads.
+   */
+  private reusedBridge(a: Uint8Array, b: Uint8Array, n: number): Buffer {
+    this.bridgeTurn ^= 1;
+    const bridge = (this.bridges[this.bridgeTurn] ??= Buffer.allocUnsafe(SLAB / 8));
+    const out = bridge.subarray(0, n);
+    out.set(a, 0);
+    out.set(b, a.length);
+    return out;
+  }
+
+  /** Whether `data` (a piece's bytes) lies in a reused bridge, so holds only until the next push(). */
+  inBridge(data: Uint8Array): boolean {
+    return this.bridges.some((b) => b.buffer === data.buffer);
   }
 
   private takePieces(): Piece[] {

@@ -17,9 +17,9 @@ export class RawEncoder {
   private readonly compressor: PageCompressor | null;
   private readonly policy: CompressionPolicy;
 
-  /** `meter`: the link's rate, timed on the session's drain waits; `alloc`: where frames get their memory. */
+  /** `meter`: the link's rate, timed on the session's drain waits; `alloc`: where frames get their memory; `crc` false: frames without their CRC (agreed inside TLS). */
   constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats, meter: LinkMeter,
-    private readonly alloc: FrameAlloc = HEAP_ALLOC) {
+    private readonly alloc: FrameAlloc = HEAP_ALLOC, private readonly crc = true) {
     this.compressor = algorithm ? createCompressor(algorithm) : null;
     this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth, meter });
   }
@@ -34,7 +34,7 @@ export class RawEncoder {
     } else if (verdict === "slow") this.stats.rawSlow++;
     else if (verdict === "poor") this.stats.rawPoorRatio++;
     this.stats.framesRaw++;
-    return rawFrame(pieces, bytes, this.alloc);
+    return rawFrame(pieces, bytes, this.alloc, this.crc);
   }
 
   /** The rates the policy measured, into the stats. */
@@ -51,7 +51,7 @@ export class RawEncoder {
       const n = c.compressChunks(pieces, dst);
       ms = performance.now() - t;
       return n;
-    }, this.policy.maxRatio, this.alloc);
+    }, this.policy.maxRatio, this.alloc, this.crc);
     this.policy.recordCompress(bytes, f ? f.length - RAW_Z_OVERHEAD : bytes, ms);
     if (!f) return null;
     this.stats.framesCompressed++;

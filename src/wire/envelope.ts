@@ -1,8 +1,11 @@
 // The one frame envelope of both modes (agent mode's frames and stream mode's):
 // u32 BE length of what follows, u8 type, payload, u32 BE CRC-32 of type and
 // payload. The channel underneath (TLS) authenticates every byte; the CRC
-// catches our own bugs and, with --insecure, a corrupt link. Socket-free: the
-// reader takes chunks as they arrive and hands out whole frames.
+// catches a corrupt link with --insecure. Inside TLS stream mode's peers may
+// agree in their handshake to leave the data frames' CRC out (zero, not
+// checked: TLS already refuses a changed record), which spares a pass over
+// every byte on both sides. Socket-free: the reader takes chunks as they
+// arrive and hands out whole frames.
 
 import { crc32 } from "node:zlib";
 
@@ -25,10 +28,10 @@ export interface Frame {
   payload: Buffer;
 }
 
-/** Writes the length and the CRC of a frame built in `b` (type at 4, payload after, 4 spare bytes at the end). */
-export function seal(b: Buffer): Buffer {
+/** Writes the length and the CRC of a frame built in `b` (type at 4, payload after, 4 spare bytes at the end); `crc` false: zero there (agreed inside TLS). */
+export function seal(b: Buffer, crc = true): Buffer {
   b.writeUInt32BE(b.length - 4, 0);
-  b.writeUInt32BE(crc32(b.subarray(4, b.length - TRAILER)), b.length - TRAILER);
+  b.writeUInt32BE(crc ? crc32(b.subarray(4, b.length - TRAILER)) : 0, b.length - TRAILER);
   return b;
 }
 
@@ -100,6 +103,8 @@ export class FrameReader {
   private chunks: Buffer[] = [];
   private have = 0;
   private limit: number;
+  /** Whether frames carry a CRC to check (until the handshake agrees otherwise, they do). */
+  private crc = true;
   /** Whole frames read so far (to say which one was corrupt). */
   frames = 0;
 
@@ -107,9 +112,10 @@ export class FrameReader {
     this.limit = Math.min(o.handshakeMax ?? o.maxFrame, o.maxFrame);
   }
 
-  /** Lifts the small limit of the handshake: the peer is known now. */
-  handshakeDone(): void {
+  /** Lifts the small limit of the handshake: the peer is known now. `crc` false: its frames' CRC is not checked from here on (agreed inside TLS). */
+  handshakeDone(o: { crc?: boolean } = {}): void {
     this.limit = this.o.maxFrame;
+    this.crc = o.crc ?? true;
   }
 
   push(chunk: Buffer): Frame[] {
@@ -127,7 +133,7 @@ export class FrameReader {
       if (first.length < 4 + len) first = this.gather(4 + len);
       // the CRC first: a corrupt frame is refused whatever its type says
       const body = first.subarray(4, 4 + len - TRAILER);
-      if (crc32(body) !== first.readUInt32BE(4 + len - TRAILER)) {
+      if (this.crc && crc32(body) !== first.readUInt32BE(4 + len - TRAILER)) {
         throw new ProtocolError(`frame ${this.frames} (${len} bytes) fails its CRC-32: the link corrupted it; nothing of it was used`);
       }
       const type = first[4]!;
