@@ -10,18 +10,18 @@ import * as fs from "node:fs";
 import { parseArgs } from "node:util";
 import type { QemuVm } from "../src/adapters/qemu/vm.js";
 import { ALL_MODES, openCompareSetup, runOnce, type CompareMode, type DestinationWatch, type RunResult } from "../src/compare/stream.js";
-import { counterRestarted, kernelFailure, lastCounter } from "../src/compare/guest.js";
+import { counterRestarted, firstCounter, kernelFailure, lastCounter } from "../src/compare/guest.js";
 import { isMain } from "./cli.js";
 
 export type Outcome = "ok" | "panic" | "other";
 /** What the destination showed by the end of a run. */
-export interface DestinationSeen { serial: string; events: string[]; watchError?: string }
-export interface Classified { mode: CompareMode; run: number; outcome: Outcome; why: string; excerpt?: string; counters: string }
+export interface DestinationSeen { serial: string; events: string[]; watchError?: string; diagnosis?: string }
+export interface Classified { mode: CompareMode; run: number; outcome: Outcome; why: string; excerpt?: string; counters: string; events: string[] }
 
 const PANIC_EVENTS = /^(GUEST_PANICKED|SHUTDOWN|RESET)\b/;
 
 /** The destination's outcome from the run's result and what it printed and signalled. */
-export function classify(res: RunResult, seen: DestinationSeen): Omit<Classified, "mode" | "run"> {
+export function classify(res: RunResult, seen: DestinationSeen): Omit<Classified, "mode" | "run" | "events"> {
   const counters = `${res.lastSourceCounter} -> ${res.firstDestCounter}..${lastCounter(seen.serial)}`;
   const failure = kernelFailure(seen.serial);
   const ev = seen.events.find((e) => PANIC_EVENTS.test(e));
@@ -31,14 +31,15 @@ export function classify(res: RunResult, seen: DestinationSeen): Omit<Classified
     return { outcome: "panic", why, excerpt: failure ?? seen.serial.slice(-3000), counters };
   }
   if (res.ok && !seen.watchError) return { outcome: "ok", why: "counter continued", counters };
-  return { outcome: "other", why: res.error ?? seen.watchError ?? "unknown", excerpt: seen.serial.slice(-1500), counters };
+  const why = [res.error?.split("\n")[0], seen.watchError].filter(Boolean).join("; ") || "unknown";
+  return { outcome: "other", why, excerpt: [seen.diagnosis, seen.serial.slice(-1500)].filter(Boolean).join("\n"), counters };
 }
 
 /** Records the destination's QMP events, then watches its counter go on for `watchS` seconds after the run. */
 class Watch implements DestinationWatch {
   events: string[] = [];
   seen: DestinationSeen | undefined;
-  constructor(private readonly watchS: number) {}
+  constructor(private readonly watchS: number, private readonly lateS = 60) {}
   started(dst: QemuVm): void {
     dst.qmp.on("event", (ev) => this.events.push(`${ev.event}${ev.data ? ` ${JSON.stringify(ev.data)}` : ""}`));
   }
@@ -49,7 +50,18 @@ class Watch implements DestinationWatch {
       await dst.waitForSerial(new RegExp(`pagetwin-counter ${until}\\b`), this.watchS * 1000 + 20_000)
         .catch((e: Error) => { watchError = `counter did not reach ${until}: ${e.message.split("\n")[0]}`; });
     }
-    this.seen = { serial: dst.serialLog(), events: this.events, ...(watchError ? { watchError } : {}) };
+    const diagnosis = !res.ok && dst.running && firstCounter(dst.serialLog()) < 0 ? await this.silent(dst) : undefined;
+    if (diagnosis) watchError = diagnosis.split("\n")[0];
+    this.seen = { serial: dst.serialLog(), events: this.events, ...(watchError ? { watchError } : {}), ...(diagnosis ? { diagnosis } : {}) };
+  }
+
+  /** A running destination that never printed a counter: only slow under load, or hung? Waits longer, then keeps where its CPU is. */
+  private async silent(dst: QemuVm): Promise<string> {
+    const late = await dst.waitForSerial(/pagetwin-counter (\d+)/, this.lateS * 1000).then(() => true, () => false);
+    const status = await dst.qmp.execute("query-status").then((s) => (s as { status: string }).status, (e: Error) => e.message);
+    const regs = await dst.qmp.execute("human-monitor-command", { "command-line": "info registers" }).then(String, (e: Error) => e.message);
+    const head = late ? `its first counter came more than 30 s after RESUME` : `no counter ${this.lateS} s more (QEMU status ${status}): hung`;
+    return `${head}\n${regs.split("\n").slice(0, 8).join("\n")}`;
   }
 }
 
@@ -73,17 +85,26 @@ async function main(): Promise<void> {
   });
   const modes = values.modes!.split(",") as CompareMode[];
   for (const m of modes) if (!ALL_MODES.includes(m)) throw new Error(`--modes: unknown "${m}" (use ${ALL_MODES.join(", ")})`);
-  // Ctrl-C: exit through process.exit so the VMs, RAM files and namespaces are removed.
-  for (const sig of ["SIGINT", "SIGTERM"] as const) process.once(sig, () => process.exit(130));
+  // The first Ctrl-C / SIGTERM stops after the run under way (everything removed, the table printed);
+  // a second exits through process.exit, whose hooks remove the VMs and namespaces.
+  let stopping = false;
+  for (const sig of ["SIGINT", "SIGTERM"] as const) {
+    process.on(sig, () => {
+      if (stopping) process.exit(130);
+      stopping = true;
+      process.stderr.write("[soak] stopping after the run under way\n");
+    });
+  }
   const opts = { rate: values.rate!, log: (m: string) => process.stderr.write(`[soak] ${m}\n`) };
   const setup = await openCompareSetup(opts);
   const all: Classified[] = [];
   try {
-    for (let i = 0; i < Number(values.runs); i++) {
+    for (let i = 0; i < Number(values.runs) && !stopping; i++) {
       for (const mode of modes) {
+        if (stopping) break;
         const watch = new Watch(Number(values["watch-s"]));
         const res = await runOnce(mode, setup.link, setup.guest, { ...opts, indexPath: setup.indexPath, watchDestination: watch }, i);
-        const c = { mode, run: i, ...classify(res, watch.seen ?? { serial: "", events: watch.events, watchError: "destination never started" }) };
+        const c = { mode, run: i, events: watch.events, ...classify(res, watch.seen ?? { serial: "", events: watch.events, watchError: "destination never started" }) };
         all.push(c);
         process.stderr.write(`[soak] run ${i} ${mode}: ${c.outcome} (${c.why}; counters ${c.counters})\n`);
         if (values.jsonl) fs.appendFileSync(values.jsonl, `${JSON.stringify({ ...c, rate: values.rate, time: new Date().toISOString() })}\n`);

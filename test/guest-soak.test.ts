@@ -40,13 +40,16 @@ test("classify: ok, panic by serial, by event, by restart; other", () => {
   assert.equal(classify(run(false, 40, 0), { serial: "pagetwin-counter 0\n", events: [] }).outcome, "panic");
   assert.equal(classify(run(true, 40, 41), { serial: clean, events: [], watchError: "counter did not reach 46" }).outcome, "other");
   assert.equal(classify(run(false, 40, -1), { serial: "", events: [] }).outcome, "other");
+  const hung = classify(run(false, 40, -1), { serial: "", events: ["RESUME"], watchError: "no counter: hung", diagnosis: "no counter: hung\nRIP=ffffffff81000000" });
+  assert.equal(hung.outcome, "other");
+  assert.match(hung.excerpt!, /RIP=/);
 });
 
 test("formatSoak: one row per mode with its counts", () => {
   const t = formatSoak(["qemu", "relay"], [
-    { mode: "relay", run: 0, outcome: "panic", why: "x", counters: "" },
-    { mode: "relay", run: 1, outcome: "ok", why: "x", counters: "" },
-    { mode: "qemu", run: 0, outcome: "other", why: "x", counters: "" },
+    { mode: "relay", run: 0, outcome: "panic", why: "x", counters: "", events: [] },
+    { mode: "relay", run: 1, outcome: "ok", why: "x", counters: "", events: [] },
+    { mode: "qemu", run: 0, outcome: "other", why: "x", counters: "", events: [] },
   ]);
   assert.match(t, /^qemu\s+1\s+0\s+0\s+1$/m);
   assert.match(t, /^relay\s+2\s+1\s+1\s+0$/m);
