@@ -2,7 +2,7 @@
 // the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--mode M ...]
 //   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--out-arg ARG ...] [--baseline MAIN] [--json]
 import { parseArgs } from "node:util";
-import { compareStreamMode, formatCompare, COMPARE_MODES, type CompareMode } from "../src/compare/stream.js";
+import { compareStreamMode, formatCompare, COMPARE_MODES, ALL_MODES, type CompareMode } from "../src/compare/stream.js";
 
 const { values } = parseArgs({
   options: {
@@ -15,7 +15,8 @@ if (values.help) {
   console.log(`node dist/bench/stream-compare.js [options]: QEMU's own migration vs stream mode, on the real guest, over a namespace link
   --runs N             runs per mode (medians; default 1)
   --rate R             the link's rate, as tc takes it (default 1gbit; e.g. 300mbit)
-  --mode M             a mode to run (repeat; default ${COMPARE_MODES.join(", ")}; with --baseline pagetwin-baseline too)
+  --mode M             a mode to run (repeat; default ${COMPARE_MODES.join(", ")}; with --baseline pagetwin-baseline too;
+                       relay: pagetwin's layout with plain socket.pipe() relays in place of the proxies)
                        (the multifd modes use 2 channels: QEMU's zstd, or none through the proxies, which dedup each channel)
   --mem MIB            guest RAM (default 512)
   --downtime-limit MS  QEMU's downtime-limit for every mode (default QEMU's, 300)
@@ -26,7 +27,7 @@ if (values.help) {
   process.exit(0);
 }
 const modes = (values.mode ?? [...COMPARE_MODES, ...(values.baseline ? ["pagetwin-baseline"] : [])]) as CompareMode[];
-for (const m of modes) if (![...COMPARE_MODES, "pagetwin-baseline"].includes(m)) throw new Error(`--mode: unknown "${m}" (use ${COMPARE_MODES.join(", ")}, pagetwin-baseline)`);
+for (const m of modes) if (!ALL_MODES.includes(m)) throw new Error(`--mode: unknown "${m}" (use ${ALL_MODES.join(", ")})`);
 // Ctrl-C: exit through process.exit so the VMs, RAM files and namespaces are removed.
 for (const sig of ["SIGINT", "SIGTERM"] as const) process.once(sig, () => process.exit(130));
 const r = await compareStreamMode({

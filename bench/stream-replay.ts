@@ -29,7 +29,7 @@ import { median } from "../src/compare/stats.js";
 import { argString, argValue, isMain } from "./cli.js";
 
 const MAIN_JS = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
-const RELAY_JS = fileURLToPath(new URL("./pipe-relay.js", import.meta.url));
+const RELAY_JS = fileURLToPath(new URL("../src/compare/pipe-relay.js", import.meta.url));
 const CPU_PRELOAD = pathToFileURL(fileURLToPath(new URL("./cpu-at-exit.js", import.meta.url))).href;
 const MEMORY_MIB = 512;
 

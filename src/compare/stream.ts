@@ -2,6 +2,7 @@
 // constrained link (two network namespaces, veth, tc tbf at 1 Gbit/s):
 //   qemu:     source QEMU (src ns) --tcp--> destination QEMU -incoming (dst ns)
 //   pagetwin: source QEMU --> stream-out (src ns) ==link==> stream-in (dst ns) --> destination QEMU
+//   relay:    the same layout with a plain socket.pipe() relay in place of each proxy (changes nothing)
 // Each run boots a fresh guest, waits until it has read its files, migrates,
 // and checks that the guest's counter goes on at the destination.
 
@@ -20,10 +21,11 @@ import { CpuMeter } from "../adapters/proc/cpu.js";
 import { median } from "./stats.js";
 import { lastCounter } from "./guest.js";
 
-export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin" | "pagetwin-multifd" | "pagetwin-baseline";
+export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin" | "pagetwin-multifd" | "pagetwin-baseline" | "relay";
 /** The modes run unless told (pagetwin-baseline needs another build: `baselineMain`). */
 export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin", "pagetwin-multifd"];
-const ALL_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin-baseline", "pagetwin", "pagetwin-multifd"];
+/** Every mode, in the table's order (relay: pagetwin's layout with plain relays, for what the proxies' timing alone does). */
+export const ALL_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "relay", "pagetwin-baseline", "pagetwin", "pagetwin-multifd"];
 /** QEMU's multifd channels in the multifd modes (zstd: QEMU's own compression; pagetwin: none, the proxies dedup each channel). */
 const MULTIFD_CHANNELS = 2;
 
@@ -53,6 +55,13 @@ export interface CompareOptions {
   baselineMain?: string;
   /** How the QEMUs reach their proxy (default tcp, loopback): a unix socket holds far less of the stream in the kernel. */
   qemuSide?: "tcp" | "unix";
+  /** Called with the destination QEMU once started, and again when the run ends (before it is stopped), for its events and serial log. */
+  watchDestination?: DestinationWatch;
+}
+
+export interface DestinationWatch {
+  started(dst: QemuVm): void;
+  finished(dst: QemuVm, res: RunResult): Promise<void>;
 }
 
 export interface RunResult {
@@ -99,6 +108,7 @@ export interface Ratio { linkBytes: number; totalTime: number; endToEnd: number;
 const cpuCount = os.availableParallelism();
 
 const MAIN_JS = fileURLToPath(new URL("../cli/main.js", import.meta.url));
+const RELAY_JS = fileURLToPath(new URL("./pipe-relay.js", import.meta.url));
 
 function evMs(ev: QmpEvent): number {
   return ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now();
@@ -160,7 +170,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
       netns: link.srcNs, name: "pt-cmp-src",
     });
     const multifd = mode === "qemu-multifd-zstd" || mode === "pagetwin-multifd";
-    const proxied = mode === "pagetwin" || mode === "pagetwin-multifd" || mode === "pagetwin-baseline";
+    const relayed = mode === "relay";
+    const proxied = relayed || mode === "pagetwin" || mode === "pagetwin-multifd" || mode === "pagetwin-baseline";
     const main = mode === "pagetwin-baseline" ? opts.baselineMain : undefined;
     if (mode === "pagetwin-baseline" && !main) throw new Error("the pagetwin-baseline mode needs another build's main.js (baselineMain)");
     const local = (port: number, name: string) => (opts.qemuSide === "unix" ? `unix:${path.join(dir, name)}` : `tcp:127.0.0.1:${port}`);
@@ -169,6 +180,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
       ...common, memPath: `/dev/shm/pt-cmp-dst-${tag}`, qmpSocket: path.join(dir, "dst.qmp"), serialLog: path.join(dir, "dst.log"),
       netns: link.dstNs, name: "pt-cmp-dst", incoming: multifd ? "defer" : incoming,
     });
+    opts.watchDestination?.started(dst);
     await src.waitForSerial(/pagetwin-ready/, 240_000);
     const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
     const settle = Number(m[1]) + (opts.settleCounters ?? 2);
@@ -182,7 +194,11 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
       for (const vm of [src, dst]) await vm.useMultifd(MULTIFD_CHANNELS, mode === "pagetwin-multifd" ? "none" : "zstd");
       await dst.qmp.execute("migrate-incoming", { uri: incoming });
     }
-    if (proxied) {
+    if (relayed) {
+      uri = local(OUT_PORT, "relay-out.sock");
+      pin = await startProxy(link, link.dstNs, [`${link.dstIp}:${IN_PORT}`, incoming.replace(/^tcp:/, "")], RELAY_JS);
+      pout = await startProxy(link, link.srcNs, [uri.replace(/^tcp:/, ""), `${link.dstIp}:${IN_PORT}`], RELAY_JS);
+    } else if (proxied) {
       pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", incoming.replace(/^tcp:/, ""), "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath], main);
       const outArgs = mode === "pagetwin-baseline" ? [] : opts.outArgs ?? [];
       uri = local(OUT_PORT, "stream-out.sock");
@@ -222,8 +238,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     pout = pin = null;
     res.linkBytes = link.txBytes(link.srcNs) - tx0;
     res.linkBytesReturn = link.txBytes(link.dstNs) - rx0;
-    if (proxied) res.proxies = stats;
-    if (proxied) logVerified(stats.in);
+    if (proxied && !relayed) res.proxies = stats;
+    if (proxied && !relayed) logVerified(stats.in);
     res.ok = res.firstDestCounter > res.lastSourceCounter - 1 && res.lastSourceCounter >= 0;
     if (!res.ok) res.error = `destination counter ${res.firstDestCounter} does not continue source counter ${res.lastSourceCounter}`;
     log(`run ${runNo} ${mode}: total ${res.totalTimeMs} ms, end-to-end ${res.endToEndMs.toFixed(0)} ms, downtime ${res.downtimeMs} ms (observed ${res.observedDowntimeMs.toFixed(0)}), link ${(res.linkBytes / 1e6).toFixed(1)} MB, counter ${res.lastSourceCounter} -> ${res.firstDestCounter}`);
@@ -231,11 +247,12 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     res.error = (err as Error).message;
     log(`run ${runNo} ${mode}: FAILED: ${res.error}`);
     // a destination guest that fails after a complete stream: say whether the proxies changed a byte
-    if (pin) {
+    if (pin && mode !== "relay") {
       logVerified(await stopProxy(pin, 3000));
       pin = null;
     }
   } finally {
+    if (dst && opts.watchDestination) await opts.watchDestination.finished(dst, res).catch((e: Error) => log(`run ${runNo} ${mode}: destination watch: ${e.message}`));
     for (const p of [pout, pin]) if (p) { p.child.kill("SIGKILL"); await p.exited; }
     await src?.cleanup();
     await dst?.cleanup();
@@ -244,24 +261,37 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
   return res;
 }
 
-export async function compareStreamMode(opts: CompareOptions = {}): Promise<CompareResult> {
+/** What every run needs: the guest, its image's index (made here unless given), the namespace link; close() removes them. */
+export interface CompareSetup { guest: GuestImage; indexPath: string; link: NetnsLink; close(): void }
+
+export async function openCompareSetup(opts: CompareOptions): Promise<CompareSetup> {
   const guest = opts.guest ?? findGuest();
   if (!guest) throw new Error("the guest is not built: run scripts/build-guest.sh");
-  const modes = opts.modes ?? COMPARE_MODES;
-  const runs = opts.runs ?? 1;
   // Index the image first (both proxies then load it; not part of the timing).
   const indexPath = opts.indexPath ?? path.join(os.tmpdir(), `pt-cmp-index-${process.pid}`);
   const nas = await openNasIndex(guest.disk, { indexPath });
   nas.image.close();
   const link = createNetnsLink({ rate: opts.rate ?? "1gbit" });
-  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, downtimeLimitMs: opts.downtimeLimitMs ?? 300, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [], "pagetwin-multifd": [], "pagetwin-baseline": [] }, median: {} };
+  return {
+    guest, indexPath, link,
+    close: () => {
+      link.destroy();
+      if (!opts.indexPath) fs.rmSync(indexPath, { force: true });
+    },
+  };
+}
+
+export async function compareStreamMode(opts: CompareOptions = {}): Promise<CompareResult> {
+  const modes = opts.modes ?? COMPARE_MODES;
+  const runs = opts.runs ?? 1;
+  const { guest, indexPath, link, close } = await openCompareSetup(opts);
+  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, downtimeLimitMs: opts.downtimeLimitMs ?? 300, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [], "pagetwin-multifd": [], "pagetwin-baseline": [], relay: [] }, median: {} };
   try {
     for (let i = 0; i < runs; i++) {
       for (const mode of modes) out.runs[mode].push(await runOnce(mode, link, guest, { ...opts, indexPath }, i));
     }
   } finally {
-    link.destroy();
-    if (!opts.indexPath) fs.rmSync(indexPath, { force: true });
+    close();
   }
   for (const mode of modes) {
     const ok = out.runs[mode].filter((r) => r.ok);
@@ -291,7 +321,7 @@ export async function compareStreamMode(opts: CompareOptions = {}): Promise<Comp
 export function formatCompare(r: CompareResult): string {
   const names: Record<CompareMode, string> = {
     qemu: "QEMU pre-copy", "qemu-multifd-zstd": `QEMU multifd+zstd (${MULTIFD_CHANNELS})`, pagetwin: "pagetwin stream-out/in", "pagetwin-baseline": "pagetwin, baseline build",
-    "pagetwin-multifd": `pagetwin, multifd (${MULTIFD_CHANNELS})`,
+    "pagetwin-multifd": `pagetwin, multifd (${MULTIFD_CHANNELS})`, relay: "plain relays (socket.pipe)",
   };
   const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "-");
   const s = (ms: number | undefined) => (ms === undefined ? "-" : f(ms / 1000, 2));
@@ -311,7 +341,7 @@ export function formatCompare(r: CompareResult): string {
     `${who} vs ${what}: total-time ${f(x.totalTime, 2)}x (end-to-end ${f(x.endToEnd, 2)}x), downtime ${f(x.downtime, 2)}x (observed ${f(x.observedDowntime, 2)}x), bytes on the link ${f(x.linkBytes, 2)}x`;
   return [`stream mode, ${r.memoryMiB} MiB guest, link ${r.rate}, QEMU downtime-limit ${r.downtimeLimitMs} ms (medians; total-time and downtime from the source's query-migrate, which`,
     "through the proxies end at the local stream-out; end-to-end: migrate to the destination's RESUME; observed downtime: source STOP to it;",
-    `CPU: each process's from migrate to RESUME, ${cpuCount} cores here)`, ...lines,
+    `CPU: each process's from migrate to RESUME, ${cpuCount} cores here; the plain relays' in the stream-out and stream-in columns)`, ...lines,
     ratio("pagetwin", "QEMU pre-copy", r.ratio), ratio("pagetwin", "QEMU multifd+zstd", r.ratioVsMultifdZstd),
     ratio("pagetwin multifd", "QEMU pre-copy", r.multifdRatio), ratio("pagetwin multifd", "QEMU multifd+zstd", r.multifdRatioVsMultifdZstd),
     ratio("pagetwin", "the baseline build", r.ratioVsBaseline)].filter(Boolean).join("\n");
