@@ -59,7 +59,7 @@ cmd=(qemu-system-x86_64
   -object "memory-backend-file,id=mem,size=${MEM_MB}M,mem-path=$RAM,share=on"
   -kernel "$GUEST/vmlinuz"
   -initrd "$GUEST/initrd.gz"
-  -append "console=ttyS0 quiet panic=1 ${APPEND:-}"
+  -append "console=ttyS0 quiet panic=1 no_timer_check ${APPEND:-}"
   -drive "file=$DISK,if=virtio,format=raw,readonly=on,cache=$DISK_CACHE"
   -nic none
   -no-reboot

@@ -93,7 +93,7 @@ export interface CompareResult {
 const REPO = fileURLToPath(new URL("../../../", import.meta.url));
 const AGENT_MAIN = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 const CLI_MAIN = fileURLToPath(new URL("../cli/main.js", import.meta.url));
-export const DEFAULT_APPEND = "console=ttyS0 quiet panic=1 pt_dirty=1 pt_dirty_ws=16";
+export const DEFAULT_APPEND = "console=ttyS0 quiet panic=1 no_timer_check pt_dirty=1 pt_dirty_ws=16";
 const INCOMING_PORT = 4444;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

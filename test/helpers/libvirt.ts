@@ -140,7 +140,7 @@ export class LibvirtPair {
       `<source file='${file}'/><target dev='${dev}' bus='virtio'/><readonly/></disk>`;
     return `<domain type='qemu'><name>${name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><kernel>${this.guest.kernel}</kernel><initrd>${this.guest.initrd}</initrd>
-  <cmdline>console=ttyS0 quiet panic=1 ${cmdline}</cmdline></os>
+  <cmdline>console=ttyS0 quiet panic=1 no_timer_check ${cmdline}</cmdline></os>
   <on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
     ${disk(this.guest.disk, "vda")}

@@ -21,7 +21,7 @@ export const QEMU_BINARY = 'qemu-system-x86_64';
 export const QEMU_UNTHROTTLED = 10_000_000_000;
 
 /** Kernel command line used when none is given (the guest of scripts/build-guest.sh). */
-export const DEFAULT_APPEND = 'console=ttyS0 quiet panic=1';
+export const DEFAULT_APPEND = 'console=ttyS0 quiet panic=1 no_timer_check';
 
 export type DiskCacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
 
