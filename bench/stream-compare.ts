@@ -8,7 +8,7 @@ const { values } = parseArgs({
   options: {
     runs: { type: "string", default: "1" }, rate: { type: "string", default: "1gbit" }, json: { type: "boolean" },
     mode: { type: "string", multiple: true }, mem: { type: "string", default: "512" },
-    "downtime-limit": { type: "string" }, "out-arg": { type: "string", multiple: true }, baseline: { type: "string" }, "qemu-side": { type: "string", default: "tcp" }, help: { type: "boolean", short: "h" },
+    "downtime-limit": { type: "string" }, "out-arg": { type: "string", multiple: true }, baseline: { type: "string" }, "qemu-side": { type: "string", default: "unix" }, help: { type: "boolean", short: "h" },
   },
 });
 if (values.help) {
@@ -22,7 +22,7 @@ if (values.help) {
   --downtime-limit MS  QEMU's downtime-limit for every mode (default QEMU's, 300)
   --out-arg ARG        one more stream-out argument (repeat; e.g. --out-arg=--queue-ms --out-arg=5)
   --baseline MAIN      another build's dist/src/cli/main.js: its proxies run the pagetwin-baseline rows (before and after in one run)
-  --qemu-side tcp|unix how each QEMU reaches its proxy (default tcp on loopback; unix: a unix socket, which holds far less in the kernel)
+  --qemu-side unix|tcp how each QEMU reaches its proxy (default unix, as docs/STREAM.md advises; tcp: loopback TCP, whose kernel buffers hold MBs that QEMU counts as sent)
   --json               the results as JSON`);
   process.exit(0);
 }
@@ -36,7 +36,7 @@ const r = await compareStreamMode({
   modes,
   ...(values["out-arg"] ? { outArgs: values["out-arg"] } : {}),
   ...(values.baseline ? { baselineMain: values.baseline } : {}),
-  qemuSide: values["qemu-side"] === "unix" ? "unix" : "tcp",
+  qemuSide: values["qemu-side"] === "tcp" ? "tcp" : "unix",
   log: (m) => process.stderr.write(`[compare] ${m}\n`),
 });
 if (values.json) console.log(JSON.stringify(r, null, 2));

@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import net from "node:net";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { quickStart, runQuickStart, docLines, exitOf, stopAll, type Started } from "./helpers/quickstart.js";
@@ -46,16 +46,17 @@ test("STREAM.md's quick start carries a QEMU stream through both proxies as writ
   try {
     const f = makeFixture(dir, 4);
     const qs = quickStart("STREAM.md", "stream mode");
-    const ports = { IN_PORT: String(await freePort()), OUT_PORT: String(await freePort()), QEMU_PORT: String(await freePort()) };
-    await new Promise<void>((r) => sink.listen(Number(ports.QEMU_PORT), "127.0.0.1", r));
-    services = await runQuickStart(qs, dir, { IMAGE: f.image, DEST: "127.0.0.1", ...ports });
-    // the monitor block: its migrate goes to stream-out's documented port
+    const socks = join(dir, "socks");
+    mkdirSync(socks); // the destination QEMU's socket is there before the quick start runs
+    await new Promise<void>((r) => sink.listen(join(socks, "qemu.sock"), r));
+    services = await runQuickStart(qs, dir, { IMAGE: f.image, DEST: "127.0.0.1", IN_PORT: String(await freePort()), SOCK_DIR: socks });
+    // the monitor block: its migrate goes to stream-out's documented socket
     const monitor = docLines("STREAM.md", "(qemu) ");
     assert.ok(monitor.some((l) => /downtime-limit/.test(l)), "the quick start sets downtime-limit");
-    const uri = /^\(qemu\) migrate tcp:([^:]+):(\d+)$/.exec(monitor.find((l) => /^\(qemu\) migrate /.test(l))!)!;
-    assert.equal(uri[2], qs.vars.get("OUT_PORT"), "QEMU migrates to stream-out's port");
+    const uri = /^\(qemu\) migrate unix:(.+)$/.exec(monitor.find((l) => /^\(qemu\) migrate /.test(l))!)!;
+    assert.equal(uri[1], `${qs.vars.get("SOCK_DIR")}/out.sock`, "QEMU migrates to stream-out's socket");
     const stream = qemuStream(readFileSync(f.ram));
-    const q = net.connect(Number(ports.OUT_PORT), uri[1]);
+    const q = net.connect(join(socks, "out.sock"));
     q.on("data", () => {});
     await new Promise<void>((r) => q.once("connect", r));
     q.end(stream);

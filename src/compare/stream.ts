@@ -53,7 +53,7 @@ export interface CompareOptions {
   outArgs?: string[];
   /** Another build's dist/src/cli/main.js: its proxies run the pagetwin-baseline mode (before and after in one run). */
   baselineMain?: string;
-  /** How the QEMUs reach their proxy (default tcp, loopback): a unix socket holds far less of the stream in the kernel. */
+  /** How the QEMUs reach their proxy (default unix, as docs/STREAM.md advises: loopback TCP holds MBs of the stream in the kernel, which QEMU counts as sent). */
   qemuSide?: "tcp" | "unix";
   /** Called with the destination QEMU once started, and again when the run ends (before it is stopped), for its events and serial log. */
   watchDestination?: DestinationWatch;
@@ -174,7 +174,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     const proxied = relayed || mode === "pagetwin" || mode === "pagetwin-multifd" || mode === "pagetwin-baseline";
     const main = mode === "pagetwin-baseline" ? opts.baselineMain : undefined;
     if (mode === "pagetwin-baseline" && !main) throw new Error("the pagetwin-baseline mode needs another build's main.js (baselineMain)");
-    const local = (port: number, name: string) => (opts.qemuSide === "unix" ? `unix:${path.join(dir, name)}` : `tcp:127.0.0.1:${port}`);
+    const local = (port: number, name: string) => (opts.qemuSide !== "tcp" ? `unix:${path.join(dir, name)}` : `tcp:127.0.0.1:${port}`);
     const incoming = proxied ? local(QEMU_PORT, "dst-qemu.sock") : `tcp:${link.dstIp}:${QEMU_PORT}`;
     dst = await QemuVm.start({
       ...common, memPath: `/dev/shm/pt-cmp-dst-${tag}`, qmpSocket: path.join(dir, "dst.qmp"), serialLog: path.join(dir, "dst.log"),
