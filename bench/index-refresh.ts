@@ -61,12 +61,14 @@ async function startQemu(image: string, qmpPath: string) {
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
+/** CPU milliseconds (user + system) since `c0` (a process.cpuUsage()). */
+const cpuSince = (c0: NodeJS.CpuUsage) => { const c = process.cpuUsage(c0); return (c.user + c.system) / 1000; };
+
 /** Wall and CPU (user + system, all threads) milliseconds of `fn`. */
 async function timed<T>(fn: () => Promise<T>): Promise<{ value: T; ms: number; cpu: number }> {
   const t0 = performance.now(), c0 = process.cpuUsage();
   const value = await fn();
-  const c = process.cpuUsage(c0);
-  return { value, ms: performance.now() - t0, cpu: (c.user + c.system) / 1000 };
+  return { value, ms: performance.now() - t0, cpu: cpuSince(c0) };
 }
 
 /** Drops the files' pages from this host's page cache (written back first). */
@@ -99,17 +101,50 @@ async function openBlockByBlock(indexPath: string): Promise<number> {
   return performance.now() - t0;
 }
 
-/** Milliseconds to write `bytes` of memory never touched before (the host's page-fault cost). */
-function firstTouch(bytes: number): number {
+/** Wall and CPU milliseconds to write `bytes` of memory never touched before (the host's page-fault cost). */
+function firstTouch(bytes: number): { ms: number; cpu: number } {
   const mem = new WebAssembly.Memory({ initial: Math.ceil(bytes / 65536) });
-  const t0 = performance.now();
+  const t0 = performance.now(), c0 = process.cpuUsage();
   new Uint8Array(mem.buffer).fill(1);
-  return performance.now() - t0;
+  return { ms: performance.now() - t0, cpu: cpuSince(c0) };
 }
 
-/** Opens the stale index `opens` times, alternating with the block-by-block open; medians. */
-async function timeOpens(path: string): Promise<{ bulk: number; bulkCpu: number; oneByOne: number; touch: number; mib: number }> {
-  const bulk: number[] = [], bulkCpu: number[] = [], one: number[] = [], touch: number[] = [];
+interface OpenPhases { engine: number; memory: number; read: number; table: number }
+
+/**
+ * The bulk open's steps (as openNasIndex's loadHashes does them), CPU ms each:
+ * a new engine; the index's memory (records and table, zeroed: its first
+ * touch); the file read into the records; the core building the table.
+ */
+async function openInPhases(indexPath: string): Promise<OpenPhases> {
+  let c0 = process.cpuUsage();
+  const step = () => { const ms = cpuSince(c0); c0 = process.cpuUsage(); return ms; };
+  const h = readIndexHeader(indexPath);
+  const engine = await createEngine({ seed: h.seed });
+  const tEngine = step();
+  const index = engine.createIndex(h.blocks);
+  const recs = index.recordsFor(h.blocks);
+  const tMemory = step();
+  const fd = openSync(indexPath, "r");
+  try {
+    const mem = engine.u8();
+    for (let at = 0; at < h.blocks * HASH_SIZE; at += 1 << 24) {
+      readSync(fd, mem, recs + at, Math.min(1 << 24, h.blocks * HASH_SIZE - at), h.hashesAt + at);
+    }
+  } finally {
+    closeSync(fd);
+  }
+  const tRead = step();
+  index.loadAt(recs, h.blocks);
+  const tTable = step();
+  index.free();
+  return { engine: tEngine, memory: tMemory, read: tRead, table: tTable };
+}
+
+/** Opens the stale index `opens` times, alternating with the block-by-block open and the open in steps; medians. */
+async function timeOpens(path: string) {
+  const bulk: number[] = [], bulkCpu: number[] = [], one: number[] = [], touch: number[] = [], touchCpu: number[] = [];
+  const phases: OpenPhases[] = [];
   let bytes = 0;
   for (let i = 0; i < opens; i++) {
     const { value: nas, ms, cpu } = await timed<NasIndex>(() => openNasIndex(path));
@@ -120,9 +155,16 @@ async function timeOpens(path: string): Promise<{ bulk: number; bulkCpu: number;
     nas.image.close();
     nas.index.free();
     one.push(await openBlockByBlock(`${path}.pagetwin-index`));
-    touch.push(firstTouch(bytes));
+    const t = firstTouch(bytes);
+    touch.push(t.ms);
+    touchCpu.push(t.cpu);
+    phases.push(await openInPhases(`${path}.pagetwin-index`));
   }
-  return { bulk: median(bulk), bulkCpu: median(bulkCpu), oneByOne: median(one), touch: median(touch), mib: bytes / 2 ** 20 };
+  const phase = (k: keyof OpenPhases) => median(phases.map((p) => p[k]));
+  return {
+    bulk: median(bulk), bulkCpu: median(bulkCpu), oneByOne: median(one), touch: median(touch), touchCpu: median(touchCpu), mib: bytes / 2 ** 20,
+    phases: { engine: phase("engine"), memory: phase("memory"), read: phase("read"), table: phase("table") },
+  };
 }
 
 /** Cold open and cold build, in turn (the open first: the build replaces the index). */
@@ -197,7 +239,11 @@ try {
   both("full index build (every block read and hashed)", tBuild, cBuild, { ms: tBuild, cpu: cBuild });
   both(`open the stale index (a migration can start; median of ${opens})`, tStale, opened.bulkCpu, { ms: tBuild, cpu: cBuild });
   row("  the same open inserting the hashes block by block", opened.oneByOne);
-  row(`  touching ${opened.mib.toFixed(0)} MiB of fresh memory (the index's size) alone`, opened.touch);
+  both(`  touching ${opened.mib.toFixed(0)} MiB of fresh memory (the index's size) alone`, opened.touch, opened.touchCpu, { ms: tBuild, cpu: cBuild });
+  const p = opened.phases;
+  console.log(`  the open in steps, CPU ms (x of the build's CPU): new engine ${p.engine.toFixed(0)} (${(p.engine / cBuild).toFixed(4)}),` +
+    ` index memory zeroed ${p.memory.toFixed(0)} (${(p.memory / cBuild).toFixed(4)}), file read into it ${p.read.toFixed(0)} (${(p.read / cBuild).toFixed(4)}),` +
+    ` table built ${p.table.toFixed(0)} (${(p.table / cBuild).toFixed(4)})`);
   row(`refresh through the dirty bitmap, blocks read from the file (${r.blocksRead})`, r.ms);
   row("open + that refresh (ready with a fresh index)", tStale + r.ms);
   row(`same, blocks read through QEMU's NBD server (${rn.nbdReads} reads)`, rn.ms);
