@@ -141,7 +141,7 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     }
     if (header) {
       const engine = opts.engine ?? await createEngine({ seed: header.seed });
-      const index = engine.createIndex(header.blocks);
+      const index = engine.createIndexForLoad(header.blocks);
       try {
         loadHashes(index, indexPath, header);
       } catch (err) {
