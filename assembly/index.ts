@@ -6,7 +6,7 @@ import { writeBit } from "./bits";
 
 export { bitsCombine, bitsPopcount, bitsExtract, bitsDiff, bitsFill, copyRecordsMasked } from "./bits";
 export {
-  indexCreate, indexFree, indexSetBlocks, indexLoad, indexReserve, indexLookup,
+  indexCreate, indexCreateForLoad, indexFree, indexSetBlocks, indexLoad, indexReserve, indexLookup,
   indexCount, indexBlocks, indexHashesPtr, indexPresentPtr, indexBytes,
 } from "./twin_index";
 export { zeroHashPtr, currentSeed } from "./xxh3";

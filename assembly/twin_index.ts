@@ -104,13 +104,32 @@ function setTable(idx: TwinIndex, nb: u32): void {
 }
 
 export function indexCreate(blockCapacity: u32, zeroHash: usize): TwinIndex {
+  return makeIndex(blockCapacity, zeroHash, 0);
+}
+
+/**
+ * An empty index whose first `blocks` records are left as they are, not
+ * zeroed: for a host that writes every one of them (an index file read
+ * straight into indexHashesPtr) before indexLoad(idx, indexHashesPtr(idx),
+ * blocks). A record is only read once its block is set (its present bit), so
+ * its old bytes are never seen. Zeroing first would be a pass over memory the
+ * host then writes again: where pages are slow to touch the first time, the
+ * host's read into pages just zeroed costs more than into untouched ones.
+ */
+export function indexCreateForLoad(blocks: u32, zeroHash: usize): TwinIndex {
+  return makeIndex(blocks, zeroHash, blocks);
+}
+
+function makeIndex(blockCapacity: u32, zeroHash: usize, unzeroed: u32): TwinIndex {
   const idx = changetype<TwinIndex>(heap.alloc(offsetof<TwinIndex>()));
   idx.count = 0;
   idx.blocks = 0;
   idx.zeroHash = zeroHash;
   const bc = max<u32>(blockCapacity, 64);
   idx.blockCap = bc;
-  idx.hashes = allocZeroed(<usize>bc << 4);
+  idx.hashes = heap.alloc(<usize>bc << 4);
+  const skip = <usize>min<u32>(unzeroed, bc) << 4;
+  memory.fill(idx.hashes + skip, 0, (<usize>bc << 4) - skip);
   idx.present = allocZeroed(((<usize>bc + 63) >> 6) << 3);
   setTable(idx, bucketsFor(<f64>bc, RESERVE_LOAD));
   return idx;

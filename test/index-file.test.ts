@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { defaultIndexPath, openNasIndex } from "../src/adapters/nas/index-file.js";
@@ -59,4 +59,22 @@ test("no temp file is left behind when the index cannot be put in place", async 
   writeFileSync(join(index, "keep"), "a directory in the way");
   await assert.rejects(buildIndex(image), /cannot replace the index/);
   assert.deepEqual(readdirSync(dir).filter((name) => name.includes(".tmp-")), []);
+});
+
+test("a truncated index file is an error that leaves none of the index's memory behind in the engine given", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-index-file-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const image = join(dir, "disk.img");
+  writeFileSync(image, "");
+  truncateSync(image, 64 << 20); // 16384 blocks: about 0.5 MiB of index memory per open
+  const built = await openNasIndex(image, { rebuild: true });
+  built.image.close();
+  built.index.free();
+  const index = defaultIndexPath(image);
+  truncateSync(index, statSync(index).size - 4096);
+  const engine = built.engine;
+  const before = engine.core.memory.buffer.byteLength;
+  // each failed open would keep its records and table (20 MiB in all) if it did not free them
+  for (let i = 0; i < 40; i++) await assert.rejects(openNasIndex(image, { engine }), /truncated/);
+  assert.equal(engine.core.memory.buffer.byteLength, before, "the engine's memory grew: failed opens left their index behind");
 });

@@ -185,3 +185,34 @@ test("a bulk load (hashes written into the index's own records) answers as block
     bulk.free();
   }
 });
+
+test("an index made for a load over memory that held other bytes: the load answers as inserts; records past the loaded ones read as unset", async () => {
+  for (const flavor of ["simd", "scalar"] as CoreFlavor[]) {
+    const engine = await createEngine({ flavor, seed: 11n });
+    const n = 50_000;
+    const hashes = new Uint8Array(randomBytes(n * HASH_SIZE));
+    const dirty = () => { const r = engine.alloc(8 << 20); engine.u8().fill(0xab, r.ptr, r.ptr + r.bytes); r.free(); };
+    dirty(); // the index below takes this memory back, with its bytes
+    const loaded = engine.createIndexForLoad(n);
+    const recs = loaded.recordsFor(n);
+    engine.u8().set(hashes, recs);
+    loaded.loadAt(recs, n);
+    const one = engine.createIndex(n);
+    one.setBlocks(hashes, 0);
+    assert.deepEqual(loaded.lookup(hashes), one.lookup(hashes), flavor);
+    assert.equal(loaded.size, n);
+    loaded.free();
+    one.free();
+    dirty();
+    const small = engine.createIndexForLoad(10); // room for 64: the 54 past the load must read as unset
+    const srecs = small.recordsFor(10);
+    engine.u8().set(hashes.subarray(0, 10 * HASH_SIZE), srecs);
+    small.loadAt(srecs, 10);
+    small.setBlocks(hashes.subarray(20 * HASH_SIZE, 21 * HASH_SIZE), 20);
+    const got = Buffer.from(small.blockHashes());
+    assert.equal(got.length, 21 * HASH_SIZE);
+    assert.deepEqual(got.subarray(10 * HASH_SIZE, 20 * HASH_SIZE), Buffer.alloc(10 * HASH_SIZE), `${flavor}: blocks 10..19 were never set`);
+    assert.deepEqual(small.lookup(hashes.subarray(20 * HASH_SIZE, 21 * HASH_SIZE))[0], 20);
+    small.free();
+  }
+});

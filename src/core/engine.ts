@@ -226,6 +226,16 @@ export class Engine {
   createIndex(blockCapacity = 1024): TwinIndex {
     return new TwinIndex(this, this.core.indexCreate(blockCapacity, this.core.zeroHashPtr()) >>> 0);
   }
+
+  /**
+   * An empty index about to be loaded whole: its first `blocks` records
+   * (`recordsFor(blocks)`) are not zeroed, so write every one of them, then
+   * `loadAt(that pointer, blocks)`. Spares a pass over memory the load
+   * writes anyway (an index file's hashes read straight into it).
+   */
+  createIndexForLoad(blocks: number): TwinIndex {
+    return new TwinIndex(this, this.core.indexCreateForLoad(blocks, this.core.zeroHashPtr()) >>> 0);
+  }
 }
 
 /** Block hash -> block number, in the core's memory (see assembly/twin_index.ts). */

@@ -28,6 +28,7 @@ export interface CoreExports {
   bitsFill(bits: number, first: number, count: number, on: number): void;
   copyRecordsMasked(dst: number, src: number, bits: number, count: number): void;
   indexCreate(blockCapacity: number, zeroHash: number): number;
+  indexCreateForLoad(blocks: number, zeroHash: number): number;
   indexFree(idx: number): void;
   indexSetBlocks(idx: number, hashes: number, first: number, count: number): void;
   indexLoad(idx: number, hashes: number, count: number): void;

@@ -141,8 +141,13 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     }
     if (header) {
       const engine = opts.engine ?? await createEngine({ seed: header.seed });
-      const index = engine.createIndex(header.blocks);
-      loadHashes(index, indexPath, header);
+      const index = engine.createIndexForLoad(header.blocks);
+      try {
+        loadHashes(index, indexPath, header);
+      } catch (err) {
+        index.free();
+        throw err;
+      }
       return { engine, index, image, header, indexPath, built: false, stale, hashed: 0, ms: performance.now() - t0 };
     }
     // An overlay takes its backing file's index (built once, beside that file) and its seed.
