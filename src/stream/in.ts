@@ -124,6 +124,7 @@ const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
 /** A CREDIT goes back once this many more link bytes, or bytes of QEMU's stream, were handed on (stream-out's windows are several times larger). */
 const CREDIT_STEP = 128 * 1024;
 const CREDIT_STREAM_STEP = 1024 * 1024;
+const RESEND_LINK_GONE = "the link closed while waiting for a resent page";
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -190,6 +191,8 @@ class InSession {
   private readonly inbox = new FrameInbox();
   private helloDone = false;
   private linkClosed = false;
+  /** stream-out's side of the link has ended (FIN or close): no RESEND can come any more. */
+  private linkEnded = false;
   private endReceived = false;
   private qemu: net.Socket | null = null;
   private qemuClosed = false;
@@ -284,16 +287,26 @@ class InSession {
     link.on("error", (e) => this.fail(new Error(`link from stream-out failed: ${e.message}`), false));
     link.on("close", () => {
       this.linkClosed = true;
-      if (this.resendWaiter) this.fail(new Error("the link closed while waiting for a resent page"), false);
+      this.linkEnd();
       if (!this.streamEnded) this.fail(new Error("the link from stream-out closed before the end of the stream"), false);
       this.wake();
     });
     // The link is half-open capable: a FIN from stream-out without END is the
     // end of the link too (waiting for 'close' would wait for our own write to fail).
     link.on("end", () => {
+      this.linkEnd();
       if (!this.endReceived) this.fail(new Error("the link from stream-out closed before the end of the stream"), false);
     });
     link.setTimeout(TIMEOUTS.idleMs, () => this.fail(new Error(`stream-out sent nothing for ${TIMEOUTS.idleMs} ms`), true));
+  }
+
+  /**
+   * No RESEND can come any more. END may be queued already (stream-out sends ahead of the rebuild), so a FIN is not
+   * always a failure; but a rebuild that waits for a resent page, or asks for one later, can never finish.
+   */
+  private linkEnd(): void {
+    this.linkEnded = true;
+    if (this.resendWaiter) this.fail(new Error(RESEND_LINK_GONE), false);
   }
 
   private onLinkData(chunk: Buffer): void {
@@ -559,6 +572,8 @@ class InSession {
 
   /** Asks stream-out for page #seq (NEED) and waits for its RESEND. */
   private async resend(seq: number): Promise<Buffer> {
+    if (this.linkEnded) this.fail(new Error(RESEND_LINK_GONE), false);
+    if (this.failure) throw this.failure;
     this.sendLink(u32Frame(SFrame.Need, seq));
     if (this.link.isPaused()) this.link.resume();
     const page = await new Promise<Buffer>((resolve) => { this.resendWaiter = { seq, resolve }; });

@@ -106,10 +106,11 @@ class Sessions {
     this.active++;
     stats.sessions++;
     let failed = false;
-    this.o.session(sock, this.channels++).catch((err: Error) => {
+    const channel = this.channels++;
+    this.o.session(sock, channel).catch((err: Error) => {
       failed = true;
       stats.error ??= err.message;
-      log.error(`error: ${err.message}`, { channel: this.channels - 1 });
+      log.error(`error: ${err.message}`, { channel });
     }).finally(() => this.end(sock, failed));
   }
 

@@ -162,6 +162,7 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
     if (!q.destroyed) { ended = true; q.end(); }
     const a = await so.done;
     let over = false;
+    let inEnded = false;
     if (!o.streamIn) {
       // stream-in ends on its own after a session; after refused peers only (or none in 3 s), it waits on: then close it
       void si.done.then(() => { over = true; });
@@ -169,9 +170,10 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
         if (si.stats.sessions === 0 && (si.stats.refused.length > 0 || Date.now() - t > 3000)) break;
         await new Promise((r) => setTimeout(r, 20));
       }
+      inEnded = over; // read before close(): closing it ends it too
       await si.close();
     }
-    return { out: Buffer.concat(got), so: a, si: si.stats, qemuConnections, sourceCut, linkBytes, inEnded: over };
+    return { out: Buffer.concat(got), so: a, si: si.stats, qemuConnections, sourceCut, linkBytes, inEnded };
   } finally {
     await so?.close();
     if (!o.streamIn) await si.close();
