@@ -189,7 +189,12 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
 
   /** Waits until guest `name` prints a counter above `after` on `host`'s log. */
   async function countsOn(host: LibvirtHost, after: number, name = G): Promise<void> {
-    await pair.waitSerial(name, host, new RegExp(`pagetwin-counter (?:${after + 1}|${after + 2}|${after + 3})\\b`), 30_000);
+    try {
+      await pair.waitSerial(name, host, new RegExp(`pagetwin-counter (?:${after + 1}|${after + 2}|${after + 3})\\b`), 30_000);
+    } catch (err) {
+      // a silent destination: the guest (a panic, starved by the load, hung) or pagetwin? Say which before failing.
+      throw new Error(`${(err as Error).message}\n${name} on ${host.name}: ${await pair.silence(name, host)}`, { cause: err });
+    }
   }
 
   /** After a migration from `from` to `to` (whose log had `seen` counters before): the guest's counter went on with the next number. */
