@@ -90,6 +90,22 @@ function inCommand(p: Record<string, number>): number {
 
 interface Ends { cli: string; services: Map<LibvirtHost, PairService> }
 
+/**
+ * One measured migration from `from`; a failure is a row (its note says why), not the end of the run. A failed
+ * migration leaves the guest where it was (libvirt's rule): when it is not on `from`, plain virsh brings it there first.
+ */
+async function measureOne(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number): Promise<Row> {
+  try {
+    if ((await from.virsh.domstate(G)) !== "running") {
+      const back = await run("virsh", ["-c", to.uri, "migrate", "--live", G, from.uri, "--migrateuri", `tcp://${from.ip}:49400`, "--xml", await pair.destXml(G, to, from)]);
+      if (back.code !== 0) throw new Error(`the guest is not on host ${from.name} and could not be brought back: ${back.err.trim()}`);
+    }
+    return await migrate(pair, mode, from, to, ends, i);
+  } catch (err) {
+    return { mode, run: i, ok: false, linkBytes: NaN, wallMs: NaN, note: (err as Error).message };
+  }
+}
+
 async function migrate(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number): Promise<Row> {
   const xml = await pair.destXml(G, from, to);
   const tx0 = pair.link.txBytes(from.ns);
@@ -162,12 +178,13 @@ async function measure(runs: number, olds: Map<Mode, string>): Promise<{ rows: R
     for (const [mode, dist] of olds) others.set(mode, await start(join(resolve(dist), "src", "cli", "main.js"), 4448 + others.size));
     await pair.startGuest(pair.a, G);
     maxDowntimeMs = await pair.a.virsh.run(["migrate-getmaxdowntime", G]).then((s) => Number(s.trim()) || undefined, () => undefined);
+    const one = (mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number) => measureOne(pair, mode, from, to, ends, i).then((r) => { rows.push(r); });
     for (let i = 1; i <= runs; i++) {
-      rows.push(await migrate(pair, "virsh", pair.a, pair.b, undefined, i));
-      rows.push(await migrate(pair, "pagetwin", pair.b, pair.a, ours, i));
+      await one("virsh", pair.a, pair.b, undefined, i);
+      await one("pagetwin", pair.b, pair.a, ours, i);
       for (const [mode, ends] of others) {
-        rows.push(await migrate(pair, "virsh", pair.a, pair.b, undefined, i));
-        rows.push(await migrate(pair, mode, pair.b, pair.a, ends, i));
+        await one("virsh", pair.a, pair.b, undefined, i);
+        await one(mode, pair.b, pair.a, ends, i);
       }
     }
   } finally {
