@@ -181,9 +181,13 @@ export class LibvirtPair {
    * `lateMs` more, whether it printed at last (starved by the load) or not (hung: its state and registers, from QEMU).
    */
   async silence(name: string, host: LibvirtHost, lateMs = 60_000): Promise<string> {
-    const before = this.serialText(name, host).length;
-    const failure = kernelFailure(this.serialText(name, host));
-    if (failure) return `kernel failure on its console: ${failure.slice(0, 1500)}`;
+    const text = this.serialText(name, host);
+    const before = text.length;
+    if (kernelFailure(text)) {
+      // everything after its last counter: the oops from its first line (kernelFailure() starts at the panic line when the header is one it does not know)
+      const last = text.lastIndexOf("pagetwin-counter");
+      return `kernel failure on its console, after its last counter:\n${text.slice(last < 0 ? 0 : last).slice(0, 6000)}`;
+    }
     const late = await this.waitSerial(name, host, /pagetwin-counter \d+/, lateMs, before).then(() => true, () => false);
     const ask = (args: string[]) => host.virsh.run(args, 10_000).then((s) => s.trim(), (e: Error) => e.message);
     const state = await ask(["domstate", "--reason", name]);
