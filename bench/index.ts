@@ -3,7 +3,8 @@
 // `--no-qemu` skips the real-guest comparisons (they need root, QEMU and the
 // guest of scripts/build-guest.sh, and take about 5 minutes); `--libvirt` adds
 // libvirt's own migration against `pagetwin libvirt migrate` (bench/libvirt.ts:
-// root, libvirtd and the guest, a few minutes more); `--write FILE`
+// root, libvirtd and the guest, a few minutes more; `--libvirt-runs N` rounds of
+// each, default 1); `--write FILE`
 // also keeps what it printed as a markdown record (bench/report.ts). The stream
 // replay (bench/stream-replay.ts) needs the guest, and QEMU the first time.
 
@@ -88,8 +89,10 @@ if (args.includes("--no-qemu")) {
 let libvirt: LibvirtBench = { skipped: "--libvirt not given" };
 if (args.includes("--libvirt")) {
   part("libvirt: virsh migrate --live vs pagetwin libvirt migrate");
-  if (!json) console.log("libvirt (bench/libvirt.ts, one run of each, the test guest over a 1 Gbit/s namespace link):");
-  libvirt = await benchLibvirt({ runs: 1, quiet: json });
+  const runs = Number(argString(args, "--libvirt-runs") ?? 1);
+  if (!(Number.isInteger(runs) && runs >= 1)) throw new RangeError("bench: --libvirt-runs needs a whole number >= 1");
+  if (!json) console.log(`libvirt (bench/libvirt.ts, ${runs === 1 ? "one run" : `${runs} runs`} of each, alternating, the test guest over a 1 Gbit/s namespace link; medians):`);
+  libvirt = await benchLibvirt({ runs, quiet: json });
 }
 if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, demo, qemu, libvirt }));
 if (writeTo) {

@@ -43,6 +43,9 @@ test("every command answers --help, and a bad invocation says what to do", () =>
   const missing = spawnSync(process.execPath, [CLI, "analyze", "--ram", "/nonexistent", "--image", "/nonexistent"], { encoding: "utf8" });
   assert.equal(missing.status, 2);
   assert.match(missing.stderr, /^pagetwin: cannot read the RAM file \/nonexistent: ENOENT/);
+  const queue = spawnSync(process.execPath, [CLI, "serve", "--queue-ms", "0", "--insecure", "--control", "/nonexistent/serve.sock"], { encoding: "utf8" });
+  assert.equal(queue.status, 2, queue.stderr);
+  assert.match(queue.stderr, /--queue-ms must be a number between 1 and/);
   const unknown = spawnSync(process.execPath, [CLI, "frobnicate"], { encoding: "utf8" });
   assert.equal(unknown.status, 2);
   assert.match(unknown.stderr, /unknown command "frobnicate"/);

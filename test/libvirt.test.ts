@@ -189,7 +189,12 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
 
   /** Waits until guest `name` prints a counter above `after` on `host`'s log. */
   async function countsOn(host: LibvirtHost, after: number, name = G): Promise<void> {
-    await pair.waitSerial(name, host, new RegExp(`pagetwin-counter (?:${after + 1}|${after + 2}|${after + 3})\\b`), 30_000);
+    try {
+      await pair.waitSerial(name, host, new RegExp(`pagetwin-counter (?:${after + 1}|${after + 2}|${after + 3})\\b`), 30_000);
+    } catch (err) {
+      // a silent destination: the guest (a panic, starved by the load, hung) or pagetwin? Say which before failing.
+      throw new Error(`${(err as Error).message}\n${name} on ${host.name}: ${await pair.silence(name, host)}`, { cause: err });
+    }
   }
 
   /** After a migration from `from` to `to` (whose log had `seen` counters before): the guest's counter went on with the next number. */
@@ -299,8 +304,10 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
   });
 
   // Opt-in (PAGETWIN_TEST_TWO_GUESTS=1): in a clean-clone CI run on a 2-core machine one of the two destination guests
-  // printed nothing for 30 s after its migration was verified, the symptom one plain QEMU migration (no pagetwin) also
-  // showed in bench/guest-soak.js; until that is understood it would fail CI for a reason not pagetwin's.
+  // printed nothing for 30 s after its migration was verified. The same silence after a single guest's first
+  // migration through pagetwin was, with countsOn()'s diagnosis, a destination kernel panic ("Fatal exception in
+  // interrupt") with the stream verified byte-identical; 20 plain virsh migrations of the guest in this harness
+  // (10 at full speed, 10 at --bandwidth 15, as slow as through pagetwin) printed no panic. Not understood yet.
   const twoGuests = process.env.PAGETWIN_TEST_TWO_GUESTS ? {} : { skip: "two TCG guests at once: set PAGETWIN_TEST_TWO_GUESTS=1 (see the comment)" };
   test("two guests migrated at the same time through the same services: both arrive, each verified with twins from both disks", twoGuests, async () => {
     assert.equal(here, pair.a);

@@ -135,6 +135,12 @@ function waits(st: StreamStats): { busyMs: number; drainWaitMs: number; windowWa
   return { busyMs: Math.round(st.busyMs), drainWaitMs: Math.round(st.drainWaitMs), windowWaitMs: Math.round(st.windowWaitMs) };
 }
 
+/** What compression did to the pages that travelled raw: the algorithm (null: none), bytes in and out, and why it was off. */
+function compressionOf(st: StreamStats): { algorithm: string | null; bytesBefore: number; bytesAfter: number; framesCompressed: number; framesRaw: number; note?: string } {
+  const c = st.compression;
+  return { algorithm: c.algorithm, bytesBefore: c.bytesBefore, bytesAfter: c.bytesAfter, framesCompressed: c.framesCompressed, framesRaw: c.framesRaw, ...(c.note ? { note: c.note } : {}) };
+}
+
 /** What the command reports of the service's status: state, per-disk twins, both sides' byte counts and verdict. */
 function report(s: MigrationStatus): EndsReport {
   const st = s.stats;
@@ -142,7 +148,7 @@ function report(s: MigrationStatus): EndsReport {
     migration: s.migration, state: s.state, ...(s.error ? { error: s.error.message, errorCode: s.error.code } : {}),
     disks: s.disks, verdict: st.verdict, pagesSeen: st.pagesSeen, twinsReplaced: st.twinsReplaced, zeroPages: st.zeroPages, resends: st.resends,
     bytesFromQemu: st.bytesFromQemu, bytesOutLink: st.bytesOutLink, bytesInLink: st.bytesInLink, sessions: st.sessions, multifd: st.multifd,
-    waits: waits(st), ...(s.peerStats ? { destinationWaits: waits(s.peerStats) } : {}),
+    compression: compressionOf(st), waits: waits(st), ...(s.peerStats ? { destinationWaits: waits(s.peerStats) } : {}),
     timings: s.timings, ...(s.peerTimings ? { destinationTimings: s.peerTimings } : {}),
     ...(s.peerStats ? { destination: { verdict: s.peerStats.verdict, bytesToQemu: s.peerStats.bytesToQemu, bytesInLink: s.peerStats.bytesInLink, twinsReplaced: s.peerStats.twinsReplaced, streamsVerified: s.peerStats.streamsVerified } } : {}),
   };

@@ -75,6 +75,8 @@ export interface OutParts {
   log: Log;
   /** The migration's trace sinks (--trace-dir, --ui, `trace` events if `events`; none without them). */
   trace(id: string, events: boolean): MigrationTrace;
+  /** Link time that may be on its way beyond stream-in's credit (stream-out's --queue-ms; undefined: its default). */
+  queueMs?: number;
   register(m: OutgoingMigration): void;
   unregister(m: OutgoingMigration): void;
 }
@@ -177,7 +179,7 @@ export class OutgoingMigration {
     const { req, parts, record } = this;
     const context = disks.then((lookup) => outContext({
       engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
-      windowPages: req.windowPages, to: this.peerAt, bandwidth: req.bandwidth,
+      windowPages: req.windowPages, to: this.peerAt, bandwidth: req.bandwidth, queueMs: parts.queueMs,
       linkLimit: req.bandwidth ? new RateLimiter(req.bandwidth) : undefined, noDedup: lookup.length === 0, compress: req.compress,
       security: parts.security, trace: this.trace?.sinks, traceLabel: `migration ${req.migration} (out)`,
       lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },

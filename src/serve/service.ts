@@ -32,6 +32,8 @@ export interface ServeServiceOptions extends SecurityOptions, ServeTraceOptions 
   peerListen?: string;
   /** How long an index or image stays open after its last migration, ms (default 0: closed at once; `pagetwin serve`: KEEP_OPEN_MS). */
   keepOpenMs?: number;
+  /** Outgoing migrations' pacing, ms of the link's rate on its way beyond stream-in's credit (stream-out's --queue-ms; default: its default). */
+  queueMs?: number;
   log?: LogOption;
 }
 
@@ -207,7 +209,7 @@ export class ServeService {
 
   private outParts() {
     return {
-      indexes: this.indexes, security: this.security, bus: this.bus, log: this.log,
+      indexes: this.indexes, security: this.security, bus: this.bus, log: this.log, ...(this.o.queueMs !== undefined ? { queueMs: this.o.queueMs } : {}),
       trace: (id: string, events: boolean) => this.traces!.open(id, "out", events ? this.bus : undefined),
       register: (m: OutgoingMigration) => this.register(this.out, m),
       unregister: (m: OutgoingMigration) => this.unregister(this.out, m),

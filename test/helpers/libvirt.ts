@@ -17,6 +17,7 @@ import { createNetnsLink, netnsAvailable, type NetnsLink } from "../../src/adapt
 import { Virsh, virshAvailable } from "../../src/adapters/libvirt/virsh.js";
 import { findGuest, qemuAvailable, type GuestImage } from "../../src/adapters/qemu/vm.js";
 import { cliPath } from "./cli.js";
+import { kernelFailure } from "../../src/compare/guest.js";
 
 const LIBVIRTD = "/usr/sbin/libvirtd";
 /** Private per host: bind-mounted over the system's dirs inside the daemon's mount namespace. */
@@ -175,9 +176,31 @@ export class LibvirtPair {
     return [...this.serialText(name, host).matchAll(/pagetwin-counter (\d+)/g)].map((m) => Number(m[1]));
   }
 
-  async waitSerial(name: string, host: LibvirtHost, re: RegExp, timeoutMs = 60_000): Promise<void> {
+  /**
+   * Why guest `name` on `host` printed nothing it was waited for: a kernel failure on its console, or, after
+   * `lateMs` more, whether it printed at last (starved by the load) or not (hung: its state and registers, from QEMU).
+   */
+  async silence(name: string, host: LibvirtHost, lateMs = 60_000): Promise<string> {
+    const text = this.serialText(name, host);
+    const before = text.length;
+    if (kernelFailure(text)) {
+      // everything after its last counter: the oops from its first line (kernelFailure() starts at the panic line when the header is one it does not know)
+      const last = text.lastIndexOf("pagetwin-counter");
+      return `kernel failure on its console, after its last counter:\n${text.slice(last < 0 ? 0 : last).slice(0, 6000)}`;
+    }
+    const late = await this.waitSerial(name, host, /pagetwin-counter \d+/, lateMs, before).then(() => true, () => false);
+    const ask = (args: string[]) => host.virsh.run(args, 10_000).then((s) => s.trim(), (e: Error) => e.message);
+    const state = await ask(["domstate", "--reason", name]);
+    const regs = (await ask(["qemu-monitor-command", name, "--hmp", "info registers"])).split("\n").slice(0, 6).join("\n");
+    const tail = this.serialText(name, host).slice(before).trim();
+    return late ? `it printed again within ${lateMs} ms more (starved, not hung; state ${state}): ${tail.slice(-300)}`
+      : `still silent ${lateMs} ms later (state ${state}; ${kernelFailure(this.serialText(name, host)) ?? "no kernel failure on its console"}); registers:\n${regs}`;
+  }
+
+  /** Waits for `re` on the serial log (from character `from` on). */
+  async waitSerial(name: string, host: LibvirtHost, re: RegExp, timeoutMs = 60_000, from = 0): Promise<void> {
     const end = Date.now() + timeoutMs;
-    while (!re.test(this.serialText(name, host))) {
+    while (!re.test(this.serialText(name, host).slice(from))) {
       if (Date.now() > end) throw new Error(`${name} on ${host.name}: no ${re} on the serial log in ${timeoutMs} ms; log: ${this.serialText(name, host).slice(-500)}`);
       await new Promise((r) => setTimeout(r, 250));
     }
