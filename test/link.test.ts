@@ -10,6 +10,7 @@ import { RateLimiter } from "../src/link/rate.js";
 import { LinkClosedError } from "../src/link/dial.js";
 import { FrameType, AGENT_FRAMES } from "../src/agent/protocol.js";
 import { FrameReader, frame } from "../src/wire/envelope.js";
+import { FrameBuffers } from "../src/link/buffers.js";
 
 async function socketPair(): Promise<{ a: Socket; b: Socket; close: () => void }> {
   const server = createServer();
@@ -101,4 +102,66 @@ test("the link's rate is timed on the pump's drain waits: a peer that reads at ~
   } finally {
     close();
   }
+});
+
+test("send()'s written callback runs only once the frame left the queue, for every frame in order; the buffer may then be refilled", async () => {
+  const { a, b, close } = await socketPair();
+  try {
+    const reader = new FrameReader(AGENT_FRAMES);
+    const got: Buffer[] = [];
+    b.on("data", (d: Buffer) => { for (const f of reader.push(d)) got.push(Buffer.from(f.payload)); });
+    const ended = once(b, "end");
+    // 2 MB/s, bucket 256 KiB: the third 600 kB frame cannot have left when the sends return
+    const link = new FrameLink(a, "peer", AGENT_FRAMES, new RateLimiter(2e6), 4 << 20);
+    const written: number[] = [];
+    const bufs = [0, 1, 2].map((i) => frameOf(i, 600_000));
+    for (let i = 0; i < bufs.length; i++) await link.send(bufs[i]!, () => { written.push(i); bufs[i]!.fill(0xee); });
+    assert.ok(written.length < 3, `all written at once (${written.join(",")}): the callback did not wait for the queue`);
+    link.close();
+    await ended;
+    assert.deepEqual(written, [0, 1, 2]);
+    // overwriting each buffer in its callback changed nothing the peer read
+    assert.equal(got.length, 3);
+    got.forEach((f, i) => assert.ok(f.length === 600_000 && f.every((x) => x === i), `frame ${i} arrived altered`));
+  } finally {
+    close();
+  }
+});
+
+test("FrameBuffers: a buffer given back is taken again; sizes outside half..capacity and foreign buffers are not pooled", () => {
+  const pool = new FrameBuffers(1000, 2);
+  const x = pool.take(900);
+  assert.equal(x.length, 900);
+  pool.give(x.subarray(10, 20)); // a view of it counts as the buffer
+  assert.equal(pool.spareCount, 1);
+  pool.give(x); // given twice: kept once
+  assert.equal(pool.spareCount, 1);
+  const y = pool.take(600);
+  assert.equal(y.buffer, x.buffer, "the spare buffer was not used again");
+  assert.equal(y.length, 600);
+  assert.equal(pool.spareCount, 0);
+  pool.give(Buffer.alloc(1000)); // not the pool's
+  pool.give(pool.take(400)); // too small for the pool: a buffer of its own
+  pool.give(pool.take(1001)); // too large
+  assert.equal(pool.spareCount, 0);
+  for (const b of [pool.take(1000), pool.take(1000), pool.take(1000)]) pool.give(b);
+  assert.equal(pool.spareCount, 2, "more kept than `keep`");
+});
+
+test("FrameReader joins a frame split across chunks in its alloc's buffer, and a buffer refilled after its frame was read does not touch later frames", () => {
+  const pool = new FrameBuffers(300_000, 4);
+  let taken = 0;
+  const reader = new FrameReader({ ...AGENT_FRAMES, alloc: (n) => { taken++; return pool.take(n); } });
+  const wire = Buffer.concat([0, 1, 2, 3].map((i) => frameOf(i, 200_000)));
+  const seen: number[] = [];
+  for (let at = 0; at < wire.length; at += 65_536) {
+    for (const f of reader.push(wire.subarray(at, at + 65_536))) {
+      assert.ok(f.payload.length === 200_000 && f.payload.every((x) => x === seen.length), `frame ${seen.length} altered`);
+      seen.push(seen.length);
+      pool.give(f.payload);
+      f.payload.fill(0xee); // the next frame may be joined in this very buffer: it must not see this
+    }
+  }
+  assert.deepEqual(seen, [0, 1, 2, 3]);
+  assert.equal(taken, 4, "every frame spans chunks here: each is joined in the alloc's buffer");
 });

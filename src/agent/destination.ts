@@ -19,9 +19,10 @@ import { openDisk } from "../adapters/nas/disk.js";
 import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import { PageWriter } from "./page-writer.js";
+import { FrameBuffers } from "../link/buffers.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
-  AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
+  AGENT_FRAMES, DEFAULT_FRAME_PAGES, FrameType, PROTOCOL_VERSION, decodePages, pagesFrameSize, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
 } from "./protocol.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "../codec/compress.js";
@@ -168,14 +169,17 @@ export class DestinationAgent {
     this.busy = true;
     const idle = this.opts.idleTimeoutMs ?? TIMEOUTS.idleMs;
     socket.setTimeout(idle, () => socket.destroy(new Error(`the source sent nothing for ${idle} ms`)));
-    const link = new FrameLink(socket, `source agent ${socket.remoteAddress ?? "on the unix socket"}${socket.remotePort ? `:${socket.remotePort}` : ""}`, AGENT_FRAMES);
-    this.session(link).then((r) => {
+    // frames of full pages, joined from the socket's chunks, in buffers used again once their pages are written
+    const buffers = new FrameBuffers(pagesFrameSize(DEFAULT_FRAME_PAGES), 8);
+    const frames = { ...AGENT_FRAMES, alloc: (n: number) => buffers.take(n) };
+    const link = new FrameLink(socket, `source agent ${socket.remoteAddress ?? "on the unix socket"}${socket.remotePort ? `:${socket.remotePort}` : ""}`, frames);
+    this.session(link, buffers).then((r) => {
       this.busy = false;
       this.finish(r);
     });
   }
 
-  private async session(link: FrameLink): Promise<DestinationResult> {
+  private async session(link: FrameLink, buffers: FrameBuffers): Promise<DestinationResult> {
     const r: DestinationResult = { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, pagesDecompressed: 0, bytesIn: 0, deviceBytes: 0, digest: "", verified: false };
     let s: Session | null = null;
     try {
@@ -192,6 +196,7 @@ export class DestinationAgent {
             const { pages, data } = decodePages(f, s.pages);
             s.writer.write(pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
             r.pagesWritten += pages.length;
+            buffers.give(f.payload); // the writer copied the pages
             break;
           }
           case FrameType.CompressedPages: {
@@ -209,6 +214,7 @@ export class DestinationAgent {
             s.writer.write(pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
             r.pagesWritten += n;
             r.pagesDecompressed += n;
+            buffers.give(f.payload);
             break;
           }
           case FrameType.Zeros: {

@@ -51,18 +51,26 @@ export function encodePages(pages: ArrayLike<number>, bytesOf: (i: number) => Ui
   return seal(b);
 }
 
+/** Pages per Pages frame unless the source is told otherwise. */
+export const DEFAULT_FRAME_PAGES = 256;
+
+/** Bytes encodePagesMaybeCompressed allocates for a frame of `n` pages. */
+export function pagesFrameSize(n: number): number {
+  return FRAME_OVERHEAD + 4 + 4 * n + PAGE_SIZE * n;
+}
+
 /**
- * Builds a frame of `n` full pages in one allocation, sized for the raw Pages
+ * Builds a frame of `n` full pages in one allocation (from `alloc`), sized for the raw Pages
  * frame: `compress(dst)` may write compressed page data straight into the
  * frame (at most 90% of the raw size by default, returns its length, or -1);
  * if it does not, the raw Pages frame is built in the same buffer.
  */
 export function encodePagesMaybeCompressed(
   pages: ArrayLike<number>, bytesOf: (i: number) => Uint8Array, algorithmId: number,
-  compress: ((dst: Uint8Array) => number) | null, maxRatio = 0.9,
+  compress: ((dst: Uint8Array) => number) | null, maxRatio = 0.9, alloc: (size: number) => Buffer = Buffer.allocUnsafe,
 ): { frame: Buffer; compressed: number } {
   const n = pages.length;
-  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 4 + 4 * n + PAGE_SIZE * n);
+  const b = alloc(pagesFrameSize(n));
   if (compress && n > 0 && n <= MAX_COMPRESSED_PAGES) {
     b[4] = FrameType.CompressedPages;
     b[5] = algorithmId;

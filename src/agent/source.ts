@@ -9,6 +9,7 @@ import { Planner, type WindowPlan } from "../plan/planner.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
 import { FrameLink } from "../link/channel.js";
 import { RateLimiter } from "../link/rate.js";
+import { FrameBuffers } from "../link/buffers.js";
 import { dial } from "../link/dial.js";
 import { resolveSecurity, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
@@ -20,7 +21,7 @@ import { UsageError } from "../errors.js";
 import { abortError, onAbort, throwIfAborted } from "../abort.js";
 import type { Progress } from "../log.js";
 import {
-  AGENT_FRAMES, FrameType, PROTOCOL_VERSION, decodeIterAck, encodePageList, encodePagesMaybeCompressed, encodeRefs,
+  AGENT_FRAMES, DEFAULT_FRAME_PAGES, FrameType, PROTOCOL_VERSION, decodeIterAck, encodePageList, encodePagesMaybeCompressed, encodeRefs, pagesFrameSize,
 } from "./protocol.js";
 import {
   ALGORITHM_ID, CompressionPolicy, availableAlgorithms, contiguousRuns, createCompressor, emptyCompressionStats, zstdUnavailableReason,
@@ -211,7 +212,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   throwIfAborted(o.signal, "the migration");
   const policy = new ConvergencePolicy(o.convergence);
   const planner = new Planner(o.engine, { pages: o.ram.pages, windowPages: o.windowPages, index: o.index });
-  const framePages = o.framePages ?? 256;
+  const framePages = o.framePages ?? DEFAULT_FRAME_PAGES;
   const answerTimeout = o.answerTimeoutMs ?? TIMEOUTS.answerMs;
   const ramBytes = o.ram.pages * PAGE_SIZE;
   const totals = { normal: 0, zero: 0, twin: 0, resent: 0 };
@@ -236,6 +237,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
   let cpolicy: CompressionPolicy | null = null;
   let paused = false;
   let pausedAt = 0;
+  // Pages frames are built in buffers used again once the link has written them
+  const frameBuffers = new FrameBuffers(pagesFrameSize(framePages));
   const resendRegion = o.engine.alloc(framePages * PAGE_SIZE);
   const resendHashes = o.engine.alloc(framePages * HASH_SIZE);
   let scans: PoolSession | null = null;
@@ -432,7 +435,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
           return got;
         };
       }
-      const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, compressor ? ALGORITHM_ID[compressor.algorithm] : 0, compress, policy.maxRatio);
+      const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, compressor ? ALGORITHM_ID[compressor.algorithm] : 0, compress, policy.maxRatio, (size) => frameBuffers.take(size));
       if (compress) policy.recordCompress(raw, compressed >= 0 ? compressed : raw, compressMs);
       if (compressed >= 0) {
         cstats.framesCompressed++;
@@ -444,7 +447,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
       }
       const written = l.bytesWritten, t = performance.now();
-      await l.send(frame);
+      await l.send(frame, () => frameBuffers.give(frame));
       const waited = performance.now() - t;
       // waiting for room in the send queue, this thread left the link the bottleneck: what it took meanwhile times it
       if (waited >= 1) policy.recordSend(l.bytesWritten - written, waited);

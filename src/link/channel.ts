@@ -29,8 +29,9 @@ export class FrameLink {
   private failure: Error | null = null;
   private corrupt = false;
   private aborting = false;
-  /** Frames accepted by send() and not yet written to the socket. */
+  /** Frames accepted by send() and not yet written to the socket, each with what to call once it is written. */
   private readonly outbox: Uint8Array[] = [];
+  private readonly onWritten: ((() => void) | undefined)[] = [];
   private outboxBytes = 0;
   private pumping = false;
   private ending = false;
@@ -81,6 +82,7 @@ export class FrameLink {
     for (const w of this.waiters) w.reject(err);
     this.waiters = [];
     this.outbox.length = 0;
+    this.onWritten.length = 0;
     this.outboxBytes = 0;
     this.wakeRoom();
   }
@@ -98,11 +100,14 @@ export class FrameLink {
   /**
    * Queues a frame for the link; waits only while the queue holds more than
    * its limit (the frame must not change afterwards: it is written later).
+   * `written` is called once the socket no longer reads the frame's bytes
+   * (not if the link fails first), so that its buffer can be used again.
    */
-  async send(buf: Uint8Array): Promise<void> {
+  async send(buf: Uint8Array, written?: () => void): Promise<void> {
     if (this.failure) throw this.failure;
     this.bytesOut += buf.length;
     this.outbox.push(buf);
+    this.onWritten.push(written);
     this.outboxBytes += buf.length;
     if (!this.pumping) void this.pump();
     while (this.outboxBytes > this.queueBytes && !this.failure) await new Promise<void>((r) => this.roomWaiters.push(r));
@@ -123,10 +128,12 @@ export class FrameLink {
         await this.limiter.take(buf.length);
         if (this.failure) break;
         this.outbox.shift();
+        const written = this.onWritten.shift();
         this.outboxBytes -= buf.length;
         this.bytesWritten += buf.length;
         if (this.outboxBytes <= this.queueBytes) this.wakeRoom();
-        if (!this.socket.write(buf)) await this.meter.drain(this.socket);
+        // the write callback: the socket (and TLS) is done with the bytes, on success or error
+        if (!this.socket.write(buf, written && (() => written()))) await this.meter.drain(this.socket);
       }
     } finally {
       this.pumping = false;

@@ -96,6 +96,8 @@ export interface ReaderOptions {
   known: (type: number) => boolean;
   /** Largest body before `handshakeDone()` (a link passes HANDSHAKE_FRAME_MAX; default: maxFrame). */
   handshakeMax?: number;
+  /** Where a frame that arrived in several chunks is joined (default Buffer.allocUnsafe): a pool the reader's owner refills. */
+  alloc?: (size: number) => Buffer;
 }
 
 /** Incremental frame parser: a frame may be split anywhere across reads. */
@@ -153,7 +155,7 @@ export class FrameReader {
    * copy a frame's tail again with the next frame).
    */
   private gather(n: number): Buffer {
-    const whole = Buffer.allocUnsafe(n);
+    const whole = this.o.alloc ? this.o.alloc(n) : Buffer.allocUnsafe(n);
     let o = 0;
     while (o < n) {
       const c = this.chunks[0]!;
