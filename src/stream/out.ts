@@ -562,11 +562,15 @@ class OutSession {
     let ok: boolean;
     const t0 = performance.now();
     const sent = this.stats.bytesOutLink;
+    // a chunk's frames leave in one write: one TLS write and one system call, not one per frame
+    this.link.cork();
     try {
       ok = this.rewrite(chunk);
     } catch (err) {
       this.fail(err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`), true);
       return null;
+    } finally {
+      this.link.uncork();
     }
     const t1 = performance.now();
     this.stats.busyMs += t1 - t0;
