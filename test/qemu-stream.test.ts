@@ -86,3 +86,26 @@ test("a block entry too big for what is left of the announced size is still a fo
   const data = Buffer.concat([ramStart(), be64(PAGE + RAM_FLAG.MEM_SIZE), str8("a"), be64(2 * PAGE)]);
   assert.throws(() => feed(new QemuStreamParser(), data, 5), /RAM block "a" of 8192 bytes does not fit the 4096 bytes announced/);
 });
+
+test("a parser whose input buffer is reused after each push keeps a copy of the record it holds back", async () => {
+  const { qemuStream } = await import("./helpers/stream.js");
+  const pages = Buffer.alloc(200 * PAGE);
+  for (let i = 0; i < pages.length; i += 64) pages.writeUInt32LE((i * 2654435761) >>> 0, i);
+  const stream = qemuStream(pages);
+  for (const step of [1000, 4097, 65536]) {
+    const p = new QemuStreamParser({ reuseBridges: true });
+    p.inputReused = true;
+    const read = Buffer.alloc(step);
+    const out: Buffer[] = [];
+    for (let i = 0; i < stream.length; i += step) {
+      const n = Math.min(step, stream.length - i);
+      stream.copy(read, 0, i, i + n);
+      // the pieces are used before the next read, as stream-out does
+      out.push(reassemble(p.push(read.subarray(0, n))));
+      read.fill(0xee);
+    }
+    p.finish();
+    assert.equal(Buffer.compare(Buffer.concat(out), stream), 0, `reads of ${step} bytes`);
+    assert.equal(p.stats.pages, 200);
+  }
+});

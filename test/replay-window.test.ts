@@ -58,3 +58,21 @@ test("replay window: a slot still held is never overwritten, and a slot answers 
   w.hold(5, chunk.subarray(0, PAGE));
   assert.equal(w.get(5).buffer, chunk.buffer, "a view within the default budget");
 });
+
+test("replay window: holdCopy keeps its own copy (the owner may reuse its memory) and frees its slot on ack", () => {
+  const w = new ReplayWindow(4);
+  const chunk = Buffer.alloc(2 * PAGE, 5);
+  w.holdCopy(0, chunk.subarray(0, PAGE));
+  w.hold(1, chunk.subarray(PAGE, 2 * PAGE));
+  chunk.fill(6, 0, PAGE); // the read buffer reused
+  same(w.get(0), Buffer.alloc(PAGE, 5));
+  assert.notEqual(w.get(0).buffer, chunk.buffer);
+  assert.equal(w.retainedBytes, 2 * PAGE, "only the view counts against the budget");
+  assert.throws(() => w.holdCopy(4, chunk.subarray(0, PAGE)), /is full: page #4 would overwrite #0/);
+  const mem = w.get(0);
+  w.release(0, 2);
+  assert.equal(w.retainedBytes, 0);
+  w.holdCopy(4, Buffer.alloc(PAGE, 7));
+  same(w.get(4), Buffer.alloc(PAGE, 7));
+  assert.ok(w.get(4).buffer === mem.buffer && w.get(4).byteOffset === mem.byteOffset, "an acknowledged copy's memory is reused first");
+});

@@ -333,6 +333,19 @@ test("stream-in's END check: END's own counts are taken, an END that is not JSON
   }
 });
 
+test("a RESEND whose page differs from the page referenced reaches QEMU, and the END check fails: a resent page counts by the hash of its own bytes", { timeout: 20_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  try {
+    // the right size, the page asked for: only the end-to-end check can tell
+    const { r } = await withFrameRewritten(dir, SFrame.Resend, (p) => { p[4 + 100]! ^= 1; return p; }, { truncate: true });
+    assert.ok(r.si.resends > 0);
+    assert.match(r.si.error ?? "", /the stream rebuilt for the destination QEMU is not the one the source QEMU sent/);
+    assert.deepEqual([r.si.streamsVerified, r.si.streamsFailed, r.so.verdict], [0, 1, "failed"]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test("stream-in's NEED/RESEND: a RESEND of another size, of a page not asked for, or twice fails the session; a REFS frame over MAX_REFS too", { timeout: 20_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   try {

@@ -84,6 +84,8 @@ export class MultiDiskHasher implements PageLookup {
 export interface PageVerifier {
   verify(blocks: ArrayLike<number>, wanted: (i: number) => Uint8Array): boolean[];
   slots(n: number): Uint8Array;
+  /** `page`'s hash as a reference to `block` carries it (its disk's seed); null: `block` is in no disk with an index here. */
+  hash(block: number, page: Uint8Array): Uint8Array | null;
   free(): void;
 }
 
@@ -131,6 +133,11 @@ export class MultiDiskVerifier implements PageVerifier {
 
   slots(n: number): Uint8Array {
     return this.pages.subarray(0, n * PAGE_SIZE);
+  }
+
+  hash(block: number, page: Uint8Array): Uint8Array | null {
+    const d = this.diskOf(block);
+    return d < 0 ? null : this.verifiers[d]!.hash(block - this.disks[d]!.offset, page);
   }
 
   free(): void {

@@ -1,5 +1,5 @@
 // Stream mode's frames between `stream-out` (source host) and `stream-in`
-// (destination host), protocol version 4, in the envelope of
+// (destination host), protocol version 5, in the envelope of
 // wire/envelope.ts. Binary fields are big-endian. Authentication and
 // encryption are the channel's (TLS).
 //
@@ -15,7 +15,9 @@
 //   RETURN     8 in->out  bytes of the destination QEMU's return path
 //   END        9 out->in  JSON {bytes, pages, zeroPages, streamBytes, crc32}: the
 //                         source QEMU closed its stream; stream-in checks that it
-//                         handed its QEMU exactly that stream (always; inside TLS)
+//                         handed its QEMU exactly that stream (always; inside TLS):
+//                         its length, and the CRC-32 of it with each referenced
+//                         page replaced by its hash (check-crc.ts)
 //   ABORT     10 either   JSON {reason}
 //   RETURN_END 11 in->out JSON {}: the destination QEMU closed its side
 //   RAW_Z     12 out->in  u8 algorithm (1 zstd, 2 brotli), u32 raw length
@@ -33,13 +35,14 @@
 //                         handed on (their output is in its QEMU's socket), and
 //                         how many bytes of QEMU's stream that output was;
 //                         stream-out keeps only a few ms beyond both (pacer.ts)
-//   (protocol 3 had no CREDIT: a stream-out paced only by its own socket)
+//   (protocol 3 had no CREDIT: a stream-out paced only by its own socket;
+//   protocol 4's END CRC-32 covered every page's bytes)
 
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import type { FrameSet } from "../link/channel.js";
 import { HEAP_ALLOC, type FrameAlloc } from "./write-ring.js";
 
-export const STREAM_PROTOCOL_VERSION = 4;
+export const STREAM_PROTOCOL_VERSION = 5;
 /** Largest frame body (type + payload + CRC). */
 export const MAX_STREAM_FRAME = 4 * 1024 * 1024 + 64;
 /** Largest RAW or RAW_Z data (decompressed). */

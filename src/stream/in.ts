@@ -9,7 +9,6 @@
 
 import type * as net from "node:net";
 import { once } from "node:events";
-import { crc32 } from "node:zlib";
 import { createEngine, PAGE_SIZE, type Engine } from "../core/engine.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import type { GuestDisk } from "../adapters/nas/image.js";
@@ -18,6 +17,7 @@ import type { DiskFormat } from "../adapters/nas/image.js";
 import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import type { PageVerifier } from "./disks.js";
+import { CheckCrc } from "./check-crc.js";
 import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION, creditFrame, linkLength } from "./frames.js";
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
@@ -202,9 +202,9 @@ class InSession {
   private readonly toQemuMem = new WriteRing(8 * 1024 * 1024);
   /** This session's own block buffers, in the engine of the index agreed in the handshake. */
   private verifier!: PageVerifier;
-  /** What this session hands QEMU, checked at END against the source's stream. */
+  /** What this session hands QEMU, checked at END against the source's stream (check-crc.ts). */
   private streamBytes = 0;
-  private streamCrc = 0;
+  private readonly check = new CheckCrc();
   /** stream-out asked for the END check's outcome (a VERDICT frame). */
   private verdictWanted = false;
   /** When this session handed QEMU the end of its stream (0: not yet). */
@@ -488,6 +488,8 @@ class InSession {
     if (f.type === SFrame.Raw || f.type === SFrame.RawZ) {
       const b = f.type === SFrame.Raw ? f.payload : this.raw.unpack(f, this.toQemuMem);
       this.trace?.raw(b);
+      this.check.add(b);
+      this.check.flush();
       await this.toQemu(b);
     } else if (f.type === SFrame.Refs || f.type === SFrame.MultifdRefs) await this.rebuildRefs(f);
     this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
@@ -515,7 +517,6 @@ class InSession {
     if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
     this.stats.bytesToQemu += buf.length;
     this.streamBytes += buf.length;
-    this.streamCrc = crc32(buf, this.streamCrc);
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
     this.toQemuMem.write(q, buf);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
@@ -543,12 +544,17 @@ class InSession {
       const ref = refs[i]!;
       out.set(ref.header, o);
       o += ref.header.length;
+      this.check.add(ref.header);
       if (ok[i]) {
         out.set(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), o);
+        // the block's hash was verified equal to this one
+        this.check.add(ref.hash);
         this.stats.twinsReplaced++;
         if (f.type === SFrame.MultifdRefs) this.stats.multifd.twins++;
       } else {
-        out.set(await this.resend(firstSeq + i), o);
+        const page = await this.resend(firstSeq + i);
+        out.set(page, o);
+        this.check.add(this.resentHash(ref.block, page, firstSeq + i));
         this.stats.resends++;
         resent.push(i);
         // another session may have grown the core's memory meanwhile, which detaches older views
@@ -556,9 +562,17 @@ class InSession {
       }
       o += PAGE_SIZE;
     }
+    this.check.flush();
     this.trace?.refs(out, firstSeq, resent);
     await this.toQemu(out);
     this.sendLink(u32Frame(SFrame.Ack, firstSeq + n));
+  }
+
+  /** A resent page enters the end-to-end check by its hash, as the source took it (of the page it looked up). */
+  private resentHash(block: number, page: Uint8Array, seq: number): Uint8Array {
+    const h = this.verifier.hash(block, page);
+    if (!h) throw new ProtocolError(`page #${seq} was resent for block ${block}, which is in no disk this side has an index of: its bytes cannot be checked end to end`);
+    return h;
   }
 
   /** An MREFS frame: on a multifd session, and always for the same one of QEMU's channels. */
@@ -605,10 +619,11 @@ class InSession {
     if (typeof e.streamBytes !== "number" || typeof e.crc32 !== "number") {
       throw new ProtocolError("stream-out's END frame has no stream length and CRC-32: the stream cannot be checked end to end");
     }
-    if (e.streamBytes !== this.streamBytes || e.crc32 !== this.streamCrc) {
+    const crc = this.check.value;
+    if (e.streamBytes !== this.streamBytes || e.crc32 !== crc) {
       const hex = (n: number) => (n >>> 0).toString(16).padStart(8, "0");
       throw new Error(`the stream rebuilt for the destination QEMU is not the one the source QEMU sent (here ${this.streamBytes} bytes, ` +
-        `CRC-32 ${hex(this.streamCrc)}; at the source ${e.streamBytes} bytes, CRC-32 ${hex(e.crc32)}): a pagetwin bug, please report it. ` +
+        `CRC-32 ${hex(crc)}; at the source ${e.streamBytes} bytes, CRC-32 ${hex(e.crc32)}): a pagetwin bug, please report it. ` +
         `Do not resume the destination VM; the source VM is paused and goes on with "cont"`);
     }
   }

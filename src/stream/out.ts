@@ -13,7 +13,6 @@
 // frames, unchanged.
 
 import type * as net from "node:net";
-import { crc32 } from "node:zlib";
 import { NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type TwinIndex } from "../core/engine.js";
 import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
 import type { DiskFormat } from "../adapters/nas/image.js";
@@ -35,6 +34,8 @@ import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { LinkPacer } from "./pacer.js";
 import { WriteRing } from "./write-ring.js";
+import { readIntoBuffer } from "../link/read-buffer.js";
+import { CheckCrc } from "./check-crc.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
 import { throwIfAborted } from "../abort.js";
@@ -128,6 +129,13 @@ export interface OutContext {
   /** The migrations' tracers (null without trace sinks): a migration's sessions share one. */
   tracing: StreamTraceGroup | null;
 }
+
+/**
+ * The read buffer of QEMU's main stream: reads of up to 256 KiB when that much
+ * is waiting (fewer system calls and chunks than Node's 64 KiB; more would let
+ * QEMU hand over more at once than the pacer's few ms of a slow link).
+ */
+const READ_BUFFER_BYTES = 256 * 1024;
 
 /** Referenced pages kept for resends unless told otherwise (64 MiB). */
 export const DEFAULT_WINDOW_PAGES = 16384;
@@ -240,9 +248,13 @@ class OutSession {
   private refs: RefsBuilder | MultifdRefsBuilder = new RefsBuilder();
   private readonly hasher: PageLookup;
   private pumping = Promise.resolve();
-  /** This session's stream as QEMU sent it, for stream-in's end-to-end check. */
+  /** Chunks (and waits) chained on `pumping` and not done yet. */
+  private queued = 0;
+  /** QEMU's stream is read into one buffer, reused (startReading). */
+  private inputReused = false;
+  /** This session's stream as QEMU sent it, for stream-in's end-to-end check (check-crc.ts). */
   private streamBytes = 0;
-  private streamCrc = 0;
+  private readonly check = new CheckCrc();
   /** The link's rate, timed on the waits for it to drain (compression weighs it). */
   private readonly meter = new LinkMeter();
   /** How much may queue toward the link before QEMU's socket waits. */
@@ -276,7 +288,10 @@ class OutSession {
       if (start.data.length) this.onQemuData(start.data);
       // the end may have come with the first bytes, before wireQemu() listened for it
       if (start.ended || this.qemu.readableEnded) this.pumping = this.pumping.then(() => this.end());
-      else this.qemu.resume();
+      else {
+        this.startReading();
+        this.qemu.resume();
+      }
       await this.over;
       await this.pumping;
       if (this.failure) throw this.failure;
@@ -488,7 +503,6 @@ class OutSession {
 
   private wireQemu(): void {
     const qemu = this.qemu;
-    qemu.on("data", (chunk: Buffer) => this.onQemuData(chunk));
     qemu.on("end", () => {
       this.pumping = this.pumping.then(() => this.end());
     });
@@ -498,31 +512,75 @@ class OutSession {
     });
   }
 
-  private onQemuData(chunk: Buffer): void {
-    if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
-    this.pumping = this.pumping.then(() => this.pump(chunk));
+  /**
+   * QEMU's stream into one read buffer of the session's (main channel, where
+   * Node allows it: read-buffer.ts), else through 'data' events. A chunk in
+   * the read buffer is rewritten before the next read overwrites it: the
+   * parser and the replay window keep copies of what they hold on to.
+   */
+  private startReading(): void {
+    const parser = this.parser;
+    const reused = parser instanceof QemuStreamParser && readIntoBuffer(this.qemu, READ_BUFFER_BYTES, (chunk) => this.onQemuData(chunk, true));
+    if (reused) parser.inputReused = this.inputReused = true;
+    else this.qemu.on("data", (chunk: Buffer) => this.onQemuData(chunk));
   }
 
-  // One chunk of QEMU's stream at a time, pausing for link backpressure and for a full replay window.
+  /** Takes a chunk now unless others wait before it; false: QEMU's socket waits (for the link, the window). */
+  private onQemuData(chunk: Buffer, reused = false): boolean {
+    if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
+    if (this.queued === 0) {
+      const wait = this.take(chunk);
+      if (!wait) return true;
+      this.chain(wait);
+      return false;
+    }
+    // a chunk read while the one before waits (the socket is paused then: only what it had read already)
+    const own = reused ? Buffer.from(chunk) : chunk;
+    this.chain(() => this.pump(own));
+    return true;
+  }
+
+  private chain(work: () => Promise<void>): void {
+    this.queued++;
+    this.pumping = this.pumping.then(work).finally(() => { this.queued--; });
+  }
+
   private async pump(chunk: Buffer): Promise<void> {
+    await this.take(chunk)?.();
+  }
+
+  /**
+   * One chunk of QEMU's stream rewritten and sent; what to wait for before
+   * the next (link backpressure, a full replay window, the link's cap), if
+   * anything: QEMU's socket is paused then.
+   */
+  private take(chunk: Buffer): (() => Promise<void>) | null {
     this.stats.bytesFromQemu += chunk.length;
     this.streamBytes += chunk.length;
     this.pacer.onTaken(chunk.length);
-    this.streamCrc = crc32(chunk, this.streamCrc);
-    if (this.failure) return;
+    if (this.failure) return null;
     let ok: boolean;
     const t0 = performance.now();
     const sent = this.stats.bytesOutLink;
+    // a chunk's frames leave in one write: one TLS write and one system call, not one per frame
+    this.link.cork();
     try {
       ok = this.rewrite(chunk);
     } catch (err) {
       this.fail(err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`), true);
-      return;
+      return null;
+    } finally {
+      this.link.uncork();
     }
     const t1 = performance.now();
     this.stats.busyMs += t1 - t0;
-    if (this.ctx.linkLimit) await this.limitLink(this.stats.bytesOutLink - sent);
-    if (!ok || this.full()) await this.holdQemu(ok, t1);
+    const limit = this.ctx.linkLimit ? this.stats.bytesOutLink - sent : -1;
+    if (limit < 0 && ok && !this.full()) return null;
+    this.qemu.pause();
+    return async () => {
+      if (limit >= 0) await this.limitLink(limit);
+      if (!ok || this.full()) await this.holdQemu(ok, t1);
+    };
   }
 
   /** QEMU waits until the link's cap allows the bytes this chunk became. */
@@ -549,7 +607,12 @@ class OutSession {
    * reference and everything else raw, in order. False: the link is full.
    */
   private rewrite(chunk: Buffer): boolean {
-    if (!this.dedup) return this.sendLink(this.raw!.frame([chunk], chunk.length));
+    const check = this.check;
+    if (!this.dedup) {
+      check.add(chunk);
+      check.flush();
+      return this.sendLink(this.raw!.frame([chunk], chunk.length));
+    }
     const pieces = this.parse(chunk);
     let pages = 0;
     for (const p of pieces) if (p.kind === "page") pages++;
@@ -559,16 +622,20 @@ class OutSession {
     const out = new ChunkWriter(this);
     let i = 0;
     for (const p of pieces) {
-      if (p.kind === "raw") { out.raw(p.data); continue; }
+      if (p.kind === "raw") { check.add(p.data); out.raw(p.data); continue; }
       const blk = found!.blocks[i]!;
       const hash = found!.hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
       i++;
       // No twin, the replay window is full, or a header a REFS entry cannot hold: the page travels as it is.
       const ref = !(blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255);
+      check.add(p.header);
+      check.add(ref ? hash : p.data);
       if (ref) out.ref(p.header, p.data, blk, hash);
       else out.raw(p.header, p.data);
       this.trace?.page(ref, p.block, p.offset);
     }
+    // the bridge a piece may lie in is rewritten by the next chunk
+    check.flush();
     return out.end();
   }
 
@@ -586,7 +653,8 @@ class OutSession {
   holdRef(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): boolean {
     // a page completed in the parser's bridge is overwritten by the next chunk: the window keeps a copy of it
     const bridged = this.parser instanceof QemuStreamParser && this.parser.inBridge(data);
-    this.ring.hold(this.seq, bridged ? new Uint8Array(data) : data);
+    if (bridged || this.inputReused) this.ring.holdCopy(this.seq, data);
+    else this.ring.hold(this.seq, data);
     this.refs.add(this.seq++, header, block, hash);
     this.stats.twinsReplaced++;
     if (this.kind === "multifd") this.stats.multifd.twins++;
@@ -619,7 +687,7 @@ class OutSession {
     if ("syncs" in ps) this.stats.multifd.syncs += ps.syncs;
     this.sendLink(jsonFrame(SFrame.End, {
       bytes: this.stats.bytesFromQemu, pages: ps.pages, zeroPages: ps.zeroPages,
-      streamBytes: this.streamBytes, crc32: this.streamCrc,
+      streamBytes: this.streamBytes, crc32: this.check.value,
     }));
   }
 }

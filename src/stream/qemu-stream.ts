@@ -159,6 +159,13 @@ export class QemuStreamParser {
   /** Called as a RAM section's records begin (a trace's rounds); `final`: the RAM END section. */
   onRamSection: ((final: boolean) => void) | null = null;
 
+  /**
+   * The caller reuses each chunk's memory once push() returns (a socket's one
+   * read buffer): the pieces are used before that, and the parser copies what
+   * it holds back. Set before the first such push().
+   */
+  inputReused = false;
+
   constructor(private readonly o: ParserOptions = {}) {}
 
   /** RAM blocks and their sizes in bytes, in the stream's order, once the block list was read. */
@@ -168,6 +175,16 @@ export class QemuStreamParser {
 
   /** Feed one chunk; returns the pieces it completes (raw pieces may be coalesced). */
   push(chunk: Buffer): Piece[] {
+    const out = this.pushChunk(chunk);
+    // the bytes of a record split across reads are held back; the caller is about to overwrite them
+    if (this.inputReused && this.pos < this.buf.length && this.buf.buffer === chunk.buffer) {
+      this.buf = Buffer.from(this.buf.subarray(this.pos));
+      this.pos = this.rawFrom = 0;
+    }
+    return out;
+  }
+
+  private pushChunk(chunk: Buffer): Piece[] {
     this.stats.bytes += chunk.length;
     if (this.state === "passthrough") {
       return chunk.length ? [{ kind: "raw", data: chunk }] : [];
