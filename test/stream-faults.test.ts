@@ -375,6 +375,27 @@ test("stream-in's NEED/RESEND: a RESEND of another size, of a page not asked for
   }
 });
 
+// in the target's last stage (it waits 6 s): its name starts as that stage's pattern wants
+test("stream checked end to end, then closed: the destination QEMU closing its socket after END is no failure (nothing logged as an error, even past the close wait)", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
+  const errors: string[] = [];
+  let qemuPort = 0;
+  const qemu = net.createServer({ allowHalfOpen: true }, (c) => { c.on("data", () => {}); c.on("end", () => c.end()); c.on("error", () => {}); });
+  await new Promise<void>((r) => qemu.listen(0, "127.0.0.1", () => { qemuPort = (qemu.address() as net.AddressInfo).port; r(); }));
+  const { image, data } = await fixture(dir, 64);
+  const si = await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${qemuPort}`, image, psk: TEST_KEY, log: { error: (m: string) => errors.push(m) } });
+  try {
+    const r = await throughProxies({ data, image, streamIn: si });
+    assert.deepEqual([r.si.error, r.so.error, r.so.verdict], [undefined, undefined, "verified"]);
+    await new Promise((res) => setTimeout(res, 6_000)); // past TIMEOUTS.closeWaitMs (5 s), when a close not after END fails
+    assert.deepEqual(errors, []);
+  } finally {
+    await si.close();
+    qemu.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test("stream-in's destination QEMU closing its socket cleanly mid-stream (no reset): the session fails at the next write to it, the source's connection closed", { timeout: 60_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-stream-fault-"));
   // a destination QEMU that takes 1 MiB of the stream, then ends its side (FIN, not RST) and reads on
