@@ -43,7 +43,10 @@ export const targets = {
   // the destination's verification: Refs check, what is held, the verdict at switchover, hashing what was written
   destination: {
     mutate: [lines(DEST, "case FrameType.Refs: {", 'r.status = "completed";'), block(DEST, "private hashRam(", "private ramDigest("), "src/agent/page-writer.ts"],
-    command: node(["verdict"]),
+    // fastest tests first, each stage stopping the chain (a mutant killed early costs only its first stages):
+    // the verdict's refusals and the baseline; the other checks; RAM over 4096 pages (the slowest, ~half the time)
+    command: ["^(baseline|a source announcing|held: a twin)", "^(twins whose|--verify|the verdict covers|NAS references|the device state|held does not|an IterEnd)", "^RAM over"]
+      .map((p) => node(["verdict"], p)).join(" && "),
   },
   // stream-in's rebuild of REFS frames, NEED/RESEND, the end-to-end check at END: onResend, step()'s
   // dispatch and END, toQemu()'s length and CRC, rebuildRefs, resend, checkEnd to compareEnd

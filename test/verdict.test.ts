@@ -16,7 +16,7 @@ import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent, type DestinationOptions } from "../src/agent/destination.js";
 import { migrateSource, MigrationError, type MigrationResult, type SourceOptions } from "../src/agent/source.js";
 import { AGENT_FRAMES, FrameType } from "../src/agent/protocol.js";
-import { jsonFrame } from "../src/wire/envelope.js";
+import { frame, jsonFrame } from "../src/wire/envelope.js";
 import { availableAlgorithms } from "../src/codec/compress.js";
 import { compareFiles } from "../src/demo/embedded-run.js";
 import { vmStub, type VmStub } from "./helpers/vm-stub.js";
@@ -324,4 +324,24 @@ test("held does not read the RAM file again at switchover (the guest's downtime 
   }
   assert.ok(pagesRead.reread! >= 2 * PAGES, JSON.stringify(pagesRead));
   assert.ok(pagesRead.held! < 2 * PAGES, JSON.stringify(pagesRead));
+});
+
+test("an IterEnd or a Switchover frame that is not JSON: refused, the frame named in the reason, nothing verified", async () => {
+  for (const [type, name] of [[FrameType.IterEnd, "IterEnd"], [FrameType.Switchover, "Switchover"]] as const) {
+    let rewritten = false;
+    const x = await migrate({
+      via: (t, sealed) => {
+        if ((t as number) !== type || rewritten) return sealed;
+        rewritten = true;
+        return frame(type, Buffer.from("not json"));
+      },
+    });
+    assert.ok(rewritten, `the relay saw the ${name} frame`);
+    assert.equal(x.r.status, "failed");
+    assert.equal(x.verifiedCalls, 0);
+    const d = x.agent.results[0]!;
+    assert.equal(d.status, "failed");
+    assert.equal(d.verified, false);
+    assert.match(d.error ?? "", new RegExp(`^${name} frame does not hold a JSON object: `));
+  }
 });
