@@ -13,6 +13,7 @@ import { dial } from "../link/dial.js";
 import { resolveSecurity, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { DeviceTunnel } from "./device.js";
+import { AckedLink } from "./acks.js";
 import { ProtocolError, jsonFrame, parseJson, printable } from "../wire/envelope.js";
 import type { EnginePool } from "../pool/pool.js";
 import type { PoolSession } from "../pool/session.js";
@@ -267,10 +268,9 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       throw abortError(o.signal, "the migration");
     }
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
-    // the link's rate as the pump measures it (as stream-out's): no --bandwidth needed for compression to weigh it
-    // the link's rate as this thread's waits for it time it: the pump's own drain timings also count the
-    // time this thread kept the event loop busy, so a sender slower than its link measured itself there
-    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, linkProbeFrames: LINK_PROBE_FRAMES });
+    // the link's rate from what the destination says it received (no --bandwidth needed for compression to weigh it)
+    const acks = new AckedLink(link, (total) => cpolicy?.recordAcked(total));
+    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, meter: acks.meter, linkProbeFrames: LINK_PROBE_FRAMES });
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
       ...(o.deviceTunnel ? { device: true } : {}),
@@ -443,12 +443,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         if (verdict === "slow") cstats.rawSlow++;
         else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
       }
-      const written = l.bytesWritten, t = performance.now();
       await l.send(frame);
-      const waited = performance.now() - t;
-      // waiting for room in the send queue, this thread left the link the bottleneck: what it took meanwhile times it
-      if (waited >= 1) policy.recordSend(l.bytesWritten - written, waited);
-      policy.recordFrame(frame.length, waited >= 1);
+      policy.recordFrame(l.bytesOut);
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -493,8 +489,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       const elapsed = (performance.now() - t0 - result.setupTimeMs) / 1000;
       decision = policy.decide({
         iteration, wireBytes: rec.transferredBytes, scanMs: rec.scanMs,
-        // what the link carried, not what waits in its queue; at most the rate it was given
-        bytesPerSecond: Math.min(link.bytesWritten / Math.max(elapsed, 1e-3), o.bandwidth > 0 ? o.bandwidth : Infinity),
+        // what the destination received, not what waits in a queue or a socket's buffers; at most the rate it was given
+        bytesPerSecond: Math.min(acks.acked / Math.max(elapsed, 1e-3), o.bandwidth > 0 ? o.bandwidth : Infinity),
         totalBytes: link.bytesOut, ramBytes,
         ...(nextRoundBytes !== undefined ? { nextRoundBytes } : {}),
       });
