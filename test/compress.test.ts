@@ -171,8 +171,9 @@ test("auto with no bandwidth given, through a 125 MB/s relay (1 Gbit/s): the des
     assert.equal(m.r.status, "completed", m.r.error);
     assert.deepEqual(readFileSync(m.dstRam), readFileSync(m.srcRam));
     const c = m.r.compression;
-    // the raw probe frames build a backlog at the relay; the credits for them time it near 125 MB/s
-    assert.ok(c.linkMBs > 0 && c.linkMBs < 200, `the link measured at ${c.linkMBs} MB/s: ${JSON.stringify(c)}`);
+    // the raw probe frames build a backlog at the relay; the credits for them time it at 125 MB/s at most
+    // (slower when this host is busy), never at what the sockets' buffers took
+    assert.ok(c.linkMBs > 0 && c.linkMBs < 1.25 * 125, `the link measured at ${c.linkMBs} MB/s: ${JSON.stringify(c)}`);
     assert.ok(c.compressMBs < 1.25 * c.linkMBs || c.framesCompressed > c.framesRaw, JSON.stringify(c));
     assert.ok(m.r.transferredBytes < content.length * 0.6, `${m.r.transferredBytes} bytes on the link`);
   } finally {

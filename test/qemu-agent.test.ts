@@ -220,7 +220,8 @@ test("AGENT-MODE.md's quick start, as written (no --bandwidth), over a 1 Gbit/s 
     assert.ok(c, `the compression line: ${out}`);
     const [compressed, raw, slow, link] = c.slice(1).map(Number) as [number, number, number, number];
     // the guest's pages sent in full are mostly text and code: with the link timed near 125 MB/s, most go compressed
-    assert.ok(link > 0 && link < 200, `link measured at ${link} MB/s`);
+    // at most the relay's rate (slower when this host is busy); bytes handed to the socket read 317 MB/s here
+    assert.ok(link > 0 && link < 1.25 * 125, `link measured at ${link} MB/s`);
     assert.ok(compressed > raw, `most frames compressed: ${compressed} compressed, ${raw} raw (${slow} for speed)`);
   } finally {
     stopAll(services);
