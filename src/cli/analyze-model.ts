@@ -138,11 +138,14 @@ export function roundBytes(r: FirstRound, c: CompressionSample): { bytes: number
 
 export interface TimeModel {
   /**
-   * The modelled total, ms: round 1 (the source, the link and the destination
-   * work at once: the slowest of them), the sampled pass that decides on the
-   * switchover (1/32 of a scan), and the final round's scan of all RAM.
+   * The modelled total, ms: set-up (opening the block index), round 1 (the
+   * source, the link and the destination work at once: the slowest of them),
+   * the sampled pass that decides on the switchover (1/32 of a scan), and
+   * the final round's scan of all RAM.
    */
   ms: number;
+  /** Set-up the tool can time: opening (or building) the block index, as the migration does first, ms. */
+  setupMs: number;
   /** Round 1 alone, ms. */
   roundMs: number;
   /**
@@ -156,25 +159,25 @@ export interface TimeModel {
   compressMs: number;
   /** The source's thread in round 1: scan, then compress what it sends in full, ms. */
   sourceMs: number;
-  /** The destination in round 1: check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
+  /** The destination in round 1: hash its RAM file once, check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
   destinationMs: number;
 }
 
 /** Agent mode re-hashes all of RAM every round (it has no dirty bitmap); an idle guest converges after one live round. */
-export function modelTime(bytes: number, bandwidth: number, scanMs: number, c: CompressionSample, dst: DestinationSample): TimeModel {
+export function modelTime(bytes: number, bandwidth: number, scanMs: number, setupMs: number, c: CompressionSample, dst: DestinationSample): TimeModel {
   const linkMs = (bytes / bandwidth) * 1000;
   const compressMs = c.compressMs;
   const sourceMs = scanMs + compressMs;
-  const destinationMs = dst.twinMs + dst.pagesMs + c.decompressMs;
+  const destinationMs = dst.ramHashMs + dst.twinMs + dst.pagesMs + c.decompressMs;
   const roundMs = Math.max(linkMs, sourceMs, destinationMs);
-  const rest = scanMs / 32 + scanMs;
-  return { ms: roundMs + rest, roundMs, oneHostMs: Math.max(linkMs, sourceMs + destinationMs) + rest, linkMs, scanMs, compressMs, sourceMs, destinationMs };
+  const rest = setupMs + scanMs / 32 + scanMs;
+  return { ms: roundMs + rest, setupMs, roundMs, oneHostMs: Math.max(linkMs, sourceMs + destinationMs) + rest, linkMs, scanMs, compressMs, sourceMs, destinationMs };
 }
 
 /** What the modelled time leaves out, said plainly. */
 export const LEAVES_OUT = [
   "pages the guest writes while it migrates (each costs another round)",
-  "set-up: connecting, the TLS handshake, the destination hashing its RAM file once, building the block index if it is not current",
+  "set-up besides the block index: QMP checks, connecting, the TLS handshake, starting --workers",
   "the destination and source agents sharing one host's cores (timeMs assumes a host each; oneHostMs adds their work up)",
   "QEMU's device state step (agent mode) and its own set-up",
 ];

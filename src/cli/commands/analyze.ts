@@ -68,26 +68,28 @@ export async function run(argv: string[]): Promise<number> {
   const a = validate(values);
   const progress = new ProgressReporter("analyze", { json: a.json });
   // an up-to-date index beside the image is read; a new one is written only where --index says
+  const t0 = performance.now();
   const nas = await openImageIndex(a.image, progress, { indexPath: a.index ?? defaultIndexPath(a.image), write: a.index !== undefined, format: a.format });
   if (nas.stale) {
     process.stderr.write(`pagetwin analyze: the index ${nas.indexPath} is stale (generation ${nas.header.generation}; the image was written since): ` +
       "it is used as it is, so twins counted here may include blocks rewritten since, which a migration would resend; `pagetwin index --image IMAGE` refreshes it\n");
   }
+  const indexMs = performance.now() - t0; // the migration opens (or builds) it first, too
   const ram = RamFile.open(a.ram);
   try {
     const planner = new Planner(nas.engine, { pages: ram.pages, index: nas.index });
-    const t0 = performance.now();
+    const s0 = performance.now();
     const plan = planIteration(planner, 1, (first, count, into) => {
       ram.readPages(first, count, into);
       progress.update("scanning", first + count, ram.pages, "pages");
     });
-    const scanMs = performance.now() - t0;
+    const scanMs = performance.now() - s0;
     planner.free();
     const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth);
     const dst = sampleDestination(nas.engine, nas.image, ram.pages, plan.send, plan.twinPages, plan.twinBlocks);
     const round = { normal: plan.normal, twin: plan.twin, zero: plan.zero };
     const { bytes, uncompressedBytes } = roundBytes(round, c);
-    const time = modelTime(bytes, a.bandwidth, scanMs, c, dst);
+    const time = modelTime(bytes, a.bandwidth, scanMs, indexMs, c, dst);
     const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
     const out = {
       ok: true,
@@ -101,8 +103,8 @@ export async function run(argv: string[]): Promise<number> {
       compression: c,
       baseline: { bytes: baselineBytes, timeMs: (baselineBytes / a.bandwidth) * 1000 },
       pagetwin: {
-        bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, roundMs: time.roundMs, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
-        sourceMs: time.sourceMs, destinationMs: time.destinationMs, destination: { twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs },
+        bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, setupMs: time.setupMs, roundMs: time.roundMs, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
+        sourceMs: time.sourceMs, destinationMs: time.destinationMs, destination: { ramHashMs: dst.ramHashMs, twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs },
       },
       leavesOut: LEAVES_OUT,
     };
@@ -115,7 +117,7 @@ export async function run(argv: string[]): Promise<number> {
   }
 }
 
-function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; roundMs: number; linkMs: number; scanMs: number; compressMs: number; sourceMs: number; destinationMs: number } }, why: string): void {
+function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; setupMs: number; roundMs: number; linkMs: number; scanMs: number; compressMs: number; sourceMs: number; destinationMs: number } }, why: string): void {
   const pct = (n: number) => `${((n / out.pages) * 100).toFixed(1)}%`;
   const p = out.pagetwin;
   console.log(`RAM ${fmtBytes(out.pages * PAGE_SIZE)} (${out.pages} pages), scanned in ${p.scanMs.toFixed(0)} ms`);
@@ -125,7 +127,7 @@ function print(out: { pages: number; zero: number; twin: number; normal: number;
   console.log(`compression: ${why}`);
   console.log(`first round at ${fmtBytes(out.bandwidthBytesPerSecond)}/s: plain pre-copy ${fmtBytes(out.baseline.bytes)} in ${(out.baseline.timeMs / 1000).toFixed(2)} s; ` +
     `pagetwin ${fmtBytes(p.bytes)} (${fmtBytes(p.uncompressedBytes)} before compression)`);
-  console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s: round 1 ${p.roundMs.toFixed(0)} ms, the slowest of link ${p.linkMs.toFixed(0)} ms, ` +
+  console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s: the block index ${p.setupMs.toFixed(0)} ms, round 1 ${p.roundMs.toFixed(0)} ms, the slowest of link ${p.linkMs.toFixed(0)} ms, ` +
     `source ${p.sourceMs.toFixed(0)} ms (scan ${p.scanMs.toFixed(0)}, compressor ${p.compressMs.toFixed(0)}) and destination ${p.destinationMs.toFixed(0)} ms; then the final scan`);
   console.log(`the time leaves out: ${LEAVES_OUT.join("; ")}`);
 }
