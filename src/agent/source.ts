@@ -5,7 +5,7 @@
 // Any failure resumes the source VM, whose RAM this agent never writes.
 
 import { Engine, HASH_SIZE, PAGE_SIZE, TwinIndex } from "../core/engine.js";
-import { Planner, type WindowPlan } from "../plan/planner.js";
+import { Planner, estimateDirtyPages, type WindowPlan } from "../plan/planner.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
 import { FrameLink } from "../link/channel.js";
 import { RateLimiter } from "../link/rate.js";
@@ -460,32 +460,12 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       }
     };
 
-    /**
-     * Pages dirtied since they were sent, estimated from evenly spaced runs of
-     * 64 pages (1/32 of RAM, 4096..16384 pages): read, hashed and compared,
-     * nothing recorded. Lets the first round's decision see the dirty rate.
-     */
-    const estimateDirtyPages = (): number => {
-      const pages = o.ram.pages;
-      const target = Math.min(pages, Math.max(4096, Math.min(16384, Math.floor(pages / 32))));
-      const runs = Math.ceil(target / 64);
-      const stride = Math.max(64, Math.floor(pages / runs / 64) * 64);
-      let sampled = 0, dirty = 0;
-      for (let first = 0; first < pages && sampled < target; first += stride) {
-        const count = Math.min(64, pages - first);
-        o.ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
-        dirty += planner.countDirty(first, count);
-        sampled += count;
-      }
-      return Math.ceil((dirty / sampled) * pages);
-    };
-
     let iteration = 0;
     let decision;
     for (;;) {
       iteration++;
       const rec = await runIteration(iteration, false);
-      const nextRoundBytes = iteration === 1 && o.sampleFirstRound !== false ? estimateDirtyPages() * PAGE_SIZE : undefined;
+      const nextRoundBytes = iteration === 1 && o.sampleFirstRound !== false ? estimateDirtyPages(planner, (first, count, into) => o.ram.readPages(first, count, into)) * PAGE_SIZE : undefined;
       const elapsed = (performance.now() - t0 - result.setupTimeMs) / 1000;
       decision = policy.decide({
         iteration, wireBytes: rec.transferredBytes, scanMs: rec.scanMs,

@@ -11,6 +11,7 @@ import { MAX_REFS, REF_SIZE } from "../agent/protocol.js";
 import { PAGE_SIZE } from "../core/engine.js";
 import type { RamFile } from "../adapters/ram/ram-file.js";
 import type { DestinationSample } from "./analyze-destination.js";
+import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
 
 /** Frames of full pages, as the agent sends them: up to 256 pages, never across a 4096-page window. */
 const FRAME_PAGES = 256;
@@ -138,16 +139,19 @@ export function roundBytes(r: FirstRound, c: CompressionSample): { bytes: number
 
 export interface TimeModel {
   /**
-   * The modelled total, ms: set-up (opening the block index), round 1 (the
-   * source, the link and the destination work at once: the slowest of them),
-   * the sampled pass that decides on the switchover (1/32 of a scan), and
-   * the final round's scan of all RAM.
+   * The modelled total, as total-time without QEMU's device-state step, ms:
+   * set-up, round 1 (the source, the link and the destination work at once:
+   * the slowest of them), the sampled pass that decides on the switchover
+   * (1/32 of a scan), any further live rounds the agent's own convergence
+   * rule would run, and the final round.
    */
   ms: number;
   /** Set-up the tool can time: opening (or building) the block index, as the migration does first, ms. */
   setupMs: number;
   /** Round 1 alone, ms. */
   roundMs: number;
+  /** Rounds with the final one, as the agent's ConvergencePolicy would decide them on these figures. */
+  rounds: number;
   /**
    * The same total with both agents on this one host (a local destination,
    * `--dst-ram`), where their work shares its cores with the guest: round 1
@@ -159,24 +163,65 @@ export interface TimeModel {
   compressMs: number;
   /** The source's thread in round 1: scan, then compress what it sends in full, ms. */
   sourceMs: number;
-  /** The destination in round 1: hash its RAM file once, check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
+  /** The destination in round 1: hash its RAM file once (before it reads the first frames), check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
   destinationMs: number;
 }
 
-/** Agent mode re-hashes all of RAM every round (it has no dirty bitmap); an idle guest converges after one live round. */
-export function modelTime(bytes: number, bandwidth: number, scanMs: number, setupMs: number, c: CompressionSample, dst: DestinationSample): TimeModel {
-  const linkMs = (bytes / bandwidth) * 1000;
+export interface ModelInput {
+  /** Round 1's bytes, and the link's rate, bytes/s. */
+  bytes: number;
+  bandwidth: number;
+  /** Reading, hashing and planning all RAM here, ms (every round re-scans: agent mode has no dirty bitmap). */
+  scanMs: number;
+  /** Opening the block index here, ms. */
+  indexMs: number;
+  /** Pages changed since the scan, from a sample (estimateDirtyPages, as the agent estimates after round 1). */
+  dirtyPages: number;
+  ramPages: number;
+  convergence?: ConvergenceOptions;
+}
+
+/** The rounds after round 1 as the agent would run them (its ConvergencePolicy): how many, and their time, ms. */
+function laterRounds(m: ModelInput, roundMs: number): { rounds: number; ms: number } {
+  const policy = new ConvergencePolicy(m.convergence);
+  const dirtyBytes = m.dirtyPages * PAGE_SIZE;
+  const ramBytes = m.ramPages * PAGE_SIZE;
+  // the agent's rate: what the destination received over the rounds so far
+  const rate = Math.min(m.bandwidth, m.bytes / Math.max(roundMs / 1000, 1e-3));
+  // a later round scans all of RAM while the link carries the few pages that changed
+  const roundAfter = Math.max(m.scanMs, (dirtyBytes / m.bandwidth) * 1000);
+  let ms = m.scanMs / 32; // the sampled pass after round 1
+  let sent = m.bytes;
+  let d = policy.decide({ iteration: 1, wireBytes: m.bytes, scanMs: m.scanMs, bytesPerSecond: rate, totalBytes: sent, ramBytes, nextRoundBytes: dirtyBytes });
+  let iteration = 1;
+  while (d.action === "continue") {
+    iteration++;
+    ms += roundAfter;
+    sent += dirtyBytes;
+    d = policy.decide({ iteration, wireBytes: dirtyBytes, scanMs: m.scanMs, bytesPerSecond: rate, totalBytes: sent, ramBytes });
+  }
+  return { rounds: iteration + 1, ms: ms + roundAfter }; // the final round: a scan, with the guest stopped
+}
+
+/** Agent mode's time from the parts measured here: set-up, round 1, and the rounds its convergence rule adds. */
+export function modelTime(m: ModelInput, c: CompressionSample, dst: DestinationSample): TimeModel {
+  const linkMs = (m.bytes / m.bandwidth) * 1000;
   const compressMs = c.compressMs;
-  const sourceMs = scanMs + compressMs;
+  const sourceMs = m.scanMs + compressMs;
   const destinationMs = dst.ramHashMs + dst.twinMs + dst.pagesMs + c.decompressMs;
+  const setupMs = m.indexMs;
   const roundMs = Math.max(linkMs, sourceMs, destinationMs);
-  const rest = setupMs + scanMs / 32 + scanMs;
-  return { ms: roundMs + rest, setupMs, roundMs, oneHostMs: Math.max(linkMs, sourceMs + destinationMs) + rest, linkMs, scanMs, compressMs, sourceMs, destinationMs };
+  const oneHostRound = Math.max(linkMs, sourceMs + destinationMs);
+  const apart = laterRounds(m, roundMs), together = laterRounds(m, oneHostRound);
+  return {
+    ms: setupMs + roundMs + apart.ms, setupMs, roundMs, rounds: apart.rounds, oneHostMs: setupMs + oneHostRound + together.ms,
+    linkMs, scanMs: m.scanMs, compressMs, sourceMs, destinationMs,
+  };
 }
 
 /** What the modelled time leaves out, said plainly. */
 export const LEAVES_OUT = [
-  "pages the guest writes while it migrates (each costs another round)",
+  "pages the guest writes while it migrates beyond those changed during analyze's own scan (the rounds count those)",
   "set-up besides the block index: QMP checks, connecting, the TLS handshake, starting --workers",
   "the destination and source agents sharing one host's cores (timeMs assumes a host each; oneHostMs adds their work up)",
   "QEMU's device state step (agent mode) and its own set-up",

@@ -2,7 +2,7 @@ import { statSync } from "node:fs";
 import { defaultIndexPath } from "../../adapters/nas/index-file.js";
 import type { DiskFormat } from "../../adapters/nas/image.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
-import { Planner, planIteration } from "../../plan/planner.js";
+import { Planner, estimateDirtyPages, planIteration } from "../../plan/planner.js";
 import { PAGE_SIZE } from "../../core/engine.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { parse, helpText, str, parseRate, fmtBytes, diskFormat, FORMAT_OPTION, UsageError, type CommandSpec } from "../args.js";
@@ -84,12 +84,14 @@ export async function run(argv: string[]): Promise<number> {
       progress.update("scanning", first + count, ram.pages, "pages");
     });
     const scanMs = performance.now() - s0;
+    // what changed during the scan, sampled as the agent samples it after its round 1
+    const dirtyPages = estimateDirtyPages(planner, (first, count, into) => ram.readPages(first, count, into));
     planner.free();
     const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth);
     const dst = sampleDestination(nas.engine, nas.image, ram.pages, plan.send, plan.twinPages, plan.twinBlocks);
     const round = { normal: plan.normal, twin: plan.twin, zero: plan.zero };
     const { bytes, uncompressedBytes } = roundBytes(round, c);
-    const time = modelTime(bytes, a.bandwidth, scanMs, indexMs, c, dst);
+    const time = modelTime({ bytes, bandwidth: a.bandwidth, scanMs, indexMs, dirtyPages, ramPages: ram.pages }, c, dst);
     const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
     const out = {
       ok: true,
@@ -103,7 +105,7 @@ export async function run(argv: string[]): Promise<number> {
       compression: c,
       baseline: { bytes: baselineBytes, timeMs: (baselineBytes / a.bandwidth) * 1000 },
       pagetwin: {
-        bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, setupMs: time.setupMs, roundMs: time.roundMs, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
+        bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, setupMs: time.setupMs, roundMs: time.roundMs, rounds: time.rounds, dirtyPages, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
         sourceMs: time.sourceMs, destinationMs: time.destinationMs, destination: { ramHashMs: dst.ramHashMs, twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs },
       },
       leavesOut: LEAVES_OUT,
@@ -117,7 +119,7 @@ export async function run(argv: string[]): Promise<number> {
   }
 }
 
-function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; setupMs: number; roundMs: number; linkMs: number; scanMs: number; compressMs: number; sourceMs: number; destinationMs: number } }, why: string): void {
+function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; setupMs: number; roundMs: number; rounds: number; linkMs: number; scanMs: number; compressMs: number; sourceMs: number; destinationMs: number } }, why: string): void {
   const pct = (n: number) => `${((n / out.pages) * 100).toFixed(1)}%`;
   const p = out.pagetwin;
   console.log(`RAM ${fmtBytes(out.pages * PAGE_SIZE)} (${out.pages} pages), scanned in ${p.scanMs.toFixed(0)} ms`);
@@ -128,6 +130,6 @@ function print(out: { pages: number; zero: number; twin: number; normal: number;
   console.log(`first round at ${fmtBytes(out.bandwidthBytesPerSecond)}/s: plain pre-copy ${fmtBytes(out.baseline.bytes)} in ${(out.baseline.timeMs / 1000).toFixed(2)} s; ` +
     `pagetwin ${fmtBytes(p.bytes)} (${fmtBytes(p.uncompressedBytes)} before compression)`);
   console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s: the block index ${p.setupMs.toFixed(0)} ms, round 1 ${p.roundMs.toFixed(0)} ms, the slowest of link ${p.linkMs.toFixed(0)} ms, ` +
-    `source ${p.sourceMs.toFixed(0)} ms (scan ${p.scanMs.toFixed(0)}, compressor ${p.compressMs.toFixed(0)}) and destination ${p.destinationMs.toFixed(0)} ms; then the final scan`);
+    `source ${p.sourceMs.toFixed(0)} ms (scan ${p.scanMs.toFixed(0)}, compressor ${p.compressMs.toFixed(0)}) and destination ${p.destinationMs.toFixed(0)} ms; ${p.rounds} rounds in all, each later one a scan`);
   console.log(`the time leaves out: ${LEAVES_OUT.join("; ")}`);
 }
