@@ -20,7 +20,7 @@ import { argValue, isMain } from "./cli.js";
 const CLI = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
 export interface PredictRow {
-  predicted: { bytes: number; roundMs: number; timeMs: number; oneHostMs: number; setupMs: number; linkMs: number; sourceMs: number; destinationMs: number };
+  predicted: { bytes: number; roundMs: number; timeMs: number; oneHostMs: number; setupMs: number; rounds: number; linkMs: number; sourceMs: number; destinationMs: number };
   actual: { bytes: number; roundMs: number; timeMs: number; rounds: number; setupMs: number; deviceMs: number; roundsMs: number[] };
   /** Predicted / actual; the times as analyze's oneHostMs (both agents on this host, as here) and its round 1 with the sum of source and destination. */
   ratio: { bytes: number; roundMs: number; timeMs: number };
@@ -64,7 +64,7 @@ export async function benchAnalyzePredict(o: { quiet?: boolean; runs?: number; b
       const timeMs = r["total-time"] - deviceMs;
       const oneHostRound = Math.max(p.linkMs, p.sourceMs + p.destinationMs);
       const row: PredictRow = {
-        predicted: { bytes: p.bytes, roundMs: p.roundMs, timeMs: p.timeMs, oneHostMs: p.oneHostMs, setupMs: p.setupMs, linkMs: p.linkMs, sourceMs: p.sourceMs, destinationMs: p.destinationMs },
+        predicted: { bytes: p.bytes, roundMs: p.roundMs, timeMs: p.timeMs, oneHostMs: p.oneHostMs, setupMs: p.setupMs, rounds: p.rounds, linkMs: p.linkMs, sourceMs: p.sourceMs, destinationMs: p.destinationMs },
         actual: { bytes: first.transferredBytes, roundMs: first.durationMs, timeMs, rounds: r.iterations.length, setupMs: r["setup-time"], deviceMs, roundsMs: r.iterations.map((it) => Math.round(it.durationMs)) },
         ratio: { bytes: +(p.bytes / first.transferredBytes).toFixed(3), roundMs: +(oneHostRound / first.durationMs).toFixed(3), timeMs: +(p.oneHostMs / timeMs).toFixed(3) },
       };
@@ -72,7 +72,7 @@ export async function benchAnalyzePredict(o: { quiet?: boolean; runs?: number; b
       const within = (x: number) => (Math.abs(x - 1) <= 0.25 ? "within 25%" : "OFF by more than 25%");
       say(`  round 1 bytes: predicted ${(p.bytes / 1e6).toFixed(1)} MB, sent ${(first.transferredBytes / 1e6).toFixed(1)} MB: ${row.ratio.bytes}x (${within(row.ratio.bytes)})`);
       say(`  round 1 time, one host: predicted ${oneHostRound.toFixed(0)} ms (link ${p.linkMs.toFixed(0)}, source ${p.sourceMs.toFixed(0)} + destination ${p.destinationMs.toFixed(0)}; a host each: ${p.roundMs.toFixed(0)}), took ${first.durationMs.toFixed(0)} ms: ${row.ratio.roundMs}x (${within(row.ratio.roundMs)})`);
-      say(`  total-time without the device state, one host: predicted ${p.oneHostMs.toFixed(0)} ms (set-up ${p.setupMs.toFixed(0)}), took ${timeMs.toFixed(0)} ms (set-up ${r["setup-time"]}, rounds ${row.actual.roundsMs.join(" + ")}): ${row.ratio.timeMs}x (${within(row.ratio.timeMs)}; load average ${os.loadavg()[0]!.toFixed(1)})`);
+      say(`  total-time without the device state, one host: predicted ${p.oneHostMs.toFixed(0)} ms (set-up ${p.setupMs.toFixed(0)}, ${p.rounds} rounds), took ${timeMs.toFixed(0)} ms (set-up ${r["setup-time"]}, rounds ${row.actual.roundsMs.join(" + ")}): ${row.ratio.timeMs}x (${within(row.ratio.timeMs)}; load average ${os.loadavg()[0]!.toFixed(1)})`);
     } finally {
       for (const vm of vms) await vm.cleanup().catch(() => {});
       rmSync(dir, { recursive: true, force: true });
