@@ -11,6 +11,7 @@ import { MAX_REFS, REF_SIZE } from "../agent/protocol.js";
 import { PAGE_SIZE } from "../core/engine.js";
 import type { RamFile } from "../adapters/ram/ram-file.js";
 import type { DestinationSample } from "./analyze-destination.js";
+import type { WireSample } from "./analyze-wire.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
 
 /** Frames of full pages, as the agent sends them: up to 256 pages, never across a 4096-page window. */
@@ -125,14 +126,14 @@ export interface FirstRound {
 }
 
 /** Bytes agent mode puts on the link for one round: frames of full pages (compressed or not), references, zero page lists. */
-export function roundBytes(r: FirstRound, c: CompressionSample): { bytes: number; uncompressedBytes: number } {
+export function roundBytes(r: FirstRound, c: CompressionSample | null): { bytes: number; uncompressedBytes: number } {
   const headers = (n: number, per: number) => Math.ceil(n / per) * FRAME_BYTES;
   const index = 4 * r.normal + headers(r.normal, FRAME_PAGES);
   const refs = REF_SIZE * r.twin + headers(r.twin, MAX_REFS);
   const zeros = 4 * r.zero + headers(r.zero, MAX_REFS);
   const full = r.normal * PAGE_SIZE;
   return {
-    bytes: Math.round(index + refs + zeros + (c.used ? full * c.ratio : full)),
+    bytes: Math.round(index + refs + zeros + (c?.used ? full * c.ratio : full)),
     uncompressedBytes: index + refs + zeros + full,
   };
 }
@@ -161,9 +162,12 @@ export interface TimeModel {
   linkMs: number;
   scanMs: number;
   compressMs: number;
-  /** The source's thread in round 1: scan, then compress what it sends in full, ms. */
+  /** The source's thread in round 1: scan, compress what it sends in full, build, seal and encrypt the frames, ms. */
   sourceMs: number;
-  /** The destination in round 1: hash its RAM file once (before it reads the first frames), check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
+  /** Round 1's frames: building, sealing and encrypting them at the source; decrypting and parsing them at the destination, ms. */
+  wireSourceMs: number;
+  wireDestinationMs: number;
+  /** The destination in round 1: hash its RAM file once (before it reads the first frames), decrypt and parse the frames, check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
   destinationMs: number;
 }
 
@@ -203,19 +207,26 @@ function laterRounds(m: ModelInput, roundMs: number): { rounds: number; ms: numb
   return { rounds: iteration + 1, ms: ms + roundAfter }; // the final round: a scan, with the guest stopped
 }
 
+/** Round 1 with every page sent raw, agents on a host each (the slower of the two), ms: what bounds the rate the link is fed at. */
+export function rawRoundMs(bytes: number, scanMs: number, dst: DestinationSample, wire: WireSample): number {
+  const mb = bytes / 1e6;
+  return Math.max(scanMs + mb * wire.sourceMsPerMB, dst.ramHashMs + dst.twinMs + dst.pagesMs + mb * wire.destinationMsPerMB);
+}
+
 /** Agent mode's time from the parts measured here: set-up, round 1, and the rounds its convergence rule adds. */
-export function modelTime(m: ModelInput, c: CompressionSample, dst: DestinationSample): TimeModel {
+export function modelTime(m: ModelInput, c: CompressionSample, dst: DestinationSample, wire: WireSample): TimeModel {
   const linkMs = (m.bytes / m.bandwidth) * 1000;
   const compressMs = c.compressMs;
-  const sourceMs = m.scanMs + compressMs;
-  const destinationMs = dst.ramHashMs + dst.twinMs + dst.pagesMs + c.decompressMs;
+  const wireSourceMs = (m.bytes / 1e6) * wire.sourceMsPerMB, wireDestinationMs = (m.bytes / 1e6) * wire.destinationMsPerMB;
+  const sourceMs = m.scanMs + compressMs + wireSourceMs;
+  const destinationMs = dst.ramHashMs + dst.twinMs + dst.pagesMs + c.decompressMs + wireDestinationMs;
   const setupMs = m.indexMs;
   const roundMs = Math.max(linkMs, sourceMs, destinationMs);
   const oneHostRound = Math.max(linkMs, sourceMs + destinationMs);
   const apart = laterRounds(m, roundMs), together = laterRounds(m, oneHostRound);
   return {
     ms: setupMs + roundMs + apart.ms, setupMs, roundMs, rounds: apart.rounds, oneHostMs: setupMs + oneHostRound + together.ms,
-    linkMs, scanMs: m.scanMs, compressMs, sourceMs, destinationMs,
+    linkMs, scanMs: m.scanMs, compressMs, sourceMs, destinationMs, wireSourceMs, wireDestinationMs,
   };
 }
 

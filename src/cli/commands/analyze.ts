@@ -9,8 +9,9 @@ import { parse, helpText, str, parseRate, fmtBytes, diskFormat, FORMAT_OPTION, U
 import { ProgressReporter } from "../progress.js";
 import { printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
-import { sampleCompression, roundBytes, modelTime, LEAVES_OUT } from "../analyze-model.js";
+import { sampleCompression, roundBytes, rawRoundMs, modelTime, LEAVES_OUT } from "../analyze-model.js";
 import { sampleDestination } from "../analyze-destination.js";
+import { sampleWire } from "../analyze-wire.js";
 
 export const spec: CommandSpec = {
   name: "analyze",
@@ -87,11 +88,15 @@ export async function run(argv: string[]): Promise<number> {
     // what changed during the scan, sampled as the agent samples it after its round 1
     const dirtyPages = estimateDirtyPages(planner, (first, count, into) => ram.readPages(first, count, into));
     planner.free();
-    const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth);
     const dst = sampleDestination(nas.engine, nas.image, ram.pages, plan.send, plan.twinPages, plan.twinBlocks);
+    const wire = sampleWire();
     const round = { normal: plan.normal, twin: plan.twin, zero: plan.zero };
+    // the agent times the link on what the destination received: at most the rate the agents feed it raw
+    const rawBytes = roundBytes(round, null).bytes;
+    const linkRate = Math.min(a.bandwidth, rawBytes / (rawRoundMs(rawBytes, scanMs, dst, wire) / 1000));
+    const c = sampleCompression(ram, plan.send, a.compress, linkRate);
     const { bytes, uncompressedBytes } = roundBytes(round, c);
-    const time = modelTime({ bytes, bandwidth: a.bandwidth, scanMs, indexMs, dirtyPages, ramPages: ram.pages }, c, dst);
+    const time = modelTime({ bytes, bandwidth: a.bandwidth, scanMs, indexMs, dirtyPages, ramPages: ram.pages }, c, dst, wire);
     const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
     const out = {
       ok: true,
@@ -102,11 +107,12 @@ export async function run(argv: string[]): Promise<number> {
         path: nas.built && a.index === undefined ? undefined : nas.indexPath, built: nas.built, saved: nas.built && a.index !== undefined,
         stale: nas.stale, generation: nas.header.generation, format: nas.image.format,
       },
-      compression: c,
+      compression: { ...c, linkBytesPerSecond: linkRate },
       baseline: { bytes: baselineBytes, timeMs: (baselineBytes / a.bandwidth) * 1000 },
       pagetwin: {
         bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, setupMs: time.setupMs, roundMs: time.roundMs, rounds: time.rounds, dirtyPages, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
-        sourceMs: time.sourceMs, destinationMs: time.destinationMs, destination: { ramHashMs: dst.ramHashMs, twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs },
+        sourceMs: time.sourceMs, destinationMs: time.destinationMs, wireSourceMs: time.wireSourceMs,
+        destination: { ramHashMs: dst.ramHashMs, twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs, wireMs: time.wireDestinationMs },
       },
       leavesOut: LEAVES_OUT,
     };
