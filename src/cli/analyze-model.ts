@@ -70,9 +70,10 @@ function sampleFrames(n: number): number[] {
 /**
  * Runs the agent's own CompressionPolicy over the frames the agent would send
  * (a sample of them on large RAM), compressing with the codec it would use, with
- * the link at `bandwidth`: the frames it would compress, and what they become.
+ * the link at `bandwidth` (as given) taking frames at `linkRate` (as the agent
+ * would measure it): the frames it would compress, and what they become.
  */
-export function sampleCompression(ram: RamFile, send: Uint32Array, mode: CompressionMode, bandwidth: number): CompressionSample {
+export function sampleCompression(ram: RamFile, send: Uint32Array, mode: CompressionMode, bandwidth: number, linkRate = bandwidth): CompressionSample {
   const algorithm = mode === "off" ? null : mode === "auto" ? availableAlgorithms()[0]! : mode;
   const all = frames(send);
   const none = (why: string): CompressionSample => ({ mode, algorithm, frames: all.length, sampledFrames: 0, framesCompressed: 0, ratio: 1, compressMBs: 0, compressMs: 0, decompressMs: 0, used: false, why });
@@ -105,8 +106,8 @@ export function sampleCompression(ram: RamFile, send: Uint32Array, mode: Compres
       unpackMs += performance.now() - t0;
     }
     const out = got >= 0 ? got : raw;
-    const sendMs = (out / bandwidth) * 1000;
-    if (got < 0) policy.recordSend(out, sendMs);
+    // the agent's meter: every frame, at the rate the destination takes them (until 4 MiB are timed, the policy weighs `bandwidth`)
+    policy.recordSend(out, (out / linkRate) * 1000);
     if (got >= 0) compressed++;
     rawBytes += raw;
     outBytes += out;

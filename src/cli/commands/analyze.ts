@@ -94,7 +94,7 @@ export async function run(argv: string[]): Promise<number> {
     // the agent times the link on what the destination received: at most the rate the agents feed it raw
     const rawBytes = roundBytes(round, null).bytes;
     const linkRate = Math.min(a.bandwidth, rawBytes / (rawRoundMs(rawBytes, scanMs, dst, wire) / 1000));
-    const c = sampleCompression(ram, plan.send, a.compress, linkRate);
+    const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth, linkRate);
     const { bytes, uncompressedBytes } = roundBytes(round, c);
     const time = modelTime({ bytes, bandwidth: a.bandwidth, scanMs, indexMs, dirtyPages, ramPages: ram.pages }, c, dst, wire);
     const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
