@@ -465,7 +465,7 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
     for (;;) {
       iteration++;
       const rec = await runIteration(iteration, false);
-      const nextRoundBytes = iteration === 1 && o.sampleFirstRound !== false ? estimateDirtyPages(planner, (first, count, into) => o.ram.readPages(first, count, into)) * PAGE_SIZE : undefined;
+      const nextRoundBytes = iteration === 1 && o.sampleFirstRound !== false ? estimateDirtyPages(planner, (first, count, into) => o.ram.readPages(first, count, into)).pages * PAGE_SIZE : undefined;
       const elapsed = (performance.now() - t0 - result.setupTimeMs) / 1000;
       decision = policy.decide({
         iteration, wireBytes: rec.transferredBytes, scanMs: rec.scanMs,

@@ -178,6 +178,8 @@ export interface ModelInput {
   bandwidth: number;
   /** Reading, hashing and planning all RAM here, ms (every round re-scans: agent mode has no dirty bitmap). */
   scanMs: number;
+  /** A later round's scan (read and hash, most pages clean), timed on the dirty-page sample, ms. */
+  laterScanMs: number;
   /** Opening the block index here, ms. */
   indexMs: number;
   /** Pages changed since the scan, from a sample (estimateDirtyPages, as the agent estimates after round 1). */
@@ -194,8 +196,8 @@ function laterRounds(m: ModelInput, roundMs: number): { rounds: number; ms: numb
   // the agent's rate: what the destination received over the rounds so far
   const rate = Math.min(m.bandwidth, m.bytes / Math.max(roundMs / 1000, 1e-3));
   // a later round scans all of RAM while the link carries the few pages that changed
-  const roundAfter = Math.max(m.scanMs, (dirtyBytes / m.bandwidth) * 1000);
-  let ms = m.scanMs / 32; // the sampled pass after round 1
+  const roundAfter = Math.max(m.laterScanMs, (dirtyBytes / m.bandwidth) * 1000);
+  let ms = m.laterScanMs / 32; // the sampled pass after round 1
   let sent = m.bytes;
   let d = policy.decide({ iteration: 1, wireBytes: m.bytes, scanMs: m.scanMs, bytesPerSecond: rate, totalBytes: sent, ramBytes, nextRoundBytes: dirtyBytes });
   let iteration = 1;
@@ -203,7 +205,7 @@ function laterRounds(m: ModelInput, roundMs: number): { rounds: number; ms: numb
     iteration++;
     ms += roundAfter;
     sent += dirtyBytes;
-    d = policy.decide({ iteration, wireBytes: dirtyBytes, scanMs: m.scanMs, bytesPerSecond: rate, totalBytes: sent, ramBytes });
+    d = policy.decide({ iteration, wireBytes: dirtyBytes, scanMs: m.laterScanMs, bytesPerSecond: rate, totalBytes: sent, ramBytes });
   }
   return { rounds: iteration + 1, ms: ms + roundAfter }; // the final round: a scan, with the guest stopped
 }

@@ -254,10 +254,10 @@ export function planIteration(planner: Planner, iteration: number, readWindow: W
 /**
  * Pages dirtied since they were recorded as sent, estimated from evenly
  * spaced runs of 64 pages (1/32 of RAM, 4096..16384 pages): read, hashed and
- * compared, nothing recorded. What the agent's first round decides on, and
- * what analyze predicts that decision from.
+ * compared, nothing recorded (`sampled`: the pages read). What the agent's
+ * first round decides on, and what analyze predicts that decision from.
  */
-export function estimateDirtyPages(planner: Planner, read: (first: number, count: number, into: Uint8Array) => void): number {
+export function estimateDirtyPages(planner: Planner, read: (first: number, count: number, into: Uint8Array) => void): { pages: number; sampled: number } {
   const pages = planner.pages;
   const target = Math.min(pages, Math.max(4096, Math.min(16384, Math.floor(pages / 32))));
   const runs = Math.ceil(target / 64);
@@ -269,7 +269,7 @@ export function estimateDirtyPages(planner: Planner, read: (first: number, count
     dirty += planner.countDirty(first, count);
     sampled += count;
   }
-  return Math.ceil((dirty / sampled) * pages);
+  return { pages: Math.ceil((dirty / sampled) * pages), sampled };
 }
 
 /**
