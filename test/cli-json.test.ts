@@ -162,7 +162,7 @@ test("analyze's predicted bytes, compression included, are within 25% of what an
     // the time is modelled from parts measured on this host, which tests share with other work: no timed
     // assertion here (see the diagnostic); checked that it is built from its parts and says what it leaves out
     const p = a.pagetwin;
-    assert.ok(p.timeMs >= p.setupMs + Math.max(p.linkMs, p.sourceMs, p.destinationMs) + p.scanMs, `${JSON.stringify(p)}`);
+    assert.ok(p.laterScanMs > 0 && p.timeMs >= p.setupMs + Math.max(p.linkMs, p.sourceMs, p.destinationMs) + p.laterScanMs - 0.3, `${JSON.stringify(p)}`);
     assert.ok(p.setupMs > 0, "opening the block index is timed");
     assert.equal(p.roundMs, Math.max(p.linkMs, p.sourceMs, p.destinationMs));
     assert.ok(p.compressMs > 0 && p.wireSourceMs > 0 && Math.abs(p.sourceMs - (p.scanMs + p.compressMs + p.wireSourceMs)) < 0.3, `${JSON.stringify(p)}`); // each rounded to 0.1 ms
