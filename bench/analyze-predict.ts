@@ -2,7 +2,7 @@
 // (scripts/build-guest.sh, 512 MiB under TCG): analyze on the running guest's
 // RAM, then an agent-mode migration at the same bandwidth; prints predicted /
 // actual for round 1's bytes and time and for the whole migration's time
-// (without set-up and QEMU's device-state step, which analyze leaves out),
+// (total-time without QEMU's device-state step, which analyze leaves out),
 // and whether each is within 25%. Needs root-free QEMU and the guest; the
 // destination agent shares this host (analyze's time assumes a host each).
 //
@@ -20,8 +20,8 @@ import { argValue, isMain } from "./cli.js";
 const CLI = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
 export interface PredictRow {
-  predicted: { bytes: number; roundMs: number; timeMs: number; oneHostMs: number; linkMs: number; sourceMs: number; destinationMs: number };
-  actual: { bytes: number; roundMs: number; timeMs: number; rounds: number };
+  predicted: { bytes: number; roundMs: number; timeMs: number; oneHostMs: number; setupMs: number; rounds: number; linkMs: number; sourceMs: number; destinationMs: number };
+  actual: { bytes: number; roundMs: number; timeMs: number; rounds: number; setupMs: number; deviceMs: number; roundsMs: number[] };
   /** Predicted / actual; the times as analyze's oneHostMs (both agents on this host, as here) and its round 1 with the sum of source and destination. */
   ratio: { bytes: number; roundMs: number; timeMs: number };
 }
@@ -59,19 +59,20 @@ export async function benchAnalyzePredict(o: { quiet?: boolean; runs?: number; b
       });
       if (r.status !== "completed") throw new Error(`bench: the migration failed: ${r.error}`);
       const first = r.iterations[0]!;
-      // the rounds, without set-up and the device-state step after the final round (analyze leaves both out)
-      const roundsMs = r.iterations.reduce((s, it) => s + it.durationMs, 0);
+      // total-time without QEMU's device-state step after the final round (analyze leaves it out)
+      const deviceMs = r.device?.["total-time"] ?? 0;
+      const timeMs = r["total-time"] - deviceMs;
       const oneHostRound = Math.max(p.linkMs, p.sourceMs + p.destinationMs);
       const row: PredictRow = {
-        predicted: { bytes: p.bytes, roundMs: p.roundMs, timeMs: p.timeMs, oneHostMs: p.oneHostMs, linkMs: p.linkMs, sourceMs: p.sourceMs, destinationMs: p.destinationMs },
-        actual: { bytes: first.transferredBytes, roundMs: first.durationMs, timeMs: roundsMs, rounds: r.iterations.length },
-        ratio: { bytes: +(p.bytes / first.transferredBytes).toFixed(3), roundMs: +(oneHostRound / first.durationMs).toFixed(3), timeMs: +(p.oneHostMs / roundsMs).toFixed(3) },
+        predicted: { bytes: p.bytes, roundMs: p.roundMs, timeMs: p.timeMs, oneHostMs: p.oneHostMs, setupMs: p.setupMs, rounds: p.rounds, linkMs: p.linkMs, sourceMs: p.sourceMs, destinationMs: p.destinationMs },
+        actual: { bytes: first.transferredBytes, roundMs: first.durationMs, timeMs, rounds: r.iterations.length, setupMs: r["setup-time"], deviceMs, roundsMs: r.iterations.map((it) => Math.round(it.durationMs)) },
+        ratio: { bytes: +(p.bytes / first.transferredBytes).toFixed(3), roundMs: +(oneHostRound / first.durationMs).toFixed(3), timeMs: +(p.oneHostMs / timeMs).toFixed(3) },
       };
       rows.push(row);
       const within = (x: number) => (Math.abs(x - 1) <= 0.25 ? "within 25%" : "OFF by more than 25%");
       say(`  round 1 bytes: predicted ${(p.bytes / 1e6).toFixed(1)} MB, sent ${(first.transferredBytes / 1e6).toFixed(1)} MB: ${row.ratio.bytes}x (${within(row.ratio.bytes)})`);
       say(`  round 1 time, one host: predicted ${oneHostRound.toFixed(0)} ms (link ${p.linkMs.toFixed(0)}, source ${p.sourceMs.toFixed(0)} + destination ${p.destinationMs.toFixed(0)}; a host each: ${p.roundMs.toFixed(0)}), took ${first.durationMs.toFixed(0)} ms: ${row.ratio.roundMs}x (${within(row.ratio.roundMs)})`);
-      say(`  all rounds, one host: predicted ${p.oneHostMs.toFixed(0)} ms, took ${roundsMs.toFixed(0)} ms in ${r.iterations.length} rounds: ${row.ratio.timeMs}x (${within(row.ratio.timeMs)}; the guest's writes cost the rounds after the first)`);
+      say(`  total-time without the device state, one host: predicted ${p.oneHostMs.toFixed(0)} ms (set-up ${p.setupMs.toFixed(0)}, ${p.rounds} rounds), took ${timeMs.toFixed(0)} ms (set-up ${r["setup-time"]}, rounds ${row.actual.roundsMs.join(" + ")}): ${row.ratio.timeMs}x (${within(row.ratio.timeMs)}; load average ${os.loadavg()[0]!.toFixed(1)})`);
     } finally {
       for (const vm of vms) await vm.cleanup().catch(() => {});
       rmSync(dir, { recursive: true, force: true });

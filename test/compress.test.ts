@@ -125,28 +125,33 @@ test("the policy compresses only when the compressor outruns the link and the da
   assert.equal(seen.filter((v) => v === "compress").length, 2, "it still probes now and then");
 });
 
-test("the link probe: raw frames that never make the sender wait show a link faster than it, and compression stops; waits time the link", () => {
-  const probe = (waits: boolean) => {
+test("the link probe: raw frames the peer takes without a backlog show a link faster than the sender, and compression stops; a backlog times the link", () => {
+  const probe = (backlog: boolean) => {
     const p = new CompressionPolicy({ mode: "auto", bandwidth: 0, probeEvery: 1000, probeSlowEvery: 1000, linkProbeFrames: 8 });
-    // compressed frames go out without a wait: they tell nothing of the link
+    let sent = 0;
+    // compressed frames, acknowledged as fast as they go: they tell nothing of the link
     for (let i = 0; i < 4; i++) {
       assert.equal(p.decide(), "compress");
       p.recordCompress(1 << 20, 300_000, 2.5); // 420 MB/s
-      p.recordFrame(300_000, false);
+      p.recordFrame((sent += 300_000));
+      p.recordAcked(sent);
     }
     // the compressor is timed and the link is not: 8 raw frames probe it
     for (let i = 0; i < 8; i++) {
       assert.equal(p.decide(), "slow", `probe frame ${i}`);
-      if (waits) p.recordSend(1 << 20, 20); // the sender waited 20 ms while the link took 1 MiB: 52 MB/s
-      p.recordFrame(1 << 20, waits);
+      p.recordFrame((sent += 1 << 20));
+      if (backlog && i >= 4) p.recordSend(1 << 20, 20); // acknowledged behind a backlog: the link took 1 MiB in 20 ms, 52 MB/s
     }
-    return p;
+    return { p, sent };
   };
-  const fast = probe(false);
-  assert.equal(fast.decide(), "slow", "the link outruns this sender even raw: compressing only costs it time");
+  const { p: fast, sent } = probe(false);
+  assert.equal(fast.decide(), "slow", "the probe's frames are not acknowledged yet: raw until they are");
+  assert.equal(fast.linkOutruns, false);
+  fast.recordAcked(sent);
+  assert.equal(fast.decide(), "slow", "the peer took them all with no backlog: the link outruns this sender even raw");
   assert.equal(fast.linkOutruns, true);
-  const slow = probe(true);
-  assert.equal(slow.decide(), "compress", "the waits timed the link at 52 MB/s; the compressor outruns it");
+  const { p: slow } = probe(true);
+  assert.equal(slow.decide(), "compress", "the acknowledgements timed the link at 52 MB/s; the compressor outruns it");
   assert.equal(slow.linkOutruns, false);
   assert.ok(slow.measuredLinkRate > 40e6 && slow.measuredLinkRate < 60e6, String(slow.measuredLinkRate));
   // without the probe (stream mode's policy), an unmeasured link keeps compression on
@@ -157,18 +162,20 @@ test("the link probe: raw frames that never make the sender wait show a link fas
   }
 });
 
-test("auto on a rate-limited loopback link (2 MB/s): the raw probe frames make the sender wait, which times the link; the compressor outruns it", { timeout: 120_000 }, async () => {
+test("auto with no bandwidth given, through a 125 MB/s relay (1 Gbit/s): the destination's acknowledgements time the link, not the sockets' buffers; the compressor outruns it", { timeout: 120_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-"));
   try {
-    const content = Buffer.concat([textPages(4000), randomBytes(100 * PAGE), textPages(2000, 7)]);
-    const m = await migrate(dir, content, { compress: "auto" }, undefined, (port) => relay(port, { rate: 2e6 }));
+    // 24 MB in full: the size the sockets' buffers (megabytes at each end) made read as a link several times faster
+    const content = Buffer.concat([textPages(3000), randomBytes(100 * PAGE), textPages(3000, 7)]);
+    const m = await migrate(dir, content, { compress: "auto" }, undefined, (port) => relay(port, { rate: 125e6 }));
     assert.equal(m.r.status, "completed", m.r.error);
     assert.deepEqual(readFileSync(m.dstRam), readFileSync(m.srcRam));
     const c = m.r.compression;
-    // the waits time the link (the sockets' buffers absorb the first megabytes at once, so it reads faster than
-    // 2 MB/s, as it would read whatever else bounds the transfer); compression goes on after the 8 probe frames
-    assert.ok(c.linkMBs > 0 && c.rawSlow === 8 && c.framesCompressed > c.framesRaw, JSON.stringify(c));
-    assert.ok(m.r.transferredBytes < content.length * 0.5, `${m.r.transferredBytes} bytes on the link`);
+    // the raw probe frames build a backlog at the relay; the credits for them time it at 125 MB/s at most
+    // (slower when this host is busy), never at what the sockets' buffers took
+    assert.ok(c.linkMBs > 0 && c.linkMBs < 1.25 * 125, `the link measured at ${c.linkMBs} MB/s: ${JSON.stringify(c)}`);
+    assert.ok(c.compressMBs < 1.25 * c.linkMBs || c.framesCompressed > c.framesRaw, JSON.stringify(c));
+    assert.ok(m.r.transferredBytes < content.length * 0.6, `${m.r.transferredBytes} bytes on the link`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -22,7 +22,7 @@ import { PageWriter } from "./page-writer.js";
 import { FrameBuffers } from "../link/buffers.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
-  AGENT_FRAMES, DEFAULT_FRAME_PAGES, FrameType, PROTOCOL_VERSION, decodePages, pagesFrameSize, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck,
+  AGENT_FRAMES, DEFAULT_FRAME_PAGES, FrameType, PROTOCOL_VERSION, decodePages, pagesFrameSize, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck, encodeCredit,
 } from "./protocol.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "../codec/compress.js";
@@ -71,6 +71,8 @@ export interface DestinationOptions extends SecurityOptions {
 export const MAX_PAGES = 2 ** 26;
 /** Largest RAM file this agent creates unless told otherwise (maxRamBytes, --max-ram). */
 export const DEFAULT_MAX_RAM = 64 * 2 ** 30;
+/** A Credit goes back once this many more bytes arrived (a 1 MiB Pages frame brings 4; 17 bytes each). */
+const CREDIT_STEP = 256 * 1024;
 
 export interface DestinationResult {
   status: "completed" | "failed";
@@ -186,11 +188,17 @@ export class DestinationAgent {
       s = await this.hello(link);
       const zero = new Uint8Array(PAGE_SIZE);
       const scratch = s.engine.alloc(4096 * PAGE_SIZE);
+      let credited = 0;
       for (;;) {
         // Queued frames come back as microtasks: let the socket be read between
         // them, or the link idles while a run of Refs frames is verified here.
         await yieldToIo();
         const f: Frame = await link.next();
+        // what has arrived, acknowledged as it arrives: the source times the link on these, not on its socket's buffers
+        if (link.bytesIn - credited >= CREDIT_STEP) {
+          credited = link.bytesIn;
+          await link.send(encodeCredit(credited));
+        }
         switch (f.type) {
           case FrameType.Pages: {
             const { pages, data } = decodePages(f, s.pages);

@@ -1,4 +1,4 @@
-// Agent mode's frames, protocol version 3 (see docs/PROTOCOL.md), in the
+// Agent mode's frames, protocol version 4 (see docs/PROTOCOL.md), in the
 // envelope of wire/envelope.ts. Binary payloads are big-endian; control
 // frames carry a UTF-8 JSON object. Authentication is the channel's (TLS).
 
@@ -6,7 +6,7 @@ import { PAGE_SIZE } from "../core/engine.js";
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import type { FrameSet } from "../link/channel.js";
 
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 export const MAX_FRAME = 8 * 1024 * 1024 + 64;
 export const REF_SIZE = 24; // page u32, block u32, hash 16
 /** Most references one Refs frame may hold. */
@@ -28,6 +28,7 @@ export enum FrameType {
   Device = 13,    // src -> dst: bytes of QEMU's device-state stream, for the destination QEMU (after Done)
   DeviceEnd = 14, // src -> dst, JSON {}: the source QEMU closed its device-state stream
   DeviceDone = 15, // dst -> src, JSON {ok, error?}: the destination QEMU has the whole device state
+  Credit = 16,    // dst -> src: u64 bytes of the source's frames received so far (the source times the link on them)
 }
 
 export const AGENT_FRAMES: FrameSet = {
@@ -120,6 +121,19 @@ export function encodeIterAck(iteration: number, resend: ArrayLike<number>): Buf
   b.writeUInt32BE(n, 9);
   for (let i = 0; i < n; i++) b.writeUInt32BE(resend[i]!, 13 + 4 * i);
   return seal(b);
+}
+
+/** Credit: the running total of bytes of the source's frames the destination has received (exact up to 2^53). */
+export function encodeCredit(total: number): Buffer {
+  const b = Buffer.allocUnsafe(13 + TRAILER);
+  b[4] = FrameType.Credit;
+  b.writeBigUInt64BE(BigInt(total), 5);
+  return seal(b);
+}
+
+export function decodeCredit(f: Frame): number {
+  if (f.payload.length !== 8) throw new ProtocolError(`Credit frame of ${f.payload.length} bytes; 8 expected`);
+  return Number(view(f.payload).getBigUint64(0));
 }
 
 function view(p: Uint8Array): DataView {

@@ -5,7 +5,7 @@
 // Any failure resumes the source VM, whose RAM this agent never writes.
 
 import { Engine, HASH_SIZE, PAGE_SIZE, TwinIndex } from "../core/engine.js";
-import { Planner, type WindowPlan } from "../plan/planner.js";
+import { Planner, estimateDirtyPages, type WindowPlan } from "../plan/planner.js";
 import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
 import { FrameLink } from "../link/channel.js";
 import { RateLimiter } from "../link/rate.js";
@@ -14,6 +14,7 @@ import { dial } from "../link/dial.js";
 import { resolveSecurity, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { DeviceTunnel } from "./device.js";
+import { AckedLink } from "./acks.js";
 import { ProtocolError, jsonFrame, parseJson, printable } from "../wire/envelope.js";
 import type { EnginePool } from "../pool/pool.js";
 import type { PoolSession } from "../pool/session.js";
@@ -270,10 +271,9 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       throw abortError(o.signal, "the migration");
     }
     link = new FrameLink(socket, `destination agent ${o.socketPath ?? `${o.host}:${o.port}`}`, AGENT_FRAMES, new RateLimiter(o.bandwidth));
-    // the link's rate as the pump measures it (as stream-out's): no --bandwidth needed for compression to weigh it
-    // the link's rate as this thread's waits for it time it: the pump's own drain timings also count the
-    // time this thread kept the event loop busy, so a sender slower than its link measured itself there
-    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, linkProbeFrames: LINK_PROBE_FRAMES });
+    // the link's rate from what the destination says it received (no --bandwidth needed for compression to weigh it)
+    const acks = new AckedLink(link, (total) => cpolicy?.recordAcked(total));
+    cpolicy = new CompressionPolicy({ mode: cmode === "auto" ? "auto" : "always", bandwidth: o.bandwidth, meter: acks.meter, linkProbeFrames: LINK_PROBE_FRAMES });
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: offer,
       ...(o.deviceTunnel ? { device: true } : {}),
@@ -446,12 +446,8 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
         if (verdict === "slow") cstats.rawSlow++;
         else if (verdict === "poor" || compress) cstats.rawPoorRatio++;
       }
-      const written = l.bytesWritten, t = performance.now();
       await l.send(frame, () => frameBuffers.give(frame));
-      const waited = performance.now() - t;
-      // waiting for room in the send queue, this thread left the link the bottleneck: what it took meanwhile times it
-      if (waited >= 1) policy.recordSend(l.bytesWritten - written, waited);
-      policy.recordFrame(frame.length, waited >= 1);
+      policy.recordFrame(l.bytesOut);
     };
 
     const resendPages = async (l: FrameLink, pages: Uint32Array) => {
@@ -467,37 +463,17 @@ export async function migrateSource(o: SourceOptions): Promise<MigrationResult> 
       }
     };
 
-    /**
-     * Pages dirtied since they were sent, estimated from evenly spaced runs of
-     * 64 pages (1/32 of RAM, 4096..16384 pages): read, hashed and compared,
-     * nothing recorded. Lets the first round's decision see the dirty rate.
-     */
-    const estimateDirtyPages = (): number => {
-      const pages = o.ram.pages;
-      const target = Math.min(pages, Math.max(4096, Math.min(16384, Math.floor(pages / 32))));
-      const runs = Math.ceil(target / 64);
-      const stride = Math.max(64, Math.floor(pages / runs / 64) * 64);
-      let sampled = 0, dirty = 0;
-      for (let first = 0; first < pages && sampled < target; first += stride) {
-        const count = Math.min(64, pages - first);
-        o.ram.readPages(first, count, planner.window.view(0, count * PAGE_SIZE));
-        dirty += planner.countDirty(first, count);
-        sampled += count;
-      }
-      return Math.ceil((dirty / sampled) * pages);
-    };
-
     let iteration = 0;
     let decision;
     for (;;) {
       iteration++;
       const rec = await runIteration(iteration, false);
-      const nextRoundBytes = iteration === 1 && o.sampleFirstRound !== false ? estimateDirtyPages() * PAGE_SIZE : undefined;
+      const nextRoundBytes = iteration === 1 && o.sampleFirstRound !== false ? estimateDirtyPages(planner, (first, count, into) => o.ram.readPages(first, count, into)).pages * PAGE_SIZE : undefined;
       const elapsed = (performance.now() - t0 - result.setupTimeMs) / 1000;
       decision = policy.decide({
         iteration, wireBytes: rec.transferredBytes, scanMs: rec.scanMs,
-        // what the link carried, not what waits in its queue; at most the rate it was given
-        bytesPerSecond: Math.min(link.bytesWritten / Math.max(elapsed, 1e-3), o.bandwidth > 0 ? o.bandwidth : Infinity),
+        // what the destination received, not what waits in a queue or a socket's buffers; at most the rate it was given
+        bytesPerSecond: Math.min(acks.acked / Math.max(elapsed, 1e-3), o.bandwidth > 0 ? o.bandwidth : Infinity),
         totalBytes: link.bytesOut, ramBytes,
         ...(nextRoundBytes !== undefined ? { nextRoundBytes } : {}),
       });

@@ -1,5 +1,5 @@
 // What the destination agent spends on a round, timed here on a sample of
-// the round's own pages: each twin's NAS block read and hashed (a
+// the round's own pages: its RAM file hashed once at the start, each twin's NAS block read and hashed (a
 // BlockVerifier, as the destination checks it), and each page written into
 // RAM, read back and hashed (as the destination records what it wrote), in
 // runs of consecutive pages as it writes them. The writes go to a sparse
@@ -23,6 +23,8 @@ const FRAME_PAGES = 256;
 const SAMPLE_FRAMES = 64;
 
 export interface DestinationSample {
+  /** Reading and hashing its whole RAM file once, as it does when the migration starts, ms (scaled from a sample). */
+  ramHashMs: number;
   /** Checking every twin (NAS read and hash) and writing it, ms (scaled from the sample). */
   twinMs: number;
   /** Writing every page sent in full, reading it back and hashing it, ms (scaled; decompression apart). */
@@ -63,6 +65,18 @@ export function sampleDestination(engine: Engine, image: GuestDisk, ramPages: nu
   const verifier = new BlockVerifier(engine, image);
   const unwanted = new Uint8Array(HASH_SIZE); // what the block should hash to does not change the time it takes
   try {
+    // the destination hashes its RAM file once as the migration starts (QEMU's file may hold anything), during
+    // round 1: read and hash windows of the scratch file, as fresh (sparse) as a just-started QEMU's
+    const allWindows = Math.ceil(ramPages / WINDOW_PAGES);
+    const hashWindows = spread(allWindows, SAMPLE_WINDOWS);
+    let ramHashMs = 0;
+    for (const w of hashWindows) {
+      const first = w * WINDOW_PAGES, n = Math.min(WINDOW_PAGES, ramPages - first);
+      const t = performance.now();
+      ram.readPages(first, n, back.view(0, n * PAGE_SIZE));
+      engine.hashPagesAt(back.ptr, n, hashes.ptr);
+      ramHashMs += performance.now() - t;
+    }
     // twins: whole windows' worth (a Refs frame each), spread over RAM
     const windows: [number, number][] = [];
     for (let i = 0; i < twinPages.length;) {
@@ -93,6 +107,7 @@ export function sampleDestination(engine: Engine, image: GuestDisk, ramPages: nu
       sampledPages += pages.length;
     }
     return {
+      ramHashMs: (ramHashMs * allWindows) / hashWindows.length,
       twinMs: sampledTwins ? (twinMs * twinPages.length) / sampledTwins : 0,
       pagesMs: sampledPages ? (pagesMs * send.length) / sampledPages : 0,
       sampledTwins, sampledPages,

@@ -11,6 +11,8 @@ import { MAX_REFS, REF_SIZE } from "../agent/protocol.js";
 import { PAGE_SIZE } from "../core/engine.js";
 import type { RamFile } from "../adapters/ram/ram-file.js";
 import type { DestinationSample } from "./analyze-destination.js";
+import type { WireSample } from "./analyze-wire.js";
+import { ConvergencePolicy, type ConvergenceOptions } from "../plan/convergence.js";
 
 /** Frames of full pages, as the agent sends them: up to 256 pages, never across a 4096-page window. */
 const FRAME_PAGES = 256;
@@ -68,9 +70,10 @@ function sampleFrames(n: number): number[] {
 /**
  * Runs the agent's own CompressionPolicy over the frames the agent would send
  * (a sample of them on large RAM), compressing with the codec it would use, with
- * the link at `bandwidth`: the frames it would compress, and what they become.
+ * the link at `bandwidth` (as given) taking frames at `linkRate` (as the agent
+ * would measure it): the frames it would compress, and what they become.
  */
-export function sampleCompression(ram: RamFile, send: Uint32Array, mode: CompressionMode, bandwidth: number): CompressionSample {
+export function sampleCompression(ram: RamFile, send: Uint32Array, mode: CompressionMode, bandwidth: number, linkRate = bandwidth): CompressionSample {
   const algorithm = mode === "off" ? null : mode === "auto" ? availableAlgorithms()[0]! : mode;
   const all = frames(send);
   const none = (why: string): CompressionSample => ({ mode, algorithm, frames: all.length, sampledFrames: 0, framesCompressed: 0, ratio: 1, compressMBs: 0, compressMs: 0, decompressMs: 0, used: false, why });
@@ -103,8 +106,8 @@ export function sampleCompression(ram: RamFile, send: Uint32Array, mode: Compres
       unpackMs += performance.now() - t0;
     }
     const out = got >= 0 ? got : raw;
-    const sendMs = (out / bandwidth) * 1000;
-    if (got < 0) policy.recordSend(out, sendMs);
+    // the agent's meter: every frame, at the rate the destination takes them (until 4 MiB are timed, the policy weighs `bandwidth`)
+    policy.recordSend(out, (out / linkRate) * 1000);
     if (got >= 0) compressed++;
     rawBytes += raw;
     outBytes += out;
@@ -124,27 +127,33 @@ export interface FirstRound {
 }
 
 /** Bytes agent mode puts on the link for one round: frames of full pages (compressed or not), references, zero page lists. */
-export function roundBytes(r: FirstRound, c: CompressionSample): { bytes: number; uncompressedBytes: number } {
+export function roundBytes(r: FirstRound, c: CompressionSample | null): { bytes: number; uncompressedBytes: number } {
   const headers = (n: number, per: number) => Math.ceil(n / per) * FRAME_BYTES;
   const index = 4 * r.normal + headers(r.normal, FRAME_PAGES);
   const refs = REF_SIZE * r.twin + headers(r.twin, MAX_REFS);
   const zeros = 4 * r.zero + headers(r.zero, MAX_REFS);
   const full = r.normal * PAGE_SIZE;
   return {
-    bytes: Math.round(index + refs + zeros + (c.used ? full * c.ratio : full)),
+    bytes: Math.round(index + refs + zeros + (c?.used ? full * c.ratio : full)),
     uncompressedBytes: index + refs + zeros + full,
   };
 }
 
 export interface TimeModel {
   /**
-   * The modelled total, ms: round 1 (the source, the link and the destination
-   * work at once: the slowest of them), the sampled pass that decides on the
-   * switchover (1/32 of a scan), and the final round's scan of all RAM.
+   * The modelled total, as total-time without QEMU's device-state step, ms:
+   * set-up, round 1 (the source, the link and the destination work at once:
+   * the slowest of them), the sampled pass that decides on the switchover
+   * (1/32 of a scan), any further live rounds the agent's own convergence
+   * rule would run, and the final round.
    */
   ms: number;
+  /** Set-up the tool can time: opening (or building) the block index, as the migration does first, ms. */
+  setupMs: number;
   /** Round 1 alone, ms. */
   roundMs: number;
+  /** Rounds with the final one, as the agent's ConvergencePolicy would decide them on these figures. */
+  rounds: number;
   /**
    * The same total with both agents on this one host (a local destination,
    * `--dst-ram`), where their work shares its cores with the guest: round 1
@@ -154,27 +163,80 @@ export interface TimeModel {
   linkMs: number;
   scanMs: number;
   compressMs: number;
-  /** The source's thread in round 1: scan, then compress what it sends in full, ms. */
+  /** The source's thread in round 1: scan, compress what it sends in full, build, seal and encrypt the frames, ms. */
   sourceMs: number;
-  /** The destination in round 1: check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
+  /** Round 1's frames: building, sealing and encrypting them at the source; decrypting and parsing them at the destination, ms. */
+  wireSourceMs: number;
+  wireDestinationMs: number;
+  /** The destination in round 1: hash its RAM file once (before it reads the first frames), decrypt and parse the frames, check and write the twins, write the pages in full (read back, hashed), decompress them, ms. */
   destinationMs: number;
 }
 
-/** Agent mode re-hashes all of RAM every round (it has no dirty bitmap); an idle guest converges after one live round. */
-export function modelTime(bytes: number, bandwidth: number, scanMs: number, c: CompressionSample, dst: DestinationSample): TimeModel {
-  const linkMs = (bytes / bandwidth) * 1000;
+export interface ModelInput {
+  /** Round 1's bytes, and the link's rate, bytes/s. */
+  bytes: number;
+  bandwidth: number;
+  /** Reading, hashing and planning all RAM here, ms (every round re-scans: agent mode has no dirty bitmap). */
+  scanMs: number;
+  /** A later round's scan (read and hash, most pages clean), timed on the dirty-page sample, ms. */
+  laterScanMs: number;
+  /** Opening the block index here, ms. */
+  indexMs: number;
+  /** Pages changed since the scan, from a sample (estimateDirtyPages, as the agent estimates after round 1). */
+  dirtyPages: number;
+  ramPages: number;
+  convergence?: ConvergenceOptions;
+}
+
+/** The rounds after round 1 as the agent would run them (its ConvergencePolicy): how many, and their time, ms. */
+function laterRounds(m: ModelInput, roundMs: number): { rounds: number; ms: number } {
+  const policy = new ConvergencePolicy(m.convergence);
+  const dirtyBytes = m.dirtyPages * PAGE_SIZE;
+  const ramBytes = m.ramPages * PAGE_SIZE;
+  // the agent's rate: what the destination received over the rounds so far
+  const rate = Math.min(m.bandwidth, m.bytes / Math.max(roundMs / 1000, 1e-3));
+  // a later round scans all of RAM while the link carries the few pages that changed
+  const roundAfter = Math.max(m.laterScanMs, (dirtyBytes / m.bandwidth) * 1000);
+  let ms = m.laterScanMs / 32; // the sampled pass after round 1
+  let sent = m.bytes;
+  let d = policy.decide({ iteration: 1, wireBytes: m.bytes, scanMs: m.scanMs, bytesPerSecond: rate, totalBytes: sent, ramBytes, nextRoundBytes: dirtyBytes });
+  let iteration = 1;
+  while (d.action === "continue") {
+    iteration++;
+    ms += roundAfter;
+    sent += dirtyBytes;
+    d = policy.decide({ iteration, wireBytes: dirtyBytes, scanMs: m.laterScanMs, bytesPerSecond: rate, totalBytes: sent, ramBytes });
+  }
+  return { rounds: iteration + 1, ms: ms + roundAfter }; // the final round: a scan, with the guest stopped
+}
+
+/** Round 1 with every page sent raw, agents on a host each (the slower of the two), ms: what bounds the rate the link is fed at. */
+export function rawRoundMs(bytes: number, scanMs: number, dst: DestinationSample, wire: WireSample): number {
+  const mb = bytes / 1e6;
+  return Math.max(scanMs + mb * wire.sourceMsPerMB, dst.ramHashMs + dst.twinMs + dst.pagesMs + mb * wire.destinationMsPerMB);
+}
+
+/** Agent mode's time from the parts measured here: set-up, round 1, and the rounds its convergence rule adds. */
+export function modelTime(m: ModelInput, c: CompressionSample, dst: DestinationSample, wire: WireSample): TimeModel {
+  const linkMs = (m.bytes / m.bandwidth) * 1000;
   const compressMs = c.compressMs;
-  const sourceMs = scanMs + compressMs;
-  const destinationMs = dst.twinMs + dst.pagesMs + c.decompressMs;
+  const wireSourceMs = (m.bytes / 1e6) * wire.sourceMsPerMB, wireDestinationMs = (m.bytes / 1e6) * wire.destinationMsPerMB;
+  const sourceMs = m.scanMs + compressMs + wireSourceMs;
+  const destinationMs = dst.ramHashMs + dst.twinMs + dst.pagesMs + c.decompressMs + wireDestinationMs;
+  const setupMs = m.indexMs;
   const roundMs = Math.max(linkMs, sourceMs, destinationMs);
-  const rest = scanMs / 32 + scanMs;
-  return { ms: roundMs + rest, roundMs, oneHostMs: Math.max(linkMs, sourceMs + destinationMs) + rest, linkMs, scanMs, compressMs, sourceMs, destinationMs };
+  const oneHostRound = Math.max(linkMs, sourceMs + destinationMs);
+  const apart = laterRounds(m, roundMs), together = laterRounds(m, oneHostRound);
+  return {
+    ms: setupMs + roundMs + apart.ms, setupMs, roundMs, rounds: apart.rounds, oneHostMs: setupMs + oneHostRound + together.ms,
+    linkMs, scanMs: m.scanMs, compressMs, sourceMs, destinationMs, wireSourceMs, wireDestinationMs,
+  };
 }
 
 /** What the modelled time leaves out, said plainly. */
 export const LEAVES_OUT = [
-  "pages the guest writes while it migrates (each costs another round)",
-  "set-up: connecting, the TLS handshake, the destination hashing its RAM file once, building the block index if it is not current",
+  "pages the guest writes while it migrates beyond those changed during analyze's own scan (the rounds count those)",
+  "set-up besides the block index: QMP checks, connecting, the TLS handshake, starting --workers",
   "the destination and source agents sharing one host's cores (timeMs assumes a host each; oneHostMs adds their work up)",
   "QEMU's device state step (agent mode) and its own set-up",
 ];

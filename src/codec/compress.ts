@@ -288,7 +288,7 @@ export interface CompressionStats {
   /** Page bytes that went into compressed frames, and what they became. */
   bytesBefore: number;
   bytesAfter: number;
-  /** Last measured compressor rate, and the link's rate measured from the sender's drain waits (0: not measured), MB/s (1e6 B/s). */
+  /** Last measured compressor rate, and the link's rate measured from the peer's acknowledgements (0: not measured), MB/s (1e6 B/s). */
   compressMBs: number;
   linkMBs: number;
   /** Why compression is off, when it is. */
@@ -304,7 +304,7 @@ export interface PolicyOptions {
   mode: "auto" | "always";
   /** Configured link bandwidth, bytes/s (0: unknown, measured). */
   bandwidth: number;
-  /** Where the link's rate is measured (the sender's drain waits); default: one of the policy's own, fed by recordSend. */
+  /** Where the link's rate is measured (the peer's acknowledgements, or the sender's drain waits); default: one of the policy's own, fed by recordSend. */
   meter?: LinkMeter;
   /** A batch whose compressed size exceeds this fraction of its raw size travels raw. */
   maxRatio?: number;
@@ -315,9 +315,10 @@ export interface PolicyOptions {
   /** While skipping because the compressor is slower than the link, one frame in this many (default 64). */
   probeSlowEvery?: number;
   /**
-   * Raw frames sent to time a link not measured yet (see linkProbe; default 0: none). A sender whose
+   * Raw frames sent to time a link not measured yet (see probing(); default 0: none). A sender whose
    * compressed frames never fill the link never learns its rate: these raw frames either fill it (and the
-   * sender's waits time it) or show that the link outruns the sender even raw, when compressing only costs time.
+   * peer's acknowledgements time it) or show that the link outruns the sender even raw, when compressing
+   * only costs time. Needs recordFrame and recordAcked.
    */
   linkProbeFrames?: number;
 }
@@ -330,10 +331,11 @@ export interface PolicyOptions {
  * when compressorRate > margin x linkRate and the data compresses (ratio <
  * maxRatio). The compressor's rate and the ratio are measured on the frames
  * compressed; the link's rate is the configured bandwidth, or the rate the
- * LinkMeter measured from the sender's waits for the socket to drain,
- * whichever is lower; a link we never wait for is not the bottleneck. Both
- * modes decide this way: agent mode's FrameLink and stream-out time their
- * drain waits with the same LinkMeter.
+ * LinkMeter measured, whichever is lower; a link never found busy is not
+ * the bottleneck. Both modes feed the meter from the peer's acknowledgements
+ * of what it received (agent mode's Credit frames, stream-in's CREDIT), taken
+ * only while a backlog kept the link busy: bytes handed to a socket are not
+ * yet across the link (its buffers hold megabytes).
  */
 export class CompressionPolicy {
   readonly maxRatio: number;
@@ -347,11 +349,12 @@ export class CompressionPolicy {
   /** Compressed/raw (EWMA over frames), 0: not measured yet. */
   ratio = 0;
   private skipped = 0;
-  /** Raw frames of the link probe still to send, and whether the probe is over (it runs once). */
+  /** Raw frames of the link probe still to send (-1: not started), and whether the probe is over (it runs once). */
   private probeLeft = -1;
-  /** Bytes the probe's raw frames put out, and whether the sender waited for the link meanwhile. */
-  private probeBytes = 0;
-  private probeWaited = false;
+  private probeDone = false;
+  /** The sender's running total once the probe's frames were out (-1: not yet), and the peer's acknowledged total. */
+  private probeUntil = -1;
+  private acked = 0;
   /** The probe's raw frames never filled the link: it outruns this sender. */
   linkOutruns = false;
 
@@ -406,34 +409,42 @@ export class CompressionPolicy {
     this.meter.record(bytes, ms);
   }
 
-  /** A frame of `bytes` went out (raw or not); `waited`: its sender had to wait for the link to take it. */
-  recordFrame(bytes: number, waited: boolean): void {
-    if (this.probeLeft < 0 || this.probeBytes < 0) return;
-    this.probeBytes += bytes;
-    this.probeWaited ||= waited;
+  /** A frame went out; `sentTotal`: the sender's running total of bytes sent, it included. */
+  recordFrame(sentTotal: number): void {
+    if (this.probeLeft === 0 && this.probeUntil < 0) this.probeUntil = sentTotal;
+  }
+
+  /** The peer acknowledged a running total of `total` bytes received (the probe waits for its own bytes). */
+  recordAcked(total: number): void {
+    this.acked = Math.max(this.acked, total);
   }
 
   /**
    * The link probe ("auto", linkProbeFrames > 0): once the compressor has
    * been timed on 4 frames while the link is still unmeasured, the next
-   * frames go raw. If the sender never waited for the link meanwhile, the
-   * link outruns it even raw (linkOutruns: compression only costs the sender
-   * time, so frames go raw, with the usual probes of the compressor); if it
-   * waited, those waits measured the link and the rates decide as usual.
+   * frames go raw, and go on raw until the peer has acknowledged them. If
+   * they built a backlog (the meter timed anything: its rate comes from the
+   * peer's acknowledgements behind one), the link is not faster than this
+   * sender: compress, and the rates decide once the link is measured; if the
+   * peer took them all with no backlog, the link outruns this sender even raw
+   * (linkOutruns: compression only costs the sender time, so frames go raw,
+   * with the usual probes of the compressor).
    */
   private probing(link: number): boolean {
     const frames = this.o.linkProbeFrames ?? 0;
-    if (this.o.mode !== "auto" || frames <= 0 || this.probeBytes < 0) return false;
+    if (this.o.mode !== "auto" || frames <= 0 || this.probeDone) return false;
     if (this.probeLeft < 0) {
       if (Number.isFinite(link) || this.recentRates.length < 4) return false;
       this.probeLeft = frames;
     }
-    if (this.probeLeft > 0) {
-      this.probeLeft--;
+    // over once its frames are out and either acknowledged or found queued behind a backlog (any timing at all)
+    const waiting = this.probeLeft > 0 || (this.probeUntil < 0 || this.acked < this.probeUntil) && this.meter.measured === 0;
+    if (!Number.isFinite(link) && waiting) {
+      if (this.probeLeft > 0) this.probeLeft--;
       return true;
     }
-    this.linkOutruns = !this.probeWaited && !Number.isFinite(this.linkRate);
-    this.probeBytes = -1; // done: it runs once
+    this.linkOutruns = this.meter.measured === 0;
+    this.probeDone = true; // it runs once
     return false;
   }
 }

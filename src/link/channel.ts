@@ -35,6 +35,8 @@ export class FrameLink {
   private outboxBytes = 0;
   private pumping = false;
   private ending = false;
+  /** Frame types handled as they arrive (onFrame), never queued for next(). */
+  private readonly handlers = new Map<number, (f: Frame) => void>();
   /** Woken when the outbox has room again, empties, or the link fails. */
   private roomWaiters: (() => void)[] = [];
   /** Bytes accepted by send(), queued ones included. */
@@ -62,6 +64,11 @@ export class FrameLink {
         return;
       }
       for (const f of frames) {
+        const h = this.handlers.get(f.type);
+        if (h) {
+          try { h(f); } catch (err) { this.corrupt = true; this.fail(err as Error); return; }
+          continue;
+        }
         if (f.type === Control.Abort && this.waiters.length === 0) {
           // the peer gave up while we were sending: keep its reason for the next send or wait
           this.fail(new ProtocolError(`${this.peer} aborted the migration: ${abortReason(f)}`));
@@ -140,6 +147,15 @@ export class FrameLink {
       this.wakeRoom();
       if (this.ending && !this.failure) this.socket.end();
     }
+  }
+
+  /**
+   * Frames of `type` go to `handler` the moment they arrive, in order, and
+   * never to next(): a peer's acknowledgements, timed as they come rather
+   * than when the owner next reads. A handler that throws fails the link.
+   */
+  onFrame(type: number, handler: (f: Frame) => void): void {
+    this.handlers.set(type, handler);
   }
 
   /** Lifts the reader's small pre-handshake frame limit. */

@@ -252,6 +252,27 @@ export function planIteration(planner: Planner, iteration: number, readWindow: W
 }
 
 /**
+ * Pages dirtied since they were recorded as sent, estimated from evenly
+ * spaced runs of 64 pages (1/32 of RAM, 4096..16384 pages): read, hashed and
+ * compared, nothing recorded (`sampled`: the pages read). What the agent's
+ * first round decides on, and what analyze predicts that decision from.
+ */
+export function estimateDirtyPages(planner: Planner, read: (first: number, count: number, into: Uint8Array) => void): { pages: number; sampled: number } {
+  const pages = planner.pages;
+  const target = Math.min(pages, Math.max(4096, Math.min(16384, Math.floor(pages / 32))));
+  const runs = Math.ceil(target / 64);
+  const stride = Math.max(64, Math.floor(pages / runs / 64) * 64);
+  let sampled = 0, dirty = 0;
+  for (let first = 0; first < pages && sampled < target; first += stride) {
+    const count = Math.min(64, pages - first);
+    read(first, count, planner.window.view(0, count * PAGE_SIZE));
+    dirty += planner.countDirty(first, count);
+    sampled += count;
+  }
+  return { pages: Math.ceil((dirty / sampled) * pages), sampled };
+}
+
+/**
  * Runs a whole iteration through a page reader that may be async (each
  * window is read, awaited, then planned), collecting one IterationPlan.
  * Aborting stops it between windows with an AbortError; the windows already

@@ -61,8 +61,7 @@ export interface Started { line: string; child: ChildProcess; stdout: string; st
  * Foreground commands must exit 0; services are returned, still running or done.
  */
 export async function runQuickStart(qs: QuickStart, cwd: string, values: Record<string, string>): Promise<Started[]> {
-  for (const k of qs.vars.keys()) if (!(k in values)) throw new Error(`the test gives no value for ${k}`);
-  const env = { ...process.env, ...values, PATH: `${binDir(cwd)}:${process.env["PATH"] ?? ""}` };
+  const env = quickStartEnv(qs, cwd, values);
   const services: Started[] = [];
   try {
     for (const line of qs.commands) {
@@ -82,6 +81,16 @@ export async function runQuickStart(qs: QuickStart, cwd: string, values: Record<
     throw err;
   }
   return services;
+}
+
+function quickStartEnv(qs: QuickStart, cwd: string, values: Record<string, string>): NodeJS.ProcessEnv {
+  for (const k of qs.vars.keys()) if (!(k in values)) throw new Error(`the test gives no value for ${k}`);
+  return { ...process.env, ...values, PATH: `${binDir(cwd)}:${process.env["PATH"] ?? ""}` };
+}
+
+/** Starts one of the block's commands (in the foreground: wait for exitOf) with `values` for its names, to read its output. */
+export function startQuickStartLine(qs: QuickStart, line: string, cwd: string, values: Record<string, string>): Started {
+  return start(line, cwd, quickStartEnv(qs, cwd, values));
 }
 
 /** Stops the services still running (a test's clean-up). */

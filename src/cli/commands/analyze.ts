@@ -2,15 +2,16 @@ import { statSync } from "node:fs";
 import { defaultIndexPath } from "../../adapters/nas/index-file.js";
 import type { DiskFormat } from "../../adapters/nas/image.js";
 import { RamFile } from "../../adapters/ram/ram-file.js";
-import { Planner, planIteration } from "../../plan/planner.js";
+import { Planner, estimateDirtyPages, planIteration } from "../../plan/planner.js";
 import { PAGE_SIZE } from "../../core/engine.js";
 import { parseCompressionMode } from "../../codec/compress.js";
 import { parse, helpText, str, parseRate, fmtBytes, diskFormat, FORMAT_OPTION, UsageError, type CommandSpec } from "../args.js";
 import { ProgressReporter } from "../progress.js";
 import { printJson } from "../json.js";
 import { openImageIndex } from "../image-index.js";
-import { sampleCompression, roundBytes, modelTime, LEAVES_OUT } from "../analyze-model.js";
+import { sampleCompression, roundBytes, rawRoundMs, modelTime, LEAVES_OUT } from "../analyze-model.js";
 import { sampleDestination } from "../analyze-destination.js";
+import { sampleWire } from "../analyze-wire.js";
 
 export const spec: CommandSpec = {
   name: "analyze",
@@ -68,26 +69,38 @@ export async function run(argv: string[]): Promise<number> {
   const a = validate(values);
   const progress = new ProgressReporter("analyze", { json: a.json });
   // an up-to-date index beside the image is read; a new one is written only where --index says
+  const t0 = performance.now();
   const nas = await openImageIndex(a.image, progress, { indexPath: a.index ?? defaultIndexPath(a.image), write: a.index !== undefined, format: a.format });
   if (nas.stale) {
     process.stderr.write(`pagetwin analyze: the index ${nas.indexPath} is stale (generation ${nas.header.generation}; the image was written since): ` +
       "it is used as it is, so twins counted here may include blocks rewritten since, which a migration would resend; `pagetwin index --image IMAGE` refreshes it\n");
   }
+  const indexMs = performance.now() - t0; // the migration opens (or builds) it first, too
   const ram = RamFile.open(a.ram);
   try {
     const planner = new Planner(nas.engine, { pages: ram.pages, index: nas.index });
-    const t0 = performance.now();
+    const s0 = performance.now();
     const plan = planIteration(planner, 1, (first, count, into) => {
       ram.readPages(first, count, into);
       progress.update("scanning", first + count, ram.pages, "pages");
     });
-    const scanMs = performance.now() - t0;
+    const scanMs = performance.now() - s0;
+    // what changed during the scan, sampled as the agent samples it after its round 1
+    const d0 = performance.now();
+    const dirty = estimateDirtyPages(planner, (first, count, into) => ram.readPages(first, count, into));
+    // a later round's scan: read and hash, most pages clean (no index lookups), timed on the sample
+    const laterScanMs = ((performance.now() - d0) * ram.pages) / dirty.sampled;
+    const dirtyPages = dirty.pages;
     planner.free();
-    const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth);
     const dst = sampleDestination(nas.engine, nas.image, ram.pages, plan.send, plan.twinPages, plan.twinBlocks);
+    const wire = sampleWire();
     const round = { normal: plan.normal, twin: plan.twin, zero: plan.zero };
+    // the agent times the link on what the destination received: at most the rate the agents feed it raw
+    const rawBytes = roundBytes(round, null).bytes;
+    const linkRate = Math.min(a.bandwidth, rawBytes / (rawRoundMs(rawBytes, scanMs, dst, wire) / 1000));
+    const c = sampleCompression(ram, plan.send, a.compress, a.bandwidth, linkRate);
     const { bytes, uncompressedBytes } = roundBytes(round, c);
-    const time = modelTime(bytes, a.bandwidth, scanMs, c, dst);
+    const time = modelTime({ bytes, bandwidth: a.bandwidth, scanMs, laterScanMs, indexMs, dirtyPages, ramPages: ram.pages }, c, dst, wire);
     const baselineBytes = (plan.normal + plan.twin) * PAGE_SIZE;
     const out = {
       ok: true,
@@ -98,11 +111,12 @@ export async function run(argv: string[]): Promise<number> {
         path: nas.built && a.index === undefined ? undefined : nas.indexPath, built: nas.built, saved: nas.built && a.index !== undefined,
         stale: nas.stale, generation: nas.header.generation, format: nas.image.format,
       },
-      compression: c,
+      compression: { ...c, linkBytesPerSecond: linkRate },
       baseline: { bytes: baselineBytes, timeMs: (baselineBytes / a.bandwidth) * 1000 },
       pagetwin: {
-        bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, roundMs: time.roundMs, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
-        sourceMs: time.sourceMs, destinationMs: time.destinationMs, destination: { twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs },
+        bytes, uncompressedBytes, timeMs: time.ms, oneHostMs: time.oneHostMs, setupMs: time.setupMs, roundMs: time.roundMs, rounds: time.rounds, dirtyPages, laterScanMs, linkMs: time.linkMs, scanMs: time.scanMs, compressMs: time.compressMs,
+        sourceMs: time.sourceMs, destinationMs: time.destinationMs, wireSourceMs: time.wireSourceMs,
+        destination: { ramHashMs: dst.ramHashMs, twinMs: dst.twinMs, pagesMs: dst.pagesMs, decompressMs: c.decompressMs, wireMs: time.wireDestinationMs },
       },
       leavesOut: LEAVES_OUT,
     };
@@ -115,7 +129,7 @@ export async function run(argv: string[]): Promise<number> {
   }
 }
 
-function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; roundMs: number; linkMs: number; scanMs: number; compressMs: number; sourceMs: number; destinationMs: number } }, why: string): void {
+function print(out: { pages: number; zero: number; twin: number; normal: number; twinShareOfNonZero: number; bandwidthBytesPerSecond: number; baseline: { bytes: number; timeMs: number }; pagetwin: { bytes: number; uncompressedBytes: number; timeMs: number; setupMs: number; roundMs: number; rounds: number; linkMs: number; scanMs: number; compressMs: number; sourceMs: number; destinationMs: number } }, why: string): void {
   const pct = (n: number) => `${((n / out.pages) * 100).toFixed(1)}%`;
   const p = out.pagetwin;
   console.log(`RAM ${fmtBytes(out.pages * PAGE_SIZE)} (${out.pages} pages), scanned in ${p.scanMs.toFixed(0)} ms`);
@@ -125,7 +139,7 @@ function print(out: { pages: number; zero: number; twin: number; normal: number;
   console.log(`compression: ${why}`);
   console.log(`first round at ${fmtBytes(out.bandwidthBytesPerSecond)}/s: plain pre-copy ${fmtBytes(out.baseline.bytes)} in ${(out.baseline.timeMs / 1000).toFixed(2)} s; ` +
     `pagetwin ${fmtBytes(p.bytes)} (${fmtBytes(p.uncompressedBytes)} before compression)`);
-  console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s: round 1 ${p.roundMs.toFixed(0)} ms, the slowest of link ${p.linkMs.toFixed(0)} ms, ` +
-    `source ${p.sourceMs.toFixed(0)} ms (scan ${p.scanMs.toFixed(0)}, compressor ${p.compressMs.toFixed(0)}) and destination ${p.destinationMs.toFixed(0)} ms; then the final scan`);
+  console.log(`pagetwin's time, modelled: ${(p.timeMs / 1000).toFixed(2)} s: the block index ${p.setupMs.toFixed(0)} ms, round 1 ${p.roundMs.toFixed(0)} ms, the slowest of link ${p.linkMs.toFixed(0)} ms, ` +
+    `source ${p.sourceMs.toFixed(0)} ms (scan ${p.scanMs.toFixed(0)}, compressor ${p.compressMs.toFixed(0)}) and destination ${p.destinationMs.toFixed(0)} ms; ${p.rounds} rounds in all, each later one a scan`);
   console.log(`the time leaves out: ${LEAVES_OUT.join("; ")}`);
 }

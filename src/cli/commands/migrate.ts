@@ -10,6 +10,7 @@ import { parseCompressionMode } from "../../codec/compress.js";
 import { openTraceOutputs, traceOptions, withUiDefault } from "../trace.js";
 import { AgentTracer, type AgentTraceEnd } from "../../trace/agent.js";
 import { statSync } from "node:fs";
+import { compressionLine } from "./send.js";
 
 export const spec: CommandSpec = {
   name: "migrate",
@@ -150,4 +151,5 @@ function print(r: AgentMigrationResult, json: boolean): void {
   console.log(`status ${r.status}; total-time ${r["total-time"]} ms, downtime ${r.downtime} ms, transferred ${fmtBytes(r.ram.transferred)}, ` +
     `${r.ram["dirty-sync-count"]} iterations; pages: ${r.ram.normal} normal, ${r.ram.twin} twin, ${r.ram.duplicate} zero, ${r.ram.resent} resent${dev}; ` +
     `RAM digest ${r.verified ? "verified" : "NOT verified"}; source ${r["source-status"]}`);
+  if (r.compression) console.log(compressionLine(r.compression));
 }

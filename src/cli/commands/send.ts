@@ -101,8 +101,12 @@ function print(r: import("../../agent/source.js").MigrationResult, json: boolean
     return;
   }
   console.log(`status ${r.status}; total-time ${r.totalTimeMs.toFixed(0)} ms, downtime ${r.downtimeMs.toFixed(0)} ms, transferred ${fmtBytes(r.transferredBytes)}, ${r.iterations} iterations; pages: ${r.pages.normal} normal, ${r.pages.twin} twin, ${r.pages.zero} zero, ${r.pages.resent} resent; RAM digest ${r.verified ? "verified" : "NOT verified"}`);
-  const c = r.compression;
-  console.log(c.algorithm
-    ? `compression ${c.algorithm} (${c.mode}): ${c.framesCompressed} frames compressed (${fmtBytes(c.bytesBefore)} -> ${fmtBytes(c.bytesAfter)}), ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress)`
-    : `compression off${c.note && c.note !== "compression off" ? `: ${c.note}` : ""}`);
+  console.log(compressionLine(r.compression));
+}
+
+/** How the pages sent in full travelled (send's and migrate's text output). */
+export function compressionLine(c: import("../../codec/compress.js").CompressionStats): string {
+  return c.algorithm
+    ? `compression ${c.algorithm} (${c.mode}): ${c.framesCompressed} frames compressed (${fmtBytes(c.bytesBefore)} -> ${fmtBytes(c.bytesAfter)}), ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress); link ${c.linkMBs.toFixed(0)} MB/s, compressor ${c.compressMBs.toFixed(0)} MB/s`
+    : `compression off${c.note && c.note !== "compression off" ? `: ${c.note}` : ""}`;
 }
