@@ -24,6 +24,7 @@ import { Report } from "./report.js";
 import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
 import { netnsAvailable } from "../src/adapters/netns/link.js";
 import { runComparison, formatComparison } from "../src/compare/agent.js";
+import { benchAnalyzePredict } from "./analyze-predict.js";
 import { compareStreamMode, formatCompare } from "../src/compare/stream.js";
 
 const args = process.argv.slice(2);
@@ -85,6 +86,12 @@ if (args.includes("--no-qemu")) {
     qemu = { agentMode, streamMode };
   }
 }
+// analyze's prediction against the migration it predicts (agent mode, the real guest)
+let analyze: Awaited<ReturnType<typeof benchAnalyzePredict>> = { skipped: "--no-qemu" };
+if (!args.includes("--no-qemu") && !("skipped" in qemu)) {
+  part("analyze's prediction vs the migration");
+  analyze = await benchAnalyzePredict({ quiet: json, runs: quick ? 1 : 3 });
+}
 // libvirt: only when asked for (it starts two libvirt daemons)
 let libvirt: LibvirtBench = { skipped: "--libvirt not given" };
 if (args.includes("--libvirt")) {
@@ -94,7 +101,7 @@ if (args.includes("--libvirt")) {
   if (!json) console.log(`libvirt (bench/libvirt.ts, ${runs === 1 ? "one run" : `${runs} runs`} of each, alternating, the test guest over a 1 Gbit/s namespace link; medians):`);
   libvirt = await benchLibvirt({ runs, quiet: json });
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, demo, qemu, libvirt }));
+if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, demo, qemu, analyze, libvirt }));
 if (writeTo) {
   report!.write(writeTo);
   console.log(`\nwrote ${writeTo}`);
