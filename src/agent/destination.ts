@@ -1,8 +1,7 @@
-// Destination agent: accepts one migration, writes pages into the
-// destination RAM file, fetches every twin's block from the NAS image and
-// verifies its hash before writing it (a block that no longer matches is
-// asked for again), and at switchover hashes its whole RAM and answers with
-// the digest. Nothing unverified is ever written into guest RAM.
+// Destination agent: listens, lets in one authenticated source at a time,
+// and checks its Hello against this host's NAS image and RAM file; the
+// migration itself (pages written, twins verified from the NAS, the RAM
+// digest at switchover) is a DestinationSession.
 
 import { setImmediate as yieldToIo } from "node:timers/promises";
 import type { Socket } from "node:net";
@@ -12,20 +11,21 @@ import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } f
 import { TIMEOUTS } from "../link/timeouts.js";
 import { FrameLink } from "../link/channel.js";
 import { ProtocolError, jsonFrame, parseJson, printable, type Frame } from "../wire/envelope.js";
-import { createEngine, Engine, Region, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
+import { createEngine, PAGE_SIZE } from "../core/engine.js";
 import { RamFile } from "../adapters/ram/ram-file.js";
 import type { GuestDisk } from "../adapters/nas/image.js";
 import { openDisk } from "../adapters/nas/disk.js";
 import { recordedFormat } from "../adapters/nas/index-header.js";
-import { BlockVerifier } from "../adapters/nas/verify.js";
-import { PageWriter } from "./page-writer.js";
+import { DestinationSession, emptyDestinationResult, type DestinationResult } from "./destination-session.js";
 import { FrameBuffers } from "../link/buffers.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
-  AGENT_FRAMES, DEFAULT_FRAME_PAGES, FrameType, PROTOCOL_VERSION, decodePages, pagesFrameSize, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck, encodeCredit,
+  AGENT_FRAMES, DEFAULT_FRAME_PAGES, FrameType, PROTOCOL_VERSION, pagesFrameSize, encodeCredit,
 } from "./protocol.js";
 import { toLog, type Log, type LogOption } from "../log.js";
-import { algorithmOfId, availableAlgorithms, createCompressor, type CompressionAlgorithm, type PageCompressor } from "../codec/compress.js";
+import { availableAlgorithms } from "../codec/compress.js";
+
+export type { DestinationResult } from "./destination-session.js";
 
 export interface DestinationOptions extends SecurityOptions {
   /** The destination VM's RAM file (exists with the VM's size, or is created when `createRam`). */
@@ -73,42 +73,6 @@ export const MAX_PAGES = 2 ** 26;
 export const DEFAULT_MAX_RAM = 64 * 2 ** 30;
 /** A Credit goes back once this many more bytes arrived (a 1 MiB Pages frame brings 4; 17 bytes each). */
 const CREDIT_STEP = 256 * 1024;
-
-export interface DestinationResult {
-  status: "completed" | "failed";
-  pagesWritten: number;
-  twinsVerified: number;
-  /** Twins whose NAS block did not match their hash (rewritten since indexing, or unreadable). */
-  twinsRejected: number;
-  zeroPages: number;
-  /** Pages that came in CompressedPages frames (included in pagesWritten). */
-  pagesDecompressed: number;
-  /** Bytes of device state handed to this host's QEMU through the link (0: none went this way). */
-  deviceBytes: number;
-  bytesIn: number;
-  digest: string;
-  verified: boolean;
-  error?: string;
-}
-
-interface Session {
-  engine: Engine;
-  ram: RamFile;
-  image: GuestDisk | null;
-  /** Fetches and checks twin blocks from `image` (null without one). */
-  verifier: BlockVerifier | null;
-  pages: number;
-  resend: number[];
-  /** 16 B per page: the hash of what this agent holds in RAM (taken before the migration, kept up to date on every write). */
-  held: Region;
-  /** Writes pages into `ram` and keeps `held` up to date. */
-  writer: PageWriter;
-  /** Algorithms agreed in Hello (what the source offered and this agent decompresses). */
-  compression: CompressionAlgorithm[];
-  decompressors: Map<CompressionAlgorithm, PageCompressor>;
-  /** The device state through the link into this host's QEMU, when the source asked for it. */
-  device: DeviceSink | null;
-}
 
 /**
  * The destination side of an agent-mode migration: listen(), then each
@@ -182,12 +146,10 @@ export class DestinationAgent {
   }
 
   private async session(link: FrameLink, buffers: FrameBuffers): Promise<DestinationResult> {
-    const r: DestinationResult = { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, pagesDecompressed: 0, bytesIn: 0, deviceBytes: 0, digest: "", verified: false };
-    let s: Session | null = null;
+    const r = emptyDestinationResult();
+    let s: DestinationSession | null = null;
     try {
-      s = await this.hello(link);
-      const zero = new Uint8Array(PAGE_SIZE);
-      const scratch = s.engine.alloc(4096 * PAGE_SIZE);
+      s = await this.hello(link, buffers, r);
       let credited = 0;
       for (;;) {
         // Queued frames come back as microtasks: let the socket be read between
@@ -199,87 +161,7 @@ export class DestinationAgent {
           credited = link.bytesIn;
           await link.send(encodeCredit(credited));
         }
-        switch (f.type) {
-          case FrameType.Pages: {
-            const { pages, data } = decodePages(f, s.pages);
-            s.writer.write(pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
-            r.pagesWritten += pages.length;
-            buffers.give(f.payload); // the writer copied the pages
-            break;
-          }
-          case FrameType.CompressedPages: {
-            const { algorithmId, pages, packed } = decodeCompressedPages(f, s.pages);
-            const algo = algorithmOfId(algorithmId);
-            if (!algo || !s.compression.includes(algo)) {
-              throw new ProtocolError(`CompressedPages frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${s.compression.join(", ") || "none"})`);
-            }
-            let d = s.decompressors.get(algo);
-            if (!d) s.decompressors.set(algo, (d = createCompressor(algo)));
-            // straight into the hashing scratch: exactly n pages, never more (a bomb or corrupt data throws)
-            const n = pages.length;
-            const data = scratch.view(0, n * PAGE_SIZE);
-            d.decompressInto(packed, data);
-            s.writer.write(pages, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
-            r.pagesWritten += n;
-            r.pagesDecompressed += n;
-            buffers.give(f.payload);
-            break;
-          }
-          case FrameType.Zeros: {
-            const pages = decodePageList(f, s.pages, "Zeros");
-            s.writer.write(pages, () => zero);
-            r.zeroPages += pages.length;
-            break;
-          }
-          case FrameType.Refs: {
-            if (!s.verifier) throw new ProtocolError("the source sent NAS references, but this destination has no image (start it with --image)");
-            // a block past the image's end now (it shrank since indexing) reads as unreadable: asked for again;
-            // more than MAX_REFS (4096, the verifier's slots) references are refused by decodeRefs
-            const { pages, blocks, hashes: want } = decodeRefs(f, s.pages, 0xffffffff);
-            const ok = s.verifier.verify(blocks, (i) => want.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE));
-            const v = s.verifier.slots(pages.length);
-            const good: number[] = [];
-            for (let i = 0; i < pages.length; i++) {
-              if (ok[i]) good.push(i);
-              else s.resend.push(pages[i]!);
-            }
-            s.writer.write(Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
-            r.twinsVerified += good.length;
-            r.twinsRejected += pages.length - good.length;
-            break;
-          }
-          case FrameType.IterEnd: {
-            const { iteration } = parseJson<{ iteration: number }>(f, "IterEnd");
-            s.writer.flush();
-            await link.send(encodeIterAck(iteration, s.resend));
-            s.resend = [];
-            break;
-          }
-          case FrameType.Switchover: {
-            const { digest } = parseJson<{ digest: unknown }>(f, "Switchover");
-            s.writer.flush();
-            r.digest = this.opts.verify === "reread"
-              ? this.ramDigest(s, scratch.ptr)
-              : Buffer.from(s.engine.digest(s.held.view())).toString("hex");
-            if (r.digest !== digest) {
-              const why = `RAM digest ${r.digest} differs from the source's ${printable(String(digest))}`;
-              await link.send(jsonFrame(FrameType.Done, { ok: false, digest: r.digest, error: why }));
-              throw new ProtocolError(why);
-            }
-            r.verified = true;
-            if (this.opts.onVerified) await this.opts.onVerified();
-            await link.send(jsonFrame(FrameType.Done, { ok: true, digest: r.digest }));
-            if (s.device) {
-              await s.device.run(link);
-              r.deviceBytes = s.device.bytes;
-            }
-            r.status = "completed";
-            link.close();
-            return r;
-          }
-          default:
-            throw new ProtocolError(`unexpected ${FrameType[f.type]} frame during a migration`);
-        }
+        if (await s.take(f, link)) return r;
       }
     } catch (err) {
       r.error = (err as Error).message.replace(/^pagetwin: /, "");
@@ -288,15 +170,11 @@ export class DestinationAgent {
       return r;
     } finally {
       r.bytesIn = link.bytesIn;
-      s?.verifier?.free();
-      s?.writer.free();
-      s?.held.free();
-      s?.ram.close();
-      s?.image?.close();
+      s?.free();
     }
   }
 
-  private async hello(link: FrameLink): Promise<Session> {
+  private async hello(link: FrameLink, buffers: FrameBuffers, r: DestinationResult): Promise<DestinationSession> {
     const h = parseJson<{ version: unknown; pages: number; pageSize: unknown; dedup: boolean; indexId: string | null; compression?: unknown; device?: unknown }>(await link.next(FrameType.Hello, TIMEOUTS.helloMs), "Hello");
     const refuse = async (error: string): Promise<never> => {
       await link.send(jsonFrame(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
@@ -343,41 +221,16 @@ export class DestinationAgent {
     const device = h.device === true ? new DeviceSink(this.opts.deviceIncoming ?? `tcp:127.0.0.1:${await freePort()}`) : null;
     await link.send(jsonFrame(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression, ...(device ? { device: device.incoming } : {}) }));
     link.handshakeDone();
-    const held = engine.alloc(h.pages * HASH_SIZE);
-    const verifier = image ? new BlockVerifier(engine, image) : null;
-    const writer = new PageWriter(engine, ram, held);
-    const session: Session = { engine, ram, image, verifier, pages: h.pages, resend: [], held, writer, compression, decompressors: new Map(), device };
-    if (this.opts.createRam) {
-      const z = engine.zeroPageHash(), v = held.view();
-      for (let i = 0; i < h.pages; i++) v.set(z, i * HASH_SIZE);
-    } else {
-      // an existing RAM file may hold anything: hash it now, before the guest stops
-      const scratch = engine.alloc(4096 * PAGE_SIZE);
-      try {
-        this.hashRam(session, scratch.ptr, held.ptr);
-      } finally {
-        scratch.free();
-      }
-    }
-    return session;
-  }
-
-  /** Reads and hashes the whole RAM file into `outPtr` (16 B per page). */
-  private hashRam(s: Session, scratchPtr: number, outPtr: number): void {
-    for (let first = 0; first < s.pages; first += 4096) {
-      const n = Math.min(4096, s.pages - first);
-      s.ram.readPages(first, n, s.engine.u8().subarray(scratchPtr, scratchPtr + n * PAGE_SIZE));
-      s.engine.hashPagesAt(scratchPtr, n, outPtr + first * HASH_SIZE);
-    }
-  }
-
-  private ramDigest(s: Session, scratchPtr: number): string {
-    const all = s.engine.alloc(s.pages * HASH_SIZE);
+    const parts = {
+      engine, ram, created: !!this.opts.createRam, image, pages: h.pages, compression, device, buffers,
+      verify: this.opts.verify ?? "held", onVerified: this.opts.onVerified,
+    } as const;
     try {
-      this.hashRam(s, scratchPtr, all.ptr);
-      return Buffer.from(s.engine.digest(all.view())).toString("hex");
-    } finally {
-      all.free();
+      return new DestinationSession(parts, r);
+    } catch (err) {
+      ram.close();
+      image?.close();
+      throw err;
     }
   }
 }

@@ -7,7 +7,7 @@
 // The pagetwin agents run as child processes inside the namespaces (as on two
 // hosts), so both tools cross the same veth pair and tc tbf shaping.
 
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { spawnSync, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { createKeyFile } from "../link/security.js";
 import { loadavg, tmpdir } from "node:os";
@@ -96,7 +96,6 @@ const CLI_MAIN = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 export const DEFAULT_APPEND = "console=ttyS0 quiet panic=1 no_timer_check pt_dirty=1 pt_dirty_ws=16";
 const INCOMING_PORT = 4444;
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** The guest, built with scripts/build-guest.sh when missing. */
 export function ensureGuest(cacheDir: string, build: boolean, log: (m: string) => void): GuestImage {

@@ -5,7 +5,7 @@
 
 import {
   CLASS_COUNT, TRACE_FORMAT, TRACE_VERSION, emptyPages, forEachRun,
-  type EndRecord, type ProgressRecord, type RoundRecord, type StartRecord, type SwitchoverRecord, type TracePages, type TraceRecord,
+  type EndRecord, type ProgressRecord, type RoundRecord, type StartRecord, type SwitchoverRecord, type TraceRecord,
 } from "./format.js";
 import { TraceFormatError } from "../errors.js";
 

@@ -185,7 +185,6 @@ export class Simulation {
   private readonly rng: () => number;
   private readonly planner: Planner;
   private readonly policy: ConvergencePolicy;
-  private readonly dirtied: Uint8Array;
   private readonly log: SimIteration[] = [];
   private debt = 0;
   private rewriteDebt = 0;
@@ -227,7 +226,6 @@ export class Simulation {
     }
     this.blockVersion = new Uint16Array(this.blocks);
     this.anonVersion = new Uint32Array(this.pages);
-    this.dirtied = new Uint8Array(this.pages);
     this.planner = new Planner(engine, { pages: this.pages, index });
     this.policy = new ConvergencePolicy({ downtimeMs: c.downtimeMs, maxIterations: c.maxIterations });
   }
