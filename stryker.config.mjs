@@ -25,7 +25,7 @@ function block(file, from, to = from) {
   const close = t[o].match(/^\s*/)[0] + "}";
   return `${file}:${a + 1}-${t.findIndex((l, k) => k > o && l.startsWith(close) && l.trim().length <= 2) + 1}`;
 }
-const IN = "src/stream/in.ts", DEST = "src/agent/destination.ts";
+const IN = "src/stream/in.ts", DEST = "src/agent/destination-session.ts";
 
 const node = (files, pattern, flags = "") =>
   `node --test --test-concurrency=1${flags}${pattern ? ` --test-name-pattern="${pattern}"` : ""} ${files.map((f) => `dist/test/${f}.test.js`).join(" ")}`;
@@ -42,7 +42,7 @@ export const targets = {
   },
   // the destination's verification: Refs check, what is held, the verdict at switchover, hashing what was written
   destination: {
-    mutate: [lines(DEST, "case FrameType.Refs: {", 'r.status = "completed";'), block(DEST, "private hashRam(", "private ramDigest("), "src/agent/page-writer.ts"],
+    mutate: [lines(DEST, "private refs(f: Frame)", 'r.status = "completed";'), block(DEST, "private hashRam(", "private ramDigest("), "src/agent/page-writer.ts"],
     // fastest tests first, each stage stopping the chain (a mutant killed early costs only its first stages):
     // the verdict's refusals and the baseline; the other checks; RAM over 4096 pages (the slowest, ~half the time)
     command: ["^(baseline|a source announcing|held: a twin)", "^(twins whose|--verify|the verdict covers|NAS references|the device state|held does not|an IterEnd)", "^RAM over"]
