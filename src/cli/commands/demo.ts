@@ -11,6 +11,7 @@ import { demoRunRecord } from "../records.js";
 import { FileTraceSink } from "../../trace/sink.js";
 import { AgentTracer } from "../../trace/agent.js";
 import type { IterationRecord } from "../../agent/source.js";
+import type { EmbeddedVmOptions } from "../../adapters/embedded/vm.js";
 
 export const spec: CommandSpec = {
   name: "demo",
@@ -53,67 +54,97 @@ export interface DemoRun {
   error?: string;
 }
 
+type Values = ReturnType<typeof parse>["values"];
+
+interface DemoSetup {
+  values: Values;
+  vm: EmbeddedVmOptions & Required<Pick<EmbeddedVmOptions, "ramMiB" | "twinShare" | "zeroShare" | "dirtyPagesPerSecond">>;
+  convergence: { downtimeMs: number; maxIterations: number };
+  bandwidth: number;
+  json: boolean;
+}
+
 export async function run(argv: string[]): Promise<number> {
   if (argv.includes("--qemu")) return (await import("./compare-qemu.js")).run(argv.filter((a) => a !== "--qemu"));
   const { values, help } = parse(spec, argv);
   if (help) { console.log(helpText(spec)); return 0; }
   const ramMiB = int(values, "ram-mib", 1, 3072);
-  let compress;
-  try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
-  const bandwidth = parseRate(values.bandwidth as string);
   const own = !values.dir;
   const dir = (values.dir as string | undefined) ?? mkdtempSync(join(tmpdir(), "pagetwin-demo-"));
-  const json = !!values.json;
-  const say = (s: string) => { if (!json) console.log(s); };
-  const vm = {
-    dir, ramMiB, twinShare: num(values, "twin-share", 0, 1), zeroShare: num(values, "zero-share", 0, 1),
-    dirtyPagesPerSecond: num(values, "dirty-rate", 0), rewriteBlocksPerSecond: num(values, "rewrite-rate", 0),
+  const setup: DemoSetup = {
+    values, bandwidth: parseRate(values.bandwidth as string), json: !!values.json,
+    vm: {
+      dir, ramMiB, twinShare: num(values, "twin-share", 0, 1), zeroShare: num(values, "zero-share", 0, 1),
+      dirtyPagesPerSecond: num(values, "dirty-rate", 0), rewriteBlocksPerSecond: num(values, "rewrite-rate", 0),
+    },
+    convergence: { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1) },
   };
-  const convergence = { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1) };
   const runOnly = values["run-only"] as string | undefined;
-  if (runOnly !== undefined) {
-    if (runOnly !== "baseline" && runOnly !== "pagetwin") throw new UsageError(`--run-only is baseline or pagetwin (got "${runOnly}")`);
-    // one run, progress on stderr, its result on stdout for the demo that started this process
-    const progress = (s: string) => { if (!json) process.stderr.write(s + "\n"); };
-    let r: EmbeddedRunResult;
-    try {
-      r = await runEmbeddedMigration({
-        vm, mode: runOnly, bandwidth, convergence, trace: !!values.trace, compress: runOnly === "pagetwin" ? compress : "off", workers: int(values, "workers", 0, 64),
-        onIteration: (it) => progress(`  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`),
-      });
-    } finally {
-      if (own) removeDir(dir);
-    }
-    const one: DemoRun = {
-      mode: runOnly, status: r.status, totalTimeMs: round(r.totalTimeMs), downtimeMs: round(r.downtimeMs), transferredBytes: r.transferredBytes,
-      iterations: r.iterations, pages: { normal: r.pages.normal, zero: r.pages.zero, twin: r.pages.twin, resent: r.pages.resent },
-      verified: r.verified, convergence: r.convergence, mbps: round(r.mbps), setupTimeMs: round(r.setupTimeMs), indexMs: round(r.indexMs),
-      guest: r.guest, compression: r.compression, ...(r.error ? { error: r.error } : {}),
-    };
-    process.stdout.write(JSON.stringify({ run: one, iterations: r.iterationLog }) + "\n");
-    return one.status === "completed" && one.verified ? 0 : 1;
-  }
-  say(`pagetwin demo: ${ramMiB} MiB VM, ${vm.twinShare * 100}% page cache, ${vm.zeroShare * 100}% zero, guest dirtying ${vm.dirtyPagesPerSecond} pages/s, link ${fmtBytes(bandwidth)}/s`);
-  const runs: DemoRun[] = [];
-  const traces: { run: DemoRun; iterations: IterationRecord[] }[] = [];
-  // the same options for each run, but the work directory, which this process owns
-  const childArgs = Object.entries(values).flatMap(([k, v]) =>
-    k === "dir" || v === undefined || v === false ? [] : v === true ? [`--${k}`] : [`--${k}`, String(v)]);
+  let runs: DemoRun[], traces: DemoTrace[];
   try {
-    for (const mode of ["baseline", "pagetwin"] as const) {
-      say(`\n${mode === "baseline" ? "plain pre-copy (zero pages skipped, every other dirty page sent)" : "pagetwin (twin pages sent as NAS references)"}:`);
-      // a directory of its own too: the second run's files are not written over the first's (measured: a run
-      // writing where the last one's files were, or just after they were removed, had 5-10 ms more downtime)
-      const runDir = join(dir, mode);
-      mkdirSync(runDir, { recursive: true });
-      const { run: one, iterations } = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", runDir]);
-      runs.push(one);
-      traces.push({ run: one, iterations: iterations as IterationRecord[] });
-      if (one.status !== "completed") say(`  FAILED: ${one.error}`);
-    }
+    if (runOnly !== undefined) return await runOne(setup, runOnly);
+    ({ runs, traces } = await runBoth(setup));
   } finally {
     if (own) removeDir(dir);
   }
+  await report(setup, runs, traces);
+  return runs.every((r) => r.status === "completed" && r.verified) ? 0 : 1;
+}
+
+/** --run-only: one run, progress on stderr, its result on stdout for the demo that started this process. */
+async function runOne({ values, vm, convergence, bandwidth, json }: DemoSetup, mode: string): Promise<number> {
+  if (mode !== "baseline" && mode !== "pagetwin") throw new UsageError(`--run-only is baseline or pagetwin (got "${mode}")`);
+  let compress;
+  try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
+  const progress = (s: string) => { if (!json) process.stderr.write(s + "\n"); };
+  const r = await runEmbeddedMigration({
+    vm, mode, bandwidth, convergence, trace: !!values.trace, compress: mode === "pagetwin" ? compress : "off", workers: int(values, "workers", 0, 64),
+    onIteration: (it) => progress(iterationLine(it)),
+  });
+  const one: DemoRun = {
+    mode, status: r.status, totalTimeMs: round(r.totalTimeMs), downtimeMs: round(r.downtimeMs), transferredBytes: r.transferredBytes,
+    iterations: r.iterations, pages: { normal: r.pages.normal, zero: r.pages.zero, twin: r.pages.twin, resent: r.pages.resent },
+    verified: r.verified, convergence: r.convergence, mbps: round(r.mbps), setupTimeMs: round(r.setupTimeMs), indexMs: round(r.indexMs),
+    guest: r.guest, compression: r.compression, ...(r.error ? { error: r.error } : {}),
+  };
+  process.stdout.write(JSON.stringify({ run: one, iterations: r.iterationLog }) + "\n");
+  return one.status === "completed" && one.verified ? 0 : 1;
+}
+
+function iterationLine(it: IterationRecord): string {
+  return `  iteration ${String(it.iteration).padStart(2)}${it.final ? " (final, VM stopped)" : ""}: ${String(it.dirty).padStart(7)} dirty -> ${String(it.pages.normal).padStart(7)} sent, ` +
+    `${String(it.pages.twin).padStart(7)} twin, ${String(it.pages.zero).padStart(6)} zero, ${String(it.pages.resent).padStart(4)} resent; ` +
+    `${fmtBytes(it.transferredBytes).padStart(9)} in ${it.durationMs.toFixed(0)} ms (scan ${it.scanMs.toFixed(0)}, ack ${it.ackWaitMs.toFixed(0)})`;
+}
+
+type DemoTrace = { run: DemoRun; iterations: IterationRecord[] };
+
+/** Plain pre-copy, then pagetwin, each in a process of its own. */
+async function runBoth({ values, vm, bandwidth, json }: DemoSetup): Promise<{ runs: DemoRun[]; traces: DemoTrace[] }> {
+  const say = (s: string) => { if (!json) console.log(s); };
+  try { parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
+  say(`pagetwin demo: ${vm.ramMiB} MiB VM, ${vm.twinShare * 100}% page cache, ${vm.zeroShare * 100}% zero, guest dirtying ${vm.dirtyPagesPerSecond} pages/s, link ${fmtBytes(bandwidth)}/s`);
+  const runs: DemoRun[] = [];
+  const traces: DemoTrace[] = [];
+  // the same options for each run, but the work directory, which this process owns
+  const childArgs = Object.entries(values).flatMap(([k, v]) =>
+    k === "dir" || v === undefined || v === false ? [] : v === true ? [`--${k}`] : [`--${k}`, String(v)]);
+  for (const mode of ["baseline", "pagetwin"] as const) {
+    say(`\n${mode === "baseline" ? "plain pre-copy (zero pages skipped, every other dirty page sent)" : "pagetwin (twin pages sent as NAS references)"}:`);
+    // a directory of its own too: the second run's files are not written over the first's (measured: a run
+    // writing where the last one's files were, or just after they were removed, had 5-10 ms more downtime)
+    const runDir = join(vm.dir, mode);
+    mkdirSync(runDir, { recursive: true });
+    const { run: one, iterations } = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", runDir]);
+    runs.push(one);
+    traces.push({ run: one, iterations: iterations as IterationRecord[] });
+    if (one.status !== "completed") say(`  FAILED: ${one.error}`);
+  }
+  return { runs, traces };
+}
+
+/** The ratios, the trace, and the table (or one JSON object). */
+async function report({ values, vm, convergence, bandwidth, json }: DemoSetup, runs: DemoRun[], traces: DemoTrace[]): Promise<void> {
   const [b, p] = runs as [DemoRun, DemoRun];
   const ratios = {
     totalTime: +(p.totalTimeMs / b.totalTimeMs).toFixed(3),
@@ -125,28 +156,27 @@ export async function run(argv: string[]): Promise<number> {
   let tracePath: string | null = null;
   if (values.trace) {
     tracePath = resolve(values.trace as string);
-    await writeDemoTrace(tracePath, ramMiB * 256, { ...config, machine }, traces);
+    await writeDemoTrace(tracePath, vm.ramMiB * 256, { ...config, machine }, traces);
   }
   if (json) {
     const ok = runs.every((r) => r.status === "completed" && r.verified);
     printJson("demo", "result", { ok, config, machine, runs: runs.map(demoRunRecord), ratios: { "total-time": ratios.totalTime, downtime: ratios.downtime, transferred: ratios.transferredBytes }, ...(tracePath ? { trace: tracePath } : {}) });
-  } else {
-    const row = (k: string, f: (r: DemoRun) => string, ratio?: number) =>
-      console.log(`${k.padEnd(22)}${f(b).padStart(16)}${f(p).padStart(16)}${ratio !== undefined ? `${ratio.toFixed(2).padStart(10)}x` : ""}`);
-    console.log(`\n${"".padEnd(22)}${"plain pre-copy".padStart(16)}${"pagetwin".padStart(16)}${"ratio".padStart(11)}`);
-    row("total time", (r) => `${r.totalTimeMs.toFixed(0)} ms`, ratios.totalTime);
-    row("downtime", (r) => `${r.downtimeMs.toFixed(0)} ms`, ratios.downtime);
-    row("bytes on the link", (r) => fmtBytes(r.transferredBytes), ratios.transferredBytes);
-    row("iterations", (r) => String(r.iterations));
-    row("pages sent in full", (r) => String(r.pages.normal));
-    row("pages as NAS refs", (r) => String(r.pages.twin));
-    row("zero pages", (r) => String(r.pages.zero));
-    row("pages resent", (r) => String(r.pages.resent));
-    row("compressed frames", (r) => (r.compression.algorithm ? `${r.compression.framesCompressed}/${r.compression.framesCompressed + r.compression.framesRaw} ${r.compression.algorithm}` : "off"));
-    row("RAM identical", (r) => (r.verified ? "yes" : "NO"));
-    if (tracePath) console.log(`\ntrace: ${tracePath} (open it in the visualizer: npm run web)`);
+    return;
   }
-  return runs.every((r) => r.status === "completed" && r.verified) ? 0 : 1;
+  const row = (k: string, f: (r: DemoRun) => string, ratio?: number) =>
+    console.log(`${k.padEnd(22)}${f(b).padStart(16)}${f(p).padStart(16)}${ratio !== undefined ? `${ratio.toFixed(2).padStart(10)}x` : ""}`);
+  console.log(`\n${"".padEnd(22)}${"plain pre-copy".padStart(16)}${"pagetwin".padStart(16)}${"ratio".padStart(11)}`);
+  row("total time", (r) => `${r.totalTimeMs.toFixed(0)} ms`, ratios.totalTime);
+  row("downtime", (r) => `${r.downtimeMs.toFixed(0)} ms`, ratios.downtime);
+  row("bytes on the link", (r) => fmtBytes(r.transferredBytes), ratios.transferredBytes);
+  row("iterations", (r) => String(r.iterations));
+  row("pages sent in full", (r) => String(r.pages.normal));
+  row("pages as NAS refs", (r) => String(r.pages.twin));
+  row("zero pages", (r) => String(r.pages.zero));
+  row("pages resent", (r) => String(r.pages.resent));
+  row("compressed frames", (r) => (r.compression.algorithm ? `${r.compression.framesCompressed}/${r.compression.framesCompressed + r.compression.framesRaw} ${r.compression.algorithm}` : "off"));
+  row("RAM identical", (r) => (r.verified ? "yes" : "NO"));
+  if (tracePath) console.log(`\ntrace: ${tracePath} (open it in the visualizer: npm run web)`);
 }
 
 /** Both runs into one trace file, each a migration of mode "embedded". */
