@@ -145,13 +145,6 @@ function startDestinationAgent(link: NetnsLink, ramPath: string, image: string, 
 
 export async function runComparison(o: CompareOptions = {}): Promise<CompareResult> {
   const log = o.log ?? (() => {});
-  const modes = o.modes ?? COMPARE_MODES;
-  const repeat = o.repeat ?? 1;
-  const memoryMiB = o.memoryMiB ?? 512;
-  const downtimeMs = o.downtimeMs ?? 300;
-  const append = o.append ?? DEFAULT_APPEND;
-  const rate = o.rate ?? "1gbit";
-  const workers = o.workers ?? 0;
   if (!qemuAvailable()) throw new Error("pagetwin: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
   if (!netnsAvailable()) throw new Error("pagetwin: the comparison needs root with iproute2 and tc, to make two network namespaces joined by a shaped veth pair");
   const cacheDir = o.cacheDir ?? process.env["PAGETWIN_CACHE"] ?? join(REPO, ".cache");
@@ -160,137 +153,179 @@ export async function runComparison(o: CompareOptions = {}): Promise<CompareResu
   const nas = await openNasIndex(guest.disk);
   nas.image.close();
   if (nas.built) log(`indexed the NAS image ${guest.disk} in ${nas.ms.toFixed(0)} ms`);
-
   const dir = mkdtempSync(join(tmpdir(), "pt-agentcmp-"));
-  // the agents' link in TLS-PSK, as an operator would run it
-  const keyPath = createKeyFile(join(dir, "link.key"));
-  const link = createNetnsLink({ rate });
+  const link = createNetnsLink({ rate: o.rate ?? "1gbit" });
   log(`link: ${link.srcNs} (${link.srcIp}) <-> ${link.dstNs} (${link.dstIp}), veth shaped with tc tbf ${link.rate}`);
-  const result: CompareResult = {
-    qemuVersion: "", link: { rate: link.rate, srcIp: link.srcIp, dstIp: link.dstIp },
-    guest: { memoryMiB, readBytes: -1, append }, downtimeTargetMs: downtimeMs, qemuMaxBandwidth: 0, workers, workersWhen: o.workersWhen ?? "always", runs: [], summary: [],
-  };
-  const uri = `tcp:${link.dstIp}:${INCOMING_PORT}`;
-  const maxBandwidth = o.qemuMaxBandwidth ?? QEMU_UNTHROTTLED;
+  const cmp = new AgentComparison(o, guest, link, dir, log);
   try {
+    const modes = o.modes ?? COMPARE_MODES;
     let n = 0;
-    for (let rep = 1; rep <= repeat; rep++) {
-      for (const mode of modes) {
-        n++;
-        const tag = `${process.pid}-${n}`;
-        const vms: QemuVm[] = [];
-        const children: ChildProcess[] = [];
-        const run: CompareRun = {
-          mode, run: rep, status: "failed", totalTimeMs: 0, downtimeMs: 0, linkBytes: 0, linkBytesBack: 0, transferredBytes: 0,
-          pages: { normal: 0, zero: 0, twin: 0 }, iterations: 0, verified: null,
-          counter: { sourceLast: -1, destinationFirst: -1, continued: false }, guestReadyMs: 0, loadAvg: 0, details: null,
-        };
-        result.runs.push(run);
-        try {
-          const t0 = Date.now();
-          const agent = mode !== "qemu" && mode !== "qemu-multifd-zstd";
-          // QEMU's best configuration: multifd, 2 channels, zstd; both sides set before the stream starts
-          const multifd = mode === "qemu-multifd-zstd";
-          const src = await QemuVm.start({
-            ...guest, append, memoryMiB, memPath: `/dev/shm/pt-agentcmp-${tag}-src`, qmpSocket: join(dir, `${n}-src.qmp`),
-            extraQmpSockets: [join(dir, `${n}-src-tool.qmp`)], serialLog: join(dir, `${n}-src.log`), netns: link.srcNs, name: "pt-agentcmp-src",
-          });
-          vms.push(src);
-          result.qemuVersion = src.qmp.qemuVersion ?? "";
-          log(`[${mode} #${rep}] booting the source guest in ${link.srcNs}`);
-          await src.waitForSerial(/pagetwin-ready/, 400_000);
-          await src.waitForSerial(/pagetwin-counter 2\b/, 60_000);
-          run.guestReadyMs = Date.now() - t0;
-          result.guest.readBytes = readBytes(src.serialLog());
-          const dst = await QemuVm.start({
-            ...guest, append, memoryMiB, memPath: `/dev/shm/pt-agentcmp-${tag}-dst`, qmpSocket: join(dir, `${n}-dst.qmp`),
-            extraQmpSockets: [join(dir, `${n}-dst-tool.qmp`)], serialLog: join(dir, `${n}-dst.log`), netns: link.dstNs, name: "pt-agentcmp-dst",
-            incoming: agent || multifd ? "defer" : `tcp:${link.dstIp}:${INCOMING_PORT}`, extraArgs: agent ? ["-S"] : [],
-          });
-          vms.push(dst);
-          log(`[${mode} #${rep}] guest ready after ${(run.guestReadyMs / 1000).toFixed(1)} s; migrating`);
-          run.loadAvg = Math.round(loadavg()[0]! * 100) / 100;
-          const tx0 = [link.txBytes(link.srcNs), link.txBytes(link.dstNs)] as const;
-          if (!agent) {
-            if (multifd) {
-              for (const vm of [src, dst]) await vm.useMultifdZstd();
-              await dst.qmp.execute("migrate-incoming", { uri: `tcp:${link.dstIp}:${INCOMING_PORT}` });
-            }
-            await src.qmp.execute("migrate-set-parameters", {
-              "downtime-limit": downtimeMs, ...(maxBandwidth ? { "max-bandwidth": Math.round(maxBandwidth) } : {}),
-            });
-            const params = await src.qmp.execute<Record<string, number>>("query-migrate-parameters");
-            result.qemuMaxBandwidth = params["max-bandwidth"] ?? 0;
-            await src.qmp.execute("migrate", { uri });
-            const q: QueryMigrate = await waitMigration(src.qmp, 600_000, 50);
-            run.details = { "query-migrate": q, "query-migrate-parameters": { "max-bandwidth": params["max-bandwidth"], "downtime-limit": params["downtime-limit"] } };
-            if (q.status !== "completed") throw new Error(`QEMU's migration ended '${q.status}': ${q["error-desc"] ?? ""}`);
-            run.totalTimeMs = q["total-time"] ?? 0;
-            run.downtimeMs = q.downtime ?? 0;
-            run.transferredBytes = q.ram?.transferred ?? 0;
-            run.pages = { normal: q.ram?.normal ?? 0, zero: q.ram?.duplicate ?? 0, twin: 0 };
-            run.iterations = q.ram?.["dirty-sync-count"] ?? 0;
-          } else {
-            const d = await startDestinationAgent(link, dst.options.memPath, guest.disk, keyPath);
-            children.push(d.child);
-            const args = [AGENT_MAIN, "migrate", "--src-qmp", src.options.extraQmpSockets![0]!, "--dst-qmp", dst.options.extraQmpSockets![0]!,
-              "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--psk-file", keyPath, "--image", guest.disk,
-              // no --bandwidth: pagetwin measures the link as a user's default run does
-              "--downtime", String(downtimeMs), "--workers", String(workers), "--workers-when", o.workersWhen ?? "always", "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
-            const w0 = Date.now();
-            const child = link.spawn(link.srcNs, process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
-            children.push(child);
-            const out = await collect(child, 600_000, "pagetwin migrate");
-            run.commandWallMs = Date.now() - w0;
-            let r: AgentMigrationResult;
-            try {
-              r = JSON.parse(out.stdout.trim().split("\n").pop() ?? "") as AgentMigrationResult;
-            } catch {
-              throw new Error(`pagetwin migrate printed no result (exit ${out.code}): ${out.stderr.trim()}`);
-            }
-            run.details = { ...r, iterations: r.iterations };
-            run.verified = r.verified;
-            if (r.status !== "completed") throw new Error(`pagetwin migrate failed: ${r.error ?? out.stderr.trim()}`);
-            run.totalTimeMs = r["total-time"];
-            run.downtimeMs = r.downtime;
-            run.transferredBytes = r.ram.transferred + (r.device?.transferred ?? 0);
-            run.pages = { normal: r.ram.normal, zero: r.ram.duplicate, twin: r.ram.twin };
-            run.iterations = r.ram["dirty-sync-count"];
-            await collect(d.child, 10_000, "the destination agent").catch(() => undefined);
-          }
-          run.linkBytes = link.txBytes(link.srcNs) - tx0[0];
-          run.linkBytesBack = link.txBytes(link.dstNs) - tx0[1];
-          // The guest goes on at the destination from where it stopped.
-          const stopped = lastCounter(src.serialLog());
-          run.counter.sourceLast = stopped;
-          await dst.waitForSerial(/pagetwin-counter \d+\r?\n/, 60_000);
-          const st = await dst.qmp.execute<{ status: string }>("query-status");
-          run.counter.destinationFirst = firstCounter(dst.serialLog());
-          run.counter.continued = st.status === "running" && run.counter.destinationFirst === stopped + 1;
-          if (!run.counter.continued) throw new Error(`the guest did not go on counting at the destination: source stopped at ${stopped}, destination printed ${run.counter.destinationFirst} first (status ${st.status})`);
-          run.status = "completed";
-          log(`[${mode} #${rep}] total-time ${run.totalTimeMs} ms, downtime ${run.downtimeMs} ms, ${(run.linkBytes / 1e6).toFixed(1)} MB on the link (load ${run.loadAvg}); counter ${stopped} -> ${run.counter.destinationFirst}`);
-        } catch (err) {
-          run.error = (err as Error).message;
-          log(`[${mode} #${rep}] failed: ${run.error}`);
-        } finally {
-          for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
-          for (const vm of vms) await vm.cleanup();
-        }
-      }
+    for (let rep = 1; rep <= (o.repeat ?? 1); rep++) {
+      for (const mode of modes) await cmp.run(mode, rep, ++n);
     }
+    return cmp.summarize(modes);
   } finally {
     link.destroy();
     rmSync(dir, { recursive: true, force: true });
   }
-  for (const mode of modes) {
-    const ok = result.runs.filter((r) => r.mode === mode && r.status === "completed");
-    result.summary.push({
-      mode, runs: ok.length, totalTimeMs: median(ok.map((r) => r.totalTimeMs)), downtimeMs: median(ok.map((r) => r.downtimeMs)),
-      linkBytes: median(ok.map((r) => r.linkBytes)), continued: ok.length > 0 && ok.every((r) => r.counter.continued),
-    });
+}
+
+type Pair = { src: QemuVm; dst: QemuVm };
+
+/** One comparison's runs: each boots a fresh guest pair, migrates in one mode, and checks the guest goes on. */
+class AgentComparison {
+  readonly result: CompareResult;
+  private readonly append: string;
+  private readonly memoryMiB: number;
+  private readonly downtimeMs: number;
+  /** The agents' link in TLS-PSK, as an operator would run it. */
+  private readonly keyPath: string;
+
+  constructor(private readonly o: CompareOptions, private readonly guest: GuestImage, private readonly link: NetnsLink, private readonly dir: string, private readonly log: (m: string) => void) {
+    this.append = o.append ?? DEFAULT_APPEND;
+    this.memoryMiB = o.memoryMiB ?? 512;
+    this.downtimeMs = o.downtimeMs ?? 300;
+    this.keyPath = createKeyFile(join(dir, "link.key"));
+    this.result = {
+      qemuVersion: "", link: { rate: link.rate, srcIp: link.srcIp, dstIp: link.dstIp },
+      guest: { memoryMiB: this.memoryMiB, readBytes: -1, append: this.append }, downtimeTargetMs: this.downtimeMs, qemuMaxBandwidth: 0,
+      workers: o.workers ?? 0, workersWhen: o.workersWhen ?? "always", runs: [], summary: [],
+    };
   }
-  return result;
+
+  async run(mode: CompareMode, rep: number, n: number): Promise<void> {
+    const vms: QemuVm[] = [];
+    const children: ChildProcess[] = [];
+    const run: CompareRun = {
+      mode, run: rep, status: "failed", totalTimeMs: 0, downtimeMs: 0, linkBytes: 0, linkBytesBack: 0, transferredBytes: 0,
+      pages: { normal: 0, zero: 0, twin: 0 }, iterations: 0, verified: null,
+      counter: { sourceLast: -1, destinationFirst: -1, continued: false }, guestReadyMs: 0, loadAvg: 0, details: null,
+    };
+    this.result.runs.push(run);
+    try {
+      const pair = await this.boot(mode, rep, n, run, vms);
+      run.loadAvg = Math.round(loadavg()[0]! * 100) / 100;
+      const link = this.link;
+      const tx0 = [link.txBytes(link.srcNs), link.txBytes(link.dstNs)] as const;
+      if (mode === "qemu" || mode === "qemu-multifd-zstd") await this.migrateQemu(pair, mode, run);
+      else await this.migrateAgent(pair, mode, run, children);
+      run.linkBytes = link.txBytes(link.srcNs) - tx0[0];
+      run.linkBytesBack = link.txBytes(link.dstNs) - tx0[1];
+      await this.checkCounter(pair, run);
+      run.status = "completed";
+      this.log(`[${mode} #${rep}] total-time ${run.totalTimeMs} ms, downtime ${run.downtimeMs} ms, ${(run.linkBytes / 1e6).toFixed(1)} MB on the link (load ${run.loadAvg}); counter ${run.counter.sourceLast} -> ${run.counter.destinationFirst}`);
+    } catch (err) {
+      run.error = (err as Error).message;
+      this.log(`[${mode} #${rep}] failed: ${run.error}`);
+    } finally {
+      for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
+      for (const vm of vms) await vm.cleanup();
+    }
+  }
+
+  /** The source guest booted with its files read, and the destination QEMU waiting for it. */
+  private async boot(mode: CompareMode, rep: number, n: number, run: CompareRun, vms: QemuVm[]): Promise<Pair> {
+    const { guest, append, memoryMiB, dir, link } = this;
+    const tag = `${process.pid}-${n}`;
+    const t0 = Date.now();
+    const agent = mode !== "qemu" && mode !== "qemu-multifd-zstd";
+    const src = await QemuVm.start({
+      ...guest, append, memoryMiB, memPath: `/dev/shm/pt-agentcmp-${tag}-src`, qmpSocket: join(dir, `${n}-src.qmp`),
+      extraQmpSockets: [join(dir, `${n}-src-tool.qmp`)], serialLog: join(dir, `${n}-src.log`), netns: link.srcNs, name: "pt-agentcmp-src",
+    });
+    vms.push(src);
+    this.result.qemuVersion = src.qmp.qemuVersion ?? "";
+    this.log(`[${mode} #${rep}] booting the source guest in ${link.srcNs}`);
+    await src.waitForSerial(/pagetwin-ready/, 400_000);
+    await src.waitForSerial(/pagetwin-counter 2\b/, 60_000);
+    run.guestReadyMs = Date.now() - t0;
+    this.result.guest.readBytes = readBytes(src.serialLog());
+    const dst = await QemuVm.start({
+      ...guest, append, memoryMiB, memPath: `/dev/shm/pt-agentcmp-${tag}-dst`, qmpSocket: join(dir, `${n}-dst.qmp`),
+      extraQmpSockets: [join(dir, `${n}-dst-tool.qmp`)], serialLog: join(dir, `${n}-dst.log`), netns: link.dstNs, name: "pt-agentcmp-dst",
+      incoming: agent || mode === "qemu-multifd-zstd" ? "defer" : `tcp:${link.dstIp}:${INCOMING_PORT}`, extraArgs: agent ? ["-S"] : [],
+    });
+    vms.push(dst);
+    this.log(`[${mode} #${rep}] guest ready after ${(run.guestReadyMs / 1000).toFixed(1)} s; migrating`);
+    return { src, dst };
+  }
+
+  /** QEMU's own migration; QEMU's best configuration is multifd, 2 channels, zstd, both sides set before the stream starts. */
+  private async migrateQemu({ src, dst }: Pair, mode: CompareMode, run: CompareRun): Promise<void> {
+    const uri = `tcp:${this.link.dstIp}:${INCOMING_PORT}`;
+    if (mode === "qemu-multifd-zstd") {
+      for (const vm of [src, dst]) await vm.useMultifdZstd();
+      await dst.qmp.execute("migrate-incoming", { uri });
+    }
+    const maxBandwidth = this.o.qemuMaxBandwidth ?? QEMU_UNTHROTTLED;
+    await src.qmp.execute("migrate-set-parameters", {
+      "downtime-limit": this.downtimeMs, ...(maxBandwidth ? { "max-bandwidth": Math.round(maxBandwidth) } : {}),
+    });
+    const params = await src.qmp.execute<Record<string, number>>("query-migrate-parameters");
+    this.result.qemuMaxBandwidth = params["max-bandwidth"] ?? 0;
+    await src.qmp.execute("migrate", { uri });
+    const q: QueryMigrate = await waitMigration(src.qmp, 600_000, 50);
+    run.details = { "query-migrate": q, "query-migrate-parameters": { "max-bandwidth": params["max-bandwidth"], "downtime-limit": params["downtime-limit"] } };
+    if (q.status !== "completed") throw new Error(`QEMU's migration ended '${q.status}': ${q["error-desc"] ?? ""}`);
+    run.totalTimeMs = q["total-time"] ?? 0;
+    run.downtimeMs = q.downtime ?? 0;
+    run.transferredBytes = q.ram?.transferred ?? 0;
+    run.pages = { normal: q.ram?.normal ?? 0, zero: q.ram?.duplicate ?? 0, twin: 0 };
+    run.iterations = q.ram?.["dirty-sync-count"] ?? 0;
+  }
+
+  /** `pagetwin migrate` in the source namespace to `pagetwin listen` in the destination's, as on two hosts. */
+  private async migrateAgent({ src, dst }: Pair, mode: CompareMode, run: CompareRun, children: ChildProcess[]): Promise<void> {
+    const { link, keyPath, guest } = this;
+    const d = await startDestinationAgent(link, dst.options.memPath, guest.disk, keyPath);
+    children.push(d.child);
+    const args = [AGENT_MAIN, "migrate", "--src-qmp", src.options.extraQmpSockets![0]!, "--dst-qmp", dst.options.extraQmpSockets![0]!,
+      "--src-ram", src.options.memPath, "--dst-agent", `${link.dstIp}:${d.port}`, "--psk-file", keyPath, "--image", guest.disk,
+      // no --bandwidth: pagetwin measures the link as a user's default run does
+      "--downtime", String(this.downtimeMs), "--workers", String(this.result.workers), "--workers-when", this.result.workersWhen, "--json", ...(mode === "pagetwin-nodedup" ? ["--no-dedup"] : [])];
+    const w0 = Date.now();
+    const child = link.spawn(link.srcNs, process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
+    children.push(child);
+    const out = await collect(child, 600_000, "pagetwin migrate");
+    run.commandWallMs = Date.now() - w0;
+    let r: AgentMigrationResult;
+    try {
+      r = JSON.parse(out.stdout.trim().split("\n").pop() ?? "") as AgentMigrationResult;
+    } catch {
+      throw new Error(`pagetwin migrate printed no result (exit ${out.code}): ${out.stderr.trim()}`);
+    }
+    run.details = { ...r, iterations: r.iterations };
+    run.verified = r.verified;
+    if (r.status !== "completed") throw new Error(`pagetwin migrate failed: ${r.error ?? out.stderr.trim()}`);
+    run.totalTimeMs = r["total-time"];
+    run.downtimeMs = r.downtime;
+    run.transferredBytes = r.ram.transferred + (r.device?.transferred ?? 0);
+    run.pages = { normal: r.ram.normal, zero: r.ram.duplicate, twin: r.ram.twin };
+    run.iterations = r.ram["dirty-sync-count"];
+    await collect(d.child, 10_000, "the destination agent").catch(() => undefined);
+  }
+
+  /** The guest goes on at the destination from where it stopped. */
+  private async checkCounter({ src, dst }: Pair, run: CompareRun): Promise<void> {
+    const stopped = lastCounter(src.serialLog());
+    run.counter.sourceLast = stopped;
+    await dst.waitForSerial(/pagetwin-counter \d+\r?\n/, 60_000);
+    const st = await dst.qmp.execute<{ status: string }>("query-status");
+    run.counter.destinationFirst = firstCounter(dst.serialLog());
+    run.counter.continued = st.status === "running" && run.counter.destinationFirst === stopped + 1;
+    if (!run.counter.continued) throw new Error(`the guest did not go on counting at the destination: source stopped at ${stopped}, destination printed ${run.counter.destinationFirst} first (status ${st.status})`);
+  }
+
+  summarize(modes: CompareMode[]): CompareResult {
+    for (const mode of modes) {
+      const ok = this.result.runs.filter((r) => r.mode === mode && r.status === "completed");
+      this.result.summary.push({
+        mode, runs: ok.length, totalTimeMs: median(ok.map((r) => r.totalTimeMs)), downtimeMs: median(ok.map((r) => r.downtimeMs)),
+        linkBytes: median(ok.map((r) => r.linkBytes)), continued: ok.length > 0 && ok.every((r) => r.counter.continued),
+      });
+    }
+    return this.result;
+  }
 }
 
 /** The comparison as a text table. */

@@ -120,21 +120,9 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
     if (image.blocks === 0) {
       throw new Error(`pagetwin: the disk image ${imagePath} holds no whole ${BLOCK_SIZE}-byte block (${image.size} bytes): there is nothing to index`);
     }
+    // taken before any hashing: a write during a build leaves the index stale, as it is
     const identity = image.identity();
-    let header: IndexHeader | null = null;
-    let stale = false;
-    if (!opts.rebuild && existsSync(indexPath)) {
-      try {
-        const h = readIndexHeader(indexPath);
-        // a resized image is re-indexed; any other change leaves a usable, stale index
-        // so is one read in another format than the image is opened in now (--format)
-        if (h.blockSize === BLOCK_SIZE && h.blocks === image.blocks && h.format === image.format) header = h;
-        stale = !sameIdentity(h.identity, identity);
-        if (stale && opts.stale === "rebuild") header = null;
-      } catch {
-        header = null; // unreadable or old: rebuild below
-      }
-    }
+    const { header, stale } = usableHeader(image, identity, indexPath, opts);
     if (header && opts.engine && opts.engine.seed !== header.seed) {
       throw new EngineMismatchError(`pagetwin: the index ${indexPath} was built with another hash seed than the engine given: ` +
         "open it without `engine` and plan with the returned nas.engine, or pass rebuild: true to rebuild it with this engine's seed");
@@ -150,44 +138,62 @@ export async function openNasIndex(imagePath: string, opts: OpenIndexOptions = {
       }
       return { engine, index, image, header, indexPath, built: false, stale, hashed: 0, ms: performance.now() - t0 };
     }
-    // An overlay takes its backing file's index (built once, beside that file) and its seed.
-    const below = image.backing ? await openNasIndex(image.backing.path, {
-      format: image.backing.format, signal: opts.signal,
-      ...(opts.engine ? { engine: opts.engine } : {}), ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
-    }) : null;
-    const engine = opts.engine ?? await createEngine({ seed: below?.header.seed ?? randomSeed() });
-    const seed = engine.seed;
-    const index = engine.createIndex(image.blocks);
-    let hashes: Uint8Array, hashed = image.blocks;
-    try {
-      if (below) {
-        try {
-          ({ hashes, hashed } = hashOverlay(engine, image, index, below.index, opts.batchBlocks ?? 1024, opts.onProgress));
-          hashed += below.hashed;
-        } finally {
-          below.index.free();
-          below.image.close();
-        }
-      } else {
-        hashes = (opts.workers || opts.pool) && image.format === "raw" && image.size % BLOCK_SIZE === 0
-          ? await hashImageWithPool(engine, image, index, opts)
-          : await hashImage(engine, image, index, opts);
-      }
-    } catch (err) {
-      index.free();
-      throw err;
-    }
-    const now = Date.now();
-    header = {
-      seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex"),
-      version: 2, generation: 0, ...diskSource(image), builtAt: now, refreshedAt: now, refreshedBy: "build", hashesAt: 0,
-    };
-    if (opts.write ?? true) writeIndexFile(indexPath, header, hashes);
-    return { engine, index, image, header, indexPath, built: true, stale: false, hashed, ms: performance.now() - t0 };
+    return { ...await buildIndex(image, identity, indexPath, opts), image, indexPath, built: true, stale: false, ms: performance.now() - t0 };
   } catch (err) {
     image.close();
     throw err;
   }
+}
+
+/** The index file's header when it fits the image (null: build it), and whether the image changed since. */
+function usableHeader(image: GuestDisk, identity: IndexHeader["identity"], indexPath: string, opts: OpenIndexOptions): { header: IndexHeader | null; stale: boolean } {
+  if (opts.rebuild || !existsSync(indexPath)) return { header: null, stale: false };
+  try {
+    const h = readIndexHeader(indexPath);
+    // a resized image is re-indexed; any other change leaves a usable, stale index
+    // so is one read in another format than the image is opened in now (--format)
+    const stale = !sameIdentity(h.identity, identity);
+    const fits = h.blockSize === BLOCK_SIZE && h.blocks === image.blocks && h.format === image.format;
+    return { header: fits && !(stale && opts.stale === "rebuild") ? h : null, stale };
+  } catch {
+    return { header: null, stale: false }; // unreadable or old: rebuild
+  }
+}
+
+/** Hash the image (an overlay: over its backing file's index, and with its seed) and, unless told not to, save the index. */
+async function buildIndex(image: GuestDisk, identity: IndexHeader["identity"], indexPath: string, opts: OpenIndexOptions): Promise<{ engine: Engine; index: TwinIndex; header: IndexHeader; hashed: number }> {
+  const below = image.backing ? await openNasIndex(image.backing.path, {
+    format: image.backing.format, signal: opts.signal,
+    ...(opts.engine ? { engine: opts.engine } : {}), ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+  }) : null;
+  const engine = opts.engine ?? await createEngine({ seed: below?.header.seed ?? randomSeed() });
+  const index = engine.createIndex(image.blocks);
+  let hashes: Uint8Array, hashed = image.blocks;
+  try {
+    if (below) {
+      try {
+        ({ hashes, hashed } = hashOverlay(engine, image, index, below.index, opts.batchBlocks ?? 1024, opts.onProgress));
+        hashed += below.hashed;
+      } finally {
+        below.index.free();
+        below.image.close();
+      }
+    } else {
+      hashes = (opts.workers || opts.pool) && image.format === "raw" && image.size % BLOCK_SIZE === 0
+        ? await hashImageWithPool(engine, image, index, opts)
+        : await hashImage(engine, image, index, opts);
+    }
+  } catch (err) {
+    index.free();
+    throw err;
+  }
+  const now = Date.now();
+  const header: IndexHeader = {
+    seed: engine.seed, blockSize: BLOCK_SIZE, identity, blocks: image.blocks, indexId: randomBytes(12).toString("hex"),
+    version: 2, generation: 0, ...diskSource(image), builtAt: now, refreshedAt: now, refreshedBy: "build", hashesAt: 0,
+  };
+  if (opts.write ?? true) writeIndexFile(indexPath, header, hashes);
+  return { engine, index, header, hashed };
 }
 
 /** Lets other work (and an abort) in between batches: index builds take seconds to minutes. */
