@@ -55,11 +55,10 @@ function hostPort(s: string, what: string): { host: string; port: number } {
   return { host: e.host, port: e.port };
 }
 
-export async function run(argv: string[]): Promise<number> {
-  const { values, help } = parse(spec, withUiDefault(argv));
-  if (help) { console.log(helpText(spec)); return 0; }
-  warnIfInsecure(values);
-  const json = !!values.json;
+type Values = ReturnType<typeof parse>["values"];
+
+/** The migration's options from the command line (checked before any connection). */
+function migrationOptions(values: Values) {
   const agent = values["dst-agent"] ? hostPort(values["dst-agent"] as string, "--dst-agent") : undefined;
   if (!agent && !values["dst-ram"]) throw new UsageError("give --dst-ram (local destination agent) or --dst-agent HOST:PORT");
   const onCap = values["on-cap"];
@@ -69,41 +68,54 @@ export async function run(argv: string[]): Promise<number> {
   const convergence: ConvergenceOptions = { downtimeMs: num(values, "downtime", 1), maxIterations: int(values, "max-iterations", 1), onCap };
   const workers = int(values, "workers", 0, 64);
   const sec = security(values);
-  const progress = new ProgressReporter("migrate", { json });
   const bandwidth = parseRate(values.bandwidth as string);
   const refreshRate = parseRate(values["refresh-rate"] as string, "--refresh-rate");
   const format = diskFormat(values);
   let compress;
   try { compress = parseCompressionMode(values.compress as string); } catch (err) { throw new UsageError((err as Error).message); }
-  const image = str(values, "image");
-  const srcRam = str(values, "src-ram");
-  const traces = await openTraceOutputs(values, (m) => console.error(`pagetwin migrate: ${m}`));
-  let src: QmpClient, dst: QmpClient;
-  let srcRamPages = 0;
+  return {
+    convergence, workers, workersWhen: workersWhen(values), ...sec, bandwidth, refreshRate, format, compress,
+    image: str(values, "image"), srcRam: str(values, "src-ram"), dstRam: values["dst-ram"] as string | undefined,
+    indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
+  };
+}
+
+/** Both QMP connections, or neither (the first closed when the second fails). */
+async function connectBoth(values: Values): Promise<{ src: QmpClient; dst: QmpClient }> {
+  const src = await QmpClient.connect(str(values, "src-qmp"));
   try {
-    if (traces.sinks.length) srcRamPages = Math.floor(statSync(srcRam).size / 4096);
-    src = await QmpClient.connect(str(values, "src-qmp"));
-  } catch (err) {
-    await traces.close();
-    throw err;
-  }
-  try {
-    dst = await QmpClient.connect(str(values, "dst-qmp"));
+    return { src, dst: await QmpClient.connect(str(values, "dst-qmp")) };
   } catch (err) {
     src.close();
+    throw err;
+  }
+}
+
+export async function run(argv: string[]): Promise<number> {
+  const { values, help } = parse(spec, withUiDefault(argv));
+  if (help) { console.log(helpText(spec)); return 0; }
+  warnIfInsecure(values);
+  const json = !!values.json;
+  const opts = migrationOptions(values);
+  const progress = new ProgressReporter("migrate", { json });
+  const traces = await openTraceOutputs(values, (m) => console.error(`pagetwin migrate: ${m}`));
+  let qemus: { src: QmpClient; dst: QmpClient };
+  let srcRamPages = 0;
+  try {
+    if (traces.sinks.length) srcRamPages = Math.floor(statSync(opts.srcRam).size / 4096);
+    qemus = await connectBoth(values);
+  } catch (err) {
     await traces.close();
     throw err;
   }
   // times from this process's start, as the migration's own (startedAt: 0)
   const tracer = traces.sinks.length ? new AgentTracer(traces.sinks, {
-    mode: "agent", method: values["no-dedup"] ? "baseline" : "pagetwin", label: `migrate ${srcRam}`, pages: srcRamPages,
-    config: { image, bandwidthBytesPerSecond: bandwidth, downtimeMs: convergence.downtimeMs, maxIterations: convergence.maxIterations },
+    mode: "agent", method: opts.dedup ? "pagetwin" : "baseline", label: `migrate ${opts.srcRam}`, pages: srcRamPages,
+    config: { image: opts.image, bandwidthBytesPerSecond: opts.bandwidth, downtimeMs: opts.convergence.downtimeMs, maxIterations: opts.convergence.maxIterations },
   }, 0) : null;
   try {
     const r = await migrateQemuAgentMode({
-      source: { qmp: src }, destination: { qmp: dst }, srcRam, dstRam: values["dst-ram"] as string | undefined,
-      image, indexPath: values.index as string | undefined, dedup: !values["no-dedup"], agent, incomingUri: incoming,
-      bandwidth, refreshRate, format, convergence, workers, workersWhen: workersWhen(values), compress, ...sec, trace: tracer !== null,
+      ...opts, source: { qmp: qemus.src }, destination: { qmp: qemus.dst }, trace: tracer !== null,
       startedAt: 0, // performance.now() counts from this process's start: total-time is the command's, as QEMU's is its migrate's
       onIteration: (it) => { tracer?.iteration(it); progress.step("iteration", { iteration: it.iteration, final: it.final, dirty: it.dirty, ...it.pages, transferredBytes: it.transferredBytes, durationMs: it.durationMs },
         `iteration ${it.iteration}${it.final ? " (final, guest stopped)" : ""}: ${it.pages.normal} sent, ${it.pages.twin} twin, ${it.pages.zero} zero, ${it.pages.resent} resent, ${fmtBytes(it.transferredBytes)} in ${it.durationMs.toFixed(0)} ms`); },
@@ -114,21 +126,26 @@ export async function run(argv: string[]): Promise<number> {
     print(r, json);
     return 0;
   } catch (err) {
-    if (err instanceof AgentMigrationError) tracer?.end(agentTraceEnd(err.result));
-    else tracer?.end({ ok: false, error: (err as Error).message, totalTimeMs: tracer.recorder.now(), downtimeMs: 0, transferredBytes: 0, iterations: 0, pages: { normal: 0, twin: 0, zero: 0, resent: 0 } });
-    if (err instanceof AgentMigrationError) {
-      // the message (what failed, the source VM's state, what to do) always goes to stderr, --json or not
-      console.error(errorText(err));
-      if (json) printJson("migrate", "result", failureRecord(err, migrateRecord(err.result)));
-      else print(err.result, false);
-      return 1;
-    }
-    throw err;
+    return failed(err, tracer, json);
   } finally {
-    src.close();
-    dst.close();
+    qemus.src.close();
+    qemus.dst.close();
     await traces.close();
   }
+}
+
+/** A failed migration: the trace ends, the message goes to stderr (--json or not), the result to stdout; exit 1. Anything else is thrown on. */
+function failed(err: unknown, tracer: AgentTracer | null, json: boolean): number {
+  if (!(err instanceof AgentMigrationError)) {
+    tracer?.end({ ok: false, error: (err as Error).message, totalTimeMs: tracer.recorder.now(), downtimeMs: 0, transferredBytes: 0, iterations: 0, pages: { normal: 0, twin: 0, zero: 0, resent: 0 } });
+    throw err;
+  }
+  tracer?.end(agentTraceEnd(err.result));
+  // the message (what failed, the source VM's state, what to do) always goes to stderr, --json or not
+  console.error(errorText(err));
+  if (json) printJson("migrate", "result", failureRecord(err, migrateRecord(err.result)));
+  else print(err.result, false);
+  return 1;
 }
 
 /** The end of an agent-mode trace: query-migrate's numbers as the result has them. */
