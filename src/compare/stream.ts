@@ -20,6 +20,7 @@ import type { StreamStats } from "../stream/stats.js";
 import { CpuMeter } from "../adapters/proc/cpu.js";
 import { median } from "./stats.js";
 import { lastCounter } from "./guest.js";
+import { pollMigration, type MigrateSample } from "./migrate-timeline.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin" | "pagetwin-multifd" | "pagetwin-baseline" | "relay";
 /** The modes run unless told (pagetwin-baseline needs another build: `baselineMain`). */
@@ -85,6 +86,8 @@ export interface RunResult {
   /** CPU each process used from the migrate command to the destination's RESUME, ms. */
   cpuMs: Record<string, number>;
   proxies?: { out: StreamStats | null; in: StreamStats | null };
+  /** The source's query-migrate, polled every 50 ms from `migrate` on. */
+  timeline?: MigrateSample[];
 }
 
 export interface CompareResult {
@@ -93,7 +96,7 @@ export interface CompareResult {
   /** QEMU's downtime-limit for every mode, ms (300: QEMU's default). */
   downtimeLimitMs: number;
   runs: Record<CompareMode, RunResult[]>;
-  median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "mode" | "ok" | "error"> & { okRuns: number }>>;
+  median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "timeline" | "mode" | "ok" | "error"> & { okRuns: number }>>;
   /** pagetwin's medians over QEMU's own (plain pre-copy), and over QEMU multifd+zstd; the same for pagetwin with multifd. */
   ratio?: Ratio;
   ratioVsMultifdZstd?: Ratio;
@@ -214,12 +217,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     cpu.start({ "source QEMU": src.pid, "destination QEMU": dst.pid, "stream-out": pout?.child.pid, "stream-in": pin?.child.pid });
     const t0 = Date.now();
     await src.qmp.execute("migrate", { uri });
-    let info: any;
-    for (;;) {
-      info = await src.qmp.execute("query-migrate");
-      if (info.status === "completed" || info.status === "failed" || info.status === "cancelled") break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    const { info, samples } = await pollMigration(src.qmp, t0);
+    res.timeline = samples;
     if (info.status !== "completed") throw new Error(`migration ${info.status}: ${info["error-desc"] ?? ""}`);
     const resume = await resumeEv;
     res.cpuMs = cpu.stop();
