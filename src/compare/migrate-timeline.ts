@@ -17,6 +17,9 @@ export interface MigrateSample {
   syncs: number;
 }
 
+/** A proxy's progress line (docs/JSON.md, phase "stream"): running totals, `at` when it arrived. */
+export interface ProxyProgress { at: number; bytesFromQemu: number; bytesOutLink: number; busyMs: number; drainWaitMs: number; windowWaitMs: number }
+
 const DONE = new Set(["completed", "failed", "cancelled"]);
 
 /** Polls query-migrate every `everyMs` until the migration ends; the last answer, and the samples before it. */
@@ -43,10 +46,27 @@ export function formatTimeline(samples: readonly MigrateSample[]): string[] {
     `${s.mbps.toFixed(0).padStart(5)} Mbit/s  dirty ${String(s.dirtyPagesRate).padStart(6)} p/s  expected ${String(s.expectedDowntimeMs).padStart(5)} ms  syncs ${s.syncs}`);
 }
 
+/** stream-out's time per progress interval: what it took from QEMU and sent, working, waiting for credit, and the rest (waiting for QEMU). */
+export function formatProxyIntervals(progress: readonly ProxyProgress[]): string[] {
+  const lines: string[] = [];
+  let prev: ProxyProgress = { at: 0, bytesFromQemu: 0, bytesOutLink: 0, busyMs: 0, drainWaitMs: 0, windowWaitMs: 0 };
+  for (const p of progress) {
+    const d = (k: keyof ProxyProgress) => p[k] - prev[k];
+    const waits = d("busyMs") + d("drainWaitMs") + d("windowWaitMs");
+    lines.push(`  stream-out ${String(p.at).padStart(6)} ms: +${(d("bytesFromQemu") / 1e6).toFixed(1)} MB from QEMU, +${(d("bytesOutLink") / 1e6).toFixed(1)} MB on the link; ` +
+      `busy ${d("busyMs").toFixed(0)} ms, waiting for credit ${d("drainWaitMs").toFixed(0)}, for the window ${d("windowWaitMs").toFixed(0)}, for QEMU ${Math.max(0, d("at") - waits).toFixed(0)}`);
+    prev = p;
+  }
+  return lines;
+}
+
 /** A run's timeline with its times and, through the proxies, stream-out's busy and waiting times. */
-export function formatRunTimeline(title: string, run: { timeline?: readonly MigrateSample[]; downtimeMs: number; observedDowntimeMs: number; endToEndMs: number; proxies?: { out: { busyMs: number; drainWaitMs: number; windowWaitMs: number } | null } }): string {
+export function formatRunTimeline(title: string, run: {
+  timeline?: readonly MigrateSample[]; outProgress?: readonly ProxyProgress[]; downtimeMs: number; observedDowntimeMs: number; endToEndMs: number;
+  proxies?: { out: { busyMs: number; drainWaitMs: number; windowWaitMs: number } | null };
+}): string {
   const o = run.proxies?.out;
   const head = `${title}: end-to-end ${run.endToEndMs.toFixed(0)} ms, downtime ${run.downtimeMs} ms (observed ${run.observedDowntimeMs.toFixed(0)})` +
     (o ? `; stream-out busy ${o.busyMs.toFixed(0)} ms, waiting for stream-in ${o.drainWaitMs.toFixed(0)} ms, for the replay window ${o.windowWaitMs.toFixed(0)} ms` : "");
-  return [head, ...formatTimeline(run.timeline ?? [])].join("\n");
+  return [head, ...formatTimeline(run.timeline ?? []), ...formatProxyIntervals(run.outProgress ?? [])].join("\n");
 }

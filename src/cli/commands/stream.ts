@@ -125,7 +125,7 @@ function watch(proxy: { stats: StreamStats }, progress: ProgressReporter): () =>
     const moved = s.bytesFromQemu + s.bytesToQemu;
     if (moved === seen) return;
     seen = moved;
-    progress.status("stream", { sessions: s.sessions, pagesSeen: s.pagesSeen, zeroPages: s.zeroPages, twinsReplaced: s.twinsReplaced, bytesFromQemu: s.bytesFromQemu, bytesToQemu: s.bytesToQemu, bytesOutLink: s.bytesOutLink, bytesInLink: s.bytesInLink },
+    progress.status("stream", { sessions: s.sessions, pagesSeen: s.pagesSeen, zeroPages: s.zeroPages, twinsReplaced: s.twinsReplaced, bytesFromQemu: s.bytesFromQemu, bytesToQemu: s.bytesToQemu, bytesOutLink: s.bytesOutLink, bytesInLink: s.bytesInLink, busyMs: s.busyMs, drainWaitMs: s.drainWaitMs, windowWaitMs: s.windowWaitMs },
       `${s.role}: ${s.pagesSeen} pages, ${s.twinsReplaced} as references; ${(Math.max(s.bytesFromQemu, s.bytesToQemu) / 1e6).toFixed(1)} MB of QEMU's stream, ${(Math.max(s.bytesOutLink, s.bytesInLink) / 1e6).toFixed(1)} MB on the link`);
   }, 1000);
   t.unref();
