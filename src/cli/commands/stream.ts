@@ -38,7 +38,7 @@ export const outSpec: CommandSpec = {
     "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
-    "queue-ms": { type: "string", default: "10", help: "link time (ms) that may be on its way to stream-in beyond what it has handed to its QEMU before QEMU's socket waits: QEMU then measures the link's effective rate and its downtime estimate holds" },
+    "queue-ms": { type: "string", default: "10", help: "link time (ms) that may be on its way to stream-in beyond what it has handed to its QEMU, and beyond two of its credit's round trips, before QEMU's socket waits: QEMU then measures the link's effective rate and its downtime estimate holds" },
     qmp: { type: "string", help: "the source QEMU's QMP unix socket (optional): times stopToVerdictMs, from the guest's STOP to stream-in's verdict; QEMU's own numbers in the trace" },
     ...securityOptions("stream-in", false),
     ...traceOptions,
