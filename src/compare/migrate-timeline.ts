@@ -53,8 +53,10 @@ export function formatProxyIntervals(progress: readonly ProxyProgress[]): string
   for (const p of progress) {
     const d = (k: keyof ProxyProgress) => p[k] - prev[k];
     const waits = d("busyMs") + d("drainWaitMs") + d("windowWaitMs");
-    lines.push(`  stream-out ${String(p.at).padStart(6)} ms: +${(d("bytesFromQemu") / 1e6).toFixed(1)} MB from QEMU, +${(d("bytesOutLink") / 1e6).toFixed(1)} MB on the link; ` +
-      `busy ${d("busyMs").toFixed(0)} ms, waiting for credit ${d("drainWaitMs").toFixed(0)}, for the window ${d("windowWaitMs").toFixed(0)}, for QEMU ${Math.max(0, d("at") - waits).toFixed(0)}`);
+    const times = Number.isFinite(waits) // an older stream-out's lines have no times
+      ? `; busy ${d("busyMs").toFixed(0)} ms, waiting for credit ${d("drainWaitMs").toFixed(0)}, for the window ${d("windowWaitMs").toFixed(0)}, for QEMU ${Math.max(0, d("at") - waits).toFixed(0)}`
+      : "";
+    lines.push(`  stream-out ${String(p.at).padStart(6)} ms: +${(d("bytesFromQemu") / 1e6).toFixed(1)} MB from QEMU, +${(d("bytesOutLink") / 1e6).toFixed(1)} MB on the link${times}`);
     prev = p;
   }
   return lines;

@@ -137,7 +137,8 @@ export class CreditWindow {
 
   /** `bytes` more were sent. */
   add(bytes: number): void {
-    const clean = this.outstanding <= this.b.min;
+    // with no more than the floor on its way, itself included: its round trip is the way's own
+    const clean = this.outstanding + bytes <= this.b.min;
     this.sent += bytes;
     this.rtt.sent(this.sent, this.clock(), clean);
   }
