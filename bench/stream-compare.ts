@@ -2,13 +2,14 @@
 // the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--mode M ...]
 //   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--out-arg ARG ...] [--baseline MAIN] [--json]
 import { parseArgs } from "node:util";
+import { formatRunTimeline } from "../src/compare/migrate-timeline.js";
 import { compareStreamMode, formatCompare, COMPARE_MODES, ALL_MODES, type CompareMode } from "../src/compare/stream.js";
 
 const { values } = parseArgs({
   options: {
     runs: { type: "string", default: "1" }, rate: { type: "string", default: "1gbit" }, json: { type: "boolean" },
     mode: { type: "string", multiple: true }, mem: { type: "string", default: "512" },
-    "downtime-limit": { type: "string" }, "out-arg": { type: "string", multiple: true }, baseline: { type: "string" }, "qemu-side": { type: "string", default: "unix" }, help: { type: "boolean", short: "h" },
+    "downtime-limit": { type: "string" }, "out-arg": { type: "string", multiple: true }, baseline: { type: "string" }, timeline: { type: "boolean" }, "qemu-side": { type: "string", default: "unix" }, help: { type: "boolean", short: "h" },
   },
 });
 if (values.help) {
@@ -23,6 +24,7 @@ if (values.help) {
   --out-arg ARG        one more stream-out argument (repeat; e.g. --out-arg=--queue-ms --out-arg=5)
   --baseline MAIN      another build's dist/src/cli/main.js: its proxies run the pagetwin-baseline rows (before and after in one run)
   --qemu-side unix|tcp how each QEMU reaches its proxy (default unix, as docs/STREAM.md advises; tcp: loopback TCP, whose kernel buffers hold MBs that QEMU counts as sent)
+  --timeline           per run, the source's query-migrate every 50 ms (QEMU's rate, remaining, expected downtime) and the proxies' waits
   --json               the results as JSON`);
   process.exit(0);
 }
@@ -39,5 +41,6 @@ const r = await compareStreamMode({
   qemuSide: values["qemu-side"] === "tcp" ? "tcp" : "unix",
   log: (m) => process.stderr.write(`[compare] ${m}\n`),
 });
+if (values.timeline) for (const [mode, runs] of Object.entries(r.runs)) runs.forEach((run, i) => console.log(formatRunTimeline(`${mode} run ${i}`, run)));
 if (values.json) console.log(JSON.stringify(r, null, 2));
 else console.log(formatCompare(r));

@@ -50,6 +50,7 @@ test("pacer: the rate comes from credits that arrived while the way to stream-in
   }
   for (let i = 26; i <= 28; i++) assert.equal(pacer.credit(i << 20, 0), null);
   const rate = 100 * (1 << 20);
+  // all of it went out at once, behind more than the floor: no round trip timed, the window is queueMs of the rate
   assert.equal(pacer.limit, rate * 0.01, "10 ms of 100 MiB/s");
   assert.ok(meter.measured > rate * 0.5 && meter.measured < rate * 1.25, `measured ${meter.measured}`);
   assert.match(pacer.credit(1 << 20, 0) ?? "", /outside/, "a credit never goes back");
@@ -70,6 +71,43 @@ test("pacer: the rate comes from credits that arrived while the way to stream-in
   const cw = closed.wait();
   closed.close();
   await cw;
+});
+
+/**
+ * A way to stream-in with a round trip of `rttMs` (half each way) and a link of `rate` bytes/s, 64 KiB sends,
+ * stream-in crediting each send once the link has carried it; `ms` of it. What was credited over the last
+ * second, and the most on its way over the last 2 s (before, the rate is not measured yet: a fixed 2 MiB).
+ */
+function simulate(rate: number, rttMs: number, ms: number): { lastSecond: number; maxOutstanding: number; pacer: LinkPacer } {
+  let now = 0;
+  const pacer = new LinkPacer(new LinkMeter(), { queueMs: 10, clock: () => now });
+  const SEND = 64 * 1024;
+  const credits: { at: number; total: number }[] = [];
+  let sent = 0, linkFree = 0, credited = 0, atSecond = 0, maxOutstanding = 0;
+  for (; now <= ms; now++) {
+    while (credits.length && credits[0]!.at <= now) assert.equal(pacer.credit(credited = credits.shift()!.total, 0), null);
+    if (now === ms - 1000) atSecond = credited;
+    while (!pacer.over()) {
+      pacer.onSent(SEND);
+      sent += SEND;
+      linkFree = Math.max(now + rttMs / 2, linkFree) + (SEND / rate) * 1000;
+      credits.push({ at: linkFree + rttMs / 2, total: sent });
+    }
+    if (now >= ms - 2000) maxOutstanding = Math.max(maxOutstanding, pacer.outstanding);
+  }
+  return { lastSecond: credited - atSecond, maxOutstanding, pacer };
+}
+
+test("pacer: a round trip longer than queueMs (a busy host) does not limit the rate; what queues stays bounded", () => {
+  const rate = 37.5e6; // 300 Mbit/s
+  for (const rtt of [2, 50, 150]) {
+    const { lastSecond, maxOutstanding, pacer } = simulate(rate, rtt, 6000);
+    assert.ok(lastSecond > 0.9 * rate, `round trip ${rtt} ms: ${(lastSecond / 1e6).toFixed(1)} MB/s credited, the link carries ${rate / 1e6}`);
+    // what waits beyond the way: queueMs of the rate and one round trip (and a send, and a few ms of the 1 ms steps)
+    const queued = maxOutstanding - (rate * rtt) / 1000;
+    assert.ok(queued <= rate * (10 + rtt + 5) / 1000 + 64 * 1024, `round trip ${rtt} ms: ${(queued / 1e6).toFixed(2)} MB beyond the way`);
+    assert.ok(pacer.limit <= Math.max(512 * 1024, (rate * (10 + 2 * (rtt + 5))) / 1000), `round trip ${rtt} ms: limit ${pacer.limit}`);
+  }
 });
 
 test("proxies: with a slow destination QEMU, stream-out takes from the source QEMU only what the credit allows beyond what the destination took", { timeout: 60_000 }, async (t) => {

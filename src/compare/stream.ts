@@ -20,6 +20,7 @@ import type { StreamStats } from "../stream/stats.js";
 import { CpuMeter } from "../adapters/proc/cpu.js";
 import { median } from "./stats.js";
 import { lastCounter } from "./guest.js";
+import { pollMigration, type MigrateSample, type ProxyProgress } from "./migrate-timeline.js";
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin" | "pagetwin-multifd" | "pagetwin-baseline" | "relay";
 /** The modes run unless told (pagetwin-baseline needs another build: `baselineMain`). */
@@ -85,6 +86,10 @@ export interface RunResult {
   /** CPU each process used from the migrate command to the destination's RESUME, ms. */
   cpuMs: Record<string, number>;
   proxies?: { out: StreamStats | null; in: StreamStats | null };
+  /** The source's query-migrate, polled every 50 ms from `migrate` on. */
+  timeline?: MigrateSample[];
+  /** stream-out's progress lines (about once a second), `at` in ms since `migrate`. */
+  outProgress?: ProxyProgress[];
 }
 
 export interface CompareResult {
@@ -93,7 +98,7 @@ export interface CompareResult {
   /** QEMU's downtime-limit for every mode, ms (300: QEMU's default). */
   downtimeLimitMs: number;
   runs: Record<CompareMode, RunResult[]>;
-  median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "mode" | "ok" | "error"> & { okRuns: number }>>;
+  median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "timeline" | "outProgress" | "mode" | "ok" | "error"> & { okRuns: number }>>;
   /** pagetwin's medians over QEMU's own (plain pre-copy), and over QEMU multifd+zstd; the same for pagetwin with multifd. */
   ratio?: Ratio;
   ratioVsMultifdZstd?: Ratio;
@@ -119,12 +124,20 @@ interface Proxy {
   out: string;
   err: string;
   exited: Promise<number | null>;
+  /** Its progress lines (running totals), dated on arrival. */
+  progress: ProxyProgress[];
 }
 
 function startProxy(link: NetnsLink, ns: string, args: string[], main = MAIN_JS): Promise<Proxy> {
   const child = link.spawn(ns, process.execPath, [main, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
-  const p: Proxy = { child, out: "", err: "", exited: new Promise((r) => child.once("exit", (c) => r(c))) };
-  child.stdout!.on("data", (d: Buffer) => { p.out += d.toString(); });
+  const p: Proxy = { child, out: "", err: "", exited: new Promise((r) => child.once("exit", (c) => r(c))), progress: [] };
+  let seen = 0;
+  child.stdout!.on("data", (d: Buffer) => {
+    p.out += d.toString();
+    const end = p.out.lastIndexOf("\n") + 1;
+    for (const line of p.out.slice(seen, end).split("\n")) if (line.includes('"progress"')) p.progress.push({ at: Date.now(), ...JSON.parse(line) });
+    seen = end;
+  });
   return new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`proxy ${args[0]} did not start listening: ${p.err}`)), 30_000);
     child.stderr!.on("data", (d: Buffer) => {
@@ -214,12 +227,8 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     cpu.start({ "source QEMU": src.pid, "destination QEMU": dst.pid, "stream-out": pout?.child.pid, "stream-in": pin?.child.pid });
     const t0 = Date.now();
     await src.qmp.execute("migrate", { uri });
-    let info: any;
-    for (;;) {
-      info = await src.qmp.execute("query-migrate");
-      if (info.status === "completed" || info.status === "failed" || info.status === "cancelled") break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    const { info, samples } = await pollMigration(src.qmp, t0);
+    res.timeline = samples;
     if (info.status !== "completed") throw new Error(`migration ${info.status}: ${info["error-desc"] ?? ""}`);
     const resume = await resumeEv;
     res.cpuMs = cpu.stop();
@@ -234,6 +243,7 @@ export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestIm
     const d = await dst.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
     res.firstDestCounter = Number(d[1]);
     // Give the proxies time to finish and the counters time to settle.
+    if (pout && !relayed) res.outProgress = pout.progress.map((x) => ({ ...x, at: x.at - t0 }));
     const stats = { out: await stopProxy(pout), in: await stopProxy(pin) };
     pout = pin = null;
     res.linkBytes = link.txBytes(link.srcNs) - tx0;

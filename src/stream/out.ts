@@ -80,7 +80,7 @@ export interface StreamOutOptions extends SecurityOptions {
   compress?: CompressionMode;
   /** The link's bandwidth if known, bytes/s (0: measured from the link's backlog). */
   bandwidth?: number;
-  /** Link time that may be on its way to stream-in beyond what it handed on before QEMU's socket waits, ms (default 10; see pacer.ts). */
+  /** Link time that may be on its way to stream-in beyond what it handed on, and beyond two credit round trips, before QEMU's socket waits, ms (default 10; see pacer.ts). */
   queueMs?: number;
   /** Where notes and warnings go (level-aware, or a function that gets every message). */
   log?: LogOption;

@@ -14,11 +14,23 @@
 // read from the NAS and for the destination QEMU to load. QEMU then measures
 // the rate of the whole way, deduplicated and compressed. The replay window
 // (pages kept for resends) is a separate limit.
+//
+// A window of `queueMs` of the rate alone would limit the rate itself once the
+// credit's round trip is longer than queueMs (a busy host schedules each
+// process in the way late: tens of ms): the rate measured would be the
+// window over the round trip, and the window would shrink with it. So each
+// window also holds the round trip (its least over the last seconds, timed
+// from sending a byte to its credit), twice: what keeps the way full, and room
+// for the rate to show above a noisy round trip, as BBR does (its cwnd gain of
+// 2). What waits beyond the way is then queueMs of the rate plus one round
+// trip, at worst. The round trip is timed only on bytes sent while no more
+// than the window's floor was on its way, so never behind a queue the window
+// built itself.
 
 import type { LinkMeter } from "../link/rate.js";
 
 export interface PacerOptions {
-  /** Time that may be on its way beyond what stream-in handed on, ms (default 10). */
+  /** Time that may be on its way beyond what stream-in handed on and two round trips, ms (default 10). */
   queueMs?: number;
   /** The link's rate if known, bytes/s (0: measured from the credits). */
   bandwidth?: number;
@@ -27,6 +39,65 @@ export interface PacerOptions {
   maxBytes?: number;
   /** The clock, ms (default performance.now). */
   clock?: () => number;
+}
+
+/** Sends are dated in steps of this many ms: a credit's round trip is timed from the step its last byte went out in. */
+const STEP_MS = 1;
+/** The round trip is the least of this epoch's and the one's before, ms: it follows a slower way within seconds. */
+const RTT_EPOCH_MS = 2000;
+/** Round trips each window holds beyond queueMs (see the top). */
+const RTT_GAIN = 2;
+
+/**
+ * From sending a byte to stream-in crediting it, ms: the least over the last 2-4 s of samples (0 until timed).
+ * Only bytes sent while little was on its way are timed: a round trip timed behind a queue the window itself
+ * built would widen the window, and so the queue, without end.
+ */
+export class RoundTrip {
+  /** Per step of sends: the running total sent by its end, its first send's time, whether it went out behind little. */
+  private readonly totals: number[] = [];
+  private readonly times: number[] = [];
+  private readonly clean: boolean[] = [];
+  private head = 0;
+  private credited = 0;
+  private least = Infinity;
+  private before = Infinity;
+  private epochAt = -Infinity;
+
+  get ms(): number {
+    const m = Math.min(this.least, this.before);
+    return Number.isFinite(m) ? m : 0;
+  }
+
+  /** The running total sent is `total` now; `clean`: it went out behind little (its round trip is the way's own). */
+  sent(total: number, now: number, clean: boolean): void {
+    const n = this.times.length;
+    if (n > this.head && this.clean[n - 1] === clean && now - this.times[n - 1]! < STEP_MS) this.totals[n - 1] = total;
+    else { this.totals.push(total); this.times.push(now); this.clean.push(clean); }
+  }
+
+  /** stream-in credited a running total of `total`. */
+  credit(total: number, now: number): void {
+    if (total <= this.credited) return;
+    this.credited = total;
+    // the step whose sends took the running total to `total` or past it holds the last byte credited
+    while (this.head < this.totals.length && this.totals[this.head]! < total) this.head++;
+    if (this.head < this.totals.length && this.clean[this.head]) this.sample(now - this.times[this.head]!, now);
+    if (this.head < this.totals.length && this.totals[this.head] === total) this.head++;
+    if (this.head > 1024 && this.head * 2 > this.totals.length) {
+      for (const a of [this.totals, this.times, this.clean]) a.splice(0, this.head);
+      this.head = 0;
+    }
+  }
+
+  private sample(ms: number, now: number): void {
+    if (now - this.epochAt >= RTT_EPOCH_MS) {
+      this.before = this.least;
+      this.least = Infinity;
+      this.epochAt = now;
+    }
+    this.least = Math.min(this.least, ms);
+  }
 }
 
 /** Credits gathered into one rate sample, ms: a busy event loop delays credits by ms, and a burst of late ones must not read as a fast link. */
@@ -40,6 +111,7 @@ interface Bounds { min: number; max: number; unmeasured: number }
 export class CreditWindow {
   sent = 0;
   credited = 0;
+  readonly rtt = new RoundTrip();
   /** Highest rate sampled (a window that limits the rate would otherwise shrink itself). */
   private peak = 0;
   private sampleBytes = 0;
@@ -55,12 +127,20 @@ export class CreditWindow {
 
   get limit(): number {
     const rate = this.rate > 0 ? this.rate : this.peak;
-    const bytes = rate > 0 ? (rate * this.queueMs) / 1000 : this.b.unmeasured;
+    const bytes = rate > 0 ? (rate * (this.queueMs + RTT_GAIN * this.rtt.ms)) / 1000 : this.b.unmeasured;
     return Math.min(this.b.max, Math.max(this.b.min, Math.round(bytes)));
   }
 
   over(): boolean {
     return this.outstanding > this.limit;
+  }
+
+  /** `bytes` more were sent. */
+  add(bytes: number): void {
+    // with no more than the floor on its way, itself included: its round trip is the way's own
+    const clean = this.outstanding + bytes <= this.b.min;
+    this.sent += bytes;
+    this.rtt.sent(this.sent, this.clock(), clean);
   }
 
   /** A new running total credited: an error message when it cannot be one; else the sample it gave (bytes in ms), if any. */
@@ -69,6 +149,7 @@ export class CreditWindow {
       return `stream-in credited ${total} ${what}, outside ${this.credited}..${this.sent} (what it had credited, what was sent)`;
     }
     const now = this.clock();
+    this.rtt.credit(total, now);
     let sample: { bytes: number; ms: number } | null = null;
     // what this credit covers was already sent at the previous one: the way to stream-in was never empty meanwhile
     if (this.lastCreditAt > 0 && this.sentAtCredit >= total) sample = this.sample(total - this.credited, now - this.lastCreditAt);
@@ -122,12 +203,12 @@ export class LinkPacer {
 
   /** `bytes` more went to the link. */
   onSent(bytes: number): void {
-    this.link.sent += bytes;
+    this.link.add(bytes);
   }
 
   /** `bytes` more of QEMU's stream were taken from the source QEMU. */
   onTaken(bytes: number): void {
-    this.stream.sent += bytes;
+    this.stream.add(bytes);
   }
 
   /** True when more than a limit is on its way: stop reading QEMU's socket and wait(). */

@@ -38,7 +38,7 @@ export const outSpec: CommandSpec = {
     "no-dedup": { type: "boolean", help: "forward everything raw (a baseline through the same proxies)" },
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
-    "queue-ms": { type: "string", default: "10", help: "link time (ms) that may be on its way to stream-in beyond what it has handed to its QEMU before QEMU's socket waits: QEMU then measures the link's effective rate and its downtime estimate holds" },
+    "queue-ms": { type: "string", default: "10", help: "link time (ms) that may be on its way to stream-in beyond what it has handed to its QEMU, and beyond two of its credit's round trips, before QEMU's socket waits: QEMU then measures the link's effective rate and its downtime estimate holds" },
     qmp: { type: "string", help: "the source QEMU's QMP unix socket (optional): times stopToVerdictMs, from the guest's STOP to stream-in's verdict; QEMU's own numbers in the trace" },
     ...securityOptions("stream-in", false),
     ...traceOptions,
@@ -125,7 +125,7 @@ function watch(proxy: { stats: StreamStats }, progress: ProgressReporter): () =>
     const moved = s.bytesFromQemu + s.bytesToQemu;
     if (moved === seen) return;
     seen = moved;
-    progress.status("stream", { sessions: s.sessions, pagesSeen: s.pagesSeen, zeroPages: s.zeroPages, twinsReplaced: s.twinsReplaced, bytesFromQemu: s.bytesFromQemu, bytesToQemu: s.bytesToQemu, bytesOutLink: s.bytesOutLink, bytesInLink: s.bytesInLink },
+    progress.status("stream", { sessions: s.sessions, pagesSeen: s.pagesSeen, zeroPages: s.zeroPages, twinsReplaced: s.twinsReplaced, bytesFromQemu: s.bytesFromQemu, bytesToQemu: s.bytesToQemu, bytesOutLink: s.bytesOutLink, bytesInLink: s.bytesInLink, busyMs: s.busyMs, drainWaitMs: s.drainWaitMs, windowWaitMs: s.windowWaitMs },
       `${s.role}: ${s.pagesSeen} pages, ${s.twinsReplaced} as references; ${(Math.max(s.bytesFromQemu, s.bytesToQemu) / 1e6).toFixed(1)} MB of QEMU's stream, ${(Math.max(s.bytesOutLink, s.bytesInLink) / 1e6).toFixed(1)} MB on the link`);
   }, 1000);
   t.unref();
