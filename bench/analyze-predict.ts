@@ -24,8 +24,8 @@ import { argValue, isMain } from "./cli.js";
 const CLI = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
 export interface PredictRow {
-  predicted: { bytes: number; roundMs: number; timeMs: number; oneHostMs: number; setupMs: number; rounds: number; linkMs: number; sourceMs: number; destinationMs: number };
-  actual: { bytes: number; roundMs: number; timeMs: number; rounds: number; setupMs: number; deviceMs: number; roundsMs: number[] };
+  predicted: { bytes: number; roundMs: number; timeMs: number; oneHostMs: number; setupMs: number; rounds: number; linkMs: number; sourceMs: number; destinationMs: number; laterScanMs: number; dirtyPages: number };
+  actual: { bytes: number; roundMs: number; timeMs: number; rounds: number; setupMs: number; deviceMs: number; roundsMs: number[]; roundsDirty: number[] };
   /** Predicted / actual; the times as analyze's oneHostMs (both agents on this host, as here) and its round 1 with the sum of source and destination. */
   ratio: { bytes: number; roundMs: number; timeMs: number };
 }
@@ -70,8 +70,8 @@ export async function benchAnalyzePredict(o: { quiet?: boolean; runs?: number; b
       const timeMs = r["total-time"] - deviceMs;
       const oneHostRound = Math.max(p.linkMs, p.sourceMs + p.destinationMs);
       const row: PredictRow = {
-        predicted: { bytes: p.bytes, roundMs: p.roundMs, timeMs: p.timeMs, oneHostMs: p.oneHostMs, setupMs: p.setupMs, rounds: p.rounds, linkMs: p.linkMs, sourceMs: p.sourceMs, destinationMs: p.destinationMs },
-        actual: { bytes: first.transferredBytes, roundMs: first.durationMs, timeMs, rounds: r.iterations.length, setupMs: r["setup-time"], deviceMs, roundsMs: r.iterations.map((it) => Math.round(it.durationMs)) },
+        predicted: { bytes: p.bytes, roundMs: p.roundMs, timeMs: p.timeMs, oneHostMs: p.oneHostMs, setupMs: p.setupMs, rounds: p.rounds, linkMs: p.linkMs, sourceMs: p.sourceMs, destinationMs: p.destinationMs, laterScanMs: Math.round(p.laterScanMs), dirtyPages: p.dirtyPages },
+        actual: { bytes: first.transferredBytes, roundMs: first.durationMs, timeMs, rounds: r.iterations.length, setupMs: r["setup-time"], deviceMs, roundsMs: r.iterations.map((it) => Math.round(it.durationMs)), roundsDirty: r.iterations.map((it) => it.dirty) },
         ratio: { bytes: +(p.bytes / first.transferredBytes).toFixed(3), roundMs: +(oneHostRound / first.durationMs).toFixed(3), timeMs: +(p.oneHostMs / timeMs).toFixed(3) },
       };
       rows.push(row);
