@@ -123,6 +123,13 @@ test("the policy compresses only when the compressor outruns the link and the da
   const seen = Array.from({ length: 8 }, () => random.decide());
   assert.equal(seen.filter((v) => v === "poor").length, 6);
   assert.equal(seen.filter((v) => v === "compress").length, 2, "it still probes now and then");
+  // by default, a stretch of random data (a poor ratio) keeps the data after it raw for at most 3 frames
+  const local = new CompressionPolicy({ mode: "auto", bandwidth: 125e6 });
+  for (let i = 0; i < 3; i++) local.recordCompress(1 << 20, 1 << 20, 0.5);
+  const next = Array.from({ length: 4 }, () => local.decide());
+  assert.deepEqual(next, ["poor", "poor", "poor", "compress"], "the fourth frame is tried");
+  local.recordCompress(1 << 20, 100_000, 2); // page cache: 10:1
+  assert.equal(local.decide(), "compress", "one good frame brings the ratio under the limit");
 });
 
 test("the link probe: raw frames the peer takes without a backlog show a link faster than the sender, and compression stops; a backlog times the link", () => {
