@@ -14,13 +14,13 @@ import * as path from "node:path";
 import { parseArgs } from "node:util";
 import { DEFAULT_APPEND, QEMU_UNTHROTTLED, QemuVm, findGuest, type GuestImage } from "../src/adapters/qemu/vm.js";
 import { CpuMeter } from "../src/adapters/proc/cpu.js";
-import { lastCounter } from "../src/compare/guest.js";
+import { kernelFailure, lastCounter } from "../src/compare/guest.js";
 import { diffRamFiles } from "../src/compare/ram-diff.js";
 import { median } from "../src/compare/stats.js";
 import { isMain } from "./cli.js";
 
 export type RamMode = "exact" | "padded";
-export interface Migration { mode: RamMode; staleOffsets: number[]; stalePages: number; guestOk: boolean; why?: string; sourceCpuMs: number; downtimeMs: number }
+export interface Migration { mode: RamMode; staleOffsets: number[]; stalePages: number; guestOk: boolean; why?: string; console?: string; sourceCpuMs: number; downtimeMs: number }
 interface Opts { memoryMiB: number; append: string; watchS: number; dir: string; log: (m: string) => void }
 
 /** One chain: boots a guest, then up to `hops` migrations, each destination the next source; stops early once a guest fails. */
@@ -80,6 +80,8 @@ async function migrateAndCompare(mode: RamMode, src: QemuVm, dst: QemuVm, sock: 
   } catch (e) {
     m.guestOk = false;
     m.why = (e as Error).message.split("\n")[0];
+    const serial = dst.serialLog();
+    m.console = kernelFailure(serial, 3000) ?? serial.slice(-1500);
   }
   o.log(`${mode}: ${m.stalePages} stale pages${m.stalePages ? ` (at ${m.staleOffsets.map((x) => `0x${x.toString(16)}`).join(" ")})` : ""}, ` +
     `guest ${m.guestOk ? "went on" : `FAILED: ${m.why}`}; source QEMU CPU ${sourceCpuMs.toFixed(0)} ms, downtime ${m.downtimeMs} ms`);
