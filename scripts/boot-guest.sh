@@ -50,13 +50,17 @@ fi
 cleanup() { rm -f "$RAM" "$QMP"; }
 trap cleanup EXIT
 
+# Under TCG, 8 KiB more than MEM_MB: QEMU < 9.0 loses guest writes when it migrates a RAM block whose size is a
+# multiple of 256 KiB (TCG_RAM_PAD_KIB in src/adapters/qemu/vm.ts; docs/STREAM.md).
+RAM_KIB=$(( MEM_MB * 1024 ))
+[ "$ACCEL" = tcg ] && RAM_KIB=$(( RAM_KIB + 8 ))
 echo "booting: ${MEM_MB} MiB, accel=$ACCEL, disk cache=$DISK_CACHE, RAM file $RAM, QMP $QMP" >&2
 cmd=(qemu-system-x86_64
   -name "pagetwin-$NAME"
   -accel "$ACCEL"
-  -m "${MEM_MB}M"
+  -m "${RAM_KIB}K"
   -machine memory-backend=mem
-  -object "memory-backend-file,id=mem,size=${MEM_MB}M,mem-path=$RAM,share=on"
+  -object "memory-backend-file,id=mem,size=${RAM_KIB}K,mem-path=$RAM,share=on"
   -kernel "$GUEST/vmlinuz"
   -initrd "$GUEST/initrd.gz"
   -append "console=ttyS0 quiet panic=1 no_timer_check ${APPEND:-}"

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { QemuVm, detectKvm, qemuAvailable, qemuArgs } from '../src/adapters/qemu/vm.js';
+import { QemuVm, TCG_RAM_PAD_KIB, detectKvm, qemuAvailable, qemuArgs } from '../src/adapters/qemu/vm.js';
 import { guest, skipRealGuest } from './helpers/guest.js';
 
 function processAlive(pid: number): boolean {
@@ -29,13 +29,31 @@ test('qemuArgs: shared RAM file, virtio disk, QMP socket, serial file, incoming'
   });
   const joined = args.join(' ');
   assert.match(joined, /-accel tcg/);
-  assert.match(joined, /-m 256M/);
+  assert.match(joined, /-m 262152K/);
   assert.match(joined, /-machine memory-backend=mem/);
-  assert.match(joined, /memory-backend-file,id=mem,size=256M,mem-path=\/dev\/shm\/x,share=on/);
+  assert.match(joined, /memory-backend-file,id=mem,size=262152K,mem-path=\/dev\/shm\/x,share=on/);
   assert.match(joined, /file=\/dev\/null,if=virtio,format=raw,cache=writeback,readonly=on/);
   assert.match(joined, /-serial file:\/tmp\/s\.log/);
   assert.match(joined, /-qmp unix:\/tmp\/q\.sock,server=on,wait=off/);
   assert.match(joined, /-incoming defer$/);
+});
+
+test('qemuArgs: under TCG the RAM is not a multiple of 256 KiB (QEMU < 9.0 loses dirty pages then), whole pages, exact on request or under KVM', () => {
+  const ramKiB = (o: { accel?: 'tcg' | 'kvm'; exactRam?: boolean; memoryMiB?: number }): number => {
+    const args = qemuArgs({ kernel: '/k', initrd: '/i', disk: '/dev/null', memPath: '/m', qmpSocket: '/q', serialLog: '/s', diskCache: 'none', ...o });
+    const m = /^(\d+)K$/.exec(args[args.indexOf('-m') + 1]!);
+    assert.ok(m, 'the -m value is in KiB');
+    assert.match(args.join(' '), new RegExp(`memory-backend-file,id=mem,size=${m[1]}K,`), 'the backend has the same size');
+    return Number(m[1]);
+  };
+  for (const mib of [64, 512, 2048]) {
+    const k = ramKiB({ memoryMiB: mib });
+    assert.equal(k, mib * 1024 + TCG_RAM_PAD_KIB);
+    assert.notEqual(k % 256, 0);
+    assert.equal(k % 4, 0);
+  }
+  assert.equal(ramKiB({ exactRam: true }), 512 * 1024);
+  assert.equal(ramKiB({ accel: 'kvm' }), 512 * 1024);
 });
 
 test('QemuVm.start rejects with qemu stderr when qemu exits early', { skip: qemuAvailable() ? false : 'qemu-system-x86_64 not installed' }, async () => {
@@ -79,7 +97,7 @@ test('boots the real guest under TCG, counts on serial, answers QMP, cleans up',
   });
   try {
     assert.ok(fs.existsSync(memPath), 'the RAM file exists while the guest runs');
-    assert.equal(fs.statSync(memPath).size, 512 * 1024 * 1024);
+    assert.equal(fs.statSync(memPath).size, (512 * 1024 + TCG_RAM_PAD_KIB) * 1024);
     assert.match(vm.qmp.qemuVersion ?? '', /^\d+\.\d+\.\d+$/);
     await vm.waitForSerial(/pagetwin-ready/, 180_000);
     const tReady = Date.now() - t0;

@@ -20,6 +20,16 @@ export const QEMU_BINARY = 'qemu-system-x86_64';
  */
 export const QEMU_UNTHROTTLED = 10_000_000_000;
 
+/**
+ * KiB added to the guest's RAM under TCG, so that its size is not a multiple of 256 KiB. QEMU before 9.0 syncs
+ * the migration dirty bitmap of such a RAM block 64 pages at a time without resetting TCG's TLB
+ * (cpu_physical_memory_sync_dirty_bitmap; fixed upstream by commit 03bfc2188f, "physmem: Fix migration dirty
+ * bitmap coherency with TCG memory access"): the vCPU's later stores through TLB entries it already holds are
+ * not marked dirty, so the destination gets stale pages (docs/STREAM.md, "Destination guests that fail after RESUME").
+ * Any other size takes QEMU's page-by-page path, which resets the TLB. Under KVM the pad is not needed.
+ */
+export const TCG_RAM_PAD_KIB = 8;
+
 /** Kernel command line used when none is given (the guest of scripts/build-guest.sh). */
 export const DEFAULT_APPEND = 'console=ttyS0 quiet panic=1 no_timer_check';
 
@@ -38,8 +48,10 @@ export interface QemuVmOptions {
   diskReadOnly?: boolean;
   /** -drive cache= mode (default: 'none' when the image's file system takes O_DIRECT, else 'writeback'). */
   diskCache?: DiskCacheMode;
-  /** Guest RAM in MiB (default 512). */
+  /** Guest RAM in MiB (default 512); under TCG QEMU gets TCG_RAM_PAD_KIB more unless `exactRam`. */
   memoryMiB?: number;
+  /** Give QEMU exactly `memoryMiB` even under TCG (only to show what TCG_RAM_PAD_KIB avoids). */
+  exactRam?: boolean;
   /** File backing guest RAM (memory-backend-file, share=on), e.g. /dev/shm/NAME. */
   memPath: string;
   /** cleanup() removes memPath (default true). */
@@ -155,16 +167,18 @@ function probeKvm(trustDevice: boolean): boolean {
 export function qemuArgs(opts: QemuVmOptions): string[] {
   const mem = opts.memoryMiB ?? 512;
   if (!Number.isInteger(mem) || mem <= 0) throw new RangeError(`memoryMiB must be a positive integer, got ${mem}`);
+  const accel = opts.accel ?? 'tcg';
+  const ramKiB = mem * 1024 + (accel === 'tcg' && !opts.exactRam ? TCG_RAM_PAD_KIB : 0);
   const cache = opts.diskCache ?? (supportsODirect(opts.disk) ? 'none' : 'writeback');
   const ro = opts.diskReadOnly ?? true;
   // QEMU option values escape ',' as ',,'.
   const commaSafe = (v: string): string => v.replace(/,/g, ',,');
   const args = [
     '-name', opts.name ?? 'pagetwin',
-    '-accel', opts.accel ?? 'tcg',
-    '-m', `${mem}M`,
+    '-accel', accel,
+    '-m', `${ramKiB}K`,
     '-machine', 'memory-backend=mem',
-    '-object', `memory-backend-file,id=mem,size=${mem}M,mem-path=${commaSafe(opts.memPath)},share=on`,
+    '-object', `memory-backend-file,id=mem,size=${ramKiB}K,mem-path=${commaSafe(opts.memPath)},share=on`,
     '-kernel', opts.kernel,
     '-initrd', opts.initrd,
     '-append', opts.append ?? DEFAULT_APPEND,
