@@ -1,8 +1,9 @@
 // Stream mode's proxies against plain relays, per byte: a captured QEMU
 // migration stream of the test guest is replayed through stream-out ->
 // stream-in (TLS-PSK, no link limit) into a sink over loopback, and through
-// two plain socket.pipe() relays in the same layout; the sink checks the
-// output is the capture, byte for byte. Each process's CPU (user + system,
+// two plain socket.pipe() relays in the same layout (plain TCP on both hops:
+// the proxies' TLS is counted against them); the sink checks the output is
+// the capture, byte for byte. Each process's CPU (user + system,
 // from the first byte to its exit) per GB of QEMU's stream, and the proxies'
 // over the relays'. Variants alternate within each round.
 //

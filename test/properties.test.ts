@@ -26,6 +26,29 @@ test("any frames, split anywhere, come out whole, equal and in order", () => {
   }), { numRuns: 300 });
 });
 
+test("a reader whose chunks are overwritten after each push (a reused read buffer) gives every frame whole, in its alloc's memory", () => {
+  fc.assert(fc.property(fc.array(frameArb, { maxLength: 8 }), fc.array(fc.nat(), { maxLength: 10 }), (frames, cuts) => {
+    const bytes = Buffer.concat(frames.map((f) => frame(f.type, f.payload)));
+    const points = [...new Set(cuts.map((c) => c % (bytes.length + 1)))].sort((a, b) => a - b);
+    const types: number[] = [];
+    const r = new FrameReader({ ...AGENT_FRAMES, inputReused: true, alloc: (n, type) => { types.push(type); return Buffer.allocUnsafe(n); } });
+    const read = Buffer.allocUnsafeSlow(bytes.length); // its own memory (not the shared pool alloc draws from)
+    const out = [];
+    let prev = 0;
+    for (const p of [...points, bytes.length]) {
+      const chunk = read.subarray(0, p - prev);
+      bytes.copy(chunk, 0, prev, p);
+      for (const f of r.push(chunk)) { assert.ok(f.mem && f.mem.buffer !== read.buffer && f.payload.buffer === f.mem.buffer); out.push(f); }
+      chunk.fill(0xa5); // the next read lands here
+      prev = p;
+    }
+    assert.equal(out.length, frames.length);
+    assert.deepEqual(types, frames.map((f) => f.type), "alloc is told each frame's type");
+    out.forEach((f, i) => { assert.equal(f.type, frames[i]!.type); assert.deepEqual(new Uint8Array(f.payload), frames[i]!.payload); });
+    assert.equal(r.pending, 0);
+  }), { numRuns: 300 });
+});
+
 test("a flipped bit anywhere never yields a frame that differs from what was sent", () => {
   fc.assert(fc.property(fc.array(frameArb, { minLength: 1, maxLength: 5 }), fc.nat(), fc.nat(7), (frames, at, bit) => {
     const enc = frames.map((f) => frame(f.type, f.payload));

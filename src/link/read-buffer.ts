@@ -3,9 +3,9 @@
 // through 'data' events cost 2–5 s of CPU per GB (a new 64 KiB allocation,
 // its page faults and its garbage per read), through one reused buffer
 // 0.3–0.5 s. Node offers this (`onread`) only to sockets it connects itself;
-// a socket a server accepted gets it here through the same hooks, found on a
-// socket made with `onread`. Where a Node version lacks them, the caller
-// keeps its 'data' events.
+// a socket a server accepted, and a TLS socket (its decrypted bytes), gets it
+// here through the same hooks, found on a socket made with `onread`. Where a
+// Node version lacks them, the caller keeps its 'data' events.
 
 import * as net from "node:net";
 

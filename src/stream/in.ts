@@ -22,6 +22,7 @@ import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROT
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
+import { readIntoBuffer } from "../link/read-buffer.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { resolveSecurity, checkSecurity, isTls, type SecurityOptions } from "../link/security.js";
@@ -125,6 +126,8 @@ const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
 const CREDIT_STEP = 128 * 1024;
 const CREDIT_STREAM_STEP = 1024 * 1024;
 const RESEND_LINK_GONE = "the link closed while waiting for a resent page";
+/** The link's reads (a TLS record at most, 16 KiB, inside TLS): one buffer per session, read again and again. */
+const LINK_READ_BYTES = 256 * 1024;
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -180,7 +183,13 @@ type Hello = { v?: unknown; indexId?: string; kind?: unknown; compression?: unkn
 /** One link from stream-out, and its connection to the destination QEMU. */
 class InSession {
   private readonly stats: StreamStats;
-  private readonly reader = new FrameReader({ ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX });
+  private reader!: FrameReader;
+  /**
+   * Where stream-out's data frames are put together from the link's reads, each kept until rebuilt (a RAW frame:
+   * until QEMU's socket took it, for it goes there from here); a fresh Buffer per read and per frame spanning
+   * reads cost more than copying them (allocation, page faults, GC).
+   */
+  private readonly linkMem = new WriteRing(8 * 1024 * 1024);
   /** Data frames in order, rebuilt one at a time by drain(). */
   private readonly queue: Frame[] = [];
   private queuedBytes = 0;
@@ -283,7 +292,15 @@ class InSession {
 
   private wireLink(): void {
     const link = this.link;
-    link.on("data", (chunk: Buffer) => this.onLinkData(chunk));
+    // data frames go into linkMem, the others (HELLO, RESEND, ABORT: rare, used outside the rebuild's order) get their own Buffer
+    const frames = { ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX, alloc: (n: number, type: number) => (DATA_FRAMES.has(type) ? this.linkMem.take(n) : Buffer.allocUnsafe(n)) };
+    this.reader = new FrameReader({ ...frames, inputReused: true });
+    link.pause();
+    if (readIntoBuffer(link, LINK_READ_BYTES, (chunk) => { this.onLinkData(chunk); return true; })) link.resume();
+    else {
+      this.reader = new FrameReader(frames);
+      link.on("data", (chunk: Buffer) => this.onLinkData(chunk));
+    }
     link.on("error", (e) => this.fail(new Error(`link from stream-out failed: ${e.message}`), false));
     link.on("close", () => {
       this.linkClosed = true;
@@ -473,6 +490,8 @@ class InSession {
       if (this.link.isPaused() && this.queuedBytes < QUEUE_LIMIT / 2) this.link.resume();
       try {
         if (await this.step(f)) return;
+        // a RAW frame's memory returns once QEMU's socket took it (toQemu)
+        if (f.mem && f.type !== SFrame.Raw) this.linkMem.release(f.mem);
         this.handedOn(f);
       } catch (err) {
         this.fail(err instanceof ProtocolError ? err : new Error(`stream-in: ${(err as Error).message}`), true);
@@ -490,7 +509,8 @@ class InSession {
       this.trace?.raw(b);
       this.check.add(b);
       this.check.flush();
-      await this.toQemu(b);
+      if (f.type === SFrame.Raw && f.mem) await this.toQemu(b, this.linkMem, f.mem);
+      else await this.toQemu(b);
     } else if (f.type === SFrame.Refs || f.type === SFrame.MultifdRefs) await this.rebuildRefs(f);
     this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
     if (f.type !== SFrame.End) return false;
@@ -512,13 +532,14 @@ class InSession {
     this.stats.streamToResumeMs = at - this.ctx.firstByteAt;
   }
 
-  private async toQemu(buf: Buffer): Promise<void> {
+  /** Writes `buf` to QEMU; its memory (`from`, of `mem`) returns to `mem` once the socket took it. */
+  private async toQemu(buf: Buffer, mem = this.toQemuMem, from = buf): Promise<void> {
     const q = this.qemu!;
     if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
     this.stats.bytesToQemu += buf.length;
     this.streamBytes += buf.length;
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
-    this.toQemuMem.write(q, buf);
+    mem.write(q, buf, from);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
     if (q.writableLength >= TO_QEMU_QUEUE_BYTES) {
       const t0 = performance.now();

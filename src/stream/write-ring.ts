@@ -67,9 +67,9 @@ export class WriteRing implements FrameAlloc {
     if (!this.carves.length) this.head = 0;
   }
 
-  /** Writes `buf` (from take(), or any Buffer) to `sock`; ring space returns when the write completes. */
-  write(sock: Writable, buf: Buffer): boolean {
-    return this.carveOf(buf) ? sock.write(buf, () => this.release(buf)) : sock.write(buf);
+  /** Writes `buf` (from take(), a view of `from` from take(), or any Buffer) to `sock`; ring space returns when the write completes. */
+  write(sock: Writable, buf: Buffer, from = buf): boolean {
+    return this.carveOf(from) ? sock.write(buf, () => this.release(from)) : sock.write(buf);
   }
 
   /** Bytes of the ring in use. */

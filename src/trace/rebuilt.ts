@@ -16,6 +16,8 @@ export class RebuiltStreamTrace {
     if (multifd) this.parser = new MultifdStreamParser();
     else {
       const p = new QemuStreamParser();
+      // what it reads (rebuilt pages, RAW frames) is stream-in's memory, used again once QEMU's socket took it
+      p.inputReused = true;
       hook.attach(p);
       this.parser = p;
     }

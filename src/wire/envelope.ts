@@ -26,6 +26,8 @@ import { ProtocolError } from "../errors.js";
 export interface Frame {
   type: number;
   payload: Buffer;
+  /** The memory the reader's `alloc` gave this frame (the payload is a view of it), for the owner to reuse once done with the frame; absent when the payload is a view of a pushed chunk. */
+  mem?: Buffer;
 }
 
 /** Writes the length and the CRC of a frame built in `b` (type at 4, payload after, 4 spare bytes at the end); `crc` false: zero there (agreed inside TLS). */
@@ -96,14 +98,23 @@ export interface ReaderOptions {
   known: (type: number) => boolean;
   /** Largest body before `handshakeDone()` (a link passes HANDSHAKE_FRAME_MAX; default: maxFrame). */
   handshakeMax?: number;
-  /** Where a frame that arrived in several chunks is joined (default Buffer.allocUnsafe): a pool the reader's owner refills. */
-  alloc?: (size: number) => Buffer;
+  /** Where a frame that arrived in several chunks is joined (default Buffer.allocUnsafe), given its size and its (unchecked) type byte: a pool the reader's owner refills. */
+  alloc?: (size: number, type: number) => Buffer;
+  /**
+   * Each chunk is overwritten once push() returns (a socket read into one reused buffer, link/read-buffer.ts):
+   * every frame is then copied into `alloc`'s memory as its bytes come, and nothing of a chunk is kept.
+   */
+  inputReused?: boolean;
 }
 
 /** Incremental frame parser: a frame may be split anywhere across reads. */
 export class FrameReader {
   private chunks: Buffer[] = [];
+  /** Bytes pending: in `chunks`, or (inputReused) copied into `head` and then `part`. */
   private have = 0;
+  /** inputReused: the frame being copied (length, type, payload, CRC), once its first 5 bytes came into `head`. */
+  private part: Buffer | null = null;
+  private readonly head = Buffer.allocUnsafe(5);
   private limit: number;
   /** Whether frames carry a CRC to check (until the handshake agrees otherwise, they do). */
   private crc = true;
@@ -121,27 +132,18 @@ export class FrameReader {
   }
 
   push(chunk: Buffer): Frame[] {
+    if (this.o.inputReused) return this.pushCopying(chunk);
     this.chunks.push(chunk);
     this.have += chunk.length;
     const out: Frame[] = [];
     while (this.have >= 5) {
       let first = this.chunks[0]!;
-      if (first.length < 5) first = this.gather(5);
-      const len = first.readUInt32BE(0);
-      if (len < 1 + TRAILER || len > this.limit) {
-        throw new ProtocolError(`frame length ${len} is outside ${1 + TRAILER}..${this.limit}: corrupt link or not a pagetwin peer`);
-      }
+      if (first.length < 5) first = this.gather(5, Buffer.allocUnsafe(5));
+      const len = this.checkLength(first.readUInt32BE(0));
       if (this.have < 4 + len) break;
-      if (first.length < 4 + len) first = this.gather(4 + len);
-      // the CRC first: a corrupt frame is refused whatever its type says
-      const body = first.subarray(4, 4 + len - TRAILER);
-      if (this.crc && crc32(body) !== first.readUInt32BE(4 + len - TRAILER)) {
-        throw new ProtocolError(`frame ${this.frames} (${len} bytes) fails its CRC-32: the link corrupted it; nothing of it was used`);
-      }
-      const type = first[4]!;
-      if (!this.o.known(type)) throw new ProtocolError(`unknown frame type ${type}`);
-      out.push({ type, payload: first.subarray(5, 4 + len - TRAILER) });
-      this.frames++;
+      let mem: Buffer | undefined;
+      if (first.length < 4 + len) first = mem = this.gather(4 + len, this.alloc(4 + len, first[4]!));
+      out.push(this.finish(first, len, mem));
       if (first.length === 4 + len) this.chunks.shift();
       else this.chunks[0] = first.subarray(4 + len);
       this.have -= 4 + len;
@@ -149,13 +151,64 @@ export class FrameReader {
     return out;
   }
 
+  /** push() of a chunk that is overwritten afterwards: each frame's bytes go into its own memory as they come. */
+  private pushCopying(chunk: Buffer): Frame[] {
+    const out: Frame[] = [];
+    let at = 0;
+    while (at < chunk.length) {
+      if (!this.part) {
+        // the length and the type first: they say how much memory the frame needs
+        const n = chunk.copy(this.head, this.have, at, at + 5 - this.have);
+        at += n;
+        this.have += n;
+        if (this.have < 5) break;
+        const len = this.checkLength(this.head.readUInt32BE(0));
+        this.part = this.alloc(4 + len, this.head[4]!);
+        this.head.copy(this.part, 0, 0, 5);
+      }
+      const p = this.part;
+      const n = chunk.copy(p, this.have, at, at + p.length - this.have);
+      at += n;
+      this.have += n;
+      if (this.have < p.length) break;
+      this.part = null;
+      this.have = 0;
+      out.push(this.finish(p, p.length - 4, p));
+    }
+    return out;
+  }
+
+  private alloc(size: number, type: number): Buffer {
+    return this.o.alloc ? this.o.alloc(size, type) : Buffer.allocUnsafe(size);
+  }
+
+  private checkLength(len: number): number {
+    if (len < 1 + TRAILER || len > this.limit) {
+      throw new ProtocolError(`frame length ${len} is outside ${1 + TRAILER}..${this.limit}: corrupt link or not a pagetwin peer`);
+    }
+    return len;
+  }
+
+  /** The frame at the start of `b` (its body `len` bytes), checked. */
+  private finish(b: Buffer, len: number, mem: Buffer | undefined): Frame {
+    // the CRC first: a corrupt frame is refused whatever its type says
+    const body = b.subarray(4, 4 + len - TRAILER);
+    if (this.crc && crc32(body) !== b.readUInt32BE(4 + len - TRAILER)) {
+      throw new ProtocolError(`frame ${this.frames} (${len} bytes) fails its CRC-32: the link corrupted it; nothing of it was used`);
+    }
+    const type = b[4]!;
+    if (!this.o.known(type)) throw new ProtocolError(`unknown frame type ${type}`);
+    this.frames++;
+    const payload = b.subarray(5, 4 + len - TRAILER);
+    return mem ? { type, payload, mem } : { type, payload };
+  }
+
   /**
-   * Joins the first `n` pending bytes into one buffer at the head of the
+   * Joins the first `n` pending bytes into `whole`, put at the head of the
    * queue; the rest stays where it arrived (joining everything pending would
    * copy a frame's tail again with the next frame).
    */
-  private gather(n: number): Buffer {
-    const whole = this.o.alloc ? this.o.alloc(n) : Buffer.allocUnsafe(n);
+  private gather(n: number, whole: Buffer): Buffer {
     let o = 0;
     while (o < n) {
       const c = this.chunks[0]!;
