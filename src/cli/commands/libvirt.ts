@@ -49,7 +49,7 @@ says so. virsh migrate's options (--p2p, --persistent, --undefinesource,
 place for pagetwin).
 
 prepare: only the preparation, for an orchestrator that calls libvirt itself:
-prints the --migrateuri and --listen-address to give libvirt (docs/LIBVIRT.md).`;
+prints the --migrateuri (with --qemu-side tcp, also --listen-address) to give libvirt (docs/LIBVIRT.md).`;
 
 function help(): string {
   const lines = [USAGE, "", "Options:"];
