@@ -12,6 +12,7 @@ import { bandwidthArg, migrateArgs } from "../src/libvirt/migrate.js";
 import { UsageError } from "../src/errors.js";
 import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { ServeClient } from "../src/serve/client.js";
+import { DEFAULT_QEMU_SOCKETS } from "../src/serve/qemu-sockets.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
 import { LibvirtPair, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
 import { replayShows } from "./helpers/trace-page.js";
@@ -145,7 +146,9 @@ test("the command: usage errors exit 2 before anything starts; an unreachable li
   const help = await cli(["migrate", "--help"]);
   assert.equal(help.code, 0);
   assert.match(help.stdout, /drop-in for `virsh migrate --live/);
-  for (const args of [["migrate"], ["migrate", "dom"], ["migrate", "dom", "uri", "--tunnelled"], ["migrate", "dom", "uri", "extra"], ["nonsense"], ["migrate", "dom", "uri", "--no-pagetwin", "--ui"]]) {
+  for (const args of [["migrate"], ["migrate", "dom"], ["migrate", "dom", "uri", "--tunnelled"], ["migrate", "dom", "uri", "extra"], ["nonsense"], ["migrate", "dom", "uri", "--no-pagetwin", "--ui"],
+    ["migrate", "dom", "uri", "--peer", "h:1", "--qemu-side", "udp"], ["migrate", "dom", "uri", "--peer", "h:1", "--migrateuri", "unix:///x.sock", "--listen-address", "127.0.0.2"],
+    ["migrate", "dom", "uri", "--peer", "h:1", "--qemu-side", "unix", "--migrateuri", "tcp://127.0.0.1"], ["prepare", "dom", "--peer", "h:1", "--migrateuri", "unix://relative"]]) {
     const r = await cli(args);
     assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
     assert.match(r.stderr, /^pagetwin: /);
@@ -252,8 +255,9 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
   test("pagetwin libvirt migrate: live to the other daemon through both services; pages travel as references from both disks, verified; the counter goes on", async () => {
     const { res, lines, linkBytes } = await migrateThroughPagetwin();
     assert.ok(lines.some((l) => l.event === "progress" && l.phase === "migration" && l.total > 400e6), "progress events with libvirt's job figures");
-    assert.match(res.migrateUri, /^tcp:\/\/127\.0\.0\.1:\d+$/);
-    assert.equal(res.listenAddress, "127.0.0.1");
+    // unix sockets at both QEMUs by default: one path, on each host its own directory
+    assert.equal(res.migrateUri, `unix://${DEFAULT_QEMU_SOCKETS}/${G}.sock`);
+    assert.equal(res.listenAddress, undefined);
     const rep = res.report;
     assert.deepEqual(rep.disks.map((d: { path: string }) => d.path), [pair.guest.disk, pair.disk2]);
     for (const d of rep.disks) assert.ok(d.dedup && d.twins > 1000, `pages from ${d.path} travelled as references: ${JSON.stringify(d)}`);
@@ -317,7 +321,7 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     [here, there] = [pair.b, pair.a];
     for (const { res } of [one, two]) verifiedWithTwins(res.report);
     assert.deepEqual([one.res.report.migration, two.res.report.migration], [G, G2]);
-    assert.notEqual(one.res.migrateUri, two.res.migrateUri, "each migration has its own port");
+    assert.notEqual(one.res.migrateUri, two.res.migrateUri, "each migration has its own socket");
     const src = await ServeClient.connect(services.get(pair.a)!.control);
     try {
       const { migrations, indexes } = await src.request<{ migrations: { migration: string; direction: string; state: string; startedAt: string; endedAt: string }[]; indexes: Record<string, number> }>("list");
@@ -347,10 +351,12 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     assert.ok(rep.timings.indexesOpen < 200, `an open index is not loaded again: ${JSON.stringify(rep.timings)}`);
   });
 
-  test("migrate-setspeed: the link carries at most that rate, and QEMU's stream is not held to it", async () => {
+  test("migrate-setspeed, --qemu-side tcp: the link carries at most that rate, and QEMU's stream is not held to it", async () => {
     const MIBS = 3;
     await here.virsh.run(["migrate-setspeed", G, String(MIBS)]);
-    const { res } = await migrateGuest(G, here, there);
+    const { res } = await migrateGuest(G, here, there, ["--qemu-side", "tcp"]);
+    assert.match(res.migrateUri, /^tcp:\/\/127\.0\.0\.1:\d+$/);
+    assert.equal(res.listenAddress, "127.0.0.1");
     [here, there] = [there, here];
     const rep = res.report;
     verifiedWithTwins(rep);
@@ -366,8 +372,8 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     assert.equal(r.code, 0, r.stderr);
     const res = jsonResult(r.stdout);
     assert.equal(res.migration, G);
-    assert.match(res.migrateUri, /^tcp:\/\/127\.0\.0\.1:(\d+)$/);
-    assert.equal(res.listenAddress, "127.0.0.1");
+    assert.equal(res.migrateUri, `unix://${DEFAULT_QEMU_SOCKETS}/${G}.sock`);
+    assert.equal(res.listenAddress, undefined);
     assert.deepEqual(res.disks.map((d: { path: string; dedup: boolean }) => [d.path, d.dedup]), [[pair.guest.disk, true], [pair.disk2, true]]);
     const src = await ServeClient.connect(services.get(here)!.control);
     const dst = await ServeClient.connect(services.get(there)!.control);

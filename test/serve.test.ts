@@ -20,6 +20,7 @@ import { serveSpec } from "../src/cli/commands/serve.js";
 import { qemuStream, freePort } from "./helpers/stream.js";
 import { TraceModel } from "../src/trace/model.js";
 import type { TraceRecord } from "../src/trace/format.js";
+import { QemuSockets } from "../src/serve/qemu-sockets.js";
 import { countingRelay, sinkQemu, sourceQemu, twoServices, type TwoServices } from "./helpers/serve.js";
 import { Shared } from "../src/serve/shared.js";
 
@@ -297,6 +298,53 @@ test("unix sockets at both QEMUs: the source QEMU migrates to unix:PATH (0600), 
   } finally {
     sink.close();
   }
+});
+
+test("\"unix\": the source service's socket in its QEMU socket directory (0770 or 0700, the socket QEMU's group's), the destination's directory made ready, its QEMU's socket removed after", async () => {
+  const group = process.getuid?.() === 0 ? process.getgid!() : null;
+  const srcDir = path.join(dir, "src-qemu"), dstDir = path.join(dir, "dst-qemu");
+  const pair = await twoServices(fs.mkdtempSync(path.join(dir, "pair-")), undefined, { qemuSockets: new QemuSockets(srcDir, group) }, { qemuSockets: new QemuSockets(dstDir, null) });
+  fs.mkdirSync(dstDir, { mode: 0o755 });
+  const sinkPath = path.join(dstDir, "sockets.sock");
+  const sink = await sinkQemu(sinkPath);
+  try {
+    const { pages } = twoDiskPages();
+    const data = qemuStream(pages);
+    const ready = await pair.srcClient.request<OutgoingReady>("outgoing", { migration: "sockets", disks: [diskA], qemu: "unix", destQemu: `unix:${sinkPath}`, peer: `127.0.0.1:${pair.dst.peerPort}` });
+    const srcPath = path.join(srcDir, "sockets.sock");
+    assert.equal(ready.migrateUri, `unix:${srcPath}`);
+    assert.equal(ready.libvirtMigrateUri, undefined, "the two paths differ: no single unix:// URI for libvirt");
+    assert.equal(fs.statSync(srcDir).mode & 0o777, group === null ? 0o700 : 0o770);
+    assert.equal(fs.statSync(dstDir).mode & 0o777, 0o700, "the destination made its directory ready at PREPARE");
+    if (group !== null) {
+      assert.equal(fs.statSync(srcPath).mode & 0o777, 0o660);
+      assert.equal(fs.statSync(srcPath).gid, group);
+    }
+    const end = ended(pair.srcClient, "sockets");
+    assert.equal(await sourceQemu(srcPath, data), false);
+    assert.equal((await end).ok, true);
+    assert.ok(sink.got().equals(data));
+    await ended(pair.dstClient, "sockets");
+    assert.equal(fs.existsSync(sinkPath), false, "the destination QEMU's socket is removed after the migration");
+    assert.equal(fs.existsSync(srcPath), false, "the source service's socket is gone with its migration");
+    await assert.rejects(pair.srcClient.request("outgoing", { migration: "bad", disks: [diskA], qemu: "127.0.0.1:0", destQemu: "unix", peer: `127.0.0.1:${pair.dst.peerPort}` }), /destQemu "unix"/);
+  } finally {
+    sink.close();
+    await pair.close();
+  }
+});
+
+test("QemuSockets: a socket per migration id, short and safe; ids that are not file names or too long get a hash", () => {
+  const q = new QemuSockets("/run/pagetwin-qemu", null);
+  assert.equal(q.pathFor("web1"), "/run/pagetwin-qemu/web1.sock");
+  assert.match(q.pathFor("a:b@c"), /^\/run\/pagetwin-qemu\/m-[0-9a-f]{20}\.sock$/);
+  assert.notEqual(q.pathFor("a:b"), q.pathFor("a+b"));
+  assert.ok(q.pathFor("x".repeat(128)).length <= 107);
+  assert.ok(q.owns("/run/pagetwin-qemu/web1.sock") && !q.owns("/tmp/web1.sock"));
+  assert.throws(() => new QemuSockets("relative", null), /absolute/);
+  assert.throws(() => QemuSockets.resolve("/x", "no-such-group-here"), /no group/);
+  assert.equal(QemuSockets.resolve("/x", "none").group, null);
+  assert.equal(QemuSockets.resolve("/x", "4242").group, 4242);
 });
 
 test("the destination service stops: a migration it had prepared is called off on the source too (no URI left open), with the code saying why", async () => {

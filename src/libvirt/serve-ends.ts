@@ -17,7 +17,14 @@ export interface ServeEndsOptions {
   control: string;
   /** The destination service's peer address, HOST:PORT. */
   peer: string;
-  /** Where the source QEMU connects (the service listens there): a loopback host (default 127.0.0.1). */
+  /**
+   * How the services meet the QEMUs (default "unix"): a unix socket, the same path on both hosts (libvirt's
+   * unix:// migrate URI: what QEMU counts as sent is what the service took), or loopback TCP (one port number).
+   */
+  qemuSide?: "unix" | "tcp";
+  /** unix: the socket's path on both hosts (default: one in the services' --qemu-sockets directory). */
+  socketPath?: string;
+  /** tcp: where the source QEMU connects (the service listens there): a loopback host (default 127.0.0.1). */
   qemuHost?: string;
   /** The port both QEMUs use (libvirt uses one port number for both ends); default 0: one the service finds free. */
   port?: number;
@@ -69,13 +76,18 @@ export class ServeEnds implements MigrationEnds {
   }
 
   private outgoing(client: ServeClient, id: string, req: EndsRequest): Promise<OutgoingReady> {
-    const port = this.o.port ?? 0;
     return client.request<OutgoingReady>("outgoing", {
-      migration: id, disks: req.disks.map((d) => d.source!),
-      qemu: `${this.o.qemuHost ?? "127.0.0.1"}:${port}`, destQemu: `${this.o.listenAddress ?? "127.0.0.1"}:${port}`, peer: this.o.peer,
+      migration: id, disks: req.disks.map((d) => d.source!), ...this.qemuEnds(), peer: this.o.peer,
       ...(this.o.trace?.length ? { trace: true } : {}),
       ...(req.bandwidthMiBs ? { bandwidth: req.bandwidthMiBs * MIB } : {}),
     });
+  }
+
+  /** The `qemu` and `destQemu` of the service's `outgoing` request. */
+  private qemuEnds(): { qemu: string; destQemu: string } {
+    if ((this.o.qemuSide ?? "unix") === "unix") return { qemu: this.o.socketPath ? `unix:${this.o.socketPath}` : "unix", destQemu: "unix" };
+    const port = this.o.port ?? 0;
+    return { qemu: `${this.o.qemuHost ?? "127.0.0.1"}:${port}`, destQemu: `${this.o.listenAddress ?? "127.0.0.1"}:${port}` };
   }
 
   /** libvirt is done: the service's end of the migration (cancelled first if libvirt failed), as the report. */

@@ -23,6 +23,7 @@ import { Lease } from "./lease.js";
 import { MigrationRecord, errorInfo } from "./migration.js";
 import type { Shared } from "./shared.js";
 import type { MigrationTrace } from "./trace.js";
+import type { QemuSockets } from "./qemu-sockets.js";
 
 /** A destination disk open in the service: its image, and its index's seed and id (only they are needed here). */
 export interface OpenDestDisk {
@@ -57,6 +58,8 @@ export interface InParts {
   disks: Shared<OpenDestDisk>;
   bus: EventEmitter;
   log: Log;
+  /** The directory of QEMU's unix sockets: made ready when the destination QEMU is to listen there. */
+  qemuSockets: QemuSockets;
   /** The migration's trace sinks (--trace-dir, --ui, a control client's; none without them). */
   trace(id: string): MigrationTrace;
   /** Registers the migration (throws ServeError when the id is taken or the service is stopping). */
@@ -84,6 +87,13 @@ export class IncomingMigration {
     }
     const paths = p.disks.map((d) => d.path);
     const t0 = performance.now();
+    const socket = qemuSocket(p.qemu, parts.qemuSockets);
+    try {
+      socket?.ensure();
+    } catch (err) {
+      lease.end({ code: errorInfo(err).code, reason: `the destination cannot make QEMU's socket directory ${parts.qemuSockets.dir}: ${(err as Error).message}` });
+      return;
+    }
     let disks: OpenDestDisk[];
     try {
       disks = await parts.disks.acquireAll(paths);
@@ -175,9 +185,17 @@ export class IncomingMigration {
     record.mark("finished");
     lease.send(PeerFrame.Finished, { ok, ...(record.error ? { error: record.error } : {}), stats: record.stats, disks: record.status().disks, timings: record.timings });
     lease.end();
+    const q = parseEndpoint(record.qemu, "qemu");
+    if (q.kind === "unix") parts.qemuSockets.remove(q.path);
     for (const p of this.paths) parts.disks.release(p);
     parts.unregister(this);
   }
+}
+
+/** The socket directory, when the destination QEMU listens in it (else null: the operator's path, left alone). */
+function qemuSocket(qemu: string, sockets: QemuSockets): QemuSockets | null {
+  const at = parseEndpoint(qemu, "qemu");
+  return at.kind === "unix" && sockets.owns(at.path) ? sockets : null;
 }
 
 /** Whether this side can verify the source's references into a disk (and why not). */

@@ -25,6 +25,7 @@ import { Lease, abortError } from "./lease.js";
 import { MigrationRecord, type Timings } from "./migration.js";
 import type { Shared } from "./shared.js";
 import type { MigrationTrace } from "./trace.js";
+import type { QemuSockets } from "./qemu-sockets.js";
 
 /** The `outgoing` request. */
 export interface OutgoingRequest {
@@ -34,9 +35,9 @@ export interface OutgoingRequest {
   disks: string[];
   /** The same images as the destination host mounts them (default: the same paths). */
   destDisks?: string[];
-  /** Where the source QEMU connects: a loopback HOST:PORT (port 0: any free one) or unix:PATH. */
+  /** Where the source QEMU connects: a loopback HOST:PORT (port 0: any free one), unix:PATH, or "unix": a socket of this migration in the service's socket directory. */
   qemu: string;
-  /** The destination QEMU's -incoming address, as the destination host reaches it. */
+  /** The destination QEMU's -incoming address, as the destination host reaches it; "unix": the source's socket path (libvirt's unix:// migrate URI: one path on both hosts). */
   destQemu: string;
   /** The destination service's peer address, HOST:PORT. */
   peer: string;
@@ -55,7 +56,7 @@ export interface OutgoingReady {
   migration: string;
   /** For the source QEMU: `migrate URI` (tcp:HOST:PORT or unix:PATH). */
   migrateUri: string;
-  /** For libvirt's --migrateuri (tcp://HOST:PORT; absent for a unix socket). */
+  /** For libvirt's --migrateuri: tcp://HOST:PORT, or unix:///PATH when both QEMUs use the same path (absent otherwise). */
   libvirtMigrateUri?: string;
   /** Where the source service listens for QEMU. */
   listen: string;
@@ -75,6 +76,8 @@ export interface OutParts {
   log: Log;
   /** The migration's trace sinks (--trace-dir, --ui, `trace` events if `events`; none without them). */
   trace(id: string, events: boolean): MigrationTrace;
+  /** Where "unix" puts QEMU's socket. */
+  qemuSockets: QemuSockets;
   /** Link time that may be on its way beyond stream-in's credit (stream-out's --queue-ms; undefined: its default). */
   queueMs?: number;
   register(m: OutgoingMigration): void;
@@ -94,9 +97,10 @@ export class OutgoingMigration {
 
   constructor(private readonly req: OutgoingRequest, private readonly parts: OutParts) {
     checkRequest(req);
-    this.qemuAt = parseEndpoint(req.qemu, "qemu");
+    this.qemuAt = parseEndpoint(req.qemu === "unix" ? `unix:${parts.qemuSockets.pathFor(req.migration)}` : req.qemu, "qemu");
     if (!isLocal(this.qemuAt)) throw new UsageError(`qemu: the source QEMU connects over loopback or a unix socket (got ${req.qemu})`);
-    this.destQemu = parseEndpoint(req.destQemu, "destQemu");
+    if (req.destQemu === "unix" && this.qemuAt.kind !== "unix") throw new UsageError(`destQemu "unix" is the source QEMU's socket path: qemu must be a unix socket too (got ${req.qemu})`);
+    this.destQemu = req.destQemu === "unix" ? this.qemuAt : parseEndpoint(req.destQemu, "destQemu");
     this.peerAt = parseEndpoint(req.peer, "peer", "");
     this.stats.compression.mode = req.compress ?? "auto";
     this.record = new MigrationRecord(req.migration, "out", formatEndpoint(this.qemuAt), this.stats,
@@ -137,7 +141,10 @@ export class OutgoingMigration {
     const blocks = nas.map((n) => n.header.blocks);
     let prepared!: (lookup: SourceDisk[]) => void;
     const lookup = new Promise<SourceDisk[]>((r) => { prepared = r; });
+    const sockets = this.qemuAt.kind === "unix" && parts.qemuSockets.owns(this.qemuAt.path) ? parts.qemuSockets : null;
+    sockets?.ensure();
     this.proxy = await this.listen(nas[0]!, lookup);
+    if (this.qemuAt.kind === "unix") sockets?.grant(this.qemuAt.path);
     if (this.destQemu.kind === "tcp" && this.destQemu.port === 0 && this.proxy.port) this.destQemu = { ...this.destQemu, port: this.proxy.port };
     const answer = await this.prepareDestination(nas, blocks);
     const offsets = diskOffsets(blocks);
@@ -199,7 +206,7 @@ export class OutgoingMigration {
     const at = this.qemuAt.kind === "tcp" ? { ...this.qemuAt, port: this.proxy!.port } : this.qemuAt;
     const migrateUri = at.kind === "tcp" ? `tcp:${formatEndpoint(at)}` : `unix:${at.path}`;
     return {
-      migration: this.req.migration, migrateUri, ...(at.kind === "tcp" ? { libvirtMigrateUri: `tcp://${formatEndpoint(at)}` } : {}),
+      migration: this.req.migration, migrateUri, ...libvirtUri(at, this.destQemu),
       listen: formatEndpoint(at), port: at.kind === "tcp" ? at.port : 0, destQemu: formatEndpoint(this.destQemu),
       ...(this.destQemu.kind === "tcp" ? { listenAddress: this.destQemu.host } : {}),
       disks: this.record.disks.map((d) => ({ ...d })),
@@ -257,6 +264,15 @@ export class OutgoingMigration {
     this.acquired = false;
     for (const p of this.req.disks) this.parts.indexes.release(p);
   }
+}
+
+/**
+ * libvirt's --migrateuri: libvirt gives both QEMUs one port (tcp://HOST:PORT, the destination listening on
+ * --listen-address) or one socket path (unix:///PATH on both hosts); none when the two ends differ in path.
+ */
+function libvirtUri(at: Endpoint, dest: Endpoint): { libvirtMigrateUri?: string } {
+  if (at.kind === "tcp") return { libvirtMigrateUri: `tcp://${formatEndpoint(at)}` };
+  return dest.kind === "unix" && dest.path === at.path ? { libvirtMigrateUri: `unix://${at.path}` } : {};
 }
 
 function checkRequest(r: OutgoingRequest): void {

@@ -24,6 +24,7 @@ import { openPeerPort } from "./peer.js";
 import { SERVE_PROTOCOL_VERSION } from "./frames.js";
 import { Shared } from "./shared.js";
 import { ServeTraces, type ServeTraceOptions } from "./trace.js";
+import { QemuSockets } from "./qemu-sockets.js";
 
 export interface ServeServiceOptions extends SecurityOptions, ServeTraceOptions {
   /** The control socket's path (created 0600; a stale socket there is replaced). */
@@ -34,6 +35,8 @@ export interface ServeServiceOptions extends SecurityOptions, ServeTraceOptions 
   keepOpenMs?: number;
   /** Outgoing migrations' pacing, ms of the link's rate on its way beyond stream-in's credit (stream-out's --queue-ms; default: its default). */
   queueMs?: number;
+  /** Where QEMU's unix sockets go when a migration asks for "unix" (default: QemuSockets.resolve(), /run/pagetwin-qemu). */
+  qemuSockets?: QemuSockets;
   log?: LogOption;
 }
 
@@ -68,6 +71,7 @@ export class ServeService {
   private readonly history: MigrationRecord[] = [];
   private readonly indexes: Shared<NasIndex>;
   private readonly destDisks: Shared<OpenDestDisk>;
+  private readonly qemuSockets: QemuSockets;
   private control: ControlServer | null = null;
   private peer: Listener | null = null;
   private traces: ServeTraces | null = null;
@@ -79,6 +83,7 @@ export class ServeService {
 
   private constructor(private readonly o: ServeServiceOptions, private readonly security: Security, private readonly log: Log) {
     this.bus.setMaxListeners(0);
+    this.qemuSockets = o.qemuSockets ?? QemuSockets.resolve();
     const idle = { idleMs: o.keepOpenMs ?? 0, current: (_: string, v: { indexPath: string }) => indexFiles.current(v) };
     this.indexes = new Shared<NasIndex>((path) => this.openIndex(path).then(indexFiles.opened), (n) => { n.index.free(); n.image.close(); }, idle);
     this.destDisks = new Shared<OpenDestDisk>((path) => openDestDisk(path).then(indexFiles.opened), (d) => d.image.close(), idle);
@@ -209,7 +214,7 @@ export class ServeService {
 
   private outParts() {
     return {
-      indexes: this.indexes, security: this.security, bus: this.bus, log: this.log, ...(this.o.queueMs !== undefined ? { queueMs: this.o.queueMs } : {}),
+      indexes: this.indexes, security: this.security, bus: this.bus, log: this.log, qemuSockets: this.qemuSockets, ...(this.o.queueMs !== undefined ? { queueMs: this.o.queueMs } : {}),
       trace: (id: string, events: boolean) => this.traces!.open(id, "out", events ? this.bus : undefined),
       register: (m: OutgoingMigration) => this.register(this.out, m),
       unregister: (m: OutgoingMigration) => this.unregister(this.out, m),
@@ -231,7 +236,7 @@ export class ServeService {
 
   private lease(sock: net.Socket): Promise<void> {
     return IncomingMigration.accept(sock, {
-      disks: this.destDisks, bus: this.bus, log: this.log,
+      disks: this.destDisks, bus: this.bus, log: this.log, qemuSockets: this.qemuSockets,
       trace: (id: string) => this.traces!.open(id, "in"),
       register: (m) => this.register(this.in, m),
       unregister: (m) => this.unregister(this.in, m),

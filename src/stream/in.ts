@@ -541,7 +541,11 @@ class InSession {
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
     mem.write(q, buf, from);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
-    if (q.writableLength >= TO_QEMU_QUEUE_BYTES) {
+    if (q.writableLength > 0 && q.writableLength < TO_QEMU_QUEUE_BYTES) {
+      // The kernel's buffer is full (a unix socket holds about 0.26 MB): let the event loop refill it as QEMU
+      // reads, or QEMU waits while frames are rebuilt up to TO_QEMU_QUEUE_BYTES ahead.
+      await new Promise<void>((r) => setImmediate(r));
+    } else if (q.writableLength >= TO_QEMU_QUEUE_BYTES) {
       const t0 = performance.now();
       await drained(q);
       this.stats.drainWaitMs += performance.now() - t0;

@@ -2,8 +2,11 @@
 // (recipe: docs/LIBVIRT.md): each libvirtd in its own network namespace (the
 // two joined by a 1 Gbit/s veth, helpers' NetnsLink) and its own mount
 // namespace, where a private /etc/libvirt, /run/libvirt, /var/lib/libvirt,
-// /var/cache/libvirt and /var/log/libvirt are bind-mounted from a temp dir;
-// its own host_uuid and a unix socket dir virsh reaches from here.
+// /var/cache/libvirt and /var/log/libvirt are bind-mounted from a temp dir,
+// and so is pagetwin's QEMU socket directory (/run/pagetwin-qemu: one path,
+// a different directory on each host, as libvirt's unix:// migrate URI
+// needs); its own host_uuid and a unix socket dir virsh reaches from here.
+// A host's pagetwin service runs in its daemon's namespaces, network and mount.
 // close() removes everything (domains, QEMU processes, services, daemons,
 // namespaces, files); teardown() does the same synchronously, on failure and at process exit.
 // (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
@@ -18,10 +21,12 @@ import { Virsh, virshAvailable } from "../../src/adapters/libvirt/virsh.js";
 import { findGuest, qemuAvailable, type GuestImage } from "../../src/adapters/qemu/vm.js";
 import { cliPath } from "./cli.js";
 import { kernelFailure } from "../../src/compare/guest.js";
+import { DEFAULT_QEMU_SOCKETS } from "../../src/serve/qemu-sockets.js";
 
 const LIBVIRTD = "/usr/sbin/libvirtd";
 /** Private per host: bind-mounted over the system's dirs inside the daemon's mount namespace. */
-const PRIVATE_DIRS = [["etc", "/etc/libvirt"], ["run", "/run/libvirt"], ["lib", "/var/lib/libvirt"], ["cache", "/var/cache/libvirt"], ["log", "/var/log/libvirt"]] as const;
+const PRIVATE_DIRS = [["etc", "/etc/libvirt"], ["run", "/run/libvirt"], ["lib", "/var/lib/libvirt"], ["cache", "/var/cache/libvirt"], ["log", "/var/log/libvirt"],
+  ["qemu-sockets", DEFAULT_QEMU_SOCKETS]] as const;
 
 /** The second disk of the test guest (scripts/build-guest.sh), beside the NAS image. */
 const secondDisk = (g: GuestImage) => join(g.disk, "..", "disk2.img");
@@ -66,7 +71,7 @@ export function skipLibvirt(): string | false {
   const g = findGuest();
   if (!g) return "guest not built: run scripts/build-guest.sh";
   if (!existsSync(secondDisk(g))) return "the guest's second disk (nas/disk2.img) not built: run scripts/build-guest.sh";
-  if (spawnSync("unshare", ["--version"], { stdio: "ignore" }).status !== 0) return "unshare (util-linux) missing";
+  if (["unshare", "nsenter"].some((c) => spawnSync(c, ["--version"], { stdio: "ignore" }).status !== 0)) return "unshare or nsenter (util-linux) missing";
   return false;
 }
 
@@ -218,13 +223,13 @@ export class LibvirtPair {
     return file;
   }
 
-  /** Runs a command inside `host`'s network namespace (a pagetwin service, a proxy). */
-  spawnIn(host: LibvirtHost, cmd: string, args: string[]): ChildProcess {
-    return this.link.spawn(host.ns, cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
+  /** Runs a command inside `host`'s daemon's network and mount namespaces: it sees that host's QEMU socket directory (nsenter execs: the child's pid is the command's). */
+  spawnOnHost(host: LibvirtHost, cmd: string, args: string[]): ChildProcess {
+    return spawn("nsenter", ["-t", String(host.daemon.pid), "-m", "-n", "--", cmd, ...args], { stdio: ["ignore", "pipe", "pipe"] });
   }
 
   /**
-   * `pagetwin serve` in `host`'s network namespace (control socket in the temp dir, peer port on the
+   * `pagetwin serve` in `host`'s namespaces (control socket in the temp dir, peer port on the
    * host's veth address, the pair's key); resolves once it listens. `cli`: another pagetwin build's
    * dist/src/cli/main.js (the bench compares two); `peerPort`: beside another service on the host. teardown() stops it if the test did not.
    */
@@ -233,7 +238,7 @@ export class LibvirtPair {
     if (!existsSync(key)) writeFileSync(key, randomBytes(32), { mode: 0o600 });
     const port = o.peerPort ?? SERVE_PEER_PORT;
     const control = join(this.dir, `serve-${host.name}-${port}.sock`);
-    const child = this.spawnIn(host, process.execPath, [o.cli ?? cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${port}`, "--psk-file", key, "--json"]);
+    const child = this.spawnOnHost(host, process.execPath, [o.cli ?? cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${port}`, "--psk-file", key, "--json"]);
     this.services.add(child);
     let out = "", err = "";
     child.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });

@@ -25,8 +25,9 @@ const OPTIONS: Record<string, Opt> = {
   connect: { type: "string", short: "c", help: "the source libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)" },
   peer: { type: "string", help: "HOST:PORT of the destination host's pagetwin serve peer port (its --peer-listen)" },
   control: { type: "string", help: `this host's pagetwin serve control socket (default ${DEFAULT_CONTROL})` },
-  migrateuri: { type: "string", help: "where the source QEMU connects: tcp://LOOPBACK[:PORT], the service listens there (default tcp://127.0.0.1, a free port); with --no-pagetwin: libvirt's --migrateuri as given" },
-  "listen-address": { type: "string", help: "where the destination QEMU listens, on the destination host (default 127.0.0.1: only its service reaches it); with --no-pagetwin: as given" },
+  "qemu-side": { type: "string", help: "how the services meet the two QEMUs: unix (default: a unix socket, the same path on both hosts) or tcp (a loopback port)" },
+  migrateuri: { type: "string", help: "where the source QEMU connects, the service listens there: unix:///PATH (the same path on both hosts; default: one in the services' socket directory) or tcp://LOOPBACK[:PORT] (--qemu-side tcp's default tcp://127.0.0.1, a free port); with --no-pagetwin: libvirt's --migrateuri as given" },
+  "listen-address": { type: "string", help: "--qemu-side tcp: where the destination QEMU listens, on the destination host (default 127.0.0.1: only its service reaches it); with --no-pagetwin: as given" },
   xml: { type: "string", help: "the destination's domain XML (virsh migrate --xml)" },
   "no-pagetwin": { type: "boolean", help: "libvirt's own migration, no pagetwin (a baseline with the same progress and checks)" },
   trace: { type: "string", help: `${traceOptions["trace"]!.help}; the source service traces it` },
@@ -48,7 +49,7 @@ says so. virsh migrate's options (--p2p, --persistent, --undefinesource,
 place for pagetwin).
 
 prepare: only the preparation, for an orchestrator that calls libvirt itself:
-prints the --migrateuri and --listen-address to give libvirt (docs/LIBVIRT.md).`;
+prints the --migrateuri (with --qemu-side tcp, also --listen-address) to give libvirt (docs/LIBVIRT.md).`;
 
 function help(): string {
   const lines = [USAGE, "", "Options:"];
@@ -73,23 +74,39 @@ function sourceUri(v: SplitArgs["values"]): string {
   return (v["connect"] as string | undefined) ?? process.env["LIBVIRT_DEFAULT_URI"] ?? "qemu:///system";
 }
 
-/** tcp://HOST[:PORT] -> host and port (0: any free one). */
-function parseMigrateUri(v: string): { host: string; port: number } {
+type QemuSide = { qemuSide: "unix"; socketPath?: string } | { qemuSide: "tcp"; qemuHost?: string; port?: number; listenAddress?: string };
+
+/** unix:///PATH -> the path; tcp://HOST[:PORT] -> host and port (0: any free one). */
+function parseMigrateUri(v: string): QemuSide {
+  const u = /^unix:\/\/(\/[^?#]+)$/.exec(v);
+  if (u) return { qemuSide: "unix", socketPath: u[1]! };
   const m = /^tcp:\/\/(\[[^\]]+\]|[^:/]+)(?::(\d+))?\/?$/.exec(v);
   const port = Number(m?.[2] ?? 0);
-  if (!m || port > 65535) throw new UsageError(`--migrateuri: tcp://HOST[:PORT] on this host's loopback, where the source QEMU connects (got "${v}")`);
-  return { host: m[1]!.replace(/^\[|\]$/g, ""), port };
+  if (!m || port > 65535) throw new UsageError(`--migrateuri: unix:///PATH, or tcp://HOST[:PORT] on this host's loopback, where the source QEMU connects (got "${v}")`);
+  return { qemuSide: "tcp", qemuHost: m[1]!.replace(/^\[|\]$/g, ""), port };
+}
+
+/** How the services meet the QEMUs, from --qemu-side, --migrateuri and --listen-address (unix unless one of them says tcp). */
+function qemuSide(v: SplitArgs["values"]): QemuSide {
+  const side = v["qemu-side"] as string | undefined;
+  if (side !== undefined && side !== "unix" && side !== "tcp") throw new UsageError(`--qemu-side: unix or tcp (got "${side}")`);
+  const uri = v["migrateuri"] ? parseMigrateUri(v["migrateuri"] as string) : undefined;
+  const listen = v["listen-address"] as string | undefined;
+  const kind = side ?? uri?.qemuSide ?? (listen ? "tcp" : "unix");
+  if (uri && uri.qemuSide !== kind) throw new UsageError(`--migrateuri ${v["migrateuri"]} is not --qemu-side ${kind}`);
+  if (kind === "unix") {
+    if (listen) throw new UsageError("--listen-address is for --qemu-side tcp: with a unix socket libvirt's destination QEMU listens at the migrate URI's path");
+    return uri ?? { qemuSide: "unix" };
+  }
+  return { ...(uri ?? { qemuSide: "tcp" }), ...(listen ? { listenAddress: listen } : {}) };
 }
 
 /** pagetwin's ends from the options: this host's service, which prepares the destination's (and traces the migration into `trace`). */
 function serveEnds(v: SplitArgs["values"], trace: readonly TraceSink[] = []): ServeEnds {
   const peer = v["peer"];
   if (typeof peer !== "string" || !peer) throw new UsageError("--peer HOST:PORT is required: the destination host's pagetwin serve peer port (or --no-pagetwin)");
-  const at = v["migrateuri"] ? parseMigrateUri(v["migrateuri"] as string) : undefined;
   return new ServeEnds({
-    control: (v["control"] as string | undefined) ?? DEFAULT_CONTROL, peer,
-    ...(at ? { qemuHost: at.host, port: at.port } : {}),
-    ...(v["listen-address"] ? { listenAddress: v["listen-address"] as string } : {}),
+    control: (v["control"] as string | undefined) ?? DEFAULT_CONTROL, peer, ...qemuSide(v),
     ...(trace.length ? { trace } : {}),
   });
 }
@@ -99,6 +116,7 @@ function endsFor(a: SplitArgs, trace: readonly TraceSink[]): MigrationEnds {
   const v = a.values;
   if (v["no-pagetwin"]) {
     if (v["trace"] !== undefined || v["ui"] !== undefined) throw new UsageError("--trace and --ui trace pagetwin's proxies: not with --no-pagetwin");
+    if (v["qemu-side"] !== undefined) throw new UsageError("--qemu-side is where pagetwin's services meet QEMU: not with --no-pagetwin (give libvirt's --migrateuri)");
     return new DirectEnds(v["migrateuri"] as string | undefined, v["listen-address"] as string | undefined);
   }
   return serveEnds(v, trace);
