@@ -6,6 +6,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { QemuVm, TCG_RAM_PAD_KIB, detectKvm, qemuAvailable, qemuArgs } from '../src/adapters/qemu/vm.js';
 import { guest, skipRealGuest } from './helpers/guest.js';
+import { tcgPadWrapper } from './helpers/libvirt.js';
+import { spawnSync } from 'node:child_process';
 
 function processAlive(pid: number): boolean {
   try {
@@ -54,6 +56,23 @@ test('qemuArgs: under TCG the RAM is not a multiple of 256 KiB (QEMU < 9.0 loses
   }
   assert.equal(ramKiB({ exactRam: true }), 512 * 1024);
   assert.equal(ramKiB({ accel: 'kvm' }), 512 * 1024);
+});
+
+test("the libvirt test domains' QEMU wrapper pads -m and libvirt's pc.ram backend together, or neither", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pt-tcgpad-'));
+  try {
+    // the wrapper with its exec replaced by printing the arguments it would pass
+    const script = path.join(dir, 'wrapper');
+    fs.writeFileSync(script, tcgPadWrapper().replace(/^exec \S+ /m, 'printf "%s\\n" '));
+    const argv = (...args: string[]) => spawnSync('bash', [script, ...args], { encoding: 'utf8' }).stdout.trimEnd().split('\n');
+    const backend = (size: number) => `{"qom-type":"memory-backend-ram","id":"pc.ram","size":${size}}`;
+    const padded = argv('-name', 'g', '-m', '512', '-object', backend(512 * 2 ** 20), '-overcommit', 'mem-lock=off');
+    assert.deepEqual(padded, ['-name', 'g', '-m', `${512 * 1024 + TCG_RAM_PAD_KIB}k`, '-object', backend(512 * 2 ** 20 + TCG_RAM_PAD_KIB * 1024), '-overcommit', 'mem-lock=off']);
+    assert.deepEqual(argv('-m', '512'), ['-m', '512']);
+    assert.deepEqual(argv('-machine', 'none', '-qmp', 'stdio'), ['-machine', 'none', '-qmp', 'stdio']);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('QemuVm.start rejects with qemu stderr when qemu exits early', { skip: qemuAvailable() ? false : 'qemu-system-x86_64 not installed' }, async () => {

@@ -18,7 +18,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createNetnsLink, netnsAvailable, type NetnsLink } from "../../src/adapters/netns/link.js";
 import { Virsh, virshAvailable } from "../../src/adapters/libvirt/virsh.js";
-import { findGuest, qemuAvailable, type GuestImage } from "../../src/adapters/qemu/vm.js";
+import { TCG_RAM_PAD_KIB, findGuest, qemuAvailable, type GuestImage } from "../../src/adapters/qemu/vm.js";
 import { cliPath } from "./cli.js";
 import { kernelFailure } from "../../src/compare/guest.js";
 import { DEFAULT_QEMU_SOCKETS } from "../../src/serve/qemu-sockets.js";
@@ -103,6 +103,13 @@ export class LibvirtPair {
     this.hosts = hosts as [LibvirtHost, LibvirtHost];
   }
 
+  /** The domains' emulator: QEMU with TCG_RAM_PAD_KIB more RAM than libvirt asks for (tcgPadWrapper). */
+  get emulator(): string {
+    const path = join(this.dir, "qemu-tcg-pad");
+    if (!existsSync(path)) writeFileSync(path, tcgPadWrapper(), { mode: 0o755 });
+    return path;
+  }
+
   get a(): LibvirtHost { return this.hosts[0]; }
   get b(): LibvirtHost { return this.hosts[1]; }
 
@@ -138,8 +145,8 @@ export class LibvirtPair {
 
   /**
    * The test guest as a transient domain XML: kernel + initrd of the build, vda = the NAS image, vdb = the second
-   * disk. No USB controller (libvirt adds one by default): the guests of the other real-guest tests have none, and
-   * only this test's guests have panicked after a migration whose stream arrived byte-identical.
+   * disk. No USB controller (libvirt adds one by default): the guests of the other real-guest tests have none.
+   * The emulator pads the RAM as QemuVm does under TCG (libvirt rounds a domain's memory to MiB).
    */
   domainXml(name: string, serialLog: string, cmdline = ""): string {
     const disk = (file: string, dev: string) => `<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>` +
@@ -148,7 +155,7 @@ export class LibvirtPair {
   <os><type arch='x86_64' machine='pc'>hvm</type><kernel>${this.guest.kernel}</kernel><initrd>${this.guest.initrd}</initrd>
   <cmdline>console=ttyS0 quiet panic=1 no_timer_check ${cmdline}</cmdline></os>
   <on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+  <devices><emulator>${this.emulator}</emulator>
     ${disk(this.guest.disk, "vda")}
     ${disk(secondDisk(this.guest), "vdb")}
     <serial type='file'><source path='${serialLog}' append='on'/><target port='0'/></serial>
@@ -392,4 +399,29 @@ function stopProcess(pid: number | undefined, exited: boolean): void {
   for (let i = 0; i < 50 && alive(pid); i++) sleepSync(100);
   if (alive(pid)) try { process.kill(pid, "SIGKILL"); } catch { /* gone */ }
   for (let i = 0; i < 50 && alive(pid); i++) sleepSync(100);
+}
+
+/**
+ * A QEMU wrapper for the test domains: QEMU before 9.0 under TCG loses the guest's writes across a migration when
+ * its RAM is a multiple of 256 KiB (docs/STREAM.md, "Destination guests that fail after RESUME"), and libvirt rounds
+ * a domain's memory to whole MiB, so the wrapper adds TCG_RAM_PAD_KIB to `-m` and to the pc.ram backend libvirt
+ * 9.0 passes (both, or neither: QEMU refuses a backend whose size differs from -m).
+ */
+export function tcgPadWrapper(): string {
+  return String.raw`#!/bin/bash
+pad_kib=${TCG_RAM_PAD_KIB}
+args=("$@"); m=-1; obj=-1
+backend='^(\{"qom-type":"memory-backend-[a-z]+","id":"pc\.ram","size":)([0-9]+)(.*)$'
+for i in "${"$"}{!args[@]}"; do
+  if [ "${"$"}{args[$i]}" = "-m" ] && [[ "${"$"}{args[$((i+1))]:-}" =~ ^[0-9]+$ ]]; then m=$((i+1)); fi
+  if [[ "${"$"}{args[$i]}" =~ $backend ]]; then
+    obj=$i; pre=${"$"}{BASH_REMATCH[1]}; size=${"$"}{BASH_REMATCH[2]}; post=${"$"}{BASH_REMATCH[3]}
+  fi
+done
+if [ $m -ge 0 ] && [ $obj -ge 0 ]; then
+  args[$m]="$(( ${"$"}{args[$m]} * 1024 + pad_kib ))k"
+  args[$obj]="${"$"}{pre}$(( size + pad_kib * 1024 ))${"$"}{post}"
+fi
+exec /usr/bin/qemu-system-x86_64 "${"$"}{args[@]}"
+`;
 }
