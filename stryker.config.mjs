@@ -70,7 +70,7 @@ export const targets = {
   // the certificate check); the option unit test first, then the refusals, then the migrations through a relay
   security: {
     mutate: [block(SEC, "export function resolveSecurity("), block(SEC, "export function serverOptions(", "export function unverifiedPeer(")],
-    command: ["^(handshake: TLS options|a destination agent without)", "^(handshake: a certificate|TLS: a source|the destination refuses)", "^(key: a migration|on-path|canary)"]
+    command: ["^(handshake: TLS options|handshake: the reason|a destination agent without)", "^(handshake: a certificate|TLS: a source|the destination refuses)", "^(key: a migration|on-path|canary)"]
       .map((p) => node(["security"], p, " --test-force-exit")).join(" && "),
   },
   // listen: the listener's door (createServer to authenticated: the handshake cap, its deadline, refusals, the

@@ -15,7 +15,7 @@ import { createEngine } from "../src/index.js";
 import { SecurityError } from "../src/errors.js";
 import * as net from "node:net";
 import * as tls from "node:tls";
-import { clientOptions, loadKey, serverOptions } from "../src/link/security.js";
+import { clientOptions, loadKey, serverOptions, unverifiedPeer } from "../src/link/security.js";
 import { Listener } from "../src/link/listen.js";
 import { MAX_PENDING_HANDSHAKES, TIMEOUTS } from "../src/link/timeouts.js";
 import { jsonFrame } from "../src/wire/envelope.js";
@@ -302,6 +302,8 @@ test("a destination agent without key, certificates or insecure refuses to start
     return true;
   });
   assert.throws(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, psk: randomBytes(16) }), /32 random bytes/);
+  assert.throws(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, psk: TEST_KEY, tls: dstTls() }),
+    (e: unknown) => e instanceof SecurityError && e.message === "pagetwin listen: give either a pre-shared key or TLS certificates, not both");
   assert.doesNotThrow(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, insecure: true }));
 });
 
@@ -370,6 +372,16 @@ test("handshake: TLS options by link kind: certificates are TLS 1.3 with SNI for
   assert.equal(l.pskCallback!({} as tls.TLSSocket, "PAGETWIN"), null, "another identity gets no key");
   assert.throws(() => serverOptions({ kind: "insecure" }), /^Error: serverOptions: an insecure link has no TLS$/);
   assert.throws(() => clientOptions({ kind: "insecure" }, "127.0.0.1"), /^Error: clientOptions: an insecure link has no TLS$/);
+});
+
+test("handshake: the reason a certificate listener gives: a certificate from elsewhere or none, with TLS's own reason or none", () => {
+  const peer = (cert: object, err?: unknown) => ({ authorized: false, authorizationError: err, getPeerCertificate: () => cert }) as unknown as tls.TLSSocket;
+  const tlsSec = { kind: "tls" as const, files: dstTls() };
+  assert.equal(unverifiedPeer(peer({}, "UNABLE_TO_GET_ISSUER_CERT"), tlsSec), "it presented no certificate (UNABLE_TO_GET_ISSUER_CERT)");
+  assert.equal(unverifiedPeer(peer({}), tlsSec), "it presented no certificate (no certificate)");
+  assert.equal(unverifiedPeer(peer({ subject: { CN: "rogue" } }, new Error("self-signed")), tlsSec), "its certificate is not signed by the CA this side trusts (self-signed)");
+  assert.equal(unverifiedPeer({ ...peer({}), authorized: true } as unknown as tls.TLSSocket, tlsSec), null);
+  assert.equal(unverifiedPeer(peer({}), { kind: "psk", key: TEST_KEY }), null, "a key's peer has no certificate to check");
 });
 
 test("handshake: a certificate listener refuses by itself a TLS client that presents no certificate, tells it why, and opens nothing", async () => {
