@@ -25,7 +25,7 @@ function block(file, from, to = from) {
   const close = t[o].match(/^\s*/)[0] + "}";
   return `${file}:${a + 1}-${t.findIndex((l, k) => k > o && l.startsWith(close) && l.trim().length <= 2) + 1}`;
 }
-const IN = "src/stream/in.ts", DEST = "src/agent/destination-session.ts";
+const IN = "src/stream/in.ts", DEST = "src/agent/destination-session.ts", SEC = "src/link/security.ts";
 
 const node = (files, pattern, flags = "") =>
   `node --test --test-concurrency=1${flags}${pattern ? ` --test-name-pattern="${pattern}"` : ""} ${files.map((f) => `dist/test/${f}.test.js`).join(" ")}`;
@@ -64,10 +64,21 @@ export const targets = {
     // a mutant that hangs a session fails at its test's own timeout, and the run exits with sockets still open
     command: ["^(stream-in's|a small)", "^runs of", "^(stream checked|stream fault: the NAS)"].map((p) => node(["stream-faults"], p, " --test-force-exit")).join(" && "),
   },
-  // every security test but the key-file and CLI ones (they spawn the CLI and touch none of these lines)
-  handshake: {
-    mutate: [block("src/link/security.ts", "export function serverOptions(", "export function unverifiedPeer("), block("src/link/listen.ts", "private static createServer(", "private authenticated(")],
-    command: node(["security"], "^(key: a migration|on-path|canary|TLS: a source|the destination refuses|a destination agent|handshake)"),
+  // the handshake, in two targets so that each run stays short (security.test.js's key-file and CLI tests spawn
+  // the CLI and touch none of these lines, so they are never run). security: which links are refused by the
+  // options given to TLS (resolveSecurity, serverOptions to unverifiedPeer: versions, ciphers, the PSK identity,
+  // the certificate check); the option unit test first, then the refusals, then the migrations through a relay
+  security: {
+    mutate: [block(SEC, "export function resolveSecurity("), block(SEC, "export function serverOptions(", "export function unverifiedPeer(")],
+    command: ["^(handshake: TLS options|handshake: the reason|a destination agent without)", "^(handshake: a certificate|TLS: a source|the destination refuses)", "^(key: a migration|on-path|canary)"]
+      .map((p) => node(["security"], p, " --test-force-exit")).join(" && "),
+  },
+  // listen: the listener's door (createServer to authenticated: the handshake cap, its deadline, refusals, the
+  // refusal frame); the listener's own tests first, then the refusals, then the migrations
+  listen: {
+    mutate: [block("src/link/listen.ts", "private static createServer(", "private authenticated(")],
+    command: ["^handshake: (silent|a silent|a certificate|a local)", "^(TLS: a source|the destination refuses|on-path relay changing)", "^(key: a migration|canary)"]
+      .map((p) => node(["security"], p, " --test-force-exit")).join(" && "),
   },
 };
 

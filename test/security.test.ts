@@ -15,8 +15,9 @@ import { createEngine } from "../src/index.js";
 import { SecurityError } from "../src/errors.js";
 import * as net from "node:net";
 import * as tls from "node:tls";
-import { clientOptions, loadKey, serverOptions } from "../src/link/security.js";
+import { clientOptions, loadKey, serverOptions, unverifiedPeer } from "../src/link/security.js";
 import { Listener } from "../src/link/listen.js";
+import { MAX_PENDING_HANDSHAKES, TIMEOUTS } from "../src/link/timeouts.js";
 import { jsonFrame } from "../src/wire/envelope.js";
 import { FrameType, PROTOCOL_VERSION } from "../src/agent/protocol.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
@@ -301,6 +302,8 @@ test("a destination agent without key, certificates or insecure refuses to start
     return true;
   });
   assert.throws(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, psk: randomBytes(16) }), /32 random bytes/);
+  assert.throws(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, psk: TEST_KEY, tls: dstTls() }),
+    (e: unknown) => e instanceof SecurityError && e.message === "pagetwin listen: give either a pre-shared key or TLS certificates, not both");
   assert.doesNotThrow(() => new DestinationAgent({ ramPath: join(work, "never"), createRam: true, insecure: true }));
 });
 
@@ -371,6 +374,16 @@ test("handshake: TLS options by link kind: certificates are TLS 1.3 with SNI for
   assert.throws(() => clientOptions({ kind: "insecure" }, "127.0.0.1"), /^Error: clientOptions: an insecure link has no TLS$/);
 });
 
+test("handshake: the reason a certificate listener gives: a certificate from elsewhere or none, with TLS's own reason or none", () => {
+  const peer = (cert: object, err?: unknown) => ({ authorized: false, authorizationError: err, getPeerCertificate: () => cert }) as unknown as tls.TLSSocket;
+  const tlsSec = { kind: "tls" as const, files: dstTls() };
+  assert.equal(unverifiedPeer(peer({}, "UNABLE_TO_GET_ISSUER_CERT"), tlsSec), "it presented no certificate (UNABLE_TO_GET_ISSUER_CERT)");
+  assert.equal(unverifiedPeer(peer({}), tlsSec), "it presented no certificate (no certificate)");
+  assert.equal(unverifiedPeer(peer({ subject: { CN: "rogue" } }, new Error("self-signed")), tlsSec), "its certificate is not signed by the CA this side trusts (self-signed)");
+  assert.equal(unverifiedPeer({ ...peer({}), authorized: true } as unknown as tls.TLSSocket, tlsSec), null);
+  assert.equal(unverifiedPeer(peer({}), { kind: "psk", key: TEST_KEY }), null, "a key's peer has no certificate to check");
+});
+
 test("handshake: a certificate listener refuses by itself a TLS client that presents no certificate, tells it why, and opens nothing", async () => {
   const dir = mkdtempSync(join(work, "nocert-"));
   const dstRam = join(dir, "dst-ram");
@@ -399,12 +412,13 @@ test("handshake: a certificate listener refuses by itself a TLS client that pres
 
 /** A PSK listener for the handshake tests, with what it refused and how many handshakes were under way at each refusal. */
 async function pskListener(o: { maxPending?: number; authTimeoutMs?: number }) {
-  const refused: string[] = [], underway: number[] = [], sessions: net.Socket[] = [];
+  const refused: string[] = [], underway: number[] = [], sessions: net.Socket[] = [], atSession: number[] = [];
   const l: Listener = await Listener.open({
     at: { kind: "tcp", host: "127.0.0.1", port: 0 }, security: { kind: "psk", key: TEST_KEY }, peer: "test peer", ...o,
-    onSession: (s) => { sessions.push(s); s.destroy(); }, onRefused: (why) => { refused.push(why); underway.push(l.handshakes); },
+    onSession: (s) => { sessions.push(s); atSession.push(l.handshakes); s.destroy(); },
+    onRefused: (why) => { refused.push(why); underway.push(l.handshakes); },
   });
-  return { l, refused, underway, sessions };
+  return { l, refused, underway, sessions, atSession };
 }
 
 /** Waits for `ok` (5 s at most). */
@@ -421,7 +435,7 @@ async function silentPeer(port: number): Promise<{ s: net.Socket; port: number }
 }
 
 test("handshake: silent peers past the cap: the oldest is dropped at once and reported once, the rest keep their handshakes; a peer that leaves stops counting; a peer with the key gets its session", async () => {
-  const { l, refused, underway, sessions } = await pskListener({ maxPending: 2 });
+  const { l, refused, underway, sessions, atSession } = await pskListener({ maxPending: 2 });
   const silent: net.Socket[] = [];
   try {
     const ports: number[] = [];
@@ -443,6 +457,7 @@ test("handshake: silent peers past the cap: the oldest is dropped at once and re
     const c = tls.connect({ port: l.port, ...clientOptions({ kind: "psk", key: TEST_KEY }, "127.0.0.1") });
     c.on("error", () => {});
     await until(() => sessions.length === 1, "the peer with the key");
+    assert.deepEqual(atSession, [1], "an authenticated peer stops counting as a handshake when its session starts");
     c.destroy();
     assert.equal(l.handshakes, 1);
     assert.equal(refused.filter((w) => w.includes(`:${ports[0]}`)).length, 1, `the dropped peer was reported once: ${JSON.stringify(refused)}`);
@@ -453,14 +468,96 @@ test("handshake: silent peers past the cap: the oldest is dropped at once and re
 });
 
 test("handshake: a silent peer past the handshake deadline is refused and counted out", async () => {
-  const { l, refused } = await pskListener({ authTimeoutMs: 300 });
+  const { l, refused, underway } = await pskListener({ authTimeoutMs: 300 });
   const p = await silentPeer(l.port);
   try {
     await until(() => refused.length === 1 && l.handshakes === 0, "the deadline");
     assert.deepEqual(refused, [`a peer at 127.0.0.1:${p.port} failed the TLS handshake: TLS handshake timeout`]);
+    assert.deepEqual(underway, [0], "counted out when it is refused");
     await until(() => p.s.destroyed, "the peer's connection closed");
   } finally {
     p.s.destroy();
+    l.close();
+  }
+});
+
+/** Runs `f` with some of the link's timeouts changed (a test's own, restored after it). */
+async function withTimeouts<T>(changed: Partial<Record<keyof typeof TIMEOUTS, number>>, f: () => Promise<T>): Promise<T> {
+  const t = TIMEOUTS as Record<string, number>, saved = { ...t };
+  Object.assign(t, changed);
+  try {
+    return await f();
+  } finally {
+    Object.assign(t, saved);
+  }
+}
+
+test("handshake: the defaults: a listener holds at most MAX_PENDING_HANDSHAKES handshakes and refuses a silent peer after TIMEOUTS.authMs", async () => {
+  const { l, refused } = await withTimeouts({ authMs: 300 }, () => pskListener({}));
+  const silent: net.Socket[] = [];
+  try {
+    for (let i = 0; i <= MAX_PENDING_HANDSHAKES; i++) silent.push((await silentPeer(l.port)).s);
+    await until(() => refused.length === MAX_PENDING_HANDSHAKES + 1 && l.handshakes === 0, `every silent peer refused: ${JSON.stringify(refused)}`);
+    assert.match(refused[0]!, new RegExp(`dropped before it authenticated, the oldest of ${MAX_PENDING_HANDSHAKES} handshakes under way$`));
+    assert.ok(refused.slice(1).every((w) => w.endsWith("failed the TLS handshake: TLS handshake timeout")), JSON.stringify(refused));
+  } finally {
+    for (const s of silent) s.destroy();
+    l.close();
+  }
+});
+
+test("handshake: a local listener takes any peer without TLS and keeps a half-open connection when asked", async () => {
+  const l = await Listener.open({
+    at: { kind: "tcp", host: "127.0.0.1", port: 0 }, security: { kind: "local" }, peer: "test peer", allowHalfOpen: true,
+    // the peer has ended its side: an answer a moment later still goes back
+    onSession: (s) => { s.on("error", () => {}); s.resume(); s.on("end", () => setTimeout(() => s.end("answer after the peer's end"), 20)); },
+  });
+  try {
+    const got = await new Promise<string>((resolve) => {
+      const out: Buffer[] = [];
+      const c = net.connect({ port: l.port, host: "127.0.0.1", allowHalfOpen: true }, () => c.end("question"));
+      c.on("data", (d: Buffer) => out.push(d));
+      c.on("error", () => {});
+      c.on("close", () => resolve(Buffer.concat(out).toString()));
+      setTimeout(() => c.destroy(), 5000).unref();
+    });
+    assert.equal(got, "answer after the peer's end");
+  } finally {
+    l.close();
+  }
+});
+
+/** A TLS client without a certificate; resolves with when it saw its connection end and close, in ms from its handshake. */
+function noCertClient(port: number, allowHalfOpen: boolean): Promise<{ end: number; close: number }> {
+  return new Promise((resolve) => {
+    let t0 = 0, end = -1;
+    const s = tls.connect({ port, host: "127.0.0.1", ca: readFileSync(certs().ca), servername: "localhost", allowHalfOpen } as tls.ConnectionOptions, () => { t0 = Date.now(); });
+    s.resume();
+    s.on("error", () => {});
+    // a half-open peer learns that the listener's side is gone only when it writes (the reset comes back)
+    s.on("end", () => { end = Date.now() - t0; if (allowHalfOpen) setInterval(() => s.writable && s.write("x"), 20).unref(); });
+    s.on("close", () => resolve({ end, close: Date.now() - t0 }));
+    setTimeout(() => s.destroy(), 5000).unref();
+  });
+}
+
+test("handshake: a certificate listener with neither a refusal frame nor onRefused logs the refusal, ends the connection at once and destroys it after TIMEOUTS.refuseLingerMs", async () => {
+  const log: string[] = [];
+  const l = await Listener.open({
+    at: { kind: "tcp", host: "127.0.0.1", port: 0 }, security: { kind: "tls", files: dstTls() }, peer: "test peer",
+    onSession: (s) => s.destroy(), log: (m) => log.push(m),
+  });
+  try {
+    // a peer that closes when the listener ends: gone long before the (long) linger
+    const ended = await withTimeouts({ refuseLingerMs: 60_000 }, () => noCertClient(l.port, false));
+    assert.ok(ended.end >= 0 && ended.close < 3000, JSON.stringify(ended));
+    // a peer that keeps its side open is destroyed after the linger
+    const held = await withTimeouts({ refuseLingerMs: 200 }, () => noCertClient(l.port, true));
+    assert.ok(held.end >= 0 && held.close >= 200 && held.close < 3000, JSON.stringify(held));
+    const refusals = log.filter((m) => m.startsWith("refused: "));
+    assert.equal(refusals.length, 2, JSON.stringify(log));
+    for (const m of refusals) assert.match(m, /^refused: a peer at 127\.0\.0\.1:\d+: it presented no certificate \(/);
+  } finally {
     l.close();
   }
 });
