@@ -56,7 +56,7 @@ export const targets = {
       block(IN, "private onResend("),
       lines(IN, "if (f.type === SFrame.Raw || f.type === SFrame.RawZ) {", "} else if (f.type === SFrame.Refs"),
       lines(IN, "if (f.type !== SFrame.End) return false;", "if (!this.qemu!.destroyed) this.qemu!.end();"),
-      lines(IN, "this.streamBytes += buf.length;", "this.toQemuMem.write(q, buf);"),
+      lines(IN, "this.streamBytes += buf.length;", "mem.write(q, buf, from);"),
       block(IN, "private async rebuildRefs("),
       block(IN, "private async resend(", "private compareEnd("),
     ],
