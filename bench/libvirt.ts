@@ -17,6 +17,7 @@ import { LibvirtPair, cpuMs, skipLibvirt, type LibvirtHost, type PairService } f
 import { cliPath } from "../test/helpers/cli.js";
 import { parseSize } from "../src/libvirt/job.js";
 import { isMain } from "./cli.js";
+import { median } from "../src/compare/stats.js";
 
 const HELP = `node dist/bench/libvirt.js [--runs N] [--json] [--old DIST]...
   --runs N     rounds of (virsh there, pagetwin back) (default 1)
@@ -139,7 +140,8 @@ export interface LibvirtBenchOptions {
 type Ratios = Record<string, { linkBytes: number; wallMs: number }>;
 /** maxDowntimeMs: the guest's QEMU downtime limit (virsh migrate-getmaxdowntime), which libvirt's downtime is held to. */
 export type LibvirtBench = { rows: Row[]; summary: Summary[]; ratios: Ratios; maxDowntimeMs?: number } | { skipped: string };
-interface Summary { mode: Mode; runs: number; linkBytes: number; wallMs: number; downtimeMs: number; jobMs: number; setupMs: number }
+/** Medians of the runs; maxDowntimeMs: the longest run's downtime (the limit holds for every run or not at all). */
+interface Summary { mode: Mode; runs: number; linkBytes: number; wallMs: number; downtimeMs: number; maxDowntimeMs: number; jobMs: number; setupMs: number }
 
 /** Runs the comparison (root, libvirtd, QEMU and the guest; a few minutes) and prints its tables unless `quiet`. */
 export async function benchLibvirt(o: LibvirtBenchOptions = {}): Promise<LibvirtBench> {
@@ -193,11 +195,13 @@ async function measure(runs: number, olds: Map<Mode, string>): Promise<{ rows: R
   return { rows, ...(maxDowntimeMs !== undefined ? { maxDowntimeMs } : {}) };
 }
 
-const median = (xs: number[]) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.floor((s.length - 1) / 2)]! : NaN; };
-
 function summarize(mode: Mode, ok: Row[]): Summary {
-  const m = (k: keyof Row) => median(ok.flatMap((r) => (typeof r[k] === "number" ? [r[k] as number] : [])));
-  return { mode, runs: ok.length, linkBytes: m("linkBytes"), wallMs: m("wallMs"), downtimeMs: m("downtimeMs"), jobMs: m("jobMs"), setupMs: m("setupMs") };
+  const all = (k: keyof Row) => ok.flatMap((r) => (typeof r[k] === "number" ? [r[k] as number] : []));
+  const m = (k: keyof Row) => median(all(k));
+  return {
+    mode, runs: ok.length, linkBytes: m("linkBytes"), wallMs: m("wallMs"), downtimeMs: m("downtimeMs"), maxDowntimeMs: Math.max(...all("downtimeMs")),
+    jobMs: m("jobMs"), setupMs: m("setupMs"),
+  };
 }
 
 function compressed(c: Row["compression"]): string {
@@ -213,7 +217,7 @@ function goals(summary: Summary[], ratios: Ratios, maxDowntimeMs: number | undef
   if (!r || !p || !v) return "goals: no successful pagetwin run";
   const met = (ok: boolean) => (ok ? "met" : "not met");
   const downtime = maxDowntimeMs === undefined ? `${fmt(p.downtimeMs, "ms")} (QEMU's limit unknown)`
-    : `${met(p.downtimeMs <= maxDowntimeMs)} (${fmt(p.downtimeMs, "ms")}, limit ${maxDowntimeMs} ms; virsh's own ${fmt(v.downtimeMs, "ms")})`;
+    : `${met(p.maxDowntimeMs <= maxDowntimeMs)} in every run (median ${fmt(p.downtimeMs, "ms")}, longest ${fmt(p.maxDowntimeMs, "ms")}, limit ${maxDowntimeMs} ms; virsh's own median ${fmt(v.downtimeMs, "ms")})`;
   return `goals: bytes on the link ≤ 0.35× virsh: ${met(r.linkBytes <= 0.35)} (${r.linkBytes.toFixed(3)}×); time no worse: ${met(r.wallMs <= 1)} (${r.wallMs.toFixed(2)}×); ` +
     `downtime within QEMU's limit: ${downtime}`;
 }
