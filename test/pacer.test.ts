@@ -71,6 +71,10 @@ test("pacer: the rate comes from credits that arrived while the way to stream-in
   const cw = closed.wait();
   closed.close();
   await cw;
+  // a wait that starts after close() (one chained before the session failed) returns too: stream-out's session ends
+  closed.onSent(1 << 20);
+  assert.ok(closed.over());
+  await closed.wait();
 });
 
 /**

@@ -177,6 +177,7 @@ export class LinkPacer {
   private readonly link: CreditWindow;
   private readonly stream: CreditWindow;
   private waiter: (() => void) | null = null;
+  private closed = false;
 
   constructor(private readonly meter: LinkMeter, o: PacerOptions = {}) {
     this.queueMs = o.queueMs ?? 10;
@@ -230,12 +231,14 @@ export class LinkPacer {
 
   /** Resolves once what is on its way is back within the limits, or close() was called. */
   wait(): Promise<void> {
-    if (!this.over()) return Promise.resolve();
+    // a wait chained before the session failed may only start after close()
+    if (this.closed || !this.over()) return Promise.resolve();
     return new Promise((r) => { this.waiter = r; });
   }
 
   /** The session ended: nothing waits any longer. */
   close(): void {
+    this.closed = true;
     this.wake();
   }
 
