@@ -18,7 +18,7 @@ import * as path from "node:path";
 import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { QemuStreamParser, RAM_FLAG, type PagePiece } from "../src/stream/qemu-stream.js";
-import { encodeInit, encodePacket, MULTIFD_FLAG, MULTIFD_PAGE, MULTIFD_PAGES_ALLOC } from "../src/stream/multifd-format.js";
+import { encodeInit, encodePacket, MULTIFD_FLAG, MULTIFD_PAGES_ALLOC } from "../src/stream/multifd-format.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { CpuMeter } from "../src/adapters/proc/cpu.js";
 import { findGuest } from "../src/adapters/qemu/vm.js";

@@ -15,7 +15,7 @@ import { parseArgs } from "node:util";
 import { DEFAULT_APPEND, QEMU_UNTHROTTLED, QemuVm, findGuest, type GuestImage } from "../src/adapters/qemu/vm.js";
 import { CpuMeter } from "../src/adapters/proc/cpu.js";
 import { kernelFailure, lastCounter } from "../src/compare/guest.js";
-import { diffRamFiles } from "../src/compare/ram-diff.js";
+import { diffRamFiles } from "../src/adapters/ram/ram-diff.js";
 import { median } from "../src/compare/stats.js";
 import { isMain } from "./cli.js";
 

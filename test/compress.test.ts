@@ -300,7 +300,7 @@ test("a bomb or corrupt CompressedPages frame (with a valid CRC) stops the migra
 
 // ---------------------------------------------------------------- stream mode
 
-import { SFrame, STREAM_FRAMES } from "../src/stream/frames.js";
+import { SFrame } from "../src/stream/frames.js";
 import { frame as sframe } from "../src/wire/envelope.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { qemuStream, throughProxies as proxyRun, frameTamper, tamperProxy, TEST_KEY } from "./helpers/stream.js";

@@ -6,7 +6,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { QemuVm } from "../src/adapters/qemu/vm.js";
-import { compareFiles } from "../src/demo/embedded-run.js";
+import { compareFiles } from "../src/adapters/ram/ram-diff.js";
 import { migrateQemuAgentMode, AgentMigrationError } from "../src/agent/qemu.js";
 import { assertStatsInvariants } from "./helpers/invariants.js";
 import { AbortError } from "../src/errors.js";

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { diffRamFiles } from "../src/compare/ram-diff.js";
+import { compareFiles, diffRamFiles } from "../src/adapters/ram/ram-diff.js";
 import { formatRamCheck, type Migration } from "../bench/ram-check.js";
 
 test("diffRamFiles: counts the pages that differ, across read chunks, and keeps the first offsets", () => {
@@ -16,8 +16,11 @@ test("diffRamFiles: counts the pages that differ, across read chunks, and keeps 
     fs.writeFileSync(path.join(dir, "a"), a);
     fs.writeFileSync(path.join(dir, "b"), b);
     const d = diffRamFiles(path.join(dir, "a"), path.join(dir, "b"), 3);
-    assert.deepEqual(d, { pages, differing: 5, offsets: [0, 5 * 4096, 2047 * 4096] });
-    assert.deepEqual(diffRamFiles(path.join(dir, "a"), path.join(dir, "a")), { pages, differing: 0, offsets: [] });
+    assert.deepEqual(d, { pages, bytes: pages * 4096, differing: 5, offsets: [0, 5 * 4096, 2047 * 4096] });
+    assert.deepEqual(diffRamFiles(path.join(dir, "a"), path.join(dir, "a")), { pages, bytes: pages * 4096, differing: 0, offsets: [] });
+    // compareFiles: the bytes compared, or the first differing page named
+    assert.equal(compareFiles(path.join(dir, "a"), path.join(dir, "a")), pages * 4096);
+    assert.throws(() => compareFiles(path.join(dir, "a"), path.join(dir, "b")), /differ at byte 0 \(page 0; 5 of 2100 pages differ\)/);
     fs.writeFileSync(path.join(dir, "c"), a.subarray(0, a.length - 4096));
     assert.throws(() => diffRamFiles(path.join(dir, "a"), path.join(dir, "c")), /differ in size/);
   } finally {

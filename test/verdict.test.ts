@@ -18,7 +18,7 @@ import { migrateSource, MigrationError, type MigrationResult, type SourceOptions
 import { AGENT_FRAMES, FrameType } from "../src/agent/protocol.js";
 import { frame, jsonFrame } from "../src/wire/envelope.js";
 import { availableAlgorithms } from "../src/codec/compress.js";
-import { compareFiles } from "../src/demo/embedded-run.js";
+import { compareFiles } from "../src/adapters/ram/ram-diff.js";
 import { vmStub, type VmStub } from "./helpers/vm-stub.js";
 import { frameTamper, tamperProxy, TEST_KEY, type FrameTamper } from "./helpers/stream.js";
 

@@ -5,7 +5,8 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { createInterface } from "node:readline";
-import { openSync, readSync, closeSync, rmSync, existsSync } from "node:fs";
+import { rmSync, existsSync } from "node:fs";
+import { compareFiles } from "../adapters/ram/ram-diff.js";
 import { createKeyFile, loadKey, type SecurityOptions } from "../link/security.js";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -73,29 +74,6 @@ async function startDestinationProcess(ramPath: string, imagePath: string, secur
     });
   });
   return { port, child, result };
-}
-
-/** Compares two files byte for byte; returns the bytes compared, or throws at the first difference. */
-export function compareFiles(a: string, b: string): number {
-  const fa = openSync(a, "r"), fb = openSync(b, "r");
-  const ba = Buffer.allocUnsafe(8 << 20), bb = Buffer.allocUnsafe(8 << 20);
-  let pos = 0;
-  try {
-    for (;;) {
-      const na = readSync(fa, ba, 0, ba.length, pos), nb = readSync(fb, bb, 0, bb.length, pos);
-      if (na !== nb) throw new Error(`${a} and ${b} differ in length near byte ${pos + Math.min(na, nb)}`);
-      if (na === 0) return pos;
-      if (ba.compare(bb, 0, nb, 0, na) !== 0) {
-        let i = 0;
-        while (ba[i] === bb[i]) i++;
-        throw new Error(`${a} and ${b} differ at byte ${pos + i} (page ${Math.floor((pos + i) / 4096)})`);
-      }
-      pos += na;
-    }
-  } finally {
-    closeSync(fa);
-    closeSync(fb);
-  }
 }
 
 export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<EmbeddedRunResult> {
