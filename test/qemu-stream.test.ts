@@ -2,7 +2,7 @@
 // entry, never held back whole, and capped.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { BLOCK_LIST_MAX, QemuStreamParser, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
+import { BLOCK_LIST_MAX, QemuStreamParser, RAM_FLAG, SEC, type Piece } from "../src/stream/qemu-stream.js";
 
 const PAGE = 4096;
 
@@ -107,5 +107,37 @@ test("a parser whose input buffer is reused after each push keeps a copy of the 
     p.finish();
     assert.equal(Buffer.compare(Buffer.concat(out), stream), 0, `reads of ${step} bytes`);
     assert.equal(p.stats.pages, 200);
+  }
+});
+
+test("the configuration section: the subsections QEMU 7.2 sends are read, split anywhere; what the parser cannot rewrite passes through, named", () => {
+  const sub = (name: string, body: Buffer) => Buffer.concat([Buffer.from([SEC.SUBSECTION]), str8(name), be32(1), body]);
+  const config = (...subs: Buffer[]) => Buffer.concat([Buffer.from("QEVM"), be32(3), Buffer.from([SEC.CONFIGURATION]), be32(13), Buffer.from("pc-i440fx-7.2"), ...subs]);
+  const page = Buffer.alloc(PAGE, 0x42);
+  const ram = Buffer.concat([Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4), be64(PAGE + RAM_FLAG.MEM_SIZE), str8("pc.ram"), be64(PAGE), be64(RAM_FLAG.PAGE), str8("pc.ram"), page]);
+  const caps = (...names: string[]) => Buffer.concat([be32(names.length), ...names.map(str8)]);
+  const known = Buffer.concat([config(sub("configuration/target-page-bits", be32(12)), sub("configuration/capabilities", caps()), sub("configuration/uuid", Buffer.alloc(16, 9))), ram]);
+  for (const step of [1, 3, 17, known.length]) {
+    const p = new QemuStreamParser();
+    const { pieces } = feed(p, known, step);
+    assert.equal(p.mode, "parsing", `step ${step}: ${p.passthroughReason}`);
+    assert.equal(pieces.filter((x) => x.kind === "page").length, 1, `step ${step}`);
+    assert.ok(reassemble(pieces).equals(known));
+  }
+  const cases: [Buffer, RegExp][] = [
+    [sub("configuration/target-page-bits", be32(16)), /target page size 2\^16/],
+    [sub("configuration/capabilities", caps("x-ignore-shared", "validate-uuid")), /migration capabilities x-ignore-shared, validate-uuid in use/],
+    [sub("configuration/future", be32(0)), /unknown configuration subsection "configuration\/future"/],
+  ];
+  for (const [s, why] of cases) {
+    for (const step of [1, 5, 4096]) {
+      const data = Buffer.concat([config(s), ram]);
+      const p = new QemuStreamParser();
+      const { pieces } = feed(p, data, step);
+      assert.equal(p.mode, "passthrough");
+      assert.match(p.passthroughReason ?? "", why);
+      assert.equal(pieces.filter((x) => x.kind === "page").length, 0);
+      assert.ok(reassemble(pieces).equals(data), "passthrough hands on every byte as it came");
+    }
   }
 });

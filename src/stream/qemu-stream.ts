@@ -322,113 +322,127 @@ export class QemuStreamParser {
   }
 
   private run(): void {
-    const b = this.buf;
     for (;;) {
       if (this.state === "passthrough" || this.pos >= this.limit) return;
-      switch (this.state) {
-        case "header": {
-          if (!this.avail(8)) return;
-          const magic = b.readUInt32BE(this.pos);
-          const version = b.readUInt32BE(this.pos + 4);
-          if (magic !== QEVM_MAGIC) {
-            const hex = b.toString("hex", this.pos, this.pos + 4);
-            this.toPassthrough(magic === 0x11223344 ? "a multifd channel (its pages are not rewritten)" : `not a QEMU savevm stream (starts with 0x${hex})`);
-            return;
-          }
-          if (version !== QEVM_VERSION) {
-            this.toPassthrough(`savevm stream version ${version} (this parser knows version ${QEVM_VERSION})`);
-            return;
-          }
-          this.pos += 8;
-          this.state = "top";
-          break;
-        }
-        case "top":
-        case "footerOrTop": {
-          if (!this.avail(1)) return;
-          const t = b[this.pos]!;
-          if (this.state === "footerOrTop" && t === SEC.FOOTER) {
-            if (!this.avail(5)) return;
-            const id = b.readUInt32BE(this.pos + 1);
-            if (id !== this.footerFor) this.malformed(`section footer names section ${id}, expected ${this.footerFor}`);
-            this.pos += 5;
-            this.afterSection();
-            break;
-          }
-          if (this.state === "footerOrTop") {
-            this.afterSection(); // stream without section footers
-            if ((this.state as State) !== "top") break;
-          }
-          if (!this.top(t)) return;
-          break;
-        }
-        case "configName": {
-          if (!this.avail(5)) return;
-          const len = b.readUInt32BE(this.pos + 1);
-          if (len > 256) this.malformed(`configuration machine name of ${len} bytes`);
-          if (!this.avail(5 + len)) return;
-          this.machine = b.toString("latin1", this.pos + 5, this.pos + 5 + len);
-          this.pos += 5 + len;
-          this.state = "configSub";
-          break;
-        }
-        case "configSub": {
-          if (!this.avail(1)) return;
-          if (b[this.pos] !== SEC.SUBSECTION) {
-            this.state = "top";
-            break;
-          }
-          if (!this.avail(2)) return;
-          const nlen = b[this.pos + 1]!;
-          if (!this.avail(2 + nlen + 4)) return;
-          const name = b.toString("latin1", this.pos + 2, this.pos + 2 + nlen);
-          let p = this.pos + 2 + nlen + 4;
-          if (name === "configuration/target-page-bits") {
-            if (!this.avail(4, p)) return;
-            const bits = b.readUInt32BE(p);
-            if (bits !== 12) {
-              this.toPassthrough(`target page size 2^${bits} (not 4096)`);
-              return;
-            }
-            p += 4;
-          } else if (name === "configuration/capabilities") {
-            if (!this.avail(4, p)) return;
-            const count = b.readUInt32BE(p);
-            p += 4;
-            const caps: string[] = [];
-            for (let i = 0; i < count; i++) {
-              if (!this.avail(1, p)) return;
-              const l = b[p]!;
-              if (!this.avail(1 + l, p)) return;
-              caps.push(b.toString("latin1", p + 1, p + 1 + l));
-              p += 1 + l;
-            }
-            if (caps.length) {
-              this.pos = p;
-              this.toPassthrough(`migration capabilities ${caps.join(", ")} in use`);
-              return;
-            }
-          } else if (name === "configuration/uuid") {
-            if (!this.avail(16, p)) return;
-            p += 16;
-          } else {
-            this.toPassthrough(`unknown configuration subsection "${name}"`);
-            return;
-          }
-          this.pos = p;
-          break;
-        }
-        case "sectionHead":
-          // unreachable: section heads are read whole in top()
-          return;
-        case "ramRecord":
-          if (!this.ramRecord()) return;
-          break;
-        case "blockList":
-          if (!this.blockListEntry()) return;
-          break;
-      }
+      if (!this.step()) return;
     }
+  }
+
+  /** One item in the current state; false when more bytes are needed (or the stream went passthrough). */
+  private step(): boolean {
+    switch (this.state) {
+      case "header": return this.header();
+      case "top":
+      case "footerOrTop": return this.footerOrTop();
+      case "configName": return this.configName();
+      case "configSub": return this.configSub();
+      case "ramRecord": return this.ramRecord();
+      case "blockList": return this.blockListEntry();
+      // section heads are read whole in top(); passthrough ends run()
+      case "sectionHead":
+      case "passthrough": return false;
+    }
+  }
+
+  private header(): boolean {
+    const b = this.buf;
+    if (!this.avail(8)) return false;
+    const magic = b.readUInt32BE(this.pos);
+    const version = b.readUInt32BE(this.pos + 4);
+    if (magic !== QEVM_MAGIC) {
+      const hex = b.toString("hex", this.pos, this.pos + 4);
+      this.toPassthrough(magic === 0x11223344 ? "a multifd channel (its pages are not rewritten)" : `not a QEMU savevm stream (starts with 0x${hex})`);
+      return false;
+    }
+    if (version !== QEVM_VERSION) {
+      this.toPassthrough(`savevm stream version ${version} (this parser knows version ${QEVM_VERSION})`);
+      return false;
+    }
+    this.pos += 8;
+    this.state = "top";
+    return true;
+  }
+
+  /** A section's footer (when one is due) or the next top-level item. */
+  private footerOrTop(): boolean {
+    const b = this.buf;
+    if (!this.avail(1)) return false;
+    const t = b[this.pos]!;
+    if (this.state === "footerOrTop" && t === SEC.FOOTER) {
+      if (!this.avail(5)) return false;
+      const id = b.readUInt32BE(this.pos + 1);
+      if (id !== this.footerFor) this.malformed(`section footer names section ${id}, expected ${this.footerFor}`);
+      this.pos += 5;
+      this.afterSection();
+      return true;
+    }
+    if (this.state === "footerOrTop") {
+      this.afterSection(); // stream without section footers
+      if ((this.state as State) !== "top") return true;
+    }
+    return this.top(t);
+  }
+
+  private configName(): boolean {
+    const b = this.buf;
+    if (!this.avail(5)) return false;
+    const len = b.readUInt32BE(this.pos + 1);
+    if (len > 256) this.malformed(`configuration machine name of ${len} bytes`);
+    if (!this.avail(5 + len)) return false;
+    this.machine = b.toString("latin1", this.pos + 5, this.pos + 5 + len);
+    this.pos += 5 + len;
+    this.state = "configSub";
+    return true;
+  }
+
+  /** One subsection of the configuration section: the ones QEMU 7.2 sends are checked, any other goes passthrough. */
+  private configSub(): boolean {
+    const b = this.buf;
+    if (!this.avail(1)) return false;
+    if (b[this.pos] !== SEC.SUBSECTION) {
+      this.state = "top";
+      return true;
+    }
+    if (!this.avail(2)) return false;
+    const nlen = b[this.pos + 1]!;
+    if (!this.avail(2 + nlen + 4)) return false;
+    const name = b.toString("latin1", this.pos + 2, this.pos + 2 + nlen);
+    const p = this.configField(name, this.pos + 2 + nlen + 4);
+    if (p < 0) return false;
+    this.pos = p;
+    return true;
+  }
+
+  /** The body of configuration subsection `name` at `p`: where it ends, or -1 (more bytes needed, or passthrough). */
+  private configField(name: string, p: number): number {
+    const b = this.buf;
+    if (name === "configuration/target-page-bits") {
+      if (!this.avail(4, p)) return -1;
+      const bits = b.readUInt32BE(p);
+      if (bits === 12) return p + 4;
+      this.toPassthrough(`target page size 2^${bits} (not 4096)`);
+      return -1;
+    }
+    if (name === "configuration/capabilities") {
+      if (!this.avail(4, p)) return -1;
+      const count = b.readUInt32BE(p);
+      p += 4;
+      const caps: string[] = [];
+      for (let i = 0; i < count; i++) {
+        if (!this.avail(1, p)) return -1;
+        const l = b[p]!;
+        if (!this.avail(1 + l, p)) return -1;
+        caps.push(b.toString("latin1", p + 1, p + 1 + l));
+        p += 1 + l;
+      }
+      if (!caps.length) return p;
+      this.pos = p;
+      this.toPassthrough(`migration capabilities ${caps.join(", ")} in use`);
+      return -1;
+    }
+    if (name === "configuration/uuid") return this.avail(16, p) ? p + 16 : -1;
+    this.toPassthrough(`unknown configuration subsection "${name}"`);
+    return -1;
   }
 
   /** One top-level item starting with type byte `t`; false if more bytes are needed. */
