@@ -9,26 +9,21 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { createKeyFile } from "../link/security.js";
-import { fileURLToPath } from "node:url";
-import type { ChildProcess } from "node:child_process";
-import { QemuVm, QEMU_UNTHROTTLED, findGuest, type GuestImage } from "../adapters/qemu/vm.js";
-import type { QmpEvent } from "../adapters/qemu/qmp.js";
+import { findGuest, type GuestImage, type QemuVm } from "../adapters/qemu/vm.js";
 import { createNetnsLink, type NetnsLink } from "../adapters/netns/link.js";
 import { openNasIndex } from "../adapters/nas/index-file.js";
 import type { StreamStats } from "../stream/stats.js";
-import { CpuMeter } from "../adapters/proc/cpu.js";
 import { median } from "./stats.js";
-import { lastCounter } from "./guest.js";
-import { pollMigration, type MigrateSample, type ProxyProgress } from "./migrate-timeline.js";
+import type { MigrateSample, ProxyProgress } from "./migrate-timeline.js";
+import { MULTIFD_CHANNELS, runOnce } from "./stream-run.js";
+
+export { runOnce };
 
 export type CompareMode = "qemu" | "qemu-multifd-zstd" | "pagetwin" | "pagetwin-multifd" | "pagetwin-baseline" | "relay";
 /** The modes run unless told (pagetwin-baseline needs another build: `baselineMain`). */
 export const COMPARE_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "pagetwin", "pagetwin-multifd"];
 /** Every mode, in the table's order (relay: pagetwin's layout with plain relays, for what the proxies' timing alone does). */
 export const ALL_MODES: CompareMode[] = ["qemu", "qemu-multifd-zstd", "relay", "pagetwin-baseline", "pagetwin", "pagetwin-multifd"];
-/** QEMU's multifd channels in the multifd modes (zstd: QEMU's own compression; pagetwin: none, the proxies dedup each channel). */
-const MULTIFD_CHANNELS = 2;
 
 export interface CompareOptions {
   /** Runs per mode (median reported; default 1). */
@@ -111,165 +106,6 @@ export interface CompareResult {
 export interface Ratio { linkBytes: number; totalTime: number; endToEnd: number; downtime: number; observedDowntime: number }
 
 const cpuCount = os.availableParallelism();
-
-const MAIN_JS = fileURLToPath(new URL("../cli/main.js", import.meta.url));
-const RELAY_JS = fileURLToPath(new URL("./pipe-relay.js", import.meta.url));
-
-function evMs(ev: QmpEvent): number {
-  return ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now();
-}
-
-interface Proxy {
-  child: ChildProcess;
-  out: string;
-  err: string;
-  exited: Promise<number | null>;
-  /** Its progress lines (running totals), dated on arrival. */
-  progress: ProxyProgress[];
-}
-
-function startProxy(link: NetnsLink, ns: string, args: string[], main = MAIN_JS): Promise<Proxy> {
-  const child = link.spawn(ns, process.execPath, [main, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
-  const p: Proxy = { child, out: "", err: "", exited: new Promise((r) => child.once("exit", (c) => r(c))), progress: [] };
-  let seen = 0;
-  child.stdout!.on("data", (d: Buffer) => {
-    p.out += d.toString();
-    const end = p.out.lastIndexOf("\n") + 1;
-    for (const line of p.out.slice(seen, end).split("\n")) if (line.includes('"progress"')) p.progress.push({ at: Date.now(), ...JSON.parse(line) });
-    seen = end;
-  });
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`proxy ${args[0]} did not start listening: ${p.err}`)), 30_000);
-    child.stderr!.on("data", (d: Buffer) => {
-      p.err += d.toString();
-      if (/listening on/.test(p.err)) { clearTimeout(t); resolve(p); }
-    });
-    void p.exited.then((c) => { clearTimeout(t); reject(new Error(`proxy ${args[0]} exited (${c}) before listening: ${p.err}`)); });
-  });
-}
-
-async function stopProxy(p: Proxy | null, timeoutMs = 10_000): Promise<StreamStats | null> {
-  if (!p) return null;
-  const t = setTimeout(() => p.child.kill("SIGTERM"), timeoutMs);
-  await p.exited;
-  clearTimeout(t);
-  try {
-    return JSON.parse(p.out.trim().split("\n").pop()!) as StreamStats;
-  } catch {
-    return null;
-  }
-}
-
-export async function runOnce(mode: CompareMode, link: NetnsLink, guest: GuestImage, opts: CompareOptions & { indexPath: string }, runNo: number): Promise<RunResult> {
-  const log = opts.log ?? (() => {});
-  const mem = opts.memoryMiB ?? 512;
-  const dir = fs.mkdtempSync(path.join(opts.workDir ?? os.tmpdir(), "pt-cmp-"));
-  // the proxies' link in TLS-PSK, as an operator would run it
-  const keyPath = createKeyFile(path.join(dir, "link.key"));
-  const tag = `${process.pid}-${runNo}-${mode}`;
-  const QEMU_PORT = 4444, IN_PORT = 4447, OUT_PORT = 4446;
-  let src: QemuVm | null = null, dst: QemuVm | null = null;
-  let pin: Proxy | null = null, pout: Proxy | null = null;
-  const res: RunResult = {
-    mode, ok: false, totalTimeMs: NaN, downtimeMs: NaN, ramTransferred: NaN, normalPages: NaN, endToEndMs: NaN,
-    observedDowntimeMs: NaN, linkBytes: NaN, linkBytesReturn: NaN, lastSourceCounter: -1, firstDestCounter: -1, cpuMs: {},
-  };
-  const logVerified = (si: StreamStats | null) =>
-    log(`run ${runNo} ${mode}: stream ${si?.streamsVerified ? "checked end to end: identical at both ends" : `NOT checked: ${si?.error ?? "no stream-in stats"}`}`);
-  try {
-    const common = { ...guest, memoryMiB: mem, ...(opts.append ? { append: opts.append } : {}) };
-    src = await QemuVm.start({
-      ...common, memPath: `/dev/shm/pt-cmp-src-${tag}`, qmpSocket: path.join(dir, "src.qmp"), serialLog: path.join(dir, "src.log"),
-      netns: link.srcNs, name: "pt-cmp-src",
-    });
-    const multifd = mode === "qemu-multifd-zstd" || mode === "pagetwin-multifd";
-    const relayed = mode === "relay";
-    const proxied = relayed || mode === "pagetwin" || mode === "pagetwin-multifd" || mode === "pagetwin-baseline";
-    const main = mode === "pagetwin-baseline" ? opts.baselineMain : undefined;
-    if (mode === "pagetwin-baseline" && !main) throw new Error("the pagetwin-baseline mode needs another build's main.js (baselineMain)");
-    const local = (port: number, name: string) => (opts.qemuSide !== "tcp" ? `unix:${path.join(dir, name)}` : `tcp:127.0.0.1:${port}`);
-    const incoming = proxied ? local(QEMU_PORT, "dst-qemu.sock") : `tcp:${link.dstIp}:${QEMU_PORT}`;
-    dst = await QemuVm.start({
-      ...common, memPath: `/dev/shm/pt-cmp-dst-${tag}`, qmpSocket: path.join(dir, "dst.qmp"), serialLog: path.join(dir, "dst.log"),
-      netns: link.dstNs, name: "pt-cmp-dst", incoming: multifd ? "defer" : incoming,
-    });
-    opts.watchDestination?.started(dst);
-    await src.waitForSerial(/pagetwin-ready/, 240_000);
-    const m = await src.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
-    const settle = Number(m[1]) + (opts.settleCounters ?? 2);
-    await src.waitForSerial(new RegExp(`pagetwin-counter ${settle}\\b`), 60_000);
-    await src.qmp.execute("migrate-set-parameters", {
-      "max-bandwidth": opts.maxBandwidth ?? QEMU_UNTHROTTLED,
-      ...(opts.downtimeLimitMs !== undefined ? { "downtime-limit": opts.downtimeLimitMs } : {}),
-    });
-    let uri = `tcp:${link.dstIp}:${QEMU_PORT}`;
-    if (multifd) {
-      for (const vm of [src, dst]) await vm.useMultifd(MULTIFD_CHANNELS, mode === "pagetwin-multifd" ? "none" : "zstd");
-      await dst.qmp.execute("migrate-incoming", { uri: incoming });
-    }
-    if (relayed) {
-      uri = local(OUT_PORT, "relay-out.sock");
-      pin = await startProxy(link, link.dstNs, [`${link.dstIp}:${IN_PORT}`, incoming.replace(/^tcp:/, "")], RELAY_JS);
-      pout = await startProxy(link, link.srcNs, [uri.replace(/^tcp:/, ""), `${link.dstIp}:${IN_PORT}`], RELAY_JS);
-    } else if (proxied) {
-      pin = await startProxy(link, link.dstNs, ["stream-in", "--listen", `${link.dstIp}:${IN_PORT}`, "--qemu", incoming.replace(/^tcp:/, ""), "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath], main);
-      const outArgs = mode === "pagetwin-baseline" ? [] : opts.outArgs ?? [];
-      uri = local(OUT_PORT, "stream-out.sock");
-      pout = await startProxy(link, link.srcNs, ["stream-out", "--listen", uri.replace(/^tcp:/, ""), "--to", `${link.dstIp}:${IN_PORT}`, "--image", guest.disk, "--index", opts.indexPath, "--psk-file", keyPath, ...outArgs], main);
-    }
-    const tx0 = link.txBytes(link.srcNs), rx0 = link.txBytes(link.dstNs);
-    const stopEv = src.qmp.waitForEvent("STOP", 300_000);
-    const resumeEv = dst.qmp.waitForEvent("RESUME", 300_000);
-    stopEv.catch(() => undefined);
-    resumeEv.catch(() => undefined);
-    log(`run ${runNo} ${mode}: migrating (${uri})`);
-    const cpu = new CpuMeter();
-    cpu.start({ "source QEMU": src.pid, "destination QEMU": dst.pid, "stream-out": pout?.child.pid, "stream-in": pin?.child.pid });
-    const t0 = Date.now();
-    await src.qmp.execute("migrate", { uri });
-    const { info, samples } = await pollMigration(src.qmp, t0);
-    res.timeline = samples;
-    if (info.status !== "completed") throw new Error(`migration ${info.status}: ${info["error-desc"] ?? ""}`);
-    const resume = await resumeEv;
-    res.cpuMs = cpu.stop();
-    const stop = await stopEv;
-    res.endToEndMs = evMs(resume) - t0;
-    res.observedDowntimeMs = evMs(resume) - evMs(stop);
-    res.totalTimeMs = info["total-time"];
-    res.downtimeMs = info.downtime;
-    res.ramTransferred = info.ram.transferred;
-    res.normalPages = info.ram.normal;
-    res.lastSourceCounter = lastCounter(src.serialLog());
-    const d = await dst.waitForSerial(/pagetwin-counter (\d+)/, 30_000);
-    res.firstDestCounter = Number(d[1]);
-    // Give the proxies time to finish and the counters time to settle.
-    if (pout && !relayed) res.outProgress = pout.progress.map((x) => ({ ...x, at: x.at - t0 }));
-    const stats = { out: await stopProxy(pout), in: await stopProxy(pin) };
-    pout = pin = null;
-    res.linkBytes = link.txBytes(link.srcNs) - tx0;
-    res.linkBytesReturn = link.txBytes(link.dstNs) - rx0;
-    if (proxied && !relayed) res.proxies = stats;
-    if (proxied && !relayed) logVerified(stats.in);
-    res.ok = res.firstDestCounter > res.lastSourceCounter - 1 && res.lastSourceCounter >= 0;
-    if (!res.ok) res.error = `destination counter ${res.firstDestCounter} does not continue source counter ${res.lastSourceCounter}`;
-    log(`run ${runNo} ${mode}: total ${res.totalTimeMs} ms, end-to-end ${res.endToEndMs.toFixed(0)} ms, downtime ${res.downtimeMs} ms (observed ${res.observedDowntimeMs.toFixed(0)}), link ${(res.linkBytes / 1e6).toFixed(1)} MB, counter ${res.lastSourceCounter} -> ${res.firstDestCounter}`);
-  } catch (err) {
-    res.error = (err as Error).message;
-    log(`run ${runNo} ${mode}: FAILED: ${res.error}`);
-    // a destination guest that fails after a complete stream: say whether the proxies changed a byte
-    if (pin && mode !== "relay") {
-      logVerified(await stopProxy(pin, 3000));
-      pin = null;
-    }
-  } finally {
-    if (dst && opts.watchDestination) await opts.watchDestination.finished(dst, res).catch((e: Error) => log(`run ${runNo} ${mode}: destination watch: ${e.message}`));
-    for (const p of [pout, pin]) if (p) { p.child.kill("SIGKILL"); await p.exited; }
-    await src?.cleanup();
-    await dst?.cleanup();
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-  return res;
-}
 
 /** What every run needs: the guest, its image's index (made here unless given), the namespace link; close() removes them. */
 export interface CompareSetup { guest: GuestImage; indexPath: string; link: NetnsLink; close(): void }
