@@ -3,11 +3,11 @@
 // at both ends take megabytes at once, so a short transfer timed on those
 // reads several times faster than the link). A credit is a sample only when
 // what it covers was already sent at the previous one, so the link had a
-// backlog, busy all along (stream mode's CreditWindow, the same rule).
+// backlog, busy all along (link/credit.ts, the same rule stream mode paces by).
 
 import { FrameType, decodeCredit } from "./protocol.js";
 import { LinkMeter } from "../link/rate.js";
-import { CreditWindow } from "../stream/pacer.js";
+import { CreditWindow } from "../link/credit.js";
 import { ProtocolError } from "../wire/envelope.js";
 import type { FrameLink } from "../link/channel.js";
 
