@@ -18,6 +18,7 @@ import { cliPath } from "../test/helpers/cli.js";
 import { parseSize } from "../src/libvirt/job.js";
 import { isMain } from "./cli.js";
 import { median } from "../src/compare/stats.js";
+import { SwitchoverSampler, describeSwitchover, type Switchover } from "./libvirt-switchover.js";
 
 const HELP = `node dist/bench/libvirt.js [--runs N] [--json] [--old DIST]...
   --runs N     rounds of (virsh there, pagetwin back) (default 1)
@@ -42,6 +43,8 @@ interface Row {
   exitMs?: number;
   /** CPU time of both services during the run, and of the destination QEMU from its start to the command's end, ms. */
   serviceCpuMs?: number; destQemuCpuMs?: number;
+  /** Where the downtime went: QEMU's query-migrate on both sides and the services' status, sampled (libvirt-switchover.ts). */
+  switchover?: Switchover;
   note?: string;
 }
 
@@ -112,11 +115,13 @@ async function migrate(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: Lib
   const tx0 = pair.link.txBytes(from.ns);
   const pids = ends ? [...ends.services.values()].map((s) => s.pid) : [];
   const cpu0 = pids.reduce((a, p) => a + cpuMs(p), 0);
+  const sampler = new SwitchoverSampler(G, from.uri, to.uri, ends ? { out: ends.services.get(from)!.control, in: ends.services.get(to)!.control } : undefined);
   const t0 = performance.now();
   const r = !ends
     ? await run("virsh", ["-c", from.uri, "migrate", "--live", G, to.uri, "--migrateuri", `tcp://${to.ip}:49400`, "--xml", xml])
     : await run(process.execPath, [ends.cli, "libvirt", "migrate", G, to.uri, "-c", from.uri, "--control", ends.services.get(from)!.control, "--peer", ends.services.get(to)!.peer, "--xml", xml, "--json"]);
   const t1 = performance.now();
+  const switchover = await sampler.stop();
   const wallMs = t1 - t0;
   const linkBytes = pair.link.txBytes(from.ns) - tx0;
   const serviceCpuMs = pids.reduce((a, p) => a + cpuMs(p), 0) - cpu0;
@@ -124,7 +129,7 @@ async function migrate(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: Lib
   try { destQemuCpuMs = cpuMs(Number(readFileSync(join(to.dir, "run", "qemu", `${G}.pid`), "utf8"))); } catch { /* not there */ }
   return {
     ...(ends ? { serviceCpuMs } : {}), ...(r.resultAt !== undefined ? { exitMs: t1 - r.resultAt } : {}), ...(destQemuCpuMs ? { destQemuCpuMs } : {}),
-    mode, run: i, ok: r.code === 0, linkBytes, wallMs, ...(await completed(to)), ...(ends && r.code === 0 ? resultOf(r.out) : {}),
+    mode, run: i, ok: r.code === 0, linkBytes, wallMs, switchover, ...(await completed(to)), ...(ends && r.code === 0 ? resultOf(r.out) : {}),
     ...(r.code === 0 ? {} : { note: r.err.trim().slice(-300) }),
   };
 }
@@ -234,11 +239,11 @@ function print(rows: Row[], summary: Summary[], ratios: Ratios, olds: Map<Mode, 
     console.log(`\n${r.mode} run ${r.run}: command ${Math.round(r.wallMs)} ms = node start ${Math.round(r.wallMs - inCommand(r.phases!))} + ${Object.entries(r.phases!).map(([k, x]) => `${k.replace(/Ms$/, "")} ${x}`).join(" + ")} (check and report at once)`);
     console.log(`  downtime ${fmt(r.downtimeMs ?? NaN, "ms")}; exit after the result: ${Math.round(r.exitMs ?? NaN)} ms; QEMU's stream ${((r.bytesFromQemu ?? NaN) / 1e6).toFixed(1)} MB; ${compressed(r.compression)}`);
     if (r.waits) console.log(`  source service busy/waiting for the link/for acks: ${Object.values(r.waits).join(" / ")} ms; destination busy/waiting for QEMU/-: ${Object.values(r.destWaits ?? {}).join(" / ")} ms`);
-    console.log(`  CPU: both services ${Math.round(r.serviceCpuMs ?? 0)} ms, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms`);
+    console.log(`  CPU: both services ${Math.round(r.serviceCpuMs ?? 0)} ms, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms${r.switchover ? `\n  switchover: ${describeSwitchover(r.switchover)}` : ""}`);
     if (r.timings) console.log(`  source service: ${Object.entries(r.timings).map(([k, x]) => `${k} ${x}`).join(", ")}`);
     if (r.destTimings) console.log(`  destination service: ${Object.entries(r.destTimings).map(([k, x]) => `${k} ${x}`).join(", ")}`);
   }
-  for (const r of rows.filter((x) => x.ok && !x.phases)) console.log(`\n${r.mode} run ${r.run}: command ${Math.round(r.wallMs)} ms, downtime ${fmt(r.downtimeMs ?? NaN, "ms")}${r.serviceCpuMs !== undefined ? `, CPU of both services ${Math.round(r.serviceCpuMs)} ms` : ""}, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms`);
+  for (const r of rows.filter((x) => x.ok && !x.phases)) console.log(`\n${r.mode} run ${r.run}: command ${Math.round(r.wallMs)} ms, downtime ${fmt(r.downtimeMs ?? NaN, "ms")}${r.serviceCpuMs !== undefined ? `, CPU of both services ${Math.round(r.serviceCpuMs)} ms` : ""}, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms${r.switchover ? `\n  switchover: ${describeSwitchover(r.switchover)}` : ""}`);
   for (const r of rows.filter((x) => !x.ok)) console.log(`failed: ${r.mode} run ${r.run}: ${r.note}`);
 }
 
