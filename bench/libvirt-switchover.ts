@@ -58,6 +58,9 @@ export interface Switchover {
   /** ms after the guest stopped on the source (first sample paused, so up to SAMPLE_MS late): the source service took
    *  QEMU's last byte, the destination service handed on its last byte, the guest ran on the destination. */
   srcDoneMs?: number; dstDoneMs?: number; resumedMs?: number;
+  /** Bytes of QEMU's stream the source service took after the stop (QEMU's whole last step, device state included),
+   *  and the most the services held between the two QEMUs meanwhile (the pacer lets in at least 4 MiB beyond what the destination took: held near that, the destination set the pace). */
+  afterStopBytes?: number; heldMaxAfterStop?: number;
   samples: number;
   /** The mean interval between samples, ms (the figures' resolution). */
   intervalMs: number;
@@ -143,6 +146,9 @@ export class SwitchoverSampler {
     if (srcDone !== undefined) r.srcDoneMs = srcDone;
     if (dstDone !== undefined) r.dstDoneMs = dstDone;
     if (resumed !== undefined) r.resumedMs = resumed;
+    if (total !== undefined && stop.out) r.afterStopBytes = total - stop.out["bytesFromQemu"];
+    const helds = after.flatMap((x) => { const h = held(x); return h === undefined ? [] : [h]; });
+    if (helds.length) r.heldMaxAfterStop = Math.max(...helds);
     return r;
   }
 }
@@ -152,6 +158,6 @@ export function describeSwitchover(s: Switchover): string {
   const mb = (b: number | undefined) => (b === undefined ? "-" : `${(b / 1e6).toFixed(1)} MB`);
   const l = s.last;
   const parts = [l ? `before the stop (iteration ${l.iteration ?? "-"}): ${mb(l.remaining)} left at ${mb(l.bandwidth)}/s, QEMU expects ${l.expectedDowntimeMs ?? "-"} ms; services held ${mb(l.heldBytes)}` : "no sample before the stop"];
-  parts.push(`after the stop: source QEMU's last byte taken ${s.srcDoneMs ?? "-"} ms, destination QEMU's last byte handed on ${s.dstDoneMs ?? "-"} ms, running on the destination ${s.resumedMs ?? "-"} ms (${s.samples} samples, every ${s.intervalMs} ms)`);
+  parts.push(`after the stop: ${mb(s.afterStopBytes)} from QEMU, the services holding at most ${mb(s.heldMaxAfterStop)}; source QEMU's last byte taken ${s.srcDoneMs ?? "-"} ms, destination QEMU's last byte handed on ${s.dstDoneMs ?? "-"} ms, running on the destination ${s.resumedMs ?? "-"} ms (${s.samples} samples, every ${s.intervalMs} ms)`);
   return parts.join("; ");
 }
