@@ -4,7 +4,7 @@
 // with two disks migrated live between them through the command.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { domainDisks, domainUuid, twinDisks, unescapeXml } from "../src/libvirt/domain-xml.js";
 import { splitArgs } from "../src/libvirt/virsh-options.js";
 import { jobProgress, parseSize } from "../src/libvirt/job.js";
@@ -14,7 +14,7 @@ import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { ServeClient } from "../src/serve/client.js";
 import { DEFAULT_QEMU_SOCKETS } from "../src/serve/qemu-sockets.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
-import { LibvirtPair, QEMU_USER, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
+import { LibvirtPair, QEMU_USER, qemuIds, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
 import { replayShows } from "./helpers/trace-page.js";
 import { TraceModel } from "../src/trace/model.js";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -256,8 +256,7 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     const to = there;
     const { res, lines, linkBytes } = await migrateThroughPagetwin();
     // the destination QEMU, which listened on the service's socket directory, is not root: the directory let its group in
-    const uid = Number(spawnSync("id", ["-u", QEMU_USER.user], { encoding: "utf8" }).stdout.trim());
-    assert.equal(pair.qemuCredentials(to, G).uid, uid, `the destination QEMU runs as ${QEMU_USER.user}`);
+    assert.equal(pair.qemuCredentials(to, G).uid, qemuIds()!.uid, `the destination QEMU runs as ${QEMU_USER.user}`);
     assert.ok(lines.some((l) => l.event === "progress" && l.phase === "migration" && l.total > 400e6), "progress events with libvirt's job figures");
     // unix sockets at both QEMUs by default: one path, on each host its own directory
     assert.equal(res.migrateUri, `unix://${DEFAULT_QEMU_SOCKETS}/${G}.sock`);

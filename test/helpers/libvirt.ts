@@ -79,7 +79,7 @@ export function skipLibvirt(): string | false {
   if (!g) return "guest not built: run scripts/build-guest.sh";
   if (!existsSync(secondDisk(g))) return "the guest's second disk (nas/disk2.img) not built: run scripts/build-guest.sh";
   if (qemuIds() === null) return `no user ${QEMU_USER.user} or group ${QEMU_USER.group} (libvirt-daemon-system creates them)`;
-  if (["unshare", "nsenter", "setpriv"].some((c) => spawnSync(c, ["--version"], { stdio: "ignore" }).status !== 0)) return "unshare or nsenter (util-linux) missing";
+  if (["unshare", "nsenter", "setpriv"].some((c) => spawnSync(c, ["--version"], { stdio: "ignore" }).status !== 0)) return "unshare, nsenter or setpriv (util-linux) missing";
   return false;
 }
 
@@ -358,7 +358,7 @@ namespaces = [ ]
 }
 
 /** QEMU_USER's uid and gid; null when this host has no such user or group. */
-function qemuIds(): { uid: number; gid: number } | null {
+export function qemuIds(): { uid: number; gid: number } | null {
   const id = (args: string[]) => {
     const r = spawnSync("id", args, { encoding: "utf8" });
     return r.status === 0 && /^\d+$/.test(r.stdout.trim()) ? Number(r.stdout.trim()) : null;
@@ -377,7 +377,7 @@ function qemuCanRead(path: string): boolean {
  * What an operator does for images QEMU (not root) must open: each file QEMU cannot read yet gets QEMU's group
  * with read access, and every directory above it the group's search bit. Files QEMU can read already stay as they are.
  */
-export function grantQemu(paths: string[]): void {
+function grantQemu(paths: string[]): void {
   const { gid } = qemuIds()!;
   for (const p of paths) {
     if (qemuCanRead(p)) continue;
@@ -385,7 +385,7 @@ export function grantQemu(paths: string[]): void {
     chmodSync(p, statSync(p).mode | 0o040);
     for (let d = dirname(p); d !== "/"; d = dirname(d)) {
       const st = statSync(d);
-      if ((st.mode & 0o001) === 0) { chownSync(d, st.uid, gid); chmodSync(d, st.mode | 0o010); }
+      if ((st.mode & 0o001) === 0 && !(st.gid === gid && st.mode & 0o010)) { chownSync(d, st.uid, gid); chmodSync(d, st.mode | 0o010); }
     }
     if (!qemuCanRead(p)) throw new Error(`${p}: ${QEMU_USER.user} still cannot read it after granting group ${QEMU_USER.group} read access`);
   }
