@@ -3,7 +3,7 @@
 // link between two libvirt daemons (test/helpers/libvirt.ts): bytes on the
 // veth, wall time of the migration command, libvirt's downtime, and where a
 // pagetwin run's time goes (the command's phases, the services' steps).
-//   node dist/bench/libvirt.js [--runs N] [--json] [--old DIST]...
+//   node dist/bench/libvirt.js [--runs N] [--json] [--switchover] [--old DIST]...
 // Plain runs go from host a to b, pagetwin runs back from b to a (the link is
 // shaped the same both ways), alternating, on the same running guest.
 // --old DIST: another pagetwin build (its dist directory, with node_modules
@@ -18,10 +18,13 @@ import { cliPath } from "../test/helpers/cli.js";
 import { parseSize } from "../src/libvirt/job.js";
 import { isMain } from "./cli.js";
 import { median } from "../src/compare/stats.js";
+import { SwitchoverSampler, describeSwitchover, type Switchover } from "./libvirt-switchover.js";
 
-const HELP = `node dist/bench/libvirt.js [--runs N] [--json] [--old DIST]...
+const HELP = `node dist/bench/libvirt.js [--runs N] [--json] [--switchover] [--old DIST]...
   --runs N     rounds of (virsh there, pagetwin back) (default 1)
   --json       rows, medians and ratios as JSON
+  --switchover where each run's downtime went, sampled every ~50 ms (libvirt-switchover.ts; the sampling
+               costs CPU, in every mode alike)
   --old DIST   another build's dist directory: its pagetwin also migrates back each round, through its own
                services, after a virsh run of its own (repeatable: each build in turn)`;
 const G = "pt-bench";
@@ -42,6 +45,8 @@ interface Row {
   exitMs?: number;
   /** CPU time of both services during the run, and of the destination QEMU from its start to the command's end, ms. */
   serviceCpuMs?: number; destQemuCpuMs?: number;
+  /** Where the downtime went: QEMU's query-migrate on both sides and the services' status, sampled (libvirt-switchover.ts). */
+  switchover?: Switchover;
   note?: string;
 }
 
@@ -91,32 +96,36 @@ function inCommand(p: Record<string, number>): number {
 
 interface Ends { cli: string; services: Map<LibvirtHost, PairService> }
 
+
 /**
  * One measured migration from `from`; a failure is a row (its note says why), not the end of the run. A failed
  * migration leaves the guest where it was (libvirt's rule): when it is not on `from`, plain virsh brings it there first.
  */
-async function measureOne(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number): Promise<Row> {
+async function measureOne(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number, sampling: boolean): Promise<Row> {
   try {
     if ((await from.virsh.domstate(G)) !== "running") {
       const back = await run("virsh", ["-c", to.uri, "migrate", "--live", G, from.uri, "--migrateuri", `tcp://${from.ip}:49400`, "--xml", await pair.destXml(G, to, from)]);
       if (back.code !== 0) throw new Error(`the guest is not on host ${from.name} and could not be brought back: ${back.err.trim()}`);
     }
-    return await migrate(pair, mode, from, to, ends, i);
+    return await migrate(pair, mode, from, to, ends, i, sampling);
   } catch (err) {
     return { mode, run: i, ok: false, linkBytes: NaN, wallMs: NaN, note: (err as Error).message };
   }
 }
 
-async function migrate(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number): Promise<Row> {
+/** `sampling`: where the downtime went, sampled during the migration (--switchover). */
+async function migrate(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number, sampling: boolean): Promise<Row> {
   const xml = await pair.destXml(G, from, to);
   const tx0 = pair.link.txBytes(from.ns);
   const pids = ends ? [...ends.services.values()].map((s) => s.pid) : [];
   const cpu0 = pids.reduce((a, p) => a + cpuMs(p), 0);
+  const sampler = sampling && new SwitchoverSampler(G, from.uri, to.uri, ends ? { out: ends.services.get(from)!.control, in: ends.services.get(to)!.control } : undefined);
   const t0 = performance.now();
   const r = !ends
     ? await run("virsh", ["-c", from.uri, "migrate", "--live", G, to.uri, "--migrateuri", `tcp://${to.ip}:49400`, "--xml", xml])
     : await run(process.execPath, [ends.cli, "libvirt", "migrate", G, to.uri, "-c", from.uri, "--control", ends.services.get(from)!.control, "--peer", ends.services.get(to)!.peer, "--xml", xml, "--json"]);
   const t1 = performance.now();
+  const switchover = sampler ? await sampler.stop() : undefined;
   const wallMs = t1 - t0;
   const linkBytes = pair.link.txBytes(from.ns) - tx0;
   const serviceCpuMs = pids.reduce((a, p) => a + cpuMs(p), 0) - cpu0;
@@ -124,7 +133,7 @@ async function migrate(pair: LibvirtPair, mode: Mode, from: LibvirtHost, to: Lib
   try { destQemuCpuMs = cpuMs(Number(readFileSync(join(to.dir, "run", "qemu", `${G}.pid`), "utf8"))); } catch { /* not there */ }
   return {
     ...(ends ? { serviceCpuMs } : {}), ...(r.resultAt !== undefined ? { exitMs: t1 - r.resultAt } : {}), ...(destQemuCpuMs ? { destQemuCpuMs } : {}),
-    mode, run: i, ok: r.code === 0, linkBytes, wallMs, ...(await completed(to)), ...(ends && r.code === 0 ? resultOf(r.out) : {}),
+    mode, run: i, ok: r.code === 0, linkBytes, wallMs, ...(switchover ? { switchover } : {}), ...(await completed(to)), ...(ends && r.code === 0 ? resultOf(r.out) : {}),
     ...(r.code === 0 ? {} : { note: r.err.trim().slice(-300) }),
   };
 }
@@ -135,6 +144,8 @@ export interface LibvirtBenchOptions {
   old?: string[];
   /** Print nothing (the caller prints the result). */
   quiet?: boolean;
+  /** Sample each migration for where its downtime went (libvirt-switchover.ts). */
+  switchover?: boolean;
 }
 
 type Ratios = Record<string, { linkBytes: number; wallMs: number }>;
@@ -151,7 +162,7 @@ export async function benchLibvirt(o: LibvirtBenchOptions = {}): Promise<Libvirt
     return { skipped: skip };
   }
   const olds = oldModes(o.old ?? []);
-  const { rows, maxDowntimeMs } = await measure(o.runs ?? 1, olds);
+  const { rows, maxDowntimeMs } = await measure(o.runs ?? 1, olds, o.switchover ?? false);
   const modes: Mode[] = ["virsh", "pagetwin", ...olds.keys()];
   const summary = modes.map((mode) => summarize(mode, rows.filter((r) => r.mode === mode && r.ok)));
   const v = summary[0]!;
@@ -165,7 +176,7 @@ function oldModes(dists: string[]): Map<Mode, string> {
   return new Map(dists.map((d, i) => [dists.length === 1 ? "pagetwin-old" : `pagetwin-old-${i + 1}`, d]));
 }
 
-async function measure(runs: number, olds: Map<Mode, string>): Promise<{ rows: Row[]; maxDowntimeMs?: number }> {
+async function measure(runs: number, olds: Map<Mode, string>, sampling: boolean): Promise<{ rows: Row[]; maxDowntimeMs?: number }> {
   const pair = await LibvirtPair.start();
   const rows: Row[] = [];
   let maxDowntimeMs: number | undefined;
@@ -180,7 +191,7 @@ async function measure(runs: number, olds: Map<Mode, string>): Promise<{ rows: R
     for (const [mode, dist] of olds) others.set(mode, await start(join(resolve(dist), "src", "cli", "main.js"), 4448 + others.size));
     await pair.startGuest(pair.a, G);
     maxDowntimeMs = await pair.a.virsh.run(["migrate-getmaxdowntime", G]).then((s) => Number(s.trim()) || undefined, () => undefined);
-    const one = (mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number) => measureOne(pair, mode, from, to, ends, i).then((r) => { rows.push(r); });
+    const one = (mode: Mode, from: LibvirtHost, to: LibvirtHost, ends: Ends | undefined, i: number) => measureOne(pair, mode, from, to, ends, i, sampling).then((r) => { rows.push(r); });
     for (let i = 1; i <= runs; i++) {
       await one("virsh", pair.a, pair.b, undefined, i);
       await one("pagetwin", pair.b, pair.a, ours, i);
@@ -234,21 +245,21 @@ function print(rows: Row[], summary: Summary[], ratios: Ratios, olds: Map<Mode, 
     console.log(`\n${r.mode} run ${r.run}: command ${Math.round(r.wallMs)} ms = node start ${Math.round(r.wallMs - inCommand(r.phases!))} + ${Object.entries(r.phases!).map(([k, x]) => `${k.replace(/Ms$/, "")} ${x}`).join(" + ")} (check and report at once)`);
     console.log(`  downtime ${fmt(r.downtimeMs ?? NaN, "ms")}; exit after the result: ${Math.round(r.exitMs ?? NaN)} ms; QEMU's stream ${((r.bytesFromQemu ?? NaN) / 1e6).toFixed(1)} MB; ${compressed(r.compression)}`);
     if (r.waits) console.log(`  source service busy/waiting for the link/for acks: ${Object.values(r.waits).join(" / ")} ms; destination busy/waiting for QEMU/-: ${Object.values(r.destWaits ?? {}).join(" / ")} ms`);
-    console.log(`  CPU: both services ${Math.round(r.serviceCpuMs ?? 0)} ms, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms`);
+    console.log(`  CPU: both services ${Math.round(r.serviceCpuMs ?? 0)} ms, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms${r.switchover ? `\n  switchover: ${describeSwitchover(r.switchover)}` : ""}`);
     if (r.timings) console.log(`  source service: ${Object.entries(r.timings).map(([k, x]) => `${k} ${x}`).join(", ")}`);
     if (r.destTimings) console.log(`  destination service: ${Object.entries(r.destTimings).map(([k, x]) => `${k} ${x}`).join(", ")}`);
   }
-  for (const r of rows.filter((x) => x.ok && !x.phases)) console.log(`\n${r.mode} run ${r.run}: command ${Math.round(r.wallMs)} ms, downtime ${fmt(r.downtimeMs ?? NaN, "ms")}${r.serviceCpuMs !== undefined ? `, CPU of both services ${Math.round(r.serviceCpuMs)} ms` : ""}, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms`);
+  for (const r of rows.filter((x) => x.ok && !x.phases)) console.log(`\n${r.mode} run ${r.run}: command ${Math.round(r.wallMs)} ms, downtime ${fmt(r.downtimeMs ?? NaN, "ms")}${r.serviceCpuMs !== undefined ? `, CPU of both services ${Math.round(r.serviceCpuMs)} ms` : ""}, destination QEMU ${Math.round(r.destQemuCpuMs ?? 0)} ms${r.switchover ? `\n  switchover: ${describeSwitchover(r.switchover)}` : ""}`);
   for (const r of rows.filter((x) => !x.ok)) console.log(`failed: ${r.mode} run ${r.run}: ${r.note}`);
 }
 
 if (isMain(import.meta.url)) {
-  const { values } = parseArgs({ options: { runs: { type: "string", default: "1" }, json: { type: "boolean" }, old: { type: "string", multiple: true }, help: { type: "boolean" } } });
+  const { values } = parseArgs({ options: { runs: { type: "string", default: "1" }, json: { type: "boolean" }, switchover: { type: "boolean" }, old: { type: "string", multiple: true }, help: { type: "boolean" } } });
   if (values.help) {
     console.log(HELP);
   } else {
     for (const sig of ["SIGINT", "SIGTERM"] as const) process.once(sig, () => process.exit(130));
-    const r = await benchLibvirt({ runs: Number(values.runs), ...(values.old ? { old: values.old } : {}), quiet: !!values.json });
+    const r = await benchLibvirt({ runs: Number(values.runs), ...(values.old ? { old: values.old } : {}), quiet: !!values.json, switchover: !!values.switchover });
     if (values.json) console.log(JSON.stringify(r, null, 2));
   }
 }

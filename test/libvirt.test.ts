@@ -14,7 +14,7 @@ import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { ServeClient } from "../src/serve/client.js";
 import { DEFAULT_QEMU_SOCKETS } from "../src/serve/qemu-sockets.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
-import { LibvirtPair, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
+import { LibvirtPair, QEMU_USER, qemuIds, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
 import { replayShows } from "./helpers/trace-page.js";
 import { TraceModel } from "../src/trace/model.js";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -253,7 +253,10 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
   });
 
   test("pagetwin libvirt migrate: live to the other daemon through both services; pages travel as references from both disks, verified; the counter goes on", async () => {
+    const to = there;
     const { res, lines, linkBytes } = await migrateThroughPagetwin();
+    // the destination QEMU, which listened on the service's socket directory, is not root: the directory let its group in
+    assert.equal(pair.qemuCredentials(to, G).uid, qemuIds()!.uid, `the destination QEMU runs as ${QEMU_USER.user}`);
     assert.ok(lines.some((l) => l.event === "progress" && l.phase === "migration" && l.total > 400e6), "progress events with libvirt's job figures");
     // unix sockets at both QEMUs by default: one path, on each host its own directory
     assert.equal(res.migrateUri, `unix://${DEFAULT_QEMU_SOCKETS}/${G}.sock`);

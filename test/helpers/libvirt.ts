@@ -7,15 +7,19 @@
 // a different directory on each host, as libvirt's unix:// migrate URI
 // needs); its own host_uuid and a unix socket dir virsh reaches from here.
 // A host's pagetwin service runs in its daemon's namespaces, network and mount.
+// QEMU runs as Debian's libvirt runs it, as libvirt-qemu:kvm (QEMU_USER), not
+// root; the images and files it opens are made readable to it the way an
+// operator would (grantQemu), and pagetwin serve's socket directory must let
+// that user's groups in, or the destination QEMU cannot listen there.
 // close() removes everything (domains, QEMU processes, services, daemons,
 // namespaces, files); teardown() does the same synchronously, on failure and at process exit.
 // (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
 
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, appendFileSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, cpSync, existsSync, statSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, appendFileSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { createNetnsLink, netnsAvailable, type NetnsLink } from "../../src/adapters/netns/link.js";
 import { Virsh, virshAvailable } from "../../src/adapters/libvirt/virsh.js";
 import { TCG_RAM_PAD_KIB, findGuest, qemuAvailable, type GuestImage } from "../../src/adapters/qemu/vm.js";
@@ -30,6 +34,9 @@ const PRIVATE_DIRS = [["etc", "/etc/libvirt"], ["run", "/run/libvirt"], ["lib", 
 
 /** The second disk of the test guest (scripts/build-guest.sh), beside the NAS image. */
 const secondDisk = (g: GuestImage) => join(g.disk, "..", "disk2.img");
+
+/** The user and group libvirt runs QEMU as (Debian's package; qemu.conf's user and group). */
+export const QEMU_USER = { user: "libvirt-qemu", group: "kvm" } as const;
 
 /** The peer port of the services the tests start (each host has its own address). */
 const SERVE_PEER_PORT = 4447;
@@ -71,7 +78,8 @@ export function skipLibvirt(): string | false {
   const g = findGuest();
   if (!g) return "guest not built: run scripts/build-guest.sh";
   if (!existsSync(secondDisk(g))) return "the guest's second disk (nas/disk2.img) not built: run scripts/build-guest.sh";
-  if (["unshare", "nsenter"].some((c) => spawnSync(c, ["--version"], { stdio: "ignore" }).status !== 0)) return "unshare or nsenter (util-linux) missing";
+  if (qemuIds() === null) return `no user ${QEMU_USER.user} or group ${QEMU_USER.group} (libvirt-daemon-system creates them)`;
+  if (["unshare", "nsenter", "setpriv"].some((c) => spawnSync(c, ["--version"], { stdio: "ignore" }).status !== 0)) return "unshare, nsenter or setpriv (util-linux) missing";
   return false;
 }
 
@@ -118,6 +126,10 @@ export class LibvirtPair {
     const guest = findGuest();
     if (!guest) throw new Error("guest not built");
     const dir = mkdtempSync(join(tmpdir(), "pt-libvirt-"));
+    // QEMU (not root) runs the emulator wrapper and appends to the serial logs here
+    const { gid } = qemuIds()!;
+    chownSync(dir, 0, gid);
+    chmodSync(dir, 0o770);
     let link: NetnsLink | undefined;
     const hosts: LibvirtHost[] = [];
     const fail = (err: unknown) => {
@@ -126,6 +138,7 @@ export class LibvirtPair {
       throw err;
     };
     try {
+      grantQemu([guest.kernel, guest.initrd, guest.disk, secondDisk(guest)]);
       link = createNetnsLink({ rate: "1gbit" });
       for (const name of ["a", "b"] as const) {
         hosts.push(startDaemon(dir, name, name === "a" ? link.srcNs : link.dstNs, name === "a" ? link.srcIp : link.dstIp));
@@ -161,6 +174,14 @@ export class LibvirtPair {
     <serial type='file'><source path='${serialLog}' append='on'/><target port='0'/></serial>
     <console type='file'><source path='${serialLog}' append='on'/><target type='serial' port='0'/></console>
     <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>`;
+  }
+
+  /** The uid and gid of guest `name`'s QEMU on `host` (from libvirt's pid file and /proc). */
+  qemuCredentials(host: LibvirtHost, name: string): { uid: number; gid: number } {
+    const pid = Number(readFileSync(join(host.dir, "run", "qemu", `${name}.pid`), "utf8").trim());
+    const status = readFileSync(`/proc/${pid}/status`, "utf8");
+    const id = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+)`, "m").exec(status)?.[1] ?? NaN);
+    return { uid: id("Uid"), gid: id("Gid") };
   }
 
   /** The second disk's path. */
@@ -310,11 +331,12 @@ auth_unix_ro = "none"
 host_uuid = "${uuid}"
 log_outputs = "3:file:${dir}/libvirtd.log"
 `);
-  // Keep the daemon away from the image's owner, virtlogd, cgroups and apparmor: none exist for a test host.
+  // QEMU as Debian runs it, but the images' owners left alone (grantQemu set what QEMU needs, as an operator
+  // would on shared storage); no virtlogd, cgroups or apparmor: none exist for a test host.
   appendFileSync(join(dir, "etc", "qemu.conf"), `
 # pagetwin test host ${name}
-user = "root"
-group = "root"
+user = "${QEMU_USER.user}"
+group = "${QEMU_USER.group}"
 dynamic_ownership = 0
 remember_owner = 0
 security_driver = "none"
@@ -333,6 +355,40 @@ namespaces = [ ]
   daemon.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });
   const uri = `qemu+unix:///system?socket=${join(dir, "sock", "libvirt-sock")}`;
   return { name, ns, ip, dir, uri, virsh: new Virsh(uri), daemon, stderrTail: () => err };
+}
+
+/** QEMU_USER's uid and gid; null when this host has no such user or group. */
+export function qemuIds(): { uid: number; gid: number } | null {
+  const id = (args: string[]) => {
+    const r = spawnSync("id", args, { encoding: "utf8" });
+    return r.status === 0 && /^\d+$/.test(r.stdout.trim()) ? Number(r.stdout.trim()) : null;
+  };
+  const uid = id(["-u", QEMU_USER.user]);
+  const gid = spawnSync("getent", ["group", QEMU_USER.group], { encoding: "utf8" }).stdout?.split(":")[2];
+  return uid === null || !gid || !/^\d+$/.test(gid) ? null : { uid, gid: Number(gid) };
+}
+
+/** Whether QEMU_USER (with its groups) can read `path`. */
+function qemuCanRead(path: string): boolean {
+  return spawnSync("setpriv", [`--reuid=${QEMU_USER.user}`, `--regid=${QEMU_USER.group}`, "--init-groups", "--", "test", "-r", path], { stdio: "ignore" }).status === 0;
+}
+
+/**
+ * What an operator does for images QEMU (not root) must open: each file QEMU cannot read yet gets QEMU's group
+ * with read access, and every directory above it the group's search bit. Files QEMU can read already stay as they are.
+ */
+function grantQemu(paths: string[]): void {
+  const { gid } = qemuIds()!;
+  for (const p of paths) {
+    if (qemuCanRead(p)) continue;
+    chownSync(p, statSync(p).uid, gid);
+    chmodSync(p, statSync(p).mode | 0o040);
+    for (let d = dirname(p); d !== "/"; d = dirname(d)) {
+      const st = statSync(d);
+      if ((st.mode & 0o001) === 0 && !(st.gid === gid && st.mode & 0o010)) { chownSync(d, st.uid, gid); chmodSync(d, st.mode | 0o010); }
+    }
+    if (!qemuCanRead(p)) throw new Error(`${p}: ${QEMU_USER.user} still cannot read it after granting group ${QEMU_USER.group} read access`);
+  }
 }
 
 async function waitReady(h: LibvirtHost, timeoutMs = 30_000): Promise<void> {
