@@ -7,18 +7,21 @@
 // Header bytes go out as raw at once (a copy is kept to decode the header);
 // only a page split across reads is held back until it is whole, so a SYNC
 // packet (no pages) is never held: the destination's main thread waits for it.
+// With reuseBridges, a split page is completed in one of two page buffers
+// used in turn (it holds until the next push(): inBridge() tells), as the
+// main channel's parser does; else in fresh memory.
 // A channel with QEMU's own compression, or flags or a version this parser
 // does not know, passes through raw from that packet on.
 
 import { StreamFormatError } from "../errors.js";
-import type { ParserMode, Piece } from "./qemu-stream.js";
+import type { ParserMode, ParserOptions, Piece } from "./qemu-stream.js";
 import {
   MULTIFD_FLAG, MULTIFD_HEADER_FIXED, MULTIFD_INIT_BYTES, MULTIFD_PAGE, MULTIFD_VERSION,
   compressionOf, decodeFixed, decodeInit, decodePacket, packetHeaderBytes, unknownFlags, type MultifdPacket,
 } from "./multifd-format.js";
 
 const EMPTY = Buffer.alloc(0);
-/** Pages split across reads are completed in slabs this big (never reused: the replay window keeps views). */
+/** Without reuseBridges, pages split across reads are completed in slabs this big (never reused: the replay window keeps views). */
 const SLAB = 1 << 20;
 
 export interface MultifdStats {
@@ -47,12 +50,16 @@ export class MultifdStreamParser {
   private partGot = 0;
   private slab = Buffer.alloc(0);
   private slabUsed = 0;
+  /** With reuseBridges: the two page buffers split pages are completed in, and the one the last split page took. */
+  private readonly bridges: Buffer[] = [];
+  private bridgeTurn = 0;
   private warnings: string[] = [];
   readonly stats: MultifdStats = { bytes: 0, packets: 0, syncs: 0, pages: 0, zeroPages: 0, pageBytes: 0 };
   mode: ParserMode = "parsing";
   passthroughReason: string | undefined;
   /** QEMU's multifd channel id, from the initial packet (-1: not yet read). */
   channel = -1;
+  constructor(private readonly o: ParserOptions = {}) {}
 
   push(chunk: Buffer): Piece[] {
     const base = this.stats.bytes;
@@ -105,7 +112,7 @@ export class MultifdStreamParser {
     while (this.pageIndex < p.pagesUsed && pos < chunk.length) {
       let data: Buffer;
       if (this.partPage || chunk.length - pos < MULTIFD_PAGE) {
-        this.partPage ??= this.slabPage();
+        this.partPage ??= this.o.reuseBridges ? this.nextBridge() : this.slabPage();
         const n = Math.min(MULTIFD_PAGE - this.partGot, chunk.length - pos);
         this.partPage.set(chunk.subarray(pos, pos + n), this.partGot);
         this.partGot += n;
@@ -125,6 +132,17 @@ export class MultifdStreamParser {
     }
     if (this.pageIndex === p.pagesUsed) this.nextHeader();
     return pos;
+  }
+
+  /** Whether `data` (a page's bytes) lies in a reused bridge, so holds only until the next push(). */
+  inBridge(data: Uint8Array): boolean {
+    return this.bridges.some((b) => b.buffer === data.buffer);
+  }
+
+  /** The bridge the last split page did not take: that page's piece may still be in use until this push() returns. */
+  private nextBridge(): Buffer {
+    this.bridgeTurn ^= 1;
+    return (this.bridges[this.bridgeTurn] ??= Buffer.allocUnsafeSlow(MULTIFD_PAGE));
   }
 
   private slabPage(): Buffer {
