@@ -100,6 +100,32 @@ test("parser: a channel split at every size re-serializes identically; pages, bl
   }
 });
 
+test("parser: input in one reused buffer, split pages in reused bridges: every page right when handed out, and only bridged ones inBridge()", () => {
+  const pages = Array.from({ length: 300 }, (_, i) => Buffer.alloc(PAGE, (i * 13 + 1) & 0xff));
+  const data = multifdChannel({ id: 2, pages, block: "pc.ram" });
+  for (const step of [1, 100, 4095, 4097, 5000, 65536]) {
+    const p = new MultifdStreamParser({ reuseBridges: true });
+    const read = Buffer.alloc(step);
+    let page = 0, bridged = 0;
+    for (let i = 0; i < data.length; i += step) {
+      const n = Math.min(step, data.length - i);
+      data.copy(read, 0, i, i + n);
+      for (const x of p.push(read.subarray(0, n))) {
+        if (x.kind !== "page") continue;
+        assert.ok(x.data.equals(pages[page]!), `page ${page} step ${step}`);
+        const inRead = x.data.buffer === read.buffer;
+        assert.equal(p.inBridge(x.data), !inRead, `page ${page} step ${step}: in the read buffer or a bridge`);
+        if (!inRead) bridged++;
+        page++;
+      }
+      read.fill(0xee); // the caller's next read overwrites it
+    }
+    p.finish();
+    assert.equal(page, 300);
+    assert.ok(step >= PAGE || bridged === 300, `step ${step}: every page is split when reads are smaller than a page`);
+  }
+});
+
 test("parser: a SYNC packet is handed out as soon as it is whole (nothing of it held back)", () => {
   const data = multifdChannel({ id: 0, pages: [] }); // init + SYNC + SYNC
   const p = new MultifdStreamParser();
