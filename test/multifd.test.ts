@@ -9,7 +9,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { randomBytes } from "node:crypto";
 import {
-  MULTIFD_FLAG, MULTIFD_PAGES_ALLOC, MULTIFD_PAGES_ALLOC_MAX, channelKind, decodeInit, decodePacket, encodeInit, encodePacket, packetHeaderBytes,
+  MULTIFD_FLAG, MULTIFD_PAGES_ALLOC, MULTIFD_PAGES_ALLOC_MAX, channelKind, decodeInit, decodePacket, decodePacketHead, encodeInit, encodePacket, offsetAt, packetHeaderBytes,
 } from "../src/stream/multifd-format.js";
 import { MultifdStreamParser } from "../src/stream/multifd-stream.js";
 import { MultifdRefsBuilder, decodeMultifdRefs } from "../src/stream/multifd-frames.js";
@@ -58,6 +58,11 @@ test("format: init and packet headers round trip, leftover offsets and reserved 
   assert.deepEqual([p.flags, p.pagesUsed, p.ramblock, p.packetNum, p.nextPacketSize], [1, 5, "pc.ram", 2n ** 40n, 5 * PAGE]);
   assert.deepEqual(p.offsets, offsets, "all 128 offsets, also those past pages_used");
   assert.ok(encodePacket(p).equals(pkt), "encode(decode(bytes)) gives back the bytes");
+  const far = [...offsets];
+  far[1] = 2n ** 40n + 0x1234_5000n; // past 4 GiB: both halves of the be64 count
+  const farPkt = encodePacket({ ...p, offsets: far });
+  assert.deepEqual(decodePacketHead(farPkt), { version: 1, flags: 1, pagesAlloc: 128, pagesUsed: 5, nextPacketSize: 5 * PAGE, packetNum: 2n ** 40n, ramblock: "pc.ram" });
+  assert.deepEqual([0, 1, 2, 127].map((i) => offsetAt(farPkt, i)), [0, 1, 2, 127].map((i) => Number(far[i]!)));
   assert.equal(channelKind(init), "multifd");
   assert.equal(channelKind(Buffer.from("QEVM\0\0\0\x03")), "main");
   assert.equal(channelKind(Buffer.from("QE")), "unknown");

@@ -17,7 +17,7 @@ import { StreamFormatError } from "../errors.js";
 import type { ParserMode, ParserOptions, Piece } from "./qemu-stream.js";
 import {
   MULTIFD_FLAG, MULTIFD_HEADER_FIXED, MULTIFD_INIT_BYTES, MULTIFD_PAGE, MULTIFD_VERSION,
-  compressionOf, decodeFixed, decodeInit, decodePacket, packetHeaderBytes, unknownFlags, type MultifdPacket,
+  compressionOf, decodeFixed, decodeInit, decodePacketHead, offsetAt, packetHeaderBytes, unknownFlags, type MultifdPacketHead,
 } from "./multifd-format.js";
 
 const EMPTY = Buffer.alloc(0);
@@ -43,7 +43,8 @@ export class MultifdStreamParser {
   private head = Buffer.alloc(MULTIFD_INIT_BYTES);
   private got = 0;
   private need = MULTIFD_INIT_BYTES;
-  private packet: MultifdPacket | null = null;
+  /** The packet whose pages are being read (its offsets are in `head` until the next header). */
+  private packet: MultifdPacketHead | null = null;
   private pageIndex = 0;
   /** A page split across reads, being completed. */
   private partPage: Buffer | null = null;
@@ -125,7 +126,7 @@ export class MultifdStreamParser {
         data = chunk.subarray(pos, pos + MULTIFD_PAGE);
         pos += MULTIFD_PAGE;
       }
-      out.push({ kind: "page", header: EMPTY, data, block: p.ramblock, offset: Number(p.offsets[this.pageIndex]!) });
+      out.push({ kind: "page", header: EMPTY, data, block: p.ramblock, offset: offsetAt(this.head, this.pageIndex) });
       this.pageIndex++;
       this.stats.pages++;
       this.stats.pageBytes += MULTIFD_PAGE;
@@ -199,7 +200,7 @@ export class MultifdStreamParser {
   }
 
   private packetRead(): void {
-    const p = decodePacket(this.head.subarray(0, this.need));
+    const p = decodePacketHead(this.head.subarray(0, this.need));
     this.stats.packets++;
     if (p.flags & MULTIFD_FLAG.SYNC) this.stats.syncs++;
     this.packet = p;
