@@ -1,4 +1,5 @@
-// `node dist/bench/multifd.js [--capture FILE] [--image IMAGE] [--runs N] [--layouts plain,2,4]`:
+// `node dist/bench/multifd.js [--capture FILE] [--image IMAGE] [--runs N] [--layouts plain,1,2,4]
+//    [--baseline PATH/dist/src/cli/main.js] [--cpu-prof DIR]`:
 // stream mode's cost with QEMU's multifd against one channel, on a real
 // guest's pages. The capture (a guest's stream, `migrate "exec:cat > FILE"`)
 // is replayed through stream-out and stream-in (the CLI, as child processes,
@@ -8,8 +9,10 @@
 //           a ZERO record where it names its RAM block) and N multifd channels
 //           (compression none) carrying the same pages in packets of 128,
 //           dealt round robin as QEMU deals them.
-// Layouts alternate run by run. Printed: bytes on the link per byte of QEMU's
-// stream, and each proxy's CPU per GB of QEMU's stream (medians).
+// Layouts (and, with --baseline, another build's proxies) alternate run by
+// run. Printed: bytes on the link per byte of QEMU's stream, and each
+// proxy's CPU per GB of QEMU's stream (medians). --cpu-prof writes the
+// proxies' CPU profiles there.
 
 import * as fs from "node:fs";
 import * as net from "node:net";
@@ -64,8 +67,8 @@ function multifdLayout(capture: Buffer, n: number): Buffer[] {
 
 interface Proxy { child: ChildProcess; out: string; err: string; exited: Promise<number | null> }
 
-function startProxy(args: string[]): Promise<Proxy> {
-  const child = spawn(process.execPath, [MAIN_JS, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
+function startProxy(cli: string, args: string[], nodeArgs: string[]): Promise<Proxy> {
+  const child = spawn(process.execPath, [...nodeArgs, cli, ...args, "--json"], { stdio: ["ignore", "pipe", "pipe"] });
   const p: Proxy = { child, out: "", err: "", exited: new Promise((r) => child.once("exit", (c) => r(c))) };
   child.stdout!.on("data", (d: Buffer) => { p.out += d.toString(); });
   return new Promise((resolve, reject) => {
@@ -117,17 +120,20 @@ async function feed(port: number, conns: Buffer[]): Promise<void> {
   await Promise.all(socks);
 }
 
-interface Row { layout: string; streamBytes: number; linkBytes: number; outCpuMs: number; inCpuMs: number; wallMs: number; twins: number; verified: boolean }
+interface Row { build: string; layout: string; streamBytes: number; linkBytes: number; outCpuMs: number; inCpuMs: number; wallMs: number; twins: number; verified: boolean }
 
-async function runOnce(layout: string, conns: Buffer[], o: { image: string; index: string; key: string }): Promise<Row> {
+interface Build { name: string; cli: string }
+interface RunOptions { image: string; index: string; key: string; nodeArgs: string[] }
+
+async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOptions): Promise<Row> {
   const sinkSrv = net.createServer({ allowHalfOpen: true }, (s) => { s.on("data", () => {}); s.on("end", () => s.end()); s.on("error", () => {}); });
   await new Promise<void>((r) => sinkSrv.listen(0, "127.0.0.1", r));
   const [inPort, outPort] = [await freePort(), await freePort()];
   const common = ["--image", o.image, "--index", o.index, "--psk-file", o.key, "--keep"];
   let pin: Proxy | null = null, pout: Proxy | null = null;
   try {
-    pin = await startProxy(["stream-in", "--listen", `127.0.0.1:${inPort}`, "--qemu", `127.0.0.1:${(sinkSrv.address() as net.AddressInfo).port}`, ...common]);
-    pout = await startProxy(["stream-out", "--listen", `127.0.0.1:${outPort}`, "--to", `127.0.0.1:${inPort}`, ...common]);
+    pin = await startProxy(build.cli, ["stream-in", "--listen", `127.0.0.1:${inPort}`, "--qemu", `127.0.0.1:${(sinkSrv.address() as net.AddressInfo).port}`, ...common], o.nodeArgs);
+    pout = await startProxy(build.cli, ["stream-out", "--listen", `127.0.0.1:${outPort}`, "--to", `127.0.0.1:${inPort}`, ...common], o.nodeArgs);
     const cpu = new CpuMeter();
     cpu.start({ out: pout.child.pid, in: pin.child.pid });
     const t0 = performance.now();
@@ -136,8 +142,10 @@ async function runOnce(layout: string, conns: Buffer[], o: { image: string; inde
     const ms = cpu.stop(); // before they exit: /proc forgets a process once it is reaped
     const [so] = await Promise.all([stats(pout), stats(pin)]);
     return {
-      layout, streamBytes: so.bytesFromQemu, linkBytes: so.bytesOutLink, outCpuMs: ms["out"]!, inCpuMs: ms["in"]!, wallMs,
-      twins: so.twinsReplaced, verified: so.verdict === "verified" && so.streamsVerified === conns.length,
+      build: build.name, layout, streamBytes: so.bytesFromQemu, linkBytes: so.bytesOutLink, outCpuMs: ms["out"]!, inCpuMs: ms["in"]!, wallMs,
+      twins: so.twinsReplaced,
+      // stream-in's verdict on every connection (the `verdict` field is only updated once a session's socket is gone: SIGTERM may come first)
+      verified: so.streamsFailed === 0 && so.streamsVerified === conns.length,
     };
   } finally {
     for (const p of [pout, pin]) if (p && p.child.exitCode === null) p.child.kill();
@@ -147,12 +155,34 @@ async function runOnce(layout: string, conns: Buffer[], o: { image: string; inde
 
 const median = (xs: number[]) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]!; };
 
+function layoutName(l: string): string {
+  return l === "plain" ? "one channel (no multifd)" : `multifd, ${l} channel${l === "1" ? "" : "s"}`;
+}
+
+/** The medians per build and layout, as a Markdown table. */
+function printTable(rows: Row[], builds: Build[], layouts: string[]): void {
+  const many = builds.length > 1;
+  console.log(`\n| ${many ? "build | " : ""}layout | QEMU stream | link / stream | stream-out CPU s/GB | stream-in CPU s/GB | wall s/GB | all verified |`);
+  console.log(`|${many ? "---|" : ""}---|---|---|---|---|---|---|`);
+  const gb = (x: Row) => x.streamBytes / 1e9;
+  for (const l of layouts) {
+    for (const b of builds) {
+      const rs = rows.filter((x) => x.layout === l && x.build === b.name);
+      console.log(`| ${many ? `${b.name} | ` : ""}${layoutName(l)} | ${(median(rs.map((x) => x.streamBytes)) / 1e6).toFixed(1)} MB | ${median(rs.map((x) => x.linkBytes / x.streamBytes)).toFixed(3)} | ` +
+        `${median(rs.map((x) => x.outCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.inCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.wallMs / 1000 / gb(x))).toFixed(2)} | ${rs.every((x) => x.verified)} |`);
+    }
+  }
+}
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const capturePath = argString(args, "--capture") ?? path.join(process.env["PAGETWIN_CACHE"] ?? ".cache", "stream-replay", "guest-512.qemu-stream");
   const image = argString(args, "--image") ?? findGuest()?.disk;
   const runs = Number(argString(args, "--runs") ?? 3);
-  const layouts = (argString(args, "--layouts") ?? "plain,2,4").split(",");
+  const layouts = (argString(args, "--layouts") ?? "plain,1,2,4").split(",");
+  const baseline = argString(args, "--baseline");
+  const prof = argString(args, "--cpu-prof");
+  const builds: Build[] = [{ name: "this build", cli: MAIN_JS }, ...(baseline ? [{ name: "baseline", cli: path.resolve(baseline) }] : [])];
   if (!fs.existsSync(capturePath) || !image) {
     throw new Error(`bench/multifd: needs a captured stream (--capture FILE; a guest's "migrate exec:cat > FILE") and its disk image (--image); have ${capturePath} ${image ?? "(no image)"}`);
   }
@@ -164,23 +194,22 @@ async function main(): Promise<void> {
     fs.writeFileSync(key, Buffer.from(Array.from({ length: 32 }, (_, i) => (i * 37 + 11) & 0xff)), { mode: 0o600 });
     const capture = fs.readFileSync(capturePath);
     const data = new Map(layouts.map((l) => [l, l === "plain" ? [capture] : multifdLayout(capture, Number(l))]));
-    console.log(`multifd bench: ${capturePath} (${(capture.length / 1e6).toFixed(1)} MB), ${runs} runs of ${layouts.join(", ")} alternating, ${os.cpus().length} cores, load ${os.loadavg()[0]!.toFixed(2)}`);
+    const opts: RunOptions = { image, index, key, nodeArgs: prof ? ["--cpu-prof", "--cpu-prof-dir", path.resolve(prof)] : [] };
+    console.log(`multifd bench: ${capturePath} (${(capture.length / 1e6).toFixed(1)} MB), ${runs} runs of ${layouts.join(", ")}${baseline ? ` x (this build, ${baseline})` : ""} alternating, ` +
+      `${os.cpus().length} cores, load ${os.loadavg()[0]!.toFixed(2)}`);
     const rows: Row[] = [];
     for (let r = 0; r < runs; r++) {
       for (const l of layouts) {
-        const row = await runOnce(l, data.get(l)!, { image, index, key });
-        rows.push(row);
-        console.log(`  run ${r + 1} ${l.padEnd(5)}: link ${(row.linkBytes / row.streamBytes).toFixed(3)}x of ${(row.streamBytes / 1e6).toFixed(1)} MB, stream-out ${row.outCpuMs.toFixed(0)} ms, stream-in ${row.inCpuMs.toFixed(0)} ms CPU, ${row.wallMs.toFixed(0)} ms, ${row.twins} twins, verified ${row.verified}`);
+        // which build goes first alternates too
+        for (const b of r % 2 ? [...builds].reverse() : builds) {
+          const row = await runOnce(b, l, data.get(l)!, opts);
+          rows.push(row);
+          console.log(`  run ${r + 1} ${b.name.padEnd(10)} ${l.padEnd(5)}: link ${(row.linkBytes / row.streamBytes).toFixed(3)}x of ${(row.streamBytes / 1e6).toFixed(1)} MB, ` +
+            `stream-out ${row.outCpuMs.toFixed(0)} ms, stream-in ${row.inCpuMs.toFixed(0)} ms CPU, ${row.wallMs.toFixed(0)} ms, ${row.twins} twins, verified ${row.verified}`);
+        }
       }
     }
-    console.log("\n| layout | QEMU stream | link / stream | stream-out CPU s/GB | stream-in CPU s/GB | wall s/GB | all verified |\n|---|---|---|---|---|---|---|");
-    for (const l of layouts) {
-      const rs = rows.filter((x) => x.layout === l);
-      const gb = (x: Row) => x.streamBytes / 1e9;
-      const name = l === "plain" ? "one channel (no multifd)" : `multifd, ${l} channels`;
-      console.log(`| ${name} | ${(median(rs.map((x) => x.streamBytes)) / 1e6).toFixed(1)} MB | ${median(rs.map((x) => x.linkBytes / x.streamBytes)).toFixed(3)} | ` +
-        `${median(rs.map((x) => x.outCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.inCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.wallMs / 1000 / gb(x))).toFixed(2)} | ${rs.every((x) => x.verified)} |`);
-    }
+    printTable(rows, builds, layouts);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

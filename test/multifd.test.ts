@@ -9,7 +9,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { randomBytes } from "node:crypto";
 import {
-  MULTIFD_FLAG, MULTIFD_PAGES_ALLOC, MULTIFD_PAGES_ALLOC_MAX, channelKind, decodeInit, decodePacket, encodeInit, encodePacket, packetHeaderBytes,
+  MULTIFD_FLAG, MULTIFD_PAGES_ALLOC, MULTIFD_PAGES_ALLOC_MAX, channelKind, decodeInit, decodePacket, decodePacketHead, encodeInit, encodePacket, offsetAt, packetHeaderBytes,
 } from "../src/stream/multifd-format.js";
 import { MultifdStreamParser } from "../src/stream/multifd-stream.js";
 import { MultifdRefsBuilder, decodeMultifdRefs } from "../src/stream/multifd-frames.js";
@@ -58,6 +58,11 @@ test("format: init and packet headers round trip, leftover offsets and reserved 
   assert.deepEqual([p.flags, p.pagesUsed, p.ramblock, p.packetNum, p.nextPacketSize], [1, 5, "pc.ram", 2n ** 40n, 5 * PAGE]);
   assert.deepEqual(p.offsets, offsets, "all 128 offsets, also those past pages_used");
   assert.ok(encodePacket(p).equals(pkt), "encode(decode(bytes)) gives back the bytes");
+  const far = [...offsets];
+  far[1] = 2n ** 40n + 0x1234_5000n; // past 4 GiB: both halves of the be64 count
+  const farPkt = encodePacket({ ...p, offsets: far });
+  assert.deepEqual(decodePacketHead(farPkt), { version: 1, flags: 1, pagesAlloc: 128, pagesUsed: 5, nextPacketSize: 5 * PAGE, packetNum: 2n ** 40n, ramblock: "pc.ram" });
+  assert.deepEqual([0, 1, 2, 127].map((i) => offsetAt(farPkt, i)), [0, 1, 2, 127].map((i) => Number(far[i]!)));
   assert.equal(channelKind(init), "multifd");
   assert.equal(channelKind(Buffer.from("QEVM\0\0\0\x03")), "main");
   assert.equal(channelKind(Buffer.from("QE")), "unknown");
@@ -97,6 +102,32 @@ test("parser: a channel split at every size re-serializes identically; pages, bl
     });
     assert.equal(p.channel, 1);
     assert.deepEqual([p.stats.packets, p.stats.syncs, p.stats.pages, p.mode], [5, 2, 300, "parsing"]);
+  }
+});
+
+test("parser: input in one reused buffer, split pages in reused bridges: every page right when handed out, and only bridged ones inBridge()", () => {
+  const pages = Array.from({ length: 300 }, (_, i) => Buffer.alloc(PAGE, (i * 13 + 1) & 0xff));
+  const data = multifdChannel({ id: 2, pages, block: "pc.ram" });
+  for (const step of [1, 100, 4095, 4097, 5000, 65536]) {
+    const p = new MultifdStreamParser({ reuseBridges: true });
+    const read = Buffer.alloc(step);
+    let page = 0, bridged = 0;
+    for (let i = 0; i < data.length; i += step) {
+      const n = Math.min(step, data.length - i);
+      data.copy(read, 0, i, i + n);
+      for (const x of p.push(read.subarray(0, n))) {
+        if (x.kind !== "page") continue;
+        assert.ok(x.data.equals(pages[page]!), `page ${page} step ${step}`);
+        const inRead = x.data.buffer === read.buffer;
+        assert.equal(p.inBridge(x.data), !inRead, `page ${page} step ${step}: in the read buffer or a bridge`);
+        if (!inRead) bridged++;
+        page++;
+      }
+      read.fill(0xee); // the caller's next read overwrites it
+    }
+    p.finish();
+    assert.equal(page, 300);
+    assert.ok(step >= PAGE || bridged === 300, `step ${step}: every page is split when reads are smaller than a page`);
   }
 });
 

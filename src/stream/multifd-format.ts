@@ -121,19 +121,34 @@ export function decodeFixed(b: Uint8Array): Omit<MultifdPacket, "offsets" | "ram
   return { version, flags: v.readUInt32BE(8), pagesAlloc, pagesUsed, nextPacketSize: v.readUInt32BE(20), packetNum: v.readBigUInt64BE(24) };
 }
 
-/** A whole packet header (its length from pages_alloc). */
-export function decodePacket(b: Uint8Array): MultifdPacket {
+/** What a packet header says besides its offsets and reserved bytes (read an offset with offsetAt()). */
+export type MultifdPacketHead = Omit<MultifdPacket, "offsets" | "reserved">;
+
+/** A whole packet header (its length from pages_alloc), its offsets left in `b`: a parser's per-packet decode, no BigInt per page. */
+export function decodePacketHead(b: Uint8Array): MultifdPacketHead {
   const fixed = decodeFixed(b);
   const len = packetHeaderBytes(fixed.pagesAlloc);
   if (b.length < len) bad(`packet header of ${b.length} bytes; it allocates ${fixed.pagesAlloc} pages, so ${len} expected`);
-  const v = Buffer.from(b.buffer, b.byteOffset, len);
-  const name = v.subarray(64, 64 + RAMBLOCK_BYTES - 1);
+  const name = Buffer.from(b.buffer, b.byteOffset + 64, RAMBLOCK_BYTES - 1);
   const nul = name.indexOf(0);
   const ramblock = name.subarray(0, nul < 0 ? name.length : nul).toString("latin1");
   if (fixed.pagesUsed > 0 && ramblock === "") bad(`packet of ${fixed.pagesUsed} pages names no RAM block`);
+  return { ...fixed, ramblock };
+}
+
+/** Offset `i` of the packet header `b` (decodePacketHead() checked it), as a number: exact below 2^53, as RAM offsets are. */
+export function offsetAt(b: Buffer, i: number): number {
+  const o = MULTIFD_HEADER_FIXED + 8 * i;
+  return b.readUInt32BE(o) * 2 ** 32 + b.readUInt32BE(o + 4);
+}
+
+/** A whole packet header (its length from pages_alloc). */
+export function decodePacket(b: Uint8Array): MultifdPacket {
+  const head = decodePacketHead(b);
+  const v = Buffer.from(b.buffer, b.byteOffset, packetHeaderBytes(head.pagesAlloc));
   const offsets: bigint[] = [];
-  for (let i = 0; i < fixed.pagesAlloc; i++) offsets.push(v.readBigUInt64BE(MULTIFD_HEADER_FIXED + 8 * i));
-  return { ...fixed, reserved: Buffer.from(v.subarray(32, 64)), ramblock, offsets };
+  for (let i = 0; i < head.pagesAlloc; i++) offsets.push(v.readBigUInt64BE(MULTIFD_HEADER_FIXED + 8 * i));
+  return { ...head, reserved: Buffer.from(v.subarray(32, 64)), offsets };
 }
 
 export function encodePacket(p: Omit<MultifdPacket, "version" | "reserved" | "nextPacketSize" | "packetNum"> & Partial<MultifdPacket>): Buffer {

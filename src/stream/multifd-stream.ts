@@ -7,18 +7,21 @@
 // Header bytes go out as raw at once (a copy is kept to decode the header);
 // only a page split across reads is held back until it is whole, so a SYNC
 // packet (no pages) is never held: the destination's main thread waits for it.
+// With reuseBridges, a split page is completed in one of two page buffers
+// used in turn (it holds until the next push(): inBridge() tells), as the
+// main channel's parser does; else in fresh memory.
 // A channel with QEMU's own compression, or flags or a version this parser
 // does not know, passes through raw from that packet on.
 
 import { StreamFormatError } from "../errors.js";
-import type { ParserMode, Piece } from "./qemu-stream.js";
+import type { ParserMode, ParserOptions, Piece } from "./qemu-stream.js";
 import {
   MULTIFD_FLAG, MULTIFD_HEADER_FIXED, MULTIFD_INIT_BYTES, MULTIFD_PAGE, MULTIFD_VERSION,
-  compressionOf, decodeFixed, decodeInit, decodePacket, packetHeaderBytes, unknownFlags, type MultifdPacket,
+  compressionOf, decodeFixed, decodeInit, decodePacketHead, offsetAt, packetHeaderBytes, unknownFlags, type MultifdPacketHead,
 } from "./multifd-format.js";
 
 const EMPTY = Buffer.alloc(0);
-/** Pages split across reads are completed in slabs this big (never reused: the replay window keeps views). */
+/** Without reuseBridges, pages split across reads are completed in slabs this big (never reused: the replay window keeps views). */
 const SLAB = 1 << 20;
 
 export interface MultifdStats {
@@ -40,19 +43,24 @@ export class MultifdStreamParser {
   private head = Buffer.alloc(MULTIFD_INIT_BYTES);
   private got = 0;
   private need = MULTIFD_INIT_BYTES;
-  private packet: MultifdPacket | null = null;
+  /** The packet whose pages are being read (its offsets are in `head` until the next header). */
+  private packet: MultifdPacketHead | null = null;
   private pageIndex = 0;
   /** A page split across reads, being completed. */
   private partPage: Buffer | null = null;
   private partGot = 0;
   private slab = Buffer.alloc(0);
   private slabUsed = 0;
+  /** With reuseBridges: the two page buffers split pages are completed in, and the one the last split page took. */
+  private readonly bridges: Buffer[] = [];
+  private bridgeTurn = 0;
   private warnings: string[] = [];
   readonly stats: MultifdStats = { bytes: 0, packets: 0, syncs: 0, pages: 0, zeroPages: 0, pageBytes: 0 };
   mode: ParserMode = "parsing";
   passthroughReason: string | undefined;
   /** QEMU's multifd channel id, from the initial packet (-1: not yet read). */
   channel = -1;
+  constructor(private readonly o: ParserOptions = {}) {}
 
   push(chunk: Buffer): Piece[] {
     const base = this.stats.bytes;
@@ -105,7 +113,7 @@ export class MultifdStreamParser {
     while (this.pageIndex < p.pagesUsed && pos < chunk.length) {
       let data: Buffer;
       if (this.partPage || chunk.length - pos < MULTIFD_PAGE) {
-        this.partPage ??= this.slabPage();
+        this.partPage ??= this.o.reuseBridges ? this.nextBridge() : this.slabPage();
         const n = Math.min(MULTIFD_PAGE - this.partGot, chunk.length - pos);
         this.partPage.set(chunk.subarray(pos, pos + n), this.partGot);
         this.partGot += n;
@@ -118,13 +126,24 @@ export class MultifdStreamParser {
         data = chunk.subarray(pos, pos + MULTIFD_PAGE);
         pos += MULTIFD_PAGE;
       }
-      out.push({ kind: "page", header: EMPTY, data, block: p.ramblock, offset: Number(p.offsets[this.pageIndex]!) });
+      out.push({ kind: "page", header: EMPTY, data, block: p.ramblock, offset: offsetAt(this.head, this.pageIndex) });
       this.pageIndex++;
       this.stats.pages++;
       this.stats.pageBytes += MULTIFD_PAGE;
     }
     if (this.pageIndex === p.pagesUsed) this.nextHeader();
     return pos;
+  }
+
+  /** Whether `data` (a page's bytes) lies in a reused bridge, so holds only until the next push(). */
+  inBridge(data: Uint8Array): boolean {
+    return this.bridges.some((b) => b.buffer === data.buffer);
+  }
+
+  /** The bridge the last split page did not take: that page's piece may still be in use until this push() returns. */
+  private nextBridge(): Buffer {
+    this.bridgeTurn ^= 1;
+    return (this.bridges[this.bridgeTurn] ??= Buffer.allocUnsafeSlow(MULTIFD_PAGE));
   }
 
   private slabPage(): Buffer {
@@ -181,7 +200,7 @@ export class MultifdStreamParser {
   }
 
   private packetRead(): void {
-    const p = decodePacket(this.head.subarray(0, this.need));
+    const p = decodePacketHead(this.head.subarray(0, this.need));
     this.stats.packets++;
     if (p.flags & MULTIFD_FLAG.SYNC) this.stats.syncs++;
     this.packet = p;

@@ -316,7 +316,7 @@ class OutSession {
     this.kind = start.kind;
     this.trace = this.ctx.tracing?.join(start.kind, this.since) ?? null;
     if (start.kind === "multifd") {
-      const parser = new MultifdStreamParser();
+      const parser = new MultifdStreamParser({ reuseBridges: true });
       this.parser = parser;
       this.refs = new MultifdRefsBuilder(() => parser.channel);
       this.stats.multifd.channels++;
@@ -513,16 +513,19 @@ class OutSession {
   }
 
   /**
-   * QEMU's stream into one read buffer of the session's (main channel, where
+   * QEMU's stream into one read buffer of the session's (any channel, where
    * Node allows it: read-buffer.ts), else through 'data' events. A chunk in
    * the read buffer is rewritten before the next read overwrites it: the
    * parser and the replay window keep copies of what they hold on to.
    */
   private startReading(): void {
-    const parser = this.parser;
-    const reused = parser instanceof QemuStreamParser && readIntoBuffer(this.qemu, READ_BUFFER_BYTES, (chunk) => this.onQemuData(chunk, true));
-    if (reused) parser.inputReused = this.inputReused = true;
-    else this.qemu.on("data", (chunk: Buffer) => this.onQemuData(chunk));
+    if (!readIntoBuffer(this.qemu, READ_BUFFER_BYTES, (chunk) => this.onQemuData(chunk, true))) {
+      this.qemu.on("data", (chunk: Buffer) => this.onQemuData(chunk));
+      return;
+    }
+    this.inputReused = true;
+    // a multifd parser holds no view of its input: it copies header bytes and split pages
+    if (this.parser instanceof QemuStreamParser) this.parser.inputReused = true;
   }
 
   /** Takes a chunk now unless others wait before it; false: QEMU's socket waits (for the link, the window). */
@@ -652,7 +655,7 @@ class OutSession {
   /** Holds a referenced page in the replay window and adds it to the REFS frame being built; true when that frame is full. */
   holdRef(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): boolean {
     // a page completed in the parser's bridge is overwritten by the next chunk: the window keeps a copy of it
-    const bridged = this.parser instanceof QemuStreamParser && this.parser.inBridge(data);
+    const bridged = this.parser.inBridge(data);
     if (bridged || this.inputReused) this.ring.holdCopy(this.seq, data);
     else this.ring.hold(this.seq, data);
     this.refs.add(this.seq++, header, block, hash);
