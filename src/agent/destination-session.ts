@@ -58,8 +58,8 @@ export interface SessionParts {
   verify: "held" | "reread";
   /** After the digest matched, before Done. */
   onVerified?: (() => Promise<void>) | undefined;
-  /** The agent's NAS reader thread and its opening on `image` (true once open); until then, or without one, twins are verified on this thread. */
-  fetcher?: { fetcher: BlockFetcher; open: Promise<boolean> } | null;
+  /** The agent's NAS reader thread, open on `image` (null: twins are fetched and verified on this thread). */
+  fetcher?: BlockFetcher | null;
 }
 
 export class DestinationSession {
@@ -76,7 +76,6 @@ export class DestinationSession {
   /** Refs frames whose blocks the reader thread is fetching (each writes its verified pages when it comes back). */
   private inflight: Promise<void>[] = [];
   private fetchError: Error | null = null;
-  private fetcher: BlockFetcher | null = null;
   private freed = false;
 
   constructor(private readonly p: SessionParts, private readonly r: DestinationResult) {
@@ -84,7 +83,6 @@ export class DestinationSession {
     this.held = engine.alloc(p.pages * HASH_SIZE);
     this.verifier = p.image ? new BlockVerifier(engine, p.image) : null;
     this.writer = new PageWriter(engine, p.ram, this.held);
-    void p.fetcher?.open.then((ok) => { if (ok && !this.freed) this.fetcher = p.fetcher!.fetcher; });
     this.scratch = engine.alloc(BATCH_PAGES * PAGE_SIZE);
     if (p.created) {
       const z = engine.zeroPageHash(), v = this.held.view();
@@ -145,7 +143,7 @@ export class DestinationSession {
     // a block past the image's end now (it shrank since indexing) reads as unreadable: asked for again;
     // more than MAX_REFS (4096, the verifier's slots) references are refused by decodeRefs
     const { pages, blocks, hashes: want } = decodeRefs(f, this.p.pages, 0xffffffff);
-    const fetcher = this.fetcher;
+    const fetcher = this.p.fetcher;
     if (fetcher) {
       // fetched on the reader thread while this one takes the next frames; written before the round's IterAck
       this.inflight.push(fetcher.verify(blocks, want).then((b) => { this.place(pages, b); fetcher.give(b.pages); }, (e: Error) => { this.fetchError ??= e; }));
@@ -231,7 +229,7 @@ export class DestinationSession {
 
   free(): void {
     this.freed = true;
-    this.p.fetcher?.fetcher.release(); // after its open, whether or not this session used it
+    this.p.fetcher?.release();
     this.verifier?.free();
     this.writer.free();
     this.held.free();

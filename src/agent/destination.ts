@@ -221,11 +221,11 @@ export class DestinationAgent {
       image?.close();
       return refuse((err as Error).message);
     }
-    const engine = await createEngine({ seed });
-    // the reader thread opens the image as this thread does; the session uses it once it has (a thread
-    // started just now is still loading): until then, or if it cannot, this thread verifies the twins
-    const fetcher = image && this.fetcher ? this.fetcher : null;
-    const fetcherOpen = fetcher ? fetcher.open(this.opts.imagePath!, image!.format, seed).then(() => true, () => false) : null;
+    // the reader thread opens the image as this thread does; if it cannot, this thread verifies the twins
+    const [engine, fetcher] = await Promise.all([
+      createEngine({ seed }),
+      image && this.fetcher ? this.fetcher.open(this.opts.imagePath!, image.format, seed).then(() => this.fetcher, () => null) : null,
+    ]);
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const compression = availableAlgorithms().filter((a) => offered.includes(a));
     const device = h.device === true ? new DeviceSink(this.opts.deviceIncoming ?? `tcp:127.0.0.1:${await freePort()}`) : null;
@@ -233,7 +233,7 @@ export class DestinationAgent {
     link.handshakeDone();
     const parts = {
       engine, ram, created: !!this.opts.createRam, image, pages: h.pages, compression, device, buffers,
-      verify: this.opts.verify ?? "held", onVerified: this.opts.onVerified, fetcher: fetcher && { fetcher, open: fetcherOpen! },
+      verify: this.opts.verify ?? "held", onVerified: this.opts.onVerified, fetcher,
     } as const;
     try {
       return new DestinationSession(parts, r);
