@@ -10,7 +10,6 @@ import { createEngine, HASH_SIZE, PAGE_SIZE } from "../core/engine.js";
 import { openDisk } from "../adapters/nas/disk.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import type { DiskFormat } from "../adapters/nas/image.js";
-import { MAX_REFS } from "./protocol.js";
 
 export type BlockWorkerRequest =
   | { kind: "open"; imagePath: string; format: DiskFormat | null; seed: string }
@@ -23,8 +22,8 @@ export type BlockWorkerReply =
   | { kind: "opened"; error?: string }
   | { kind: "verified"; id: number; ok: Uint8Array; pages: Uint8Array; error?: string };
 
-/** Buffers for replies' pages, used again: each holds a Refs frame's most blocks (MAX_REFS), and few are ever in flight. */
-const SPARE_MAX = 4;
+/** Buffers for replies' pages, used again. */
+const SPARE_MAX = 8;
 const spare: ArrayBuffer[] = [];
 let verifier: BlockVerifier | null = null;
 let close = () => {};
@@ -44,7 +43,7 @@ function verify(m: Extract<BlockWorkerRequest, { kind: "verify" }>): Extract<Blo
   // out of the core's memory into a buffer of its own, which moves to the agent's thread without a copy
   const bytes = n * PAGE_SIZE;
   const i = spare.findIndex((b) => b.byteLength >= bytes);
-  const pages = new Uint8Array(i >= 0 ? spare.splice(i, 1)[0]! : new ArrayBuffer(Math.max(bytes, MAX_REFS * PAGE_SIZE)), 0, bytes);
+  const pages = new Uint8Array(i >= 0 ? spare.splice(i, 1)[0]! : new ArrayBuffer(Math.max(bytes, 2048 * PAGE_SIZE)), 0, bytes);
   pages.set(verifier.slots(n));
   return { kind: "verified", id: m.id, ok: Uint8Array.from(ok, (b) => (b ? 1 : 0)), pages };
 }
