@@ -12,7 +12,6 @@ import type { FrameLink } from "../link/channel.js";
 import type { FrameBuffers } from "../link/buffers.js";
 import { ProtocolError, jsonFrame, parseJson, printable, type Frame } from "../wire/envelope.js";
 import { PageWriter } from "./page-writer.js";
-import type { BlockFetcher, FetchedBlocks } from "./block-fetcher.js";
 import type { DeviceSink } from "./device.js";
 import { FrameType, decodePages, decodeRefs, decodePageList, decodeCompressedPages, encodeIterAck } from "./protocol.js";
 import { algorithmOfId, createCompressor, type CompressionAlgorithm, type PageCompressor } from "../codec/compress.js";
@@ -58,8 +57,6 @@ export interface SessionParts {
   verify: "held" | "reread";
   /** After the digest matched, before Done. */
   onVerified?: (() => Promise<void>) | undefined;
-  /** The agent's NAS reader thread, open on `image` (null: twins are fetched and verified on this thread). */
-  fetcher?: BlockFetcher | null;
 }
 
 export class DestinationSession {
@@ -73,10 +70,6 @@ export class DestinationSession {
   private readonly zero = new Uint8Array(PAGE_SIZE);
   private readonly decompressors = new Map<CompressionAlgorithm, PageCompressor>();
   private resend: number[] = [];
-  /** Refs frames whose blocks the reader thread is fetching (each writes its verified pages when it comes back). */
-  private inflight: Promise<void>[] = [];
-  private fetchError: Error | null = null;
-  private freed = false;
 
   constructor(private readonly p: SessionParts, private readonly r: DestinationResult) {
     const { engine } = p;
@@ -139,47 +132,25 @@ export class DestinationSession {
   }
 
   private refs(f: Frame): void {
-    if (!this.p.image) throw new ProtocolError("the source sent NAS references, but this destination has no image (start it with --image)");
+    const verifier = this.verifier;
+    if (!verifier) throw new ProtocolError("the source sent NAS references, but this destination has no image (start it with --image)");
     // a block past the image's end now (it shrank since indexing) reads as unreadable: asked for again;
     // more than MAX_REFS (4096, the verifier's slots) references are refused by decodeRefs
     const { pages, blocks, hashes: want } = decodeRefs(f, this.p.pages, 0xffffffff);
-    const fetcher = this.p.fetcher;
-    if (fetcher) {
-      // fetched on the reader thread while this one takes the next frames; written before the round's IterAck
-      this.inflight.push(fetcher.verify(blocks, want).then((b) => { this.place(pages, b); fetcher.give(b.pages); }, (e: Error) => { this.fetchError ??= e; }));
-      return;
-    }
-    const verifier = this.verifier!;
     const ok = verifier.verify(blocks, (i) => want.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE));
-    this.place(pages, { ok: Uint8Array.from(ok, (b) => (b ? 1 : 0)), pages: verifier.slots(pages.length) });
-  }
-
-  /** Writes the twins whose block verified; the others are asked for again at the end of the round. */
-  private place(pages: Uint32Array, b: FetchedBlocks): void {
-    if (this.freed) return;
+    const v = verifier.slots(pages.length);
     const good: number[] = [];
     for (let i = 0; i < pages.length; i++) {
-      if (b.ok[i]) good.push(i);
+      if (ok[i]) good.push(i);
       else this.resend.push(pages[i]!);
     }
-    this.writer.write(Uint32Array.from(good, (i) => pages[i]!), (k) => b.pages.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
+    this.writer.write(Uint32Array.from(good, (i) => pages[i]!), (k) => v.subarray(good[k]! * PAGE_SIZE, (good[k]! + 1) * PAGE_SIZE));
     this.r.twinsVerified += good.length;
     this.r.twinsRejected += pages.length - good.length;
   }
 
-  /** Every Refs frame taken so far verified and written (or the reader thread's failure thrown). */
-  private async settleRefs(): Promise<void> {
-    while (this.inflight.length) {
-      const all = this.inflight;
-      this.inflight = [];
-      await Promise.all(all);
-    }
-    if (this.fetchError) throw new ProtocolError(`could not verify NAS blocks: ${this.fetchError.message}`, { cause: this.fetchError });
-  }
-
   private async iterEnd(f: Frame, link: FrameLink): Promise<void> {
     const { iteration } = parseJson<{ iteration: number }>(f, "IterEnd");
-    await this.settleRefs();
     this.writer.flush();
     await link.send(encodeIterAck(iteration, this.resend));
     this.resend = [];
@@ -188,7 +159,6 @@ export class DestinationSession {
   private async switchover(f: Frame, link: FrameLink): Promise<void> {
     const r = this.r;
     const { digest } = parseJson<{ digest: unknown }>(f, "Switchover");
-    await this.settleRefs();
     this.writer.flush();
     r.digest = this.p.verify === "reread" ? this.ramDigest() : Buffer.from(this.p.engine.digest(this.held.view())).toString("hex");
     if (r.digest !== digest) {
@@ -228,8 +198,6 @@ export class DestinationSession {
   }
 
   free(): void {
-    this.freed = true;
-    this.p.fetcher?.release();
     this.verifier?.free();
     this.writer.free();
     this.held.free();

@@ -18,7 +18,6 @@ import { openDisk } from "../adapters/nas/disk.js";
 import { recordedFormat } from "../adapters/nas/index-header.js";
 import { DestinationSession, emptyDestinationResult, type DestinationResult } from "./destination-session.js";
 import { FrameBuffers } from "../link/buffers.js";
-import { BlockFetcher } from "./block-fetcher.js";
 import { readIndexHeader, defaultIndexPath } from "../adapters/nas/index-file.js";
 import {
   AGENT_FRAMES, DEFAULT_FRAME_PAGES, FrameType, PROTOCOL_VERSION, pagesFrameSize, encodeCredit,
@@ -89,8 +88,6 @@ export class DestinationAgent {
   private waiters: ((r: DestinationResult) => void)[] = [];
   private readonly security: Security;
   private readonly log: Log;
-  /** Fetches and verifies twins' NAS blocks on a thread of its own (with an image only; started with listen()). */
-  private fetcher: BlockFetcher | null = null;
 
   constructor(readonly opts: DestinationOptions) {
     this.log = toLog(opts.log);
@@ -101,7 +98,6 @@ export class DestinationAgent {
   /** Starts listening; resolves with the bound port (0 on a unix socket). */
   async listen(): Promise<number> {
     const o = this.opts;
-    if (o.imagePath && !this.fetcher) this.fetcher = new BlockFetcher();
     this.listener = await Listener.open({
       at: o.socketPath ? { kind: "unix", path: o.socketPath } : { kind: "tcp", host: o.host ?? "127.0.0.1", port: o.port ?? 0 },
       security: this.security, peer: "source agent",
@@ -120,8 +116,6 @@ export class DestinationAgent {
 
   close(): void {
     this.listener?.close();
-    void this.fetcher?.terminate();
-    this.fetcher = null;
   }
 
   private finish(r: DestinationResult): void {
@@ -221,11 +215,7 @@ export class DestinationAgent {
       image?.close();
       return refuse((err as Error).message);
     }
-    // the reader thread opens the image as this thread does; if it cannot, this thread verifies the twins
-    const [engine, fetcher] = await Promise.all([
-      createEngine({ seed }),
-      image && this.fetcher ? this.fetcher.open(this.opts.imagePath!, image.format, seed).then(() => this.fetcher, () => null) : null,
-    ]);
+    const engine = await createEngine({ seed });
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const compression = availableAlgorithms().filter((a) => offered.includes(a));
     const device = h.device === true ? new DeviceSink(this.opts.deviceIncoming ?? `tcp:127.0.0.1:${await freePort()}`) : null;
@@ -233,7 +223,7 @@ export class DestinationAgent {
     link.handshakeDone();
     const parts = {
       engine, ram, created: !!this.opts.createRam, image, pages: h.pages, compression, device, buffers,
-      verify: this.opts.verify ?? "held", onVerified: this.opts.onVerified, fetcher,
+      verify: this.opts.verify ?? "held", onVerified: this.opts.onVerified,
     } as const;
     try {
       return new DestinationSession(parts, r);

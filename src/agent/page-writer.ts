@@ -12,8 +12,8 @@ import type { RamFile } from "../adapters/ram/ram-file.js";
 
 /** Pages in a chunk (the source's 4096-page windows cover four). */
 export const CHUNK_PAGES = 1024;
-/** Chunks held before the least recently used is written (two windows: twins verified on the reader thread land a little after their window's pages). */
-const CHUNK_SLOTS = 8;
+/** Chunks held before the least recently used is written. */
+const CHUNK_SLOTS = 4;
 
 class Chunk {
   index = -1;
