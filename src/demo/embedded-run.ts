@@ -58,7 +58,9 @@ export interface EmbeddedRunResult extends MigrationResult {
 const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 
 async function startDestinationProcess(ramPath: string, imagePath: string, security: string[]): Promise<{ port: number; child: ChildProcess; result: Promise<DestinationResult | null> }> {
-  const child = spawn(process.execPath, [CLI, "listen", "--ram", ramPath, "--create-ram", "--image", imagePath, "--port", "0", "--once", "--json", ...security], {
+  // a run under --cpu-prof profiles its destination too (a profile file of its own, in the same directory)
+  const profile = process.execArgv.filter((a) => a.startsWith("--cpu-prof"));
+  const child = spawn(process.execPath, [...profile, CLI, "listen", "--ram", ramPath, "--create-ram", "--image", imagePath, "--port", "0", "--once", "--json", ...security], {
     stdio: ["ignore", "pipe", "inherit"],
   });
   const lines = createInterface({ input: child.stdout! });
