@@ -654,9 +654,8 @@ class OutSession {
 
   /** Holds a referenced page in the replay window and adds it to the REFS frame being built; true when that frame is full. */
   holdRef(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): boolean {
-    // a page completed in the parser's bridge is overwritten by the next chunk: the window keeps a copy of it
-    const bridged = this.parser.inBridge(data);
-    if (bridged || this.inputReused) this.ring.holdCopy(this.seq, data);
+    // a page in the reused read buffer, or completed in the parser's bridge, is overwritten by the next chunk: the window keeps a copy of it
+    if (this.inputReused || this.parser.inBridge(data)) this.ring.holdCopy(this.seq, data);
     else this.ring.hold(this.seq, data);
     this.refs.add(this.seq++, header, block, hash);
     this.stats.twinsReplaced++;
