@@ -57,6 +57,8 @@ export interface ReplayResult {
   streamBytes: number;
   twinsReplaced: number | null;
   linkBytes: number | null;
+  /** stream-out's compression record in the last replay through this build's proxies (frames compressed or raw, and why). */
+  compression: Record<string, unknown> | null;
   /** Median CPU seconds per GB (1e9 bytes) of QEMU's stream, per variant and hop. */
   sPerGB: Record<string, { first: number; second: number }>;
   /** Each proxy variant over the relays: first hop, second hop. */
@@ -279,6 +281,7 @@ async function measure(variants: Variant[], s: Setup, rounds: number, log: (m: s
     streamBytes: s.capture.length, sPerGB, ratios,
     twinsReplaced: typeof stats?.["twinsReplaced"] === "number" ? stats["twinsReplaced"] : null,
     linkBytes: typeof stats?.["bytesOutLink"] === "number" ? stats["bytesOutLink"] : null,
+    compression: (stats?.["compression"] as Record<string, unknown> | undefined) ?? null,
   };
 }
 

@@ -148,7 +148,8 @@ test("the command: usage errors exit 2 before anything starts; an unreachable li
   assert.match(help.stdout, /drop-in for `virsh migrate --live/);
   for (const args of [["migrate"], ["migrate", "dom"], ["migrate", "dom", "uri", "--tunnelled"], ["migrate", "dom", "uri", "extra"], ["nonsense"], ["migrate", "dom", "uri", "--no-pagetwin", "--ui"],
     ["migrate", "dom", "uri", "--peer", "h:1", "--qemu-side", "udp"], ["migrate", "dom", "uri", "--peer", "h:1", "--migrateuri", "unix:///x.sock", "--listen-address", "127.0.0.2"],
-    ["migrate", "dom", "uri", "--peer", "h:1", "--qemu-side", "unix", "--migrateuri", "tcp://127.0.0.1"], ["prepare", "dom", "--peer", "h:1", "--migrateuri", "unix://relative"]]) {
+    ["migrate", "dom", "uri", "--peer", "h:1", "--qemu-side", "unix", "--migrateuri", "tcp://127.0.0.1"], ["prepare", "dom", "--peer", "h:1", "--migrateuri", "unix://relative"],
+    ["migrate", "dom", "uri", "--peer", "h:1", "--downtime-reserve", "50ms"], ["prepare", "dom", "--peer", "h:1", "--downtime-reserve", "50"]]) {
     const r = await cli(args);
     assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
     assert.match(r.stderr, /^pagetwin: /);
@@ -253,8 +254,20 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
   });
 
   test("pagetwin libvirt migrate: live to the other daemon through both services; pages travel as references from both disks, verified; the counter goes on", async () => {
-    const to = there;
-    const { res, lines, linkBytes } = await migrateThroughPagetwin();
+    const to = there, from = here;
+    // what QEMU's downtime-limit is while the migration runs (libvirt answers this query during its migration job)
+    const limits = new Set<number>();
+    let polling = true;
+    const poll = (async () => {
+      while (polling) {
+        limits.add(await from.virsh.maxDowntime(G).catch(() => -1));
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    })();
+    const { res, lines, linkBytes } = await migrateThroughPagetwin().finally(() => { polling = false; });
+    await poll;
+    assert.deepEqual(res.downtime, { limitMs: 300, askedMs: 200 }, "the guest's 300 ms less the 100 ms reserve");
+    assert.ok(limits.has(200), `QEMU's downtime-limit during the migration: ${[...limits]}`);
     // the destination QEMU, which listened on the service's socket directory, is not root: the directory let its group in
     assert.equal(pair.qemuCredentials(to, G).uid, qemuIds()!.uid, `the destination QEMU runs as ${QEMU_USER.user}`);
     assert.ok(lines.some((l) => l.event === "progress" && l.phase === "migration" && l.total > 400e6), "progress events with libvirt's job figures");
@@ -385,6 +398,22 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
       dst.close();
     }
     assert.equal(await here.virsh.domstate(G), "running");
+  });
+
+  test("a migration that fails once QEMU's limit was lowered sets the source's back (here the guest's own 400 ms); the guest keeps running", async () => {
+    await here.virsh.setMaxDowntime(G, 400);
+    try {
+      const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer,
+        "--xml", join(tmpdir(), "pt-no-such-domain.xml"), "--json"]);
+      assert.equal(r.code, 1, r.stderr);
+      const res = jsonResult(r.stdout);
+      assert.equal(res.errorCode, "PAGETWIN_LIBVIRT_MIGRATION", r.stderr);
+      assert.match(r.stderr + r.stdout, /QEMU's downtime-limit 300 ms: the guest's 400 ms/);
+      assert.equal(await here.virsh.maxDowntime(G), 400);
+      assert.equal(await here.virsh.domstate(G), "running");
+    } finally {
+      await here.virsh.setMaxDowntime(G, 300);
+    }
   });
 
   test("the destination's service down: the command fails cleanly, the guest keeps running on the source", async () => {

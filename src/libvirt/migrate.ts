@@ -9,6 +9,7 @@ import { LIBVIRT_UNLIMITED_MIBS, Virsh, type DomainState } from "../adapters/lib
 import { domainDisks, domainUuid, twinDisks, type DomainDisk } from "./domain-xml.js";
 import { JobWatcher, type JobProgress } from "./job.js";
 import type { EndsReport, MigrationEnds, PreparedEnds } from "./ends.js";
+import { DEFAULT_DOWNTIME_RESERVE_MS, DowntimeReserve, type DowntimeReserved } from "./downtime.js";
 
 export interface LibvirtMigrateOptions {
   domain: string;
@@ -27,6 +28,8 @@ export interface LibvirtMigrateOptions {
   /** How often the job is polled, ms (default 1000: each poll is a virsh process, CPU the migration could use). */
   pollMs?: number;
   signal?: AbortSignal;
+  /** ms of the guest's downtime limit kept back from QEMU's for libvirt's finish (default 100 through pagetwin, 0 for direct ends; docs/LIBVIRT.md). */
+  downtimeReserveMs?: number;
 }
 
 export interface LibvirtMigrateResult {
@@ -42,6 +45,8 @@ export interface LibvirtMigrateResult {
   /** Where the command's time went, ms: reading the domain, preparing the ends, virsh migrate, then at once checking both hosts and the ends' report. */
   phases: { inspectMs: number; prepareMs: number; migrateMs: number; checkMs: number; reportMs: number };
   elapsedMs: number;
+  /** The guest's downtime limit and what QEMU was asked for (absent: left as it was, `notes` say why). */
+  downtime?: DowntimeReserved;
   /** The last job figures seen (QEMU's stream, before the ends change it). */
   job?: JobProgress;
   sourceState: DomainState;
@@ -68,17 +73,24 @@ export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtM
   const watcher = new JobWatcher(o.source, o.domain, o.onProgress ?? (() => {}), o.pollMs);
   let prepared: PreparedEnds | undefined;
   let migrateMs = 0, prepareMs = 0;
+  const reserve = new DowntimeReserve(o.source, o.domain, o.downtimeReserveMs ?? (o.ends.kind === "direct" ? 0 : DEFAULT_DOWNTIME_RESERVE_MS));
+  let downtime: DowntimeReserved | undefined;
   try {
     const bandwidthMiBs = bandwidthArg(o.virshArgs ?? []) ?? (speed < LIBVIRT_UNLIMITED_MIBS ? speed : undefined);
     prepared = await o.ends.prepare({ domain: o.domain, ...(uuid ? { uuid } : {}), disks: usable, virshArgs: o.virshArgs ?? [], ...(bandwidthMiBs ? { bandwidthMiBs } : {}) });
     for (const n of prepared.notes) note(n);
+    const r = await reserve.apply();
+    if ("note" in r) note(r.note);
+    else note(`QEMU's downtime-limit ${(downtime = r.reserved).askedMs} ms: the guest's ${downtime.limitMs} ms less ${downtime.limitMs - downtime.askedMs} ms for libvirt's finish`);
     const tm = performance.now();
     prepareMs = tm - tp;
     await runVirshMigrate(o, prepared, watcher);
     migrateMs = performance.now() - tm;
   } catch (err) {
     watcher.stop();
-    throw await failed(o, prepared, err);
+    const error = await failed(o, prepared, err);
+    await reserve.restore().catch((e: unknown) => note(`the source's downtime limit was not set back to ${downtime?.limitMs} ms: ${(e as Error).message}`));
+    throw error;
   }
   // the check and the ends' report at once: neither needs the other
   const tc = performance.now();
@@ -96,6 +108,7 @@ export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtM
     disks: usable, skippedDisks: skipped, migrateMs, elapsedMs: end - t0,
     phases: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v)])) as typeof phases,
     ...(watcher.last ? { job: watcher.last } : {}),
+    ...(downtime ? { downtime } : {}),
     sourceState, destState, notes: prepared.notes, report,
   };
 }

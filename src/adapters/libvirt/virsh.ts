@@ -72,6 +72,18 @@ export class Virsh {
     return v;
   }
 
+  /** `virsh migrate-getmaxdowntime`: QEMU's downtime-limit for the domain's migrations, ms. */
+  async maxDowntime(domain: string): Promise<number> {
+    const v = Number((await this.run(["migrate-getmaxdowntime", domain], 10_000)).trim());
+    if (!Number.isInteger(v) || v <= 0) throw new LibvirtError(`virsh migrate-getmaxdowntime ${domain}: not a number of ms`, { virshStderr: "" });
+    return v;
+  }
+
+  /** `virsh migrate-setmaxdowntime`: sets it (the domain must be running). */
+  async setMaxDowntime(domain: string, ms: number): Promise<void> {
+    await this.run(["migrate-setmaxdowntime", domain, String(ms)], 10_000);
+  }
+
   /** Starts a long virsh command (a migration) as a child; the caller waits for it and kills it. */
   spawn(args: string[]): ChildProcess {
     return spawn(this.bin, ["-c", this.uri, ...args], { stdio: ["ignore", "pipe", "pipe"] });

@@ -29,6 +29,7 @@ const OPTIONS: Record<string, Opt> = {
   migrateuri: { type: "string", help: "where the source QEMU connects, the service listens there: unix:///PATH (the same path on both hosts; default: one in the services' socket directory) or tcp://LOOPBACK[:PORT] (--qemu-side tcp's default tcp://127.0.0.1, a free port); with --no-pagetwin: libvirt's --migrateuri as given" },
   "listen-address": { type: "string", help: "--qemu-side tcp: where the destination QEMU listens, on the destination host (default 127.0.0.1: only its service reaches it); with --no-pagetwin: as given" },
   xml: { type: "string", help: "the destination's domain XML (virsh migrate --xml)" },
+  "downtime-reserve": { type: "string", help: "ms of the guest's max downtime (virsh migrate-getmaxdowntime) kept back from QEMU's downtime-limit for libvirt's finish, which QEMU does not count, so that the guest's pause stays within its limit (default 100; 0: QEMU's limit as it is; set back on the source if the migration fails)" },
   "no-pagetwin": { type: "boolean", help: "libvirt's own migration, no pagetwin (a baseline with the same progress and checks)" },
   trace: { type: "string", help: `${traceOptions["trace"]!.help}; the source service traces it` },
   ui: { type: "string", help: traceOptions["ui"]!.help },
@@ -101,6 +102,15 @@ function qemuSide(v: SplitArgs["values"]): QemuSide {
   return { ...(uri ?? { qemuSide: "tcp" }), ...(listen ? { listenAddress: listen } : {}) };
 }
 
+/** --downtime-reserve MS, checked. */
+function downtimeReserve(v: SplitArgs["values"]): { downtimeReserveMs?: number } {
+  const s = v["downtime-reserve"] as string | undefined;
+  if (s === undefined) return {};
+  const ms = Number(s);
+  if (!/^\d+$/.test(s) || ms > 60_000) throw new UsageError(`--downtime-reserve: whole ms, 0 to 60000 (got "${s}")`);
+  return { downtimeReserveMs: ms };
+}
+
 /** pagetwin's ends from the options: this host's service, which prepares the destination's (and traces the migration into `trace`). */
 function serveEnds(v: SplitArgs["values"], trace: readonly TraceSink[] = []): ServeEnds {
   const peer = v["peer"];
@@ -137,6 +147,7 @@ async function runMigrate(argv: string[]): Promise<number> {
   const note = (m: string) => progress.step("note", { message: m }, `pagetwin: ${m}`);
   for (const n of a.notes) note(n);
   endsFor(a, []); // usage errors before anything opens
+  downtimeReserve(a.values);
   // the URL even with --quiet: it is the only way to the page
   const traces = await openTraceOutputs(a.values, (m) => process.stderr.write(`pagetwin: ${m}\n`));
   const ends = endsFor(a, traces.sinks);
@@ -149,6 +160,7 @@ async function runMigrate(argv: string[]): Promise<number> {
     const r = await libvirtMigrate({
       domain, destUri, source, ends, virshArgs: a.virsh, signal: ac.signal, onNote: note,
       ...(a.values["xml"] ? { xml: a.values["xml"] as string } : {}),
+      ...downtimeReserve(a.values),
       onProgress: (p) => progress.update("migration", p.totalBytes - p.remainingBytes, p.totalBytes, "bytes", { processedBytes: p.processedBytes }),
     });
     progress.closeBar();
@@ -203,7 +215,7 @@ async function runPrepare(argv: string[]): Promise<number> {
   const [domain, ...extra] = a.positionals;
   if (!domain) throw new UsageError("DOMAIN is required: pagetwin libvirt prepare DOMAIN --peer HOST:PORT [options] (--help)");
   if (extra.length || a.virsh.length) throw new UsageError(`prepare takes DOMAIN and pagetwin's options only (got "${extra[0] ?? a.virsh[0]}")`);
-  if (a.values["no-pagetwin"] || a.values["xml"]) throw new UsageError("prepare: --no-pagetwin and --xml belong to migrate");
+  if (a.values["no-pagetwin"] || a.values["xml"] || a.values["downtime-reserve"] !== undefined) throw new UsageError("prepare: --no-pagetwin, --xml and --downtime-reserve belong to migrate");
   const ends = serveEnds(a.values);
   const source = new Virsh(sourceUri(a.values));
   const state = await source.domstate(domain);
