@@ -18,6 +18,7 @@ import { benchPlanner } from "./planner.js";
 import { benchPool } from "./pool.js";
 import { benchChannel } from "./channel.js";
 import { benchStreamReplay } from "./stream-replay.js";
+import { benchMultifd } from "./multifd.js";
 import { benchLibvirt, type LibvirtBench } from "./libvirt.js";
 import { argString } from "./cli.js";
 import { Report } from "./report.js";
@@ -56,6 +57,9 @@ part("Stream mode's proxies vs plain relays (a captured QEMU stream replayed)");
 // needs the guest (and QEMU, the first time, to capture its stream)
 const streamReplay = findGuest() ? await benchStreamReplay({ quiet: json, rounds: quick ? 1 : 3 }) : { skipped: "the guest is not built (scripts/build-guest.sh)" };
 if (!json && "skipped" in streamReplay) console.log(`stream replay: skipped (${streamReplay.skipped})`);
+part("multifd channels through the proxies (the same capture, its pages dealt to channels as QEMU deals them)");
+const multifd = findGuest() ? await benchMultifd({ quiet: json, runs: quick ? 1 : 2 }) : { skipped: "the guest is not built (scripts/build-guest.sh)" };
+if (!json && "skipped" in multifd) console.log(`multifd: skipped (${multifd.skipped})`);
 part("End to end: the demo");
 if (!json) console.log("end to end: the demo (plain pre-copy vs pagetwin, one run each, same VM, same link)");
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
@@ -65,7 +69,7 @@ if (!json) {
   console.log(`  pagetwin / baseline: total time ${demo.ratios["total-time"]}x, bytes ${demo.ratios.transferred}x, downtime ${demo.ratios.downtime}x`);
 }
 // The real guest: agent mode and stream mode against QEMU's own migration (plain and multifd+zstd), one run each.
-let qemu: { agentMode: unknown; streamMode: unknown } | { skipped: string } = { skipped: "--no-qemu" };
+let qemu: { agentMode: unknown; streamMode: unknown; streamMode300: unknown } | { skipped: string } = { skipped: "--no-qemu" };
 part("Real guest (QEMU)");
 if (args.includes("--no-qemu")) {
   if (!json) console.log("real guest: skipped (--no-qemu); without it, and as root with QEMU and the guest of scripts/build-guest.sh, this part compares agent mode and stream mode with QEMU's own migration");
@@ -83,7 +87,10 @@ if (args.includes("--no-qemu")) {
     if (!json) console.log("\nreal guest, stream mode (bench/stream-compare, one run of each):");
     const streamMode = await compareStreamMode({ runs: 1, log });
     if (!json) console.log(formatCompare(streamMode));
-    qemu = { agentMode, streamMode };
+    if (!json) console.log("\nreal guest, stream mode on a 300 Mbit/s link (one run of each):");
+    const streamMode300 = await compareStreamMode({ runs: 1, rate: "300mbit", log });
+    if (!json) console.log(formatCompare(streamMode300));
+    qemu = { agentMode, streamMode, streamMode300 };
   }
 }
 // analyze's prediction against the migration it predicts (agent mode, the real guest)
@@ -101,7 +108,7 @@ if (args.includes("--libvirt")) {
   if (!json) console.log(`libvirt (bench/libvirt.ts, ${runs === 1 ? "one run" : `${runs} runs`} of each, alternating, the test guest over a 1 Gbit/s namespace link; medians):`);
   libvirt = await benchLibvirt({ runs, quiet: json });
 }
-if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, demo, qemu, analyze, libvirt }));
+if (json) console.log(JSON.stringify({ machine, hash, lookup, qcow2, planner, pool, channel, streamReplay, multifd, demo, qemu, analyze, libvirt }));
 if (writeTo) {
   report!.write(writeTo);
   console.log(`\nwrote ${writeTo}`);

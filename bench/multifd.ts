@@ -26,7 +26,9 @@ import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { CpuMeter } from "../src/adapters/proc/cpu.js";
 import { findGuest } from "../src/adapters/qemu/vm.js";
 import type { StreamStats } from "../src/stream/stats.js";
-import { argString } from "./cli.js";
+import { freePort } from "../src/link/listen.js";
+import { median } from "../src/compare/stats.js";
+import { argString, argValue, isMain } from "./cli.js";
 
 const MAIN_JS = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
@@ -88,14 +90,6 @@ async function stats(p: Proxy): Promise<StreamStats> {
   return JSON.parse(p.out.trim().split("\n").pop()!) as StreamStats;
 }
 
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
-
 /**
  * Writes each connection's bytes to stream-out (the main channel first, as
  * QEMU connects it); resolves when stream-out has closed every one (after
@@ -120,12 +114,12 @@ async function feed(port: number, conns: Buffer[]): Promise<void> {
   await Promise.all(socks);
 }
 
-interface Row { build: string; layout: string; streamBytes: number; linkBytes: number; outCpuMs: number; inCpuMs: number; wallMs: number; twins: number; verified: boolean }
+export interface MultifdRow { build: string; layout: string; streamBytes: number; linkBytes: number; outCpuMs: number; inCpuMs: number; wallMs: number; twins: number; verified: boolean }
 
 interface Build { name: string; cli: string }
 interface RunOptions { image: string; index: string; key: string; nodeArgs: string[] }
 
-async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOptions): Promise<Row> {
+async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOptions): Promise<MultifdRow> {
   const sinkSrv = net.createServer({ allowHalfOpen: true }, (s) => { s.on("data", () => {}); s.on("end", () => s.end()); s.on("error", () => {}); });
   await new Promise<void>((r) => sinkSrv.listen(0, "127.0.0.1", r));
   const [inPort, outPort] = [await freePort(), await freePort()];
@@ -153,38 +147,60 @@ async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOpti
   }
 }
 
-const median = (xs: number[]) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)]!; };
-
 function layoutName(l: string): string {
   return l === "plain" ? "one channel (no multifd)" : `multifd, ${l} channel${l === "1" ? "" : "s"}`;
 }
 
-/** The medians per build and layout, as a Markdown table. */
-function printTable(rows: Row[], builds: Build[], layouts: string[]): void {
-  const many = builds.length > 1;
-  console.log(`\n| ${many ? "build | " : ""}layout | QEMU stream | link / stream | stream-out CPU s/GB | stream-in CPU s/GB | wall s/GB | all verified |`);
-  console.log(`|${many ? "---|" : ""}---|---|---|---|---|---|---|`);
-  const gb = (x: Row) => x.streamBytes / 1e9;
+/** Medians of one build's runs of one layout (CPU and wall s per GB of QEMU's stream). */
+export interface MultifdMedian { build: string; layout: string; streamBytes: number; linkPerStream: number; outSPerGB: number; inSPerGB: number; wallSPerGB: number; verified: boolean }
+
+function medians(rows: MultifdRow[], builds: Build[], layouts: string[]): MultifdMedian[] {
+  const out: MultifdMedian[] = [];
+  const gb = (x: MultifdRow) => x.streamBytes / 1e9;
   for (const l of layouts) {
     for (const b of builds) {
       const rs = rows.filter((x) => x.layout === l && x.build === b.name);
-      console.log(`| ${many ? `${b.name} | ` : ""}${layoutName(l)} | ${(median(rs.map((x) => x.streamBytes)) / 1e6).toFixed(1)} MB | ${median(rs.map((x) => x.linkBytes / x.streamBytes)).toFixed(3)} | ` +
-        `${median(rs.map((x) => x.outCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.inCpuMs / 1000 / gb(x))).toFixed(2)} | ${median(rs.map((x) => x.wallMs / 1000 / gb(x))).toFixed(2)} | ${rs.every((x) => x.verified)} |`);
+      out.push({
+        build: b.name, layout: l, streamBytes: median(rs.map((x) => x.streamBytes)), linkPerStream: median(rs.map((x) => x.linkBytes / x.streamBytes)),
+        outSPerGB: median(rs.map((x) => x.outCpuMs / 1000 / gb(x))), inSPerGB: median(rs.map((x) => x.inCpuMs / 1000 / gb(x))),
+        wallSPerGB: median(rs.map((x) => x.wallMs / 1000 / gb(x))), verified: rs.every((x) => x.verified),
+      });
     }
   }
+  return out;
 }
 
-async function main(): Promise<void> {
-  const args = process.argv.slice(2);
-  const capturePath = argString(args, "--capture") ?? path.join(process.env["PAGETWIN_CACHE"] ?? ".cache", "stream-replay", "guest-512.qemu-stream");
-  const image = argString(args, "--image") ?? findGuest()?.disk;
-  const runs = Number(argString(args, "--runs") ?? 3);
-  const layouts = (argString(args, "--layouts") ?? "plain,1,2,4").split(",");
-  const baseline = argString(args, "--baseline");
-  const prof = argString(args, "--cpu-prof");
-  const builds: Build[] = [{ name: "this build", cli: MAIN_JS }, ...(baseline ? [{ name: "baseline", cli: path.resolve(baseline) }] : [])];
+/** The medians as a Markdown table. */
+function table(ms: MultifdMedian[], many: boolean): string {
+  const lines = [`| ${many ? "build | " : ""}layout | QEMU stream | link / stream | stream-out CPU s/GB | stream-in CPU s/GB | wall s/GB | all verified |`, `|${many ? "---|" : ""}---|---|---|---|---|---|---|`];
+  for (const m of ms) {
+    lines.push(`| ${many ? `${m.build} | ` : ""}${layoutName(m.layout)} | ${(m.streamBytes / 1e6).toFixed(1)} MB | ${m.linkPerStream.toFixed(3)} | ` +
+      `${m.outSPerGB.toFixed(2)} | ${m.inSPerGB.toFixed(2)} | ${m.wallSPerGB.toFixed(2)} | ${m.verified} |`);
+  }
+  return lines.join("\n");
+}
+
+export interface MultifdOptions {
+  /** A captured stream (default: stream-replay's capture in the cache) and its disk image (default: the guest's). */
+  capture?: string;
+  image?: string;
+  runs?: number;
+  layouts?: string[];
+  /** Another build's dist/src/cli/main.js, alternated with this one. */
+  baseline?: string;
+  cpuProf?: string;
+  quiet?: boolean;
+}
+
+export async function benchMultifd(o: MultifdOptions = {}): Promise<{ rows: MultifdRow[]; medians: MultifdMedian[] } | { skipped: string }> {
+  const log = (m: string) => { if (!o.quiet) console.log(m); };
+  const capturePath = o.capture ?? path.join(process.env["PAGETWIN_CACHE"] ?? ".cache", "stream-replay", "guest-512.qemu-stream");
+  const image = o.image ?? findGuest()?.disk;
+  const runs = o.runs ?? 3;
+  const layouts = o.layouts ?? ["plain", "1", "2", "4"];
+  const builds: Build[] = [{ name: "this build", cli: MAIN_JS }, ...(o.baseline ? [{ name: "baseline", cli: path.resolve(o.baseline) }] : [])];
   if (!fs.existsSync(capturePath) || !image) {
-    throw new Error(`bench/multifd: needs a captured stream (--capture FILE; a guest's "migrate exec:cat > FILE") and its disk image (--image); have ${capturePath} ${image ?? "(no image)"}`);
+    return { skipped: `needs a captured stream (--capture FILE; a guest's "migrate exec:cat > FILE", or stream-replay's) and its disk image (--image); have ${capturePath} ${image ?? "(no image)"}` };
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-bench-multifd-"));
   try {
@@ -194,25 +210,41 @@ async function main(): Promise<void> {
     fs.writeFileSync(key, Buffer.from(Array.from({ length: 32 }, (_, i) => (i * 37 + 11) & 0xff)), { mode: 0o600 });
     const capture = fs.readFileSync(capturePath);
     const data = new Map(layouts.map((l) => [l, l === "plain" ? [capture] : multifdLayout(capture, Number(l))]));
-    const opts: RunOptions = { image, index, key, nodeArgs: prof ? ["--cpu-prof", "--cpu-prof-dir", path.resolve(prof)] : [] };
-    console.log(`multifd bench: ${capturePath} (${(capture.length / 1e6).toFixed(1)} MB), ${runs} runs of ${layouts.join(", ")}${baseline ? ` x (this build, ${baseline})` : ""} alternating, ` +
+    const opts: RunOptions = { image, index, key, nodeArgs: o.cpuProf ? ["--cpu-prof", "--cpu-prof-dir", path.resolve(o.cpuProf)] : [] };
+    log(`multifd bench: ${capturePath} (${(capture.length / 1e6).toFixed(1)} MB), ${runs} runs of ${layouts.join(", ")}${o.baseline ? ` x (this build, ${o.baseline})` : ""} alternating, ` +
       `${os.cpus().length} cores, load ${os.loadavg()[0]!.toFixed(2)}`);
-    const rows: Row[] = [];
+    const rows: MultifdRow[] = [];
     for (let r = 0; r < runs; r++) {
       for (const l of layouts) {
         // which build goes first alternates too
         for (const b of r % 2 ? [...builds].reverse() : builds) {
           const row = await runOnce(b, l, data.get(l)!, opts);
           rows.push(row);
-          console.log(`  run ${r + 1} ${b.name.padEnd(10)} ${l.padEnd(5)}: link ${(row.linkBytes / row.streamBytes).toFixed(3)}x of ${(row.streamBytes / 1e6).toFixed(1)} MB, ` +
+          log(`  run ${r + 1} ${b.name.padEnd(10)} ${l.padEnd(5)}: link ${(row.linkBytes / row.streamBytes).toFixed(3)}x of ${(row.streamBytes / 1e6).toFixed(1)} MB, ` +
             `stream-out ${row.outCpuMs.toFixed(0)} ms, stream-in ${row.inCpuMs.toFixed(0)} ms CPU, ${row.wallMs.toFixed(0)} ms, ${row.twins} twins, verified ${row.verified}`);
         }
       }
     }
-    printTable(rows, builds, layouts);
+    const ms = medians(rows, builds, layouts);
+    log("\n" + table(ms, builds.length > 1));
+    return { rows, medians: ms };
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
-await main();
+if (isMain(import.meta.url)) {
+  const args = process.argv.slice(2);
+  const layouts = argString(args, "--layouts")?.split(",");
+  const r = await benchMultifd({
+    runs: argValue(args, "--runs") ?? 3,
+    ...(layouts ? { layouts } : {}),
+    ...optional("capture", argString(args, "--capture")), ...optional("image", argString(args, "--image")),
+    ...optional("baseline", argString(args, "--baseline")), ...optional("cpuProf", argString(args, "--cpu-prof")),
+  });
+  if ("skipped" in r) throw new Error(`bench/multifd: ${r.skipped}`);
+}
+
+function optional<K extends string>(k: K, v: string | undefined): Partial<Record<K, string>> {
+  return v === undefined ? {} : ({ [k]: v } as Record<K, string>);
+}

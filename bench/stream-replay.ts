@@ -21,6 +21,7 @@ import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 import { spawn, type ChildProcess } from "node:child_process";
+import { freePort } from "../src/link/listen.js";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { QemuVm, QEMU_UNTHROTTLED, findGuest, type GuestImage } from "../src/adapters/qemu/vm.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
@@ -97,14 +98,6 @@ export async function captureStream(guest: GuestImage, log: (m: string) => void)
     fs.rmSync(work, { recursive: true, force: true });
   }
   return file;
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
-  const p = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return p;
 }
 
 /** A measured child: its CPU at the start of the replay, and what it printed. */

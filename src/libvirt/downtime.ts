@@ -24,15 +24,14 @@ export class DowntimeReserve {
 
   constructor(private readonly virsh: Virsh, private readonly domain: string, private readonly reserveMs: number) {}
 
-  /** Lowers the source's limit by the reserve; what it did, or a note why it did not. */
-  async apply(): Promise<{ reserved: DowntimeReserved } | { note: string }> {
-    if (this.reserveMs <= 0) return { note: "QEMU's downtime-limit left as the guest has it (--downtime-reserve 0)" };
-    let limitMs: number;
-    try {
-      limitMs = await this.virsh.maxDowntime(this.domain);
-    } catch (err) {
-      return { note: `QEMU's downtime-limit left as the guest has it: ${(err as Error).message}` };
-    }
+  /** The guest's limit (virsh migrate-getmaxdowntime), or why it is not known; not asked when nothing is to be kept back. */
+  limit(): Promise<number | Error> {
+    return this.reserveMs > 0 ? this.virsh.maxDowntime(this.domain).catch((err: unknown) => err as Error) : Promise.resolve(new Error("--downtime-reserve 0"));
+  }
+
+  /** Lowers the source's limit (`limit()`'s answer) by the reserve; what it did, or a note why it did not. */
+  async apply(limitMs: number | Error): Promise<{ reserved: DowntimeReserved } | { note: string }> {
+    if (limitMs instanceof Error) return { note: `QEMU's downtime-limit left as the guest has it (${limitMs.message})` };
     const askedMs = Math.max(limitMs - this.reserveMs, Math.ceil(limitMs * LEAST_SHARE));
     if (askedMs >= limitMs) return { note: `QEMU's downtime-limit left at ${limitMs} ms: too small to keep ${this.reserveMs} ms back` };
     await this.virsh.setMaxDowntime(this.domain, askedMs);

@@ -60,9 +60,10 @@ export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtM
   const t0 = performance.now();
   const note = o.onNote ?? (() => {});
   // both at once: each is a virsh process and a libvirt call, and this is time before anything moves
-  const [before, xml, speed] = await Promise.all([
+  const reserve = new DowntimeReserve(o.source, o.domain, o.downtimeReserveMs ?? (o.ends.kind === "direct" ? 0 : DEFAULT_DOWNTIME_RESERVE_MS));
+  const [before, xml, speed, limit] = await Promise.all([
     o.source.domstate(o.domain), o.source.dumpxml(o.domain).catch((err: unknown) => err as Error),
-    o.source.migrateSpeed(o.domain).catch(() => LIBVIRT_UNLIMITED_MIBS),
+    o.source.migrateSpeed(o.domain).catch(() => LIBVIRT_UNLIMITED_MIBS), reserve.limit(),
   ]);
   if (before !== "running") throw new LibvirtError(`domain ${o.domain} is ${before} on ${o.source.uri}, not running: nothing to migrate live`);
   if (xml instanceof Error) throw xml;
@@ -73,13 +74,19 @@ export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtM
   const watcher = new JobWatcher(o.source, o.domain, o.onProgress ?? (() => {}), o.pollMs);
   let prepared: PreparedEnds | undefined;
   let migrateMs = 0, prepareMs = 0;
-  const reserve = new DowntimeReserve(o.source, o.domain, o.downtimeReserveMs ?? (o.ends.kind === "direct" ? 0 : DEFAULT_DOWNTIME_RESERVE_MS));
   let downtime: DowntimeReserved | undefined;
   try {
     const bandwidthMiBs = bandwidthArg(o.virshArgs ?? []) ?? (speed < LIBVIRT_UNLIMITED_MIBS ? speed : undefined);
-    prepared = await o.ends.prepare({ domain: o.domain, ...(uuid ? { uuid } : {}), disks: usable, virshArgs: o.virshArgs ?? [], ...(bandwidthMiBs ? { bandwidthMiBs } : {}) });
+    // both at once: the services' preparation and libvirt's call are independent, and both come before anything moves
+    // (both settled before a failure is handled: the limit is set back only once it was set)
+    const [ends, reserved] = await Promise.allSettled([
+      o.ends.prepare({ domain: o.domain, ...(uuid ? { uuid } : {}), disks: usable, virshArgs: o.virshArgs ?? [], ...(bandwidthMiBs ? { bandwidthMiBs } : {}) }),
+      reserve.apply(limit),
+    ]);
+    if (ends.status === "rejected") throw ends.reason;
+    prepared = ends.value;
     for (const n of prepared.notes) note(n);
-    const r = await reserve.apply();
+    const r = reserved.status === "fulfilled" ? reserved.value : { note: `QEMU's downtime-limit left as the guest has it (${(reserved.reason as Error).message})` };
     if ("note" in r) note(r.note);
     else note(`QEMU's downtime-limit ${(downtime = r.reserved).askedMs} ms: the guest's ${downtime.limitMs} ms less ${downtime.limitMs - downtime.askedMs} ms for libvirt's finish`);
     const tm = performance.now();
