@@ -54,6 +54,12 @@ export interface QemuVmOptions {
   exactRam?: boolean;
   /** File backing guest RAM (memory-backend-file, share=on), e.g. /dev/shm/NAME. */
   memPath: string;
+  /**
+   * Guest RAM in anonymous memory (memory-backend-ram), as libvirt gives a guest by default, instead of memPath
+   * (not created then): for comparisons of QEMU's own migration, where nothing else reads the guest's RAM and
+   * the file's page cache would cost QEMU more than a guest on a real host pays.
+   */
+  anonymousRam?: boolean;
   /** cleanup() removes memPath (default true). */
   ownsMemFile?: boolean;
   /** Path of the QMP unix socket to create (keep it short: 107 bytes max). */
@@ -178,7 +184,7 @@ export function qemuArgs(opts: QemuVmOptions): string[] {
     '-accel', accel,
     '-m', `${ramKiB}K`,
     '-machine', 'memory-backend=mem',
-    '-object', `memory-backend-file,id=mem,size=${ramKiB}K,mem-path=${commaSafe(opts.memPath)},share=on`,
+    '-object', opts.anonymousRam ? `memory-backend-ram,id=mem,size=${ramKiB}K` : `memory-backend-file,id=mem,size=${ramKiB}K,mem-path=${commaSafe(opts.memPath)},share=on`,
     '-kernel', opts.kernel,
     '-initrd', opts.initrd,
     '-append', opts.append ?? DEFAULT_APPEND,
