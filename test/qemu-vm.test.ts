@@ -40,6 +40,13 @@ test('qemuArgs: shared RAM file, virtio disk, QMP socket, serial file, incoming'
   assert.match(joined, /-incoming defer$/);
 });
 
+test('qemuArgs: anonymous RAM (as libvirt gives a guest) on request: no file, the same padded size', () => {
+  const args = qemuArgs({ kernel: '/k', initrd: '/i', disk: '/dev/null', memPath: '/dev/shm/x', anonymousRam: true, qmpSocket: '/q', serialLog: '/s', memoryMiB: 256, diskCache: 'none' });
+  const joined = args.join(' ');
+  assert.match(joined, /-m 262152K -machine memory-backend=mem -object memory-backend-ram,id=mem,size=262152K /);
+  assert.doesNotMatch(joined, /mem-path|share=on|\/dev\/shm/);
+});
+
 test('qemuArgs: under TCG the RAM is not a multiple of 256 KiB (QEMU < 9.0 loses dirty pages then), whole pages, exact on request or under KVM', () => {
   const ramKiB = (o: { accel?: 'tcg' | 'kvm'; exactRam?: boolean; memoryMiB?: number }): number => {
     const args = qemuArgs({ kernel: '/k', initrd: '/i', disk: '/dev/null', memPath: '/m', qmpSocket: '/q', serialLog: '/s', diskCache: 'none', ...o });
