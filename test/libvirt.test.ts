@@ -264,7 +264,7 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
         await new Promise((r) => setTimeout(r, 100));
       }
     })();
-    const { res, lines, linkBytes } = await migrateThroughPagetwin().finally(() => { polling = false; });
+    const { res, lines, linkBytes } = await migrateThroughPagetwin(["--downtime-reserve", "100"]).finally(() => { polling = false; });
     await poll;
     assert.deepEqual(res.downtime, { limitMs: 300, askedMs: 200 }, "the guest's 300 ms less the 100 ms reserve");
     assert.ok(limits.has(200), `QEMU's downtime-limit during the migration: ${[...limits]}`);
@@ -289,6 +289,7 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     try {
       const file = join(dir, "libvirt.ndjson");
       const { res } = await migrateThroughPagetwin(["--trace", file]);
+      assert.equal(res.downtime, undefined, "without --downtime-reserve QEMU's limit is left as it is");
       const rep = res.report;
       for (const d of rep.disks) assert.ok(d.twins > 1000, `twins from ${d.path}`);
       assert.equal(rep.destination.bytesToQemu, rep.bytesFromQemu);
@@ -404,7 +405,7 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     await here.virsh.setMaxDowntime(G, 400);
     try {
       const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer,
-        "--xml", join(tmpdir(), "pt-no-such-domain.xml"), "--json"]);
+        "--xml", join(tmpdir(), "pt-no-such-domain.xml"), "--downtime-reserve", "100", "--json"]);
       assert.equal(r.code, 1, r.stderr);
       const res = jsonResult(r.stdout);
       assert.equal(res.errorCode, "PAGETWIN_LIBVIRT_MIGRATION", r.stderr);

@@ -9,7 +9,7 @@ import { LIBVIRT_UNLIMITED_MIBS, Virsh, type DomainState } from "../adapters/lib
 import { domainDisks, domainUuid, twinDisks, type DomainDisk } from "./domain-xml.js";
 import { JobWatcher, type JobProgress } from "./job.js";
 import type { EndsReport, MigrationEnds, PreparedEnds } from "./ends.js";
-import { DEFAULT_DOWNTIME_RESERVE_MS, DowntimeReserve, type DowntimeReserved } from "./downtime.js";
+import { DowntimeReserve, type DowntimeReserved } from "./downtime.js";
 
 export interface LibvirtMigrateOptions {
   domain: string;
@@ -28,7 +28,7 @@ export interface LibvirtMigrateOptions {
   /** How often the job is polled, ms (default 1000: each poll is a virsh process, CPU the migration could use). */
   pollMs?: number;
   signal?: AbortSignal;
-  /** ms of the guest's downtime limit kept back from QEMU's for libvirt's finish (default 100 through pagetwin, 0 for direct ends; docs/LIBVIRT.md). */
+  /** ms of the guest's downtime limit kept back from QEMU's for libvirt's finish (default 0: QEMU's limit as the guest has it; docs/LIBVIRT.md). */
   downtimeReserveMs?: number;
 }
 
@@ -60,7 +60,7 @@ export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtM
   const t0 = performance.now();
   const note = o.onNote ?? (() => {});
   // both at once: each is a virsh process and a libvirt call, and this is time before anything moves
-  const reserve = new DowntimeReserve(o.source, o.domain, o.downtimeReserveMs ?? (o.ends.kind === "direct" ? 0 : DEFAULT_DOWNTIME_RESERVE_MS));
+  const reserve = new DowntimeReserve(o.source, o.domain, o.downtimeReserveMs ?? 0);
   const [before, xml, speed, limit] = await Promise.all([
     o.source.domstate(o.domain), o.source.dumpxml(o.domain).catch((err: unknown) => err as Error),
     o.source.migrateSpeed(o.domain).catch(() => LIBVIRT_UNLIMITED_MIBS), reserve.limit(),
@@ -87,8 +87,8 @@ export async function libvirtMigrate(o: LibvirtMigrateOptions): Promise<LibvirtM
     prepared = ends.value;
     for (const n of prepared.notes) note(n);
     const r = reserved.status === "fulfilled" ? reserved.value : { note: `QEMU's downtime-limit left as the guest has it (${(reserved.reason as Error).message})` };
-    if ("note" in r) note(r.note);
-    else note(`QEMU's downtime-limit ${(downtime = r.reserved).askedMs} ms: the guest's ${downtime.limitMs} ms less ${downtime.limitMs - downtime.askedMs} ms for libvirt's finish`);
+    if (r && "note" in r) note(r.note);
+    else if (r) note(`QEMU's downtime-limit ${(downtime = r.reserved).askedMs} ms: the guest's ${downtime.limitMs} ms less ${downtime.limitMs - downtime.askedMs} ms for libvirt's finish`);
     const tm = performance.now();
     prepareMs = tm - tp;
     await runVirshMigrate(o, prepared, watcher);

@@ -29,7 +29,7 @@ const OPTIONS: Record<string, Opt> = {
   migrateuri: { type: "string", help: "where the source QEMU connects, the service listens there: unix:///PATH (the same path on both hosts; default: one in the services' socket directory) or tcp://LOOPBACK[:PORT] (--qemu-side tcp's default tcp://127.0.0.1, a free port); with --no-pagetwin: libvirt's --migrateuri as given" },
   "listen-address": { type: "string", help: "--qemu-side tcp: where the destination QEMU listens, on the destination host (default 127.0.0.1: only its service reaches it); with --no-pagetwin: as given" },
   xml: { type: "string", help: "the destination's domain XML (virsh migrate --xml)" },
-  "downtime-reserve": { type: "string", help: "ms of the guest's max downtime (virsh migrate-getmaxdowntime) kept back from QEMU's downtime-limit for libvirt's finish, which QEMU does not count, so that the guest's pause stays within its limit (default 100; 0: QEMU's limit as it is; set back on the source if the migration fails)" },
+  "downtime-reserve": { type: "string", help: "ms of the guest's max downtime (virsh migrate-getmaxdowntime) kept back from QEMU's downtime-limit for libvirt's finish, which QEMU does not count, so that the guest's pause stays within its limit (default 0: QEMU's limit as it is; set back on the source if the migration fails; docs/LIBVIRT.md#downtime)" },
   "no-pagetwin": { type: "boolean", help: "libvirt's own migration, no pagetwin (a baseline with the same progress and checks)" },
   trace: { type: "string", help: `${traceOptions["trace"]!.help}; the source service traces it` },
   ui: { type: "string", help: traceOptions["ui"]!.help },
