@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -49,4 +49,18 @@ test("every command answers --help, and a bad invocation says what to do", () =>
   const unknown = spawnSync(process.execPath, [CLI, "frobnicate"], { encoding: "utf8" });
   assert.equal(unknown.status, 2);
   assert.match(unknown.stderr, /unknown command "frobnicate"/);
+});
+
+test("a demo run under node --cpu-prof --cpu-prof-dir DIR profiles its destination process too (the directory as a separate argument)", () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-prof-"));
+  try {
+    const prof = join(dir, "prof");
+    const r = spawnSync(process.execPath, ["--cpu-prof", "--cpu-prof-dir", prof, CLI, "demo", "--run-only", "pagetwin", "--ram-mib", "16", "--dir", join(dir, "vm"), "--trace", "", "--json"], { encoding: "utf8" });
+    assert.equal(r.status, 0, r.stderr);
+    const files = readdirSync(prof).filter((f) => f.endsWith(".cpuprofile"));
+    // this process's and the destination child's: two pids
+    assert.equal(new Set(files.map((f) => f.split(".")[3])).size, 2, files.join(", "));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

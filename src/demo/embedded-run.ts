@@ -57,9 +57,31 @@ export interface EmbeddedRunResult extends MigrationResult {
 
 const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 
+/** This process's --cpu-prof options, with the values of those given as separate arguments (`--cpu-prof-dir D`). */
+export function cpuProfileArgs(execArgv: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < execArgv.length; i++) {
+    const a = execArgv[i]!;
+    if (!a.startsWith("--cpu-prof")) continue;
+    out.push(a);
+    if (a !== "--cpu-prof" && !a.includes("=") && i + 1 < execArgv.length) out.push(execArgv[++i]!);
+  }
+  return out;
+}
+
+/** The destination agent exits by itself after its result (`--once`; a profiled one writes its profile first); killed if it has not within `ms`. */
+async function exitOrKill(child: ChildProcess, ms: number): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise<boolean>((r) => child.once("exit", () => r(true)));
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), ms)));
+  if (!(await Promise.race([exited, late]))) child.kill();
+  clearTimeout(timer);
+}
+
 async function startDestinationProcess(ramPath: string, imagePath: string, security: string[]): Promise<{ port: number; child: ChildProcess; result: Promise<DestinationResult | null> }> {
   // a run under --cpu-prof profiles its destination too (a profile file of its own, in the same directory)
-  const profile = process.execArgv.filter((a) => a.startsWith("--cpu-prof"));
+  const profile = cpuProfileArgs(process.execArgv);
   const child = spawn(process.execPath, [...profile, CLI, "listen", "--ram", ramPath, "--create-ram", "--image", imagePath, "--port", "0", "--once", "--json", ...security], {
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -137,7 +159,7 @@ export async function runEmbeddedMigration(o: EmbeddedRunOptions): Promise<Embed
     inproc?.close();
   }
   const destination = await Promise.race([destResult, new Promise<null>((r) => setTimeout(() => r(null), 10_000))]);
-  if (child && child.exitCode === null) child.kill();
+  if (child) await exitOrKill(child, 5_000);
   let bytesCompared = 0;
   let verified = false;
   if (result.status === "completed") {
