@@ -4,8 +4,8 @@
 // guest of scripts/build-guest.sh, and take about 5 minutes); `--libvirt` adds
 // libvirt's own migration against `pagetwin libvirt migrate` (bench/libvirt.ts:
 // root, libvirtd and the guest, a few minutes more; `--libvirt-runs N` rounds of
-// each, default 1); `--write FILE`
-// also keeps what it printed as a markdown record (bench/report.ts). The stream
+// each, default 1); `--demo-runs N` demo pairs (default 5) and `--stream-runs N`
+// stream-mode runs per mode and rate (default 3); `--write FILE` also keeps what it printed as a markdown record (bench/report.ts). The stream
 // replay (bench/stream-replay.ts) needs the guest, and QEMU the first time.
 
 import os from "node:os";
@@ -21,6 +21,7 @@ import { benchStreamReplay } from "./stream-replay.js";
 import { benchMultifd } from "./multifd.js";
 import { benchLibvirt, type LibvirtBench } from "./libvirt.js";
 import { argString } from "./cli.js";
+import { median } from "../src/compare/stats.js";
 import { Report } from "./report.js";
 import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
 import { netnsAvailable } from "../src/adapters/netns/link.js";
@@ -32,6 +33,16 @@ const args = process.argv.slice(2);
 const json = args.includes("--json");
 const quick = args.includes("--quick");
 const writeTo = argString(args, "--write");
+
+/** A whole number >= 1 given as `flag N`, or `def`. */
+function runsArg(flag: string, def: number): number {
+  const runs = Number(argString(args, flag) ?? def);
+  if (!(Number.isInteger(runs) && runs >= 1)) throw new RangeError(`bench: ${flag} needs a whole number >= 1`);
+  return runs;
+}
+
+interface DemoRun { mode: string; "total-time": number; downtime: number; verified: boolean; ram: { transferred: number } }
+interface DemoJson { runs: DemoRun[]; ratios: Record<string, number> }
 if (writeTo && json) throw new Error("bench: --write keeps the printed tables; leave out --json");
 // the command as typed, to be recorded with the figures
 const command = `${process.env.npm_lifecycle_event === "bench" ? "npm run bench --" : "node dist/bench/index.js"} ${args.join(" ")}`;
@@ -61,13 +72,23 @@ part("multifd channels through the proxies (the same capture, its pages dealt to
 const multifd = findGuest() ? await benchMultifd({ quiet: json, runs: quick ? 1 : 2 }) : { skipped: "the guest is not built (scripts/build-guest.sh)" };
 if (!json && "skipped" in multifd) console.log(`multifd: skipped (${multifd.skipped})`);
 part("End to end: the demo");
-if (!json) console.log("end to end: the demo (plain pre-copy vs pagetwin, one run each, same VM, same link)");
+// one demo invocation is one pair (plain pre-copy, then pagetwin, same VM, same link); the pairs' ratios vary run to run
+const demoRuns = runsArg("--demo-runs", quick ? 1 : 5);
+if (!json) console.log(`end to end: the demo (plain pre-copy vs pagetwin, same VM, same link; ${demoRuns} pairs, each ratio from its own pair, then the medians)`);
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
-const demo = JSON.parse(execFileSync(process.execPath, [cli, "demo", "--json", "--trace", "", ...(quick ? ["--ram-mib", "64"] : [])], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }));
-if (!json) {
-  for (const r of demo.runs) console.log(`  ${r.mode.padEnd(9)} total ${r["total-time"]} ms, downtime ${r.downtime} ms, ${(r.ram.transferred / 1e6).toFixed(1)} MB, verified ${r.verified}`);
-  console.log(`  pagetwin / baseline: total time ${demo.ratios["total-time"]}x, bytes ${demo.ratios.transferred}x, downtime ${demo.ratios.downtime}x`);
+const demoPairs: DemoJson[] = [];
+for (let i = 0; i < demoRuns; i++) {
+  const demo = JSON.parse(execFileSync(process.execPath, [cli, "demo", "--json", "--trace", "", ...(quick ? ["--ram-mib", "64"] : [])], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] })) as DemoJson;
+  demoPairs.push(demo);
+  if (!json) {
+    const [b, p] = demo.runs;
+    console.log(`  pair ${i + 1}: ${b!.mode} ${b!["total-time"]} ms, ${(b!.ram.transferred / 1e6).toFixed(1)} MB, downtime ${b!.downtime} ms, verified ${b!.verified}; ` +
+      `${p!.mode} ${p!["total-time"]} ms, ${(p!.ram.transferred / 1e6).toFixed(1)} MB, downtime ${p!.downtime} ms, verified ${p!.verified}; ratios: time ${demo.ratios["total-time"]}x, bytes ${demo.ratios.transferred}x`);
+  }
 }
+const demo = { pairs: demoPairs, medians: Object.fromEntries(["total-time", "transferred", "downtime"].map((k) => [k, Math.round(median(demoPairs.map((d) => d.ratios[k]!)) * 1000) / 1000])) };
+if (!json) console.log(`  pagetwin / baseline, medians of ${demoRuns}: total time ${demo.medians["total-time"]}x, bytes ${demo.medians.transferred}x, downtime ${demo.medians.downtime}x`);
+const streamRuns = runsArg("--stream-runs", quick ? 1 : 3);
 // The real guest: agent mode and stream mode against QEMU's own migration (plain and multifd+zstd), one run each.
 let qemu: { agentMode: unknown; streamMode: unknown; streamMode300: unknown } | { skipped: string } = { skipped: "--no-qemu" };
 part("Real guest (QEMU)");
@@ -84,11 +105,11 @@ if (args.includes("--no-qemu")) {
     if (!json) console.log("real guest, agent mode (compare-qemu --workers 2 --workers-when switchover, one run of each):");
     const agentMode = await runComparison({ repeat: 1, workers: 2, workersWhen: "switchover", log });
     if (!json) console.log(formatComparison(agentMode));
-    if (!json) console.log("\nreal guest, stream mode (bench/stream-compare, one run of each):");
-    const streamMode = await compareStreamMode({ runs: 1, log });
+    if (!json) console.log(`\nreal guest, stream mode (bench/stream-compare, ${streamRuns} runs of each):`);
+    const streamMode = await compareStreamMode({ runs: streamRuns, log });
     if (!json) console.log(formatCompare(streamMode));
-    if (!json) console.log("\nreal guest, stream mode on a 300 Mbit/s link (one run of each):");
-    const streamMode300 = await compareStreamMode({ runs: 1, rate: "300mbit", log });
+    if (!json) console.log(`\nreal guest, stream mode on a 300 Mbit/s link (${streamRuns} runs of each):`);
+    const streamMode300 = await compareStreamMode({ runs: streamRuns, rate: "300mbit", log });
     if (!json) console.log(formatCompare(streamMode300));
     qemu = { agentMode, streamMode, streamMode300 };
   }
@@ -103,8 +124,7 @@ if (!args.includes("--no-qemu") && !("skipped" in qemu)) {
 let libvirt: LibvirtBench = { skipped: "--libvirt not given" };
 if (args.includes("--libvirt")) {
   part("libvirt: virsh migrate --live vs pagetwin libvirt migrate");
-  const runs = Number(argString(args, "--libvirt-runs") ?? 1);
-  if (!(Number.isInteger(runs) && runs >= 1)) throw new RangeError("bench: --libvirt-runs needs a whole number >= 1");
+  const runs = runsArg("--libvirt-runs", 1);
   if (!json) console.log(`libvirt (bench/libvirt.ts, ${runs === 1 ? "one run" : `${runs} runs`} of each, alternating, the test guest over a 1 Gbit/s namespace link; medians):`);
   libvirt = await benchLibvirt({ runs, quiet: json });
 }
