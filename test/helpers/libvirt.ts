@@ -16,7 +16,7 @@
 // (Not a test file: `npm run test:ts` runs dist/test/*.test.js only.)
 
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { chmodSync, chownSync, cpSync, existsSync, statSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, appendFileSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, cpSync, existsSync, statSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, appendFileSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -107,15 +107,13 @@ export class LibvirtPair {
   private tornDown = false;
   private readonly services = new Set<ChildProcess>();
 
-  private constructor(readonly dir: string, readonly link: NetnsLink, readonly guest: GuestImage, hosts: LibvirtHost[]) {
+  private constructor(readonly dir: string, readonly link: NetnsLink, readonly guest: GuestImage, hosts: LibvirtHost[], private readonly caps: CapsCache) {
     this.hosts = hosts as [LibvirtHost, LibvirtHost];
   }
 
-  /** The domains' emulator: QEMU with TCG_RAM_PAD_KIB more RAM than libvirt asks for (tcgPadWrapper). */
+  /** The domains' emulator: QEMU with TCG_RAM_PAD_KIB more RAM than libvirt asks for (tcgPadWrapper), at one path for all pairs (libvirt keeps its probe by path). */
   get emulator(): string {
-    const path = join(this.dir, "qemu-tcg-pad");
-    if (!existsSync(path)) writeFileSync(path, tcgPadWrapper(), { mode: 0o755 });
-    return path;
+    return this.caps.emulator();
   }
 
   get a(): LibvirtHost { return this.hosts[0]; }
@@ -133,23 +131,28 @@ export class LibvirtPair {
     let link: NetnsLink | undefined;
     const hosts: LibvirtHost[] = [];
     const fail = (err: unknown) => {
-      const p = new LibvirtPair(dir, link ?? ({ destroy() {} } as NetnsLink), guest, hosts);
+      const p = new LibvirtPair(dir, link ?? ({ destroy() {} } as NetnsLink), guest, hosts, new CapsCache(guest));
       p.teardown();
       throw err;
     };
     try {
       grantQemu([guest.kernel, guest.initrd, guest.disk, secondDisk(guest)]);
       link = createNetnsLink({ rate: "1gbit" });
-      for (const name of ["a", "b"] as const) {
-        hosts.push(startDaemon(dir, name, name === "a" ? link.srcNs : link.dstNs, name === "a" ? link.srcIp : link.dstIp));
-      }
-      const pair = new LibvirtPair(dir, link, guest, hosts);
+      const caps = new CapsCache(guest);
+      const pair = new LibvirtPair(dir, link, guest, hosts, caps);
       live.add(pair);
       if (!hooked) {
         hooked = true;
         process.on("exit", () => { for (const p of live) p.teardown(); });
       }
+      for (const name of ["a", "b"] as const) {
+        const h = startDaemon(dir, name, name === "a" ? link.srcNs : link.dstNs, name === "a" ? link.srcIp : link.dstIp, caps);
+        hosts.push(h);
+        // the first daemon on this machine probes QEMU; the second starts with its answer
+        if (!caps.seeded) caps.sync([await waitReady(h)]);
+      }
       for (const h of hosts) await waitReady(h);
+      caps.sync(hosts);
       return pair;
     } catch (err) {
       return fail(err);
@@ -191,7 +194,9 @@ export class LibvirtPair {
   async startGuest(host: LibvirtHost, name: string, timeoutMs = 240_000): Promise<void> {
     const xmlFile = join(this.dir, `${name}.xml`);
     appendFileSync(xmlFile, this.domainXml(name, this.serialLog(name, host)));
-    await host.virsh.run(["create", xmlFile]);
+    // the first start of the emulator wrapper on this machine probes it (tens of seconds): longer than virsh's 30 s
+    await host.virsh.run(["create", xmlFile], 180_000);
+    this.caps.sync(this.hosts); // the other daemon then has the wrapper's probe before a migration needs it
     await this.waitSerial(name, host, /pagetwin-ready/, timeoutMs);
   }
 
@@ -314,9 +319,64 @@ export class LibvirtPair {
 }
 
 /** A private libvirt tree for one host, then libvirtd in its namespaces (not waited for). */
-function startDaemon(root: string, name: "a" | "b", ns: string, ip: string): LibvirtHost {
+/**
+ * libvirtd probes each QEMU binary's capabilities when its cache has none: tens of QMP commands, whose
+ * answers libvirt 9.0 reads a byte per wakeup. On a machine where waking a thread is slow that took 35-72 s
+ * per daemon (two probes at once: 72 s), over the 30 s a test waited. The probe's result (libvirt checks it
+ * against the binaries, libvirt and the kernel) is kept beside the guest and given to every test daemon.
+ */
+class CapsCache {
+  private readonly dir: string;
+  constructor(guest: GuestImage) {
+    this.dir = join(dirname(guest.kernel), "..", "libvirt-caps");
+  }
+
+  get seeded(): boolean {
+    return existsSync(this.dir) && readdirSync(this.dir).some((f) => f.endsWith(".xml"));
+  }
+
+  /** The emulator wrapper, written once (libvirt's probe of it holds while the file's ctime does). */
+  emulator(): string {
+    const path = join(this.dir, "qemu-tcg-pad"), text = tcgPadWrapper();
+    if (!existsSync(path) || readFileSync(path, "utf8") !== text) {
+      mkdirSync(this.dir, { recursive: true });
+      writeFileSync(path, text, { mode: 0o755 });
+    }
+    return path;
+  }
+
+  /** Into a daemon's cache directory, before it starts. */
+  seed(daemonDir: string): void {
+    if (this.seeded) cpSync(this.dir, capsDir(daemonDir), { recursive: true, filter: (f) => !f.endsWith("qemu-tcg-pad") });
+  }
+
+  /** Every probe any of `hosts` made, kept here and given to the others (libvirt reads a probe it lacks from its cache directory). */
+  sync(hosts: LibvirtHost[]): void {
+    mkdirSync(this.dir, { recursive: true });
+    for (const h of hosts) {
+      const from = capsDir(h.dir);
+      if (!existsSync(from)) continue;
+      // a probe newer than the one kept replaces it (libvirt probed again: the one kept was outdated)
+      const newer = (x: string) => !existsSync(join(this.dir, x)) || statSync(join(from, x)).mtimeMs > statSync(join(this.dir, x)).mtimeMs;
+      for (const f of readdirSync(from).filter((x) => x.endsWith(".xml") && newer(x))) {
+        const tmp = join(this.dir, `.${f}.${process.pid}`);
+        cpSync(join(from, f), tmp);
+        renameSync(tmp, join(this.dir, f));
+      }
+    }
+    for (const h of hosts) {
+      mkdirSync(capsDir(h.dir), { recursive: true });
+      for (const f of readdirSync(this.dir).filter((x) => x.endsWith(".xml") && !existsSync(join(capsDir(h.dir), x)))) cpSync(join(this.dir, f), join(capsDir(h.dir), f));
+    }
+  }
+}
+
+const capsDir = (daemonDir: string) => join(daemonDir, "cache", "qemu", "capabilities");
+
+function startDaemon(root: string, name: "a" | "b", ns: string, ip: string, caps: CapsCache): LibvirtHost {
   const dir = join(root, name);
   for (const [d] of PRIVATE_DIRS) mkdirSync(join(dir, d), { recursive: true });
+  caps.seed(dir);
   mkdirSync(join(dir, "sock"));
   cpSync("/etc/libvirt", join(dir, "etc"), { recursive: true });
   if (existsSync("/var/lib/libvirt")) cpSync("/var/lib/libvirt", join(dir, "lib"), { recursive: true });
@@ -345,11 +405,18 @@ stdio_handler = "file"
 namespaces = [ ]
 `);
   const binds = PRIVATE_DIRS.map(([d, sys]) => `mount --bind '${join(dir, d)}' ${sys}`).join(" && ");
+  // A /dev/kvm that only root may open (a host without udev's rule giving it to group kvm): libvirt's probe of
+  // QEMU found KVM, its check that QEMU's user may open /dev/kvm said no, and it took every probe for outdated
+  // and probed again at each use (4-35 s each; a domain took 52 s to start). The test hosts run TCG: their
+  // /dev/kvm is an empty file nobody else may open, as on a host without KVM.
+  const noKvm = join(dir, "no-kvm");
+  writeFileSync(noKvm, "", { mode: 0o600 });
+  const hideKvm = `if [ -e /dev/kvm ]; then mount --bind '${noKvm}' /dev/kvm; fi`;
   // ip netns exec, unshare and sh all exec: the child's pid is libvirtd's. The copies of the
   // /run/netns/* mounts in the new mount namespace are dropped, so that they do not keep
   // `ip netns delete` from removing the namespaces while a QEMU of this daemon is on its way out.
   const daemon = spawn("ip", ["netns", "exec", ns, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c",
-    `for f in /run/netns/*; do umount -l "$f" 2>/dev/null; done; ${binds} && hostname pt-libvirt-${name} && exec ${LIBVIRTD} -p '${join(dir, "libvirtd.pid")}'`],
+    `for f in /run/netns/*; do umount -l "$f" 2>/dev/null; done; ${binds} && ${hideKvm} && hostname pt-libvirt-${name} && exec ${LIBVIRTD} -p '${join(dir, "libvirtd.pid")}'`],
     { stdio: ["ignore", "ignore", "pipe"] });
   let err = "";
   daemon.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });
@@ -391,14 +458,15 @@ function grantQemu(paths: string[]): void {
   }
 }
 
-async function waitReady(h: LibvirtHost, timeoutMs = 30_000): Promise<void> {
+/** Resolves with `h` once its daemon answers (a daemon probing QEMU answers only when the probe is done). */
+async function waitReady(h: LibvirtHost, timeoutMs = 180_000): Promise<LibvirtHost> {
   const end = Date.now() + timeoutMs;
   for (;;) {
     if (h.daemon.exitCode !== null || h.daemon.signalCode !== null) {
       throw new Error(`libvirtd of host ${h.name} exited (${h.daemon.exitCode ?? h.daemon.signalCode}): ${h.stderrTail()}`);
     }
     if (existsSync(join(h.dir, "sock", "libvirt-sock"))) {
-      try { await h.virsh.run(["version"], 5000); return; } catch { /* not answering yet */ }
+      try { await h.virsh.run(["version"], 5000); return h; } catch { /* not answering yet */ }
     }
     if (Date.now() > end) throw new Error(`libvirtd of host ${h.name} not ready in ${timeoutMs} ms (log: ${h.dir}/libvirtd.log)`);
     await new Promise((r) => setTimeout(r, 200));
