@@ -24,6 +24,9 @@ export interface Relay {
   close(): void;
 }
 
+/** What an idle paced relay may carry at once, in ms of its rate. */
+const BURST_MS = 2;
+
 export async function relay(port: number, o: RelayOptions = {}): Promise<Relay> {
   const sockets: net.Socket[] = [];
   const counts = { up: 0, down: 0 };
@@ -32,14 +35,16 @@ export async function relay(port: number, o: RelayOptions = {}): Promise<Relay> 
     const up = net.connect(port, "127.0.0.1");
     sockets.push(c, up);
     const cut = () => { c.destroy(); up.destroy(); };
-    const t0 = performance.now();
-    let carried = 0;
+    // when the link is free again (ms); idle time earns at most BURST_MS of it, as a real link's does none:
+    // timed from the connection's start, a pause let the next megabytes through at loopback speed
+    let free = 0;
     c.on("data", (d: Buffer) => {
       const x = pass("up", d, cut);
       if (x && !up.destroyed) { counts.up += x.length; up.write(x); }
-      carried += d.length;
-      const due = o.rate ? t0 + (carried / o.rate) * 1000 - performance.now() : 0;
-      if (due > 1) { c.pause(); setTimeout(() => c.resume(), due); }
+      if (!o.rate) return;
+      const now = performance.now();
+      free = Math.max(free, now - BURST_MS) + (d.length / o.rate) * 1000;
+      if (free - now > 1) { c.pause(); setTimeout(() => c.resume(), free - now); }
     });
     up.on("data", (d: Buffer) => {
       const x = pass("down", d, cut);
