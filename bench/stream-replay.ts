@@ -7,11 +7,14 @@
 // from the first byte to its exit) per GB of QEMU's stream, and the proxies'
 // over the relays'. Variants alternate within each round.
 //
-//   node dist/bench/stream-replay.js [--rounds N] [--baseline PATH/dist/src/cli/main.js] [--out-args "ARGS"]
-//     [--only relays,proxies,plain,baseline,out-args] [--cpu-prof DIR] [--json]
+//   node dist/bench/stream-replay.js [--stream FILE --image DISK] [--rounds N] [--baseline PATH/dist/src/cli/main.js]
+//     [--out-args="ARGS"] [--only relays,proxies,plain,baseline,out-args] [--cpu-prof DIR] [--json]
 //
 // The capture is made once (the guest migrated to `exec:cat > FILE`, 512 MiB)
-// and kept in $PAGETWIN_CACHE/stream-replay/. --baseline adds another build's
+// and kept in $PAGETWIN_CACHE/stream-replay/; --stream and --image replay any
+// other guest's capture against its disk instead. Both the feed and the check
+// read the capture from its file as they go, so a capture of any size replays
+// in a few MB of memory. --baseline adds another build's
 // proxies as a variant (before/after in one run), --out-args this build's
 // stream-out with those arguments; --cpu-prof writes the
 // proxies' CPU profiles (only this build's proxies run then).
@@ -28,7 +31,9 @@ import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { processCpuMs } from "../src/adapters/proc/cpu.js";
 import { createKeyFile } from "../src/link/security.js";
 import { median } from "../src/compare/stats.js";
-import { argString, argValue, isMain } from "./cli.js";
+import { parseArgs } from "node:util";
+import { isMain } from "./cli.js";
+import { QEVM_MAGIC } from "../src/stream/qemu-stream.js";
 
 const MAIN_JS = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 const RELAY_JS = fileURLToPath(new URL("../src/compare/pipe-relay.js", import.meta.url));
@@ -37,6 +42,10 @@ const MEMORY_MIB = 512;
 
 export interface ReplayOptions {
   rounds?: number;
+  /** A capture of another guest's QEMU stream (`migrate "exec:cat > FILE"`) to replay instead of the test guest's; needs `image`. */
+  stream?: string;
+  /** The disk image (raw or qcow2) that `stream`'s guest ran on: its blocks are what pages are twins of. */
+  image?: string;
   /** Another build's CLI (its dist/src/cli/main.js): its proxies become a variant too. */
   baseline?: string;
   /** More stream-out arguments to try as a variant of this build (e.g. ["--queue-ms", "100"]). */
@@ -141,15 +150,33 @@ class Child {
   }
 }
 
-/** Receives the replayed stream and checks it against the capture as it arrives. */
-function sink(capture: Buffer): Promise<{ port: number; done: Promise<void>; close(): void }> {
+/** The capture's bytes at [pos, pos + n), read from its file into `into` (a short read past its end); `close`: closes fd after. */
+function readAt(fd: number, into: Buffer, n: number, pos: number, close = false): Buffer {
+  let got = 0;
+  try {
+    while (got < n) {
+      const r = fs.readSync(fd, into, got, n - got, pos + got);
+      if (r === 0) break;
+      got += r;
+    }
+  } finally {
+    if (close) fs.closeSync(fd);
+  }
+  return into.subarray(0, got);
+}
+
+/** Receives the replayed stream and checks it against the capture (read from its file) as it arrives. */
+function sink(capture: Capture): Promise<{ port: number; done: Promise<void>; close(): void }> {
   let pos = 0;
   let bad = "";
   let resolveDone!: () => void;
   const done = new Promise<void>((r) => { resolveDone = r; });
+  const fd = fs.openSync(capture.file, "r");
+  let want = Buffer.allocUnsafe(1 << 20);
   const server = net.createServer({ allowHalfOpen: true }, (s) => {
     s.on("data", (d: Buffer) => {
-      if (!bad && !d.equals(capture.subarray(pos, pos + d.length))) bad = `the output differs from the capture within bytes ${pos}..${pos + d.length}`;
+      if (want.length < d.length) want = Buffer.allocUnsafe(d.length);
+      if (!bad && !d.equals(readAt(fd, want, d.length, pos))) bad = `the output differs from the capture within bytes ${pos}..${pos + d.length}`;
       pos += d.length;
     });
     s.on("end", () => { s.end(); resolveDone(); });
@@ -158,27 +185,27 @@ function sink(capture: Buffer): Promise<{ port: number; done: Promise<void>; clo
   return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve({
     port: (server.address() as net.AddressInfo).port,
     done: done.then(() => {
-      if (!bad && pos !== capture.length) bad = `the output has ${pos} bytes, the capture ${capture.length}`;
+      if (!bad && pos !== capture.bytes) bad = `the output has ${pos} bytes, the capture ${capture.bytes}`;
       if (bad) throw new Error(`bench: ${bad}`);
     }),
-    close: () => server.close(),
+    close: () => { server.close(); fs.closeSync(fd); },
   })));
 }
 
-/** Writes the capture as the source QEMU would, with backpressure. */
-async function feed(port: number, capture: Buffer): Promise<void> {
+/** Writes the capture (from its file) as the source QEMU would, with backpressure. */
+async function feed(port: number, capture: Capture): Promise<void> {
   const sock = net.connect(port, "127.0.0.1");
   await new Promise<void>((r, j) => { sock.once("connect", r); sock.once("error", j); });
   sock.on("error", () => {});
   sock.resume(); // the return path: nothing expected
-  const step = 1 << 20;
-  for (let i = 0; i < capture.length; i += step) {
-    if (!sock.write(capture.subarray(i, i + step))) await new Promise((r) => sock.once("drain", r));
+  for await (const chunk of fs.createReadStream(capture.file, { highWaterMark: 1 << 20 })) {
+    if (!sock.write(chunk as Buffer)) await new Promise((r) => sock.once("drain", r));
   }
   sock.end();
 }
 
-interface Setup { capture: Buffer; disk: string; index: string; key: string; cpuProf?: string }
+interface Capture { file: string; bytes: number }
+interface Setup { capture: Capture; disk: string; index: string; key: string; cpuProf?: string }
 
 function hops(v: Variant, s: Setup, ports: { first: number; second: number; sink: number }): [string[], string[]] {
   if (v.kind === "relays") return [[RELAY_JS, String(ports.first), String(ports.second)], [RELAY_JS, String(ports.second), String(ports.sink)]];
@@ -218,16 +245,30 @@ async function replayOnce(v: Variant, s: Setup): Promise<Replay & { stats?: Reco
   }
 }
 
-export async function benchStreamReplay(o: ReplayOptions = {}): Promise<ReplayResult | { skipped: string }> {
-  const log = (m: string) => { if (!o.quiet) console.log(m); };
+/** The capture to replay and the disk its pages are twins of: the test guest's (captured now if missing), or the user's. */
+async function source(o: ReplayOptions, log: (m: string) => void): Promise<{ capture: Capture; disk: string; what: string } | { skipped: string }> {
+  if (o.stream || o.image) {
+    if (!o.stream || !o.image) throw new RangeError("bench: --stream FILE and --image DISK go together (the capture, and the disk its guest ran on)");
+    for (const f of [o.stream, o.image]) if (!fs.statSync(f, { throwIfNoEntry: false })?.isFile()) throw new Error(`bench: ${f}: no such file`);
+    const head = readAt(fs.openSync(o.stream, "r"), Buffer.alloc(4), 4, 0, true);
+    if (head.length < 4 || head.readUInt32BE(0) !== QEVM_MAGIC) {
+      throw new Error(`bench: ${o.stream} is not a QEMU migration stream (a capture starts with "QEVM"; this one with ${JSON.stringify(head.toString("latin1"))})`);
+    }
+    return { capture: { file: o.stream, bytes: fs.statSync(o.stream).size }, disk: o.image, what: `${path.basename(o.stream)} (against ${path.basename(o.image)})` };
+  }
   const guest = o.guest ?? findGuest();
   if (!guest) return { skipped: "the guest is not built (scripts/build-guest.sh)" };
-  const file = await captureStream(guest, (m) => { if (!o.quiet) process.stderr.write(`  ${m}\n`); });
+  const file = await captureStream(guest, log);
+  return { capture: { file, bytes: fs.statSync(file).size }, disk: guest.disk, what: `the test guest's (${MEMORY_MIB} MiB)` };
+}
+
+export async function benchStreamReplay(o: ReplayOptions = {}): Promise<ReplayResult | { skipped: string }> {
+  const log = (m: string) => { if (!o.quiet) console.log(m); };
+  const src = await source(o, (m) => { if (!o.quiet) process.stderr.write(`  ${m}\n`); });
+  if ("skipped" in src) return src;
+  if (src.capture.bytes === 0) throw new Error(`bench: ${src.capture.file} is empty`);
   const work = fs.mkdtempSync(path.join(os.tmpdir(), "pt-replay-"));
   try {
-    const index = path.join(work, "index");
-    (await openNasIndex(guest.disk, { indexPath: index })).image.close();
-    const s: Setup = { capture: fs.readFileSync(file), disk: guest.disk, index, key: createKeyFile(path.join(work, "key")), ...(o.cpuProf ? { cpuProf: o.cpuProf } : {}) };
     const all: Variant[] = [
       { key: "relays", name: "relays", kind: "relays" },
       { key: "proxies", name: "proxies", kind: "proxies", cli: MAIN_JS },
@@ -237,7 +278,11 @@ export async function benchStreamReplay(o: ReplayOptions = {}): Promise<ReplayRe
     ];
     const only = o.cpuProf ? ["proxies"] : o.only; // profiling: this build's proxies alone
     const variants = only ? all.filter((v) => only.includes(v.key)) : all;
-    log(`stream replay: ${(s.capture.length / 1e6).toFixed(1)} MB of the guest's QEMU stream (${MEMORY_MIB} MiB guest), loopback, no link limit; CPU s per GB of QEMU's stream (first hop: stream-out or relay A; second: stream-in or relay B)`);
+    if (!variants.length) throw new RangeError(`bench: --only ${only!.join(",")}: none of ${all.map((v) => v.key).join(", ")}`);
+    const index = path.join(work, "index");
+    (await openNasIndex(src.disk, { indexPath: index })).image.close();
+    const s: Setup = { capture: src.capture, disk: src.disk, index, key: createKeyFile(path.join(work, "key")), ...(o.cpuProf ? { cpuProf: o.cpuProf } : {}) };
+    log(`stream replay: ${(s.capture.bytes / 1e6).toFixed(1)} MB of QEMU stream, ${src.what}, loopback, no link limit; CPU s per GB of QEMU's stream (first hop: stream-out or relay A; second: stream-in or relay B)`);
     return await measure(variants, s, o.rounds ?? 3, log);
   } finally {
     fs.rmSync(work, { recursive: true, force: true });
@@ -257,7 +302,7 @@ async function measure(variants: Variant[], s: Setup, rounds: number, log: (m: s
       log(`  round ${r + 1} ${v.name.padEnd(34)} ${(x.first / 1000).toFixed(2)} + ${(x.second / 1000).toFixed(2)} s of CPU, ${x.wallMs.toFixed(0)} ms`);
     }
   }
-  const gb = s.capture.length / 1e9;
+  const gb = s.capture.bytes / 1e9;
   const sPerGB: ReplayResult["sPerGB"] = {};
   for (const [name, xs] of runs) sPerGB[name] = { first: median(xs.map((x) => x.first)) / 1000 / gb, second: median(xs.map((x) => x.second)) / 1000 / gb };
   const relay = sPerGB["relays"];
@@ -270,24 +315,58 @@ async function measure(variants: Variant[], s: Setup, rounds: number, log: (m: s
   }
   const base = sPerGB["proxies (baseline build)"];
   if (base) log(`  this build over the baseline build: stream-out ${(sPerGB["proxies"]!.first / base.first).toFixed(2)}x, stream-in ${(sPerGB["proxies"]!.second / base.second).toFixed(2)}x`);
+  const twinsReplaced = typeof stats?.["twinsReplaced"] === "number" ? stats["twinsReplaced"] : null;
+  const linkBytes = typeof stats?.["bytesOutLink"] === "number" ? stats["bytesOutLink"] : null;
+  if (twinsReplaced !== null && linkBytes !== null) {
+    log(`  through the proxies: ${twinsReplaced} pages travelled as references, ${(linkBytes / 1e6).toFixed(1)} MB on the link (${(linkBytes / s.capture.bytes).toFixed(3)} of QEMU's stream); output identical to the capture`);
+  }
   return {
-    streamBytes: s.capture.length, sPerGB, ratios,
-    twinsReplaced: typeof stats?.["twinsReplaced"] === "number" ? stats["twinsReplaced"] : null,
-    linkBytes: typeof stats?.["bytesOutLink"] === "number" ? stats["bytesOutLink"] : null,
+    streamBytes: s.capture.bytes, sPerGB, ratios, twinsReplaced, linkBytes,
     compression: (stats?.["compression"] as Record<string, unknown> | undefined) ?? null,
   };
 }
 
-if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
-  const baseline = argString(args, "--baseline");
-  const cpuProf = argString(args, "--cpu-prof");
-  // its value starts with "--", which argString() takes for the next flag
-  const outArgs = args.includes("--out-args") ? args[args.indexOf("--out-args") + 1] : undefined;
-  const only = argString(args, "--only");
-  const r = await benchStreamReplay({
-    rounds: argValue(args, "--rounds") ?? 3, quiet: args.includes("--json"),
-    ...(baseline ? { baseline } : {}), ...(outArgs ? { outArgs: outArgs.split(" ") } : {}), ...(only ? { only: only.split(",") } : {}), ...(cpuProf ? { cpuProf: path.resolve(cpuProf) } : {}),
+const USAGE = `node dist/bench/stream-replay.js [options]: a captured QEMU migration stream replayed through stream-out -> stream-in
+(TLS-PSK, loopback, no link limit) and through two plain socket.pipe() relays, alternating; the output is checked
+byte for byte against the capture; prints each process's CPU per GB of QEMU's stream and the proxies' over the relays'
+  --stream FILE     a capture of your guest's stream (default: the test guest's, captured once into .cache/stream-replay/):
+                    QMP {"execute":"migrate","arguments":{"uri":"exec:cat > FILE"}} on the running guest (it stays paused
+                    after: "cont" resumes it); needs --image
+  --image DISK      the disk image (raw or qcow2) that guest ran on; its block index is built in a temporary directory
+  --rounds N        rounds of every variant (medians; default 3)
+  --only LIST       variants, comma-separated: relays, proxies, plain (proxies --no-dedup --compress off), baseline, out-args
+  --baseline MAIN   another build's dist/src/cli/main.js: its proxies as a variant (before and after in one run)
+  --out-args="ARGS" this build's stream-out with more arguments as a variant (e.g. --out-args="--queue-ms 100")
+  --cpu-prof DIR    the proxies' CPU profiles (this build's proxies alone)
+  --json            the result as one JSON object
+  --help            this text`;
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      stream: { type: "string" }, image: { type: "string" }, rounds: { type: "string", default: "3" }, only: { type: "string" },
+      baseline: { type: "string" }, "out-args": { type: "string" }, "cpu-prof": { type: "string" }, json: { type: "boolean" }, help: { type: "boolean", short: "h" },
+    },
   });
-  if (args.includes("--json")) console.log(JSON.stringify(r));
+  if (values.help) {
+    console.log(USAGE);
+    process.exit(0);
+  }
+  const rounds = Number(values.rounds);
+  if (!Number.isInteger(rounds) || rounds < 1) throw new RangeError(`bench: --rounds ${values.rounds}: a whole number of at least 1`);
+  const r = await benchStreamReplay({
+    rounds, quiet: !!values.json,
+    ...(values.stream ? { stream: values.stream } : {}), ...(values.image ? { image: values.image } : {}),
+    ...(values.baseline ? { baseline: values.baseline } : {}), ...(values["out-args"] ? { outArgs: values["out-args"].split(" ") } : {}),
+    ...(values.only ? { only: values.only.split(",") } : {}), ...(values["cpu-prof"] ? { cpuProf: path.resolve(values["cpu-prof"]) } : {}),
+  });
+  if (values.json) console.log(JSON.stringify(r));
+}
+
+if (isMain(import.meta.url)) {
+  await main().catch((err: Error) => {
+    // usage errors (RangeError, parseArgs' TypeError) exit 2, failures of the replay 1
+    process.stderr.write(`${err.message}\n`);
+    process.exit(err instanceof RangeError || (err as { code?: string }).code?.startsWith("ERR_PARSE_ARGS") ? 2 : 1);
+  });
 }

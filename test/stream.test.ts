@@ -7,6 +7,8 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
+import { spawnSync } from "node:child_process";
+import { fileURLToPath } from "node:url";
 import { QemuStreamParser, StreamFormatError, RAM_FLAG, type Piece } from "../src/stream/qemu-stream.js";
 import { streamIn } from "../src/stream/in.js";
 import { streamOut } from "../src/stream/out.js";
@@ -262,6 +264,27 @@ test("proxies: stream-out -> stream-in rebuilds the captured stream byte-identic
   assert.equal(so.resends, 0);
   assert.ok(so.bytesOutLink < 0.6 * data.length);
   t.diagnostic(`${so.pagesSeen} pages, ${so.twinsReplaced} twins; link ${so.bytesOutLink} B for ${data.length} B of stream (${(so.bytesOutLink / data.length).toFixed(3)}x)`);
+});
+
+test("the replay bench on a capture and disk given to it (--stream, --image): output identical, pages as references, CPU per GB of each hop", { skip: skipReal, timeout: 180_000 }, (t) => {
+  const bench = fileURLToPath(new URL("../bench/stream-replay.js", import.meta.url));
+  const run = (args: string[]) => spawnSync(process.execPath, [bench, ...args], { encoding: "utf8", timeout: 150_000 });
+  const r = run(["--stream", capture, "--image", nasImage, "--rounds", "1", "--only", "relays,proxies", "--json"]);
+  assert.equal(r.status, 0, r.stderr);
+  const res = JSON.parse(r.stdout.trim().split("\n").pop()!) as { streamBytes: number; twinsReplaced: number; linkBytes: number; sPerGB: Record<string, { first: number; second: number }>; ratios: Record<string, { first: number }> };
+  assert.equal(res.streamBytes, fs.statSync(capture).size);
+  assert.ok(res.twinsReplaced > 1000, `${res.twinsReplaced} twins`);
+  assert.ok(res.linkBytes < 0.6 * res.streamBytes, `link ${res.linkBytes} of ${res.streamBytes}`);
+  for (const v of ["relays", "proxies"]) assert.ok(res.sPerGB[v]!.first > 0 && res.sPerGB[v]!.second > 0, JSON.stringify(res.sPerGB));
+  assert.ok(res.ratios["proxies"]!.first > 0);
+  t.diagnostic(`proxies over relays: ${res.ratios["proxies"]!.first.toFixed(2)}x (first hop)`);
+  // not a capture: refused with a clear error before anything starts; a capture without its disk: a usage error
+  const notQemu = run(["--stream", nasImage, "--image", nasImage, "--only", "proxies"]);
+  assert.equal(notQemu.status, 1);
+  assert.match(notQemu.stderr, /is not a QEMU migration stream/);
+  const noDisk = run(["--stream", capture]);
+  assert.equal(noDisk.status, 2);
+  assert.match(noDisk.stderr, /--stream FILE and --image DISK go together/);
 });
 
 test("proxies: a NAS block rewritten after indexing takes the resend path, stream still byte-identical", { skip: skipReal, timeout: 180_000 }, async () => {
