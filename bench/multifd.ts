@@ -27,6 +27,7 @@ import { CpuMeter } from "../src/adapters/proc/cpu.js";
 import { findGuest } from "../src/adapters/qemu/vm.js";
 import type { StreamStats } from "../src/stream/stats.js";
 import { freePort } from "../src/link/listen.js";
+import { drained } from "../src/link/rate.js";
 import { median } from "../src/compare/stats.js";
 import { argString, argValue, isMain } from "./cli.js";
 
@@ -105,7 +106,7 @@ async function feed(port: number, conns: Buffer[]): Promise<void> {
     await new Promise<void>((r) => q.once("connect", r));
     socks.push((async () => {
       for (let i = 0; i < data.length; i += 1 << 20) {
-        if (!q.write(data.subarray(i, i + (1 << 20)))) await new Promise((r) => q.once("drain", r));
+        if (!q.write(data.subarray(i, i + (1 << 20)))) await drained(q);
       }
       q.end();
       await closed;

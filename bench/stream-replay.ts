@@ -25,6 +25,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { spawn, type ChildProcess } from "node:child_process";
 import { freePort } from "../src/link/listen.js";
+import { drained } from "../src/link/rate.js";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { QemuVm, QEMU_UNTHROTTLED, findGuest, type GuestImage } from "../src/adapters/qemu/vm.js";
 import { openNasIndex } from "../src/adapters/nas/index-file.js";
@@ -199,7 +200,7 @@ async function feed(port: number, capture: Capture): Promise<void> {
   sock.on("error", () => {});
   sock.resume(); // the return path: nothing expected
   for await (const chunk of fs.createReadStream(capture.file, { highWaterMark: 1 << 20 })) {
-    if (!sock.write(chunk as Buffer)) await new Promise((r) => sock.once("drain", r));
+    if (!sock.write(chunk as Buffer)) await drained(sock);
   }
   sock.end();
 }

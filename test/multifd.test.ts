@@ -25,6 +25,7 @@ import { mixedPages, multifdChannel } from "./helpers/multifd.js";
 import type { TraceSink } from "../src/trace/sink.js";
 import type { TraceRecord } from "../src/trace/format.js";
 import { TraceModel } from "../src/trace/model.js";
+import { drained } from "../src/link/rate.js";
 
 const PAGE = 4096;
 
@@ -227,7 +228,7 @@ async function migrate(image: string, channels: { data: Buffer; delayMs: number;
       for (let i = 0; i < ch.data.length;) {
         rnd = (rnd * 1103515245 + 12345) & 0x7fffffff;
         const n = 1 + (rnd % 70_000);
-        if (!q.write(ch.data.subarray(i, i + n))) await new Promise((r) => q.once("drain", r));
+        if (!q.write(ch.data.subarray(i, i + n))) await drained(q);
         i += n;
       }
       q.end();

@@ -10,6 +10,7 @@ import { ServeService, type ServeServiceOptions } from "../../src/serve/service.
 import { ServeClient } from "../../src/serve/client.js";
 import { TEST_KEY } from "./stream.js";
 import { relay, type Relay } from "./relay.js";
+import { drained } from "../../src/link/rate.js";
 
 export interface TwoServices {
   src: ServeService;
@@ -70,7 +71,7 @@ export async function sourceQemu(to: number | string, data: Buffer): Promise<boo
   const closed = new Promise<void>((r) => q.on("close", () => { if (!ended) cut = true; r(); }));
   await Promise.race([new Promise<void>((r) => q.once("connect", r)), closed]);
   for (let i = 0; i < data.length && !q.destroyed; i += 65536) {
-    if (!q.write(data.subarray(i, i + 65536))) await new Promise((r) => { q.once("drain", r); q.once("close", r); });
+    if (!q.write(data.subarray(i, i + 65536))) await drained(q);
   }
   if (!q.destroyed) { ended = true; q.end(); }
   await closed;

@@ -15,6 +15,7 @@ import { SFrame, STREAM_FRAMES } from "../../src/stream/frames.js";
 import { FrameReader, frame } from "../../src/wire/envelope.js";
 import type { FrameSet } from "../../src/link/channel.js";
 import type { NasIndex } from "../../src/adapters/nas/index-file.js";
+import { drained } from "../../src/link/rate.js";
 
 const PAGE = 4096;
 
@@ -156,7 +157,7 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
     for (let i = 0; i < o.data.length && !q.destroyed;) {
       rnd = (rnd * 1103515245 + 12345) & 0x7fffffff;
       const n = o.split === "random" ? 1 + (rnd % 100_000) : o.split ?? 65536;
-      if (!q.write(o.data.subarray(i, i + n))) await new Promise((r) => { q.once("drain", r); q.once("close", r); });
+      if (!q.write(o.data.subarray(i, i + n))) await drained(q);
       i += n;
     }
     if (!q.destroyed) { ended = true; q.end(); }
