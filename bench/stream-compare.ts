@@ -1,6 +1,6 @@
 // QEMU's own migration vs stream mode across a 1 Gbit/s namespace link, on
 // the real guest: node dist/bench/stream-compare.js [--runs N] [--rate 1gbit] [--mode M ...]
-//   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--out-arg ARG ...] [--baseline MAIN] [--json]
+//   [--downtime-limit MS] (QEMU's, the same for every mode; default QEMU's 300) [--prealloc] [--out-arg ARG ...] [--baseline MAIN] [--json]
 import { parseArgs } from "node:util";
 import { formatRunTimeline } from "../src/compare/migrate-timeline.js";
 import { compareStreamMode, formatCompare, COMPARE_MODES, ALL_MODES, type CompareMode } from "../src/compare/stream.js";
@@ -9,7 +9,7 @@ const { values } = parseArgs({
   options: {
     runs: { type: "string", default: "1" }, rate: { type: "string", default: "1gbit" }, json: { type: "boolean" },
     mode: { type: "string", multiple: true }, mem: { type: "string", default: "512" },
-    "downtime-limit": { type: "string" }, "out-arg": { type: "string", multiple: true }, baseline: { type: "string" }, timeline: { type: "boolean" }, "qemu-side": { type: "string", default: "unix" }, help: { type: "boolean", short: "h" },
+    "downtime-limit": { type: "string" }, "out-arg": { type: "string", multiple: true }, baseline: { type: "string" }, timeline: { type: "boolean" }, "qemu-side": { type: "string", default: "unix" }, prealloc: { type: "boolean" }, help: { type: "boolean", short: "h" },
   },
 });
 if (values.help) {
@@ -24,6 +24,9 @@ if (values.help) {
   --out-arg ARG        one more stream-out argument (repeat; e.g. --out-arg=--queue-ms --out-arg=5)
   --baseline MAIN      another build's dist/src/cli/main.js: its proxies run the pagetwin-baseline rows (before and after in one run)
   --qemu-side unix|tcp how each QEMU reaches its proxy (default unix, as docs/STREAM.md advises; tcp: loopback TCP, whose kernel buffers hold MBs that QEMU counts as sent)
+  --prealloc           both QEMUs of every mode allocate all guest RAM as they start (QEMU's prealloc=on, libvirt's
+                       <allocation mode='immediate'/>); default: as first written (libvirt's default), which the destination
+                       QEMU pays during the migration
   --timeline           per run, the source's query-migrate every 50 ms (QEMU's rate, remaining, expected downtime) and the proxies' waits
   --json               the results as JSON`);
   process.exit(0);
@@ -38,6 +41,7 @@ const r = await compareStreamMode({
   modes,
   ...(values["out-arg"] ? { outArgs: values["out-arg"] } : {}),
   ...(values.baseline ? { baselineMain: values.baseline } : {}),
+  prealloc: values.prealloc === true,
   qemuSide: values["qemu-side"] === "tcp" ? "tcp" : "unix",
   log: (m) => process.stderr.write(`[compare] ${m}\n`),
 });

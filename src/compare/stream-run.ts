@@ -143,7 +143,7 @@ class CompareRun {
     const { opts, link, dir } = this;
     const tag = `${process.pid}-${this.runNo}-${this.mode}`;
     // anonymous RAM, as libvirt gives a guest: faulting in a file's pages costs the QEMUs more than a real host's guest pays
-    const common = { ...this.guest, memoryMiB: opts.memoryMiB ?? 512, anonymousRam: true, ...(opts.append ? { append: opts.append } : {}) };
+    const common = { ...this.guest, memoryMiB: opts.memoryMiB ?? 512, anonymousRam: true, preallocRam: opts.prealloc ?? false, ...(opts.append ? { append: opts.append } : {}) };
     const src = this.src = await QemuVm.start({
       ...common, memPath: `/dev/shm/pt-cmp-src-${tag}`, qmpSocket: path.join(dir, "src.qmp"), serialLog: path.join(dir, "src.log"),
       netns: link.srcNs, name: "pt-cmp-src",

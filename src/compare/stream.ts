@@ -37,6 +37,8 @@ export interface CompareOptions {
   maxBandwidth?: number;
   /** QEMU downtime-limit in ms for every mode (default: QEMU's own, 300). */
   downtimeLimitMs?: number;
+  /** Both QEMUs of every mode allocate all guest RAM as they start (libvirt's <allocation mode='immediate'/>); default: as first written, libvirt's default. */
+  prealloc?: boolean;
   /** Guest kernel command line (default: the guest's own defaults, 1 MiB/s dirtying). */
   append?: string;
   /** Counters to wait for after pagetwin-ready before migrating (default 2). */
@@ -92,6 +94,8 @@ export interface CompareResult {
   memoryMiB: number;
   /** QEMU's downtime-limit for every mode, ms (300: QEMU's default). */
   downtimeLimitMs: number;
+  /** Guest RAM allocated as each QEMU started (CompareOptions.prealloc). */
+  prealloc: boolean;
   runs: Record<CompareMode, RunResult[]>;
   median: Partial<Record<CompareMode, Omit<RunResult, "proxies" | "timeline" | "outProgress" | "mode" | "ok" | "error"> & { okRuns: number }>>;
   /** pagetwin's medians over QEMU's own (plain pre-copy), and over QEMU multifd+zstd; the same for pagetwin with multifd. */
@@ -131,7 +135,7 @@ export async function compareStreamMode(opts: CompareOptions = {}): Promise<Comp
   const modes = opts.modes ?? COMPARE_MODES;
   const runs = opts.runs ?? 1;
   const { guest, indexPath, link, close } = await openCompareSetup(opts);
-  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, downtimeLimitMs: opts.downtimeLimitMs ?? 300, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [], "pagetwin-multifd": [], "pagetwin-baseline": [], relay: [] }, median: {} };
+  const out: CompareResult = { rate: link.rate, memoryMiB: opts.memoryMiB ?? 512, downtimeLimitMs: opts.downtimeLimitMs ?? 300, prealloc: opts.prealloc ?? false, runs: { qemu: [], "qemu-multifd-zstd": [], pagetwin: [], "pagetwin-multifd": [], "pagetwin-baseline": [], relay: [] }, median: {} };
   try {
     for (let i = 0; i < runs; i++) {
       for (const mode of modes) out.runs[mode].push(await runOnce(mode, link, guest, { ...opts, indexPath }, i));
@@ -185,7 +189,7 @@ export function formatCompare(r: CompareResult): string {
   lines.splice(1, 0, w.map((x) => "-".repeat(x)).join("  "));
   const ratio = (who: string, what: string, x: Ratio | undefined) => x &&
     `${who} vs ${what}: total-time ${f(x.totalTime, 2)}x (end-to-end ${f(x.endToEnd, 2)}x), downtime ${f(x.downtime, 2)}x (observed ${f(x.observedDowntime, 2)}x), bytes on the link ${f(x.linkBytes, 2)}x`;
-  return [`stream mode, ${r.memoryMiB} MiB guest, link ${r.rate}, QEMU downtime-limit ${r.downtimeLimitMs} ms (medians; total-time and downtime from the source's query-migrate, which`,
+  return [`stream mode, ${r.memoryMiB} MiB guest${r.prealloc ? " (RAM allocated as QEMU starts)" : ""}, link ${r.rate}, QEMU downtime-limit ${r.downtimeLimitMs} ms (medians; total-time and downtime from the source's query-migrate, which`,
     "through the proxies end at the local stream-out; end-to-end: migrate to the destination's RESUME; observed downtime: source STOP to it;",
     `CPU: each process's from migrate to RESUME, ${cpuCount} cores here; the plain relays' in the stream-out and stream-in columns)`, ...lines,
     ratio("pagetwin", "QEMU pre-copy", r.ratio), ratio("pagetwin", "QEMU multifd+zstd", r.ratioVsMultifdZstd),

@@ -60,6 +60,11 @@ export interface QemuVmOptions {
    * the file's page cache would cost QEMU more than a guest on a real host pays.
    */
   anonymousRam?: boolean;
+  /**
+   * Allocate all guest RAM as QEMU starts (the backend's prealloc=on; libvirt's
+   * <allocation mode='immediate'/>), not as the guest, or an incoming migration, first writes each page.
+   */
+  preallocRam?: boolean;
   /** cleanup() removes memPath (default true). */
   ownsMemFile?: boolean;
   /** Path of the QMP unix socket to create (keep it short: 107 bytes max). */
@@ -184,7 +189,7 @@ export function qemuArgs(opts: QemuVmOptions): string[] {
     '-accel', accel,
     '-m', `${ramKiB}K`,
     '-machine', 'memory-backend=mem',
-    '-object', opts.anonymousRam ? `memory-backend-ram,id=mem,size=${ramKiB}K` : `memory-backend-file,id=mem,size=${ramKiB}K,mem-path=${commaSafe(opts.memPath)},share=on`,
+    '-object', (opts.anonymousRam ? `memory-backend-ram,id=mem,size=${ramKiB}K` : `memory-backend-file,id=mem,size=${ramKiB}K,mem-path=${commaSafe(opts.memPath)},share=on`) + (opts.preallocRam ? ',prealloc=on' : ''),
     '-kernel', opts.kernel,
     '-initrd', opts.initrd,
     '-append', opts.append ?? DEFAULT_APPEND,
