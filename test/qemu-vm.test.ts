@@ -47,6 +47,13 @@ test('qemuArgs: anonymous RAM (as libvirt gives a guest) on request: no file, th
   assert.doesNotMatch(joined, /mem-path|share=on|\/dev\/shm/);
 });
 
+test('qemuArgs: RAM allocated as QEMU starts on request (prealloc=on), anonymous or file-backed; not by default', () => {
+  const base = { kernel: '/k', initrd: '/i', disk: '/dev/null', memPath: '/dev/shm/x', qmpSocket: '/q', serialLog: '/s', memoryMiB: 256, diskCache: 'none' as const };
+  assert.match(qemuArgs({ ...base, anonymousRam: true, preallocRam: true }).join(' '), / memory-backend-ram,id=mem,size=262152K,prealloc=on /);
+  assert.match(qemuArgs({ ...base, preallocRam: true }).join(' '), / memory-backend-file,id=mem,size=262152K,mem-path=\/dev\/shm\/x,share=on,prealloc=on /);
+  assert.doesNotMatch(qemuArgs(base).join(' '), /prealloc/);
+});
+
 test('qemuArgs: under TCG the RAM is not a multiple of 256 KiB (QEMU < 9.0 loses dirty pages then), whole pages, exact on request or under KVM', () => {
   const ramKiB = (o: { accel?: 'tcg' | 'kvm'; exactRam?: boolean; memoryMiB?: number }): number => {
     const args = qemuArgs({ kernel: '/k', initrd: '/i', disk: '/dev/null', memPath: '/m', qmpSocket: '/q', serialLog: '/s', diskCache: 'none', ...o });
