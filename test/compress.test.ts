@@ -412,3 +412,32 @@ test("node:zlib's zstd (Node >= 22.15) and zstd-napi read each other's frames", 
   viaZlib.decompressInto(fromNapi, out);
   assert.deepEqual(out, pages);
 });
+
+test("stream mode, auto: a destination slower than the link gets RAW frames (stream-in busy), a link slower than the destination gets them compressed", { timeout: 90_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-compress-busy-"));
+  try {
+    const image = join(dir, "disk.img");
+    writeFileSync(image, randomBytes(64 * PAGE));
+    (await openNasIndex(image, { rebuild: true })).image.close();
+    // 16 MiB that compress about 2:1 (each page half random, half zeros), no twins
+    const pages = Buffer.alloc(4096 * PAGE);
+    for (let p = 0; p < 4096; p++) randomBytes(PAGE / 2).copy(pages, p * PAGE);
+    const stream = qemuStream(pages);
+    // a fake destination QEMU taking 25 MB/s over loopback: stream-in seldom waits for the link
+    const busy = await proxyRun({ data: stream, image, out: { compress: "auto" }, qemuRate: 25e6 });
+    assert.ok(busy.out.equals(stream));
+    const b = busy.so.compression;
+    assert.ok(b.rawReceiverBusy >= 8 && b.rawReceiverBusy === b.framesRaw, `frames raw because stream-in was busy: ${JSON.stringify(b)}`);
+    assert.ok(busy.si.linkWaitMs < busy.si.ms / 4, `stream-in waited ${busy.si.linkWaitMs} of ${busy.si.ms} ms for the link`);
+    // the same stream over a 25 MB/s link into a fast destination: stream-in waits for the link, frames compress
+    const slow = await proxyRun({ data: stream, image, out: { compress: "auto" }, linkRate: 25e6 });
+    assert.ok(slow.out.equals(stream));
+    const s = slow.so.compression;
+    assert.equal(s.rawReceiverBusy, 0, JSON.stringify(s));
+    assert.ok(s.framesCompressed > s.framesRaw, JSON.stringify(s));
+    assert.ok(slow.si.linkWaitMs > slow.si.ms / 4, `stream-in waited ${slow.si.linkWaitMs} of ${slow.si.ms} ms for the link`);
+    assert.ok(slow.so.bytesOutLink < busy.so.bytesOutLink * 0.9, `${slow.so.bytesOutLink} vs ${busy.so.bytesOutLink} bytes on the link`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -6,6 +6,8 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { randomBytes } from "node:crypto";
 import { LinkPacer } from "../src/stream/pacer.js";
+import { ReceiverWait } from "../src/link/credit.js";
+import { CompressionPolicy } from "../src/codec/compress.js";
 import { LinkMeter, drained } from "../src/link/rate.js";
 import { streamIn } from "../src/stream/in.js";
 import { streamOut } from "../src/stream/out.js";
@@ -177,4 +179,34 @@ test("stream-in's queue counts a frame as the stream it rebuilds to: a REFS fram
   const huge = Buffer.alloc(8);
   huge.writeUInt32BE(0xffffffff, 4);
   assert.equal(rebuiltLength(f(SFrame.Refs, huge)), MAX_REFS * (4096 + 9));
+});
+
+test("ReceiverWait: the share of its own clock the receiver waited for the link, over 100 ms samples; busy under a tenth", () => {
+  const r = new ReceiverWait();
+  r.record(0, 0);
+  r.record(5, 60);
+  assert.equal(r.share, -1, "60 ms is not a sample yet");
+  assert.equal(r.busy, false, "nothing measured: not known to be busy");
+  r.record(8, 120);
+  assert.equal(r.share, 8 / 120);
+  assert.equal(r.busy, true);
+  r.record(68, 240);
+  assert.equal(r.share, 0.5, "60 of 120 ms waiting");
+  assert.equal(r.busy, false);
+  r.record(68, 230);
+  assert.equal(r.share, 0.5, "a clock that goes back is no sample");
+  r.record(70, 340);
+  assert.ok(Math.abs(r.share - 2 / 110) < 1e-9);
+  assert.equal(r.busy, true);
+});
+
+test("the compression policy sends raw while the receiver is busy (auto only), and compresses again once it waits", () => {
+  const receiver = { busy: true };
+  const auto = new CompressionPolicy({ mode: "auto", bandwidth: 0, receiver });
+  assert.equal(auto.decide(), "receiver");
+  receiver.busy = false;
+  assert.equal(auto.decide(), "compress");
+  receiver.busy = true;
+  const always = new CompressionPolicy({ mode: "always", bandwidth: 0, receiver });
+  assert.equal(always.decide(), "compress", "--compress zstd compresses whatever the receiver's load");
 });

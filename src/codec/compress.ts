@@ -285,6 +285,8 @@ export interface CompressionStats {
   /** Raw frames because compressing would not have made them faster (compressor slower than the link, or costlier per byte) / because the batch did not compress (ratio > maxRatio). */
   rawSlow: number;
   rawPoorRatio: number;
+  /** Raw frames because the receiver, not the link, limited the transfer (it seldom waited for the link): compressing would only cost both ends CPU. */
+  rawReceiverBusy: number;
   /** Page bytes that went into compressed frames, and what they became. */
   bytesBefore: number;
   bytesAfter: number;
@@ -296,7 +298,7 @@ export interface CompressionStats {
 }
 
 export function emptyCompressionStats(mode: CompressionMode): CompressionStats {
-  return { mode, algorithm: null, framesCompressed: 0, framesRaw: 0, rawSlow: 0, rawPoorRatio: 0, bytesBefore: 0, bytesAfter: 0, compressMBs: 0, linkMBs: 0 };
+  return { mode, algorithm: null, framesCompressed: 0, framesRaw: 0, rawSlow: 0, rawPoorRatio: 0, rawReceiverBusy: 0, bytesBefore: 0, bytesAfter: 0, compressMBs: 0, linkMBs: 0 };
 }
 
 export interface PolicyOptions {
@@ -326,6 +328,12 @@ export interface PolicyOptions {
    * only costs time. Needs recordFrame and recordAcked.
    */
   linkProbeFrames?: number;
+  /**
+   * What the receiver reports of its own load (stream mode's CREDIT): while it is busy nearly all along, the link
+   * delivers faster than it hands on, so fewer bytes on the link buy nothing and decompressing costs the host that
+   * is already the bottleneck ("auto" only; no probes, the receiver's next sample decides again).
+   */
+  receiver?: { readonly busy: boolean };
 }
 
 /**
@@ -382,8 +390,9 @@ export class CompressionPolicy {
     return this.meter.measured;
   }
 
-  /** Try this frame? ("slow" or "poor" when not, and why.) */
-  decide(): "compress" | "slow" | "poor" {
+  /** Try this frame? ("slow", "poor" or "receiver" when not, and why.) */
+  decide(): "compress" | "slow" | "poor" | "receiver" {
+    if (this.o.mode === "auto" && this.o.receiver?.busy) return "receiver";
     if (this.compressRate === 0) return "compress"; // first frame measures the compressor
     let why: "compress" | "slow" | "poor" = "compress";
     const link = this.linkRate;

@@ -134,3 +134,40 @@ export class CreditWindow {
     return { bytes, ms };
   }
 }
+
+/** A receiver waiting for the link less than this share of the time is itself what limits the transfer. */
+export const RECEIVER_BUSY_SHARE = 0.1;
+
+/**
+ * How much of its time the receiver spent waiting for the link, from the
+ * running totals its credits carry (both on its own clock), over samples of
+ * at least SAMPLE_MS. A receiver that seldom waits is the bottleneck: the
+ * link (and the sender) deliver faster than it hands on.
+ */
+export class ReceiverWait {
+  /** The last sample's share of time waited, 0..1 (-1: no sample yet). */
+  share = -1;
+  private waitMs = -1;
+  private clockMs = 0;
+  private sampleWaitMs = 0;
+  private sampleMs = 0;
+
+  /** A credit's running totals: ms the receiver waited for the link, and ms on its clock, since the session began. */
+  record(waitMs: number, clockMs: number): void {
+    if (this.waitMs >= 0 && clockMs >= this.clockMs) {
+      this.sampleWaitMs += Math.max(0, waitMs - this.waitMs);
+      this.sampleMs += clockMs - this.clockMs;
+      if (this.sampleMs >= SAMPLE_MS) {
+        this.share = Math.min(1, this.sampleWaitMs / this.sampleMs);
+        this.sampleWaitMs = this.sampleMs = 0;
+      }
+    }
+    this.waitMs = waitMs;
+    this.clockMs = clockMs;
+  }
+
+  /** The last sample found the receiver busy nearly all along. */
+  get busy(): boolean {
+    return this.share >= 0 && this.share < RECEIVER_BUSY_SHARE;
+  }
+}

@@ -34,15 +34,19 @@
 //                         (as on the link, from HELLO on), how many stream-in has
 //                         handed on (their output is in its QEMU's socket), and
 //                         how many bytes of QEMU's stream that output was;
-//                         stream-out keeps only a few ms beyond both (pacer.ts)
+//                         stream-out keeps only a few ms beyond both (pacer.ts);
+//                         u64 wait us, u64 clock us: how long stream-in has waited
+//                         for the link's next frame, and its clock, so stream-out
+//                         can tell a busy receiver from a full link (compression)
 //   (protocol 3 had no CREDIT: a stream-out paced only by its own socket;
-//   protocol 4's END CRC-32 covered every page's bytes)
+//   protocol 4's END CRC-32 covered every page's bytes; protocol 5's CREDIT
+//   had no wait and clock)
 
 import { FRAME_OVERHEAD, TRAILER, ProtocolError, seal, type Frame } from "../wire/envelope.js";
 import type { FrameSet } from "../link/channel.js";
 import { HEAP_ALLOC, type FrameAlloc } from "./write-ring.js";
 
-export const STREAM_PROTOCOL_VERSION = 5;
+export const STREAM_PROTOCOL_VERSION = 6;
 /** Largest frame body (type + payload + CRC). */
 export const MAX_STREAM_FRAME = 4 * 1024 * 1024 + 64;
 /** Largest RAW or RAW_Z data (decompressed). */
@@ -81,18 +85,31 @@ export function linkLength(f: Frame): number {
   return FRAME_OVERHEAD + f.payload.length;
 }
 
-/** CREDIT: bytes of stream-out's frames handed on so far, and of QEMU's stream they rebuilt to (u64s; exact up to 2^53). */
-export function creditFrame(linkBytes: number, streamBytes: number): Buffer {
-  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 16);
+/** What a CREDIT says: running totals since the session began. */
+export interface Credit {
+  /** Bytes of stream-out's frames handed on, and of QEMU's stream they rebuilt to. */
+  linkBytes: number;
+  streamBytes: number;
+  /** Microseconds stream-in spent waiting for the link's next frame, and microseconds on its clock. */
+  linkWaitUs: number;
+  clockUs: number;
+}
+
+/** CREDIT: four u64 running totals (exact up to 2^53). */
+export function creditFrame(c: Credit): Buffer {
+  const b = Buffer.allocUnsafe(FRAME_OVERHEAD + 32);
   b[4] = SFrame.Credit;
-  b.writeBigUInt64BE(BigInt(linkBytes), 5);
-  b.writeBigUInt64BE(BigInt(streamBytes), 13);
+  b.writeBigUInt64BE(BigInt(c.linkBytes), 5);
+  b.writeBigUInt64BE(BigInt(c.streamBytes), 13);
+  b.writeBigUInt64BE(BigInt(Math.round(c.linkWaitUs)), 21);
+  b.writeBigUInt64BE(BigInt(Math.round(c.clockUs)), 29);
   return seal(b);
 }
 
-export function decodeCredit(f: Frame): { linkBytes: number; streamBytes: number } {
-  if (f.payload.length !== 16) throw new ProtocolError(`CREDIT frame of ${f.payload.length} bytes; 16 expected`);
-  return { linkBytes: Number(f.payload.readBigUInt64BE(0)), streamBytes: Number(f.payload.readBigUInt64BE(8)) };
+export function decodeCredit(f: Frame): Credit {
+  if (f.payload.length !== 32) throw new ProtocolError(`CREDIT frame of ${f.payload.length} bytes; 32 expected`);
+  const u = (at: number) => Number(f.payload.readBigUInt64BE(at));
+  return { linkBytes: u(0), streamBytes: u(8), linkWaitUs: u(16), clockUs: u(24) };
 }
 
 /** Most references one REFS frame may hold. */

@@ -230,6 +230,9 @@ class InSession {
   private handed = 0;
   private credited = 0;
   private creditedStream = 0;
+  /** When this session began, and how long it has waited for the link's next frame since, ms (CREDIT carries both). */
+  private readonly startedAt = performance.now();
+  private linkWaitMs = 0;
 
   constructor(private readonly ctx: InContext, private readonly link: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
@@ -338,7 +341,9 @@ class InSession {
     if (this.handed - this.credited < CREDIT_STEP && this.streamBytes - this.creditedStream < CREDIT_STREAM_STEP) return;
     this.credited = this.handed;
     this.creditedStream = this.streamBytes;
-    this.sendLink(creditFrame(this.handed, this.streamBytes));
+    this.sendLink(creditFrame({
+      linkBytes: this.handed, streamBytes: this.streamBytes, linkWaitUs: this.linkWaitMs * 1000, clockUs: (performance.now() - this.startedAt) * 1000,
+    }));
   }
 
   /** Takes one frame from stream-out; a returned error ends the session. */
@@ -483,7 +488,11 @@ class InSession {
       const f = this.queue.shift();
       if (!f) {
         if (this.linkClosed) return;
+        const t0 = performance.now();
         await new Promise<void>((r) => { this.kick = r; });
+        const waited = performance.now() - t0;
+        this.linkWaitMs += waited;
+        this.stats.linkWaitMs += waited;
         continue;
       }
       this.queuedBytes -= rebuiltLength(f);

@@ -22,6 +22,7 @@ import { ReplayWindow } from "./replay-window.js";
 import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION, decodeCredit } from "./frames.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
 import { LinkMeter, type RateLimiter } from "../link/rate.js";
+import { ReceiverWait } from "../link/credit.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { INSECURE_WARNING, resolveSecurity, checkSecurity, isTls, type Security, type SecurityOptions } from "../link/security.js";
@@ -257,6 +258,8 @@ class OutSession {
   private readonly check = new CheckCrc();
   /** The link's rate, timed on the waits for it to drain (compression weighs it). */
   private readonly meter = new LinkMeter();
+  /** How much of the time stream-in waited for the link (from its CREDITs): the compression policy's receiver. */
+  private readonly receiver = new ReceiverWait();
   /** How much may queue toward the link before QEMU's socket waits. */
   private readonly pacer: LinkPacer;
   /** Memory of the frames on their way to the link, reused once the socket took them. */
@@ -402,6 +405,7 @@ class OutSession {
         return this.onAck(readU32(f, "ACK"));
       case SFrame.Credit: {
         const c = decodeCredit(f);
+        this.receiver.record(c.linkWaitUs / 1000, c.clockUs / 1000);
         const bad = this.pacer.credit(c.linkBytes, c.streamBytes);
         return bad ? new ProtocolError(bad) : null;
       }
@@ -481,7 +485,7 @@ class OutSession {
     const algo = offer.find((a) => accepted.includes(a)) ?? null;
     if (algo) stats.compression.algorithm = algo;
     else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
-    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter, this.frameMem, this.frameCrc);
+    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter, this.frameMem, this.frameCrc, this.receiver);
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);

@@ -17,11 +17,11 @@ export class RawEncoder {
   private readonly compressor: PageCompressor | null;
   private readonly policy: CompressionPolicy;
 
-  /** `meter`: the link's rate, timed on the session's drain waits; `alloc`: where frames get their memory; `crc` false: frames without their CRC (agreed inside TLS). */
+  /** `meter`: the link's rate, timed on the session's drain waits; `alloc`: where frames get their memory; `crc` false: frames without their CRC (agreed inside TLS); `receiver`: stream-in's load, from its credits. */
   constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats, meter: LinkMeter,
-    private readonly alloc: FrameAlloc = HEAP_ALLOC, private readonly crc = true) {
+    private readonly alloc: FrameAlloc = HEAP_ALLOC, private readonly crc = true, receiver?: { readonly busy: boolean }) {
     this.compressor = algorithm ? createCompressor(algorithm) : null;
-    this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth, meter });
+    this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth, meter, ...(receiver ? { receiver } : {}) });
   }
 
   /** A RAW or RAW_Z frame around `pieces` (`bytes` in all). */
@@ -33,6 +33,7 @@ export class RawEncoder {
       this.stats.rawPoorRatio++;
     } else if (verdict === "slow") this.stats.rawSlow++;
     else if (verdict === "poor") this.stats.rawPoorRatio++;
+    else if (verdict === "receiver") this.stats.rawReceiverBusy++;
     this.stats.framesRaw++;
     return rawFrame(pieces, bytes, this.alloc, this.crc);
   }

@@ -42,6 +42,8 @@ export interface StreamStats {
   busyMs: number;
   drainWaitMs: number;
   windowWaitMs: number;
+  /** stream-in: waiting for stream-out's next frame, ms (a receiver that seldom waits is the bottleneck, not the link). */
+  linkWaitMs: number;
   /** RAW data compressed on the link (stream-out: what it compressed and why not; stream-in: frames decompressed). */
   compression: CompressionStats;
   /** Whether the data frames between the proxies carry their own CRC-32 (the last session's: inside TLS the peers leave it out). */
@@ -88,7 +90,7 @@ export function newStats(role: StreamStats["role"]): StreamStats {
   return {
     role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
     bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, multifd: { channels: 0, pages: 0, twins: 0, syncs: 0 }, passthrough: [], warnings: [], refused: [], ms: 0,
-    busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, compression: emptyCompressionStats("auto"), frameCrc: true, streamsVerified: 0,
+    busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, linkWaitMs: 0, compression: emptyCompressionStats("auto"), frameCrc: true, streamsVerified: 0,
     streamsFailed: 0, verdict: "unknown", streamToVerdictMs: null, stopToVerdictMs: null, streamToEndMs: null, endToResumeMs: null, streamToResumeMs: null,
   };
 }

@@ -53,7 +53,7 @@ export async function freePort(): Promise<number> {
   return p;
 }
 
-import { tamperProxy } from "./relay.js";
+import { relay, tamperProxy } from "./relay.js";
 export { tamperProxy };
 
 /**
@@ -114,6 +114,10 @@ export interface ProxyRunOptions {
   record?: boolean;
   /** Write sizes of the fake source QEMU: fixed, or random up to 100 kB (split anywhere). */
   split?: number | "random";
+  /** Carry stream-out's bytes to stream-in at this many bytes/s (a paced relay; default: straight, loopback speed). */
+  linkRate?: number;
+  /** The fake destination QEMU reads at this many bytes/s (default: as fast as they come). */
+  qemuRate?: number;
 }
 
 /**
@@ -130,17 +134,23 @@ export async function throughProxies(o: ProxyRunOptions): Promise<ProxyRun> {
   let qemuConnections = 0;
   const sink = net.createServer({ allowHalfOpen: true }, (s) => {
     qemuConnections++;
-    s.on("data", (d: Buffer) => got.push(d));
+    s.on("data", (d: Buffer) => {
+      got.push(d);
+      if (o.qemuRate) { s.pause(); setTimeout(() => s.resume(), (d.length / o.qemuRate) * 1000); }
+    });
     s.on("end", () => s.end());
     s.on("error", () => {});
   });
   await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
   const si = o.streamIn ?? await streamIn({ listenPort: 0, listenHost: "127.0.0.1", qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image: o.image, ...secured(o.in), ...o.in });
   const linkBytes: Buffer[] = [];
-  const mitm = o.via || o.record
-    ? await tamperProxy(si.port, (dir, chunk, cut) => {
-      if (o.record) linkBytes.push(Buffer.from(chunk));
-      return o.via ? o.via(dir, chunk, cut) : chunk;
+  const mitm = o.via || o.record || o.linkRate
+    ? await relay(si.port, {
+      tamper: (dir, chunk, cut) => {
+        if (o.record) linkBytes.push(Buffer.from(chunk));
+        return o.via ? o.via(dir, chunk, cut) : chunk;
+      },
+      ...(o.linkRate ? { rate: o.linkRate } : {}),
     })
     : null;
   let so: StreamProxy | null = null;

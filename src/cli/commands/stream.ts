@@ -107,7 +107,7 @@ function report(stats: StreamStats, json: boolean): void {
     ["end -> RESUME", stats.endToResumeMs], ["first byte -> RESUME", stats.streamToResumeMs]] as const).filter(([, v]) => v !== null);
   if (times.length) lines.push(`  times: ${times.map(([k, v]) => `${k} ${v!.toFixed(0)} ms`).join(", ")}`);
   const c = stats.compression;
-  if (c.algorithm) lines.push(`  compression ${c.algorithm}: ${c.framesCompressed} RAW frames compressed (${mb(c.bytesBefore)} -> ${mb(c.bytesAfter)})` + (stats.role === "stream-out" ? `, ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress)` : ""));
+  if (c.algorithm) lines.push(`  compression ${c.algorithm}: ${c.framesCompressed} RAW frames compressed (${mb(c.bytesBefore)} -> ${mb(c.bytesAfter)})` + (stats.role === "stream-out" ? `, ${c.framesRaw} raw (${c.rawSlow} compressor slower than the link, ${c.rawPoorRatio} did not compress, ${c.rawReceiverBusy} stream-in busy)` : ""));
   for (const p of stats.passthrough) lines.push(`  pass-through: ${p}`);
   for (const r of stats.refused) lines.push(`  refused: ${r}`);
   process.stdout.write(lines.join("\n") + "\n");
@@ -125,7 +125,7 @@ function watch(proxy: { stats: StreamStats }, progress: ProgressReporter): () =>
     const moved = s.bytesFromQemu + s.bytesToQemu;
     if (moved === seen) return;
     seen = moved;
-    progress.status("stream", { sessions: s.sessions, pagesSeen: s.pagesSeen, zeroPages: s.zeroPages, twinsReplaced: s.twinsReplaced, bytesFromQemu: s.bytesFromQemu, bytesToQemu: s.bytesToQemu, bytesOutLink: s.bytesOutLink, bytesInLink: s.bytesInLink, busyMs: s.busyMs, drainWaitMs: s.drainWaitMs, windowWaitMs: s.windowWaitMs },
+    progress.status("stream", { sessions: s.sessions, pagesSeen: s.pagesSeen, zeroPages: s.zeroPages, twinsReplaced: s.twinsReplaced, bytesFromQemu: s.bytesFromQemu, bytesToQemu: s.bytesToQemu, bytesOutLink: s.bytesOutLink, bytesInLink: s.bytesInLink, busyMs: s.busyMs, drainWaitMs: s.drainWaitMs, windowWaitMs: s.windowWaitMs, linkWaitMs: s.linkWaitMs },
       `${s.role}: ${s.pagesSeen} pages, ${s.twinsReplaced} as references; ${(Math.max(s.bytesFromQemu, s.bytesToQemu) / 1e6).toFixed(1)} MB of QEMU's stream, ${(Math.max(s.bytesOutLink, s.bytesInLink) / 1e6).toFixed(1)} MB on the link`);
   }, 1000);
   t.unref();
