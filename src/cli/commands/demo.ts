@@ -131,11 +131,17 @@ async function runBoth({ values, vm, bandwidth, json }: DemoSetup): Promise<{ ru
     k === "dir" || v === undefined || v === false ? [] : v === true ? [`--${k}`] : [`--${k}`, String(v)]);
   for (const mode of ["baseline", "pagetwin"] as const) {
     say(`\n${mode === "baseline" ? "plain pre-copy (zero pages skipped, every other dirty page sent)" : "pagetwin (twin pages sent as NAS references)"}:`);
-    // a directory of its own too: the second run's files are not written over the first's (measured: a run
-    // writing where the last one's files were, or just after they were removed, had 5-10 ms more downtime)
+    // a directory of its own, removed once its run is over: the next run must not start with the last one's
+    // files (0.7 GB, dirty in the page cache) still there, which slowed it by a quarter or more
     const runDir = join(vm.dir, mode);
     mkdirSync(runDir, { recursive: true });
-    const { run: one, iterations } = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", runDir]);
+    let result;
+    try {
+      result = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", runDir]);
+    } finally {
+      removeDir(runDir);
+    }
+    const { run: one, iterations } = result;
     runs.push(one);
     traces.push({ run: one, iterations: iterations as IterationRecord[] });
     if (one.status !== "completed") say(`  FAILED: ${one.error}`);
