@@ -64,3 +64,14 @@ test("a demo run under node --cpu-prof --cpu-prof-dir DIR profiles its destinati
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("the demo removes each run's files once that run is over: the second run does not start with the first's (nor leaves its own in --dir)", () => {
+  const dir = mkdtempSync(join(tmpdir(), "pagetwin-demo-dir-"));
+  try {
+    const r = spawnSync(process.execPath, [CLI, "demo", "--ram-mib", "8", "--dir", dir, "--trace", "", "--json"], { encoding: "utf8" });
+    assert.equal(r.status, 0, r.stderr);
+    assert.deepEqual(readdirSync(dir), [], "a --dir the user gave is kept, empty");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
