@@ -9,6 +9,9 @@
 
 import * as net from "node:net";
 
+/** The one buffer's size: a socket read takes up to this much (larger reads saved nothing measurable). */
+export const READ_BUFFER_BYTES = 256 * 1024;
+
 /** Gets each read as a view of the one buffer, valid until it returns; false pauses the socket (resume() reads on). */
 export type ReadCallback = (chunk: Buffer) => boolean;
 

@@ -22,7 +22,7 @@ import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROT
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
-import { readIntoBuffer } from "../link/read-buffer.js";
+import { READ_BUFFER_BYTES, readIntoBuffer } from "../link/read-buffer.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { resolveSecurity, checkSecurity, isTls, type SecurityOptions } from "../link/security.js";
@@ -126,8 +126,6 @@ const TO_QEMU_QUEUE_BYTES = 1024 * 1024;
 const CREDIT_STEP = 128 * 1024;
 const CREDIT_STREAM_STEP = 1024 * 1024;
 const RESEND_LINK_GONE = "the link closed while waiting for a resent page";
-/** The link's reads (a TLS record at most, 16 KiB, inside TLS): one buffer per session, read again and again. */
-const LINK_READ_BYTES = 256 * 1024;
 
 /**
  * Starts stream-in, the destination-side proxy: stream-out connects to it,
@@ -299,7 +297,7 @@ class InSession {
     const frames = { ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX, alloc: (n: number, type: number) => (DATA_FRAMES.has(type) ? this.linkMem.take(n) : Buffer.allocUnsafe(n)) };
     this.reader = new FrameReader({ ...frames, inputReused: true });
     link.pause();
-    if (readIntoBuffer(link, LINK_READ_BYTES, (chunk) => { this.onLinkData(chunk); return true; })) link.resume();
+    if (readIntoBuffer(link, READ_BUFFER_BYTES, (chunk) => { this.onLinkData(chunk); return true; })) link.resume();
     else {
       this.reader = new FrameReader(frames);
       link.on("data", (chunk: Buffer) => this.onLinkData(chunk));

@@ -35,7 +35,7 @@ import { RawEncoder } from "./raw-codec.js";
 import { serve } from "./serve.js";
 import { LinkPacer } from "./pacer.js";
 import { WriteRing } from "./write-ring.js";
-import { readIntoBuffer } from "../link/read-buffer.js";
+import { READ_BUFFER_BYTES, readIntoBuffer } from "../link/read-buffer.js";
 import { CheckCrc } from "./check-crc.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
@@ -136,7 +136,6 @@ export interface OutContext {
  * is waiting (fewer system calls and chunks than Node's 64 KiB; more would let
  * QEMU hand over more at once than the pacer's few ms of a slow link).
  */
-const READ_BUFFER_BYTES = 256 * 1024;
 
 /** Referenced pages kept for resends unless told otherwise (64 MiB). */
 export const DEFAULT_WINDOW_PAGES = 16384;
