@@ -1,5 +1,5 @@
 // Stream mode's frames between `stream-out` (source host) and `stream-in`
-// (destination host), protocol version 5, in the envelope of
+// (destination host), protocol version 6, in the envelope of
 // wire/envelope.ts. Binary fields are big-endian. Authentication and
 // encryption are the channel's (TLS).
 //
