@@ -9,7 +9,11 @@
 
 import * as net from "node:net";
 
-/** The one buffer's size: a socket read takes up to this much (larger reads saved nothing measurable). */
+/**
+ * The one buffer's size: reads of up to 256 KiB when that much is waiting
+ * (fewer system calls and chunks than Node's 64 KiB; more would let QEMU hand
+ * stream-out more at once than the pacer's few ms of a slow link).
+ */
 export const READ_BUFFER_BYTES = 256 * 1024;
 
 /** Gets each read as a view of the one buffer, valid until it returns; false pauses the socket (resume() reads on). */

@@ -131,12 +131,6 @@ export interface OutContext {
   tracing: StreamTraceGroup | null;
 }
 
-/**
- * The read buffer of QEMU's main stream: reads of up to 256 KiB when that much
- * is waiting (fewer system calls and chunks than Node's 64 KiB; more would let
- * QEMU hand over more at once than the pacer's few ms of a slow link).
- */
-
 /** Referenced pages kept for resends unless told otherwise (64 MiB). */
 export const DEFAULT_WINDOW_PAGES = 16384;
 

@@ -135,13 +135,7 @@ async function runBoth({ values, vm, bandwidth, json }: DemoSetup): Promise<{ ru
     // files (0.7 GB, dirty in the page cache) still there, which slowed it by a quarter or more
     const runDir = join(vm.dir, mode);
     mkdirSync(runDir, { recursive: true });
-    let result;
-    try {
-      result = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", runDir]);
-    } finally {
-      removeDir(runDir);
-    }
-    const { run: one, iterations } = result;
+    const { run: one, iterations } = await runInOwnProcess([...childArgs, "--run-only", mode, "--dir", runDir]).finally(() => removeDir(runDir));
     runs.push(one);
     traces.push({ run: one, iterations: iterations as IterationRecord[] });
     if (one.status !== "completed") say(`  FAILED: ${one.error}`);
