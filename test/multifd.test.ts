@@ -191,7 +191,8 @@ interface Conn { first: string; data: Buffer }
  * A migration of a main channel and multifd channels through both proxies into
  * a fake destination QEMU that records its connections in the order it accepted them.
  */
-async function migrate(image: string, channels: { data: Buffer; delayMs: number; oneWrite?: boolean }[], trace?: { out: TraceSink[]; in: TraceSink[] }) {
+async function migrate(image: string, channels: { data: Buffer; delayMs: number; oneWrite?: boolean }[], o: { trace?: { out: TraceSink[]; in: TraceSink[] }; workers?: number } = {}) {
+  const { trace } = o;
   const conns: Conn[] = [];
   // As QEMU 7.2's destination, which loads the migration only once every multifd channel has connected
   // (migration_has_all_channels), the main channel is finished (closed) no sooner.
@@ -215,7 +216,7 @@ async function migrate(image: string, channels: { data: Buffer; delayMs: number;
   });
   await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
   const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image, psk: TEST_KEY, ...(trace ? { trace: trace.in } : {}) });
-  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image, psk: TEST_KEY, ...(trace ? { trace: trace.out } : {}) });
+  const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image, psk: TEST_KEY, workers: o.workers ?? 0, ...(trace ? { trace: trace.out } : {}) });
   try {
     await Promise.all(channels.map(async (ch) => {
       await new Promise((r) => setTimeout(r, ch.delayMs));
@@ -252,12 +253,12 @@ async function mainAndTwoChannels(dir: string): Promise<{ image: string; main: B
   return { image, main, mf: [0, 1].map((id) => multifdChannel({ id, pages: mixedPages(blocks, 400) })) };
 }
 
-test("proxies: multifd channels deduplicated per channel, rebuilt byte-identical; the main channel reaches the destination first", { timeout: 60_000 }, async () => {
+for (const workers of [0, 2]) test(`proxies${workers ? `, ${workers} encoder workers` : ""}: multifd channels deduplicated per channel, rebuilt byte-identical; the main channel reaches the destination first`, { timeout: 60_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-"));
   try {
     const { image, main, mf } = await mainAndTwoChannels(dir);
     // the multifd channels connect before the main one: stream-in must still hand the main channel to QEMU first
-    const { so, si, conns } = await migrate(image, [{ data: mf[1]!, delayMs: 0 }, { data: mf[0]!, delayMs: 20 }, { data: main, delayMs: 300 }]);
+    const { so, si, conns } = await migrate(image, [{ data: mf[1]!, delayMs: 0 }, { data: mf[0]!, delayMs: 20 }, { data: main, delayMs: 300 }], { workers });
     assert.equal(so.error, undefined);
     assert.equal(si.error, undefined);
     assert.deepEqual(conns.map((c) => c.first), ["main", "multifd", "multifd"]);
@@ -282,7 +283,7 @@ test("trace: a migration with multifd channels is one migration on each side, it
     const out: TraceRecord[] = [], inn: TraceRecord[] = [];
     // a multifd channel first, as QEMU may connect them
     const { so, si } = await migrate(image, [{ data: mf[0]!, delayMs: 0 }, { data: main, delayMs: 50 }, { data: mf[1]!, delayMs: 100 }],
-      { out: [{ write: (r) => out.push(r) }], in: [{ write: (r) => inn.push(r) }] });
+      { trace: { out: [{ write: (r) => out.push(r) }], in: [{ write: (r) => inn.push(r) }] } });
     assert.equal(so.error, undefined);
     for (const [side, recs, stats, link, qemu] of [["out", out, so, so.bytesOutLink, so.bytesFromQemu], ["in", inn, si, si.bytesInLink, si.bytesToQemu]] as const) {
       const model = new TraceModel();
@@ -305,7 +306,7 @@ test("trace: a migration with multifd channels is one migration on each side, it
   }
 });
 
-test("proxies: a multifd channel with QEMU's own zstd passes through byte-identical, with the reason in the stats and the log", { timeout: 60_000 }, async () => {
+for (const workers of [0, 1]) test(`proxies${workers ? ", an encoder worker" : ""}: a multifd channel with QEMU's own zstd passes through byte-identical, with the reason in the stats and the log`, { timeout: 60_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-z-"));
   try {
     const image = path.join(dir, "disk.img");
@@ -315,7 +316,7 @@ test("proxies: a multifd channel with QEMU's own zstd passes through byte-identi
     const main = qemuStream(blocks.subarray(0, 4 * PAGE), "pc.ram");
     // a zstd channel's data is not pages; what follows its header is opaque here, so any bytes do
     const z = multifdChannel({ id: 0, pages: mixedPages(blocks, 200), flags: MULTIFD_FLAG.ZSTD });
-    const { so, si, conns } = await migrate(image, [{ data: z, delayMs: 0 }, { data: main, delayMs: 300 }]);
+    const { so, si, conns } = await migrate(image, [{ data: z, delayMs: 0 }, { data: main, delayMs: 300 }], { workers });
     assert.equal(so.error, undefined);
     assert.equal(si.error, undefined);
     assert.deepEqual(conns.map((c) => c.first), ["main", "multifd"]);
@@ -342,6 +343,20 @@ test("proxies: a short stream whose end comes with its first bytes (read while s
     assert.equal(so.verdict, "verified");
     assert.equal(si.streamsVerified, 1);
     assert.ok(conns[0]!.data.equals(main));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("proxies, an encoder worker: a multifd channel corrupt mid-stream fails the migration with the parser's error", { timeout: 30_000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-c-"));
+  try {
+    const { image, mf } = await mainAndTwoChannels(dir);
+    const corrupt = Buffer.from(mf[0]!);
+    corrupt.writeUInt32BE(MULTIFD_PAGES_ALLOC_MAX * 2, 64 + 1344 + 12); // the second packet's pages_alloc
+    const { so } = await migrate(image, [{ data: corrupt, delayMs: 0 }], { workers: 1 });
+    assert.match(so.error ?? "", /allocates 25600 pages/);
+    assert.notEqual(so.verdict, "verified");
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -20,7 +20,7 @@ import { createRequire } from "node:module";
 import zlib from "node:zlib";
 import { PAGE_SIZE } from "../core/engine.js";
 import { ProtocolError } from "../wire/envelope.js";
-import { LinkMeter } from "../link/rate.js";
+import { LinkMeter, type LinkRates } from "../link/rate.js";
 
 export type CompressionAlgorithm = "zstd" | "brotli";
 export type CompressionMode = "auto" | "off" | CompressionAlgorithm;
@@ -307,7 +307,7 @@ export interface PolicyOptions {
   /** Configured link bandwidth, bytes/s (0: unknown, measured). */
   bandwidth: number;
   /** Where the link's rate is measured (the peer's acknowledgements, or the sender's drain waits); default: one of the policy's own, fed by recordSend. */
-  meter?: LinkMeter;
+  meter?: LinkRates;
   /** A batch whose compressed size exceeds this fraction of its raw size travels raw. */
   maxRatio?: number;
   /** Compress only when the compressor is this many times faster than the link. */
@@ -355,7 +355,7 @@ export class CompressionPolicy {
   private readonly margin: number;
   private readonly probeEvery: number;
   private readonly probeSlowEvery: number;
-  private readonly meter: LinkMeter;
+  private readonly meter: LinkRates;
   /** Compressor input bytes per second (best of the last 8 frames), 0: not measured yet. */
   compressRate = 0;
   private recentRates: number[] = [];

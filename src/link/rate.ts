@@ -49,7 +49,16 @@ export function drained(sock: Socket): Promise<void> {
  * in the time until 'drain', busy all along. A link the sender never waits
  * for is not the bottleneck: its rate reads Infinity until 4 MiB were timed.
  */
-export class LinkMeter {
+/** A link's rate as the compression policy reads it (LinkMeter; in a worker, the session's last reading of one). */
+export interface LinkRates {
+  /** Bytes per second, for decisions (Infinity: not measured enough). */
+  readonly rate: number;
+  /** Bytes per second over what was timed (0: nothing), for the stats. */
+  readonly measured: number;
+  record(bytes: number, ms: number): void;
+}
+
+export class LinkMeter implements LinkRates {
   private bytes = 0;
   private ms = 0;
 

@@ -13,14 +13,13 @@
 // frames, unchanged.
 
 import type * as net from "node:net";
-import { NO_BLOCK, PAGE_SIZE, HASH_SIZE, type Engine, type TwinIndex } from "../core/engine.js";
+import type { Engine, TwinIndex } from "../core/engine.js";
 import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
 import type { DiskFormat } from "../adapters/nas/image.js";
 import { BackgroundRefresh } from "../adapters/nas/refresh.js";
-import { QemuStreamParser, StreamFormatError, type Piece } from "./qemu-stream.js";
-import { ReplayWindow } from "./replay-window.js";
-import { SFrame, STREAM_FRAMES, RefsBuilder, MAX_REFS, STREAM_PROTOCOL_VERSION, decodeCredit } from "./frames.js";
-import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
+import { QemuStreamParser, StreamFormatError } from "./qemu-stream.js";
+import { SFrame, STREAM_FRAMES, STREAM_PROTOCOL_VERSION, decodeCredit } from "./frames.js";
+import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, jsonFrame, parseJson, printable, readU32, type Frame } from "../wire/envelope.js";
 import { LinkMeter, type RateLimiter } from "../link/rate.js";
 import { ReceiverWait } from "../link/credit.js";
 import { dial } from "../link/dial.js";
@@ -31,18 +30,16 @@ import { availableAlgorithms, zstdUnavailableReason, type CompressionAlgorithm, 
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
 import { UsageError } from "../errors.js";
 import { PageHasher, type PageLookup } from "./hasher.js";
-import { RawEncoder } from "./raw-codec.js";
+import { StreamEncoder, type EncoderConfig, type SessionEncoder } from "./encoder.js";
+import { EncoderPool } from "./encoder-pool.js";
 import { serve } from "./serve.js";
 import { LinkPacer } from "./pacer.js";
 import { WriteRing } from "./write-ring.js";
 import { READ_BUFFER_BYTES, readIntoBuffer } from "../link/read-buffer.js";
-import { CheckCrc } from "./check-crc.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption, type Progress } from "../log.js";
 import { throwIfAborted } from "../abort.js";
 import { RunStateWatch } from "../adapters/qemu/run-state.js";
-import { MultifdStreamParser } from "./multifd-stream.js";
-import { MultifdRefsBuilder } from "./multifd-frames.js";
 import { readStart, START_WAIT_MS } from "./multifd-channel.js";
 import type { ChannelKind } from "./multifd-format.js";
 import { StreamTraceGroup, type StreamTraceHook } from "../trace/stream.js";
@@ -97,6 +94,13 @@ export interface StreamOutOptions extends SecurityOptions {
   qmp?: string;
   /** Where each migration's trace records go (docs/TRACE.md): a file, the live view. */
   trace?: readonly TraceSink[];
+  /**
+   * Worker threads that encode the sessions' streams (parse, hash, look up,
+   * compress), each with a copy of the index; a session (a multifd channel)
+   * takes the least busy one. 0 (default): every session encodes on the main
+   * thread. Sessions followed by a trace always do.
+   */
+  workers?: number;
 }
 
 /** What every stream-out session shares. */
@@ -129,7 +133,12 @@ export interface OutContext {
   traceLabel?: string;
   /** The migrations' tracers (null without trace sinks): a migration's sessions share one. */
   tracing: StreamTraceGroup | null;
+  /** Worker threads that encode the sessions' streams (null: each session encodes on this thread). */
+  encoders?: EncoderPool | null;
 }
+
+/** Chunks of QEMU's stream a worker may be encoding at once before QEMU's socket waits. */
+const ENCODING_CHUNKS = 3;
 
 /** Referenced pages kept for resends unless told otherwise (64 MiB). */
 export const DEFAULT_WINDOW_PAGES = 16384;
@@ -166,6 +175,8 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   throwIfAborted(opts.signal, "stream-out");
   const to = parseEndpoint(opts.to, "--to");
   const security = resolveSecurity(opts, "pagetwin stream-out");
+  const workers = opts.workers ?? 0;
+  if (!(Number.isInteger(workers) && workers >= 0)) throw new UsageError(`pagetwin stream-out: workers must be a whole number >= 0 (got ${workers})`);
   if (security.kind === "insecure") log.warn(INSECURE_WARNING);
   checkSecurity(security); // unreadable files: say so now, not when QEMU connects
   const nas = opts.nas ?? await openIndex(opts, log);
@@ -183,9 +194,18 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   if (compress !== "auto" && compress !== "off" && !availableAlgorithms().includes(compress)) {
     throw new Error(`pagetwin stream-out: --compress ${compress} is not available here (${zstdUnavailableReason()})`);
   }
+  let encoders: EncoderPool | null = null;
+  try {
+    encoders = workers ? await EncoderPool.create(workers, nas.engine, nas.index, nas.header.blocks) : null;
+  } catch (err) {
+    await refresh?.stop();
+    watch?.close();
+    if (!opts.nas) nas.image.close();
+    throw err;
+  }
   const ctx = outContext({
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log, to, security, watch, compress,
-    windowPages: opts.windowPages, noDedup: opts.noDedup, bandwidth: opts.bandwidth, queueMs: opts.queueMs, trace: opts.trace,
+    windowPages: opts.windowPages, noDedup: opts.noDedup, bandwidth: opts.bandwidth, queueMs: opts.queueMs, trace: opts.trace, encoders,
   });
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
@@ -194,6 +214,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
     session: (sock, channel) => new OutSession(ctx, sock, channel).run(),
     onClose: async () => {
       await refresh?.stop();
+      await encoders?.close();
       if (!opts.nas) nas.image.close();
       watch?.close();
     },
@@ -221,9 +242,13 @@ class OutSession {
   // Until stream-in has answered the handshake, nothing from it may reach
   // the source QEMU and nothing of QEMU's goes out.
   private ready = false;
-  /** Replay window: reference #seq's page until stream-in acknowledges it. */
-  private readonly ring: ReplayWindow;
-  private seq = 0;
+  /** Chunks a worker is encoding: each settles once its frames were sent. */
+  private readonly encoding: Promise<void>[] = [];
+  /** The session's codec (on this thread, or a worker's), once the handshake settled it. */
+  private encoder: SessionEncoder | null = null;
+  /** The page lookup of an encoder on this thread. */
+  private lookup: PageLookup | null = null;
+  /** References below this one stream-in has acknowledged. */
   private acked = 0;
   private failure: Error | null = null;
   private qemuEnded = false;
@@ -233,22 +258,11 @@ class OutSession {
   private dedup = false;
   /** Whether data frames carry their CRC: yes unless stream-in agreed to go without, inside TLS. */
   private frameCrc = true;
-  private raw: RawEncoder | undefined;
-  /** The main channel's parser, or (a multifd channel) multifd-stream.ts's, chosen by the stream's first bytes. */
-  private parser: QemuStreamParser | MultifdStreamParser = new QemuStreamParser({ reuseBridges: true });
+  /** What the stream's first bytes say this connection is. */
   private kind: ChannelKind = "unknown";
-  private reported = false;
-  /** One builder for the session: take() empties it, and every chunk ends with its references flushed. */
-  private refs: RefsBuilder | MultifdRefsBuilder = new RefsBuilder();
-  private readonly hasher: PageLookup;
   private pumping = Promise.resolve();
   /** Chunks (and waits) chained on `pumping` and not done yet. */
   private queued = 0;
-  /** QEMU's stream is read into one buffer, reused (startReading). */
-  private inputReused = false;
-  /** This session's stream as QEMU sent it, for stream-in's end-to-end check (check-crc.ts). */
-  private streamBytes = 0;
-  private readonly check = new CheckCrc();
   /** The link's rate, timed on the waits for it to drain (compression weighs it). */
   private readonly meter = new LinkMeter();
   /** How much of the time stream-in waited for the link (from its CREDITs): the compression policy's receiver. */
@@ -266,8 +280,6 @@ class OutSession {
   constructor(private readonly ctx: OutContext, private readonly qemu: net.Socket, private readonly channel: number) {
     this.stats = ctx.stats;
     this.since = { link: ctx.stats.bytesOutLink, qemu: ctx.stats.bytesFromQemu };
-    this.ring = new ReplayWindow(ctx.windowPages);
-    this.hasher = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
     this.pacer = new LinkPacer(this.meter, { bandwidth: ctx.bandwidth, ...(ctx.queueMs !== undefined ? { queueMs: ctx.queueMs } : {}) });
   }
 
@@ -300,8 +312,8 @@ class OutSession {
       throw err;
     } finally {
       await this.trace?.end(error);
-      this.raw?.report();
-      this.hasher.free();
+      await this.encoder?.close();
+      this.lookup?.free();
     }
   }
 
@@ -311,20 +323,12 @@ class OutSession {
     if (this.qemu.destroyed && !start.ended) throw new Error("the source QEMU closed the connection before sending anything");
     this.kind = start.kind;
     this.trace = this.ctx.tracing?.join(start.kind, this.since) ?? null;
-    if (start.kind === "multifd") {
-      const parser = new MultifdStreamParser({ reuseBridges: true });
-      this.parser = parser;
-      this.refs = new MultifdRefsBuilder(() => parser.channel);
-      this.stats.multifd.channels++;
-    } else if (this.parser instanceof QemuStreamParser) {
-      // the trace follows QEMU's main stream (its rounds and records); multifd channels carry no sections
-      this.trace?.attach(this.parser);
-    }
+    if (start.kind === "multifd") this.stats.multifd.channels++;
     return start;
   }
 
   private inWindow(): number {
-    return this.seq - this.acked;
+    return (this.encoder?.seq ?? 0) - this.acked;
   }
 
   /** Nearly full: QEMU is paused until acks make room. */
@@ -420,15 +424,15 @@ class OutSession {
 
   /** stream-in's block did not match: resend the page from the replay window. */
   private onNeed(s: number): Error | null {
-    if (!(s >= this.acked && s < this.seq)) {
-      return new ProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${this.acked}, next ${this.seq})`);
+    const seq = this.encoder?.seq ?? 0;
+    if (!(s >= this.acked && s < seq)) {
+      return new ProtocolError(`stream-in asked for page #${s}, which is not in the replay window (acked below ${this.acked}, next ${seq})`);
     }
     this.stats.resends++;
     this.trace?.resend(s);
-    const b = Buffer.allocUnsafe(4 + PAGE_SIZE);
-    b.writeUInt32BE(s, 0);
-    b.set(this.ring.get(s), 4);
-    this.sendLink(frame(SFrame.Resend, b));
+    const f = this.encoder!.resend(s);
+    if (f instanceof Promise) f.then((b) => { if (!this.failure) this.sendLink(b); }, (err: Error) => this.fail(err, true));
+    else this.sendLink(f);
     return null;
   }
 
@@ -450,8 +454,9 @@ class OutSession {
   }
 
   private onAck(upTo: number): Error | null {
-    if (upTo > this.seq || upTo < this.acked) return new ProtocolError(`stream-in acknowledged up to #${upTo}, outside ${this.acked}..${this.seq}`);
-    this.ring.release(this.acked, upTo);
+    const seq = this.encoder?.seq ?? 0;
+    if (upTo > seq || upTo < this.acked) return new ProtocolError(`stream-in acknowledged up to #${upTo}, outside ${this.acked}..${seq}`);
+    this.encoder!.release(upTo);
     this.acked = upTo;
     if (!this.full()) this.wakeWindow();
     return null;
@@ -478,7 +483,9 @@ class OutSession {
     const algo = offer.find((a) => accepted.includes(a)) ?? null;
     if (algo) stats.compression.algorithm = algo;
     else stats.compression.note = offer.length ? `stream-in decompresses none of ${offer.join(", ")}: RAW frames travel as they are` : "compression off";
-    this.raw = new RawEncoder(algo, ctx.compress, ctx.bandwidth, stats.compression, this.meter, this.frameMem, this.frameCrc, this.receiver);
+    this.encoder = this.newEncoder({
+      kind: this.kind, dedup: this.dedup, windowPages: ctx.windowPages, frameCrc: this.frameCrc, algorithm: algo, compress: ctx.compress, bandwidth: ctx.bandwidth,
+    });
     if (!ack.dedup) {
       const why = `stream-in cannot dedup: ${printable(String(ack.reason ?? "no reason"))}`;
       stats.passthrough.push(why);
@@ -520,9 +527,7 @@ class OutSession {
       this.qemu.on("data", (chunk: Buffer) => this.onQemuData(chunk));
       return;
     }
-    this.inputReused = true;
-    // a multifd parser holds no view of its input: it copies header bytes and split pages
-    if (this.parser instanceof QemuStreamParser) this.parser.inputReused = true;
+    if (this.encoder instanceof StreamEncoder) this.encoder.inputReused = true;
   }
 
   /** Takes a chunk now unless others wait before it; false: QEMU's socket waits (for the link, the window). */
@@ -556,30 +561,52 @@ class OutSession {
    */
   private take(chunk: Buffer): (() => Promise<void>) | null {
     this.stats.bytesFromQemu += chunk.length;
-    this.streamBytes += chunk.length;
     this.pacer.onTaken(chunk.length);
     if (this.failure) return null;
-    let ok: boolean;
+    let pending: void | Promise<number>;
     const t0 = performance.now();
     const sent = this.stats.bytesOutLink;
     // a chunk's frames leave in one write: one TLS write and one system call, not one per frame
     this.link.cork();
     try {
-      ok = this.rewrite(chunk);
+      pending = this.encoder!.encode(chunk);
     } catch (err) {
-      this.fail(err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`), true);
+      this.fail(encodeError(err), true);
       return null;
     } finally {
       this.link.uncork();
     }
     const t1 = performance.now();
     this.stats.busyMs += t1 - t0;
+    if (pending) return this.inFlight(pending);
     const limit = this.ctx.linkLimit ? this.stats.bytesOutLink - sent : -1;
+    const ok = !this.pacer.over();
     if (limit < 0 && ok && !this.full()) return null;
     this.qemu.pause();
     return async () => {
       if (limit >= 0) await this.limitLink(limit);
       if (!ok || this.full()) await this.holdQemu(ok, t1);
+    };
+  }
+
+  /**
+   * A chunk a worker encodes (its promise: the link bytes it became, sent):
+   * a few are encoded while QEMU's socket is read on; beyond that, or
+   * beyond the link's limits, QEMU's socket waits.
+   */
+  private inFlight(pending: Promise<number>): (() => Promise<void>) | null {
+    const done = pending.then(async (bytes) => { if (this.ctx.linkLimit && !this.failure) await this.ctx.linkLimit.take(bytes); }, (err) => this.fail(encodeError(err), true));
+    this.encoding.push(done);
+    void done.finally(() => { this.encoding.splice(this.encoding.indexOf(done), 1); });
+    if (this.encoding.length < ENCODING_CHUNKS && !this.pacer.over() && !this.full()) return null;
+    this.qemu.pause();
+    return async () => {
+      const t = performance.now();
+      while (this.encoding.length >= ENCODING_CHUNKS) await this.encoding[0];
+      this.stats.drainWaitMs += performance.now() - t;
+      const ok = !this.pacer.over();
+      if (!ok || this.full()) await this.holdQemu(ok, performance.now());
+      else if (!this.failure) this.qemu.resume();
     };
   }
 
@@ -602,128 +629,38 @@ class OutSession {
     if (!this.failure) this.qemu.resume();
   }
 
-  /**
-   * Parses a chunk, hashes its pages, and sends every page with a twin as a
-   * reference and everything else raw, in order. False: the link is full.
-   */
-  private rewrite(chunk: Buffer): boolean {
-    const check = this.check;
-    if (!this.dedup) {
-      check.add(chunk);
-      check.flush();
-      return this.sendLink(this.raw!.frame([chunk], chunk.length));
-    }
-    const pieces = this.parse(chunk);
-    let pages = 0;
-    for (const p of pieces) if (p.kind === "page") pages++;
-    const found = pages ? this.hasher.lookup(pieces, pages) : null;
-    this.stats.pagesSeen += pages;
-    if (this.kind === "multifd") this.stats.multifd.pages += pages;
-    const out = new ChunkWriter(this);
-    let i = 0;
-    for (const p of pieces) {
-      if (p.kind === "raw") { check.add(p.data); out.raw(p.data); continue; }
-      const blk = found!.blocks[i]!;
-      const hash = found!.hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE);
-      i++;
-      // No twin, the replay window is full, or a header a REFS entry cannot hold: the page travels as it is.
-      const ref = !(blk === NO_BLOCK || this.inWindow() >= this.ctx.windowPages || p.header.length > 255);
-      check.add(p.header);
-      check.add(ref ? hash : p.data);
-      if (ref) out.ref(p.header, p.data, blk, hash);
-      else out.raw(p.header, p.data);
-      this.trace?.page(ref, p.block, p.offset);
-    }
-    // the bridge a piece may lie in is rewritten by the next chunk
-    check.flush();
-    return out.end();
-  }
-
-  private parse(chunk: Buffer): Piece[] {
-    const pieces = this.parser.push(chunk);
-    for (const w of this.parser.takeWarnings()) { this.ctx.log.warn(`channel ${this.channel}: ${w}`, { channel: this.channel }); this.stats.warnings.push(w); }
-    if (!this.reported && this.parser.mode === "passthrough") {
-      this.reported = true;
-      this.stats.passthrough.push(this.parser.passthroughReason ?? "unknown");
-    }
-    return pieces;
-  }
-
-  /** Holds a referenced page in the replay window and adds it to the REFS frame being built; true when that frame is full. */
-  holdRef(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): boolean {
-    // a page in the reused read buffer, or completed in the parser's bridge, is overwritten by the next chunk: the window keeps a copy of it
-    if (this.inputReused || this.parser.inBridge(data)) this.ring.holdCopy(this.seq, data);
-    else this.ring.hold(this.seq, data);
-    this.refs.add(this.seq++, header, block, hash);
-    this.stats.twinsReplaced++;
-    if (this.kind === "multifd") this.stats.multifd.twins++;
-    return this.refs.count >= MAX_REFS;
-  }
-
-  /** Sends the REFS frame being built, if any; false when the link is full. */
-  flushRefs(): boolean {
-    return this.refs.count ? this.sendLink(this.refs.take(this.frameMem, this.frameCrc)) : true;
-  }
-
-  sendRaw(pieces: Uint8Array[], bytes: number): boolean {
-    return this.sendLink(this.raw!.frame(pieces, bytes));
-  }
-
   /** QEMU closed its stream: the parser must have ended cleanly; END carries what stream-in checks. */
-  private end(): void {
+  private async end(): Promise<void> {
     this.qemuEnded = true;
     if (this.failure) return;
-    if (this.dedup) {
-      try {
-        this.parser.finish();
-      } catch (err) {
-        this.fail(err as Error, true);
-        return;
-      }
+    let f: Buffer;
+    try {
+      // after every chunk's frames (a worker answers in order)
+      await Promise.all(this.encoding);
+      f = await this.encoder!.finish(this.stats.bytesFromQemu);
+    } catch (err) {
+      this.fail(encodeError(err), true);
+      return;
     }
-    const ps = this.parser.stats;
-    this.stats.zeroPages += ps.zeroPages;
-    if ("syncs" in ps) this.stats.multifd.syncs += ps.syncs;
-    this.sendLink(jsonFrame(SFrame.End, {
-      bytes: this.stats.bytesFromQemu, pages: ps.pages, zeroPages: ps.zeroPages,
-      streamBytes: this.streamBytes, crc32: this.check.value,
-    }));
+    if (!this.failure) this.sendLink(f);
+  }
+
+  /** The session's codec: a worker's when stream-out has a pool (and no trace follows the pages), else one on this thread. */
+  private newEncoder(cfg: EncoderConfig): SessionEncoder {
+    const { ctx, stats } = this;
+    const warn = (w: string) => ctx.log.warn(`channel ${this.channel}: ${w}`, { channel: this.channel });
+    // a worker's frames may arrive after the session failed: they go nowhere
+    const io = { stats, meter: this.meter, receiver: this.receiver, emit: (f: Buffer) => { if (!this.failure) this.sendLink(f); }, warn };
+    if (ctx.encoders && !this.trace) return ctx.encoders.open(cfg, io);
+    this.lookup = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
+    const e = new StreamEncoder(cfg, { ...io, lookup: this.lookup, alloc: this.frameMem, trace: this.trace });
+    // the trace follows QEMU's main stream (its rounds and records); multifd channels carry no sections
+    if (e.parser instanceof QemuStreamParser) this.trace?.attach(e.parser);
+    return e;
   }
 }
 
-
-/**
- * One chunk's output in order: consecutive raw bytes gather into one RAW
- * frame, consecutive references into one REFS frame; a switch from one kind
- * to the other sends what was gathered.
- */
-class ChunkWriter {
-  private pieces: Uint8Array[] = [];
-  private bytes = 0;
-  private ok = true;
-
-  constructor(private readonly s: OutSession) {}
-
-  raw(...data: Uint8Array[]): void {
-    this.ok = this.s.flushRefs() && this.ok;
-    for (const d of data) { this.pieces.push(d); this.bytes += d.length; }
-  }
-
-  ref(header: Uint8Array, data: Uint8Array, block: number, hash: Uint8Array): void {
-    this.flushRaw();
-    if (this.s.holdRef(header, data, block, hash)) this.ok = this.s.flushRefs() && this.ok;
-  }
-
-  /** Sends the rest; false when the link is full. */
-  end(): boolean {
-    this.flushRaw();
-    this.ok = this.s.flushRefs() && this.ok;
-    return this.ok;
-  }
-
-  private flushRaw(): void {
-    if (this.bytes) this.ok = this.s.sendRaw(this.pieces, this.bytes) && this.ok;
-    this.pieces = [];
-    this.bytes = 0;
-  }
+/** An encoder's failure as the session reports it: a malformed stream says so, anything else is stream-out's. */
+function encodeError(err: unknown): Error {
+  return err instanceof StreamFormatError ? err : new Error(`stream-out: ${(err as Error).message}`);
 }

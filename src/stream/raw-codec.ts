@@ -6,7 +6,7 @@
 
 import { ALGORITHM_ID, CompressionPolicy, algorithmOfId, createCompressor, type CompressionAlgorithm, type CompressionMode, type CompressionStats, type PageCompressor } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
-import type { LinkMeter } from "../link/rate.js";
+import type { LinkRates } from "../link/rate.js";
 import { HEAP_ALLOC, type FrameAlloc } from "./write-ring.js";
 import { RAW_Z_OVERHEAD, compressedRawFrame, decodeRawZ, rawFrame } from "./frames.js";
 
@@ -18,7 +18,7 @@ export class RawEncoder {
   private readonly policy: CompressionPolicy;
 
   /** `meter`: the link's rate, timed on the session's drain waits; `alloc`: where frames get their memory; `crc` false: frames without their CRC (agreed inside TLS); `receiver`: stream-in's load, from its credits. */
-  constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats, meter: LinkMeter,
+  constructor(algorithm: CompressionAlgorithm | null, mode: CompressionMode, bandwidth: number, private readonly stats: CompressionStats, meter: LinkRates,
     private readonly alloc: FrameAlloc = HEAP_ALLOC, private readonly crc = true, receiver?: { readonly busy: boolean }) {
     this.compressor = algorithm ? createCompressor(algorithm) : null;
     this.policy = new CompressionPolicy({ mode: mode === "auto" ? "auto" : "always", bandwidth, meter, ...(receiver ? { receiver } : {}) });

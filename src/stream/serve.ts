@@ -37,7 +37,12 @@ export interface ServeOptions {
 
 export async function serve(l: Listen, o: ServeOptions): Promise<StreamProxy> {
   const sessions = new Sessions(l, o);
-  await sessions.open();
+  try {
+    await sessions.open();
+  } catch (err) {
+    o.onClose(); // what the caller opened for the sessions (an index, workers) goes too
+    throw err;
+  }
   return sessions.proxy();
 }
 

@@ -104,3 +104,38 @@ export interface StreamProxy {
   close(): Promise<void>;
 }
 
+
+/** The counters a session's encoder (encoder.ts) adds to its proxy's stats: what a worker's encoder sends back. */
+export interface EncoderCounts {
+  counts: number[];
+  multifd: number[];
+  compression: number[];
+  passthrough: string[];
+  warnings: string[];
+}
+
+const COUNTS = ["pagesSeen", "zeroPages", "twinsReplaced"] as const;
+const MULTIFD = ["pages", "twins", "syncs"] as const;
+const COMPRESSION = ["framesCompressed", "framesRaw", "rawSlow", "rawPoorRatio", "rawReceiverBusy", "bytesBefore", "bytesAfter"] as const;
+
+/** Takes the encoder's counters out of `s` (a worker's own stats), leaving them at zero. */
+export function takeEncoderCounts(s: StreamStats): EncoderCounts {
+  const take = <T extends Record<K, number>, K extends string>(o: T, keys: readonly K[]) => keys.map((k) => {
+    const v = o[k];
+    (o as Record<K, number>)[k] = 0;
+    return v;
+  });
+  return {
+    counts: take(s, COUNTS), multifd: take(s.multifd, MULTIFD), compression: take(s.compression, COMPRESSION),
+    passthrough: s.passthrough.splice(0), warnings: s.warnings.splice(0),
+  };
+}
+
+/** Adds what takeEncoderCounts took. */
+export function addEncoderCounts(s: StreamStats, c: EncoderCounts): void {
+  COUNTS.forEach((k, i) => { s[k] += c.counts[i]!; });
+  MULTIFD.forEach((k, i) => { s.multifd[k] += c.multifd[i]!; });
+  COMPRESSION.forEach((k, i) => { s.compression[k] += c.compression[i]!; });
+  s.passthrough.push(...c.passthrough);
+  s.warnings.push(...c.warnings);
+}

@@ -39,6 +39,7 @@ export const outSpec: CommandSpec = {
     compress: { type: "string", default: "auto", help: "what still travels raw: auto (compress when the compressor outruns the link and the data compresses), off, zstd or brotli" },
     bandwidth: { type: "string", help: "the link's rate if known (e.g. 1gbit, 125MB): auto compares the compressor with it; without it, the rate is measured from the link's backlog" },
     "queue-ms": { type: "string", default: "10", help: "link time (ms) that may be on its way to stream-in beyond what it has handed to its QEMU, and beyond two of its credit's round trips, before QEMU's socket waits: QEMU then measures the link's effective rate and its downtime estimate holds" },
+    workers: { type: "string", default: "0", help: "worker threads that encode QEMU's stream (parse, hash, look up, compress), each with a copy of the index; each multifd channel takes the least busy one, so the channels use more cores. 0: all on the main thread" },
     qmp: { type: "string", help: "the source QEMU's QMP unix socket (optional): times stopToVerdictMs, from the guest's STOP to stream-in's verdict; QEMU's own numbers in the trace" },
     ...securityOptions("stream-in", false),
     ...traceOptions,
@@ -195,11 +196,13 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     const queueMs = Number(v["queue-ms"]);
     if (!(queueMs > 0 && Number.isFinite(queueMs))) throw new UsageError("--queue-ms must be a positive number of milliseconds");
     const refreshRate = parseRate(v["refresh-rate"] as string, "--refresh-rate");
+    const workers = Number(v["workers"]);
+    if (!(Number.isInteger(workers) && workers >= 0)) throw new UsageError("--workers must be a whole number of threads (0: none)");
     const traces = await openTraceOutputs(v, (m) => process.stderr.write(`[pagetwin] ${m}\n`)); // the URL even with --quiet
     let proxy;
     try {
       proxy = await streamOut({
-        ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth, queueMs,
+        ...l, to, image, log, keep: Boolean(v["keep"]), noDedup: Boolean(v["no-dedup"]), compress, bandwidth, queueMs, workers,
         ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
         windowPages: window, ...security(v), refreshRate, trace: traces.sinks,
         ...(v["index"] ? { indexPath: v["index"] as string } : {}), format: diskFormat(v),

@@ -1,0 +1,147 @@
+// Entry of an encoder worker thread (encoder-pool.ts): its own engine and
+// copy of the NAS index, and a StreamEncoder per session, whose frames for a
+// chunk go back in one buffer. Answers leave in the order the calls came.
+
+import { isMainThread, parentPort, workerData } from "node:worker_threads";
+import { createEngine, type TwinIndex } from "../core/engine.js";
+import type { CoreFlavor } from "../core/wasm.js";
+import { StreamFormatError } from "./qemu-stream.js";
+import { StreamEncoder, type EncoderConfig } from "./encoder.js";
+import { PageHasher } from "./hasher.js";
+import { WriteRing } from "./write-ring.js";
+import { newStats, takeEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
+
+export interface EncoderWorkerData {
+  seed: bigint;
+  flavor: CoreFlavor;
+  blocks: number;
+  /** The index's block hashes, 16 bytes each, in block order. */
+  records: SharedArrayBuffer;
+}
+
+export type ToWorker =
+  | { t: "open"; id: number; cfg: EncoderConfig }
+  | { t: "chunk"; id: number; data: Uint8Array; rate: number; measured: number; busy: boolean }
+  | { t: "release"; id: number; upTo: number }
+  | { t: "resend"; id: number; seq: number }
+  | { t: "finish"; id: number; bytes: number }
+  | { t: "close"; id: number };
+
+export type FromWorker =
+  | { t: "ready"; id: 0 }
+  | { t: "frames"; id: number; data: Uint8Array | null; seq: number; counts: EncoderCounts }
+  | { t: "frame"; id: number; frame: Uint8Array; counts?: EncoderCounts }
+  | { t: "closed"; id: number; compressMBs: number; linkMBs: number }
+  | { t: "error"; id: number; message: string; format: boolean; counts?: EncoderCounts };
+
+/** The session's last reading of its link and of stream-in's load, as the chunk brought them. */
+class Seen {
+  rate = Infinity;
+  measured = 0;
+  busy = false;
+  record(): void { /* the session's own meter, on the main thread, records */ }
+}
+
+/** One session in this worker. */
+class Session {
+  readonly stats: StreamStats = newStats("stream-out");
+  readonly seen = new Seen();
+  private readonly frames: Buffer[] = [];
+  private bytes = 0;
+  readonly encoder: StreamEncoder;
+  private readonly lookup: PageHasher;
+  private readonly ring = new WriteRing(8 * 1024 * 1024);
+  failed = false;
+
+  constructor(cfg: EncoderConfig, index: TwinIndex) {
+    this.lookup = new PageHasher(index.engine, index);
+    this.encoder = new StreamEncoder(cfg, {
+      lookup: this.lookup, stats: this.stats, alloc: this.ring, meter: this.seen, receiver: this.seen,
+      emit: (f) => { this.frames.push(f); this.bytes += f.length; },
+      warn: () => { /* warnings travel in the counts */ },
+    });
+  }
+
+  /** The frames emitted since the last call, in one buffer of their own (to transfer). */
+  take(): Uint8Array | null {
+    if (!this.bytes) return null;
+    const out = new Uint8Array(this.bytes);
+    let at = 0;
+    for (const f of this.frames) {
+      out.set(f, at);
+      at += f.length;
+      this.ring.release(f);
+    }
+    this.frames.length = 0;
+    this.bytes = 0;
+    return out;
+  }
+
+  free(): void {
+    this.lookup.free();
+  }
+}
+
+async function loadIndex(d: EncoderWorkerData): Promise<TwinIndex> {
+  const engine = await createEngine({ seed: d.seed, flavor: d.flavor });
+  const index = engine.createIndexForLoad(d.blocks);
+  const at = index.recordsFor(d.blocks);
+  engine.u8().set(new Uint8Array(d.records), at);
+  index.loadAt(at, d.blocks);
+  return index;
+}
+
+function handle(m: ToWorker, sessions: Map<number, Session>, index: TwinIndex): FromWorker | null {
+  if (m.t === "open") {
+    sessions.set(m.id, new Session(m.cfg, index));
+    return null;
+  }
+  const s = sessions.get(m.id);
+  // a release is never answered (no call waits for it)
+  if (!s) return m.t === "release" ? null : { t: "error", id: m.id, message: `no encoder session ${m.id}`, format: false };
+  if (m.t === "close") {
+    s.encoder.close();
+    s.free();
+    sessions.delete(m.id);
+    const c = s.stats.compression;
+    return { t: "closed", id: m.id, compressMBs: c.compressMBs, linkMBs: c.linkMBs };
+  }
+  if (m.t === "release") {
+    s.encoder.release(m.upTo);
+    return null;
+  }
+  if (s.failed) return { t: "error", id: m.id, message: "the encoder failed before", format: false };
+  try {
+    return answer(m, s);
+  } catch (err) {
+    s.failed = true;
+    return { t: "error", id: m.id, message: (err as Error).message, format: err instanceof StreamFormatError, counts: takeEncoderCounts(s.stats) };
+  }
+}
+
+function answer(m: Exclude<ToWorker, { t: "open" | "close" | "release" }>, s: Session): FromWorker {
+  if (m.t === "chunk") {
+    Object.assign(s.seen, { rate: m.rate, measured: m.measured, busy: m.busy });
+    s.encoder.encode(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
+    return { t: "frames", id: m.id, data: s.take(), seq: s.encoder.seq, counts: takeEncoderCounts(s.stats) };
+  }
+  const frame = m.t === "resend" ? s.encoder.resend(m.seq) : s.encoder.finish(m.bytes);
+  return { t: "frame", id: m.id, frame: new Uint8Array(frame), ...(m.t === "finish" ? { counts: takeEncoderCounts(s.stats) } : {}) };
+}
+
+if (!isMainThread && parentPort) {
+  const port = parentPort;
+  try {
+    const index = await loadIndex(workerData as EncoderWorkerData);
+    const sessions = new Map<number, Session>();
+    port.on("message", (m: ToWorker) => {
+      const a = handle(m, sessions, index);
+      if (!a) return;
+      const transfer = a.t === "frames" && a.data ? [a.data.buffer as ArrayBuffer] : a.t === "frame" ? [a.frame.buffer as ArrayBuffer] : [];
+      port.postMessage(a, transfer);
+    });
+    port.postMessage({ t: "ready", id: 0 } satisfies FromWorker);
+  } catch (err) {
+    port.postMessage({ t: "error", id: 0, message: (err as Error).message, format: false } satisfies FromWorker);
+  }
+}
