@@ -1,5 +1,5 @@
 // `node dist/bench/multifd.js [--capture FILE] [--image IMAGE] [--runs N] [--layouts plain,1,2,4]
-//    [--baseline PATH/dist/src/cli/main.js] [--cpu-prof DIR]`:
+//    [--workers 0,2] [--baseline PATH/dist/src/cli/main.js] [--cpu-prof DIR]`:
 // stream mode's cost with QEMU's multifd against one channel, on a real
 // guest's pages. The capture (a guest's stream, `migrate "exec:cat > FILE"`)
 // is replayed through stream-out and stream-in (the CLI, as child processes,
@@ -9,8 +9,8 @@
 //           a ZERO record where it names its RAM block) and N multifd channels
 //           (compression none) carrying the same pages in packets of 128,
 //           dealt round robin as QEMU deals them.
-// Layouts (and, with --baseline, another build's proxies) alternate run by
-// run. Printed: bytes on the link per byte of QEMU's stream, and each
+// Layouts (and, with --baseline, another build's proxies; with --workers,
+// stream-out with that many encoder workers) alternate run by run. Printed: bytes on the link per byte of QEMU's stream, and each
 // proxy's CPU per GB of QEMU's stream (medians). --cpu-prof writes the
 // proxies' CPU profiles there.
 
@@ -117,7 +117,7 @@ async function feed(port: number, conns: Buffer[]): Promise<void> {
 
 export interface MultifdRow { build: string; layout: string; streamBytes: number; linkBytes: number; outCpuMs: number; inCpuMs: number; wallMs: number; twins: number; verified: boolean }
 
-interface Build { name: string; cli: string }
+interface Build { name: string; cli: string; outArgs: string[] }
 interface RunOptions { image: string; index: string; key: string; nodeArgs: string[] }
 
 async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOptions): Promise<MultifdRow> {
@@ -128,7 +128,7 @@ async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOpti
   let pin: Proxy | null = null, pout: Proxy | null = null;
   try {
     pin = await startProxy(build.cli, ["stream-in", "--listen", `127.0.0.1:${inPort}`, "--qemu", `127.0.0.1:${(sinkSrv.address() as net.AddressInfo).port}`, ...common], o.nodeArgs);
-    pout = await startProxy(build.cli, ["stream-out", "--listen", `127.0.0.1:${outPort}`, "--to", `127.0.0.1:${inPort}`, ...common], o.nodeArgs);
+    pout = await startProxy(build.cli, ["stream-out", "--listen", `127.0.0.1:${outPort}`, "--to", `127.0.0.1:${inPort}`, ...common, ...build.outArgs], o.nodeArgs);
     const cpu = new CpuMeter();
     cpu.start({ out: pout.child.pid, in: pin.child.pid });
     const t0 = performance.now();
@@ -189,6 +189,8 @@ export interface MultifdOptions {
   layouts?: string[];
   /** Another build's dist/src/cli/main.js, alternated with this one. */
   baseline?: string;
+  /** stream-out's --workers, each value a build of its own (default [0]). */
+  workers?: number[];
   cpuProf?: string;
   quiet?: boolean;
 }
@@ -199,7 +201,10 @@ export async function benchMultifd(o: MultifdOptions = {}): Promise<{ rows: Mult
   const image = o.image ?? findGuest()?.disk;
   const runs = o.runs ?? 3;
   const layouts = o.layouts ?? ["plain", "1", "2", "4"];
-  const builds: Build[] = [{ name: "this build", cli: MAIN_JS }, ...(o.baseline ? [{ name: "baseline", cli: path.resolve(o.baseline) }] : [])];
+  const builds: Build[] = [
+    ...(o.workers ?? [0]).map((w) => ({ name: w ? `${w} workers` : "this build", cli: MAIN_JS, outArgs: w ? ["--workers", String(w)] : [] })),
+    ...(o.baseline ? [{ name: "baseline", cli: path.resolve(o.baseline), outArgs: [] }] : []),
+  ];
   if (!fs.existsSync(capturePath) || !image) {
     return { skipped: `needs a captured stream (--capture FILE; a guest's "migrate exec:cat > FILE", or stream-replay's) and its disk image (--image); have ${capturePath} ${image ?? "(no image)"}` };
   }
@@ -212,7 +217,7 @@ export async function benchMultifd(o: MultifdOptions = {}): Promise<{ rows: Mult
     const capture = fs.readFileSync(capturePath);
     const data = new Map(layouts.map((l) => [l, l === "plain" ? [capture] : multifdLayout(capture, Number(l))]));
     const opts: RunOptions = { image, index, key, nodeArgs: o.cpuProf ? ["--cpu-prof", "--cpu-prof-dir", path.resolve(o.cpuProf)] : [] };
-    log(`multifd bench: ${capturePath} (${(capture.length / 1e6).toFixed(1)} MB), ${runs} runs of ${layouts.join(", ")}${o.baseline ? ` x (this build, ${o.baseline})` : ""} alternating, ` +
+    log(`multifd bench: ${capturePath} (${(capture.length / 1e6).toFixed(1)} MB), ${runs} runs of ${layouts.join(", ")} x (${builds.map((b) => b.name).join(", ")}) alternating, ` +
       `${os.cpus().length} cores, load ${os.loadavg()[0]!.toFixed(2)}`);
     const rows: MultifdRow[] = [];
     for (let r = 0; r < runs; r++) {
@@ -237,9 +242,10 @@ export async function benchMultifd(o: MultifdOptions = {}): Promise<{ rows: Mult
 if (isMain(import.meta.url)) {
   const args = process.argv.slice(2);
   const layouts = argString(args, "--layouts")?.split(",");
+  const workers = argString(args, "--workers")?.split(",").map(Number);
   const r = await benchMultifd({
     runs: argValue(args, "--runs") ?? 3,
-    ...(layouts ? { layouts } : {}),
+    ...(layouts ? { layouts } : {}), ...(workers ? { workers } : {}),
     ...optional("capture", argString(args, "--capture")), ...optional("image", argString(args, "--image")),
     ...optional("baseline", argString(args, "--baseline")), ...optional("cpuProf", argString(args, "--cpu-prof")),
   });

@@ -196,8 +196,8 @@ let nasImage = "";
 let vm: QemuVm | null = null;
 
 /** Feeds `data` to stream-out as a QEMU would (split anywhere); collects what stream-in sends its QEMU. */
-function proxyCapture(data: Buffer, image: string, nas?: Awaited<ReturnType<typeof openNasIndex>>) {
-  return throughProxies({ data, image, ...(nas ? { nas } : {}), split: "random" });
+function proxyCapture(data: Buffer, image: string, nas?: Awaited<ReturnType<typeof openNasIndex>>, workers = 0) {
+  return throughProxies({ data, image, ...(nas ? { nas } : {}), split: "random", out: { workers } });
 }
 
 before(async () => {
@@ -253,9 +253,9 @@ test("parser: a real guest's stream, split at random points, re-serializes byte-
   assert.equal(p.machine, "pc-i440fx-7.2");
 });
 
-test("proxies: stream-out -> stream-in rebuilds the captured stream byte-identical, most pages as references", { skip: skipReal, timeout: 180_000 }, async (t) => {
+for (const workers of [0, 1]) test(`proxies${workers ? ", an encoder worker" : ""}: stream-out -> stream-in rebuilds the captured stream byte-identical, most pages as references`, { skip: skipReal, timeout: 180_000 }, async (t) => {
   const data = fs.readFileSync(capture);
-  const { out, so, si } = await proxyCapture(data, nasImage);
+  const { out, so, si } = await proxyCapture(data, nasImage, undefined, workers);
   assert.equal(so.error, undefined);
   assert.equal(si.error, undefined);
   assert.ok(out.equals(data), "rebuilt stream differs");
@@ -287,9 +287,9 @@ test("the replay bench on a capture and disk given to it (--stream, --image): ou
   assert.match(noDisk.stderr, /--stream FILE and --image DISK go together/);
 });
 
-test("proxies: a NAS block rewritten after indexing takes the resend path, stream still byte-identical", { skip: skipReal, timeout: 180_000 }, async () => {
+for (const workers of [0, 1]) test(`proxies${workers ? ", an encoder worker" : ""}: a NAS block rewritten after indexing takes the resend path, stream still byte-identical`, { skip: skipReal, timeout: 180_000 }, async () => {
   const data = fs.readFileSync(capture);
-  const img = path.join(work, "nas2", "disk.img");
+  const img = path.join(work, `nas2-${workers}`, "disk.img");
   fs.mkdirSync(path.dirname(img));
   fs.copyFileSync(nasImage, img);
   const nas = await openNasIndex(img);
@@ -308,7 +308,7 @@ test("proxies: a NAS block rewritten after indexing takes the resend path, strea
     const fd = fs.openSync(img, "r+");
     fs.writeSync(fd, Buffer.alloc(PAGE_SIZE, 0xa5), 0, PAGE_SIZE, block * PAGE_SIZE);
     fs.closeSync(fd);
-    const { out, so, si } = await proxyCapture(data, img, nas); // nas: the index from before the rewrite
+    const { out, so, si } = await proxyCapture(data, img, nas, workers); // nas: the index from before the rewrite
     assert.equal(so.error, undefined);
     assert.ok(si.resends >= 1, `resends ${si.resends}`);
     assert.equal(so.resends, si.resends);

@@ -21,7 +21,8 @@ export interface EncoderIo {
   stats: StreamStats;
   meter: LinkRates;
   receiver: { readonly busy: boolean };
-  emit: (frame: Buffer) => void;
+  /** Sends a frame (or frames); `written`: called once the link has taken it. */
+  emit: (frame: Buffer, written?: () => void) => void;
   warn: (message: string) => void;
 }
 
@@ -109,30 +110,65 @@ class Member {
 
 type Waiter = { resolve: (m: FromWorker) => void; reject: (e: Error) => void };
 
-/** A session's encoder in a worker: each call posts, each answer resolves the oldest call. */
+/** Chunks gather into batches of about this much while the worker is busy: one message each way per batch. */
+const BATCH_BYTES = 1 << 20;
+/** Batches a worker holds for a session before the next one waits on the main thread. */
+const IN_WORKER = 2;
+
+/** Chunks of QEMU's stream gathered in one buffer, encoded in one call. */
+class Batch {
+  used = 0;
+  first = true;
+  readonly done: Promise<number>;
+  resolve!: (bytes: number) => void;
+  reject!: (e: Error) => void;
+
+  constructor(readonly buf: Uint8Array) {
+    this.done = new Promise((res, rej) => { this.resolve = res; this.reject = rej; });
+    this.done.catch(() => {}); // the session hears of a failure through the call that made the batch
+  }
+}
+
+/**
+ * A session's encoder in a worker: each call posts, each answer resolves the
+ * oldest call. Chunks gather into batches while the worker has IN_WORKER of
+ * them; the batches' memory, and the worker's output buffers once the link
+ * took them, go back and forth instead of being allocated anew (fresh memory
+ * costs page faults at every chunk).
+ */
 class RemoteEncoder implements SessionEncoder {
   seq = 0;
   private readonly waiting: Waiter[] = [];
   private failure: Error | null = null;
+  private readonly batches: Batch[] = [];
+  private inWorker = 0;
+  private readonly spare: ArrayBuffer[] = [];
+  /** The worker's output buffers the link has taken, to hand back with the next batch. */
+  private readonly written: ArrayBuffer[] = [];
+  private roomWaiter: (() => void) | null = null;
 
   constructor(private readonly m: Member, private readonly id: number, cfg: EncoderConfig, private readonly io: EncoderIo) {
     m.sessions.set(id, this);
     m.post({ t: "open", id, cfg });
   }
 
+  /** Copies the chunk into the batch being gathered (the session's read buffer is read into again); resolves to the link bytes of the batch it starts. */
   encode(chunk: Buffer): Promise<number> {
-    // a copy of its own to transfer: the session's read buffer is read into again
-    const data = new Uint8Array(chunk);
-    const { meter, receiver } = this.io;
-    const answer = this.ask({ t: "chunk", id: this.id, data, rate: meter.rate, measured: meter.measured, busy: receiver.busy }, [data.buffer]);
-    return answer.then((m) => {
-      if (m.t !== "frames") throw new Error(`unexpected ${m.t}`);
-      this.seq = m.seq;
-      this.count(m.counts);
-      if (!m.data) return 0;
-      this.io.emit(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
-      return m.data.byteLength;
-    });
+    if (this.failure) return Promise.reject(this.failure);
+    let b = this.batches[this.batches.length - 1];
+    if (!b || b.used + chunk.length > b.buf.length) this.batches.push(b = new Batch(this.buffer(chunk.length)));
+    b.buf.set(chunk, b.used);
+    b.used += chunk.length;
+    const first = b.first;
+    b.first = false;
+    this.send();
+    return first ? b.done : b.done.then(() => 0);
+  }
+
+  /** Null when another chunk may come now; else resolves once the gathered batches are down to one. */
+  room(): Promise<void> | null {
+    if (this.batches.length <= 1 || this.failure) return null;
+    return new Promise((r) => { this.roomWaiter = r; });
   }
 
   release(upTo: number): void {
@@ -146,6 +182,7 @@ class RemoteEncoder implements SessionEncoder {
   }
 
   async finish(bytesFromQemu: number): Promise<Buffer> {
+    await Promise.all(this.batches.map((b) => b.done));
     const m = await this.ask({ t: "finish", id: this.id, bytes: bytesFromQemu });
     if (m.t !== "frame") throw new Error(`unexpected ${m.t}`);
     this.count(m.counts);
@@ -176,6 +213,45 @@ class RemoteEncoder implements SessionEncoder {
   lost(err: Error): void {
     this.failure = err;
     for (const w of this.waiting.splice(0)) w.reject(err);
+    for (const b of this.batches.splice(0)) b.reject(err);
+    this.wakeRoom();
+  }
+
+  /** Posts the oldest gathered batch while the worker holds fewer than IN_WORKER. */
+  private send(): void {
+    if (this.inWorker >= IN_WORKER || this.failure) return;
+    // the batch being gathered goes too: the worker has room for it now
+    const b = this.batches.shift();
+    if (!b) return;
+    this.inWorker++;
+    this.wakeRoom();
+    const data = b.buf.subarray(0, b.used);
+    const back = this.written.splice(0);
+    const { meter, receiver } = this.io;
+    this.ask({ t: "chunk", id: this.id, data, back, rate: meter.rate, measured: meter.measured, busy: receiver.busy }, [data.buffer as ArrayBuffer, ...back])
+      .then((m) => b.resolve(this.encoded(m)), (err: Error) => { this.failure ??= err; b.reject(err); for (const x of this.batches.splice(0)) x.reject(err); this.wakeRoom(); })
+      .finally(() => { this.inWorker--; this.send(); });
+  }
+
+  /** A batch's answer: its frames to the link, its memory back to the spares; the link bytes. */
+  private encoded(m: FromWorker): number {
+    if (m.t !== "frames") throw new Error(`unexpected ${m.t}`);
+    this.spare.push(m.input);
+    this.seq = m.seq;
+    this.count(m.counts);
+    if (!m.data) return 0;
+    const out = m.data;
+    this.io.emit(Buffer.from(out.buffer, out.byteOffset, out.byteLength), () => this.written.push(out.buffer as ArrayBuffer));
+    return out.byteLength;
+  }
+
+  private buffer(n: number): Uint8Array {
+    if (n > BATCH_BYTES) return new Uint8Array(n);
+    return new Uint8Array(this.spare.pop() ?? new ArrayBuffer(BATCH_BYTES));
+  }
+
+  private wakeRoom(): void {
+    if (this.roomWaiter && (this.batches.length <= 1 || this.failure)) { const w = this.roomWaiter; this.roomWaiter = null; w(); }
   }
 
   private ask(msg: ToWorker, transfer: ArrayBuffer[] = []): Promise<FromWorker> {

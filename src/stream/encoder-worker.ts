@@ -1,6 +1,7 @@
 // Entry of an encoder worker thread (encoder-pool.ts): its own engine and
 // copy of the NAS index, and a StreamEncoder per session, whose frames for a
-// chunk go back in one buffer. Answers leave in the order the calls came.
+// batch of QEMU's stream go back in one buffer, with the batch's memory.
+// Answers leave in the order the calls came.
 
 import { isMainThread, parentPort, workerData } from "node:worker_threads";
 import { createEngine, type TwinIndex } from "../core/engine.js";
@@ -21,7 +22,7 @@ export interface EncoderWorkerData {
 
 export type ToWorker =
   | { t: "open"; id: number; cfg: EncoderConfig }
-  | { t: "chunk"; id: number; data: Uint8Array; rate: number; measured: number; busy: boolean }
+  | { t: "chunk"; id: number; data: Uint8Array; back: ArrayBuffer[]; rate: number; measured: number; busy: boolean }
   | { t: "release"; id: number; upTo: number }
   | { t: "resend"; id: number; seq: number }
   | { t: "finish"; id: number; bytes: number }
@@ -29,10 +30,13 @@ export type ToWorker =
 
 export type FromWorker =
   | { t: "ready"; id: 0 }
-  | { t: "frames"; id: number; data: Uint8Array | null; seq: number; counts: EncoderCounts }
+  | { t: "frames"; id: number; data: Uint8Array | null; input: ArrayBuffer; seq: number; counts: EncoderCounts }
   | { t: "frame"; id: number; frame: Uint8Array; counts?: EncoderCounts }
   | { t: "closed"; id: number; compressMBs: number; linkMBs: number }
   | { t: "error"; id: number; message: string; format: boolean; counts?: EncoderCounts };
+
+/** Output buffers are at least this big, so that they can be filled again. */
+const OUT_BYTES = 256 * 1024;
 
 /** The session's last reading of its link and of stream-in's load, as the chunk brought them. */
 class Seen {
@@ -51,6 +55,8 @@ class Session {
   readonly encoder: StreamEncoder;
   private readonly lookup: PageHasher;
   private readonly ring = new WriteRing(8 * 1024 * 1024);
+  /** Output buffers the session's link has taken, to fill again. */
+  readonly spare: ArrayBuffer[] = [];
   failed = false;
 
   constructor(cfg: EncoderConfig, index: TwinIndex) {
@@ -60,12 +66,15 @@ class Session {
       emit: (f) => { this.frames.push(f); this.bytes += f.length; },
       warn: () => { /* warnings travel in the counts */ },
     });
+    // the batch goes back to the session once encoded: the window keeps copies
+    this.encoder.inputReused = true;
   }
 
   /** The frames emitted since the last call, in one buffer of their own (to transfer). */
   take(): Uint8Array | null {
     if (!this.bytes) return null;
-    const out = new Uint8Array(this.bytes);
+    const i = this.spare.findIndex((b) => b.byteLength >= this.bytes);
+    const out = new Uint8Array(i >= 0 ? this.spare.splice(i, 1)[0]! : new ArrayBuffer(Math.max(this.bytes, OUT_BYTES)), 0, this.bytes);
     let at = 0;
     for (const f of this.frames) {
       out.set(f, at);
@@ -122,8 +131,9 @@ function handle(m: ToWorker, sessions: Map<number, Session>, index: TwinIndex): 
 function answer(m: Exclude<ToWorker, { t: "open" | "close" | "release" }>, s: Session): FromWorker {
   if (m.t === "chunk") {
     Object.assign(s.seen, { rate: m.rate, measured: m.measured, busy: m.busy });
+    s.spare.push(...m.back);
     s.encoder.encode(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
-    return { t: "frames", id: m.id, data: s.take(), seq: s.encoder.seq, counts: takeEncoderCounts(s.stats) };
+    return { t: "frames", id: m.id, data: s.take(), input: m.data.buffer as ArrayBuffer, seq: s.encoder.seq, counts: takeEncoderCounts(s.stats) };
   }
   const frame = m.t === "resend" ? s.encoder.resend(m.seq) : s.encoder.finish(m.bytes);
   return { t: "frame", id: m.id, frame: new Uint8Array(frame), ...(m.t === "finish" ? { counts: takeEncoderCounts(s.stats) } : {}) };
@@ -137,7 +147,7 @@ if (!isMainThread && parentPort) {
     port.on("message", (m: ToWorker) => {
       const a = handle(m, sessions, index);
       if (!a) return;
-      const transfer = a.t === "frames" && a.data ? [a.data.buffer as ArrayBuffer] : a.t === "frame" ? [a.frame.buffer as ArrayBuffer] : [];
+      const transfer = a.t === "frames" ? [a.input, ...(a.data ? [a.data.buffer as ArrayBuffer] : [])] : a.t === "frame" ? [a.frame.buffer as ArrayBuffer] : [];
       port.postMessage(a, transfer);
     });
     port.postMessage({ t: "ready", id: 0 } satisfies FromWorker);

@@ -58,6 +58,8 @@ export interface SessionEncoder {
   readonly seq: number;
   /** Encodes a chunk: its frames are emitted by the return, or (a worker's) when the promise resolves to their bytes. */
   encode(chunk: Buffer): void | Promise<number>;
+  /** A worker's: null when it takes another chunk now, else resolves when it does (QEMU's socket waits meanwhile). */
+  room?(): Promise<void> | null;
   release(upTo: number): void;
   resend(seq: number): Buffer | Promise<Buffer>;
   finish(bytesFromQemu: number): Buffer | Promise<Buffer>;

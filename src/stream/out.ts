@@ -137,9 +137,6 @@ export interface OutContext {
   encoders?: EncoderPool | null;
 }
 
-/** Chunks of QEMU's stream a worker may be encoding at once before QEMU's socket waits. */
-const ENCODING_CHUNKS = 3;
-
 /** Referenced pages kept for resends unless told otherwise (64 MiB). */
 export const DEFAULT_WINDOW_PAGES = 16384;
 
@@ -338,10 +335,12 @@ class OutSession {
   }
 
   // False when more is on its way to stream-in than the pacer allows: QEMU's socket then waits.
-  private sendLink(buf: Buffer): boolean {
+  // `written`: called once the socket has taken `buf` (a worker's buffer then goes back to it).
+  private sendLink(buf: Buffer, written?: () => void): boolean {
     this.stats.bytesOutLink += buf.length;
     this.pacer.onSent(buf.length);
-    this.frameMem.write(this.link, buf);
+    if (written) this.link.write(buf, () => written());
+    else this.frameMem.write(this.link, buf);
     return !this.pacer.over();
   }
 
@@ -591,18 +590,19 @@ class OutSession {
 
   /**
    * A chunk a worker encodes (its promise: the link bytes it became, sent):
-   * a few are encoded while QEMU's socket is read on; beyond that, or
-   * beyond the link's limits, QEMU's socket waits.
+   * QEMU's socket is read on while the worker has room, and within the
+   * link's limits.
    */
   private inFlight(pending: Promise<number>): (() => Promise<void>) | null {
     const done = pending.then(async (bytes) => { if (this.ctx.linkLimit && !this.failure) await this.ctx.linkLimit.take(bytes); }, (err) => this.fail(encodeError(err), true));
     this.encoding.push(done);
     void done.finally(() => { this.encoding.splice(this.encoding.indexOf(done), 1); });
-    if (this.encoding.length < ENCODING_CHUNKS && !this.pacer.over() && !this.full()) return null;
+    const room = this.encoder!.room?.() ?? null;
+    if (!room && !this.pacer.over() && !this.full()) return null;
     this.qemu.pause();
     return async () => {
       const t = performance.now();
-      while (this.encoding.length >= ENCODING_CHUNKS) await this.encoding[0];
+      await room;
       this.stats.drainWaitMs += performance.now() - t;
       const ok = !this.pacer.over();
       if (!ok || this.full()) await this.holdQemu(ok, performance.now());
@@ -650,7 +650,7 @@ class OutSession {
     const { ctx, stats } = this;
     const warn = (w: string) => ctx.log.warn(`channel ${this.channel}: ${w}`, { channel: this.channel });
     // a worker's frames may arrive after the session failed: they go nowhere
-    const io = { stats, meter: this.meter, receiver: this.receiver, emit: (f: Buffer) => { if (!this.failure) this.sendLink(f); }, warn };
+    const io = { stats, meter: this.meter, receiver: this.receiver, emit: (f: Buffer, written?: () => void) => { if (!this.failure) this.sendLink(f, written); }, warn };
     if (ctx.encoders && !this.trace) return ctx.encoders.open(cfg, io);
     this.lookup = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
     const e = new StreamEncoder(cfg, { ...io, lookup: this.lookup, alloc: this.frameMem, trace: this.trace });
