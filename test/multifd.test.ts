@@ -361,3 +361,18 @@ test("proxies, an encoder worker: a multifd channel corrupt mid-stream fails the
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("stream-out with workers and a trace: the trace's sessions encode on the main thread, so no worker starts, and the log says so", { timeout: 30_000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-w-"));
+  try {
+    const image = path.join(dir, "disk.img");
+    fs.writeFileSync(image, randomBytes(16 * PAGE));
+    const said: string[] = [];
+    const so = await streamOut({ listenPort: 0, to: "127.0.0.1:9", image, psk: TEST_KEY, workers: 2, trace: [{ write: () => {} }], log: (m: string) => said.push(m) });
+    await so.close();
+    assert.match(said.join("\n"), /the 2 encoder workers asked for are not started/);
+    await assert.rejects(streamOut({ listenPort: 0, to: "127.0.0.1:9", image, psk: TEST_KEY, workers: 1.5 }), /workers must be a whole number/);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

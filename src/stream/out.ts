@@ -98,7 +98,7 @@ export interface StreamOutOptions extends SecurityOptions {
    * Worker threads that encode the sessions' streams (parse, hash, look up,
    * compress), each with a copy of the index; a session (a multifd channel)
    * takes the least busy one. 0 (default): every session encodes on the main
-   * thread. Sessions followed by a trace always do.
+   * thread, as it does with a trace (none are started then).
    */
   workers?: number;
 }
@@ -191,9 +191,11 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   if (compress !== "auto" && compress !== "off" && !availableAlgorithms().includes(compress)) {
     throw new Error(`pagetwin stream-out: --compress ${compress} is not available here (${zstdUnavailableReason()})`);
   }
+  // a trace follows every page on the main thread, so its sessions encode there
+  if (workers && opts.trace?.length) log.warn(`stream-out: a trace follows every page on the main thread; the ${workers} encoder workers asked for are not started`);
   let encoders: EncoderPool | null = null;
   try {
-    encoders = workers ? await EncoderPool.create(workers, nas.engine, nas.index, nas.header.blocks) : null;
+    encoders = workers && !opts.trace?.length ? await EncoderPool.create(workers, nas.engine, nas.index, nas.header.blocks) : null;
   } catch (err) {
     await refresh?.stop();
     watch?.close();
