@@ -69,7 +69,7 @@ part("Stream mode's proxies vs plain relays (a captured QEMU stream replayed)");
 const streamReplay = findGuest() ? await benchStreamReplay({ quiet: json, rounds: quick ? 1 : 3 }) : { skipped: "the guest is not built (scripts/build-guest.sh)" };
 if (!json && "skipped" in streamReplay) console.log(`stream replay: skipped (${streamReplay.skipped})`);
 part("multifd channels through the proxies (the same capture, its pages dealt to channels as QEMU deals them)");
-const multifd = findGuest() ? await benchMultifd({ quiet: json, runs: quick ? 1 : 2 }) : { skipped: "the guest is not built (scripts/build-guest.sh)" };
+const multifd = findGuest() ? await benchMultifd({ quiet: json, runs: quick ? 1 : 2, workers: [0, 2] }) : { skipped: "the guest is not built (scripts/build-guest.sh)" };
 if (!json && "skipped" in multifd) console.log(`multifd: skipped (${multifd.skipped})`);
 part("End to end: the demo");
 // one demo invocation is one pair (plain pre-copy, then pagetwin, same VM, same link); the pairs' ratios vary run to run
