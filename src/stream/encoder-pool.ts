@@ -1,20 +1,18 @@
 // Worker threads that run stream-out's encoders (encoder.ts), so the
 // sessions of a migration (its multifd channels) parse, hash, look up and
 // compress on as many cores as there are workers, while the sessions keep
-// their sockets on the main thread. Each worker has its own engine and its
-// own copy of the NAS index; a session takes the worker with the fewest
-// sessions and keeps it. Chunks cross to the worker and frames back by
-// transfer, one message each way per chunk (a plain MessagePort protocol:
-// comlink's proxies cost more per message than this hot path can spend).
+// their sockets on the main thread (session-workers.ts). Each worker has its
+// own engine and its own copy of the NAS index. Chunks cross to the worker
+// and frames back by transfer.
 
-import { Worker } from "node:worker_threads";
 import type { Engine, TwinIndex } from "../core/engine.js";
 import { HASH_SIZE } from "../core/engine.js";
 import type { LinkRates } from "../link/rate.js";
 import type { EncoderConfig, SessionEncoder } from "./encoder.js";
 import { addEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
 import { StreamFormatError } from "./qemu-stream.js";
-import type { EncoderWorkerData, FromWorker, ToWorker } from "./encoder-worker.js";
+import { SessionWorkers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
+import type { EncoderError, EncoderWorkerData, FromWorker, ToWorker } from "./encoder-worker.js";
 
 /** What a session lends its encoder (encoder.ts' EncoderParts, less what the worker has of its own). */
 export interface EncoderIo {
@@ -29,12 +27,7 @@ export interface EncoderIo {
 const WORKER_URL = new URL("./encoder-worker.js", import.meta.url);
 
 export class EncoderPool {
-  private readonly members: Member[];
-  private nextId = 1;
-
-  private constructor(members: Member[]) {
-    this.members = members;
-  }
+  private constructor(private readonly workers: SessionWorkers) {}
 
   /** `size` workers, each with a copy of `index` (of `blocks` blocks, hashed with `engine`'s seed). */
   static async create(size: number, engine: Engine, index: TwinIndex, blocks: number): Promise<EncoderPool> {
@@ -42,73 +35,22 @@ export class EncoderPool {
     const at = index.recordsFor(blocks);
     new Uint8Array(records).set(engine.u8().subarray(at, at + blocks * HASH_SIZE));
     const data: EncoderWorkerData = { seed: engine.seed, flavor: engine.flavor, blocks, records };
-    const members = await Promise.allSettled(Array.from({ length: size }, () => Member.start(data)));
-    const up = members.flatMap((m) => (m.status === "fulfilled" ? [m.value] : []));
-    const failed = members.find((m) => m.status === "rejected");
-    if (failed) {
-      await Promise.all(up.map((m) => m.close()));
-      throw new Error(`pagetwin stream-out: an encoder worker did not start: ${(failed.reason as Error).message}`);
-    }
-    return new EncoderPool(up);
+    return new EncoderPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-out's encoders"));
   }
 
   get size(): number {
-    return this.members.length;
+    return this.workers.size;
   }
 
   /** A session's encoder on the least busy worker. */
   open(cfg: EncoderConfig, io: EncoderIo): SessionEncoder {
-    const m = this.members.reduce((a, b) => (b.sessions.size < a.sessions.size ? b : a));
-    return new RemoteEncoder(m, this.nextId++, cfg, io);
+    return new RemoteEncoder(this.workers.pick(), cfg, io);
   }
 
-  async close(): Promise<void> {
-    await Promise.all(this.members.map((m) => m.close()));
-  }
-}
-
-/** One worker: its sessions' answers come back in the order asked. */
-class Member {
-  readonly sessions = new Map<number, RemoteEncoder>();
-  private closing = false;
-
-  private constructor(private readonly worker: Worker) {
-    worker.on("message", (m: FromWorker) => this.sessions.get(m.id)?.answer(m));
-    worker.on("error", (e) => this.lost(`the encoder worker failed: ${e.message}`));
-    worker.on("exit", (code) => { if (!this.closing) this.lost(`the encoder worker exited (code ${code})`); });
-  }
-
-  static start(data: EncoderWorkerData): Promise<Member> {
-    const worker = new Worker(WORKER_URL, { workerData: data });
-    return new Promise((resolve, reject) => {
-      const early = (e: Error | number) => reject(typeof e === "number" ? new Error(`it exited (code ${e})`) : e);
-      worker.once("error", early);
-      worker.once("exit", early);
-      worker.once("message", (m: FromWorker) => {
-        worker.off("error", early);
-        worker.off("exit", early);
-        if (m.t === "ready") resolve(new Member(worker));
-        else reject(new Error(m.t === "error" ? m.message : `unexpected ${m.t}`));
-      });
-    });
-  }
-
-  post(m: ToWorker, transfer: ArrayBuffer[] = []): void {
-    this.worker.postMessage(m, transfer);
-  }
-
-  async close(): Promise<void> {
-    this.closing = true;
-    await this.worker.terminate();
-  }
-
-  private lost(why: string): void {
-    for (const s of this.sessions.values()) s.lost(new Error(why));
-    this.sessions.clear();
+  close(): Promise<void> {
+    return this.workers.close();
   }
 }
-
-type Waiter = { resolve: (m: FromWorker) => void; reject: (e: Error) => void };
 
 /** Chunks gather into batches of about this much while the worker is busy: one message each way per batch. */
 const BATCH_BYTES = 1 << 20;
@@ -136,10 +78,8 @@ class Batch {
  * took them, go back and forth instead of being allocated anew (fresh memory
  * costs page faults at every chunk).
  */
-class RemoteEncoder implements SessionEncoder {
+class RemoteEncoder extends WorkerSession implements SessionEncoder {
   seq = 0;
-  private readonly waiting: Waiter[] = [];
-  private failure: Error | null = null;
   private readonly batches: Batch[] = [];
   private inWorker = 0;
   private readonly spare: ArrayBuffer[] = [];
@@ -147,9 +87,9 @@ class RemoteEncoder implements SessionEncoder {
   private readonly written: ArrayBuffer[] = [];
   private roomWaiter: (() => void) | null = null;
 
-  constructor(private readonly m: Member, private readonly id: number, cfg: EncoderConfig, private readonly io: EncoderIo) {
-    m.sessions.set(id, this);
-    m.post({ t: "open", id, cfg });
+  constructor(worker: WorkerHandle, cfg: EncoderConfig, private readonly io: EncoderIo) {
+    super(worker);
+    this.tell({ t: "open", id: this.id, cfg } satisfies ToWorker);
   }
 
   /** Copies the chunk into the batch being gathered (the session's read buffer is read into again); resolves to the link bytes of the batch it starts. */
@@ -172,18 +112,18 @@ class RemoteEncoder implements SessionEncoder {
   }
 
   release(upTo: number): void {
-    if (!this.failure) this.m.post({ t: "release", id: this.id, upTo });
+    this.tell({ t: "release", id: this.id, upTo } satisfies ToWorker);
   }
 
   async resend(seq: number): Promise<Buffer> {
-    const m = await this.ask({ t: "resend", id: this.id, seq });
+    const m = await this.ask({ t: "resend", id: this.id, seq } satisfies ToWorker) as FromWorker;
     if (m.t !== "frame") throw new Error(`unexpected ${m.t}`);
     return Buffer.from(m.frame.buffer, m.frame.byteOffset, m.frame.byteLength);
   }
 
   async finish(bytesFromQemu: number): Promise<Buffer> {
     await Promise.all(this.batches.map((b) => b.done));
-    const m = await this.ask({ t: "finish", id: this.id, bytes: bytesFromQemu });
+    const m = await this.ask({ t: "finish", id: this.id, bytes: bytesFromQemu } satisfies ToWorker) as FromWorker;
     if (m.t !== "frame") throw new Error(`unexpected ${m.t}`);
     this.count(m.counts);
     return Buffer.from(m.frame.buffer, m.frame.byteOffset, m.frame.byteLength);
@@ -191,28 +131,25 @@ class RemoteEncoder implements SessionEncoder {
 
   async close(): Promise<void> {
     if (!this.failure) {
-      const m = await this.ask({ t: "close", id: this.id }).catch(() => null);
+      const m = await (this.ask({ t: "close", id: this.id } satisfies ToWorker) as Promise<FromWorker>).catch(() => null);
       if (m?.t === "closed") {
         this.io.stats.compression.compressMBs = m.compressMBs;
         this.io.stats.compression.linkMBs = m.linkMBs;
       }
     }
-    this.m.sessions.delete(this.id);
+    this.leave();
   }
 
-  /** The worker's answer to the oldest call. */
-  answer(m: FromWorker): void {
-    const w = this.waiting.shift();
-    if (!w) return;
-    if (m.t !== "error") return w.resolve(m);
-    this.count(m.counts);
-    w.reject(m.format ? new StreamFormatError(m.message) : new Error(m.message));
+  /** A refused call: what the encoder counted before it failed, and a malformed stream's error as such. */
+  protected override refused(m: ErrorAnswer): Error {
+    const e = m as EncoderError;
+    this.count(e.counts);
+    return e.format ? new StreamFormatError(e.message) : new Error(e.message);
   }
 
   /** The worker is gone: every call fails, and every later one. */
-  lost(err: Error): void {
-    this.failure = err;
-    for (const w of this.waiting.splice(0)) w.reject(err);
+  override lost(err: Error): void {
+    super.lost(err);
     for (const b of this.batches.splice(0)) b.reject(err);
     this.wakeRoom();
   }
@@ -228,8 +165,8 @@ class RemoteEncoder implements SessionEncoder {
     const data = b.buf.subarray(0, b.used);
     const back = this.written.splice(0);
     const { meter, receiver } = this.io;
-    this.ask({ t: "chunk", id: this.id, data, back, rate: meter.rate, measured: meter.measured, busy: receiver.busy }, [data.buffer as ArrayBuffer, ...back])
-      .then((m) => b.resolve(this.encoded(m)), (err: Error) => { this.failure ??= err; b.reject(err); for (const x of this.batches.splice(0)) x.reject(err); this.wakeRoom(); })
+    this.ask({ t: "chunk", id: this.id, data, back, rate: meter.rate, measured: meter.measured, busy: receiver.busy } satisfies ToWorker, [data.buffer as ArrayBuffer, ...back])
+      .then((m) => b.resolve(this.encoded(m as FromWorker)), (err: Error) => { this.failure ??= err; b.reject(err); for (const x of this.batches.splice(0)) x.reject(err); this.wakeRoom(); })
       .finally(() => { this.inWorker--; this.send(); });
   }
 
@@ -252,14 +189,6 @@ class RemoteEncoder implements SessionEncoder {
 
   private wakeRoom(): void {
     if (this.roomWaiter && (this.batches.length <= 1 || this.failure)) { const w = this.roomWaiter; this.roomWaiter = null; w(); }
-  }
-
-  private ask(msg: ToWorker, transfer: ArrayBuffer[] = []): Promise<FromWorker> {
-    if (this.failure) return Promise.reject(this.failure);
-    return new Promise((resolve, reject) => {
-      this.waiting.push({ resolve, reject });
-      this.m.post(msg, transfer);
-    });
   }
 
   private count(c: EncoderCounts | undefined): void {

@@ -3,7 +3,7 @@
 // batch of QEMU's stream go back in one buffer, with the batch's memory.
 // Answers leave in the order the calls came.
 
-import { isMainThread, parentPort, workerData } from "node:worker_threads";
+import { workerData } from "node:worker_threads";
 import { createEngine, type TwinIndex } from "../core/engine.js";
 import type { CoreFlavor } from "../core/wasm.js";
 import { StreamFormatError } from "./qemu-stream.js";
@@ -11,6 +11,7 @@ import { StreamEncoder, type EncoderConfig } from "./encoder.js";
 import { PageHasher } from "./hasher.js";
 import { WriteRing } from "./write-ring.js";
 import { newStats, takeEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
+import { serveSessions, type Message, type Reply } from "./session-workers.js";
 
 export interface EncoderWorkerData {
   seed: bigint;
@@ -33,7 +34,10 @@ export type FromWorker =
   | { t: "frames"; id: number; data: Uint8Array | null; input: ArrayBuffer; seq: number; counts: EncoderCounts }
   | { t: "frame"; id: number; frame: Uint8Array; counts?: EncoderCounts }
   | { t: "closed"; id: number; compressMBs: number; linkMBs: number }
-  | { t: "error"; id: number; message: string; format: boolean; counts?: EncoderCounts };
+  | EncoderError;
+
+/** A refused call: `format`, the stream is malformed (StreamFormatError); what the encoder counted before it failed. */
+export type EncoderError = { t: "error"; id: number; message: string; format: boolean; counts?: EncoderCounts };
 
 /** Output buffers are at least this big, so that they can be filled again. */
 const OUT_BYTES = 256 * 1024;
@@ -100,58 +104,48 @@ async function loadIndex(d: EncoderWorkerData): Promise<TwinIndex> {
   return index;
 }
 
-function handle(m: ToWorker, sessions: Map<number, Session>, index: TwinIndex): FromWorker | null {
+function handle(msg: Message, sessions: Map<number, Session>, index: TwinIndex): Reply | null {
+  const m = msg as ToWorker;
   if (m.t === "open") {
     sessions.set(m.id, new Session(m.cfg, index));
     return null;
   }
   const s = sessions.get(m.id);
   // a release is never answered (no call waits for it)
-  if (!s) return m.t === "release" ? null : { t: "error", id: m.id, message: `no encoder session ${m.id}`, format: false };
+  if (!s) return m.t === "release" ? null : { answer: { t: "error", id: m.id, message: `no encoder session ${m.id}`, format: false } satisfies FromWorker };
   if (m.t === "close") {
     s.encoder.close();
     s.free();
     sessions.delete(m.id);
     const c = s.stats.compression;
-    return { t: "closed", id: m.id, compressMBs: c.compressMBs, linkMBs: c.linkMBs };
+    return { answer: { t: "closed", id: m.id, compressMBs: c.compressMBs, linkMBs: c.linkMBs } satisfies FromWorker };
   }
   if (m.t === "release") {
     s.encoder.release(m.upTo);
     return null;
   }
-  if (s.failed) return { t: "error", id: m.id, message: "the encoder failed before", format: false };
+  if (s.failed) return { answer: { t: "error", id: m.id, message: "the encoder failed before", format: false } satisfies FromWorker };
   try {
     return answer(m, s);
   } catch (err) {
     s.failed = true;
-    return { t: "error", id: m.id, message: (err as Error).message, format: err instanceof StreamFormatError, counts: takeEncoderCounts(s.stats) };
+    return { answer: { t: "error", id: m.id, message: (err as Error).message, format: err instanceof StreamFormatError, counts: takeEncoderCounts(s.stats) } satisfies FromWorker };
   }
 }
 
-function answer(m: Exclude<ToWorker, { t: "open" | "close" | "release" }>, s: Session): FromWorker {
+function answer(m: Exclude<ToWorker, { t: "open" | "close" | "release" }>, s: Session): Reply {
   if (m.t === "chunk") {
     Object.assign(s.seen, { rate: m.rate, measured: m.measured, busy: m.busy });
     s.spare.push(...m.back);
     s.encoder.encode(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
-    return { t: "frames", id: m.id, data: s.take(), input: m.data.buffer as ArrayBuffer, seq: s.encoder.seq, counts: takeEncoderCounts(s.stats) };
+    const data = s.take();
+    const a: FromWorker = { t: "frames", id: m.id, data, input: m.data.buffer as ArrayBuffer, seq: s.encoder.seq, counts: takeEncoderCounts(s.stats) };
+    return { answer: a, transfer: [a.input, ...(data ? [data.buffer as ArrayBuffer] : [])] };
   }
-  const frame = m.t === "resend" ? s.encoder.resend(m.seq) : s.encoder.finish(m.bytes);
-  return { t: "frame", id: m.id, frame: new Uint8Array(frame), ...(m.t === "finish" ? { counts: takeEncoderCounts(s.stats) } : {}) };
+  const f = new Uint8Array(m.t === "resend" ? s.encoder.resend(m.seq) : s.encoder.finish(m.bytes));
+  return { answer: { t: "frame", id: m.id, frame: f, ...(m.t === "finish" ? { counts: takeEncoderCounts(s.stats) } : {}) } satisfies FromWorker, transfer: [f.buffer] };
 }
 
-if (!isMainThread && parentPort) {
-  const port = parentPort;
-  try {
-    const index = await loadIndex(workerData as EncoderWorkerData);
-    const sessions = new Map<number, Session>();
-    port.on("message", (m: ToWorker) => {
-      const a = handle(m, sessions, index);
-      if (!a) return;
-      const transfer = a.t === "frames" ? [a.input, ...(a.data ? [a.data.buffer as ArrayBuffer] : [])] : a.t === "frame" ? [a.frame.buffer as ArrayBuffer] : [];
-      port.postMessage(a, transfer);
-    });
-    port.postMessage({ t: "ready", id: 0 } satisfies FromWorker);
-  } catch (err) {
-    port.postMessage({ t: "error", id: 0, message: (err as Error).message, format: false } satisfies FromWorker);
-  }
-}
+const sessions = new Map<number, Session>();
+await serveSessions(() => loadIndex(workerData as EncoderWorkerData), (m, index) => handle(m, sessions, index),
+  (err, m) => ({ t: "error", id: m.id, message: (err as Error).message, format: false } satisfies FromWorker));
