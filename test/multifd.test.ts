@@ -215,7 +215,7 @@ async function migrate(image: string, channels: { data: Buffer; delayMs: number;
     s.on("error", () => {});
   });
   await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
-  const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image, psk: TEST_KEY, ...(trace ? { trace: trace.in } : {}) });
+  const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${(sink.address() as net.AddressInfo).port}`, image, psk: TEST_KEY, workers: o.workers ?? 0, ...(trace ? { trace: trace.in } : {}) });
   const so = await streamOut({ listenPort: 0, to: `127.0.0.1:${si.port}`, image, psk: TEST_KEY, workers: o.workers ?? 0, ...(trace ? { trace: trace.out } : {}) });
   try {
     await Promise.all(channels.map(async (ch) => {
@@ -253,7 +253,7 @@ async function mainAndTwoChannels(dir: string): Promise<{ image: string; main: B
   return { image, main, mf: [0, 1].map((id) => multifdChannel({ id, pages: mixedPages(blocks, 400) })) };
 }
 
-for (const workers of [0, 2]) test(`proxies${workers ? `, ${workers} encoder workers` : ""}: multifd channels deduplicated per channel, rebuilt byte-identical; the main channel reaches the destination first`, { timeout: 60_000 }, async () => {
+for (const workers of [0, 2]) test(`proxies${workers ? `, ${workers} workers each` : ""}: multifd channels deduplicated per channel, rebuilt byte-identical; the main channel reaches the destination first`, { timeout: 60_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-"));
   try {
     const { image, main, mf } = await mainAndTwoChannels(dir);
@@ -306,7 +306,7 @@ test("trace: a migration with multifd channels is one migration on each side, it
   }
 });
 
-for (const workers of [0, 1]) test(`proxies${workers ? ", an encoder worker" : ""}: a multifd channel with QEMU's own zstd passes through byte-identical, with the reason in the stats and the log`, { timeout: 60_000 }, async () => {
+for (const workers of [0, 1]) test(`proxies${workers ? ", a worker each" : ""}: a multifd channel with QEMU's own zstd passes through byte-identical, with the reason in the stats and the log`, { timeout: 60_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-z-"));
   try {
     const image = path.join(dir, "disk.img");
@@ -348,7 +348,7 @@ test("proxies: a short stream whose end comes with its first bytes (read while s
   }
 });
 
-test("proxies, an encoder worker: a multifd channel corrupt mid-stream fails the migration with the parser's error", { timeout: 30_000 }, async () => {
+test("proxies, a worker each: a multifd channel corrupt mid-stream fails the migration with the parser's error", { timeout: 30_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "pt-multifd-c-"));
   try {
     const { image, mf } = await mainAndTwoChannels(dir);

@@ -197,7 +197,7 @@ let vm: QemuVm | null = null;
 
 /** Feeds `data` to stream-out as a QEMU would (split anywhere); collects what stream-in sends its QEMU. */
 function proxyCapture(data: Buffer, image: string, nas?: Awaited<ReturnType<typeof openNasIndex>>, workers = 0) {
-  return throughProxies({ data, image, ...(nas ? { nas } : {}), split: "random", out: { workers } });
+  return throughProxies({ data, image, ...(nas ? { nas } : {}), split: "random", out: { workers }, in: { workers } });
 }
 
 before(async () => {
@@ -253,7 +253,7 @@ test("parser: a real guest's stream, split at random points, re-serializes byte-
   assert.equal(p.machine, "pc-i440fx-7.2");
 });
 
-for (const workers of [0, 1]) test(`proxies${workers ? ", an encoder worker" : ""}: stream-out -> stream-in rebuilds the captured stream byte-identical, most pages as references`, { skip: skipReal, timeout: 180_000 }, async (t) => {
+for (const workers of [0, 1]) test(`proxies${workers ? ", a worker each" : ""}: stream-out -> stream-in rebuilds the captured stream byte-identical, most pages as references`, { skip: skipReal, timeout: 180_000 }, async (t) => {
   const data = fs.readFileSync(capture);
   const { out, so, si } = await proxyCapture(data, nasImage, undefined, workers);
   assert.equal(so.error, undefined);
@@ -287,7 +287,7 @@ test("the replay bench on a capture and disk given to it (--stream, --image): ou
   assert.match(noDisk.stderr, /--stream FILE and --image DISK go together/);
 });
 
-for (const workers of [0, 1]) test(`proxies${workers ? ", an encoder worker" : ""}: a NAS block rewritten after indexing takes the resend path, stream still byte-identical`, { skip: skipReal, timeout: 180_000 }, async () => {
+for (const workers of [0, 1]) test(`proxies${workers ? ", a worker each" : ""}: a NAS block rewritten after indexing takes the resend path, stream still byte-identical`, { skip: skipReal, timeout: 180_000 }, async () => {
   const data = fs.readFileSync(capture);
   const img = path.join(work, `nas2-${workers}`, "disk.img");
   fs.mkdirSync(path.dirname(img));

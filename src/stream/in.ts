@@ -18,7 +18,7 @@ import { recordedFormat } from "../adapters/nas/index-header.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import type { PageVerifier } from "./disks.js";
 import { CheckCrc } from "./check-crc.js";
-import { SFrame, STREAM_FRAMES, decodeRefs, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION, creditFrame, linkLength } from "./frames.js";
+import { SFrame, STREAM_FRAMES, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION, creditFrame, linkLength } from "./frames.js";
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
@@ -29,14 +29,16 @@ import { resolveSecurity, checkSecurity, isTls, type SecurityOptions } from "../
 import { TIMEOUTS } from "../link/timeouts.js";
 import { availableAlgorithms } from "../codec/compress.js";
 import { FrameInbox, PeerAbort, dispatch } from "./inbox.js";
+import { UsageError } from "../errors.js";
 import { RawDecoder } from "./raw-codec.js";
+import { decodeRefsFrame, rebuildRefs, type Rebuilt } from "./rebuild.js";
+import { RebuildPool, type RemoteRebuilder } from "./rebuild-pool.js";
 import { serve } from "./serve.js";
 import { newStats, type StreamProxy, type StreamStats } from "./stats.js";
 import { toLog, type Log, type LogOption } from "../log.js";
 import { throwIfAborted } from "../abort.js";
 import { RunStateWatch } from "../adapters/qemu/run-state.js";
 import { ChannelOrder, MAIN_WAIT_MS } from "./multifd-channel.js";
-import { decodeMultifdRefs } from "./multifd-frames.js";
 import { StreamTraceGroup } from "../trace/stream.js";
 import { RebuiltStreamTrace } from "../trace/rebuilt.js";
 import type { TraceSink } from "../trace/sink.js";
@@ -65,6 +67,13 @@ export interface StreamInOptions extends SecurityOptions {
    * destination QEMU's incoming migration fails); `done` then rejects with an AbortError.
    */
   signal?: AbortSignal;
+  /**
+   * Worker threads that read and verify the NAS blocks of the sessions'
+   * references and decompress what came compressed, each with the image
+   * open; a session (a multifd channel) takes the least busy one. 0
+   * (default): every session does it on the main thread.
+   */
+  workers?: number;
 }
 
 /** What every stream-in session shares; the index fields follow the newest index the source used. */
@@ -84,6 +93,8 @@ export interface InContext {
   lastEndAt: number;
   /** Several disks (pagetwin serve): they decide dedup and verify the blocks instead of engine/image/index*. */
   disks?: { refusal(): string | null; verifier(): PageVerifier };
+  /** Worker threads that verify and decompress for the sessions (null: each session does it on this thread; always so with `disks`). */
+  rebuilders?: RebuildPool | null;
   /** Multifd sessions reach the destination QEMU after the main one. */
   order: ChannelOrder;
   /** The migrations' tracers (null without trace sinks): a migration's sessions share one. */
@@ -154,23 +165,28 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
     indexError = (err as Error).message;
     log.warn(`no usable index (${indexError}); migrations will pass through without dedup`);
   }
+  const workers = opts.workers ?? 0;
+  if (!(Number.isInteger(workers) && workers >= 0)) throw new UsageError(`pagetwin stream-in: workers must be a whole number >= 0 (got ${workers})`);
   const engine = await createEngine({ seed });
   const watch = opts.qmp ? await RunStateWatch.open(opts.qmp) : null;
   const image = openDisk(opts.image, { format });
-  const stats = newStats("stream-in");
-  const ctx = inContext({ engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, trace: opts.trace });
-  const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
+  let rebuilders: RebuildPool | null = null;
   try {
-    return await serve({ at, security, peer: "proxy" }, {
-      stats, keep: opts.keep ?? false, log, signal: opts.signal,
-      session: (sock, channel) => new InSession(ctx, sock, channel).run(),
-      onClose: () => { image.close(); watch?.close(); },
-    });
+    rebuilders = workers ? await RebuildPool.create(workers, opts.image, format) : null;
   } catch (err) {
     image.close();
     watch?.close();
     throw err;
   }
+  const stats = newStats("stream-in");
+  const ctx = inContext({ engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, trace: opts.trace, rebuilders });
+  const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
+  // serve() closes these when listening fails too
+  return serve({ at, security, peer: "proxy" }, {
+    stats, keep: opts.keep ?? false, log, signal: opts.signal,
+    session: (sock, channel) => new InSession(ctx, sock, channel).run(),
+    onClose: () => { image.close(); watch?.close(); void rebuilders?.close(); },
+  });
 }
 
 /** Frames whose bytes count as handed on only once their output is in QEMU's socket (the rest count on arrival). */
@@ -205,6 +221,9 @@ class InSession {
   private qemuClosed = false;
   private streamEnded = false;
   private raw!: RawDecoder;
+  /** This session's worker (with a pool), and the frames handed to it as they arrived, by frame. */
+  private rebuilder: RemoteRebuilder | null = null;
+  private readonly ahead = new Map<Frame, Promise<Rebuilt | Buffer>>();
   /** Memory of the rebuilt stream on its way to QEMU, reused once the socket took it. */
   private readonly toQemuMem = new WriteRing(8 * 1024 * 1024);
   /** This session's own block buffers, in the engine of the index agreed in the handshake. */
@@ -257,6 +276,7 @@ class InSession {
     this.verifier = this.ctx.disks?.verifier() ?? new BlockVerifier(this.ctx.engine, this.ctx.image);
     await this.drain();
     this.verifier.free();
+    await this.rebuilder?.close();
     if (this.failure) throw this.failure;
     // Wait for the destination QEMU to finish with the connection and the link to close.
     if (!this.qemuClosed) await once(this.qemu!, "close").catch(() => undefined);
@@ -362,6 +382,10 @@ class InSession {
       case SFrame.MultifdRefs:
       case SFrame.End:
         if (f.type === SFrame.End) this.endReceived = true;
+        if (this.rebuilder && f.type !== SFrame.Raw && f.type !== SFrame.End) {
+          const err = this.handOver(f, this.rebuilder);
+          if (err) return err;
+        }
         this.queue.push(f);
         this.queuedBytes += rebuiltLength(f);
         if (this.queuedBytes > QUEUE_LIMIT && !this.resendWaiter) this.link.pause();
@@ -374,6 +398,30 @@ class InSession {
       default:
         return new ProtocolError(`unexpected ${SFrame[f.type]} frame from stream-out`);
     }
+  }
+
+  /** A REFS or RAW_Z frame goes to the session's worker as it arrives; drain() takes its answer in order. */
+  private handOver(f: Frame, r: RemoteRebuilder): Error | null {
+    let p: Promise<Rebuilt | Buffer>;
+    if (f.type === SFrame.RawZ) {
+      try {
+        this.raw.account(f);
+      } catch (err) {
+        return err as Error;
+      }
+      p = r.unpack(f);
+    } else p = r.refs(f);
+    p.catch(() => {}); // a failure reaches drain() when it comes to this frame, or the session has failed already
+    this.ahead.set(f, p);
+    return null;
+  }
+
+  /** What the worker made of a frame handed over. */
+  private async answerFor<T extends Rebuilt | Buffer>(f: Frame): Promise<T> {
+    const p = this.ahead.get(f);
+    if (!p) throw new Error(`stream-in: a ${SFrame[f.type]} frame was not handed to its worker`);
+    this.ahead.delete(f);
+    return await p as T;
   }
 
   private onResend(f: Frame): Error | null {
@@ -401,6 +449,7 @@ class InSession {
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const agreed = availableAlgorithms().filter((a) => offered.includes(a));
     this.raw = new RawDecoder(agreed, this.stats.compression);
+    if (this.ctx.rebuilders && !this.ctx.disks) this.rebuilder = this.ctx.rebuilders.open(this.ctx.engine.seed, agreed);
     const reason = await this.dedupRefusal(h);
     this.kind = h.kind;
     const hook = this.ctx.tracing?.join(h.kind === "multifd" ? "multifd" : h.kind === "main" ? "main" : "unknown", this.since);
@@ -512,12 +561,13 @@ class InSession {
     const t0 = performance.now();
     const w0 = this.stats.drainWaitMs;
     if (f.type === SFrame.Raw || f.type === SFrame.RawZ) {
-      const b = f.type === SFrame.Raw ? f.payload : this.raw.unpack(f, this.toQemuMem);
+      const remote = f.type === SFrame.RawZ ? this.rebuilder : null;
+      const b = f.type === SFrame.Raw ? f.payload : remote ? await this.answerFor<Buffer>(f) : this.raw.unpack(f, this.toQemuMem);
       this.trace?.raw(b);
       this.check.add(b);
       this.check.flush();
       if (f.type === SFrame.Raw && f.mem) await this.toQemu(b, this.linkMem, f.mem);
-      else await this.toQemu(b);
+      else await this.toQemu(b, this.toQemuMem, b, remote ? () => remote.done(b) : undefined);
     } else if (f.type === SFrame.Refs || f.type === SFrame.MultifdRefs) await this.rebuildRefs(f);
     this.stats.busyMs += performance.now() - t0 - (this.stats.drainWaitMs - w0);
     if (f.type !== SFrame.End) return false;
@@ -539,14 +589,15 @@ class InSession {
     this.stats.streamToResumeMs = at - this.ctx.firstByteAt;
   }
 
-  /** Writes `buf` to QEMU; its memory (`from`, of `mem`) returns to `mem` once the socket took it. */
-  private async toQemu(buf: Buffer, mem = this.toQemuMem, from = buf): Promise<void> {
+  /** Writes `buf` to QEMU; its memory (`from`, of `mem`) returns to `mem` once the socket took it (a worker's: `written` is called then). */
+  private async toQemu(buf: Buffer, mem = this.toQemuMem, from = buf, written?: () => void): Promise<void> {
     const q = this.qemu!;
     if (this.ctx.firstByteAt === 0) this.ctx.firstByteAt = performance.now();
     this.stats.bytesToQemu += buf.length;
     this.streamBytes += buf.length;
     if (q.destroyed) throw new Error("the destination QEMU connection is closed");
-    mem.write(q, buf, from);
+    if (written) q.write(buf, () => written());
+    else mem.write(q, buf, from);
     // Let QEMU read while the next frames are rebuilt; wait only when far ahead.
     if (q.writableLength > 0 && q.writableLength < TO_QEMU_QUEUE_BYTES) {
       // The kernel's buffer is full (a unix socket holds about 0.26 MB): let the event loop refill it as QEMU
@@ -562,23 +613,17 @@ class InSession {
 
   /** Header + page per reference, in order; a page whose block did not verify is asked for again. */
   private async rebuildRefs(f: Frame): Promise<void> {
-    const { firstSeq, refs } = f.type === SFrame.MultifdRefs ? this.multifdRefs(f) : decodeRefs(f);
-    const n = refs.length;
-    if (n > MAX_REFS) throw new ProtocolError(`a REFS frame holds ${n} references; at most ${MAX_REFS}`);
-    const ok = this.verifier.verify(refs.map((r) => r.block), (i) => refs[i]!.hash);
-    let size = 0;
-    for (const ref of refs) size += ref.header.length + PAGE_SIZE;
-    const out = this.toQemuMem.take(size);
-    let pages = this.verifier.slots(n);
+    const { firstSeq, refs, channel } = decodeRefsFrame(f);
+    if (channel !== undefined) this.onMultifdChannel(channel);
+    const remote = this.rebuilder;
+    const { out, ok } = remote ? await this.answerFor<Rebuilt>(f) : rebuildRefs(this.verifier, refs, this.toQemuMem);
     const resent: number[] = [];
     let o = 0;
-    for (let i = 0; i < n; i++) {
+    for (let i = 0; i < refs.length; i++) {
       const ref = refs[i]!;
-      out.set(ref.header, o);
       o += ref.header.length;
       this.check.add(ref.header);
       if (ok[i]) {
-        out.set(pages.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), o);
         // the block's hash was verified equal to this one
         this.check.add(ref.hash);
         this.stats.twinsReplaced++;
@@ -589,15 +634,13 @@ class InSession {
         this.check.add(this.resentHash(ref.block, page, firstSeq + i));
         this.stats.resends++;
         resent.push(i);
-        // another session may have grown the core's memory meanwhile, which detaches older views
-        pages = this.verifier.slots(n);
       }
       o += PAGE_SIZE;
     }
     this.check.flush();
     this.trace?.refs(out, firstSeq, resent);
-    await this.toQemu(out);
-    this.sendLink(u32Frame(SFrame.Ack, firstSeq + n));
+    await this.toQemu(out, this.toQemuMem, out, remote ? () => remote.done(out) : undefined);
+    this.sendLink(u32Frame(SFrame.Ack, firstSeq + refs.length));
   }
 
   /** A resent page enters the end-to-end check by its hash, as the source took it (of the page it looked up). */
@@ -608,12 +651,10 @@ class InSession {
   }
 
   /** An MREFS frame: on a multifd session, and always for the same one of QEMU's channels. */
-  private multifdRefs(f: Frame): ReturnType<typeof decodeMultifdRefs> {
-    const r = decodeMultifdRefs(f);
+  private onMultifdChannel(channel: number): void {
     if (this.kind !== "multifd") throw new ProtocolError(`an MREFS frame on a session stream-out called ${printable(String(this.kind))}`);
-    if (this.multifdId >= 0 && r.channel !== this.multifdId) throw new ProtocolError(`an MREFS frame for multifd channel ${r.channel} on the session of channel ${this.multifdId}`);
-    this.multifdId = r.channel;
-    return r;
+    if (this.multifdId >= 0 && channel !== this.multifdId) throw new ProtocolError(`an MREFS frame for multifd channel ${channel} on the session of channel ${this.multifdId}`);
+    this.multifdId = channel;
   }
 
   /** Asks stream-out for page #seq (NEED) and waits for its RESEND. */

@@ -69,11 +69,7 @@ export class RawDecoder {
 
   /** A RAW_Z frame's bytes, decompressed into exactly the length it names (4 MiB at most). */
   unpack(f: Frame, alloc: FrameAlloc = HEAP_ALLOC): Buffer {
-    const { algorithmId, rawLength, packed } = decodeRawZ(f);
-    const algo = algorithmOfId(algorithmId);
-    if (!algo || !this.agreed.includes(algo)) {
-      throw new ProtocolError(`RAW_Z frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${this.agreed.join(", ") || "none"})`);
-    }
+    const { algo, rawLength, packed } = this.account(f);
     let d = this.decompressors.get(algo);
     if (!d) this.decompressors.set(algo, (d = createCompressor(algo)));
     const out = alloc.take(rawLength);
@@ -83,10 +79,20 @@ export class RawDecoder {
       alloc.release(out);
       throw new ProtocolError(`RAW_Z frame: ${(err as Error).message.replace(/^CompressedPages frame: /, "")}`);
     }
+    return out;
+  }
+
+  /** A RAW_Z frame's header, its algorithm checked as agreed, and counted (a rebuild worker decompresses it). */
+  account(f: Frame): { algo: CompressionAlgorithm; rawLength: number; packed: Buffer } {
+    const { algorithmId, rawLength, packed } = decodeRawZ(f);
+    const algo = algorithmOfId(algorithmId);
+    if (!algo || !this.agreed.includes(algo)) {
+      throw new ProtocolError(`RAW_Z frame uses algorithm ${algo ?? `#${algorithmId}`}, which was not agreed (agreed: ${this.agreed.join(", ") || "none"})`);
+    }
     this.stats.framesCompressed++;
     this.stats.bytesBefore += rawLength;
     this.stats.bytesAfter += packed.length;
     this.stats.algorithm = algo;
-    return out;
+    return { algo, rawLength, packed };
   }
 }

@@ -82,9 +82,14 @@ export class WorkerHandle {
     this.worker.postMessage(m, transfer);
   }
 
+  /** Asks the worker to let go of what it opened (files) and end; ends it anyway after a second. */
   async close(): Promise<void> {
     this.closing = true;
-    await this.worker.terminate();
+    const exited = new Promise((r) => this.worker.once("exit", r));
+    this.worker.postMessage({ t: "shutdown", id: 0 } satisfies Message);
+    const t = setTimeout(() => void this.worker.terminate(), 1000);
+    await exited;
+    clearTimeout(t);
   }
 
   private lost(why: string): void {
@@ -147,10 +152,13 @@ export interface Reply { answer: Message; transfer?: ArrayBuffer[] }
 
 /**
  * The worker's side: `setup` once (then "ready"), and each message handled
- * in order; a call's reply goes back (null: none is due, as for a message
- * told), a call that throws is answered with its error.
+ * in order (a handler may wait: the next message waits behind it); a call's
+ * reply goes back (null: none is due, as for a message told), a call that
+ * throws is answered with its error. "shutdown" (SessionWorkers.close)
+ * runs `teardown` and closes the port: the thread ends.
  */
-export async function serveSessions<T>(setup: () => Promise<T>, handle: (m: Message, state: T) => Reply | null, describe: (err: unknown, m: Message) => Message): Promise<void> {
+export async function serveSessions<T>(setup: () => Promise<T>, handle: (m: Message, state: T) => Reply | null | Promise<Reply | null>,
+  describe: (err: unknown, m: Message) => Message, teardown?: (state: T) => void): Promise<void> {
   if (isMainThread || !parentPort) return;
   const port = parentPort;
   let state: T;
@@ -160,14 +168,15 @@ export async function serveSessions<T>(setup: () => Promise<T>, handle: (m: Mess
     port.postMessage({ t: "error", id: 0, message: (err as Error).message } satisfies ErrorAnswer);
     return;
   }
+  let turn: Promise<void> = Promise.resolve();
+  const reply = (r: Reply | null) => { if (r) port.postMessage(r.answer, r.transfer ?? []); };
   port.on("message", (m: Message) => {
-    let r: Reply | null;
-    try {
-      r = handle(m, state);
-    } catch (err) {
-      r = { answer: describe(err, m) };
+    if (m.t === "shutdown") {
+      void turn.then(() => { teardown?.(state); port.close(); });
+      return;
     }
-    if (r) port.postMessage(r.answer, r.transfer ?? []);
+    // one message at a time, in the order they came: a handler that waits holds the later ones back
+    turn = turn.then(() => handle(m, state)).then(reply, (err: unknown) => reply({ answer: describe(err, m) }));
   });
   port.postMessage({ t: "ready", id: 0 });
 }

@@ -63,6 +63,7 @@ export const inSpec: CommandSpec = {
     qemu: { type: "string", help: "HOST:PORT or unix:PATH, the destination QEMU's -incoming address" },
     image: { type: "string", help: "the same disk image, as mounted on this host (read in the format its index records)" },
     index: { type: "string", help: "index file (default IMAGE.pagetwin-index; only its seed and id are read)" },
+    workers: { type: "string", default: "0", help: "worker threads that read and verify the NAS blocks of the references and decompress what came compressed, each with the image open; each multifd channel takes the least busy one, so the channels use more cores. 0: all on the main thread" },
     qmp: { type: "string", help: "the destination QEMU's QMP unix socket (optional): times endToResumeMs, from the end of the stream to the guest's RESUME" },
     ...traceOptions,
     ...securityOptions("stream-out", true),
@@ -76,6 +77,13 @@ it is reported (stats "refused") and stream-in waits for the real stream-out.
 
 ${SECURITY_NOTE}`,
 };
+
+/** --workers: threads, 0 for none. */
+function workersOf(v: Record<string, unknown>): number {
+  const workers = Number(v["workers"]);
+  if (!(Number.isInteger(workers) && workers >= 0)) throw new UsageError("--workers must be a whole number of threads (0: none)");
+  return workers;
+}
 
 /** --listen as stream options: a unix socket, or a host and port. */
 function listenAt(v: string | undefined, defHost: string, defPort: number): { listenSocket: string } | { listenHost: string; listenPort: number } {
@@ -196,8 +204,7 @@ export function runStreamOutCli(argv: string[]): Promise<number> {
     const queueMs = Number(v["queue-ms"]);
     if (!(queueMs > 0 && Number.isFinite(queueMs))) throw new UsageError("--queue-ms must be a positive number of milliseconds");
     const refreshRate = parseRate(v["refresh-rate"] as string, "--refresh-rate");
-    const workers = Number(v["workers"]);
-    if (!(Number.isInteger(workers) && workers >= 0)) throw new UsageError("--workers must be a whole number of threads (0: none)");
+    const workers = workersOf(v);
     const traces = await openTraceOutputs(v, (m) => process.stderr.write(`[pagetwin] ${m}\n`)); // the URL even with --quiet
     let proxy;
     try {
@@ -224,7 +231,7 @@ export function runStreamInCli(argv: string[]): Promise<number> {
     let proxy;
     try {
       proxy = await streamIn({
-        ...l, qemu, image, log, keep: Boolean(v["keep"]),
+        ...l, qemu, image, log, keep: Boolean(v["keep"]), workers: workersOf(v),
         ...(v["qmp"] ? { qmp: v["qmp"] as string } : {}),
         ...security(v), trace: traces.sinks,
         ...(v["index"] ? { indexPath: v["index"] as string } : {}),
