@@ -10,7 +10,7 @@
 //           (compression none) carrying the same pages in packets of 128,
 //           dealt round robin as QEMU deals them.
 // Layouts (and, with --baseline, another build's proxies; with --workers,
-// stream-out with that many encoder workers) alternate run by run. Printed: bytes on the link per byte of QEMU's stream, and each
+// both proxies with that many worker threads) alternate run by run. Printed: bytes on the link per byte of QEMU's stream, and each
 // proxy's CPU per GB of QEMU's stream (medians). --cpu-prof writes the
 // proxies' CPU profiles there.
 
@@ -117,7 +117,7 @@ async function feed(port: number, conns: Buffer[]): Promise<void> {
 
 export interface MultifdRow { build: string; layout: string; streamBytes: number; linkBytes: number; outCpuMs: number; inCpuMs: number; wallMs: number; twins: number; verified: boolean }
 
-interface Build { name: string; cli: string; outArgs: string[] }
+interface Build { name: string; cli: string; args: string[] }
 interface RunOptions { image: string; index: string; key: string; nodeArgs: string[] }
 
 async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOptions): Promise<MultifdRow> {
@@ -127,8 +127,8 @@ async function runOnce(build: Build, layout: string, conns: Buffer[], o: RunOpti
   const common = ["--image", o.image, "--index", o.index, "--psk-file", o.key, "--keep"];
   let pin: Proxy | null = null, pout: Proxy | null = null;
   try {
-    pin = await startProxy(build.cli, ["stream-in", "--listen", `127.0.0.1:${inPort}`, "--qemu", `127.0.0.1:${(sinkSrv.address() as net.AddressInfo).port}`, ...common], o.nodeArgs);
-    pout = await startProxy(build.cli, ["stream-out", "--listen", `127.0.0.1:${outPort}`, "--to", `127.0.0.1:${inPort}`, ...common, ...build.outArgs], o.nodeArgs);
+    pin = await startProxy(build.cli, ["stream-in", "--listen", `127.0.0.1:${inPort}`, "--qemu", `127.0.0.1:${(sinkSrv.address() as net.AddressInfo).port}`, ...common, ...build.args], o.nodeArgs);
+    pout = await startProxy(build.cli, ["stream-out", "--listen", `127.0.0.1:${outPort}`, "--to", `127.0.0.1:${inPort}`, ...common, ...build.args], o.nodeArgs);
     const cpu = new CpuMeter();
     cpu.start({ out: pout.child.pid, in: pin.child.pid });
     const t0 = performance.now();
@@ -189,7 +189,7 @@ export interface MultifdOptions {
   layouts?: string[];
   /** Another build's dist/src/cli/main.js, alternated with this one. */
   baseline?: string;
-  /** stream-out's --workers, each value a build of its own (default [0]). */
+  /** Both proxies' --workers, each value a build of its own (default [0]). */
   workers?: number[];
   cpuProf?: string;
   quiet?: boolean;
@@ -202,8 +202,8 @@ export async function benchMultifd(o: MultifdOptions = {}): Promise<{ rows: Mult
   const runs = o.runs ?? 3;
   const layouts = o.layouts ?? ["plain", "1", "2", "4"];
   const builds: Build[] = [
-    ...(o.workers ?? [0]).map((w) => ({ name: w ? `${w} workers` : "this build", cli: MAIN_JS, outArgs: w ? ["--workers", String(w)] : [] })),
-    ...(o.baseline ? [{ name: "baseline", cli: path.resolve(o.baseline), outArgs: [] }] : []),
+    ...(o.workers ?? [0]).map((w) => ({ name: w ? `${w} workers` : "this build", cli: MAIN_JS, args: w ? ["--workers", String(w)] : [] })),
+    ...(o.baseline ? [{ name: "baseline", cli: path.resolve(o.baseline), args: [] }] : []),
   ];
   if (!fs.existsSync(capturePath) || !image) {
     return { skipped: `needs a captured stream (--capture FILE; a guest's "migrate exec:cat > FILE", or stream-replay's) and its disk image (--image); have ${capturePath} ${image ?? "(no image)"}` };

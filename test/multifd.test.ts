@@ -267,6 +267,7 @@ for (const workers of [0, 2]) test(`proxies${workers ? `, ${workers} workers eac
     assert.ok(byId(0).equals(mf[0]!) && byId(1).equals(mf[1]!), "each multifd channel byte-identical");
     assert.deepEqual([so.multifd.channels, so.multifd.pages, so.multifd.twins, so.multifd.syncs], [2, 800, 400, 4]);
     assert.deepEqual([si.multifd.channels, si.multifd.twins], [2, 400]);
+    assert.deepEqual([so.workers, si.workers], [{ threads: workers, sessions: workers ? 3 : 0 }, { threads: workers, sessions: workers ? 3 : 0 }]);
     assert.equal(so.streamsVerified, 3);
     assert.equal(si.streamsVerified, 3);
     const raw = main.length + mf[0]!.length + mf[1]!.length;

@@ -74,7 +74,7 @@ async function migrate(channels: number, compression: "none" | "zstd" = "none", 
     }
     await dst.qmp.execute("migrate-incoming", { uri: `tcp:127.0.0.1:${qport}` });
     const traces = { out: [] as TraceRecord[], in: [] as TraceRecord[] };
-    const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${qport}`, image: nasImage, psk: TEST_KEY, trace: [{ write: (r) => traces.in.push(r) }] });
+    const si = await streamIn({ listenPort: 0, qemu: `127.0.0.1:${qport}`, image: nasImage, psk: TEST_KEY, workers, trace: [{ write: (r) => traces.in.push(r) }] });
     // compression fixed: "auto" weighs the measured link rate, and the comparison below is of bytes, not timing
     // a trace follows each page on the main thread: with workers, stream-out goes without one
     const so = await streamOut({
@@ -135,13 +135,14 @@ for (const channels of [0, 2, 4]) {
   });
 }
 
-test("real guest through the proxies, multifd with 2 channels on 2 encoder workers: counter goes on, every channel identical at both ends", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
+test("real guest through the proxies, multifd with 2 channels on 2 workers each side: counter goes on, every channel identical at both ends", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
   const { o, i, last, next } = await migrate(2, "none", 2);
   assert.equal(o.error, undefined);
   assert.equal(i.error, undefined);
   assert.ok(next > last);
   assert.equal(o.verdict, "verified");
   assert.deepEqual([o.sessions, o.streamsVerified, i.streamsVerified, o.multifd.channels], [3, 3, 3, 2]);
+  assert.deepEqual([o.workers, i.workers], [{ threads: 2, sessions: 3 }, { threads: 2, sessions: 3 }]);
   assert.equal(o.bytesFromQemu, i.bytesToQemu);
   assert.ok(o.multifd.twins > 0.3 * o.multifd.pages, `${o.multifd.twins} twins of ${o.multifd.pages} multifd pages`);
   assert.equal(i.multifd.twins, o.multifd.twins);

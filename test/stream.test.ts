@@ -311,6 +311,7 @@ for (const workers of [0, 1]) test(`proxies${workers ? ", a worker each" : ""}: 
     const { out, so, si } = await proxyCapture(data, img, nas, workers); // nas: the index from before the rewrite
     assert.equal(so.error, undefined);
     assert.ok(si.resends >= 1, `resends ${si.resends}`);
+    assert.deepEqual([so.workers.sessions, si.workers.sessions], [workers, workers]);
     assert.equal(so.resends, si.resends);
     assert.ok(out.equals(data), "rebuilt stream differs");
   } finally {

@@ -179,6 +179,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
     throw err;
   }
   const stats = newStats("stream-in");
+  stats.workers.threads = rebuilders?.size ?? 0;
   const ctx = inContext({ engine, image, indexId, indexError, indexPath, qemu, stats, log, watch, trace: opts.trace, rebuilders });
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   // serve() closes these when listening fails too
@@ -449,7 +450,10 @@ class InSession {
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const agreed = availableAlgorithms().filter((a) => offered.includes(a));
     this.raw = new RawDecoder(agreed, this.stats.compression);
-    if (this.ctx.rebuilders && !this.ctx.disks) this.rebuilder = this.ctx.rebuilders.open(this.ctx.engine.seed, agreed);
+    if (this.ctx.rebuilders && !this.ctx.disks) {
+      this.rebuilder = this.ctx.rebuilders.open(this.ctx.engine.seed, agreed);
+      this.stats.workers.sessions++;
+    }
     const reason = await this.dedupRefusal(h);
     this.kind = h.kind;
     const hook = this.ctx.tracing?.join(h.kind === "multifd" ? "multifd" : h.kind === "main" ? "main" : "unknown", this.since);

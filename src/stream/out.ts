@@ -206,6 +206,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
     engine: nas.engine, index: nas.index, indexId: nas.header.indexId, stats, log, to, security, watch, compress,
     windowPages: opts.windowPages, noDedup: opts.noDedup, bandwidth: opts.bandwidth, queueMs: opts.queueMs, trace: opts.trace, encoders,
   });
+  stats.workers.threads = encoders?.size ?? 0;
   // QEMU's side is local (loopback or a 0600 unix socket); the link to stream-in is what TLS covers
   const at: Endpoint = opts.listenSocket ? { kind: "unix", path: opts.listenSocket } : { kind: "tcp", host: opts.listenHost ?? "127.0.0.1", port: opts.listenPort ?? 0 };
   return serve({ at, security: { kind: "local" }, peer: "qemu" }, {
@@ -653,7 +654,10 @@ class OutSession {
     const warn = (w: string) => ctx.log.warn(`channel ${this.channel}: ${w}`, { channel: this.channel });
     // a worker's frames may arrive after the session failed: they go nowhere
     const io = { stats, meter: this.meter, receiver: this.receiver, emit: (f: Buffer, written?: () => void) => { if (!this.failure) this.sendLink(f, written); }, warn };
-    if (ctx.encoders && !this.trace) return ctx.encoders.open(cfg, io);
+    if (ctx.encoders && !this.trace) {
+      stats.workers.sessions++;
+      return ctx.encoders.open(cfg, io);
+    }
     this.lookup = ctx.lookup ? ctx.lookup() : new PageHasher(ctx.engine, ctx.index);
     const e = new StreamEncoder(cfg, { ...io, lookup: this.lookup, alloc: this.frameMem, trace: this.trace });
     // the trace follows QEMU's main stream (its rounds and records); multifd channels carry no sections

@@ -27,6 +27,10 @@ export class RebuildPool {
     return new RebuildPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-in's rebuilders"));
   }
 
+  get size(): number {
+    return this.workers.size;
+  }
+
   /** A session's rebuilder on the least busy worker: blocks verified with the index of `seed`, RAW_Z of the `agreed` algorithms. */
   open(seed: bigint, agreed: CompressionAlgorithm[]): RemoteRebuilder {
     return new RemoteRebuilder(this.workers.pick(), seed, agreed);

@@ -25,6 +25,8 @@ export interface StreamStats {
   returnBytes: number;
   /** Multifd channels (QEMU's `multifd` capability): connections, their pages, the twins among them, SYNC packets. */
   multifd: { channels: number; pages: number; twins: number; syncs: number };
+  /** Worker threads the proxy started (--workers), and the sessions whose per-byte work ran on one of them. */
+  workers: { threads: number; sessions: number };
   /** Why dedup was off for (part of) a stream, if it was. */
   passthrough: string[];
   warnings: string[];
@@ -89,7 +91,7 @@ export function verdictOf(s: StreamStats): Verdict {
 export function newStats(role: StreamStats["role"]): StreamStats {
   return {
     role, sessions: 0, pagesSeen: 0, zeroPages: 0, twinsReplaced: 0, resends: 0, bytesFromQemu: 0, bytesToQemu: 0,
-    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, multifd: { channels: 0, pages: 0, twins: 0, syncs: 0 }, passthrough: [], warnings: [], refused: [], ms: 0,
+    bytesOutLink: 0, bytesInLink: 0, returnBytes: 0, multifd: { channels: 0, pages: 0, twins: 0, syncs: 0 }, workers: { threads: 0, sessions: 0 }, passthrough: [], warnings: [], refused: [], ms: 0,
     busyMs: 0, drainWaitMs: 0, windowWaitMs: 0, linkWaitMs: 0, compression: emptyCompressionStats("auto"), frameCrc: true, streamsVerified: 0,
     streamsFailed: 0, verdict: "unknown", streamToVerdictMs: null, stopToVerdictMs: null, streamToEndMs: null, endToResumeMs: null, streamToResumeMs: null,
   };
