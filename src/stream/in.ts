@@ -225,6 +225,7 @@ class InSession {
   /** This session's worker (with a pool), and the frames handed to it as they arrived, by frame. */
   private rebuilder: RemoteRebuilder | null = null;
   private readonly ahead = new Map<Frame, Promise<Rebuilt | Buffer>>();
+  private readonly handing: Frame[] = [];
   /** Memory of the rebuilt stream on its way to QEMU, reused once the socket took it. */
   private readonly toQemuMem = new WriteRing(8 * 1024 * 1024);
   /** This session's own block buffers, in the engine of the index agreed in the handshake. */
@@ -351,6 +352,8 @@ class InSession {
   private onLinkData(chunk: Buffer): void {
     this.stats.bytesInLink += chunk.length;
     dispatch(this.reader, chunk, (f) => this.onFrame(f), (err, tellPeer) => this.fail(err, tellPeer));
+    // the frames of one read go to the worker in one message
+    if (this.handing.length) this.handOver();
   }
 
 
@@ -384,7 +387,7 @@ class InSession {
       case SFrame.End:
         if (f.type === SFrame.End) this.endReceived = true;
         if (this.rebuilder && f.type !== SFrame.Raw && f.type !== SFrame.End) {
-          const err = this.handOver(f, this.rebuilder);
+          const err = this.toHandOver(f);
           if (err) return err;
         }
         this.queue.push(f);
@@ -401,20 +404,27 @@ class InSession {
     }
   }
 
-  /** A REFS or RAW_Z frame goes to the session's worker as it arrives; drain() takes its answer in order. */
-  private handOver(f: Frame, r: RemoteRebuilder): Error | null {
-    let p: Promise<Rebuilt | Buffer>;
+  /** A REFS or RAW_Z frame goes to the session's worker as it arrives (with the others of its read); drain() takes its answer in order. */
+  private toHandOver(f: Frame): Error | null {
     if (f.type === SFrame.RawZ) {
       try {
         this.raw.account(f);
       } catch (err) {
         return err as Error;
       }
-      p = r.unpack(f);
-    } else p = r.refs(f);
-    p.catch(() => {}); // a failure reaches drain() when it comes to this frame, or the session has failed already
-    this.ahead.set(f, p);
+    }
+    this.handing.push(f);
     return null;
+  }
+
+  private handOver(): void {
+    const frames = this.handing.splice(0);
+    const answers = this.rebuilder!.frames(frames);
+    frames.forEach((f, i) => {
+      const p = answers.then((a) => a[i]!);
+      p.catch(() => {}); // a failure reaches drain() when it comes to this frame, or the session has failed already
+      this.ahead.set(f, p);
+    });
   }
 
   /** What the worker made of a frame handed over. */

@@ -9,14 +9,13 @@
 import type { DiskFormat } from "../adapters/nas/image.js";
 import type { CompressionAlgorithm } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
-import { SFrame } from "./frames.js";
 import type { Rebuilt } from "./rebuild.js";
 import { SessionWorkers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
 import type { FromRebuilder, RebuildError, RebuildWorkerData, ToRebuilder } from "./rebuild-worker.js";
 
 const WORKER_URL = new URL("./rebuild-worker.js", import.meta.url);
-/** Frames are copied into buffers at least this big, handed back and forth. */
-const INPUT_BYTES = 256 * 1024;
+/** Frames are copied into buffers at least this big, handed back and forth (a REFS frame is a few KB). */
+const INPUT_BYTES = 16 * 1024;
 
 export class RebuildPool {
   private constructor(private readonly workers: SessionWorkers) {}
@@ -51,21 +50,27 @@ export class RemoteRebuilder extends WorkerSession {
     this.tell({ t: "open", id: this.id, seed, agreed } satisfies ToRebuilder);
   }
 
-  /** A REFS or MREFS frame, rebuilt in the worker (its pages that did not verify are left to fill). */
-  async refs(f: Frame): Promise<Rebuilt> {
-    const m = await this.post("refs", f);
+  /** REFS, MREFS and RAW_Z frames, in one message: each REFS frame rebuilt (its pages that did not verify are left to fill), each RAW_Z frame's data decompressed. */
+  async frames(fs: readonly Frame[]): Promise<(Rebuilt | Buffer)[]> {
+    let n = 0;
+    for (const f of fs) n += f.payload.length;
+    const i = this.spare.findIndex((b) => b.byteLength >= n);
+    const payload = new Uint8Array(i >= 0 ? this.spare.splice(i, 1)[0]! : new ArrayBuffer(Math.max(n, INPUT_BYTES)), 0, n);
+    let at = 0;
+    for (const f of fs) { payload.set(f.payload, at); at += f.payload.length; }
+    const back = this.written.splice(0);
+    const msg: ToRebuilder = { t: "frames", id: this.id, types: fs.map((f) => f.type), lengths: fs.map((f) => f.payload.length), payload, back };
+    const m = await this.ask(msg, [payload.buffer as ArrayBuffer, ...back]) as FromRebuilder;
     if (m.t !== "rebuilt") throw new Error(`unexpected ${m.t}`);
-    return { out: Buffer.from(m.out.buffer, m.out.byteOffset, m.out.byteLength), ok: Array.from(m.ok, (x) => x === 1) };
+    this.spare.push(m.input);
+    return m.outs.map((o, k) => {
+      const out = Buffer.from(o.buffer, o.byteOffset, o.byteLength);
+      const ok = m.oks[k];
+      return ok ? { out, ok: Array.from(ok, (x) => x === 1) } : out;
+    });
   }
 
-  /** A RAW_Z frame's data, decompressed in the worker. */
-  async unpack(f: Frame): Promise<Buffer> {
-    const m = await this.post("rawz", f);
-    if (m.t !== "unpacked") throw new Error(`unexpected ${m.t}`);
-    return Buffer.from(m.out.buffer, m.out.byteOffset, m.out.byteLength);
-  }
-
-  /** `out` (from refs() or unpack()) was taken by QEMU's socket: its memory goes back to the worker. */
+  /** `out` (from frames()) was taken by QEMU's socket: its memory goes back to the worker. */
   done(out: Buffer): void {
     this.written.push(out.buffer as ArrayBuffer);
   }
@@ -79,14 +84,4 @@ export class RemoteRebuilder extends WorkerSession {
     return (m as RebuildError).protocol ? new ProtocolError(m.message) : new Error(m.message);
   }
 
-  private async post(t: "refs" | "rawz", f: Frame): Promise<FromRebuilder> {
-    if (t === "refs" && f.type !== SFrame.Refs && f.type !== SFrame.MultifdRefs) throw new Error(`${SFrame[f.type]} is not a REFS frame`);
-    const n = f.payload.length;
-    const payload = new Uint8Array(n <= INPUT_BYTES && this.spare.length ? this.spare.pop()! : new ArrayBuffer(Math.max(n, INPUT_BYTES)), 0, n);
-    payload.set(f.payload);
-    const back = this.written.splice(0);
-    const m = await this.ask({ t, id: this.id, type: f.type, payload, back } satisfies ToRebuilder, [payload.buffer as ArrayBuffer, ...back]) as FromRebuilder;
-    if ("input" in m && m.input.byteLength >= INPUT_BYTES) this.spare.push(m.input);
-    return m;
-  }
 }

@@ -13,6 +13,7 @@ import { ProtocolError, type Frame } from "../wire/envelope.js";
 import type { CompressionAlgorithm } from "../codec/compress.js";
 import { RawDecoder } from "./raw-codec.js";
 import { decodeRefsFrame, rebuildRefs } from "./rebuild.js";
+import { SFrame } from "./frames.js";
 import { emptyCompressionStats } from "../codec/compress.js";
 import { serveSessions, type Message, type Reply } from "./session-workers.js";
 import type { FrameAlloc } from "./write-ring.js";
@@ -24,12 +25,12 @@ export interface RebuildWorkerData {
 
 export type ToRebuilder =
   | { t: "open"; id: number; seed: bigint; agreed: CompressionAlgorithm[] }
-  | { t: "refs" | "rawz"; id: number; type: number; payload: Uint8Array; back: ArrayBuffer[] }
+  | { t: "frames"; id: number; types: number[]; lengths: number[]; payload: Uint8Array; back: ArrayBuffer[] }
   | { t: "close"; id: number };
 
 export type FromRebuilder =
-  | { t: "rebuilt"; id: number; out: Uint8Array; ok: Uint8Array; input: ArrayBuffer }
-  | { t: "unpacked"; id: number; out: Uint8Array; input: ArrayBuffer }
+  /** Per frame, its output, and (a REFS frame) which pages verified (1) and which are to fill (0). */
+  | { t: "rebuilt"; id: number; outs: Uint8Array[]; oks: (Uint8Array | null)[]; input: ArrayBuffer }
   | { t: "closed"; id: number }
   | RebuildError;
 
@@ -83,16 +84,18 @@ function handle(msg: Message, st: State): Reply | null {
     return { answer: { t: "closed", id: m.id } satisfies FromRebuilder };
   }
   s.spares.free.push(...m.back);
-  const f: Frame = { type: m.type, payload: Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength) };
   const input = m.payload.buffer as ArrayBuffer;
-  if (m.t === "rawz") {
-    const out = new Uint8Array(s.raw.unpack(f, s.spares));
-    return { answer: { t: "unpacked", id: m.id, out, input } satisfies FromRebuilder, transfer: [input, out.buffer as ArrayBuffer] };
-  }
-  const r = rebuildRefs(s.verifier, decodeRefsFrame(f).refs, s.spares);
-  const out = new Uint8Array(r.out.buffer, r.out.byteOffset, r.out.byteLength);
-  const ok = Uint8Array.from(r.ok, (x) => (x ? 1 : 0));
-  return { answer: { t: "rebuilt", id: m.id, out, ok, input } satisfies FromRebuilder, transfer: [input, out.buffer as ArrayBuffer] };
+  const outs: Uint8Array[] = [], oks: (Uint8Array | null)[] = [];
+  let at = m.payload.byteOffset;
+  m.types.forEach((type, k) => {
+    const f: Frame = { type, payload: Buffer.from(input, at, m.lengths[k]!) };
+    at += m.lengths[k]!;
+    const r = type === SFrame.RawZ ? null : rebuildRefs(s.verifier, decodeRefsFrame(f).refs, s.spares);
+    const out = r ? r.out : s.raw.unpack(f, s.spares);
+    outs.push(new Uint8Array(out.buffer, out.byteOffset, out.byteLength));
+    oks.push(r ? Uint8Array.from(r.ok, (x) => (x ? 1 : 0)) : null);
+  });
+  return { answer: { t: "rebuilt", id: m.id, outs, oks, input } satisfies FromRebuilder, transfer: [input, ...outs.map((o) => o.buffer as ArrayBuffer)] };
 }
 
 const d = workerData as RebuildWorkerData;
