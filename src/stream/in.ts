@@ -6,6 +6,9 @@
 // never used; the page is asked for again (NEED) and comes from stream-out's
 // replay window (RESEND). At END the whole stream handed to QEMU is checked
 // against the source's (length and CRC-32, inside the protected channel).
+// With --workers, the block reads and their verification (rebuild.ts) and
+// the decompression run on worker threads (rebuild-pool.ts); the session
+// keeps the order, the resends and the check.
 
 import type * as net from "node:net";
 import { once } from "node:events";

@@ -2,10 +2,12 @@
 //
 //   source QEMU --migrate tcp:--> streamOut ==link==> streamIn --> destination QEMU (-incoming tcp:)
 //
-// streamOut parses QEMU's stream (qemu-stream.ts), hashes every RAM page
+// Each session's codec (encoder.ts: on this thread, or on a worker's with
+// --workers) parses QEMU's stream (qemu-stream.ts), hashes every RAM page
 // record in batches in the core's memory, and replaces each page that has a
 // twin block on the NAS by a reference (the record's header, the block, the
-// page's hash). Every other byte travels raw. streamIn (in.ts) rebuilds the
+// page's hash). Every other byte travels raw. The session here owns the
+// sockets, the handshake, the pacing and stream-in's answers. streamIn (in.ts) rebuilds the
 // exact original stream from the NAS; a block that no longer matches is
 // asked for again (NEED), and streamOut answers from its replay window, where
 // it keeps every referenced page until streamIn acknowledges it. Bytes from
