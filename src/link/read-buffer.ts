@@ -39,19 +39,23 @@ type Handle = { useUserBuffer?: (b: Uint8Array) => void };
 /**
  * From now on `sock` (paused, not ended) reads into a buffer of `size`
  * bytes and hands each read to `onRead` (what it had buffered first).
- * False when this Node cannot: nothing changed, 'data' events go on.
+ * With a function instead of a size, each read goes into the memory it
+ * returns, asked for before the first read and right after each read's
+ * onRead (the read is then the caller's to keep). False when this Node
+ * cannot: nothing changed, 'data' events go on.
  */
-export function readIntoBuffer(sock: net.Socket, size: number, onRead: ReadCallback): boolean {
+export function readIntoBuffer(sock: net.Socket, size: number | (() => Uint8Array), onRead: ReadCallback): boolean {
   const h = findHooks();
   const handle = (sock as unknown as { _handle?: Handle | null })._handle;
   if (!h || typeof handle?.useUserBuffer !== "function" || sock.readableEnded) return false;
   // bytes the socket read before the switch come first
   for (let b = sock.read() as Buffer | null; b !== null; b = sock.read() as Buffer | null) onRead(b);
-  const buf = Buffer.allocUnsafeSlow(size);
+  const next = typeof size === "function" ? size : null;
+  const buf = next ? next() : Buffer.allocUnsafeSlow(size as number);
   const s = sock as unknown as Record<symbol, unknown>;
   s[h.buffer] = buf;
-  s[h.callback] = (n: number) => onRead(buf.subarray(0, n));
-  s[h.generator] = null;
+  s[h.callback] = (n: number, into: Uint8Array) => onRead(Buffer.from(into.buffer, into.byteOffset, n));
+  s[h.generator] = next;
   handle.useUserBuffer(buf);
   return true;
 }

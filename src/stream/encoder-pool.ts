@@ -8,9 +8,10 @@
 import type { Engine, TwinIndex } from "../core/engine.js";
 import { HASH_SIZE } from "../core/engine.js";
 import type { LinkRates } from "../link/rate.js";
-import type { EncoderConfig, SessionEncoder } from "./encoder.js";
+import type { EncoderConfig, ReadTarget, SessionEncoder } from "./encoder.js";
 import { addEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
 import { StreamFormatError } from "./qemu-stream.js";
+import { READ_BUFFER_BYTES } from "../link/read-buffer.js";
 import { SessionWorkers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
 import type { EncoderError, EncoderWorkerData, FromWorker, ToWorker } from "./encoder-worker.js";
 
@@ -56,19 +57,31 @@ export class EncoderPool {
 const BATCH_BYTES = 1 << 20;
 /** Batches a worker holds for a session before the next one waits on the main thread. */
 const IN_WORKER = 2;
+/** A read straight into a batch gets at least this much room; a batch with less left takes no more reads. */
+const MIN_READ = 128 * 1024;
 
-/** Chunks of QEMU's stream gathered in one buffer, encoded in one call. */
-class Batch {
-  used = 0;
+/** One message to the worker: the encode() calls whose chunks it carries wait for its answer. */
+class Post {
   first = true;
   readonly done: Promise<number>;
   resolve!: (bytes: number) => void;
   reject!: (e: Error) => void;
 
-  constructor(readonly buf: Uint8Array) {
+  constructor() {
     this.done = new Promise((res, rej) => { this.resolve = res; this.reject = rej; });
-    this.done.catch(() => {}); // the session hears of a failure through the call that made the batch
+    this.done.catch(() => {}); // the session hears of a failure through the call that made the post
   }
+}
+
+/** Chunks of QEMU's stream gathered in one buffer, encoded in one call (or, while the socket reads into it, a part at a time). */
+class Batch {
+  /** Bytes encode() has taken; bytes in it (read into it, or copied); bytes already posted as a copy. */
+  used = 0;
+  landed = 0;
+  sent = 0;
+  post = new Post();
+
+  constructor(readonly buf: Uint8Array) {}
 }
 
 /**
@@ -78,8 +91,17 @@ class Batch {
  * took them, go back and forth instead of being allocated anew (fresh memory
  * costs page faults at every chunk).
  */
-class RemoteEncoder extends WorkerSession implements SessionEncoder {
+class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget {
   seq = 0;
+  readonly reads: ReadTarget = this;
+  /** The batch QEMU's socket reads into (when it reads straight into the batches). */
+  private target: Batch | null = null;
+  /** Between a read landing and the socket asking for its next memory: the target may be handed over whole then. */
+  private inRead = false;
+  /** stream-in acknowledged every reference below this one (the worker hears with the next batch). */
+  private acked = 0;
+  /** A copy of the target's new bytes, due at the end of this turn of the event loop unless a read comes first. */
+  private copyLater: NodeJS.Immediate | null = null;
   private readonly batches: Batch[] = [];
   private inWorker = 0;
   private readonly spare: ArrayBuffer[] = [];
@@ -92,27 +114,57 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder {
     this.tell({ t: "open", id: this.id, cfg } satisfies ToWorker);
   }
 
-  /** Copies the chunk into the batch being gathered (the session's read buffer is read into again); resolves to the link bytes of the batch it starts. */
+  next(): Uint8Array {
+    this.inRead = false;
+    let b = this.target;
+    if (!b || b.buf.length - b.landed < MIN_READ) this.batches.push(b = this.target = new Batch(this.buffer(0)));
+    // reads no larger than the session's own (read-buffer.ts says why)
+    return b.buf.subarray(b.landed, b.landed + READ_BUFFER_BYTES);
+  }
+
+  landed(chunk: Buffer): void {
+    const b = this.target;
+    // what the socket held before reading into the batches is copied by encode()
+    if (!b || chunk.buffer !== b.buf.buffer) return;
+    if (chunk.byteOffset !== b.landed) throw new Error("stream-out: a read landed out of place in its batch");
+    b.landed += chunk.length;
+    this.inRead = true;
+  }
+
+  /**
+   * Takes a chunk into its batch: where it lies when the socket read it into one, else by a copy into the
+   * batch being gathered (the session's read buffer is read into again). Resolves to the link bytes of the
+   * post the chunk starts (0 for the others).
+   */
   encode(chunk: Buffer): Promise<number> {
     if (this.failure) return Promise.reject(this.failure);
-    let b = this.batches[this.batches.length - 1];
-    if (!b || b.used + chunk.length > b.buf.length) this.batches.push(b = new Batch(this.buffer(chunk.length)));
-    b.buf.set(chunk, b.used);
+    let b = this.batches.find((x) => x.buf.buffer === chunk.buffer);
+    if (b) {
+      if (chunk.byteOffset !== b.used) throw new Error("stream-out: chunks out of order in their batch");
+    } else {
+      if (this.target) throw new Error("stream-out: a chunk from outside the batches while the socket reads into them");
+      b = this.batches[this.batches.length - 1];
+      if (!b || b.landed + chunk.length > b.buf.length) this.batches.push(b = new Batch(this.buffer(chunk.length)));
+      b.buf.set(chunk, b.landed);
+      b.landed += chunk.length;
+    }
     b.used += chunk.length;
-    const first = b.first;
-    b.first = false;
+    const p = b.post;
+    const first = p.first;
+    p.first = false;
     this.send();
-    return first ? b.done : b.done.then(() => 0);
+    return first ? p.done : p.done.then(() => 0);
   }
 
   /** Null when another chunk may come now; else resolves once the gathered batches are down to one. */
   room(): Promise<void> | null {
-    if (this.batches.length <= 1 || this.failure) return null;
+    if (this.unsent() <= 1 || this.failure) return null;
     return new Promise((r) => { this.roomWaiter = r; });
   }
 
+  /** Goes with the next batch (the worker's window needs it no sooner: it encodes nothing before). */
   release(upTo: number): void {
-    this.tell({ t: "release", id: this.id, upTo } satisfies ToWorker);
+    this.acked = Math.max(this.acked, upTo);
   }
 
   async resend(seq: number): Promise<Buffer> {
@@ -122,7 +174,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder {
   }
 
   async finish(bytesFromQemu: number): Promise<Buffer> {
-    await Promise.all(this.batches.map((b) => b.done));
+    await Promise.all(this.batches.filter((b) => b.used > b.sent).map((b) => b.post.done));
     const m = await this.ask({ t: "finish", id: this.id, bytes: bytesFromQemu } satisfies ToWorker) as FromWorker;
     if (m.t !== "frame") throw new Error(`unexpected ${m.t}`);
     this.count(m.counts);
@@ -150,30 +202,53 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder {
   /** The worker is gone: every call fails, and every later one. */
   override lost(err: Error): void {
     super.lost(err);
-    for (const b of this.batches.splice(0)) b.reject(err);
+    for (const b of this.batches.splice(0)) b.post.reject(err);
     this.wakeRoom();
   }
 
-  /** Posts the oldest gathered batch while the worker holds fewer than IN_WORKER. */
-  private send(): void {
+  /**
+   * Posts the oldest gathered batch while the worker holds fewer than IN_WORKER, once every chunk in it was
+   * encoded. The batch the socket reads into goes whole only between a read and the socket's next(), which
+   * then gives it other memory. Any other time its new bytes wait for the socket's next read, or, if none
+   * comes in this turn of the event loop (QEMU may be waiting for them to arrive), go as a copy.
+   */
+  private send(copy = false): void {
     if (this.inWorker >= IN_WORKER || this.failure) return;
-    // the batch being gathered goes too: the worker has room for it now
-    const b = this.batches.shift();
-    if (!b) return;
+    const b = this.batches[0];
+    if (!b || b.used === b.sent || b.used !== b.landed) return;
+    const whole = b !== this.target || this.inRead;
+    if (!whole && !copy) {
+      if (!this.copyLater) this.copyLater = setImmediate(() => { this.copyLater = null; this.send(true); });
+      return;
+    }
+    const data = whole ? b.buf.subarray(b.sent, b.used) : this.buffer(0).subarray(0, b.used - b.sent);
+    if (!whole) data.set(b.buf.subarray(b.sent, b.used));
+    const p = b.post;
+    if (whole) {
+      this.batches.shift();
+      if (b === this.target) this.target = null;
+    } else {
+      b.sent = b.used;
+      b.post = new Post();
+    }
     this.inWorker++;
     this.wakeRoom();
-    const data = b.buf.subarray(0, b.used);
     const back = this.written.splice(0);
     const { meter, receiver } = this.io;
-    this.ask({ t: "chunk", id: this.id, data, back, rate: meter.rate, measured: meter.measured, busy: receiver.busy } satisfies ToWorker, [data.buffer as ArrayBuffer, ...back])
-      .then((m) => b.resolve(this.encoded(m as FromWorker)), (err: Error) => { this.failure ??= err; b.reject(err); for (const x of this.batches.splice(0)) x.reject(err); this.wakeRoom(); })
+    this.ask({ t: "chunk", id: this.id, data, back, acked: this.acked, rate: meter.rate, measured: meter.measured, busy: receiver.busy } satisfies ToWorker, [data.buffer as ArrayBuffer, ...back])
+      .then((m) => p.resolve(this.encoded(m as FromWorker)), (err: Error) => {
+        this.failure ??= err;
+        p.reject(err);
+        for (const x of this.batches.splice(0)) x.post.reject(err);
+        this.wakeRoom();
+      })
       .finally(() => { this.inWorker--; this.send(); });
   }
 
   /** A batch's answer: its frames to the link, its memory back to the spares; the link bytes. */
   private encoded(m: FromWorker): number {
     if (m.t !== "frames") throw new Error(`unexpected ${m.t}`);
-    this.spare.push(m.input);
+    if (m.input.byteLength >= BATCH_BYTES) this.spare.push(m.input);
     this.seq = m.seq;
     this.count(m.counts);
     if (!m.data) return 0;
@@ -187,8 +262,15 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder {
     return new Uint8Array(this.spare.pop() ?? new ArrayBuffer(BATCH_BYTES));
   }
 
+  /** Batches with bytes not posted yet. */
+  private unsent(): number {
+    let n = 0;
+    for (const b of this.batches) if (b.landed > b.sent) n++;
+    return n;
+  }
+
   private wakeRoom(): void {
-    if (this.roomWaiter && (this.batches.length <= 1 || this.failure)) { const w = this.roomWaiter; this.roomWaiter = null; w(); }
+    if (this.roomWaiter && (this.unsent() <= 1 || this.failure)) { const w = this.roomWaiter; this.roomWaiter = null; w(); }
   }
 
   private count(c: EncoderCounts | undefined): void {

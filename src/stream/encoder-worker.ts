@@ -23,8 +23,8 @@ export interface EncoderWorkerData {
 
 export type ToWorker =
   | { t: "open"; id: number; cfg: EncoderConfig }
-  | { t: "chunk"; id: number; data: Uint8Array; back: ArrayBuffer[]; rate: number; measured: number; busy: boolean }
-  | { t: "release"; id: number; upTo: number }
+  /** `acked`: stream-in acknowledged every reference below it (the window lets them go first). */
+  | { t: "chunk"; id: number; data: Uint8Array; back: ArrayBuffer[]; acked: number; rate: number; measured: number; busy: boolean }
   | { t: "resend"; id: number; seq: number }
   | { t: "finish"; id: number; bytes: number }
   | { t: "close"; id: number };
@@ -111,18 +111,13 @@ function handle(msg: Message, sessions: Map<number, Session>, index: TwinIndex):
     return null;
   }
   const s = sessions.get(m.id);
-  // a release is never answered (no call waits for it)
-  if (!s) return m.t === "release" ? null : { answer: { t: "error", id: m.id, message: `no encoder session ${m.id}`, format: false } satisfies FromWorker };
+  if (!s) return { answer: { t: "error", id: m.id, message: `no encoder session ${m.id}`, format: false } satisfies FromWorker };
   if (m.t === "close") {
     s.encoder.close();
     s.free();
     sessions.delete(m.id);
     const c = s.stats.compression;
     return { answer: { t: "closed", id: m.id, compressMBs: c.compressMBs, linkMBs: c.linkMBs } satisfies FromWorker };
-  }
-  if (m.t === "release") {
-    s.encoder.release(m.upTo);
-    return null;
   }
   if (s.failed) return { answer: { t: "error", id: m.id, message: "the encoder failed before", format: false } satisfies FromWorker };
   try {
@@ -133,9 +128,10 @@ function handle(msg: Message, sessions: Map<number, Session>, index: TwinIndex):
   }
 }
 
-function answer(m: Exclude<ToWorker, { t: "open" | "close" | "release" }>, s: Session): Reply {
+function answer(m: Exclude<ToWorker, { t: "open" | "close" }>, s: Session): Reply {
   if (m.t === "chunk") {
     Object.assign(s.seen, { rate: m.rate, measured: m.measured, busy: m.busy });
+    s.encoder.release(m.acked);
     s.spare.push(...m.back);
     s.encoder.encode(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
     const data = s.take();

@@ -60,11 +60,21 @@ export interface SessionEncoder {
   encode(chunk: Buffer): void | Promise<number>;
   /** A worker's: null when it takes another chunk now, else resolves when it does (QEMU's socket waits meanwhile). */
   room?(): Promise<void> | null;
+  /** A worker's: QEMU's socket may read straight into the memory it hands to the worker. */
+  readonly reads?: ReadTarget;
   release(upTo: number): void;
   resend(seq: number): Buffer | Promise<Buffer>;
   finish(bytesFromQemu: number): Buffer | Promise<Buffer>;
   /** The session is over: the compressor's rates go into the stats, memory is freed. */
   close(): void | Promise<void>;
+}
+
+/** Where a session's socket reads go, when its encoder gives the memory (read-buffer.ts' function form). */
+export interface ReadTarget {
+  /** Memory for the next read (asked for right after each read, and before the first). */
+  next(): Uint8Array;
+  /** A read landed (in the memory next() gave, or anywhere for what the socket held before). */
+  landed(chunk: Buffer): void;
 }
 
 export class StreamEncoder implements SessionEncoder {

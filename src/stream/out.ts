@@ -527,6 +527,9 @@ class OutSession {
    * parser and the replay window keep copies of what they hold on to.
    */
   private startReading(): void {
+    // a worker's encoder: reads land straight in the memory it hands over, each the encoder's to keep
+    const reads = this.encoder?.reads;
+    if (reads && readIntoBuffer(this.qemu, () => reads.next(), (chunk) => { reads.landed(chunk); return this.onQemuData(chunk); })) return;
     if (!readIntoBuffer(this.qemu, READ_BUFFER_BYTES, (chunk) => this.onQemuData(chunk, true))) {
       this.qemu.on("data", (chunk: Buffer) => this.onQemuData(chunk));
       return;
