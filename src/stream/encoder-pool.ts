@@ -12,7 +12,7 @@ import type { EncoderConfig, ReadTarget, SessionEncoder } from "./encoder.js";
 import { addEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
 import { StreamFormatError } from "./qemu-stream.js";
 import { READ_BUFFER_BYTES } from "../link/read-buffer.js";
-import { SessionWorkers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
+import { SessionWorkers, SpareBuffers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
 import type { EncoderError, EncoderWorkerData, FromWorker, ToWorker } from "./encoder-worker.js";
 
 /** What a session lends its encoder (encoder.ts' EncoderParts, less what the worker has of its own). */
@@ -86,10 +86,10 @@ class Batch {
 
 /**
  * A session's encoder in a worker: each call posts, each answer resolves the
- * oldest call. Chunks gather into batches while the worker has IN_WORKER of
- * them; the batches' memory, and the worker's output buffers once the link
- * took them, go back and forth instead of being allocated anew (fresh memory
- * costs page faults at every chunk).
+ * oldest call. QEMU's socket reads into the batches (ReadTarget), which
+ * gather reads while the worker has IN_WORKER of them; the batches' memory,
+ * and the worker's output buffers once the link took them, go back and
+ * forth (SpareBuffers).
  */
 class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget {
   seq = 0;
@@ -104,7 +104,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
   private copyLater: NodeJS.Immediate | null = null;
   private readonly batches: Batch[] = [];
   private inWorker = 0;
-  private readonly spare: ArrayBuffer[] = [];
+  private readonly spare = new SpareBuffers(BATCH_BYTES);
   /** The worker's output buffers the link has taken, to hand back with the next batch. */
   private readonly written: ArrayBuffer[] = [];
   private roomWaiter: (() => void) | null = null;
@@ -117,7 +117,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
   next(): Uint8Array {
     this.inRead = false;
     let b = this.target;
-    if (!b || b.buf.length - b.landed < MIN_READ) this.batches.push(b = this.target = new Batch(this.buffer(0)));
+    if (!b || b.buf.length - b.landed < MIN_READ) this.batches.push(b = this.target = new Batch(new Uint8Array(this.spare.take(0))));
     // reads no larger than the session's own (read-buffer.ts says why)
     return b.buf.subarray(b.landed, b.landed + READ_BUFFER_BYTES);
   }
@@ -144,7 +144,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
     } else {
       if (this.target) throw new Error("stream-out: a chunk from outside the batches while the socket reads into them");
       b = this.batches[this.batches.length - 1];
-      if (!b || b.landed + chunk.length > b.buf.length) this.batches.push(b = new Batch(this.buffer(chunk.length)));
+      if (!b || b.landed + chunk.length > b.buf.length) this.batches.push(b = new Batch(new Uint8Array(this.spare.take(chunk.length))));
       b.buf.set(chunk, b.landed);
       b.landed += chunk.length;
     }
@@ -221,7 +221,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
       if (!this.copyLater) this.copyLater = setImmediate(() => { this.copyLater = null; this.send(true); });
       return;
     }
-    const data = whole ? b.buf.subarray(b.sent, b.used) : this.buffer(0).subarray(0, b.used - b.sent);
+    const data = whole ? b.buf.subarray(b.sent, b.used) : new Uint8Array(this.spare.take(b.used - b.sent), 0, b.used - b.sent);
     if (!whole) data.set(b.buf.subarray(b.sent, b.used));
     const p = b.post;
     if (whole) {
@@ -248,18 +248,13 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
   /** A batch's answer: its frames to the link, its memory back to the spares; the link bytes. */
   private encoded(m: FromWorker): number {
     if (m.t !== "frames") throw new Error(`unexpected ${m.t}`);
-    if (m.input.byteLength >= BATCH_BYTES) this.spare.push(m.input);
+    this.spare.give(m.input);
     this.seq = m.seq;
     this.count(m.counts);
     if (!m.data) return 0;
     const out = m.data;
     this.io.emit(Buffer.from(out.buffer, out.byteOffset, out.byteLength), () => this.written.push(out.buffer as ArrayBuffer));
     return out.byteLength;
-  }
-
-  private buffer(n: number): Uint8Array {
-    if (n > BATCH_BYTES) return new Uint8Array(n);
-    return new Uint8Array(this.spare.pop() ?? new ArrayBuffer(BATCH_BYTES));
   }
 
   /** Batches with bytes not posted yet. */

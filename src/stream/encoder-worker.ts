@@ -11,7 +11,7 @@ import { StreamEncoder, type EncoderConfig } from "./encoder.js";
 import { PageHasher } from "./hasher.js";
 import { WriteRing } from "./write-ring.js";
 import { newStats, takeEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
-import { serveSessions, type Message, type Reply } from "./session-workers.js";
+import { SpareBuffers, serveSessions, type Message, type Reply } from "./session-workers.js";
 
 export interface EncoderWorkerData {
   seed: bigint;
@@ -60,7 +60,7 @@ class Session {
   private readonly lookup: PageHasher;
   private readonly ring = new WriteRing(8 * 1024 * 1024);
   /** Output buffers the session's link has taken, to fill again. */
-  readonly spare: ArrayBuffer[] = [];
+  readonly spare = new SpareBuffers(OUT_BYTES);
   failed = false;
 
   constructor(cfg: EncoderConfig, index: TwinIndex) {
@@ -77,8 +77,7 @@ class Session {
   /** The frames emitted since the last call, in one buffer of their own (to transfer). */
   take(): Uint8Array | null {
     if (!this.bytes) return null;
-    const i = this.spare.findIndex((b) => b.byteLength >= this.bytes);
-    const out = new Uint8Array(i >= 0 ? this.spare.splice(i, 1)[0]! : new ArrayBuffer(Math.max(this.bytes, OUT_BYTES)), 0, this.bytes);
+    const out = new Uint8Array(this.spare.take(this.bytes), 0, this.bytes);
     let at = 0;
     for (const f of this.frames) {
       out.set(f, at);
@@ -132,7 +131,7 @@ function answer(m: Exclude<ToWorker, { t: "open" | "close" }>, s: Session): Repl
   if (m.t === "chunk") {
     Object.assign(s.seen, { rate: m.rate, measured: m.measured, busy: m.busy });
     s.encoder.release(m.acked);
-    s.spare.push(...m.back);
+    s.spare.give(...m.back);
     s.encoder.encode(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
     const data = s.take();
     const a: FromWorker = { t: "frames", id: m.id, data, input: m.data.buffer as ArrayBuffer, seq: s.encoder.seq, counts: takeEncoderCounts(s.stats) };

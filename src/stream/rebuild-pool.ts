@@ -10,7 +10,7 @@ import type { DiskFormat } from "../adapters/nas/image.js";
 import type { CompressionAlgorithm } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
 import type { Rebuilt } from "./rebuild.js";
-import { SessionWorkers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
+import { SessionWorkers, SpareBuffers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
 import type { FromRebuilder, RebuildError, RebuildWorkerData, ToRebuilder } from "./rebuild-worker.js";
 
 const WORKER_URL = new URL("./rebuild-worker.js", import.meta.url);
@@ -41,7 +41,7 @@ export class RebuildPool {
 }
 
 export class RemoteRebuilder extends WorkerSession {
-  private readonly spare: ArrayBuffer[] = [];
+  private readonly spare = new SpareBuffers(INPUT_BYTES);
   /** Output buffers QEMU's socket has taken, to hand back with the next frame. */
   private readonly written: ArrayBuffer[] = [];
 
@@ -54,15 +54,14 @@ export class RemoteRebuilder extends WorkerSession {
   async frames(fs: readonly Frame[]): Promise<(Rebuilt | Buffer)[]> {
     let n = 0;
     for (const f of fs) n += f.payload.length;
-    const i = this.spare.findIndex((b) => b.byteLength >= n);
-    const payload = new Uint8Array(i >= 0 ? this.spare.splice(i, 1)[0]! : new ArrayBuffer(Math.max(n, INPUT_BYTES)), 0, n);
+    const payload = new Uint8Array(this.spare.take(n), 0, n);
     let at = 0;
     for (const f of fs) { payload.set(f.payload, at); at += f.payload.length; }
     const back = this.written.splice(0);
     const msg: ToRebuilder = { t: "frames", id: this.id, types: fs.map((f) => f.type), lengths: fs.map((f) => f.payload.length), payload, back };
     const m = await this.ask(msg, [payload.buffer as ArrayBuffer, ...back]) as FromRebuilder;
     if (m.t !== "rebuilt") throw new Error(`unexpected ${m.t}`);
-    this.spare.push(m.input);
+    this.spare.give(m.input);
     return m.outs.map((o, k) => {
       const out = Buffer.from(o.buffer, o.byteOffset, o.byteLength);
       const ok = m.oks[k];

@@ -15,7 +15,7 @@ import { RawDecoder } from "./raw-codec.js";
 import { decodeRefsFrame, rebuildRefs } from "./rebuild.js";
 import { SFrame } from "./frames.js";
 import { emptyCompressionStats } from "../codec/compress.js";
-import { serveSessions, type Message, type Reply } from "./session-workers.js";
+import { SpareBuffers, serveSessions, type Message, type Reply } from "./session-workers.js";
 import type { FrameAlloc } from "./write-ring.js";
 
 export interface RebuildWorkerData {
@@ -42,12 +42,10 @@ const OUT_BYTES = 256 * 1024;
 
 /** Output memory from the buffers the session handed back, else new (each is transferred whole). */
 class Spares implements FrameAlloc {
-  readonly free: ArrayBuffer[] = [];
+  readonly buffers = new SpareBuffers(OUT_BYTES);
 
   take(n: number): Buffer {
-    const i = this.free.findIndex((b) => b.byteLength >= n);
-    const ab = i >= 0 ? this.free.splice(i, 1)[0]! : new ArrayBuffer(Math.max(n, OUT_BYTES));
-    return Buffer.from(ab, 0, n);
+    return Buffer.from(this.buffers.take(n), 0, n);
   }
 
   trim(buf: Buffer, used: number): Buffer {
@@ -55,7 +53,7 @@ class Spares implements FrameAlloc {
   }
 
   release(buf: Buffer): void {
-    this.free.push(buf.buffer as ArrayBuffer);
+    this.buffers.give(buf.buffer as ArrayBuffer);
   }
 }
 
@@ -83,7 +81,7 @@ function handle(msg: Message, st: State): Reply | null {
     st.sessions.delete(m.id);
     return { answer: { t: "closed", id: m.id } satisfies FromRebuilder };
   }
-  s.spares.free.push(...m.back);
+  s.spares.buffers.give(...m.back);
   const input = m.payload.buffer as ArrayBuffer;
   const outs: Uint8Array[] = [], oks: (Uint8Array | null)[] = [];
   let at = m.payload.byteOffset;

@@ -98,6 +98,26 @@ export class WorkerHandle {
   }
 }
 
+/**
+ * Memory handed back and forth with a worker (transferred, then handed back
+ * once used): a spare buffer that fits, else a new one of at least `min`
+ * bytes, so that it fits again (fresh memory costs page faults every time).
+ */
+export class SpareBuffers {
+  private readonly free: ArrayBuffer[] = [];
+
+  constructor(private readonly min: number) {}
+
+  take(n: number): ArrayBuffer {
+    const i = this.free.findIndex((b) => b.byteLength >= n);
+    return i >= 0 ? this.free.splice(i, 1)[0]! : new ArrayBuffer(Math.max(n, this.min));
+  }
+
+  give(...buffers: ArrayBuffer[]): void {
+    this.free.push(...buffers);
+  }
+}
+
 type Waiter = { resolve: (m: Message) => void; reject: (e: Error) => void };
 
 /** A session's side of its worker: ask() posts a call and resolves with its answer. */
