@@ -436,7 +436,9 @@ test("stream mode, auto: a destination slower than the link gets RAW frames (str
     assert.equal(s.rawReceiverBusy, 0, JSON.stringify(s));
     assert.ok(s.framesCompressed > s.framesRaw, JSON.stringify(s));
     assert.ok(slow.si.linkWaitMs > slow.si.ms / 4, `stream-in waited ${slow.si.linkWaitMs} of ${slow.si.ms} ms for the link`);
-    assert.ok(slow.so.bytesOutLink < busy.so.bytesOutLink * 0.9, `${slow.so.bytesOutLink} vs ${busy.so.bytesOutLink} bytes on the link`);
+    // the pages compress about 2:1; how many of the busy run's first frames compressed depends on scheduling,
+    // so the slow run's bytes are weighed against the stream, not against the busy run
+    assert.ok(slow.so.bytesOutLink < stream.length * 0.6, `${slow.so.bytesOutLink} bytes on the link for ${stream.length}`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
