@@ -70,6 +70,8 @@ export interface ReplayResult {
   linkBytes: number | null;
   /** stream-out's compression record in the last replay through this build's proxies (frames compressed or raw, and why). */
   compression: Record<string, unknown> | null;
+  /** Where stream-out's time went in that replay, ms (its stats' busyMs, drainWaitMs, windowWaitMs). */
+  streamOut: { busyMs: number; drainWaitMs: number; windowWaitMs: number } | null;
   /** Median CPU seconds per GB (1e9 bytes) of QEMU's stream, per variant and hop. */
   sPerGB: Record<string, { first: number; second: number }>;
   /** Each proxy variant over the relays: first hop, second hop. */
@@ -321,8 +323,11 @@ async function measure(variants: Variant[], s: Setup, rounds: number, log: (m: s
   if (twinsReplaced !== null && linkBytes !== null) {
     log(`  through the proxies: ${twinsReplaced} pages travelled as references, ${(linkBytes / 1e6).toFixed(1)} MB on the link (${(linkBytes / s.capture.bytes).toFixed(3)} of QEMU's stream); output identical to the capture`);
   }
+  const num = (k: string): number => (typeof stats?.[k] === "number" ? stats[k] as number : 0);
+  const times = stats ? { busyMs: num("busyMs"), drainWaitMs: num("drainWaitMs"), windowWaitMs: num("windowWaitMs") } : null;
+  if (times) log(`  stream-out in its last replay: busy ${times.busyMs.toFixed(0)} ms, waiting for stream-in ${times.drainWaitMs.toFixed(0)} ms, for the replay window ${times.windowWaitMs.toFixed(0)} ms`);
   return {
-    streamBytes: s.capture.bytes, sPerGB, ratios, twinsReplaced, linkBytes,
+    streamBytes: s.capture.bytes, sPerGB, ratios, twinsReplaced, linkBytes, streamOut: times,
     compression: (stats?.["compression"] as Record<string, unknown> | undefined) ?? null,
   };
 }
