@@ -39,6 +39,7 @@ import { QEVM_MAGIC } from "../src/stream/qemu-stream.js";
 const MAIN_JS = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 const RELAY_JS = fileURLToPath(new URL("../src/compare/pipe-relay.js", import.meta.url));
 const CPU_PRELOAD = pathToFileURL(fileURLToPath(new URL("./cpu-at-exit.js", import.meta.url))).href;
+/** The test guest's RAM when no other size is asked for (--mem). */
 const MEMORY_MIB = 512;
 
 export interface ReplayOptions {
@@ -55,6 +56,8 @@ export interface ReplayOptions {
   only?: string[];
   /** Directory for the proxies' --cpu-prof profiles. */
   cpuProf?: string;
+  /** The test guest's RAM, MiB (default 512): its stream is captured once per size. */
+  memoryMiB?: number;
   guest?: GuestImage;
   quiet?: boolean;
 }
@@ -79,16 +82,16 @@ export interface ReplayResult {
 }
 
 /** The cached capture of the guest's stream, made now if missing. */
-export async function captureStream(guest: GuestImage, log: (m: string) => void): Promise<string> {
+export async function captureStream(guest: GuestImage, log: (m: string) => void, memoryMiB = MEMORY_MIB): Promise<string> {
   const cacheDir = path.dirname(path.dirname(guest.disk));
-  const file = path.join(cacheDir, "stream-replay", `guest-${MEMORY_MIB}.qemu-stream`);
+  const file = path.join(cacheDir, "stream-replay", `guest-${memoryMiB}.qemu-stream`);
   if (fs.existsSync(file)) return file;
   fs.mkdirSync(path.dirname(file), { recursive: true });
   const work = fs.mkdtempSync(path.join(os.tmpdir(), "pt-replay-"));
   const tmp = `${file}.${process.pid}.tmp`;
   log(`capturing the guest's migration stream into ${file} (once)`);
   const vm = await QemuVm.start({
-    ...guest, memoryMiB: MEMORY_MIB, memPath: `/dev/shm/pt-replay-${process.pid}`,
+    ...guest, memoryMiB, memPath: `/dev/shm/pt-replay-${process.pid}`,
     qmpSocket: path.join(work, "qmp"), serialLog: path.join(work, "serial.log"), name: "pt-replay",
   });
   try {
@@ -251,6 +254,7 @@ async function replayOnce(v: Variant, s: Setup): Promise<Replay & { stats?: Reco
 /** The capture to replay and the disk its pages are twins of: the test guest's (captured now if missing), or the user's. */
 async function source(o: ReplayOptions, log: (m: string) => void): Promise<{ capture: Capture; disk: string; what: string } | { skipped: string }> {
   if (o.stream || o.image) {
+    if (o.memoryMiB !== undefined) throw new RangeError("bench: --mem sizes the test guest; a capture of your own (--stream) is the size it is");
     if (!o.stream || !o.image) throw new RangeError("bench: --stream FILE and --image DISK go together (the capture, and the disk its guest ran on)");
     for (const f of [o.stream, o.image]) if (!fs.statSync(f, { throwIfNoEntry: false })?.isFile()) throw new Error(`bench: ${f}: no such file`);
     const head = readAt(fs.openSync(o.stream, "r"), Buffer.alloc(4), 4, 0, true);
@@ -261,8 +265,9 @@ async function source(o: ReplayOptions, log: (m: string) => void): Promise<{ cap
   }
   const guest = o.guest ?? findGuest();
   if (!guest) return { skipped: "the guest is not built (scripts/build-guest.sh)" };
-  const file = await captureStream(guest, log);
-  return { capture: { file, bytes: fs.statSync(file).size }, disk: guest.disk, what: `the test guest's (${MEMORY_MIB} MiB)` };
+  const mem = o.memoryMiB ?? MEMORY_MIB;
+  const file = await captureStream(guest, log, mem);
+  return { capture: { file, bytes: fs.statSync(file).size }, disk: guest.disk, what: `the test guest's (${mem} MiB)` };
 }
 
 export async function benchStreamReplay(o: ReplayOptions = {}): Promise<ReplayResult | { skipped: string }> {
@@ -339,6 +344,8 @@ byte for byte against the capture; prints each process's CPU per GB of QEMU's st
                     QMP {"execute":"migrate","arguments":{"uri":"exec:cat > FILE"}} on the running guest (it stays paused
                     after: "cont" resumes it); needs --image
   --image DISK      the disk image (raw or qcow2) that guest ran on; its block index is built in a temporary directory
+  --mem MIB         the test guest's RAM (default 512): a bigger guest's stream holds more zero pages and more of
+                    its kernel's own memory; captured once per size (needs MIB of free RAM, and QEMU, the first time)
   --rounds N        rounds of every variant (medians; default 3)
   --only LIST       variants, comma-separated: relays, proxies, plain (proxies --no-dedup --compress off), baseline, out-args
   --baseline MAIN   another build's dist/src/cli/main.js: its proxies as a variant (before and after in one run)
@@ -350,7 +357,7 @@ byte for byte against the capture; prints each process's CPU per GB of QEMU's st
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
-      stream: { type: "string" }, image: { type: "string" }, rounds: { type: "string", default: "3" }, only: { type: "string" },
+      stream: { type: "string" }, image: { type: "string" }, mem: { type: "string" }, rounds: { type: "string", default: "3" }, only: { type: "string" },
       baseline: { type: "string" }, "out-args": { type: "string" }, "cpu-prof": { type: "string" }, json: { type: "boolean" }, help: { type: "boolean", short: "h" },
     },
   });
@@ -360,8 +367,10 @@ async function main(): Promise<void> {
   }
   const rounds = Number(values.rounds);
   if (!Number.isInteger(rounds) || rounds < 1) throw new RangeError(`bench: --rounds ${values.rounds}: a whole number of at least 1`);
+  const mem = values.mem === undefined ? undefined : Number(values.mem);
+  if (mem !== undefined && !(Number.isInteger(mem) && mem >= 64)) throw new RangeError(`bench: --mem ${values.mem}: a whole number of MiB, at least 64`);
   const r = await benchStreamReplay({
-    rounds, quiet: !!values.json,
+    rounds, quiet: !!values.json, ...(mem !== undefined ? { memoryMiB: mem } : {}),
     ...(values.stream ? { stream: values.stream } : {}), ...(values.image ? { image: values.image } : {}),
     ...(values.baseline ? { baseline: values.baseline } : {}), ...(values["out-args"] ? { outArgs: values["out-args"].split(" ") } : {}),
     ...(values.only ? { only: values.only.split(",") } : {}), ...(values["cpu-prof"] ? { cpuProf: path.resolve(values["cpu-prof"]) } : {}),

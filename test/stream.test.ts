@@ -277,6 +277,9 @@ test("the replay bench on a capture and disk given to it (--stream, --image): ou
   assert.ok(res.linkBytes < 0.6 * res.streamBytes, `link ${res.linkBytes} of ${res.streamBytes}`);
   for (const v of ["relays", "proxies"]) assert.ok(res.sPerGB[v]!.first > 0 && res.sPerGB[v]!.second > 0, JSON.stringify(res.sPerGB));
   assert.ok(res.ratios["proxies"]!.first > 0);
+  // where stream-out's time went: busy (it rewrote the stream), and waits that cannot exceed the replay
+  const so = (res as unknown as { streamOut: { busyMs: number; drainWaitMs: number; windowWaitMs: number } }).streamOut;
+  assert.ok(so.busyMs > 0 && so.drainWaitMs >= 0 && so.windowWaitMs >= 0, JSON.stringify(so));
   t.diagnostic(`proxies over relays: ${res.ratios["proxies"]!.first.toFixed(2)}x (first hop)`);
   // not a capture: refused with a clear error before anything starts; a capture without its disk: a usage error
   const notQemu = run(["--stream", nasImage, "--image", nasImage, "--only", "proxies"]);
@@ -285,6 +288,13 @@ test("the replay bench on a capture and disk given to it (--stream, --image): ou
   const noDisk = run(["--stream", capture]);
   assert.equal(noDisk.status, 2);
   assert.match(noDisk.stderr, /--stream FILE and --image DISK go together/);
+  // --mem sizes the test guest only, and only in whole MiB
+  const memOfCapture = run(["--stream", capture, "--image", nasImage, "--mem", "1024"]);
+  assert.equal(memOfCapture.status, 2);
+  assert.match(memOfCapture.stderr, /--mem sizes the test guest/);
+  const badMem = run(["--mem", "0.5"]);
+  assert.equal(badMem.status, 2);
+  assert.match(badMem.stderr, /--mem 0\.5: a whole number of MiB/);
 });
 
 for (const workers of [0, 1]) test(`proxies${workers ? ", a worker each" : ""}: a NAS block rewritten after indexing takes the resend path, stream still byte-identical`, { skip: skipReal, timeout: 180_000 }, async () => {
