@@ -130,6 +130,7 @@ export class IncomingMigration {
       disks: {
         refusal: () => anyDedup ? null : `no disk of migration ${p.migration} has the source's index here: ${answers.map((a) => a.reason).join("; ")}`,
         verifier: () => new MultiDiskVerifier(dest, record.twins),
+        seeds: dest.map((d) => d.engine.seed),
       },
     });
     const { proxy, add } = adopt({

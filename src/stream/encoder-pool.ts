@@ -27,16 +27,24 @@ export interface EncoderIo {
 
 const WORKER_URL = new URL("./encoder-worker.js", import.meta.url);
 
-export class EncoderPool {
-  private constructor(private readonly workers: SessionWorkers) {}
+/**
+ * A disk the workers look pages up in: its index (of `blocks` blocks, hashed with `engine`'s seed), where its
+ * blocks start in the migration's numbering (disks.ts; 0 for stream-out's one disk), and where its twins count.
+ */
+export interface PoolDisk { engine: Engine; index: TwinIndex; blocks: number; offset: number; slot: number }
 
-  /** `size` workers, each with a copy of `index` (of `blocks` blocks, hashed with `engine`'s seed). */
-  static async create(size: number, engine: Engine, index: TwinIndex, blocks: number): Promise<EncoderPool> {
-    const records = new SharedArrayBuffer(blocks * HASH_SIZE);
-    const at = index.recordsFor(blocks);
-    new Uint8Array(records).set(engine.u8().subarray(at, at + blocks * HASH_SIZE));
-    const data: EncoderWorkerData = { seed: engine.seed, flavor: engine.flavor, blocks, records };
-    return new EncoderPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-out's encoders"));
+export class EncoderPool {
+  private constructor(private readonly workers: SessionWorkers, private readonly found: number[]) {}
+
+  /** `size` workers, each with a copy of every disk's index; `found`: twins per disk slot, counted as the workers find them. */
+  static async create(size: number, disks: readonly PoolDisk[], found: number[] = []): Promise<EncoderPool> {
+    const data: EncoderWorkerData = { disks: disks.map((d) => {
+      const records = new SharedArrayBuffer(d.blocks * HASH_SIZE);
+      const at = d.index.recordsFor(d.blocks);
+      new Uint8Array(records).set(d.engine.u8().subarray(at, at + d.blocks * HASH_SIZE));
+      return { seed: d.engine.seed, flavor: d.engine.flavor, blocks: d.blocks, records, offset: d.offset, slot: d.slot };
+    }) };
+    return new EncoderPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-out's encoders"), found);
   }
 
   get size(): number {
@@ -45,7 +53,7 @@ export class EncoderPool {
 
   /** A session's encoder on the least busy worker. */
   open(cfg: EncoderConfig, io: EncoderIo): SessionEncoder {
-    return new RemoteEncoder(this.workers.pick(), cfg, io);
+    return new RemoteEncoder(this.workers.pick(), cfg, io, this.found);
   }
 
   close(): Promise<void> {
@@ -109,7 +117,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
   private readonly written: ArrayBuffer[] = [];
   private roomWaiter: (() => void) | null = null;
 
-  constructor(worker: WorkerHandle, cfg: EncoderConfig, private readonly io: EncoderIo) {
+  constructor(worker: WorkerHandle, cfg: EncoderConfig, private readonly io: EncoderIo, private readonly found: number[]) {
     super(worker);
     this.tell({ t: "open", id: this.id, cfg } satisfies ToWorker);
   }
@@ -250,7 +258,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
     if (m.t !== "frames") throw new Error(`unexpected ${m.t}`);
     this.spare.give(m.input);
     this.seq = m.seq;
-    this.count(m.counts);
+    this.count(m.counts, m.found);
     if (!m.data) return 0;
     const out = m.data;
     this.io.emit(Buffer.from(out.buffer, out.byteOffset, out.byteLength), () => this.written.push(out.buffer as ArrayBuffer));
@@ -268,7 +276,8 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
     if (this.roomWaiter && (this.unsent() <= 1 || this.failure)) { const w = this.roomWaiter; this.roomWaiter = null; w(); }
   }
 
-  private count(c: EncoderCounts | undefined): void {
+  private count(c: EncoderCounts | undefined, found?: number[]): void {
+    found?.forEach((n, slot) => { if (n) this.found[slot] = (this.found[slot] ?? 0) + n; });
     if (!c) return;
     addEncoderCounts(this.io.stats, c);
     for (const w of c.warnings) this.io.warn(w);

@@ -4,21 +4,27 @@
 // Answers leave in the order the calls came.
 
 import { workerData } from "node:worker_threads";
-import { createEngine, type TwinIndex } from "../core/engine.js";
+import { createEngine } from "../core/engine.js";
 import type { CoreFlavor } from "../core/wasm.js";
 import { StreamFormatError } from "./qemu-stream.js";
 import { StreamEncoder, type EncoderConfig } from "./encoder.js";
-import { PageHasher } from "./hasher.js";
+import { PageHasher, type PageLookup } from "./hasher.js";
+import { MultiDiskHasher, type SourceDisk } from "./disks.js";
 import { WriteRing } from "./write-ring.js";
 import { newStats, takeEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
 import { SpareBuffers, serveSessions, type Message, type Reply } from "./session-workers.js";
 
 export interface EncoderWorkerData {
-  seed: bigint;
-  flavor: CoreFlavor;
-  blocks: number;
-  /** The index's block hashes, 16 bytes each, in block order. */
-  records: SharedArrayBuffer;
+  /** Each disk pages are looked up in, first to last (encoder-pool.ts' PoolDisk). */
+  disks: {
+    seed: bigint;
+    flavor: CoreFlavor;
+    blocks: number;
+    /** The index's block hashes, 16 bytes each, in block order. */
+    records: SharedArrayBuffer;
+    offset: number;
+    slot: number;
+  }[];
 }
 
 export type ToWorker =
@@ -31,7 +37,8 @@ export type ToWorker =
 
 export type FromWorker =
   | { t: "ready"; id: 0 }
-  | { t: "frames"; id: number; data: Uint8Array | null; input: ArrayBuffer; seq: number; counts: EncoderCounts }
+  /** `found`: twins per disk slot since the last answer (several disks only). */
+  | { t: "frames"; id: number; data: Uint8Array | null; input: ArrayBuffer; seq: number; counts: EncoderCounts; found?: number[] }
   | { t: "frame"; id: number; frame: Uint8Array; counts?: EncoderCounts }
   | { t: "closed"; id: number; compressMBs: number; linkMBs: number }
   | EncoderError;
@@ -57,14 +64,17 @@ class Session {
   private readonly frames: Buffer[] = [];
   private bytes = 0;
   readonly encoder: StreamEncoder;
-  private readonly lookup: PageHasher;
+  private readonly lookup: PageLookup;
+  /** Twins per disk slot, for a lookup over several disks (taken with each answer). */
+  private readonly found: number[] = [];
   private readonly ring = new WriteRing(8 * 1024 * 1024);
   /** Output buffers the session's link has taken, to fill again. */
   readonly spare = new SpareBuffers(OUT_BYTES);
   failed = false;
 
-  constructor(cfg: EncoderConfig, index: TwinIndex) {
-    this.lookup = new PageHasher(index.engine, index);
+  constructor(cfg: EncoderConfig, disks: readonly SourceDisk[]) {
+    const one = disks.length === 1 && disks[0]!.offset === 0 ? disks[0]! : null;
+    this.lookup = one ? new PageHasher(one.engine, one.index) : new MultiDiskHasher(disks, this.found);
     this.encoder = new StreamEncoder(cfg, {
       lookup: this.lookup, stats: this.stats, alloc: this.ring, meter: this.seen, receiver: this.seen,
       emit: (f) => { this.frames.push(f); this.bytes += f.length; },
@@ -89,24 +99,34 @@ class Session {
     return out;
   }
 
+  /** The twins found per disk slot since the last call (undefined: one disk, counted in the stats). */
+  takeFound(): number[] | undefined {
+    if (!this.found.length) return undefined;
+    const f = this.found.slice();
+    this.found.fill(0);
+    return f;
+  }
+
   free(): void {
     this.lookup.free();
   }
 }
 
-async function loadIndex(d: EncoderWorkerData): Promise<TwinIndex> {
-  const engine = await createEngine({ seed: d.seed, flavor: d.flavor });
-  const index = engine.createIndexForLoad(d.blocks);
-  const at = index.recordsFor(d.blocks);
-  engine.u8().set(new Uint8Array(d.records), at);
-  index.loadAt(at, d.blocks);
-  return index;
+async function loadIndexes(d: EncoderWorkerData): Promise<SourceDisk[]> {
+  return Promise.all(d.disks.map(async (x) => {
+    const engine = await createEngine({ seed: x.seed, flavor: x.flavor });
+    const index = engine.createIndexForLoad(x.blocks);
+    const at = index.recordsFor(x.blocks);
+    engine.u8().set(new Uint8Array(x.records), at);
+    index.loadAt(at, x.blocks);
+    return { engine, index, offset: x.offset, slot: x.slot };
+  }));
 }
 
-function handle(msg: Message, sessions: Map<number, Session>, index: TwinIndex): Reply | null {
+function handle(msg: Message, sessions: Map<number, Session>, disks: readonly SourceDisk[]): Reply | null {
   const m = msg as ToWorker;
   if (m.t === "open") {
-    sessions.set(m.id, new Session(m.cfg, index));
+    sessions.set(m.id, new Session(m.cfg, disks));
     return null;
   }
   const s = sessions.get(m.id);
@@ -134,7 +154,8 @@ function answer(m: Exclude<ToWorker, { t: "open" | "close" }>, s: Session): Repl
     s.spare.give(...m.back);
     s.encoder.encode(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
     const data = s.take();
-    const a: FromWorker = { t: "frames", id: m.id, data, input: m.data.buffer as ArrayBuffer, seq: s.encoder.seq, counts: takeEncoderCounts(s.stats) };
+    const found = s.takeFound();
+    const a: FromWorker = { t: "frames", id: m.id, data, input: m.data.buffer as ArrayBuffer, seq: s.encoder.seq, counts: takeEncoderCounts(s.stats), ...(found ? { found } : {}) };
     return { answer: a, transfer: [a.input, ...(data ? [data.buffer as ArrayBuffer] : [])] };
   }
   const f = new Uint8Array(m.t === "resend" ? s.encoder.resend(m.seq) : s.encoder.finish(m.bytes));
@@ -142,5 +163,5 @@ function answer(m: Exclude<ToWorker, { t: "open" | "close" }>, s: Session): Repl
 }
 
 const sessions = new Map<number, Session>();
-await serveSessions(() => loadIndex(workerData as EncoderWorkerData), (m, index) => handle(m, sessions, index),
+await serveSessions(() => loadIndexes(workerData as EncoderWorkerData), (m, disks) => handle(m, sessions, disks),
   (err, m) => ({ t: "error", id: m.id, message: (err as Error).message, format: false } satisfies FromWorker));

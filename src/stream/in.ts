@@ -95,8 +95,8 @@ export interface InContext {
   firstByteAt: number;
   lastEndAt: number;
   /** Several disks (pagetwin serve): they decide dedup and verify the blocks instead of engine/image/index*. */
-  disks?: { refusal(): string | null; verifier(): PageVerifier };
-  /** Worker threads that verify and decompress for the sessions (null: each session does it on this thread; always so with `disks`). */
+  disks?: { refusal(): string | null; verifier(): PageVerifier; readonly seeds: readonly bigint[] };
+  /** Worker threads that verify and decompress for the sessions, with every disk's image (null: each session does it on this thread). */
   rebuilders?: RebuildPool | null;
   /** Multifd sessions reach the destination QEMU after the main one. */
   order: ChannelOrder;
@@ -175,7 +175,7 @@ export async function streamIn(opts: StreamInOptions): Promise<StreamProxy> {
   const image = openDisk(opts.image, { format });
   let rebuilders: RebuildPool | null = null;
   try {
-    rebuilders = workers ? await RebuildPool.create(workers, opts.image, format) : null;
+    rebuilders = workers ? await RebuildPool.create(workers, [{ image: opts.image, format, offset: 0, blocks: image.blocks }]) : null;
   } catch (err) {
     image.close();
     watch?.close();
@@ -463,11 +463,12 @@ class InSession {
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const agreed = availableAlgorithms().filter((a) => offered.includes(a));
     this.raw = new RawDecoder(agreed, this.stats.compression);
-    if (this.ctx.rebuilders && !this.ctx.disks) {
-      this.rebuilder = this.ctx.rebuilders.open(this.ctx.engine.seed, agreed);
+    // after dedupRefusal, which loads an index made since this proxy started (its seed is the sessions')
+    const reason = await this.dedupRefusal(h);
+    if (this.ctx.rebuilders) {
+      this.rebuilder = this.ctx.rebuilders.open(this.ctx.disks?.seeds ?? [this.ctx.engine.seed], agreed);
       this.stats.workers.sessions++;
     }
-    const reason = await this.dedupRefusal(h);
     this.kind = h.kind;
     const hook = this.ctx.tracing?.join(h.kind === "multifd" ? "multifd" : h.kind === "main" ? "main" : "unknown", this.since);
     if (hook) this.trace = new RebuiltStreamTrace(hook, h.kind === "multifd");

@@ -197,7 +197,7 @@ export async function streamOut(opts: StreamOutOptions): Promise<StreamProxy> {
   if (workers && opts.trace?.length) log.warn(`stream-out: a trace follows every page on the main thread; the ${workers} encoder workers asked for are not started`);
   let encoders: EncoderPool | null = null;
   try {
-    encoders = workers && !opts.trace?.length ? await EncoderPool.create(workers, nas.engine, nas.index, nas.header.blocks) : null;
+    encoders = workers && !opts.trace?.length ? await EncoderPool.create(workers, [{ engine: nas.engine, index: nas.index, blocks: nas.header.blocks, offset: 0, slot: 0 }]) : null;
   } catch (err) {
     await refresh?.stop();
     watch?.close();

@@ -17,22 +17,28 @@ const WORKER_URL = new URL("./rebuild-worker.js", import.meta.url);
 /** Frames are copied into buffers at least this big, handed back and forth (a REFS frame is a few KB). */
 const INPUT_BYTES = 16 * 1024;
 
-export class RebuildPool {
-  private constructor(private readonly workers: SessionWorkers) {}
+/**
+ * A disk the workers read blocks from: its image, where its blocks start in the migration's numbering
+ * (disks.ts; -1: no dedup on it; 0 for stream-in's one disk) and how many it has.
+ */
+export interface RebuildDisk { image: string; format: DiskFormat | null; offset: number; blocks: number }
 
-  /** `size` workers, each with the image open. */
-  static async create(size: number, image: string, format: DiskFormat | null): Promise<RebuildPool> {
-    const data: RebuildWorkerData = { image, format };
-    return new RebuildPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-in's rebuilders"));
+export class RebuildPool {
+  private constructor(private readonly workers: SessionWorkers, private readonly used: number[]) {}
+
+  /** `size` workers, each with every disk's image open; `used`: twins verified per disk, counted as the workers verify them. */
+  static async create(size: number, disks: readonly RebuildDisk[], used: number[] = []): Promise<RebuildPool> {
+    const data: RebuildWorkerData = { disks: [...disks] };
+    return new RebuildPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-in's rebuilders"), used);
   }
 
   get size(): number {
     return this.workers.size;
   }
 
-  /** A session's rebuilder on the least busy worker: blocks verified with the index of `seed`, RAW_Z of the `agreed` algorithms. */
-  open(seed: bigint, agreed: CompressionAlgorithm[]): RemoteRebuilder {
-    return new RemoteRebuilder(this.workers.pick(), seed, agreed);
+  /** A session's rebuilder on the least busy worker: each disk's blocks verified with the index of its `seeds` (the session's, as an index may be rebuilt meanwhile), RAW_Z of the `agreed` algorithms. */
+  open(seeds: readonly bigint[], agreed: CompressionAlgorithm[]): RemoteRebuilder {
+    return new RemoteRebuilder(this.workers.pick(), seeds, agreed, this.used);
   }
 
   close(): Promise<void> {
@@ -45,9 +51,9 @@ export class RemoteRebuilder extends WorkerSession {
   /** Output buffers QEMU's socket has taken, to hand back with the next frame. */
   private readonly written: ArrayBuffer[] = [];
 
-  constructor(worker: WorkerHandle, seed: bigint, agreed: CompressionAlgorithm[]) {
+  constructor(worker: WorkerHandle, seeds: readonly bigint[], agreed: CompressionAlgorithm[], private readonly used: number[]) {
     super(worker);
-    this.tell({ t: "open", id: this.id, seed, agreed } satisfies ToRebuilder);
+    this.tell({ t: "open", id: this.id, seeds: [...seeds], agreed } satisfies ToRebuilder);
   }
 
   /** REFS, MREFS and RAW_Z frames, in one message: each REFS frame rebuilt (its pages that did not verify are left to fill), each RAW_Z frame's data decompressed. */
@@ -62,6 +68,7 @@ export class RemoteRebuilder extends WorkerSession {
     const m = await this.ask(msg, [payload.buffer as ArrayBuffer, ...back]) as FromRebuilder;
     if (m.t !== "rebuilt") throw new Error(`unexpected ${m.t}`);
     this.spare.give(m.input);
+    m.used?.forEach((n, d) => { if (n) this.used[d] = (this.used[d] ?? 0) + n; });
     return m.outs.map((o, k) => {
       const out = Buffer.from(o.buffer, o.byteOffset, o.byteLength);
       const ok = m.oks[k];

@@ -1,14 +1,16 @@
-// Entry of a stream-in rebuild worker (rebuild-pool.ts): the NAS image open
-// here, an engine per hash seed in use, and per session a block verifier and
-// a decompressor. A REFS frame comes back rebuilt (rebuild.ts), a RAW_Z frame
+// Entry of a stream-in rebuild worker (rebuild-pool.ts): the NAS images open
+// here, an engine per disk's hash seed, and per session a block verifier (over
+// every disk, for pagetwin serve) and a decompressor. A REFS frame comes back rebuilt (rebuild.ts), a RAW_Z frame
 // decompressed, each with the frame's memory; output buffers come back for
 // reuse once the destination QEMU's socket took them.
 
 import { workerData } from "node:worker_threads";
 import { createEngine, type Engine } from "../core/engine.js";
 import { openDisk } from "../adapters/nas/disk.js";
-import type { DiskFormat, GuestDisk } from "../adapters/nas/image.js";
+import type { GuestDisk } from "../adapters/nas/image.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
+import { MultiDiskVerifier, type DestDisk, type PageVerifier } from "./disks.js";
+import type { RebuildDisk } from "./rebuild-pool.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
 import type { CompressionAlgorithm } from "../codec/compress.js";
 import { RawDecoder } from "./raw-codec.js";
@@ -19,18 +21,17 @@ import { SpareBuffers, serveSessions, type Message, type Reply } from "./session
 import type { FrameAlloc } from "./write-ring.js";
 
 export interface RebuildWorkerData {
-  image: string;
-  format: DiskFormat | null;
+  disks: RebuildDisk[];
 }
 
 export type ToRebuilder =
-  | { t: "open"; id: number; seed: bigint; agreed: CompressionAlgorithm[] }
+  | { t: "open"; id: number; seeds: bigint[]; agreed: CompressionAlgorithm[] }
   | { t: "frames"; id: number; types: number[]; lengths: number[]; payload: Uint8Array; back: ArrayBuffer[] }
   | { t: "close"; id: number };
 
 export type FromRebuilder =
-  /** Per frame, its output, and (a REFS frame) which pages verified (1) and which are to fill (0). */
-  | { t: "rebuilt"; id: number; outs: Uint8Array[]; oks: (Uint8Array | null)[]; input: ArrayBuffer }
+  /** Per frame, its output, and (a REFS frame) which pages verified (1) and which are to fill (0); `used`: twins verified per disk (several disks only). */
+  | { t: "rebuilt"; id: number; outs: Uint8Array[]; oks: (Uint8Array | null)[]; input: ArrayBuffer; used?: number[] }
   | { t: "closed"; id: number }
   | RebuildError;
 
@@ -59,16 +60,48 @@ class Spares implements FrameAlloc {
 
 class Session {
   readonly spares = new Spares();
+  /** Twins verified per disk, for a verifier over several disks (taken with each answer). */
+  readonly used: number[] = [];
+  readonly verifier: PageVerifier;
 
-  constructor(readonly verifier: BlockVerifier, readonly raw: RawDecoder) {}
+  constructor(disks: readonly DestDisk[], readonly raw: RawDecoder) {
+    const one = disks.length === 1 && disks[0]!.offset === 0 ? disks[0]! : null;
+    this.verifier = one ? new BlockVerifier(one.engine, one.image) : new MultiDiskVerifier(disks, this.used);
+  }
+
+  /** The twins verified per disk since the last call (undefined: one disk). */
+  takeUsed(): number[] | undefined {
+    if (!this.used.length) return undefined;
+    const u = this.used.slice();
+    this.used.fill(0);
+    return u;
+  }
 }
 
-interface State { image: GuestDisk; engines: Map<bigint, Engine>; sessions: Map<number, Session> }
+interface State { disks: { image: GuestDisk; offset: number; blocks: number }[]; engines: Map<bigint, Engine>; sessions: Map<number, Session> }
 
+function load(d: RebuildWorkerData): State {
+  const disks: State["disks"] = [];
+  try {
+    for (const x of d.disks) disks.push({ image: openDisk(x.image, { format: x.format }), offset: x.offset, blocks: x.blocks });
+  } catch (err) {
+    for (const x of disks) x.image.close();
+    throw err;
+  }
+  return { disks, engines: new Map(), sessions: new Map() };
+}
+
+/** A session's disks with the engines of its seeds (one per disk), made once per seed. */
 async function open(m: Extract<ToRebuilder, { t: "open" }>, st: State): Promise<void> {
-  let engine = st.engines.get(m.seed);
-  if (!engine) st.engines.set(m.seed, engine = await createEngine({ seed: m.seed }));
-  st.sessions.set(m.id, new Session(new BlockVerifier(engine, st.image), new RawDecoder(m.agreed, emptyCompressionStats("auto"))));
+  if (m.seeds.length !== st.disks.length) throw new Error(`${m.seeds.length} seeds for ${st.disks.length} disks`);
+  const disks: DestDisk[] = [];
+  for (const [i, d] of st.disks.entries()) {
+    const seed = m.seeds[i]!;
+    let engine = st.engines.get(seed);
+    if (!engine) st.engines.set(seed, engine = await createEngine({ seed }));
+    disks.push({ engine, ...d });
+  }
+  st.sessions.set(m.id, new Session(disks, new RawDecoder(m.agreed, emptyCompressionStats("auto"))));
 }
 
 function handle(msg: Message, st: State): Reply | null {
@@ -93,17 +126,17 @@ function handle(msg: Message, st: State): Reply | null {
     outs.push(new Uint8Array(out.buffer, out.byteOffset, out.byteLength));
     oks.push(r ? Uint8Array.from(r.ok, (x) => (x ? 1 : 0)) : null);
   });
-  return { answer: { t: "rebuilt", id: m.id, outs, oks, input } satisfies FromRebuilder, transfer: [input, ...outs.map((o) => o.buffer as ArrayBuffer)] };
+  const used = s.takeUsed();
+  return { answer: { t: "rebuilt", id: m.id, outs, oks, input, ...(used ? { used } : {}) } satisfies FromRebuilder, transfer: [input, ...outs.map((o) => o.buffer as ArrayBuffer)] };
 }
 
-const d = workerData as RebuildWorkerData;
 await serveSessions(
-  async (): Promise<State> => ({ image: openDisk(d.image, { format: d.format }), engines: new Map(), sessions: new Map() }),
+  async () => load(workerData as RebuildWorkerData),
   async (m, st) => {
     if (m.t !== "open") return handle(m, st);
     await open(m as Extract<ToRebuilder, { t: "open" }>, st);
     return null;
   },
   (err, m) => ({ t: "error", id: m.id, message: (err as Error).message, protocol: err instanceof ProtocolError } satisfies FromRebuilder),
-  (st) => st.image.close(),
+  (st) => { for (const d of st.disks) d.image.close(); },
 );
