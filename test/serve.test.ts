@@ -86,20 +86,21 @@ test("control socket: mode 0600, hello, unknown op and unknown migration give st
   await assert.rejects(svc.srcClient.request("outgoing", { migration: "x" }), (e: unknown) => e instanceof ServeError && e.code === "PAGETWIN_USAGE");
 });
 
-test("two disks: twins from both travel as references, the stream arrives byte-identical, both services agree with the link's byte count", async () => {
+/** A migration of a two-disk VM through `svc`: byte-identical, twins per disk counted at both ends; both ends' status. */
+async function twoDiskMigration(svc: TwoServices, id: string): Promise<{ s: MigrationStatus; d: MigrationStatus }> {
   const { pages, fromA, fromB } = twoDiskPages();
   const data = qemuStream(pages);
   const sink = await sinkQemu();
   const relay = await countingRelay(svc.dst.peerPort);
   try {
-    const ready = await outgoing(svc.srcClient, "two-disks", [diskA, diskB], sink.port, relay.port);
+    const ready = await outgoing(svc.srcClient, id, [diskA, diskB], sink.port, relay.port);
     assert.match(ready.migrateUri, /^tcp:127\.0\.0\.1:\d+$/);
     assert.deepEqual(ready.disks.map((d) => d.dedup), [true, true]);
-    const inStatus = await svc.dstClient.request<MigrationStatus>("status", { migration: "two-disks" });
+    const inStatus = await svc.dstClient.request<MigrationStatus>("status", { migration: id });
     assert.equal(inStatus.direction, "in");
     assert.equal(inStatus.state, "ready");
-    const srcEnd = ended(svc.srcClient, "two-disks");
-    const dstEnd = ended(svc.dstClient, "two-disks");
+    const srcEnd = ended(svc.srcClient, id);
+    const dstEnd = ended(svc.dstClient, id);
     assert.equal(await sourceQemu(ready.port, data), false, "the source QEMU was cut off");
     const [s, d] = await Promise.all([srcEnd, dstEnd]);
     assert.equal(s.ok, true, JSON.stringify(s.status.error));
@@ -116,10 +117,28 @@ test("two disks: twins from both travel as references, the stream arrives byte-i
     assert.equal(d.status.stats.bytesOutLink, s.status.stats.bytesInLink);
     assert.ok(relay.up >= s.status.stats.bytesOutLink && relay.up < s.status.stats.bytesOutLink * 1.05 + 16384, `relay ${relay.up} B up, frames ${s.status.stats.bytesOutLink} B`);
     assert.ok(s.status.stats.bytesOutLink < data.length / 2, "references made the link lighter");
+    return { s: s.status, d: d.status };
   } finally {
     sink.close();
     relay.close();
   }
+}
+
+test("two disks: twins from both travel as references, the stream arrives byte-identical, both services agree with the link's byte count", async () => {
+  const { s, d } = await twoDiskMigration(svc, "two-disks");
+  assert.deepEqual([s.stats.workers, d.stats.workers], [{ threads: 0, sessions: 0 }, { threads: 0, sessions: 0 }]);
+});
+
+test("--workers 2 on both services: each migration encodes and rebuilds on 2 worker threads over both disks' indexes and images, with the same result", async () => {
+  const sub = fs.mkdtempSync(path.join(dir, "workers-"));
+  const w = await twoServices(sub, undefined, { workers: 2 }, { workers: 2 });
+  try {
+    const { s, d } = await twoDiskMigration(w, "two-disks-workers");
+    assert.deepEqual([s.stats.workers, d.stats.workers], [{ threads: 2, sessions: 1 }, { threads: 2, sessions: 1 }]);
+  } finally {
+    await w.close();
+  }
+  await assert.rejects(twoServices(fs.mkdtempSync(path.join(dir, "bad-")), undefined, {}, { workers: 1.5 }), (e: unknown) => e instanceof Error && /workers must be a whole number/.test(e.message));
 });
 
 /** The live view's records, as a page gets them (Server-Sent Events at `url`'s events path). */

@@ -16,6 +16,7 @@ import { inContext, runInSession, traceInContext, type InContext } from "../stre
 import { adopt } from "../stream/serve.js";
 import { newStats, type StreamProxy } from "../stream/stats.js";
 import { MultiDiskVerifier, diskOffsets, type DestDisk } from "../stream/disks.js";
+import { RebuildPool, type RebuildDisk } from "../stream/rebuild-pool.js";
 import { ServeError } from "../errors.js";
 import type { Log } from "../log.js";
 import { PeerFrame, SERVE_PROTOCOL_VERSION, type Prepare, type Prepared } from "./frames.js";
@@ -62,6 +63,8 @@ export interface InParts {
   qemuSockets: QemuSockets;
   /** The migration's trace sinks (--trace-dir, --ui, a control client's; none without them). */
   trace(id: string): MigrationTrace;
+  /** Worker threads each migration rebuilds on (0: the service's own thread). */
+  workers: number;
   /** Registers the migration (throws ServeError when the id is taken or the service is stopping). */
   register(m: IncomingMigration): void;
   unregister(m: IncomingMigration): void;
@@ -72,6 +75,8 @@ export class IncomingMigration {
   private add!: (sock: net.Socket) => void;
   private ctx!: InContext;
   private trace: MigrationTrace | null = null;
+  /** The migration's rebuild workers once started (null: none), which its sessions wait for. */
+  private rebuilders: Promise<RebuildPool | null> = Promise.resolve(null);
   private constructor(readonly record: MigrationRecord, private readonly lease: Lease, private readonly paths: string[], private readonly parts: InParts) {}
 
   /** Answers a lease's PREPARE: PREPARED once the disks are open, or an ABORT saying why not. */
@@ -135,14 +140,36 @@ export class IncomingMigration {
     });
     const { proxy, add } = adopt({
       stats, keep: false, log: parts.log, onClose: () => {},
-      session: (sock, channel) => { record.mark("firstSession"); record.setState("running"); return runInSession(ctx, sock, channel); },
+      session: async (sock, channel) => {
+        record.mark("firstSession");
+        record.setState("running");
+        await m.rebuilders;
+        return runInSession(ctx, sock, channel);
+      },
     });
     m.proxy = proxy;
     m.add = add;
     m.ctx = ctx;
+    if (parts.workers && anyDedup) m.rebuilders = m.startRebuilders(dest.map((d, i) => ({ image: d.image.path, format: d.image.format, offset: d.offset, blocks: p.disks[i]!.blocks })));
     lease.send(PeerFrame.Prepared, { disks: answers } satisfies Prepared);
     record.mark("prepared");
     return m;
+  }
+
+  /** Rebuild workers with every disk's image; none (and a warning) if they do not start. */
+  private async startRebuilders(disks: RebuildDisk[]): Promise<RebuildPool | null> {
+    const { record, parts } = this;
+    try {
+      const pool = await RebuildPool.create(parts.workers, disks, record.twins);
+      this.ctx.rebuilders = pool;
+      record.stats.workers.threads = pool.size;
+      return pool;
+    } catch (err) {
+      const w = `migration ${record.id} (in): its ${parts.workers} rebuild workers did not start (${(err as Error).message}); its sessions rebuild on the service's thread`;
+      record.stats.warnings.push(w);
+      parts.log.warn(w);
+      return null;
+    }
   }
 
   private start(): void {
@@ -188,6 +215,7 @@ export class IncomingMigration {
     lease.end();
     const q = parseEndpoint(record.qemu, "qemu");
     if (q.kind === "unix") parts.qemuSockets.remove(q.path);
+    await this.rebuilders.then((r) => r?.close());
     for (const p of this.paths) parts.disks.release(p);
     parts.unregister(this);
   }

@@ -14,10 +14,11 @@ import type { Security } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { parseJson, type Frame } from "../wire/envelope.js";
 import { SFrame } from "../stream/frames.js";
-import { outContext, runOutSession } from "../stream/out.js";
+import { outContext, runOutSession, type OutContext } from "../stream/out.js";
+import { EncoderPool, type PoolDisk } from "../stream/encoder-pool.js";
 import { serve } from "../stream/serve.js";
 import { newStats, type StreamProxy, type StreamStats } from "../stream/stats.js";
-import { MultiDiskHasher, diskOffsets, type SourceDisk } from "../stream/disks.js";
+import { MultiDiskHasher, diskOffsets } from "../stream/disks.js";
 import { ServeError, UsageError } from "../errors.js";
 import type { Log } from "../log.js";
 import { PeerFrame, SERVE_PROTOCOL_VERSION, type Prepare, type Prepared } from "./frames.js";
@@ -80,6 +81,8 @@ export interface OutParts {
   qemuSockets: QemuSockets;
   /** Link time that may be on its way beyond stream-in's credit (stream-out's --queue-ms; undefined: its default). */
   queueMs?: number;
+  /** Worker threads each migration encodes on (0: the service's own thread; a traced migration: always so). */
+  workers: number;
   register(m: OutgoingMigration): void;
   unregister(m: OutgoingMigration): void;
 }
@@ -89,6 +92,8 @@ export class OutgoingMigration {
   private lease: Lease | null = null;
   private acquired = false;
   private trace: MigrationTrace | null = null;
+  /** The sessions' context once the destination answered (with the migration's encoder workers, if any). */
+  private context: Promise<OutContext> | null = null;
   readonly record: MigrationRecord;
   private readonly stats: StreamStats = newStats("stream-out");
   private readonly qemuAt: Endpoint;
@@ -139,8 +144,8 @@ export class OutgoingMigration {
     this.acquired = true;
     this.record.mark("indexesOpen");
     const blocks = nas.map((n) => n.header.blocks);
-    let prepared!: (lookup: SourceDisk[]) => void;
-    const lookup = new Promise<SourceDisk[]>((r) => { prepared = r; });
+    let prepared!: (lookup: PoolDisk[]) => void;
+    const lookup = new Promise<PoolDisk[]>((r) => { prepared = r; });
     const sockets = this.qemuAt.kind === "unix" && parts.qemuSockets.owns(this.qemuAt.path) ? parts.qemuSockets : null;
     sockets?.ensure();
     this.proxy = await this.listen(nas[0]!, lookup);
@@ -151,7 +156,7 @@ export class OutgoingMigration {
     answer.disks.forEach((d, i) => Object.assign(this.record.disks[i]!, d.dedup ? { dedup: true } : { dedup: false, reason: d.reason ?? "refused" }));
     // opened only now: a refused or duplicate migration leaves no trace file behind
     this.trace = parts.trace(req.migration, req.trace === true);
-    prepared(nas.flatMap((n, i) => answer.disks[i]?.dedup ? [{ engine: n.engine, index: n.index, offset: offsets[i]!, slot: i }] : []));
+    prepared(nas.flatMap((n, i) => answer.disks[i]?.dedup ? [{ engine: n.engine, index: n.index, blocks: blocks[i]!, offset: offsets[i]!, slot: i }] : []));
     return this.answer();
   }
 
@@ -182,15 +187,20 @@ export class OutgoingMigration {
     return prepared;
   }
 
-  private listen(first: NasIndex, disks: Promise<SourceDisk[]>): Promise<StreamProxy> {
+  private listen(first: NasIndex, disks: Promise<PoolDisk[]>): Promise<StreamProxy> {
     const { req, parts, record } = this;
-    const context = disks.then((lookup) => outContext({
-      engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
-      windowPages: req.windowPages, to: this.peerAt, bandwidth: req.bandwidth, queueMs: parts.queueMs,
-      linkLimit: req.bandwidth ? new RateLimiter(req.bandwidth) : undefined, noDedup: lookup.length === 0, compress: req.compress,
-      security: parts.security, trace: this.trace?.sinks, traceLabel: `migration ${req.migration} (out)`,
-      lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
-    }));
+    const context = this.context = disks.then(async (lookup) => {
+      const trace = this.trace?.sinks;
+      return outContext({
+        engine: first.engine, index: first.index, indexId: first.header.indexId, stats: this.stats, log: parts.log,
+        windowPages: req.windowPages, to: this.peerAt, bandwidth: req.bandwidth, queueMs: parts.queueMs,
+        linkLimit: req.bandwidth ? new RateLimiter(req.bandwidth) : undefined, noDedup: lookup.length === 0, compress: req.compress,
+        security: parts.security, trace, traceLabel: `migration ${req.migration} (out)`,
+        lookup: () => new MultiDiskHasher(lookup, record.twins), hello: { migration: req.migration },
+        // a trace follows every page on this thread (stream-out's rule)
+        encoders: parts.workers && lookup.length && !trace?.length ? await this.encoders(lookup) : null,
+      });
+    });
     return serve({ at: this.qemuAt, security: { kind: "local" }, peer: "qemu" }, {
       stats: this.stats, keep: false, log: parts.log, onClose: () => {},
       session: async (sock, channel) => {
@@ -200,6 +210,20 @@ export class OutgoingMigration {
         return runOutSession(ctx, sock, channel);
       },
     });
+  }
+
+  /** The migration's encoder workers, each with every deduplicated disk's index; none (and a warning) if they do not start. */
+  private async encoders(disks: PoolDisk[]): Promise<EncoderPool | null> {
+    try {
+      const pool = await EncoderPool.create(this.parts.workers, disks, this.record.twins);
+      this.stats.workers.threads = pool.size;
+      return pool;
+    } catch (err) {
+      const w = `migration ${this.req.migration} (out): its ${this.parts.workers} encoder workers did not start (${(err as Error).message}); its sessions encode on the service's thread`;
+      this.stats.warnings.push(w);
+      this.parts.log.warn(w);
+      return null;
+    }
   }
 
   private answer(): OutgoingReady {
@@ -233,6 +257,7 @@ export class OutgoingMigration {
       record.setState(ok ? "completed" : "failed", ok ? undefined : new ServeError("PAGETWIN_MIGRATION", error ?? `the end-to-end check says ${this.stats.verdict}`));
     }
     this.lease?.end();
+    await this.context?.then((c) => c.encoders?.close(), () => {});
     this.release();
     this.parts.unregister(this);
   }

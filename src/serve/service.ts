@@ -11,7 +11,7 @@ import { openNasIndex, type NasIndex } from "../adapters/nas/index-file.js";
 import { parseEndpoint } from "../link/endpoint.js";
 import type { Listener } from "../link/listen.js";
 import { INSECURE_WARNING, checkSecurity, describeSecurity, resolveSecurity, type Security, type SecurityOptions } from "../link/security.js";
-import { ServeError } from "../errors.js";
+import { ServeError, UsageError } from "../errors.js";
 import { jsonFrame } from "../wire/envelope.js";
 import { SFrame } from "../stream/frames.js";
 import { TIMEOUTS } from "../link/timeouts.js";
@@ -35,6 +35,8 @@ export interface ServeServiceOptions extends SecurityOptions, ServeTraceOptions 
   keepOpenMs?: number;
   /** Outgoing migrations' pacing, ms of the link's rate on its way beyond stream-in's credit (stream-out's --queue-ms; default: its default). */
   queueMs?: number;
+  /** Worker threads per migration for its sessions' per-byte work (stream-out's and stream-in's --workers; default 0: none). */
+  workers?: number;
   /** Where QEMU's unix sockets go when a migration asks for "unix" (default: QemuSockets.resolve(), /run/pagetwin-qemu). */
   qemuSockets?: QemuSockets;
   log?: LogOption;
@@ -93,6 +95,8 @@ export class ServeService {
     const log = toLog(o.log);
     const security = resolveSecurity(o, "pagetwin serve");
     checkSecurity(security);
+    const workers = o.workers ?? 0;
+    if (!(Number.isInteger(workers) && workers >= 0)) throw new UsageError(`pagetwin serve: workers must be a whole number >= 0 (got ${workers})`);
     if (security.kind === "insecure") log.warn(INSECURE_WARNING);
     const s = new ServeService(o, security, log);
     try {
@@ -214,7 +218,7 @@ export class ServeService {
 
   private outParts() {
     return {
-      indexes: this.indexes, security: this.security, bus: this.bus, log: this.log, qemuSockets: this.qemuSockets, ...(this.o.queueMs !== undefined ? { queueMs: this.o.queueMs } : {}),
+      indexes: this.indexes, security: this.security, bus: this.bus, log: this.log, qemuSockets: this.qemuSockets, workers: this.o.workers ?? 0, ...(this.o.queueMs !== undefined ? { queueMs: this.o.queueMs } : {}),
       trace: (id: string, events: boolean) => this.traces!.open(id, "out", events ? this.bus : undefined),
       register: (m: OutgoingMigration) => this.register(this.out, m),
       unregister: (m: OutgoingMigration) => this.unregister(this.out, m),
@@ -236,7 +240,7 @@ export class ServeService {
 
   private lease(sock: net.Socket): Promise<void> {
     return IncomingMigration.accept(sock, {
-      disks: this.destDisks, bus: this.bus, log: this.log, qemuSockets: this.qemuSockets,
+      disks: this.destDisks, bus: this.bus, log: this.log, qemuSockets: this.qemuSockets, workers: this.o.workers ?? 0,
       trace: (id: string) => this.traces!.open(id, "in"),
       register: (m) => this.register(this.in, m),
       unregister: (m) => this.unregister(this.in, m),

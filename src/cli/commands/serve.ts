@@ -17,7 +17,7 @@ export { DEFAULT_CONTROL };
 export const serveSpec: CommandSpec = {
   name: "serve",
   summary: "one service per host for every stream-mode migration on it, both directions",
-  usage: "pagetwin serve [--control PATH] [--peer-listen HOST:PORT] [--qemu-sockets DIR] [--qemu-group G] [--queue-ms MS] [--trace-dir DIR] [--ui [PORT]] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--json]",
+  usage: "pagetwin serve [--control PATH] [--peer-listen HOST:PORT] [--qemu-sockets DIR] [--qemu-group G] [--workers N] [--queue-ms MS] [--trace-dir DIR] [--ui [PORT]] (--psk-file KEY | --tls-cert C --tls-key K --tls-ca CA | --insecure) [--json]",
   options: {
     control: { type: "string", default: DEFAULT_CONTROL, help: "the control socket local tools use (created mode 0600; its directory 0700 when created)" },
     "peer-listen": { type: "string", help: "HOST:PORT where other hosts' services connect (one port for all migrations); without it this service only sends" },
@@ -25,6 +25,7 @@ export const serveSpec: CommandSpec = {
     "keep-open": { type: "string", default: String(KEEP_OPEN_MS / 1000), help: "seconds an image's index stays open after its last migration (the next migration of it starts without loading it); 0: closed at once" },
     "qemu-sockets": { type: "string", default: DEFAULT_QEMU_SOCKETS, help: "the directory of QEMU's migration sockets (one per migration, the same path on every host: libvirt's unix:// migrate URI); made mode 0770 with QEMU's group (--qemu-group), 0700 without one" },
     "qemu-group": { type: "string", help: "the group QEMU runs as (qemu.conf's `group`), which may use the socket directory; default: libvirt-qemu or qemu, whichever this host has (none when the service is not root)" },
+    workers: { type: "string", default: "0", help: "worker threads per migration for its sessions' per-byte work (outgoing: parse, look up, compress; incoming: NAS reads, verification, decompression), so a multifd migration's channels use several cores; 0: the service's own thread. A traced outgoing migration encodes on the service's thread (stream-out's rule)" },
     "queue-ms": { type: "string", help: "outgoing migrations: link time (ms) that may be on its way beyond what the destination has handed its QEMU before the source QEMU's socket waits (stream-out's --queue-ms; docs/STREAM.md)" },
     "trace-dir": { type: "string", help: "write each migration's trace here: the source's view as MIGRATION.out.ndjson, the destination's as MIGRATION.in.ndjson (docs/TRACE.md)" },
     ui: { type: "string", help: "serve the visualizer with every migration of this service live on 127.0.0.1:PORT (--ui alone: a free port); the URL, with its random token, goes to stderr and hello's `ui`" },
@@ -53,10 +54,11 @@ export async function run(argv: string[]): Promise<number> {
   const drainMs = num(v, "drain-timeout", 0) * 1000;
   const keepOpenMs = num(v, "keep-open", 0) * 1000;
   const queueMs = v["queue-ms"] === undefined ? undefined : num(v, "queue-ms", 1);
+  const workers = int(v, "workers", 0, 64);
   const log = v["quiet"] ? () => {} : (m: string) => process.stderr.write(`[pagetwin serve] ${m}\n`);
   ensureDir(dirname(control));
   const svc = await ServeService.start({
-    control, log, keepOpenMs, qemuSockets: QemuSockets.resolve(v["qemu-sockets"] as string, v["qemu-group"] as string | undefined), ...(queueMs !== undefined ? { queueMs } : {}), ...security(v), ...(v["peer-listen"] ? { peerListen: v["peer-listen"] as string } : {}),
+    control, log, keepOpenMs, qemuSockets: QemuSockets.resolve(v["qemu-sockets"] as string, v["qemu-group"] as string | undefined), workers, ...(queueMs !== undefined ? { queueMs } : {}), ...security(v), ...(v["peer-listen"] ? { peerListen: v["peer-listen"] as string } : {}),
     ...(v["trace-dir"] ? { traceDir: v["trace-dir"] as string } : {}), ...(typeof v["ui"] === "string" ? { ui: { port: int(v, "ui", 0, 65535) } } : {}),
   });
   // the URL even with --quiet: it is the only way to the page
