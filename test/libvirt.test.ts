@@ -14,7 +14,7 @@ import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { ServeClient } from "../src/serve/client.js";
 import { DEFAULT_QEMU_SOCKETS } from "../src/serve/qemu-sockets.js";
 import { cliPath, jsonLines, jsonResult } from "./helpers/cli.js";
-import { LibvirtPair, QEMU_USER, qemuIds, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
+import { LibvirtPair, QEMU_USER, SERVE_PEER_PORT, qemuIds, skipLibvirt, type LibvirtHost, type PairService } from "./helpers/libvirt.js";
 import { replayShows } from "./helpers/trace-page.js";
 import { TraceModel } from "../src/trace/model.js";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -360,6 +360,24 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     assert.equal(rep.destination.streamsVerified, 3, "every channel's stream verified at the destination");
     // the same images as the second guest's migration from this host just before: their indexes were still open
     assert.ok(rep.timings.indexesOpen < 200, `an open index is not loaded again: ${JSON.stringify(rep.timings)}`);
+  });
+
+  test("--parallel through services with --workers 2: each channel encoded and rebuilt on the workers, with dedup, verified", async () => {
+    // services of their own beside the suite's (another peer port), with worker threads
+    const plain = new Map(services);
+    try {
+      for (const h of pair.hosts) services.set(h, await pair.startService(h, { peerPort: SERVE_PEER_PORT + 1, args: ["--workers", "2"] }));
+      const { res } = await migrateGuest(G, here, there, ["--parallel", "--parallel-connections", "2"]);
+      [here, there] = [there, here];
+      const rep = res.report;
+      verifiedWithTwins(rep);
+      assert.equal(rep.multifd.channels, 2, JSON.stringify(rep.multifd));
+      assert.ok(rep.multifd.twins > 1000, `twins on the multifd channels: ${JSON.stringify(rep.multifd)}`);
+      assert.equal(rep.destination.streamsVerified, 3, "every channel's stream verified at the destination");
+      assert.deepEqual([rep.workers, rep.destination.workers], [{ threads: 2, sessions: 3 }, { threads: 2, sessions: 3 }]);
+    } finally {
+      for (const h of pair.hosts) { const s = services.get(h)!; if (s !== plain.get(h)) await s.stop(); services.set(h, plain.get(h)!); }
+    }
   });
 
   test("migrate-setspeed, --qemu-side tcp: the link carries at most that rate, and QEMU's stream is not held to it", async () => {

@@ -159,9 +159,9 @@ function report(s: MigrationStatus): EndsReport {
   return {
     migration: s.migration, state: s.state, ...(s.error ? { error: s.error.message, errorCode: s.error.code } : {}),
     disks: s.disks, verdict: st.verdict, pagesSeen: st.pagesSeen, twinsReplaced: st.twinsReplaced, zeroPages: st.zeroPages, resends: st.resends,
-    bytesFromQemu: st.bytesFromQemu, bytesOutLink: st.bytesOutLink, bytesInLink: st.bytesInLink, sessions: st.sessions, multifd: st.multifd,
+    bytesFromQemu: st.bytesFromQemu, bytesOutLink: st.bytesOutLink, bytesInLink: st.bytesInLink, sessions: st.sessions, multifd: st.multifd, workers: st.workers,
     compression: compressionOf(st), waits: waits(st), ...(s.peerStats ? { destinationWaits: waits(s.peerStats) } : {}),
     timings: s.timings, ...(s.peerTimings ? { destinationTimings: s.peerTimings } : {}),
-    ...(s.peerStats ? { destination: { verdict: s.peerStats.verdict, bytesToQemu: s.peerStats.bytesToQemu, bytesInLink: s.peerStats.bytesInLink, twinsReplaced: s.peerStats.twinsReplaced, streamsVerified: s.peerStats.streamsVerified } } : {}),
+    ...(s.peerStats ? { destination: { verdict: s.peerStats.verdict, bytesToQemu: s.peerStats.bytesToQemu, bytesInLink: s.peerStats.bytesInLink, twinsReplaced: s.peerStats.twinsReplaced, streamsVerified: s.peerStats.streamsVerified, workers: s.peerStats.workers } } : {}),
   };
 }

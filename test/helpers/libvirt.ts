@@ -39,7 +39,7 @@ const secondDisk = (g: GuestImage) => join(g.disk, "..", "disk2.img");
 export const QEMU_USER = { user: "libvirt-qemu", group: "kvm" } as const;
 
 /** The peer port of the services the tests start (each host has its own address). */
-const SERVE_PEER_PORT = 4447;
+export const SERVE_PEER_PORT = 4447;
 
 export interface PairService {
   /** The service's process (node; `ip netns exec` execs it). */
@@ -264,14 +264,15 @@ export class LibvirtPair {
   /**
    * `pagetwin serve` in `host`'s namespaces (control socket in the temp dir, peer port on the
    * host's veth address, the pair's key); resolves once it listens. `cli`: another pagetwin build's
-   * dist/src/cli/main.js (the bench compares two); `peerPort`: beside another service on the host. teardown() stops it if the test did not.
+   * dist/src/cli/main.js (the bench compares two); `peerPort`: beside another service on the host; `args`: more
+   * of its options (e.g. --workers 2). teardown() stops it if the test did not.
    */
-  async startService(host: LibvirtHost, o: { cli?: string; peerPort?: number } = {}): Promise<PairService> {
+  async startService(host: LibvirtHost, o: { cli?: string; peerPort?: number; args?: string[] } = {}): Promise<PairService> {
     const key = join(this.dir, "peer.key");
     if (!existsSync(key)) writeFileSync(key, randomBytes(32), { mode: 0o600 });
     const port = o.peerPort ?? SERVE_PEER_PORT;
     const control = join(this.dir, `serve-${host.name}-${port}.sock`);
-    const child = this.spawnOnHost(host, process.execPath, [o.cli ?? cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${port}`, "--psk-file", key, "--json"]);
+    const child = this.spawnOnHost(host, process.execPath, [o.cli ?? cliPath, "serve", "--control", control, "--peer-listen", `${host.ip}:${port}`, "--psk-file", key, "--json", ...(o.args ?? [])]);
     this.services.add(child);
     let out = "", err = "";
     child.stderr!.on("data", (d: Buffer) => { err = (err + d).slice(-4000); });
