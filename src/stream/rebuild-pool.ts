@@ -6,22 +6,17 @@
 // hands each frame over as it arrives (session-workers.ts), so the workers
 // run ahead of what it writes to QEMU.
 
-import type { DiskFormat } from "../adapters/nas/image.js";
 import type { CompressionAlgorithm } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
 import type { Rebuilt } from "./rebuild.js";
 import { SessionWorkers, SpareBuffers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
-import type { FromRebuilder, RebuildError, RebuildWorkerData, ToRebuilder } from "./rebuild-worker.js";
+import type { FromRebuilder, RebuildDisk, RebuildError, RebuildWorkerData, ToRebuilder } from "./rebuild-worker.js";
+
+export type { RebuildDisk };
 
 const WORKER_URL = new URL("./rebuild-worker.js", import.meta.url);
 /** Frames are copied into buffers at least this big, handed back and forth (a REFS frame is a few KB). */
 const INPUT_BYTES = 16 * 1024;
-
-/**
- * A disk the workers read blocks from: its image, where its blocks start in the migration's numbering
- * (disks.ts; -1: no dedup on it; 0 for stream-in's one disk) and how many it has.
- */
-export interface RebuildDisk { image: string; format: DiskFormat | null; offset: number; blocks: number }
 
 export class RebuildPool {
   private constructor(private readonly workers: SessionWorkers, private readonly used: number[]) {}

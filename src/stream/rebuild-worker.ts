@@ -7,10 +7,9 @@
 import { workerData } from "node:worker_threads";
 import { createEngine, type Engine } from "../core/engine.js";
 import { openDisk } from "../adapters/nas/disk.js";
-import type { GuestDisk } from "../adapters/nas/image.js";
+import type { DiskFormat, GuestDisk } from "../adapters/nas/image.js";
 import { BlockVerifier } from "../adapters/nas/verify.js";
 import { MultiDiskVerifier, type DestDisk, type PageVerifier } from "./disks.js";
-import type { RebuildDisk } from "./rebuild-pool.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
 import type { CompressionAlgorithm } from "../codec/compress.js";
 import { RawDecoder } from "./raw-codec.js";
@@ -19,6 +18,12 @@ import { SFrame } from "./frames.js";
 import { emptyCompressionStats } from "../codec/compress.js";
 import { SpareBuffers, serveSessions, type Message, type Reply } from "./session-workers.js";
 import type { FrameAlloc } from "./write-ring.js";
+
+/**
+ * A disk the workers read blocks from: its image, where its blocks start in the migration's numbering
+ * (disks.ts; -1: no dedup on it; 0 for stream-in's one disk) and how many it has.
+ */
+export interface RebuildDisk { image: string; format: DiskFormat | null; offset: number; blocks: number }
 
 export interface RebuildWorkerData {
   disks: RebuildDisk[];
