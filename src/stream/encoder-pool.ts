@@ -12,7 +12,7 @@ import type { EncoderConfig, ReadTarget, SessionEncoder } from "./encoder.js";
 import { addEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
 import { StreamFormatError } from "./qemu-stream.js";
 import { READ_BUFFER_BYTES } from "../link/read-buffer.js";
-import { SessionWorkers, SpareBuffers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
+import { SessionWorkers, SpareBuffers, WorkerSession, addCounts, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
 import type { EncoderError, EncoderWorkerData, FromWorker, ToWorker } from "./encoder-worker.js";
 
 /** What a session lends its encoder (encoder.ts' EncoderParts, less what the worker has of its own). */
@@ -277,7 +277,7 @@ class RemoteEncoder extends WorkerSession implements SessionEncoder, ReadTarget 
   }
 
   private count(c: EncoderCounts | undefined, found?: number[]): void {
-    found?.forEach((n, slot) => { if (n) this.found[slot] = (this.found[slot] ?? 0) + n; });
+    addCounts(this.found, found);
     if (!c) return;
     addEncoderCounts(this.io.stats, c);
     for (const w of c.warnings) this.io.warn(w);

@@ -12,7 +12,7 @@ import { PageHasher, type PageLookup } from "./hasher.js";
 import { MultiDiskHasher, type SourceDisk } from "./disks.js";
 import { WriteRing } from "./write-ring.js";
 import { newStats, takeEncoderCounts, type EncoderCounts, type StreamStats } from "./stats.js";
-import { SpareBuffers, serveSessions, type Message, type Reply } from "./session-workers.js";
+import { SpareBuffers, serveSessions, takeCounts, type Message, type Reply } from "./session-workers.js";
 
 export interface EncoderWorkerData {
   /** Each disk pages are looked up in, first to last (encoder-pool.ts' PoolDisk). */
@@ -66,7 +66,7 @@ class Session {
   readonly encoder: StreamEncoder;
   private readonly lookup: PageLookup;
   /** Twins per disk slot, for a lookup over several disks (taken with each answer). */
-  private readonly found: number[] = [];
+  readonly found: number[] = [];
   private readonly ring = new WriteRing(8 * 1024 * 1024);
   /** Output buffers the session's link has taken, to fill again. */
   readonly spare = new SpareBuffers(OUT_BYTES);
@@ -97,14 +97,6 @@ class Session {
     this.frames.length = 0;
     this.bytes = 0;
     return out;
-  }
-
-  /** The twins found per disk slot since the last call (undefined: one disk, counted in the stats). */
-  takeFound(): number[] | undefined {
-    if (!this.found.length) return undefined;
-    const f = this.found.slice();
-    this.found.fill(0);
-    return f;
   }
 
   free(): void {
@@ -154,7 +146,7 @@ function answer(m: Exclude<ToWorker, { t: "open" | "close" }>, s: Session): Repl
     s.spare.give(...m.back);
     s.encoder.encode(Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength));
     const data = s.take();
-    const found = s.takeFound();
+    const found = takeCounts(s.found);
     const a: FromWorker = { t: "frames", id: m.id, data, input: m.data.buffer as ArrayBuffer, seq: s.encoder.seq, counts: takeEncoderCounts(s.stats), ...(found ? { found } : {}) };
     return { answer: a, transfer: [a.input, ...(data ? [data.buffer as ArrayBuffer] : [])] };
   }

@@ -9,7 +9,7 @@
 import type { CompressionAlgorithm } from "../codec/compress.js";
 import { ProtocolError, type Frame } from "../wire/envelope.js";
 import type { Rebuilt } from "./rebuild.js";
-import { SessionWorkers, SpareBuffers, WorkerSession, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
+import { SessionWorkers, SpareBuffers, WorkerSession, addCounts, type ErrorAnswer, type WorkerHandle } from "./session-workers.js";
 import type { FromRebuilder, RebuildDisk, RebuildError, RebuildWorkerData, ToRebuilder } from "./rebuild-worker.js";
 
 export type { RebuildDisk };
@@ -63,7 +63,7 @@ export class RemoteRebuilder extends WorkerSession {
     const m = await this.ask(msg, [payload.buffer as ArrayBuffer, ...back]) as FromRebuilder;
     if (m.t !== "rebuilt") throw new Error(`unexpected ${m.t}`);
     this.spare.give(m.input);
-    m.used?.forEach((n, d) => { if (n) this.used[d] = (this.used[d] ?? 0) + n; });
+    addCounts(this.used, m.used);
     return m.outs.map((o, k) => {
       const out = Buffer.from(o.buffer, o.byteOffset, o.byteLength);
       const ok = m.oks[k];

@@ -1,8 +1,9 @@
 // Entry of a stream-in rebuild worker (rebuild-pool.ts): the NAS images open
-// here, an engine per disk's hash seed, and per session a block verifier (over
-// every disk, for pagetwin serve) and a decompressor. A REFS frame comes back rebuilt (rebuild.ts), a RAW_Z frame
-// decompressed, each with the frame's memory; output buffers come back for
-// reuse once the destination QEMU's socket took them.
+// here, an engine per hash seed in use, and per session a block verifier
+// (over every disk, for pagetwin serve) and a decompressor. A REFS frame
+// comes back rebuilt (rebuild.ts), a RAW_Z frame decompressed, each with the
+// frame's memory; output buffers come back for reuse once the destination
+// QEMU's socket took them.
 
 import { workerData } from "node:worker_threads";
 import { createEngine, type Engine } from "../core/engine.js";
@@ -16,7 +17,7 @@ import { RawDecoder } from "./raw-codec.js";
 import { decodeRefsFrame, rebuildRefs } from "./rebuild.js";
 import { SFrame } from "./frames.js";
 import { emptyCompressionStats } from "../codec/compress.js";
-import { SpareBuffers, serveSessions, type Message, type Reply } from "./session-workers.js";
+import { SpareBuffers, serveSessions, takeCounts, type Message, type Reply } from "./session-workers.js";
 import type { FrameAlloc } from "./write-ring.js";
 
 /**
@@ -74,13 +75,6 @@ class Session {
     this.verifier = one ? new BlockVerifier(one.engine, one.image) : new MultiDiskVerifier(disks, this.used);
   }
 
-  /** The twins verified per disk since the last call (undefined: one disk). */
-  takeUsed(): number[] | undefined {
-    if (!this.used.length) return undefined;
-    const u = this.used.slice();
-    this.used.fill(0);
-    return u;
-  }
 }
 
 interface State { disks: { image: GuestDisk; offset: number; blocks: number }[]; engines: Map<bigint, Engine>; sessions: Map<number, Session> }
@@ -131,7 +125,7 @@ function handle(msg: Message, st: State): Reply | null {
     outs.push(new Uint8Array(out.buffer, out.byteOffset, out.byteLength));
     oks.push(r ? Uint8Array.from(r.ok, (x) => (x ? 1 : 0)) : null);
   });
-  const used = s.takeUsed();
+  const used = takeCounts(s.used);
   return { answer: { t: "rebuilt", id: m.id, outs, oks, input, ...(used ? { used } : {}) } satisfies FromRebuilder, transfer: [input, ...outs.map((o) => o.buffer as ArrayBuffer)] };
 }
 

@@ -98,6 +98,19 @@ export class WorkerHandle {
   }
 }
 
+/** Counts gathered since the last call (per disk of a migration), for an answer, and zeroed; undefined when none were kept. */
+export function takeCounts(counts: number[]): number[] | undefined {
+  if (!counts.length) return undefined;
+  const out = counts.slice();
+  counts.fill(0);
+  return out;
+}
+
+/** Adds what takeCounts took (in another thread) to `into`. */
+export function addCounts(into: number[], from: readonly number[] | undefined): void {
+  from?.forEach((n, i) => { if (n) into[i] = (into[i] ?? 0) + n; });
+}
+
 /**
  * Memory handed back and forth with a worker (transferred, then handed back
  * once used): a spare buffer that fits, else a new one of at least `min`
