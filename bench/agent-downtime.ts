@@ -13,7 +13,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { tmpdir } from "node:os";
 import { runEmbeddedMigration, type EmbeddedRunResult } from "../src/demo/embedded-run.js";
-import { argString, argValue, isMain } from "./cli.js";
+import { argString, argValue, benchArgs, isMain } from "./cli.js";
 
 export interface DowntimeRow {
   ramMiB: number;
@@ -74,7 +74,7 @@ export async function benchAgentDowntime(o: { quiet?: boolean; mib?: number[]; r
 }
 
 if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/agent-downtime.js [--mib 512,1024,2048] [--runs N] [--workers N] [--json]: agent mode's downtime against guest RAM", ["--mib", "--runs", "--workers", "--json"]);
   const mib = argString(args, "--mib")?.split(",").map(Number);
   if (mib && mib.some((m) => !(Number.isInteger(m) && m > 0))) throw new RangeError("bench: --mib takes sizes in MiB, e.g. 256,512,1024");
   const rows = await benchAgentDowntime({ quiet: args.includes("--json"), mib, runs: argValue(args, "--runs"), workers: argValue(args, "--workers") });

@@ -19,7 +19,7 @@ import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { QemuVm, findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
 import { migrateQemuAgentMode } from "../src/agent/qemu.js";
-import { argValue, isMain } from "./cli.js";
+import { argValue, benchArgs, isMain } from "./cli.js";
 
 const CLI = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
@@ -97,7 +97,7 @@ function steadyCounter(serial: string): number {
 }
 
 if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/analyze-predict.js [--bandwidth-mbit N] [--runs N] [--json]: pagetwin analyze against the migration it predicts, on the real guest", ["--bandwidth-mbit", "--runs", "--json"]);
   const mbit = argValue(args, "--bandwidth-mbit");
   const rows = await benchAnalyzePredict({ quiet: args.includes("--json"), runs: argValue(args, "--runs"), bandwidth: mbit ? (mbit * 1e6) / 8 : undefined });
   if (args.includes("--json")) console.log(JSON.stringify({ machine: { cores: os.cpus().length, loadavg: os.loadavg() }, rows }));

@@ -24,7 +24,7 @@ import { Listener } from "../src/link/listen.js";
 import type { Endpoint } from "../src/link/endpoint.js";
 import type { Security } from "../src/link/security.js";
 import { makeCerts } from "../test/helpers/certs.js";
-import { argValue, isMain } from "./cli.js";
+import { argValue, benchArgs, isMain } from "./cli.js";
 
 const WRITE = 1 << 20;
 const GOAL = 0.8;
@@ -232,7 +232,7 @@ export function formatChannelResult(r: ChannelBenchResult): string {
 if (isMain(import.meta.url) && process.argv.includes("--receiver")) {
   childMain();
 } else if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/channel.js [--mib N] [--rounds N] [--json]: the secure channel against plain sockets over loopback", ["--mib", "--rounds", "--json", "--receiver"]);
   benchChannel({ json: args.includes("--json"), mib: argValue(args, "--mib"), rounds: argValue(args, "--rounds") }).catch((err) => {
     console.error(err instanceof Error ? err.message : err);
     process.exitCode = 1;

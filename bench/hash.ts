@@ -24,7 +24,7 @@ import os from "node:os";
 import crypto from "node:crypto";
 import { createXXHash128, xxhash128 } from "hash-wasm";
 import { createEngine, bitBytes, PAGE_SIZE, HASH_SIZE, type Engine } from "../src/core/index.js";
-import { argValue, isMain } from "./cli.js";
+import { argValue, benchArgs, isMain } from "./cli.js";
 
 export interface HashBenchOptions {
   /** Print one JSON object instead of the table. */
@@ -267,7 +267,7 @@ export function formatHashResult(r: HashBenchResult): string {
 
 
 if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/hash.js [--json] [--mib N] [--reps N]: page-hashing throughput, all contenders in one run", ["--json", "--mib", "--reps"]);
   benchHash({ json: args.includes("--json"), mib: argValue(args, "--mib"), reps: argValue(args, "--reps") }).catch((err) => {
     console.error(err instanceof Error ? err.message : err);
     process.exitCode = 1;

@@ -11,7 +11,7 @@
 import os from "node:os";
 import crypto from "node:crypto";
 import { createEngine, bitBytes, HASH_SIZE, NO_BLOCK, type CoreFlavor } from "../src/core/index.js";
-import { argValue, isMain } from "./cli.js";
+import { argValue, benchArgs, isMain } from "./cli.js";
 
 export interface IndexLookupBenchOptions {
   json?: boolean;
@@ -168,7 +168,7 @@ export function formatIndexLookupResult(r: IndexLookupBenchResult): string {
 
 
 if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/index-lookup.js [--json] [--blocks N] [--lookups N] [--reps N] [--scalar]: block-index build and lookup rates", ["--json", "--blocks", "--lookups", "--reps", "--scalar"]);
   benchIndexLookup({
     json: args.includes("--json"),
     blocks: argValue(args, "--blocks"),

@@ -28,9 +28,9 @@ import { createEngine, HASH_SIZE } from "../src/core/engine.js";
 import { refreshByReread } from "../src/adapters/nas/refresh.js";
 import { DirtyTracker } from "../src/adapters/qemu/dirty-tracker.js";
 import { QmpClient } from "../src/adapters/qemu/qmp.js";
-import { argString } from "./cli.js";
+import { argString, benchArgs } from "./cli.js";
 
-const args = process.argv.slice(2);
+const args = benchArgs("node dist/bench/index-refresh.js [--gib N] [--percent P] [--opens N] [--cold-pairs N] [--open-only]: an image with P% of its\n  blocks rewritten since it was indexed; a full index build, opening the stale index, and refreshing it, side by side", ["--gib", "--percent", "--opens", "--cold-pairs", "--open-only"]);
 const gib = Number(argString(args, "--gib") ?? "1");
 const percent = Number(argString(args, "--percent") ?? "1");
 const opens = Number(argString(args, "--opens") ?? "3");

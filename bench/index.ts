@@ -20,7 +20,7 @@ import { benchChannel } from "./channel.js";
 import { benchStreamReplay } from "./stream-replay.js";
 import { benchMultifd } from "./multifd.js";
 import { benchLibvirt, type LibvirtBench } from "./libvirt.js";
-import { argString } from "./cli.js";
+import { argString, benchArgs } from "./cli.js";
 import { median } from "../src/compare/stats.js";
 import { Report } from "./report.js";
 import { findGuest, qemuAvailable } from "../src/adapters/qemu/vm.js";
@@ -29,7 +29,7 @@ import { runComparison, formatComparison } from "../src/compare/agent.js";
 import { benchAnalyzePredict } from "./analyze-predict.js";
 import { compareStreamMode, formatCompare } from "../src/compare/stream.js";
 
-const args = process.argv.slice(2);
+const args = benchArgs("npm run bench -- [--json] [--quick] [--no-qemu] [--libvirt] [--libvirt-runs N] [--demo-runs N] [--stream-runs N] [--write FILE]:\n  every benchmark in one run, each printing ratios measured side by side (the header of bench/index.ts says more)", ["--json", "--quick", "--no-qemu", "--libvirt", "--libvirt-runs", "--demo-runs", "--stream-runs", "--write"]);
 const json = args.includes("--json");
 const quick = args.includes("--quick");
 const writeTo = argString(args, "--write");

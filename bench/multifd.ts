@@ -29,7 +29,7 @@ import type { StreamStats } from "../src/stream/stats.js";
 import { freePort } from "../src/link/listen.js";
 import { drained } from "../src/link/rate.js";
 import { median } from "../src/compare/stats.js";
-import { argString, argValue, isMain } from "./cli.js";
+import { argString, argValue, benchArgs, isMain } from "./cli.js";
 
 const MAIN_JS = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
@@ -240,7 +240,7 @@ export async function benchMultifd(o: MultifdOptions = {}): Promise<{ rows: Mult
 }
 
 if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/multifd.js [--capture FILE --image IMAGE] [--runs N] [--layouts plain,1,2,4] [--workers 0,2]\n  [--baseline PATH/dist/src/cli/main.js] [--cpu-prof DIR]: stream mode with QEMU's multifd against one channel, on a\n  captured guest stream (default: the test guest's), alternating layouts (and builds); CPU per GB of each proxy", ["--capture", "--image", "--runs", "--layouts", "--workers", "--baseline", "--cpu-prof"]);
   const layouts = argString(args, "--layouts")?.split(",");
   const workers = argString(args, "--workers")?.split(",").map(Number);
   const r = await benchMultifd({

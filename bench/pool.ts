@@ -14,7 +14,7 @@ import { createEngine, PAGE_SIZE } from "../src/core/index.js";
 import { Planner } from "../src/plan/planner.js";
 import { EnginePool } from "../src/pool/pool.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
-import { argValue, isMain } from "./cli.js";
+import { argValue, benchArgs, isMain } from "./cli.js";
 
 const WINDOW = 8192; // pages per window: 32 MiB
 
@@ -141,7 +141,7 @@ if (isMain(import.meta.url) && process.argv.includes("--memory-only")) {
     process.exitCode = 1;
   });
 } else if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/pool.js [--gib N] [--mem-gib N] [--json]: a planner iteration over a RAM file with 1 and 2 workers, and resident memory", ["--gib", "--mem-gib", "--json", "--memory-only"]);
   benchPool({ json: args.includes("--json"), gib: argValue(args, "--gib"), memGib: argValue(args, "--mem-gib") }).catch((err) => {
     console.error(err instanceof Error ? err.message : err);
     process.exitCode = 1;

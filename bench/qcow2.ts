@@ -20,7 +20,7 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, openSync, writeSync, closeSync, copyFileSync, renameSync } from "node:fs";
 import { join } from "node:path";
 import { openDisk } from "../src/adapters/nas/disk.js";
-import { argValue, isMain } from "./cli.js";
+import { argValue, benchArgs, isMain } from "./cli.js";
 
 const MIB = 1 << 20;
 const BATCH_BLOCKS = 1024;
@@ -141,7 +141,7 @@ function writeData(path: string, mib: number): void {
 }
 
 if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/qcow2.js [--json] [--mib N] [--reps N]: qcow2 reading throughput against raw, side by side", ["--json", "--mib", "--reps"]);
   benchQcow2({ mib: argValue(args, "--mib"), reps: argValue(args, "--reps"), quiet: args.includes("--json") }).then((r) => {
     if (args.includes("--json")) console.log(JSON.stringify(r));
   }).catch((err) => {

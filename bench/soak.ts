@@ -17,7 +17,7 @@ import { openNasIndex } from "../src/adapters/nas/index-file.js";
 import { RamFile } from "../src/adapters/ram/ram-file.js";
 import { DestinationAgent } from "../src/agent/destination.js";
 import { migrateSource, MigrationError, type MigrationResult } from "../src/agent/source.js";
-import { argValue, isMain } from "./cli.js";
+import { argValue, benchArgs, isMain } from "./cli.js";
 
 type Fault = "none" | "cut" | "flip" | "stall" | "rewrite";
 
@@ -156,7 +156,7 @@ function readBlock(image: string, b: number): Buffer {
 }
 
 if (isMain(import.meta.url)) {
-  const args = process.argv.slice(2);
+  const args = benchArgs("node dist/bench/soak.js [--migrations N] [--json]: many migrations between two RAM files with a random fault in most", ["--migrations", "--json"]);
   soak({ migrations: argValue(args, "--migrations"), json: args.includes("--json") }).catch((err) => {
     console.error(err instanceof Error ? err.message : err);
     process.exitCode = 1;
