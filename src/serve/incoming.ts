@@ -75,7 +75,7 @@ export class IncomingMigration {
   private add!: (sock: net.Socket) => void;
   private ctx!: InContext;
   private trace: MigrationTrace | null = null;
-  /** The migration's rebuild workers once started (null: none), which its sessions wait for. */
+  /** The migration's rebuild workers once started (null: none). */
   private rebuilders: Promise<RebuildPool | null> = Promise.resolve(null);
   private constructor(readonly record: MigrationRecord, private readonly lease: Lease, private readonly paths: string[], private readonly parts: InParts) {}
 
@@ -140,17 +140,13 @@ export class IncomingMigration {
     });
     const { proxy, add } = adopt({
       stats, keep: false, log: parts.log, onClose: () => {},
-      session: async (sock, channel) => {
-        record.mark("firstSession");
-        record.setState("running");
-        await m.rebuilders;
-        return runInSession(ctx, sock, channel);
-      },
+      session: (sock, channel) => { record.mark("firstSession"); record.setState("running"); return runInSession(ctx, sock, channel); },
     });
     m.proxy = proxy;
     m.add = add;
     m.ctx = ctx;
-    if (parts.workers && anyDedup) m.rebuilders = m.startRebuilders(dest.map((d, i) => ({ image: d.image.path, format: d.image.format, offset: d.offset, blocks: p.disks[i]!.blocks })));
+    // the sessions wait for them once they have read HELLO (their socket is read from the start)
+    if (parts.workers && anyDedup) ctx.rebuilders = m.rebuilders = m.startRebuilders(dest.map((d, i) => ({ image: d.image.path, format: d.image.format, offset: d.offset, blocks: p.disks[i]!.blocks })));
     lease.send(PeerFrame.Prepared, { disks: answers } satisfies Prepared);
     record.mark("prepared");
     return m;
@@ -161,7 +157,6 @@ export class IncomingMigration {
     const { record, parts } = this;
     try {
       const pool = await RebuildPool.create(parts.workers, disks, record.twins);
-      this.ctx.rebuilders = pool;
       record.stats.workers.threads = pool.size;
       return pool;
     } catch (err) {

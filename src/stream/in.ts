@@ -96,8 +96,8 @@ export interface InContext {
   lastEndAt: number;
   /** Several disks (pagetwin serve): they decide dedup and verify the blocks instead of engine/image/index*. */
   disks?: { refusal(): string | null; verifier(): PageVerifier; readonly seeds: readonly bigint[] };
-  /** Worker threads that verify and decompress for the sessions, with every disk's image (null: each session does it on this thread). */
-  rebuilders?: RebuildPool | null;
+  /** Worker threads that verify and decompress for the sessions, with every disk's image, or their start (null: each session does it on this thread). */
+  rebuilders?: RebuildPool | Promise<RebuildPool | null> | null;
   /** Multifd sessions reach the destination QEMU after the main one. */
   order: ChannelOrder;
   /** The migrations' tracers (null without trace sinks): a migration's sessions share one. */
@@ -465,8 +465,9 @@ class InSession {
     this.raw = new RawDecoder(agreed, this.stats.compression);
     // after dedupRefusal, which loads an index made since this proxy started (its seed is the sessions')
     const reason = await this.dedupRefusal(h);
-    if (this.ctx.rebuilders) {
-      this.rebuilder = this.ctx.rebuilders.open(this.ctx.disks?.seeds ?? [this.ctx.engine.seed], agreed);
+    const pool = await this.ctx.rebuilders;
+    if (pool) {
+      this.rebuilder = pool.open(this.ctx.disks?.seeds ?? [this.ctx.engine.seed], agreed);
       this.stats.workers.sessions++;
     }
     this.kind = h.kind;
