@@ -131,10 +131,23 @@ test("two disks: twins from both travel as references, the stream arrives byte-i
 
 test("--workers 2 on both services: each migration encodes and rebuilds on 2 worker threads over both disks' indexes and images, with the same result", async () => {
   const sub = fs.mkdtempSync(path.join(dir, "workers-"));
-  const w = await twoServices(sub, undefined, { workers: 2 }, { workers: 2 });
+  const w = await twoServices(sub, process.env["PT_SERVE_LOG"] ? (m) => console.error(m) : undefined, { workers: 2 }, { workers: 2 });
   try {
     const { s, d } = await twoDiskMigration(w, "two-disks-workers");
     assert.deepEqual([s.stats.workers, d.stats.workers], [{ threads: 2, sessions: 1 }, { threads: 2, sessions: 1 }]);
+    // one disk: its twins are still counted for it at both ends
+    const data = qemuStream(Buffer.concat([block(diskA, 3), randomBytes(PAGE), block(diskA, 9), block(diskA, 27)]));
+    const sink = await sinkQemu();
+    try {
+      const ready = await outgoing(w.srcClient, "one-disk-workers", [diskA], sink.port, w.dst.peerPort);
+      const ends = [ended(w.srcClient, "one-disk-workers"), ended(w.dstClient, "one-disk-workers")];
+      await sourceQemu(ready.port, data);
+      const [s1, d1] = await Promise.all(ends);
+      assert.ok(s1.ok && d1.ok && sink.got().equals(data), JSON.stringify(s1.status.error ?? d1.status.error));
+      assert.deepEqual([s1.status.disks[0]!.twins, d1.status.disks[0]!.twins, s1.status.stats.twinsReplaced], [3, 3, 3]);
+    } finally {
+      sink.close();
+    }
   } finally {
     await w.close();
   }

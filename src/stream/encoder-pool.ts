@@ -36,15 +36,15 @@ export interface PoolDisk { engine: Engine; index: TwinIndex; blocks: number; of
 export class EncoderPool {
   private constructor(private readonly workers: SessionWorkers, private readonly found: number[]) {}
 
-  /** `size` workers, each with a copy of every disk's index; `found`: twins per disk slot, counted as the workers find them. */
-  static async create(size: number, disks: readonly PoolDisk[], found: number[] = []): Promise<EncoderPool> {
-    const data: EncoderWorkerData = { disks: disks.map((d) => {
+  /** `size` workers, each with a copy of every disk's index; `found` (pagetwin serve): twins per disk slot, counted as the workers find them. */
+  static async create(size: number, disks: readonly PoolDisk[], found?: number[]): Promise<EncoderPool> {
+    const data: EncoderWorkerData = { perDisk: found !== undefined, disks: disks.map((d) => {
       const records = new SharedArrayBuffer(d.blocks * HASH_SIZE);
       const at = d.index.recordsFor(d.blocks);
       new Uint8Array(records).set(d.engine.u8().subarray(at, at + d.blocks * HASH_SIZE));
       return { seed: d.engine.seed, flavor: d.engine.flavor, blocks: d.blocks, records, offset: d.offset, slot: d.slot };
     }) };
-    return new EncoderPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-out's encoders"), found);
+    return new EncoderPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-out's encoders"), found ?? []);
   }
 
   get size(): number {

@@ -15,6 +15,8 @@ import { newStats, takeEncoderCounts, type EncoderCounts, type StreamStats } fro
 import { SpareBuffers, serveSessions, takeCounts, type Message, type Reply } from "./session-workers.js";
 
 export interface EncoderWorkerData {
+  /** Twins are counted per disk (pagetwin serve's lookup over its disks); else one disk, its own block numbers. */
+  perDisk: boolean;
   /** Each disk pages are looked up in, first to last (encoder-pool.ts' PoolDisk). */
   disks: {
     seed: bigint;
@@ -37,7 +39,7 @@ export type ToWorker =
 
 export type FromWorker =
   | { t: "ready"; id: 0 }
-  /** `found`: twins per disk slot since the last answer (several disks only). */
+  /** `found`: twins per disk slot since the last answer (counted per disk only). */
   | { t: "frames"; id: number; data: Uint8Array | null; input: ArrayBuffer; seq: number; counts: EncoderCounts; found?: number[] }
   | { t: "frame"; id: number; frame: Uint8Array; counts?: EncoderCounts }
   | { t: "closed"; id: number; compressMBs: number; linkMBs: number }
@@ -72,9 +74,8 @@ class Session {
   readonly spare = new SpareBuffers(OUT_BYTES);
   failed = false;
 
-  constructor(cfg: EncoderConfig, disks: readonly SourceDisk[]) {
-    const one = disks.length === 1 && disks[0]!.offset === 0 ? disks[0]! : null;
-    this.lookup = one ? new PageHasher(one.engine, one.index) : new MultiDiskHasher(disks, this.found);
+  constructor(cfg: EncoderConfig, disks: readonly SourceDisk[], perDisk: boolean) {
+    this.lookup = perDisk ? new MultiDiskHasher(disks, this.found) : new PageHasher(disks[0]!.engine, disks[0]!.index);
     this.encoder = new StreamEncoder(cfg, {
       lookup: this.lookup, stats: this.stats, alloc: this.ring, meter: this.seen, receiver: this.seen,
       emit: (f) => { this.frames.push(f); this.bytes += f.length; },
@@ -104,8 +105,10 @@ class Session {
   }
 }
 
-async function loadIndexes(d: EncoderWorkerData): Promise<SourceDisk[]> {
-  return Promise.all(d.disks.map(async (x) => {
+interface Loaded { disks: SourceDisk[]; perDisk: boolean }
+
+async function loadIndexes(d: EncoderWorkerData): Promise<Loaded> {
+  const disks = await Promise.all(d.disks.map(async (x) => {
     const engine = await createEngine({ seed: x.seed, flavor: x.flavor });
     const index = engine.createIndexForLoad(x.blocks);
     const at = index.recordsFor(x.blocks);
@@ -113,12 +116,13 @@ async function loadIndexes(d: EncoderWorkerData): Promise<SourceDisk[]> {
     index.loadAt(at, x.blocks);
     return { engine, index, offset: x.offset, slot: x.slot };
   }));
+  return { disks, perDisk: d.perDisk };
 }
 
-function handle(msg: Message, sessions: Map<number, Session>, disks: readonly SourceDisk[]): Reply | null {
+function handle(msg: Message, sessions: Map<number, Session>, loaded: Loaded): Reply | null {
   const m = msg as ToWorker;
   if (m.t === "open") {
-    sessions.set(m.id, new Session(m.cfg, disks));
+    sessions.set(m.id, new Session(m.cfg, loaded.disks, loaded.perDisk));
     return null;
   }
   const s = sessions.get(m.id);
@@ -155,5 +159,5 @@ function answer(m: Exclude<ToWorker, { t: "open" | "close" }>, s: Session): Repl
 }
 
 const sessions = new Map<number, Session>();
-await serveSessions(() => loadIndexes(workerData as EncoderWorkerData), (m, disks) => handle(m, sessions, disks),
+await serveSessions(() => loadIndexes(workerData as EncoderWorkerData), (m, loaded) => handle(m, sessions, loaded),
   (err, m) => ({ t: "error", id: m.id, message: (err as Error).message, format: false } satisfies FromWorker));

@@ -21,10 +21,10 @@ const INPUT_BYTES = 16 * 1024;
 export class RebuildPool {
   private constructor(private readonly workers: SessionWorkers, private readonly used: number[]) {}
 
-  /** `size` workers, each with every disk's image open; `used`: twins verified per disk, counted as the workers verify them. */
-  static async create(size: number, disks: readonly RebuildDisk[], used: number[] = []): Promise<RebuildPool> {
-    const data: RebuildWorkerData = { disks: [...disks] };
-    return new RebuildPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-in's rebuilders"), used);
+  /** `size` workers, each with every disk's image open; `used` (pagetwin serve): twins verified per disk, counted as the workers verify them. */
+  static async create(size: number, disks: readonly RebuildDisk[], used?: number[]): Promise<RebuildPool> {
+    const data: RebuildWorkerData = { perDisk: used !== undefined, disks: [...disks] };
+    return new RebuildPool(await SessionWorkers.start(WORKER_URL, data, size, "pagetwin stream-in's rebuilders"), used ?? []);
   }
 
   get size(): number {

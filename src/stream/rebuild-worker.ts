@@ -27,6 +27,8 @@ import type { FrameAlloc } from "./write-ring.js";
 export interface RebuildDisk { image: string; format: DiskFormat | null; offset: number; blocks: number }
 
 export interface RebuildWorkerData {
+  /** Twins are counted per disk (pagetwin serve's verifier over its disks); else one disk, its own block numbers. */
+  perDisk: boolean;
   disks: RebuildDisk[];
 }
 
@@ -36,7 +38,7 @@ export type ToRebuilder =
   | { t: "close"; id: number };
 
 export type FromRebuilder =
-  /** Per frame, its output, and (a REFS frame) which pages verified (1) and which are to fill (0); `used`: twins verified per disk (several disks only). */
+  /** Per frame, its output, and (a REFS frame) which pages verified (1) and which are to fill (0); `used`: twins verified per disk (counted per disk only). */
   | { t: "rebuilt"; id: number; outs: Uint8Array[]; oks: (Uint8Array | null)[]; input: ArrayBuffer; used?: number[] }
   | { t: "closed"; id: number }
   | RebuildError;
@@ -70,14 +72,12 @@ class Session {
   readonly used: number[] = [];
   readonly verifier: PageVerifier;
 
-  constructor(disks: readonly DestDisk[], readonly raw: RawDecoder) {
-    const one = disks.length === 1 && disks[0]!.offset === 0 ? disks[0]! : null;
-    this.verifier = one ? new BlockVerifier(one.engine, one.image) : new MultiDiskVerifier(disks, this.used);
+  constructor(disks: readonly DestDisk[], perDisk: boolean, readonly raw: RawDecoder) {
+    this.verifier = perDisk ? new MultiDiskVerifier(disks, this.used) : new BlockVerifier(disks[0]!.engine, disks[0]!.image);
   }
-
 }
 
-interface State { disks: { image: GuestDisk; offset: number; blocks: number }[]; engines: Map<bigint, Engine>; sessions: Map<number, Session> }
+interface State { disks: { image: GuestDisk; offset: number; blocks: number }[]; perDisk: boolean; engines: Map<bigint, Engine>; sessions: Map<number, Session> }
 
 function load(d: RebuildWorkerData): State {
   const disks: State["disks"] = [];
@@ -87,7 +87,7 @@ function load(d: RebuildWorkerData): State {
     for (const x of disks) x.image.close();
     throw err;
   }
-  return { disks, engines: new Map(), sessions: new Map() };
+  return { disks, perDisk: d.perDisk, engines: new Map(), sessions: new Map() };
 }
 
 /** A session's disks with the engines of its seeds (one per disk), made once per seed. */
@@ -100,7 +100,7 @@ async function open(m: Extract<ToRebuilder, { t: "open" }>, st: State): Promise<
     if (!engine) st.engines.set(seed, engine = await createEngine({ seed }));
     disks.push({ engine, ...d });
   }
-  st.sessions.set(m.id, new Session(disks, new RawDecoder(m.agreed, emptyCompressionStats("auto"))));
+  st.sessions.set(m.id, new Session(disks, st.perDisk, new RawDecoder(m.agreed, emptyCompressionStats("auto"))));
 }
 
 function handle(msg: Message, st: State): Reply | null {
