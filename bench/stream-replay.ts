@@ -344,8 +344,8 @@ byte for byte against the capture; prints each process's CPU per GB of QEMU's st
                     QMP {"execute":"migrate","arguments":{"uri":"exec:cat > FILE"}} on the running guest (it stays paused
                     after: "cont" resumes it); needs --image
   --image DISK      the disk image (raw or qcow2) that guest ran on; its block index is built in a temporary directory
-  --mem MIB         the test guest's RAM (default 512): a bigger guest's stream holds more zero pages and more of
-                    its kernel's own memory; captured once per size (needs MIB of free RAM, and QEMU, the first time)
+  --mem MIB         the test guest's RAM (default 512): a bigger guest's stream holds more zero pages and more pages
+                    sent in full; captured once per size (needs MIB of free RAM, and QEMU, the first time)
   --rounds N        rounds of every variant (medians; default 3)
   --only LIST       variants, comma-separated: relays, proxies, plain (proxies --no-dedup --compress off), baseline, out-args
   --baseline MAIN   another build's dist/src/cli/main.js: its proxies as a variant (before and after in one run)
