@@ -141,3 +141,29 @@ test("the configuration section: the subsections QEMU 7.2 sends are read, split 
     }
   }
 });
+
+test("postcopy-ram's ADVISE before the RAM section leaves the pre-copy rewritten; RAM in bigger pages, and postcopy itself, pass through, named", () => {
+  const head = Buffer.concat([Buffer.from("QEVM"), be32(3), Buffer.from([SEC.CONFIGURATION]), be32(13), Buffer.from("pc-i440fx-7.2")]);
+  const command = (cmd: number, data: Buffer) => { const b = Buffer.alloc(5); b[0] = SEC.COMMAND; b.writeUInt16BE(cmd, 1); b.writeUInt16BE(data.length, 3); return Buffer.concat([b, data]); };
+  const advise = (summary: number) => command(3, Buffer.concat([be64(summary), be64(PAGE)]));
+  const page = Buffer.alloc(PAGE, 0x42);
+  const ram = Buffer.concat([Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4), be64(2 * PAGE + RAM_FLAG.MEM_SIZE), str8("pc.ram"), be64(2 * PAGE),
+    be64(RAM_FLAG.PAGE), str8("pc.ram"), page, be64(RAM_FLAG.EOS), Buffer.from([SEC.FOOTER]), be32(2)]);
+  const part = Buffer.concat([Buffer.from([SEC.PART]), be32(2), be64(PAGE + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE), page, be64(RAM_FLAG.EOS), Buffer.from([SEC.FOOTER]), be32(2)]);
+  const cases: [string, Buffer, number, RegExp | null][] = [
+    ["ADVISE (4 KiB pages), pre-copy to the end", Buffer.concat([head, command(1, Buffer.alloc(0)), advise(PAGE), ram, part]), 2, null],
+    ["ADVISE without data (dirty bitmaps only)", Buffer.concat([head, command(3, Buffer.alloc(0)), ram, part]), 2, null],
+    ["ADVISE with 2 MiB pages in some block", Buffer.concat([head, advise(PAGE | (2 << 20)), ram, part]), 0, /postcopy with RAM in pages of 0x201000 bytes/],
+    ["postcopy starting after a pre-copy pass", Buffer.concat([head, advise(PAGE), ram, command(4, Buffer.alloc(0)), part]), 1, /migration command POSTCOPY_LISTEN/],
+  ];
+  for (const [what, data, pages, why] of cases) {
+    for (const step of [1, 6, 4099, data.length]) {
+      const p = new QemuStreamParser();
+      const { pieces } = feed(p, data, step);
+      assert.equal(pieces.filter((x) => x.kind === "page").length, pages, `${what}, step ${step}`);
+      if (why) assert.match(p.passthroughReason ?? "", why, what);
+      else assert.equal(p.mode, "parsing", `${what}: ${p.passthroughReason}`);
+      assert.ok(reassemble(pieces).equals(data), `${what}: every byte handed on as it came`);
+    }
+  }
+});

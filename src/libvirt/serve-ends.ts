@@ -158,7 +158,7 @@ function report(s: MigrationStatus): EndsReport {
   const st = s.stats;
   return {
     migration: s.migration, state: s.state, ...(s.error ? { error: s.error.message, errorCode: s.error.code } : {}),
-    disks: s.disks, verdict: st.verdict, pagesSeen: st.pagesSeen, twinsReplaced: st.twinsReplaced, zeroPages: st.zeroPages, resends: st.resends,
+    disks: s.disks, verdict: st.verdict, pagesSeen: st.pagesSeen, twinsReplaced: st.twinsReplaced, zeroPages: st.zeroPages, resends: st.resends, passthrough: st.passthrough,
     bytesFromQemu: st.bytesFromQemu, bytesOutLink: st.bytesOutLink, bytesInLink: st.bytesInLink, sessions: st.sessions, multifd: st.multifd, workers: st.workers,
     compression: compressionOf(st), waits: waits(st), ...(s.peerStats ? { destinationWaits: waits(s.peerStats) } : {}),
     timings: s.timings, ...(s.peerTimings ? { destinationTimings: s.peerTimings } : {}),

@@ -49,6 +49,13 @@ export const RAM_FLAG = {
 /** QEMU's MIG_CMD_* (migration/savevm.c); the ones that are safe to forward mid-RAM. */
 const CMD_OPEN_RETURN_PATH = 1;
 const CMD_PING = 2;
+/**
+ * Sent before the RAM section when the postcopy-ram capability is on (libvirt's --postcopy, Nova's
+ * live_migration_permit_post_copy), whether or not postcopy ever starts: the pre-copy that follows is the usual
+ * format. Its data: be64 the OR of every RAM block's page size, be64 the target page size (none when only
+ * dirty bitmaps use postcopy).
+ */
+const CMD_POSTCOPY_ADVISE = 3;
 const CMD_NAMES: Record<number, string> = {
   1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN", 5: "POSTCOPY_RUN",
   6: "POSTCOPY_RAM_DISCARD", 7: "POSTCOPY_RESUME", 8: "PACKAGED", 9: "RECV_BITMAP", 10: "ENABLE_COLO",
@@ -498,11 +505,16 @@ export class QemuStreamParser {
         if (!this.avail(5)) return false;
         const cmd = b.readUInt16BE(p + 1);
         const len = b.readUInt16BE(p + 3);
-        if (cmd !== CMD_OPEN_RETURN_PATH && cmd !== CMD_PING) {
+        if (cmd !== CMD_OPEN_RETURN_PATH && cmd !== CMD_PING && cmd !== CMD_POSTCOPY_ADVISE) {
           this.toPassthrough(`migration command ${CMD_NAMES[cmd] ?? cmd} (postcopy, COLO and packaged streams are not rewritten)`);
           return false;
         }
         if (!this.avail(5 + len)) return false;
+        // with RAM blocks in pages bigger than the host's, postcopy adds each one's page size to the block list
+        if (cmd === CMD_POSTCOPY_ADVISE && len >= 8 && b.readBigUInt64BE(p + 5) !== BigInt(TARGET_PAGE)) {
+          this.toPassthrough(`postcopy with RAM in pages of 0x${b.readBigUInt64BE(p + 5).toString(16)} bytes (QEMU's page size summary; only 4 KiB pages are rewritten)`);
+          return false;
+        }
         this.pos = p + 5 + len;
         return true;
       }
