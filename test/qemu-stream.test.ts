@@ -167,3 +167,24 @@ test("postcopy-ram's ADVISE before the RAM section leaves the pre-copy rewritten
     }
   }
 });
+
+test("XBZRLE records (the xbzrle capability, libvirt's --compressed) go on raw and the pages after them are still handed out; a bad one is a format error", () => {
+  const page = Buffer.alloc(PAGE, 0x42);
+  const start = Buffer.concat([ramStart(), be64(2 * PAGE + RAM_FLAG.MEM_SIZE), str8("pc.ram"), be64(2 * PAGE), be64(RAM_FLAG.PAGE), str8("pc.ram"), page,
+    be64(RAM_FLAG.EOS), Buffer.from([SEC.FOOTER]), be32(2)]);
+  const delta = (encoding: number, len: number) => Buffer.concat([be64(RAM_FLAG.XBZRLE + RAM_FLAG.CONTINUE), Buffer.from([encoding]), Buffer.from([len >> 8, len & 0xff]), Buffer.alloc(len, 7)]);
+  const part = (rec: Buffer) => Buffer.concat([Buffer.from([SEC.PART]), be32(2), rec, be64(PAGE + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE), page,
+    be64(RAM_FLAG.EOS), Buffer.from([SEC.FOOTER]), be32(2)]);
+  const data = Buffer.concat([start, part(delta(1, 10)), part(delta(1, PAGE))]);
+  for (const step of [1, 7, 4100, data.length]) {
+    const p = new QemuStreamParser();
+    const { pieces } = feed(p, data, step);
+    assert.equal(p.mode, "parsing", `step ${step}: ${p.passthroughReason}`);
+    assert.equal(pieces.filter((x) => x.kind === "page").length, 3, `step ${step}`);
+    assert.equal(p.stats.xbzrlePages, 2);
+    assert.ok(reassemble(pieces).equals(data), `step ${step}: every byte handed on as it came`);
+  }
+  for (const [bad, why] of [[delta(2, 10), /XBZRLE record with encoding 2/], [delta(1, PAGE + 1), /4097 bytes of delta/]] as const) {
+    assert.throws(() => feed(new QemuStreamParser(), Buffer.concat([start, part(bad)]), 4096), why);
+  }
+});

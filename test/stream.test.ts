@@ -27,7 +27,7 @@ function be64(n: number): Buffer { const b = Buffer.alloc(8); b.writeBigUInt64BE
 function str8(s: string): Buffer { return Buffer.concat([Buffer.from([s.length]), Buffer.from(s, "latin1")]); }
 
 /** A small but complete QEMU 7.2-shaped stream with two RAM blocks. */
-function synthStream(opts: { xbzrle?: boolean; badBlock?: boolean } = {}): { bytes: Buffer; pages: number } {
+function synthStream(opts: { compressed?: boolean; badBlock?: boolean } = {}): { bytes: Buffer; pages: number } {
   const parts: Buffer[] = [Buffer.from("QEVM"), be32(3), Buffer.from([0x07]), be32(13), Buffer.from("pc-i440fx-7.2")];
   parts.push(Buffer.from([0x01]), be32(2), str8("ram"), be32(0), be32(4));
   parts.push(be64((1 << 20) + 65536 + RAM_FLAG.MEM_SIZE), str8("mem"), be64(1 << 20), str8("pc.rom"), be64(65536));
@@ -39,10 +39,10 @@ function synthStream(opts: { xbzrle?: boolean; badBlock?: boolean } = {}): { byt
   parts.push(be64(4096 + RAM_FLAG.ZERO + RAM_FLAG.CONTINUE), Buffer.from([0]));
   parts.push(be64(8192 + RAM_FLAG.PAGE + RAM_FLAG.CONTINUE), page(2)); pages++;
   parts.push(be64(0 + RAM_FLAG.PAGE), str8("pc.rom"), page(3)); pages++;
-  if (opts.xbzrle) parts.push(be64(12288 + RAM_FLAG.XBZRLE + RAM_FLAG.CONTINUE), Buffer.from([1, 0, 2, 9, 9]));
+  if (opts.compressed) parts.push(be64(12288 + RAM_FLAG.COMPRESS_PAGE + RAM_FLAG.CONTINUE), be32(3), Buffer.from([9, 9, 9]));
   parts.push(be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
   parts.push(Buffer.from([0x03]), be32(2), be64(16384 + RAM_FLAG.PAGE), str8("mem"), page(4), be64(RAM_FLAG.EOS), Buffer.from([0x7e]), be32(2));
-  if (!opts.xbzrle) pages++;
+  if (!opts.compressed) pages++;
   // device state (opaque to the parser), EOF
   parts.push(Buffer.from([0x04]), be32(3), str8("timer"), be32(0), be32(2), Buffer.alloc(24, 7), Buffer.from([0x7e]), be32(3), Buffer.from([0x05]));
   return { bytes: Buffer.concat(parts), pages };
@@ -107,13 +107,13 @@ test("parser with reused bridges: each push's pieces, taken before the next push
   }
 });
 
-test("parser: xbzrle records switch to pass-through with a warning, bytes unchanged", () => {
-  const { bytes } = synthStream({ xbzrle: true });
+test("parser: records of QEMU's multithreaded compression switch to pass-through with a warning, bytes unchanged", () => {
+  const { bytes } = synthStream({ compressed: true });
   const p = new QemuStreamParser();
   const pieces = feed(p, bytes, () => 100);
   assert.ok(reassemble(pieces).equals(bytes));
   assert.equal(p.mode, "passthrough");
-  assert.match(p.passthroughReason ?? "", /XBZRLE/);
+  assert.match(p.passthroughReason ?? "", /COMPRESS_PAGE/);
   assert.equal(p.takeWarnings().length, 1);
 });
 

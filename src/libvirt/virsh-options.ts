@@ -26,7 +26,7 @@ const REFUSED: Record<string, string> = {
  * migration, its pages looked up like the main channel's.)
  */
 const PASSTHROUGH: Record<string, string> = {
-  "--compressed": "--compressed: QEMU compresses pages itself, so they cannot be matched with disk blocks; they pass through unchanged",
+  "--compressed": "--compressed: with QEMU's default method (xbzrle) the pages QEMU sends again as deltas pass on as they are, the rest is deduplicated; pages QEMU compresses itself (--comp-methods mt, or zlib/zstd with --parallel) cannot be matched with disk blocks and pass through unchanged",
   "--tls": "--tls: QEMU encrypts its own stream, so pagetwin cannot read it; it passes through unchanged",
   "--postcopy": "--postcopy: pages QEMU sends after the switch to post-copy pass through without dedup",
 };

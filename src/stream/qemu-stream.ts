@@ -61,6 +61,9 @@ const CMD_NAMES: Record<number, string> = {
   6: "POSTCOPY_RAM_DISCARD", 7: "POSTCOPY_RESUME", 8: "PACKAGED", 9: "RECV_BITMAP", 10: "ENABLE_COLO",
 };
 
+/** ENCODING_FLAG_XBZRLE, the one encoding of an XBZRLE record's delta. */
+const XBZRLE_ENCODING = 1;
+
 export { StreamFormatError } from "../errors.js";
 import { StreamFormatError } from "../errors.js";
 
@@ -97,6 +100,8 @@ export interface ParserStats {
   pages: number;
   zeroPages: number;
   pageBytes: number;
+  /** XBZRLE records, handed on raw. */
+  xbzrlePages: number;
 }
 
 type State =
@@ -151,7 +156,7 @@ export class QemuStreamParser {
   private warnings: string[] = [];
   /** Footer expected after this section's records (0x7e + be32 id), if any. */
   private footerFor = -1;
-  readonly stats: ParserStats = { bytes: 0, sections: 0, ramSections: 0, pages: 0, zeroPages: 0, pageBytes: 0 };
+  readonly stats: ParserStats = { bytes: 0, sections: 0, ramSections: 0, pages: 0, zeroPages: 0, pageBytes: 0, xbzrlePages: 0 };
   mode: ParserMode = "parsing";
   /** Why the parser went to pass-through (undefined otherwise). */
   passthroughReason: string | undefined;
@@ -583,9 +588,9 @@ export class QemuStreamParser {
     const lo = b.readUInt32BE(p + 4);
     const flags = lo & 0xfff;
     const offset = hi * 0x100000000 + (lo - flags);
-    if (flags & ~(RAM_FLAG.ZERO | RAM_FLAG.MEM_SIZE | RAM_FLAG.PAGE | RAM_FLAG.EOS | RAM_FLAG.CONTINUE)) {
+    if (flags & ~(RAM_FLAG.ZERO | RAM_FLAG.MEM_SIZE | RAM_FLAG.PAGE | RAM_FLAG.EOS | RAM_FLAG.CONTINUE | RAM_FLAG.XBZRLE)) {
       const names = Object.entries(RAM_FLAG).filter(([, v]) => flags & v).map(([k]) => k).join("|");
-      this.toPassthrough(`RAM record with flags 0x${flags.toString(16)} (${names}): xbzrle, compression, RDMA and multifd streams are not rewritten`);
+      this.toPassthrough(`RAM record with flags 0x${flags.toString(16)} (${names}): compression, RDMA and multifd streams are not rewritten`);
       return false;
     }
     if (flags === RAM_FLAG.EOS) {
@@ -604,7 +609,8 @@ export class QemuStreamParser {
     }
     const isPage = flags & RAM_FLAG.PAGE;
     const isZero = flags & RAM_FLAG.ZERO;
-    if ((isPage ? 1 : 0) + (isZero ? 1 : 0) !== 1 || flags & (RAM_FLAG.EOS | RAM_FLAG.MEM_SIZE)) {
+    const isDelta = flags & RAM_FLAG.XBZRLE;
+    if ((isPage ? 1 : 0) + (isZero ? 1 : 0) + (isDelta ? 1 : 0) !== 1 || flags & (RAM_FLAG.EOS | RAM_FLAG.MEM_SIZE)) {
       this.malformed(`RAM record with an invalid flag combination 0x${flags.toString(16)}`);
     }
     let q = p + 8;
@@ -621,6 +627,7 @@ export class QemuStreamParser {
     const blockLen = this.blocks.get(block!);
     if (blockLen === undefined) this.malformed(`RAM record for unknown block "${block}"`);
     if (offset + TARGET_PAGE > blockLen) this.malformed(`RAM record at offset 0x${offset.toString(16)} past the end of block "${block}" (${blockLen} bytes)`);
+    if (isDelta) return this.xbzrleRecord(q, block!);
     const bodyLen = isPage ? TARGET_PAGE : 1;
     if (!this.avail(q - p + bodyLen)) return false;
     this.curBlock = block;
@@ -638,6 +645,23 @@ export class QemuStreamParser {
     this.stats.pageBytes += q - p + TARGET_PAGE;
     this.pos = q + TARGET_PAGE;
     this.rawFrom = this.pos;
+    return true;
+  }
+
+  /**
+   * An XBZRLE record (the xbzrle capability, libvirt's --compressed): a page QEMU sent before, as its delta
+   * against that earlier content (u8 encoding 1, be16 length, at most a page of delta). It goes on raw, as the
+   * destination needs it, and the records after it are read as usual. `q`: where its body starts.
+   */
+  private xbzrleRecord(q: number, block: string): boolean {
+    const b = this.buf;
+    if (!this.avail(q - this.pos + 3)) return false;
+    const len = b.readUInt16BE(q + 1);
+    if (b[q] !== XBZRLE_ENCODING || len > TARGET_PAGE) this.malformed(`XBZRLE record with encoding ${b[q]} and ${len} bytes of delta (QEMU sends encoding 1, at most ${TARGET_PAGE} bytes)`);
+    if (!this.avail(q - this.pos + 3 + len)) return false;
+    this.curBlock = block;
+    this.stats.xbzrlePages++;
+    this.pos = q + 3 + len;
     return true;
   }
 }
