@@ -136,6 +136,14 @@ async function migrate(channels: number, opts: MigrateOptions = {}): Promise<Out
   }
 }
 
+/** Both proxies ended without error, stream-in verified the stream against stream-out's, and the guest counts on at the destination. */
+function arrived(r: Pick<Outcome, "o" | "i" | "last" | "next">): void {
+  assert.equal(r.o.error, undefined);
+  assert.equal(r.i.error, undefined);
+  assert.ok(r.next > r.last, `counter ${r.last} -> ${r.next}`);
+  assert.equal(r.o.verdict, "verified");
+}
+
 const results = new Map<number, Outcome>();
 
 for (const channels of [0, 2, 4]) {
@@ -171,10 +179,7 @@ for (const channels of [0, 2, 4]) {
 
 test("real guest through the proxies, multifd with 2 channels on 2 workers each side: counter goes on, every channel identical at both ends", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
   const { o, i, last, next } = await migrate(2, { workers: 2 });
-  assert.equal(o.error, undefined);
-  assert.equal(i.error, undefined);
-  assert.ok(next > last);
-  assert.equal(o.verdict, "verified");
+  arrived({ o, i, last, next });
   assert.deepEqual([o.sessions, o.streamsVerified, i.streamsVerified, o.multifd.channels], [3, 3, 3, 2]);
   assert.deepEqual([o.workers, i.workers], [{ threads: 2, sessions: 3 }, { threads: 2, sessions: 3 }]);
   assert.equal(o.bytesFromQemu, i.bytesToQemu);
@@ -197,10 +202,7 @@ test("real guest: bytes on the link with multifd are close to those without", { 
 
 test("real guest: multifd with QEMU's own zstd passes through untouched (each channel says why), the guest goes on", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
   const { o, i, last, next } = await migrate(2, { compression: "zstd" });
-  assert.equal(o.error, undefined);
-  assert.equal(i.error, undefined);
-  assert.ok(next > last);
-  assert.equal(o.verdict, "verified");
+  arrived({ o, i, last, next });
   assert.equal(o.multifd.channels, 2);
   assert.equal(o.multifd.twins, 0);
   assert.equal(o.passthrough.filter((p) => /multifd channel [01] uses QEMU's own zstd compression/.test(p)).length, 2, o.passthrough.join("; "));
@@ -209,10 +211,7 @@ test("real guest: multifd with QEMU's own zstd passes through untouched (each ch
 
 test("real guest with QEMU's postcopy-ram capability on (libvirt's --postcopy), completing in pre-copy: deduplicated as without it", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
   const { o, i, last, next } = await migrate(0, { postcopy: "advise" });
-  assert.equal(o.error, undefined);
-  assert.equal(i.error, undefined);
-  assert.ok(next > last);
-  assert.equal(o.verdict, "verified");
+  arrived({ o, i, last, next });
   assert.deepEqual(o.passthrough, [], "the ADVISE command before the RAM section is not a reason to stop rewriting");
   assert.ok(o.twinsReplaced > 0.3 * o.pagesSeen, `${o.twinsReplaced} twins of ${o.pagesSeen} pages`);
   assert.equal(o.bytesFromQemu, i.bytesToQemu);
@@ -221,10 +220,7 @@ test("real guest with QEMU's postcopy-ram capability on (libvirt's --postcopy), 
 
 test("real guest with QEMU's xbzrle capability on (libvirt's --compressed): the deltas go on raw, the pages around them deduplicated", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
   const { o, i, last, next, info } = await migrate(0, { xbzrle: true });
-  assert.equal(o.error, undefined);
-  assert.equal(i.error, undefined);
-  assert.ok(next > last);
-  assert.equal(o.verdict, "verified");
+  arrived({ o, i, last, next });
   const deltas = info["xbzrle-cache"]?.pages ?? 0;
   assert.ok(deltas > 0, "QEMU sent pages as XBZRLE deltas (the pages the guest wrote again after the first pass)");
   assert.deepEqual(o.passthrough, [], "an XBZRLE record is not a reason to stop rewriting");
@@ -236,10 +232,7 @@ test("real guest with QEMU's xbzrle capability on (libvirt's --compressed): the 
 // last in this file: the source stays stopped after it
 test("real guest switched to postcopy partway: the pre-copy part deduplicated, the rest passed through (named), the guest goes on at the destination", { skip: skipRealGuest, timeout: 240_000 }, async (t) => {
   const { o, i, last, next } = await migrate(0, { postcopy: "start" });
-  assert.equal(o.error, undefined);
-  assert.equal(i.error, undefined);
-  assert.ok(next > last);
-  assert.equal(o.verdict, "verified");
+  arrived({ o, i, last, next });
   assert.ok(o.passthrough.some((p) => /migration command POSTCOPY_/.test(p)), o.passthrough.join("; "));
   assert.ok(o.twinsReplaced > 0, "twins before the switch");
   assert.equal(i.twinsReplaced + i.resends, o.twinsReplaced);
