@@ -8,7 +8,7 @@ import { spawn } from "node:child_process";
 import { domainDisks, domainUuid, twinDisks, unescapeXml } from "../src/libvirt/domain-xml.js";
 import { splitArgs } from "../src/libvirt/virsh-options.js";
 import { jobProgress, parseSize } from "../src/libvirt/job.js";
-import { bandwidthArg, migrateArgs } from "../src/libvirt/migrate.js";
+import { bandwidthArg, migrateArgs, virshHint } from "../src/libvirt/migrate.js";
 import { UsageError } from "../src/errors.js";
 import { virshAvailable } from "../src/adapters/libvirt/virsh.js";
 import { ServeClient } from "../src/serve/client.js";
@@ -114,6 +114,11 @@ test("splitArgs refuses --tunnelled and --offline, and notes what passes through
   assert.deepEqual(a.virsh, ["--parallel", "--parallel-connections", "4", "--tls"]);
   assert.equal(a.notes.length, 1, "--parallel's multifd channels get dedup: no note");
   assert.match(a.notes[0]!, /--tls/);
+});
+
+test("virshHint: what to do about libvirt's postcopy refusal; nothing for other messages", () => {
+  assert.match(virshHint("internal error: unable to execute QEMU command 'migrate-set-capabilities': Postcopy is not supported"), /sysctl vm\.unprivileged_userfaultfd=1/);
+  assert.equal(virshHint("operation failed: job 'migration out' failed: Unable to write to socket"), "");
 });
 
 test("migrateArgs: always --live, virsh's options, then the ends' addresses and --xml", () => {
@@ -363,14 +368,24 @@ describe("two libvirt daemons, the test guest with two disks, a pagetwin service
     assert.ok(rep.timings.indexesOpen < 200, `an open index is not loaded again: ${JSON.stringify(rep.timings)}`);
   });
 
-  test("--postcopy (QEMU's postcopy-ram on at both ends), completing in pre-copy: deduplicated and verified as without it", async () => {
+  test("--postcopy: without userfaultfd refused by libvirt, the command saying what to do; with it (postcopy-ram on at both ends, completing in pre-copy) deduplicated and verified as without it", async () => {
     // QEMU 7.2 run as libvirt-qemu gets userfaultfd (which the destination needs to accept postcopy-ram) only with
-    // this sysctl, as on any Debian host: set for this migration, then put back
+    // this sysctl, as on any Debian host: set for these migrations, then put back
     const sysctl = "/proc/sys/vm/unprivileged_userfaultfd";
     const was = existsSync(sysctl) ? readFileSync(sysctl, "utf8").trim() : null;
-    if (was !== null) writeFileSync(sysctl, "1");
     let res: Record<string, any>, lines: Record<string, any>[];
     try {
+      if (was !== null) {
+        // first without: libvirt refuses, the command says what to do, the guest stays where it was
+        writeFileSync(sysctl, "0");
+        const r = await cli(["migrate", G, there.uri, "-c", here.uri, "--control", services.get(here)!.control, "--peer", services.get(there)!.peer, "--json", "--postcopy"]);
+        assert.equal(r.code, 1, r.stderr);
+        const failed = jsonResult(r.stdout);
+        assert.match(failed.error, /Postcopy is not supported.*sysctl vm\.unprivileged_userfaultfd=1/);
+        assert.equal(failed.sourceState, "running");
+        assert.equal(await here.virsh.domstate(G), "running");
+        writeFileSync(sysctl, "1");
+      }
       ({ res, lines } = await migrateGuest(G, here, there, ["--postcopy"]));
     } finally {
       if (was !== null) writeFileSync(sysctl, was);

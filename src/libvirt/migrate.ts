@@ -143,6 +143,17 @@ function withoutBandwidth(args: readonly string[]): string[] {
   return args.filter((a, i) => a !== "--bandwidth" && args[i - 1] !== "--bandwidth" && !a.startsWith("--bandwidth="));
 }
 
+/** virsh errors an operator can act on, and what to do (pagetwin's options pass them on to libvirt). */
+const VIRSH_HINTS: readonly (readonly [RegExp, string])[] = [
+  // QEMU checks at the destination only, when libvirt sets the capability for --postcopy
+  [/Postcopy is not supported/, "--postcopy needs userfaultfd in the destination QEMU: QEMU run as an unprivileged user (libvirt-qemu) gets it with `sysctl vm.unprivileged_userfaultfd=1` on the destination host; the destination QEMU's log names the cause"],
+];
+
+/** What to do about virsh's message `said`, if pagetwin knows ("" if not). */
+export function virshHint(said: string): string {
+  return VIRSH_HINTS.find(([re]) => re.test(said))?.[1] ?? "";
+}
+
 /** Runs `virsh migrate` to its end; rejects with virsh's message when it fails or the signal aborts it. */
 function runVirshMigrate(o: LibvirtMigrateOptions, ends: PreparedEnds, watcher: JobWatcher): Promise<void> {
   const child = o.source.spawn(migrateArgs(o, ends));
@@ -161,7 +172,10 @@ function runVirshMigrate(o: LibvirtMigrateOptions, ends: PreparedEnds, watcher: 
       const said = stderr.replace(/\r?Migration: \[[^\]]*\]/g, "").trim().replace(/^error: /gm, "").split("\n").filter(Boolean).join("; ");
       if (code === 0 && !o.signal?.aborted) resolve();
       else if (o.signal?.aborted) reject(new LibvirtError(`migration aborted${said ? `: ${said}` : ""}`, { virshStderr: stderr }));
-      else reject(new LibvirtError(`virsh migrate failed (${code ?? sig})${said ? `: ${said}` : ""}`, { virshStderr: stderr }));
+      else {
+        const hint = virshHint(said);
+        reject(new LibvirtError(`virsh migrate failed (${code ?? sig})${said ? `: ${said}` : ""}${hint ? ` (${hint})` : ""}`, { virshStderr: stderr }));
+      }
     });
   });
 }
