@@ -516,8 +516,9 @@ export class QemuStreamParser {
         }
         if (!this.avail(5 + len)) return false;
         // with RAM blocks in pages bigger than the host's, postcopy adds each one's page size to the block list
-        if (cmd === CMD_POSTCOPY_ADVISE && len >= 8 && b.readBigUInt64BE(p + 5) !== BigInt(TARGET_PAGE)) {
-          this.toPassthrough(`postcopy with RAM in pages of 0x${b.readBigUInt64BE(p + 5).toString(16)} bytes (QEMU's page size summary; only 4 KiB pages are rewritten)`);
+        const pageSizes = cmd === CMD_POSTCOPY_ADVISE && len >= 8 ? b.readBigUInt64BE(p + 5) : BigInt(TARGET_PAGE);
+        if (pageSizes !== BigInt(TARGET_PAGE)) {
+          this.toPassthrough(`postcopy with RAM in pages of 0x${pageSizes.toString(16)} bytes (QEMU's page size summary; only 4 KiB pages are rewritten)`);
           return false;
         }
         this.pos = p + 5 + len;
