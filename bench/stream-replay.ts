@@ -299,13 +299,14 @@ export async function benchStreamReplay(o: ReplayOptions = {}): Promise<ReplayRe
 
 async function measure(variants: Variant[], s: Setup, rounds: number, log: (m: string) => void): Promise<ReplayResult> {
   const runs = new Map<string, Replay[]>(variants.map((v) => [v.name, []]));
-  let stats: Record<string, unknown> | undefined;
+  /** Each proxy variant's stream-out stats in its last replay. */
+  const last = new Map<string, Record<string, unknown>>();
   for (let r = 0; r < rounds; r++) {
     // the order turns each round so that no variant always runs first
     for (let k = 0; k < variants.length; k++) {
       const v = variants[(k + r) % variants.length]!;
       const x = await replayOnce(v, s);
-      if (v.name === "proxies") stats = x.stats;
+      if (x.stats) last.set(v.name, x.stats);
       runs.get(v.name)!.push(x);
       log(`  round ${r + 1} ${v.name.padEnd(34)} ${(x.first / 1000).toFixed(2)} + ${(x.second / 1000).toFixed(2)} s of CPU, ${x.wallMs.toFixed(0)} ms`);
     }
@@ -322,12 +323,14 @@ async function measure(variants: Variant[], s: Setup, rounds: number, log: (m: s
     log(`    ${name.padEnd(34)} ${v.first.toFixed(2)} / ${v.second.toFixed(2)}${x ? `   ${x.first.toFixed(2)}x / ${x.second.toFixed(2)}x` : ""}`);
   }
   const base = sPerGB["proxies (baseline build)"];
-  if (base) log(`  this build over the baseline build: stream-out ${(sPerGB["proxies"]!.first / base.first).toFixed(2)}x, stream-in ${(sPerGB["proxies"]!.second / base.second).toFixed(2)}x`);
+  if (base && sPerGB["proxies"]) log(`  this build over the baseline build: stream-out ${(sPerGB["proxies"]!.first / base.first).toFixed(2)}x, stream-in ${(sPerGB["proxies"]!.second / base.second).toFixed(2)}x`);
+  for (const [name, st] of last) {
+    if (typeof st["twinsReplaced"] !== "number" || typeof st["bytesOutLink"] !== "number") continue;
+    log(`  through the ${name}: ${st["twinsReplaced"]} pages travelled as references, ${(st["bytesOutLink"] / 1e6).toFixed(1)} MB on the link (${(st["bytesOutLink"] / s.capture.bytes).toFixed(3)} of QEMU's stream); output identical to the capture`);
+  }
+  const stats = last.get("proxies");
   const twinsReplaced = typeof stats?.["twinsReplaced"] === "number" ? stats["twinsReplaced"] : null;
   const linkBytes = typeof stats?.["bytesOutLink"] === "number" ? stats["bytesOutLink"] : null;
-  if (twinsReplaced !== null && linkBytes !== null) {
-    log(`  through the proxies: ${twinsReplaced} pages travelled as references, ${(linkBytes / 1e6).toFixed(1)} MB on the link (${(linkBytes / s.capture.bytes).toFixed(3)} of QEMU's stream); output identical to the capture`);
-  }
   const num = (k: string): number => (typeof stats?.[k] === "number" ? stats[k] as number : 0);
   const times = stats ? { busyMs: num("busyMs"), drainWaitMs: num("drainWaitMs"), windowWaitMs: num("windowWaitMs") } : null;
   if (times) log(`  stream-out in its last replay: busy ${times.busyMs.toFixed(0)} ms, waiting for stream-in ${times.drainWaitMs.toFixed(0)} ms, for the replay window ${times.windowWaitMs.toFixed(0)} ms`);
