@@ -10,6 +10,7 @@ import type { Socket } from "node:net";
 import { Control, FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, jsonFrame, type Frame, type ReaderOptions } from "../wire/envelope.js";
 import { LinkClosedError } from "./dial.js";
 import { LinkMeter, RateLimiter, drained } from "./rate.js";
+import { READ_BUFFER_BYTES, readIntoBuffer } from "./read-buffer.js";
 import { TIMEOUTS } from "./timeouts.js";
 
 export { LinkClosedError, RateLimiter, drained };
@@ -49,38 +50,47 @@ export class FrameLink {
 
   constructor(readonly socket: Socket, readonly peer: string, private readonly frames: FrameSet, private readonly limiter = new RateLimiter(0),
     private readonly queueBytes = SEND_QUEUE_BYTES) {
-    // until the handshake is over the peer may send only small frames
-    this.reader = new FrameReader({ ...frames, handshakeMax: HANDSHAKE_FRAME_MAX });
-    socket.on("data", (chunk: Buffer) => {
-      this.bytesIn += chunk.length;
-      if (this.corrupt || this.aborting) return;
-      let frames: Frame[];
-      try {
-        frames = this.reader.push(chunk);
-      } catch (err) {
-        // a corrupt stream: stop reading frames; the owner tells the peer why (abort) and closes
-        this.corrupt = true;
-        this.fail(err as Error);
-        return;
-      }
-      for (const f of frames) {
-        const h = this.handlers.get(f.type);
-        if (h) {
-          try { h(f); } catch (err) { this.corrupt = true; this.fail(err as Error); return; }
-          continue;
-        }
-        if (f.type === Control.Abort && this.waiters.length === 0) {
-          // the peer gave up while we were sending: keep its reason for the next send or wait
-          this.fail(new ProtocolError(`${this.peer} aborted the migration: ${abortReason(f)}`));
-          continue;
-        }
-        const w = this.waiters.shift();
-        if (w) w.resolve(f);
-        else this.queue.push(f);
-      }
-    });
+    // until the handshake is over the peer may send only small frames; reads land in one reused
+    // buffer (read-buffer.ts), each frame copied out of it into memory of its own as its bytes come
+    const opts = { ...frames, handshakeMax: HANDSHAKE_FRAME_MAX };
+    this.reader = new FrameReader({ ...opts, inputReused: true });
+    socket.pause();
+    if (readIntoBuffer(socket, READ_BUFFER_BYTES, (chunk) => { this.onData(chunk); return true; })) socket.resume();
+    else {
+      this.reader = new FrameReader(opts);
+      socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    }
     socket.on("error", (err) => this.fail(new LinkClosedError(`connection to ${peer} failed: ${err.message}`)));
     socket.on("close", () => this.fail(new LinkClosedError(`connection to ${peer} closed${this.reader.pending ? ` in the middle of a frame (${this.reader.pending} bytes pending)` : ""}`)));
+  }
+
+  private onData(chunk: Buffer): void {
+    this.bytesIn += chunk.length;
+    if (this.corrupt || this.aborting) return;
+    let frames: Frame[];
+    try {
+      frames = this.reader.push(chunk);
+    } catch (err) {
+      // a corrupt stream: stop reading frames; the owner tells the peer why (abort) and closes
+      this.corrupt = true;
+      this.fail(err as Error);
+      return;
+    }
+    for (const f of frames) {
+      const h = this.handlers.get(f.type);
+      if (h) {
+        try { h(f); } catch (err) { this.corrupt = true; this.fail(err as Error); return; }
+        continue;
+      }
+      if (f.type === Control.Abort && this.waiters.length === 0) {
+        // the peer gave up while we were sending: keep its reason for the next send or wait
+        this.fail(new ProtocolError(`${this.peer} aborted the migration: ${abortReason(f)}`));
+        continue;
+      }
+      const w = this.waiters.shift();
+      if (w) w.resolve(f);
+      else this.queue.push(f);
+    }
   }
 
   private fail(err: Error): void {
