@@ -221,6 +221,20 @@ test("canary: RAM of a repeated 16-byte pattern never crosses the link in clear 
   assert.notEqual(runs.insecure.up.indexOf(CANARY), -1, "insecure: the pattern is on the wire (the search works)");
 });
 
+test("inside TLS the agents leave the data frames' CRC-32 out (both say so, the RAM arrives whole); with --insecure every frame carries it", async () => {
+  const ram = randomBytes(PAGES * 4096);
+  const runs = {
+    key: await migrate({ ram, src: { ...psk, compress: "off" }, dst: psk }),
+    insecure: await migrate({ ram, src: { insecure: true, compress: "off" }, dst: { insecure: true } }),
+  };
+  for (const [how, x] of Object.entries(runs)) {
+    assert.equal(x.r.status, "completed", `${how}: ${x.r.error}`);
+    assert.deepEqual(readFileSync(x.dstRam), ram, how);
+  }
+  assert.deepEqual([runs.key.r.frameCrc, runs.key.agent.results[0]!.frameCrc], [false, false]);
+  assert.deepEqual([runs.insecure.r.frameCrc, runs.insecure.agent.results[0]!.frameCrc], [true, true]);
+});
+
 test("TLS: a source with a certificate from elsewhere, without TLS, or with another key is refused before any page", async () => {
   const ok = await migrate({ src: { tls: srcTls() }, dst: { tls: dstTls() } });
   assert.equal(ok.r.status, "completed", ok.r.error);

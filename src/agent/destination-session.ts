@@ -31,13 +31,15 @@ export interface DestinationResult {
   /** Bytes of device state handed to this host's QEMU through the link (0: none went this way). */
   deviceBytes: number;
   bytesIn: number;
+  /** Whether the source's data frames carried their own CRC-32 (false: inside TLS both agents agreed to leave it out). */
+  frameCrc: boolean;
   digest: string;
   verified: boolean;
   error?: string;
 }
 
 export function emptyDestinationResult(): DestinationResult {
-  return { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, pagesDecompressed: 0, bytesIn: 0, deviceBytes: 0, digest: "", verified: false };
+  return { status: "failed", pagesWritten: 0, twinsVerified: 0, twinsRejected: 0, zeroPages: 0, pagesDecompressed: 0, bytesIn: 0, frameCrc: true, deviceBytes: 0, digest: "", verified: false };
 }
 
 export interface SessionParts {

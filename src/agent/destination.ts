@@ -7,7 +7,7 @@ import { setImmediate as yieldToIo } from "node:timers/promises";
 import type { Socket } from "node:net";
 import { Listener, freePort } from "../link/listen.js";
 import { DeviceSink } from "./device.js";
-import { resolveSecurity, checkSecurity, type Security, type SecurityOptions } from "../link/security.js";
+import { resolveSecurity, checkSecurity, isTls, type Security, type SecurityOptions } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { FrameLink } from "../link/channel.js";
 import { ProtocolError, jsonFrame, parseJson, printable, type Frame } from "../wire/envelope.js";
@@ -175,7 +175,7 @@ export class DestinationAgent {
   }
 
   private async hello(link: FrameLink, buffers: FrameBuffers, r: DestinationResult): Promise<DestinationSession> {
-    const h = parseJson<{ version: unknown; pages: number; pageSize: unknown; dedup: boolean; indexId: string | null; compression?: unknown; device?: unknown }>(await link.next(FrameType.Hello, TIMEOUTS.helloMs), "Hello");
+    const h = parseJson<{ version: unknown; pages: number; pageSize: unknown; dedup: boolean; indexId: string | null; compression?: unknown; device?: unknown; noFrameCrc?: unknown }>(await link.next(FrameType.Hello, TIMEOUTS.helloMs), "Hello");
     const refuse = async (error: string): Promise<never> => {
       await link.send(jsonFrame(FrameType.HelloAck, { ok: false, error, version: PROTOCOL_VERSION }));
       throw new ProtocolError(error);
@@ -219,8 +219,11 @@ export class DestinationAgent {
     const offered = Array.isArray(h.compression) ? h.compression : [];
     const compression = availableAlgorithms().filter((a) => offered.includes(a));
     const device = h.device === true ? new DeviceSink(this.opts.deviceIncoming ?? `tcp:127.0.0.1:${await freePort()}`) : null;
-    await link.send(jsonFrame(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression, ...(device ? { device: device.incoming } : {}) }));
-    link.handshakeDone();
+    // the source's data frames may go without their CRC when both ends are inside TLS (it refuses any changed record)
+    const noFrameCrc = h.noFrameCrc === true && isTls(link.socket);
+    await link.send(jsonFrame(FrameType.HelloAck, { ok: true, ready: true, version: PROTOCOL_VERSION, compression, ...(device ? { device: device.incoming } : {}), ...(noFrameCrc ? { noFrameCrc } : {}) }));
+    link.handshakeDone({ crc: !noFrameCrc });
+    r.frameCrc = !noFrameCrc;
     const parts = {
       engine, ram, created: !!this.opts.createRam, image, pages: h.pages, compression, device, buffers,
       verify: this.opts.verify ?? "held", onVerified: this.opts.onVerified,

@@ -24,6 +24,8 @@ export class PageSender {
   readonly stats: CompressionStats;
   /** What this source offers: auto, every algorithm available here (preferred first); an algorithm, that one. */
   readonly offer: CompressionAlgorithm[];
+  /** Whether the data frames carry their CRC (false once the destination agreed to go without inside TLS). */
+  frameCrc = true;
   private compressor: PageCompressor | null = null;
   private policy: CompressionPolicy | null = null;
   // Pages frames are built in buffers used again once the link has written them
@@ -63,10 +65,10 @@ export class PageSender {
   }
 
   async sendWindow(l: FrameLink, plan: WindowPlan, bytesOf: (i: number) => Uint8Array): Promise<void> {
-    if (plan.zero.length) await l.send(encodePageList(FrameType.Zeros, plan.zero));
+    if (plan.zero.length) await l.send(encodePageList(FrameType.Zeros, plan.zero, this.frameCrc));
     for (let i = 0; i < plan.twinPages.length; i += REFS_PER_FRAME) {
       const pages = plan.twinPages.subarray(i, i + REFS_PER_FRAME), blocks = plan.twinBlocks.subarray(i, i + REFS_PER_FRAME);
-      await l.send(encodeRefs(pages, blocks, (k) => this.planner.windowHash(plan.first, pages[k]!)));
+      await l.send(encodeRefs(pages, blocks, (k) => this.planner.windowHash(plan.first, pages[k]!), this.frameCrc));
     }
     for (let i = 0; i < plan.send.length; i += this.framePages) {
       const pages = plan.send.subarray(i, i + this.framePages);
@@ -103,7 +105,7 @@ export class PageSender {
         return got;
       }
       : null;
-    const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, c ? ALGORITHM_ID[c.algorithm] : 0, compress, policy.maxRatio, (size) => this.frameBuffers.take(size));
+    const { frame, compressed } = encodePagesMaybeCompressed(pages, bytesOf, c ? ALGORITHM_ID[c.algorithm] : 0, compress, policy.maxRatio, (size) => this.frameBuffers.take(size), this.frameCrc);
     const raw = pages.length * PAGE_SIZE;
     if (compress) policy.recordCompress(raw, compressed >= 0 ? compressed : raw, compressMs);
     this.count(raw, compressed, verdict, compress !== null);

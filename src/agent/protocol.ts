@@ -68,7 +68,7 @@ export function pagesFrameSize(n: number): number {
  */
 export function encodePagesMaybeCompressed(
   pages: ArrayLike<number>, bytesOf: (i: number) => Uint8Array, algorithmId: number,
-  compress: ((dst: Uint8Array) => number) | null, maxRatio = 0.9, alloc: (size: number) => Buffer = Buffer.allocUnsafe,
+  compress: ((dst: Uint8Array) => number) | null, maxRatio = 0.9, alloc: (size: number) => Buffer = Buffer.allocUnsafe, crc = true,
 ): { frame: Buffer; compressed: number } {
   const n = pages.length;
   const b = alloc(pagesFrameSize(n));
@@ -80,17 +80,18 @@ export function encodePagesMaybeCompressed(
     const data = 10 + 4 * n;
     const room = Math.floor(PAGE_SIZE * n * maxRatio);
     const got = compress(b.subarray(data, data + room));
-    if (got >= 0 && got <= room) return { frame: seal(b.subarray(0, data + got + TRAILER)), compressed: got };
+    if (got >= 0 && got <= room) return { frame: seal(b.subarray(0, data + got + TRAILER), crc), compressed: got };
   }
   b[4] = FrameType.Pages;
   b.writeUInt32BE(n, 5);
   for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
   const data = 9 + 4 * n;
   for (let i = 0; i < n; i++) b.set(bytesOf(i), data + i * PAGE_SIZE);
-  return { frame: seal(b), compressed: -1 };
+  return { frame: seal(b, crc), compressed: -1 };
 }
 
-export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, hashOf: (i: number) => Uint8Array): Buffer {
+/** `crc` false (in this file's encoders): the frame goes without its CRC, as agreed inside TLS (Hello's noFrameCrc). */
+export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, hashOf: (i: number) => Uint8Array, crc = true): Buffer {
   const n = pages.length;
   const b = Buffer.allocUnsafe(4 + 1 + 4 + REF_SIZE * n + TRAILER);
   b[4] = FrameType.Refs;
@@ -101,16 +102,16 @@ export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, 
     b.writeUInt32BE(blocks[i]!, o + 4);
     b.set(hashOf(i), o + 8);
   }
-  return seal(b);
+  return seal(b, crc);
 }
 
-export function encodePageList(type: FrameType.Zeros, pages: ArrayLike<number>): Buffer {
+export function encodePageList(type: FrameType.Zeros, pages: ArrayLike<number>, crc = true): Buffer {
   const n = pages.length;
   const b = Buffer.allocUnsafe(9 + 4 * n + TRAILER);
   b[4] = type;
   b.writeUInt32BE(n, 5);
   for (let i = 0; i < n; i++) b.writeUInt32BE(pages[i]!, 9 + 4 * i);
-  return seal(b);
+  return seal(b, crc);
 }
 
 export function encodeIterAck(iteration: number, resend: ArrayLike<number>): Buffer {

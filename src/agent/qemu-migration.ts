@@ -43,7 +43,7 @@ export class QemuAgentMigration {
     this.result = {
       status: "failed", dedup: o.dedup ?? true, "total-time": 0, downtime: 0, "setup-time": 0, "expected-downtime": 0,
       ram: { transferred: 0, total: 0, duplicate: 0, normal: 0, "normal-bytes": 0, twin: 0, resent: 0, mbps: 0, "dirty-sync-count": 0 },
-      compression: null,
+      compression: null, frameCrc: null,
       device: null, "received-bytes": 0, verified: false, digest: "", convergence: "", "source-status": "unknown",
       destinationAgent: null, iterations: [],
     };
@@ -179,6 +179,7 @@ function fill(r: AgentMigrationResult, m: MigrationResult): void {
   };
   r["received-bytes"] = m.receivedBytes;
   r.compression = m.compression;
+  r.frameCrc = m.frameCrc;
   r.verified = m.verified;
   r.digest = m.digest;
   r.convergence = m.convergence;

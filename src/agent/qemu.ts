@@ -136,6 +136,8 @@ export interface AgentMigrationResult {
   "received-bytes": number;
   /** How the pages sent in full travelled (compressed or raw, and why). */
   compression: CompressionStats | null;
+  /** Whether the data frames carried their own CRC-32 (false: inside TLS both agents agreed to leave it out; null: no link yet). */
+  frameCrc: boolean | null;
   /** The destination's RAM digest equalled the source's at switchover. */
   verified: boolean;
   digest: string;

@@ -9,7 +9,7 @@ import { ConvergencePolicy, type ConvergenceDecision } from "../plan/convergence
 import { FrameLink } from "../link/channel.js";
 import { RateLimiter } from "../link/rate.js";
 import { dial } from "../link/dial.js";
-import { resolveSecurity, type Security } from "../link/security.js";
+import { isTls, resolveSecurity, type Security } from "../link/security.js";
 import { TIMEOUTS } from "../link/timeouts.js";
 import { DeviceTunnel } from "./device.js";
 import { AckedLink } from "./acks.js";
@@ -58,7 +58,7 @@ export class SourceMigration {
     this.result = {
       status: "failed", mode: o.index ? "pagetwin" : "baseline", totalTimeMs: 0, downtimeMs: 0, setupTimeMs: 0,
       transferredBytes: 0, receivedBytes: 0, iterations: 0, pages: { ...this.totals, total: o.ram.pages }, mbps: 0,
-      convergence: "", expectedDowntimeMs: 0, verified: false, digest: "", iterationLog: [], compression: this.sender.stats,
+      convergence: "", expectedDowntimeMs: 0, verified: false, digest: "", iterationLog: [], compression: this.sender.stats, frameCrc: true,
     };
   }
 
@@ -103,14 +103,17 @@ export class SourceMigration {
     await link.send(jsonFrame(FrameType.Hello, {
       version: PROTOCOL_VERSION, pages: o.ram.pages, pageSize: PAGE_SIZE, dedup: !!o.index, indexId: o.indexId, compression: this.sender.offer,
       ...(o.deviceTunnel ? { device: true } : {}),
+      // inside TLS, which refuses any changed record, the data frames' CRC would only cost both ends a pass over every byte
+      ...(isTls(socket) ? { noFrameCrc: true } : {}),
     }));
-    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; compression?: unknown; device?: unknown };
+    type Ack = { ok: boolean; error?: string; version?: number; ready?: boolean; compression?: unknown; device?: unknown; noFrameCrc?: unknown };
     const ack = parseJson<Ack>(await link.next(FrameType.HelloAck, TIMEOUTS.helloMs), "HelloAck");
     if (!ack.ok) throw new ProtocolError(`the destination refused the migration: ${printable(String(ack.error ?? "no reason given"))}`);
     if (!ack.ready) throw new ProtocolError("the destination did not say it is ready (does it run the same pagetwin version?)");
     link.handshakeDone();
     if (o.deviceTunnel && typeof ack.device !== "string") throw new ProtocolError("the destination agent cannot take the device state through the link (does it run the same pagetwin version?)");
     this.sender.agree(ack.compression);
+    this.sender.frameCrc = this.result.frameCrc = !(isTls(socket) && ack.noFrameCrc === true);
     return o.deviceTunnel ? new DeviceTunnel(link, ack.device as string) : null;
   }
 

@@ -165,5 +165,7 @@ export interface MigrationResult {
   iterationLog: IterationRecord[];
   /** How the pages sent in full travelled: compressed or raw, and why. */
   compression: CompressionStats;
+  /** Whether the data frames carried their own CRC-32 (false: inside TLS both agents agreed to leave it out). */
+  frameCrc: boolean;
   error?: string;
 }

@@ -19,7 +19,7 @@ export function sendRecord(r: MigrationResult): object {
       transferred: r.transferredBytes, total: r.pages.total * PAGE_SIZE, duplicate: r.pages.zero, normal: r.pages.normal,
       "normal-bytes": r.pages.normal * PAGE_SIZE, twin: r.pages.twin, resent: r.pages.resent, mbps: r.mbps, "dirty-sync-count": r.iterations,
     },
-    receivedBytes: r.receivedBytes, compression: r.compression, verified: r.verified, digest: r.digest, convergence: r.convergence,
+    receivedBytes: r.receivedBytes, compression: r.compression, frameCrc: r.frameCrc, verified: r.verified, digest: r.digest, convergence: r.convergence,
     iterations: iterations(r.iterationLog),
     ...(r.error ? { error: r.error } : {}),
   };

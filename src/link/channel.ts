@@ -169,8 +169,9 @@ export class FrameLink {
   }
 
   /** Lifts the reader's small pre-handshake frame limit. */
-  handshakeDone(): void {
-    this.reader.handshakeDone();
+  /** `crc` false: the peer's frames from here on carry no CRC to check (agreed inside TLS). */
+  handshakeDone(o: { crc?: boolean } = {}): void {
+    this.reader.handshakeDone(o);
   }
 
   /** The next frame; with `expect`, anything else (but Abort, reported as such) is a protocol error. */

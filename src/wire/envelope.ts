@@ -1,7 +1,7 @@
 // The one frame envelope of both modes (agent mode's frames and stream mode's):
 // u32 BE length of what follows, u8 type, payload, u32 BE CRC-32 of type and
 // payload. The channel underneath (TLS) authenticates every byte; the CRC
-// catches a corrupt link with --insecure. Inside TLS stream mode's peers may
+// catches a corrupt link with --insecure. Inside TLS the peers of both modes
 // agree in their handshake to leave the data frames' CRC out (zero, not
 // checked: TLS already refuses a changed record), which spares a pass over
 // every byte on both sides. Socket-free: the reader takes chunks as they
