@@ -10,7 +10,7 @@ import type { Socket } from "node:net";
 import { Control, FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, jsonFrame, type Frame, type ReaderOptions } from "../wire/envelope.js";
 import { LinkClosedError } from "./dial.js";
 import { LinkMeter, RateLimiter, drained } from "./rate.js";
-import { READ_BUFFER_BYTES, readIntoBuffer } from "./read-buffer.js";
+import { readChunks } from "./read-buffer.js";
 import { TIMEOUTS } from "./timeouts.js";
 
 export { LinkClosedError, RateLimiter, drained };
@@ -54,12 +54,7 @@ export class FrameLink {
     // buffer (read-buffer.ts), each frame copied out of it into memory of its own as its bytes come
     const opts = { ...frames, handshakeMax: HANDSHAKE_FRAME_MAX };
     this.reader = new FrameReader({ ...opts, inputReused: true });
-    socket.pause();
-    if (readIntoBuffer(socket, READ_BUFFER_BYTES, (chunk) => { this.onData(chunk); return true; })) socket.resume();
-    else {
-      this.reader = new FrameReader(opts);
-      socket.on("data", (chunk: Buffer) => this.onData(chunk));
-    }
+    if (!readChunks(socket, (chunk) => this.onData(chunk))) this.reader = new FrameReader(opts);
     socket.on("error", (err) => this.fail(new LinkClosedError(`connection to ${peer} failed: ${err.message}`)));
     socket.on("close", () => this.fail(new LinkClosedError(`connection to ${peer} closed${this.reader.pending ? ` in the middle of a frame (${this.reader.pending} bytes pending)` : ""}`)));
   }

@@ -59,3 +59,19 @@ export function readIntoBuffer(sock: net.Socket, size: number | (() => Uint8Arra
   handle.useUserBuffer(buf);
   return true;
 }
+
+/**
+ * Hands `sock`'s reads to `onChunk`: from one reused buffer of
+ * READ_BUFFER_BYTES where this Node allows (true: each chunk is valid only
+ * during the call, so a frame reader copies it: `inputReused`), else from
+ * 'data' events (false: chunks are the caller's to keep; none came yet).
+ */
+export function readChunks(sock: net.Socket, onChunk: (chunk: Buffer) => void): boolean {
+  sock.pause();
+  if (readIntoBuffer(sock, READ_BUFFER_BYTES, (chunk) => { onChunk(chunk); return true; })) {
+    sock.resume();
+    return true;
+  }
+  sock.on("data", onChunk);
+  return false;
+}

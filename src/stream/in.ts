@@ -25,7 +25,7 @@ import { SFrame, STREAM_FRAMES, rebuiltLength, MAX_REFS, STREAM_PROTOCOL_VERSION
 import { WriteRing } from "./write-ring.js";
 import { FrameReader, HANDSHAKE_FRAME_MAX, ProtocolError, abortReason, frame, jsonFrame, parseJson, printable, u32Frame, type Frame } from "../wire/envelope.js";
 import { drained } from "../link/rate.js";
-import { READ_BUFFER_BYTES, readIntoBuffer } from "../link/read-buffer.js";
+import { readChunks } from "../link/read-buffer.js";
 import { dial } from "../link/dial.js";
 import { parseEndpoint, type Endpoint } from "../link/endpoint.js";
 import { resolveSecurity, checkSecurity, isTls, type SecurityOptions } from "../link/security.js";
@@ -321,12 +321,7 @@ class InSession {
     // data frames go into linkMem, the others (HELLO, RESEND, ABORT: rare, used outside the rebuild's order) get their own Buffer
     const frames = { ...STREAM_FRAMES, handshakeMax: HANDSHAKE_FRAME_MAX, alloc: (n: number, type: number) => (DATA_FRAMES.has(type) ? this.linkMem.take(n) : Buffer.allocUnsafe(n)) };
     this.reader = new FrameReader({ ...frames, inputReused: true });
-    link.pause();
-    if (readIntoBuffer(link, READ_BUFFER_BYTES, (chunk) => { this.onLinkData(chunk); return true; })) link.resume();
-    else {
-      this.reader = new FrameReader(frames);
-      link.on("data", (chunk: Buffer) => this.onLinkData(chunk));
-    }
+    if (!readChunks(link, (chunk) => this.onLinkData(chunk))) this.reader = new FrameReader(frames);
     link.on("error", (e) => this.fail(new Error(`link from stream-out failed: ${e.message}`), false));
     link.on("close", () => {
       this.linkClosed = true;
