@@ -90,7 +90,7 @@ export function encodePagesMaybeCompressed(
   return { frame: seal(b, crc), compressed: -1 };
 }
 
-/** `crc` false (in this file's encoders): the frame goes without its CRC, as agreed inside TLS (Hello's noFrameCrc). */
+/** `crc` false (here, in encodePageList and in encodePagesMaybeCompressed): the frame goes without its CRC, as agreed inside TLS (Hello's noFrameCrc). */
 export function encodeRefs(pages: ArrayLike<number>, blocks: ArrayLike<number>, hashOf: (i: number) => Uint8Array, crc = true): Buffer {
   const n = pages.length;
   const b = Buffer.allocUnsafe(4 + 1 + 4 + REF_SIZE * n + TRAILER);

@@ -163,8 +163,7 @@ export class FrameLink {
     this.handlers.set(type, handler);
   }
 
-  /** Lifts the reader's small pre-handshake frame limit. */
-  /** `crc` false: the peer's frames from here on carry no CRC to check (agreed inside TLS). */
+  /** Lifts the reader's small pre-handshake frame limit; `crc` false: the peer's frames from here on carry no CRC to check (agreed inside TLS). */
   handshakeDone(o: { crc?: boolean } = {}): void {
     this.reader.handshakeDone(o);
   }
