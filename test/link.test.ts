@@ -5,7 +5,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer, connect, type Socket } from "node:net";
 import { once } from "node:events";
-import { FrameLink } from "../src/link/channel.js";
+import { FrameLink, RECEIVE_QUEUE_BYTES } from "../src/link/channel.js";
 import { RateLimiter } from "../src/link/rate.js";
 import { LinkClosedError } from "../src/link/dial.js";
 import { FrameType, AGENT_FRAMES } from "../src/agent/protocol.js";
@@ -123,6 +123,35 @@ test("send()'s written callback runs only once the frame left the queue, for eve
     // overwriting each buffer in its callback changed nothing the peer read
     assert.equal(got.length, 3);
     got.forEach((f, i) => assert.ok(f.length === 600_000 && f.every((x) => x === i), `frame ${i} arrived altered`));
+  } finally {
+    close();
+  }
+});
+
+test("a receiver that does not take its frames stops reading the socket after RECEIVE_QUEUE_BYTES; taking them reads on, every frame whole and in order", async () => {
+  const { a, b, close } = await socketPair();
+  try {
+    const link = new FrameLink(b, "peer", AGENT_FRAMES);
+    link.handshakeDone();
+    const count = 40, size = 1 << 20;
+    let written = 0;
+    const sent = (async () => {
+      for (let i = 0; i < count; i++) {
+        if (!a.write(frameOf(i, size))) await once(a, "drain");
+        written++;
+      }
+    })();
+    // the sender fills the socket's buffers, then waits: nothing takes the frames
+    await new Promise((r) => setTimeout(r, 400));
+    assert.ok(link.bytesIn <= RECEIVE_QUEUE_BYTES + 2 * size, `${link.bytesIn} bytes read with none taken: the queue is not bounded`);
+    assert.ok(written < count, "the sender never waited: the socket's buffers took all 40 MiB");
+    for (let i = 0; i < count; i++) {
+      const f = await link.next(FrameType.Pages, 5000);
+      assert.ok(f.payload.length === size && f.payload[0] === i && f.payload[size - 1] === i, `frame ${i} arrived altered or out of order`);
+    }
+    await sent;
+    assert.equal(written, count);
+    link.destroy();
   } finally {
     close();
   }

@@ -17,6 +17,13 @@ export { LinkClosedError, RateLimiter, drained };
 
 /** Bytes queued for a socket before the producer waits (about 30 ms of a 1 Gbit/s link): both modes. */
 export const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
+/**
+ * Bytes of frames read and not yet taken by next() before the socket stops
+ * being read (the kernel's buffers and TCP's window hold the rest): a
+ * receiver slower than its link keeps a few frames in memory, not the link's
+ * backlog, and its frame buffers are used again instead of made afresh.
+ */
+export const RECEIVE_QUEUE_BYTES = 4 * 1024 * 1024;
 
 /** A mode's frames: how the reader checks them and what they are called in messages. */
 export interface FrameSet extends ReaderOptions {
@@ -26,6 +33,9 @@ export interface FrameSet extends ReaderOptions {
 export class FrameLink {
   private readonly reader: FrameReader;
   private readonly queue: Frame[] = [];
+  /** Payload bytes in `queue`, and whether this link paused the socket for them. */
+  private queuedBytes = 0;
+  private readPaused = false;
   private waiters: { resolve: (f: Frame) => void; reject: (e: Error) => void }[] = [];
   private failure: Error | null = null;
   private corrupt = false;
@@ -84,8 +94,28 @@ export class FrameLink {
       }
       const w = this.waiters.shift();
       if (w) w.resolve(f);
-      else this.queue.push(f);
+      else this.enqueue(f);
     }
+  }
+
+  private enqueue(f: Frame): void {
+    this.queue.push(f);
+    this.queuedBytes += f.payload.length;
+    if (this.queuedBytes > RECEIVE_QUEUE_BYTES && !this.readPaused) {
+      this.readPaused = true;
+      this.socket.pause();
+    }
+  }
+
+  private dequeue(): Frame | undefined {
+    const f = this.queue.shift();
+    if (!f) return f;
+    this.queuedBytes -= f.payload.length;
+    if (this.readPaused && this.queuedBytes <= RECEIVE_QUEUE_BYTES / 2) {
+      this.readPaused = false;
+      if (!this.aborting) this.socket.resume();
+    }
+    return f;
   }
 
   private fail(err: Error): void {
@@ -171,7 +201,7 @@ export class FrameLink {
   /** The next frame; with `expect`, anything else (but Abort, reported as such) is a protocol error. */
   async next(expect?: number, timeoutMs = 0): Promise<Frame> {
     let f: Frame;
-    const q = this.queue.shift();
+    const q = this.dequeue();
     if (q) f = q;
     else {
       if (this.failure) throw this.failure;
